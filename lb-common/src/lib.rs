@@ -1,0 +1,10 @@
+//! Types and pure functions shared by the kernel (lb-ebpf) and user space (lb-userspace).
+//!
+//! - [`hash`]: the seeded client-IP hash and the Maglev slot it picks. Kernel and user space call the
+//!   same function, so every node with the same config and seed sends a client to the same backend.
+//! - [`maps`]: map names and the `#[repr(C)]` key/value types stored in the eBPF maps, each with a
+//!   compile-time size assertion.
+#![no_std]
+
+pub mod hash;
+pub mod maps;

@@ -1,0 +1,187 @@
+//! The TOML configuration file: types, parsing and validation.
+//!
+//! Every error names the file, line and key and says what is allowed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Wire protocol of a service: decides the default health check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Ajp,
+}
+
+/// Which datapath forwards a service's packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathKind {
+    /// tokio full proxy in user space.
+    Proxy,
+    /// eBPF XDP full NAT in the kernel.
+    Xdp,
+}
+
+/// Operator-set state of a backend (orthogonal to health).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    /// Takes new clients and clients with affinity.
+    Active,
+    /// Takes only clients with affinity; existing connections finish.
+    Drain,
+    /// Takes no clients; existing connections finish.
+    Maintenance,
+}
+
+/// Kind of active health check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// No checks: backends are considered up.
+    None,
+    /// TCP connect succeeds within the timeout.
+    Tcp,
+    /// AJP 1.3 CPing answered by CPong within the timeout.
+    Ajp,
+}
+
+/// What happens to established connections of a backend marked down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDown {
+    Keep,
+    Reset,
+}
+
+/// The whole configuration file.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Config {
+    /// File the config was read from (None for configs built in code).
+    pub path: Option<PathBuf>,
+    /// tracing filter, e.g. "info" or "lb=debug".
+    pub log_level: String,
+    /// Seed of the client hash: nodes with the same config and seed choose the same backends.
+    pub seed: u32,
+    /// Maglev table size M (prime).
+    pub ring_size: u32,
+    /// How long SIGTERM waits for open connections before exiting.
+    pub shutdown_timeout: Duration,
+    pub control: ControlConfig,
+    pub services: Vec<ServiceConfig>,
+}
+
+/// The control socket.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+    /// File mode of the socket (default 0o600).
+    pub mode: u32,
+    /// Group that owns the socket; its members (by primary gid) may use it.
+    pub group: Option<String>,
+    /// Further uids allowed besides root and the daemon's own uid.
+    pub allowed_uids: Vec<u32>,
+}
+
+/// One virtual service: a listen address and its backends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub protocol: Protocol,
+    pub datapath: DatapathKind,
+    /// How long a client's affinity entry lives after its last new connection.
+    #[serde(with = "duration_ms")]
+    pub affinity_timeout: Duration,
+    /// Most concurrent client connections (proxy datapath).
+    pub max_connections: u32,
+    #[serde(with = "duration_ms")]
+    pub connect_timeout: Duration,
+    /// Move clients back to their original backend when it recovers.
+    pub failback: bool,
+    pub on_down: OnDown,
+    pub health: HealthConfig,
+    pub backends: Vec<BackendConfig>,
+}
+
+/// Health-check settings of a service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HealthConfig {
+    pub kind: HealthKind,
+    #[serde(with = "duration_ms")]
+    pub interval: Duration,
+    /// Interval while a backend is failing (defaults to `interval`).
+    #[serde(with = "duration_ms")]
+    pub fast_interval: Duration,
+    #[serde(with = "duration_ms")]
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// Check this port instead of the backend's traffic port.
+    pub port: Option<u16>,
+}
+
+/// One backend of a service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendConfig {
+    /// Defaults to the address text.
+    pub name: String,
+    pub address: SocketAddr,
+    /// 0..=256; 0 takes no new clients but keeps affinity (as in HAProxy).
+    pub weight: u32,
+    /// Hot spare: used only while no primary is healthy.
+    pub backup: bool,
+    pub state: AdminState,
+}
+
+/// Durations on the wire (control socket JSON) as milliseconds.
+pub mod duration_ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+/// A config error: where and what.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {key}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut config = Config::parse(&text, &path.display().to_string())?;
+        config.path = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parses and validates config text; `origin` names the file in errors.
+    pub fn parse(_text: &str, _origin: &str) -> Result<Config, ConfigError> {
+        unimplemented!("config parser is being written")
+    }
+}
