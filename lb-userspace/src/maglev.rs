@@ -1,0 +1,178 @@
+//! Maglev consistent hashing (Eisenbud et al., NSDI 2016) with weights.
+//!
+//! Each backend walks its own permutation of the M slots (offset and skip from a seeded hash of its
+//! address) and claims the next free slot on each of its turns. A backend gets turns in proportion to
+//! its weight, so shares follow weights; removing one backend frees only its own slots, and most other
+//! slots keep their owner.
+
+use lb_common::hash::bytes_hash;
+
+/// A backend as the table builder sees it: a stable id and the key its permutation derives from.
+#[derive(Clone, Debug)]
+pub struct Member<'a> {
+    pub id: u32,
+    pub key: &'a [u8],
+    pub weight: u32,
+}
+
+/// Builds a table of `size` slots (`size` prime) holding member ids. Empty when no member has weight.
+pub fn build(members: &[Member<'_>], size: u32, seed: u32) -> Vec<u32> {
+    let members: Vec<&Member<'_>> = members.iter().filter(|m| m.weight > 0).collect();
+    if members.is_empty() || size == 0 {
+        return Vec::new();
+    }
+    let m = size as u64;
+    let max_weight = members.iter().map(|b| b.weight).max().unwrap_or(1) as u64;
+    // (offset, skip, next index into the permutation, accumulated weight credit)
+    let mut walkers: Vec<(u64, u64, u64, u64)> = members
+        .iter()
+        .map(|b| {
+            let h = bytes_hash(seed, b.key);
+            let offset = (h >> 32) % m;
+            let skip = if m > 1 { (h & 0xffff_ffff) % (m - 1) + 1 } else { 1 };
+            (offset, skip, 0, 0)
+        })
+        .collect();
+    const EMPTY: u32 = u32::MAX;
+    let mut table = vec![EMPTY; size as usize];
+    let mut filled = 0u64;
+    while filled < m {
+        for (i, w) in walkers.iter_mut().enumerate() {
+            w.3 += members[i].weight as u64;
+            while w.3 >= max_weight && filled < m {
+                w.3 -= max_weight;
+                loop {
+                    let slot = ((w.0 + w.2 * w.1) % m) as usize;
+                    w.2 += 1;
+                    if table[slot] == EMPTY {
+                        table[slot] = members[i].id;
+                        filled += 1;
+                        break;
+                    }
+                }
+            }
+            if filled == m {
+                break;
+            }
+        }
+    }
+    table
+}
+
+/// Whether `n` is prime (for validating table sizes).
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while (d as u64) * (d as u64) <= n as u64 {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::hash::DEFAULT_RING_SIZE;
+    use std::collections::HashMap;
+
+    fn keys(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("10.1.{}.{}:8080", i / 250, i % 250 + 2)).collect()
+    }
+
+    fn members<'a>(keys: &'a [String], weights: &[u32]) -> Vec<Member<'a>> {
+        keys.iter()
+            .zip(weights)
+            .enumerate()
+            .map(|(i, (k, w))| Member { id: i as u32, key: k.as_bytes(), weight: *w })
+            .collect()
+    }
+
+    fn shares(table: &[u32]) -> HashMap<u32, usize> {
+        let mut s = HashMap::new();
+        for id in table {
+            *s.entry(*id).or_default() += 1;
+        }
+        s
+    }
+
+    #[test]
+    fn balance_within_one_percent_of_ideal() {
+        for n in [3usize, 10, 100, 500] {
+            let k = keys(n);
+            let table = build(&members(&k, &vec![1; n]), DEFAULT_RING_SIZE, 7);
+            let ideal = DEFAULT_RING_SIZE as f64 / n as f64;
+            for (_, count) in shares(&table) {
+                let dev = (count as f64 - ideal).abs() / ideal;
+                assert!(dev <= 0.01, "n={n}: share {count} deviates {dev:.4} from ideal {ideal:.1}");
+            }
+            assert_eq!(shares(&table).len(), n);
+        }
+    }
+
+    #[test]
+    fn removing_one_backend_moves_about_one_nth() {
+        let n = 10;
+        let k = keys(n);
+        let all = members(&k, &vec![1; n]);
+        let before = build(&all, DEFAULT_RING_SIZE, 1);
+        let after = build(&all[1..], DEFAULT_RING_SIZE, 1);
+        let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+        let owned_by_removed = before.iter().filter(|b| **b == 0).count();
+        let fraction = moved as f64 / DEFAULT_RING_SIZE as f64;
+        // Every slot of the removed backend must move; Maglev moves a few more (paper: small).
+        assert!(moved >= owned_by_removed);
+        assert!(fraction < 1.0 / n as f64 * 1.5, "moved {fraction:.4} of slots, ideal {:.4}", 1.0 / n as f64);
+        // Clients measured directly: hash 100k client addresses through both tables.
+        let mut moved_clients = 0;
+        for ip in 0..100_000u32 {
+            let slot = lb_common::hash::ring_slot(1, 0x0b00_0000 + ip, DEFAULT_RING_SIZE) as usize;
+            if before[slot] != after[slot] {
+                moved_clients += 1;
+            }
+        }
+        let f = moved_clients as f64 / 100_000.0;
+        assert!(f > 0.08 && f < 0.15, "moved {f:.4} of clients for 1 of {n} backends removed");
+    }
+
+    #[test]
+    fn weights_skew_shares() {
+        let k = keys(3);
+        let table = build(&members(&k, &[1, 2, 4]), DEFAULT_RING_SIZE, 3);
+        let s = shares(&table);
+        let total = DEFAULT_RING_SIZE as f64;
+        for (id, w) in [(0u32, 1.0), (1, 2.0), (2, 4.0)] {
+            let share = s[&id] as f64 / total;
+            let want = w / 7.0;
+            assert!((share - want).abs() < 0.01, "backend {id}: share {share:.4}, want {want:.4}");
+        }
+    }
+
+    #[test]
+    fn zero_weight_backends_get_no_slots() {
+        let k = keys(3);
+        let table = build(&members(&k, &[1, 0, 1]), 101, 3);
+        assert!(!table.contains(&1));
+        assert!(build(&members(&k, &[0, 0, 0]), 101, 3).is_empty());
+    }
+
+    #[test]
+    fn same_seed_same_table_different_seed_different_table() {
+        let k = keys(5);
+        let a = build(&members(&k, &[1; 5]), DEFAULT_RING_SIZE, 99);
+        let b = build(&members(&k, &[1; 5]), DEFAULT_RING_SIZE, 99);
+        let c = build(&members(&k, &[1; 5]), DEFAULT_RING_SIZE, 100);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn primes() {
+        assert!(is_prime(65537) && is_prime(101) && is_prime(2));
+        assert!(!is_prime(65536) && !is_prime(1) && !is_prime(100));
+    }
+}

@@ -1,0 +1,537 @@
+//! The desired forwarding state: services, their backends and Maglev rings. Plain data, no I/O.
+//!
+//! Every change arrives as a [`Command`] (from the config file, the control socket, reload or the
+//! health checker) and is applied by [`State::apply`], which rebuilds the ring of the touched service
+//! and returns an [`Effect`] for the datapaths.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{AdminState, BackendConfig, Config, ServiceConfig};
+use crate::maglev;
+
+/// Health as decided by the checker (or `Up` when a service has no checks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Up,
+    Down,
+}
+
+/// Live counters of one backend, shared with the datapath's connection tasks.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    pub active_connections: AtomicU64,
+    pub total_connections: AtomicU64,
+    pub connect_failures: AtomicU64,
+    /// Bytes from client to backend.
+    pub bytes_in: AtomicU64,
+    /// Bytes from backend to client.
+    pub bytes_out: AtomicU64,
+}
+
+impl BackendStats {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// A backend inside the state.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    /// Stable within its service for the backend's lifetime (index into kernel arrays later).
+    pub id: u32,
+    pub config: BackendConfig,
+    pub health: Health,
+    pub stats: Arc<BackendStats>,
+}
+
+impl Backend {
+    /// May take clients it has never seen (ring member).
+    pub fn admits_new(&self) -> bool {
+        self.config.state == AdminState::Active && self.health == Health::Up && self.config.weight > 0
+    }
+
+    /// May take clients that have affinity to it.
+    pub fn admits_known(&self) -> bool {
+        self.health == Health::Up && matches!(self.config.state, AdminState::Active | AdminState::Drain)
+    }
+
+    fn matches(&self, reference: &str) -> bool {
+        self.config.name == reference || self.config.address.to_string() == reference
+    }
+}
+
+/// A service inside the state.
+#[derive(Clone, Debug)]
+pub struct Service {
+    pub id: u32,
+    /// Settings; `settings.backends` is kept empty (the live list is `backends`).
+    pub settings: ServiceConfig,
+    pub backends: Vec<Backend>,
+    /// Maglev table of backend ids; empty when no backend takes new clients.
+    pub ring: Arc<Vec<u32>>,
+    /// Whether the ring is made of backups (no primary takes new clients).
+    pub ring_uses_backups: bool,
+    next_backend_id: u32,
+}
+
+impl Service {
+    pub fn backend(&self, reference: &str) -> Option<&Backend> {
+        self.backends.iter().find(|b| b.matches(reference))
+    }
+
+    pub fn backend_by_id(&self, id: u32) -> Option<&Backend> {
+        self.backends.iter().find(|b| b.id == id)
+    }
+
+    fn backend_mut(&mut self, reference: &str) -> Result<&mut Backend, StateError> {
+        let service = self.settings.name.clone();
+        self.backends.iter_mut().find(|b| b.matches(reference)).ok_or(StateError::NoBackend {
+            service,
+            backend: reference.to_string(),
+        })
+    }
+
+    fn rebuild_ring(&mut self, ring_size: u32, seed: u32) {
+        let keys: Vec<(u32, String, u32, bool)> = self
+            .backends
+            .iter()
+            .filter(|b| b.admits_new())
+            .map(|b| (b.id, b.config.address.to_string(), b.config.weight, b.config.backup))
+            .collect();
+        let primaries = keys.iter().any(|k| !k.3);
+        let members: Vec<maglev::Member<'_>> = keys
+            .iter()
+            .filter(|k| k.3 != primaries)
+            .map(|(id, key, weight, _)| maglev::Member { id: *id, key: key.as_bytes(), weight: *weight })
+            .collect();
+        self.ring_uses_backups = !primaries && !members.is_empty();
+        self.ring = Arc::new(maglev::build(&members, ring_size, seed));
+    }
+}
+
+/// One change to the state. The same vocabulary serves the config file, the control socket, reload
+/// and the health checker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Command {
+    AddService { service: ServiceConfig },
+    RemoveService { service: String },
+    /// Changes a service's settings (timeouts, health, limits); backends and listen stay.
+    UpdateService { service: ServiceConfig },
+    AddBackend { service: String, backend: BackendConfig },
+    RemoveBackend { service: String, backend: String },
+    /// Sets weight, backup flag and state of an existing backend (found by address).
+    UpdateBackend { service: String, backend: BackendConfig },
+    SetState { service: String, backend: String, state: AdminState },
+    SetWeight { service: String, backend: String, weight: u32 },
+    SetHealth { service: String, backend: String, health: Health },
+}
+
+/// What a command changed, for the datapaths.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    ServiceAdded(String),
+    ServiceRemoved { name: String, id: u32 },
+    /// Settings, backends or ring of a service changed.
+    ServiceChanged(String),
+    /// The command changed nothing (e.g. set to the current value).
+    Nothing,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateError {
+    #[error("no service named `{0}`; `lb service list` shows the services")]
+    NoService(String),
+    #[error("service `{0}` exists already")]
+    ServiceExists(String),
+    #[error("service `{existing}` listens on {listen} already")]
+    ListenInUse { existing: String, listen: SocketAddr },
+    #[error("service `{service}` has no backend `{backend}` (give its name or address)")]
+    NoBackend { service: String, backend: String },
+    #[error("service `{service}` has a backend named `{name}` or at {address} already")]
+    BackendExists { service: String, name: String, address: SocketAddr },
+    #[error("weight {0} is out of range; allowed 0..=256")]
+    Weight(u32),
+}
+
+/// Services keyed by name, and the hashing parameters shared by all rings.
+#[derive(Clone, Debug)]
+pub struct State {
+    pub seed: u32,
+    pub ring_size: u32,
+    pub services: BTreeMap<String, Service>,
+    next_service_id: u32,
+}
+
+impl State {
+    pub fn new(seed: u32, ring_size: u32) -> Self {
+        State { seed, ring_size, services: BTreeMap::new(), next_service_id: 0 }
+    }
+
+    /// The state a config describes (as if each service were added by a command).
+    pub fn from_config(config: &Config) -> Result<Self, StateError> {
+        let mut state = State::new(config.seed, config.ring_size);
+        for service in &config.services {
+            state.apply(Command::AddService { service: service.clone() })?;
+        }
+        Ok(state)
+    }
+
+    pub fn service(&self, name: &str) -> Result<&Service, StateError> {
+        self.services.get(name).ok_or_else(|| StateError::NoService(name.to_string()))
+    }
+
+    fn service_mut(&mut self, name: &str) -> Result<&mut Service, StateError> {
+        self.services.get_mut(name).ok_or_else(|| StateError::NoService(name.to_string()))
+    }
+
+    /// Applies one command; on error nothing changed.
+    pub fn apply(&mut self, command: Command) -> Result<Effect, StateError> {
+        let (ring_size, seed) = (self.ring_size, self.seed);
+        let name = match &command {
+            Command::AddService { service } => service.name.clone(),
+            Command::UpdateService { service } => service.name.clone(),
+            Command::RemoveService { service }
+            | Command::AddBackend { service, .. }
+            | Command::RemoveBackend { service, .. }
+            | Command::UpdateBackend { service, .. }
+            | Command::SetState { service, .. }
+            | Command::SetWeight { service, .. }
+            | Command::SetHealth { service, .. } => service.clone(),
+        };
+        match command {
+            Command::AddService { mut service } => {
+                if self.services.contains_key(&service.name) {
+                    return Err(StateError::ServiceExists(service.name));
+                }
+                if let Some(other) = self.services.values().find(|s| s.settings.listen == service.listen) {
+                    return Err(StateError::ListenInUse {
+                        existing: other.settings.name.clone(),
+                        listen: service.listen,
+                    });
+                }
+                let backends = std::mem::take(&mut service.backends);
+                let mut new = Service {
+                    id: self.next_service_id,
+                    settings: service,
+                    backends: Vec::new(),
+                    ring: Arc::new(Vec::new()),
+                    ring_uses_backups: false,
+                    next_backend_id: 0,
+                };
+                for backend in backends {
+                    add_backend(&mut new, backend)?;
+                }
+                new.rebuild_ring(ring_size, seed);
+                self.next_service_id += 1;
+                self.services.insert(name.clone(), new);
+                Ok(Effect::ServiceAdded(name))
+            }
+            Command::RemoveService { .. } => {
+                let removed = self.services.remove(&name).ok_or(StateError::NoService(name.clone()))?;
+                Ok(Effect::ServiceRemoved { name, id: removed.id })
+            }
+            Command::UpdateService { mut service } => {
+                let current = self.service_mut(&name)?;
+                service.backends.clear();
+                // Listen, protocol and datapath identify the service; reload replaces it when they change.
+                service.listen = current.settings.listen;
+                service.datapath = current.settings.datapath;
+                service.protocol = current.settings.protocol;
+                if current.settings == service {
+                    return Ok(Effect::Nothing);
+                }
+                current.settings = service;
+                Ok(Effect::ServiceChanged(name))
+            }
+            Command::AddBackend { backend, .. } => {
+                let service = self.service_mut(&name)?;
+                add_backend(service, backend)?;
+                service.rebuild_ring(ring_size, seed);
+                Ok(Effect::ServiceChanged(name))
+            }
+            Command::RemoveBackend { backend, .. } => {
+                let service = self.service_mut(&name)?;
+                let id = service.backend_mut(&backend)?.id;
+                service.backends.retain(|b| b.id != id);
+                service.rebuild_ring(ring_size, seed);
+                Ok(Effect::ServiceChanged(name))
+            }
+            Command::UpdateBackend { backend: new, .. } => {
+                check_weight(new.weight)?;
+                let service = self.service_mut(&name)?;
+                let backend = service.backend_mut(&new.address.to_string())?;
+                if backend.config == new {
+                    return Ok(Effect::Nothing);
+                }
+                backend.config = new;
+                service.rebuild_ring(ring_size, seed);
+                Ok(Effect::ServiceChanged(name))
+            }
+            Command::SetState { backend, state, .. } => {
+                let service = self.service_mut(&name)?;
+                let backend = service.backend_mut(&backend)?;
+                if backend.config.state == state {
+                    return Ok(Effect::Nothing);
+                }
+                backend.config.state = state;
+                service.rebuild_ring(ring_size, seed);
+                Ok(Effect::ServiceChanged(name))
+            }
+            Command::SetWeight { backend, weight, .. } => {
+                check_weight(weight)?;
+                let service = self.service_mut(&name)?;
+                let backend = service.backend_mut(&backend)?;
+                if backend.config.weight == weight {
+                    return Ok(Effect::Nothing);
+                }
+                backend.config.weight = weight;
+                service.rebuild_ring(ring_size, seed);
+                Ok(Effect::ServiceChanged(name))
+            }
+            Command::SetHealth { backend, health, .. } => {
+                let service = self.service_mut(&name)?;
+                let backend = service.backend_mut(&backend)?;
+                if backend.health == health {
+                    return Ok(Effect::Nothing);
+                }
+                backend.health = health;
+                service.rebuild_ring(ring_size, seed);
+                Ok(Effect::ServiceChanged(name))
+            }
+        }
+    }
+}
+
+fn check_weight(weight: u32) -> Result<(), StateError> {
+    if weight > 256 { Err(StateError::Weight(weight)) } else { Ok(()) }
+}
+
+fn add_backend(service: &mut Service, backend: BackendConfig) -> Result<(), StateError> {
+    check_weight(backend.weight)?;
+    if service.backends.iter().any(|b| b.config.name == backend.name || b.config.address == backend.address) {
+        return Err(StateError::BackendExists {
+            service: service.settings.name.clone(),
+            name: backend.name,
+            address: backend.address,
+        });
+    }
+    service.backends.push(Backend {
+        id: service.next_backend_id,
+        config: backend,
+        health: Health::Up,
+        stats: Arc::default(),
+    });
+    service.next_backend_id += 1;
+    Ok(())
+}
+
+/// The commands that turn the services of `old` into those of `new` (reload). Services whose listen
+/// address, protocol or datapath changed are removed and added again; everything else changes in place.
+pub fn diff(old: &Config, new: &Config) -> Vec<Command> {
+    let mut commands = Vec::new();
+    for o in &old.services {
+        if !new.services.iter().any(|n| n.name == o.name) {
+            commands.push(Command::RemoveService { service: o.name.clone() });
+        }
+    }
+    for n in &new.services {
+        let Some(o) = old.services.iter().find(|o| o.name == n.name) else {
+            commands.push(Command::AddService { service: n.clone() });
+            continue;
+        };
+        if (o.listen, o.protocol, o.datapath) != (n.listen, n.protocol, n.datapath) {
+            commands.push(Command::RemoveService { service: o.name.clone() });
+            commands.push(Command::AddService { service: n.clone() });
+            continue;
+        }
+        let settings = |s: &ServiceConfig| ServiceConfig { backends: Vec::new(), ..s.clone() };
+        if settings(o) != settings(n) {
+            commands.push(Command::UpdateService { service: settings(n) });
+        }
+        let service = n.name.clone();
+        for ob in &o.backends {
+            if !n.backends.iter().any(|nb| nb.address == ob.address && nb.name == ob.name) {
+                commands.push(Command::RemoveBackend { service: service.clone(), backend: ob.address.to_string() });
+            }
+        }
+        for nb in &n.backends {
+            match o.backends.iter().find(|ob| ob.address == nb.address && ob.name == nb.name) {
+                None => commands.push(Command::AddBackend { service: service.clone(), backend: nb.clone() }),
+                Some(ob) if ob != nb => {
+                    commands.push(Command::UpdateBackend { service: service.clone(), backend: nb.clone() })
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    commands
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::config::{DatapathKind, HealthConfig, HealthKind, OnDown, Protocol};
+    use std::time::Duration;
+
+    pub fn backend(name: &str, address: &str) -> BackendConfig {
+        BackendConfig {
+            name: name.into(),
+            address: address.parse().unwrap(),
+            weight: 1,
+            backup: false,
+            state: AdminState::Active,
+        }
+    }
+
+    pub fn service(name: &str, listen: &str, backends: Vec<BackendConfig>) -> ServiceConfig {
+        ServiceConfig {
+            name: name.into(),
+            listen: listen.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            datapath: DatapathKind::Proxy,
+            affinity_timeout: Duration::from_secs(600),
+            max_connections: 100,
+            connect_timeout: Duration::from_secs(1),
+            failback: false,
+            on_down: OnDown::Keep,
+            health: HealthConfig {
+                kind: HealthKind::None,
+                interval: Duration::from_secs(2),
+                fast_interval: Duration::from_secs(2),
+                timeout: Duration::from_secs(1),
+                rise: 2,
+                fall: 3,
+                port: None,
+            },
+            backends,
+        }
+    }
+
+    pub fn three() -> State {
+        let mut s = State::new(0, 101);
+        let svc = service(
+            "web",
+            "10.0.0.100:80",
+            vec![backend("b1", "10.1.1.2:80"), backend("b2", "10.1.2.2:80"), backend("b3", "10.1.3.2:80")],
+        );
+        s.apply(Command::AddService { service: svc }).unwrap();
+        s
+    }
+
+    fn ring_ids(s: &State) -> std::collections::BTreeSet<u32> {
+        s.service("web").unwrap().ring.iter().copied().collect()
+    }
+
+    #[test]
+    fn ring_holds_active_healthy_primaries() {
+        let mut s = three();
+        assert_eq!(ring_ids(&s), [0, 1, 2].into());
+        s.apply(Command::SetState { service: "web".into(), backend: "b1".into(), state: AdminState::Drain })
+            .unwrap();
+        assert_eq!(ring_ids(&s), [1, 2].into());
+        s.apply(Command::SetHealth { service: "web".into(), backend: "10.1.2.2:80".into(), health: Health::Down })
+            .unwrap();
+        assert_eq!(ring_ids(&s), [2].into());
+        s.apply(Command::SetWeight { service: "web".into(), backend: "b3".into(), weight: 0 }).unwrap();
+        assert!(ring_ids(&s).is_empty());
+    }
+
+    #[test]
+    fn backups_only_when_no_primary_takes_clients() {
+        let mut s = three();
+        let mut spare = backend("spare", "10.1.4.2:80");
+        spare.backup = true;
+        s.apply(Command::AddBackend { service: "web".into(), backend: spare }).unwrap();
+        assert!(!ring_ids(&s).contains(&3));
+        for b in ["b1", "b2", "b3"] {
+            s.apply(Command::SetHealth { service: "web".into(), backend: b.into(), health: Health::Down })
+                .unwrap();
+        }
+        assert_eq!(ring_ids(&s), [3].into());
+        assert!(s.service("web").unwrap().ring_uses_backups);
+        s.apply(Command::SetHealth { service: "web".into(), backend: "b2".into(), health: Health::Up }).unwrap();
+        assert_eq!(ring_ids(&s), [1].into());
+    }
+
+    #[test]
+    fn errors_change_nothing() {
+        let mut s = three();
+        let before = ring_ids(&s);
+        assert!(matches!(
+            s.apply(Command::SetWeight { service: "web".into(), backend: "b1".into(), weight: 999 }),
+            Err(StateError::Weight(999))
+        ));
+        assert!(matches!(
+            s.apply(Command::RemoveBackend { service: "web".into(), backend: "nope".into() }),
+            Err(StateError::NoBackend { .. })
+        ));
+        assert!(matches!(
+            s.apply(Command::AddBackend { service: "web".into(), backend: backend("b1", "10.9.9.9:1") }),
+            Err(StateError::BackendExists { .. })
+        ));
+        assert!(matches!(
+            s.apply(Command::AddService { service: service("other", "10.0.0.100:80", vec![]) }),
+            Err(StateError::ListenInUse { .. })
+        ));
+        assert_eq!(ring_ids(&s), before);
+    }
+
+    #[test]
+    fn backend_ids_are_stable_across_removal() {
+        let mut s = three();
+        s.apply(Command::RemoveBackend { service: "web".into(), backend: "b2".into() }).unwrap();
+        s.apply(Command::AddBackend { service: "web".into(), backend: backend("b4", "10.1.4.2:80") }).unwrap();
+        let svc = s.service("web").unwrap();
+        assert_eq!(svc.backend("b3").unwrap().id, 2);
+        assert_eq!(svc.backend("b4").unwrap().id, 3);
+    }
+
+    #[test]
+    fn diff_applies_only_changes() {
+        let base = |backends| Config {
+            path: None,
+            log_level: "info".into(),
+            seed: 0,
+            ring_size: 101,
+            shutdown_timeout: Duration::from_secs(1),
+            control: crate::config::ControlConfig {
+                socket: "/tmp/x".into(),
+                mode: 0o600,
+                group: None,
+                allowed_uids: vec![],
+            },
+            services: vec![service("web", "10.0.0.100:80", backends)],
+        };
+        let old = base(vec![backend("b1", "10.1.1.2:80"), backend("b2", "10.1.2.2:80")]);
+        let mut heavier = backend("b2", "10.1.2.2:80");
+        heavier.weight = 5;
+        let new = base(vec![heavier.clone(), backend("b3", "10.1.3.2:80")]);
+        let commands = diff(&old, &new);
+        assert_eq!(
+            commands,
+            vec![
+                Command::RemoveBackend { service: "web".into(), backend: "10.1.1.2:80".into() },
+                Command::UpdateBackend { service: "web".into(), backend: heavier },
+                Command::AddBackend { service: "web".into(), backend: backend("b3", "10.1.3.2:80") },
+            ]
+        );
+        assert!(diff(&new, &new).is_empty());
+        let mut moved = new.clone();
+        moved.services[0].listen = "10.0.0.101:80".parse().unwrap();
+        assert_eq!(diff(&new, &moved).len(), 2);
+        // Applying the diff to the old state gives the new state's backends.
+        let mut s = State::from_config(&old).unwrap();
+        for c in commands {
+            s.apply(c).unwrap();
+        }
+        let names: Vec<_> = s.service("web").unwrap().backends.iter().map(|b| b.config.name.clone()).collect();
+        assert_eq!(names, ["b2", "b3"]);
+    }
+}
