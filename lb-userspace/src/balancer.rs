@@ -22,7 +22,9 @@ pub fn client_key(ip: IpAddr) -> u32 {
         IpAddr::V4(v4) => u32::from(v4),
         IpAddr::V6(v6) => {
             let o = v6.octets();
-            (0..4).fold(0u32, |acc, i| acc ^ u32::from_be_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]))
+            (0..4).fold(0u32, |acc, i| {
+                acc ^ u32::from_be_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]])
+            })
         }
     }
 }
@@ -41,24 +43,38 @@ pub struct AffinityTable {
 
 impl AffinityTable {
     fn get(&self, client: IpAddr, timeout: Duration, now: Instant) -> Option<AffinityEntry> {
-        self.entries.get(&client).copied().filter(|e| now.saturating_duration_since(e.last_seen) < timeout)
+        self.entries
+            .get(&client)
+            .copied()
+            .filter(|e| now.saturating_duration_since(e.last_seen) < timeout)
     }
 
     fn record(&mut self, client: IpAddr, backend: u32, now: Instant, timeout: Duration) {
         if self.entries.len() >= AFFINITY_CAPACITY && !self.entries.contains_key(&client) {
             self.sweep(now, timeout);
             if self.entries.len() >= AFFINITY_CAPACITY
-                && let Some(oldest) = self.entries.iter().min_by_key(|(_, e)| e.last_seen).map(|(k, _)| *k)
+                && let Some(oldest) = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, e)| e.last_seen)
+                    .map(|(k, _)| *k)
             {
                 self.entries.remove(&oldest);
             }
         }
-        self.entries.insert(client, AffinityEntry { backend, last_seen: now });
+        self.entries.insert(
+            client,
+            AffinityEntry {
+                backend,
+                last_seen: now,
+            },
+        );
     }
 
     /// Drops expired entries; returns how many remain.
     pub fn sweep(&mut self, now: Instant, timeout: Duration) -> usize {
-        self.entries.retain(|_, e| now.saturating_duration_since(e.last_seen) < timeout);
+        self.entries
+            .retain(|_, e| now.saturating_duration_since(e.last_seen) < timeout);
         self.entries.len()
     }
 
@@ -97,7 +113,9 @@ pub struct Choice {
 pub enum SelectError {
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("service `{0}` has no backend that takes new clients (all down, drained, in maintenance or weight 0)")]
+    #[error(
+        "service `{0}` has no backend that takes new clients (all down, drained, in maintenance or weight 0)"
+    )]
     NoBackend(String),
 }
 
@@ -110,7 +128,10 @@ pub struct Balancer {
 
 impl Balancer {
     pub fn new(state: State) -> Self {
-        Balancer { state, affinity: HashMap::new() }
+        Balancer {
+            state,
+            affinity: HashMap::new(),
+        }
     }
 
     /// Applies a command; affinity entries live on unless their service goes away.
@@ -124,10 +145,19 @@ impl Balancer {
 
     /// Picks a backend for a new connection from `client`, skipping `exclude` (backends whose connect
     /// just failed). Does not record affinity: call [`Balancer::confirm`] once the connection is up.
-    pub fn choose(&self, service: &str, client: IpAddr, now: Instant, exclude: &[u32]) -> Result<Choice, SelectError> {
+    pub fn choose(
+        &self,
+        service: &str,
+        client: IpAddr,
+        now: Instant,
+        exclude: &[u32],
+    ) -> Result<Choice, SelectError> {
         let svc = self.state.service(service)?;
         let timeout = svc.settings.affinity_timeout;
-        if let Some(entry) = self.affinity.get(service).and_then(|t| t.get(client, timeout, now))
+        if let Some(entry) = self
+            .affinity
+            .get(service)
+            .and_then(|t| t.get(client, timeout, now))
             && !exclude.contains(&entry.backend)
             && let Some(b) = svc.backend_by_id(entry.backend).filter(|b| b.admits_known())
         {
@@ -144,7 +174,8 @@ impl Balancer {
         if ring.is_empty() {
             return Err(SelectError::NoBackend(service.to_string()));
         }
-        let slot = lb_common::hash::ring_slot(self.state.seed, client_key(client), ring.len() as u32) as usize;
+        let slot =
+            lb_common::hash::ring_slot(self.state.seed, client_key(client), ring.len() as u32) as usize;
         // Walk on from the slot to the next backend not excluded (the ring interleaves all members).
         for step in 0..ring.len() {
             let id = ring[(slot + step) % ring.len()];
@@ -166,12 +197,17 @@ impl Balancer {
 
     /// Records that `client` reached `backend_id` (new or refreshed affinity entry).
     pub fn confirm(&mut self, service: &str, client: IpAddr, backend_id: u32, now: Instant) {
-        let Some(svc) = self.state.services.get(service) else { return };
+        let Some(svc) = self.state.services.get(service) else {
+            return;
+        };
         let timeout = svc.settings.affinity_timeout;
         if timeout.is_zero() {
             return;
         }
-        self.affinity.entry(service.to_string()).or_default().record(client, backend_id, now, timeout);
+        self.affinity
+            .entry(service.to_string())
+            .or_default()
+            .record(client, backend_id, now, timeout);
     }
 
     /// Time since `client` was last seen, if its affinity entry is live.
@@ -215,7 +251,12 @@ mod tests {
     }
 
     fn set(b: &mut Balancer, backend: &str, state: AdminState) {
-        b.apply(Command::SetState { service: "web".into(), backend: backend.into(), state }).unwrap();
+        b.apply(Command::SetState {
+            service: "web".into(),
+            backend: backend.into(),
+            state,
+        })
+        .unwrap();
     }
 
     #[test]
@@ -226,7 +267,12 @@ mod tests {
         assert_eq!(first.reason, Reason::Ring);
         // A weight change reshuffles the ring; the client stays.
         for other in ["b1", "b2", "b3"].iter().filter(|n| **n != first.backend_name) {
-            b.apply(Command::SetWeight { service: "web".into(), backend: (*other).into(), weight: 50 }).unwrap();
+            b.apply(Command::SetWeight {
+                service: "web".into(),
+                backend: (*other).into(),
+                weight: 50,
+            })
+            .unwrap();
         }
         for _ in 0..20 {
             let again = connect(&mut b, ip(1), now);
@@ -252,7 +298,9 @@ mod tests {
     fn drain_keeps_known_clients_and_refuses_new() {
         let mut b = Balancer::new(three());
         let now = Instant::now();
-        let known: Vec<_> = (0..300).map(|i| (ip(i), connect(&mut b, ip(i), now).backend_id)).collect();
+        let known: Vec<_> = (0..300)
+            .map(|i| (ip(i), connect(&mut b, ip(i), now).backend_id))
+            .collect();
         set(&mut b, "b1", AdminState::Drain);
         for (client, id) in &known {
             assert_eq!(connect(&mut b, *client, now).backend_id, *id);
@@ -267,18 +315,30 @@ mod tests {
         for down in [true, false] {
             let mut b = Balancer::new(three());
             let now = Instant::now();
-            let client = (0..100).map(ip).find(|c| b.choose("web", *c, now, &[]).unwrap().backend_name == "b1").unwrap();
+            let client = (0..100)
+                .map(ip)
+                .find(|c| b.choose("web", *c, now, &[]).unwrap().backend_name == "b1")
+                .unwrap();
             connect(&mut b, client, now);
             if down {
-                b.apply(Command::SetHealth { service: "web".into(), backend: "b1".into(), health: Health::Down })
-                    .unwrap();
+                b.apply(Command::SetHealth {
+                    service: "web".into(),
+                    backend: "b1".into(),
+                    health: Health::Down,
+                })
+                .unwrap();
             } else {
                 set(&mut b, "b1", AdminState::Maintenance);
             }
             let moved = connect(&mut b, client, now);
             assert_ne!(moved.backend_name, "b1");
             // b1 returns: the client does not fail back.
-            b.apply(Command::SetHealth { service: "web".into(), backend: "b1".into(), health: Health::Up }).unwrap();
+            b.apply(Command::SetHealth {
+                service: "web".into(),
+                backend: "b1".into(),
+                health: Health::Up,
+            })
+            .unwrap();
             set(&mut b, "b1", AdminState::Active);
             let later = connect(&mut b, client, now);
             assert_eq!(later.backend_id, moved.backend_id);
@@ -293,8 +353,15 @@ mod tests {
         let client = ip(5);
         let first = connect(&mut b, client, t0);
         set(&mut b, &first.backend_name, AdminState::Drain);
-        assert_eq!(b.choose("web", client, t0 + Duration::from_secs(599), &[]).unwrap().reason, Reason::Affinity);
-        let after = b.choose("web", client, t0 + Duration::from_secs(601), &[]).unwrap();
+        assert_eq!(
+            b.choose("web", client, t0 + Duration::from_secs(599), &[])
+                .unwrap()
+                .reason,
+            Reason::Affinity
+        );
+        let after = b
+            .choose("web", client, t0 + Duration::from_secs(601), &[])
+            .unwrap();
         assert_eq!(after.reason, Reason::Ring);
         assert_ne!(after.backend_id, first.backend_id);
         b.sweep(t0 + Duration::from_secs(601));
@@ -308,9 +375,14 @@ mod tests {
         let first = b.choose("web", ip(9), now, &[]).unwrap();
         let second = b.choose("web", ip(9), now, &[first.backend_id]).unwrap();
         assert_ne!(first.backend_id, second.backend_id);
-        let third = b.choose("web", ip(9), now, &[first.backend_id, second.backend_id]).unwrap();
+        let third = b
+            .choose("web", ip(9), now, &[first.backend_id, second.backend_id])
+            .unwrap();
         assert!(![first.backend_id, second.backend_id].contains(&third.backend_id));
-        assert!(matches!(b.choose("web", ip(9), now, &[0, 1, 2]), Err(SelectError::NoBackend(_))));
+        assert!(matches!(
+            b.choose("web", ip(9), now, &[0, 1, 2]),
+            Err(SelectError::NoBackend(_))
+        ));
     }
 
     #[test]
@@ -318,15 +390,27 @@ mod tests {
         let mut b = Balancer::new(three());
         let mut spare = backend("spare", "10.1.4.2:80");
         spare.backup = true;
-        b.apply(Command::AddBackend { service: "web".into(), backend: spare }).unwrap();
+        b.apply(Command::AddBackend {
+            service: "web".into(),
+            backend: spare,
+        })
+        .unwrap();
         let now = Instant::now();
         for n in ["b1", "b2", "b3"] {
             set(&mut b, n, AdminState::Maintenance);
         }
         assert_eq!(connect(&mut b, ip(1), now).backend_name, "spare");
         set(&mut b, "b2", AdminState::Active);
-        assert_eq!(connect(&mut b, ip(1), now).backend_name, "spare", "pinned client stays on the backup");
-        assert_eq!(connect(&mut b, ip(2), now).backend_name, "b2", "new clients go to the primary");
+        assert_eq!(
+            connect(&mut b, ip(1), now).backend_name,
+            "spare",
+            "pinned client stays on the backup"
+        );
+        assert_eq!(
+            connect(&mut b, ip(2), now).backend_name,
+            "b2",
+            "new clients go to the primary"
+        );
     }
 
     #[test]

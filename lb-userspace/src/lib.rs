@@ -4,7 +4,20 @@
 //! - [`state`]: services, backends, Maglev rings; the [`state::Command`] vocabulary; reload diff.
 //! - [`maglev`]: the weighted Maglev table builder.
 //! - [`balancer`]: state + per-service affinity tables; backend selection by the DESIGN.md rules.
+//! - [`engine`]: applies commands to the balancer and the datapaths; answers control requests.
+//! - [`datapath`]: the trait every datapath implements; [`proxy`]: the tokio full proxy.
+//! - [`control`]: the control socket protocol, server and client.
+//! - [`daemon`]: `lb run` (socket, engine, signals, graceful shutdown).
+//! - [`cli`]: table rendering for the client subcommands.
+//! - [`ebpf`]: the embedded XDP object and its loader.
 pub mod balancer;
+pub mod cli;
 pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod datapath;
+pub mod ebpf;
+pub mod engine;
 pub mod maglev;
+pub mod proxy;
 pub mod state;

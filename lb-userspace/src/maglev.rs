@@ -81,14 +81,20 @@ mod tests {
     use std::collections::HashMap;
 
     fn keys(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("10.1.{}.{}:8080", i / 250, i % 250 + 2)).collect()
+        (0..n)
+            .map(|i| format!("10.1.{}.{}:8080", i / 250, i % 250 + 2))
+            .collect()
     }
 
     fn members<'a>(keys: &'a [String], weights: &[u32]) -> Vec<Member<'a>> {
         keys.iter()
             .zip(weights)
             .enumerate()
-            .map(|(i, (k, w))| Member { id: i as u32, key: k.as_bytes(), weight: *w })
+            .map(|(i, (k, w))| Member {
+                id: i as u32,
+                key: k.as_bytes(),
+                weight: *w,
+            })
             .collect()
     }
 
@@ -108,7 +114,10 @@ mod tests {
             let ideal = DEFAULT_RING_SIZE as f64 / n as f64;
             for (_, count) in shares(&table) {
                 let dev = (count as f64 - ideal).abs() / ideal;
-                assert!(dev <= 0.01, "n={n}: share {count} deviates {dev:.4} from ideal {ideal:.1}");
+                assert!(
+                    dev <= 0.01,
+                    "n={n}: share {count} deviates {dev:.4} from ideal {ideal:.1}"
+                );
             }
             assert_eq!(shares(&table).len(), n);
         }
@@ -126,7 +135,11 @@ mod tests {
         let fraction = moved as f64 / DEFAULT_RING_SIZE as f64;
         // Every slot of the removed backend must move; Maglev moves a few more (paper: small).
         assert!(moved >= owned_by_removed);
-        assert!(fraction < 1.0 / n as f64 * 1.5, "moved {fraction:.4} of slots, ideal {:.4}", 1.0 / n as f64);
+        assert!(
+            fraction < 1.0 / n as f64 * 1.5,
+            "moved {fraction:.4} of slots, ideal {:.4}",
+            1.0 / n as f64
+        );
         // Clients measured directly: hash 100k client addresses through both tables.
         let mut moved_clients = 0;
         for ip in 0..100_000u32 {
@@ -136,7 +149,10 @@ mod tests {
             }
         }
         let f = moved_clients as f64 / 100_000.0;
-        assert!(f > 0.08 && f < 0.15, "moved {f:.4} of clients for 1 of {n} backends removed");
+        assert!(
+            f > 0.08 && f < 0.15,
+            "moved {f:.4} of clients for 1 of {n} backends removed"
+        );
     }
 
     #[test]
@@ -148,7 +164,10 @@ mod tests {
         for (id, w) in [(0u32, 1.0), (1, 2.0), (2, 4.0)] {
             let share = s[&id] as f64 / total;
             let want = w / 7.0;
-            assert!((share - want).abs() < 0.01, "backend {id}: share {share:.4}, want {want:.4}");
+            assert!(
+                (share - want).abs() < 0.01,
+                "backend {id}: share {share:.4}, want {want:.4}"
+            );
         }
     }
 

@@ -91,10 +91,13 @@ impl Service {
 
     fn backend_mut(&mut self, reference: &str) -> Result<&mut Backend, StateError> {
         let service = self.settings.name.clone();
-        self.backends.iter_mut().find(|b| b.matches(reference)).ok_or(StateError::NoBackend {
-            service,
-            backend: reference.to_string(),
-        })
+        self.backends
+            .iter_mut()
+            .find(|b| b.matches(reference))
+            .ok_or(StateError::NoBackend {
+                service,
+                backend: reference.to_string(),
+            })
     }
 
     fn rebuild_ring(&mut self, ring_size: u32, seed: u32) {
@@ -102,13 +105,24 @@ impl Service {
             .backends
             .iter()
             .filter(|b| b.admits_new())
-            .map(|b| (b.id, b.config.address.to_string(), b.config.weight, b.config.backup))
+            .map(|b| {
+                (
+                    b.id,
+                    b.config.address.to_string(),
+                    b.config.weight,
+                    b.config.backup,
+                )
+            })
             .collect();
         let primaries = keys.iter().any(|k| !k.3);
         let members: Vec<maglev::Member<'_>> = keys
             .iter()
             .filter(|k| k.3 != primaries)
-            .map(|(id, key, weight, _)| maglev::Member { id: *id, key: key.as_bytes(), weight: *weight })
+            .map(|(id, key, weight, _)| maglev::Member {
+                id: *id,
+                key: key.as_bytes(),
+                weight: *weight,
+            })
             .collect();
         self.ring_uses_backups = !primaries && !members.is_empty();
         self.ring = Arc::new(maglev::build(&members, ring_size, seed));
@@ -120,24 +134,54 @@ impl Service {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Command {
-    AddService { service: ServiceConfig },
-    RemoveService { service: String },
+    AddService {
+        service: ServiceConfig,
+    },
+    RemoveService {
+        service: String,
+    },
     /// Changes a service's settings (timeouts, health, limits); backends and listen stay.
-    UpdateService { service: ServiceConfig },
-    AddBackend { service: String, backend: BackendConfig },
-    RemoveBackend { service: String, backend: String },
+    UpdateService {
+        service: ServiceConfig,
+    },
+    AddBackend {
+        service: String,
+        backend: BackendConfig,
+    },
+    RemoveBackend {
+        service: String,
+        backend: String,
+    },
     /// Sets weight, backup flag and state of an existing backend (found by address).
-    UpdateBackend { service: String, backend: BackendConfig },
-    SetState { service: String, backend: String, state: AdminState },
-    SetWeight { service: String, backend: String, weight: u32 },
-    SetHealth { service: String, backend: String, health: Health },
+    UpdateBackend {
+        service: String,
+        backend: BackendConfig,
+    },
+    SetState {
+        service: String,
+        backend: String,
+        state: AdminState,
+    },
+    SetWeight {
+        service: String,
+        backend: String,
+        weight: u32,
+    },
+    SetHealth {
+        service: String,
+        backend: String,
+        health: Health,
+    },
 }
 
 /// What a command changed, for the datapaths.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {
     ServiceAdded(String),
-    ServiceRemoved { name: String, id: u32 },
+    ServiceRemoved {
+        name: String,
+        id: u32,
+    },
     /// Settings, backends or ring of a service changed.
     ServiceChanged(String),
     /// The command changed nothing (e.g. set to the current value).
@@ -155,7 +199,11 @@ pub enum StateError {
     #[error("service `{service}` has no backend `{backend}` (give its name or address)")]
     NoBackend { service: String, backend: String },
     #[error("service `{service}` has a backend named `{name}` or at {address} already")]
-    BackendExists { service: String, name: String, address: SocketAddr },
+    BackendExists {
+        service: String,
+        name: String,
+        address: SocketAddr,
+    },
     #[error("weight {0} is out of range; allowed 0..=256")]
     Weight(u32),
 }
@@ -171,24 +219,35 @@ pub struct State {
 
 impl State {
     pub fn new(seed: u32, ring_size: u32) -> Self {
-        State { seed, ring_size, services: BTreeMap::new(), next_service_id: 0 }
+        State {
+            seed,
+            ring_size,
+            services: BTreeMap::new(),
+            next_service_id: 0,
+        }
     }
 
     /// The state a config describes (as if each service were added by a command).
     pub fn from_config(config: &Config) -> Result<Self, StateError> {
         let mut state = State::new(config.seed, config.ring_size);
         for service in &config.services {
-            state.apply(Command::AddService { service: service.clone() })?;
+            state.apply(Command::AddService {
+                service: service.clone(),
+            })?;
         }
         Ok(state)
     }
 
     pub fn service(&self, name: &str) -> Result<&Service, StateError> {
-        self.services.get(name).ok_or_else(|| StateError::NoService(name.to_string()))
+        self.services
+            .get(name)
+            .ok_or_else(|| StateError::NoService(name.to_string()))
     }
 
     fn service_mut(&mut self, name: &str) -> Result<&mut Service, StateError> {
-        self.services.get_mut(name).ok_or_else(|| StateError::NoService(name.to_string()))
+        self.services
+            .get_mut(name)
+            .ok_or_else(|| StateError::NoService(name.to_string()))
     }
 
     /// Applies one command; on error nothing changed.
@@ -210,7 +269,11 @@ impl State {
                 if self.services.contains_key(&service.name) {
                     return Err(StateError::ServiceExists(service.name));
                 }
-                if let Some(other) = self.services.values().find(|s| s.settings.listen == service.listen) {
+                if let Some(other) = self
+                    .services
+                    .values()
+                    .find(|s| s.settings.listen == service.listen)
+                {
                     return Err(StateError::ListenInUse {
                         existing: other.settings.name.clone(),
                         listen: service.listen,
@@ -234,7 +297,10 @@ impl State {
                 Ok(Effect::ServiceAdded(name))
             }
             Command::RemoveService { .. } => {
-                let removed = self.services.remove(&name).ok_or(StateError::NoService(name.clone()))?;
+                let removed = self
+                    .services
+                    .remove(&name)
+                    .ok_or(StateError::NoService(name.clone()))?;
                 Ok(Effect::ServiceRemoved { name, id: removed.id })
             }
             Command::UpdateService { mut service } => {
@@ -310,12 +376,20 @@ impl State {
 }
 
 fn check_weight(weight: u32) -> Result<(), StateError> {
-    if weight > 256 { Err(StateError::Weight(weight)) } else { Ok(()) }
+    if weight > 256 {
+        Err(StateError::Weight(weight))
+    } else {
+        Ok(())
+    }
 }
 
 fn add_backend(service: &mut Service, backend: BackendConfig) -> Result<(), StateError> {
     check_weight(backend.weight)?;
-    if service.backends.iter().any(|b| b.config.name == backend.name || b.config.address == backend.address) {
+    if service
+        .backends
+        .iter()
+        .any(|b| b.config.name == backend.name || b.config.address == backend.address)
+    {
         return Err(StateError::BackendExists {
             service: service.settings.name.clone(),
             name: backend.name,
@@ -338,7 +412,9 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Command> {
     let mut commands = Vec::new();
     for o in &old.services {
         if !new.services.iter().any(|n| n.name == o.name) {
-            commands.push(Command::RemoveService { service: o.name.clone() });
+            commands.push(Command::RemoveService {
+                service: o.name.clone(),
+            });
         }
     }
     for n in &new.services {
@@ -347,26 +423,46 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Command> {
             continue;
         };
         if (o.listen, o.protocol, o.datapath) != (n.listen, n.protocol, n.datapath) {
-            commands.push(Command::RemoveService { service: o.name.clone() });
+            commands.push(Command::RemoveService {
+                service: o.name.clone(),
+            });
             commands.push(Command::AddService { service: n.clone() });
             continue;
         }
-        let settings = |s: &ServiceConfig| ServiceConfig { backends: Vec::new(), ..s.clone() };
+        let settings = |s: &ServiceConfig| ServiceConfig {
+            backends: Vec::new(),
+            ..s.clone()
+        };
         if settings(o) != settings(n) {
             commands.push(Command::UpdateService { service: settings(n) });
         }
         let service = n.name.clone();
         for ob in &o.backends {
-            if !n.backends.iter().any(|nb| nb.address == ob.address && nb.name == ob.name) {
-                commands.push(Command::RemoveBackend { service: service.clone(), backend: ob.address.to_string() });
+            if !n
+                .backends
+                .iter()
+                .any(|nb| nb.address == ob.address && nb.name == ob.name)
+            {
+                commands.push(Command::RemoveBackend {
+                    service: service.clone(),
+                    backend: ob.address.to_string(),
+                });
             }
         }
         for nb in &n.backends {
-            match o.backends.iter().find(|ob| ob.address == nb.address && ob.name == nb.name) {
-                None => commands.push(Command::AddBackend { service: service.clone(), backend: nb.clone() }),
-                Some(ob) if ob != nb => {
-                    commands.push(Command::UpdateBackend { service: service.clone(), backend: nb.clone() })
-                }
+            match o
+                .backends
+                .iter()
+                .find(|ob| ob.address == nb.address && ob.name == nb.name)
+            {
+                None => commands.push(Command::AddBackend {
+                    service: service.clone(),
+                    backend: nb.clone(),
+                }),
+                Some(ob) if ob != nb => commands.push(Command::UpdateBackend {
+                    service: service.clone(),
+                    backend: nb.clone(),
+                }),
                 Some(_) => {}
             }
         }
@@ -419,7 +515,11 @@ pub(crate) mod tests {
         let svc = service(
             "web",
             "10.0.0.100:80",
-            vec![backend("b1", "10.1.1.2:80"), backend("b2", "10.1.2.2:80"), backend("b3", "10.1.3.2:80")],
+            vec![
+                backend("b1", "10.1.1.2:80"),
+                backend("b2", "10.1.2.2:80"),
+                backend("b3", "10.1.3.2:80"),
+            ],
         );
         s.apply(Command::AddService { service: svc }).unwrap();
         s
@@ -433,13 +533,26 @@ pub(crate) mod tests {
     fn ring_holds_active_healthy_primaries() {
         let mut s = three();
         assert_eq!(ring_ids(&s), [0, 1, 2].into());
-        s.apply(Command::SetState { service: "web".into(), backend: "b1".into(), state: AdminState::Drain })
-            .unwrap();
+        s.apply(Command::SetState {
+            service: "web".into(),
+            backend: "b1".into(),
+            state: AdminState::Drain,
+        })
+        .unwrap();
         assert_eq!(ring_ids(&s), [1, 2].into());
-        s.apply(Command::SetHealth { service: "web".into(), backend: "10.1.2.2:80".into(), health: Health::Down })
-            .unwrap();
+        s.apply(Command::SetHealth {
+            service: "web".into(),
+            backend: "10.1.2.2:80".into(),
+            health: Health::Down,
+        })
+        .unwrap();
         assert_eq!(ring_ids(&s), [2].into());
-        s.apply(Command::SetWeight { service: "web".into(), backend: "b3".into(), weight: 0 }).unwrap();
+        s.apply(Command::SetWeight {
+            service: "web".into(),
+            backend: "b3".into(),
+            weight: 0,
+        })
+        .unwrap();
         assert!(ring_ids(&s).is_empty());
     }
 
@@ -448,15 +561,28 @@ pub(crate) mod tests {
         let mut s = three();
         let mut spare = backend("spare", "10.1.4.2:80");
         spare.backup = true;
-        s.apply(Command::AddBackend { service: "web".into(), backend: spare }).unwrap();
+        s.apply(Command::AddBackend {
+            service: "web".into(),
+            backend: spare,
+        })
+        .unwrap();
         assert!(!ring_ids(&s).contains(&3));
         for b in ["b1", "b2", "b3"] {
-            s.apply(Command::SetHealth { service: "web".into(), backend: b.into(), health: Health::Down })
-                .unwrap();
+            s.apply(Command::SetHealth {
+                service: "web".into(),
+                backend: b.into(),
+                health: Health::Down,
+            })
+            .unwrap();
         }
         assert_eq!(ring_ids(&s), [3].into());
         assert!(s.service("web").unwrap().ring_uses_backups);
-        s.apply(Command::SetHealth { service: "web".into(), backend: "b2".into(), health: Health::Up }).unwrap();
+        s.apply(Command::SetHealth {
+            service: "web".into(),
+            backend: "b2".into(),
+            health: Health::Up,
+        })
+        .unwrap();
         assert_eq!(ring_ids(&s), [1].into());
     }
 
@@ -465,19 +591,31 @@ pub(crate) mod tests {
         let mut s = three();
         let before = ring_ids(&s);
         assert!(matches!(
-            s.apply(Command::SetWeight { service: "web".into(), backend: "b1".into(), weight: 999 }),
+            s.apply(Command::SetWeight {
+                service: "web".into(),
+                backend: "b1".into(),
+                weight: 999
+            }),
             Err(StateError::Weight(999))
         ));
         assert!(matches!(
-            s.apply(Command::RemoveBackend { service: "web".into(), backend: "nope".into() }),
+            s.apply(Command::RemoveBackend {
+                service: "web".into(),
+                backend: "nope".into()
+            }),
             Err(StateError::NoBackend { .. })
         ));
         assert!(matches!(
-            s.apply(Command::AddBackend { service: "web".into(), backend: backend("b1", "10.9.9.9:1") }),
+            s.apply(Command::AddBackend {
+                service: "web".into(),
+                backend: backend("b1", "10.9.9.9:1")
+            }),
             Err(StateError::BackendExists { .. })
         ));
         assert!(matches!(
-            s.apply(Command::AddService { service: service("other", "10.0.0.100:80", vec![]) }),
+            s.apply(Command::AddService {
+                service: service("other", "10.0.0.100:80", vec![])
+            }),
             Err(StateError::ListenInUse { .. })
         ));
         assert_eq!(ring_ids(&s), before);
@@ -486,8 +624,16 @@ pub(crate) mod tests {
     #[test]
     fn backend_ids_are_stable_across_removal() {
         let mut s = three();
-        s.apply(Command::RemoveBackend { service: "web".into(), backend: "b2".into() }).unwrap();
-        s.apply(Command::AddBackend { service: "web".into(), backend: backend("b4", "10.1.4.2:80") }).unwrap();
+        s.apply(Command::RemoveBackend {
+            service: "web".into(),
+            backend: "b2".into(),
+        })
+        .unwrap();
+        s.apply(Command::AddBackend {
+            service: "web".into(),
+            backend: backend("b4", "10.1.4.2:80"),
+        })
+        .unwrap();
         let svc = s.service("web").unwrap();
         assert_eq!(svc.backend("b3").unwrap().id, 2);
         assert_eq!(svc.backend("b4").unwrap().id, 3);
@@ -517,9 +663,18 @@ pub(crate) mod tests {
         assert_eq!(
             commands,
             vec![
-                Command::RemoveBackend { service: "web".into(), backend: "10.1.1.2:80".into() },
-                Command::UpdateBackend { service: "web".into(), backend: heavier },
-                Command::AddBackend { service: "web".into(), backend: backend("b3", "10.1.3.2:80") },
+                Command::RemoveBackend {
+                    service: "web".into(),
+                    backend: "10.1.1.2:80".into()
+                },
+                Command::UpdateBackend {
+                    service: "web".into(),
+                    backend: heavier
+                },
+                Command::AddBackend {
+                    service: "web".into(),
+                    backend: backend("b3", "10.1.3.2:80")
+                },
             ]
         );
         assert!(diff(&new, &new).is_empty());
@@ -531,7 +686,13 @@ pub(crate) mod tests {
         for c in commands {
             s.apply(c).unwrap();
         }
-        let names: Vec<_> = s.service("web").unwrap().backends.iter().map(|b| b.config.name.clone()).collect();
+        let names: Vec<_> = s
+            .service("web")
+            .unwrap()
+            .backends
+            .iter()
+            .map(|b| b.config.name.clone())
+            .collect();
         assert_eq!(names, ["b2", "b3"]);
     }
 }

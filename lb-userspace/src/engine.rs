@@ -1,0 +1,471 @@
+//! The daemon's core: one [`Balancer`] behind a mutex, the datapaths, and the config last applied.
+//!
+//! Every change, whatever its source (config file at start, control socket, reload, health checks),
+//! goes through [`Engine::execute`]: apply to the state, then let the datapath of the service follow.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tracing::{info, warn};
+
+use crate::balancer::{Balancer, Reason, SelectError};
+use crate::config::{BackendConfig, Config, ConfigError, DatapathKind, ServiceConfig};
+use crate::control::protocol::{BackendView, ReloadView, Request, ServiceView, StatusView, WhichView};
+use crate::datapath::{Datapath, DatapathError};
+use crate::proxy::ProxyDatapath;
+use crate::state::{self, BackendStats, Command, Effect, State, StateError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("the daemon was started without a config file; nothing to reload")]
+    NoConfigFile,
+    #[error("`{0}` is not an IP address")]
+    BadAddress(String),
+}
+
+pub struct Engine {
+    balancer: Arc<Mutex<Balancer>>,
+    config: Mutex<Config>,
+    proxy: ProxyDatapath,
+    started: Instant,
+}
+
+impl Engine {
+    /// Builds an engine and brings up every service of `config`.
+    pub fn start(config: Config) -> Result<Engine, EngineError> {
+        let balancer = Arc::new(Mutex::new(Balancer::new(State::new(
+            config.seed,
+            config.ring_size,
+        ))));
+        let engine = Engine {
+            proxy: ProxyDatapath::new(balancer.clone()),
+            balancer,
+            config: Mutex::new(config.clone()),
+            started: Instant::now(),
+        };
+        for service in config.services {
+            engine.execute(Command::AddService { service })?;
+        }
+        Ok(engine)
+    }
+
+    pub fn balancer(&self) -> &Arc<Mutex<Balancer>> {
+        &self.balancer
+    }
+
+    fn datapath(&self, kind: DatapathKind) -> Option<&dyn Datapath> {
+        match kind {
+            DatapathKind::Proxy => Some(&self.proxy),
+            DatapathKind::Xdp => None,
+        }
+    }
+
+    /// Applies one command to the state and the datapath. On error nothing changed.
+    pub fn execute(&self, command: Command) -> Result<Effect, EngineError> {
+        let mut b = self.balancer.lock().unwrap();
+        let kind = match &command {
+            Command::AddService { service } => service.datapath,
+            Command::RemoveService { service }
+            | Command::AddBackend { service, .. }
+            | Command::RemoveBackend { service, .. }
+            | Command::UpdateBackend { service, .. }
+            | Command::SetState { service, .. }
+            | Command::SetWeight { service, .. }
+            | Command::SetHealth { service, .. } => b.state.service(service)?.settings.datapath,
+            Command::UpdateService { service } => b.state.service(&service.name)?.settings.datapath,
+        };
+        let description = describe(&command);
+        let effect = b.apply(command)?;
+        let applied = match self.datapath(kind) {
+            Some(d) => d.apply(&effect, &b.state),
+            None => match &effect {
+                Effect::ServiceAdded(name) => Err(DatapathError::Unavailable(name.clone())),
+                _ => Ok(()),
+            },
+        };
+        if let Err(e) = applied {
+            if let Effect::ServiceAdded(name) = &effect {
+                b.apply(Command::RemoveService {
+                    service: name.clone(),
+                })?;
+            }
+            return Err(e.into());
+        }
+        if effect != Effect::Nothing {
+            info!(change = %description, "applied");
+        }
+        Ok(effect)
+    }
+
+    /// Re-reads the config file and applies what changed since the last one applied.
+    pub fn reload(&self) -> Result<ReloadView, EngineError> {
+        let path = self
+            .config
+            .lock()
+            .unwrap()
+            .path
+            .clone()
+            .ok_or(EngineError::NoConfigFile)?;
+        let new = Config::load(&path)?;
+        let mut old = self.config.lock().unwrap();
+        let mut view = ReloadView::default();
+        if (new.seed, new.ring_size) != (old.seed, old.ring_size) {
+            view.problems
+                .push("seed and ring_size take effect only after a restart".into());
+        }
+        if new.control != old.control {
+            view.problems
+                .push("[control] settings take effect only after a restart".into());
+        }
+        if new.log_level != old.log_level {
+            view.problems
+                .push("log_level takes effect only after a restart".into());
+        }
+        let mut applied_config = new.clone();
+        for command in state::diff(&old, &new) {
+            let description = describe(&command);
+            match self.execute(command.clone()) {
+                Ok(_) => view.applied.push(description),
+                Err(e) => {
+                    warn!(change = %description, error = %e, "reload: change not applied");
+                    view.problems.push(format!("{description}: {e}"));
+                    // Remember what did not come up, so the next reload tries again.
+                    forget_failed(&mut applied_config, &command);
+                }
+            }
+        }
+        applied_config.seed = old.seed;
+        applied_config.ring_size = old.ring_size;
+        *old = applied_config;
+        info!(
+            applied = view.applied.len(),
+            problems = view.problems.len(),
+            "reloaded {}",
+            path.display()
+        );
+        Ok(view)
+    }
+
+    /// Which backend `client` would reach now, and why (no side effects).
+    pub fn which(&self, service: &str, client: &str) -> Result<WhichView, EngineError> {
+        let ip: IpAddr = client
+            .parse()
+            .map_err(|_| EngineError::BadAddress(client.to_string()))?;
+        let b = self.balancer.lock().unwrap();
+        let now = Instant::now();
+        let view =
+            |backend: Option<String>, address: Option<String>, reason: &str, detail: String| WhichView {
+                service: service.to_string(),
+                client: client.to_string(),
+                backend,
+                address,
+                reason: reason.to_string(),
+                detail,
+            };
+        match b.choose(service, ip, now, &[]) {
+            Ok(c) => {
+                let detail = match c.reason {
+                    Reason::Affinity => format!(
+                        "affinity entry, last connection {}s ago",
+                        b.affinity_age(service, ip, now).unwrap_or_default().as_secs()
+                    ),
+                    Reason::Ring => format!(
+                        "Maglev ring slot {} of {}{}",
+                        c.slot.unwrap_or_default(),
+                        b.state.service(service)?.ring.len(),
+                        if b.state.service(service)?.ring_uses_backups {
+                            " (backups)"
+                        } else {
+                            ""
+                        }
+                    ),
+                };
+                let reason = serde_json::to_value(c.reason)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from));
+                Ok(view(
+                    Some(c.backend_name),
+                    Some(c.address.to_string()),
+                    &reason.unwrap_or_default(),
+                    detail,
+                ))
+            }
+            Err(SelectError::NoBackend(_)) => Ok(view(
+                None,
+                None,
+                "none",
+                "no backend takes new clients".to_string(),
+            )),
+            Err(SelectError::State(e)) => Err(e.into()),
+        }
+    }
+
+    /// Services, backends and counters.
+    pub fn status(&self, only: Option<&str>) -> Result<StatusView, EngineError> {
+        let b = self.balancer.lock().unwrap();
+        if let Some(name) = only {
+            b.state.service(name)?;
+        }
+        let get = BackendStats::get;
+        let services = b
+            .state
+            .services
+            .values()
+            .filter(|s| only.is_none_or(|o| o == s.settings.name))
+            .map(|s| ServiceView {
+                name: s.settings.name.clone(),
+                listen: s.settings.listen.to_string(),
+                protocol: s.settings.protocol,
+                datapath: s.settings.datapath,
+                affinity_timeout_secs: s.settings.affinity_timeout.as_secs(),
+                affinity_entries: b.affinity_len(&s.settings.name) as u64,
+                on_backups: s.ring_uses_backups,
+                failed_connections: self
+                    .proxy
+                    .service_stats(&s.settings.name)
+                    .map_or(0, |st| st.failed.load(std::sync::atomic::Ordering::Relaxed)),
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|be| BackendView {
+                        name: be.config.name.clone(),
+                        address: be.config.address.to_string(),
+                        weight: be.config.weight,
+                        backup: be.config.backup,
+                        state: be.config.state,
+                        health: be.health,
+                        ring_slots: s.ring.iter().filter(|id| **id == be.id).count() as u64,
+                        active_connections: get(&be.stats.active_connections),
+                        total_connections: get(&be.stats.total_connections),
+                        connect_failures: get(&be.stats.connect_failures),
+                        bytes_in: get(&be.stats.bytes_in),
+                        bytes_out: get(&be.stats.bytes_out),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(StatusView {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            config: self
+                .config
+                .lock()
+                .unwrap()
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            services,
+        })
+    }
+
+    /// Answers one control request.
+    pub fn handle(&self, request: Request) -> Result<serde_json::Value, EngineError> {
+        Ok(match request {
+            Request::Status => json(&self.status(None)?),
+            Request::Backends { service } => json(&self.status(service.as_deref())?),
+            Request::Which { service, client } => json(&self.which(&service, &client)?),
+            Request::Reload => json(&self.reload()?),
+            Request::AddBackend {
+                service,
+                address,
+                name,
+                weight,
+                backup,
+                state,
+            } => {
+                let backend = backend_from_request(&address, name, weight, backup, state)?;
+                self.execute(Command::AddBackend { service, backend })?;
+                serde_json::Value::Null
+            }
+            Request::AddService {
+                name,
+                listen,
+                protocol,
+                datapath,
+                affinity_timeout,
+                max_connections,
+            } => {
+                let service = service_from_request(
+                    &name,
+                    &listen,
+                    protocol,
+                    datapath,
+                    affinity_timeout,
+                    max_connections,
+                )?;
+                self.execute(Command::AddService { service })?;
+                serde_json::Value::Null
+            }
+            Request::RemoveBackend { service, backend } => {
+                self.execute(Command::RemoveBackend { service, backend })?;
+                serde_json::Value::Null
+            }
+            Request::RemoveService { service } => {
+                self.execute(Command::RemoveService { service })?;
+                serde_json::Value::Null
+            }
+            Request::SetState {
+                service,
+                backend,
+                state,
+            } => {
+                self.execute(Command::SetState {
+                    service,
+                    backend,
+                    state,
+                })?;
+                serde_json::Value::Null
+            }
+            Request::SetWeight {
+                service,
+                backend,
+                weight,
+            } => {
+                self.execute(Command::SetWeight {
+                    service,
+                    backend,
+                    weight,
+                })?;
+                serde_json::Value::Null
+            }
+        })
+    }
+
+    /// Drops expired affinity entries.
+    pub fn sweep(&self) {
+        self.balancer.lock().unwrap().sweep(Instant::now());
+    }
+
+    /// Stops accepting; resolves when open connections have finished.
+    pub async fn shutdown(&self) {
+        self.proxy.shutdown().await;
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_default()
+}
+
+/// One line naming a command, for logs and reload reports.
+fn describe(command: &Command) -> String {
+    match command {
+        Command::AddService { service } => format!("add service {} on {}", service.name, service.listen),
+        Command::RemoveService { service } => format!("remove service {service}"),
+        Command::UpdateService { service } => format!("update settings of service {}", service.name),
+        Command::AddBackend { service, backend } => {
+            format!("add backend {} ({}) to {service}", backend.name, backend.address)
+        }
+        Command::RemoveBackend { service, backend } => format!("remove backend {backend} from {service}"),
+        Command::UpdateBackend { service, backend } => format!(
+            "update backend {} of {service}: weight {}, backup {}, state {:?}",
+            backend.name, backend.address, backend.backup, backend.state
+        ),
+        Command::SetState {
+            service,
+            backend,
+            state,
+        } => format!("set {service}/{backend} state {state:?}"),
+        Command::SetWeight {
+            service,
+            backend,
+            weight,
+        } => format!("set {service}/{backend} weight {weight}"),
+        Command::SetHealth {
+            service,
+            backend,
+            health,
+        } => format!("{service}/{backend} health {health:?}"),
+    }
+}
+
+fn forget_failed(config: &mut Config, command: &Command) {
+    match command {
+        Command::AddService { service } => config.services.retain(|s| s.name != service.name),
+        Command::AddBackend { service, backend } => {
+            if let Some(s) = config.services.iter_mut().find(|s| &s.name == service) {
+                s.backends.retain(|b| b.address != backend.address);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Builds a config fragment and runs it through the config parser, so requests get the file's
+/// defaults and validation.
+fn parse_fragment(service: toml::Table) -> Result<ServiceConfig, EngineError> {
+    let mut root = toml::Table::new();
+    root.insert(
+        "service".into(),
+        toml::Value::Array(vec![toml::Value::Table(service)]),
+    );
+    let mut config = Config::parse(&root.to_string(), "request")?;
+    Ok(config.services.remove(0))
+}
+
+fn backend_from_request(
+    address: &str,
+    name: Option<String>,
+    weight: Option<u32>,
+    backup: Option<bool>,
+    state: Option<crate::config::AdminState>,
+) -> Result<BackendConfig, EngineError> {
+    let mut b = toml::Table::new();
+    b.insert("address".into(), address.into());
+    if let Some(n) = name {
+        b.insert("name".into(), n.into());
+    }
+    if let Some(w) = weight {
+        b.insert("weight".into(), (w as i64).into());
+    }
+    if let Some(x) = backup {
+        b.insert("backup".into(), x.into());
+    }
+    if let Some(s) = state {
+        b.insert("state".into(), enum_text(&s).into());
+    }
+    let mut s = toml::Table::new();
+    s.insert("name".into(), "request".into());
+    s.insert("listen".into(), "127.0.0.1:1".into());
+    s.insert("backend".into(), toml::Value::Array(vec![toml::Value::Table(b)]));
+    Ok(parse_fragment(s)?.backends.remove(0))
+}
+
+fn service_from_request(
+    name: &str,
+    listen: &str,
+    protocol: Option<crate::config::Protocol>,
+    datapath: Option<DatapathKind>,
+    affinity_timeout: Option<String>,
+    max_connections: Option<u32>,
+) -> Result<ServiceConfig, EngineError> {
+    let mut s = toml::Table::new();
+    s.insert("name".into(), name.into());
+    s.insert("listen".into(), listen.into());
+    if let Some(p) = protocol {
+        s.insert("protocol".into(), enum_text(&p).into());
+    }
+    if let Some(d) = datapath {
+        s.insert("datapath".into(), enum_text(&d).into());
+    }
+    if let Some(t) = affinity_timeout {
+        s.insert("affinity_timeout".into(), t.into());
+    }
+    if let Some(m) = max_connections {
+        s.insert("max_connections".into(), (m as i64).into());
+    }
+    parse_fragment(s)
+}
+
+fn enum_text<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}

@@ -1,0 +1,249 @@
+//! The user-space proxy datapath (`datapath = "proxy"`): a tokio full proxy.
+//!
+//! One accept loop per service, bounded by `max_connections` (a permit is taken before `accept`, so
+//! excess clients wait in the kernel's backlog). Each connection asks the [`Balancer`] for a backend,
+//! connects with a timeout, tries the next candidate on failure, records affinity, then relays both
+//! directions with fixed buffers until both sides have closed (half-close passed on).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::balancer::{Balancer, SelectError};
+use crate::config::DatapathKind;
+use crate::datapath::{Datapath, DatapathError};
+use crate::state::{BackendStats, Effect, State};
+
+/// Relay buffer per direction.
+const BUFFER: usize = 16 * 1024;
+/// Most backends tried for one client connection.
+const MAX_ATTEMPTS: usize = 4;
+
+/// Service-level counters of the proxy.
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    /// Clients closed because no backend could be reached.
+    pub failed: std::sync::atomic::AtomicU64,
+}
+
+struct Listener {
+    stop: CancellationToken,
+    stats: Arc<ServiceStats>,
+}
+
+pub struct ProxyDatapath {
+    balancer: Arc<Mutex<Balancer>>,
+    listeners: Mutex<HashMap<String, Listener>>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl ProxyDatapath {
+    pub fn new(balancer: Arc<Mutex<Balancer>>) -> Self {
+        ProxyDatapath {
+            balancer,
+            listeners: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Counters of a proxied service.
+    pub fn service_stats(&self, service: &str) -> Option<Arc<ServiceStats>> {
+        self.listeners
+            .lock()
+            .unwrap()
+            .get(service)
+            .map(|l| l.stats.clone())
+    }
+
+    fn start(&self, name: &str, state: &State) -> Result<(), DatapathError> {
+        let svc = state.service(name).expect("effect names a present service");
+        let listen = svc.settings.listen;
+        let bind_error = |source| DatapathError::Bind {
+            service: name.to_string(),
+            listen,
+            source,
+        };
+        let std_listener = bind(listen).map_err(bind_error)?;
+        let listener = TcpListener::from_std(std_listener).map_err(bind_error)?;
+        let stop = self.shutdown.child_token();
+        let stats = Arc::new(ServiceStats::default());
+        let limit = Arc::new(Semaphore::new(svc.settings.max_connections as usize));
+        info!(service = name, %listen, max_connections = svc.settings.max_connections, "proxy listening");
+        self.tasks.spawn(accept_loop(
+            name.to_string(),
+            listener,
+            limit,
+            self.balancer.clone(),
+            stats.clone(),
+            stop.clone(),
+            self.tasks.clone(),
+        ));
+        self.listeners
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), Listener { stop, stats });
+        Ok(())
+    }
+}
+
+/// Binds with SO_REUSEADDR so a restart does not wait for TIME_WAIT.
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(1024)?;
+    listener.into_std()
+}
+
+impl Datapath for ProxyDatapath {
+    fn kind(&self) -> DatapathKind {
+        DatapathKind::Proxy
+    }
+
+    fn apply(&self, effect: &Effect, state: &State) -> Result<(), DatapathError> {
+        match effect {
+            Effect::ServiceAdded(name) => self.start(name, state),
+            Effect::ServiceRemoved { name, .. } => {
+                if let Some(l) = self.listeners.lock().unwrap().remove(name) {
+                    l.stop.cancel();
+                    info!(service = %name, "proxy stopped listening; open connections continue");
+                }
+                Ok(())
+            }
+            // Settings and backends are read from the balancer at each new connection.
+            Effect::ServiceChanged(_) | Effect::Nothing => Ok(()),
+        }
+    }
+
+    fn shutdown(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        self.shutdown.cancel();
+        self.tasks.close();
+        Box::pin(self.tasks.wait())
+    }
+}
+
+#[tracing::instrument(skip_all, fields(service = %service))]
+async fn accept_loop(
+    service: String,
+    listener: TcpListener,
+    limit: Arc<Semaphore>,
+    balancer: Arc<Mutex<Balancer>>,
+    stats: Arc<ServiceStats>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let (client, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and the like: back off briefly instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (balancer, service, stats) = (balancer.clone(), service.clone(), stats.clone());
+        tasks.spawn(async move {
+            handle(client, peer, &service, &balancer, &stats).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    service: &str,
+    balancer: &Mutex<Balancer>,
+    stats: &ServiceStats,
+) {
+    let _ = client.set_nodelay(true);
+    let mut exclude = Vec::new();
+    for _ in 0..MAX_ATTEMPTS {
+        let (choice, connect_timeout) = {
+            let b = balancer.lock().unwrap();
+            let timeout = match b.state.service(service) {
+                Ok(s) => s.settings.connect_timeout,
+                Err(_) => return, // service removed meanwhile
+            };
+            match b.choose(service, peer.ip(), Instant::now(), &exclude) {
+                Ok(c) => (c, timeout),
+                Err(SelectError::NoBackend(_)) | Err(SelectError::State(_)) => break,
+            }
+        };
+        match tokio::time::timeout(connect_timeout, TcpStream::connect(choice.address)).await {
+            Ok(Ok(backend)) => {
+                balancer
+                    .lock()
+                    .unwrap()
+                    .confirm(service, peer.ip(), choice.backend_id, Instant::now());
+                let _ = backend.set_nodelay(true);
+                relay(client, backend, &choice.stats).await;
+                return;
+            }
+            Ok(Err(e)) => debug!(%peer, backend = %choice.address, error = %e, "connect failed; trying next"),
+            Err(_) => debug!(%peer, backend = %choice.address, "connect timed out; trying next"),
+        }
+        choice.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+        exclude.push(choice.backend_id);
+    }
+    stats.failed.fetch_add(1, Ordering::Relaxed);
+    debug!(%peer, "no backend reachable; closing client");
+}
+
+/// Copies both directions until both have reached EOF; an error in either ends both.
+async fn relay(client: TcpStream, backend: TcpStream, stats: &BackendStats) {
+    stats.active_connections.fetch_add(1, Ordering::Relaxed);
+    stats.total_connections.fetch_add(1, Ordering::Relaxed);
+    let (mut cr, mut cw) = client.into_split();
+    let (mut br, mut bw) = backend.into_split();
+    let up = copy_counted(&mut cr, &mut bw, &stats.bytes_in);
+    let down = copy_counted(&mut br, &mut cw, &stats.bytes_out);
+    if let Err(e) = tokio::try_join!(up, down) {
+        debug!(error = %e, "relay ended with an error");
+    }
+    stats.active_connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn copy_counted<R, W>(
+    r: &mut R,
+    w: &mut W,
+    counter: &std::sync::atomic::AtomicU64,
+) -> std::io::Result<()>
+where
+    R: AsyncReadExt + Unpin,
+    W: AsyncWriteExt + Unpin,
+{
+    let mut buf = vec![0u8; BUFFER];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            // Pass the half-close on: the peer sees EOF but may still send.
+            return w.shutdown().await;
+        }
+        w.write_all(&buf[..n]).await?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
