@@ -268,10 +268,10 @@ impl Engine {
     /// Answers one control request.
     pub fn handle(&self, request: Request) -> Result<serde_json::Value, EngineError> {
         Ok(match request {
-            Request::Status => json(&self.status(None)?),
+            Request::Status {} => json(&self.status(None)?),
             Request::Backends { service } => json(&self.status(service.as_deref())?),
             Request::Which { service, client } => json(&self.which(&service, &client)?),
-            Request::Reload => json(&self.reload()?),
+            Request::Reload {} => json(&self.reload()?),
             Request::AddBackend {
                 service,
                 address,

@@ -157,8 +157,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        Cmd::Status => Request::Status,
-        Cmd::Service(ServiceCmd::List) => Request::Status,
+        Cmd::Status => Request::Status {},
+        Cmd::Service(ServiceCmd::List) => Request::Status {},
         Cmd::Backend(BackendCmd::List { service }) => Request::Backends { service },
         Cmd::Backend(BackendCmd::Add {
             service,
@@ -217,7 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Cmd::Service(ServiceCmd::Remove { name }) => Request::RemoveService { service: name },
         Cmd::Which { service, client } => Request::Which { service, client },
-        Cmd::Reload => Request::Reload,
+        Cmd::Reload => Request::Reload {},
     };
     let response = client::call(&cli.socket, &request)?;
     if cli.json {
@@ -232,12 +232,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let result = response.result.unwrap_or_default();
     let out = match (&request, service_list) {
-        (Request::Status, true) => lb::cli::services(&serde_json::from_value::<StatusView>(result)?),
-        (Request::Status | Request::Backends { .. }, _) => {
+        (Request::Status {}, true) => lb::cli::services(&serde_json::from_value::<StatusView>(result)?),
+        (Request::Status {} | Request::Backends { .. }, _) => {
             lb::cli::status(&serde_json::from_value::<StatusView>(result)?)
         }
         (Request::Which { .. }, _) => lb::cli::which(&serde_json::from_value::<WhichView>(result)?),
-        (Request::Reload, _) => lb::cli::reload(&serde_json::from_value::<ReloadView>(result)?),
+        (Request::Reload {}, _) => lb::cli::reload(&serde_json::from_value::<ReloadView>(result)?),
         _ => "ok\n".to_string(),
     };
     print!("{out}");

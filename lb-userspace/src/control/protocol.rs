@@ -15,7 +15,7 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     /// Everything: services, backends, counters.
-    Status,
+    Status {},
     /// Backends of one service, or of all.
     Backends {
         #[serde(default)]
@@ -64,7 +64,7 @@ pub enum Request {
         service: String,
     },
     /// Re-read the config file and apply the difference.
-    Reload,
+    Reload {},
     /// Which backend would `client` reach, and why.
     Which {
         service: String,
@@ -178,7 +178,7 @@ mod tests {
             }
         );
         let r: Request = serde_json::from_str(r#"{"cmd":"status"}"#).unwrap();
-        assert_eq!(r, Request::Status);
+        assert_eq!(r, Request::Status {});
         let r: Request =
             serde_json::from_str(r#"{"cmd":"add-backend","service":"web","address":"1.2.3.4:80"}"#).unwrap();
         assert!(matches!(r, Request::AddBackend { weight: None, .. }));

@@ -192,7 +192,7 @@ fn answer(line: &[u8], uid: u32, engine: &Engine) -> Response {
     };
     let changes = !matches!(
         request,
-        Request::Status | Request::Backends { .. } | Request::Which { .. }
+        Request::Status {} | Request::Backends { .. } | Request::Which { .. }
     );
     if changes {
         info!(uid, request = %text, "operator command");
