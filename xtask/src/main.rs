@@ -1,1 +1,285 @@
-fn main() {}
+//! `cargo xtask`: the developer entry point (build, test, run and demo `lb`).
+//!
+//! - `setup`: installs what is missing (nightly rust-src, Debian packages, bpf-linker); see [`setup`].
+//! - `build [--release]`: builds the eBPF object (lb-ebpf, nightly, always release) and then `lb`,
+//!   `lb-testsrv` and `lb-demo` with the object embedded (`LB_EBPF_OBJECT`).
+//! - `run [--release] -- ARGS`: build, then exec `target/{debug,release}/lb ARGS`.
+//! - `test [-- ARGS]`: setup, build, then `cargo test` for lb-common (no features) and the
+//!   workspace, with `LB_EBPF_OBJECT`, `LB_REQUIRE_EBPF=1`, `LB_BIN` and `LB_TESTSRV` set. ARGS go to
+//!   `cargo test` (`cargo xtask test -- ebpf -- --nocapture`).
+//! - `demo [-- ARGS]`: setup, build, then run `lb-demo` as root.
+//! - `bench`: not implemented yet.
+//!
+//! Every command is printed before it runs ([`cmd`]). The workspace root is the parent of this
+//! crate's manifest directory.
+
+mod cmd;
+mod setup;
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::cmd::Cmd;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, test, run and demo lb")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check prerequisites and install only what is missing (idempotent).
+    Setup,
+    /// Build the eBPF object (nightly, release) and lb with it embedded.
+    Build {
+        /// Build lb in release mode (the eBPF object is always release).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run target/{debug,release}/lb with ARGS.
+    Run {
+        #[arg(long)]
+        release: bool,
+        /// Arguments for lb (put them after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Setup, build, then run all tests with the eBPF object required.
+    Test {
+        /// Arguments for `cargo test` (a filter, `-- --nocapture`, …).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Setup, build, then run the lb-demo walkthrough (root).
+    Demo {
+        /// Arguments for lb-demo.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Benchmarks (not implemented yet).
+    Bench,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let ws = Workspace::locate()?;
+    match cli.command {
+        Command::Setup => setup::setup(),
+        Command::Build { release } => ws.build(release).map(drop),
+        Command::Run { release, args } => {
+            let built = ws.build(release)?;
+            Err(Cmd::new(built.lb).args(args).exec())
+        }
+        Command::Test { args } => ws.test(&args),
+        Command::Demo { args } => ws.demo(&args),
+        Command::Bench => bail!("cargo xtask bench: not implemented yet (issue 5)"),
+    }
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Paths of one build's outputs, all absolute.
+struct Built {
+    object: PathBuf,
+    lb: PathBuf,
+    testsrv: PathBuf,
+    demo: PathBuf,
+}
+
+struct Workspace {
+    root: PathBuf,
+    target: PathBuf,
+    /// The cargo that runs us (`$CARGO`), so nested builds use the same toolchain.
+    cargo: OsString,
+}
+
+impl Workspace {
+    fn locate() -> Result<Self> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("xtask lives inside the workspace")?
+            .to_owned();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let target = target_dir(&root, &cargo)?;
+        Ok(Self { root, target, cargo })
+    }
+
+    fn cargo(&self) -> Cmd {
+        Cmd::new(&self.cargo).current_dir(&self.root)
+    }
+
+    /// The eBPF object: `rustup run nightly cargo build --release` inside lb-ebpf (its
+    /// .cargo/config.toml sets the BPF target and build-std), with everything the outer cargo and
+    /// rustup put into our environment removed so the nested build picks nightly and its own flags.
+    fn build_ebpf(&self) -> Result<PathBuf> {
+        let dir = self.root.join("lb-ebpf");
+        let target_dir = dir.join("target");
+        let mut cmd = Cmd::new("rustup")
+            .args(["run", "nightly", "cargo", "build", "--release", "--target-dir"])
+            .arg(&target_dir)
+            .current_dir(&dir);
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if is_inherited_build_var(&k) {
+                cmd = cmd.env_remove(&key);
+            }
+        }
+        // bpf-linker is often only in ~/.cargo/bin.
+        if let Some(linker) = setup::bpf_linker() {
+            if let Some(bin) = linker.parent().filter(|p| !p.as_os_str().is_empty()) {
+                let mut path = vec![bin.to_owned()];
+                path.extend(std::env::split_paths(
+                    &std::env::var_os("PATH").unwrap_or_default(),
+                ));
+                cmd = cmd.env("PATH", std::env::join_paths(path)?);
+            }
+        } else {
+            bail!("bpf-linker not found in PATH or ~/.cargo/bin; run `cargo xtask setup`");
+        }
+        cmd.run().context("building the eBPF object (lb-ebpf)")?;
+        let object = target_dir.join("bpfel-unknown-none/release/lb-ebpf");
+        if !object.is_file() {
+            bail!("the eBPF build succeeded but {} is missing", object.display());
+        }
+        Ok(object)
+    }
+
+    fn build(&self, release: bool) -> Result<Built> {
+        let t = Instant::now();
+        let object = self.build_ebpf()?;
+        eprintln!(
+            "xtask: eBPF object built in {:.1}s: {}",
+            t.elapsed().as_secs_f64(),
+            object.display()
+        );
+
+        let t = Instant::now();
+        let mut cmd = self.cargo().env("LB_EBPF_OBJECT", &object).args([
+            "build",
+            "-p",
+            "lb-userspace",
+            "-p",
+            "lb-tests",
+        ]);
+        if release {
+            cmd = cmd.arg("--release");
+        }
+        cmd.run()?;
+        let bin = self.target.join(if release { "release" } else { "debug" });
+        eprintln!(
+            "xtask: lb built in {:.1}s: {}",
+            t.elapsed().as_secs_f64(),
+            bin.display()
+        );
+        Ok(Built {
+            object,
+            lb: bin.join("lb"),
+            testsrv: bin.join("lb-testsrv"),
+            demo: bin.join("lb-demo"),
+        })
+    }
+
+    fn test(&self, args: &[OsString]) -> Result<()> {
+        let start = Instant::now();
+        setup::setup()?;
+        let built = self.build(false)?;
+        let suites: [(&str, Cmd); 2] = [
+            (
+                "lb-common (no features)",
+                self.cargo().args(["test", "-p", "lb-common"]).args(args),
+            ),
+            (
+                "workspace",
+                self.cargo()
+                    .env("LB_EBPF_OBJECT", &built.object)
+                    .env("LB_REQUIRE_EBPF", "1")
+                    .env("LB_BIN", &built.lb)
+                    .env("LB_TESTSRV", &built.testsrv)
+                    .args(["test", "--workspace"])
+                    .args(args),
+            ),
+        ];
+        let mut failed = Vec::new();
+        for (name, mut cmd) in suites {
+            match cmd.status() {
+                Ok(s) if s.success() => {}
+                Ok(s) => failed.push(format!("{name} ({s})")),
+                Err(e) => failed.push(format!("{name} ({e:#})")),
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        if failed.is_empty() {
+            eprintln!("xtask test: OK: lb-common and workspace tests passed, eBPF required ({secs:.0}s)");
+            Ok(())
+        } else {
+            eprintln!("xtask test: FAILED: {} ({secs:.0}s)", failed.join(", "));
+            bail!("tests failed: {}", failed.join(", "))
+        }
+    }
+
+    fn demo(&self, args: &[OsString]) -> Result<()> {
+        if !is_root() {
+            bail!(
+                "cargo xtask demo needs root (it creates network namespaces and attaches XDP); \
+                 run it as root, e.g. `sudo -E cargo xtask demo`"
+            );
+        }
+        setup::setup()?;
+        let built = self.build(false)?;
+        Cmd::new(&built.demo)
+            .env("LB_BIN", &built.lb)
+            .env("LB_TESTSRV", &built.testsrv)
+            .args(args)
+            .current_dir(&self.root)
+            .run()
+    }
+}
+
+/// Variables that cargo and rustup set for the process they run (us) and that would leak into the
+/// nested nightly build: toolchain selection, compiler and wrappers, flags, target dir, and the
+/// per-package `CARGO_*` variables. Kept: `CARGO_HOME`, network, registry and terminal settings.
+fn is_inherited_build_var(key: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "RUSTDOCFLAGS",
+        "CARGO",
+    ];
+    const KEEP_PREFIX: &[&str] = &[
+        "CARGO_HOME",
+        "CARGO_NET_",
+        "CARGO_HTTP_",
+        "CARGO_REGISTRIES_",
+        "CARGO_REGISTRY_",
+        "CARGO_TERM_",
+    ];
+    EXACT.contains(&key) || (key.starts_with("CARGO_") && !KEEP_PREFIX.iter().any(|p| key.starts_with(p)))
+}
+
+/// The workspace target directory, from `cargo metadata` (honours CARGO_TARGET_DIR and config).
+fn target_dir(root: &Path, cargo: &OsString) -> Result<PathBuf> {
+    let out = Cmd::new(cargo)
+        .current_dir(root)
+        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .probe()
+        .context("`cargo metadata` failed in the workspace")?;
+    let meta: serde_json::Value = serde_json::from_str(&out).context("parsing `cargo metadata`")?;
+    let dir = meta["target_directory"]
+        .as_str()
+        .context("`cargo metadata` has no target_directory")?;
+    Ok(PathBuf::from(dir))
+}
