@@ -70,16 +70,23 @@ enum Command {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let ws = Workspace::locate()?;
     match cli.command {
         Command::Setup => setup::setup(),
-        Command::Build { release } => ws.build(release).map(drop),
+        Command::Build { release } => Workspace::locate()?.build(release).map(drop),
         Command::Run { release, args } => {
-            let built = ws.build(release)?;
+            let built = Workspace::locate()?.build(release)?;
             Err(Cmd::new(built.lb).args(args).exec())
         }
-        Command::Test { args } => ws.test(&args),
-        Command::Demo { args } => ws.demo(&args),
+        Command::Test { args } => Workspace::locate()?.test(&args),
+        Command::Demo { args } => {
+            if !is_root() {
+                bail!(
+                    "cargo xtask demo needs root (it creates network namespaces and attaches XDP); \
+                     run it as root, e.g. `sudo -E cargo xtask demo`"
+                );
+            }
+            Workspace::locate()?.demo(&args)
+        }
         Command::Bench => bail!("cargo xtask bench: not implemented yet (issue 5)"),
     }
 }
@@ -110,7 +117,7 @@ impl Workspace {
             .context("xtask lives inside the workspace")?
             .to_owned();
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let target = target_dir(&root, &cargo)?;
+        let target = target_dir(&root, &cargo);
         Ok(Self { root, target, cargo })
     }
 
@@ -228,12 +235,6 @@ impl Workspace {
     }
 
     fn demo(&self, args: &[OsString]) -> Result<()> {
-        if !is_root() {
-            bail!(
-                "cargo xtask demo needs root (it creates network namespaces and attaches XDP); \
-                 run it as root, e.g. `sudo -E cargo xtask demo`"
-            );
-        }
         setup::setup()?;
         let built = self.build(false)?;
         Cmd::new(&built.demo)
@@ -270,16 +271,17 @@ fn is_inherited_build_var(key: &str) -> bool {
     EXACT.contains(&key) || (key.starts_with("CARGO_") && !KEEP_PREFIX.iter().any(|p| key.starts_with(p)))
 }
 
-/// The workspace target directory, from `cargo metadata` (honours CARGO_TARGET_DIR and config).
-fn target_dir(root: &Path, cargo: &OsString) -> Result<PathBuf> {
-    let out = Cmd::new(cargo)
+/// The workspace target directory: from `cargo metadata` (honours `CARGO_TARGET_DIR` and cargo
+/// config), else `$CARGO_TARGET_DIR` or `<root>/target`.
+fn target_dir(root: &Path, cargo: &OsString) -> PathBuf {
+    let from_metadata = Cmd::new(cargo)
         .current_dir(root)
         .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
         .probe()
-        .context("`cargo metadata` failed in the workspace")?;
-    let meta: serde_json::Value = serde_json::from_str(&out).context("parsing `cargo metadata`")?;
-    let dir = meta["target_directory"]
-        .as_str()
-        .context("`cargo metadata` has no target_directory")?;
-    Ok(PathBuf::from(dir))
+        .and_then(|out| serde_json::from_str::<serde_json::Value>(&out).ok())
+        .and_then(|meta| meta["target_directory"].as_str().map(PathBuf::from));
+    from_metadata.unwrap_or_else(|| match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    })
 }

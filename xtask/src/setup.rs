@@ -146,7 +146,7 @@ fn stop_service(service: &str) {
     let mut cmd = Cmd::new("systemctl").args(["disable", "--now", service]);
     match cmd.status() {
         Ok(s) if s.success() => {}
-        _ => eprintln!("setup: (could not stop {service} via systemctl; ignored)"),
+        _ => eprintln!("setup: (systemctl could not fully stop/disable {service}, e.g. no systemd; ignored)"),
     }
 }
 
