@@ -68,8 +68,18 @@ enum Command {
     Bench,
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    // Print the error chain ourselves: an anyhow backtrace (RUST_BACKTRACE=1) only hides it.
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Setup => setup::setup(),
         Command::Build { release } => Workspace::locate()?.build(release).map(drop),
