@@ -33,6 +33,8 @@ pub fn client_key(ip: IpAddr) -> u32 {
 struct AffinityEntry {
     backend: u32,
     last_seen: Instant,
+    /// The backend the client was on before it failed over (for `failback = true`).
+    home: Option<u32>,
 }
 
 /// Source-IP affinity of one service: client → backend, forgotten `timeout` after the last connection.
@@ -62,13 +64,27 @@ impl AffinityTable {
                 self.entries.remove(&oldest);
             }
         }
+        let home = match self.entries.get(&client) {
+            Some(e) if e.backend != backend => e.home.or(Some(e.backend)),
+            Some(e) => e.home,
+            None => None,
+        };
+        let home = home.filter(|h| *h != backend);
         self.entries.insert(
             client,
             AffinityEntry {
                 backend,
                 last_seen: now,
+                home,
             },
         );
+    }
+
+    /// Forgets clients that failed over away from `backend`, so they return to it.
+    fn fail_back(&mut self, backend: u32) -> usize {
+        let before = self.entries.len();
+        self.entries.retain(|_, e| e.home != Some(backend));
+        before - self.entries.len()
     }
 
     /// Drops expired entries; returns how many remain.
@@ -134,11 +150,35 @@ impl Balancer {
         }
     }
 
-    /// Applies a command; affinity entries live on unless their service goes away.
+    /// Applies a command. Affinity entries live on unless their service goes away, or (with
+    /// `failback = true`) their client's original backend is healthy again.
     pub fn apply(&mut self, command: Command) -> Result<Effect, StateError> {
+        let back_up = match &command {
+            Command::SetHealth {
+                service,
+                backend,
+                health: crate::state::Health::Up,
+            } => {
+                let svc = self.state.service(service)?;
+                svc.settings
+                    .failback
+                    .then(|| svc.backend(backend).map(|b| b.id))
+                    .flatten()
+            }
+            _ => None,
+        };
         let effect = self.state.apply(command)?;
-        if let Effect::ServiceRemoved { name, .. } = &effect {
-            self.affinity.remove(name);
+        match &effect {
+            Effect::ServiceRemoved { name, .. } => {
+                self.affinity.remove(name);
+            }
+            Effect::ServiceChanged(name) => {
+                if let (Some(id), Some(table)) = (back_up, self.affinity.get_mut(name)) {
+                    let moved = table.fail_back(id);
+                    tracing::info!(service = %name, clients = moved, "failback: clients return to their backend");
+                }
+            }
+            _ => {}
         }
         Ok(effect)
     }
@@ -411,6 +451,41 @@ mod tests {
             "b2",
             "new clients go to the primary"
         );
+    }
+
+    #[test]
+    fn failback_returns_failed_over_clients_only_when_enabled() {
+        for failback in [false, true] {
+            let mut s = three();
+            let mut svc = s.service("web").unwrap().settings.clone();
+            svc.failback = failback;
+            s.apply(Command::UpdateService { service: svc }).unwrap();
+            let mut b = Balancer::new(s);
+            let now = Instant::now();
+            let on_b1: Vec<_> = (0..300)
+                .map(ip)
+                .filter(|c| connect(&mut b, *c, now).backend_name == "b1")
+                .collect();
+            let health = |health| Command::SetHealth {
+                service: "web".into(),
+                backend: "b1".into(),
+                health,
+            };
+            b.apply(health(Health::Down)).unwrap();
+            for c in &on_b1 {
+                assert_ne!(connect(&mut b, *c, now).backend_name, "b1");
+            }
+            b.apply(health(Health::Up)).unwrap();
+            let back = on_b1
+                .iter()
+                .filter(|c| connect(&mut b, **c, now).backend_name == "b1")
+                .count();
+            assert_eq!(
+                back,
+                if failback { on_b1.len() } else { 0 },
+                "failback = {failback}"
+            );
+        }
     }
 
     #[test]

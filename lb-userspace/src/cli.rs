@@ -99,13 +99,35 @@ pub fn status(view: &StatusView) -> String {
                     b.connect_failures.to_string(),
                     bytes(b.bytes_in),
                     bytes(b.bytes_out),
+                    match &b.check {
+                        Some(c) => format!(
+                            "{} {} ({}↑ {}↓, {}s in state)",
+                            c.last_result,
+                            c.last_latency_ms.map_or(String::new(), |ms| format!("{ms:.1}ms")),
+                            c.consecutive_ok,
+                            c.consecutive_failed,
+                            c.since_secs
+                        ),
+                        None => "-".into(),
+                    },
                 ]
             })
             .collect();
         out.push_str(&table(
             &[
-                "BACKEND", "ADDRESS", "STATE", "HEALTH", "WEIGHT", "ROLE", "SLOTS", "ACTIVE", "TOTAL",
-                "FAILED", "IN", "OUT",
+                "BACKEND",
+                "ADDRESS",
+                "STATE",
+                "HEALTH",
+                "WEIGHT",
+                "ROLE",
+                "SLOTS",
+                "ACTIVE",
+                "TOTAL",
+                "FAILED",
+                "IN",
+                "OUT",
+                "LAST CHECK",
             ],
             &rows,
         ));

@@ -1,4 +1,5 @@
-//! `lb run`: binds the control socket, starts the engine with the config's services, and handles
+//! `lb run`: binds the control socket, starts the engine with the config's services, feeds health
+//! transitions into it, and handles
 //! signals (SIGHUP reloads; SIGTERM/SIGINT stop accepting and let connections finish).
 
 use std::sync::Arc;
@@ -30,7 +31,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let (listener, access) = server::bind(&config.control)?;
     let socket = config.control.socket.clone();
     let grace = config.shutdown_timeout;
-    let engine = match Engine::start(config) {
+    let (events_tx, mut events) = tokio::sync::mpsc::channel(1024);
+    let engine = match Engine::start(config, events_tx, shutdown.clone()) {
         Ok(e) => Arc::new(e),
         Err(e) => {
             server::remove(&socket);
@@ -56,6 +58,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
                 Err(e) => warn!(error = %e, "SIGHUP reload failed; the running config stays"),
             },
             _ = sweep.tick() => engine.sweep(),
+            Some(event) = events.recv() => engine.health_event(event),
         }
     }
     shutdown.cancel();

@@ -7,14 +7,17 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::balancer::{Balancer, Reason, SelectError};
 use crate::config::{BackendConfig, Config, ConfigError, DatapathKind, ServiceConfig};
 use crate::control::protocol::{BackendView, ReloadView, Request, ServiceView, StatusView, WhichView};
 use crate::datapath::{Datapath, DatapathError};
+use crate::health::{HealthEvent, Supervisor};
 use crate::proxy::ProxyDatapath;
-use crate::state::{self, BackendStats, Command, Effect, State, StateError};
+use crate::state::{self, BackendStats, Command, Effect, Health, State, StateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -34,12 +37,18 @@ pub struct Engine {
     balancer: Arc<Mutex<Balancer>>,
     config: Mutex<Config>,
     proxy: ProxyDatapath,
+    health: Supervisor,
     started: Instant,
 }
 
 impl Engine {
-    /// Builds an engine and brings up every service of `config`.
-    pub fn start(config: Config) -> Result<Engine, EngineError> {
+    /// Builds an engine and brings up every service of `config`. Health transitions are sent to
+    /// `events`; feed them back through [`Engine::health_event`].
+    pub fn start(
+        config: Config,
+        events: mpsc::Sender<HealthEvent>,
+        shutdown: CancellationToken,
+    ) -> Result<Engine, EngineError> {
         let balancer = Arc::new(Mutex::new(Balancer::new(State::new(
             config.seed,
             config.ring_size,
@@ -48,6 +57,7 @@ impl Engine {
             proxy: ProxyDatapath::new(balancer.clone()),
             balancer,
             config: Mutex::new(config.clone()),
+            health: Supervisor::new(events, shutdown),
             started: Instant::now(),
         };
         for service in config.services {
@@ -100,8 +110,43 @@ impl Engine {
         }
         if effect != Effect::Nothing {
             info!(change = %description, "applied");
+            self.health.reconcile(&b.state);
         }
         Ok(effect)
+    }
+
+    /// Applies a health transition reported by a checker (logged once, with the reason).
+    pub fn health_event(&self, event: HealthEvent) {
+        let HealthEvent {
+            service,
+            backend,
+            health,
+            reason,
+        } = event;
+        match health {
+            Health::Down => warn!(%service, %backend, %reason, "backend DOWN"),
+            Health::Up => info!(%service, %backend, "backend UP"),
+        }
+        let command = Command::SetHealth {
+            service: service.clone(),
+            backend: backend.to_string(),
+            health,
+        };
+        match self.execute(command) {
+            Ok(_) if health == Health::Down => {
+                let b = self.balancer.lock().unwrap();
+                if let Ok(svc) = b.state.service(&service)
+                    && svc.settings.on_down == crate::config::OnDown::Reset
+                    && let Some(be) = svc.backend(&backend.to_string())
+                {
+                    be.stats.reset_connections();
+                    info!(%service, %backend, "on_down = reset: open connections reset");
+                }
+            }
+            Ok(_) => {}
+            // The backend or service went away while the check ran.
+            Err(e) => info!(%service, %backend, error = %e, "health event dropped"),
+        }
     }
 
     /// Re-reads the config file and applies what changed since the last one applied.
@@ -241,7 +286,9 @@ impl Engine {
                         backup: be.config.backup,
                         state: be.config.state,
                         health: be.health,
-                        ring_slots: s.ring.iter().filter(|id| **id == be.id).count() as u64,
+                        ring_slots: slots(&s.ring).get(&be.id).copied().unwrap_or(0),
+                        check: (s.settings.health.kind != crate::config::HealthKind::None)
+                            .then(|| be.check.lock().unwrap().snapshot()),
                         active_connections: get(&be.stats.active_connections),
                         total_connections: get(&be.stats.total_connections),
                         connect_failures: get(&be.stats.connect_failures),
@@ -347,6 +394,15 @@ impl Engine {
     pub async fn shutdown(&self) {
         self.proxy.shutdown().await;
     }
+}
+
+/// Ring slots per backend id.
+fn slots(ring: &[u32]) -> std::collections::HashMap<u32, u64> {
+    let mut counts = std::collections::HashMap::new();
+    for id in ring {
+        *counts.entry(*id).or_default() += 1;
+    }
+    counts
 }
 
 fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {

@@ -6,10 +6,12 @@
 //! - [`balancer`]: state + per-service affinity tables; backend selection by the DESIGN.md rules.
 //! - [`engine`]: applies commands to the balancer and the datapaths; answers control requests.
 //! - [`datapath`]: the trait every datapath implements; [`proxy`]: the tokio full proxy.
+//! - [`health`]: TCP and AJP health checks ([`ajp`]: the CPing/CPong codec), rise/fall.
 //! - [`control`]: the control socket protocol, server and client.
 //! - [`daemon`]: `lb run` (socket, engine, signals, graceful shutdown).
 //! - [`cli`]: table rendering for the client subcommands.
 //! - [`ebpf`]: the embedded XDP object and its loader.
+pub mod ajp;
 pub mod balancer;
 pub mod cli;
 pub mod config;
@@ -18,6 +20,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod ebpf;
 pub mod engine;
+pub mod health;
 pub mod maglev;
 pub mod proxy;
 pub mod state;

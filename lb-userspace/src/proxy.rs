@@ -217,12 +217,24 @@ async fn handle(
 async fn relay(client: TcpStream, backend: TcpStream, stats: &BackendStats) {
     stats.active_connections.fetch_add(1, Ordering::Relaxed);
     stats.total_connections.fetch_add(1, Ordering::Relaxed);
+    let reset = stats.reset.lock().unwrap().clone();
     let (mut cr, mut cw) = client.into_split();
     let (mut br, mut bw) = backend.into_split();
     let up = copy_counted(&mut cr, &mut bw, &stats.bytes_in);
     let down = copy_counted(&mut br, &mut cw, &stats.bytes_out);
-    if let Err(e) = tokio::try_join!(up, down) {
-        debug!(error = %e, "relay ended with an error");
+    tokio::select! {
+        r = async { tokio::try_join!(up, down) } => {
+            if let Err(e) = r {
+                debug!(error = %e, "relay ended with an error");
+            }
+        }
+        _ = reset.cancelled() => {
+            // Linger 0: closing sends an RST to both peers rather than a FIN.
+            for s in [cw.as_ref(), bw.as_ref()] {
+                let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &nix::libc::linger { l_onoff: 1, l_linger: 0 });
+            }
+            debug!("connection reset: backend marked down");
+        }
     }
     stats.active_connections.fetch_sub(1, Ordering::Relaxed);
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{AdminState, BackendConfig, Config, ServiceConfig};
 use crate::maglev;
@@ -32,11 +33,18 @@ pub struct BackendStats {
     pub bytes_in: AtomicU64,
     /// Bytes from backend to client.
     pub bytes_out: AtomicU64,
+    /// Cancelled to reset the backend's open connections (`on_down = "reset"`); replaced afterwards.
+    pub reset: std::sync::Mutex<CancellationToken>,
 }
 
 impl BackendStats {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+
+    /// Resets every open connection to this backend; later connections are not affected.
+    pub fn reset_connections(&self) {
+        std::mem::take(&mut *self.reset.lock().unwrap()).cancel();
     }
 }
 
@@ -48,6 +56,8 @@ pub struct Backend {
     pub config: BackendConfig,
     pub health: Health,
     pub stats: Arc<BackendStats>,
+    /// Health-check state machine and last result, shared with the backend's checker task.
+    pub check: Arc<std::sync::Mutex<crate::health::CheckStatus>>,
 }
 
 impl Backend {
@@ -401,6 +411,7 @@ fn add_backend(service: &mut Service, backend: BackendConfig) -> Result<(), Stat
         config: backend,
         health: Health::Up,
         stats: Arc::default(),
+        check: Arc::default(),
     });
     service.next_backend_id += 1;
     Ok(())

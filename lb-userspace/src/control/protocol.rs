@@ -138,6 +138,9 @@ pub struct BackendView {
     pub connect_failures: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Health-check details; None when the service has no checks.
+    #[serde(default)]
+    pub check: Option<crate::health::CheckStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,341 @@
+//! Active health checks: TCP connect or AJP CPing/CPong per backend, rise/fall state machine.
+//!
+//! One task per checked backend, started and stopped by [`Supervisor::reconcile`] as services and
+//! backends come and go. First checks are spread over the interval (by a hash of the address), and
+//! every probe has its own timeout, so a backend that hangs delays nobody else. A transition is sent
+//! as a [`HealthEvent`] into the daemon's command pipeline, where it becomes `Command::SetHealth`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::ajp;
+use crate::config::{HealthConfig, HealthKind};
+use crate::state::{Health, State};
+
+/// How long the AJP probe waits after the CPong to see whether the peer closes or sends more.
+const AFTER_CPONG: Duration = Duration::from_millis(20);
+
+/// Why a probe failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    #[error("connect failed: {0}")]
+    Connect(String),
+    #[error("timed out after {0} ms")]
+    Timeout(u128),
+    #[error("timed out after {ms} ms with {got} of 5 CPong bytes")]
+    Stalled { ms: u128, got: usize },
+    #[error("I/O error: {0}")]
+    Io(String),
+    #[error(transparent)]
+    Ajp(#[from] ajp::AjpError),
+    #[error("peer closed the connection right after the CPong")]
+    ClosedAfterCpong,
+}
+
+/// Runs one probe; returns its latency.
+pub async fn probe(kind: HealthKind, addr: SocketAddr, timeout: Duration) -> Result<Duration, ProbeError> {
+    let start = Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let timed_out = || ProbeError::Timeout(timeout.as_millis());
+    let mut stream = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|e| ProbeError::Connect(e.to_string()))?;
+    if kind != HealthKind::Ajp {
+        return Ok(start.elapsed());
+    }
+    stream
+        .write_all(&ajp::CPING)
+        .await
+        .map_err(|e| ProbeError::Io(e.to_string()))?;
+    let mut reply = Vec::with_capacity(16);
+    let mut buf = [0u8; 64];
+    while reply.len() < ajp::CPONG.len() {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => {
+                return Err(ProbeError::Stalled {
+                    ms: timeout.as_millis(),
+                    got: reply.len(),
+                });
+            }
+            Ok(Err(e)) if reply.is_empty() => return Err(ProbeError::Io(e.to_string())),
+            Ok(Err(_)) | Ok(Ok(0)) => break,
+            Ok(Ok(n)) => {
+                reply.extend_from_slice(&buf[..n]);
+                if reply.len() > 256 {
+                    break;
+                }
+            }
+        }
+    }
+    // Reject early on wrong bytes, then look a little further for extra bytes or a close.
+    ajp::check_reply(&reply[..reply.len().min(ajp::CPONG.len())])?;
+    let latency = start.elapsed();
+    ajp::check_reply(&reply)?;
+    match tokio::time::timeout(AFTER_CPONG, stream.read(&mut buf)).await {
+        Err(_) => Ok(latency),
+        Ok(Ok(0)) | Ok(Err(_)) => Err(ProbeError::ClosedAfterCpong),
+        Ok(Ok(n)) => Err(ajp::AjpError::Extra(n).into()),
+    }
+}
+
+/// The rise/fall state machine of one backend and what `lb status` shows about its checks.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CheckStatus {
+    pub health: Health,
+    /// "ok" or the failure reason of the last probe.
+    pub last_result: String,
+    pub last_latency_ms: Option<f64>,
+    pub consecutive_ok: u32,
+    pub consecutive_failed: u32,
+    pub checks: u64,
+    pub transitions: u64,
+    /// Unix time (seconds) of the last transition, or of the first check.
+    pub since_unix: u64,
+    /// Seconds since then (filled in by [`CheckStatus::snapshot`]).
+    #[serde(default)]
+    pub since_secs: u64,
+    #[serde(skip)]
+    since: Option<Instant>,
+}
+
+impl Default for CheckStatus {
+    fn default() -> Self {
+        CheckStatus {
+            health: Health::Up,
+            last_result: "not checked yet".into(),
+            last_latency_ms: None,
+            consecutive_ok: 0,
+            consecutive_failed: 0,
+            checks: 0,
+            transitions: 0,
+            since_unix: unix_now(),
+            since_secs: 0,
+            since: Some(Instant::now()),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl CheckStatus {
+    /// Records a probe result; returns the new health when it changed.
+    pub fn record(&mut self, result: &Result<Duration, ProbeError>, rise: u32, fall: u32) -> Option<Health> {
+        self.checks += 1;
+        match result {
+            Ok(latency) => {
+                self.consecutive_ok += 1;
+                self.consecutive_failed = 0;
+                self.last_result = "ok".into();
+                self.last_latency_ms = Some(latency.as_secs_f64() * 1000.0);
+            }
+            Err(e) => {
+                self.consecutive_failed += 1;
+                self.consecutive_ok = 0;
+                self.last_result = e.to_string();
+                self.last_latency_ms = None;
+            }
+        }
+        let next = match self.health {
+            Health::Up if self.consecutive_failed >= fall => Health::Down,
+            Health::Down if self.consecutive_ok >= rise => Health::Up,
+            h => h,
+        };
+        if next == self.health {
+            return None;
+        }
+        self.health = next;
+        self.transitions += 1;
+        self.since_unix = unix_now();
+        self.since = Some(Instant::now());
+        Some(next)
+    }
+
+    /// A copy for display, with `since_secs` current.
+    pub fn snapshot(&self) -> CheckStatus {
+        CheckStatus {
+            since_secs: self.since.map_or(0, |s| s.elapsed().as_secs()),
+            ..self.clone()
+        }
+    }
+}
+
+/// A health transition on its way into the command pipeline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthEvent {
+    pub service: String,
+    pub backend: SocketAddr,
+    pub health: Health,
+    pub reason: String,
+}
+
+struct Checker {
+    settings: HealthConfig,
+    stop: CancellationToken,
+}
+
+/// Starts and stops checker tasks so that every checked backend has exactly one.
+pub struct Supervisor {
+    events: mpsc::Sender<HealthEvent>,
+    checkers: Mutex<HashMap<(String, SocketAddr), Checker>>,
+    shutdown: CancellationToken,
+}
+
+impl Supervisor {
+    pub fn new(events: mpsc::Sender<HealthEvent>, shutdown: CancellationToken) -> Self {
+        Supervisor {
+            events,
+            checkers: Mutex::new(HashMap::new()),
+            shutdown,
+        }
+    }
+
+    /// Makes the running checkers match the state (start new, stop gone or changed).
+    pub fn reconcile(&self, state: &State) {
+        let mut checkers = self.checkers.lock().unwrap();
+        let mut wanted = HashMap::new();
+        for svc in state
+            .services
+            .values()
+            .filter(|s| s.settings.health.kind != HealthKind::None)
+        {
+            for b in &svc.backends {
+                wanted.insert(
+                    (svc.settings.name.clone(), b.config.address),
+                    (&svc.settings.health, b),
+                );
+            }
+        }
+        checkers.retain(|key, c| {
+            let keep = wanted.get(key).is_some_and(|(h, _)| **h == c.settings);
+            if !keep {
+                c.stop.cancel();
+            }
+            keep
+        });
+        for (key, (settings, backend)) in wanted {
+            if checkers.contains_key(&key) {
+                continue;
+            }
+            let stop = self.shutdown.child_token();
+            let check = backend.check.clone();
+            tokio::spawn(run_checker(
+                key.0.clone(),
+                key.1,
+                settings.clone(),
+                check,
+                self.events.clone(),
+                stop.clone(),
+            ));
+            checkers.insert(
+                key,
+                Checker {
+                    settings: settings.clone(),
+                    stop,
+                },
+            );
+        }
+    }
+}
+
+#[tracing::instrument(skip_all, fields(service = %service, backend = %address))]
+async fn run_checker(
+    service: String,
+    address: SocketAddr,
+    settings: HealthConfig,
+    status: Arc<Mutex<CheckStatus>>,
+    events: mpsc::Sender<HealthEvent>,
+    stop: CancellationToken,
+) {
+    let target = SocketAddr::new(address.ip(), settings.port.unwrap_or(address.port()));
+    // Spread first checks over the interval so many backends do not fire together.
+    let spread = lb_common::hash::bytes_hash(0, address.to_string().as_bytes())
+        % (settings.interval.as_millis().max(1) as u64);
+    let mut wait = Duration::from_millis(spread);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let result = probe(settings.kind, target, settings.timeout).await;
+        let (changed, failing) = {
+            let mut s = status.lock().unwrap();
+            let changed = s.record(&result, settings.rise, settings.fall);
+            (changed, s.consecutive_failed > 0 || s.health == Health::Down)
+        };
+        wait = if failing {
+            settings.fast_interval
+        } else {
+            settings.interval
+        };
+        if let Some(health) = changed {
+            let reason = status.lock().unwrap().last_result.clone();
+            let event = HealthEvent {
+                service: service.clone(),
+                backend: address,
+                health,
+                reason,
+            };
+            if events.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> Result<Duration, ProbeError> {
+        Ok(Duration::from_millis(1))
+    }
+    fn fail() -> Result<Duration, ProbeError> {
+        Err(ProbeError::Timeout(1000))
+    }
+
+    #[test]
+    fn falls_after_fall_failures_and_rises_after_rise_successes() {
+        let mut s = CheckStatus::default();
+        assert_eq!(s.record(&fail(), 2, 3), None);
+        assert_eq!(s.record(&fail(), 2, 3), None);
+        assert_eq!(s.record(&fail(), 2, 3), Some(Health::Down));
+        assert_eq!(s.record(&fail(), 2, 3), None);
+        assert_eq!(s.record(&ok(), 2, 3), None);
+        assert_eq!(s.record(&ok(), 2, 3), Some(Health::Up));
+        assert_eq!(s.transitions, 2);
+        assert_eq!(s.last_result, "ok");
+    }
+
+    #[test]
+    fn flapping_below_thresholds_changes_nothing() {
+        let mut s = CheckStatus::default();
+        for _ in 0..50 {
+            assert_eq!(s.record(&fail(), 2, 3), None);
+            assert_eq!(s.record(&fail(), 2, 3), None);
+            assert_eq!(s.record(&ok(), 2, 3), None);
+        }
+        assert_eq!(s.health, Health::Up);
+        s.record(&fail(), 2, 3);
+        s.record(&fail(), 2, 3);
+        s.record(&fail(), 2, 3);
+        for _ in 0..50 {
+            assert_eq!(s.record(&ok(), 2, 3), None);
+            assert_eq!(s.record(&fail(), 2, 3), None);
+        }
+        assert_eq!(s.health, Health::Down);
+        assert!(s.last_result.contains("timed out"));
+    }
+}
