@@ -1,12 +1,62 @@
 //! The TOML configuration file: types, parsing and validation.
 //!
 //! Every error names the file, line and key and says what is allowed.
+//!
+//! - this file: the public types the rest of `lb` codes against, defaults and small helpers
+//!   ([`parse_duration`], [`is_valid_name`]).
+//! - `config/parse.rs`: TOML → `Raw*` structs (serde + `serde_path_to_error`, spans kept) →
+//!   validation → [`Config`]. The file format is documented in `examples/lb.toml`.
+//! - `config/tests.rs`: good and bad files, and every `examples/*.toml`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+mod parse;
+#[cfg(test)]
+mod tests;
+
+/// Default Maglev table size M (prime, > 100 × 655 backends).
+pub const DEFAULT_RING_SIZE: u32 = lb_common::hash::DEFAULT_RING_SIZE;
+/// Smallest allowed `ring_size`.
+pub const MIN_RING_SIZE: u32 = 101;
+/// Largest allowed `ring_size` (the largest prime below 2^24: 64 MiB of ring per service).
+pub const MAX_RING_SIZE: u32 = 16_777_213;
+/// Largest backend weight (as in HAProxy).
+pub const MAX_WEIGHT: u32 = 256;
+/// Longest duration accepted anywhere in the file (30 days).
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default control socket path.
+pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
+
+/// Parses a duration as written in the config file: an integer followed by `ms`, `s`, `m` or `h`
+/// (`"500ms"`, `"2s"`, `"30m"`, `"1h"`). No sign, no fraction, no spaces; `None` otherwise.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = text.split_at(split);
+    if num.is_empty() {
+        return None;
+    }
+    let n: u64 = num.parse().ok()?;
+    let ms_per_unit = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    Some(Duration::from_millis(n.checked_mul(ms_per_unit)?))
+}
+
+/// Whether `name` is allowed as a service or backend name: `[A-Za-z0-9_.-]{1,32}`.
+pub fn is_valid_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
 
 /// Wire protocol of a service: decides the default health check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +137,18 @@ pub struct ControlConfig {
     pub allowed_uids: Vec<u32>,
 }
 
+impl Default for ControlConfig {
+    /// `/run/lb/lb.sock`, mode 0600, no group, no extra uids.
+    fn default() -> Self {
+        ControlConfig {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            mode: 0o600,
+            group: None,
+            allowed_uids: Vec::new(),
+        }
+    }
+}
+
 /// One virtual service: a listen address and its backends.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ServiceConfig {
@@ -125,6 +187,26 @@ pub struct HealthConfig {
     pub port: Option<u16>,
 }
 
+impl HealthConfig {
+    /// The checks a service gets without a `[service.health]` table: AJP CPing for `ajp`
+    /// services, TCP connect otherwise; every 2s, 1s timeout, rise 2, fall 3.
+    pub fn default_for(protocol: Protocol) -> HealthConfig {
+        let interval = Duration::from_secs(2);
+        HealthConfig {
+            kind: match protocol {
+                Protocol::Ajp => HealthKind::Ajp,
+                Protocol::Tcp => HealthKind::Tcp,
+            },
+            interval,
+            fast_interval: interval,
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            port: None,
+        }
+    }
+}
+
 /// One backend of a service.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendConfig {
@@ -155,10 +237,7 @@ pub mod duration_ms {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{path}:{line}: {key}: {message}")]
     Invalid {
         path: String,
@@ -181,7 +260,10 @@ impl Config {
     }
 
     /// Parses and validates config text; `origin` names the file in errors.
-    pub fn parse(_text: &str, _origin: &str) -> Result<Config, ConfigError> {
-        unimplemented!("config parser is being written")
+    ///
+    /// Every error is [`ConfigError::Invalid`] with the 1-based line and the dotted key path
+    /// (`service[1].backend[0].weight`); syntax errors use the key `(syntax)`.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        parse::parse(text, origin)
     }
 }

@@ -1,0 +1,906 @@
+//! TOML text → [`Config`]: serde into `Raw*` structs that keep every value's span, then validation.
+//!
+//! Two passes: serde (wrapped in `serde_path_to_error`) catches syntax, unknown keys, wrong types
+//! and missing keys; [`Validator`] then checks values, ranges, cross-field rules and duplicates.
+//! Both report through [`Ctx`], so every error carries the file, the 1-based line and the dotted
+//! key path (`service[1].backend[0].weight`).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::ops::{Range, RangeInclusive};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_path_to_error::Segment;
+use toml::Spanned;
+
+use super::{
+    AdminState, BackendConfig, Config, ConfigError, ControlConfig, DatapathKind, HealthConfig, HealthKind,
+    MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, OnDown, Protocol, ServiceConfig, is_valid_name,
+    parse_duration,
+};
+
+type S<T> = Spanned<T>;
+
+// ---------------------------------------------------------------------------------------------
+// Raw structs: the file as written. Field names are the TOML keys (they appear in error paths).
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawConfig {
+    log_level: Option<S<String>>,
+    seed: Option<S<i64>>,
+    ring_size: Option<S<i64>>,
+    shutdown_timeout: Option<S<RawDuration>>,
+    control: Option<RawControl>,
+    #[serde(default)]
+    service: Vec<S<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawControl {
+    socket: Option<S<String>>,
+    mode: Option<S<RawMode>>,
+    group: Option<S<String>>,
+    #[serde(default)]
+    allowed_uids: Vec<S<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawService {
+    name: S<String>,
+    listen: S<String>,
+    protocol: Option<S<String>>,
+    datapath: Option<S<String>>,
+    affinity_timeout: Option<S<RawDuration>>,
+    max_connections: Option<S<i64>>,
+    connect_timeout: Option<S<RawDuration>>,
+    failback: Option<bool>,
+    on_down: Option<S<String>>,
+    health: Option<RawHealth>,
+    #[serde(default)]
+    backend: Vec<S<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawHealth {
+    kind: Option<S<String>>,
+    interval: Option<S<RawDuration>>,
+    fast_interval: Option<S<RawDuration>>,
+    timeout: Option<S<RawDuration>>,
+    rise: Option<S<i64>>,
+    fall: Option<S<i64>>,
+    port: Option<S<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawBackend {
+    address: S<String>,
+    name: Option<S<String>>,
+    weight: Option<S<i64>>,
+    backup: Option<bool>,
+    state: Option<S<String>>,
+}
+
+/// A duration string, checked later; its own type so a wrong TOML type says what is expected.
+struct RawDuration(String);
+
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = RawDuration;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(DURATION_HELP)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawDuration, E> {
+                Ok(RawDuration(v.to_owned()))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A socket mode: must be a quoted octal string.
+struct RawMode(String);
+
+impl<'de> Deserialize<'de> for RawMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = RawMode;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(MODE_HELP)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawMode, E> {
+                Ok(RawMode(v.to_owned()))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+const DURATION_HELP: &str =
+    "a duration string: an integer followed by ms, s, m or h, such as \"500ms\", \"2s\", \"30m\" or \"1h\"";
+const MODE_HELP: &str = "a quoted octal mode string such as \"0600\" or \"0660\" (at most \"0777\")";
+const ADDRESS_HELP: &str = "use ip:port with an IPv4 or IPv6 address, such as \"10.0.0.1:80\" or \"[2001:db8::1]:80\" (host names are not resolved)";
+const NAME_HELP: &str = "use 1 to 32 characters from A-Z a-z 0-9 _ . -";
+
+// ---------------------------------------------------------------------------------------------
+// Error context.
+
+/// Where errors point: the file name and the text (to turn byte offsets into lines).
+struct Ctx<'a> {
+    text: &'a str,
+    origin: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn err(&self, span: Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.origin.to_owned(),
+            line: self.line(span.start),
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// A TOML syntax error (before any key is known).
+    fn syntax(&self, e: &toml::de::Error) -> ConfigError {
+        let span = e.span().unwrap_or(0..0);
+        let msg: Vec<&str> = e
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        self.err(span, SYNTAX_KEY, format!("TOML syntax error: {}", msg.join("; ")))
+    }
+
+    /// A serde error (unknown key, wrong type, missing key), rewritten to say what is allowed.
+    fn serde(&self, e: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+        let mut path = String::new();
+        for seg in e.path().iter() {
+            match seg {
+                Segment::Seq { index } => {
+                    let _ = write!(path, "[{index}]");
+                }
+                // `Spanned<T>` is a struct of private fields underneath; hide them.
+                Segment::Map { key } if key.starts_with("$__serde_spanned_private") => {}
+                Segment::Map { key } => {
+                    if !path.is_empty() {
+                        path.push('.');
+                    }
+                    path.push_str(key);
+                }
+                Segment::Enum { .. } | Segment::Unknown => {}
+            }
+        }
+        let inner = e.inner();
+        let span = inner.span().unwrap_or(0..0);
+        let msg = inner.message().trim();
+        let join = |parent: &str, k: &str| {
+            if parent.is_empty() {
+                k.to_owned()
+            } else {
+                format!("{parent}.{k}")
+            }
+        };
+        let quoted = backticked(msg);
+
+        if msg.starts_with("unknown field") && !quoted.is_empty() {
+            let field = quoted[0];
+            let allowed = if quoted.len() > 1 {
+                quoted[1..].join(", ")
+            } else {
+                "none".to_owned()
+            };
+            // The path already ends with the unknown key when serde_path_to_error captured it.
+            let captured = path
+                .strip_suffix(field)
+                .is_some_and(|parent| parent.is_empty() || parent.ends_with('.'));
+            let key = if captured {
+                path.clone()
+            } else {
+                join(&path, field)
+            };
+            return self.err(
+                span,
+                &key,
+                format!("unknown key `{field}`; allowed keys: {allowed}"),
+            );
+        }
+        if msg.starts_with("missing field") && !quoted.is_empty() {
+            let field = quoted[0];
+            let key = join(&path, field);
+            let hint = match field {
+                "listen" => "; every [[service]] needs listen = \"ip:port\"",
+                "name" => {
+                    "; every [[service]] needs name = \"...\" (1 to 32 characters from A-Z a-z 0-9 _ . -)"
+                }
+                "address" => "; every [[service.backend]] needs address = \"ip:port\"",
+                _ => "",
+            };
+            return self.err(span, &key, format!("missing required key `{field}`{hint}"));
+        }
+        if let Some(rest) = msg.strip_prefix("invalid type: ") {
+            let (found, expected) = rest.split_once(", expected ").unwrap_or((rest, "?"));
+            let found = found
+                .replacen("map", "a table", 1)
+                .replacen("sequence", "an array", 1);
+            let mut expected = match expected {
+                "i64" | "u64" | "i32" | "u32" | "u16" => "an integer".to_owned(),
+                "a sequence" => "an array".to_owned(),
+                other => other.to_owned(),
+            };
+            let last = path.rsplit('.').next().unwrap_or("");
+            if expected == "an array" && (last == "service" || last == "backend") {
+                let header = if last == "service" {
+                    "[[service]]"
+                } else {
+                    "[[service.backend]]"
+                };
+                let _ = write!(
+                    expected,
+                    " of tables; write each one under its own {header} header"
+                );
+            }
+            let key = if path.is_empty() { TOP_KEY.to_owned() } else { path };
+            return self.err(
+                span,
+                &key,
+                format!("wrong type: found {found}, expected {expected}"),
+            );
+        }
+        let key = if path.is_empty() { TOP_KEY.to_owned() } else { path };
+        self.err(span, &key, msg.to_owned())
+    }
+}
+
+/// Key reported for TOML syntax errors, where no key path is known.
+pub(super) const SYNTAX_KEY: &str = "(syntax)";
+/// Key reported for errors about the document as a whole.
+pub(super) const TOP_KEY: &str = "(top level)";
+
+/// The `…` quoted words of a serde message, in order.
+fn backticked(msg: &str) -> Vec<&str> {
+    msg.split('`').skip(1).step_by(2).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation.
+
+pub(super) fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    let ctx = Ctx { text, origin };
+    // Parse once on its own so syntax errors are reported as such (not as a key's error).
+    if let Err(e) = text.parse::<toml::Table>() {
+        return Err(ctx.syntax(&e));
+    }
+    let raw: RawConfig =
+        serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| ctx.serde(e))?;
+    Validator { ctx: &ctx }.config(raw)
+}
+
+struct Validator<'a, 'b> {
+    ctx: &'a Ctx<'b>,
+}
+
+impl Validator<'_, '_> {
+    fn err(&self, span: Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
+        self.ctx.err(span, key, message)
+    }
+
+    fn line(&self, span: &Range<usize>) -> usize {
+        self.ctx.line(span.start)
+    }
+
+    fn int(&self, v: &S<i64>, key: &str, range: RangeInclusive<i64>) -> Result<i64, ConfigError> {
+        let n = *v.get_ref();
+        if range.contains(&n) {
+            Ok(n)
+        } else {
+            Err(self.err(
+                v.span(),
+                key,
+                format!(
+                    "{} {n} is out of range; allowed {}..={}",
+                    leaf(key),
+                    range.start(),
+                    range.end()
+                ),
+            ))
+        }
+    }
+
+    fn duration(
+        &self,
+        v: &Option<S<RawDuration>>,
+        key: &str,
+        default: Duration,
+        allow_zero: bool,
+    ) -> Result<Duration, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        let text = &v.get_ref().0;
+        let name = leaf(key);
+        let d = parse_duration(text).ok_or_else(|| {
+            self.err(
+                v.span(),
+                key,
+                format!(
+                    "{name} \"{text}\" is not a valid duration; use an integer followed by ms, s, m or h, such as \"500ms\", \"2s\", \"30m\" or \"1h\""
+                ),
+            )
+        })?;
+        if d.is_zero() && !allow_zero {
+            return Err(self.err(
+                v.span(),
+                key,
+                format!("{name} must be greater than 0; use a duration such as \"1s\""),
+            ));
+        }
+        if d > MAX_DURATION {
+            return Err(self.err(
+                v.span(),
+                key,
+                format!("{name} \"{text}\" is too long; allowed up to \"720h\" (30 days)"),
+            ));
+        }
+        Ok(d)
+    }
+
+    fn choice<T: Copy>(
+        &self,
+        v: &Option<S<String>>,
+        key: &str,
+        default: T,
+        options: &[(&str, T)],
+    ) -> Result<T, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        let text = v.get_ref();
+        if let Some((_, t)) = options.iter().find(|(name, _)| name == text) {
+            return Ok(*t);
+        }
+        let names: Vec<String> = options.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+        let list = match names.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => String::new(),
+        };
+        Err(self.err(
+            v.span(),
+            key,
+            format!("{} \"{text}\" is not allowed; use {list}", leaf(key)),
+        ))
+    }
+
+    fn name(&self, v: &S<String>, key: &str) -> Result<String, ConfigError> {
+        let text = v.get_ref();
+        if is_valid_name(text) {
+            Ok(text.clone())
+        } else {
+            Err(self.err(
+                v.span(),
+                key,
+                format!("name \"{text}\" is not allowed; {NAME_HELP}"),
+            ))
+        }
+    }
+
+    fn address(&self, v: &S<String>, key: &str) -> Result<SocketAddr, ConfigError> {
+        let text = v.get_ref();
+        let name = leaf(key);
+        let addr: SocketAddr = text.trim().parse().map_err(|_| {
+            self.err(
+                v.span(),
+                key,
+                format!("{name} \"{text}\" is not a valid address; {ADDRESS_HELP}"),
+            )
+        })?;
+        if addr.port() == 0 {
+            return Err(self.err(
+                v.span(),
+                key,
+                format!("{name} \"{text}\" has port 0; use a port in 1..=65535"),
+            ));
+        }
+        if addr.ip().is_multicast() || addr.ip() == std::net::Ipv4Addr::BROADCAST {
+            return Err(self.err(
+                v.span(),
+                key,
+                format!("{name} \"{text}\" is a multicast or broadcast address; use a unicast ip:port"),
+            ));
+        }
+        Ok(addr)
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let log_level = match &raw.log_level {
+            None => "info".to_owned(),
+            Some(v) => {
+                let text = v.get_ref().trim();
+                if text.is_empty() || tracing_subscriber::EnvFilter::builder().parse(text).is_err() {
+                    return Err(self.err(
+                        v.span(),
+                        "log_level",
+                        format!(
+                            "log_level \"{text}\" is not a valid tracing filter; use a level (error, warn, info, debug, trace) or directives such as \"lb=debug,info\""
+                        ),
+                    ));
+                }
+                text.to_owned()
+            }
+        };
+        let seed = match &raw.seed {
+            None => 0,
+            Some(v) => self.int(v, "seed", 0..=i64::from(u32::MAX))? as u32,
+        };
+        let ring_size = match &raw.ring_size {
+            None => super::DEFAULT_RING_SIZE,
+            Some(v) => {
+                let n = *v.get_ref();
+                if !(i64::from(MIN_RING_SIZE)..=i64::from(MAX_RING_SIZE)).contains(&n) || !is_prime(n as u32)
+                {
+                    return Err(self.err(
+                        v.span(),
+                        "ring_size",
+                        format!(
+                            "ring_size {n} is not allowed; use a prime in {MIN_RING_SIZE}..={MAX_RING_SIZE} (such as {}), larger than 100 x the backends of any service",
+                            if n < i64::from(MIN_RING_SIZE) || n > i64::from(MAX_RING_SIZE) {
+                                super::DEFAULT_RING_SIZE
+                            } else {
+                                next_prime(n as u32)
+                            }
+                        ),
+                    ));
+                }
+                n as u32
+            }
+        };
+        let shutdown_timeout = self.duration(
+            &raw.shutdown_timeout,
+            "shutdown_timeout",
+            Duration::from_secs(30),
+            true,
+        )?;
+        let control = self.control(raw.control)?;
+
+        let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw.service.len());
+        // (name span, listen span) of each accepted service, for duplicate messages.
+        let mut seen: Vec<(Range<usize>, Range<usize>)> = Vec::new();
+        for (i, rs) in raw.service.into_iter().enumerate() {
+            let header = rs.span();
+            let rs = rs.into_inner();
+            let key = format!("service[{i}]");
+            let spans = (rs.name.span(), rs.listen.span());
+            let svc = self.service(&key, rs)?;
+
+            for (j, other) in services.iter().enumerate() {
+                if other.name == svc.name {
+                    return Err(self.err(
+                        spans.0.clone(),
+                        &format!("{key}.name"),
+                        format!(
+                            "service name \"{}\" is already used by service[{j}] (line {}); service names must be unique",
+                            svc.name,
+                            self.line(&seen[j].0)
+                        ),
+                    ));
+                }
+                if listens_overlap(other.listen, svc.listen) {
+                    let what = if other.listen == svc.listen {
+                        "is already used by"
+                    } else {
+                        "overlaps"
+                    };
+                    return Err(self.err(
+                        spans.1.clone(),
+                        &format!("{key}.listen"),
+                        format!(
+                            "listen {} {what} service \"{}\" (listen {}, line {}); each service needs its own ip:port",
+                            svc.listen,
+                            other.name,
+                            other.listen,
+                            self.line(&seen[j].1)
+                        ),
+                    ));
+                }
+            }
+
+            let need = 100 * svc.backends.len() as u64;
+            if u64::from(ring_size) <= need {
+                let span = raw.ring_size.as_ref().map_or(header, |v| v.span());
+                return Err(self.err(
+                    span,
+                    "ring_size",
+                    format!(
+                        "ring_size {ring_size} is too small for service \"{}\" with {} backends; use a prime larger than 100 x {} = {need}, such as {}",
+                        svc.name,
+                        svc.backends.len(),
+                        svc.backends.len(),
+                        next_prime((need.min(u64::from(MAX_RING_SIZE)) as u32).max(MIN_RING_SIZE))
+                    ),
+                ));
+            }
+            seen.push(spans);
+            services.push(svc);
+        }
+
+        Ok(Config {
+            path: None,
+            log_level,
+            seed,
+            ring_size,
+            shutdown_timeout,
+            control,
+            services,
+        })
+    }
+
+    fn control(&self, raw: Option<RawControl>) -> Result<ControlConfig, ConfigError> {
+        let Some(raw) = raw else {
+            return Ok(ControlConfig::default());
+        };
+        let socket = match raw.socket {
+            None => PathBuf::from(super::DEFAULT_SOCKET),
+            Some(v) => {
+                if v.get_ref().trim().is_empty() {
+                    return Err(self.err(
+                        v.span(),
+                        "control.socket",
+                        format!(
+                            "socket must not be empty; use a path such as \"{}\"",
+                            super::DEFAULT_SOCKET
+                        ),
+                    ));
+                }
+                PathBuf::from(v.into_inner())
+            }
+        };
+        let mode = match raw.mode {
+            None => 0o600,
+            Some(v) => {
+                let text = v.get_ref().0.trim();
+                let digits = text.strip_prefix("0o").unwrap_or(text);
+                let ok = !digits.is_empty()
+                    && digits.len() <= 6
+                    && digits.bytes().all(|b| (b'0'..=b'7').contains(&b));
+                if !ok {
+                    return Err(self.err(
+                        v.span(),
+                        "control.mode",
+                        format!("mode \"{text}\" is not an octal mode; use {MODE_HELP}"),
+                    ));
+                }
+                let mode = u32::from_str_radix(digits, 8).unwrap_or(u32::MAX);
+                if mode > 0o777 {
+                    return Err(self.err(
+                        v.span(),
+                        "control.mode",
+                        format!(
+                            "mode \"{text}\" is out of range; allowed \"0000\"..=\"0777\" (no setuid, setgid or sticky bits)"
+                        ),
+                    ));
+                }
+                mode
+            }
+        };
+        let group = match raw.group {
+            None => None,
+            Some(v) => {
+                let g = v.get_ref().trim();
+                if g.is_empty() || g.contains(char::is_whitespace) || g.contains(':') {
+                    return Err(self.err(
+                        v.span(),
+                        "control.group",
+                        format!(
+                            "group \"{g}\" is not a valid group name; use an existing group such as \"lbadmin\", or leave group out"
+                        ),
+                    ));
+                }
+                Some(g.to_owned())
+            }
+        };
+        let mut allowed_uids = Vec::with_capacity(raw.allowed_uids.len());
+        for (i, v) in raw.allowed_uids.iter().enumerate() {
+            let key = format!("control.allowed_uids[{i}]");
+            let n = *v.get_ref();
+            if !(0..=i64::from(u32::MAX)).contains(&n) {
+                return Err(self.err(
+                    v.span(),
+                    &key,
+                    format!("uid {n} is out of range; allowed 0..={}", u32::MAX),
+                ));
+            }
+            allowed_uids.push(n as u32);
+        }
+        Ok(ControlConfig {
+            socket,
+            mode,
+            group,
+            allowed_uids,
+        })
+    }
+
+    fn service(&self, key: &str, rs: RawService) -> Result<ServiceConfig, ConfigError> {
+        let k = |field: &str| format!("{key}.{field}");
+        let name = self.name(&rs.name, &k("name"))?;
+        let listen = self.address(&rs.listen, &k("listen"))?;
+        let protocol = self.choice(
+            &rs.protocol,
+            &k("protocol"),
+            Protocol::Tcp,
+            &[("tcp", Protocol::Tcp), ("ajp", Protocol::Ajp)],
+        )?;
+        let datapath = self.choice(
+            &rs.datapath,
+            &k("datapath"),
+            DatapathKind::Proxy,
+            &[("proxy", DatapathKind::Proxy), ("xdp", DatapathKind::Xdp)],
+        )?;
+        if datapath == DatapathKind::Xdp && (!listen.is_ipv4() || listen.ip().is_unspecified()) {
+            return Err(self.err(
+                rs.listen.span(),
+                &k("listen"),
+                format!(
+                    "listen {listen}: the xdp datapath needs a specific IPv4 address (a VIP such as \"10.0.0.1:80\"); use datapath = \"proxy\" for IPv6 or wildcard listeners"
+                ),
+            ));
+        }
+        let affinity_timeout = self.duration(
+            &rs.affinity_timeout,
+            &k("affinity_timeout"),
+            Duration::from_secs(30 * 60),
+            true,
+        )?;
+        let max_connections = match &rs.max_connections {
+            None => 10_000,
+            Some(v) => self.int(v, &k("max_connections"), 1..=1_000_000)? as u32,
+        };
+        let connect_timeout = self.duration(
+            &rs.connect_timeout,
+            &k("connect_timeout"),
+            Duration::from_secs(3),
+            false,
+        )?;
+        let on_down = self.choice(
+            &rs.on_down,
+            &k("on_down"),
+            OnDown::Keep,
+            &[("keep", OnDown::Keep), ("reset", OnDown::Reset)],
+        )?;
+        let health = self.health(&k("health"), protocol, rs.health)?;
+
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(rs.backend.len());
+        // (name span or address span, address span) of each accepted backend.
+        let mut seen: Vec<(Range<usize>, Range<usize>)> = Vec::new();
+        for (j, rb) in rs.backend.into_iter().enumerate() {
+            let bkey = format!("{key}.backend[{j}]");
+            let rb = rb.into_inner();
+            let addr_span = rb.address.span();
+            let name_span = rb.name.as_ref().map_or(addr_span.clone(), |n| n.span());
+            let b = self.backend(&bkey, datapath, rb)?;
+            for (o, other) in backends.iter().enumerate() {
+                if other.address == b.address {
+                    return Err(self.err(
+                        addr_span,
+                        &format!("{bkey}.address"),
+                        format!(
+                            "backend address {} is already used by {key}.backend[{o}] (line {}); each backend of a service needs its own ip:port",
+                            b.address,
+                            self.line(&seen[o].1)
+                        ),
+                    ));
+                }
+                if other.name == b.name {
+                    return Err(self.err(
+                        name_span,
+                        &format!("{bkey}.name"),
+                        format!(
+                            "backend name \"{}\" is already used by {key}.backend[{o}] (line {}); backend names must be unique within a service",
+                            b.name,
+                            self.line(&seen[o].0)
+                        ),
+                    ));
+                }
+            }
+            seen.push((name_span, addr_span));
+            backends.push(b);
+        }
+
+        Ok(ServiceConfig {
+            name,
+            listen,
+            protocol,
+            datapath,
+            affinity_timeout,
+            max_connections,
+            connect_timeout,
+            failback: rs.failback.unwrap_or(false),
+            on_down,
+            health,
+            backends,
+        })
+    }
+
+    fn health(
+        &self,
+        key: &str,
+        protocol: Protocol,
+        raw: Option<RawHealth>,
+    ) -> Result<HealthConfig, ConfigError> {
+        let k = |field: &str| format!("{key}.{field}");
+        let defaults = HealthConfig::default_for(protocol);
+        let Some(raw) = raw else {
+            return Ok(defaults);
+        };
+        let kind = self.choice(
+            &raw.kind,
+            &k("kind"),
+            defaults.kind,
+            &[
+                ("none", HealthKind::None),
+                ("tcp", HealthKind::Tcp),
+                ("ajp", HealthKind::Ajp),
+            ],
+        )?;
+        let interval = self.duration(&raw.interval, &k("interval"), defaults.interval, false)?;
+        let fast_interval = self.duration(&raw.fast_interval, &k("fast_interval"), interval, false)?;
+        let timeout = self.duration(&raw.timeout, &k("timeout"), defaults.timeout, false)?;
+        if timeout > interval {
+            // Point at whichever of the two the operator wrote (timeout first).
+            let (span, at) = match (&raw.timeout, &raw.interval) {
+                (Some(t), _) => (t.span(), k("timeout")),
+                (None, Some(i)) => (i.span(), k("interval")),
+                (None, None) => unreachable!("defaults satisfy timeout <= interval"),
+            };
+            return Err(self.err(
+                span,
+                &at,
+                format!(
+                    "timeout {} is longer than interval {}; timeout must be <= interval",
+                    fmt_duration(timeout),
+                    fmt_duration(interval)
+                ),
+            ));
+        }
+        let rise = match &raw.rise {
+            None => defaults.rise,
+            Some(v) => self.int(v, &k("rise"), 1..=100)? as u32,
+        };
+        let fall = match &raw.fall {
+            None => defaults.fall,
+            Some(v) => self.int(v, &k("fall"), 1..=100)? as u32,
+        };
+        let port = match &raw.port {
+            None => None,
+            Some(v) => Some(self.int(v, &k("port"), 1..=65535)? as u16),
+        };
+        Ok(HealthConfig {
+            kind,
+            interval,
+            fast_interval,
+            timeout,
+            rise,
+            fall,
+            port,
+        })
+    }
+
+    fn backend(
+        &self,
+        key: &str,
+        datapath: DatapathKind,
+        rb: RawBackend,
+    ) -> Result<BackendConfig, ConfigError> {
+        let k = |field: &str| format!("{key}.{field}");
+        let address = self.address(&rb.address, &k("address"))?;
+        if address.ip().is_unspecified() {
+            return Err(self.err(
+                rb.address.span(),
+                &k("address"),
+                format!(
+                    "address {address} is unspecified; use the backend's own ip:port, such as \"10.0.1.2:8080\""
+                ),
+            ));
+        }
+        if datapath == DatapathKind::Xdp && !address.is_ipv4() {
+            return Err(self.err(
+                rb.address.span(),
+                &k("address"),
+                format!(
+                    "address {address}: the xdp datapath forwards to IPv4 backends only; use datapath = \"proxy\" for IPv6 backends"
+                ),
+            ));
+        }
+        let name = match &rb.name {
+            None => address.to_string(),
+            Some(v) => self.name(v, &k("name"))?,
+        };
+        let weight = match &rb.weight {
+            None => 1,
+            Some(v) => self.int(v, &k("weight"), 0..=i64::from(MAX_WEIGHT))? as u32,
+        };
+        let state = self.choice(
+            &rb.state,
+            &k("state"),
+            AdminState::Active,
+            &[
+                ("active", AdminState::Active),
+                ("drain", AdminState::Drain),
+                ("maintenance", AdminState::Maintenance),
+            ],
+        )?;
+        Ok(BackendConfig {
+            name,
+            address,
+            weight,
+            backup: rb.backup.unwrap_or(false),
+            state,
+        })
+    }
+}
+
+/// The last segment of a key path, without an index: `service[0].backend[1].weight` → `weight`.
+fn leaf(key: &str) -> &str {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    last.split('[').next().unwrap_or(last)
+}
+
+/// Two listen addresses that could not both be bound (equal, or same port with a wildcard).
+fn listens_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn fmt_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(3_600_000) {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+pub(super) fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n.is_multiple_of(2) {
+        return n == 2;
+    }
+    let n = u64::from(n);
+    let mut d = 3u64;
+    while d * d <= n {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 2;
+    }
+    true
+}
+
+/// The smallest prime > n.
+fn next_prime(n: u32) -> u32 {
+    let mut c = n.saturating_add(1);
+    while !is_prime(c) {
+        c = c.saturating_add(1);
+    }
+    c
+}

@@ -1,0 +1,1076 @@
+//! Unit tests of the config parser: good files (defaults, every key), bad files (line, key path and
+//! an allowed-values message for each kind of mistake), and every `examples/*.toml`.
+
+use super::*;
+
+/// Strips the first newline and the common indentation, so test files can be written indented.
+/// Line 1 of the result is the first line after the opening quote.
+fn doc(s: &str) -> String {
+    let s = s.strip_prefix('\n').unwrap_or(s);
+    let indent = s
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.len() - l.trim_start().len())
+        .min()
+        .unwrap_or(0);
+    s.lines()
+        .map(|l| l.get(indent..).unwrap_or("").trim_end())
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+fn good(text: &str) -> Config {
+    match Config::parse(&doc(text), "good.toml") {
+        Ok(c) => c,
+        Err(e) => panic!("expected the file to parse, got: {e}"),
+    }
+}
+
+/// Parses `text` expecting an error at `line`, on `key`, whose message contains every `needles`.
+#[track_caller]
+fn bad(text: &str, line: usize, key: &str, needles: &[&str]) {
+    match Config::parse(&doc(text), "bad.toml") {
+        Ok(_) => panic!("expected an error at line {line} key {key}, but the file parsed"),
+        Err(ConfigError::Invalid {
+            path,
+            line: l,
+            key: k,
+            message,
+        }) => {
+            let shown = format!("{path}:{l}: {k}: {message}");
+            assert_eq!(path, "bad.toml", "{shown}");
+            assert_eq!((l, k.as_str()), (line, key), "{shown}");
+            for n in needles {
+                assert!(message.contains(n), "message lacks {n:?}: {shown}");
+            }
+        }
+        Err(e) => panic!("unexpected error kind: {e}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Good files.
+
+#[test]
+fn empty_file_is_all_defaults() {
+    let c = good("");
+    assert_eq!(c.path, None);
+    assert_eq!(c.log_level, "info");
+    assert_eq!(c.seed, 0);
+    assert_eq!(c.ring_size, 65537);
+    assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+    assert_eq!(c.control, ControlConfig::default());
+    assert_eq!(c.control.socket, PathBuf::from("/run/lb/lb.sock"));
+    assert_eq!(c.control.mode, 0o600);
+    assert_eq!(c.control.group, None);
+    assert!(c.control.allowed_uids.is_empty());
+    assert!(c.services.is_empty());
+}
+
+#[test]
+fn minimal_service_gets_defaults() {
+    let c = good(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+
+        [[service.backend]]
+        address = "10.0.1.2:8080"
+
+        [[service.backend]]
+        address = "[2001:db8::2]:8080"
+        "#,
+    );
+    let s = &c.services[0];
+    assert_eq!(s.name, "web");
+    assert_eq!(s.listen, "10.0.0.1:80".parse().unwrap());
+    assert_eq!(s.protocol, Protocol::Tcp);
+    assert_eq!(s.datapath, DatapathKind::Proxy);
+    assert_eq!(s.affinity_timeout, Duration::from_secs(30 * 60));
+    assert_eq!(s.max_connections, 10_000);
+    assert_eq!(s.connect_timeout, Duration::from_secs(3));
+    assert!(!s.failback);
+    assert_eq!(s.on_down, OnDown::Keep);
+    assert_eq!(s.health, HealthConfig::default_for(Protocol::Tcp));
+    assert_eq!(s.health.kind, HealthKind::Tcp);
+    assert_eq!(s.health.interval, Duration::from_secs(2));
+    assert_eq!(s.health.fast_interval, Duration::from_secs(2));
+    assert_eq!(s.health.timeout, Duration::from_secs(1));
+    assert_eq!((s.health.rise, s.health.fall, s.health.port), (2, 3, None));
+    let b = &s.backends;
+    assert_eq!(b.len(), 2);
+    assert_eq!(b[0].name, "10.0.1.2:8080", "name defaults to the address text");
+    assert_eq!(b[0].address, "10.0.1.2:8080".parse().unwrap());
+    assert_eq!(b[0].weight, 1);
+    assert!(!b[0].backup);
+    assert_eq!(b[0].state, AdminState::Active);
+    assert_eq!(b[1].name, "[2001:db8::2]:8080");
+}
+
+#[test]
+fn ajp_service_defaults_to_ajp_checks() {
+    let c = good(
+        r#"
+        [[service]]
+        name = "tomcat"
+        listen = "10.0.0.1:8009"
+        protocol = "ajp"
+
+        [[service]]
+        name = "tomcat2"
+        listen = "10.0.0.2:8009"
+        protocol = "ajp"
+        [service.health]
+        interval = "5s"
+        "#,
+    );
+    assert_eq!(c.services[0].health.kind, HealthKind::Ajp);
+    let h = &c.services[1].health;
+    assert_eq!(
+        h.kind,
+        HealthKind::Ajp,
+        "kind defaults from protocol inside the table too"
+    );
+    assert_eq!(h.interval, Duration::from_secs(5));
+    assert_eq!(
+        h.fast_interval,
+        Duration::from_secs(5),
+        "fast_interval defaults to interval"
+    );
+    assert_eq!(h.timeout, Duration::from_secs(1));
+}
+
+#[test]
+fn every_key_is_honoured() {
+    let c = good(
+        r#"
+        log_level = "lb=debug,warn"
+        seed = 4294967295
+        ring_size = 211
+        shutdown_timeout = "0s"
+
+        [control]
+        socket = "/tmp/lb-test.sock"
+        mode = "0660"
+        group = "lbadmin"
+        allowed_uids = [1000, 0, 4294967295]
+
+        [[service]]
+        name = "Tom_cat.1-a"
+        listen = "192.0.2.10:8009"
+        protocol = "ajp"
+        datapath = "xdp"
+        affinity_timeout = "0s"
+        max_connections = 1000000
+        connect_timeout = "250ms"
+        failback = true
+        on_down = "reset"
+
+        [service.health]
+        kind = "none"
+        interval = "1h"
+        fast_interval = "10m"
+        timeout = "59m"
+        rise = 100
+        fall = 1
+        port = 65535
+
+        [[service.backend]]
+        address = "192.0.2.21:8009"
+        name = "t1"
+        weight = 256
+        backup = true
+        state = "drain"
+
+        [[service.backend]]
+        address = "192.0.2.22:8009"
+        weight = 0
+        state = "maintenance"
+
+        [[service]]
+        name = "v6"
+        listen = "[::]:443"
+        "#,
+    );
+    assert_eq!(c.log_level, "lb=debug,warn");
+    assert_eq!(c.seed, u32::MAX);
+    assert_eq!(c.ring_size, 211);
+    assert_eq!(c.shutdown_timeout, Duration::ZERO);
+    assert_eq!(
+        c.control,
+        ControlConfig {
+            socket: PathBuf::from("/tmp/lb-test.sock"),
+            mode: 0o660,
+            group: Some("lbadmin".into()),
+            allowed_uids: vec![1000, 0, u32::MAX],
+        }
+    );
+    let s = &c.services[0];
+    assert_eq!(s.name, "Tom_cat.1-a");
+    assert_eq!(s.listen, "192.0.2.10:8009".parse().unwrap());
+    assert_eq!(s.protocol, Protocol::Ajp);
+    assert_eq!(s.datapath, DatapathKind::Xdp);
+    assert_eq!(s.affinity_timeout, Duration::ZERO);
+    assert_eq!(s.max_connections, 1_000_000);
+    assert_eq!(s.connect_timeout, Duration::from_millis(250));
+    assert!(s.failback);
+    assert_eq!(s.on_down, OnDown::Reset);
+    assert_eq!(
+        s.health,
+        HealthConfig {
+            kind: HealthKind::None,
+            interval: Duration::from_secs(3600),
+            fast_interval: Duration::from_secs(600),
+            timeout: Duration::from_secs(59 * 60),
+            rise: 100,
+            fall: 1,
+            port: Some(65535),
+        }
+    );
+    assert_eq!(
+        s.backends,
+        vec![
+            BackendConfig {
+                name: "t1".into(),
+                address: "192.0.2.21:8009".parse().unwrap(),
+                weight: 256,
+                backup: true,
+                state: AdminState::Drain,
+            },
+            BackendConfig {
+                name: "192.0.2.22:8009".into(),
+                address: "192.0.2.22:8009".parse().unwrap(),
+                weight: 0,
+                backup: false,
+                state: AdminState::Maintenance,
+            },
+        ]
+    );
+    assert_eq!(c.services[1].listen, "[::]:443".parse().unwrap());
+}
+
+#[test]
+fn inline_tables_work_too() {
+    let c = good(
+        r#"
+        control = { mode = "600" }
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        health = { kind = "tcp", port = 9000 }
+        backend = [ { address = "10.0.1.1:80" }, { address = "10.0.1.2:80", weight = 3 } ]
+        "#,
+    );
+    assert_eq!(c.control.mode, 0o600);
+    assert_eq!(c.services[0].health.port, Some(9000));
+    assert_eq!(c.services[0].backends[1].weight, 3);
+}
+
+#[test]
+fn examples_all_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for want in ["lb.toml", "tcp.toml", "tomcat-ajp.toml"] {
+        assert!(names.iter().any(|n| n == want), "examples/{want} is missing");
+    }
+    for f in &files {
+        let c = Config::load(f).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.path.as_deref(), Some(f.as_path()));
+    }
+
+    let tcp = Config::load(&dir.join("tcp.toml")).unwrap();
+    let s = &tcp.services[0];
+    assert_eq!((s.protocol, s.datapath), (Protocol::Tcp, DatapathKind::Proxy));
+    assert_eq!(s.backends.len(), 3);
+
+    let ajp = Config::load(&dir.join("tomcat-ajp.toml")).unwrap();
+    let s = &ajp.services[0];
+    assert_eq!(s.listen.port(), 8009);
+    assert_eq!((s.protocol, s.health.kind), (Protocol::Ajp, HealthKind::Ajp));
+    assert!(!s.failback);
+    let backups: Vec<bool> = s.backends.iter().map(|b| b.backup).collect();
+    assert_eq!(backups, [false, false, true]);
+
+    // The reference file documents every key: it sets each one at least once.
+    let reference = std::fs::read_to_string(dir.join("lb.toml")).unwrap();
+    for key in [
+        "log_level",
+        "seed",
+        "ring_size",
+        "shutdown_timeout",
+        "[control]",
+        "socket",
+        "mode",
+        "group",
+        "allowed_uids",
+        "[[service]]",
+        "name",
+        "listen",
+        "protocol",
+        "datapath",
+        "affinity_timeout",
+        "max_connections",
+        "connect_timeout",
+        "failback",
+        "on_down",
+        "[service.health]",
+        "kind",
+        "interval",
+        "fast_interval",
+        "timeout",
+        "rise",
+        "fall",
+        "port",
+        "[[service.backend]]",
+        "address",
+        "weight",
+        "backup",
+        "state",
+    ] {
+        let set = reference
+            .lines()
+            .any(|l| l.starts_with(&format!("{key} =")) || l.trim() == key);
+        assert!(set, "examples/lb.toml does not set {key}");
+    }
+}
+
+#[test]
+fn load_reports_unreadable_files() {
+    let err = Config::load(Path::new("/nonexistent/lb.toml")).unwrap_err();
+    assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    assert!(
+        err.to_string().starts_with("/nonexistent/lb.toml: cannot read: "),
+        "{err}"
+    );
+}
+
+#[test]
+fn durations() {
+    let ok = [
+        ("500ms", Duration::from_millis(500)),
+        ("0s", Duration::ZERO),
+        ("2s", Duration::from_secs(2)),
+        ("30m", Duration::from_secs(1800)),
+        ("1h", Duration::from_secs(3600)),
+        ("007s", Duration::from_secs(7)),
+    ];
+    for (text, d) in ok {
+        assert_eq!(parse_duration(text), Some(d), "{text}");
+    }
+    for text in [
+        "",
+        "2",
+        "s",
+        "2 s",
+        " 2s",
+        "2s ",
+        "1.5s",
+        "-1s",
+        "+1s",
+        "2sec",
+        "2S",
+        "1d",
+        "1h30m",
+        "99999999999999999999s",
+        "18446744073709551615h",
+    ] {
+        assert_eq!(parse_duration(text), None, "{text:?}");
+    }
+}
+
+#[test]
+fn names() {
+    for n in ["a", "web", "app-1", "app_1.prod", "A".repeat(32).as_str()] {
+        assert!(is_valid_name(n), "{n}");
+    }
+    for n in ["", "a b", "a:b", "ä", "a/b", "A".repeat(33).as_str()] {
+        assert!(!is_valid_name(n), "{n}");
+    }
+}
+
+#[test]
+fn primes() {
+    let primes: Vec<u32> = (0..30).filter(|&n| parse::is_prime(n)).collect();
+    assert_eq!(primes, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
+    assert!(parse::is_prime(65537));
+    assert!(parse::is_prime(MAX_RING_SIZE));
+    assert!(parse::is_prime(4_294_967_291));
+    assert!(!parse::is_prime(65536));
+    assert!(!parse::is_prime(65535));
+}
+
+#[test]
+fn display_names_file_line_and_key() {
+    let text = doc(r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        [[service.backend]]
+        address = "10.0.1.1:80"
+        [[service.backend]]
+        address = "10.0.1.2:80"
+        weight = 300
+        "#);
+    let err = Config::parse(&text, "examples/bad.toml").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "examples/bad.toml:8: service[0].backend[1].weight: weight 300 is out of range; allowed 0..=256"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad files.
+
+#[test]
+fn syntax_error() {
+    bad(
+        r#"
+        seed = 1
+        [[service]]
+        name = "web
+        "#,
+        3,
+        "(syntax)",
+        &["TOML syntax error", "string"],
+    );
+    bad("seed = 1\nseed = 2\n", 2, "(syntax)", &["duplicate key `seed`"]);
+}
+
+#[test]
+fn unknown_key_top_level() {
+    bad(
+        "seed = 1\nring = 101\n",
+        2,
+        "ring",
+        &[
+            "unknown key `ring`",
+            "allowed keys: log_level, seed, ring_size, shutdown_timeout, control, service",
+        ],
+    );
+}
+
+#[test]
+fn unknown_key_in_control() {
+    bad(
+        "[control]\nsocket = \"/tmp/x\"\nowner = \"root\"\n",
+        3,
+        "control.owner",
+        &["unknown key `owner`; allowed keys: socket, mode, group, allowed_uids"],
+    );
+}
+
+#[test]
+fn unknown_key_in_service() {
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        [[service]]
+        name = "api"
+        listen = "10.0.0.1:81"
+        sticky = true
+        "#,
+        7,
+        "service[1].sticky",
+        &["unknown key `sticky`; allowed keys: name, listen, protocol, datapath, affinity_timeout"],
+    );
+}
+
+#[test]
+fn unknown_key_in_backend() {
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+
+        [[service.backend]]
+        address = "10.0.1.2:8080"
+        wieght = 3
+        "#,
+        7,
+        "service[0].backend[0].wieght",
+        &["unknown key `wieght`; allowed keys: address, name, weight, backup, state"],
+    );
+}
+
+#[test]
+fn unknown_key_in_health() {
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+
+        [service.health]
+        interval = "2s"
+        retries = 3
+        "#,
+        7,
+        "service[0].health.retries",
+        &["unknown key `retries`; allowed keys: kind, interval, fast_interval, timeout, rise, fall, port"],
+    );
+}
+
+#[test]
+fn wrong_type() {
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        max_connections = "many"
+        "#,
+        4,
+        "service[0].max_connections",
+        &["wrong type", "expected an integer"],
+    );
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        failback = "yes"
+        "#,
+        4,
+        "service[0].failback",
+        &["expected a boolean"],
+    );
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        [service.health]
+        interval = 2
+        "#,
+        5,
+        "service[0].health.interval",
+        &["expected a duration string", "ms, s, m or h"],
+    );
+    bad(
+        "[control]\n\nallowed_uids = [1000, \"bob\"]\n",
+        3,
+        "control.allowed_uids[1]",
+        &["expected an integer"],
+    );
+    // A single [service] table instead of an array of tables.
+    bad(
+        "seed = 1\n[service]\nname = \"web\"\n",
+        2,
+        "service",
+        &["expected an array of tables", "[[service]]"],
+    );
+}
+
+#[test]
+fn missing_listen() {
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+
+        [[service]]
+        name = "api"
+        protocol = "tcp"
+        "#,
+        5,
+        "service[1].listen",
+        &["missing required key `listen`", "ip:port"],
+    );
+}
+
+#[test]
+fn missing_backend_address() {
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        [[service.backend]]
+        name = "app1"
+        "#,
+        4,
+        "service[0].backend[0].address",
+        &["missing required key `address`"],
+    );
+}
+
+#[test]
+fn bad_address() {
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1"
+        "#,
+        3,
+        "service[0].listen",
+        &[
+            "\"10.0.0.1\" is not a valid address",
+            "ip:port",
+            "\"10.0.0.1:80\"",
+        ],
+    );
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        [[service.backend]]
+        address = "app1.example.com:8080"
+        "#,
+        5,
+        "service[0].backend[0].address",
+        &["not a valid address", "host names are not resolved"],
+    );
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:0"
+        "#,
+        3,
+        "service[0].listen",
+        &["port 0", "1..=65535"],
+    );
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        [[service.backend]]
+        address = "0.0.0.0:8080"
+        "#,
+        5,
+        "service[0].backend[0].address",
+        &["unspecified", "backend's own ip:port"],
+    );
+}
+
+#[test]
+fn xdp_needs_ipv4() {
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        datapath = "xdp"
+        listen = "[2001:db8::1]:80"
+        "#,
+        4,
+        "service[0].listen",
+        &["specific IPv4", "datapath = \"proxy\""],
+    );
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        datapath = "xdp"
+        listen = "10.0.0.1:80"
+        [[service.backend]]
+        address = "[2001:db8::2]:80"
+        "#,
+        6,
+        "service[0].backend[0].address",
+        &["IPv4 backends only"],
+    );
+}
+
+#[test]
+fn bad_names() {
+    bad(
+        r#"
+        [[service]]
+        name = "my web"
+        listen = "10.0.0.1:80"
+        "#,
+        2,
+        "service[0].name",
+        &[
+            "\"my web\" is not allowed",
+            "1 to 32 characters from A-Z a-z 0-9 _ . -",
+        ],
+    );
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        [[service.backend]]
+        address = "10.0.1.1:80"
+        name = "app:1"
+        "#,
+        6,
+        "service[0].backend[0].name",
+        &["1 to 32 characters"],
+    );
+}
+
+#[test]
+fn duplicate_service_name() {
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:81"
+        "#,
+        6,
+        "service[1].name",
+        &["\"web\" is already used by service[0] (line 2)", "must be unique"],
+    );
+}
+
+#[test]
+fn duplicate_listen() {
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+
+        [[service]]
+        name = "api"
+        listen = "10.0.0.1:80"
+        "#,
+        7,
+        "service[1].listen",
+        &["is already used by service \"web\"", "line 3", "its own ip:port"],
+    );
+    // A wildcard listener overlaps a specific one on the same port.
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+
+        [[service]]
+        name = "all"
+        listen = "0.0.0.0:80"
+        "#,
+        7,
+        "service[1].listen",
+        &["overlaps service \"web\""],
+    );
+}
+
+#[test]
+fn duplicate_backend_address() {
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        [[service.backend]]
+        address = "10.0.1.1:8080"
+        [[service.backend]]
+        address = "10.0.1.2:8080"
+        [[service.backend]]
+        address = "10.0.1.1:8080"
+        "#,
+        9,
+        "service[0].backend[2].address",
+        &[
+            "10.0.1.1:8080 is already used by service[0].backend[0] (line 5)",
+            "own ip:port",
+        ],
+    );
+    // The same backend in two services is fine.
+    good(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        [[service.backend]]
+        address = "10.0.1.1:8080"
+        [[service]]
+        name = "web2"
+        listen = "10.0.0.1:81"
+        [[service.backend]]
+        address = "10.0.1.1:8080"
+        "#,
+    );
+}
+
+#[test]
+fn duplicate_backend_name() {
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        [[service.backend]]
+        address = "10.0.1.1:8080"
+        name = "app"
+        [[service.backend]]
+        address = "10.0.1.2:8080"
+        name = "app"
+        "#,
+        9,
+        "service[0].backend[1].name",
+        &[
+            "\"app\" is already used by service[0].backend[0] (line 6)",
+            "unique",
+        ],
+    );
+}
+
+#[test]
+fn weight_out_of_range() {
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        [[service.backend]]
+        address = "10.0.1.1:8080"
+        weight = 300
+        "#,
+        6,
+        "service[0].backend[0].weight",
+        &["weight 300 is out of range; allowed 0..=256"],
+    );
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        [[service.backend]]
+        address = "10.0.1.1:8080"
+        weight = -1
+        "#,
+        6,
+        "service[0].backend[0].weight",
+        &["allowed 0..=256"],
+    );
+}
+
+#[test]
+fn other_ranges() {
+    bad("seed = -1\n", 1, "seed", &["allowed 0..=4294967295"]);
+    bad(
+        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\nmax_connections = 0\n",
+        4,
+        "service[0].max_connections",
+        &["max_connections 0 is out of range; allowed 1..=1000000"],
+    );
+    bad(
+        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\n[service.health]\nrise = 0\n",
+        5,
+        "service[0].health.rise",
+        &["allowed 1..=100"],
+    );
+    bad(
+        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\n[service.health]\nfall = 101\n",
+        5,
+        "service[0].health.fall",
+        &["allowed 1..=100"],
+    );
+    bad(
+        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\n[service.health]\nport = 70000\n",
+        5,
+        "service[0].health.port",
+        &["allowed 1..=65535"],
+    );
+    bad(
+        "[control]\nallowed_uids = [-5]\n",
+        2,
+        "control.allowed_uids[0]",
+        &["allowed 0..=4294967295"],
+    );
+}
+
+#[test]
+fn bad_enum_values() {
+    bad(
+        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\nprotocol = \"http\"\n",
+        4,
+        "service[0].protocol",
+        &["protocol \"http\" is not allowed; use \"tcp\" or \"ajp\""],
+    );
+    bad(
+        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\ndatapath = \"kernel\"\n",
+        4,
+        "service[0].datapath",
+        &["use \"proxy\" or \"xdp\""],
+    );
+    bad(
+        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\non_down = \"drop\"\n",
+        4,
+        "service[0].on_down",
+        &["use \"keep\" or \"reset\""],
+    );
+    bad(
+        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\n[service.health]\nkind = \"http\"\n",
+        5,
+        "service[0].health.kind",
+        &["use \"none\", \"tcp\" or \"ajp\""],
+    );
+    bad(
+        r#"
+        [[service]]
+        name = "a"
+        listen = "10.0.0.1:80"
+        [[service.backend]]
+        address = "10.0.1.1:80"
+        state = "disabled"
+        "#,
+        6,
+        "service[0].backend[0].state",
+        &["state \"disabled\" is not allowed; use \"active\", \"drain\" or \"maintenance\""],
+    );
+}
+
+#[test]
+fn bad_duration() {
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        affinity_timeout = "30 min"
+        "#,
+        4,
+        "service[0].affinity_timeout",
+        &[
+            "affinity_timeout \"30 min\" is not a valid duration",
+            "an integer followed by ms, s, m or h",
+            "\"500ms\"",
+        ],
+    );
+    bad(
+        "shutdown_timeout = \"1.5s\"\n",
+        1,
+        "shutdown_timeout",
+        &["ms, s, m or h"],
+    );
+    bad(
+        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\nconnect_timeout = \"0s\"\n",
+        4,
+        "service[0].connect_timeout",
+        &["must be greater than 0"],
+    );
+    bad(
+        "shutdown_timeout = \"1000h\"\n",
+        1,
+        "shutdown_timeout",
+        &["too long", "720h"],
+    );
+}
+
+#[test]
+fn timeout_longer_than_interval() {
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+
+        [service.health]
+        interval = "2s"
+        timeout = "3s"
+        "#,
+        7,
+        "service[0].health.timeout",
+        &[
+            "timeout 3s is longer than interval 2s",
+            "timeout must be <= interval",
+        ],
+    );
+    // Only the interval written: the default timeout (1s) is too long for it.
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        [service.health]
+        interval = "500ms"
+        "#,
+        5,
+        "service[0].health.interval",
+        &["timeout 1s is longer than interval 500ms"],
+    );
+}
+
+#[test]
+fn ring_size_not_prime() {
+    bad(
+        "seed = 7\nring_size = 65536\n",
+        2,
+        "ring_size",
+        &["ring_size 65536 is not allowed", "use a prime", "such as 65537"],
+    );
+    bad("ring_size = 97\n", 1, "ring_size", &["prime in 101..=16777213"]);
+}
+
+#[test]
+fn ring_size_too_small_for_backends() {
+    bad(
+        r#"
+        ring_size = 101
+
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        [[service.backend]]
+        address = "10.0.1.1:80"
+        [[service.backend]]
+        address = "10.0.1.2:80"
+        "#,
+        1,
+        "ring_size",
+        &[
+            "too small for service \"web\" with 2 backends",
+            "larger than 100 x 2 = 200",
+            "such as 211",
+        ],
+    );
+}
+
+#[test]
+fn bad_mode() {
+    bad(
+        "[control]\nmode = \"rw-------\"\n",
+        2,
+        "control.mode",
+        &["not an octal mode", "\"0600\""],
+    );
+    bad(
+        "[control]\nmode = \"1777\"\n",
+        2,
+        "control.mode",
+        &["out of range", "\"0777\""],
+    );
+    bad(
+        "[control]\n# octal as a TOML integer\nmode = 0o600\n",
+        3,
+        "control.mode",
+        &["quoted octal mode string"],
+    );
+}
+
+#[test]
+fn bad_log_level() {
+    bad(
+        "log_level = \"lb=loud\"\n",
+        1,
+        "log_level",
+        &["error, warn, info, debug, trace"],
+    );
+}
