@@ -64,12 +64,16 @@ pub fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
     }
-    let mut d = 2u32;
-    while (d as u64) * (d as u64) <= n as u64 {
-        if n % d == 0 {
+    if n.is_multiple_of(2) {
+        return n == 2;
+    }
+    let n = u64::from(n);
+    let mut d = 3u64;
+    while d * d <= n {
+        if n.is_multiple_of(d) {
             return false;
         }
-        d += 1;
+        d += 2;
     }
     true
 }

@@ -386,7 +386,7 @@ impl State {
 }
 
 fn check_weight(weight: u32) -> Result<(), StateError> {
-    if weight > 256 {
+    if weight > crate::config::MAX_WEIGHT {
         Err(StateError::Weight(weight))
     } else {
         Ok(())

@@ -452,7 +452,8 @@ impl Validator<'_, '_> {
             None => super::DEFAULT_RING_SIZE,
             Some(v) => {
                 let n = *v.get_ref();
-                if !(i64::from(MIN_RING_SIZE)..=i64::from(MAX_RING_SIZE)).contains(&n) || !is_prime(n as u32)
+                if !(i64::from(MIN_RING_SIZE)..=i64::from(MAX_RING_SIZE)).contains(&n)
+                    || !crate::maglev::is_prime(n as u32)
                 {
                     return Err(self.err(
                         v.span(),
@@ -878,26 +879,9 @@ fn fmt_duration(d: Duration) -> String {
     }
 }
 
-pub(super) fn is_prime(n: u32) -> bool {
-    if n < 2 {
-        return false;
-    }
-    if n.is_multiple_of(2) {
-        return n == 2;
-    }
-    let n = u64::from(n);
-    let mut d = 3u64;
-    while d * d <= n {
-        if n.is_multiple_of(d) {
-            return false;
-        }
-        d += 2;
-    }
-    true
-}
-
 /// The smallest prime > n.
 fn next_prime(n: u32) -> u32 {
+    use crate::maglev::is_prime;
     let mut c = n.saturating_add(1);
     while !is_prime(c) {
         c = c.saturating_add(1);

@@ -401,13 +401,13 @@ fn names() {
 
 #[test]
 fn primes() {
-    let primes: Vec<u32> = (0..30).filter(|&n| parse::is_prime(n)).collect();
+    let primes: Vec<u32> = (0..30).filter(|&n| crate::maglev::is_prime(n)).collect();
     assert_eq!(primes, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
-    assert!(parse::is_prime(65537));
-    assert!(parse::is_prime(MAX_RING_SIZE));
-    assert!(parse::is_prime(4_294_967_291));
-    assert!(!parse::is_prime(65536));
-    assert!(!parse::is_prime(65535));
+    assert!(crate::maglev::is_prime(65537));
+    assert!(crate::maglev::is_prime(MAX_RING_SIZE));
+    assert!(crate::maglev::is_prime(4_294_967_291));
+    assert!(!crate::maglev::is_prime(65536));
+    assert!(!crate::maglev::is_prime(65535));
 }
 
 #[test]
