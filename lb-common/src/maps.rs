@@ -1,28 +1,93 @@
 //! eBPF map names and the types stored in them. One definition for kernel and user space:
-//! `#[repr(C)]`, explicit padding, no bool/usize/enum, a size assertion for each.
+//! `#[repr(C)]`, explicit padding, no bool/usize/enum, a size assertion for each. Fields ending in
+//! `_be` hold network byte order exactly as in the packet.
+
+/// Bumped whenever a map's layout changes; `lb run` adopts pinned maps only of the same version.
+pub const LAYOUT_VERSION: u32 = 1;
 
 /// Per-CPU global counters (`PERCPU_ARRAY<u32, Counter>`), indexed by the [`global_counter`] values.
 /// User space sums each index over all CPUs.
 pub const MAP_GLOBAL_STATS: &str = "lb_global";
+/// `ARRAY<u32, GlobalConfig>` with one entry: hashing and timeouts.
+pub const MAP_CONFIG: &str = "lb_config";
+/// `HASH<ServiceKey, ServiceValue>`: which (VIP, port, protocol) are services.
+pub const MAP_SERVICES: &str = "lb_services";
+/// `ARRAY<u32, BackendValue>`, indexed by a global backend index.
+pub const MAP_BACKENDS: &str = "lb_backends";
+/// `ARRAY<u32, u32>`: Maglev rings, `ring[service_slot * ring_size + slot]` = backend index.
+pub const MAP_RING: &str = "lb_ring";
+/// `LRU_HASH<FlowKey, FlowValue>`: both directions of every forwarded connection.
+pub const MAP_CONNTRACK: &str = "lb_conntrack";
+/// `LRU_HASH<AffinityKey, AffinityValue>`: client IP → backend, with last-seen time.
+pub const MAP_AFFINITY: &str = "lb_affinity";
+/// `PERCPU_ARRAY<u32, u32>` with one entry: each CPU's SNAT port cursor.
+pub const MAP_SNAT: &str = "lb_snat";
+/// `PERCPU_ARRAY<u32, TrafficCounters>`, indexed by service slot.
+pub const MAP_SERVICE_STATS: &str = "lb_svc_stats";
+/// `PERCPU_ARRAY<u32, TrafficCounters>`, indexed by backend index.
+pub const MAP_BACKEND_STATS: &str = "lb_be_stats";
 
-/// `max_entries` of [`MAP_GLOBAL_STATS`]: one slot per [`global_counter`] index.
+/// Default map sizes (user space may change them at load time).
+pub const DEFAULT_MAX_SERVICES: u32 = 16;
+pub const DEFAULT_MAX_BACKENDS: u32 = 1024;
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+pub const DEFAULT_AFFINITY_ENTRIES: u32 = 262_144;
+/// Entries of [`MAP_GLOBAL_STATS`]: one slot per [`global_counter`] index.
 pub const GLOBAL_STATS_ENTRIES: u32 = global_counter::COUNT;
+
+/// "No backend" in rings and affinity homes.
+pub const NO_BACKEND: u32 = u32::MAX;
 
 /// Indexes into [`MAP_GLOBAL_STATS`].
 ///
-/// `PACKETS` counts every packet the program sees. Verdict counters (`PASSED`, later the forwarding
-/// and drop verdicts) count each packet exactly once, so they sum to `PACKETS`. Reason counters
-/// (`TRUNCATED`) say why a packet got its verdict and come on top: a truncated frame counts in both
-/// `TRUNCATED` and `PASSED`.
+/// `PACKETS` counts every packet. Verdict counters (`PASSED`, `FORWARDED`, `DROPPED`) count each packet
+/// once and sum to `PACKETS`. Reason counters say why a packet got its verdict and come on top.
 pub mod global_counter {
     /// Packets seen by the XDP program.
     pub const PACKETS: u32 = 0;
-    /// Packets handed to the kernel stack untouched (`XDP_PASS`: not for a VIP, or malformed).
+    /// Verdict: handed to the kernel stack (`XDP_PASS`).
     pub const PASSED: u32 = 1;
-    /// Packets too short to hold the headers they claim (reason; also counted in their verdict).
+    /// Reason: too short for the headers it claims.
     pub const TRUNCATED: u32 = 2;
+    /// Verdict: rewritten and sent (`XDP_TX` or `XDP_REDIRECT`).
+    pub const FORWARDED: u32 = 3;
+    /// Verdict: dropped.
+    pub const DROPPED: u32 = 4;
+    /// Reason: IPv4 fragment (passed to the kernel).
+    pub const FRAGMENT: u32 = 5;
+    /// Reason: non-SYN packet to a VIP without a connection (dropped, never sent to a random backend).
+    pub const NO_CONNTRACK: u32 = 6;
+    /// Reason: SYN to a service with no backend taking new clients (dropped).
+    pub const NO_BACKEND: u32 = 7;
+    /// Reason: no free SNAT port after several tries (dropped).
+    pub const SNAT_EXHAUSTED: u32 = 8;
+    /// Reason: next hop's MAC unknown; rewritten packet passed so the kernel resolves it.
+    pub const NO_NEIGH: u32 = 9;
+    /// Reason: no route for the rewritten packet (dropped).
+    pub const FIB_FAILED: u32 = 10;
+    /// Reason: malformed header (bad IHL, TCP data offset) for a VIP (passed).
+    pub const MALFORMED: u32 = 11;
+    /// New connections set up.
+    pub const NEW_FLOWS: u32 = 12;
     /// Number of counters.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 13;
+
+    /// Names for user space, in index order.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "packets",
+        "passed",
+        "truncated",
+        "forwarded",
+        "dropped",
+        "fragment",
+        "no_conntrack",
+        "no_backend",
+        "snat_exhausted",
+        "no_neigh",
+        "fib_failed",
+        "malformed",
+        "new_flows",
+    ];
 }
 
 /// One per-CPU counter cell: packets and bytes.
@@ -34,6 +99,172 @@ pub struct Counter {
 }
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 
+/// Traffic of one service or backend ("in" = client → backend, "out" = backend → client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounters {
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub new_flows: u64,
+    pub _reserved: u64,
+}
+const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 48);
+
+/// Hashing parameters and timeouts shared by all services.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalConfig {
+    pub layout_version: u32,
+    pub seed: u32,
+    pub ring_size: u32,
+    /// SNAT source ports, inclusive, host order.
+    pub snat_port_lo: u16,
+    pub snat_port_hi: u16,
+    /// Number of possible CPUs (SNAT ranges are split between CPUs).
+    pub cpus: u32,
+    pub _pad: u32,
+    /// Idle time after which an open connection's entry is forgotten.
+    pub idle_timeout_ns: u64,
+    /// Idle time after which a closed (RST, or FIN both ways) connection's entry is forgotten.
+    pub closed_timeout_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 40);
+
+/// A service: destination address, port and protocol of client packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub vip_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Index of the service's ring and stats.
+    pub slot: u32,
+    pub flags: u32,
+    /// 0 = no affinity.
+    pub affinity_timeout_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+
+/// Backend flag: the entry describes a live backend.
+pub const BACKEND_PRESENT: u16 = 1;
+/// Backend flag: takes clients with affinity (active or drain, and healthy).
+pub const BACKEND_ADMITS_KNOWN: u16 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendValue {
+    pub addr_be: u32,
+    /// Source address the LB uses toward this backend.
+    pub snat_be: u32,
+    pub port_be: u16,
+    pub flags: u16,
+    pub service_slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<BackendValue>() == 16);
+
+/// One direction of a connection as it arrives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+
+/// Flow flag: this entry is the client → backend direction.
+pub const FLOW_TO_BACKEND: u32 = 1;
+/// Flow flag: FIN seen from the client.
+pub const FLOW_FIN_CLIENT: u32 = 2;
+/// Flow flag: FIN seen from the backend.
+pub const FLOW_FIN_BACKEND: u32 = 4;
+/// Flow flag: RST seen.
+pub const FLOW_RST: u32 = 8;
+
+/// How to rewrite a packet of the flow: the new addresses and ports, all network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub new_src_be: u32,
+    pub new_dst_be: u32,
+    pub new_sport_be: u16,
+    pub new_dport_be: u16,
+    pub backend: u32,
+    pub service_slot: u32,
+    pub flags: u32,
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 32);
+
+impl FlowKey {
+    /// The key of the other direction of the flow this value rewrites to.
+    pub const fn reverse_of(v: &FlowValue) -> FlowKey {
+        FlowKey {
+            src_be: v.new_dst_be,
+            dst_be: v.new_src_be,
+            sport_be: v.new_dport_be,
+            dport_be: v.new_sport_be,
+            proto: 6,
+            _pad: [0; 3],
+        }
+    }
+}
+
+impl FlowValue {
+    /// Whether the connection is over (RST, or FIN both ways).
+    pub const fn closed(&self) -> bool {
+        self.flags & FLOW_RST != 0 || self.flags & (FLOW_FIN_CLIENT | FLOW_FIN_BACKEND) == (FLOW_FIN_CLIENT | FLOW_FIN_BACKEND)
+    }
+
+    /// Whether the entry has outlived its timeout at `now_ns`.
+    pub const fn expired(&self, now_ns: u64, cfg: &GlobalConfig) -> bool {
+        let timeout = if self.closed() { cfg.closed_timeout_ns } else { cfg.idle_timeout_ns };
+        now_ns.saturating_sub(self.last_seen_ns) > timeout
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_slot: u32,
+    pub client_be: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend: u32,
+    /// The backend the client had before it failed over, or [`NO_BACKEND`].
+    pub home: u32,
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+
 #[cfg(feature = "user")]
-// SAFETY: plain old data, repr(C), no padding.
-unsafe impl aya::Pod for Counter {}
+mod pod {
+    use super::*;
+    // SAFETY: all of these are plain old data, repr(C), with explicit padding fields.
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for GlobalConfig {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+}

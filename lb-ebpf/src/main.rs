@@ -2,121 +2,413 @@
 //! (nightly, `-Z build-std=core`, linked by `bpf-linker`) and embedded into the `lb` binary.
 //!
 //! Tour:
-//! - [`lb_xdp`]: the XDP entry point. It only maps the result of [`try_lb_xdp`] to a verdict and
-//!   counts it; all parsing lives in `try_lb_xdp`.
-//! - [`try_lb_xdp`]: parses Ethernet, then IPv4 (honouring IHL), then the TCP/UDP header. For now
-//!   every packet is passed to the kernel (`XDP_PASS`); VIP matching and NAT forwarding come later.
-//! - [`ptr_at`]: the only way to read packet bytes: a bounds check against `data_end` that the
-//!   verifier can follow.
-//! - [`LB_GLOBAL`]: per-CPU counters (`lb_common::maps::MAP_GLOBAL_STATS`), indexed by
-//!   `lb_common::maps::global_counter`. Per-CPU because eBPF has no cheap atomic add; user space
-//!   sums over CPUs. Counters, never per-packet logs.
-//! - [`net`]: the on-wire header layouts this program reads.
-//!
-//! Map names, key/value types and sizes live once in `lb-common`; this crate only declares the maps.
+//! - [`lb_xdp`]: the entry point; maps the result of [`try_lb_xdp`] to a verdict and counts it.
+//! - [`try_lb_xdp`]: parses Ethernet, IPv4 (honouring IHL) and TCP; a packet of a known connection
+//!   (conntrack, either direction) is rewritten and forwarded; a SYN to a service picks a backend
+//!   ([`select_backend`]: affinity, else the Maglev ring), gets a SNAT port ([`alloc_snat`]) and both
+//!   directions recorded. Everything else is passed to the kernel untouched.
+//! - [`rewrite`] / [`forward`]: full-NAT rewrite with incremental checksums, next hop by
+//!   `bpf_fib_lookup`, out by `XDP_TX` or redirect; unknown neighbour → `XDP_PASS` so the kernel
+//!   resolves it.
+//! - [`ptr_at`]: the only way to touch packet bytes: a bounds check the verifier can follow.
+//! - Maps: names and layouts once in `lb_common::maps`; counters are per-CPU, never per-packet logs.
 #![no_std]
 #![no_main]
 
 mod net;
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
+    helpers::{bpf_fib_lookup, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_redirect},
     macros::{map, xdp},
-    maps::PerCpuArray,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
-use lb_common::maps::{Counter, GLOBAL_STATS_ENTRIES, MAP_GLOBAL_STATS, global_counter};
+use lb_common::{
+    csum,
+    hash::ring_slot,
+    maps::{
+        AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, Counter,
+        DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
+        FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, FLOW_TO_BACKEND, FlowKey, FlowValue, GLOBAL_STATS_ENTRIES,
+        GlobalConfig, NO_BACKEND, ServiceKey, ServiceValue, TrafficCounters, global_counter as gc,
+    },
+};
 
-use crate::net::{ETH_P_IPV4, EthHdr, IPPROTO_TCP, IPPROTO_UDP, Ipv4Hdr, TcpHdr, UdpHdr};
+use crate::net::{ETH_P_IPV4, EthHdr, IPPROTO_TCP, Ipv4Hdr, TcpHdr};
 
-/// Per-CPU global counters. The `#[map]` attribute needs a literal name; the assertion below keeps
-/// it equal to the one definition in `lb-common`.
+// `#[map]` needs literal names: they must equal the constants in lb_common::maps (checked below).
 #[map(name = "lb_global")]
-static LB_GLOBAL: PerCpuArray<Counter> = PerCpuArray::with_max_entries(GLOBAL_STATS_ENTRIES, 0);
-const _: () = assert!(str_eq(MAP_GLOBAL_STATS, "lb_global"));
+static GLOBAL: PerCpuArray<Counter> = PerCpuArray::with_max_entries(GLOBAL_STATS_ENTRIES, 0);
+#[map(name = "lb_config")]
+static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+#[map(name = "lb_services")]
+static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+#[map(name = "lb_backends")]
+static BACKENDS: Array<BackendValue> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+#[map(name = "lb_ring")]
+static RING: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES * 65537, 0);
+#[map(name = "lb_conntrack")]
+static CONNTRACK: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+#[map(name = "lb_affinity")]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_max_entries(DEFAULT_AFFINITY_ENTRIES, 0);
+#[map(name = "lb_snat")]
+static SNAT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+#[map(name = "lb_svc_stats")]
+static SERVICE_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+#[map(name = "lb_be_stats")]
+static BACKEND_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-/// Why a packet could not be parsed. Each maps to a reason counter.
-enum ParseError {
-    /// A header did not fit between `data` and `data_end`.
-    Truncated,
+const _: () = {
+    use lb_common::maps::*;
+    assert!(str_eq(MAP_GLOBAL_STATS, "lb_global"));
+    assert!(str_eq(MAP_CONFIG, "lb_config"));
+    assert!(str_eq(MAP_SERVICES, "lb_services"));
+    assert!(str_eq(MAP_BACKENDS, "lb_backends"));
+    assert!(str_eq(MAP_RING, "lb_ring"));
+    assert!(str_eq(MAP_CONNTRACK, "lb_conntrack"));
+    assert!(str_eq(MAP_AFFINITY, "lb_affinity"));
+    assert!(str_eq(MAP_SNAT, "lb_snat"));
+    assert!(str_eq(MAP_SERVICE_STATS, "lb_svc_stats"));
+    assert!(str_eq(MAP_BACKEND_STATS, "lb_be_stats"));
+};
+
+const AF_INET: u8 = 2;
+/// IPv4 "more fragments" flag and fragment offset mask (host order).
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+/// TCP flags in the low byte of `doff_flags` (host order).
+const TCP_FIN: u16 = 0x01;
+const TCP_SYN: u16 = 0x02;
+const TCP_RST: u16 = 0x04;
+const TCP_ACK: u16 = 0x10;
+/// SNAT ports tried before giving up on a SYN.
+const SNAT_TRIES: u32 = 8;
+
+/// A verdict with the reason counter that explains it (or none).
+struct Verdict {
+    action: u32,
+    reason: Option<u32>,
 }
 
-/// XDP entry point: parse, count, and (for now) pass everything to the kernel stack.
+const fn pass(reason: Option<u32>) -> Verdict {
+    Verdict { action: xdp_action::XDP_PASS, reason }
+}
+const fn drop(reason: u32) -> Verdict {
+    Verdict { action: xdp_action::XDP_DROP, reason: Some(reason) }
+}
+
+/// XDP entry point: parse, decide, count.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    count(global_counter::PACKETS, len);
-    let action = match try_lb_xdp(&ctx) {
-        Ok(action) => action,
-        Err(ParseError::Truncated) => {
-            count(global_counter::TRUNCATED, len);
-            xdp_action::XDP_PASS
-        }
-    };
-    if action == xdp_action::XDP_PASS {
-        count(global_counter::PASSED, len);
+    count(gc::PACKETS, len);
+    let verdict = try_lb_xdp(&ctx, len);
+    if let Some(reason) = verdict.reason {
+        count(reason, len);
     }
-    action
+    count(
+        match verdict.action {
+            xdp_action::XDP_PASS => gc::PASSED,
+            xdp_action::XDP_DROP | xdp_action::XDP_ABORTED => gc::DROPPED,
+            _ => gc::FORWARDED,
+        },
+        len,
+    );
+    verdict.action
 }
 
-/// Parses the headers of one frame and decides its verdict.
+/// Parses one frame and decides its verdict.
 #[inline(always)]
-fn try_lb_xdp(ctx: &XdpContext) -> Result<u32, ParseError> {
-    let eth: *const EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: ptr_at checked that the whole header lies inside the packet.
+fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return pass(Some(gc::TRUNCATED)) };
+    // SAFETY (all header reads and writes below): ptr_at checked the header lies in the packet.
     if unsafe { (*eth).ether_type_be } != ETH_P_IPV4.to_be() {
-        // ARP, IPv6, VLAN-tagged, …: not ours (yet).
-        return Ok(xdp_action::XDP_PASS);
+        return pass(None); // ARP, IPv6, VLAN, …
     }
-
-    let ip_off = EthHdr::LEN;
-    let ip: *const Ipv4Hdr = ptr_at(ctx, ip_off)?;
-    // SAFETY: as above.
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else { return pass(Some(gc::TRUNCATED)) };
     let (version_ihl, proto) = unsafe { ((*ip).version_ihl, (*ip).protocol) };
-    if version_ihl >> 4 != 4 {
-        return Ok(xdp_action::XDP_PASS);
+    if version_ihl >> 4 != 4 || proto != IPPROTO_TCP {
+        return pass(None); // ICMP, UDP, …: the kernel's business
     }
-    // IHL counts 32-bit words, 5..=15; anything below 5 is malformed, which the kernel handles.
     let ihl = (version_ihl & 0x0f) as usize;
     if ihl < 5 {
-        return Ok(xdp_action::XDP_PASS);
+        return pass(Some(gc::MALFORMED));
     }
-    let l4_off = ip_off + ihl * 4;
-    // The options must fit too, even though we do not read them.
-    let _end_of_ip: *const [u8; 0] = ptr_at(ctx, l4_off)?;
+    let l4_off = EthHdr::LEN + ihl * 4;
+    if u16::from_be(unsafe { (*ip).frag_off_be }) & (IP_MF | IP_OFFSET) != 0 {
+        return pass(Some(gc::FRAGMENT));
+    }
+    let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4_off) else { return pass(Some(gc::TRUNCATED)) };
+    let flags = u16::from_be(unsafe { (*tcp).doff_flags_be });
+    if ((flags >> 12) as usize) < 5 {
+        return pass(Some(gc::MALFORMED));
+    }
+    let key = FlowKey {
+        src_be: unsafe { (*ip).saddr_be },
+        dst_be: unsafe { (*ip).daddr_be },
+        sport_be: unsafe { (*tcp).source_be },
+        dport_be: unsafe { (*tcp).dest_be },
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let Some(cfg) = CONFIG.get(0) else { return pass(None) };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
 
-    match proto {
-        IPPROTO_TCP => {
-            let _tcp: *const TcpHdr = ptr_at(ctx, l4_off)?;
+    if let Some(flow) = CONNTRACK.get_ptr_mut(&key) {
+        // SAFETY: map value pointer valid for this program run; racing writers only touch
+        // last_seen/flags, for which a torn read is harmless.
+        let f = unsafe { &mut *flow };
+        if !f.expired(now, cfg) && !(syn && f.closed()) {
+            f.last_seen_ns = now;
+            let to_backend = f.flags & FLOW_TO_BACKEND != 0;
+            if flags & (TCP_FIN | TCP_RST) != 0 {
+                let bit = if flags & TCP_RST != 0 {
+                    FLOW_RST
+                } else if to_backend {
+                    FLOW_FIN_CLIENT
+                } else {
+                    FLOW_FIN_BACKEND
+                };
+                f.flags |= bit;
+                if let Some(other) = CONNTRACK.get_ptr_mut(&FlowKey::reverse_of(f)) {
+                    unsafe { (*other).flags |= bit };
+                }
+            }
+            let value = *f;
+            count_traffic(&value, to_backend, len, false);
+            return rewrite_and_forward(ctx, ip, tcp, &key, &value);
         }
-        IPPROTO_UDP => {
-            let _udp: *const UdpHdr = ptr_at(ctx, l4_off)?;
-        }
-        _ => {}
     }
-    Ok(xdp_action::XDP_PASS)
+
+    let service_key = ServiceKey { vip_be: key.dst_be, port_be: key.dport_be, proto: IPPROTO_TCP, _pad: 0 };
+    let Some(service) = (unsafe { SERVICES.get(&service_key) }) else { return pass(None) };
+    if !syn {
+        return drop(gc::NO_CONNTRACK);
+    }
+    let Some((backend_index, backend)) = select_backend(service, key.src_be, cfg, now) else {
+        return drop(gc::NO_BACKEND);
+    };
+    let Some(snat_port_be) = alloc_snat(backend, cfg, now) else { return drop(gc::SNAT_EXHAUSTED) };
+    let forward_value = FlowValue {
+        new_src_be: backend.snat_be,
+        new_dst_be: backend.addr_be,
+        new_sport_be: snat_port_be,
+        new_dport_be: backend.port_be,
+        backend: backend_index,
+        service_slot: service.slot,
+        flags: FLOW_TO_BACKEND,
+        last_seen_ns: now,
+    };
+    let reply_value = FlowValue {
+        new_src_be: key.dst_be,
+        new_dst_be: key.src_be,
+        new_sport_be: key.dport_be,
+        new_dport_be: key.sport_be,
+        backend: backend_index,
+        service_slot: service.slot,
+        flags: 0,
+        last_seen_ns: now,
+    };
+    if CONNTRACK.insert(&FlowKey::reverse_of(&forward_value), &reply_value, 0).is_err()
+        || CONNTRACK.insert(&key, &forward_value, 0).is_err()
+    {
+        return drop(gc::SNAT_EXHAUSTED);
+    }
+    count(gc::NEW_FLOWS, len);
+    count_traffic(&forward_value, true, len, true);
+    rewrite_and_forward(ctx, ip, tcp, &key, &forward_value)
 }
 
-/// A pointer to a `T` at `offset` bytes into the packet, or `Truncated` if it would reach past
-/// `data_end`. The only way this program touches packet memory.
+/// DESIGN.md rules 2 and 3: a live affinity entry to a backend that still admits known clients,
+/// else the Maglev ring slot of the client's hash (and a new affinity entry).
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, ParseError> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() > end {
-        return Err(ParseError::Truncated);
+fn select_backend(
+    service: &ServiceValue,
+    client_be: u32,
+    cfg: &GlobalConfig,
+    now: u64,
+) -> Option<(u32, &'static BackendValue)> {
+    let akey = AffinityKey { service_slot: service.slot, client_be };
+    let mut home = NO_BACKEND;
+    if service.affinity_timeout_ns != 0
+        && let Some(entry) = AFFINITY.get_ptr_mut(&akey)
+    {
+        // SAFETY: valid map value pointer for this run.
+        let a = unsafe { &mut *entry };
+        if now.saturating_sub(a.last_seen_ns) < service.affinity_timeout_ns {
+            if let Some(b) = BACKENDS.get(a.backend)
+                && b.flags & (BACKEND_PRESENT | BACKEND_ADMITS_KNOWN) == (BACKEND_PRESENT | BACKEND_ADMITS_KNOWN)
+                && b.service_slot == service.slot
+            {
+                a.last_seen_ns = now;
+                return Some((a.backend, b));
+            }
+            // Failing over: remember where the client came from (for failback).
+            home = if a.home != NO_BACKEND { a.home } else { a.backend };
+        }
     }
-    Ok((start + offset) as *const T)
+    if cfg.ring_size == 0 {
+        return None;
+    }
+    let slot = ring_slot(cfg.seed, u32::from_be(client_be), cfg.ring_size);
+    let index = *RING.get(service.slot.wrapping_mul(cfg.ring_size).wrapping_add(slot))?;
+    let backend = BACKENDS.get(index)?;
+    if backend.flags & BACKEND_PRESENT == 0 {
+        return None;
+    }
+    if service.affinity_timeout_ns != 0 {
+        let home = if home == index { NO_BACKEND } else { home };
+        let _ = AFFINITY.insert(&akey, &AffinityValue { backend: index, home, last_seen_ns: now }, 0);
+    }
+    Some((index, backend))
 }
 
-/// Adds one packet of `len` bytes to this CPU's slot of counter `index`.
+/// Picks a SNAT source port toward `backend` whose reply key is free (or expired). Each CPU walks
+/// its own share of the range, so CPUs never race for a port.
+#[inline(always)]
+fn alloc_snat(backend: &BackendValue, cfg: &GlobalConfig, now: u64) -> Option<u16> {
+    let cursor = SNAT.get_ptr_mut(0)?;
+    let lo = cfg.snat_port_lo as u32;
+    let range = (cfg.snat_port_hi as u32).checked_sub(lo)? + 1;
+    let cpus = if cfg.cpus == 0 { 1 } else { cfg.cpus };
+    let cpu = unsafe { bpf_get_smp_processor_id() } % cpus;
+    let share = range / cpus;
+    if share == 0 {
+        return None;
+    }
+    for _ in 0..SNAT_TRIES {
+        // SAFETY: per-CPU slot, written only by this CPU.
+        let c = unsafe {
+            let c = *cursor;
+            *cursor = c.wrapping_add(1);
+            c
+        };
+        let port = (lo + cpu * share + c % share) as u16;
+        let reply = FlowKey {
+            src_be: backend.addr_be,
+            dst_be: backend.snat_be,
+            sport_be: backend.port_be,
+            dport_be: port.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        match unsafe { CONNTRACK.get(&reply) } {
+            Some(old) if !old.expired(now, cfg) => continue,
+            _ => return Some(port.to_be()),
+        }
+    }
+    None
+}
+
+/// Rewrites addresses and ports to `value`'s, fixes checksums, and sends the packet on.
+#[inline(always)]
+fn rewrite_and_forward(
+    ctx: &XdpContext,
+    ip: *mut Ipv4Hdr,
+    tcp: *mut TcpHdr,
+    key: &FlowKey,
+    value: &FlowValue,
+) -> Verdict {
+    // SAFETY: both headers were bounds-checked by ptr_at in this run and nothing moved the packet.
+    unsafe {
+        let mut ip_check = (*ip).check_be;
+        ip_check = csum::replace4(ip_check, key.src_be, value.new_src_be);
+        ip_check = csum::replace4(ip_check, key.dst_be, value.new_dst_be);
+        (*ip).check_be = ip_check;
+        (*ip).saddr_be = value.new_src_be;
+        (*ip).daddr_be = value.new_dst_be;
+        let mut tcp_check = (*tcp).check_be;
+        tcp_check = csum::replace4(tcp_check, key.src_be, value.new_src_be);
+        tcp_check = csum::replace4(tcp_check, key.dst_be, value.new_dst_be);
+        tcp_check = csum::replace2(tcp_check, key.sport_be, value.new_sport_be);
+        tcp_check = csum::replace2(tcp_check, key.dport_be, value.new_dport_be);
+        (*tcp).check_be = tcp_check;
+        (*tcp).source_be = value.new_sport_be;
+        (*tcp).dest_be = value.new_dport_be;
+    }
+    forward(ctx, ip)
+}
+
+/// Next hop by the kernel's FIB: fill in MACs and transmit or redirect.
+#[inline(always)]
+fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr) -> Verdict {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return drop(gc::TRUNCATED) };
+    // SAFETY: zeroed bytes are a valid bpf_fib_lookup.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    let ingress = ctx.ingress_ifindex() as u32;
+    unsafe {
+        params.family = AF_INET;
+        params.l4_protocol = IPPROTO_TCP;
+        params.__bindgen_anon_1.tot_len = u16::from_be((*ip).tot_len_be);
+        params.ifindex = ingress;
+        params.__bindgen_anon_2.tos = (*ip).tos;
+        params.__bindgen_anon_3.ipv4_src = (*ip).saddr_be;
+        params.__bindgen_anon_4.ipv4_dst = (*ip).daddr_be;
+    }
+    let ret = unsafe {
+        bpf_fib_lookup(ctx.ctx.cast(), &mut params, core::mem::size_of::<FibParams>() as i32, 0)
+    };
+    if ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        return pass(Some(gc::NO_NEIGH));
+    }
+    if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return drop(gc::FIB_FAILED);
+    }
+    unsafe {
+        (*eth).dst = params.dmac;
+        (*eth).src = params.smac;
+    }
+    if params.ifindex == ingress {
+        return Verdict { action: xdp_action::XDP_TX, reason: None };
+    }
+    Verdict { action: unsafe { bpf_redirect(params.ifindex, 0) } as u32, reason: None }
+}
+
+/// A pointer to a `T` at `offset` bytes into the packet, or None if it would reach past `data_end`.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// Adds one packet of `len` bytes to this CPU's slot of global counter `index`.
 #[inline(always)]
 fn count(index: u32, len: u64) {
-    if let Some(c) = LB_GLOBAL.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, so no other CPU writes it; the map outlives the program run.
+    if let Some(c) = GLOBAL.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, so no other CPU writes it.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += len;
+        }
+    }
+}
+
+/// Per-service and per-backend traffic of a forwarded packet.
+#[inline(always)]
+fn count_traffic(flow: &FlowValue, to_backend: bool, len: u64, new_flow: bool) {
+    add_traffic(SERVICE_STATS.get_ptr_mut(flow.service_slot), to_backend, len, new_flow);
+    add_traffic(BACKEND_STATS.get_ptr_mut(flow.backend), to_backend, len, new_flow);
+}
+
+#[inline(always)]
+fn add_traffic(cell: Option<*mut TrafficCounters>, to_backend: bool, len: u64, new_flow: bool) {
+    let Some(c) = cell else { return };
+    // SAFETY: per-CPU slot.
+    unsafe {
+        if to_backend {
+            (*c).packets_in += 1;
+            (*c).bytes_in += len;
+        } else {
+            (*c).packets_out += 1;
+            (*c).bytes_out += len;
+        }
+        if new_flow {
+            (*c).new_flows += 1;
         }
     }
 }

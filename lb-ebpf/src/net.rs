@@ -5,7 +5,7 @@
 pub const ETH_P_IPV4: u16 = 0x0800;
 /// IP protocol numbers.
 pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
+
 
 /// Ethernet II header.
 #[repr(C)]
@@ -49,13 +49,3 @@ pub struct TcpHdr {
     pub urg_ptr_be: u16,
 }
 const _: () = assert!(core::mem::size_of::<TcpHdr>() == 20);
-
-/// UDP header.
-#[repr(C)]
-pub struct UdpHdr {
-    pub source_be: u16,
-    pub dest_be: u16,
-    pub len_be: u16,
-    pub check_be: u16,
-}
-const _: () = assert!(core::mem::size_of::<UdpHdr>() == 8);

@@ -122,7 +122,39 @@ pub struct Config {
     /// How long SIGTERM waits for open connections before exiting.
     pub shutdown_timeout: Duration,
     pub control: ControlConfig,
+    /// Settings of the XDP datapath; required when any service has `datapath = "xdp"`.
+    pub xdp: Option<XdpConfig>,
     pub services: Vec<ServiceConfig>,
+}
+
+/// How the XDP program attaches to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Driver (native) mode, falling back to skb (generic) mode with a warning.
+    Auto,
+    Driver,
+    Skb,
+}
+
+/// The `[xdp]` table.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct XdpConfig {
+    /// Interfaces carrying client and backend traffic (the program is attached to each).
+    pub interfaces: Vec<String>,
+    pub mode: XdpMode,
+    /// bpffs directory holding the pinned maps and links (kept across restarts of `lb`).
+    pub pin_path: PathBuf,
+    /// SNAT source ports toward backends, inclusive; reserved from the host's ephemeral ports.
+    pub snat_ports: (u16, u16),
+    /// Idle time after which an open connection is forgotten.
+    pub idle_timeout: Duration,
+    /// Idle time after which a closed (FIN both ways, or RST) connection is forgotten.
+    pub closed_timeout: Duration,
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub conntrack_entries: u32,
+    pub affinity_entries: u32,
 }
 
 /// The control socket.

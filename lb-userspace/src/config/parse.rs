@@ -547,6 +547,7 @@ impl Validator<'_, '_> {
             ring_size,
             shutdown_timeout,
             control,
+            xdp: None,
             services,
         })
     }
