@@ -26,6 +26,7 @@ pub mod child;
 pub mod client;
 pub mod netns;
 pub mod servers;
+pub mod tomcat;
 pub mod topology;
 
 use std::io::Write;

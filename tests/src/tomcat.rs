@@ -1,0 +1,297 @@
+//! A real Tomcat 10 (Debian's `tomcat10` package, installed by `cargo xtask setup`) as a test
+//! backend: a private `CATALINA_BASE` per test with only an AJP/1.3 connector, run in the
+//! foreground inside a backend namespace and stopped by its Java PID.
+//!
+//! ```text
+//! let base = CatalinaBase::new("tcup", topo.backend_addr(1), 8009)?;
+//! let mut tomcat = Tomcat::start(topo.backend_ns(1), &base)?;   // java runs in <prefix>-b1
+//! tomcat.wait_cping(topo.lb_ns().name(), addr, Duration::from_secs(60))?;
+//! ```
+//!
+//! `catalina.sh run` ends in `exec java …` and `ip netns exec` execs too, so the spawned
+//! [`Child`]'s PID is the JVM's; [`Tomcat::start`] checks that (`/proc/PID/exe` is a `java`) so
+//! that SIGTERM and the drop-time kill reach the JVM itself, never just a wrapper shell.
+
+use std::fs;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::child::Child;
+use crate::client::ajp_cping_from;
+use crate::netns::Netns;
+use crate::{AJP_CPONG, unique_prefix};
+
+/// Where Debian's `tomcat10` package puts `CATALINA_HOME`.
+pub const CATALINA_HOME: &str = "/usr/share/tomcat10";
+/// The package's pristine configuration (`web.xml`, `catalina.properties`, `logging.properties`).
+const CONF_SOURCES: [&str; 2] = ["/usr/share/tomcat10/etc", "/etc/tomcat10"];
+/// Heap and JIT settings that keep a test Tomcat small and quick to start on a 2-core machine.
+pub const JAVA_OPTS: &str = "-Xmx128m -Xms32m -XX:+UseSerialGC -XX:TieredStopAtLevel=1";
+/// How long [`Tomcat::stop`] and drop wait after SIGTERM before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(15);
+
+/// Checks that Tomcat 10 and a `java` are installed; the error says what is missing and how to
+/// install it.
+pub fn check_installed() -> Result<(), String> {
+    let home = Path::new(CATALINA_HOME);
+    let mut missing = Vec::new();
+    for f in [
+        "bin/catalina.sh",
+        "bin/bootstrap.jar",
+        "bin/tomcat-juli.jar",
+        "lib/catalina.jar",
+    ] {
+        if !home.join(f).is_file() {
+            missing.push(home.join(f).display().to_string());
+        }
+    }
+    if conf_source("web.xml").is_none() {
+        missing.push("web.xml (in /usr/share/tomcat10/etc or /etc/tomcat10)".into());
+    }
+    let java = Command::new("java")
+        .arg("-version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !matches!(java, Ok(s) if s.success()) {
+        missing.push("java (a JRE >= 11 on PATH)".into());
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "Tomcat 10 is not installed (missing: {}); run `cargo xtask setup` (it installs the \
+             Debian packages tomcat10 and a JRE)",
+            missing.join(", ")
+        ))
+    }
+}
+
+fn conf_source(file: &str) -> Option<PathBuf> {
+    CONF_SOURCES
+        .iter()
+        .map(|d| Path::new(d).join(file))
+        .find(|p| p.is_file())
+}
+
+/// The `conf/server.xml` of a test Tomcat: no shutdown port, one AJP/1.3 connector on
+/// `address:ajp_port` (no secret, so a CPing from anywhere is answered), no HTTP connector, an
+/// empty `webapps/`.
+pub fn server_xml(address: Ipv4Addr, ajp_port: u16) -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<!-- lb integration tests: AJP only, no shutdown port (stopped with SIGTERM). -->
+<Server port="-1" shutdown="SHUTDOWN">
+  <Service name="Catalina">
+    <Connector protocol="AJP/1.3" address="{address}" port="{ajp_port}"
+               secretRequired="false" maxThreads="16" />
+    <Engine name="Catalina" defaultHost="localhost">
+      <Host name="localhost" appBase="webapps" unpackWARs="false" autoDeploy="false" />
+    </Engine>
+  </Service>
+</Server>
+"#
+    )
+}
+
+/// A private `CATALINA_BASE` in the temp directory (`conf/`, `logs/`, `temp/`, `work/`,
+/// `webapps/`), removed on drop.
+#[derive(Debug)]
+pub struct CatalinaBase {
+    dir: PathBuf,
+    address: Ipv4Addr,
+    ajp_port: u16,
+}
+
+impl CatalinaBase {
+    /// Create `<tmp>/<unique_prefix(tag)>-catalina` with a server.xml for `address:ajp_port` and the
+    /// package's web.xml, catalina.properties and logging.properties.
+    pub fn new(tag: &str, address: Ipv4Addr, ajp_port: u16) -> io::Result<CatalinaBase> {
+        check_installed().map_err(io::Error::other)?;
+        let dir = std::env::temp_dir().join(format!("{}-catalina", unique_prefix(tag)));
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+        let base = CatalinaBase {
+            dir,
+            address,
+            ajp_port,
+        };
+        for sub in ["conf", "logs", "temp", "work", "webapps"] {
+            fs::create_dir_all(base.dir.join(sub))?;
+        }
+        fs::write(base.dir.join("conf/server.xml"), server_xml(address, ajp_port))?;
+        for f in ["web.xml", "catalina.properties", "logging.properties"] {
+            if let Some(src) = conf_source(f) {
+                fs::copy(&src, base.dir.join("conf").join(f))
+                    .map_err(|e| io::Error::new(e.kind(), format!("copying {}: {e}", src.display())))?;
+            }
+        }
+        Ok(base)
+    }
+
+    /// The directory (`CATALINA_BASE`).
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The AJP connector's address.
+    pub fn ajp_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address.into(), self.ajp_port)
+    }
+
+    /// The last `n` lines of Tomcat's `logs/catalina.*.log` files (for failure messages).
+    pub fn log_tail(&self, n: usize) -> String {
+        let mut lines = Vec::new();
+        if let Ok(rd) = fs::read_dir(self.dir.join("logs")) {
+            let mut files: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+            files.sort();
+            for f in files {
+                if let Ok(text) = fs::read_to_string(&f) {
+                    lines.extend(text.lines().map(String::from));
+                }
+            }
+        }
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for CatalinaBase {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running Tomcat (`catalina.sh run` in the foreground): the [`Child`] *is* the JVM, stopped
+/// with SIGTERM (then SIGKILL after [`STOP_GRACE`]) on drop.
+#[derive(Debug)]
+pub struct Tomcat {
+    child: Child,
+    ajp: SocketAddr,
+    started: Instant,
+}
+
+impl Tomcat {
+    /// `CATALINA_HOME=/usr/share/tomcat10 CATALINA_BASE=<base> catalina.sh run` inside `ns`.
+    /// Returns once the process has exec'd the JVM (not yet listening: see [`Tomcat::wait_cping`]).
+    pub fn start(ns: &Netns, base: &CatalinaBase) -> io::Result<Tomcat> {
+        let catalina = Path::new(CATALINA_HOME).join("bin/catalina.sh");
+        let mut cmd = ns.command(&catalina, &["run"]);
+        cmd.env("CATALINA_HOME", CATALINA_HOME)
+            .env("CATALINA_BASE", base.path())
+            .env("CATALINA_TMPDIR", base.path().join("temp"))
+            .env("JAVA_OPTS", JAVA_OPTS)
+            .env_remove("CATALINA_OPTS")
+            .env_remove("CATALINA_PID")
+            .env_remove("JPDA_OPTS")
+            .current_dir(base.path());
+        let mut child = Child::spawn(cmd)?;
+        child.set_grace(STOP_GRACE);
+        let started = Instant::now();
+        // `ip netns exec` and catalina.sh both exec; wait until the PID runs the JVM.
+        let exe = format!("/proc/{}/exe", child.pid());
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Err(io::Error::other(format!(
+                    "catalina.sh run exited ({status}) before starting java\n--- stderr ---\n{}",
+                    child.stderr_text()
+                )));
+            }
+            let is_java = fs::read_link(&exe)
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n == "java"))
+                .unwrap_or(false);
+            if is_java {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err(io::Error::other(format!(
+                    "pid {} did not become java within 10 s ({} is {:?}); catalina.sh no longer \
+                     execs the JVM?",
+                    child.pid(),
+                    exe,
+                    fs::read_link(&exe).ok()
+                )));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(Tomcat {
+            child,
+            ajp: base.ajp_addr(),
+            started,
+        })
+    }
+
+    /// The JVM's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// True while the JVM runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.is_running()
+    }
+
+    /// Poll with CPings from namespace `from_ns` (any local source address) until one is answered
+    /// by a CPong; returns when that first happened (measured from the CPing that succeeded).
+    /// Fails after `timeout`, or at once when the JVM exits.
+    pub fn wait_cping(&mut self, from_ns: &str, timeout: Duration) -> io::Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(io::Error::other(format!(
+                    "Tomcat (pid {}) exited ({status}) before answering a CPing on {}\n--- stderr ---\n{}",
+                    self.pid(),
+                    self.ajp,
+                    self.child.stderr_text()
+                )));
+            }
+            let t = Instant::now();
+            let last = match ajp_cping_from(from_ns, Ipv4Addr::UNSPECIFIED, self.ajp, Duration::from_secs(2))
+            {
+                Ok(reply) if reply == AJP_CPONG => return Ok(t),
+                Ok(reply) => format!("answered {reply:02x?}"),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "Tomcat (pid {}) did not answer a CPing on {} within {timeout:?} (started \
+                         {:?} ago; last attempt: {last})\n--- stderr ---\n{}",
+                        self.pid(),
+                        self.ajp,
+                        self.started.elapsed(),
+                        self.child.stderr_text()
+                    ),
+                ));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM the JVM (Tomcat's shutdown hook closes the connectors) and wait for it to exit;
+    /// SIGKILL after [`STOP_GRACE`].
+    pub fn stop(&mut self) -> io::Result<ExitStatus> {
+        self.child.stop()
+    }
+
+    /// Send SIGTERM to the JVM without waiting (see [`Tomcat::wait_exit`]).
+    pub fn terminate(&mut self) -> io::Result<()> {
+        self.child.signal(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    /// Wait up to `timeout` for the JVM to exit; `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
+        self.child.wait_timeout(timeout)
+    }
+
+    /// Tomcat's console output (stderr) so far.
+    pub fn stderr_text(&self) -> String {
+        self.child.stderr_text()
+    }
+}
