@@ -15,9 +15,11 @@ pub enum DatapathError {
         source: std::io::Error,
     },
     #[error(
-        "service `{0}` asks for datapath \"xdp\", which this build does not provide yet; use datapath = \"proxy\""
+        "service `{0}` asks for datapath \"xdp\", but the XDP datapath is not running (needs an [xdp] table)"
     )]
     Unavailable(String),
+    #[error("XDP datapath: {0}")]
+    Xdp(String),
 }
 
 /// A forwarding engine for the services whose `datapath` setting names it.

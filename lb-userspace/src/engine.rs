@@ -18,6 +18,7 @@ use crate::datapath::{Datapath, DatapathError};
 use crate::health::{HealthEvent, Supervisor};
 use crate::proxy::ProxyDatapath;
 use crate::state::{self, BackendStats, Command, Effect, Health, State, StateError};
+use crate::xdp::XdpDatapath;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -29,14 +30,17 @@ pub enum EngineError {
     Config(#[from] ConfigError),
     #[error("the daemon was started without a config file; nothing to reload")]
     NoConfigFile,
-    #[error("`{0}` is not an IP address")]
+    #[error("`{0}` is not an IP address (or IP:PORT)")]
     BadAddress(String),
+    #[error(transparent)]
+    Xdp(#[from] crate::xdp::XdpError),
 }
 
 pub struct Engine {
     balancer: Arc<Mutex<Balancer>>,
     config: Mutex<Config>,
     proxy: ProxyDatapath,
+    xdp: Option<XdpDatapath>,
     health: Supervisor,
     started: Instant,
 }
@@ -53,8 +57,16 @@ impl Engine {
             config.seed,
             config.ring_size,
         ))));
+        let wants_xdp = config.services.iter().any(|s| s.datapath == DatapathKind::Xdp);
+        let xdp = match &config.xdp {
+            Some(x) if wants_xdp || !x.interfaces.is_empty() => {
+                Some(XdpDatapath::start(Some(x), config.seed, config.ring_size)?)
+            }
+            _ => None,
+        };
         let engine = Engine {
             proxy: ProxyDatapath::new(balancer.clone()),
+            xdp,
             balancer,
             config: Mutex::new(config.clone()),
             health: Supervisor::new(events, shutdown),
@@ -73,7 +85,7 @@ impl Engine {
     fn datapath(&self, kind: DatapathKind) -> Option<&dyn Datapath> {
         match kind {
             DatapathKind::Proxy => Some(&self.proxy),
-            DatapathKind::Xdp => None,
+            DatapathKind::Xdp => self.xdp.as_ref().map(|x| x as &dyn Datapath),
         }
     }
 
@@ -133,17 +145,30 @@ impl Engine {
             health,
         };
         match self.execute(command) {
-            Ok(_) if health == Health::Down => {
+            Ok(_) => {
                 let b = self.balancer.lock().unwrap();
-                if let Ok(svc) = b.state.service(&service)
-                    && svc.settings.on_down == crate::config::OnDown::Reset
-                    && let Some(be) = svc.backend(&backend.to_string())
-                {
+                let Ok(svc) = b.state.service(&service) else {
+                    return;
+                };
+                let Some(be) = svc.backend(&backend.to_string()) else {
+                    return;
+                };
+                let xdp = self
+                    .xdp
+                    .as_ref()
+                    .filter(|_| svc.settings.datapath == DatapathKind::Xdp);
+                if health == Health::Down && svc.settings.on_down == crate::config::OnDown::Reset {
                     be.stats.reset_connections();
-                    info!(%service, %backend, "on_down = reset: open connections reset");
+                    let flows = xdp.map_or(0, |x| x.reset_backend(&service, be.id));
+                    info!(%service, %backend, kernel_flows = flows, "on_down = reset: open connections reset");
+                }
+                if health == Health::Up
+                    && svc.settings.failback
+                    && let Some(x) = xdp
+                {
+                    x.fail_back(&service, be.id);
                 }
             }
-            Ok(_) => {}
             // The backend or service went away while the check ran.
             Err(e) => info!(%service, %backend, error = %e, "health event dropped"),
         }
@@ -199,11 +224,33 @@ impl Engine {
     }
 
     /// Which backend `client` would reach now, and why (no side effects).
+    /// For XDP services the answer comes from the kernel's maps (conntrack when a port is given,
+    /// affinity, ring).
     pub fn which(&self, service: &str, client: &str) -> Result<WhichView, EngineError> {
-        let ip: IpAddr = client
-            .parse()
-            .map_err(|_| EngineError::BadAddress(client.to_string()))?;
+        let (ip, port): (IpAddr, Option<u16>) = match client.parse::<std::net::SocketAddr>() {
+            Ok(sa) => (sa.ip(), Some(sa.port())),
+            Err(_) => (
+                client
+                    .parse()
+                    .map_err(|_| EngineError::BadAddress(client.to_string()))?,
+                None,
+            ),
+        };
         let b = self.balancer.lock().unwrap();
+        let svc = b.state.service(service)?;
+        if let (DatapathKind::Xdp, Some(xdp), IpAddr::V4(v4)) = (svc.settings.datapath, &self.xdp, ip)
+            && let Some(k) = xdp.which(service, v4, port)
+        {
+            let backend = k.backend_id.and_then(|id| svc.backend_by_id(id));
+            return Ok(WhichView {
+                service: service.to_string(),
+                client: client.to_string(),
+                backend: backend.map(|b| b.config.name.clone()),
+                address: backend.map(|b| b.config.address.to_string()),
+                reason: k.reason.to_string(),
+                detail: k.detail,
+            });
+        }
         let now = Instant::now();
         let view =
             |backend: Option<String>, address: Option<String>, reason: &str, detail: String| WhichView {
@@ -252,41 +299,38 @@ impl Engine {
         }
     }
 
-    /// Services, backends and counters.
+    /// Services, backends and counters (for XDP services, the kernel's per-CPU counters summed).
     pub fn status(&self, only: Option<&str>) -> Result<StatusView, EngineError> {
         let b = self.balancer.lock().unwrap();
         if let Some(name) = only {
             b.state.service(name)?;
         }
         let get = BackendStats::get;
-        let services = b
+        let mut services = Vec::new();
+        for s in b
             .state
             .services
             .values()
             .filter(|s| only.is_none_or(|o| o == s.settings.name))
-            .map(|s| ServiceView {
-                name: s.settings.name.clone(),
-                listen: s.settings.listen.to_string(),
-                protocol: s.settings.protocol,
-                datapath: s.settings.datapath,
-                affinity_timeout_secs: s.settings.affinity_timeout.as_secs(),
-                affinity_entries: b.affinity_len(&s.settings.name) as u64,
-                on_backups: s.ring_uses_backups,
-                failed_connections: self
-                    .proxy
-                    .service_stats(&s.settings.name)
-                    .map_or(0, |st| st.failed.load(std::sync::atomic::Ordering::Relaxed)),
-                backends: s
-                    .backends
-                    .iter()
-                    .map(|be| BackendView {
+        {
+            let name = &s.settings.name;
+            let ring_slots = slots(&s.ring);
+            let kernel = match (&self.xdp, s.settings.datapath) {
+                (Some(xdp), DatapathKind::Xdp) => Some(xdp.backend_traffic(name)),
+                _ => None,
+            };
+            let backends = s
+                .backends
+                .iter()
+                .map(|be| {
+                    let mut view = BackendView {
                         name: be.config.name.clone(),
                         address: be.config.address.to_string(),
                         weight: be.config.weight,
                         backup: be.config.backup,
                         state: be.config.state,
                         health: be.health,
-                        ring_slots: slots(&s.ring).get(&be.id).copied().unwrap_or(0),
+                        ring_slots: ring_slots.get(&be.id).copied().unwrap_or(0),
                         check: (s.settings.health.kind != crate::config::HealthKind::None)
                             .then(|| be.check.lock().unwrap().snapshot()),
                         active_connections: get(&be.stats.active_connections),
@@ -294,10 +338,34 @@ impl Engine {
                         connect_failures: get(&be.stats.connect_failures),
                         bytes_in: get(&be.stats.bytes_in),
                         bytes_out: get(&be.stats.bytes_out),
-                    })
-                    .collect(),
-            })
-            .collect();
+                    };
+                    if let Some(k) = kernel.as_ref().and_then(|k| k.get(&be.id)) {
+                        view.active_connections = k.active;
+                        view.total_connections = k.traffic.new_flows;
+                        view.bytes_in = k.traffic.bytes_in;
+                        view.bytes_out = k.traffic.bytes_out;
+                    }
+                    view
+                })
+                .collect();
+            services.push(ServiceView {
+                name: name.clone(),
+                listen: s.settings.listen.to_string(),
+                protocol: s.settings.protocol,
+                datapath: s.settings.datapath,
+                affinity_timeout_secs: s.settings.affinity_timeout.as_secs(),
+                affinity_entries: match (&self.xdp, s.settings.datapath) {
+                    (Some(xdp), DatapathKind::Xdp) => xdp.affinity_len(name),
+                    _ => b.affinity_len(name) as u64,
+                },
+                on_backups: s.ring_uses_backups,
+                failed_connections: self
+                    .proxy
+                    .service_stats(name)
+                    .map_or(0, |st| st.failed.load(std::sync::atomic::Ordering::Relaxed)),
+                backends,
+            });
+        }
         Ok(StatusView {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_secs: self.started.elapsed().as_secs(),
@@ -308,6 +376,12 @@ impl Engine {
                 .path
                 .as_ref()
                 .map(|p| p.display().to_string()),
+            xdp: self.xdp.as_ref().map(|x| {
+                x.global_counters()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect()
+            }),
             services,
         })
     }

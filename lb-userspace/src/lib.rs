@@ -5,7 +5,8 @@
 //! - [`maglev`]: the weighted Maglev table builder.
 //! - [`balancer`]: state + per-service affinity tables; backend selection by the DESIGN.md rules.
 //! - [`engine`]: applies commands to the balancer and the datapaths; answers control requests.
-//! - [`datapath`]: the trait every datapath implements; [`proxy`]: the tokio full proxy.
+//! - [`datapath`]: the trait every datapath implements; [`proxy`]: the tokio full proxy;
+//!   [`xdp`]: the kernel fast path (loads, pins and attaches the eBPF program, writes its maps).
 //! - [`health`]: TCP and AJP health checks ([`ajp`]: the CPing/CPong codec), rise/fall.
 //! - [`control`]: the control socket protocol, server and client.
 //! - [`daemon`]: `lb run` (socket, engine, signals, graceful shutdown).
@@ -24,3 +25,4 @@ pub mod health;
 pub mod maglev;
 pub mod proxy;
 pub mod state;
+pub mod xdp;

@@ -45,6 +45,11 @@ enum Cmd {
     },
     /// Validate a config file without starting.
     CheckConfig { file: PathBuf },
+    /// Detach the XDP program and remove its pinned maps (drops live XDP connections and affinity).
+    Cleanup {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
     /// Services, backends and counters.
     Status,
     /// Manage backends.
@@ -53,7 +58,7 @@ enum Cmd {
     /// Manage services.
     #[command(subcommand)]
     Service(ServiceCmd),
-    /// Which backend a client would reach, and why.
+    /// Which backend a client would reach, and why (CLIENT is IP, or IP:PORT for an open connection).
     Which { service: String, client: String },
     /// Re-read the config file and apply what changed.
     Reload,
@@ -154,6 +159,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 file.display(),
                 c.services.len(),
                 backends
+            );
+            return Ok(());
+        }
+        Cmd::Cleanup { config } => {
+            let c = Config::load(&config)?;
+            let Some(xdp) = c.xdp else {
+                println!("{}: no [xdp] table; nothing to clean up", config.display());
+                return Ok(());
+            };
+            let removed = lb::xdp::cleanup(&xdp.pin_path)?;
+            println!(
+                "removed {} pinned objects under {}",
+                removed.len(),
+                xdp.pin_path.display()
             );
             return Ok(());
         }

@@ -233,6 +233,9 @@ async fn relay(client: TcpStream, backend: TcpStream, stats: &BackendStats) {
             for s in [cw.as_ref(), bw.as_ref()] {
                 let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &nix::libc::linger { l_onoff: 1, l_linger: 0 });
             }
+            // Dropping a write half would send a FIN first; forget them so the close is the RST.
+            cw.forget();
+            bw.forget();
             debug!("connection reset: backend marked down");
         }
     }

@@ -105,6 +105,9 @@ pub struct StatusView {
     pub version: String,
     pub uptime_secs: u64,
     pub config: Option<String>,
+    /// XDP program counters by name (packets), when the XDP datapath runs.
+    #[serde(default)]
+    pub xdp: Option<std::collections::BTreeMap<String, u64>>,
     pub services: Vec<ServiceView>,
 }
 

@@ -1,0 +1,872 @@
+//! The XDP datapath (`datapath = "xdp"`): loads the embedded eBPF program, pins its maps and links
+//! under `[xdp] pin_path`, attaches it to the configured interfaces, and keeps the kernel's maps equal
+//! to the state: services, backends, and Maglev rings (only changed slots are written).
+//!
+//! Restart without drops: maps and links stay pinned when `lb` exits, so the kernel keeps forwarding.
+//! The next `lb run` adopts them (same layout version and ring size), finds every service's slot
+//! and backend's index again by address, and swaps the program in place. `lb cleanup` removes it all.
+
+use std::collections::{HashMap as StdHashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::XdpLink;
+use aya::programs::{ProgramError, Xdp, XdpMode as AyaXdpMode};
+use aya::{Ebpf, EbpfLoader, TestRun, TestRunOptions};
+use lb_common::maps::{
+    AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, Counter,
+    FLOW_TO_BACKEND, FlowKey, FlowValue, GlobalConfig, LAYOUT_VERSION, NO_BACKEND, ServiceKey, ServiceValue,
+    TrafficCounters, global_counter,
+};
+use lb_common::maps::{
+    MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_GLOBAL_STATS, MAP_RING,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT,
+};
+use tracing::{info, warn};
+
+use crate::config::{DatapathKind, XdpConfig, XdpMode};
+use crate::datapath::{Datapath, DatapathError};
+use crate::ebpf::{self, XDP_PROGRAM};
+use crate::state::{Effect, Service, State};
+
+const IPPROTO_TCP: u8 = 6;
+/// Ring content not yet written by this process (never a backend index).
+const UNKNOWN: u32 = NO_BACKEND - 1;
+/// Magic number of the BPF filesystem (statfs f_type).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum XdpError {
+    #[error(transparent)]
+    Load(#[from] ebpf::LoadError),
+    #[error("eBPF: {0}")]
+    Ebpf(#[from] aya::EbpfError),
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("XDP program: {0}")]
+    Program(#[from] ProgramError),
+    #[error("cannot attach XDP to interface `{interface}` in {mode} mode: {source}")]
+    Attach {
+        interface: String,
+        mode: &'static str,
+        source: ProgramError,
+    },
+    #[error("pinning {path}: {message}")]
+    Pin { path: PathBuf, message: String },
+    #[error(
+        "the maps pinned at {path} have layout version {found} / ring size {found_ring} but this lb needs {want} / {want_ring}; \
+         run `lb cleanup -c FILE` to remove them (this drops live XDP connections) or restore the old setting"
+    )]
+    Layout {
+        path: PathBuf,
+        found: u32,
+        want: u32,
+        found_ring: u32,
+        want_ring: u32,
+    },
+    #[error("no free {what} slot in the XDP maps (max {max}); raise [xdp] {key}")]
+    Full {
+        what: &'static str,
+        max: u32,
+        key: &'static str,
+    },
+    #[error("XDP services need IPv4 addresses; {0} is not")]
+    NotIpv4(SocketAddr),
+    #[error("cannot find the source address toward backend {backend}: {source}")]
+    Route {
+        backend: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    System(String),
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> XdpError {
+    move |source| XdpError::Map { name, source }
+}
+
+/// Typed handles on the program's maps.
+struct Maps {
+    config: Array<MapData, GlobalConfig>,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: Array<MapData, BackendValue>,
+    ring: Array<MapData, u32>,
+    conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    global: PerCpuArray<MapData, Counter>,
+    service_stats: PerCpuArray<MapData, TrafficCounters>,
+    backend_stats: PerCpuArray<MapData, TrafficCounters>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, XdpError> {
+    let map = ebpf.take_map(name).ok_or(XdpError::Map {
+        name,
+        source: aya::maps::MapError::InvalidName {
+            name: name.to_string(),
+        },
+    })?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+/// A service as written into the kernel.
+#[derive(Debug, Default)]
+struct KernelService {
+    slot: u32,
+    key: ServiceKey,
+    value: ServiceValue,
+    /// State backend id → kernel backend index.
+    backends: StdHashMap<u32, u32>,
+    /// What each backend index holds now.
+    written: StdHashMap<u32, BackendValue>,
+    /// The ring as written (kernel indices).
+    ring: Vec<u32>,
+}
+
+struct Inner {
+    ebpf: Ebpf,
+    maps: Maps,
+    ring_size: u32,
+    max_services: u32,
+    services: StdHashMap<String, KernelService>,
+    free_slots: VecDeque<u32>,
+    free_backends: VecDeque<u32>,
+    /// Pinned service slots and backend indices found at start, waiting to be claimed.
+    adopt_services: StdHashMap<ServiceKey, u32>,
+    adopt_backends: StdHashMap<(u32, u32, u16), u32>,
+}
+
+/// Kernel-side counters of one backend or service, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelTraffic {
+    pub traffic: TrafficCounters,
+    /// Open connections (client → backend conntrack entries neither closed nor expired).
+    pub active: u64,
+}
+
+/// Where the kernel would send a client, from its own maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelChoice {
+    /// State backend id, if the index maps to a live backend.
+    pub backend_id: Option<u32>,
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+pub struct XdpDatapath {
+    inner: Mutex<Inner>,
+    pin_path: Option<PathBuf>,
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+fn ipv4(addr: SocketAddr) -> Result<SocketAddrV4, XdpError> {
+    match addr {
+        SocketAddr::V4(v4) => Ok(v4),
+        SocketAddr::V6(_) => Err(XdpError::NotIpv4(addr)),
+    }
+}
+
+/// The address this host would use as source toward `backend` (route lookup without sending).
+fn source_toward(backend: SocketAddrV4) -> Result<Ipv4Addr, XdpError> {
+    let route = |source| XdpError::Route {
+        backend: SocketAddr::V4(backend),
+        source,
+    };
+    let socket = UdpSocket::bind("0.0.0.0:0").map_err(route)?;
+    socket.connect(backend).map_err(route)?;
+    match socket.local_addr().map_err(route)?.ip() {
+        IpAddr::V4(v4) => Ok(v4),
+        IpAddr::V6(_) => Err(route(std::io::Error::other("IPv6 source"))),
+    }
+}
+
+impl XdpDatapath {
+    /// Loads the program and its maps. With `config`, maps and links are pinned (adopting pinned
+    /// ones) and the program is attached to the configured interfaces; without, nothing is pinned
+    /// or attached (packet-fixture tests and benchmarks drive it through [`XdpDatapath::test_run`]).
+    pub fn start(config: Option<&XdpConfig>, seed: u32, ring_size: u32) -> Result<XdpDatapath, XdpError> {
+        let object = ebpf::object().ok_or(ebpf::LoadError::NotEmbedded)?;
+        let defaults = XdpConfig {
+            interfaces: vec![],
+            mode: XdpMode::Auto,
+            pin_path: PathBuf::new(),
+            snat_ports: (20000, 29999),
+            idle_timeout: Duration::from_secs(900),
+            closed_timeout: Duration::from_secs(2),
+            max_services: lb_common::maps::DEFAULT_MAX_SERVICES,
+            max_backends: lb_common::maps::DEFAULT_MAX_BACKENDS,
+            conntrack_entries: lb_common::maps::DEFAULT_CONNTRACK_ENTRIES,
+            affinity_entries: lb_common::maps::DEFAULT_AFFINITY_ENTRIES,
+        };
+        let cfg = config.unwrap_or(&defaults);
+        let pin_path = config.map(|c| c.pin_path.clone());
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(MAP_SERVICES, cfg.max_services)
+            .map_max_entries(MAP_SERVICE_STATS, cfg.max_services)
+            .map_max_entries(MAP_BACKENDS, cfg.max_backends)
+            .map_max_entries(MAP_BACKEND_STATS, cfg.max_backends)
+            .map_max_entries(MAP_RING, cfg.max_services * ring_size)
+            .map_max_entries(MAP_CONNTRACK, cfg.conntrack_entries)
+            .map_max_entries(MAP_AFFINITY, cfg.affinity_entries);
+        let names = [
+            MAP_GLOBAL_STATS,
+            MAP_CONFIG,
+            MAP_SERVICES,
+            MAP_BACKENDS,
+            MAP_RING,
+            MAP_CONNTRACK,
+            MAP_AFFINITY,
+            MAP_SNAT,
+            MAP_SERVICE_STATS,
+            MAP_BACKEND_STATS,
+        ];
+        if let Some(dir) = &pin_path {
+            ensure_bpffs(dir)?;
+            for name in names {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(object)?;
+        let mut maps = Maps {
+            config: take(&mut ebpf, MAP_CONFIG)?,
+            services: take(&mut ebpf, MAP_SERVICES)?,
+            backends: take(&mut ebpf, MAP_BACKENDS)?,
+            ring: take(&mut ebpf, MAP_RING)?,
+            conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
+            affinity: take(&mut ebpf, MAP_AFFINITY)?,
+            global: take(&mut ebpf, MAP_GLOBAL_STATS)?,
+            service_stats: take(&mut ebpf, MAP_SERVICE_STATS)?,
+            backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
+        };
+        let max_services = maps.service_stats.len();
+        let max_backends = maps.backends.len();
+        let old = maps.config.get(&0, 0).map_err(map_err(MAP_CONFIG))?;
+        let adopting = old.layout_version != 0;
+        if adopting
+            && (old.layout_version != LAYOUT_VERSION
+                || old.ring_size != ring_size
+                || maps.ring.len() != max_services * ring_size)
+        {
+            return Err(XdpError::Layout {
+                path: pin_path.clone().unwrap_or_default(),
+                found: old.layout_version,
+                want: LAYOUT_VERSION,
+                found_ring: old.ring_size,
+                want_ring: ring_size,
+            });
+        }
+        let global = GlobalConfig {
+            layout_version: LAYOUT_VERSION,
+            seed,
+            ring_size,
+            snat_port_lo: cfg.snat_ports.0,
+            snat_port_hi: cfg.snat_ports.1,
+            cpus: aya::util::nr_cpus().map_err(|(_, e)| XdpError::System(format!("counting CPUs: {e}")))?
+                as u32,
+            _pad: 0,
+            idle_timeout_ns: cfg.idle_timeout.as_nanos() as u64,
+            closed_timeout_ns: cfg.closed_timeout.as_nanos() as u64,
+        };
+        maps.config.set(0, global, 0).map_err(map_err(MAP_CONFIG))?;
+
+        let mut adopt_services = StdHashMap::new();
+        let mut adopt_backends = StdHashMap::new();
+        if adopting {
+            for entry in maps.services.iter() {
+                let (k, v) = entry.map_err(map_err(MAP_SERVICES))?;
+                adopt_services.insert(k, v.slot);
+            }
+            for i in 0..max_backends {
+                let b = maps.backends.get(&i, 0).map_err(map_err(MAP_BACKENDS))?;
+                if b.flags & BACKEND_PRESENT != 0 {
+                    adopt_backends.insert((b.service_slot, b.addr_be, b.port_be), i);
+                }
+            }
+            info!(
+                path = %pin_path.as_deref().unwrap_or(Path::new("")).display(),
+                services = adopt_services.len(),
+                backends = adopt_backends.len(),
+                "adopting pinned XDP maps: live connections and affinity carry on"
+            );
+        }
+        let taken_slots: Vec<u32> = adopt_services.values().copied().collect();
+        let taken_backends: Vec<u32> = adopt_backends.values().copied().collect();
+
+        let program: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or_else(|| XdpError::System(format!("program {XDP_PROGRAM} missing from the object")))?
+            .try_into()?;
+        program.load()?;
+        if let Some(config) = config {
+            prepare_host(config)?;
+            for interface in &config.interfaces {
+                attach(program, interface, config.mode, &config.pin_path)?;
+            }
+        }
+        Ok(XdpDatapath {
+            inner: Mutex::new(Inner {
+                ebpf,
+                maps,
+                ring_size,
+                max_services,
+                services: StdHashMap::new(),
+                free_slots: (0..max_services).filter(|s| !taken_slots.contains(s)).collect(),
+                free_backends: (0..max_backends)
+                    .filter(|b| !taken_backends.contains(b))
+                    .collect(),
+                adopt_services,
+                adopt_backends,
+            }),
+            pin_path,
+        })
+    }
+
+    /// Runs the program once (or `repeat` times) on `frame` as if it arrived on `ingress_ifindex`:
+    /// (verdict, output frame, average time per run).
+    pub fn test_run(
+        &self,
+        frame: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Result<(u32, Vec<u8>, Duration), XdpError> {
+        let inner = self.inner.lock().unwrap();
+        let program: &Xdp = inner
+            .ebpf
+            .program(XDP_PROGRAM)
+            .ok_or_else(|| XdpError::System("program missing".into()))?
+            .try_into()?;
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..TestRunOptions::default()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out, result.duration))
+    }
+
+    /// Global counters by name, summed over CPUs.
+    pub fn global_counters(&self) -> Vec<(&'static str, u64)> {
+        let inner = self.inner.lock().unwrap();
+        global_counter::NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let packets = inner
+                    .maps
+                    .global
+                    .get(&(i as u32), 0)
+                    .map(|v| v.iter().map(|c| c.packets).sum())
+                    .unwrap_or(0);
+                (*name, packets)
+            })
+            .collect()
+    }
+
+    /// Kernel counters of each backend of `service`, by state backend id.
+    pub fn backend_traffic(&self, service: &str) -> StdHashMap<u32, KernelTraffic> {
+        let inner = self.inner.lock().unwrap();
+        let Some(ks) = inner.services.get(service) else {
+            return StdHashMap::new();
+        };
+        let mut by_index: StdHashMap<u32, KernelTraffic> = StdHashMap::new();
+        for index in ks.backends.values() {
+            let traffic = inner
+                .maps
+                .backend_stats
+                .get(index, 0)
+                .map(|v| v.iter().fold(TrafficCounters::default(), |a, c| add(&a, c)))
+                .unwrap_or_default();
+            by_index.insert(*index, KernelTraffic { traffic, active: 0 });
+        }
+        let now = monotonic_ns();
+        let global = inner.maps.config.get(&0, 0).unwrap_or_default();
+        for (_, v) in inner.maps.conntrack.iter().flatten() {
+            if v.flags & FLOW_TO_BACKEND != 0
+                && v.service_slot == ks.slot
+                && !v.closed()
+                && !v.expired(now, &global)
+                && let Some(t) = by_index.get_mut(&v.backend)
+            {
+                t.active += 1;
+            }
+        }
+        ks.backends
+            .iter()
+            .filter_map(|(id, index)| by_index.get(index).map(|t| (*id, *t)))
+            .collect()
+    }
+
+    /// Which backend the kernel would give `client` (with `port`: an existing connection first).
+    pub fn which(&self, service: &str, client: Ipv4Addr, port: Option<u16>) -> Option<KernelChoice> {
+        let inner = self.inner.lock().unwrap();
+        let ks = inner.services.get(service)?;
+        let id_of = |index: u32| ks.backends.iter().find(|(_, i)| **i == index).map(|(id, _)| *id);
+        let now = monotonic_ns();
+        let global = inner.maps.config.get(&0, 0).ok()?;
+        if let Some(port) = port {
+            let key = FlowKey {
+                src_be: u32::from(client).to_be(),
+                dst_be: ks.key.vip_be,
+                sport_be: port.to_be(),
+                dport_be: ks.key.port_be,
+                proto: IPPROTO_TCP,
+                _pad: [0; 3],
+            };
+            if let Ok(flow) = inner.maps.conntrack.get(&key, 0)
+                && !flow.expired(now, &global)
+            {
+                return Some(KernelChoice {
+                    backend_id: id_of(flow.backend),
+                    reason: "conntrack",
+                    detail: format!(
+                        "open connection from port {port}, idle {} ms",
+                        (now - flow.last_seen_ns) / 1_000_000
+                    ),
+                });
+            }
+        }
+        let akey = AffinityKey {
+            service_slot: ks.slot,
+            client_be: u32::from(client).to_be(),
+        };
+        if ks.value.affinity_timeout_ns != 0
+            && let Ok(a) = inner.maps.affinity.get(&akey, 0)
+        {
+            let age = now.saturating_sub(a.last_seen_ns);
+            let admits = inner
+                .maps
+                .backends
+                .get(&a.backend, 0)
+                .is_ok_and(|b| b.flags & BACKEND_ADMITS_KNOWN != 0 && b.service_slot == ks.slot);
+            if age < ks.value.affinity_timeout_ns && admits {
+                return Some(KernelChoice {
+                    backend_id: id_of(a.backend),
+                    reason: "affinity",
+                    detail: format!(
+                        "kernel affinity entry, last connection {}s ago",
+                        age / 1_000_000_000
+                    ),
+                });
+            }
+        }
+        let slot = lb_common::hash::ring_slot(global.seed, u32::from(client), inner.ring_size);
+        let index = ks.ring.get(slot as usize).copied().unwrap_or(NO_BACKEND);
+        if index == NO_BACKEND {
+            return Some(KernelChoice {
+                backend_id: None,
+                reason: "none",
+                detail: "the kernel ring is empty".into(),
+            });
+        }
+        Some(KernelChoice {
+            backend_id: id_of(index),
+            reason: "ring",
+            detail: format!("kernel Maglev ring slot {slot} of {}", inner.ring_size),
+        })
+    }
+
+    /// Forgets kernel affinity entries of clients that failed over away from `backend_id`.
+    pub fn fail_back(&self, service: &str, backend_id: u32) {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(ks) = inner.services.get(service) else {
+            return;
+        };
+        let (slot, Some(index)) = (ks.slot, ks.backends.get(&backend_id).copied()) else {
+            return;
+        };
+        let stale: Vec<AffinityKey> = inner
+            .maps
+            .affinity
+            .iter()
+            .flatten()
+            .filter(|(k, v)| k.service_slot == slot && v.home == index)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            let _ = inner.maps.affinity.remove(k);
+        }
+        info!(
+            service,
+            clients = stale.len(),
+            "failback: kernel affinity entries forgotten"
+        );
+    }
+
+    /// Live kernel affinity entries of `service`.
+    pub fn affinity_len(&self, service: &str) -> u64 {
+        let inner = self.inner.lock().unwrap();
+        let Some(ks) = inner.services.get(service) else {
+            return 0;
+        };
+        let now = monotonic_ns();
+        inner
+            .maps
+            .affinity
+            .iter()
+            .flatten()
+            .filter(|(k, v)| {
+                k.service_slot == ks.slot && now.saturating_sub(v.last_seen_ns) < ks.value.affinity_timeout_ns
+            })
+            .count() as u64
+    }
+
+    /// Forgets every connection to `backend_id` (`on_down = "reset"`): their next packets have no
+    /// conntrack entry and are dropped, so both ends time out or reset.
+    pub fn reset_backend(&self, service: &str, backend_id: u32) -> usize {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(ks) = inner.services.get(service) else {
+            return 0;
+        };
+        let (slot, Some(index)) = (ks.slot, ks.backends.get(&backend_id).copied()) else {
+            return 0;
+        };
+        let flows: Vec<FlowKey> = inner
+            .maps
+            .conntrack
+            .iter()
+            .flatten()
+            .filter(|(_, v)| v.service_slot == slot && v.backend == index)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &flows {
+            let _ = inner.maps.conntrack.remove(k);
+        }
+        flows.len() / 2
+    }
+
+    pub fn pin_path(&self) -> Option<&Path> {
+        self.pin_path.as_deref()
+    }
+}
+
+fn add(a: &TrafficCounters, c: &TrafficCounters) -> TrafficCounters {
+    TrafficCounters {
+        packets_in: a.packets_in + c.packets_in,
+        bytes_in: a.bytes_in + c.bytes_in,
+        packets_out: a.packets_out + c.packets_out,
+        bytes_out: a.bytes_out + c.bytes_out,
+        new_flows: a.new_flows + c.new_flows,
+        _reserved: 0,
+    }
+}
+
+impl Inner {
+    /// Writes a service, its backends and the changed ring slots.
+    fn sync(&mut self, svc: &Service) -> Result<(), XdpError> {
+        let listen = ipv4(svc.settings.listen)?;
+        let key = ServiceKey {
+            vip_be: u32::from(*listen.ip()).to_be(),
+            port_be: listen.port().to_be(),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        };
+        let name = svc.settings.name.clone();
+        if !self.services.contains_key(&name) {
+            let slot = match self.adopt_services.remove(&key) {
+                Some(slot) => slot,
+                None => self.free_slots.pop_front().ok_or(XdpError::Full {
+                    what: "service",
+                    max: self.max_services,
+                    key: "max_services",
+                })?,
+            };
+            // The slot's ring content is unknown (fresh map, adopted or reused): write every slot once.
+            let ring = vec![UNKNOWN; self.ring_size as usize];
+            self.services.insert(
+                name.clone(),
+                KernelService {
+                    slot,
+                    key,
+                    ring,
+                    ..Default::default()
+                },
+            );
+        }
+        let ks = self.services.get_mut(&name).expect("inserted above");
+        let value = ServiceValue {
+            slot: ks.slot,
+            flags: 0,
+            affinity_timeout_ns: svc.settings.affinity_timeout.as_nanos() as u64,
+        };
+        if value != ks.value || ks.key != key {
+            self.maps
+                .services
+                .insert(key, value, 0)
+                .map_err(map_err(MAP_SERVICES))?;
+            ks.key = key;
+            ks.value = value;
+        }
+        // Backends: new ones get an index (their pinned one when adopting), gone ones are cleared.
+        for b in &svc.backends {
+            let address = ipv4(b.config.address)?;
+            let index = match ks.backends.get(&b.id) {
+                Some(i) => *i,
+                None => {
+                    let pinned = (ks.slot, u32::from(*address.ip()).to_be(), address.port().to_be());
+                    let i = match self.adopt_backends.remove(&pinned) {
+                        Some(i) => i,
+                        None => self.free_backends.pop_front().ok_or(XdpError::Full {
+                            what: "backend",
+                            max: self.maps.backends.len(),
+                            key: "max_backends",
+                        })?,
+                    };
+                    ks.backends.insert(b.id, i);
+                    i
+                }
+            };
+            let mut flags = BACKEND_PRESENT;
+            if b.admits_known() {
+                flags |= BACKEND_ADMITS_KNOWN;
+            }
+            let snat = match ks.written.get(&index) {
+                Some(old) if old.addr_be == u32::from(*address.ip()).to_be() => old.snat_be,
+                _ => u32::from(source_toward(address)?).to_be(),
+            };
+            let value = BackendValue {
+                addr_be: u32::from(*address.ip()).to_be(),
+                snat_be: snat,
+                port_be: address.port().to_be(),
+                flags,
+                service_slot: ks.slot,
+            };
+            if ks.written.get(&index) != Some(&value) {
+                self.maps
+                    .backends
+                    .set(index, value, 0)
+                    .map_err(map_err(MAP_BACKENDS))?;
+                ks.written.insert(index, value);
+            }
+        }
+        let gone: Vec<u32> = ks
+            .backends
+            .keys()
+            .filter(|id| svc.backend_by_id(**id).is_none())
+            .copied()
+            .collect();
+        for id in gone {
+            let index = ks.backends.remove(&id).expect("listed above");
+            ks.written.remove(&index);
+            self.maps
+                .backends
+                .set(index, BackendValue::default(), 0)
+                .map_err(map_err(MAP_BACKENDS))?;
+            self.free_backends.push_back(index);
+        }
+        // Ring: translate backend ids to kernel indices and write only the slots that differ.
+        let base = ks.slot * self.ring_size;
+        let mut changed = 0usize;
+        for slot in 0..self.ring_size as usize {
+            let want = svc
+                .ring
+                .get(slot)
+                .and_then(|id| ks.backends.get(id))
+                .copied()
+                .unwrap_or(NO_BACKEND);
+            if ks.ring[slot] != want {
+                self.maps
+                    .ring
+                    .set(base + slot as u32, want, 0)
+                    .map_err(map_err(MAP_RING))?;
+                ks.ring[slot] = want;
+                changed += 1;
+            }
+        }
+        if changed > 0 {
+            tracing::debug!(service = %name, slots = changed, "kernel ring updated");
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, name: &str) -> Result<(), XdpError> {
+        let Some(ks) = self.services.remove(name) else {
+            return Ok(());
+        };
+        let _ = self.maps.services.remove(&ks.key);
+        for index in ks.backends.values() {
+            self.maps
+                .backends
+                .set(*index, BackendValue::default(), 0)
+                .map_err(map_err(MAP_BACKENDS))?;
+            self.free_backends.push_back(*index);
+        }
+        self.free_slots.push_back(ks.slot);
+        Ok(())
+    }
+}
+
+impl Datapath for XdpDatapath {
+    fn kind(&self) -> DatapathKind {
+        DatapathKind::Xdp
+    }
+
+    fn apply(&self, effect: &Effect, state: &State) -> Result<(), DatapathError> {
+        let mut inner = self.inner.lock().unwrap();
+        let result = match effect {
+            Effect::ServiceAdded(name) | Effect::ServiceChanged(name) => match state.service(name) {
+                Ok(svc) => inner.sync(svc),
+                Err(_) => Ok(()),
+            },
+            Effect::ServiceRemoved { name, .. } => inner.remove(name),
+            Effect::Nothing => Ok(()),
+        };
+        result.map_err(|e| DatapathError::Xdp(e.to_string()))
+    }
+
+    fn shutdown(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        // The kernel keeps forwarding through the pinned link and maps; nothing to wait for.
+        Box::pin(std::future::ready(()))
+    }
+}
+
+/// Mounts bpffs at /sys/fs/bpf if needed and creates the pin directory.
+fn ensure_bpffs(dir: &Path) -> Result<(), XdpError> {
+    let root = Path::new("/sys/fs/bpf");
+    let is_bpffs =
+        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+    if !is_bpffs(root) {
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| XdpError::System(format!("mounting bpffs on /sys/fs/bpf: {e}")))?;
+        info!("mounted the BPF filesystem on /sys/fs/bpf");
+    }
+    std::fs::create_dir_all(dir).map_err(|e| XdpError::Pin {
+        path: dir.into(),
+        message: e.to_string(),
+    })
+}
+
+/// Host settings the datapath relies on, each logged: forwarding and accept_local on the attached
+/// interfaces (fib lookups need forwarding; a packet passed for neighbour resolution carries a local
+/// source address), and the SNAT ports reserved from the host's own ephemeral ports.
+fn prepare_host(config: &XdpConfig) -> Result<(), XdpError> {
+    let write = |key: &str, value: &str| {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        std::fs::write(&path, value).map_err(|e| XdpError::System(format!("setting {key}={value}: {e}")))
+    };
+    for interface in &config.interfaces {
+        write(&format!("net.ipv4.conf.{interface}.forwarding"), "1")?;
+        write(&format!("net.ipv4.conf.{interface}.accept_local"), "1")?;
+    }
+    info!(interfaces = ?config.interfaces, "enabled IPv4 forwarding and accept_local on the XDP interfaces");
+    let (lo, hi) = config.snat_ports;
+    let key = "net.ipv4.ip_local_reserved_ports";
+    let current = std::fs::read_to_string(format!("/proc/sys/{}", key.replace('.', "/"))).unwrap_or_default();
+    let range = format!("{lo}-{hi}");
+    if !current.split(',').any(|r| r.trim() == range) {
+        let merged = if current.trim().is_empty() {
+            range.clone()
+        } else {
+            format!("{},{range}", current.trim())
+        };
+        write(key, &merged)?;
+    }
+    info!(ports = %range, "SNAT ports reserved from the host's ephemeral ports (net.ipv4.ip_local_reserved_ports)");
+    Ok(())
+}
+
+fn link_pin(pin_path: &Path, interface: &str) -> PathBuf {
+    pin_path.join(format!("link_{interface}"))
+}
+
+/// Attaches (or, when a pinned link exists, swaps the program inside it) and pins the link.
+fn attach(program: &mut Xdp, interface: &str, mode: XdpMode, pin_path: &Path) -> Result<(), XdpError> {
+    let pin = link_pin(pin_path, interface);
+    if pin.exists() {
+        let pinned = PinnedLink::from_pin(&pin).map_err(|e| XdpError::Pin {
+            path: pin.clone(),
+            message: e.to_string(),
+        })?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| XdpError::Pin {
+            path: pin.clone(),
+            message: e.to_string(),
+        })?;
+        program.attach_to_link(link)?;
+        info!(
+            interface,
+            "XDP program replaced inside the pinned link; forwarding never stopped"
+        );
+        return Ok(());
+    }
+    let tries: &[(AyaXdpMode, &'static str)] = match mode {
+        XdpMode::Driver => &[(AyaXdpMode::Driver, "driver")],
+        XdpMode::Skb => &[(AyaXdpMode::Skb, "skb")],
+        XdpMode::Auto => &[(AyaXdpMode::Driver, "driver"), (AyaXdpMode::Skb, "skb")],
+    };
+    let mut last = None;
+    for (aya_mode, name) in tries {
+        match program.attach(interface, *aya_mode) {
+            Ok(id) => {
+                let link = FdLink::try_from(program.take_link(id)?).map_err(|e| XdpError::Pin {
+                    path: pin.clone(),
+                    message: e.to_string(),
+                })?;
+                link.pin(&pin).map_err(|e| XdpError::Pin {
+                    path: pin.clone(),
+                    message: e.to_string(),
+                })?;
+                info!(interface, mode = name, "XDP program attached");
+                return Ok(());
+            }
+            Err(source) => {
+                if tries.len() > 1 && *name == "driver" {
+                    warn!(interface, error = %source, "attach failed in driver mode; retrying in skb mode");
+                }
+                last = Some(XdpError::Attach {
+                    interface: interface.to_string(),
+                    mode: name,
+                    source,
+                });
+            }
+        }
+    }
+    Err(last.expect("at least one mode tried"))
+}
+
+/// `lb cleanup`: detaches the program (removes the pinned links) and removes the pinned maps.
+pub fn cleanup(pin_path: &Path) -> Result<Vec<PathBuf>, XdpError> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(pin_path) else {
+        return Ok(removed);
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        std::fs::remove_file(&path).map_err(|e| XdpError::Pin {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        removed.push(path);
+    }
+    std::fs::remove_dir(pin_path).map_err(|e| XdpError::Pin {
+        path: pin_path.into(),
+        message: e.to_string(),
+    })?;
+    Ok(removed)
+}
