@@ -1,0 +1,392 @@
+//! Shared pieces of the daemon end-to-end tests (`proxy.rs`, `control.rs`, `reload.rs`,
+//! `shutdown.rs`): a test bed (topology + backends + `lb run`), config text, the `lb` CLI and the
+//! raw control socket, and client helpers.
+//!
+//! Every backend namespace runs `lb-testsrv http` on :8080 (answers `bI\n`) and `lb-testsrv echo`
+//! on :7. The standard config has a service `web` on VIP:80 → bI:8080 and, when asked, `echo` on
+//! VIP:7 → bI:7, both with `health.kind = "none"` (backends simply up).
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use lb_tests::{
+    Child, Netns, Topology, connect_from, http_get_from, lb_bin, run_with_timeout, start_echo_backends,
+    start_http_backends, unique_prefix,
+};
+use serde_json::Value;
+
+pub const HTTP_PORT: u16 = 8080;
+pub const ECHO_PORT: u16 = 7;
+pub const WEB_VIP_PORT: u16 = 80;
+pub const ECHO_VIP_PORT: u16 = 7;
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A temporary directory (mode 0755 so a non-root uid can reach a socket inside), removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(unique_prefix(tag));
+        if path.exists() {
+            fs::remove_dir_all(&path).unwrap();
+        }
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One `[[service]]` with health checks off; `backends` are (topology index, weight), named `bI`.
+pub fn service_toml(
+    topo: &Topology,
+    name: &str,
+    vip_port: u16,
+    backend_port: u16,
+    extra: &str,
+    backends: &[(usize, u32)],
+) -> String {
+    let mut s = format!(
+        "\n[[service]]\nname = \"{name}\"\nlisten = \"{}:{vip_port}\"\ndatapath = \"proxy\"\n{extra}\n\n[service.health]\nkind = \"none\"\n",
+        topo.vip()
+    );
+    for &(i, w) in backends {
+        s.push_str(&format!(
+            "\n[[service.backend]]\nname = \"b{i}\"\naddress = \"{}:{backend_port}\"\nweight = {w}\n",
+            topo.backend_addr(i)
+        ));
+    }
+    s
+}
+
+/// A whole config: top-level keys (`shutdown_timeout = "1s"` unless `top` sets it), `[control]`
+/// with `socket` and `control` lines, then the service tables.
+pub fn config_toml(socket: &Path, top: &str, control: &str, services: &[String]) -> String {
+    let mut c = String::new();
+    if !top.contains("shutdown_timeout") {
+        c.push_str("shutdown_timeout = \"1s\"\n");
+    }
+    c.push_str(top);
+    c.push_str(&format!(
+        "\n[control]\nsocket = \"{}\"\n{control}\n",
+        socket.display()
+    ));
+    for s in services {
+        c.push_str(s);
+    }
+    c
+}
+
+/// `web` (VIP:80 → bI:8080) over backends `1..=n` with weight 1, plus `echo` (VIP:7 → bI:7) when
+/// `echo` is set.
+pub fn std_services(topo: &Topology, n: usize, echo: bool) -> Vec<String> {
+    let bs: Vec<(usize, u32)> = (1..=n).map(|i| (i, 1)).collect();
+    let mut v = vec![service_toml(topo, "web", WEB_VIP_PORT, HTTP_PORT, "", &bs)];
+    if echo {
+        v.push(service_toml(topo, "echo", ECHO_VIP_PORT, ECHO_PORT, "", &bs));
+    }
+    v
+}
+
+/// Send one raw line (or anything) on a fresh control connection and read one response line.
+pub fn raw_request(socket: &Path, bytes: &[u8]) -> io::Result<Value> {
+    let stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    (&stream).write_all(bytes)?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    serde_json::from_str(&line)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e}: {line:?}")))
+}
+
+/// A running `lb run -c CONFIG` with its temp dir (config file, control socket).
+#[derive(Debug)]
+pub struct Lb {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub dir: TempDir,
+}
+
+impl Lb {
+    /// Write `config` (produced from the socket path) into a fresh temp dir and start `lb run`
+    /// inside `ns`; returns once the control socket answers `status`.
+    pub fn start(ns: &Netns, tag: &str, config: impl FnOnce(&Path) -> String) -> Lb {
+        let dir = TempDir::new(tag);
+        let socket = dir.path().join("lb.sock");
+        let cfg_path = dir.path().join("lb.toml");
+        fs::write(&cfg_path, config(&socket)).unwrap();
+        let child = ns
+            .spawn(lb_bin(), &["run", "-c", cfg_path.to_str().unwrap()])
+            .expect("spawn lb run");
+        let mut lb = Lb {
+            child,
+            socket,
+            config: cfg_path,
+            dir,
+        };
+        lb.wait_ready(Duration::from_secs(10));
+        lb
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!("lb run exited early ({st}):\n{}", self.log());
+            }
+            if let Ok(v) = raw_request(&self.socket, b"{\"cmd\":\"status\"}\n")
+                && v["ok"] == true
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lb did not answer on {} within {timeout:?}:\n{}",
+                self.socket.display(),
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(30));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        self.child.stderr_text()
+    }
+
+    /// `lb --socket S ARGS…` (root namespace), whatever the exit status.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(lb_bin());
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        run_with_timeout(cmd, CLI_TIMEOUT).unwrap_or_else(|e| panic!("lb {args:?}: {e}"))
+    }
+
+    /// `lb ARGS…`, which must exit 0; its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "lb {args:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `lb --json ARGS…`, which must succeed; the `result` object.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let text = self.cli_ok(&full);
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("lb {full:?}: {e}: {text}"));
+        assert_eq!(v["ok"], true, "lb {full:?}: {v}");
+        v["result"].clone()
+    }
+
+    pub fn status(&self) -> Value {
+        self.json(&["status"])
+    }
+
+    /// The status entry of backend `name` in `service` (None when absent).
+    pub fn backend(&self, service: &str, name: &str) -> Option<Value> {
+        let st = self.status();
+        let svc = st["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == service)
+            .unwrap_or_else(|| panic!("service {service} missing from status: {st}"))
+            .clone();
+        svc["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .cloned()
+    }
+
+    /// Backend names of `service` in status.
+    pub fn backend_names(&self, service: &str) -> Vec<String> {
+        let st = self.status();
+        st["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == service)
+            .unwrap_or_else(|| panic!("service {service} missing from status: {st}"))["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// `lb which SERVICE IP --json`: (backend or None, reason).
+    pub fn which(&self, service: &str, ip: Ipv4Addr) -> (Option<String>, String) {
+        let r = self.json(&["which", service, &ip.to_string()]);
+        (
+            r["backend"].as_str().map(String::from),
+            r["reason"].as_str().unwrap_or_default().to_string(),
+        )
+    }
+
+    /// The one backend of `service` with an open connection (panics unless exactly one has).
+    pub fn only_active_backend(&self, service: &str) -> String {
+        let st = self.status();
+        let svc = st["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == service)
+            .unwrap()
+            .clone();
+        let active: Vec<String> = svc["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["active_connections"].as_u64().unwrap() > 0)
+            .map(|b| b["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            active.len(),
+            1,
+            "expected one backend of {service} with an open connection: {svc}"
+        );
+        active[0].clone()
+    }
+}
+
+/// The topology, its backend servers (http :8080 and echo :7 in each backend namespace) and the
+/// daemon. Field order is drop order: daemon, servers, then the namespaces.
+#[derive(Debug)]
+pub struct Bed {
+    pub lb: Lb,
+    pub servers: Vec<Child>,
+    pub topo: Topology,
+}
+
+impl Bed {
+    /// `backends` backend namespaces (all running servers), `clients` extra client addresses, and
+    /// `lb run` in the lb namespace with the config `config(topo, socket)`.
+    pub fn new(
+        tag: &str,
+        backends: usize,
+        clients: usize,
+        config: impl FnOnce(&Topology, &Path) -> String,
+    ) -> Bed {
+        let topo = Topology::new(&unique_prefix(tag), backends, clients).expect("create topology");
+        let mut servers = start_http_backends(&topo, HTTP_PORT).expect("http backends");
+        servers.extend(start_echo_backends(&topo, ECHO_PORT).expect("echo backends"));
+        let lb = Lb::start(topo.lb_ns(), tag, |socket| config(&topo, socket));
+        Bed { lb, servers, topo }
+    }
+
+    pub fn web(&self) -> SocketAddr {
+        SocketAddr::new(self.topo.vip().into(), WEB_VIP_PORT)
+    }
+
+    pub fn echo(&self) -> SocketAddr {
+        SocketAddr::new(self.topo.vip().into(), ECHO_VIP_PORT)
+    }
+
+    /// One GET via the VIP from `src` on a new connection; the backend name that answered.
+    pub fn get(&self, src: Ipv4Addr) -> String {
+        let body = http_get_from(self.topo.client_ns().name(), src, self.web(), "/")
+            .unwrap_or_else(|e| panic!("GET via VIP from {src}: {e}\n--- lb log ---\n{}", self.lb.log()));
+        body.trim().to_string()
+    }
+
+    /// Where each client lands (one new connection each).
+    pub fn wave(&self, clients: &[Ipv4Addr]) -> BTreeMap<Ipv4Addr, String> {
+        clients.iter().map(|&c| (c, self.get(c))).collect()
+    }
+
+    /// A new echo connection via the VIP from `src` (checked with one round trip).
+    pub fn open_echo(&self, src: Ipv4Addr) -> TcpStream {
+        let mut s = connect_from(
+            self.topo.client_ns().name(),
+            src,
+            self.echo(),
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|e| panic!("connect echo from {src}: {e}"));
+        echo_roundtrip(&mut s, b"hello");
+        s
+    }
+}
+
+/// Write `payload` and read exactly as many bytes back; they must be equal.
+pub fn echo_roundtrip(s: &mut TcpStream, payload: &[u8]) {
+    s.write_all(payload).expect("echo write");
+    let mut back = vec![0u8; payload.len()];
+    s.read_exact(&mut back).expect("echo read");
+    assert_eq!(back, payload, "echo answered different bytes");
+}
+
+/// Half-close and expect a clean EOF after nothing more.
+pub fn close_echo(mut s: TcpStream) {
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("read to EOF after half-close");
+    assert!(rest.is_empty(), "unexpected bytes after half-close: {rest:?}");
+}
+
+/// Deterministic pseudo-random bytes (xorshift64).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Number of clients per backend name.
+pub fn counts(m: &BTreeMap<Ipv4Addr, String>) -> BTreeMap<String, usize> {
+    let mut c = BTreeMap::new();
+    for b in m.values() {
+        *c.entry(b.clone()).or_default() += 1;
+    }
+    c
+}
+
+/// The backend with the most clients (ties: lowest name).
+pub fn busiest(m: &BTreeMap<Ipv4Addr, String>) -> String {
+    let c = counts(m);
+    let max = *c.values().max().expect("no clients");
+    c.into_iter().find(|(_, n)| *n == max).unwrap().0
+}
+
+/// 1-based line number of the first line of `text` containing `needle`.
+pub fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("{needle:?} not in config:\n{text}"))
+        + 1
+}

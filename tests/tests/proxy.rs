@@ -1,0 +1,179 @@
+//! The proxy datapath end to end: HTTP from several client addresses through the VIP, bulk TCP
+//! byte-exact with half-close, source-IP affinity, spread over backends, and `lb which` agreeing
+//! with where clients actually went.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::thread;
+use std::time::Duration;
+
+use common::{Bed, config_toml, counts, random_bytes, std_services};
+use lb_tests::{HttpConn, connect_from, require_root};
+
+#[test]
+fn http_via_vip_from_several_clients() {
+    if !require_root("http_via_vip_from_several_clients") {
+        return;
+    }
+    let bed = Bed::new("phttp", 3, 6, |topo, sock| {
+        config_toml(sock, "", "", &std_services(topo, 3, false))
+    });
+    let clients = bed.topo.client_addrs();
+    let mut connections = 0;
+    for &c in &clients {
+        for _ in 0..3 {
+            let b = bed.get(c);
+            assert!(["b1", "b2", "b3"].contains(&b.as_str()), "{c} got body {b:?}");
+            connections += 1;
+        }
+    }
+    // Keep-alive through the proxy: several requests on one client connection.
+    let mut conn = HttpConn::connect_from(bed.topo.client_ns().name(), clients[0], bed.web()).unwrap();
+    let first = conn.get("/a").unwrap();
+    assert_eq!(first.status, 200);
+    for p in ["/b", "/c", "/d"] {
+        let r = conn.get(p).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, first.body, "one connection, one backend");
+    }
+    drop(conn);
+    connections += 1;
+
+    // Every connection was counted on some backend.
+    let st = bed.lb.status();
+    let total: u64 = st["services"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["total_connections"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, connections, "total_connections in status: {st}");
+}
+
+#[test]
+fn bulk_echo_8mib_byte_exact_with_half_close() {
+    if !require_root("bulk_echo_8mib_byte_exact_with_half_close") {
+        return;
+    }
+    let bed = Bed::new("pbulk", 2, 2, |topo, sock| {
+        config_toml(sock, "", "", &std_services(topo, 2, true))
+    });
+    let data = random_bytes(8 << 20, 0x5eed_1234);
+    let src = bed.topo.client_addrs()[1];
+    let mut stream = connect_from(
+        bed.topo.client_ns().name(),
+        src,
+        bed.echo(),
+        Duration::from_secs(5),
+    )
+    .expect("connect echo via VIP");
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    writer.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let echoed = thread::scope(|s| {
+        s.spawn(|| {
+            writer.write_all(&data).expect("write 8 MiB");
+            writer.shutdown(Shutdown::Write).expect("half-close");
+        });
+        let mut echoed = Vec::with_capacity(data.len());
+        stream.read_to_end(&mut echoed).expect("read echo to EOF");
+        echoed
+    });
+    assert_eq!(echoed.len(), data.len(), "echoed length");
+    assert!(echoed == data, "echoed bytes differ");
+
+    // The byte counters of the backend that carried it say the same.
+    let st = bed.lb.status();
+    let echo = st["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "echo")
+        .unwrap();
+    let used: Vec<_> = echo["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["total_connections"].as_u64().unwrap() > 0)
+        .collect();
+    assert_eq!(used.len(), 1, "{echo}");
+    assert_eq!(used[0]["bytes_in"].as_u64().unwrap(), data.len() as u64, "{echo}");
+    assert_eq!(
+        used[0]["bytes_out"].as_u64().unwrap(),
+        data.len() as u64,
+        "{echo}"
+    );
+}
+
+#[test]
+fn affinity_spread_and_which_agree() {
+    if !require_root("affinity_spread_and_which_agree") {
+        return;
+    }
+    let bed = Bed::new("paff", 3, 30, |topo, sock| {
+        config_toml(sock, "", "", &std_services(topo, 3, false))
+    });
+    let clients = bed.topo.client_addrs();
+
+    // Before any connection, `which` predicts from the ring; the first connection goes there.
+    let mut predicted = BTreeMap::new();
+    for &c in &clients {
+        let (b, reason) = bed.lb.which("web", c);
+        assert_eq!(reason, "ring", "unseen client {c}");
+        predicted.insert(c, b.expect("a backend for an unseen client"));
+    }
+    let first = bed.wave(&clients);
+    assert_eq!(first, predicted, "first connections vs `lb which` predictions");
+
+    // 30 clients spread over all 3 backends.
+    let c = counts(&first);
+    assert_eq!(c.len(), 3, "30 clients did not reach all 3 backends: {c:?}");
+
+    // 20 connections each from 5 clients all reach that client's backend.
+    let five = &clients[..5];
+    thread::scope(|s| {
+        for &ip in five {
+            let (bed, want) = (&bed, first[&ip].clone());
+            s.spawn(move || {
+                for k in 0..20 {
+                    assert_eq!(bed.get(ip), want, "client {ip}, connection {k}");
+                }
+            });
+        }
+    });
+    // The five clients do not all sit on one backend, so stickiness is not trivial.
+    let five_backends: BTreeSet<_> = five.iter().map(|c| first[c].clone()).collect();
+    assert!(
+        five_backends.len() > 1,
+        "first five clients all on {five_backends:?}"
+    );
+
+    // Now `which` answers from affinity, and agrees with where each client went.
+    for &c in &clients {
+        let (b, reason) = bed.lb.which("web", c);
+        assert_eq!(reason, "affinity", "known client {c}");
+        assert_eq!(b.as_deref(), Some(first[&c].as_str()), "which vs actual for {c}");
+    }
+    // Status counts agree too: 30 + 5 × 20 connections.
+    let st = bed.lb.status();
+    let per: BTreeMap<String, u64> = st["services"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["total_connections"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    for (name, n) in &per {
+        let expect = c.get(name).copied().unwrap_or(0) as u64
+            + 20 * five.iter().filter(|ip| &first[*ip] == name).count() as u64;
+        assert_eq!(*n, expect, "total_connections of {name}: {st}");
+    }
+    assert_eq!(st["services"][0]["affinity_entries"], 30, "{st}");
+}
