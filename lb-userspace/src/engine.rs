@@ -186,19 +186,30 @@ impl Engine {
         let new = Config::load(&path)?;
         let mut old = self.config.lock().unwrap();
         let mut view = ReloadView::default();
-        if (new.seed, new.ring_size) != (old.seed, old.ring_size) {
-            view.problems
-                .push("seed and ring_size take effect only after a restart".into());
+        // Settings read once at start: reported (on every reload) until the daemon restarts.
+        let restart_only = [
+            ("seed", new.seed != old.seed),
+            ("ring_size", new.ring_size != old.ring_size),
+            ("[control]", new.control != old.control),
+            ("log_level", new.log_level != old.log_level),
+            ("shutdown_timeout", new.shutdown_timeout != old.shutdown_timeout),
+            ("[xdp]", new.xdp != old.xdp),
+        ];
+        for (setting, changed) in restart_only {
+            if changed {
+                view.problems
+                    .push(format!("{setting} takes effect only after a restart"));
+            }
         }
-        if new.control != old.control {
-            view.problems
-                .push("[control] settings take effect only after a restart".into());
-        }
-        if new.log_level != old.log_level {
-            view.problems
-                .push("log_level takes effect only after a restart".into());
-        }
-        let mut applied_config = new.clone();
+        let mut applied_config = Config {
+            seed: old.seed,
+            ring_size: old.ring_size,
+            control: old.control.clone(),
+            log_level: old.log_level.clone(),
+            shutdown_timeout: old.shutdown_timeout,
+            xdp: old.xdp.clone(),
+            ..new.clone()
+        };
         for command in state::diff(&old, &new) {
             let description = describe(&command);
             match self.execute(command.clone()) {
@@ -211,8 +222,6 @@ impl Engine {
                 }
             }
         }
-        applied_config.seed = old.seed;
-        applied_config.ring_size = old.ring_size;
         *old = applied_config;
         info!(
             applied = view.applied.len(),
@@ -301,6 +310,14 @@ impl Engine {
 
     /// Services, backends and counters (for XDP services, the kernel's per-CPU counters summed).
     pub fn status(&self, only: Option<&str>) -> Result<StatusView, EngineError> {
+        // Lock order: config before balancer (reload holds config while executing commands).
+        let config = self
+            .config
+            .lock()
+            .unwrap()
+            .path
+            .as_ref()
+            .map(|p| p.display().to_string());
         let b = self.balancer.lock().unwrap();
         if let Some(name) = only {
             b.state.service(name)?;
@@ -369,13 +386,7 @@ impl Engine {
         Ok(StatusView {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_secs: self.started.elapsed().as_secs(),
-            config: self
-                .config
-                .lock()
-                .unwrap()
-                .path
-                .as_ref()
-                .map(|p| p.display().to_string()),
+            config,
             xdp: self.xdp.as_ref().map(|x| {
                 x.global_counters()
                     .into_iter()
@@ -494,8 +505,8 @@ fn describe(command: &Command) -> String {
         }
         Command::RemoveBackend { service, backend } => format!("remove backend {backend} from {service}"),
         Command::UpdateBackend { service, backend } => format!(
-            "update backend {} of {service}: weight {}, backup {}, state {:?}",
-            backend.name, backend.address, backend.backup, backend.state
+            "update backend {} ({}) of {service}: weight {}, backup {}, state {:?}",
+            backend.name, backend.address, backend.weight, backend.backup, backend.state
         ),
         Command::SetState {
             service,
