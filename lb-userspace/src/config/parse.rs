@@ -8,17 +8,20 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::ops::{Range, RangeInclusive};
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
+use lb_common::maps::{
+    DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
+};
 use serde::Deserialize;
 use serde_path_to_error::Segment;
 use toml::Spanned;
 
 use super::{
     AdminState, BackendConfig, Config, ConfigError, ControlConfig, DatapathKind, HealthConfig, HealthKind,
-    MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, OnDown, Protocol, ServiceConfig, is_valid_name,
-    parse_duration,
+    MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, OnDown, Protocol, ServiceConfig, XdpConfig,
+    XdpMode, is_valid_name, parse_duration,
 };
 
 type S<T> = Spanned<T>;
@@ -34,8 +37,24 @@ struct RawConfig {
     ring_size: Option<S<i64>>,
     shutdown_timeout: Option<S<RawDuration>>,
     control: Option<RawControl>,
+    xdp: Option<S<RawXdp>>,
     #[serde(default)]
     service: Vec<S<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawXdp {
+    interfaces: S<Vec<S<String>>>,
+    mode: Option<S<String>>,
+    pin_path: Option<S<String>>,
+    snat_ports: Option<S<RawPortRange>>,
+    idle_timeout: Option<S<RawDuration>>,
+    closed_timeout: Option<S<RawDuration>>,
+    max_services: Option<S<i64>>,
+    max_backends: Option<S<i64>>,
+    conntrack_entries: Option<S<i64>>,
+    affinity_entries: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -125,11 +144,44 @@ impl<'de> Deserialize<'de> for RawMode {
     }
 }
 
+/// A port range string (`"20000-29999"`), checked later.
+struct RawPortRange(String);
+
+impl<'de> Deserialize<'de> for RawPortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = RawPortRange;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(PORT_RANGE_HELP)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawPortRange, E> {
+                Ok(RawPortRange(v.to_owned()))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 const DURATION_HELP: &str =
     "a duration string: an integer followed by ms, s, m or h, such as \"500ms\", \"2s\", \"30m\" or \"1h\"";
 const MODE_HELP: &str = "a quoted octal mode string such as \"0600\" or \"0660\" (at most \"0777\")";
 const ADDRESS_HELP: &str = "use ip:port with an IPv4 or IPv6 address, such as \"10.0.0.1:80\" or \"[2001:db8::1]:80\" (host names are not resolved)";
 const NAME_HELP: &str = "use 1 to 32 characters from A-Z a-z 0-9 _ . -";
+const PORT_RANGE_HELP: &str = "a port range string \"LO-HI\" (inclusive, 1024 <= LO <= HI <= 65535, at least 64 ports) such as \"20000-29999\"";
+const INTERFACE_HELP: &str = "use a Linux interface name such as \"eth0\": 1 to 15 bytes, no '/', ':', whitespace or control characters, not \".\" or \"..\"";
+
+/// Where the maps of the XDP datapath are pinned unless `pin_path` says otherwise.
+const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
+/// The bpffs mount point; `pin_path` must be below it.
+const BPFFS: &str = "/sys/fs/bpf";
+const DEFAULT_SNAT_PORTS: (u16, u16) = (20000, 29999);
+/// Fewest SNAT ports (the range is split between CPUs).
+const MIN_SNAT_PORTS: u32 = 64;
+/// Most interfaces in `xdp.interfaces`.
+const MAX_INTERFACES: usize = 16;
+/// Most Maglev ring entries over all XDP service slots: `ring_size * max_services` (u32 each: 1 GiB).
+const MAX_XDP_RING_ENTRIES: u64 = 268_435_456;
 
 // ---------------------------------------------------------------------------------------------
 // Error context.
@@ -233,6 +285,9 @@ impl Ctx<'_> {
                     "; every [[service]] needs name = \"...\" (1 to 32 characters from A-Z a-z 0-9 _ . -)"
                 }
                 "address" => "; every [[service.backend]] needs address = \"ip:port\"",
+                "interfaces" => {
+                    "; the [xdp] table needs interfaces = [\"eth0\", ...] (1 to 16 interfaces carrying client and backend traffic)"
+                }
                 _ => "",
             };
             return self.err(span, &key, format!("missing required key `{field}`{hint}"));
@@ -478,15 +533,23 @@ impl Validator<'_, '_> {
             true,
         )?;
         let control = self.control(raw.control)?;
+        let xdp = match &raw.xdp {
+            None => None,
+            Some(rx) => Some(self.xdp(rx, ring_size, raw.ring_size.as_ref())?),
+        };
 
         let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw.service.len());
         // (name span, listen span) of each accepted service, for duplicate messages.
         let mut seen: Vec<(Range<usize>, Range<usize>)> = Vec::new();
+        // Services and backends of the xdp datapath so far, against max_services / max_backends.
+        let mut xdp_services: u64 = 0;
+        let mut xdp_backends: u64 = 0;
         for (i, rs) in raw.service.into_iter().enumerate() {
             let header = rs.span();
             let rs = rs.into_inner();
             let key = format!("service[{i}]");
             let spans = (rs.name.span(), rs.listen.span());
+            let datapath_span = rs.datapath.as_ref().map_or(header.clone(), |v| v.span());
             let svc = self.service(&key, rs)?;
 
             for (j, other) in services.iter().enumerate() {
@@ -536,6 +599,56 @@ impl Validator<'_, '_> {
                     ),
                 ));
             }
+            if svc.datapath == DatapathKind::Xdp {
+                let (Some(x), Some(rx)) = (&xdp, &raw.xdp) else {
+                    return Err(self.err(
+                        datapath_span,
+                        &format!("{key}.datapath"),
+                        "datapath \"xdp\" needs an [xdp] table with at least interfaces = [...] (the interfaces carrying client and backend traffic, such as [\"eth0\"]); add one or use datapath = \"proxy\"",
+                    ));
+                };
+                let rx = rx.get_ref();
+                let (lo, hi) = x.snat_ports;
+                let port = svc.listen.port();
+                if (lo..=hi).contains(&port) {
+                    let origin = match &rx.snat_ports {
+                        Some(v) => format!("line {}", self.line(&v.span())),
+                        None => "the default".to_owned(),
+                    };
+                    return Err(self.err(
+                        spans.1,
+                        &format!("{key}.listen"),
+                        format!(
+                            "listen {}: port {port} is inside xdp.snat_ports {lo}-{hi} ({origin}), which is reserved for the source ports the xdp datapath uses toward backends; use a listen port outside {lo}-{hi} or move snat_ports",
+                            svc.listen
+                        ),
+                    ));
+                }
+                xdp_services += 1;
+                if xdp_services > u64::from(x.max_services) {
+                    let (span, origin) = written_or(&rx.max_services, &datapath_span);
+                    return Err(self.err(
+                        span,
+                        "xdp.max_services",
+                        format!(
+                            "max_services {}{origin} is too small: service \"{}\" is xdp service number {xdp_services}; raise max_services (allowed 1..=1024, with ring_size x max_services <= {MAX_XDP_RING_ENTRIES}) or use datapath = \"proxy\" for some services",
+                            x.max_services, svc.name
+                        ),
+                    ));
+                }
+                xdp_backends += svc.backends.len() as u64;
+                if xdp_backends > u64::from(x.max_backends) {
+                    let (span, origin) = written_or(&rx.max_backends, &datapath_span);
+                    return Err(self.err(
+                        span,
+                        "xdp.max_backends",
+                        format!(
+                            "max_backends {}{origin} is too small: the xdp services up to \"{}\" have {xdp_backends} backends in total; raise max_backends (allowed 1..=65536) or use datapath = \"proxy\" for some services",
+                            x.max_backends, svc.name
+                        ),
+                    ));
+                }
+            }
             seen.push(spans);
             services.push(svc);
         }
@@ -547,9 +660,206 @@ impl Validator<'_, '_> {
             ring_size,
             shutdown_timeout,
             control,
-            xdp: None,
+            xdp,
             services,
         })
+    }
+
+    fn xdp(
+        &self,
+        raw: &S<RawXdp>,
+        ring_size: u32,
+        raw_ring_size: Option<&S<i64>>,
+    ) -> Result<XdpConfig, ConfigError> {
+        let header = raw.span();
+        let raw = raw.get_ref();
+
+        let list = &raw.interfaces;
+        let count = list.get_ref().len();
+        if count == 0 || count > MAX_INTERFACES {
+            return Err(self.err(
+                list.span(),
+                "xdp.interfaces",
+                format!(
+                    "interfaces lists {count} interfaces; allowed 1..={MAX_INTERFACES} names such as [\"eth0\", \"eth1\"] (the interfaces carrying client and backend traffic)"
+                ),
+            ));
+        }
+        let mut interfaces: Vec<String> = Vec::with_capacity(count);
+        for (i, v) in list.get_ref().iter().enumerate() {
+            let key = format!("xdp.interfaces[{i}]");
+            let name = v.get_ref();
+            if !is_valid_interface_name(name) {
+                return Err(self.err(
+                    v.span(),
+                    &key,
+                    format!(
+                        "interface name \"{}\" is not allowed; {INTERFACE_HELP}",
+                        name.escape_debug()
+                    ),
+                ));
+            }
+            if let Some(o) = interfaces.iter().position(|n| n == name) {
+                return Err(self.err(
+                    v.span(),
+                    &key,
+                    format!(
+                        "interface \"{name}\" is already listed as xdp.interfaces[{o}] (line {}); list each interface once",
+                        self.line(&list.get_ref()[o].span())
+                    ),
+                ));
+            }
+            interfaces.push(name.clone());
+        }
+
+        let mode = self.choice(
+            &raw.mode,
+            "xdp.mode",
+            XdpMode::Auto,
+            &[
+                ("auto", XdpMode::Auto),
+                ("driver", XdpMode::Driver),
+                ("skb", XdpMode::Skb),
+            ],
+        )?;
+
+        let pin_path = match &raw.pin_path {
+            None => PathBuf::from(DEFAULT_PIN_PATH),
+            Some(v) => self.pin_path(v)?,
+        };
+
+        let snat_ports = match &raw.snat_ports {
+            None => DEFAULT_SNAT_PORTS,
+            Some(v) => {
+                let text = &v.get_ref().0;
+                parse_port_range(text).map_err(|why| {
+                    self.err(
+                        v.span(),
+                        "xdp.snat_ports",
+                        format!("snat_ports \"{text}\" {why}; use {PORT_RANGE_HELP}"),
+                    )
+                })?
+            }
+        };
+
+        let idle_timeout = self.duration(
+            &raw.idle_timeout,
+            "xdp.idle_timeout",
+            Duration::from_secs(15 * 60),
+            false,
+        )?;
+        let closed_timeout = self.duration(
+            &raw.closed_timeout,
+            "xdp.closed_timeout",
+            Duration::from_secs(2),
+            false,
+        )?;
+        if closed_timeout > idle_timeout {
+            // Point at whichever of the two the operator wrote (closed_timeout first).
+            let (span, at) = match (&raw.closed_timeout, &raw.idle_timeout) {
+                (Some(c), _) => (c.span(), "xdp.closed_timeout"),
+                (None, Some(i)) => (i.span(), "xdp.idle_timeout"),
+                (None, None) => unreachable!("defaults satisfy closed_timeout <= idle_timeout"),
+            };
+            return Err(self.err(
+                span,
+                at,
+                format!(
+                    "closed_timeout {} is longer than idle_timeout {}; closed_timeout must be <= idle_timeout",
+                    fmt_duration(closed_timeout),
+                    fmt_duration(idle_timeout)
+                ),
+            ));
+        }
+
+        let int = |v: &Option<S<i64>>, key: &str, default: u32, range: RangeInclusive<i64>| match v {
+            None => Ok(default),
+            Some(v) => self.int(v, key, range).map(|n| n as u32),
+        };
+        let max_services = int(
+            &raw.max_services,
+            "xdp.max_services",
+            DEFAULT_MAX_SERVICES,
+            1..=1024,
+        )?;
+        let max_backends = int(
+            &raw.max_backends,
+            "xdp.max_backends",
+            DEFAULT_MAX_BACKENDS,
+            1..=65536,
+        )?;
+        let conntrack_entries = int(
+            &raw.conntrack_entries,
+            "xdp.conntrack_entries",
+            DEFAULT_CONNTRACK_ENTRIES,
+            1024..=16_777_216,
+        )?;
+        let affinity_entries = int(
+            &raw.affinity_entries,
+            "xdp.affinity_entries",
+            DEFAULT_AFFINITY_ENTRIES,
+            1024..=16_777_216,
+        )?;
+
+        let entries = u64::from(ring_size) * u64::from(max_services);
+        if entries > MAX_XDP_RING_ENTRIES {
+            let span = raw.max_services.as_ref().map_or(header, |v| v.span());
+            let ring_origin = match raw_ring_size {
+                Some(v) => format!("line {}", self.line(&v.span())),
+                None => "the default".to_owned(),
+            };
+            return Err(self.err(
+                span,
+                "xdp.max_services",
+                format!(
+                    "max_services {max_services} x ring_size {ring_size} ({ring_origin}) = {entries} ring entries is too many; ring_size x max_services must be <= {MAX_XDP_RING_ENTRIES} (1 GiB of rings), so use max_services <= {} or a smaller ring_size",
+                    MAX_XDP_RING_ENTRIES / u64::from(ring_size)
+                ),
+            ));
+        }
+
+        Ok(XdpConfig {
+            interfaces,
+            mode,
+            pin_path,
+            snat_ports,
+            idle_timeout,
+            closed_timeout,
+            max_services,
+            max_backends,
+            conntrack_entries,
+            affinity_entries,
+        })
+    }
+
+    /// `xdp.pin_path`: an absolute path strictly below /sys/fs/bpf, without `..`; returned
+    /// normalised (no `.`, repeated or trailing slashes).
+    fn pin_path(&self, v: &S<String>) -> Result<PathBuf, ConfigError> {
+        let text = v.get_ref();
+        let path = Path::new(text);
+        let fail = |why: &str| {
+            self.err(
+                v.span(),
+                "xdp.pin_path",
+                format!(
+                    "pin_path \"{text}\" {why}; use an absolute path below {BPFFS}/ (the bpffs mount), such as \"{DEFAULT_PIN_PATH}\""
+                ),
+            )
+        };
+        if !path.is_absolute() {
+            return Err(fail("is not an absolute path"));
+        }
+        if path.components().any(|c| c == Component::ParentDir) {
+            return Err(fail("must not contain \"..\""));
+        }
+        let normal: PathBuf = path.components().collect();
+        match normal.strip_prefix(BPFFS) {
+            Ok(rest) if rest.as_os_str().is_empty() => Err(fail(
+                "is the bpffs mount itself; lb needs a directory of its own below it",
+            )),
+            Ok(_) => Ok(normal),
+            Err(_) => Err(fail("is not below /sys/fs/bpf/")),
+        }
     }
 
     fn control(&self, raw: Option<RawControl>) -> Result<ControlConfig, ConfigError> {
@@ -860,6 +1170,56 @@ impl Validator<'_, '_> {
 fn leaf(key: &str) -> &str {
     let last = key.rsplit('.').next().unwrap_or(key);
     last.split('[').next().unwrap_or(last)
+}
+
+/// The span of an integer key if the file sets it (with no remark), else `fallback` with
+/// " (the default)" to append to the value in messages.
+fn written_or(v: &Option<S<i64>>, fallback: &Range<usize>) -> (Range<usize>, &'static str) {
+    match v {
+        Some(v) => (v.span(), ""),
+        None => (fallback.clone(), " (the default)"),
+    }
+}
+
+/// Whether the kernel would accept `name` as an interface name (`dev_valid_name`): 1 to 15 bytes,
+/// not `.` or `..`, no `/`, `:` or whitespace; control characters are refused too.
+fn is_valid_interface_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+}
+
+/// `"LO-HI"` → (LO, HI), or why not (to follow the quoted text in a message).
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let number = |s: &str| -> Option<u32> {
+        let s = s.trim();
+        if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok()
+    };
+    let parsed = text
+        .split_once('-')
+        .and_then(|(lo, hi)| Some((number(lo)?, number(hi)?)));
+    let Some((lo, hi)) = parsed else {
+        return Err("is not a port range".to_owned());
+    };
+    if lo < 1024 {
+        return Err(format!("starts at {lo}, a privileged port"));
+    }
+    if hi > 65535 {
+        return Err(format!("ends at {hi}, above 65535"));
+    }
+    if lo > hi {
+        return Err(format!("is reversed ({lo} > {hi})"));
+    }
+    if hi - lo + 1 < MIN_SNAT_PORTS {
+        return Err(format!("has only {} ports", hi - lo + 1));
+    }
+    Ok((lo as u16, hi as u16))
 }
 
 /// Two listen addresses that could not both be bound (equal, or same port with a wildcard).

@@ -65,7 +65,38 @@ fn empty_file_is_all_defaults() {
     assert_eq!(c.control.mode, 0o600);
     assert_eq!(c.control.group, None);
     assert!(c.control.allowed_uids.is_empty());
+    assert_eq!(c.xdp, None);
     assert!(c.services.is_empty());
+}
+
+#[test]
+fn xdp_table_gets_defaults() {
+    let c = good(
+        r#"
+        [xdp]
+        interfaces = ["eth0"]
+        "#,
+    );
+    assert_eq!(
+        c.xdp,
+        Some(XdpConfig {
+            interfaces: vec!["eth0".into()],
+            mode: XdpMode::Auto,
+            pin_path: PathBuf::from("/sys/fs/bpf/lb"),
+            snat_ports: (20000, 29999),
+            idle_timeout: Duration::from_secs(15 * 60),
+            closed_timeout: Duration::from_secs(2),
+            max_services: 16,
+            max_backends: 1024,
+            conntrack_entries: 262_144,
+            affinity_entries: 262_144,
+        })
+    );
+    let x = c.xdp.unwrap();
+    assert_eq!(x.max_services, lb_common::maps::DEFAULT_MAX_SERVICES);
+    assert_eq!(x.max_backends, lb_common::maps::DEFAULT_MAX_BACKENDS);
+    assert_eq!(x.conntrack_entries, lb_common::maps::DEFAULT_CONNTRACK_ENTRIES);
+    assert_eq!(x.affinity_entries, lb_common::maps::DEFAULT_AFFINITY_ENTRIES);
 }
 
 #[test]
@@ -157,6 +188,18 @@ fn every_key_is_honoured() {
         group = "lbadmin"
         allowed_uids = [1000, 0, 4294967295]
 
+        [xdp]
+        interfaces = ["eth0", "enp3s0f1", "bond0.100", "fifteen_chars_x"]
+        mode = "skb"
+        pin_path = "/sys/fs/bpf/lb-test/a"
+        snat_ports = "1024-1087"
+        idle_timeout = "1h"
+        closed_timeout = "1h"
+        max_services = 1024
+        max_backends = 65536
+        conntrack_entries = 16777216
+        affinity_entries = 1024
+
         [[service]]
         name = "Tom_cat.1-a"
         listen = "192.0.2.10:8009"
@@ -206,6 +249,26 @@ fn every_key_is_honoured() {
             group: Some("lbadmin".into()),
             allowed_uids: vec![1000, 0, u32::MAX],
         }
+    );
+    assert_eq!(
+        c.xdp,
+        Some(XdpConfig {
+            interfaces: vec![
+                "eth0".into(),
+                "enp3s0f1".into(),
+                "bond0.100".into(),
+                "fifteen_chars_x".into()
+            ],
+            mode: XdpMode::Skb,
+            pin_path: PathBuf::from("/sys/fs/bpf/lb-test/a"),
+            snat_ports: (1024, 1087),
+            idle_timeout: Duration::from_secs(3600),
+            closed_timeout: Duration::from_secs(3600),
+            max_services: 1024,
+            max_backends: 65536,
+            conntrack_entries: 16_777_216,
+            affinity_entries: 1024,
+        })
     );
     let s = &c.services[0];
     assert_eq!(s.name, "Tom_cat.1-a");
@@ -264,6 +327,7 @@ fn inline_tables_work_too() {
         "#,
     );
     assert_eq!(c.control.mode, 0o600);
+    assert_eq!(c.xdp, None);
     assert_eq!(c.services[0].health.port, Some(9000));
     assert_eq!(c.services[0].backends[1].weight, 3);
 }
@@ -314,6 +378,16 @@ fn examples_all_parse() {
         "mode",
         "group",
         "allowed_uids",
+        "[xdp]",
+        "interfaces",
+        "pin_path",
+        "snat_ports",
+        "idle_timeout",
+        "closed_timeout",
+        "max_services",
+        "max_backends",
+        "conntrack_entries",
+        "affinity_entries",
         "[[service]]",
         "name",
         "listen",
@@ -343,6 +417,73 @@ fn examples_all_parse() {
             .any(|l| l.starts_with(&format!("{key} =")) || l.trim() == key);
         assert!(set, "examples/lb.toml does not set {key}");
     }
+    let lb = Config::load(&dir.join("lb.toml")).unwrap();
+    let x = lb.xdp.expect("examples/lb.toml has an [xdp] table");
+    assert_eq!(x.snat_ports, (20000, 29999));
+    assert_eq!(x.mode, XdpMode::Auto);
+}
+
+#[test]
+fn xdp_inline_table_and_pin_path_normalised() {
+    let c = good(
+        r#"
+        xdp = { interfaces = ["lo"], pin_path = "/sys/fs/bpf//./lb/", snat_ports = " 40000 - 40063 " }
+        "#,
+    );
+    let x = c.xdp.unwrap();
+    assert_eq!(x.pin_path, PathBuf::from("/sys/fs/bpf/lb"));
+    assert_eq!(x.pin_path.to_str(), Some("/sys/fs/bpf/lb"));
+    assert_eq!(x.snat_ports, (40000, 40063));
+}
+
+#[test]
+fn xdp_services_fit_the_xdp_table() {
+    // Listen ports outside snat_ports, proxy services in it; max_services and max_backends
+    // reached exactly; proxy services and their backends do not count.
+    let c = good(
+        r#"
+        ring_size = 16777213
+        [xdp]
+        interfaces = ["eth0"]
+        snat_ports = "40000-40099"
+        max_services = 2
+        max_backends = 3
+
+        [[service]]
+        name = "a"
+        listen = "10.0.0.1:39999"
+        datapath = "xdp"
+        [[service.backend]]
+        address = "10.0.1.1:40000"
+
+        [[service]]
+        name = "p"
+        listen = "10.0.0.1:40000"
+        datapath = "proxy"
+        [[service.backend]]
+        address = "10.0.1.1:80"
+        [[service.backend]]
+        address = "10.0.1.2:80"
+
+        [[service]]
+        name = "b"
+        listen = "10.0.0.1:40100"
+        datapath = "xdp"
+        [[service.backend]]
+        address = "10.0.1.1:80"
+        [[service.backend]]
+        address = "10.0.1.2:80"
+        "#,
+    );
+    assert_eq!(c.services.len(), 3);
+    assert_eq!(c.xdp.unwrap().max_services, 2);
+    // The default max_services (16) fits any ring_size.
+    good(
+        "ring_size = 16777213
+[xdp]
+interfaces = [\"eth0\"]
+",
+    );
 }
 
 #[test]
@@ -455,7 +596,7 @@ fn unknown_key_top_level() {
         "ring",
         &[
             "unknown key `ring`",
-            "allowed keys: log_level, seed, ring_size, shutdown_timeout, control, service",
+            "allowed keys: log_level, seed, ring_size, shutdown_timeout, control, xdp, service",
         ],
     );
 }
@@ -1072,5 +1213,476 @@ fn bad_log_level() {
         1,
         "log_level",
         &["error, warn, info, debug, trace"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The [xdp] table.
+
+#[test]
+fn unknown_key_in_xdp() {
+    bad(
+        "[xdp]\ninterfaces = [\"eth0\"]\nattach = \"native\"\n",
+        3,
+        "xdp.attach",
+        &[
+            "unknown key `attach`; allowed keys: interfaces, mode, pin_path, snat_ports, idle_timeout, closed_timeout, max_services, max_backends, conntrack_entries, affinity_entries",
+        ],
+    );
+}
+
+#[test]
+fn xdp_interfaces_required() {
+    bad(
+        "seed = 1\n[xdp]\nmode = \"skb\"\n",
+        2,
+        "xdp.interfaces",
+        &[
+            "missing required key `interfaces`",
+            "interfaces = [\"eth0\", ...]",
+        ],
+    );
+    bad(
+        "[xdp]\ninterfaces = []\n",
+        2,
+        "xdp.interfaces",
+        &["0 interfaces", "allowed 1..=16"],
+    );
+    let seventeen: Vec<String> = (0..17).map(|i| format!("\"eth{i}\"")).collect();
+    bad(
+        &format!("[xdp]\n\ninterfaces = [{}]\n", seventeen.join(", ")),
+        3,
+        "xdp.interfaces",
+        &["17 interfaces", "allowed 1..=16"],
+    );
+    let sixteen = &seventeen[..16];
+    good(&format!("[xdp]\ninterfaces = [{}]\n", sixteen.join(", ")));
+    bad(
+        "[xdp]\ninterfaces = \"eth0\"\n",
+        2,
+        "xdp.interfaces",
+        &["wrong type", "expected an array"],
+    );
+    bad(
+        "[xdp]\ninterfaces = [\"eth0\", 1]\n",
+        2,
+        "xdp.interfaces[1]",
+        &["wrong type", "expected a string"],
+    );
+}
+
+#[test]
+fn xdp_bad_interface_names() {
+    for (name, shown) in [
+        ("", ""),
+        ("eth0/1", "eth0/1"),
+        ("eth 0", "eth 0"),
+        ("eth0\\t", "eth0\\t"),
+        ("eth0:1", "eth0:1"),
+        (".", "."),
+        ("..", ".."),
+        ("sixteen_chars_xx", "sixteen_chars_xx"),
+    ] {
+        bad(
+            &format!("[xdp]\ninterfaces = [\"eth0\",\n  \"{name}\"]\n"),
+            3,
+            "xdp.interfaces[1]",
+            &[
+                &format!("interface name \"{shown}\" is not allowed"),
+                "1 to 15 bytes, no '/', ':', whitespace or control characters, not \".\" or \"..\"",
+            ],
+        );
+    }
+    // 15 bytes is the limit, and the kernel counts bytes.
+    good("[xdp]\ninterfaces = [\"fifteen_chars_x\", \"äää\"]\n");
+    bad(
+        "[xdp]\ninterfaces = [\"ääääääää\"]\n",
+        2,
+        "xdp.interfaces[0]",
+        &["1 to 15 bytes"],
+    );
+}
+
+#[test]
+fn xdp_duplicate_interface() {
+    bad(
+        r#"
+        [xdp]
+        interfaces = [
+          "eth0",
+          "eth1",
+          "eth0",
+        ]
+        "#,
+        5,
+        "xdp.interfaces[2]",
+        &["\"eth0\" is already listed as xdp.interfaces[0] (line 3)", "once"],
+    );
+}
+
+#[test]
+fn xdp_bad_mode() {
+    bad(
+        "[xdp]\ninterfaces = [\"eth0\"]\nmode = \"native\"\n",
+        3,
+        "xdp.mode",
+        &["mode \"native\" is not allowed; use \"auto\", \"driver\" or \"skb\""],
+    );
+}
+
+#[test]
+fn xdp_bad_pin_path() {
+    for (path, why) in [
+        ("lb", "is not an absolute path"),
+        ("", "is not an absolute path"),
+        ("/sys/fs/bpf", "is the bpffs mount itself"),
+        ("/sys/fs/bpf/", "is the bpffs mount itself"),
+        ("/sys/fs/bpf/./", "is the bpffs mount itself"),
+        ("/sys/fs/bpf/../lb", "must not contain \"..\""),
+        ("/sys/fs/bpf/lb/..", "must not contain \"..\""),
+        ("/sys/fs/bpfx/lb", "is not below /sys/fs/bpf/"),
+        ("/tmp/lb", "is not below /sys/fs/bpf/"),
+    ] {
+        bad(
+            &format!("[xdp]\ninterfaces = [\"eth0\"]\npin_path = \"{path}\"\n"),
+            3,
+            "xdp.pin_path",
+            &[
+                &format!("pin_path \"{path}\" {why}"),
+                "use an absolute path below /sys/fs/bpf/",
+                "\"/sys/fs/bpf/lb\"",
+            ],
+        );
+    }
+}
+
+#[test]
+fn xdp_bad_snat_ports() {
+    for (range, why) in [
+        ("20000", "is not a port range"),
+        ("20000-", "is not a port range"),
+        ("20000:29999", "is not a port range"),
+        ("-1-100", "is not a port range"),
+        ("a-b", "is not a port range"),
+        ("1000-2000", "starts at 1000, a privileged port"),
+        ("60000-65536", "ends at 65536, above 65535"),
+        ("60000-999999", "is not a port range"),
+        ("30000-20000", "is reversed (30000 > 20000)"),
+        ("20000-20062", "has only 63 ports"),
+    ] {
+        bad(
+            &format!("[xdp]\ninterfaces = [\"eth0\"]\nsnat_ports = \"{range}\"\n"),
+            3,
+            "xdp.snat_ports",
+            &[
+                &format!("snat_ports \"{range}\" {why}"),
+                "\"LO-HI\"",
+                "1024 <= LO <= HI <= 65535, at least 64 ports",
+            ],
+        );
+    }
+    good("[xdp]\ninterfaces = [\"eth0\"]\nsnat_ports = \"65472-65535\"\n");
+    bad(
+        "[xdp]\ninterfaces = [\"eth0\"]\nsnat_ports = 20000\n",
+        3,
+        "xdp.snat_ports",
+        &["wrong type", "expected a port range string \"LO-HI\""],
+    );
+}
+
+#[test]
+fn xdp_bad_timeouts() {
+    bad(
+        "[xdp]\ninterfaces = [\"eth0\"]\nidle_timeout = \"0s\"\n",
+        3,
+        "xdp.idle_timeout",
+        &["idle_timeout must be greater than 0"],
+    );
+    bad(
+        "[xdp]\ninterfaces = [\"eth0\"]\nclosed_timeout = \"0ms\"\n",
+        3,
+        "xdp.closed_timeout",
+        &["closed_timeout must be greater than 0"],
+    );
+    bad(
+        "[xdp]\ninterfaces = [\"eth0\"]\nclosed_timeout = \"15\"\n",
+        3,
+        "xdp.closed_timeout",
+        &["not a valid duration", "ms, s, m or h"],
+    );
+    bad(
+        "[xdp]\ninterfaces = [\"eth0\"]\nidle_timeout = \"1000h\"\n",
+        3,
+        "xdp.idle_timeout",
+        &["too long", "720h"],
+    );
+    bad(
+        "[xdp]\ninterfaces = [\"eth0\"]\nidle_timeout = \"1m\"\nclosed_timeout = \"2m\"\n",
+        4,
+        "xdp.closed_timeout",
+        &[
+            "closed_timeout 2m is longer than idle_timeout 1m",
+            "closed_timeout must be <= idle_timeout",
+        ],
+    );
+    // Only idle_timeout written: the default closed_timeout (2s) is too long for it.
+    bad(
+        "[xdp]\ninterfaces = [\"eth0\"]\nidle_timeout = \"1s\"\n",
+        3,
+        "xdp.idle_timeout",
+        &["closed_timeout 2s is longer than idle_timeout 1s"],
+    );
+}
+
+#[test]
+fn xdp_ranges() {
+    for (key, value, allowed) in [
+        ("max_services", "0", "allowed 1..=1024"),
+        ("max_services", "1025", "allowed 1..=1024"),
+        ("max_backends", "0", "allowed 1..=65536"),
+        ("max_backends", "65537", "allowed 1..=65536"),
+        ("conntrack_entries", "1023", "allowed 1024..=16777216"),
+        ("conntrack_entries", "16777217", "allowed 1024..=16777216"),
+        ("affinity_entries", "-1", "allowed 1024..=16777216"),
+        ("affinity_entries", "4294967296", "allowed 1024..=16777216"),
+    ] {
+        bad(
+            &format!("[xdp]\ninterfaces = [\"eth0\"]\n{key} = {value}\n"),
+            3,
+            &format!("xdp.{key}"),
+            &[&format!("{key} {value} is out of range; {allowed}")],
+        );
+    }
+    bad(
+        "[xdp]\ninterfaces = [\"eth0\"]\nmax_services = \"16\"\n",
+        3,
+        "xdp.max_services",
+        &["wrong type", "expected an integer"],
+    );
+}
+
+#[test]
+fn xdp_datapath_needs_xdp_table() {
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        [[service]]
+        name = "fast"
+        listen = "10.0.0.1:81"
+        datapath = "xdp"
+        "#,
+        7,
+        "service[1].datapath",
+        &["datapath \"xdp\" needs an [xdp] table with at least interfaces = [...]"],
+    );
+    // An [xdp] table without xdp services is fine (maps are set up, nothing uses them yet).
+    good("[xdp]\ninterfaces = [\"eth0\"]\n[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\n");
+}
+
+#[test]
+fn xdp_needs_ipv4_with_xdp_table() {
+    bad(
+        r#"
+        [xdp]
+        interfaces = ["eth0"]
+        [[service]]
+        name = "web"
+        datapath = "xdp"
+        listen = "0.0.0.0:80"
+        "#,
+        6,
+        "service[0].listen",
+        &["specific IPv4", "datapath = \"proxy\""],
+    );
+}
+
+#[test]
+fn xdp_ring_entries_limit() {
+    bad(
+        r#"
+        ring_size = 16777213
+        [xdp]
+        interfaces = ["eth0"]
+        max_services = 17
+        "#,
+        4,
+        "xdp.max_services",
+        &[
+            "max_services 17 x ring_size 16777213 (line 1)",
+            "ring_size x max_services must be <= 268435456",
+            "max_services <= 16",
+        ],
+    );
+    bad(
+        "ring_size = 262147\n[xdp]\ninterfaces = [\"eth0\"]\nmax_services = 1024\n",
+        4,
+        "xdp.max_services",
+        &["= 268438528 ring entries is too many", "max_services <= 1023"],
+    );
+    good("ring_size = 262139\n[xdp]\ninterfaces = [\"eth0\"]\nmax_services = 1024\n");
+    good("[xdp]\ninterfaces = [\"eth0\"]\nmax_services = 1024\n");
+    bad(
+        "ring_size = 65537\n[xdp]\ninterfaces = [\"eth0\"]\nmax_services = 4097\n",
+        4,
+        "xdp.max_services",
+        &["allowed 1..=1024"],
+    );
+}
+
+#[test]
+fn xdp_too_many_services() {
+    bad(
+        r#"
+        [xdp]
+        interfaces = ["eth0"]
+        max_services = 1
+
+        [[service]]
+        name = "a"
+        listen = "10.0.0.1:80"
+        datapath = "xdp"
+        [[service]]
+        name = "p"
+        listen = "10.0.0.1:81"
+        [[service]]
+        name = "b"
+        listen = "10.0.0.1:82"
+        datapath = "xdp"
+        "#,
+        3,
+        "xdp.max_services",
+        &[
+            "max_services 1 is too small",
+            "service \"b\" is xdp service number 2",
+            "allowed 1..=1024",
+            "datapath = \"proxy\"",
+        ],
+    );
+    // With the default (16), the error points at the 17th xdp service.
+    let mut text = String::from("[xdp]\ninterfaces = [\"eth0\"]\n");
+    for i in 0..17 {
+        text += &format!(
+            "[[service]]\nname = \"s{i}\"\nlisten = \"10.0.0.1:{}\"\ndatapath = \"xdp\"\n",
+            80 + i
+        );
+    }
+    bad(
+        &text,
+        2 + 16 * 4 + 4,
+        "xdp.max_services",
+        &[
+            "max_services 16 (the default) is too small",
+            "service \"s16\" is xdp service number 17",
+        ],
+    );
+}
+
+#[test]
+fn xdp_too_many_backends() {
+    bad(
+        r#"
+        [xdp]
+        interfaces = ["eth0"]
+        max_backends = 2
+
+        [[service]]
+        name = "a"
+        listen = "10.0.0.1:80"
+        datapath = "xdp"
+        [[service.backend]]
+        address = "10.0.1.1:80"
+        [[service]]
+        name = "p"
+        listen = "10.0.0.1:81"
+        [[service.backend]]
+        address = "10.0.1.1:80"
+        [[service.backend]]
+        address = "10.0.1.2:80"
+        [[service]]
+        name = "b"
+        datapath = "xdp"
+        listen = "10.0.0.1:82"
+        [[service.backend]]
+        address = "10.0.1.1:80"
+        [[service.backend]]
+        address = "10.0.1.2:80"
+        "#,
+        3,
+        "xdp.max_backends",
+        &[
+            "max_backends 2 is too small",
+            "the xdp services up to \"b\" have 3 backends in total",
+            "allowed 1..=65536",
+        ],
+    );
+    // Not written: the error points at the datapath of the service that overflows.
+    let mut text = String::from(
+        "ring_size = 16777213\n[xdp]\ninterfaces = [\"eth0\"]\n[[service]]\nname = \"big\"\nlisten = \"10.0.0.1:80\"\ndatapath = \"xdp\"\n",
+    );
+    for i in 0..1025 {
+        text += &format!(
+            "[[service.backend]]\naddress = \"10.0.{}.{}:80\"\n",
+            1 + i / 200,
+            1 + i % 200
+        );
+    }
+    bad(
+        &text,
+        7,
+        "xdp.max_backends",
+        &[
+            "max_backends 1024 (the default) is too small",
+            "1025 backends in total",
+        ],
+    );
+}
+
+#[test]
+fn xdp_listen_inside_snat_ports() {
+    bad(
+        r#"
+        [xdp]
+        interfaces = ["eth0"]
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:20000"
+        datapath = "xdp"
+        "#,
+        5,
+        "service[0].listen",
+        &[
+            "port 20000 is inside xdp.snat_ports 20000-29999 (the default)",
+            "reserved for the source ports the xdp datapath uses toward backends",
+            "outside 20000-29999",
+        ],
+    );
+    bad(
+        r#"
+        [xdp]
+        interfaces = ["eth0"]
+        snat_ports = "40000-40063"
+        [[service]]
+        name = "web"
+        datapath = "xdp"
+        listen = "10.0.0.1:40063"
+        "#,
+        7,
+        "service[0].listen",
+        &[
+            "port 40063 is inside xdp.snat_ports 40000-40063 (line 3)",
+            "reserved",
+        ],
+    );
+    // The proxy datapath may listen there.
+    good(
+        r#"
+        [xdp]
+        interfaces = ["eth0"]
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:29999"
+        "#,
     );
 }
