@@ -36,13 +36,23 @@ pub struct ServiceStats {
 }
 
 struct Listener {
+    listen: SocketAddr,
     stop: CancellationToken,
     stats: Arc<ServiceStats>,
+    limit: Arc<Semaphore>,
+    max_connections: u32,
+    /// Disconnects once the accept loop has dropped its socket.
+    closed: std::sync::mpsc::Receiver<()>,
 }
+
+/// How long adding a service waits for a removed one's socket on the same address to close.
+const REBIND_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct ProxyDatapath {
     balancer: Arc<Mutex<Balancer>>,
     listeners: Mutex<HashMap<String, Listener>>,
+    /// Removed services whose accept loop may still hold the socket, by address.
+    closing: Mutex<HashMap<SocketAddr, std::sync::mpsc::Receiver<()>>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -52,6 +62,7 @@ impl ProxyDatapath {
         ProxyDatapath {
             balancer,
             listeners: Mutex::new(HashMap::new()),
+            closing: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }
@@ -74,26 +85,64 @@ impl ProxyDatapath {
             listen,
             source,
         };
+        // A service just removed from this address may still be closing its socket.
+        if let Some(closed) = self.closing.lock().unwrap().remove(&listen) {
+            let _ = closed.recv_timeout(REBIND_WAIT);
+        }
         let std_listener = bind(listen).map_err(bind_error)?;
         let listener = TcpListener::from_std(std_listener).map_err(bind_error)?;
         let stop = self.shutdown.child_token();
         let stats = Arc::new(ServiceStats::default());
-        let limit = Arc::new(Semaphore::new(svc.settings.max_connections as usize));
-        info!(service = name, %listen, max_connections = svc.settings.max_connections, "proxy listening");
-        self.tasks.spawn(accept_loop(
+        let max_connections = svc.settings.max_connections;
+        let limit = Arc::new(Semaphore::new(max_connections as usize));
+        let (closed_tx, closed) = std::sync::mpsc::sync_channel(0);
+        info!(service = name, %listen, max_connections, "proxy listening");
+        let accept = accept_loop(
             name.to_string(),
             listener,
-            limit,
+            limit.clone(),
             self.balancer.clone(),
             stats.clone(),
             stop.clone(),
             self.tasks.clone(),
-        ));
-        self.listeners
-            .lock()
-            .unwrap()
-            .insert(name.to_string(), Listener { stop, stats });
+        );
+        self.tasks.spawn(async move {
+            accept.await;
+            drop(closed_tx);
+        });
+        let l = Listener {
+            listen,
+            stop,
+            stats,
+            limit,
+            max_connections,
+            closed,
+        };
+        self.listeners.lock().unwrap().insert(name.to_string(), l);
         Ok(())
+    }
+
+    /// Follows a changed `max_connections` by adding or forgetting permits.
+    fn resize(&self, name: &str, state: &State) {
+        let Ok(svc) = state.service(name) else { return };
+        let mut listeners = self.listeners.lock().unwrap();
+        let Some(l) = listeners.get_mut(name) else { return };
+        let want = svc.settings.max_connections;
+        if want > l.max_connections {
+            l.limit.add_permits((want - l.max_connections) as usize);
+            l.max_connections = want;
+        } else {
+            // Only free permits can be taken back; open connections keep theirs.
+            let forgotten = l.limit.forget_permits((l.max_connections - want) as usize) as u32;
+            l.max_connections -= forgotten;
+            if l.max_connections != want {
+                warn!(
+                    service = name,
+                    limit = l.max_connections,
+                    "max_connections lowered only as far as open connections allow; apply again later"
+                );
+            }
+        }
     }
 }
 
@@ -121,12 +170,17 @@ impl Datapath for ProxyDatapath {
             Effect::ServiceRemoved { name, .. } => {
                 if let Some(l) = self.listeners.lock().unwrap().remove(name) {
                     l.stop.cancel();
+                    self.closing.lock().unwrap().insert(l.listen, l.closed);
                     info!(service = %name, "proxy stopped listening; open connections continue");
                 }
                 Ok(())
             }
             // Settings and backends are read from the balancer at each new connection.
-            Effect::ServiceChanged(_) | Effect::Nothing => Ok(()),
+            Effect::ServiceChanged(name) => {
+                self.resize(name, state);
+                Ok(())
+            }
+            Effect::Nothing => Ok(()),
         }
     }
 

@@ -316,10 +316,9 @@ impl State {
             Command::UpdateService { mut service } => {
                 let current = self.service_mut(&name)?;
                 service.backends.clear();
-                // Listen, protocol and datapath identify the service; reload replaces it when they change.
+                // Listen and datapath identify the service; reload replaces it when they change.
                 service.listen = current.settings.listen;
                 service.datapath = current.settings.datapath;
-                service.protocol = current.settings.protocol;
                 if current.settings == service {
                     return Ok(Effect::Nothing);
                 }
@@ -433,7 +432,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Command> {
             commands.push(Command::AddService { service: n.clone() });
             continue;
         };
-        if (o.listen, o.protocol, o.datapath) != (n.listen, n.protocol, n.datapath) {
+        if (o.listen, o.datapath) != (n.listen, n.datapath) {
             commands.push(Command::RemoveService {
                 service: o.name.clone(),
             });
