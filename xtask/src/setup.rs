@@ -21,6 +21,8 @@ const PACKAGES: &[&str] = &[
     "nginx",
     "libnginx-mod-stream",
     "tmux",
+    // ethtool: the XDP tests enable GRO on veth peers so XDP_REDIRECT into a veth is accepted.
+    "ethtool",
 ];
 
 /// Packages whose Debian install starts a system service. The tests start their own instances in
