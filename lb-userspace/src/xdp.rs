@@ -755,7 +755,10 @@ fn ensure_bpffs(dir: &Path) -> Result<(), XdpError> {
             None::<&str>,
         )
         .map_err(|e| XdpError::System(format!("mounting bpffs on /sys/fs/bpf: {e}")))?;
-        info!("mounted the BPF filesystem on /sys/fs/bpf");
+        info!(
+            "mounted the BPF filesystem on /sys/fs/bpf; if lb runs in a private mount namespace \
+             (e.g. under `ip netns exec`), its pins vanish when it exits and a restart drops connections"
+        );
     }
     std::fs::create_dir_all(dir).map_err(|e| XdpError::Pin {
         path: dir.into(),

@@ -121,6 +121,18 @@ impl Netns {
         cmd
     }
 
+    /// Like [`Netns::command`] but entering only the network namespace (`nsenter --net`), not the
+    /// private mount namespace `ip netns exec` sets up: the program sees the host's /sys/fs/bpf,
+    /// so BPF objects it pins outlive it (as under systemd).
+    pub fn command_net_only<S: AsRef<OsStr>>(&self, program: impl AsRef<OsStr>, args: &[S]) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", netns_path(&self.name).display()))
+            .arg("--")
+            .arg(program)
+            .args(args);
+        cmd
+    }
+
     /// Run `args[0] args[1..]` inside the namespace, wait, and return its output (whatever the exit
     /// status). `args` must not be empty.
     pub fn exec<S: AsRef<OsStr>>(&self, args: &[S]) -> io::Result<Output> {

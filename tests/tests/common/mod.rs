@@ -136,8 +136,7 @@ impl Lb {
         let socket = dir.path().join("lb.sock");
         let cfg_path = dir.path().join("lb.toml");
         fs::write(&cfg_path, config(&socket)).unwrap();
-        let child = ns
-            .spawn(lb_bin(), &["run", "-c", cfg_path.to_str().unwrap()])
+        let child = Child::spawn(ns.command_net_only(lb_bin(), &["run", "-c", cfg_path.to_str().unwrap()]))
             .expect("spawn lb run");
         let mut lb = Lb {
             child,

@@ -1,0 +1,363 @@
+//! End to end through the XDP datapath (`datapath = "xdp"`): client, lb and three backend
+//! namespaces; the program is attached to the lb namespace's four veths and forwards in the kernel.
+//! HTTP and bulk TCP byte-exact, affinity and spread matching `lb which`, CLI changes, health
+//! checks removing a backend from the kernel ring, and a restart of `lb` under an open transfer.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use lb_tests::{Topology, connect_from, require_root};
+
+/// Removes the pinned maps and links on drop (the daemon leaves them behind on purpose).
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.0) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn pin_dir(tag: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/lbt-{tag}-{}", std::process::id()))
+}
+
+/// Services as (name, VIP port, backend port).
+const STD: &[(&str, u16, u16)] = &[("web", 80, HTTP_PORT), ("echo", 7, ECHO_PORT)];
+
+/// An XDP config with `services` over backends 1..=n, TCP checks.
+fn xdp_config(
+    topo: &Topology,
+    socket: &Path,
+    pins: &Path,
+    n: usize,
+    services: &[(&str, u16, u16)],
+) -> String {
+    let mut interfaces = vec!["\"to-c\"".to_string()];
+    interfaces.extend((1..=n).map(|i| format!("\"to-b{i}\"")));
+    let mut c = format!(
+        "shutdown_timeout = \"1s\"\nring_size = 1009\n[control]\nsocket = \"{}\"\n\n[xdp]\ninterfaces = [{}]\npin_path = \"{}\"\n",
+        socket.display(),
+        interfaces.join(", "),
+        pins.display()
+    );
+    for (name, vip_port, port) in services {
+        c.push_str(&format!(
+            "\n[[service]]\nname = \"{name}\"\nlisten = \"{}:{vip_port}\"\ndatapath = \"xdp\"\n[service.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n",
+            topo.vip()
+        ));
+        for i in 1..=n {
+            c.push_str(&format!(
+                "\n[[service.backend]]\nname = \"b{i}\"\naddress = \"{}:{port}\"\n",
+                topo.backend_addr(i)
+            ));
+        }
+    }
+    c
+}
+
+/// Veth peers as a real NIC would behave: XDP_REDIRECT into a veth needs NAPI on the receiving
+/// peer (GRO on turns it on), and packets sent by a local stack carry only a partial TCP checksum
+/// (TX offload) that a rewrite cannot complete (TX checksum offload off).
+fn prepare_peers(topo: &Topology) {
+    let mut names = vec![topo.client_ns().name().to_string()];
+    names.extend((1..=topo.backend_count()).map(|i| topo.backend_ns(i).name().to_string()));
+    for ns in names {
+        let out = topo
+            .exec_in(&ns, &["ethtool", "-K", "eth0", "gro", "on", "tx", "off"])
+            .expect("run ethtool");
+        assert!(
+            out.status.success(),
+            "ethtool in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn xdp_bed(tag: &str, backends: usize, clients: usize, pins: &Path, services: &[(&str, u16, u16)]) -> Bed {
+    let bed = Bed::new(tag, backends, clients, |topo, socket| {
+        xdp_config(topo, socket, pins, backends, services)
+    });
+    prepare_peers(&bed.topo);
+    // Health checks resolve the backends' neighbours; wait for the first good checks.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bed.lb.status()["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap()["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|b| b["check"]["consecutive_ok"] == 0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "checks never succeeded:\n{}",
+            bed.lb.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bed
+}
+
+fn xdp_counter(bed: &Bed, name: &str) -> u64 {
+    bed.lb.status()["xdp"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("xdp counter {name} missing"))
+}
+
+#[test]
+fn xdp_forwards_http_and_bulk_with_affinity_matching_which() {
+    if !require_root("xdp_forwards_http_and_bulk_with_affinity_matching_which") {
+        return;
+    }
+    let pins = Pins(pin_dir("fwd"));
+    let bed = xdp_bed("xfwd", 3, 30, &pins.0, STD);
+    let clients = bed.topo.client_addrs();
+    // Each client's first connection lands where `lb which` (answered from the kernel maps) said.
+    let mut first = BTreeMap::new();
+    for &c in &clients {
+        let (predicted, reason) = bed.lb.which("web", c);
+        assert_eq!(reason, "ring", "{c}: a new client is placed by the kernel ring");
+        let got = bed.get(c);
+        assert_eq!(
+            Some(got.clone()),
+            predicted,
+            "{c}: kernel which predicted {predicted:?}, reached {got}"
+        );
+        first.insert(c, got);
+    }
+    let spread = counts(&first);
+    assert_eq!(spread.len(), 3, "30 clients reach all 3 backends: {spread:?}");
+    // Affinity: many connections per client stay put, and which now says "affinity".
+    for &c in clients.iter().take(5) {
+        for _ in 0..15 {
+            assert_eq!(bed.get(c), first[&c], "{c} moved");
+        }
+        let (b, reason) = bed.lb.which("web", c);
+        assert_eq!(
+            (b.as_deref(), reason.as_str()),
+            (Some(first[&c].as_str()), "affinity")
+        );
+    }
+    // Bulk echo, byte-exact, with half-close.
+    let data = random_bytes(8 << 20, 7);
+    let mut s = bed.open_echo(clients[0]);
+    let writer = {
+        let mut w = s.try_clone().unwrap();
+        let data = data.clone();
+        std::thread::spawn(move || {
+            w.write_all(&data).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        })
+    };
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    writer.join().unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "echo through XDP must be byte-exact");
+    // The kernel did the work: new flows and forwarded packets counted, per backend bytes seen.
+    assert!(xdp_counter(&bed, "new_flows") >= 30 + 75 + 1);
+    assert!(xdp_counter(&bed, "forwarded") > 1000);
+    let status = bed.lb.status();
+    let echo = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "echo")
+        .unwrap();
+    let bytes_in: u64 = echo["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["bytes_in"].as_u64().unwrap())
+        .sum();
+    assert!(
+        bytes_in > 8 << 20,
+        "kernel counted {bytes_in} bytes toward echo backends"
+    );
+}
+
+#[test]
+fn xdp_iperf3_through_the_kernel_path() {
+    if !require_root("xdp_iperf3_through_the_kernel_path") {
+        return;
+    }
+    let pins = Pins(pin_dir("iperf"));
+    let bed = xdp_bed(
+        "xiperf",
+        1,
+        2,
+        &pins.0,
+        &[("web", 80, HTTP_PORT), ("iperf", 5201, 5201)],
+    );
+    // iperf3's control and data connections both go through the service VIP:5201 → b1:5201.
+    let b1 = bed.topo.backend_addr(1).to_string();
+    let _iperf = lb_tests::Child::spawn(
+        bed.topo
+            .backend_ns(1)
+            .command("iperf3", &["-s", "-B", &b1, "-p", "5201"]),
+    )
+    .expect("iperf3 server");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bed.lb.backend("iperf", "b1").unwrap()["health"] != "up" {
+        assert!(
+            Instant::now() < deadline,
+            "iperf3 server never checked up:\n{}",
+            bed.lb.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let vip = bed.topo.vip().to_string();
+    let out = bed
+        .topo
+        .exec_in(
+            bed.topo.client_ns().name(),
+            &["iperf3", "-c", &vip, "-p", "5201", "-t", "2", "-J"],
+        )
+        .expect("iperf3 client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "iperf3 failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let sent = v["end"]["sum_sent"]["bytes"].as_u64().unwrap();
+    let received = v["end"]["sum_received"]["bytes"].as_u64().unwrap();
+    assert!(received > 1 << 20, "iperf3 moved {received} bytes");
+    assert!(sent >= received);
+    let b = bed.lb.backend("iperf", "b1").unwrap();
+    assert!(
+        b["bytes_in"].as_u64().unwrap() >= received,
+        "kernel counters saw the transfer: {b}"
+    );
+}
+
+#[test]
+fn xdp_cli_drain_disable_add_remove_take_effect() {
+    if !require_root("xdp_cli_drain_disable_add_remove_take_effect") {
+        return;
+    }
+    let pins = Pins(pin_dir("cli"));
+    let bed = xdp_bed("xcli", 3, 40, &pins.0, STD);
+    let clients = bed.topo.client_addrs();
+    let (known, fresh) = clients.split_at(20);
+    let before = bed.wave(known);
+    let drained = busiest(&before);
+    bed.lb.cli_ok(&["backend", "drain", "web", &drained]);
+    for (c, b) in &before {
+        assert_eq!(&bed.get(*c), b, "{c}: known client keeps its drained backend");
+    }
+    let (new_ones, _) = fresh.split_at(10);
+    for (c, b) in bed.wave(new_ones) {
+        assert_ne!(b, drained, "{c}: new client sent to drained {drained}");
+    }
+    bed.lb.cli_ok(&["backend", "disable", "web", &drained]);
+    for (c, b) in bed.wave(known) {
+        assert_ne!(b, drained, "{c}: nobody reaches a backend in maintenance");
+    }
+    bed.lb.cli_ok(&["backend", "remove", "web", &drained]);
+    assert!(!bed.lb.backend_names("web").contains(&drained));
+    bed.lb.cli_ok(&[
+        "backend",
+        "add",
+        "web",
+        &format!(
+            "{}:{HTTP_PORT}",
+            bed.topo.backend_addr(drained[1..].parse().unwrap())
+        ),
+        "--name",
+        "again",
+    ]);
+    let later = bed.wave(&fresh[10..]);
+    assert!(
+        later.values().any(|b| *b == drained),
+        "re-added backend takes new clients: {later:?}"
+    );
+}
+
+#[test]
+fn xdp_health_down_leaves_the_kernel_ring_and_restart_keeps_transfers() {
+    if !require_root("xdp_health_down_leaves_the_kernel_ring_and_restart_keeps_transfers") {
+        return;
+    }
+    let pins = Pins(pin_dir("hr"));
+    let mut bed = xdp_bed("xhr", 3, 20, &pins.0, STD);
+    let clients = bed.topo.client_addrs();
+    // A long transfer, open across the restart.
+    let mut s = connect_from(
+        bed.topo.client_ns().name(),
+        clients[19],
+        bed.echo(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    echo_roundtrip(&mut s, b"before restart");
+    let before = bed.wave(&clients[..10]);
+
+    // Restart lb: the pinned link and maps keep forwarding while it is gone.
+    let config = bed.lb.config.clone();
+    bed.lb.child.stop().expect("stop lb");
+    for i in 0..20u32 {
+        echo_roundtrip(&mut s, format!("while lb is down {i}").as_bytes());
+    }
+    let child = lb_tests::Child::spawn(
+        bed.topo
+            .lb_ns()
+            .command_net_only(lb_tests::lb_bin(), &["run", "-c", config.to_str().unwrap()]),
+    )
+    .unwrap();
+    bed.lb.child = child;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while raw_request(&bed.lb.socket, b"{\"cmd\":\"status\"}\n").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "lb did not come back:\n{}",
+            bed.lb.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        bed.lb.log().contains("adopting pinned XDP maps"),
+        "{}",
+        bed.lb.log()
+    );
+    echo_roundtrip(&mut s, &random_bytes(1 << 20, 3));
+    for (c, b) in &before {
+        assert_eq!(&bed.get(*c), b, "{c}: affinity survives the restart");
+    }
+
+    // Kill a backend's HTTP server: health checks take it out of the kernel ring.
+    let victim = busiest(&before);
+    let i: usize = victim[1..].parse().unwrap();
+    let web = bed.servers.remove(i - 1);
+    drop(web);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let b = bed.lb.backend("web", &victim).unwrap();
+        if b["health"] == "down" && b["ring_slots"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{victim} never went down: {b}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for &c in &clients[..18] {
+        assert_ne!(bed.get(c), victim, "{c} sent to a down backend");
+        let (b, _) = bed.lb.which("web", c);
+        assert_ne!(b.as_deref(), Some(victim.as_str()));
+    }
+    close_echo(s);
+}
