@@ -11,7 +11,9 @@
 //!   `bpf_fib_lookup`, out by `XDP_TX` or redirect; unknown neighbour → `XDP_PASS` so the kernel
 //!   resolves it.
 //! - [`ptr_at`]: the only way to touch packet bytes: a bounds check the verifier can follow.
-//! - Maps: names and layouts once in `lb_common::maps`; counters are per-CPU, never per-packet logs.
+//! - Maps: names and layouts once in `lb_common::maps`; counters are per-CPU. The only log lines
+//!   (aya-log, forwarded into `lb`'s tracing) are for rare, actionable events: SNAT ports exhausted,
+//!   no route for a rewritten packet.
 #![no_std]
 #![no_main]
 
@@ -190,7 +192,11 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
     let Some((backend_index, backend)) = select_backend(service, key.src_be, cfg, now) else {
         return drop(gc::NO_BACKEND);
     };
-    let Some(snat_port_be) = alloc_snat(backend, cfg, now) else { return drop(gc::SNAT_EXHAUSTED) };
+    let Some(snat_port_be) = alloc_snat(backend, cfg, now) else {
+        // Rare and actionable (widen [xdp] snat_ports): worth a log line, unlike per-packet events.
+        aya_log_ebpf::warn!(ctx, "no free SNAT port toward backend {:i}", u32::from_be(backend.addr_be));
+        return drop(gc::SNAT_EXHAUSTED);
+    };
     let forward_value = FlowValue {
         new_src_be: backend.snat_be,
         new_dst_be: backend.addr_be,
@@ -354,6 +360,8 @@ fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr) -> Verdict {
         return pass(Some(gc::NO_NEIGH));
     }
     if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        let dst = u32::from_be(unsafe { (*ip).daddr_be });
+        aya_log_ebpf::warn!(ctx, "no route for rewritten packet to {:i} (fib lookup {})", dst, ret);
         return drop(gc::FIB_FAILED);
     }
     unsafe {

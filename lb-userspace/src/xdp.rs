@@ -317,6 +317,7 @@ impl XdpDatapath {
             for interface in &config.interfaces {
                 attach(program, interface, config.mode, &config.pin_path)?;
             }
+            forward_program_logs(&mut ebpf);
         }
         Ok(XdpDatapath {
             inner: Mutex::new(Inner {
@@ -739,6 +740,52 @@ impl Datapath for XdpDatapath {
         // The kernel keeps forwarding through the pinned link and maps; nothing to wait for.
         Box::pin(std::future::ready(()))
     }
+}
+
+/// Forwards the program's aya-log records into tracing (target `lb::xdp::kernel`).
+struct KernelLog;
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let message = record.args().to_string();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "lb::xdp::kernel", "{message}"),
+            log::Level::Warn => tracing::warn!(target: "lb::xdp::kernel", "{message}"),
+            log::Level::Info => tracing::info!(target: "lb::xdp::kernel", "{message}"),
+            log::Level::Debug => tracing::debug!(target: "lb::xdp::kernel", "{message}"),
+            log::Level::Trace => tracing::trace!(target: "lb::xdp::kernel", "{message}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Starts a task draining the program's log ring buffer (needs a tokio runtime; skipped without).
+fn forward_program_logs(ebpf: &mut Ebpf) {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    let logger = match aya_log::EbpfLogger::init_with_logger(ebpf, KernelLog) {
+        Ok(l) => l,
+        Err(e) => return warn!(error = %e, "XDP program logs are not forwarded"),
+    };
+    // SAFETY: the logger owns its ring buffer fd and neither closes nor replaces it while registered.
+    let registered =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => return warn!(error = %e, "XDP program logs are not forwarded"),
+    };
+    tokio::spawn(async move {
+        while let Ok(mut guard) = fd.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
 }
 
 /// Mounts bpffs at /sys/fs/bpf if needed and creates the pin directory.

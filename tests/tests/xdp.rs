@@ -361,3 +361,48 @@ fn xdp_health_down_leaves_the_kernel_ring_and_restart_keeps_transfers() {
     }
     close_echo(s);
 }
+
+#[test]
+fn xdp_snat_exhaustion_is_counted_and_logged() {
+    if !require_root("xdp_snat_exhaustion_is_counted_and_logged") {
+        return;
+    }
+    let pins = Pins(pin_dir("snat"));
+    let bed = Bed::new("xsnat", 1, 2, |topo, socket| {
+        xdp_config(topo, socket, &pins.0, 1, STD).replace("[xdp]\n", "[xdp]\nsnat_ports = \"20000-20063\"\n")
+    });
+    prepare_peers(&bed.topo);
+    let client = bed.topo.client_addrs()[0];
+    // Every open connection holds one of the 64 SNAT ports toward the single backend.
+    let mut open = Vec::new();
+    let refused = loop {
+        match connect_from(
+            bed.topo.client_ns().name(),
+            client,
+            bed.echo(),
+            Duration::from_millis(1500),
+        ) {
+            Ok(s) => open.push(s),
+            Err(e) => break e,
+        }
+        assert!(open.len() <= 64, "more connections than SNAT ports");
+    };
+    assert!(
+        open.len() >= 16,
+        "only {} connections before exhaustion ({refused})",
+        open.len()
+    );
+    assert!(xdp_counter(&bed, "snat_exhausted") > 0);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !bed.lb.log().contains("no free SNAT port toward backend 10.1.1.2") {
+        assert!(
+            Instant::now() < deadline,
+            "kernel log line not forwarded:\n{}",
+            bed.lb.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for mut s in open.drain(..4) {
+        echo_roundtrip(&mut s, b"still fine");
+    }
+}
