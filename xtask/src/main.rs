@@ -8,11 +8,13 @@
 //!   workspace, with `LB_EBPF_OBJECT`, `LB_REQUIRE_EBPF=1`, `LB_BIN` and `LB_TESTSRV` set. ARGS go to
 //!   `cargo test` (`cargo xtask test -- ebpf -- --nocapture`).
 //! - `demo [-- ARGS]`: setup, build, then run `lb-demo` as root.
-//! - `bench`: not implemented yet.
+//! - `bench [--quick] [--rows …] [--pin] [--out DIR]`: lb side by side with HAProxy, nginx stream,
+//!   nftables DNAT and no load balancer, plus micro-benchmarks; see [`bench`].
 //!
 //! Every command is printed before it runs ([`cmd`]). The workspace root is the parent of this
 //! crate's manifest directory.
 
+mod bench;
 mod cmd;
 mod setup;
 
@@ -64,8 +66,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Benchmarks (not implemented yet).
-    Bench,
+    /// Benchmarks: lb vs HAProxy, nginx stream, nft DNAT and no LB (root; network namespaces).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -97,7 +99,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Workspace::locate()?.demo(&args)
         }
-        Command::Bench => bail!("cargo xtask bench: not implemented yet (issue 5)"),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

@@ -1,0 +1,189 @@
+//! Smoke test of `cargo xtask bench`: one quick round of the `none`, `lb-proxy` and `lb-xdp` rows
+//! (lb-xdp only checked when the bench could run it), written to a temp directory so the committed
+//! results stay as they are. Checks that every cell of those rows was produced and that source-IP
+//! affinity holds (one client address → one backend; the client addresses together reach all three
+//! backends). No timing assertions.
+//!
+//! Runs the already-built `target/debug/xtask` with `--no-build` (a nested `cargo xtask` would wait
+//! for the cargo lock that `cargo test` holds) and the debug `lb` (`$LB_BIN`, as `cargo xtask test`
+//! sets). Needs root; prints SKIP otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lb_tests::{Child, lb_bin, require_root, workspace_dir};
+use serde_json::Value;
+
+/// `$LB_XTASK`, else `<target>/debug/xtask` (`$CARGO_TARGET_DIR` honoured).
+fn xtask_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LB_XTASK") {
+        return PathBuf::from(p);
+    }
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if Path::new(&d).is_absolute() => PathBuf::from(d),
+        Some(d) => workspace_dir().join(d),
+        None => workspace_dir().join("target"),
+    };
+    target.join("debug").join("xtask")
+}
+
+/// A temp directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn row<'a>(results: &'a Value, name: &str) -> &'a Value {
+    results["rows"]
+        .as_array()
+        .expect("rows array")
+        .iter()
+        .find(|r| r["row"] == name)
+        .unwrap_or_else(|| panic!("row {name} missing from results.json"))
+}
+
+/// Every cell present, none empty, none failed.
+fn assert_cells(r: &Value, name: &str, columns: usize) {
+    let cells: Vec<&str> = r["cells"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{name}: no cells"))
+        .iter()
+        .map(|c| c.as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(cells.len(), columns, "{name}: cells {cells:?}");
+    for (i, c) in cells.iter().enumerate() {
+        assert!(
+            !c.trim().is_empty() && !c.contains("failed") && *c != "—",
+            "{name}: cell {i} is {c:?} (all cells: {cells:?}; failures: {}; notes: {})",
+            r["failures"],
+            r["notes"]
+        );
+    }
+}
+
+fn assert_affinity(r: &Value, name: &str, spread_over: usize) {
+    assert_eq!(
+        r["max_backends_per_client"], 1,
+        "{name}: a client address reached several backends: {}",
+        r["reached"]
+    );
+    assert_eq!(r["clients"], 30, "{name}: clients probed: {}", r["reached"]);
+    let spread = r["spread"].as_object().expect("spread object");
+    assert_eq!(
+        spread.len(),
+        spread_over,
+        "{name}: client addresses reached {spread:?}"
+    );
+}
+
+#[test]
+fn bench_quick_smoke() {
+    if !require_root("bench_quick_smoke") {
+        return;
+    }
+    let xtask = xtask_bin();
+    if !xtask.is_file() {
+        eprintln!(
+            "SKIP: bench_quick_smoke: {} is not built (`cargo xtask …` builds it; or set LB_XTASK)",
+            xtask.display()
+        );
+        return;
+    }
+    let lb = lb_bin();
+    let out = TempDir(std::env::temp_dir().join(format!("lbt-bench-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&out.0);
+    std::fs::create_dir_all(&out.0).unwrap();
+
+    let mut cmd = Command::new(&xtask);
+    cmd.args([
+        "bench",
+        "--quick",
+        "--no-build",
+        "--no-micro",
+        "--rows",
+        "none,lb-proxy,lb-xdp",
+        "--lb-bin",
+    ])
+    .arg(&lb)
+    .arg("--out")
+    .arg(&out.0);
+    let started = Instant::now();
+    let mut child = Child::spawn(cmd).expect("spawn xtask bench");
+    let pid = child.pid();
+    let status = child
+        .wait_timeout(Duration::from_secs(240))
+        .unwrap()
+        .unwrap_or_else(|| {
+            let _ = child.stop();
+            panic!(
+                "xtask bench did not finish within 240 s:\n{}",
+                child.stderr_text()
+            )
+        });
+    // Let the output readers drain.
+    std::thread::sleep(Duration::from_millis(200));
+    let log = child.stderr_text();
+    assert!(status.success(), "xtask bench failed ({status}):\n{log}");
+    eprintln!(
+        "bench_quick_smoke: xtask bench took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Outputs exist; the table is on stdout and in results.md.
+    let md = std::fs::read_to_string(out.0.join("results.md")).expect("results.md");
+    let stdout = child.stdout_lines().join("\n");
+    for text in [&md, &stdout] {
+        assert!(text.contains("| row |"), "no table:\n{text}");
+        for name in ["none", "lb-proxy", "lb-xdp"] {
+            assert!(
+                text.contains(&format!("| `{name}` |")),
+                "row {name} missing:\n{text}"
+            );
+        }
+    }
+    let svg = std::fs::read_to_string(out.0.join("results.svg")).expect("results.svg");
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+        "not an SVG"
+    );
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.0.join("results.json")).expect("results.json"))
+            .expect("results.json is JSON");
+    let columns = results["columns"].as_array().expect("columns").len();
+
+    let none = row(&results, "none");
+    assert_cells(none, "none", columns);
+    // No load balancer: every client goes to backend 1.
+    assert_affinity(none, "none", 1);
+
+    let proxy = row(&results, "lb-proxy");
+    assert_cells(proxy, "lb-proxy", columns);
+    assert_affinity(proxy, "lb-proxy", 3);
+
+    let xdp = row(&results, "lb-xdp");
+    match xdp["unavailable"].as_str() {
+        Some(why) => eprintln!("note: bench_quick_smoke: lb-xdp unavailable in this build: {why}"),
+        None => {
+            assert_cells(xdp, "lb-xdp", columns);
+            assert_affinity(xdp, "lb-xdp", 3);
+        }
+    }
+
+    // Nothing left behind: namespaces and temp files carry the bench's PID.
+    let netns = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    let prefix = format!("lbb-{pid}-");
+    assert!(!netns.contains(&prefix), "namespaces left behind:\n{netns}");
+    let tmp = std::env::temp_dir().join(format!("lbb-{pid}.d"));
+    assert!(!tmp.exists(), "{} left behind", tmp.display());
+}

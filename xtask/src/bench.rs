@@ -1,0 +1,382 @@
+//! `cargo xtask bench`: lb side by side with HAProxy, nginx stream, nftables DNAT and no load
+//! balancer at all, as ratios to that limit; plus micro-benchmarks of lb itself.
+//!
+//! ```text
+//! sudo -E cargo xtask bench                  # 3 interleaved rounds, all rows: the run to cite
+//! sudo -E cargo xtask bench --quick          # one short round (smoke check), into bench/quick/
+//! sudo -E cargo xtask bench --rows none,lb-proxy --pin --out /tmp/b
+//! ```
+//!
+//! A tour:
+//!
+//! - [`bed`]: the test bed. A [`lb_tests::Topology`] (client namespace with 30 extra addresses,
+//!   lb namespace holding the VIP 10.0.0.100, three backend namespaces routed through it), and in
+//!   each backend an `iperf3 -s` and an nginx answering `bI\n`. Every veth end gets TX checksum
+//!   offload off and GRO on (see `bed::nic_like`). Everything goes away on drop, including any
+//!   process left in the namespaces. Each row of each round gets a fresh bed.
+//! - [`rows`]: the contenders (`none`, `lb-xdp`, `lb-proxy`, `haproxy`, `nginx-stream`,
+//!   `nft-dnat`), each started and configured by the bench in the lb namespace and stopped on drop.
+//!   The one place to adjust the XDP config is [`rows::XDP_EXTRA_TOML`].
+//! - [`measure`]: iperf3 (`-J`), wrk (`--latency`, text), CPU from `/proc/PID/stat` and
+//!   `/proc/stat`, RSS from `/proc/PID/status`, TCP counters (SYN retransmits, listen drops) from
+//!   each namespace's /proc/net/netstat, affinity probes from every client address.
+//! - [`report`]: medians and ranges over rounds, ratios to `none`, the markdown table, the SVG
+//!   chart and `results.json`.
+//! - [`micro`]: runs `lb-microbench` (`src/bench/microbench.rs`, built with `--features micro`:
+//!   XDP ns/packet via BPF_PROG_TEST_RUN, Maglev build time, selection per operation) and measures
+//!   the daemon's RSS with 1 and 1,000 backends.
+//!
+//! Rounds interleave the rows (each round runs every row once, in a rotated order) so slow drift of
+//! the machine hits all rows alike; each cell is the median over rounds with the range beside it.
+//! `LB_BENCH_DEBUG=1` prints every namespace's changed TCP counters after each wrk run.
+
+mod bed;
+mod measure;
+mod micro;
+mod report;
+mod rows;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use bed::Bed;
+use report::RowResult;
+use rows::RowKind;
+
+/// Arguments of `cargo xtask bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// One short round (1 s iperf3, 2 s wrk) for smoke checks. Not the run to cite.
+    #[arg(long)]
+    quick: bool,
+    /// Rounds (default 3; 1 with --quick). Every round runs every row once.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Rows to run, comma-separated: none, lb-xdp, lb-proxy, haproxy, nginx-stream, nft-dnat
+    /// (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = RowKind::parse)]
+    rows: Vec<RowKind>,
+    /// Pin the client tools (wrk, iperf3 -c) to CPU 0 and the load balancer's processes to CPU 1
+    /// with taskset. Off by default.
+    #[arg(long)]
+    pin: bool,
+    /// Where results.md, results.svg and results.json go (default: <workspace>/bench, or
+    /// <workspace>/bench/quick with --quick, which git ignores).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Do not build anything; use the binaries that exist (target/release/lb or --lb-bin).
+    #[arg(long)]
+    no_build: bool,
+    /// The lb binary to benchmark (default: target/release/lb).
+    #[arg(long)]
+    lb_bin: Option<PathBuf>,
+    /// Skip the micro-benchmarks.
+    #[arg(long)]
+    no_micro: bool,
+}
+
+/// Durations and sizes of one run.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub quick: bool,
+    pub rounds: usize,
+    pub iperf_secs: u32,
+    pub wrk_secs: u32,
+    pub wrk_threads: u32,
+    pub wrk_connections: u32,
+    pub pin: bool,
+    pub rows: Vec<RowKind>,
+}
+
+/// Extra client addresses in the client namespace (10.0.0.10 ..= 10.0.0.39).
+pub const CLIENTS: usize = 30;
+/// Backends (10.1.I.2, I = 1..=3).
+pub const BACKENDS: usize = 3;
+/// CPU the client tools run on with `--pin`.
+pub const CLIENT_CPU: u32 = 0;
+/// CPU the load balancer's processes run on with `--pin`.
+pub const LB_CPU: u32 = 1;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: nix::libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// SIGINT/SIGTERM only set a flag; the bench stops at the next step and its drop guards clean up.
+fn install_signal_handlers() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        let _ = unsafe { sigaction(sig, &action) };
+    }
+}
+
+/// Fails once SIGINT/SIGTERM arrived, so `?` unwinds through the drop guards.
+pub fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted; cleaning up");
+    }
+    Ok(())
+}
+
+/// Paths of the binaries the bench runs.
+struct Bins {
+    lb: PathBuf,
+    microbench: Option<PathBuf>,
+    root: PathBuf,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if !crate::is_root() {
+        bail!(
+            "cargo xtask bench needs root (network namespaces, nftables, XDP); run it as root, \
+             e.g. `sudo -E cargo xtask bench`"
+        );
+    }
+    let rows = if args.rows.is_empty() {
+        RowKind::ALL.to_vec()
+    } else {
+        let mut v = Vec::new();
+        for r in &args.rows {
+            if !v.contains(r) {
+                v.push(*r);
+            }
+        }
+        v
+    };
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    let plan = Plan {
+        quick: args.quick,
+        rounds,
+        iperf_secs: if args.quick { 1 } else { 3 },
+        wrk_secs: if args.quick { 2 } else { 5 },
+        wrk_threads: 2,
+        wrk_connections: 32,
+        pin: args.pin,
+        rows,
+    };
+    check_tools(&plan)?;
+    let bins = binaries(&args)?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let bench = bins.root.join("bench");
+        if plan.quick { bench.join("quick") } else { bench }
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    install_signal_handlers();
+
+    let started = Instant::now();
+    let env = report::Environment::collect(&bins.root, &bins.lb, &plan);
+    eprintln!(
+        "bench: {} round(s) of {}; iperf3 {} s, wrk {} s (-t{} -c{}); pinning {}",
+        plan.rounds,
+        plan.rows.iter().map(|r| r.name()).collect::<Vec<_>>().join(", "),
+        plan.iperf_secs,
+        plan.wrk_secs,
+        plan.wrk_threads,
+        plan.wrk_connections,
+        if plan.pin { "on" } else { "off" }
+    );
+
+    let results = run_rows(&plan, &bins.lb)?;
+    check_interrupted()?;
+
+    let micro = if args.no_micro {
+        micro::Micro::skipped("skipped (--no-micro)")
+    } else {
+        micro::run(bins.microbench.as_deref(), &bins.lb, plan.quick)
+    };
+    check_interrupted()?;
+
+    let report = report::Report {
+        env,
+        plan: plan.clone(),
+        rows: results,
+        micro,
+        elapsed: started.elapsed(),
+    };
+    let md = report.markdown();
+    println!("{md}");
+    let md_path = out.join("results.md");
+    std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
+    let svg_path = out.join("results.svg");
+    std::fs::write(&svg_path, report.svg()).with_context(|| format!("writing {}", svg_path.display()))?;
+    let json_path = out.join("results.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report.json())?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    eprintln!(
+        "bench: done in {:.0} s; wrote {}, {} and {}",
+        report.elapsed.as_secs_f64(),
+        md_path.display(),
+        svg_path.display(),
+        json_path.display()
+    );
+    if plan.quick {
+        eprintln!("bench: --quick results are for smoke checks; run without --quick for numbers to cite");
+    }
+    Ok(())
+}
+
+/// Runs every row once per round (rotated order), each on a fresh test bed: no row inherits
+/// another's TIME_WAIT sockets, conntrack entries, neighbour entries or sysctls. (TIME_WAIT left on
+/// a backend by a proxy row, for instance, makes the backend refuse the SYNs of a NAT row that
+/// reuses those source ports with other TCP timestamps: PAWS.)
+fn run_rows(plan: &Plan, lb: &Path) -> Result<BTreeMap<RowKind, RowResult>> {
+    let prefix = format!("lbb-{}", std::process::id());
+    let mut results: BTreeMap<RowKind, RowResult> =
+        plan.rows.iter().map(|r| (*r, RowResult::default())).collect();
+    for round in 0..plan.rounds {
+        let n = plan.rows.len();
+        for k in 0..n {
+            check_interrupted()?;
+            let row = plan.rows[(k + round) % n];
+            let res = results.get_mut(&row).expect("every row has a result");
+            if res.unavailable.is_some() {
+                continue;
+            }
+            let t = Instant::now();
+            let mut bed = Bed::new(&prefix, BACKENDS, CLIENTS)?;
+            eprintln!(
+                "bench: round {}/{}: {} (test bed up in {:.1} s)",
+                round + 1,
+                plan.rounds,
+                row.name(),
+                t.elapsed().as_secs_f64()
+            );
+            rows::run_once(&bed, row, plan, lb, res)?;
+            let dead = bed.dead_servers();
+            if !dead.is_empty() {
+                bail!(
+                    "backend servers exited during the {} row: {}",
+                    row.name(),
+                    dead.join("; ")
+                );
+            }
+            drop(bed);
+            eprintln!(
+                "bench:   {} done in {:.1} s",
+                row.name(),
+                t.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(results)
+}
+
+/// The peers must be installed; `cargo xtask setup` installs them.
+fn check_tools(plan: &Plan) -> Result<()> {
+    let mut needed = vec!["ip", "iperf3", "wrk", "nginx"];
+    if plan.rows.contains(&RowKind::Haproxy) {
+        needed.push("haproxy");
+    }
+    if plan.rows.contains(&RowKind::NftDnat) {
+        needed.push("nft");
+    }
+    if plan.pin {
+        needed.push("taskset");
+    }
+    let missing: Vec<&str> = needed.into_iter().filter(|t| which(t).is_none()).collect();
+    if !missing.is_empty() {
+        bail!("missing tools: {}; run `cargo xtask setup`", missing.join(", "));
+    }
+    if plan.rows.contains(&RowKind::NginxStream) && !Path::new(rows::NGINX_STREAM_MODULE).is_file() {
+        bail!(
+            "{} is missing (Debian package libnginx-mod-stream); run `cargo xtask setup`",
+            rows::NGINX_STREAM_MODULE
+        );
+    }
+    Ok(())
+}
+
+/// A program's path in `$PATH` (plus the sbin directories root normally has).
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Builds lb (release) and lb-microbench unless `--no-build`, then finds the binaries.
+fn binaries(args: &BenchArgs) -> Result<Bins> {
+    if args.no_build {
+        // Next to the running xtask (target/{debug,release}/xtask) is the target directory.
+        let target = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent()?.parent().map(Path::to_path_buf));
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("xtask lives inside the workspace")?
+            .to_path_buf();
+        let target = target.unwrap_or_else(|| root.join("target"));
+        let lb = args.lb_bin.clone().unwrap_or_else(|| target.join("release/lb"));
+        if !lb.is_file() {
+            bail!(
+                "{} does not exist; build it (`cargo xtask build --release`), pass --lb-bin, or drop --no-build",
+                lb.display()
+            );
+        }
+        let micro = target.join("release/lb-microbench");
+        return Ok(Bins {
+            lb: absolute(&lb),
+            microbench: micro.is_file().then_some(micro),
+            root,
+        });
+    }
+    let ws = crate::Workspace::locate()?;
+    let built = ws.build(true)?;
+    let mut microbench = None;
+    if !args.no_micro {
+        let t = Instant::now();
+        let status = ws
+            .cargo()
+            .env("LB_EBPF_OBJECT", &built.object)
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "xtask",
+                "--features",
+                "micro",
+                "--bin",
+                "lb-microbench",
+            ])
+            .status()?;
+        if status.success() {
+            eprintln!("xtask: lb-microbench built in {:.1}s", t.elapsed().as_secs_f64());
+            microbench = Some(ws.target.join("release/lb-microbench"));
+        } else {
+            eprintln!("bench: building lb-microbench failed ({status}); micro-benchmarks will say so");
+        }
+    }
+    let lb = args.lb_bin.clone().unwrap_or(built.lb);
+    Ok(Bins {
+        lb: absolute(&lb),
+        microbench,
+        root: ws.root,
+    })
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Output of a short command (trimmed stdout, else stderr), or `None` when it cannot run.
+pub fn probe_text(program: &str, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let text = if out.stdout.is_empty() {
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    } else {
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    Some(text.trim().to_string())
+}

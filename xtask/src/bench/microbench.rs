@@ -1,0 +1,469 @@
+//! `lb-microbench`: micro-benchmarks of lb's own code, run by `cargo xtask bench` (which builds it
+//! with `--features micro`, release, with the eBPF object embedded). One JSON object per line on
+//! stdout: `{"group", "name", "value", "unit", "detail"}`, or `{"group", "name", "unavailable"}`.
+//!
+//! - XDP ns/packet under BPF_PROG_TEST_RUN (`lb::xdp::XdpDatapath::test_run`, kernel-measured):
+//!   a frame not for any VIP (repeated, and as single runs for reference), an established flow
+//!   both ways and new SYNs. The kernel reuses one buffer across `repeat`, so a frame the program
+//!   rewrites (every forwarded one) can only be timed one run at a time; those rows include the
+//!   per-run overhead that the reference row shows. The maps are seeded through the datapath's
+//!   public API (`State::apply` + `Datapath::apply`), inside a private network namespace whose
+//!   veth interfaces and permanent neighbours give `bpf_fib_lookup` real answers (as
+//!   lb-userspace/tests/xdp_fixtures.rs does).
+//! - Maglev table build time (`lb::maglev::build`) for 10, 100 and 1000 backends at M = 65537.
+//! - Backend selection (`lb::balancer::Balancer::choose`) per operation: affinity hit and ring
+//!   lookup.
+//!
+//! `--quick` runs fewer iterations.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command as Process;
+use std::time::{Duration, Instant};
+
+use lb::balancer::{Balancer, Reason};
+use lb::config::Config;
+use lb::datapath::Datapath;
+use lb::state::{Command, State};
+use lb::xdp::XdpDatapath;
+use serde_json::json;
+
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+const RING: u32 = 65537;
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+const LB_BACKEND_SIDE: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0];
+const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 0x02];
+
+fn emit(group: &str, name: &str, result: Result<(f64, &str, String), String>) {
+    let line = match result {
+        Ok((value, unit, detail)) => json!({
+            "group": group, "name": name, "value": value, "unit": unit, "detail": detail,
+        }),
+        Err(why) => json!({"group": group, "name": name, "unavailable": why}),
+    };
+    println!("{line}");
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    xdp(quick);
+    maglev(quick);
+    selection(quick);
+}
+
+// ---- XDP ----------------------------------------------------------------------------------------
+
+/// Internet checksum of `data` (big-endian words) with `initial` folded in.
+fn csum(data: &[u8], initial: u32) -> u16 {
+    let mut s = initial;
+    for c in data.chunks(2) {
+        s += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+/// Ethernet + IPv4 + TCP (no payload) with valid checksums.
+fn frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, src_mac: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0xaa; 6];
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0];
+    ip.extend_from_slice(&src.0.octets());
+    ip.extend_from_slice(&dst.0.octets());
+    let c = csum(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    let mut tcp = Vec::new();
+    tcp.extend_from_slice(&src.1.to_be_bytes());
+    tcp.extend_from_slice(&dst.1.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    let mut pseudo = 0u32;
+    for w in [src.0.octets(), dst.0.octets()] {
+        pseudo += u32::from(u16::from_be_bytes([w[0], w[1]])) + u32::from(u16::from_be_bytes([w[2], w[3]]));
+    }
+    pseudo += 6 + tcp.len() as u32;
+    let c = csum(&tcp, pseudo);
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&tcp);
+    f
+}
+
+fn sh(cmd: &str) -> Result<(), String> {
+    let out = Process::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+fn mac_text(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Client-side and backend-side interface indexes of a private namespace set up like the lb
+/// namespace of the bench (VIP on the client side, one backend link, permanent neighbours).
+fn fixture_netns() -> Result<(u32, u32), String> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
+    sh("ip link set lo up")?;
+    sh("ip link add mbc type veth peer name mbcp && ip link set mbc up && ip link set mbcp up")?;
+    sh("ip addr add 10.0.0.1/24 dev mbc && ip addr add 10.0.0.100/32 dev mbc")?;
+    sh("ip link add mbb type veth peer name mbbp && ip link set mbb up && ip link set mbbp up")?;
+    sh("ip addr add 10.1.1.1/24 dev mbb")?;
+    sh("sysctl -qw net.ipv4.ip_forward=1")?;
+    // Permanent neighbours for the client addresses (10.0.0.10..=10.0.0.209) in one `ip -batch`.
+    let batch: String = (10..=209u8)
+        .map(|i| {
+            let mut m = CLIENT_MAC;
+            m[5] = i;
+            format!(
+                "neigh add 10.0.0.{i} lladdr {} dev mbc nud permanent\n",
+                mac_text(m)
+            )
+        })
+        .collect();
+    let mut child = Process::new("ip")
+        .args(["-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("ip -batch: {e}"))?;
+    std::io::Write::write_all(&mut child.stdin.take().expect("piped stdin"), batch.as_bytes())
+        .map_err(|e| format!("ip -batch: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| format!("ip -batch: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip -batch (neighbours): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    for b in 2..=4u8 {
+        let mut m = BACKEND_MAC;
+        m[5] = b;
+        sh(&format!(
+            "ip neigh add 10.1.1.{b} lladdr {} dev mbb nud permanent",
+            mac_text(m)
+        ))?;
+    }
+    let index = |n: &str| nix::net::if_::if_nametoindex(n).map_err(|e| format!("if_nametoindex({n}): {e}"));
+    Ok((index("mbc")?, index("mbb")?))
+}
+
+const XDP_SERVICE: &str = r#"
+ring_size = 65537
+[xdp]
+interfaces = ["mbc", "mbb"]
+[[service]]
+name = "web"
+listen = "10.0.0.100:80"
+datapath = "xdp"
+[service.health]
+kind = "none"
+[[service.backend]]
+name = "b1"
+address = "10.1.1.2:8080"
+[[service.backend]]
+name = "b2"
+address = "10.1.1.3:8080"
+[[service.backend]]
+name = "b3"
+address = "10.1.1.4:8080"
+"#;
+
+struct XdpBench {
+    xdp: XdpDatapath,
+    client_if: u32,
+    backend_if: u32,
+}
+
+impl XdpBench {
+    fn new() -> Result<XdpBench, String> {
+        let (client_if, backend_if) = fixture_netns()?;
+        let config = Config::parse(XDP_SERVICE, "lb-microbench").map_err(|e| e.to_string())?;
+        let xdp = XdpDatapath::start(None, config.seed, config.ring_size)
+            .map_err(|e| format!("loading the XDP program: {e}"))?;
+        let mut state = State::new(config.seed, config.ring_size);
+        for service in config.services {
+            let effect = state
+                .apply(Command::AddService { service })
+                .map_err(|e| e.to_string())?;
+            xdp.apply(&effect, &state).map_err(|e| e.to_string())?;
+        }
+        Ok(XdpBench {
+            xdp,
+            client_if,
+            backend_if,
+        })
+    }
+
+    /// Kernel-measured ns per run, median of `rounds` runs of `repeat` repetitions.
+    fn per_packet(
+        &self,
+        f: &[u8],
+        ifindex: u32,
+        repeat: u32,
+        rounds: usize,
+        want: u32,
+    ) -> Result<f64, String> {
+        let mut v = Vec::new();
+        for _ in 0..rounds {
+            let (verdict, _, d) = self
+                .xdp
+                .test_run(f, ifindex, repeat)
+                .map_err(|e| format!("test run: {e}"))?;
+            if verdict != want {
+                return Err(format!("verdict {verdict}, expected {want}"));
+            }
+            v.push(d.as_nanos() as f64);
+        }
+        Ok(median(v))
+    }
+}
+
+fn xdp(quick: bool) {
+    let repeat = if quick { 100_000 } else { 1_000_000 };
+    let rounds = if quick { 3 } else { 7 };
+    let singles = if quick { 500 } else { 5000 };
+    let names = [
+        "XDP: frame not for a VIP (XDP_PASS), repeated",
+        "XDP: frame not for a VIP (XDP_PASS), single runs (reference for the rows below)",
+        "XDP: established flow, client → backend (XDP_REDIRECT), single runs",
+        "XDP: established flow, backend → client (XDP_REDIRECT), single runs",
+        "XDP: new SYN, known client (affinity hit, conntrack + SNAT insert), single runs",
+    ];
+    // The namespace is the thread's own: it goes away with the thread.
+    let results = std::thread::spawn(move || -> Result<Vec<(f64, String)>, String> {
+        let b = XdpBench::new()?;
+        let mut out = Vec::new();
+        // Median of `singles` runs of one packet each, verdict checked.
+        let single = |f: &dyn Fn(usize) -> Vec<u8>, ifindex: u32, want: u32| -> Result<f64, String> {
+            let mut v = Vec::with_capacity(singles);
+            for k in 0..singles {
+                let (verdict, _, d) = b
+                    .xdp
+                    .test_run(&f(k), ifindex, 1)
+                    .map_err(|e| format!("test run: {e}"))?;
+                if verdict != want {
+                    return Err(format!("run {k}: verdict {verdict}, expected {want}"));
+                }
+                v.push(d.as_nanos() as f64);
+            }
+            Ok(median(v))
+        };
+        let c = Ipv4Addr::new(10, 0, 0, 10);
+        // Not for a VIP: the lb namespace's own address. The program leaves it unchanged, so
+        // BPF_PROG_TEST_RUN's `repeat` (which reuses the same, possibly rewritten, buffer) is valid.
+        let plain = frame((c, 40000), (Ipv4Addr::new(10, 0, 0, 1), 22), 0x10, CLIENT_MAC);
+        out.push((
+            b.per_packet(&plain, b.client_if, repeat, rounds, XDP_PASS)?,
+            format!("kernel average over repeat {repeat}, median of {rounds}"),
+        ));
+        let single_detail = format!(
+            "median of {singles} runs of one packet each (the program rewrites the frame, so it \
+             cannot be repeated in place); includes the per-run overhead (see the reference row)"
+        );
+        out.push((
+            single(&|_| plain.clone(), b.client_if, XDP_PASS)?,
+            format!(
+                "median of {singles} runs of one packet each; the difference to the row above is \
+                 the per-run overhead of BPF_PROG_TEST_RUN, included in the single-run rows below"
+            ),
+        ));
+        // Open one flow, then time its next packets both ways.
+        let syn = frame((c, 40000), (VIP, 80), 0x02, CLIENT_MAC);
+        let (verdict, fwd, _) = b
+            .xdp
+            .test_run(&syn, b.client_if, 1)
+            .map_err(|e| format!("test run: {e}"))?;
+        if verdict != XDP_REDIRECT {
+            return Err(format!(
+                "a SYN to the VIP got verdict {verdict}, expected XDP_REDIRECT ({XDP_REDIRECT})"
+            ));
+        }
+        let backend = Ipv4Addr::new(fwd[30], fwd[31], fwd[32], fwd[33]);
+        let snat_port = u16::from_be_bytes([fwd[34], fwd[35]]);
+        let ack = frame((c, 40000), (VIP, 80), 0x10, CLIENT_MAC);
+        out.push((
+            single(&|_| ack.clone(), b.client_if, XDP_REDIRECT)?,
+            single_detail.clone(),
+        ));
+        let reply = frame((backend, 8080), (LB_BACKEND_SIDE, snat_port), 0x10, BACKEND_MAC);
+        out.push((
+            single(&|_| reply.clone(), b.backend_if, XDP_REDIRECT)?,
+            single_detail.clone(),
+        ));
+        // Every SYN a new flow: 200 client addresses (all seen before: affinity hits), new ports.
+        let new_syn = |k: usize| {
+            let client = Ipv4Addr::new(10, 0, 0, 10 + (k % 200) as u8);
+            frame((client, 41000 + (k / 200) as u16), (VIP, 80), 0x02, CLIENT_MAC)
+        };
+        for k in 0..200 {
+            // Warm the affinity table so every timed SYN is the common case.
+            b.xdp
+                .test_run(
+                    &frame(
+                        (Ipv4Addr::new(10, 0, 0, 10 + k as u8), 39000),
+                        (VIP, 80),
+                        0x02,
+                        CLIENT_MAC,
+                    ),
+                    b.client_if,
+                    1,
+                )
+                .map_err(|e| format!("test run: {e}"))?;
+        }
+        out.push((single(&new_syn, b.client_if, XDP_REDIRECT)?, single_detail));
+        Ok(out)
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the XDP benchmark thread panicked".to_string()));
+    match results {
+        Ok(rs) => {
+            for (name, (v, d)) in names.iter().zip(rs) {
+                emit("xdp", name, Ok((v, "ns/packet", d)));
+            }
+        }
+        Err(why) => {
+            for name in names {
+                emit("xdp", name, Err(why.clone()));
+            }
+        }
+    }
+}
+
+// ---- Maglev -------------------------------------------------------------------------------------
+
+fn maglev(quick: bool) {
+    for n in [10usize, 100, 1000] {
+        let keys: Vec<String> = (0..n)
+            .map(|i| format!("10.{}.{}.{}:8080", 1 + i / 62500, (i / 250) % 250, i % 250 + 2))
+            .collect();
+        let members: Vec<lb::maglev::Member<'_>> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| lb::maglev::Member {
+                id: i as u32,
+                key: k.as_bytes(),
+                weight: 1,
+            })
+            .collect();
+        let reps = if quick { 3 } else { 11 };
+        let mut v = Vec::new();
+        for _ in 0..reps {
+            let t = Instant::now();
+            let table = lb::maglev::build(black_box(&members), RING, 0);
+            v.push(t.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(table.len(), RING as usize);
+            black_box(table);
+        }
+        emit(
+            "maglev",
+            &format!("Maglev table build, {n} backends, M = {RING}"),
+            Ok((median(v), "ms", format!("median of {reps}"))),
+        );
+    }
+}
+
+// ---- Selection ----------------------------------------------------------------------------------
+
+const PROXY_SERVICE: &str = r#"
+ring_size = 65537
+[[service]]
+name = "web"
+listen = "10.0.0.100:80"
+[service.health]
+kind = "none"
+[[service.backend]]
+name = "b1"
+address = "10.1.1.2:80"
+[[service.backend]]
+name = "b2"
+address = "10.1.2.2:80"
+[[service.backend]]
+name = "b3"
+address = "10.1.3.2:80"
+"#;
+
+fn selection(quick: bool) {
+    let r = (|| -> Result<(f64, f64), String> {
+        let config = Config::parse(PROXY_SERVICE, "lb-microbench").map_err(|e| e.to_string())?;
+        let state = State::from_config(&config).map_err(|e| e.to_string())?;
+        let mut bal = Balancer::new(state);
+        let clients: Vec<IpAddr> = (0..4096u32)
+            .map(|i| IpAddr::V4(Ipv4Addr::from(0x0a02_0000 + i)))
+            .collect();
+        let ops = if quick { 200_000 } else { 2_000_000 };
+        let now = Instant::now();
+        let time = |bal: &Balancer, want: Reason| -> Result<f64, String> {
+            let c = bal
+                .choose("web", clients[0], now, &[])
+                .map_err(|e| e.to_string())?;
+            if c.reason != want {
+                return Err(format!("selection reason {:?}, expected {want:?}", c.reason));
+            }
+            let mut best = Duration::MAX;
+            for _ in 0..3 {
+                let t = Instant::now();
+                for i in 0..ops {
+                    let c = bal.choose("web", black_box(clients[i % clients.len()]), now, &[]);
+                    black_box(c.ok());
+                }
+                best = best.min(t.elapsed());
+            }
+            Ok(best.as_nanos() as f64 / ops as f64)
+        };
+        let ring = time(&bal, Reason::Ring)?;
+        for &c in &clients {
+            let choice = bal.choose("web", c, now, &[]).map_err(|e| e.to_string())?;
+            bal.confirm("web", c, choice.backend_id, now);
+        }
+        let affinity = time(&bal, Reason::Affinity)?;
+        Ok((affinity, ring))
+    })();
+    let detail = "3 backends, 4096 client addresses; best of 3 loops";
+    match r {
+        Ok((affinity, ring)) => {
+            emit(
+                "select",
+                "Balancer::choose, affinity hit",
+                Ok((affinity, "ns/op", detail.to_string())),
+            );
+            emit(
+                "select",
+                "Balancer::choose, ring lookup (no affinity entry)",
+                Ok((ring, "ns/op", detail.to_string())),
+            );
+        }
+        Err(why) => {
+            emit("select", "Balancer::choose, affinity hit", Err(why.clone()));
+            emit(
+                "select",
+                "Balancer::choose, ring lookup (no affinity entry)",
+                Err(why),
+            );
+        }
+    }
+}
