@@ -1,6 +1,6 @@
 //! Renders control responses as tables for people (`--json` prints them raw for scripts).
 
-use crate::control::protocol::{ReloadView, StatusView, WhichView};
+use crate::control::protocol::{ReloadView, StatsView, StatusView, WhichView};
 
 /// Left-aligned columns separated by two spaces.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -42,6 +42,133 @@ pub fn bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[unit])
     }
+}
+
+/// A short duration: `45s`, `12m`, `3h`, `2d`.
+pub fn ago(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// An optional counter: `-` where it means nothing for the datapath.
+fn opt(n: Option<u64>) -> String {
+    n.map_or("-".into(), |n| n.to_string())
+}
+
+/// Most recent transitions listed per service by `lb stats`.
+const STATS_TRANSITIONS: usize = 8;
+
+/// `lb stats`: the counters of every backend, the XDP program's counters, recent transitions.
+pub fn stats(view: &StatsView) -> String {
+    let mut out = format!("lb {}  up {}\n", view.version, ago(view.uptime_secs));
+    if let Some(x) = &view.xdp {
+        let get = |k: &str| x.get(k).copied().unwrap_or(0);
+        out.push_str(&format!(
+            "xdp: packets {}  forwarded {}  passed {}  dropped {}  new flows {}\n",
+            get("packets"),
+            get("forwarded"),
+            get("passed"),
+            get("dropped"),
+            get("new_flows")
+        ));
+        let reasons: Vec<String> = x
+            .iter()
+            .filter(|(k, v)| {
+                **v > 0 && !["packets", "forwarded", "passed", "dropped", "new_flows"].contains(&k.as_str())
+            })
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        if !reasons.is_empty() {
+            out.push_str(&format!("xdp reasons: {}\n", reasons.join("  ")));
+        }
+    }
+    if view.services.is_empty() {
+        out.push_str("no services\n");
+    }
+    for s in &view.services {
+        out.push_str(&format!(
+            "\nservice {}  listen {}  {}/{}  affinity {} clients{}{}\n",
+            s.name,
+            s.listen,
+            text(&s.protocol),
+            text(&s.datapath),
+            s.affinity_entries,
+            if s.on_backups { "  ON BACKUPS" } else { "" },
+            s.failed_connections
+                .map_or(String::new(), |n| format!("  failed clients {n}")),
+        ));
+        let rows: Vec<Vec<String>> = s
+            .backends
+            .iter()
+            .map(|b| {
+                let (checks, latency) = match &b.check {
+                    Some(c) => (
+                        format!("{}/{}", c.checks - c.failed_checks.min(c.checks), c.failed_checks),
+                        c.last_latency_ms
+                            .map_or(c.last_result.clone(), |ms| format!("{ms:.1}ms")),
+                    ),
+                    None => ("-".into(), "-".into()),
+                };
+                vec![
+                    b.name.clone(),
+                    text(&b.state),
+                    text(&b.health),
+                    b.connections_active.to_string(),
+                    b.connections_total.to_string(),
+                    bytes(b.bytes_in),
+                    bytes(b.bytes_out),
+                    opt(b.packets_in),
+                    opt(b.packets_out),
+                    opt(b.connect_failures),
+                    checks,
+                    format!("{}/{}", b.health_transitions, b.state_transitions),
+                    latency,
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "BACKEND",
+                "STATE",
+                "HEALTH",
+                "ACTIVE",
+                "TOTAL",
+                "IN",
+                "OUT",
+                "PKTS IN",
+                "PKTS OUT",
+                "CONN FAIL",
+                "CHECKS OK/FAIL",
+                "TRANS H/S",
+                "LAST CHECK",
+            ],
+            &rows,
+        ));
+        let mut recent: Vec<(&str, &crate::state::Transition)> = s
+            .backends
+            .iter()
+            .flat_map(|b| b.transitions.iter().map(move |t| (b.name.as_str(), t)))
+            .collect();
+        recent.sort_by_key(|(_, t)| std::cmp::Reverse(t.unix_ms));
+        if !recent.is_empty() {
+            out.push_str("recent transitions:\n");
+        }
+        for (name, t) in recent.into_iter().take(STATS_TRANSITIONS) {
+            out.push_str(&format!(
+                "  {:>4} ago  {name}  {} {} → {}  ({})\n",
+                ago(view.taken_unix_ms.saturating_sub(t.unix_ms) / 1000),
+                t.kind.as_str(),
+                t.from,
+                t.to,
+                t.reason
+            ));
+        }
+    }
+    out
 }
 
 fn text<T: serde::Serialize>(v: &T) -> String {
@@ -199,6 +326,46 @@ mod tests {
             &[vec!["long".into(), "x".into()], vec!["s".into(), "yy".into()]],
         );
         assert_eq!(t, "A     BB\nlong  x\ns     yy\n");
+    }
+
+    #[test]
+    fn stats_table_shows_counters_and_transitions() {
+        let view = crate::metrics::tests::sample();
+        let out = stats(&view);
+        assert!(out.starts_with("lb 9.9.9  up 5s\n"), "{out}");
+        assert!(
+            out.contains("xdp: packets 100  forwarded 85  passed 10  dropped 5  new flows 6\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("xdp reasons: no_backend 4  no_conntrack 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("service web  listen 10.0.0.1:80  tcp/proxy  affinity 4 clients  failed clients 2")
+        );
+        let b1 = out.lines().find(|l| l.starts_with("b1 ")).unwrap();
+        let cells: Vec<&str> = b1.split("  ").filter(|c| !c.is_empty()).map(str::trim).collect();
+        assert_eq!(
+            cells,
+            [
+                "b1", "drain", "up", "2", "7", "1000 B", "19.5 KiB", "-", "-", "3", "6/4", "0/1", "1.5ms"
+            ]
+        );
+        let k1 = out.lines().find(|l| l.starts_with("k1 ")).unwrap();
+        assert!(k1.contains(" 11 ") && k1.contains(" 12 "), "{k1}");
+        assert!(
+            out.contains("b1  state active → drain  (operator uid 0)"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn durations_are_short() {
+        assert_eq!(ago(5), "5s");
+        assert_eq!(ago(600), "10m");
+        assert_eq!(ago(3 * 3600), "3h");
+        assert_eq!(ago(5 * 86_400), "5d");
     }
 
     #[test]

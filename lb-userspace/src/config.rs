@@ -124,7 +124,15 @@ pub struct Config {
     pub control: ControlConfig,
     /// Settings of the XDP datapath; required when any service has `datapath = "xdp"`.
     pub xdp: Option<XdpConfig>,
+    /// The Prometheus endpoint; off when the file has no `[metrics]` table.
+    pub metrics: Option<MetricsConfig>,
     pub services: Vec<ServiceConfig>,
+}
+
+/// The `[metrics]` table: where `GET /metrics` is served (Prometheus text exposition format).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
 }
 
 /// How the XDP program attaches to an interface.

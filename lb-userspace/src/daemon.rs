@@ -1,5 +1,5 @@
-//! `lb run`: binds the control socket, starts the engine with the config's services, feeds health
-//! transitions into it, and handles
+//! `lb run`: binds the control socket (and the metrics endpoint when `[metrics]` is set), starts the
+//! engine with the config's services, feeds health transitions into it, and handles
 //! signals (SIGHUP reloads; SIGTERM/SIGINT stop accepting and let connections finish).
 
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::control::server;
 use crate::engine::{Engine, EngineError};
+use crate::metrics::{self, MetricsError};
 
 /// How often expired affinity entries are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -22,6 +23,8 @@ pub enum DaemonError {
     Control(#[from] server::ServerError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -31,6 +34,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let (listener, access) = server::bind(&config.control)?;
     let socket = config.control.socket.clone();
     let grace = config.shutdown_timeout;
+    let metrics_listener = match config.metrics.as_ref().map(metrics::bind).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            server::remove(&socket);
+            return Err(e.into());
+        }
+    };
     let (events_tx, mut events) = tokio::sync::mpsc::channel(1024);
     let engine = match Engine::start(config, events_tx, shutdown.clone()) {
         Ok(e) => Arc::new(e),
@@ -41,6 +51,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     };
     info!(socket = %socket.display(), "lb running");
     tokio::spawn(server::run(listener, access, engine.clone(), shutdown.clone()));
+    if let Some(l) = metrics_listener {
+        tokio::spawn(metrics::run(l, engine.clone(), shutdown.clone()));
+    }
 
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;

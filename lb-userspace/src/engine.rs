@@ -13,11 +13,16 @@ use tracing::{info, warn};
 
 use crate::balancer::{Balancer, Reason, SelectError};
 use crate::config::{BackendConfig, Config, ConfigError, DatapathKind, ServiceConfig};
-use crate::control::protocol::{BackendView, ReloadView, Request, ServiceView, StatusView, WhichView};
+use crate::control::protocol::{
+    BackendStatsView, BackendView, ReloadView, Request, ServiceStatsView, ServiceView, StatsView, StatusView,
+    WhichView,
+};
 use crate::datapath::{Datapath, DatapathError};
 use crate::health::{HealthEvent, Supervisor};
 use crate::proxy::ProxyDatapath;
-use crate::state::{self, BackendStats, Command, Effect, Health, State, StateError};
+use crate::state::{
+    self, BackendStats, Command, Effect, Health, State, StateError, Transition, TransitionKind,
+};
 use crate::xdp::XdpDatapath;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +39,32 @@ pub enum EngineError {
     BadAddress(String),
     #[error(transparent)]
     Xdp(#[from] crate::xdp::XdpError),
+}
+
+/// Who asked for a change: recorded as the reason of the transitions it causes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The config file, when the daemon starts.
+    Start,
+    /// A control-socket request, with the caller's uid when known.
+    Operator { uid: Option<u32> },
+    /// A reload of the config file (`lb reload` with the caller's uid, or SIGHUP).
+    Reload { uid: Option<u32> },
+    /// A health check, with its result.
+    Health { reason: String },
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Start => f.write_str("config file at start"),
+            Origin::Operator { uid: Some(uid) } => write!(f, "operator uid {uid}"),
+            Origin::Operator { uid: None } => f.write_str("operator"),
+            Origin::Reload { uid: Some(uid) } => write!(f, "reload by uid {uid}"),
+            Origin::Reload { uid: None } => f.write_str("reload (SIGHUP)"),
+            Origin::Health { reason } => write!(f, "health check: {reason}"),
+        }
+    }
 }
 
 pub struct Engine {
@@ -73,7 +104,7 @@ impl Engine {
             started: Instant::now(),
         };
         for service in config.services {
-            engine.execute(Command::AddService { service })?;
+            engine.execute_by(Command::AddService { service }, &Origin::Start)?;
         }
         Ok(engine)
     }
@@ -91,6 +122,12 @@ impl Engine {
 
     /// Applies one command to the state and the datapath. On error nothing changed.
     pub fn execute(&self, command: Command) -> Result<Effect, EngineError> {
+        self.execute_by(command, &Origin::Operator { uid: None })
+    }
+
+    /// [`Engine::execute`], recording `origin` as the reason of the health or state transition the
+    /// command causes (in the backend's [`state::TransitionLog`], and one log line each).
+    pub fn execute_by(&self, command: Command, origin: &Origin) -> Result<Effect, EngineError> {
         let mut b = self.balancer.lock().unwrap();
         let kind = match &command {
             Command::AddService { service } => service.datapath,
@@ -104,6 +141,21 @@ impl Engine {
             Command::UpdateService { service } => b.state.service(&service.name)?.settings.datapath,
         };
         let description = describe(&command);
+        // Health and state of the backend the command targets, to see afterwards what changed.
+        let target = match &command {
+            Command::SetState { service, backend, .. } | Command::SetHealth { service, backend, .. } => {
+                Some((service.clone(), backend.clone()))
+            }
+            Command::UpdateBackend { service, backend } => {
+                Some((service.clone(), backend.address.to_string()))
+            }
+            _ => None,
+        };
+        let before = target.as_ref().and_then(|(service, backend)| {
+            let be = b.state.service(service).ok()?.backend(backend)?;
+            Some((be.config.state, be.health))
+        });
+        let transition_only = matches!(command, Command::SetState { .. } | Command::SetHealth { .. });
         let effect = b.apply(command)?;
         let applied = match self.datapath(kind) {
             Some(d) => d.apply(&effect, &b.state),
@@ -121,7 +173,12 @@ impl Engine {
             return Err(e.into());
         }
         if effect != Effect::Nothing {
-            info!(change = %description, "applied");
+            if let (Some((service, backend)), Some(before)) = (&target, before) {
+                record_transitions(&b.state, service, backend, before, origin);
+            }
+            if !transition_only {
+                info!(change = %description, by = %origin, "applied");
+            }
             self.health.reconcile(&b.state);
         }
         Ok(effect)
@@ -135,16 +192,13 @@ impl Engine {
             health,
             reason,
         } = event;
-        match health {
-            Health::Down => warn!(%service, %backend, %reason, "backend DOWN"),
-            Health::Up => info!(%service, %backend, "backend UP"),
-        }
         let command = Command::SetHealth {
             service: service.clone(),
             backend: backend.to_string(),
             health,
         };
-        match self.execute(command) {
+        // The transition is logged ("backend DOWN" / "backend UP") and recorded as it is applied.
+        match self.execute_by(command, &Origin::Health { reason }) {
             Ok(_) => {
                 let b = self.balancer.lock().unwrap();
                 let Ok(svc) = b.state.service(&service) else {
@@ -174,8 +228,14 @@ impl Engine {
         }
     }
 
-    /// Re-reads the config file and applies what changed since the last one applied.
+    /// Re-reads the config file and applies what changed since the last one applied (SIGHUP).
     pub fn reload(&self) -> Result<ReloadView, EngineError> {
+        self.reload_by(None)
+    }
+
+    /// [`Engine::reload`] on behalf of the control-socket caller `uid`.
+    pub fn reload_by(&self, uid: Option<u32>) -> Result<ReloadView, EngineError> {
+        let origin = Origin::Reload { uid };
         let path = self
             .config
             .lock()
@@ -194,6 +254,7 @@ impl Engine {
             ("log_level", new.log_level != old.log_level),
             ("shutdown_timeout", new.shutdown_timeout != old.shutdown_timeout),
             ("[xdp]", new.xdp != old.xdp),
+            ("[metrics]", new.metrics != old.metrics),
         ];
         for (setting, changed) in restart_only {
             if changed {
@@ -208,11 +269,12 @@ impl Engine {
             log_level: old.log_level.clone(),
             shutdown_timeout: old.shutdown_timeout,
             xdp: old.xdp.clone(),
+            metrics: old.metrics.clone(),
             ..new.clone()
         };
         for command in state::diff(&old, &new) {
             let description = describe(&command);
-            match self.execute(command.clone()) {
+            match self.execute_by(command.clone(), &origin) {
                 Ok(_) => view.applied.push(description),
                 Err(e) => {
                     warn!(change = %description, error = %e, "reload: change not applied");
@@ -397,13 +459,119 @@ impl Engine {
         })
     }
 
+    /// Counters of every service and backend for `lb stats`, `lb top` and the metrics endpoint.
+    ///
+    /// The balancer is locked only to copy the state and the user-space counters; the kernel's
+    /// counters (XDP services) are read afterwards, so a slow map walk never holds up the proxy
+    /// or the control socket.
+    pub fn stats(&self) -> StatsView {
+        let taken_unix_ms = unix_ms();
+        let get = BackendStats::get;
+        // Each service with the state ids of its backends (to find their kernel counters).
+        let mut services: Vec<(ServiceStatsView, Vec<u32>)> = Vec::new();
+        {
+            let b = self.balancer.lock().unwrap();
+            for s in b.state.services.values() {
+                let ring_slots = slots(&s.ring);
+                let checked = s.settings.health.kind != crate::config::HealthKind::None;
+                let proxy = s.settings.datapath == DatapathKind::Proxy;
+                let ids = s.backends.iter().map(|be| be.id).collect();
+                let backends = s
+                    .backends
+                    .iter()
+                    .map(|be| {
+                        let log = be.stats.transitions.lock().unwrap().clone();
+                        BackendStatsView {
+                            name: be.config.name.clone(),
+                            address: be.config.address.to_string(),
+                            weight: be.config.weight,
+                            backup: be.config.backup,
+                            state: be.config.state,
+                            health: be.health,
+                            ring_slots: ring_slots.get(&be.id).copied().unwrap_or(0),
+                            connections_active: get(&be.stats.active_connections),
+                            connections_total: get(&be.stats.total_connections),
+                            bytes_in: get(&be.stats.bytes_in),
+                            bytes_out: get(&be.stats.bytes_out),
+                            packets_in: None,
+                            packets_out: None,
+                            connect_failures: proxy.then(|| get(&be.stats.connect_failures)),
+                            check: checked.then(|| be.check.lock().unwrap().snapshot()),
+                            health_transitions: log.health,
+                            state_transitions: log.state,
+                            transitions: log.recent().cloned().collect(),
+                        }
+                    })
+                    .collect();
+                let view = ServiceStatsView {
+                    name: s.settings.name.clone(),
+                    listen: s.settings.listen.to_string(),
+                    protocol: s.settings.protocol,
+                    datapath: s.settings.datapath,
+                    affinity_entries: b.affinity_len(&s.settings.name) as u64,
+                    on_backups: s.ring_uses_backups,
+                    failed_connections: None,
+                    backends,
+                };
+                services.push((view, ids));
+            }
+        }
+        for (svc, ids) in &mut services {
+            match (svc.datapath, &self.xdp) {
+                (DatapathKind::Xdp, Some(xdp)) => {
+                    let kernel = xdp.backend_traffic(&svc.name);
+                    svc.affinity_entries = xdp.affinity_len(&svc.name);
+                    for (be, id) in svc.backends.iter_mut().zip(ids.iter()) {
+                        let k = kernel.get(id).copied().unwrap_or_default();
+                        be.connections_active = k.active;
+                        be.connections_total = k.traffic.new_flows;
+                        be.bytes_in = k.traffic.bytes_in;
+                        be.bytes_out = k.traffic.bytes_out;
+                        be.packets_in = Some(k.traffic.packets_in);
+                        be.packets_out = Some(k.traffic.packets_out);
+                    }
+                }
+                (DatapathKind::Xdp, None) => {}
+                (DatapathKind::Proxy, _) => {
+                    svc.failed_connections = Some(
+                        self.proxy
+                            .service_stats(&svc.name)
+                            .map_or(0, |st| st.failed.load(std::sync::atomic::Ordering::Relaxed)),
+                    );
+                }
+            }
+        }
+        let uptime = self.started.elapsed();
+        StatsView {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_secs: uptime.as_secs(),
+            start_time_unix: taken_unix_ms.saturating_sub(uptime.as_millis() as u64) / 1000,
+            taken_unix_ms,
+            xdp: self.xdp.as_ref().map(|x| {
+                x.global_counters()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect()
+            }),
+            services: services.into_iter().map(|(s, _)| s).collect(),
+        }
+    }
+
     /// Answers one control request.
     pub fn handle(&self, request: Request) -> Result<serde_json::Value, EngineError> {
+        self.handle_from(request, None)
+    }
+
+    /// [`Engine::handle`] for the control-socket caller `uid` (recorded as who made a change).
+    pub fn handle_from(&self, request: Request, uid: Option<u32>) -> Result<serde_json::Value, EngineError> {
+        let by = Origin::Operator { uid };
+        let run = |command| self.execute_by(command, &by);
         Ok(match request {
             Request::Status {} => json(&self.status(None)?),
+            Request::Stats {} => json(&self.stats()),
             Request::Backends { service } => json(&self.status(service.as_deref())?),
             Request::Which { service, client } => json(&self.which(&service, &client)?),
-            Request::Reload {} => json(&self.reload()?),
+            Request::Reload {} => json(&self.reload_by(uid)?),
             Request::AddBackend {
                 service,
                 address,
@@ -413,7 +581,7 @@ impl Engine {
                 state,
             } => {
                 let backend = backend_from_request(&address, name, weight, backup, state)?;
-                self.execute(Command::AddBackend { service, backend })?;
+                run(Command::AddBackend { service, backend })?;
                 serde_json::Value::Null
             }
             Request::AddService {
@@ -432,15 +600,15 @@ impl Engine {
                     affinity_timeout,
                     max_connections,
                 )?;
-                self.execute(Command::AddService { service })?;
+                run(Command::AddService { service })?;
                 serde_json::Value::Null
             }
             Request::RemoveBackend { service, backend } => {
-                self.execute(Command::RemoveBackend { service, backend })?;
+                run(Command::RemoveBackend { service, backend })?;
                 serde_json::Value::Null
             }
             Request::RemoveService { service } => {
-                self.execute(Command::RemoveService { service })?;
+                run(Command::RemoveService { service })?;
                 serde_json::Value::Null
             }
             Request::SetState {
@@ -448,7 +616,7 @@ impl Engine {
                 backend,
                 state,
             } => {
-                self.execute(Command::SetState {
+                run(Command::SetState {
                     service,
                     backend,
                     state,
@@ -460,7 +628,7 @@ impl Engine {
                 backend,
                 weight,
             } => {
-                self.execute(Command::SetWeight {
+                run(Command::SetWeight {
                     service,
                     backend,
                     weight,
@@ -479,6 +647,56 @@ impl Engine {
     pub async fn shutdown(&self) {
         self.proxy.shutdown().await;
     }
+}
+
+/// Records (and logs, one line each) the health and state transitions of backend `backend` of
+/// `service` since `before` (its operator state and health before the command).
+fn record_transitions(
+    state: &State,
+    service: &str,
+    backend: &str,
+    before: (crate::config::AdminState, Health),
+    origin: &Origin,
+) {
+    let Some(be) = state.service(service).ok().and_then(|s| s.backend(backend)) else {
+        return;
+    };
+    let name = &be.config.name;
+    let address = be.config.address;
+    let mut log = be.stats.transitions.lock().unwrap();
+    let mut record = |kind, from: String, to: String| {
+        log.record(Transition {
+            unix_ms: unix_ms(),
+            kind,
+            from,
+            to,
+            reason: origin.to_string(),
+        });
+    };
+    if be.health != before.1 {
+        let (from, to) = (enum_text(&before.1), enum_text(&be.health));
+        let reason = match origin {
+            Origin::Health { reason } => reason.clone(),
+            other => other.to_string(),
+        };
+        match be.health {
+            Health::Down => warn!(service, backend = %name, %address, %from, %to, %reason, "backend DOWN"),
+            Health::Up => info!(service, backend = %name, %address, %from, %to, %reason, "backend UP"),
+        }
+        record(TransitionKind::Health, from, to);
+    }
+    if be.config.state != before.0 {
+        let (from, to) = (enum_text(&before.0), enum_text(&be.config.state));
+        info!(service, backend = %name, %address, %from, %to, by = %origin, "backend state changed");
+        record(TransitionKind::State, from, to);
+    }
+}
+
+/// Wall-clock time in milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Ring slots per backend id.

@@ -97,6 +97,9 @@ pub struct CheckStatus {
     pub consecutive_ok: u32,
     pub consecutive_failed: u32,
     pub checks: u64,
+    /// Of `checks`, how many failed.
+    #[serde(default)]
+    pub failed_checks: u64,
     pub transitions: u64,
     /// Unix time (seconds) of the last transition, or of the first check.
     pub since_unix: u64,
@@ -116,6 +119,7 @@ impl Default for CheckStatus {
             consecutive_ok: 0,
             consecutive_failed: 0,
             checks: 0,
+            failed_checks: 0,
             transitions: 0,
             since_unix: unix_now(),
             since_secs: 0,
@@ -142,6 +146,7 @@ impl CheckStatus {
                 self.last_latency_ms = Some(latency.as_secs_f64() * 1000.0);
             }
             Err(e) => {
+                self.failed_checks += 1;
                 self.consecutive_failed += 1;
                 self.consecutive_ok = 0;
                 self.last_result = e.to_string();
@@ -316,6 +321,7 @@ mod tests {
         assert_eq!(s.record(&ok(), 2, 3), None);
         assert_eq!(s.record(&ok(), 2, 3), Some(Health::Up));
         assert_eq!(s.transitions, 2);
+        assert_eq!((s.checks, s.failed_checks), (6, 4));
         assert_eq!(s.last_result, "ok");
     }
 

@@ -10,7 +10,9 @@
 //! - [`health`]: TCP and AJP health checks ([`ajp`]: the CPing/CPong codec), rise/fall.
 //! - [`control`]: the control socket protocol, server and client.
 //! - [`daemon`]: `lb run` (socket, engine, signals, graceful shutdown).
-//! - [`cli`]: table rendering for the client subcommands.
+//! - [`metrics`]: the Prometheus endpoint (`[metrics] listen`, `GET /metrics`) rendered from
+//!   [`engine::Engine::stats`] snapshots.
+//! - [`cli`]: table rendering for the client subcommands; [`top`]: `lb top`, the live terminal view.
 //! - [`ebpf`]: the embedded XDP object and its loader.
 pub mod ajp;
 pub mod balancer;
@@ -23,6 +25,8 @@ pub mod ebpf;
 pub mod engine;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod proxy;
 pub mod state;
+pub mod top;
 pub mod xdp;

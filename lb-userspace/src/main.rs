@@ -1,5 +1,6 @@
 //! The `lb` command: `lb run` starts the daemon; the other subcommands talk to it over the control
-//! socket (tables by default, `--json` for scripts); `lb check-config` validates a file offline.
+//! socket (tables by default, `--json` for scripts; `lb top` is a live view); `lb check-config`
+//! validates a file offline.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb::config::{AdminState, Config, DatapathKind, Protocol};
 use lb::control::client;
-use lb::control::protocol::{ReloadView, Request, StatusView, WhichView};
+use lb::control::protocol::{ReloadView, Request, StatsView, StatusView, WhichView};
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +53,14 @@ enum Cmd {
     },
     /// Services, backends and counters.
     Status,
+    /// Counters of every backend (connections, bytes, packets, checks, transitions) and of XDP.
+    Stats,
+    /// Live view of every backend, refreshed every interval (q, Esc or Ctrl-C quits).
+    Top {
+        /// Refresh interval: "1s", "500ms" or plain seconds (100ms..=1h).
+        #[arg(long, default_value = "1s", value_parser = lb::top::parse_interval)]
+        interval: std::time::Duration,
+    },
     /// Manage backends.
     #[command(subcommand)]
     Backend(BackendCmd),
@@ -176,7 +185,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             return Ok(());
         }
+        Cmd::Top { interval } => {
+            lb::top::run(&cli.socket, interval)?;
+            return Ok(());
+        }
         Cmd::Status => Request::Status {},
+        Cmd::Stats => Request::Stats {},
         Cmd::Service(ServiceCmd::List) => Request::Status {},
         Cmd::Backend(BackendCmd::List { service }) => Request::Backends { service },
         Cmd::Backend(BackendCmd::Add {
@@ -255,6 +269,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         (Request::Status {} | Request::Backends { .. }, _) => {
             lb::cli::status(&serde_json::from_value::<StatusView>(result)?)
         }
+        (Request::Stats {}, _) => lb::cli::stats(&serde_json::from_value::<StatsView>(result)?),
         (Request::Which { .. }, _) => lb::cli::which(&serde_json::from_value::<WhichView>(result)?),
         (Request::Reload {}, _) => lb::cli::reload(&serde_json::from_value::<ReloadView>(result)?),
         _ => "ok\n".to_string(),

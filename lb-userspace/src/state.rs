@@ -35,6 +35,8 @@ pub struct BackendStats {
     pub bytes_out: AtomicU64,
     /// Cancelled to reset the backend's open connections (`on_down = "reset"`); replaced afterwards.
     pub reset: std::sync::Mutex<CancellationToken>,
+    /// Health and operator state changes: counts and the most recent ones.
+    pub transitions: std::sync::Mutex<TransitionLog>,
 }
 
 impl BackendStats {
@@ -45,6 +47,67 @@ impl BackendStats {
     /// Resets every open connection to this backend; later connections are not affected.
     pub fn reset_connections(&self) {
         std::mem::take(&mut *self.reset.lock().unwrap()).cancel();
+    }
+}
+
+/// How many recent transitions each backend keeps.
+pub const RECENT_TRANSITIONS: usize = 16;
+
+/// What changed in a [`Transition`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransitionKind {
+    /// Health decided by the checks: `up` ↔ `down`.
+    Health,
+    /// Operator state: `active`, `drain`, `maintenance`.
+    State,
+}
+
+impl TransitionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransitionKind::Health => "health",
+            TransitionKind::State => "state",
+        }
+    }
+}
+
+/// One change of a backend's health or operator state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    /// Unix time in milliseconds.
+    pub unix_ms: u64,
+    pub kind: TransitionKind,
+    pub from: String,
+    pub to: String,
+    /// Why: the failed check's result, or who changed the state ("operator uid 0", "reload").
+    pub reason: String,
+}
+
+/// Transition counts since the backend was added, and the last [`RECENT_TRANSITIONS`] of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TransitionLog {
+    pub health: u64,
+    pub state: u64,
+    recent: std::collections::VecDeque<Transition>,
+}
+
+impl TransitionLog {
+    /// Counts `t` and keeps it, dropping the oldest beyond [`RECENT_TRANSITIONS`].
+    pub fn record(&mut self, t: Transition) {
+        match t.kind {
+            TransitionKind::Health => self.health += 1,
+            TransitionKind::State => self.state += 1,
+        }
+        if self.recent.len() == RECENT_TRANSITIONS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(t);
+    }
+
+    /// The kept transitions, oldest first.
+    pub fn recent(&self) -> impl DoubleEndedIterator<Item = &Transition> {
+        self.recent.iter()
     }
 }
 
@@ -650,6 +713,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn transition_log_keeps_the_last_ones_and_counts_all() {
+        let mut log = TransitionLog::default();
+        for i in 0..(RECENT_TRANSITIONS as u64 + 5) {
+            log.record(Transition {
+                unix_ms: i,
+                kind: if i % 2 == 0 {
+                    TransitionKind::Health
+                } else {
+                    TransitionKind::State
+                },
+                from: "a".into(),
+                to: "b".into(),
+                reason: format!("r{i}"),
+            });
+        }
+        assert_eq!(log.health + log.state, RECENT_TRANSITIONS as u64 + 5);
+        assert_eq!((log.health, log.state), (11, 10));
+        let kept: Vec<u64> = log.recent().map(|t| t.unix_ms).collect();
+        assert_eq!(kept, (5..RECENT_TRANSITIONS as u64 + 5).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn diff_applies_only_changes() {
         let base = |backends| Config {
             path: None,
@@ -664,6 +749,7 @@ pub(crate) mod tests {
                 allowed_uids: vec![],
             },
             xdp: None,
+            metrics: None,
             services: vec![service("web", "10.0.0.100:80", backends)],
         };
         let old = base(vec![backend("b1", "10.1.1.2:80"), backend("b2", "10.1.2.2:80")]);

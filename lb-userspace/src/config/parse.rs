@@ -20,8 +20,8 @@ use toml::Spanned;
 
 use super::{
     AdminState, BackendConfig, Config, ConfigError, ControlConfig, DatapathKind, HealthConfig, HealthKind,
-    MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, OnDown, Protocol, ServiceConfig, XdpConfig,
-    XdpMode, is_valid_name, parse_duration,
+    MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, MetricsConfig, OnDown, Protocol, ServiceConfig,
+    XdpConfig, XdpMode, is_valid_name, parse_duration,
 };
 
 type S<T> = Spanned<T>;
@@ -38,8 +38,15 @@ struct RawConfig {
     shutdown_timeout: Option<S<RawDuration>>,
     control: Option<RawControl>,
     xdp: Option<S<RawXdp>>,
+    metrics: Option<RawMetrics>,
     #[serde(default)]
     service: Vec<S<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawMetrics {
+    listen: S<String>,
 }
 
 #[derive(Deserialize)]
@@ -280,6 +287,9 @@ impl Ctx<'_> {
             let field = quoted[0];
             let key = join(&path, field);
             let hint = match field {
+                "listen" if path == "metrics" => {
+                    "; the [metrics] table needs listen = \"ip:port\", such as \"127.0.0.1:9100\""
+                }
                 "listen" => "; every [[service]] needs listen = \"ip:port\"",
                 "name" => {
                     "; every [[service]] needs name = \"...\" (1 to 32 characters from A-Z a-z 0-9 _ . -)"
@@ -537,6 +547,12 @@ impl Validator<'_, '_> {
             None => None,
             Some(rx) => Some(self.xdp(rx, ring_size, raw.ring_size.as_ref())?),
         };
+        let metrics = match &raw.metrics {
+            None => None,
+            Some(rm) => Some(MetricsConfig {
+                listen: self.address(&rm.listen, "metrics.listen")?,
+            }),
+        };
 
         let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw.service.len());
         // (name span, listen span) of each accepted service, for duplicate messages.
@@ -551,6 +567,22 @@ impl Validator<'_, '_> {
             let spans = (rs.name.span(), rs.listen.span());
             let datapath_span = rs.datapath.as_ref().map_or(header.clone(), |v| v.span());
             let svc = self.service(&key, rs)?;
+
+            if let (Some(m), Some(rm)) = (&metrics, &raw.metrics)
+                && listens_overlap(m.listen, svc.listen)
+            {
+                return Err(self.err(
+                    rm.listen.span(),
+                    "metrics.listen",
+                    format!(
+                        "listen {} overlaps service \"{}\" (listen {}, line {}); give the metrics endpoint its own ip:port, such as \"127.0.0.1:9100\"",
+                        m.listen,
+                        svc.name,
+                        svc.listen,
+                        self.line(&spans.1)
+                    ),
+                ));
+            }
 
             for (j, other) in services.iter().enumerate() {
                 if other.name == svc.name {
@@ -661,6 +693,7 @@ impl Validator<'_, '_> {
             shutdown_timeout,
             control,
             xdp,
+            metrics,
             services,
         })
     }

@@ -66,7 +66,87 @@ fn empty_file_is_all_defaults() {
     assert_eq!(c.control.group, None);
     assert!(c.control.allowed_uids.is_empty());
     assert_eq!(c.xdp, None);
+    assert_eq!(c.metrics, None);
     assert!(c.services.is_empty());
+}
+
+#[test]
+fn metrics_table() {
+    let c = good(
+        r#"
+        [metrics]
+        listen = "127.0.0.1:9100"
+
+        [[service]]
+        name = "web"
+        listen = "127.0.0.1:80"
+        "#,
+    );
+    assert_eq!(
+        c.metrics,
+        Some(MetricsConfig {
+            listen: "127.0.0.1:9100".parse().unwrap()
+        })
+    );
+    let c = good("metrics = { listen = \"[::1]:9100\" }\n");
+    assert_eq!(c.metrics.unwrap().listen, "[::1]:9100".parse().unwrap());
+}
+
+#[test]
+fn metrics_errors() {
+    bad(
+        "[metrics]\nlisten = \"127.0.0.1:9100\"\npath = \"/m\"\n",
+        3,
+        "metrics.path",
+        &["unknown key `path`; allowed keys: listen"],
+    );
+    bad(
+        "[metrics]\n",
+        1,
+        "metrics.listen",
+        &[
+            "missing required key `listen`",
+            "[metrics] table needs listen",
+            "127.0.0.1:9100",
+        ],
+    );
+    bad(
+        "[metrics]\nlisten = \"localhost:9100\"\n",
+        2,
+        "metrics.listen",
+        &[
+            "listen \"localhost:9100\" is not a valid address",
+            "host names are not resolved",
+        ],
+    );
+    bad(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        2,
+        "metrics.listen",
+        &["port 0"],
+    );
+    bad(
+        "metrics = 9100\n",
+        1,
+        "metrics",
+        &["wrong type", "expected a table"],
+    );
+    bad(
+        r#"
+        [metrics]
+        listen = "0.0.0.0:8080"
+
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:8080"
+        "#,
+        2,
+        "metrics.listen",
+        &[
+            "overlaps service \"web\" (listen 10.0.0.1:8080, line 6)",
+            "its own ip:port",
+        ],
+    );
 }
 
 #[test]
@@ -388,6 +468,7 @@ fn examples_all_parse() {
         "max_backends",
         "conntrack_entries",
         "affinity_entries",
+        "[metrics]",
         "[[service]]",
         "name",
         "listen",
@@ -418,6 +499,10 @@ fn examples_all_parse() {
         assert!(set, "examples/lb.toml does not set {key}");
     }
     let lb = Config::load(&dir.join("lb.toml")).unwrap();
+    assert_eq!(
+        lb.metrics.as_ref().map(|m| m.listen),
+        Some("127.0.0.1:9100".parse().unwrap())
+    );
     let x = lb.xdp.expect("examples/lb.toml has an [xdp] table");
     assert_eq!(x.snat_ports, (20000, 29999));
     assert_eq!(x.mode, XdpMode::Auto);
@@ -596,7 +681,7 @@ fn unknown_key_top_level() {
         "ring",
         &[
             "unknown key `ring`",
-            "allowed keys: log_level, seed, ring_size, shutdown_timeout, control, xdp, service",
+            "allowed keys: log_level, seed, ring_size, shutdown_timeout, control, xdp, metrics, service",
         ],
     );
 }

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::{AdminState, DatapathKind, Protocol};
-use crate::state::Health;
+use crate::state::{Health, Transition};
 
 /// Longest request line accepted, in bytes.
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -16,6 +16,8 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub enum Request {
     /// Everything: services, backends, counters.
     Status {},
+    /// Counters of every service and backend, for `lb stats`, `lb top` and monitoring.
+    Stats {},
     /// Backends of one service, or of all.
     Backends {
         #[serde(default)]
@@ -146,6 +148,78 @@ pub struct BackendView {
     pub check: Option<crate::health::CheckStatus>,
 }
 
+/// The answer to `stats`: counters with the same names for both datapaths where they mean the
+/// same; `null` where a counter means nothing for a datapath (packets in the proxy, connect
+/// failures in XDP).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatsView {
+    pub version: String,
+    pub uptime_secs: u64,
+    /// Unix time (seconds) the daemon started.
+    pub start_time_unix: u64,
+    /// Unix time (milliseconds) the snapshot was taken.
+    pub taken_unix_ms: u64,
+    /// XDP program counters summed over CPUs, when the XDP datapath runs: `packets` (all seen), the
+    /// verdicts `passed`, `forwarded`, `dropped` (they sum to `packets`), `new_flows`, and the
+    /// reasons (`no_backend`, `no_conntrack`, `fragment`, …) that come on top of the verdicts.
+    #[serde(default)]
+    pub xdp: Option<std::collections::BTreeMap<String, u64>>,
+    pub services: Vec<ServiceStatsView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatsView {
+    pub name: String,
+    pub listen: String,
+    pub protocol: Protocol,
+    pub datapath: DatapathKind,
+    /// Clients with a live affinity entry.
+    pub affinity_entries: u64,
+    /// The ring holds backups because no primary takes new clients.
+    pub on_backups: bool,
+    /// Proxy: clients closed because no backend could be reached.
+    #[serde(default)]
+    pub failed_connections: Option<u64>,
+    pub backends: Vec<BackendStatsView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatsView {
+    pub name: String,
+    pub address: String,
+    pub weight: u32,
+    pub backup: bool,
+    pub state: AdminState,
+    pub health: Health,
+    pub ring_slots: u64,
+    /// Open connections (XDP: conntrack entries neither closed nor expired).
+    pub connections_active: u64,
+    /// Connections set up to this backend (XDP: new flows).
+    pub connections_total: u64,
+    /// Client → backend: payload bytes relayed (proxy) or frame bytes forwarded (XDP).
+    pub bytes_in: u64,
+    /// Backend → client, likewise.
+    pub bytes_out: u64,
+    /// XDP: packets forwarded client → backend; `null` for the proxy.
+    #[serde(default)]
+    pub packets_in: Option<u64>,
+    /// XDP: packets forwarded backend → client; `null` for the proxy.
+    #[serde(default)]
+    pub packets_out: Option<u64>,
+    /// Proxy: connects to this backend that failed or timed out; `null` for XDP.
+    #[serde(default)]
+    pub connect_failures: Option<u64>,
+    /// Health checks (counts, last result and latency); `null` when the service has none.
+    #[serde(default)]
+    pub check: Option<crate::health::CheckStatus>,
+    /// Health transitions (up ↔ down) since the backend was added.
+    pub health_transitions: u64,
+    /// Operator state transitions (active / drain / maintenance) since the backend was added.
+    pub state_transitions: u64,
+    /// The most recent transitions, oldest first (at most [`crate::state::RECENT_TRANSITIONS`]).
+    pub transitions: Vec<Transition>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WhichView {
     pub service: String,
@@ -185,6 +259,8 @@ mod tests {
         );
         let r: Request = serde_json::from_str(r#"{"cmd":"status"}"#).unwrap();
         assert_eq!(r, Request::Status {});
+        let r: Request = serde_json::from_str(r#"{"cmd":"stats"}"#).unwrap();
+        assert_eq!(r, Request::Stats {});
         let r: Request =
             serde_json::from_str(r#"{"cmd":"add-backend","service":"web","address":"1.2.3.4:80"}"#).unwrap();
         assert!(matches!(r, Request::AddBackend { weight: None, .. }));
@@ -197,6 +273,7 @@ mod tests {
             r#"{"cmd":"set-state","service":"web","backend":"b1","state":"sideways"}"#,
             r#"{"cmd":"set-weight","service":"web","backend":"b1"}"#,
             r#"{"cmd":"status","extra":1}"#,
+            r#"{"cmd":"stats","service":"web"}"#,
             r#"{"service":"web"}"#,
             r#"[1,2,3]"#,
             "not json",

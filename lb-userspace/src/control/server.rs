@@ -137,7 +137,7 @@ async fn write_response<W: AsyncWriteExt + Unpin>(w: &mut W, response: &Response
 }
 
 #[tracing::instrument(skip_all, fields(uid))]
-async fn serve(stream: UnixStream, access: &Access, engine: &Engine, shutdown: &CancellationToken) {
+async fn serve(stream: UnixStream, access: &Access, engine: &Arc<Engine>, shutdown: &CancellationToken) {
     let (uid, gid) = match stream.peer_cred() {
         Ok(c) => (c.uid(), c.gid()),
         Err(e) => return refuse(stream, format!("cannot read peer credentials: {e}")).await,
@@ -171,7 +171,14 @@ async fn serve(stream: UnixStream, access: &Access, engine: &Engine, shutdown: &
                 .await;
                 return;
             }
-            Ok(Ok(_)) => answer(&line, uid, engine),
+            // Off the async workers: a request may lock the state or walk the kernel's maps.
+            Ok(Ok(_)) => {
+                let (engine, request) = (engine.clone(), std::mem::take(&mut line));
+                let span = tracing::Span::current();
+                tokio::task::spawn_blocking(move || span.in_scope(|| answer(&request, uid, &engine)))
+                    .await
+                    .unwrap_or_else(|e| Response::error(format!("the request failed: {e}")))
+            }
         };
         let written = tokio::time::timeout(IDLE_TIMEOUT, write_response(&mut w, &response)).await;
         if !matches!(written, Ok(Ok(()))) {
@@ -192,12 +199,12 @@ fn answer(line: &[u8], uid: u32, engine: &Engine) -> Response {
     };
     let changes = !matches!(
         request,
-        Request::Status {} | Request::Backends { .. } | Request::Which { .. }
+        Request::Status {} | Request::Stats {} | Request::Backends { .. } | Request::Which { .. }
     );
     if changes {
         info!(uid, request = %text, "operator command");
     }
-    match engine.handle(request) {
+    match engine.handle_from(request, Some(uid)) {
         Ok(v) => Response {
             ok: true,
             result: Some(v),
