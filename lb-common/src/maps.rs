@@ -3,7 +3,7 @@
 //! `_be` hold network byte order exactly as in the packet.
 
 /// Bumped whenever a map's layout changes; `lb run` adopts pinned maps only of the same version.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Per-CPU global counters (`PERCPU_ARRAY<u32, Counter>`), indexed by the [`global_counter`] values.
 /// User space sums each index over all CPUs.
@@ -193,7 +193,12 @@ pub const FLOW_FIN_BACKEND: u32 = 4;
 /// Flow flag: RST seen.
 pub const FLOW_RST: u32 = 8;
 
-/// How to rewrite a packet of the flow: the new addresses and ports, all network order.
+/// How long a flow's cached next hop (egress interface and MACs) is trusted before the FIB is
+/// asked again.
+pub const NEXT_HOP_CACHE_NS: u64 = 1_000_000_000;
+
+/// How to rewrite a packet of the flow: the new addresses and ports, all network order, and the
+/// next hop found for them (so established packets need no FIB lookup).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
@@ -204,9 +209,15 @@ pub struct FlowValue {
     pub backend: u32,
     pub service_slot: u32,
     pub flags: u32,
+    /// Egress interface of the cached next hop; 0 = none cached.
+    pub next_hop_ifindex: u32,
+    /// Destination then source MAC, as in the Ethernet header.
+    pub next_hop_macs: [u8; 12],
     pub last_seen_ns: u64,
+    /// When the next hop was looked up.
+    pub next_hop_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 32);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 56);
 
 impl FlowKey {
     /// The key of the other direction of the flow this value rewrites to.

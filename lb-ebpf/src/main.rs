@@ -5,10 +5,10 @@
 //! - [`lb_xdp`]: the entry point; maps the result of [`try_lb_xdp`] to a verdict and counts it.
 //! - [`try_lb_xdp`]: parses Ethernet, IPv4 (honouring IHL) and TCP; a packet of a known connection
 //!   (conntrack, either direction) is rewritten and forwarded; a SYN to a service picks a backend
-//!   ([`select_backend`]: affinity, else the Maglev ring), gets a SNAT port ([`alloc_snat`]) and both
+//!   ([`select_backend`]: affinity, else the Maglev ring), claims a SNAT port ([`claim_snat`]) and both
 //!   directions recorded. Everything else is passed to the kernel untouched.
 //! - [`rewrite`] / [`forward`]: full-NAT rewrite with incremental checksums, next hop by
-//!   `bpf_fib_lookup`, out by `XDP_TX` or redirect; unknown neighbour → `XDP_PASS` so the kernel
+//!   `bpf_fib_lookup` (cached per flow for a second), out by `XDP_TX` or redirect; unknown neighbour → `XDP_PASS` so the kernel
 //!   resolves it.
 //! - [`ptr_at`]: the only way to touch packet bytes: a bounds check the verifier can follow.
 //! - Maps: names and layouts once in `lb_common::maps`; counters are per-CPU. The only log lines
@@ -20,8 +20,11 @@
 mod net;
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
-    helpers::{bpf_fib_lookup, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_redirect},
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup as FibParams,
+        xdp_action,
+    },
+    helpers::{bpf_fib_lookup, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_redirect},
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -32,8 +35,9 @@ use lb_common::{
     maps::{
         AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, Counter,
         DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
-        FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, FLOW_TO_BACKEND, FlowKey, FlowValue, GLOBAL_STATS_ENTRIES,
-        GlobalConfig, NO_BACKEND, ServiceKey, ServiceValue, TrafficCounters, global_counter as gc,
+        FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, FLOW_TO_BACKEND, FlowKey, FlowValue,
+        GLOBAL_STATS_ENTRIES, GlobalConfig, NEXT_HOP_CACHE_NS, NO_BACKEND, ServiceKey, ServiceValue,
+        TrafficCounters, global_counter as gc,
     },
 };
 
@@ -53,7 +57,8 @@ static RING: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES * 65537, 
 #[map(name = "lb_conntrack")]
 static CONNTRACK: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
 #[map(name = "lb_affinity")]
-static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_max_entries(DEFAULT_AFFINITY_ENTRIES, 0);
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(DEFAULT_AFFINITY_ENTRIES, 0);
 #[map(name = "lb_snat")]
 static SNAT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "lb_svc_stats")]
@@ -94,10 +99,16 @@ struct Verdict {
 }
 
 const fn pass(reason: Option<u32>) -> Verdict {
-    Verdict { action: xdp_action::XDP_PASS, reason }
+    Verdict {
+        action: xdp_action::XDP_PASS,
+        reason,
+    }
 }
 const fn drop(reason: u32) -> Verdict {
-    Verdict { action: xdp_action::XDP_DROP, reason: Some(reason) }
+    Verdict {
+        action: xdp_action::XDP_DROP,
+        reason: Some(reason),
+    }
 }
 
 /// XDP entry point: parse, decide, count.
@@ -123,12 +134,16 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// Parses one frame and decides its verdict.
 #[inline(always)]
 fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return pass(Some(gc::TRUNCATED)) };
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return pass(Some(gc::TRUNCATED));
+    };
     // SAFETY (all header reads and writes below): ptr_at checked the header lies in the packet.
     if unsafe { (*eth).ether_type_be } != ETH_P_IPV4.to_be() {
         return pass(None); // ARP, IPv6, VLAN, …
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else { return pass(Some(gc::TRUNCATED)) };
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+        return pass(Some(gc::TRUNCATED));
+    };
     let (version_ihl, proto) = unsafe { ((*ip).version_ihl, (*ip).protocol) };
     if version_ihl >> 4 != 4 || proto != IPPROTO_TCP {
         return pass(None); // ICMP, UDP, …: the kernel's business
@@ -141,7 +156,9 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
     if u16::from_be(unsafe { (*ip).frag_off_be }) & (IP_MF | IP_OFFSET) != 0 {
         return pass(Some(gc::FRAGMENT));
     }
-    let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4_off) else { return pass(Some(gc::TRUNCATED)) };
+    let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4_off) else {
+        return pass(Some(gc::TRUNCATED));
+    };
     let flags = u16::from_be(unsafe { (*tcp).doff_flags_be });
     if ((flags >> 12) as usize) < 5 {
         return pass(Some(gc::MALFORMED));
@@ -154,8 +171,11 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         proto: IPPROTO_TCP,
         _pad: [0; 3],
     };
-    let Some(cfg) = CONFIG.get(0) else { return pass(None) };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(cfg) = CONFIG.get(0) else {
+        return pass(None);
+    };
+    // Coarse time (jiffies resolution) is plenty for timeouts and much cheaper per packet.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
 
     if let Some(flow) = CONNTRACK.get_ptr_mut(&key) {
@@ -178,34 +198,26 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
                     unsafe { (*other).flags |= bit };
                 }
             }
-            let value = *f;
-            count_traffic(&value, to_backend, len, false);
-            return rewrite_and_forward(ctx, ip, tcp, &key, &value);
+            count_traffic(f, to_backend, len, false);
+            rewrite(ip, tcp, &key, f);
+            return forward(ctx, ip, f, now);
         }
     }
 
-    let service_key = ServiceKey { vip_be: key.dst_be, port_be: key.dport_be, proto: IPPROTO_TCP, _pad: 0 };
-    let Some(service) = (unsafe { SERVICES.get(&service_key) }) else { return pass(None) };
+    let service_key = ServiceKey {
+        vip_be: key.dst_be,
+        port_be: key.dport_be,
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {
+        return pass(None);
+    };
     if !syn {
         return drop(gc::NO_CONNTRACK);
     }
     let Some((backend_index, backend)) = select_backend(service, key.src_be, cfg, now) else {
         return drop(gc::NO_BACKEND);
-    };
-    let Some(snat_port_be) = alloc_snat(backend, cfg, now) else {
-        // Rare and actionable (widen [xdp] snat_ports): worth a log line, unlike per-packet events.
-        aya_log_ebpf::warn!(ctx, "no free SNAT port toward backend {:i}", u32::from_be(backend.addr_be));
-        return drop(gc::SNAT_EXHAUSTED);
-    };
-    let forward_value = FlowValue {
-        new_src_be: backend.snat_be,
-        new_dst_be: backend.addr_be,
-        new_sport_be: snat_port_be,
-        new_dport_be: backend.port_be,
-        backend: backend_index,
-        service_slot: service.slot,
-        flags: FLOW_TO_BACKEND,
-        last_seen_ns: now,
     };
     let reply_value = FlowValue {
         new_src_be: key.dst_be,
@@ -216,15 +228,38 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         service_slot: service.slot,
         flags: 0,
         last_seen_ns: now,
+        ..FlowValue::default()
     };
-    if CONNTRACK.insert(&FlowKey::reverse_of(&forward_value), &reply_value, 0).is_err()
-        || CONNTRACK.insert(&key, &forward_value, 0).is_err()
-    {
+    let Some(snat_port_be) = claim_snat(backend, cfg, now, &reply_value) else {
+        // Rare and actionable (widen [xdp] snat_ports): worth a log line, unlike per-packet events.
+        aya_log_ebpf::warn!(
+            ctx,
+            "no free SNAT port toward backend {:i}",
+            u32::from_be(backend.addr_be)
+        );
+        return drop(gc::SNAT_EXHAUSTED);
+    };
+    let mut forward_value = FlowValue {
+        new_src_be: backend.snat_be,
+        new_dst_be: backend.addr_be,
+        new_sport_be: snat_port_be,
+        new_dport_be: backend.port_be,
+        backend: backend_index,
+        service_slot: service.slot,
+        flags: FLOW_TO_BACKEND,
+        last_seen_ns: now,
+        ..FlowValue::default()
+    };
+    rewrite(ip, tcp, &key, &forward_value);
+    // The next hop is found before the entry is stored, so it is stored with it.
+    let verdict = forward(ctx, ip, &mut forward_value, now);
+    if CONNTRACK.insert(&key, &forward_value, 0).is_err() {
+        let _ = CONNTRACK.remove(&FlowKey::reverse_of(&forward_value));
         return drop(gc::SNAT_EXHAUSTED);
     }
     count(gc::NEW_FLOWS, len);
     count_traffic(&forward_value, true, len, true);
-    rewrite_and_forward(ctx, ip, tcp, &key, &forward_value)
+    verdict
 }
 
 /// DESIGN.md rules 2 and 3: a live affinity entry to a backend that still admits known clients,
@@ -236,7 +271,10 @@ fn select_backend(
     cfg: &GlobalConfig,
     now: u64,
 ) -> Option<(u32, &'static BackendValue)> {
-    let akey = AffinityKey { service_slot: service.slot, client_be };
+    let akey = AffinityKey {
+        service_slot: service.slot,
+        client_be,
+    };
     let mut home = NO_BACKEND;
     if service.affinity_timeout_ns != 0
         && let Some(entry) = AFFINITY.get_ptr_mut(&akey)
@@ -245,7 +283,8 @@ fn select_backend(
         let a = unsafe { &mut *entry };
         if now.saturating_sub(a.last_seen_ns) < service.affinity_timeout_ns {
             if let Some(b) = BACKENDS.get(a.backend)
-                && b.flags & (BACKEND_PRESENT | BACKEND_ADMITS_KNOWN) == (BACKEND_PRESENT | BACKEND_ADMITS_KNOWN)
+                && b.flags & (BACKEND_PRESENT | BACKEND_ADMITS_KNOWN)
+                    == (BACKEND_PRESENT | BACKEND_ADMITS_KNOWN)
                 && b.service_slot == service.slot
             {
                 a.last_seen_ns = now;
@@ -266,24 +305,29 @@ fn select_backend(
     }
     if service.affinity_timeout_ns != 0 {
         let home = if home == index { NO_BACKEND } else { home };
-        let _ = AFFINITY.insert(&akey, &AffinityValue { backend: index, home, last_seen_ns: now }, 0);
+        let _ = AFFINITY.insert(
+            &akey,
+            &AffinityValue {
+                backend: index,
+                home,
+                last_seen_ns: now,
+            },
+            0,
+        );
     }
     Some((index, backend))
 }
 
-/// Picks a SNAT source port toward `backend` whose reply key is free (or expired). Each CPU walks
-/// its own share of the range, so CPUs never race for a port.
+/// Claims a SNAT source port toward `backend` by inserting the connection's reply entry with
+/// BPF_NOEXIST, so two CPUs can never take the same port: a port whose reply entry is live is
+/// skipped, an expired one is removed first. Each CPU walks the whole range from its own offset.
 #[inline(always)]
-fn alloc_snat(backend: &BackendValue, cfg: &GlobalConfig, now: u64) -> Option<u16> {
+fn claim_snat(backend: &BackendValue, cfg: &GlobalConfig, now: u64, reply: &FlowValue) -> Option<u16> {
     let cursor = SNAT.get_ptr_mut(0)?;
     let lo = cfg.snat_port_lo as u32;
     let range = (cfg.snat_port_hi as u32).checked_sub(lo)? + 1;
     let cpus = if cfg.cpus == 0 { 1 } else { cfg.cpus };
-    let cpu = unsafe { bpf_get_smp_processor_id() } % cpus;
-    let share = range / cpus;
-    if share == 0 {
-        return None;
-    }
+    let start = (unsafe { bpf_get_smp_processor_id() } % cpus) * (range / cpus);
     for _ in 0..SNAT_TRIES {
         // SAFETY: per-CPU slot, written only by this CPU.
         let c = unsafe {
@@ -291,32 +335,31 @@ fn alloc_snat(backend: &BackendValue, cfg: &GlobalConfig, now: u64) -> Option<u1
             *cursor = c.wrapping_add(1);
             c
         };
-        let port = (lo + cpu * share + c % share) as u16;
-        let reply = FlowKey {
+        let port = ((lo + (start + c % range) % range) as u16).to_be();
+        let key = FlowKey {
             src_be: backend.addr_be,
             dst_be: backend.snat_be,
             sport_be: backend.port_be,
-            dport_be: port.to_be(),
+            dport_be: port,
             proto: IPPROTO_TCP,
             _pad: [0; 3],
         };
-        match unsafe { CONNTRACK.get(&reply) } {
-            Some(old) if !old.expired(now, cfg) => continue,
-            _ => return Some(port.to_be()),
+        if let Some(old) = unsafe { CONNTRACK.get(&key) } {
+            if !old.expired(now, cfg) {
+                continue;
+            }
+            let _ = CONNTRACK.remove(&key);
+        }
+        if CONNTRACK.insert(&key, reply, BPF_NOEXIST as u64).is_ok() {
+            return Some(port);
         }
     }
     None
 }
 
-/// Rewrites addresses and ports to `value`'s, fixes checksums, and sends the packet on.
+/// Rewrites addresses and ports to `value`'s and fixes the checksums incrementally.
 #[inline(always)]
-fn rewrite_and_forward(
-    ctx: &XdpContext,
-    ip: *mut Ipv4Hdr,
-    tcp: *mut TcpHdr,
-    key: &FlowKey,
-    value: &FlowValue,
-) -> Verdict {
+fn rewrite(ip: *mut Ipv4Hdr, tcp: *mut TcpHdr, key: &FlowKey, value: &FlowValue) {
     // SAFETY: both headers were bounds-checked by ptr_at in this run and nothing moved the packet.
     unsafe {
         let mut ip_check = (*ip).check_be;
@@ -334,44 +377,69 @@ fn rewrite_and_forward(
         (*tcp).source_be = value.new_sport_be;
         (*tcp).dest_be = value.new_dport_be;
     }
-    forward(ctx, ip)
 }
 
-/// Next hop by the kernel's FIB: fill in MACs and transmit or redirect.
+/// Sends the rewritten packet to its next hop: the flow's cached one while fresh, else the
+/// kernel's FIB (and the answer is cached in the flow). Transmit or redirect.
 #[inline(always)]
-fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr) -> Verdict {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return drop(gc::TRUNCATED) };
-    // SAFETY: zeroed bytes are a valid bpf_fib_lookup.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
-    let ingress = ctx.ingress_ifindex() as u32;
-    unsafe {
-        params.family = AF_INET;
-        params.l4_protocol = IPPROTO_TCP;
-        params.__bindgen_anon_1.tot_len = u16::from_be((*ip).tot_len_be);
-        params.ifindex = ingress;
-        params.__bindgen_anon_2.tos = (*ip).tos;
-        params.__bindgen_anon_3.ipv4_src = (*ip).saddr_be;
-        params.__bindgen_anon_4.ipv4_dst = (*ip).daddr_be;
-    }
-    let ret = unsafe {
-        bpf_fib_lookup(ctx.ctx.cast(), &mut params, core::mem::size_of::<FibParams>() as i32, 0)
+fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr, hop: &mut FlowValue, now: u64) -> Verdict {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return drop(gc::TRUNCATED);
     };
-    if ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        return pass(Some(gc::NO_NEIGH));
+    let ingress = ctx.ingress_ifindex() as u32;
+    if hop.next_hop_ifindex == 0 || now.saturating_sub(hop.next_hop_ns) > NEXT_HOP_CACHE_NS {
+        // SAFETY: zeroed bytes are a valid bpf_fib_lookup.
+        let mut params: FibParams = unsafe { core::mem::zeroed() };
+        unsafe {
+            params.family = AF_INET;
+            params.l4_protocol = IPPROTO_TCP;
+            params.__bindgen_anon_1.tot_len = u16::from_be((*ip).tot_len_be);
+            params.ifindex = ingress;
+            params.__bindgen_anon_2.tos = (*ip).tos;
+            params.__bindgen_anon_3.ipv4_src = (*ip).saddr_be;
+            params.__bindgen_anon_4.ipv4_dst = (*ip).daddr_be;
+        }
+        let ret = unsafe {
+            bpf_fib_lookup(
+                ctx.ctx.cast(),
+                &mut params,
+                core::mem::size_of::<FibParams>() as i32,
+                0,
+            )
+        };
+        if ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+            return pass(Some(gc::NO_NEIGH));
+        }
+        if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+            let dst = u32::from_be(unsafe { (*ip).daddr_be });
+            aya_log_ebpf::warn!(
+                ctx,
+                "no route for rewritten packet to {:i} (fib lookup {})",
+                dst,
+                ret
+            );
+            return drop(gc::FIB_FAILED);
+        }
+        hop.next_hop_ifindex = params.ifindex;
+        hop.next_hop_macs[..6].copy_from_slice(&params.dmac);
+        hop.next_hop_macs[6..].copy_from_slice(&params.smac);
+        hop.next_hop_ns = now;
     }
-    if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        let dst = u32::from_be(unsafe { (*ip).daddr_be });
-        aya_log_ebpf::warn!(ctx, "no route for rewritten packet to {:i} (fib lookup {})", dst, ret);
-        return drop(gc::FIB_FAILED);
-    }
+    // SAFETY: the Ethernet header was bounds-checked above.
     unsafe {
-        (*eth).dst = params.dmac;
-        (*eth).src = params.smac;
+        (*eth).dst.copy_from_slice(&hop.next_hop_macs[..6]);
+        (*eth).src.copy_from_slice(&hop.next_hop_macs[6..]);
     }
-    if params.ifindex == ingress {
-        return Verdict { action: xdp_action::XDP_TX, reason: None };
+    if hop.next_hop_ifindex == ingress {
+        return Verdict {
+            action: xdp_action::XDP_TX,
+            reason: None,
+        };
     }
-    Verdict { action: unsafe { bpf_redirect(params.ifindex, 0) } as u32, reason: None }
+    Verdict {
+        action: unsafe { bpf_redirect(hop.next_hop_ifindex, 0) } as u32,
+        reason: None,
+    }
 }
 
 /// A pointer to a `T` at `offset` bytes into the packet, or None if it would reach past `data_end`.
@@ -399,7 +467,12 @@ fn count(index: u32, len: u64) {
 /// Per-service and per-backend traffic of a forwarded packet.
 #[inline(always)]
 fn count_traffic(flow: &FlowValue, to_backend: bool, len: u64, new_flow: bool) {
-    add_traffic(SERVICE_STATS.get_ptr_mut(flow.service_slot), to_backend, len, new_flow);
+    add_traffic(
+        SERVICE_STATS.get_ptr_mut(flow.service_slot),
+        to_backend,
+        len,
+        new_flow,
+    );
     add_traffic(BACKEND_STATS.get_ptr_mut(flow.backend), to_backend, len, new_flow);
 }
 

@@ -6,7 +6,6 @@ pub const ETH_P_IPV4: u16 = 0x0800;
 /// IP protocol numbers.
 pub const IPPROTO_TCP: u8 = 6;
 
-
 /// Ethernet II header.
 #[repr(C)]
 pub struct EthHdr {

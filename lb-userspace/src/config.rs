@@ -145,6 +145,25 @@ pub enum XdpMode {
     Skb,
 }
 
+impl Default for XdpConfig {
+    /// The defaults of every key of the `[xdp]` table (with no interfaces).
+    fn default() -> Self {
+        use lb_common::maps::*;
+        XdpConfig {
+            interfaces: Vec::new(),
+            mode: XdpMode::Auto,
+            pin_path: PathBuf::from("/sys/fs/bpf/lb"),
+            snat_ports: (10000, 29999),
+            idle_timeout: Duration::from_secs(15 * 60),
+            closed_timeout: Duration::from_secs(1),
+            max_services: DEFAULT_MAX_SERVICES,
+            max_backends: DEFAULT_MAX_BACKENDS,
+            conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            affinity_entries: DEFAULT_AFFINITY_ENTRIES,
+        }
+    }
+}
+
 /// The `[xdp]` table.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct XdpConfig {

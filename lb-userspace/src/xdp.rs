@@ -167,9 +167,10 @@ pub struct XdpDatapath {
     pin_path: Option<PathBuf>,
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`.
 pub fn monotonic_ns() -> u64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    let t =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).expect("CLOCK_MONOTONIC_COARSE");
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
@@ -200,18 +201,7 @@ impl XdpDatapath {
     /// or attached (packet-fixture tests and benchmarks drive it through [`XdpDatapath::test_run`]).
     pub fn start(config: Option<&XdpConfig>, seed: u32, ring_size: u32) -> Result<XdpDatapath, XdpError> {
         let object = ebpf::object().ok_or(ebpf::LoadError::NotEmbedded)?;
-        let defaults = XdpConfig {
-            interfaces: vec![],
-            mode: XdpMode::Auto,
-            pin_path: PathBuf::new(),
-            snat_ports: (20000, 29999),
-            idle_timeout: Duration::from_secs(900),
-            closed_timeout: Duration::from_secs(2),
-            max_services: lb_common::maps::DEFAULT_MAX_SERVICES,
-            max_backends: lb_common::maps::DEFAULT_MAX_BACKENDS,
-            conntrack_entries: lb_common::maps::DEFAULT_CONNTRACK_ENTRIES,
-            affinity_entries: lb_common::maps::DEFAULT_AFFINITY_ENTRIES,
-        };
+        let defaults = XdpConfig::default();
         let cfg = config.unwrap_or(&defaults);
         let pin_path = config.map(|c| c.pin_path.clone());
         let mut loader = EbpfLoader::new();
@@ -792,7 +782,7 @@ fn forward_program_logs(ebpf: &mut Ebpf) {
 fn ensure_bpffs(dir: &Path) -> Result<(), XdpError> {
     let root = Path::new("/sys/fs/bpf");
     let is_bpffs =
-        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     if !is_bpffs(root) {
         nix::mount::mount(
             Some("bpf"),

@@ -169,7 +169,11 @@ fn xdp_forwards_http_and_bulk_with_affinity_matching_which() {
     assert_eq!(back.len(), data.len());
     assert!(back == data, "echo through XDP must be byte-exact");
     // The kernel did the work: new flows and forwarded packets counted, per backend bytes seen.
-    assert!(xdp_counter(&bed, "new_flows") >= 30 + 75 + 1);
+    assert_eq!(
+        xdp_counter(&bed, "new_flows"),
+        30 + 75 + 1,
+        "one new flow per connection"
+    );
     assert!(xdp_counter(&bed, "forwarded") > 1000);
     let status = bed.lb.status();
     let echo = status["services"]

@@ -178,11 +178,8 @@ const NAME_HELP: &str = "use 1 to 32 characters from A-Z a-z 0-9 _ . -";
 const PORT_RANGE_HELP: &str = "a port range string \"LO-HI\" (inclusive, 1024 <= LO <= HI <= 65535, at least 64 ports) such as \"20000-29999\"";
 const INTERFACE_HELP: &str = "use a Linux interface name such as \"eth0\": 1 to 15 bytes, no '/', ':', whitespace or control characters, not \".\" or \"..\"";
 
-/// Where the maps of the XDP datapath are pinned unless `pin_path` says otherwise.
-const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
 /// The bpffs mount point; `pin_path` must be below it.
 const BPFFS: &str = "/sys/fs/bpf";
-const DEFAULT_SNAT_PORTS: (u16, u16) = (20000, 29999);
 /// Fewest SNAT ports (the range is split between CPUs).
 const MIN_SNAT_PORTS: u32 = 64;
 /// Most interfaces in `xdp.interfaces`.
@@ -757,12 +754,12 @@ impl Validator<'_, '_> {
         )?;
 
         let pin_path = match &raw.pin_path {
-            None => PathBuf::from(DEFAULT_PIN_PATH),
+            None => XdpConfig::default().pin_path,
             Some(v) => self.pin_path(v)?,
         };
 
         let snat_ports = match &raw.snat_ports {
-            None => DEFAULT_SNAT_PORTS,
+            None => XdpConfig::default().snat_ports,
             Some(v) => {
                 let text = &v.get_ref().0;
                 parse_port_range(text).map_err(|why| {
@@ -778,13 +775,13 @@ impl Validator<'_, '_> {
         let idle_timeout = self.duration(
             &raw.idle_timeout,
             "xdp.idle_timeout",
-            Duration::from_secs(15 * 60),
+            XdpConfig::default().idle_timeout,
             false,
         )?;
         let closed_timeout = self.duration(
             &raw.closed_timeout,
             "xdp.closed_timeout",
-            Duration::from_secs(2),
+            XdpConfig::default().closed_timeout,
             false,
         )?;
         if closed_timeout > idle_timeout {
@@ -875,7 +872,8 @@ impl Validator<'_, '_> {
                 v.span(),
                 "xdp.pin_path",
                 format!(
-                    "pin_path \"{text}\" {why}; use an absolute path below {BPFFS}/ (the bpffs mount), such as \"{DEFAULT_PIN_PATH}\""
+                    "pin_path \"{text}\" {why}; use an absolute path below {BPFFS}/ (the bpffs mount), such as \"{}\"",
+                    XdpConfig::default().pin_path.display()
                 ),
             )
         };

@@ -163,9 +163,9 @@ fn xdp_table_gets_defaults() {
             interfaces: vec!["eth0".into()],
             mode: XdpMode::Auto,
             pin_path: PathBuf::from("/sys/fs/bpf/lb"),
-            snat_ports: (20000, 29999),
+            snat_ports: (10000, 29999),
             idle_timeout: Duration::from_secs(15 * 60),
-            closed_timeout: Duration::from_secs(2),
+            closed_timeout: Duration::from_secs(1),
             max_services: 16,
             max_backends: 1024,
             conntrack_entries: 262_144,
@@ -504,7 +504,7 @@ fn examples_all_parse() {
         Some("127.0.0.1:9100".parse().unwrap())
     );
     let x = lb.xdp.expect("examples/lb.toml has an [xdp] table");
-    assert_eq!(x.snat_ports, (20000, 29999));
+    assert_eq!(x.snat_ports, (10000, 29999));
     assert_eq!(x.mode, XdpMode::Auto);
 }
 
@@ -1510,12 +1510,12 @@ fn xdp_bad_timeouts() {
             "closed_timeout must be <= idle_timeout",
         ],
     );
-    // Only idle_timeout written: the default closed_timeout (2s) is too long for it.
+    // Only idle_timeout written: the default closed_timeout (1s) is too long for it.
     bad(
-        "[xdp]\ninterfaces = [\"eth0\"]\nidle_timeout = \"1s\"\n",
+        "[xdp]\ninterfaces = [\"eth0\"]\nidle_timeout = \"500ms\"\n",
         3,
         "xdp.idle_timeout",
-        &["closed_timeout 2s is longer than idle_timeout 1s"],
+        &["closed_timeout 1s is longer than idle_timeout 500ms"],
     );
 }
 
@@ -1732,15 +1732,15 @@ fn xdp_listen_inside_snat_ports() {
         interfaces = ["eth0"]
         [[service]]
         name = "web"
-        listen = "10.0.0.1:20000"
+        listen = "10.0.0.1:10000"
         datapath = "xdp"
         "#,
         5,
         "service[0].listen",
         &[
-            "port 20000 is inside xdp.snat_ports 20000-29999 (the default)",
+            "port 10000 is inside xdp.snat_ports 10000-29999 (the default)",
             "reserved for the source ports the xdp datapath uses toward backends",
-            "outside 20000-29999",
+            "outside 10000-29999",
         ],
     );
     bad(
