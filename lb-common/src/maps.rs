@@ -3,7 +3,7 @@
 //! `_be` hold network byte order exactly as in the packet.
 
 /// Bumped whenever a map's layout changes; `lb run` adopts pinned maps only of the same version.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Per-CPU global counters (`PERCPU_ARRAY<u32, Counter>`), indexed by the [`global_counter`] values.
 /// User space sums each index over all CPUs.
@@ -192,6 +192,8 @@ pub const FLOW_FIN_CLIENT: u32 = 2;
 pub const FLOW_FIN_BACKEND: u32 = 4;
 /// Flow flag: RST seen.
 pub const FLOW_RST: u32 = 8;
+/// Flow flag: TCP timestamps are translated (`ts_delta` is valid).
+pub const FLOW_TS: u32 = 16;
 
 /// How long a flow's cached next hop (egress interface and MACs) is trusted before the FIB is
 /// asked again.
@@ -216,8 +218,15 @@ pub struct FlowValue {
     pub last_seen_ns: u64,
     /// When the next hop was looked up.
     pub next_hop_ns: u64,
+    /// TCP timestamp translation (with [`FLOW_TS`]): added to the client's TSval toward the
+    /// backend, subtracted from the backend's TSecr toward the client. It puts the backend-facing
+    /// timestamps on the LB's clock, so a SNAT port reused toward a backend that still holds the
+    /// previous connection in TIME_WAIT always shows a newer timestamp (PAWS accepts the SYN);
+    /// clients randomise their timestamps per connection, which would otherwise fail half the time.
+    pub ts_delta: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 56);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
 
 impl FlowKey {
     /// The key of the other direction of the flow this value rewrites to.

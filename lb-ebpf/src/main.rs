@@ -35,7 +35,7 @@ use lb_common::{
     maps::{
         AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, Counter,
         DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
-        FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, FLOW_TO_BACKEND, FlowKey, FlowValue,
+        FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, FLOW_TO_BACKEND, FLOW_TS, FlowKey, FlowValue,
         GLOBAL_STATS_ENTRIES, GlobalConfig, NEXT_HOP_CACHE_NS, NO_BACKEND, ServiceKey, ServiceValue,
         TrafficCounters, global_counter as gc,
     },
@@ -160,7 +160,8 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         return pass(Some(gc::TRUNCATED));
     };
     let flags = u16::from_be(unsafe { (*tcp).doff_flags_be });
-    if ((flags >> 12) as usize) < 5 {
+    let doff = (flags >> 12) as usize;
+    if doff < 5 {
         return pass(Some(gc::MALFORMED));
     }
     let key = FlowKey {
@@ -200,6 +201,9 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
             }
             count_traffic(f, to_backend, len, false);
             rewrite(ip, tcp, &key, f);
+            if f.flags & FLOW_TS != 0 {
+                translate_timestamps(ctx, tcp, l4_off, doff, to_backend, f.ts_delta);
+            }
             return forward(ctx, ip, f, now);
         }
     }
@@ -219,7 +223,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
     let Some((backend_index, backend)) = select_backend(service, key.src_be, cfg, now) else {
         return drop(gc::NO_BACKEND);
     };
-    let reply_value = FlowValue {
+    let mut reply_value = FlowValue {
         new_src_be: key.dst_be,
         new_dst_be: key.src_be,
         new_sport_be: key.dport_be,
@@ -230,6 +234,15 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         last_seen_ns: now,
         ..FlowValue::default()
     };
+    // Toward the backend, timestamps follow the LB's clock (see FlowValue::ts_delta).
+    let ts_delta = timestamp_option(ctx, l4_off, doff)
+        .and_then(|at| ptr_at::<u32>(ctx, at))
+        // SAFETY: ptr_at checked the TSval lies in the packet.
+        .map(|tsval| ((now / 1_000_000) as u32).wrapping_sub(u32::from_be(unsafe { *tsval })));
+    if let Some(delta) = ts_delta {
+        reply_value.flags |= FLOW_TS;
+        reply_value.ts_delta = delta;
+    }
     let Some(snat_port_be) = claim_snat(backend, cfg, now, &reply_value) else {
         // Rare and actionable (widen [xdp] snat_ports): worth a log line, unlike per-packet events.
         aya_log_ebpf::warn!(
@@ -251,6 +264,11 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         ..FlowValue::default()
     };
     rewrite(ip, tcp, &key, &forward_value);
+    if let Some(delta) = ts_delta {
+        forward_value.flags |= FLOW_TS;
+        forward_value.ts_delta = delta;
+        translate_timestamps(ctx, tcp, l4_off, doff, true, delta);
+    }
     // The next hop is found before the entry is stored, so it is stored with it.
     let verdict = forward(ctx, ip, &mut forward_value, now);
     if CONNTRACK.insert(&key, &forward_value, 0).is_err() {
@@ -319,15 +337,20 @@ fn select_backend(
 }
 
 /// Claims a SNAT source port toward `backend` by inserting the connection's reply entry with
-/// BPF_NOEXIST, so two CPUs can never take the same port: a port whose reply entry is live is
-/// skipped, an expired one is removed first. Each CPU walks the whole range from its own offset.
+/// BPF_NOEXIST: a port whose reply entry is live is skipped, an expired one is removed first.
+/// Each CPU walks its own share of the range (walking the whole range from different offsets,
+/// one CPU ends up trailing another through ports it has just used).
 #[inline(always)]
 fn claim_snat(backend: &BackendValue, cfg: &GlobalConfig, now: u64, reply: &FlowValue) -> Option<u16> {
     let cursor = SNAT.get_ptr_mut(0)?;
     let lo = cfg.snat_port_lo as u32;
     let range = (cfg.snat_port_hi as u32).checked_sub(lo)? + 1;
     let cpus = if cfg.cpus == 0 { 1 } else { cfg.cpus };
-    let start = (unsafe { bpf_get_smp_processor_id() } % cpus) * (range / cpus);
+    let share = range / cpus;
+    if share == 0 {
+        return None;
+    }
+    let start = (unsafe { bpf_get_smp_processor_id() } % cpus) * share;
     for _ in 0..SNAT_TRIES {
         // SAFETY: per-CPU slot, written only by this CPU.
         let c = unsafe {
@@ -335,7 +358,7 @@ fn claim_snat(backend: &BackendValue, cfg: &GlobalConfig, now: u64, reply: &Flow
             *cursor = c.wrapping_add(1);
             c
         };
-        let port = ((lo + (start + c % range) % range) as u16).to_be();
+        let port = ((lo + start + c % share) as u16).to_be();
         let key = FlowKey {
             src_be: backend.addr_be,
             dst_be: backend.snat_be,
@@ -355,6 +378,76 @@ fn claim_snat(backend: &BackendValue, cfg: &GlobalConfig, now: u64, reply: &Flow
         }
     }
     None
+}
+
+/// Most TCP option bytes walked looking for the timestamp option.
+const MAX_OPTION_STEPS: usize = 12;
+const TCPOPT_EOL: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_TIMESTAMP: u8 = 8;
+
+/// Packet offset of the TSval of the TCP timestamp option, if the header has one at an even
+/// offset (so the 32-bit checksum updates stay word-aligned; Linux, BSD and Windows always place it so).
+#[inline(always)]
+fn timestamp_option(ctx: &XdpContext, l4_off: usize, doff: usize) -> Option<usize> {
+    let end = l4_off + doff * 4;
+    let mut at = l4_off + 20;
+    for _ in 0..MAX_OPTION_STEPS {
+        if at + 2 > end {
+            return None;
+        }
+        // Kind and length read together: a one-byte read lets LLVM turn the bounds check into a
+        // form the verifier cannot use. SAFETY: ptr_at bounds-checks the read.
+        let [kind, len] = unsafe { *ptr_at::<[u8; 2]>(ctx, at)? };
+        let len = len as usize;
+        match kind {
+            TCPOPT_EOL => return None,
+            TCPOPT_NOP => at += 1,
+            _ => {
+                if kind == TCPOPT_TIMESTAMP {
+                    let aligned = (at + 2 - l4_off) % 2 == 0;
+                    return (len == 10 && at + 10 <= end && aligned).then_some(at + 2);
+                }
+                if len < 2 {
+                    return None;
+                }
+                at += len;
+            }
+        }
+    }
+    None
+}
+
+/// Toward the backend adds `delta` to TSval; toward the client subtracts it from TSecr.
+#[inline(always)]
+fn translate_timestamps(
+    ctx: &XdpContext,
+    tcp: *mut TcpHdr,
+    l4_off: usize,
+    doff: usize,
+    to_backend: bool,
+    delta: u32,
+) {
+    let Some(at) = timestamp_option(ctx, l4_off, doff) else {
+        return;
+    };
+    let field = if to_backend { at } else { at + 4 };
+    let Some(p) = ptr_at::<u32>(ctx, field) else {
+        return;
+    };
+    // SAFETY: ptr_at checked the field and the TCP header lie in the packet.
+    unsafe {
+        let old = *p;
+        let value = u32::from_be(old);
+        let new = if to_backend {
+            value.wrapping_add(delta)
+        } else {
+            value.wrapping_sub(delta)
+        }
+        .to_be();
+        *p = new;
+        (*tcp).check_be = csum::replace4((*tcp).check_be, old, new);
+    }
 }
 
 /// Rewrites addresses and ports to `value`'s and fixes the checksums incrementally.

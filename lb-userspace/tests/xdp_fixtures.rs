@@ -189,8 +189,22 @@ fn frame(
     options: &[u8],
     dst_mac: [u8; 6],
 ) -> Vec<u8> {
+    frame_with(src, dst, flags, payload, options, &[], dst_mac)
+}
+
+/// Like [`frame`], with TCP options (a multiple of 4 bytes).
+fn frame_with(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    flags: u8,
+    payload: &[u8],
+    options: &[u8],
+    tcp_options: &[u8],
+    dst_mac: [u8; 6],
+) -> Vec<u8> {
     let ihl = 5 + options.len() / 4;
-    let total = ihl * 4 + 20 + payload.len();
+    let doff = 5 + tcp_options.len() / 4;
+    let total = ihl * 4 + doff * 4 + payload.len();
     let mut f = Vec::new();
     f.extend_from_slice(&dst_mac);
     f.extend_from_slice(&CLIENT_MAC);
@@ -206,12 +220,55 @@ fn frame(
     let mut tcp = Vec::new();
     tcp.extend_from_slice(&src.1.to_be_bytes());
     tcp.extend_from_slice(&dst.1.to_be_bytes());
-    tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    tcp.extend_from_slice(&[
+        0,
+        0,
+        0,
+        1,
+        0,
+        0,
+        0,
+        0,
+        (doff as u8) << 4,
+        flags,
+        0xff,
+        0xff,
+        0,
+        0,
+        0,
+        0,
+    ]);
+    tcp.extend_from_slice(tcp_options);
     tcp.extend_from_slice(payload);
     let c = checksum(&tcp, pseudo_sum(src.0, dst.0, tcp.len()));
     tcp[16..18].copy_from_slice(&c.to_ne_bytes());
     f.extend_from_slice(&tcp);
     f
+}
+
+/// SYN options as Linux sends them: MSS, SACK permitted, timestamps, NOP, window scale.
+fn syn_options(tsval: u32, tsecr: u32) -> Vec<u8> {
+    let mut o = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];
+    o.extend_from_slice(&tsval.to_be_bytes());
+    o.extend_from_slice(&tsecr.to_be_bytes());
+    o.extend_from_slice(&[1, 3, 3, 7]);
+    o
+}
+
+/// Options of an established segment: NOP, NOP, timestamps.
+fn ack_options(tsval: u32, tsecr: u32) -> Vec<u8> {
+    let mut o = vec![1, 1, 8, 10];
+    o.extend_from_slice(&tsval.to_be_bytes());
+    o.extend_from_slice(&tsecr.to_be_bytes());
+    o
+}
+
+/// (TSval, TSecr) of a frame's timestamp option, found where [`syn_options`] or [`ack_options`] put it.
+fn timestamps(f: &[u8]) -> (u32, u32) {
+    let tcp = 14 + (f[14] & 0x0f) as usize * 4;
+    let at = if f[tcp + 20] == 2 { tcp + 28 } else { tcp + 24 };
+    let word = |i: usize| u32::from_be_bytes([f[i], f[i + 1], f[i + 2], f[i + 3]]);
+    (word(at), word(at + 4))
 }
 
 fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, len: usize) -> u32 {
@@ -486,5 +543,74 @@ fn xdp_no_backend_drops_syn() {
         assert_eq!(fx.xdp.test_run(&syn, client_if, 1).unwrap().0, XDP_DROP);
         assert_eq!(fx.counter("no_backend"), 1);
         assert_eq!(fx.xdp.which("web", client(2), None).unwrap().reason, "none");
+    });
+}
+
+#[test]
+fn xdp_translates_tcp_timestamps_toward_the_backend() {
+    if !ready("xdp_translates_tcp_timestamps_toward_the_backend") {
+        return;
+    }
+    in_fixture_netns(|client_if, backend_if| {
+        let fx = Fixture::new();
+        let c = client(2);
+        // A client timestamp far from the LB's clock, as Linux's per-connection random offsets give.
+        let client_ts = 0xf000_0000u32;
+        let syn = frame_with(
+            (c, 45000),
+            (VIP, 80),
+            SYN,
+            b"",
+            &[],
+            &syn_options(client_ts, 0),
+            [0xaa; 6],
+        );
+        let (verdict, out, _) = fx.xdp.test_run(&syn, client_if, 1).unwrap();
+        assert_eq!(verdict, XDP_REDIRECT);
+        let p = parse(&out); // checksums verified
+        let (tsval, tsecr) = timestamps(&out);
+        assert_ne!(tsval, client_ts, "TSval moved onto the LB's clock");
+        assert_eq!(tsecr, 0);
+        let delta = tsval.wrapping_sub(client_ts);
+        let now_ms = (lb::xdp::monotonic_ns() / 1_000_000) as u32;
+        assert!(
+            now_ms.wrapping_sub(tsval) < 5_000,
+            "TSval {tsval} follows the LB's clock ({now_ms} ms)"
+        );
+        // Later segments of the flow get the same shift.
+        let ack = frame_with(
+            (c, 45000),
+            (VIP, 80),
+            ACK,
+            b"hi",
+            &[],
+            &ack_options(client_ts + 7, 99),
+            [0xaa; 6],
+        );
+        let (_, out, _) = fx.xdp.test_run(&ack, client_if, 1).unwrap();
+        parse(&out);
+        assert_eq!(
+            timestamps(&out),
+            (client_ts.wrapping_add(7).wrapping_add(delta), 99)
+        );
+        // The backend echoes the shifted value; the client gets its own value back.
+        let reply = frame_with(
+            (p.dst.0, p.dst.1),
+            (p.src.0, p.src.1),
+            SYN | ACK,
+            b"",
+            &[],
+            &ack_options(555, tsval),
+            [0xbb; 6],
+        );
+        let (verdict, out, _) = fx.xdp.test_run(&reply, backend_if, 1).unwrap();
+        assert_eq!(verdict, XDP_REDIRECT);
+        let back = parse(&out);
+        assert_eq!(back.dst, (c, 45000));
+        assert_eq!(
+            timestamps(&out),
+            (555, client_ts),
+            "TSecr restored for the client"
+        );
     });
 }
