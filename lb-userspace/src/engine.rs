@@ -131,14 +131,7 @@ impl Engine {
         let mut b = self.balancer.lock().unwrap();
         let kind = match &command {
             Command::AddService { service } => service.datapath,
-            Command::RemoveService { service }
-            | Command::AddBackend { service, .. }
-            | Command::RemoveBackend { service, .. }
-            | Command::UpdateBackend { service, .. }
-            | Command::SetState { service, .. }
-            | Command::SetWeight { service, .. }
-            | Command::SetHealth { service, .. } => b.state.service(service)?.settings.datapath,
-            Command::UpdateService { service } => b.state.service(&service.name)?.settings.datapath,
+            other => b.state.service(other.service())?.settings.datapath,
         };
         let description = describe(&command);
         // Health and state of the backend the command targets, to see afterwards what changed.

@@ -247,6 +247,22 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The service the command is about.
+    pub fn service(&self) -> &str {
+        match self {
+            Command::AddService { service } | Command::UpdateService { service } => &service.name,
+            Command::RemoveService { service }
+            | Command::AddBackend { service, .. }
+            | Command::RemoveBackend { service, .. }
+            | Command::UpdateBackend { service, .. }
+            | Command::SetState { service, .. }
+            | Command::SetWeight { service, .. }
+            | Command::SetHealth { service, .. } => service,
+        }
+    }
+}
+
 /// What a command changed, for the datapaths.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {
@@ -326,17 +342,7 @@ impl State {
     /// Applies one command; on error nothing changed.
     pub fn apply(&mut self, command: Command) -> Result<Effect, StateError> {
         let (ring_size, seed) = (self.ring_size, self.seed);
-        let name = match &command {
-            Command::AddService { service } => service.name.clone(),
-            Command::UpdateService { service } => service.name.clone(),
-            Command::RemoveService { service }
-            | Command::AddBackend { service, .. }
-            | Command::RemoveBackend { service, .. }
-            | Command::UpdateBackend { service, .. }
-            | Command::SetState { service, .. }
-            | Command::SetWeight { service, .. }
-            | Command::SetHealth { service, .. } => service.clone(),
-        };
+        let name = command.service().to_string();
         match command {
             Command::AddService { mut service } => {
                 if self.services.contains_key(&service.name) {
