@@ -44,7 +44,9 @@ mod tests {
 
     /// A 20-byte IPv4 header with a valid checksum.
     fn header(src: [u8; 4], dst: [u8; 4]) -> [u8; 20] {
-        let mut h = [0x45, 0, 0, 60, 0x1c, 0x46, 0x40, 0, 64, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut h = [
+            0x45, 0, 0, 60, 0x1c, 0x46, 0x40, 0, 64, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
         h[12..16].copy_from_slice(&src);
         h[16..20].copy_from_slice(&dst);
         let c = checksum(&h, 0);

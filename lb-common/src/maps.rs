@@ -245,12 +245,17 @@ impl FlowKey {
 impl FlowValue {
     /// Whether the connection is over (RST, or FIN both ways).
     pub const fn closed(&self) -> bool {
-        self.flags & FLOW_RST != 0 || self.flags & (FLOW_FIN_CLIENT | FLOW_FIN_BACKEND) == (FLOW_FIN_CLIENT | FLOW_FIN_BACKEND)
+        self.flags & FLOW_RST != 0
+            || self.flags & (FLOW_FIN_CLIENT | FLOW_FIN_BACKEND) == (FLOW_FIN_CLIENT | FLOW_FIN_BACKEND)
     }
 
     /// Whether the entry has outlived its timeout at `now_ns`.
     pub const fn expired(&self, now_ns: u64, cfg: &GlobalConfig) -> bool {
-        let timeout = if self.closed() { cfg.closed_timeout_ns } else { cfg.idle_timeout_ns };
+        let timeout = if self.closed() {
+            cfg.closed_timeout_ns
+        } else {
+            cfg.idle_timeout_ns
+        };
         now_ns.saturating_sub(self.last_seen_ns) > timeout
     }
 }
