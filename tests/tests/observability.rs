@@ -521,66 +521,6 @@ fn must_f64(scrape: &Scrape, metric: &str, svc: &str, be: &str) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // XDP.
 
-/// Removes the pinned maps and links on drop (the daemon leaves them behind on purpose).
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(&self.0) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-/// `web` (VIP:80 → bI:8080) and `echo` (VIP:7 → bI:7) on the XDP datapath over backends 1..=n,
-/// with TCP checks, and the metrics endpoint.
-fn xdp_config(topo: &Topology, socket: &Path, pins: &Path, n: usize) -> String {
-    let mut interfaces = vec!["\"to-c\"".to_string()];
-    interfaces.extend((1..=n).map(|i| format!("\"to-b{i}\"")));
-    let mut c = format!(
-        "shutdown_timeout = \"1s\"\nring_size = 1009\n[metrics]\nlisten = \"{METRICS}\"\n[control]\nsocket = \"{}\"\n\n[xdp]\ninterfaces = [{}]\npin_path = \"{}\"\n",
-        socket.display(),
-        interfaces.join(", "),
-        pins.display()
-    );
-    for (name, vip_port, port) in [
-        ("web", WEB_VIP_PORT, HTTP_PORT),
-        ("echo", ECHO_VIP_PORT, ECHO_PORT),
-    ] {
-        c.push_str(&format!(
-            "\n[[service]]\nname = \"{name}\"\nlisten = \"{}:{vip_port}\"\ndatapath = \"xdp\"\n[service.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\n",
-            topo.vip()
-        ));
-        for i in 1..=n {
-            c.push_str(&format!(
-                "\n[[service.backend]]\nname = \"b{i}\"\naddress = \"{}:{port}\"\n",
-                topo.backend_addr(i)
-            ));
-        }
-    }
-    c
-}
-
-/// Veth peers as a real NIC would behave for XDP_REDIRECT (see tests/xdp.rs): GRO on, TX checksum
-/// offload off.
-fn prepare_peers(topo: &Topology) {
-    let mut names = vec![topo.client_ns().name().to_string()];
-    names.extend((1..=topo.backend_count()).map(|i| topo.backend_ns(i).name().to_string()));
-    for ns in names {
-        let out = topo
-            .exec_in(&ns, &["ethtool", "-K", "eth0", "gro", "on", "tx", "off"])
-            .expect("run ethtool");
-        assert!(
-            out.status.success(),
-            "ethtool in {ns}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
 #[test]
 fn xdp_counters_agree_in_stats_and_on_the_metrics_endpoint() {
     if !require_root("xdp_counters_agree_in_stats_and_on_the_metrics_endpoint") {
@@ -590,7 +530,16 @@ fn xdp_counters_agree_in_stats_and_on_the_metrics_endpoint() {
         "/sys/fs/bpf/lbt-obs-{}",
         std::process::id()
     )));
-    let bed = Bed::new("oxdp", 2, 6, |topo, socket| xdp_config(topo, socket, &pins.0, 2));
+    let bed = Bed::new("oxdp", 2, 6, |topo, socket| {
+        xdp_config(
+            topo,
+            socket,
+            &pins.0,
+            2,
+            XDP_STD,
+            &format!("[metrics]\nlisten = \"{METRICS}\"\n"),
+        )
+    });
     prepare_peers(&bed.topo);
     // Checks resolve the backends' neighbours too.
     wait_checked(&bed.lb, "echo");

@@ -8,85 +8,15 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::Shutdown;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use lb_tests::{Topology, connect_from, require_root};
-
-/// Removes the pinned maps and links on drop (the daemon leaves them behind on purpose).
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(&self.0) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-fn pin_dir(tag: &str) -> PathBuf {
-    PathBuf::from(format!("/sys/fs/bpf/lbt-{tag}-{}", std::process::id()))
-}
-
-/// Services as (name, VIP port, backend port).
-const STD: &[(&str, u16, u16)] = &[("web", 80, HTTP_PORT), ("echo", 7, ECHO_PORT)];
-
-/// An XDP config with `services` over backends 1..=n, TCP checks.
-fn xdp_config(
-    topo: &Topology,
-    socket: &Path,
-    pins: &Path,
-    n: usize,
-    services: &[(&str, u16, u16)],
-) -> String {
-    let mut interfaces = vec!["\"to-c\"".to_string()];
-    interfaces.extend((1..=n).map(|i| format!("\"to-b{i}\"")));
-    let mut c = format!(
-        "shutdown_timeout = \"1s\"\nring_size = 1009\n[control]\nsocket = \"{}\"\n\n[xdp]\ninterfaces = [{}]\npin_path = \"{}\"\n",
-        socket.display(),
-        interfaces.join(", "),
-        pins.display()
-    );
-    for (name, vip_port, port) in services {
-        c.push_str(&format!(
-            "\n[[service]]\nname = \"{name}\"\nlisten = \"{}:{vip_port}\"\ndatapath = \"xdp\"\n[service.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n",
-            topo.vip()
-        ));
-        for i in 1..=n {
-            c.push_str(&format!(
-                "\n[[service.backend]]\nname = \"b{i}\"\naddress = \"{}:{port}\"\n",
-                topo.backend_addr(i)
-            ));
-        }
-    }
-    c
-}
-
-/// Veth peers as a real NIC would behave: XDP_REDIRECT into a veth needs NAPI on the receiving
-/// peer (GRO on turns it on), and packets sent by a local stack carry only a partial TCP checksum
-/// (TX offload) that a rewrite cannot complete (TX checksum offload off).
-fn prepare_peers(topo: &Topology) {
-    let mut names = vec![topo.client_ns().name().to_string()];
-    names.extend((1..=topo.backend_count()).map(|i| topo.backend_ns(i).name().to_string()));
-    for ns in names {
-        let out = topo
-            .exec_in(&ns, &["ethtool", "-K", "eth0", "gro", "on", "tx", "off"])
-            .expect("run ethtool");
-        assert!(
-            out.status.success(),
-            "ethtool in {ns}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
+use lb_tests::{connect_from, require_root};
 
 fn xdp_bed(tag: &str, backends: usize, clients: usize, pins: &Path, services: &[(&str, u16, u16)]) -> Bed {
     let bed = Bed::new(tag, backends, clients, |topo, socket| {
-        xdp_config(topo, socket, pins, backends, services)
+        xdp_config(topo, socket, pins, backends, services, "")
     });
     prepare_peers(&bed.topo);
     // Health checks resolve the backends' neighbours; wait for the first good checks.
@@ -124,7 +54,7 @@ fn xdp_forwards_http_and_bulk_with_affinity_matching_which() {
         return;
     }
     let pins = Pins(pin_dir("fwd"));
-    let bed = xdp_bed("xfwd", 3, 30, &pins.0, STD);
+    let bed = xdp_bed("xfwd", 3, 30, &pins.0, XDP_STD);
     let clients = bed.topo.client_addrs();
     // Each client's first connection lands where `lb which` (answered from the kernel maps) said.
     let mut first = BTreeMap::new();
@@ -256,7 +186,7 @@ fn xdp_cli_drain_disable_add_remove_take_effect() {
         return;
     }
     let pins = Pins(pin_dir("cli"));
-    let bed = xdp_bed("xcli", 3, 40, &pins.0, STD);
+    let bed = xdp_bed("xcli", 3, 40, &pins.0, XDP_STD);
     let clients = bed.topo.client_addrs();
     let (known, fresh) = clients.split_at(20);
     let before = bed.wave(known);
@@ -299,7 +229,7 @@ fn xdp_health_down_leaves_the_kernel_ring_and_restart_keeps_transfers() {
         return;
     }
     let pins = Pins(pin_dir("hr"));
-    let mut bed = xdp_bed("xhr", 3, 20, &pins.0, STD);
+    let mut bed = xdp_bed("xhr", 3, 20, &pins.0, XDP_STD);
     let clients = bed.topo.client_addrs();
     // A long transfer, open across the restart.
     let mut s = connect_from(
@@ -373,7 +303,8 @@ fn xdp_snat_exhaustion_is_counted_and_logged() {
     }
     let pins = Pins(pin_dir("snat"));
     let bed = Bed::new("xsnat", 1, 2, |topo, socket| {
-        xdp_config(topo, socket, &pins.0, 1, STD).replace("[xdp]\n", "[xdp]\nsnat_ports = \"20000-20063\"\n")
+        xdp_config(topo, socket, &pins.0, 1, XDP_STD, "")
+            .replace("[xdp]\n", "[xdp]\nsnat_ports = \"20000-20063\"\n")
     });
     prepare_peers(&bed.topo);
     let client = bed.topo.client_addrs()[0];

@@ -389,3 +389,77 @@ pub fn line_of(text: &str, needle: &str) -> usize {
         .unwrap_or_else(|| panic!("{needle:?} not in config:\n{text}"))
         + 1
 }
+
+// ---- XDP datapath test beds ----------------------------------------------------------------
+
+/// Removes the pinned maps and links on drop (the daemon leaves them behind on purpose).
+pub struct Pins(pub PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.0) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+pub fn pin_dir(tag: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/lbt-{tag}-{}", std::process::id()))
+}
+
+/// Services as (name, VIP port, backend port).
+pub const XDP_STD: &[(&str, u16, u16)] = &[("web", 80, HTTP_PORT), ("echo", 7, ECHO_PORT)];
+
+/// An XDP config with `services` over backends 1..=n, TCP checks; `tables` (e.g. `[metrics]`)
+/// go before `[control]`.
+pub fn xdp_config(
+    topo: &Topology,
+    socket: &Path,
+    pins: &Path,
+    n: usize,
+    services: &[(&str, u16, u16)],
+    tables: &str,
+) -> String {
+    let mut interfaces = vec!["\"to-c\"".to_string()];
+    interfaces.extend((1..=n).map(|i| format!("\"to-b{i}\"")));
+    let mut c = format!(
+        "shutdown_timeout = \"1s\"\nring_size = 1009\n{tables}\n[control]\nsocket = \"{}\"\n\n[xdp]\ninterfaces = [{}]\npin_path = \"{}\"\n",
+        socket.display(),
+        interfaces.join(", "),
+        pins.display()
+    );
+    for (name, vip_port, port) in services {
+        c.push_str(&format!(
+            "\n[[service]]\nname = \"{name}\"\nlisten = \"{}:{vip_port}\"\ndatapath = \"xdp\"\n[service.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n",
+            topo.vip()
+        ));
+        for i in 1..=n {
+            c.push_str(&format!(
+                "\n[[service.backend]]\nname = \"b{i}\"\naddress = \"{}:{port}\"\n",
+                topo.backend_addr(i)
+            ));
+        }
+    }
+    c
+}
+
+/// Veth peers as a real NIC would behave: XDP_REDIRECT into a veth needs NAPI on the receiving
+/// peer (GRO on turns it on), and packets sent by a local stack carry only a partial TCP checksum
+/// (TX offload) that a rewrite cannot complete (TX checksum offload off).
+pub fn prepare_peers(topo: &Topology) {
+    let mut names = vec![topo.client_ns().name().to_string()];
+    names.extend((1..=topo.backend_count()).map(|i| topo.backend_ns(i).name().to_string()));
+    for ns in names {
+        let out = topo
+            .exec_in(&ns, &["ethtool", "-K", "eth0", "gro", "on", "tx", "off"])
+            .expect("run ethtool");
+        assert!(
+            out.status.success(),
+            "ethtool in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
