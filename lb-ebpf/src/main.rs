@@ -184,7 +184,11 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         // last_seen/flags, for which a torn read is harmless.
         let f = unsafe { &mut *flow };
         if !f.expired(now, cfg) && !(syn && f.closed()) {
-            f.last_seen_ns = now;
+            // The coarse clock ticks every few ms: skip the write (and the cache-line bounce
+            // between CPUs) while it has not moved.
+            if f.last_seen_ns != now {
+                f.last_seen_ns = now;
+            }
             let to_backend = f.flags & FLOW_TO_BACKEND != 0;
             if flags & (TCP_FIN | TCP_RST) != 0 {
                 let bit = if flags & TCP_RST != 0 {
