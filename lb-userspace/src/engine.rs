@@ -106,6 +106,9 @@ impl Engine {
         for service in config.services {
             engine.execute_by(Command::AddService { service }, &Origin::Start)?;
         }
+        if let Some(xdp) = &engine.xdp {
+            xdp.finish_adoption()?;
+        }
         Ok(engine)
     }
 

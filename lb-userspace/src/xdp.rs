@@ -547,6 +547,28 @@ impl XdpDatapath {
         flows.len() / 2
     }
 
+    /// After the config's services are synced: removes pinned services and backends that no
+    /// service claimed (they were removed from the config while `lb` was down).
+    pub fn finish_adoption(&self) -> Result<(), XdpError> {
+        let mut inner = self.inner.lock().unwrap();
+        let services: Vec<(ServiceKey, u32)> = inner.adopt_services.drain().collect();
+        for (key, slot) in services {
+            let _ = inner.maps.services.remove(&key);
+            inner.free_slots.push_back(slot);
+            info!(slot, "removed a pinned XDP service that is no longer configured");
+        }
+        let backends: Vec<u32> = inner.adopt_backends.drain().map(|(_, index)| index).collect();
+        for index in backends {
+            inner
+                .maps
+                .backends
+                .set(index, BackendValue::default(), 0)
+                .map_err(map_err(MAP_BACKENDS))?;
+            inner.free_backends.push_back(index);
+        }
+        Ok(())
+    }
+
     pub fn pin_path(&self) -> Option<&Path> {
         self.pin_path.as_deref()
     }
@@ -591,6 +613,11 @@ impl Inner {
                     slot,
                     key,
                     ring,
+                    // Never equal to a real value, so the first sync writes the service entry.
+                    value: ServiceValue {
+                        slot: u32::MAX,
+                        ..ServiceValue::default()
+                    },
                     ..Default::default()
                 },
             );

@@ -341,3 +341,50 @@ fn xdp_snat_exhaustion_is_counted_and_logged() {
         echo_roundtrip(&mut s, b"still fine");
     }
 }
+
+#[test]
+fn xdp_restart_forgets_services_removed_from_the_config() {
+    if !require_root("xdp_restart_forgets_services_removed_from_the_config") {
+        return;
+    }
+    let pins = Pins(pin_dir("gone"));
+    let mut bed = xdp_bed("xgone", 1, 2, &pins.0, XDP_STD);
+    let client = bed.topo.client_addrs()[0];
+    let mut s = bed.open_echo(client);
+    echo_roundtrip(&mut s, b"echo is served");
+    drop(s);
+    // Restart with the echo service gone from the file: the adopted maps must not keep it.
+    bed.lb.child.stop().expect("stop lb");
+    let config = std::fs::read_to_string(&bed.lb.config).unwrap();
+    let web_only = xdp_config(&bed.topo, &bed.lb.socket, &pins.0, 1, &XDP_STD[..1], "");
+    assert_ne!(config, web_only);
+    std::fs::write(&bed.lb.config, web_only).unwrap();
+    bed.lb.child = lb_tests::Child::spawn(bed.topo.lb_ns().command_net_only(
+        lb_tests::lb_bin(),
+        &["run", "-c", bed.lb.config.to_str().unwrap()],
+    ))
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while raw_request(&bed.lb.socket, b"{\"cmd\":\"status\"}\n").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "lb did not come back:\n{}",
+            bed.lb.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(bed.lb.log().contains("no longer configured"), "{}", bed.lb.log());
+    assert_eq!(bed.get(client), "b1", "web still forwarded");
+    // VIP:7 now reaches the lb namespace's own stack, which has nothing listening there.
+    let refused = connect_from(
+        bed.topo.client_ns().name(),
+        client,
+        bed.echo(),
+        Duration::from_secs(3),
+    );
+    assert_eq!(
+        refused.map(|_| ()).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "a removed XDP service must not be forwarded any more"
+    );
+}
