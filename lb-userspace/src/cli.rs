@@ -1,5 +1,6 @@
 //! Renders control responses as tables for people (`--json` prints them raw for scripts).
 
+use crate::config::enum_text;
 use crate::control::protocol::{ReloadView, StatsView, StatusView, WhichView};
 
 /// Left-aligned columns separated by two spaces.
@@ -94,8 +95,8 @@ pub fn stats(view: &StatsView) -> String {
             "\nservice {}  listen {}  {}/{}  affinity {} clients{}{}\n",
             s.name,
             s.listen,
-            text(&s.protocol),
-            text(&s.datapath),
+            enum_text(&s.protocol),
+            enum_text(&s.datapath),
             s.affinity_entries,
             if s.on_backups { "  ON BACKUPS" } else { "" },
             s.failed_connections
@@ -115,8 +116,8 @@ pub fn stats(view: &StatsView) -> String {
                 };
                 vec![
                     b.name.clone(),
-                    text(&b.state),
-                    text(&b.health),
+                    enum_text(&b.state),
+                    enum_text(&b.health),
                     b.connections_active.to_string(),
                     b.connections_total.to_string(),
                     bytes(b.bytes_in),
@@ -171,13 +172,6 @@ pub fn stats(view: &StatsView) -> String {
     out
 }
 
-fn text<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default()
-}
-
 /// `lb status`: one block per service, one row per backend.
 pub fn status(view: &StatusView) -> String {
     let mut out = format!(
@@ -194,8 +188,8 @@ pub fn status(view: &StatusView) -> String {
             "\nservice {}  listen {}  {}/{}  affinity {}s ({} clients){}{}\n",
             s.name,
             s.listen,
-            text(&s.protocol),
-            text(&s.datapath),
+            enum_text(&s.protocol),
+            enum_text(&s.datapath),
             s.affinity_timeout_secs,
             s.affinity_entries,
             if s.on_backups { "  ON BACKUPS" } else { "" },
@@ -212,8 +206,8 @@ pub fn status(view: &StatusView) -> String {
                 vec![
                     b.name.clone(),
                     b.address.clone(),
-                    text(&b.state),
-                    text(&b.health),
+                    enum_text(&b.state),
+                    enum_text(&b.health),
                     b.weight.to_string(),
                     if b.backup {
                         "backup".into()
@@ -272,8 +266,8 @@ pub fn services(view: &StatusView) -> String {
             vec![
                 s.name.clone(),
                 s.listen.clone(),
-                text(&s.protocol),
-                text(&s.datapath),
+                enum_text(&s.protocol),
+                enum_text(&s.datapath),
                 format!("{up}/{}", s.backends.len()),
                 s.affinity_entries.to_string(),
             ]

@@ -292,6 +292,14 @@ pub mod duration_ms {
     }
 }
 
+/// The text a config enum is written as ("drain", "xdp", …).
+pub fn enum_text<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
 /// A config error: where and what.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

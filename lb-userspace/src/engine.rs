@@ -3,6 +3,7 @@
 //! Every change, whatever its source (config file at start, control socket, reload, health checks),
 //! goes through [`Engine::execute`]: apply to the state, then let the datapath of the service follow.
 
+use crate::config::enum_text;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -346,13 +347,11 @@ impl Engine {
                         }
                     ),
                 };
-                let reason = serde_json::to_value(c.reason)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from));
+                let reason = enum_text(&c.reason);
                 Ok(view(
                     Some(c.backend_name),
                     Some(c.address.to_string()),
-                    &reason.unwrap_or_default(),
+                    &reason,
                     detail,
                 ))
             }
@@ -816,11 +815,4 @@ fn service_from_request(
         s.insert("max_connections".into(), (m as i64).into());
     }
     parse_fragment(s)
-}
-
-fn enum_text<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default()
 }

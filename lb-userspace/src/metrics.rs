@@ -14,6 +14,7 @@
 //! where the meaning is: packets exist only for XDP backends, connect failures only for proxy
 //! backends.
 
+use crate::config::enum_text;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -129,13 +130,6 @@ impl Builder {
         self.registry.register(name, help, family.clone());
         family
     }
-}
-
-fn text<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default()
 }
 
 fn gauge_i64(v: u64) -> i64 {
@@ -256,8 +250,8 @@ pub fn render(stats: &StatsView, format: Format) -> Result<String, MetricsError>
             .get_or_create(&vec![
                 ("service", s.name.clone()),
                 ("listen", s.listen.clone()),
-                ("protocol", text(&s.protocol)),
-                ("datapath", text(&s.datapath)),
+                ("protocol", enum_text(&s.protocol)),
+                ("datapath", enum_text(&s.datapath)),
             ])
             .set(1);
         svc_affinity
@@ -284,7 +278,7 @@ pub fn render(stats: &StatsView, format: Format) -> Result<String, MetricsError>
                 .set(i64::from(be.health == Health::Up));
             for state in [AdminState::Active, AdminState::Drain, AdminState::Maintenance] {
                 be_state
-                    .get_or_create(&with("state", &text(&state)))
+                    .get_or_create(&with("state", &enum_text(&state)))
                     .set(i64::from(be.state == state));
             }
             be_weight.get_or_create(&labels()).set(i64::from(be.weight));

@@ -6,6 +6,7 @@
 //! answers. [`frame`] turns snapshots into lines (pure, unit-tested); [`run`] owns the terminal:
 //! raw mode and the alternate screen, restored on every way out, panics included.
 
+use crate::config::enum_text;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -90,13 +91,6 @@ fn per_sec(v: Option<f64>) -> String {
 
 fn bytes_per_sec(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{}/s", bytes(v.round() as u64)))
-}
-
-fn text<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default()
 }
 
 /// Cuts `s` to `max` characters, marking the cut with `…`.
@@ -223,14 +217,14 @@ pub fn frame(
                 "{} {} {}/{}{}",
                 s.name,
                 s.listen,
-                text(&s.protocol),
-                text(&s.datapath),
+                enum_text(&s.protocol),
+                enum_text(&s.datapath),
                 if s.on_backups { " ON BACKUPS" } else { "" }
             ),
             String::new(),
             format!(
                 "{}/{} up",
-                s.backends.iter().filter(|b| text(&b.health) == "up").count(),
+                s.backends.iter().filter(|b| enum_text(&b.health) == "up").count(),
                 s.backends.len()
             ),
             s.backends
@@ -266,8 +260,8 @@ pub fn frame(
             });
             rows.push(vec![
                 format!("  {}{}", b.name, if b.backup { " (backup)" } else { "" }),
-                text(&b.state),
-                text(&b.health),
+                enum_text(&b.state),
+                enum_text(&b.health),
                 b.connections_active.to_string(),
                 per_sec(r.conns),
                 bytes_per_sec(r.bytes_in),
