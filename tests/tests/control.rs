@@ -605,7 +605,12 @@ fn control_socket_refuses_unknown_uids() {
         assert_eq!(out.status.code(), Some(1), "{out:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("uid 65534") && err.contains("not allowed"), "{err}");
-        assert!(lb.log().contains("65534"), "refusal not logged:\n{}", lb.log());
+        // The log is read by a background thread: give it a moment.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !lb.log().contains("65534") {
+            assert!(Instant::now() < deadline, "refusal not logged:\n{}", lb.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
         // Root still works.
         lb.status();
     }

@@ -42,6 +42,19 @@ fn xdp_bed(tag: &str, backends: usize, clients: usize, pins: &Path, services: &[
     bed
 }
 
+/// Waits until the daemon's log (read by a background thread) shows `needle`.
+fn wait_for_log(bed: &Bed, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !bed.lb.log().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "log never showed {needle:?}:\n{}",
+            bed.lb.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn xdp_counter(bed: &Bed, name: &str) -> u64 {
     bed.lb.status()["xdp"][name]
         .as_u64()
@@ -264,11 +277,7 @@ fn xdp_health_down_leaves_the_kernel_ring_and_restart_keeps_transfers() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(
-        bed.lb.log().contains("adopting pinned XDP maps"),
-        "{}",
-        bed.lb.log()
-    );
+    wait_for_log(&bed, "adopting pinned XDP maps");
     echo_roundtrip(&mut s, &random_bytes(1 << 20, 3));
     for (c, b) in &before {
         assert_eq!(&bed.get(*c), b, "{c}: affinity survives the restart");
@@ -328,15 +337,7 @@ fn xdp_snat_exhaustion_is_counted_and_logged() {
         open.len()
     );
     assert!(xdp_counter(&bed, "snat_exhausted") > 0);
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !bed.lb.log().contains("no free SNAT port toward backend 10.1.1.2") {
-        assert!(
-            Instant::now() < deadline,
-            "kernel log line not forwarded:\n{}",
-            bed.lb.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_log(&bed, "no free SNAT port toward backend 10.1.1.2");
     for mut s in open.drain(..4) {
         echo_roundtrip(&mut s, b"still fine");
     }
@@ -373,7 +374,7 @@ fn xdp_restart_forgets_services_removed_from_the_config() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(bed.lb.log().contains("no longer configured"), "{}", bed.lb.log());
+    wait_for_log(&bed, "removed a pinned XDP service that is no longer configured");
     assert_eq!(bed.get(client), "b1", "web still forwarded");
     // VIP:7 now reaches the lb namespace's own stack, which has nothing listening there.
     let refused = connect_from(
