@@ -256,27 +256,11 @@ fn xdp_health_down_leaves_the_kernel_ring_and_restart_keeps_transfers() {
     let before = bed.wave(&clients[..10]);
 
     // Restart lb: the pinned link and maps keep forwarding while it is gone.
-    let config = bed.lb.config.clone();
     bed.lb.child.stop().expect("stop lb");
     for i in 0..20u32 {
         echo_roundtrip(&mut s, format!("while lb is down {i}").as_bytes());
     }
-    let child = lb_tests::Child::spawn(
-        bed.topo
-            .lb_ns()
-            .command_net_only(lb_tests::lb_bin(), &["run", "-c", config.to_str().unwrap()]),
-    )
-    .unwrap();
-    bed.lb.child = child;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while raw_request(&bed.lb.socket, b"{\"cmd\":\"status\"}\n").is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "lb did not come back:\n{}",
-            bed.lb.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    bed.lb.run_again(bed.topo.lb_ns());
     wait_for_log(&bed, "adopting pinned XDP maps");
     echo_roundtrip(&mut s, &random_bytes(1 << 20, 3));
     for (c, b) in &before {
@@ -360,20 +344,7 @@ fn xdp_restart_forgets_services_removed_from_the_config() {
     let web_only = xdp_config(&bed.topo, &bed.lb.socket, &pins.0, 1, &XDP_STD[..1], "");
     assert_ne!(config, web_only);
     std::fs::write(&bed.lb.config, web_only).unwrap();
-    bed.lb.child = lb_tests::Child::spawn(bed.topo.lb_ns().command_net_only(
-        lb_tests::lb_bin(),
-        &["run", "-c", bed.lb.config.to_str().unwrap()],
-    ))
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while raw_request(&bed.lb.socket, b"{\"cmd\":\"status\"}\n").is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "lb did not come back:\n{}",
-            bed.lb.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    bed.lb.run_again(bed.topo.lb_ns());
     wait_for_log(&bed, "removed a pinned XDP service that is no longer configured");
     assert_eq!(bed.get(client), "b1", "web still forwarded");
     // VIP:7 now reaches the lb namespace's own stack, which has nothing listening there.

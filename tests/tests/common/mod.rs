@@ -119,6 +119,12 @@ pub fn raw_request(socket: &Path, bytes: &[u8]) -> io::Result<Value> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e}: {line:?}")))
 }
 
+/// `lb run -c CONFIG` in the network namespace only (`nsenter --net`), so pins outlive it.
+fn spawn_lb(ns: &Netns, config: &Path) -> Child {
+    Child::spawn(ns.command_net_only(lb_bin(), &["run", "-c", config.to_str().unwrap()]))
+        .expect("spawn lb run")
+}
+
 /// A running `lb run -c CONFIG` with its temp dir (config file, control socket).
 #[derive(Debug)]
 pub struct Lb {
@@ -136,8 +142,7 @@ impl Lb {
         let socket = dir.path().join("lb.sock");
         let cfg_path = dir.path().join("lb.toml");
         fs::write(&cfg_path, config(&socket)).unwrap();
-        let child = Child::spawn(ns.command_net_only(lb_bin(), &["run", "-c", cfg_path.to_str().unwrap()]))
-            .expect("spawn lb run");
+        let child = spawn_lb(ns, &cfg_path);
         let mut lb = Lb {
             child,
             socket,
@@ -146,6 +151,13 @@ impl Lb {
         };
         lb.wait_ready(Duration::from_secs(10));
         lb
+    }
+
+    /// Starts `lb run` again with the same (possibly edited) config file, after the previous one
+    /// was stopped; returns once it answers `status`.
+    pub fn run_again(&mut self, ns: &Netns) {
+        self.child = spawn_lb(ns, &self.config);
+        self.wait_ready(Duration::from_secs(10));
     }
 
     fn wait_ready(&mut self, timeout: Duration) {
