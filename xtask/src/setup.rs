@@ -23,6 +23,9 @@ const PACKAGES: &[&str] = &[
     "tmux",
     // ethtool: the XDP tests enable GRO on veth peers so XDP_REDIRECT into a veth is accepted.
     "ethtool",
+    // The web tier in front of `datapath = "ajp"`: Apache httpd with mod_proxy_ajp and mod_jk.
+    "apache2",
+    "libapache2-mod-jk",
 ];
 
 /// Packages whose Debian install starts a system service. The tests start their own instances in
@@ -32,6 +35,7 @@ const SERVICES: &[(&str, &str)] = &[
     ("tomcat10", "tomcat10"),
     ("nginx", "nginx"),
     ("haproxy", "haproxy"),
+    ("apache2", "apache2"),
 ];
 
 /// bpf-linker must be built against the same LLVM major as nightly rustc (LLVM 22).
