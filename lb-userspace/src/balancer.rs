@@ -135,6 +135,21 @@ pub enum SelectError {
     NoBackend(String),
 }
 
+/// A command applied to the state whose affinity bookkeeping waits for [`Balancer::commit`].
+#[derive(Debug)]
+#[must_use = "commit it, or restore the state"]
+pub struct Pending {
+    effect: Effect,
+    /// The backend that came back up, when its service fails clients back.
+    back_up: Option<u32>,
+}
+
+impl Pending {
+    pub fn effect(&self) -> &Effect {
+        &self.effect
+    }
+}
+
 /// State plus affinity: everything selection needs.
 #[derive(Debug)]
 pub struct Balancer {
@@ -150,9 +165,16 @@ impl Balancer {
         }
     }
 
-    /// Applies a command. Affinity entries live on unless their service goes away, or (with
-    /// `failback = true`) their client's original backend is healthy again.
+    /// Applies a command to the state and its affinity bookkeeping at once ([`Balancer::stage`]
+    /// then [`Balancer::commit`]).
     pub fn apply(&mut self, command: Command) -> Result<Effect, StateError> {
+        let pending = self.stage(command)?;
+        Ok(self.commit(pending))
+    }
+
+    /// Applies a command to the state only; affinity follows at [`Balancer::commit`], once the
+    /// datapath took the change. On error nothing changed.
+    pub fn stage(&mut self, command: Command) -> Result<Pending, StateError> {
         let back_up = match &command {
             Command::SetHealth {
                 service,
@@ -168,6 +190,13 @@ impl Balancer {
             _ => None,
         };
         let effect = self.state.apply(command)?;
+        Ok(Pending { effect, back_up })
+    }
+
+    /// Completes a staged command: affinity entries live on unless their service went away, or
+    /// (with `failback = true`) their client's original backend is healthy again.
+    pub fn commit(&mut self, pending: Pending) -> Effect {
+        let Pending { effect, back_up } = pending;
         match &effect {
             Effect::ServiceRemoved { name, .. } => {
                 self.affinity.remove(name);
@@ -180,7 +209,7 @@ impl Balancer {
             }
             _ => {}
         }
-        Ok(effect)
+        effect
     }
 
     /// Picks a backend for a new connection from `client`, skipping `exclude` (backends whose connect

@@ -23,6 +23,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod ebpf;
 pub mod engine;
+pub mod fake;
 pub mod health;
 pub mod maglev;
 pub mod metrics;

@@ -20,8 +20,8 @@ use tracing::{debug, info, warn};
 
 use crate::balancer::{Balancer, SelectError};
 use crate::config::DatapathKind;
-use crate::datapath::{Datapath, DatapathError};
-use crate::state::{BackendStats, Effect, State};
+use crate::datapath::{BackendTraffic, Datapath, DatapathError, Drained, ServiceTraffic};
+use crate::state::{Backend, BackendStats, Effect, Service, State};
 
 /// Relay buffer per direction.
 const BUFFER: usize = 16 * 1024;
@@ -184,7 +184,29 @@ impl Datapath for ProxyDatapath {
         }
     }
 
-    fn shutdown(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn reset_backend(&self, _service: &Service, backend: &Backend) -> usize {
+        let open = BackendStats::get(&backend.stats.active_connections) as usize;
+        backend.stats.reset_connections();
+        open
+    }
+
+    fn traffic(&self, service: &Service) -> ServiceTraffic {
+        let name = &service.settings.name;
+        ServiceTraffic {
+            affinity_entries: self.balancer.lock().unwrap().affinity_len(name) as u64,
+            failed_connections: Some(
+                self.service_stats(name)
+                    .map_or(0, |st| st.failed.load(Ordering::Relaxed)),
+            ),
+            backends: service
+                .backends
+                .iter()
+                .map(|b| (b.id, BackendTraffic::user_space(b)))
+                .collect(),
+        }
+    }
+
+    fn shutdown(&self) -> Drained<'_> {
         self.shutdown.cancel();
         self.tasks.close();
         Box::pin(self.tasks.wait())

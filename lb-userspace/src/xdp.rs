@@ -29,9 +29,9 @@ use lb_common::maps::{
 use tracing::{info, warn};
 
 use crate::config::{DatapathKind, XdpConfig, XdpMode};
-use crate::datapath::{Datapath, DatapathError};
+use crate::datapath::{BackendTraffic, Datapath, DatapathError, Drained, ServiceTraffic, Which};
 use crate::ebpf::{self, XDP_PROGRAM};
-use crate::state::{Effect, Service, State};
+use crate::state::{Backend, Effect, Service, State};
 
 const IPPROTO_TCP: u8 = 6;
 /// Ring content not yet written by this process (never a backend index).
@@ -358,7 +358,7 @@ impl XdpDatapath {
     }
 
     /// Global counters by name, summed over CPUs.
-    pub fn global_counters(&self) -> Vec<(&'static str, u64)> {
+    pub fn kernel_counters(&self) -> Vec<(&'static str, u64)> {
         let inner = self.inner.lock().unwrap();
         global_counter::NAMES
             .iter()
@@ -410,7 +410,7 @@ impl XdpDatapath {
     }
 
     /// Which backend the kernel would give `client` (with `port`: an existing connection first).
-    pub fn which(&self, service: &str, client: Ipv4Addr, port: Option<u16>) -> Option<KernelChoice> {
+    pub fn kernel_which(&self, service: &str, client: Ipv4Addr, port: Option<u16>) -> Option<KernelChoice> {
         let inner = self.inner.lock().unwrap();
         let ks = inner.services.get(service)?;
         let id_of = |index: u32| ks.backends.iter().find(|(_, i)| **i == index).map(|(id, _)| *id);
@@ -479,7 +479,7 @@ impl XdpDatapath {
     }
 
     /// Forgets kernel affinity entries of clients that failed over away from `backend_id`.
-    pub fn fail_back(&self, service: &str, backend_id: u32) {
+    pub fn forget_failed_over(&self, service: &str, backend_id: u32) {
         let mut inner = self.inner.lock().unwrap();
         let Some(ks) = inner.services.get(service) else {
             return;
@@ -525,7 +525,7 @@ impl XdpDatapath {
 
     /// Forgets every connection to `backend_id` (`on_down = "reset"`): their next packets have no
     /// conntrack entry and are dropped, so both ends time out or reset.
-    pub fn reset_backend(&self, service: &str, backend_id: u32) -> usize {
+    pub fn forget_flows(&self, service: &str, backend_id: u32) -> usize {
         let mut inner = self.inner.lock().unwrap();
         let Some(ks) = inner.services.get(service) else {
             return 0;
@@ -753,7 +753,60 @@ impl Datapath for XdpDatapath {
         result.map_err(|e| DatapathError::Xdp(e.to_string()))
     }
 
-    fn shutdown(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn finish_start(&self) -> Result<(), DatapathError> {
+        self.finish_adoption()
+            .map_err(|e| DatapathError::Xdp(e.to_string()))
+    }
+
+    fn reset_backend(&self, service: &Service, backend: &Backend) -> usize {
+        self.forget_flows(&service.settings.name, backend.id)
+    }
+
+    fn fail_back(&self, service: &Service, backend: &Backend) {
+        self.forget_failed_over(&service.settings.name, backend.id);
+    }
+
+    fn which(&self, service: &Service, client: IpAddr, port: Option<u16>) -> Option<Which> {
+        let IpAddr::V4(v4) = client else { return None };
+        let k = self.kernel_which(&service.settings.name, v4, port)?;
+        Some(Which {
+            backend_id: k.backend_id,
+            reason: k.reason,
+            detail: k.detail,
+        })
+    }
+
+    fn traffic(&self, service: &Service) -> ServiceTraffic {
+        let name = &service.settings.name;
+        let kernel = self.backend_traffic(name);
+        ServiceTraffic {
+            affinity_entries: self.affinity_len(name),
+            failed_connections: None,
+            backends: service
+                .backends
+                .iter()
+                .map(|b| {
+                    let k = kernel.get(&b.id).copied().unwrap_or_default();
+                    let t = BackendTraffic {
+                        active: k.active,
+                        total: k.traffic.new_flows,
+                        bytes_in: k.traffic.bytes_in,
+                        bytes_out: k.traffic.bytes_out,
+                        packets_in: Some(k.traffic.packets_in),
+                        packets_out: Some(k.traffic.packets_out),
+                        connect_failures: None,
+                    };
+                    (b.id, t)
+                })
+                .collect(),
+        }
+    }
+
+    fn global_counters(&self) -> Option<Vec<(&'static str, u64)>> {
+        Some(self.kernel_counters())
+    }
+
+    fn shutdown(&self) -> Drained<'_> {
         // The kernel keeps forwarding through the pinned link and maps; nothing to wait for.
         Box::pin(std::future::ready(()))
     }

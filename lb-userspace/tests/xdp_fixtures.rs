@@ -167,7 +167,7 @@ impl Fixture {
 
     fn counter(&self, name: &str) -> u64 {
         self.xdp
-            .global_counters()
+            .kernel_counters()
             .into_iter()
             .find(|(n, _)| *n == name)
             .map(|(_, v)| v)
@@ -388,9 +388,9 @@ fn xdp_nat_forward_reply_and_affinity() {
         }
         assert_eq!(fx.counter("new_flows"), 10);
         assert_eq!(fx.counter("forwarded"), 12);
-        let which = fx.xdp.which("web", c, None).unwrap();
+        let which = fx.xdp.kernel_which("web", c, None).unwrap();
         assert_eq!(which.reason, "affinity");
-        let which = fx.xdp.which("web", c, Some(40000)).unwrap();
+        let which = fx.xdp.kernel_which("web", c, Some(40000)).unwrap();
         assert_eq!(which.reason, "conntrack");
     });
 }
@@ -542,7 +542,10 @@ fn xdp_no_backend_drops_syn() {
         let syn = frame((client(2), 40000), (VIP, 80), SYN, b"", &[], [0xaa; 6]);
         assert_eq!(fx.xdp.test_run(&syn, client_if, 1).unwrap().0, XDP_DROP);
         assert_eq!(fx.counter("no_backend"), 1);
-        assert_eq!(fx.xdp.which("web", client(2), None).unwrap().reason, "none");
+        assert_eq!(
+            fx.xdp.kernel_which("web", client(2), None).unwrap().reason,
+            "none"
+        );
     });
 }
 
