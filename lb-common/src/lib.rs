@@ -5,8 +5,11 @@
 //! - [`csum`]: incremental IPv4/TCP checksum updates for the NAT rewrite.
 //! - [`maps`]: map names and the `#[repr(C)]` key/value types stored in the eBPF maps, each with a
 //!   compile-time size assertion.
+//! - [`select`]: backend selection (conntrack, affinity, Maglev ring, failover home), generic over
+//!   small storage traits so the kernel and user space run the same rules.
 #![no_std]
 
 pub mod csum;
 pub mod hash;
 pub mod maps;
+pub mod select;

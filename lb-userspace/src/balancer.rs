@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::state::{BackendStats, Command, Effect, State, StateError};
+use lb_common::maps::AffinityValue;
+use lb_common::select::{self, BackendTable, Peek, Policy, Ring};
+
+use crate::state::{BackendStats, Command, Effect, Service, State, StateError};
 
 /// Most affinity entries kept per service; beyond it expired entries are swept, then the oldest go.
 pub const AFFINITY_CAPACITY: usize = 1 << 20;
@@ -29,68 +32,49 @@ pub fn client_key(ip: IpAddr) -> u32 {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct AffinityEntry {
-    backend: u32,
-    last_seen: Instant,
-    /// The backend the client was on before it failed over (for `failback = true`).
-    home: Option<u32>,
-}
-
-/// Source-IP affinity of one service: client → backend, forgotten `timeout` after the last connection.
+/// Source-IP affinity of one service: client → [`AffinityValue`] (backend, failover home, last
+/// seen in nanoseconds of the balancer's clock), forgotten `timeout` after the last connection.
 #[derive(Debug, Default)]
 pub struct AffinityTable {
-    entries: HashMap<IpAddr, AffinityEntry>,
+    entries: HashMap<IpAddr, AffinityValue>,
 }
 
 impl AffinityTable {
-    fn get(&self, client: IpAddr, timeout: Duration, now: Instant) -> Option<AffinityEntry> {
+    fn live(&self, client: IpAddr, timeout: Duration, now: u64) -> Option<AffinityValue> {
         self.entries
             .get(&client)
             .copied()
-            .filter(|e| now.saturating_duration_since(e.last_seen) < timeout)
+            .filter(|e| now.saturating_sub(e.last_seen_ns) < timeout.as_nanos() as u64)
     }
 
-    fn record(&mut self, client: IpAddr, backend: u32, now: Instant, timeout: Duration) {
+    fn insert(&mut self, client: IpAddr, value: AffinityValue, timeout: Duration) {
         if self.entries.len() >= AFFINITY_CAPACITY && !self.entries.contains_key(&client) {
-            self.sweep(now, timeout);
+            self.sweep(value.last_seen_ns, timeout);
             if self.entries.len() >= AFFINITY_CAPACITY
                 && let Some(oldest) = self
                     .entries
                     .iter()
-                    .min_by_key(|(_, e)| e.last_seen)
+                    .min_by_key(|(_, e)| e.last_seen_ns)
                     .map(|(k, _)| *k)
             {
                 self.entries.remove(&oldest);
             }
         }
-        let home = match self.entries.get(&client) {
-            Some(e) if e.backend != backend => e.home.or(Some(e.backend)),
-            Some(e) => e.home,
-            None => None,
-        };
-        let home = home.filter(|h| *h != backend);
-        self.entries.insert(
-            client,
-            AffinityEntry {
-                backend,
-                last_seen: now,
-                home,
-            },
-        );
+        self.entries.insert(client, value);
     }
 
     /// Forgets clients that failed over away from `backend`, so they return to it.
     fn fail_back(&mut self, backend: u32) -> usize {
         let before = self.entries.len();
-        self.entries.retain(|_, e| e.home != Some(backend));
+        self.entries.retain(|_, e| !select::failed_over_from(e, backend));
         before - self.entries.len()
     }
 
-    /// Drops expired entries; returns how many remain.
-    pub fn sweep(&mut self, now: Instant, timeout: Duration) -> usize {
+    /// Drops entries older than `timeout` at `now`; returns how many remain.
+    fn sweep(&mut self, now: u64, timeout: Duration) -> usize {
+        let timeout = timeout.as_nanos() as u64;
         self.entries
-            .retain(|_, e| now.saturating_duration_since(e.last_seen) < timeout);
+            .retain(|_, e| now.saturating_sub(e.last_seen_ns) < timeout);
         self.entries.len()
     }
 
@@ -100,6 +84,24 @@ impl AffinityTable {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+/// The selection's view of a service's backends and ring.
+struct View<'a>(&'a Service);
+
+impl BackendTable for View<'_> {
+    fn admits_known(&self, backend: u32) -> bool {
+        self.0.backend_by_id(backend).is_some_and(|b| b.admits_known())
+    }
+}
+
+impl Ring for View<'_> {
+    fn size(&self) -> u32 {
+        self.0.ring.len() as u32
+    }
+    fn get(&self, slot: u32) -> Option<u32> {
+        self.0.ring.get(slot as usize).copied()
     }
 }
 
@@ -155,6 +157,8 @@ impl Pending {
 pub struct Balancer {
     pub state: State,
     affinity: HashMap<String, AffinityTable>,
+    /// Zero of the clock affinity entries are kept in.
+    epoch: Instant,
 }
 
 impl Balancer {
@@ -162,6 +166,10 @@ impl Balancer {
         Balancer {
             state,
             affinity: HashMap::new(),
+            // Far enough back that instants taken just before the balancer was made still count.
+            epoch: Instant::now()
+                .checked_sub(Duration::from_secs(3600))
+                .unwrap_or_else(Instant::now),
         }
     }
 
@@ -223,45 +231,46 @@ impl Balancer {
     ) -> Result<Choice, SelectError> {
         let svc = self.state.service(service)?;
         let timeout = svc.settings.affinity_timeout;
-        if let Some(entry) = self
+        let now = self.clock(now);
+        let policy = Policy {
+            seed: self.state.seed,
+            affinity_timeout_ns: timeout.as_nanos() as u64,
+        };
+        let live = self
             .affinity
             .get(service)
-            .and_then(|t| t.get(client, timeout, now))
-            && !exclude.contains(&entry.backend)
-            && let Some(b) = svc.backend_by_id(entry.backend).filter(|b| b.admits_known())
-        {
-            return Ok(Choice {
-                backend_id: b.id,
-                backend_name: b.config.name.clone(),
-                address: b.config.address,
-                reason: Reason::Affinity,
-                slot: None,
-                stats: b.stats.clone(),
-            });
-        }
-        let ring = &svc.ring;
-        if ring.is_empty() {
-            return Err(SelectError::NoBackend(service.to_string()));
-        }
-        let slot =
-            lb_common::hash::ring_slot(self.state.seed, client_key(client), ring.len() as u32) as usize;
-        // Walk on from the slot to the next backend not excluded (the ring interleaves all members).
-        for step in 0..ring.len() {
-            let id = ring[(slot + step) % ring.len()];
-            if exclude.contains(&id) {
-                continue;
-            }
-            let b = svc.backend_by_id(id).expect("ring holds only present backends");
-            return Ok(Choice {
-                backend_id: id,
-                backend_name: b.config.name.clone(),
-                address: b.config.address,
-                reason: Reason::Ring,
-                slot: Some(((slot + step) % ring.len()) as u32),
-                stats: b.stats.clone(),
-            });
-        }
-        Err(SelectError::NoBackend(service.to_string()))
+            .and_then(|t| t.live(client, timeout, now));
+        let choice = select::select(
+            &policy,
+            None,
+            client_key(client),
+            now,
+            &mut Peek(live),
+            &View(svc),
+            &View(svc),
+            |id| exclude.contains(&id),
+            svc.ring.len() as u32,
+        )
+        .ok_or_else(|| SelectError::NoBackend(service.to_string()))?;
+        let b = svc
+            .backend_by_id(choice.backend)
+            .expect("selection picks only present backends");
+        Ok(Choice {
+            backend_id: b.id,
+            backend_name: b.config.name.clone(),
+            address: b.config.address,
+            reason: match choice.reason {
+                select::Reason::Affinity | select::Reason::Conntrack => Reason::Affinity,
+                select::Reason::Ring => Reason::Ring,
+            },
+            slot: (choice.reason == select::Reason::Ring).then_some(choice.slot),
+            stats: b.stats.clone(),
+        })
+    }
+
+    /// Nanoseconds of `now` on the balancer's clock (affinity entries are kept in it).
+    fn clock(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_nanos() as u64
     }
 
     /// Records that `client` reached `backend_id` (new or refreshed affinity entry).
@@ -273,17 +282,18 @@ impl Balancer {
         if timeout.is_zero() {
             return;
         }
-        self.affinity
-            .entry(service.to_string())
-            .or_default()
-            .record(client, backend_id, now, timeout);
+        let now = self.clock(now);
+        let table = self.affinity.entry(service.to_string()).or_default();
+        let value = select::next_entry(table.live(client, timeout, now), backend_id, now);
+        table.insert(client, value, timeout);
     }
 
     /// Time since `client` was last seen, if its affinity entry is live.
     pub fn affinity_age(&self, service: &str, client: IpAddr, now: Instant) -> Option<Duration> {
         let timeout = self.state.services.get(service)?.settings.affinity_timeout;
-        let entry = self.affinity.get(service)?.get(client, timeout, now)?;
-        Some(now.saturating_duration_since(entry.last_seen))
+        let now = self.clock(now);
+        let entry = self.affinity.get(service)?.live(client, timeout, now)?;
+        Some(Duration::from_nanos(now.saturating_sub(entry.last_seen_ns)))
     }
 
     /// Number of live affinity entries per service.
@@ -293,6 +303,7 @@ impl Balancer {
 
     /// Drops expired affinity entries of every service.
     pub fn sweep(&mut self, now: Instant) {
+        let now = self.clock(now);
         for (name, table) in &mut self.affinity {
             if let Some(svc) = self.state.services.get(name) {
                 table.sweep(now, svc.settings.affinity_timeout);
@@ -528,3 +539,6 @@ mod tests {
         assert_eq!(b.affinity_len("web"), 0);
     }
 }
+
+#[cfg(test)]
+mod agree;
