@@ -21,6 +21,7 @@ use crate::control::protocol::{
 use crate::datapath::{BackendTraffic, Datapath, DatapathError, ServiceTraffic};
 use crate::health::{HealthEvent, Supervisor};
 use crate::proxy::ProxyDatapath;
+use crate::runtime::Snapshot;
 use crate::state::{self, Command, Effect, Health, Service, State, StateError, Transition, TransitionKind};
 use crate::xdp::XdpDatapath;
 
@@ -67,7 +68,9 @@ impl std::fmt::Display for Origin {
 }
 
 pub struct Engine {
-    balancer: Arc<Mutex<Balancer>>,
+    balancer: Arc<Balancer>,
+    /// Held by every change from stage to commit, so changes apply one at a time.
+    commands: Mutex<()>,
     config: Mutex<Config>,
     /// One per kind; a service whose kind has none here cannot be added.
     datapaths: Vec<Box<dyn Datapath>>,
@@ -105,15 +108,13 @@ impl Engine {
         config: Config,
         events: mpsc::Sender<HealthEvent>,
         shutdown: CancellationToken,
-        make: impl FnOnce(&Arc<Mutex<Balancer>>) -> Result<Vec<Box<dyn Datapath>>, EngineError>,
+        make: impl FnOnce(&Arc<Balancer>) -> Result<Vec<Box<dyn Datapath>>, EngineError>,
     ) -> Result<Engine, EngineError> {
-        let balancer = Arc::new(Mutex::new(Balancer::new(State::new(
-            config.seed,
-            config.ring_size,
-        ))));
+        let balancer = Arc::new(Balancer::new(State::new(config.seed, config.ring_size)));
         let engine = Engine {
             datapaths: make(&balancer)?,
             balancer,
+            commands: Mutex::new(()),
             config: Mutex::new(config.clone()),
             health: Supervisor::new(events, shutdown),
             started: Instant::now(),
@@ -127,7 +128,7 @@ impl Engine {
         Ok(engine)
     }
 
-    pub fn balancer(&self) -> &Arc<Mutex<Balancer>> {
+    pub fn balancer(&self) -> &Arc<Balancer> {
         &self.balancer
     }
 
@@ -141,9 +142,9 @@ impl Engine {
             .expect("a service is only added when its datapath runs")
     }
 
-    /// A copy of the state, taken under the lock and walked without it.
-    fn snapshot(&self) -> State {
-        self.balancer.lock().unwrap().state.clone()
+    /// The published state and runtime (no lock: later changes publish a new one).
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.balancer.snapshot()
     }
 
     /// Applies one command to the state and the datapath. On error nothing changed.
@@ -157,10 +158,11 @@ impl Engine {
     /// A transaction: when the datapath refuses the change, the previous state is restored and
     /// applied to the datapath again, so a refused change leaves no trace.
     pub fn execute_by(&self, command: Command, origin: &Origin) -> Result<Effect, EngineError> {
-        let mut b = self.balancer.lock().unwrap();
+        let _one_at_a_time = self.commands.lock().unwrap();
+        let current = self.balancer.snapshot();
         let kind = match &command {
             Command::AddService { service } => service.datapath,
-            other => b.state.service(other.service())?.settings.datapath,
+            other => current.state.service(other.service())?.settings.datapath,
         };
         let datapath = self
             .datapath(kind)
@@ -177,36 +179,36 @@ impl Engine {
             _ => None,
         };
         let before = target.as_ref().and_then(|(service, backend)| {
-            let be = b.state.service(service).ok()?.backend(backend)?;
+            let be = current.state.service(service).ok()?.backend(backend)?;
             Some((be.config.state, be.health))
         });
         let transition_only = matches!(command, Command::SetState { .. } | Command::SetHealth { .. });
-        let saved = b.state.clone();
-        let pending = b.stage(command)?;
-        if let Err(e) = datapath.apply(pending.effect(), &b.state) {
+        let pending = self.balancer.stage(command)?;
+        if let Err(e) = datapath.apply(pending.effect(), pending.state()) {
+            // Not published: the state is as before. Bring the datapath back in line with it.
             let undo = match pending.effect() {
                 Effect::ServiceAdded(name) => Effect::ServiceRemoved {
                     name: name.clone(),
-                    id: b.state.services.get(name).map_or(u32::MAX, |s| s.id),
+                    id: pending.state().services.get(name).map_or(u32::MAX, |s| s.id),
                 },
                 Effect::ServiceRemoved { name, .. } => Effect::ServiceAdded(name.clone()),
                 other => other.clone(),
             };
-            b.state = saved;
-            if let Err(again) = datapath.apply(&undo, &b.state) {
+            if let Err(again) = datapath.apply(&undo, &current.state) {
                 warn!(change = %description, error = %again, "could not restore the datapath after a refused change");
             }
             return Err(e.into());
         }
-        let effect = b.commit(pending);
+        let effect = self.balancer.commit(pending);
         if effect != Effect::Nothing {
+            let now = self.balancer.snapshot();
             if let (Some((service, backend)), Some(before)) = (&target, before) {
-                record_transitions(&b.state, service, backend, before, origin);
+                record_transitions(&now, service, backend, before, origin);
             }
             if !transition_only {
                 info!(change = %description, by = %origin, "applied");
             }
-            self.health.reconcile(&b.state);
+            self.health.reconcile(&now);
         }
         Ok(effect)
     }
@@ -232,8 +234,8 @@ impl Engine {
             info!(%service, %backend, error = %e, "health event dropped");
             return;
         }
-        let state = self.snapshot();
-        let Ok(svc) = state.service(&service) else {
+        let snapshot = self.snapshot();
+        let Ok(svc) = snapshot.state.service(&service) else {
             return;
         };
         let Some(be) = svc.backend(&backend.to_string()) else {
@@ -328,7 +330,8 @@ impl Engine {
                 None,
             ),
         };
-        let svc = self.balancer.lock().unwrap().state.service(service)?.clone();
+        let snapshot = self.snapshot();
+        let svc = snapshot.state.service(service)?;
         let view = |backend: Option<&state::Backend>, reason: &str, detail: String| WhichView {
             service: service.to_string(),
             client: client.to_string(),
@@ -337,11 +340,11 @@ impl Engine {
             reason: reason.to_string(),
             detail,
         };
-        if let Some(w) = self.datapath_of(&svc).which(&svc, ip, port) {
+        if let Some(w) = self.datapath_of(svc).which(svc, ip, port) {
             let backend = w.backend_id.and_then(|id| svc.backend_by_id(id));
             return Ok(view(backend, w.reason, w.detail));
         }
-        let b = self.balancer.lock().unwrap();
+        let b = &self.balancer;
         let now = Instant::now();
         match b.choose(service, ip, now, &[]) {
             Ok(c) => {
@@ -379,8 +382,9 @@ impl Engine {
     }
 
     /// Each service of a state snapshot with its datapath's counters (read without any lock held).
-    fn traffic<'s>(&self, state: &'s State, only: Option<&str>) -> Vec<(&'s Service, ServiceTraffic)> {
-        state
+    fn traffic<'s>(&self, snapshot: &'s Snapshot, only: Option<&str>) -> Vec<(&'s Service, ServiceTraffic)> {
+        snapshot
+            .state
             .services
             .values()
             .filter(|s| only.is_none_or(|o| o == s.settings.name))
@@ -398,12 +402,12 @@ impl Engine {
             .path
             .as_ref()
             .map(|p| p.display().to_string());
-        let state = self.snapshot();
+        let snapshot = self.snapshot();
         if let Some(name) = only {
-            state.service(name)?;
+            snapshot.state.service(name)?;
         }
         let services = self
-            .traffic(&state, only)
+            .traffic(&snapshot, only)
             .into_iter()
             .map(|(s, traffic)| {
                 let ring_slots = slots(&s.ring);
@@ -411,11 +415,12 @@ impl Engine {
                     .backends
                     .iter()
                     .map(|be| {
+                        let runtime = snapshot.runtime(s, be);
                         let t = traffic
                             .backends
                             .get(&be.id)
                             .copied()
-                            .unwrap_or_else(|| BackendTraffic::user_space(be));
+                            .unwrap_or_else(|| BackendTraffic::user_space(&runtime));
                         BackendView {
                             name: be.config.name.clone(),
                             address: be.config.address.to_string(),
@@ -425,7 +430,7 @@ impl Engine {
                             health: be.health,
                             ring_slots: ring_slots.get(&be.id).copied().unwrap_or(0),
                             check: (s.settings.health.kind != crate::config::HealthKind::None)
-                                .then(|| be.check.lock().unwrap().snapshot()),
+                                .then(|| runtime.check.lock().unwrap().snapshot()),
                             active_connections: t.active,
                             total_connections: t.total,
                             connect_failures: t.connect_failures.unwrap_or(0),
@@ -463,9 +468,9 @@ impl Engine {
     /// control socket.
     pub fn stats(&self) -> StatsView {
         let taken_unix_ms = unix_ms();
-        let state = self.snapshot();
+        let snapshot = self.snapshot();
         let services = self
-            .traffic(&state, None)
+            .traffic(&snapshot, None)
             .into_iter()
             .map(|(s, traffic)| {
                 let ring_slots = slots(&s.ring);
@@ -474,12 +479,13 @@ impl Engine {
                     .backends
                     .iter()
                     .map(|be| {
+                        let runtime = snapshot.runtime(s, be);
                         let t = traffic
                             .backends
                             .get(&be.id)
                             .copied()
-                            .unwrap_or_else(|| BackendTraffic::user_space(be));
-                        let log = be.stats.transitions.lock().unwrap().clone();
+                            .unwrap_or_else(|| BackendTraffic::user_space(&runtime));
+                        let log = runtime.transitions.lock().unwrap().clone();
                         BackendStatsView {
                             name: be.config.name.clone(),
                             address: be.config.address.to_string(),
@@ -495,7 +501,7 @@ impl Engine {
                             packets_in: t.packets_in,
                             packets_out: t.packets_out,
                             connect_failures: t.connect_failures,
-                            check: checked.then(|| be.check.lock().unwrap().snapshot()),
+                            check: checked.then(|| runtime.check.lock().unwrap().snapshot()),
                             health_transitions: log.health,
                             state_transitions: log.state,
                             transitions: log.recent().cloned().collect(),
@@ -608,7 +614,7 @@ impl Engine {
 
     /// Drops expired affinity entries.
     pub fn sweep(&self) {
-        self.balancer.lock().unwrap().sweep(Instant::now());
+        self.balancer.sweep(Instant::now());
     }
 
     /// Stops accepting; resolves when open connections have finished.
@@ -622,18 +628,22 @@ impl Engine {
 /// Records (and logs, one line each) the health and state transitions of backend `backend` of
 /// `service` since `before` (its operator state and health before the command).
 fn record_transitions(
-    state: &State,
+    snapshot: &Snapshot,
     service: &str,
     backend: &str,
     before: (crate::config::AdminState, Health),
     origin: &Origin,
 ) {
-    let Some(be) = state.service(service).ok().and_then(|s| s.backend(backend)) else {
+    let Ok(svc) = snapshot.state.service(service) else {
+        return;
+    };
+    let Some(be) = svc.backend(backend) else {
         return;
     };
     let name = &be.config.name;
     let address = be.config.address;
-    let mut log = be.stats.transitions.lock().unwrap();
+    let runtime = snapshot.runtime(svc, be);
+    let mut log = runtime.transitions.lock().unwrap();
     let mut record = |kind, from: String, to: String| {
         log.record(Transition {
             unix_ms: unix_ms(),

@@ -28,6 +28,7 @@ pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod proxy;
+pub mod runtime;
 pub mod state;
 pub mod top;
 pub mod xdp;

@@ -130,9 +130,9 @@ fn run(events: &[Event], failback: bool) -> Result<(), TestCaseError> {
     settings.backends.push(spare);
     let mut state = State::new(7, 101);
     state.apply(Command::AddService { service: settings }).unwrap();
-    let mut user = Balancer::new(state);
+    let user = Balancer::new(state);
     let mut kernel = Kernel::default();
-    kernel.sync(&user.state);
+    kernel.sync(&user.snapshot().state);
     let start = Instant::now();
     let mut t: u64 = 0;
     let names = ["b0", "b1", "b2", "b3", "spare"];
@@ -146,7 +146,7 @@ fn run(events: &[Event], failback: bool) -> Result<(), TestCaseError> {
                     user.confirm("web", IpAddr::V4(client), choice.backend_id, now);
                 }
                 let policy = Policy {
-                    seed: user.state.seed,
+                    seed: user.snapshot().state.seed,
                     affinity_timeout_ns: TIMEOUT.as_nanos() as u64,
                 };
                 let key = AffinityKey {
@@ -201,13 +201,14 @@ fn run(events: &[Event], failback: bool) -> Result<(), TestCaseError> {
                     health: Health::Up,
                     ..
                 } => {
-                    let b = user.state.service("web").unwrap().backend(backend).unwrap();
+                    let snap = user.snapshot();
+                    let b = snap.state.service("web").unwrap().backend(backend).unwrap();
                     (b.health == Health::Down).then_some(b.id)
                 }
                 _ => None,
             };
             user.apply(command).unwrap();
-            kernel.sync(&user.state);
+            kernel.sync(&user.snapshot().state);
             if failback && let Some(id) = back_up {
                 kernel.fail_back(id);
             }
