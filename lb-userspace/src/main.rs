@@ -7,9 +7,11 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use lb::config::{AdminState, Config, DatapathKind, Protocol};
+use lb::config::{AdminState, BackendConfig, Config, ServiceConfig};
 use lb::control::client;
-use lb::control::protocol::{ReloadView, Request, StatsView, StatusView, WhichView};
+use lb::control::protocol::{Query, ReloadView, Request, RequestError, StatsView, StatusView, WhichView};
+use lb::state::Command;
+use serde_json::{Map, Value};
 
 #[derive(Parser)]
 #[command(
@@ -83,13 +85,15 @@ enum BackendCmd {
         address: String,
         #[arg(long)]
         name: Option<String>,
+        /// 0..=256 (default 1).
         #[arg(long)]
-        weight: Option<u32>,
+        weight: Option<i64>,
         /// Hot spare: used only while no primary is healthy.
         #[arg(long)]
         backup: bool,
-        #[arg(long, value_parser = parse_state)]
-        state: Option<AdminState>,
+        /// active, drain or maintenance (default active).
+        #[arg(long)]
+        state: Option<String>,
     },
     /// Remove a backend (its open connections finish).
     Remove { service: String, backend: String },
@@ -103,7 +107,8 @@ enum BackendCmd {
     Weight {
         service: String,
         backend: String,
-        weight: u32,
+        #[arg(allow_negative_numbers = true)]
+        weight: i64,
     },
 }
 
@@ -115,34 +120,22 @@ enum ServiceCmd {
         name: String,
         #[arg(long)]
         listen: String,
-        #[arg(long, value_parser = parse_protocol)]
-        protocol: Option<Protocol>,
-        #[arg(long, value_parser = parse_datapath)]
-        datapath: Option<DatapathKind>,
+        /// tcp or ajp (default tcp).
+        #[arg(long)]
+        protocol: Option<String>,
+        /// proxy or xdp (default proxy; xdp needs the daemon's [xdp] table).
+        #[arg(long)]
+        datapath: Option<String>,
         /// e.g. "30m"
         #[arg(long)]
         affinity_timeout: Option<String>,
-        #[arg(long)]
-        max_connections: Option<u32>,
+        #[arg(long, allow_negative_numbers = true)]
+        max_connections: Option<i64>,
     },
     /// Remove a service (stops listening; open connections finish).
     Remove {
         name: String,
     },
-}
-
-fn parse_enum<T: serde::de::DeserializeOwned>(s: &str, allowed: &str) -> Result<T, String> {
-    serde_json::from_value(serde_json::Value::String(s.to_string()))
-        .map_err(|_| format!("`{s}` is not allowed; use {allowed}"))
-}
-fn parse_state(s: &str) -> Result<AdminState, String> {
-    parse_enum(s, "active, drain or maintenance")
-}
-fn parse_protocol(s: &str) -> Result<Protocol, String> {
-    parse_enum(s, "tcp or ajp")
-}
-fn parse_datapath(s: &str) -> Result<DatapathKind, String> {
-    parse_enum(s, "proxy or xdp")
 }
 
 fn main() -> ExitCode {
@@ -189,68 +182,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             lb::top::run(&cli.socket, interval)?;
             return Ok(());
         }
-        Cmd::Status => Request::Status {},
-        Cmd::Stats => Request::Stats {},
-        Cmd::Service(ServiceCmd::List) => Request::Status {},
-        Cmd::Backend(BackendCmd::List { service }) => Request::Backends { service },
-        Cmd::Backend(BackendCmd::Add {
-            service,
-            address,
-            name,
-            weight,
-            backup,
-            state,
-        }) => Request::AddBackend {
-            service,
-            address,
-            name,
-            weight,
-            backup: backup.then_some(true),
-            state,
-        },
-        Cmd::Backend(BackendCmd::Remove { service, backend }) => Request::RemoveBackend { service, backend },
-        Cmd::Backend(BackendCmd::Drain { service, backend }) => Request::SetState {
-            service,
-            backend,
-            state: AdminState::Drain,
-        },
-        Cmd::Backend(BackendCmd::Enable { service, backend }) => Request::SetState {
-            service,
-            backend,
-            state: AdminState::Active,
-        },
-        Cmd::Backend(BackendCmd::Disable { service, backend }) => Request::SetState {
-            service,
-            backend,
-            state: AdminState::Maintenance,
-        },
-        Cmd::Backend(BackendCmd::Weight {
-            service,
-            backend,
-            weight,
-        }) => Request::SetWeight {
-            service,
-            backend,
-            weight,
-        },
-        Cmd::Service(ServiceCmd::Add {
-            name,
-            listen,
-            protocol,
-            datapath,
-            affinity_timeout,
-            max_connections,
-        }) => Request::AddService {
-            name,
-            listen,
-            protocol,
-            datapath,
-            affinity_timeout,
-            max_connections,
-        },
-        Cmd::Service(ServiceCmd::Remove { name }) => Request::RemoveService { service: name },
-        Cmd::Which { service, client } => Request::Which { service, client },
-        Cmd::Reload => Request::Reload {},
+        other => request(other)?,
     };
     let response = client::call(&cli.socket, &request)?;
     if cli.json {
@@ -265,17 +197,107 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let result = response.result.unwrap_or_default();
     let out = match (&request, service_list) {
-        (Request::Status {}, true) => lb::cli::services(&serde_json::from_value::<StatusView>(result)?),
-        (Request::Status {} | Request::Backends { .. }, _) => {
+        (Request::Query(Query::Status {}), true) => {
+            lb::cli::services(&serde_json::from_value::<StatusView>(result)?)
+        }
+        (Request::Query(Query::Status {} | Query::Backends { .. }), _) => {
             lb::cli::status(&serde_json::from_value::<StatusView>(result)?)
         }
-        (Request::Stats {}, _) => lb::cli::stats(&serde_json::from_value::<StatsView>(result)?),
-        (Request::Which { .. }, _) => lb::cli::which(&serde_json::from_value::<WhichView>(result)?),
-        (Request::Reload {}, _) => lb::cli::reload(&serde_json::from_value::<ReloadView>(result)?),
-        _ => "ok\n".to_string(),
+        (Request::Query(Query::Stats {}), _) => lb::cli::stats(&serde_json::from_value::<StatsView>(result)?),
+        (Request::Query(Query::Which { .. }), _) => {
+            lb::cli::which(&serde_json::from_value::<WhichView>(result)?)
+        }
+        (Request::Reload, _) => lb::cli::reload(&serde_json::from_value::<ReloadView>(result)?),
+        (Request::Change(_), _) => "ok\n".to_string(),
     };
     print!("{out}");
     Ok(())
+}
+
+/// The request a client subcommand sends: the same [`Request`] values the daemon decodes, built
+/// with the same validators (so a bad value is refused here, naming the field, before sending).
+fn request(command: Cmd) -> Result<Request, RequestError> {
+    let set_state = |service, backend, state| Command::SetState {
+        service,
+        backend,
+        state,
+    };
+    let change = match command {
+        Cmd::Status | Cmd::Service(ServiceCmd::List) => return Ok(Request::Query(Query::Status {})),
+        Cmd::Stats => return Ok(Request::Query(Query::Stats {})),
+        Cmd::Backend(BackendCmd::List { service }) => return Ok(Request::Query(Query::Backends { service })),
+        Cmd::Which { service, client } => return Ok(Request::Query(Query::Which { service, client })),
+        Cmd::Reload => return Ok(Request::Reload),
+        Cmd::Backend(BackendCmd::Add {
+            service,
+            address,
+            name,
+            weight,
+            backup,
+            state,
+        }) => {
+            let mut fields = Map::new();
+            fields.insert("address".into(), address.into());
+            put(&mut fields, "name", name);
+            put(&mut fields, "weight", weight);
+            put(&mut fields, "backup", backup.then_some(true));
+            put(&mut fields, "state", state);
+            Command::AddBackend {
+                service,
+                backend: BackendConfig::from_fields(Value::Object(fields))?,
+            }
+        }
+        Cmd::Backend(BackendCmd::Remove { service, backend }) => Command::RemoveBackend { service, backend },
+        Cmd::Backend(BackendCmd::Drain { service, backend }) => {
+            set_state(service, backend, AdminState::Drain)
+        }
+        Cmd::Backend(BackendCmd::Enable { service, backend }) => {
+            set_state(service, backend, AdminState::Active)
+        }
+        Cmd::Backend(BackendCmd::Disable { service, backend }) => {
+            set_state(service, backend, AdminState::Maintenance)
+        }
+        Cmd::Backend(BackendCmd::Weight {
+            service,
+            backend,
+            weight,
+        }) => Command::SetWeight {
+            service,
+            backend,
+            weight: lb::config::weight(weight)?,
+        },
+        Cmd::Service(ServiceCmd::Add {
+            name,
+            listen,
+            protocol,
+            datapath,
+            affinity_timeout,
+            max_connections,
+        }) => {
+            let mut fields = Map::new();
+            fields.insert("name".into(), name.into());
+            fields.insert("listen".into(), listen.into());
+            put(&mut fields, "protocol", protocol);
+            put(&mut fields, "datapath", datapath);
+            put(&mut fields, "affinity_timeout", affinity_timeout);
+            put(&mut fields, "max_connections", max_connections);
+            Command::AddService {
+                service: ServiceConfig::from_fields(Value::Object(fields))?,
+            }
+        }
+        Cmd::Service(ServiceCmd::Remove { name }) => Command::RemoveService { service: name },
+        Cmd::Run { .. } | Cmd::CheckConfig { .. } | Cmd::Cleanup { .. } | Cmd::Top { .. } => {
+            unreachable!("handled without a request")
+        }
+    };
+    Ok(Request::Change(change))
+}
+
+/// Sets `key` when the option was given.
+fn put(fields: &mut Map<String, Value>, key: &str, value: Option<impl Into<Value>>) {
+    if let Some(v) = value {
+        fields.insert(key.into(), v.into());
+    }
 }
 
 fn run_daemon(path: &std::path::Path, format: LogFormat) -> anyhow::Result<()> {
