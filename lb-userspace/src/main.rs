@@ -319,3 +319,215 @@ fn run_daemon(path: &std::path::Path, format: LogFormat) -> anyhow::Result<()> {
     ))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The request `lb ARGS…` sends, or the error it stops with.
+    fn sent(args: &[&str]) -> Result<Request, String> {
+        let cli = Cli::try_parse_from(std::iter::once("lb").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        request(cli.command).map_err(|e| e.to_string())
+    }
+
+    /// The JSON line `lb ARGS…` writes to the socket.
+    fn line(args: &[&str]) -> serde_json::Value {
+        serde_json::to_value(sent(args).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn subcommands_send_the_documented_requests() {
+        let cases: &[(&[&str], serde_json::Value)] = &[
+            (&["status"], serde_json::json!({"cmd":"status"})),
+            (&["service", "list"], serde_json::json!({"cmd":"status"})),
+            (&["stats"], serde_json::json!({"cmd":"stats"})),
+            (
+                &["backend", "list"],
+                serde_json::json!({"cmd":"backends","service":null}),
+            ),
+            (
+                &["backend", "list", "web"],
+                serde_json::json!({"cmd":"backends","service":"web"}),
+            ),
+            (
+                &["which", "web", "192.0.2.7"],
+                serde_json::json!({"cmd":"which","service":"web","client":"192.0.2.7"}),
+            ),
+            (&["reload"], serde_json::json!({"cmd":"reload"})),
+            (
+                &["backend", "drain", "web", "app1"],
+                serde_json::json!({"cmd":"set-state","service":"web","backend":"app1","state":"drain"}),
+            ),
+            (
+                &["backend", "enable", "web", "app1"],
+                serde_json::json!({"cmd":"set-state","service":"web","backend":"app1","state":"active"}),
+            ),
+            (
+                &["backend", "disable", "web", "app1"],
+                serde_json::json!({"cmd":"set-state","service":"web","backend":"app1","state":"maintenance"}),
+            ),
+            (
+                &["backend", "weight", "web", "app3", "2"],
+                serde_json::json!({"cmd":"set-weight","service":"web","backend":"app3","weight":2}),
+            ),
+            (
+                &["backend", "remove", "web", "app4"],
+                serde_json::json!({"cmd":"remove-backend","service":"web","backend":"app4"}),
+            ),
+            (
+                &["service", "remove", "api"],
+                serde_json::json!({"cmd":"remove-service","service":"api"}),
+            ),
+            // Defaults filled in from the config file's.
+            (
+                &["backend", "add", "web", "10.0.1.4:8080", "--name", "app4"],
+                serde_json::json!({"cmd":"add-backend","service":"web","address":"10.0.1.4:8080",
+                    "name":"app4","weight":1,"backup":false,"state":"active"}),
+            ),
+            (
+                &[
+                    "backend",
+                    "add",
+                    "web",
+                    "10.0.1.5:8080",
+                    "--weight",
+                    "0",
+                    "--backup",
+                    "--state",
+                    "drain",
+                ],
+                serde_json::json!({"cmd":"add-backend","service":"web","address":"10.0.1.5:8080",
+                    "name":"10.0.1.5:8080","weight":0,"backup":true,"state":"drain"}),
+            ),
+        ];
+        for (args, want) in cases {
+            let got = line(args);
+            assert_eq!(&got, want, "lb {args:?}");
+            // The daemon decodes the line into the value the CLI built.
+            assert_eq!(
+                Request::parse(&got.to_string()).unwrap(),
+                sent(args).unwrap(),
+                "lb {args:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn service_add_sends_a_full_service_with_the_file_defaults() {
+        let args = [
+            "service",
+            "add",
+            "x",
+            "--listen",
+            "10.0.0.100:81",
+            "--datapath",
+            "xdp",
+            "--affinity-timeout",
+            "10m",
+        ];
+        let Ok(Request::Change(Command::AddService { service })) = sent(&args) else {
+            panic!("not an add-service");
+        };
+        let file = "[xdp]\ninterfaces = [\"lo\"]\n[[service]]\nname = \"x\"\nlisten = \"10.0.0.100:81\"\ndatapath = \"xdp\"\naffinity_timeout = \"10m\"\n";
+        assert_eq!(service, Config::parse(file, "t.toml").unwrap().services.remove(0));
+        let v = line(&args);
+        assert_eq!(
+            (v["cmd"].as_str(), v["datapath"].as_str()),
+            (Some("add-service"), Some("xdp"))
+        );
+        assert_eq!(v["affinity_timeout"], "10m");
+        assert_eq!(v["health"]["interval"], "2s");
+    }
+
+    #[test]
+    fn bad_values_are_refused_before_sending_naming_the_field() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["backend", "weight", "web", "b1", "300"],
+                "weight: 300 is out of range; allowed 0..=256",
+            ),
+            (
+                &["backend", "weight", "web", "b1", "-1"],
+                "weight: -1 is out of range",
+            ),
+            (
+                &["backend", "add", "web", "10.9.9.9"],
+                "address: \"10.9.9.9\" is not a valid address",
+            ),
+            (
+                &["backend", "add", "web", "10.9.9.9:80", "--weight", "257"],
+                "weight: 257 is out of range",
+            ),
+            (
+                &["backend", "add", "web", "10.9.9.9:80", "--state", "up"],
+                "state: \"up\" is not allowed",
+            ),
+            (
+                &["backend", "add", "web", "10.9.9.9:80", "--name", "a/b"],
+                "name: \"a/b\" is not allowed",
+            ),
+            (
+                &[
+                    "service",
+                    "add",
+                    "web3",
+                    "--listen",
+                    "10.0.0.100:81",
+                    "--affinity-timeout",
+                    "soon",
+                ],
+                "affinity_timeout: \"soon\" is not a valid duration",
+            ),
+            (
+                &[
+                    "service",
+                    "add",
+                    "w",
+                    "--listen",
+                    "10.0.0.1:80",
+                    "--protocol",
+                    "http",
+                ],
+                "protocol: \"http\"",
+            ),
+            (
+                &[
+                    "service",
+                    "add",
+                    "w",
+                    "--listen",
+                    "10.0.0.1:80",
+                    "--datapath",
+                    "dpdk",
+                ],
+                "datapath: \"dpdk\"",
+            ),
+            (
+                &[
+                    "service",
+                    "add",
+                    "w",
+                    "--listen",
+                    "10.0.0.1:80",
+                    "--max-connections",
+                    "0",
+                ],
+                "max_connections: 0",
+            ),
+            (
+                &["service", "add", "w", "--listen", "[::1]:80", "--datapath", "xdp"],
+                "listen: ",
+            ),
+        ];
+        for (args, want) in cases {
+            match sent(args) {
+                Ok(r) => panic!("lb {args:?} should be refused, built {r:?}"),
+                Err(e) => assert!(
+                    e.starts_with(want),
+                    "lb {args:?}: {e:?} should start with {want:?}"
+                ),
+            }
+        }
+    }
+}

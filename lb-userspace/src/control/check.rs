@@ -153,3 +153,151 @@ fn ring_fits(state: &State, service: &str, backends: usize) -> Result<(), Config
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::protocol::Request;
+
+    /// The daemon's config (with `[xdp]` when `xdp` is given: its extra keys) and its state.
+    fn daemon(top: &str, xdp: Option<&str>, services: &str) -> (Config, State) {
+        let xdp = xdp.map_or(String::new(), |x| format!("[xdp]\ninterfaces = [\"lo\"]\n{x}\n"));
+        let config = Config::parse(&format!("{top}\n{xdp}{services}"), "lb.toml").unwrap();
+        let state = State::from_config(&config).unwrap();
+        (config, state)
+    }
+
+    fn change(line: &str) -> Command {
+        match Request::parse(line) {
+            Ok(Request::Change(c)) => c,
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+
+    fn accepted(daemon: &(Config, State), line: &str) {
+        if let Err(e) = fits(&daemon.0, &daemon.1, &change(line)) {
+            panic!("{line}: refused: {e}");
+        }
+    }
+
+    /// Asserts `line` is refused with an error starting with `starts` and containing `contains`.
+    fn refused(daemon: &(Config, State), line: &str, starts: &str, contains: &str) {
+        let e = match fits(&daemon.0, &daemon.1, &change(line)) {
+            Ok(()) => panic!("{line}: accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.starts_with(starts) && e.contains(contains), "{line}: {e}");
+    }
+
+    const WEB: &str = "[[service]]\nname = \"web\"\nlisten = \"10.0.0.1:80\"\ndatapath = \"xdp\"\n[[service.backend]]\naddress = \"10.0.1.1:80\"\n";
+    const PROXY: &str = "[[service]]\nname = \"px\"\nlisten = \"0.0.0.0:8080\"\n[[service.backend]]\naddress = \"10.0.1.1:80\"\n";
+    const ADD_XDP: &str = r#"{"cmd":"add-service","name":"x","listen":"10.0.0.100:81","datapath":"xdp"}"#;
+
+    #[test]
+    fn xdp_service_needs_the_daemons_xdp_table() {
+        accepted(&daemon("", Some(""), WEB), ADD_XDP);
+        let without = daemon("", None, PROXY);
+        refused(
+            &without,
+            ADD_XDP,
+            "datapath: \"xdp\" needs the daemon's [xdp] table",
+            "restart",
+        );
+        // A proxy service needs none.
+        accepted(
+            &without,
+            r#"{"cmd":"add-service","name":"p","listen":"10.0.0.100:81"}"#,
+        );
+    }
+
+    #[test]
+    fn xdp_limits_of_the_running_daemon() {
+        let d = daemon("", Some("snat_ports = \"20000-29999\""), WEB);
+        refused(
+            &d,
+            r#"{"cmd":"add-service","name":"x","listen":"10.0.0.100:20001","datapath":"xdp"}"#,
+            "listen: 10.0.0.100:20001: port 20001 is inside the daemon's xdp.snat_ports 20000-29999",
+            "",
+        );
+        // The same port is fine for a proxy service.
+        accepted(
+            &d,
+            r#"{"cmd":"add-service","name":"x","listen":"10.0.0.100:20001"}"#,
+        );
+
+        let d = daemon("", Some("max_services = 1"), WEB);
+        refused(&d, ADD_XDP, "datapath: ", "xdp.max_services is 1");
+
+        let d = daemon("", Some("max_backends = 2"), WEB);
+        accepted(
+            &d,
+            r#"{"cmd":"add-backend","service":"web","address":"10.0.1.2:80"}"#,
+        );
+        let two = r#"{"cmd":"add-service","name":"x","listen":"10.0.0.100:81","datapath":"xdp","backend":[{"address":"10.0.1.2:80"},{"address":"10.0.1.3:80"}]}"#;
+        refused(
+            &d,
+            two,
+            "address: the xdp services would have 3 backends",
+            "max_backends is 2",
+        );
+
+        let d = daemon("", Some(""), WEB);
+        refused(
+            &d,
+            r#"{"cmd":"add-backend","service":"web","address":"[2001:db8::1]:80"}"#,
+            "address: [2001:db8::1]:80: service \"web\" uses the xdp datapath",
+            "IPv4",
+        );
+    }
+
+    #[test]
+    fn proxy_services_take_ipv6_backends() {
+        let d = daemon("", None, PROXY);
+        accepted(
+            &d,
+            r#"{"cmd":"add-backend","service":"px","address":"[2001:db8::1]:80"}"#,
+        );
+        // A backend of a service that does not exist is left to the state's own error.
+        accepted(
+            &d,
+            r#"{"cmd":"add-backend","service":"nosuch","address":"[2001:db8::1]:80"}"#,
+        );
+    }
+
+    #[test]
+    fn listen_must_not_overlap() {
+        let d = daemon("[metrics]\nlisten = \"127.0.0.1:9100\"", None, PROXY);
+        // 0.0.0.0:8080 takes port 8080 on every address.
+        refused(
+            &d,
+            r#"{"cmd":"add-service","name":"x","listen":"10.0.0.9:8080"}"#,
+            "listen: 10.0.0.9:8080 overlaps service \"px\" (listen 0.0.0.0:8080)",
+            "",
+        );
+        refused(
+            &d,
+            r#"{"cmd":"add-service","name":"x","listen":"0.0.0.0:9100"}"#,
+            "listen: 0.0.0.0:9100 overlaps the daemon's [metrics] listen 127.0.0.1:9100",
+            "",
+        );
+        accepted(&d, r#"{"cmd":"add-service","name":"x","listen":"10.0.0.9:8081"}"#);
+    }
+
+    #[test]
+    fn ring_size_rule_as_in_the_file() {
+        // 101 slots: more than 100 x 1 backend, not 100 x 2.
+        let d = daemon("ring_size = 101", None, PROXY);
+        refused(
+            &d,
+            r#"{"cmd":"add-backend","service":"px","address":"10.0.1.2:80"}"#,
+            "ring_size: 101 is too small for service \"px\" with 2 backends",
+            "at most 1 here",
+        );
+        let two = r#"{"cmd":"add-service","name":"x","listen":"10.0.0.9:81","backend":[{"address":"10.0.1.2:80"},{"address":"10.0.1.3:80"}]}"#;
+        refused(&d, two, "ring_size: ", "with 2 backends");
+        // The file refuses the same.
+        let file = format!("ring_size = 101\n{PROXY}[[service.backend]]\naddress = \"10.0.1.2:80\"\n");
+        let e = Config::parse(&file, "lb.toml").unwrap_err().to_string();
+        assert!(e.contains("ring_size: ring_size 101 is too small"), "{e}");
+    }
+}
