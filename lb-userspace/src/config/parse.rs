@@ -4,6 +4,12 @@
 //! and missing keys; [`Validator`] then checks values, ranges, cross-field rules and duplicates.
 //! Both report through [`Ctx`], so every error carries the file, the 1-based line and the dotted
 //! key path (`service[1].backend[0].weight`).
+//!
+//! The service and backend structs and their validation are generic over a [`Form`]: [`File`]
+//! (spans kept) for the file, [`Bare`] for the control socket's `add-service` and `add-backend`
+//! requests (JSON), whose errors name the field alone (`weight: 300 is out of range; …`). So a
+//! setting is declared once (its `Raw*` field and its check here, its type in `config.rs`) and is
+//! read and checked the same way from both.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;

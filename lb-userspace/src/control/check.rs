@@ -300,4 +300,66 @@ mod tests {
         let e = Config::parse(&file, "lb.toml").unwrap_err().to_string();
         assert!(e.contains("ring_size: ring_size 101 is too small"), "{e}");
     }
+
+    /// An engine over fake datapaths of `kinds` (the ones the daemon would run for `text`).
+    fn engine(text: &str, kinds: &[DatapathKind]) -> crate::engine::Engine {
+        use crate::datapath::Datapath;
+        let config = Config::parse(text, "lb.toml").unwrap();
+        let (events, _) = tokio::sync::mpsc::channel(16);
+        crate::engine::Engine::assemble(config, events, tokio_util::sync::CancellationToken::new(), |_| {
+            Ok(kinds
+                .iter()
+                .map(|k| Box::new(crate::fake::FakeDatapath::new(*k).0) as Box<dyn Datapath>)
+                .collect())
+        })
+        .unwrap()
+    }
+
+    fn services(engine: &crate::engine::Engine) -> Vec<String> {
+        let status = engine
+            .handle(Request::parse(r#"{"cmd":"status"}"#).unwrap())
+            .unwrap();
+        status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// No health checks: nothing is ever connected to.
+    const QUIET: &str = "[service.health]\nkind = \"none\"\n";
+
+    #[test]
+    fn socket_xdp_service_add_through_the_engine() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let _in_runtime = runtime.enter();
+        // The daemon runs XDP: `lb service add x --listen 10.0.0.100:81 --datapath xdp` works.
+        let web = WEB.replace("[[service.backend]]", &format!("{QUIET}[[service.backend]]"));
+        let with = engine(
+            &format!("[xdp]\ninterfaces = [\"lo\"]\n{web}"),
+            &[DatapathKind::Proxy, DatapathKind::Xdp],
+        );
+        with.handle(Request::parse(ADD_XDP).unwrap()).unwrap();
+        assert_eq!(services(&with), ["web", "x"]);
+        // Then an IPv6 backend for it is refused, naming the field, and leaves no trace.
+        let v6 = r#"{"cmd":"add-backend","service":"x","address":"[2001:db8::1]:80"}"#;
+        let e = with.handle(Request::parse(v6).unwrap()).unwrap_err().to_string();
+        assert!(e.starts_with("address: "), "{e}");
+        let backends = with.handle(Request::parse(r#"{"cmd":"backends","service":"x"}"#).unwrap());
+        assert_eq!(
+            backends.unwrap()["services"][0]["backends"],
+            serde_json::json!([])
+        );
+
+        // Without [xdp] it is refused with an error saying why, and nothing is added.
+        let proxy = PROXY.replace("[[service.backend]]", &format!("{QUIET}[[service.backend]]"));
+        let without = engine(&proxy, &[DatapathKind::Proxy]);
+        let e = without
+            .handle(Request::parse(ADD_XDP).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs the daemon's [xdp] table"), "{e}");
+        assert_eq!(services(&without), ["px"]);
+    }
 }
