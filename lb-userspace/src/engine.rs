@@ -13,10 +13,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::balancer::{Balancer, Reason, SelectError};
-use crate::config::{BackendConfig, Config, ConfigError, DatapathKind, ServiceConfig};
+use crate::config::{Config, ConfigError, DatapathKind};
 use crate::control::protocol::{
-    BackendStatsView, BackendView, ReloadView, Request, ServiceStatsView, ServiceView, StatsView, StatusView,
-    WhichView,
+    BackendStatsView, BackendView, Query, ReloadView, Request, ServiceStatsView, ServiceView, StatsView,
+    StatusView, WhichView,
 };
 use crate::datapath::{BackendTraffic, Datapath, DatapathError, ServiceTraffic};
 use crate::health::{HealthEvent, Supervisor};
@@ -537,76 +537,24 @@ impl Engine {
     }
 
     /// [`Engine::handle`] for the control-socket caller `uid` (recorded as who made a change).
+    ///
+    /// A change is first checked against the running daemon ([`crate::control::check::fits`]:
+    /// the config file's rules that depend on its `[xdp]`, `[metrics]`, `ring_size` and the
+    /// other services), then executed.
     pub fn handle_from(&self, request: Request, uid: Option<u32>) -> Result<serde_json::Value, EngineError> {
-        let by = Origin::Operator { uid };
-        let run = |command| self.execute_by(command, &by);
         Ok(match request {
-            Request::Status {} => json(&self.status(None)?),
-            Request::Stats {} => json(&self.stats()),
-            Request::Backends { service } => json(&self.status(service.as_deref())?),
-            Request::Which { service, client } => json(&self.which(&service, &client)?),
-            Request::Reload {} => json(&self.reload_by(uid)?),
-            Request::AddBackend {
-                service,
-                address,
-                name,
-                weight,
-                backup,
-                state,
-            } => {
-                let backend = backend_from_request(&address, name, weight, backup, state)?;
-                run(Command::AddBackend { service, backend })?;
-                serde_json::Value::Null
-            }
-            Request::AddService {
-                name,
-                listen,
-                protocol,
-                datapath,
-                affinity_timeout,
-                max_connections,
-            } => {
-                let service = service_from_request(
-                    &name,
-                    &listen,
-                    protocol,
-                    datapath,
-                    affinity_timeout,
-                    max_connections,
-                )?;
-                run(Command::AddService { service })?;
-                serde_json::Value::Null
-            }
-            Request::RemoveBackend { service, backend } => {
-                run(Command::RemoveBackend { service, backend })?;
-                serde_json::Value::Null
-            }
-            Request::RemoveService { service } => {
-                run(Command::RemoveService { service })?;
-                serde_json::Value::Null
-            }
-            Request::SetState {
-                service,
-                backend,
-                state,
-            } => {
-                run(Command::SetState {
-                    service,
-                    backend,
-                    state,
-                })?;
-                serde_json::Value::Null
-            }
-            Request::SetWeight {
-                service,
-                backend,
-                weight,
-            } => {
-                run(Command::SetWeight {
-                    service,
-                    backend,
-                    weight,
-                })?;
+            Request::Query(Query::Status {}) => json(&self.status(None)?),
+            Request::Query(Query::Stats {}) => json(&self.stats()),
+            Request::Query(Query::Backends { service }) => json(&self.status(service.as_deref())?),
+            Request::Query(Query::Which { service, client }) => json(&self.which(&service, &client)?),
+            Request::Reload => json(&self.reload_by(uid)?),
+            Request::Change(command) => {
+                {
+                    let config = self.config.lock().unwrap();
+                    let b = self.balancer.lock().unwrap();
+                    crate::control::check::fits(&config, &b.state, &command)?;
+                }
+                self.execute_by(command, &Origin::Operator { uid })?;
                 serde_json::Value::Null
             }
         })
@@ -734,72 +682,6 @@ fn forget_failed(config: &mut Config, command: &Command) {
         }
         _ => {}
     }
-}
-
-/// Builds a config fragment and runs it through the config parser, so requests get the file's
-/// defaults and validation.
-fn parse_fragment(service: toml::Table) -> Result<ServiceConfig, EngineError> {
-    let mut root = toml::Table::new();
-    root.insert(
-        "service".into(),
-        toml::Value::Array(vec![toml::Value::Table(service)]),
-    );
-    let mut config = Config::parse(&root.to_string(), "request")?;
-    Ok(config.services.remove(0))
-}
-
-fn backend_from_request(
-    address: &str,
-    name: Option<String>,
-    weight: Option<u32>,
-    backup: Option<bool>,
-    state: Option<crate::config::AdminState>,
-) -> Result<BackendConfig, EngineError> {
-    let mut b = toml::Table::new();
-    b.insert("address".into(), address.into());
-    if let Some(n) = name {
-        b.insert("name".into(), n.into());
-    }
-    if let Some(w) = weight {
-        b.insert("weight".into(), (w as i64).into());
-    }
-    if let Some(x) = backup {
-        b.insert("backup".into(), x.into());
-    }
-    if let Some(s) = state {
-        b.insert("state".into(), enum_text(&s).into());
-    }
-    let mut s = toml::Table::new();
-    s.insert("name".into(), "request".into());
-    s.insert("listen".into(), "127.0.0.1:1".into());
-    s.insert("backend".into(), toml::Value::Array(vec![toml::Value::Table(b)]));
-    Ok(parse_fragment(s)?.backends.remove(0))
-}
-
-fn service_from_request(
-    name: &str,
-    listen: &str,
-    protocol: Option<crate::config::Protocol>,
-    datapath: Option<DatapathKind>,
-    affinity_timeout: Option<String>,
-    max_connections: Option<u32>,
-) -> Result<ServiceConfig, EngineError> {
-    let mut s = toml::Table::new();
-    s.insert("name".into(), name.into());
-    s.insert("listen".into(), listen.into());
-    if let Some(p) = protocol {
-        s.insert("protocol".into(), enum_text(&p).into());
-    }
-    if let Some(d) = datapath {
-        s.insert("datapath".into(), enum_text(&d).into());
-    }
-    if let Some(t) = affinity_timeout {
-        s.insert("affinity_timeout".into(), t.into());
-    }
-    if let Some(m) = max_connections {
-        s.insert("max_connections".into(), (m as i64).into());
-    }
-    parse_fragment(s)
 }
 
 #[cfg(test)]
