@@ -158,8 +158,22 @@ impl Engine {
     /// A transaction: when the datapath refuses the change, the previous state is restored and
     /// applied to the datapath again, so a refused change leaves no trace.
     pub fn execute_by(&self, command: Command, origin: &Origin) -> Result<Effect, EngineError> {
+        self.execute_checked(command, origin, None)
+    }
+
+    /// [`Engine::execute_by`], first checking the change against the running daemon's `config`
+    /// (when given) under the same command lock, so two requests cannot both pass one limit.
+    fn execute_checked(
+        &self,
+        command: Command,
+        origin: &Origin,
+        config: Option<&Config>,
+    ) -> Result<Effect, EngineError> {
         let _one_at_a_time = self.commands.lock().unwrap();
         let current = self.balancer.snapshot();
+        if let Some(config) = config {
+            crate::control::check::fits(config, &current.state, &command)?;
+        }
         let kind = match &command {
             Command::AddService { service } => service.datapath,
             other => current.state.service(other.service())?.settings.datapath,
@@ -549,12 +563,8 @@ impl Engine {
             Request::Query(Query::Which { service, client }) => json(&self.which(&service, &client)?),
             Request::Reload => json(&self.reload_by(uid)?),
             Request::Change(command) => {
-                {
-                    let config = self.config.lock().unwrap();
-                    let b = self.balancer.lock().unwrap();
-                    crate::control::check::fits(&config, &b.state, &command)?;
-                }
-                self.execute_by(command, &Origin::Operator { uid })?;
+                let config = self.config.lock().unwrap();
+                self.execute_checked(command, &Origin::Operator { uid }, Some(&config))?;
                 serde_json::Value::Null
             }
         })
