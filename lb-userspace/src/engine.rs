@@ -18,9 +18,9 @@ use crate::control::protocol::{
     BackendStatsView, BackendView, Query, ReloadView, Request, ServiceStatsView, ServiceView, StatsView,
     StatusView, WhichView,
 };
+use crate::datapath::proxy::ProxyDatapath;
 use crate::datapath::{BackendTraffic, Datapath, DatapathError, ServiceTraffic};
 use crate::health::{HealthEvent, Supervisor};
-use crate::proxy::ProxyDatapath;
 use crate::runtime::Snapshot;
 use crate::state::{self, Command, Effect, Health, Service, State, StateError, Transition, TransitionKind};
 use crate::xdp::XdpDatapath;
@@ -103,7 +103,7 @@ impl Engine {
     }
 
     /// Builds an engine over the datapaths `make` returns (given the shared balancer) and brings up
-    /// every service of `config`. Tests pass [`crate::fake::FakeDatapath`]s here.
+    /// every service of `config`. Tests pass [`crate::datapath::fake::FakeDatapath`]s here.
     pub fn assemble(
         config: Config,
         events: mpsc::Sender<HealthEvent>,
