@@ -153,7 +153,7 @@ impl Engine {
     }
 
     /// [`Engine::execute`], recording `origin` as the reason of the health or state transition the
-    /// command causes (in the backend's [`state::TransitionLog`], and one log line each).
+    /// command causes (in the backend's [`crate::runtime::TransitionLog`], and one log line each).
     ///
     /// A transaction: when the datapath refuses the change, the previous state is restored and
     /// applied to the datapath again, so a refused change leaves no trace.
