@@ -276,7 +276,7 @@ impl Workspace {
                     .env("LB_REQUIRE_EBPF", "1")
                     .env("LB_BIN", &built.lb)
                     .env("LB_TESTSRV", &built.testsrv)
-                    .args(["test", "--workspace"])
+                    .args(["test", "--workspace", "--no-fail-fast"])
                     .args(args),
             ),
         ];
