@@ -31,14 +31,14 @@ use aya_ebpf::{
 };
 use lb_common::{
     csum,
-    select::{AffinitySlot, BackendTable, Policy, Ring, select},
     maps::{
         AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, Counter,
         DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
         FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, FLOW_TO_BACKEND, FLOW_TS, FlowKey, FlowValue,
-        GLOBAL_STATS_ENTRIES, GlobalConfig, NEXT_HOP_CACHE_NS, ServiceKey, ServiceValue,
-        TrafficCounters, global_counter as gc,
+        GLOBAL_STATS_ENTRIES, GlobalConfig, NEXT_HOP_CACHE_NS, ServiceKey, ServiceValue, TrafficCounters,
+        global_counter as gc,
     },
+    select::{AffinitySlot, BackendTable, Policy, Ring, select},
 };
 
 use crate::net::{ETH_P_IPV4, EthHdr, IPPROTO_TCP, Ipv4Hdr, TcpHdr};
@@ -359,7 +359,8 @@ impl Ring for KernelService {
     }
     #[inline(always)]
     fn get(&self, slot: u32) -> Option<u32> {
-        RING.get(self.slot.wrapping_mul(self.ring_size).wrapping_add(slot)).copied()
+        RING.get(self.slot.wrapping_mul(self.ring_size).wrapping_add(slot))
+            .copied()
     }
 }
 

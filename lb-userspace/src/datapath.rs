@@ -1,5 +1,11 @@
 //! The seam between policy and forwarding: the [`Datapath`] trait, everything the engine needs from
 //! a datapath, and the plain values it answers with. The engine knows datapaths only through it.
+//!
+//! - [`proxy`]: `datapath = "proxy"`, the tokio full proxy.
+//! - [`fake`]: records what it was asked, for the engine's unit tests.
+
+pub mod fake;
+pub mod proxy;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -25,7 +31,7 @@ pub enum DatapathError {
     Unavailable(String),
     #[error("XDP datapath: {0}")]
     Xdp(String),
-    /// Raised by [`crate::fake::FakeDatapath`] when told to refuse.
+    /// Raised by [`crate::datapath::fake::FakeDatapath`] when told to refuse.
     #[error("datapath refused the change: {0}")]
     Refused(String),
 }

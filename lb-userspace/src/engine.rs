@@ -18,9 +18,9 @@ use crate::control::protocol::{
     BackendStatsView, BackendView, Query, ReloadView, Request, ServiceStatsView, ServiceView, StatsView,
     StatusView, WhichView,
 };
+use crate::datapath::proxy::ProxyDatapath;
 use crate::datapath::{BackendTraffic, Datapath, DatapathError, ServiceTraffic};
 use crate::health::{HealthEvent, Supervisor};
-use crate::proxy::ProxyDatapath;
 use crate::runtime::Snapshot;
 use crate::state::{self, Command, Effect, Health, Service, State, StateError, Transition, TransitionKind};
 use crate::xdp::XdpDatapath;
@@ -103,7 +103,7 @@ impl Engine {
     }
 
     /// Builds an engine over the datapaths `make` returns (given the shared balancer) and brings up
-    /// every service of `config`. Tests pass [`crate::fake::FakeDatapath`]s here.
+    /// every service of `config`. Tests pass [`crate::datapath::fake::FakeDatapath`]s here.
     pub fn assemble(
         config: Config,
         events: mpsc::Sender<HealthEvent>,
@@ -153,7 +153,7 @@ impl Engine {
     }
 
     /// [`Engine::execute`], recording `origin` as the reason of the health or state transition the
-    /// command causes (in the backend's [`state::TransitionLog`], and one log line each).
+    /// command causes (in the backend's [`crate::runtime::TransitionLog`], and one log line each).
     ///
     /// A transaction: when the datapath refuses the change, the previous state is restored and
     /// applied to the datapath again, so a refused change leaves no trace.

@@ -1,15 +1,18 @@
 //! Live data kept apart from the plain [`State`]: per-backend traffic counters, the token that
-//! resets a backend's connections, its transition log and its health-check status, in a
+//! resets a backend's connections, its transition log and its health-check status (the rise/fall
+//! machine the checker in [`crate::health`] drives), in a
 //! [`Registry`] keyed by (service id, backend id), published with the state in a [`Snapshot`].
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::health::CheckStatus;
-use crate::state::{Backend, RECENT_TRANSITIONS, Service, State, Transition, TransitionKind};
+use crate::state::{Backend, Health, RECENT_TRANSITIONS, Service, State, Transition, TransitionKind};
 
 /// Traffic counters of one backend, bumped by the user-space datapaths' connection tasks.
 #[derive(Debug, Default)]
@@ -53,6 +56,101 @@ impl TransitionLog {
     /// The kept transitions, oldest first.
     pub fn recent(&self) -> impl DoubleEndedIterator<Item = &Transition> {
         self.recent.iter()
+    }
+}
+
+/// The rise/fall state machine of one backend and what `lb status` shows about its checks.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CheckStatus {
+    pub health: Health,
+    /// "ok" or the failure reason of the last probe.
+    pub last_result: String,
+    pub last_latency_ms: Option<f64>,
+    pub consecutive_ok: u32,
+    pub consecutive_failed: u32,
+    pub checks: u64,
+    /// Of `checks`, how many failed.
+    #[serde(default)]
+    pub failed_checks: u64,
+    pub transitions: u64,
+    /// Unix time (seconds) of the last transition, or of the first check.
+    pub since_unix: u64,
+    /// Seconds since then (filled in by [`CheckStatus::snapshot`]).
+    #[serde(default)]
+    pub since_secs: u64,
+    #[serde(skip)]
+    since: Option<Instant>,
+}
+
+impl Default for CheckStatus {
+    fn default() -> Self {
+        CheckStatus {
+            health: Health::Up,
+            last_result: "not checked yet".into(),
+            last_latency_ms: None,
+            consecutive_ok: 0,
+            consecutive_failed: 0,
+            checks: 0,
+            failed_checks: 0,
+            transitions: 0,
+            since_unix: unix_now(),
+            since_secs: 0,
+            since: Some(Instant::now()),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl CheckStatus {
+    /// Records a probe result; returns the new health when it changed.
+    pub fn record<E: std::fmt::Display>(
+        &mut self,
+        result: &Result<Duration, E>,
+        rise: u32,
+        fall: u32,
+    ) -> Option<Health> {
+        self.checks += 1;
+        match result {
+            Ok(latency) => {
+                self.consecutive_ok += 1;
+                self.consecutive_failed = 0;
+                self.last_result = "ok".into();
+                self.last_latency_ms = Some(latency.as_secs_f64() * 1000.0);
+            }
+            Err(e) => {
+                self.failed_checks += 1;
+                self.consecutive_failed += 1;
+                self.consecutive_ok = 0;
+                self.last_result = e.to_string();
+                self.last_latency_ms = None;
+            }
+        }
+        let next = match self.health {
+            Health::Up if self.consecutive_failed >= fall => Health::Down,
+            Health::Down if self.consecutive_ok >= rise => Health::Up,
+            h => h,
+        };
+        if next == self.health {
+            return None;
+        }
+        self.health = next;
+        self.transitions += 1;
+        self.since_unix = unix_now();
+        self.since = Some(Instant::now());
+        Some(next)
+    }
+
+    /// A copy for display, with `since_secs` current.
+    pub fn snapshot(&self) -> CheckStatus {
+        CheckStatus {
+            since_secs: self.since.map_or(0, |s| s.elapsed().as_secs()),
+            ..self.clone()
+        }
     }
 }
 

@@ -309,7 +309,7 @@ mod tests {
         crate::engine::Engine::assemble(config, events, tokio_util::sync::CancellationToken::new(), |_| {
             Ok(kinds
                 .iter()
-                .map(|k| Box::new(crate::fake::FakeDatapath::new(*k).0) as Box<dyn Datapath>)
+                .map(|k| Box::new(crate::datapath::fake::FakeDatapath::new(*k).0) as Box<dyn Datapath>)
                 .collect())
         })
         .unwrap()

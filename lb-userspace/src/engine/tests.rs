@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Engine, EngineError, Origin};
 use crate::config::{AdminState, Config, DatapathKind};
 use crate::datapath::Datapath;
-use crate::fake::{Call, FakeDatapath, Journal};
+use crate::datapath::fake::{Call, FakeDatapath, Journal};
 use crate::health::HealthEvent;
 use crate::state::{Command, Effect, Health, TransitionKind, tests::backend};
 
