@@ -172,7 +172,9 @@ mod tests {
         }
         assert_eq!(XdpCounter::from_index(global_counter::COUNT), None);
         assert_eq!(global_counter::NAMES[global_counter::DROPPED as usize], "dropped");
-        let verdicts = XdpCounter::ALL.iter().filter(|c| c.kind() == CounterKind::Verdict);
+        let verdicts = XdpCounter::ALL
+            .iter()
+            .filter(|c| c.kind() == CounterKind::Verdict);
         assert_eq!(verdicts.count(), 3);
     }
 
