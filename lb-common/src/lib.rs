@@ -7,9 +7,12 @@
 //!   the kernel and every user-space surface.
 //! - [`maps`]: map names and the `#[repr(C)]` key/value types stored in the eBPF maps, each with a
 //!   compile-time size assertion.
+//! - [`select`]: backend selection (conntrack, affinity, Maglev ring, failover home), generic over
+//!   small storage traits so the kernel and user space run the same rules.
 #![no_std]
 
 pub mod counters;
 pub mod csum;
 pub mod hash;
 pub mod maps;
+pub mod select;

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 
 use crate::config::DatapathKind;
+use crate::runtime::BackendRuntime;
 use crate::state::{Backend, Effect, Service, State};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,10 +44,10 @@ pub struct BackendTraffic {
 }
 
 impl BackendTraffic {
-    /// The user-space counters every backend carries in its [`crate::state::BackendStats`].
-    pub fn user_space(backend: &Backend) -> Self {
-        let get = crate::state::BackendStats::get;
-        let s = &backend.stats;
+    /// The user-space counters every backend carries in its [`crate::runtime::BackendStats`].
+    pub fn user_space(runtime: &BackendRuntime) -> Self {
+        let get = crate::runtime::BackendStats::get;
+        let s = &runtime.stats;
         BackendTraffic {
             active: get(&s.active_connections),
             total: get(&s.total_connections),
@@ -112,7 +113,8 @@ pub trait Datapath: Send + Sync {
         None
     }
 
-    /// Counters of `service` and its backends. Called without any engine lock held.
+    /// Counters of `service` and its backends (by state id; a backend left out is shown with the
+    /// user-space counters of its runtime). Called without any engine lock held.
     fn traffic(&self, service: &Service) -> ServiceTraffic;
 
     /// Counters of the datapath as a whole (the XDP program's verdicts and reasons), if it has any.

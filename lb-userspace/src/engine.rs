@@ -13,14 +13,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::balancer::{Balancer, Reason, SelectError};
-use crate::config::{BackendConfig, Config, ConfigError, DatapathKind, ServiceConfig};
+use crate::config::{Config, ConfigError, DatapathKind};
 use crate::control::protocol::{
-    BackendStatsView, BackendView, ReloadView, Request, ServiceStatsView, ServiceView, StatsView, StatusView,
-    WhichView,
+    BackendStatsView, BackendView, Query, ReloadView, Request, ServiceStatsView, ServiceView, StatsView,
+    StatusView, WhichView,
 };
 use crate::datapath::{BackendTraffic, Datapath, DatapathError, ServiceTraffic};
 use crate::health::{HealthEvent, Supervisor};
 use crate::proxy::ProxyDatapath;
+use crate::runtime::Snapshot;
 use crate::state::{self, Command, Effect, Health, Service, State, StateError, Transition, TransitionKind};
 use crate::xdp::XdpDatapath;
 
@@ -67,7 +68,9 @@ impl std::fmt::Display for Origin {
 }
 
 pub struct Engine {
-    balancer: Arc<Mutex<Balancer>>,
+    balancer: Arc<Balancer>,
+    /// Held by every change from stage to commit, so changes apply one at a time.
+    commands: Mutex<()>,
     config: Mutex<Config>,
     /// One per kind; a service whose kind has none here cannot be added.
     datapaths: Vec<Box<dyn Datapath>>,
@@ -105,15 +108,13 @@ impl Engine {
         config: Config,
         events: mpsc::Sender<HealthEvent>,
         shutdown: CancellationToken,
-        make: impl FnOnce(&Arc<Mutex<Balancer>>) -> Result<Vec<Box<dyn Datapath>>, EngineError>,
+        make: impl FnOnce(&Arc<Balancer>) -> Result<Vec<Box<dyn Datapath>>, EngineError>,
     ) -> Result<Engine, EngineError> {
-        let balancer = Arc::new(Mutex::new(Balancer::new(State::new(
-            config.seed,
-            config.ring_size,
-        ))));
+        let balancer = Arc::new(Balancer::new(State::new(config.seed, config.ring_size)));
         let engine = Engine {
             datapaths: make(&balancer)?,
             balancer,
+            commands: Mutex::new(()),
             config: Mutex::new(config.clone()),
             health: Supervisor::new(events, shutdown),
             started: Instant::now(),
@@ -127,7 +128,7 @@ impl Engine {
         Ok(engine)
     }
 
-    pub fn balancer(&self) -> &Arc<Mutex<Balancer>> {
+    pub fn balancer(&self) -> &Arc<Balancer> {
         &self.balancer
     }
 
@@ -141,9 +142,9 @@ impl Engine {
             .expect("a service is only added when its datapath runs")
     }
 
-    /// A copy of the state, taken under the lock and walked without it.
-    fn snapshot(&self) -> State {
-        self.balancer.lock().unwrap().state.clone()
+    /// The published state and runtime (no lock: later changes publish a new one).
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.balancer.snapshot()
     }
 
     /// Applies one command to the state and the datapath. On error nothing changed.
@@ -157,10 +158,25 @@ impl Engine {
     /// A transaction: when the datapath refuses the change, the previous state is restored and
     /// applied to the datapath again, so a refused change leaves no trace.
     pub fn execute_by(&self, command: Command, origin: &Origin) -> Result<Effect, EngineError> {
-        let mut b = self.balancer.lock().unwrap();
+        self.execute_checked(command, origin, None)
+    }
+
+    /// [`Engine::execute_by`], first checking the change against the running daemon's `config`
+    /// (when given) under the same command lock, so two requests cannot both pass one limit.
+    fn execute_checked(
+        &self,
+        command: Command,
+        origin: &Origin,
+        config: Option<&Config>,
+    ) -> Result<Effect, EngineError> {
+        let _one_at_a_time = self.commands.lock().unwrap();
+        let current = self.balancer.snapshot();
+        if let Some(config) = config {
+            crate::control::check::fits(config, &current.state, &command)?;
+        }
         let kind = match &command {
             Command::AddService { service } => service.datapath,
-            other => b.state.service(other.service())?.settings.datapath,
+            other => current.state.service(other.service())?.settings.datapath,
         };
         let datapath = self
             .datapath(kind)
@@ -177,36 +193,36 @@ impl Engine {
             _ => None,
         };
         let before = target.as_ref().and_then(|(service, backend)| {
-            let be = b.state.service(service).ok()?.backend(backend)?;
+            let be = current.state.service(service).ok()?.backend(backend)?;
             Some((be.config.state, be.health))
         });
         let transition_only = matches!(command, Command::SetState { .. } | Command::SetHealth { .. });
-        let saved = b.state.clone();
-        let pending = b.stage(command)?;
-        if let Err(e) = datapath.apply(pending.effect(), &b.state) {
+        let pending = self.balancer.stage(command)?;
+        if let Err(e) = datapath.apply(pending.effect(), pending.state()) {
+            // Not published: the state is as before. Bring the datapath back in line with it.
             let undo = match pending.effect() {
                 Effect::ServiceAdded(name) => Effect::ServiceRemoved {
                     name: name.clone(),
-                    id: b.state.services.get(name).map_or(u32::MAX, |s| s.id),
+                    id: pending.state().services.get(name).map_or(u32::MAX, |s| s.id),
                 },
                 Effect::ServiceRemoved { name, .. } => Effect::ServiceAdded(name.clone()),
                 other => other.clone(),
             };
-            b.state = saved;
-            if let Err(again) = datapath.apply(&undo, &b.state) {
+            if let Err(again) = datapath.apply(&undo, &current.state) {
                 warn!(change = %description, error = %again, "could not restore the datapath after a refused change");
             }
             return Err(e.into());
         }
-        let effect = b.commit(pending);
+        let effect = self.balancer.commit(pending);
         if effect != Effect::Nothing {
+            let now = self.balancer.snapshot();
             if let (Some((service, backend)), Some(before)) = (&target, before) {
-                record_transitions(&b.state, service, backend, before, origin);
+                record_transitions(&now, service, backend, before, origin);
             }
             if !transition_only {
                 info!(change = %description, by = %origin, "applied");
             }
-            self.health.reconcile(&b.state);
+            self.health.reconcile(&now);
         }
         Ok(effect)
     }
@@ -232,8 +248,8 @@ impl Engine {
             info!(%service, %backend, error = %e, "health event dropped");
             return;
         }
-        let state = self.snapshot();
-        let Ok(svc) = state.service(&service) else {
+        let snapshot = self.snapshot();
+        let Ok(svc) = snapshot.state.service(&service) else {
             return;
         };
         let Some(be) = svc.backend(&backend.to_string()) else {
@@ -328,7 +344,8 @@ impl Engine {
                 None,
             ),
         };
-        let svc = self.balancer.lock().unwrap().state.service(service)?.clone();
+        let snapshot = self.snapshot();
+        let svc = snapshot.state.service(service)?;
         let view = |backend: Option<&state::Backend>, reason: &str, detail: String| WhichView {
             service: service.to_string(),
             client: client.to_string(),
@@ -337,11 +354,11 @@ impl Engine {
             reason: reason.to_string(),
             detail,
         };
-        if let Some(w) = self.datapath_of(&svc).which(&svc, ip, port) {
+        if let Some(w) = self.datapath_of(svc).which(svc, ip, port) {
             let backend = w.backend_id.and_then(|id| svc.backend_by_id(id));
             return Ok(view(backend, w.reason, w.detail));
         }
-        let b = self.balancer.lock().unwrap();
+        let b = &self.balancer;
         let now = Instant::now();
         match b.choose(service, ip, now, &[]) {
             Ok(c) => {
@@ -379,8 +396,9 @@ impl Engine {
     }
 
     /// Each service of a state snapshot with its datapath's counters (read without any lock held).
-    fn traffic<'s>(&self, state: &'s State, only: Option<&str>) -> Vec<(&'s Service, ServiceTraffic)> {
-        state
+    fn traffic<'s>(&self, snapshot: &'s Snapshot, only: Option<&str>) -> Vec<(&'s Service, ServiceTraffic)> {
+        snapshot
+            .state
             .services
             .values()
             .filter(|s| only.is_none_or(|o| o == s.settings.name))
@@ -398,12 +416,12 @@ impl Engine {
             .path
             .as_ref()
             .map(|p| p.display().to_string());
-        let state = self.snapshot();
+        let snapshot = self.snapshot();
         if let Some(name) = only {
-            state.service(name)?;
+            snapshot.state.service(name)?;
         }
         let services = self
-            .traffic(&state, only)
+            .traffic(&snapshot, only)
             .into_iter()
             .map(|(s, traffic)| {
                 let ring_slots = slots(&s.ring);
@@ -411,11 +429,12 @@ impl Engine {
                     .backends
                     .iter()
                     .map(|be| {
+                        let runtime = snapshot.runtime(s, be);
                         let t = traffic
                             .backends
                             .get(&be.id)
                             .copied()
-                            .unwrap_or_else(|| BackendTraffic::user_space(be));
+                            .unwrap_or_else(|| BackendTraffic::user_space(&runtime));
                         BackendView {
                             name: be.config.name.clone(),
                             address: be.config.address.to_string(),
@@ -425,7 +444,7 @@ impl Engine {
                             health: be.health,
                             ring_slots: ring_slots.get(&be.id).copied().unwrap_or(0),
                             check: (s.settings.health.kind != crate::config::HealthKind::None)
-                                .then(|| be.check.lock().unwrap().snapshot()),
+                                .then(|| runtime.check.lock().unwrap().snapshot()),
                             active_connections: t.active,
                             total_connections: t.total,
                             connect_failures: t.connect_failures.unwrap_or(0),
@@ -463,9 +482,9 @@ impl Engine {
     /// control socket.
     pub fn stats(&self) -> StatsView {
         let taken_unix_ms = unix_ms();
-        let state = self.snapshot();
+        let snapshot = self.snapshot();
         let services = self
-            .traffic(&state, None)
+            .traffic(&snapshot, None)
             .into_iter()
             .map(|(s, traffic)| {
                 let ring_slots = slots(&s.ring);
@@ -474,12 +493,13 @@ impl Engine {
                     .backends
                     .iter()
                     .map(|be| {
+                        let runtime = snapshot.runtime(s, be);
                         let t = traffic
                             .backends
                             .get(&be.id)
                             .copied()
-                            .unwrap_or_else(|| BackendTraffic::user_space(be));
-                        let log = be.stats.transitions.lock().unwrap().clone();
+                            .unwrap_or_else(|| BackendTraffic::user_space(&runtime));
+                        let log = runtime.transitions.lock().unwrap().clone();
                         BackendStatsView {
                             name: be.config.name.clone(),
                             address: be.config.address.to_string(),
@@ -495,7 +515,7 @@ impl Engine {
                             packets_in: t.packets_in,
                             packets_out: t.packets_out,
                             connect_failures: t.connect_failures,
-                            check: checked.then(|| be.check.lock().unwrap().snapshot()),
+                            check: checked.then(|| runtime.check.lock().unwrap().snapshot()),
                             health_transitions: log.health,
                             state_transitions: log.state,
                             transitions: log.recent().cloned().collect(),
@@ -531,76 +551,20 @@ impl Engine {
     }
 
     /// [`Engine::handle`] for the control-socket caller `uid` (recorded as who made a change).
+    ///
+    /// A change is first checked against the running daemon ([`crate::control::check::fits`]:
+    /// the config file's rules that depend on its `[xdp]`, `[metrics]`, `ring_size` and the
+    /// other services), then executed.
     pub fn handle_from(&self, request: Request, uid: Option<u32>) -> Result<serde_json::Value, EngineError> {
-        let by = Origin::Operator { uid };
-        let run = |command| self.execute_by(command, &by);
         Ok(match request {
-            Request::Status {} => json(&self.status(None)?),
-            Request::Stats {} => json(&self.stats()),
-            Request::Backends { service } => json(&self.status(service.as_deref())?),
-            Request::Which { service, client } => json(&self.which(&service, &client)?),
-            Request::Reload {} => json(&self.reload_by(uid)?),
-            Request::AddBackend {
-                service,
-                address,
-                name,
-                weight,
-                backup,
-                state,
-            } => {
-                let backend = backend_from_request(&address, name, weight, backup, state)?;
-                run(Command::AddBackend { service, backend })?;
-                serde_json::Value::Null
-            }
-            Request::AddService {
-                name,
-                listen,
-                protocol,
-                datapath,
-                affinity_timeout,
-                max_connections,
-            } => {
-                let service = service_from_request(
-                    &name,
-                    &listen,
-                    protocol,
-                    datapath,
-                    affinity_timeout,
-                    max_connections,
-                )?;
-                run(Command::AddService { service })?;
-                serde_json::Value::Null
-            }
-            Request::RemoveBackend { service, backend } => {
-                run(Command::RemoveBackend { service, backend })?;
-                serde_json::Value::Null
-            }
-            Request::RemoveService { service } => {
-                run(Command::RemoveService { service })?;
-                serde_json::Value::Null
-            }
-            Request::SetState {
-                service,
-                backend,
-                state,
-            } => {
-                run(Command::SetState {
-                    service,
-                    backend,
-                    state,
-                })?;
-                serde_json::Value::Null
-            }
-            Request::SetWeight {
-                service,
-                backend,
-                weight,
-            } => {
-                run(Command::SetWeight {
-                    service,
-                    backend,
-                    weight,
-                })?;
+            Request::Query(Query::Status {}) => json(&self.status(None)?),
+            Request::Query(Query::Stats {}) => json(&self.stats()),
+            Request::Query(Query::Backends { service }) => json(&self.status(service.as_deref())?),
+            Request::Query(Query::Which { service, client }) => json(&self.which(&service, &client)?),
+            Request::Reload => json(&self.reload_by(uid)?),
+            Request::Change(command) => {
+                let config = self.config.lock().unwrap();
+                self.execute_checked(command, &Origin::Operator { uid }, Some(&config))?;
                 serde_json::Value::Null
             }
         })
@@ -608,7 +572,7 @@ impl Engine {
 
     /// Drops expired affinity entries.
     pub fn sweep(&self) {
-        self.balancer.lock().unwrap().sweep(Instant::now());
+        self.balancer.sweep(Instant::now());
     }
 
     /// Stops accepting; resolves when open connections have finished.
@@ -622,18 +586,22 @@ impl Engine {
 /// Records (and logs, one line each) the health and state transitions of backend `backend` of
 /// `service` since `before` (its operator state and health before the command).
 fn record_transitions(
-    state: &State,
+    snapshot: &Snapshot,
     service: &str,
     backend: &str,
     before: (crate::config::AdminState, Health),
     origin: &Origin,
 ) {
-    let Some(be) = state.service(service).ok().and_then(|s| s.backend(backend)) else {
+    let Ok(svc) = snapshot.state.service(service) else {
+        return;
+    };
+    let Some(be) = svc.backend(backend) else {
         return;
     };
     let name = &be.config.name;
     let address = be.config.address;
-    let mut log = be.stats.transitions.lock().unwrap();
+    let runtime = snapshot.runtime(svc, be);
+    let mut log = runtime.transitions.lock().unwrap();
     let mut record = |kind, from: String, to: String| {
         log.record(Transition {
             unix_ms: unix_ms(),
@@ -724,72 +692,6 @@ fn forget_failed(config: &mut Config, command: &Command) {
         }
         _ => {}
     }
-}
-
-/// Builds a config fragment and runs it through the config parser, so requests get the file's
-/// defaults and validation.
-fn parse_fragment(service: toml::Table) -> Result<ServiceConfig, EngineError> {
-    let mut root = toml::Table::new();
-    root.insert(
-        "service".into(),
-        toml::Value::Array(vec![toml::Value::Table(service)]),
-    );
-    let mut config = Config::parse(&root.to_string(), "request")?;
-    Ok(config.services.remove(0))
-}
-
-fn backend_from_request(
-    address: &str,
-    name: Option<String>,
-    weight: Option<u32>,
-    backup: Option<bool>,
-    state: Option<crate::config::AdminState>,
-) -> Result<BackendConfig, EngineError> {
-    let mut b = toml::Table::new();
-    b.insert("address".into(), address.into());
-    if let Some(n) = name {
-        b.insert("name".into(), n.into());
-    }
-    if let Some(w) = weight {
-        b.insert("weight".into(), (w as i64).into());
-    }
-    if let Some(x) = backup {
-        b.insert("backup".into(), x.into());
-    }
-    if let Some(s) = state {
-        b.insert("state".into(), enum_text(&s).into());
-    }
-    let mut s = toml::Table::new();
-    s.insert("name".into(), "request".into());
-    s.insert("listen".into(), "127.0.0.1:1".into());
-    s.insert("backend".into(), toml::Value::Array(vec![toml::Value::Table(b)]));
-    Ok(parse_fragment(s)?.backends.remove(0))
-}
-
-fn service_from_request(
-    name: &str,
-    listen: &str,
-    protocol: Option<crate::config::Protocol>,
-    datapath: Option<DatapathKind>,
-    affinity_timeout: Option<String>,
-    max_connections: Option<u32>,
-) -> Result<ServiceConfig, EngineError> {
-    let mut s = toml::Table::new();
-    s.insert("name".into(), name.into());
-    s.insert("listen".into(), listen.into());
-    if let Some(p) = protocol {
-        s.insert("protocol".into(), enum_text(&p).into());
-    }
-    if let Some(d) = datapath {
-        s.insert("datapath".into(), enum_text(&d).into());
-    }
-    if let Some(t) = affinity_timeout {
-        s.insert("affinity_timeout".into(), t.into());
-    }
-    if let Some(m) = max_connections {
-        s.insert("max_connections".into(), (m as i64).into());
-    }
-    parse_fragment(s)
 }
 
 #[cfg(test)]

@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ajp;
 use crate::config::{HealthConfig, HealthKind};
-use crate::state::{Health, State};
+use crate::runtime::Snapshot;
+use crate::state::Health;
 
 /// How long the AJP probe waits after the CPong to see whether the peer closes or sends more.
 const AFTER_CPONG: Duration = Duration::from_millis(20);
@@ -208,10 +209,11 @@ impl Supervisor {
     }
 
     /// Makes the running checkers match the state (start new, stop gone or changed).
-    pub fn reconcile(&self, state: &State) {
+    pub fn reconcile(&self, snapshot: &Snapshot) {
         let mut checkers = self.checkers.lock().unwrap();
         let mut wanted = HashMap::new();
-        for svc in state
+        for svc in snapshot
+            .state
             .services
             .values()
             .filter(|s| s.settings.health.kind != HealthKind::None)
@@ -219,7 +221,7 @@ impl Supervisor {
             for b in &svc.backends {
                 wanted.insert(
                     (svc.settings.name.clone(), b.config.address),
-                    (&svc.settings.health, b),
+                    (&svc.settings.health, snapshot.runtime(svc, b)),
                 );
             }
         }

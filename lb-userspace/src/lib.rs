@@ -29,5 +29,6 @@ pub mod health;
 pub mod maglev;
 pub mod observe;
 pub mod proxy;
+pub mod runtime;
 pub mod state;
 pub mod xdp;

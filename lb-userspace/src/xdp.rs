@@ -26,6 +26,7 @@ use lb_common::maps::{
     MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_GLOBAL_STATS, MAP_RING,
     MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT,
 };
+use lb_common::select::{self, BackendTable, Peek, Policy, Ring};
 use tracing::{info, warn};
 
 use crate::config::{DatapathKind, XdpConfig, XdpMode};
@@ -143,6 +144,32 @@ struct Inner {
     /// Pinned service slots and backend indices found at start, waiting to be claimed.
     adopt_services: StdHashMap<ServiceKey, u32>,
     adopt_backends: StdHashMap<(u32, u32, u16), u32>,
+}
+
+/// Read-only views of one service's kernel maps for [`select::select`] (`lb which`).
+struct KernelViews<'a> {
+    maps: &'a Maps,
+    service: &'a KernelService,
+    affinity: Option<AffinityValue>,
+}
+
+impl BackendTable for KernelViews<'_> {
+    fn admits_known(&self, index: u32) -> bool {
+        let want = BACKEND_PRESENT | BACKEND_ADMITS_KNOWN;
+        self.maps
+            .backends
+            .get(&index, 0)
+            .is_ok_and(|b| b.flags & want == want && b.service_slot == self.service.slot)
+    }
+}
+
+impl Ring for KernelViews<'_> {
+    fn size(&self) -> u32 {
+        self.service.ring.len() as u32
+    }
+    fn get(&self, slot: u32) -> Option<u32> {
+        self.service.ring.get(slot as usize).copied()
+    }
 }
 
 /// Kernel-side counters of one backend or service, summed over CPUs.
@@ -442,39 +469,49 @@ impl XdpDatapath {
             service_slot: ks.slot,
             client_be: u32::from(client).to_be(),
         };
-        if ks.value.affinity_timeout_ns != 0
-            && let Ok(a) = inner.maps.affinity.get(&akey, 0)
-        {
-            let age = now.saturating_sub(a.last_seen_ns);
-            let admits = inner
-                .maps
-                .backends
-                .get(&a.backend, 0)
-                .is_ok_and(|b| b.flags & BACKEND_ADMITS_KNOWN != 0 && b.service_slot == ks.slot);
-            if age < ks.value.affinity_timeout_ns && admits {
-                return Some(KernelChoice {
-                    backend_id: id_of(a.backend),
-                    reason: "affinity",
-                    detail: format!(
-                        "kernel affinity entry, last connection {}s ago",
-                        age / 1_000_000_000
-                    ),
-                });
-            }
-        }
-        let slot = lb_common::hash::ring_slot(global.seed, u32::from(client), inner.ring_size);
-        let index = ks.ring.get(slot as usize).copied().unwrap_or(NO_BACKEND);
-        if index == NO_BACKEND {
+        let views = KernelViews {
+            maps: &inner.maps,
+            service: ks,
+            affinity: inner.maps.affinity.get(&akey, 0).ok(),
+        };
+        let policy = Policy {
+            seed: global.seed,
+            affinity_timeout_ns: ks.value.affinity_timeout_ns,
+        };
+        let Some(choice) = select::select(
+            &policy,
+            None,
+            u32::from(client),
+            now,
+            &mut Peek(views.affinity),
+            &views,
+            &views,
+            |_| false,
+            1,
+        ) else {
             return Some(KernelChoice {
                 backend_id: None,
                 reason: "none",
                 detail: "the kernel ring is empty".into(),
             });
-        }
+        };
+        let (reason, detail) = match choice.reason {
+            select::Reason::Affinity => (
+                "affinity",
+                format!(
+                    "kernel affinity entry, last connection {}s ago",
+                    views.affinity.map_or(0, |a| now.saturating_sub(a.last_seen_ns)) / 1_000_000_000
+                ),
+            ),
+            _ => (
+                "ring",
+                format!("kernel Maglev ring slot {} of {}", choice.slot, inner.ring_size),
+            ),
+        };
         Some(KernelChoice {
-            backend_id: id_of(index),
-            reason: "ring",
-            detail: format!("kernel Maglev ring slot {slot} of {}", inner.ring_size),
+            backend_id: id_of(choice.backend),
+            reason,
+            detail,
         })
     }
 
@@ -492,7 +529,7 @@ impl XdpDatapath {
             .affinity
             .iter()
             .flatten()
-            .filter(|(k, v)| k.service_slot == slot && v.home == index)
+            .filter(|(k, v)| k.service_slot == slot && select::failed_over_from(v, index))
             .map(|(k, _)| k)
             .collect();
         for k in &stale {

@@ -93,7 +93,7 @@ impl Bed {
 
     fn health(&self, backend: &str, health: Health) {
         let address: SocketAddr = {
-            let b = self.engine.balancer.lock().unwrap();
+            let b = self.engine.balancer.snapshot();
             b.state
                 .service("web")
                 .unwrap()
@@ -117,7 +117,7 @@ impl Bed {
 
     /// Which backend a client reaches, recording affinity like a datapath does on connect.
     fn connect(&self, client: &str) -> String {
-        let mut b = self.engine.balancer.lock().unwrap();
+        let b = &self.engine.balancer;
         let ip = client.parse().unwrap();
         let now = std::time::Instant::now();
         let c = b.choose("web", ip, now, &[]).unwrap();
@@ -131,8 +131,16 @@ impl Bed {
     }
 
     fn backend(&self, name: &str) -> crate::state::Backend {
-        let b = self.engine.balancer.lock().unwrap();
-        b.state.service("web").unwrap().backend(name).unwrap().clone()
+        let snap = self.engine.balancer.snapshot();
+        snap.state.service("web").unwrap().backend(name).unwrap().clone()
+    }
+
+    /// Transition counts and recent transitions of a backend of `web`.
+    fn transitions(&self, name: &str) -> crate::runtime::TransitionLog {
+        let snap = self.engine.balancer.snapshot();
+        let svc = snap.state.service("web").unwrap();
+        let runtime = snap.runtime(svc, svc.backend(name).unwrap());
+        runtime.transitions.lock().unwrap().clone()
     }
 
     fn forwarding(&self, service: &str) -> Option<Vec<String>> {
@@ -206,8 +214,7 @@ fn update_service_changes_settings_and_keeps_affinity() {
     let mut settings = bed
         .engine
         .balancer
-        .lock()
-        .unwrap()
+        .snapshot()
         .state
         .service("web")
         .unwrap()
@@ -349,7 +356,7 @@ fn health_down_and_up_record_transitions_with_their_reason() {
     bed.health("b2", Health::Down);
     assert_eq!(bed.backend("b2").health, Health::Down);
     bed.health("b2", Health::Up);
-    let log = bed.backend("b2").stats.transitions.lock().unwrap().clone();
+    let log = bed.transitions("b2");
     assert_eq!(log.health, 2);
     let recent: Vec<_> = log.recent().cloned().collect();
     assert_eq!((recent[0].from.as_str(), recent[0].to.as_str()), ("up", "down"));
@@ -358,14 +365,14 @@ fn health_down_and_up_record_transitions_with_their_reason() {
     assert_eq!((recent[1].from.as_str(), recent[1].to.as_str()), ("down", "up"));
     // A repeated report changes nothing and records nothing.
     bed.health("b2", Health::Up);
-    assert_eq!(bed.backend("b2").stats.transitions.lock().unwrap().health, 2);
+    assert_eq!(bed.transitions("b2").health, 2);
 }
 
 #[test]
 fn operator_state_changes_name_who_made_them() {
     let bed = Bed::new(BASE);
     bed.set_state("b3", AdminState::Drain);
-    let log = bed.backend("b3").stats.transitions.lock().unwrap().clone();
+    let log = bed.transitions("b3");
     let t = log.recent().next().unwrap().clone();
     assert_eq!(
         (t.kind, t.from.as_str(), t.to.as_str()),
@@ -433,7 +440,7 @@ fn a_refused_change_leaves_no_trace() {
     assert!(matches!(err, Err(EngineError::Datapath(_))));
     bed.journal.lock().unwrap().refuse = None;
     {
-        let b = bed.engine.balancer.lock().unwrap();
+        let b = bed.engine.balancer.snapshot();
         assert!(
             b.state.service("web").unwrap().backend("b4").is_none(),
             "refused backend stays out of the state"
@@ -505,7 +512,7 @@ fn reload_applies_the_diff_and_keeps_runtime_changes() {
     for (c, b) in &known {
         assert_eq!(&bed.connect(c), b, "affinity survives a reload");
     }
-    let log = bed.backend("b3").stats.transitions.lock().unwrap().clone();
+    let log = bed.transitions("b3");
     assert_eq!(log.state, 0);
     // The same file again changes nothing.
     assert!(bed.reload(&text).applied.is_empty());

@@ -21,7 +21,7 @@ use lb_common::counters::{CounterKind, XdpCounter, XdpCounters};
 
 use crate::cli::{ago, bytes, label};
 use crate::control::client::{self, ClientError};
-use crate::control::protocol::{BackendStatsView, Request, StatsView};
+use crate::control::protocol::{BackendStatsView, Query, Request, StatsView};
 
 /// Shortest and longest `--interval`.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
@@ -68,7 +68,7 @@ impl Line {
 
 /// Asks the daemon for its counters.
 pub fn fetch(socket: &Path) -> Result<StatsView, TopError> {
-    let response = client::call(socket, &Request::Stats {})?;
+    let response = client::call(socket, &Request::Query(Query::Stats {}))?;
     if !response.ok {
         return Err(TopError::Daemon(response.error.unwrap_or_default()));
     }
