@@ -387,12 +387,12 @@ impl Engine {
         }
     }
 
-    /// Counters of the datapaths as a whole (the XDP program's), by name.
-    fn global_counters(&self) -> Option<std::collections::BTreeMap<String, u64>> {
+    /// Counters of the datapaths as a whole (the XDP program's).
+    fn global_counters(&self) -> Option<lb_common::counters::XdpCounters> {
         self.datapaths
             .iter()
             .find_map(|d| d.global_counters())
-            .map(|c| c.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+            .map(lb_common::counters::XdpCounters::from_named)
     }
 
     /// Each service of a state snapshot with its datapath's counters (read without any lock held).

@@ -16,9 +16,10 @@
 //! - [`health`]: TCP and AJP health checks ([`ajp`]: the CPing/CPong codec), rise/fall.
 //! - [`control`]: the control socket protocol, server and client.
 //! - [`daemon`]: `lb run` (socket, engine, signals, graceful shutdown).
-//! - [`metrics`]: the Prometheus endpoint (`[metrics] listen`, `GET /metrics`) rendered from
-//!   [`engine::Engine::stats`] snapshots.
-//! - [`cli`]: table rendering for the client subcommands; [`top`]: `lb top`, the live terminal view.
+//! - [`observe`]: what the daemon shows of itself: [`observe::metrics`] renders
+//!   [`engine::Engine::stats`] snapshots for Prometheus, [`observe::http`] serves them
+//!   (`[metrics] listen`, `GET /metrics`), [`observe::top`] is `lb top`, the live terminal view.
+//! - [`cli`]: table rendering for the client subcommands.
 //! - [`ebpf`]: the embedded XDP object and its loader.
 pub mod ajp;
 pub mod balancer;
@@ -31,8 +32,7 @@ pub mod ebpf;
 pub mod engine;
 pub mod health;
 pub mod maglev;
-pub mod metrics;
+pub mod observe;
 pub mod runtime;
 pub mod state;
-pub mod top;
 pub mod xdp;

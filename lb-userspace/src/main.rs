@@ -60,7 +60,7 @@ enum Cmd {
     /// Live view of every backend, refreshed every interval (q, Esc or Ctrl-C quits).
     Top {
         /// Refresh interval: "1s", "500ms" or plain seconds (100ms..=1h).
-        #[arg(long, default_value = "1s", value_parser = lb::top::parse_interval)]
+        #[arg(long, default_value = "1s", value_parser = lb::observe::top::parse_interval)]
         interval: std::time::Duration,
     },
     /// Manage backends.
@@ -179,7 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Cmd::Top { interval } => {
-            lb::top::run(&cli.socket, interval)?;
+            lb::observe::top::run(&cli.socket, interval)?;
             return Ok(());
         }
         other => request(other)?,

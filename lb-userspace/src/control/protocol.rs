@@ -12,6 +12,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use lb_common::counters::XdpCounters;
+
 use crate::config::{AdminState, BackendConfig, ConfigError, DatapathKind, Protocol, ServiceConfig};
 use crate::state::{Command, Health, Transition};
 
@@ -307,9 +309,9 @@ pub struct StatusView {
     pub version: String,
     pub uptime_secs: u64,
     pub config: Option<String>,
-    /// XDP program counters by name (packets), when the XDP datapath runs.
-    #[serde(default)]
-    pub xdp: Option<std::collections::BTreeMap<String, u64>>,
+    /// XDP program counters (packets), when the XDP datapath runs; an object by counter name.
+    #[serde(default, with = "xdp_by_name")]
+    pub xdp: Option<XdpCounters>,
     pub services: Vec<ServiceView>,
 }
 
@@ -362,8 +364,8 @@ pub struct StatsView {
     /// XDP program counters summed over CPUs, when the XDP datapath runs: `packets` (all seen), the
     /// verdicts `passed`, `forwarded`, `dropped` (they sum to `packets`), `new_flows`, and the
     /// reasons (`no_backend`, `no_conntrack`, `fragment`, …) that come on top of the verdicts.
-    #[serde(default)]
-    pub xdp: Option<std::collections::BTreeMap<String, u64>>,
+    #[serde(default, with = "xdp_by_name")]
+    pub xdp: Option<XdpCounters>,
     pub services: Vec<ServiceStatsView>,
 }
 
@@ -438,6 +440,25 @@ pub struct ReloadView {
     pub applied: Vec<String>,
     /// Commands that failed or settings that need a restart.
     pub problems: Vec<String>,
+}
+
+/// [`XdpCounters`] on the wire: an object from counter name to value (`{"packets":100,…}`). Names
+/// of no counter known here (a newer daemon's) are skipped; a missing counter reads as 0.
+mod xdp_by_name {
+    use std::collections::BTreeMap;
+
+    use lb_common::counters::XdpCounters;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(c: &Option<XdpCounters>, s: S) -> Result<S::Ok, S::Error> {
+        c.map(|c| c.iter().map(|(k, v)| (k.name(), v)).collect::<BTreeMap<_, _>>())
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<XdpCounters>, D::Error> {
+        let named = Option::<BTreeMap<String, u64>>::deserialize(d)?;
+        Ok(named.map(|m| XdpCounters::from_named(m.iter().map(|(k, v)| (k.as_str(), *v)))))
+    }
 }
 
 #[cfg(test)]
@@ -768,5 +789,26 @@ mod tests {
         assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), ok);
         let err = serde_json::to_string(&Response::error("no")).unwrap();
         assert_eq!(err, r#"{"ok":false,"error":"no"}"#);
+    }
+
+    #[test]
+    fn xdp_counters_go_as_an_object_by_name() {
+        use lb_common::counters::XdpCounter;
+        let mut x = XdpCounters::default();
+        x.set(XdpCounter::NoBackend, 4);
+        x.set(XdpCounter::Dropped, 5);
+        let json =
+            serde_json::to_value(xdp_by_name::serialize(&Some(x), serde_json::value::Serializer).unwrap())
+                .unwrap();
+        assert_eq!(json["no_backend"], 4);
+        assert_eq!(json["dropped"], 5);
+        assert_eq!(json["passed"], 0);
+        assert_eq!(json.as_object().unwrap().len(), XdpCounter::ALL.len());
+        // Names this side does not know (a newer daemon's) are skipped; missing ones read as 0.
+        let back = xdp_by_name::deserialize(serde_json::json!({"no_backend": 4, "someday": 1})).unwrap();
+        let mut want = XdpCounters::default();
+        want.set(XdpCounter::NoBackend, 4);
+        assert_eq!(back, Some(want));
+        assert_eq!(xdp_by_name::deserialize(serde_json::Value::Null).unwrap(), None);
     }
 }
