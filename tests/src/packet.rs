@@ -114,6 +114,11 @@ impl Tcp {
         self
     }
 
+    pub fn seq(mut self, seq: u32) -> Tcp {
+        self.seq = seq;
+        self
+    }
+
     pub fn id(mut self, id: u16) -> Tcp {
         self.id = id;
         self
@@ -224,6 +229,7 @@ pub struct Parsed {
     pub src: (Ipv4Addr, u16),
     pub dst: (Ipv4Addr, u16),
     pub ttl: u8,
+    pub seq: u32,
     pub flags: u8,
     pub ip_options: Vec<u8>,
     pub tcp_options: Vec<u8>,
@@ -292,6 +298,7 @@ pub fn parse(f: &[u8]) -> Result<Parsed, PacketError> {
         src: (src, u16::from_be_bytes([tcp[0], tcp[1]])),
         dst: (dst, u16::from_be_bytes([tcp[2], tcp[3]])),
         ttl: ip[8],
+        seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
         flags: tcp[13],
         ip_options: ip[20..].to_vec(),
         tcp_options: tcp[20..doff].to_vec(),
@@ -310,6 +317,7 @@ mod tests {
     #[test]
     fn built_frames_parse_back_with_every_field() {
         let f = Tcp::new((A, 40000), (B, 80), SYN | ACK)
+            .seq(0xdead_beef)
             .macs([2, 0, 0, 0, 0, 9], [2, 0, 0, 0, 0, 8])
             .ip_options(&[1, 1, 1, 0])
             .tcp_options(&syn_options(7, 9))
@@ -320,6 +328,7 @@ mod tests {
         assert_eq!((p.src, p.dst), ((A, 40000), (B, 80)));
         assert_eq!((p.src_mac, p.dst_mac), ([2, 0, 0, 0, 0, 9], [2, 0, 0, 0, 0, 8]));
         assert_eq!(p.flags, SYN | ACK);
+        assert_eq!(p.seq, 0xdead_beef);
         assert_eq!(p.ip_options, [1, 1, 1, 0]);
         assert_eq!(p.payload, b"odd");
         assert_eq!(p.timestamps(), Some((7, 9)));
