@@ -352,6 +352,27 @@ struct Case {
     counts: Option<&'static str>,
 }
 
+/// Runs every case in order on `ifindex` and checks its verdict, output and counter.
+fn run_cases(fx: &Fixture, ifindex: u32, cases: &[Case]) {
+    for case in cases {
+        let before = case.counts.map(|n| fx.counter(n));
+        let (verdict, out, _) = fx.xdp.test_run(&case.input, ifindex, 1).unwrap();
+        assert_eq!(verdict, case.verdict, "{}: verdict", case.name);
+        match case.out {
+            Out::Unchanged => assert_eq!(out, case.input, "{}: output bytes", case.name),
+            Out::Any => {}
+            Out::Forwarded { port, ip_options } => {
+                let p = parse(&out);
+                assert_eq!(p.dst.1, port, "{}: backend port", case.name);
+                assert_eq!(p.ip_options, ip_options, "{}: options carried over", case.name);
+            }
+        }
+        if let (Some(name), Some(before)) = (case.counts, before) {
+            assert_eq!(fx.counter(name), before + 1, "{}: counter {name}", case.name);
+        }
+    }
+}
+
 #[test]
 fn xdp_passes_or_drops_what_is_not_forwardable() {
     if !ready("xdp_passes_or_drops_what_is_not_forwardable") {
@@ -434,23 +455,7 @@ fn xdp_passes_or_drops_what_is_not_forwardable() {
                 counts: Some("forwarded"),
             },
         ];
-        for case in &cases {
-            let before = case.counts.map(|n| fx.counter(n));
-            let (verdict, out, _) = fx.xdp.test_run(&case.input, client_if, 1).unwrap();
-            assert_eq!(verdict, case.verdict, "{}: verdict", case.name);
-            match case.out {
-                Out::Unchanged => assert_eq!(out, case.input, "{}: output bytes", case.name),
-                Out::Any => {}
-                Out::Forwarded { port, ip_options } => {
-                    let p = parse(&out);
-                    assert_eq!(p.dst.1, port, "{}: backend port", case.name);
-                    assert_eq!(p.ip_options, ip_options, "{}: options carried over", case.name);
-                }
-            }
-            if let (Some(name), Some(before)) = (case.counts, before) {
-                assert_eq!(fx.counter(name), before + 1, "{}: counter {name}", case.name);
-            }
-        }
+        run_cases(&fx, client_if, &cases);
         // Every verdict counted once.
         let packets = fx.counter("packets");
         assert_eq!(packets, cases.len() as u64);
@@ -475,8 +480,17 @@ fn xdp_no_backend_drops_syn() {
                 state: AdminState::Maintenance,
             });
         }
-        let syn = frame((client(2), 40000), (VIP, 80), SYN, b"", &[], [0xaa; 6]);
-        assert_eq!(fx.xdp.test_run(&syn, client_if, 1).unwrap().0, XDP_DROP);
+        run_cases(
+            &fx,
+            client_if,
+            &[Case {
+                name: "SYN with every backend in maintenance",
+                input: frame((client(2), 40000), (VIP, 80), SYN, b"", &[], [0xaa; 6]),
+                verdict: XDP_DROP,
+                out: Out::Any,
+                counts: Some("no_backend"),
+            }],
+        );
         assert_eq!(fx.counter("no_backend"), 1);
         assert_eq!(
             fx.xdp.kernel_which("web", client(2), None).unwrap().reason,
