@@ -126,6 +126,9 @@ pub struct Config {
     pub xdp: Option<XdpConfig>,
     /// The Prometheus endpoint; off when the file has no `[metrics]` table.
     pub metrics: Option<MetricsConfig>,
+    /// Where runtime changes (operator state, weights, added and removed backends and services,
+    /// transitions) are kept across restarts; none when unset. See [`crate::persist`].
+    pub state_file: Option<PathBuf>,
     pub services: Vec<ServiceConfig>,
 }
 

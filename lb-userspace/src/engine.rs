@@ -52,6 +52,8 @@ pub enum Origin {
     Reload { uid: Option<u32> },
     /// A health check, with its result.
     Health { reason: String },
+    /// The state file, when the daemon starts (after the config file).
+    Restore,
 }
 
 impl std::fmt::Display for Origin {
@@ -63,6 +65,7 @@ impl std::fmt::Display for Origin {
             Origin::Reload { uid: Some(uid) } => write!(f, "reload by uid {uid}"),
             Origin::Reload { uid: None } => f.write_str("reload (SIGHUP)"),
             Origin::Health { reason } => write!(f, "health check: {reason}"),
+            Origin::Restore => f.write_str("state file at start"),
         }
     }
 }
@@ -76,6 +79,8 @@ pub struct Engine {
     datapaths: Vec<Box<dyn Datapath>>,
     health: Supervisor,
     started: Instant,
+    /// Writes the `state_file` after every change, when the config has one.
+    persist: Option<crate::persist::Persist>,
 }
 
 impl Engine {
@@ -111,16 +116,20 @@ impl Engine {
         make: impl FnOnce(&Arc<Balancer>) -> Result<Vec<Box<dyn Datapath>>, EngineError>,
     ) -> Result<Engine, EngineError> {
         let balancer = Arc::new(Balancer::new(State::new(config.seed, config.ring_size)));
-        let engine = Engine {
+        let mut engine = Engine {
             datapaths: make(&balancer)?,
             balancer,
             commands: Mutex::new(()),
             config: Mutex::new(config.clone()),
             health: Supervisor::new(events, shutdown),
             started: Instant::now(),
+            persist: None,
         };
-        for service in config.services {
+        for service in config.services.clone() {
             engine.execute_by(Command::AddService { service }, &Origin::Start)?;
+        }
+        if let Some(path) = &config.state_file {
+            engine.persist = Some(crate::persist::restore(&engine, path, &config.services));
         }
         for d in &engine.datapaths {
             d.finish_start()?;
@@ -223,6 +232,11 @@ impl Engine {
                 info!(change = %description, by = %origin, "applied");
             }
             self.health.reconcile(&now);
+            if let Some(p) = &self.persist
+                && let Err(e) = p.save(&now)
+            {
+                warn!(error = %e, "state file not written; the change is applied but will not survive a restart");
+            }
         }
         Ok(effect)
     }
@@ -319,6 +333,12 @@ impl Engine {
                     // Remember what did not come up, so the next reload tries again.
                     forget_failed(&mut applied_config, &command);
                 }
+            }
+        }
+        if let Some(p) = &self.persist {
+            p.rebase(applied_config.services.clone());
+            if let Err(e) = p.save(&self.snapshot()) {
+                warn!(error = %e, "state file not written after reload");
             }
         }
         *old = applied_config;
@@ -651,7 +671,7 @@ fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
 }
 
 /// One line naming a command, for logs and reload reports.
-fn describe(command: &Command) -> String {
+pub(crate) fn describe(command: &Command) -> String {
     match command {
         Command::AddService { service } => format!("add service {} on {}", service.name, service.listen),
         Command::RemoveService { service } => format!("remove service {service}"),

@@ -18,7 +18,8 @@
 //! - [`daemon`]: `lb run` (socket, engine, signals, graceful shutdown).
 //! - [`observe`]: what the daemon shows of itself: [`observe::metrics`] renders
 //!   [`engine::Engine::stats`] snapshots for Prometheus, [`observe::http`] serves them
-//!   (`[metrics] listen`, `GET /metrics`), [`observe::top`] is `lb top`, the live terminal view.
+//!   (`[metrics] listen`, `GET /metrics`, and the status page at `/` from [`observe::status`]), [`observe::top`] is `lb top`, the live terminal view.
+//! - [`persist`]: the `state_file`, runtime changes kept across restarts.
 //! - [`cli`]: table rendering for the client subcommands.
 //! - [`ebpf`]: the embedded XDP object and its loader.
 pub mod ajp;
@@ -33,6 +34,7 @@ pub mod engine;
 pub mod health;
 pub mod maglev;
 pub mod observe;
+pub mod persist;
 pub mod runtime;
 pub mod state;
 pub mod xdp;

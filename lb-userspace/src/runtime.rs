@@ -53,6 +53,22 @@ impl TransitionLog {
         self.recent.push_back(t);
     }
 
+    /// A log with the given counts and kept transitions (from a state file), oldest first.
+    pub fn restored(health: u64, state: u64, recent: impl IntoIterator<Item = Transition>) -> TransitionLog {
+        let mut log = TransitionLog {
+            health,
+            state,
+            recent: Default::default(),
+        };
+        for t in recent {
+            if log.recent.len() == RECENT_TRANSITIONS {
+                log.recent.pop_front();
+            }
+            log.recent.push_back(t);
+        }
+        log
+    }
+
     /// The kept transitions, oldest first.
     pub fn recent(&self) -> impl DoubleEndedIterator<Item = &Transition> {
         self.recent.iter()

@@ -673,6 +673,7 @@ pub(crate) mod tests {
             },
             xdp: None,
             metrics: None,
+            state_file: None,
             services: vec![service("web", "10.0.0.100:80", backends)],
         };
         let old = base(vec![backend("b1", "10.1.1.2:80"), backend("b2", "10.1.2.2:80")]);

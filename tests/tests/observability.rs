@@ -425,9 +425,9 @@ fn proxy_counters_agree_in_stats_and_on_the_metrics_endpoint() {
             value(&scrape, "lb_backend_bytes_in_total", &l)
         );
     }
-    // Anything but GET/HEAD /metrics is a 404.
+    // Anything but GET/HEAD /metrics (or the status page) is a 404.
     for req in [
-        "GET / HTTP/1.1\r\n\r\n",
+        "GET /nothing HTTP/1.1\r\n\r\n",
         "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
     ] {
         assert_eq!(

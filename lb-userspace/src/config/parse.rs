@@ -45,6 +45,7 @@ struct RawConfig {
     control: Option<RawControl>,
     xdp: Option<S<RawXdp>>,
     metrics: Option<RawMetrics>,
+    state_file: Option<S<String>>,
     #[serde(default)]
     service: Vec<S<RawService<File>>>,
 }
@@ -699,6 +700,23 @@ impl Validator<'_, '_, File> {
             true,
         )?;
         let control = self.control(raw.control)?;
+        let state_file = match &raw.state_file {
+            None => None,
+            Some(v) => {
+                let text = v.get_ref().trim();
+                let path = Path::new(text);
+                if !path.is_absolute() || text.ends_with('/') || path.file_name().is_none() {
+                    return Err(self.err(
+                        v.span(),
+                        "state_file",
+                        format!(
+                            "state_file \"{text}\" is not an absolute file path; use a path such as \"/var/lib/lb/state.json\""
+                        ),
+                    ));
+                }
+                Some(path.to_path_buf())
+            }
+        };
         let xdp = match &raw.xdp {
             None => None,
             Some(rx) => Some(self.xdp(rx, ring_size, raw.ring_size.as_ref())?),
@@ -850,6 +868,7 @@ impl Validator<'_, '_, File> {
             control,
             xdp,
             metrics,
+            state_file,
             services,
         })
     }

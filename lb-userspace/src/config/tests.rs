@@ -692,6 +692,27 @@ fn syntax_error() {
 }
 
 #[test]
+fn state_file_is_an_absolute_file_path() {
+    assert_eq!(good("seed = 1\n").state_file, None);
+    assert_eq!(
+        good("state_file = \"/var/lib/lb/state.json\"\n").state_file,
+        Some(std::path::PathBuf::from("/var/lib/lb/state.json"))
+    );
+    const MESSAGE: &str = "is not an absolute file path; use a path such as \"/var/lib/lb/state.json\"";
+    bad_table(&[
+        (
+            "seed = 1\nstate_file = \"state.json\"\n",
+            2,
+            "state_file",
+            &[MESSAGE],
+        ),
+        ("state_file = \"\"\n", 1, "state_file", &[MESSAGE]),
+        ("state_file = \"/var/lib/lb/\"\n", 1, "state_file", &[MESSAGE]),
+        ("state_file = 3\n", 1, "state_file", &["expected a string"]),
+    ]);
+}
+
+#[test]
 fn unknown_keys() {
     bad_table(&[
         (
@@ -700,7 +721,7 @@ fn unknown_keys() {
             "ring",
             &[
                 "unknown key `ring`",
-                "allowed keys: log_level, seed, ring_size, shutdown_timeout, control, xdp, metrics, service",
+                "allowed keys: log_level, seed, ring_size, shutdown_timeout, control, xdp, metrics, state_file, service",
             ],
         ),
         (

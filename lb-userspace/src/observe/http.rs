@@ -1,5 +1,6 @@
 //! The `/metrics` endpoint (`[metrics] listen`): an HTTP/1 server on hyper that answers
-//! `GET /metrics` with [`render`] of a fresh snapshot.
+//! `GET /metrics` with [`render`] of a fresh snapshot, and serves the read-only status page:
+//! `GET /` (HTML, [`super::status::page`]) and `GET /status.json` (the same snapshot as JSON).
 //!
 //! One request per connection, at most [`MAX_CONNECTIONS`] at once, [`READ_TIMEOUT`] to send the
 //! request and [`WRITE_TIMEOUT`] to take the answer. Other paths and methods get a 404, a request
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::metrics::{Format, render};
+use super::status;
 use crate::config::MetricsConfig;
 use crate::control::protocol::StatsView;
 use crate::engine::Engine;
@@ -72,7 +74,7 @@ pub async fn run(listener: TcpListener, engine: Arc<Engine>, shutdown: Cancellat
 /// Serves `GET /metrics` with the counters of `snapshot` until `shutdown`.
 pub async fn serve(listener: TcpListener, snapshot: Snapshot, shutdown: CancellationToken) {
     if let Ok(addr) = listener.local_addr() {
-        info!(listen = %addr, "metrics endpoint listening (GET /metrics)");
+        info!(listen = %addr, "metrics endpoint listening (GET /metrics; status page at /, /status.json)");
     }
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     // One snapshot at a time: scrapes queue here instead of piling up on the blocking pool.
@@ -178,20 +180,44 @@ async fn bad_request(mut stream: TcpStream) {
     let _ = tokio::time::timeout(WRITE_TIMEOUT, sent).await;
 }
 
-/// `GET` (or `HEAD`) `/metrics` → the metrics in the format `Accept` asks for; anything else → 404.
+/// What a `GET` asks for.
+#[derive(Clone, Copy)]
+enum Page {
+    Metrics(Format),
+    StatusHtml,
+    StatusJson,
+}
+
+/// `GET` (or `HEAD`) `/metrics` → the metrics in the format `Accept` asks for; `/` (or
+/// `/index.html`) → the status page; `/status.json` → its data; anything else → 404.
 async fn respond(req: &Request<Incoming>, scrape: &Scrape) -> Response<Full<Bytes>> {
-    if !matches!(*req.method(), Method::GET | Method::HEAD) || req.uri().path() != "/metrics" {
-        return plain(StatusCode::NOT_FOUND, "not found; the metrics are at /metrics\n");
+    let page = match req.uri().path() {
+        "/metrics" => {
+            let accept = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
+            Page::Metrics(Format::from_accept(accept))
+        }
+        "/" | "/index.html" => Page::StatusHtml,
+        "/status.json" => Page::StatusJson,
+        _ => return not_found(),
+    };
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return not_found();
     }
-    let accept = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
-    let format = Format::from_accept(accept);
     let rendered = {
         let _one = scrape.one_at_a_time.lock().await;
         let snapshot = scrape.snapshot.clone();
-        tokio::task::spawn_blocking(move || render(&snapshot(), format)).await
+        tokio::task::spawn_blocking(move || {
+            let view = snapshot();
+            match page {
+                Page::Metrics(format) => render(&view, format).map(|body| (format.content_type(), body)),
+                Page::StatusHtml => Ok((HTML, status::page(&view))),
+                Page::StatusJson => Ok((JSON, status::json(&view).expect("a stats view serializes"))),
+            }
+        })
+        .await
     };
     match rendered {
-        Ok(Ok(body)) => answer(StatusCode::OK, format.content_type(), body),
+        Ok(Ok((content_type, body))) => answer(StatusCode::OK, content_type, body),
         Ok(Err(e)) => {
             warn!(error = %e, "metrics rendering failed");
             plain(StatusCode::INTERNAL_SERVER_ERROR, "rendering failed\n")
@@ -201,6 +227,16 @@ async fn respond(req: &Request<Incoming>, scrape: &Scrape) -> Response<Full<Byte
             plain(StatusCode::INTERNAL_SERVER_ERROR, "snapshot failed\n")
         }
     }
+}
+
+const HTML: &str = "text/html; charset=utf-8";
+const JSON: &str = "application/json";
+
+fn not_found() -> Response<Full<Bytes>> {
+    plain(
+        StatusCode::NOT_FOUND,
+        "not found; the metrics are at /metrics, the status page at / and its data at /status.json (GET only)\n",
+    )
 }
 
 fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

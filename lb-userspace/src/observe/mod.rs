@@ -2,13 +2,16 @@
 //! the live terminal view.
 //!
 //! - [`metrics`]: a `stats` snapshot → Prometheus text or OpenMetrics, with `prometheus-client`.
-//! - [`http`]: the `[metrics] listen` server (`GET /metrics`) on hyper.
+//! - [`http`]: the `[metrics] listen` server (`GET /metrics`, the status page `/` and
+//!   `/status.json`) on hyper.
+//! - [`status`]: the status page, a `stats` snapshot as HTML (and JSON).
 //! - [`top`]: `lb top`, the live terminal view over the control socket.
 //!
 //! All three, and `lb stats`, show the XDP counters by the taxonomy of [`lb_common::counters`].
 
 pub mod http;
 pub mod metrics;
+pub mod status;
 pub mod top;
 
 #[cfg(test)]

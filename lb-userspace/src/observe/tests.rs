@@ -107,6 +107,11 @@ fn has(text: &str, line: &str) {
     assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
 }
 
+/// `text` contains `part` (the status page's HTML is not line-oriented).
+fn shows(text: &str, part: &str) {
+    assert!(text.contains(part), "missing {part:?} in:\n{text}");
+}
+
 fn lacks(text: &str, prefix: &str) {
     assert!(
         !text.lines().any(|l| l.starts_with(prefix)),
@@ -532,15 +537,102 @@ async fn accept_asks_for_openmetrics_and_head_gets_no_body() {
 async fn other_paths_and_methods_get_404() {
     let srv = server();
     for request in [
-        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &b"GET /nothing HTTP/1.1\r\n\r\n"[..],
         b"GET /metricsx HTTP/1.1\r\n\r\n",
         b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
         b"DELETE /metrics HTTP/1.1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        b"PUT /status.json HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+        b"DELETE / HTTP/1.1\r\n\r\n",
     ] {
         let (status, _, body) = exchange(srv.addr, request).await;
         assert_eq!(status, "HTTP/1.1 404 Not Found", "{request:?}");
-        assert_eq!(body, "not found; the metrics are at /metrics\n");
+        assert!(
+            body.starts_with("not found; the metrics are at /metrics, the status page at /"),
+            "{body}"
+        );
     }
+}
+
+#[tokio::test]
+async fn the_status_page_shows_the_snapshot_as_html() {
+    let srv = server();
+    for path in ["/", "/index.html"] {
+        let (status, headers, body) = exchange(
+            srv.addr,
+            format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(status, "HTTP/1.1 200 OK", "{path}");
+        assert_eq!(header(&headers, "content-type"), Some("text/html; charset=utf-8"));
+        assert_eq!(body, super::status::page(&sample()), "{path}");
+    }
+    let (_, _, body) = exchange(srv.addr, b"GET / HTTP/1.1\r\n\r\n").await;
+    // No external assets: nothing is loaded from elsewhere.
+    for external in ["src=", "href=", "@import", "url("] {
+        assert!(!body.contains(external), "page refers to an asset: {external}");
+    }
+    for shown in [
+        "id=\"service-web\"",
+        "10.0.0.1:80",
+        "id=\"service-fast\"",
+        "<td class=\"role\">backup</td>",
+        // b1 is drained, b2 down.
+        "<tr class=\"backend state-drain health-up\" data-backend=\"b1\">",
+        "<tr class=\"backend state-active health-down\" data-backend=\"b2\">",
+        "last check: not checked yet in 1.5 ms",
+        "10 checks, 4 failed",
+        // The transition, its time and its reason.
+        "2023-11-14 22:13:20",
+        "active → drain",
+        "operator uid 0",
+        // Rates are cells the script fills.
+        "data-rate=\"web/b1/connections_total\"",
+        "setInterval(refresh, REFRESH_MS)",
+    ] {
+        shows(&body, shown);
+    }
+    let (status, headers, body) = exchange(srv.addr, b"HEAD / HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(header(&headers, "content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(body, "");
+}
+
+#[tokio::test]
+async fn status_json_is_the_stats_snapshot() {
+    let srv = server();
+    let (status, headers, body) = exchange(srv.addr, b"GET /status.json HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(header(&headers, "content-type"), Some("application/json"));
+    let back: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(back, serde_json::to_value(sample()).unwrap());
+}
+
+#[test]
+fn the_status_page_escapes_what_it_shows() {
+    let mut view = sample();
+    view.services[0].backends[0].transitions[0].reason = "<script>alert('x')</script> & \"more\"".into();
+    view.services[0].listen = "<b>".into();
+    let page = super::status::page(&view);
+    assert!(!page.contains("<script>alert"), "unescaped reason");
+    shows(
+        &page,
+        "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;more&quot;",
+    );
+    shows(&page, "<dd>&lt;b&gt;</dd>");
+}
+
+#[test]
+fn ajp_services_get_their_columns() {
+    let mut view = sample();
+    view.services[0].protocol = Protocol::Ajp;
+    let page = super::status::page(&view);
+    shows(&page, "<th>AJP requests</th><th>AJP statuses</th>");
+    assert_eq!(
+        page.matches("<th>AJP requests</th>").count(),
+        1,
+        "only the ajp service"
+    );
 }
 
 #[tokio::test]

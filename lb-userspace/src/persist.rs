@@ -1,0 +1,329 @@
+//! The `state_file`: runtime changes that survive a restart (operator state, weights, backends and
+//! services added or removed on the control socket, and the transition history).
+//!
+//! The file is JSON ([`StateFile`]). It holds the services as the daemon last ran them and, as
+//! `base`, the services of the config it started from (or last reloaded): the runtime changes are
+//! [`crate::state::diff`] of the two, so on start they are applied on top of whatever the config
+//! file now says. It is written after every change, atomically: a temporary file in the same
+//! directory, `fsync`, `rename`, `fsync` of the directory. A file that cannot be read, is not JSON
+//! of this shape, or carries another [`FORMAT_VERSION`] is renamed to `<file>.corrupt-<unix time>`
+//! and the daemon starts from the config alone.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ServiceConfig};
+use crate::engine::{Engine, Origin};
+use crate::runtime::{Snapshot, TransitionLog};
+use crate::state::{Command, Transition};
+
+/// Version of the file layout; a file with another one is set aside.
+pub const FORMAT_VERSION: u32 = 1;
+/// The `format` field: tells an `lb` state file from any other JSON.
+pub const FORMAT_NAME: &str = "lb-state";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path} is not an lb state file: {message}")]
+    Corrupt { path: String, message: String },
+    #[error("{path} has format version {found}, this lb reads version {FORMAT_VERSION}")]
+    Version { path: String, found: u64 },
+    #[error("cannot write {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+}
+
+/// What the file holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateFile {
+    /// Always [`FORMAT_NAME`].
+    pub format: String,
+    /// [`FORMAT_VERSION`].
+    pub version: u32,
+    /// The `lb` version that wrote it (for people; not checked).
+    pub lb_version: String,
+    /// Unix time (ms) of the write.
+    pub written_unix_ms: u64,
+    /// The services of the config file the daemon started from or last reloaded.
+    pub base: Vec<ServiceConfig>,
+    /// The services as they ran.
+    pub services: Vec<ServiceConfig>,
+    /// Transition history: service name → backend name → log.
+    pub transitions: BTreeMap<String, BTreeMap<String, SavedLog>>,
+}
+
+/// One backend's transition counts and recent transitions.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedLog {
+    pub health: u64,
+    pub state: u64,
+    pub recent: Vec<Transition>,
+}
+
+impl SavedLog {
+    fn of(log: &TransitionLog) -> SavedLog {
+        SavedLog {
+            health: log.health,
+            state: log.state,
+            recent: log.recent().cloned().collect(),
+        }
+    }
+
+    /// The saved log followed by what `current` recorded since the start.
+    pub fn then(&self, current: &TransitionLog) -> TransitionLog {
+        let mut log = TransitionLog::restored(self.health, self.state, self.recent.iter().cloned());
+        for t in current.recent() {
+            log.record(t.clone());
+        }
+        log
+    }
+}
+
+impl StateFile {
+    /// The file for a published snapshot, against the config services `base`.
+    pub fn of(snapshot: &Snapshot, base: &[ServiceConfig]) -> StateFile {
+        let mut services: Vec<_> = snapshot.state.services.values().collect();
+        services.sort_by_key(|s| s.id);
+        let mut transitions = BTreeMap::new();
+        for svc in &services {
+            let logs: BTreeMap<String, SavedLog> = svc
+                .backends
+                .iter()
+                .map(|b| {
+                    let log = snapshot.runtime(svc, b).transitions.lock().unwrap().clone();
+                    (b.config.name.clone(), SavedLog::of(&log))
+                })
+                .filter(|(_, l)| !l.recent.is_empty() || l.health + l.state > 0)
+                .collect();
+            if !logs.is_empty() {
+                transitions.insert(svc.settings.name.clone(), logs);
+            }
+        }
+        StateFile {
+            format: FORMAT_NAME.to_string(),
+            version: FORMAT_VERSION,
+            lb_version: env!("CARGO_PKG_VERSION").to_string(),
+            written_unix_ms: unix_ms(),
+            base: base.to_vec(),
+            services: services
+                .iter()
+                .map(|s| ServiceConfig {
+                    backends: s.backends.iter().map(|b| b.config.clone()).collect(),
+                    ..s.settings.clone()
+                })
+                .collect(),
+            transitions,
+        }
+    }
+
+    /// The runtime changes it holds, as commands to apply on top of the config.
+    pub fn commands(&self) -> Vec<Command> {
+        let config = |services: &[ServiceConfig]| Config {
+            services: services.to_vec(),
+            ..Config::parse("", "(state file)").expect("an empty config is valid")
+        };
+        crate::state::diff(&config(&self.base), &config(&self.services))
+    }
+
+    /// Parses the file's text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<StateFile, PersistError> {
+        let corrupt = |message: String| PersistError::Corrupt {
+            path: path.display().to_string(),
+            message,
+        };
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+        if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
+            return Err(corrupt(format!("no \"format\": \"{FORMAT_NAME}\"")));
+        }
+        match value.get("version").and_then(|v| v.as_u64()) {
+            Some(v) if v == u64::from(FORMAT_VERSION) => {}
+            Some(found) => {
+                return Err(PersistError::Version {
+                    path: path.display().to_string(),
+                    found,
+                });
+            }
+            None => return Err(corrupt("no \"version\" number".into())),
+        }
+        serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))
+    }
+
+    /// Reads the file: `Ok(None)` when it does not exist.
+    pub fn load(path: &Path) -> Result<Option<StateFile>, PersistError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(PersistError::Read {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+}
+
+/// Renames a bad state file out of the way, to `<path>.corrupt-<unix seconds>`; returns the new name.
+pub fn set_aside(path: &Path) -> std::io::Result<PathBuf> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".corrupt-{}", unix_ms() / 1000));
+    let aside = PathBuf::from(name);
+    std::fs::rename(path, &aside)?;
+    Ok(aside)
+}
+
+/// Writes `bytes` to `path` so that a reader sees the old file or the new one, never a part:
+/// a temporary file beside it, `fsync`, `rename`, then `fsync` of the directory. Mode 0600.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(path.file_name().unwrap_or_default());
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// The daemon's writer of the state file.
+#[derive(Debug)]
+pub struct Persist {
+    path: PathBuf,
+    /// The config services runtime changes are measured against.
+    base: Mutex<Vec<ServiceConfig>>,
+}
+
+impl Persist {
+    pub fn new(path: PathBuf, base: Vec<ServiceConfig>) -> Persist {
+        Persist {
+            path,
+            base: Mutex::new(base),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A reload applied the config services `base`.
+    pub fn rebase(&self, base: Vec<ServiceConfig>) {
+        *self.base.lock().unwrap() = base;
+    }
+
+    /// Writes the file for `snapshot`.
+    pub fn save(&self, snapshot: &Snapshot) -> Result<(), PersistError> {
+        let file = StateFile::of(snapshot, &self.base.lock().unwrap());
+        let text = serde_json::to_vec_pretty(&file).expect("the state file serializes");
+        write_atomic(&self.path, &text).map_err(|source| PersistError::Write {
+            path: self.path.display().to_string(),
+            source,
+        })
+    }
+}
+
+/// Reads the state file at start and applies what it holds on top of the config (whose services
+/// are `base`), logging what was restored; sets a bad file aside. Returns the writer, having
+/// written the file once for the state the daemon starts with.
+pub fn restore(engine: &Engine, path: &Path, base: &[ServiceConfig]) -> Persist {
+    let shown = path.display().to_string();
+    let persist = Persist::new(path.to_path_buf(), base.to_vec());
+    match StateFile::load(path) {
+        Ok(None) => info!(state_file = %shown, "no state file yet; it is written on the first change"),
+        Ok(Some(file)) => apply(engine, &file, &shown),
+        Err(e) => match set_aside(path) {
+            Ok(aside) => warn!(
+                state_file = %shown,
+                set_aside_as = %aside.display(),
+                error = %e,
+                "state file not used: {e}; set aside as {}; starting from the config file alone",
+                aside.display()
+            ),
+            Err(again) => error!(
+                state_file = %shown,
+                error = %e,
+                "state file not used: {e}; it could not be set aside ({again}) and will be overwritten on the next change; starting from the config file alone"
+            ),
+        },
+    }
+    if let Err(e) = persist.save(&engine.balancer().snapshot()) {
+        warn!(error = %e, "state file not written; runtime changes will not survive a restart");
+    }
+    persist
+}
+
+/// Applies the runtime changes of `file`, then puts back the transition history.
+fn apply(engine: &Engine, file: &StateFile, shown: &str) {
+    let mut restored = Vec::new();
+    let mut skipped = 0usize;
+    for command in file.commands() {
+        let description = crate::engine::describe(&command);
+        match engine.execute_by(command, &Origin::Restore) {
+            Ok(_) => restored.push(description),
+            Err(e) => {
+                skipped += 1;
+                warn!(state_file = %shown, change = %description, error = %e, "state file: change not restored");
+            }
+        }
+    }
+    let snapshot = engine.balancer().snapshot();
+    let mut histories = 0usize;
+    for (service, logs) in &file.transitions {
+        let Ok(svc) = snapshot.state.service(service) else {
+            continue;
+        };
+        for (name, saved) in logs {
+            let Some(be) = svc.backends.iter().find(|b| &b.config.name == name) else {
+                continue;
+            };
+            let runtime = snapshot.runtime(svc, be);
+            let mut log = runtime.transitions.lock().unwrap();
+            *log = saved.then(&log);
+            histories += 1;
+        }
+    }
+    info!(
+        state_file = %shown,
+        changes = restored.len(),
+        not_restored = skipped,
+        transition_histories = histories,
+        written_unix_ms = file.written_unix_ms,
+        "restored from the state file: {}",
+        if restored.is_empty() {
+            "no runtime changes".to_string()
+        } else {
+            restored.join("; ")
+        }
+    );
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests;
