@@ -206,3 +206,134 @@ fn a_bad_file_is_set_aside_beside_the_original() {
     assert_eq!(std::fs::read_to_string(&aside).unwrap(), "garbage");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An engine over a fake proxy datapath started from `config` (written to `dir/lb.toml`).
+fn engine(dir: &Path, config: &str) -> Engine {
+    use crate::datapath::Datapath;
+    use crate::datapath::fake::FakeDatapath;
+    let path = dir.join("lb.toml");
+    std::fs::write(&path, config).unwrap();
+    let config = Config::load(&path).unwrap();
+    let (events, _) = tokio::sync::mpsc::channel(16);
+    Engine::assemble(config, events, tokio_util::sync::CancellationToken::new(), |_| {
+        Ok(vec![
+            Box::new(FakeDatapath::new(crate::config::DatapathKind::Proxy).0) as Box<dyn Datapath>,
+        ])
+    })
+    .unwrap()
+}
+
+fn config_text(state_file: &Path) -> String {
+    format!(
+        "ring_size = 1009\nstate_file = \"{}\"\n[[service]]\nname = \"web\"\nlisten = \"10.0.0.100:80\"\n\
+         [service.health]\nkind = \"none\"\n[[service.backend]]\nname = \"b1\"\naddress = \"10.1.1.2:80\"\n\
+         [[service.backend]]\nname = \"b2\"\naddress = \"10.1.2.2:80\"\n",
+        state_file.display()
+    )
+}
+
+fn backends(e: &Engine) -> Vec<(String, crate::config::AdminState, u32)> {
+    let snap = e.balancer().snapshot();
+    let svc = snap.state.service("web").unwrap();
+    svc.backends
+        .iter()
+        .map(|b| (b.config.name.clone(), b.config.state, b.config.weight))
+        .collect()
+}
+
+#[test]
+fn an_engine_restarted_with_a_state_file_keeps_its_runtime_changes() {
+    use crate::config::AdminState::{Active, Drain};
+    let dir = temp_dir("engine");
+    let state_file = dir.join("state.json");
+    let first = engine(&dir, &config_text(&state_file));
+    assert!(state_file.exists(), "written at start");
+    let operator = Origin::Operator { uid: Some(0) };
+    first
+        .execute_by(
+            Command::SetState {
+                service: "web".into(),
+                backend: "b1".into(),
+                state: Drain,
+            },
+            &operator,
+        )
+        .unwrap();
+    first
+        .execute_by(
+            Command::AddBackend {
+                service: "web".into(),
+                backend: backend("b3", "10.1.3.2:80"),
+            },
+            &operator,
+        )
+        .unwrap();
+    first
+        .execute_by(
+            Command::SetHealth {
+                service: "web".into(),
+                backend: "b2".into(),
+                health: crate::state::Health::Down,
+            },
+            &Origin::Health {
+                reason: "connect refused".into(),
+            },
+        )
+        .unwrap();
+    let expected = vec![
+        ("b1".into(), Drain, 1),
+        ("b2".into(), Active, 1),
+        ("b3".into(), Active, 1),
+    ];
+    assert_eq!(backends(&first), expected);
+    drop(first);
+
+    let second = engine(&dir, &config_text(&state_file));
+    assert_eq!(backends(&second), expected);
+    let stats = second.stats();
+    let b = |name: &str| {
+        stats.services[0]
+            .backends
+            .iter()
+            .find(|b| b.name == name)
+            .unwrap()
+            .clone()
+    };
+    // The history came back: b2's fall with its reason, b1's drain by the operator, then by the file.
+    let b2 = b("b2");
+    assert_eq!(b2.health_transitions, 1);
+    assert_eq!(b2.transitions[0].reason, "health check: connect refused");
+    let reasons: Vec<_> = b("b1").transitions.iter().map(|t| t.reason.clone()).collect();
+    assert_eq!(reasons, ["operator uid 0", "state file at start"]);
+    // A reload of the unchanged config keeps the restored changes.
+    second.reload().unwrap();
+    assert_eq!(backends(&second), expected);
+    drop(second);
+
+    // A corrupt file is set aside and the engine starts from the config.
+    std::fs::write(
+        &state_file,
+        "{\"format\": \"lb-state\", \"version\": 1, \"base\": [",
+    )
+    .unwrap();
+    let third = engine(&dir, &config_text(&state_file));
+    assert_eq!(
+        backends(&third),
+        vec![("b1".into(), Active, 1), ("b2".into(), Active, 1)]
+    );
+    let aside: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("state.json.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    // And a fresh file was written for the state it started with.
+    assert!(
+        StateFile::load(&state_file)
+            .unwrap()
+            .unwrap()
+            .commands()
+            .is_empty()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
