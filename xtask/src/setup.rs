@@ -26,6 +26,8 @@ const PACKAGES: &[&str] = &[
     // The web tier in front of `datapath = "ajp"`: Apache httpd with mod_proxy_ajp and mod_jk.
     "apache2",
     "libapache2-mod-jk",
+    // A real browser for the status page test (headless, `--dump-dom` and `--screenshot`).
+    "chromium",
 ];
 
 /// Packages whose Debian install starts a system service. The tests start their own instances in

@@ -471,6 +471,7 @@ fn examples_all_parse() {
         "seed",
         "ring_size",
         "shutdown_timeout",
+        "state_file",
         "[control]",
         "socket",
         "mode",
