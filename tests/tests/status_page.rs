@@ -87,7 +87,12 @@ fn the_status_page_renders_in_a_browser() {
     if !require_root("the_status_page_renders_in_a_browser") {
         return;
     }
-    let mut bed = Bed::new("spg", 3, 0, config);
+    let mut bed = Bed::new("spg", 3, 4, config);
+    // Some traffic first, so the connection counters are not all zero.
+    let clients = bed.topo.client_addrs();
+    for c in &clients {
+        bed.get(*c);
+    }
     bed.lb.cli_ok(&["backend", "drain", "web", "b2"]);
     drop(bed.servers.remove(2)); // the http server of b3 (http b1..b3, then echo b1..b3)
     let deadline = Instant::now() + Duration::from_secs(10);
