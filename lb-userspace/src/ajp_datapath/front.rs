@@ -449,6 +449,7 @@ impl<'a> Request<'a> {
             conn.stream.write_all(&packet).await.map_err(before)?;
         }
         let decoder = FrameDecoder::new(Direction::ToServer, max);
+        let front_decoder = FrameDecoder::new(Direction::ToContainer, max);
         let mut responded = false;
         let mut status = 0u16;
         loop {
@@ -496,7 +497,7 @@ impl<'a> Request<'a> {
                             .await
                             .map_err(|e| Outcome::Front(e.to_string()))?;
                         let (packet, data) = self
-                            .read_body_packet(&decoder)
+                            .read_body_packet(&front_decoder)
                             .await
                             .map_err(|e| Outcome::Front(e.to_string()))?;
                         body.keep(data, settings.retry_buffer);
