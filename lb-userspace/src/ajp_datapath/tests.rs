@@ -810,3 +810,19 @@ async fn shutdown_does_not_wait_for_idle_connections() {
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(web.closed().await, "idle web-tier connection closed");
 }
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways() {
+    let fake = FakeBackend::start("t1", Mode::Answer).await;
+    let lb = Lb::start(&[("t1", fake.addr, false)], AjpConfig::default());
+    let mut web = Web::connect(lb.addr).await;
+    // Larger than retry_buffer: streamed packet by packet, echoed back in many chunks.
+    let body: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i * 7 % 26) as u8).collect();
+    for _ in 0..2 {
+        let a = web.request(&Req::from(&ip(3)).body(&body)).await.unwrap();
+        assert_eq!(a.status, 200);
+        assert_eq!(a.body.as_bytes(), [b"t1:".as_slice(), &body].concat());
+    }
+    assert_eq!(fake.seen.lock().unwrap()[1].body, body);
+    assert_eq!(fake.connections.load(SeqCst), 1);
+}
