@@ -439,12 +439,15 @@ impl<'a> Request<'a> {
     ) -> Result<(u16, bool), Outcome> {
         let max = settings.max_packet;
         let before = |e: std::io::Error| Outcome::BackendBeforeResponse(e.to_string());
+        let stats = conn.stats();
         conn.stream.write_all(forward).await.map_err(before)?;
+        stats.bytes_in.fetch_add(forward.len() as u64, Relaxed);
         // Replay position in the held body.
         let mut cursor = (0usize, 0usize);
         if body.first_unasked {
             let packet = next_held(body, &mut cursor, codec::max_body_data(max));
             conn.stream.write_all(&packet).await.map_err(before)?;
+            stats.bytes_in.fetch_add(packet.len() as u64, Relaxed);
         }
         let decoder = FrameDecoder::new(Direction::ToServer, max);
         let front_decoder = FrameDecoder::new(Direction::ToContainer, max);
@@ -466,7 +469,10 @@ impl<'a> Request<'a> {
                 _ = reset.cancelled() => Err(std::io::Error::other("backend marked down (on_down = reset)")),
             };
             let frame = match read {
-                Ok(Some(f)) => f,
+                Ok(Some(f)) => {
+                    stats.bytes_out.fetch_add(f.len() as u64, Relaxed);
+                    f
+                }
                 Ok(None) => return Err(failed("connection closed".into(), responded)),
                 Err(e) => return Err(failed(e.to_string(), responded)),
             };
@@ -512,6 +518,7 @@ impl<'a> Request<'a> {
                     if let Err(e) = conn.stream.write_all(&packet).await {
                         return Err(failed(e.to_string(), responded));
                     }
+                    stats.bytes_in.fetch_add(packet.len() as u64, Relaxed);
                 }
                 Some(kind::END_RESPONSE) => {
                     let reuse = matches!(

@@ -131,7 +131,7 @@ impl Service {
         for be in &svc.backends {
             let pool = pools
                 .entry(be.id)
-                .or_insert_with(|| Pool::new(be.config.address, size));
+                .or_insert_with(|| Pool::new(be.config.address, size, be.stats.clone()));
             pool.resize(size);
             pool.set_usable(be.health == Health::Up && be.config.state != AdminState::Maintenance);
         }

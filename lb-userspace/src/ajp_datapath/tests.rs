@@ -745,6 +745,14 @@ async fn pooled_connections_are_reused_only_after_the_reuse_flag() {
     assert_eq!(&conns[3..], &[3, 3, 3, 3, 3]);
     let c = lb.backend_counters("t1");
     assert_eq!((c.pool_idle, c.pool_busy, c.in_flight), (1, 0, 0));
+    // The connection counters every datapath reports count backend connections here.
+    {
+        let b = lb.balancer.lock().unwrap();
+        let st = &b.state.service("ajp").unwrap().backend("t1").unwrap().stats;
+        assert_eq!(st.total_connections.load(SeqCst), 4);
+        assert_eq!(st.active_connections.load(SeqCst), 1);
+        assert!(st.bytes_in.load(SeqCst) > 0 && st.bytes_out.load(SeqCst) > 0);
+    }
     // Maintenance closes the idle connection.
     lb.set_state("t1", AdminState::Maintenance);
     assert_eq!(lb.backend_counters("t1").pool_idle, 0);
