@@ -834,3 +834,55 @@ async fn large_bodies_stream_both_ways() {
     assert_eq!(fake.seen.lock().unwrap()[1].body, body);
     assert_eq!(fake.connections.load(SeqCst), 1);
 }
+
+#[tokio::test]
+async fn engine_runs_ajp_services_and_reports_their_counters() {
+    let fake = FakeBackend::start("t1", Mode::Answer).await;
+    let port = dead_address().port();
+    let text = format!(
+        "[[service]]\nname = \"tomcat\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"ajp\"\ndatapath = \"ajp\"\n\
+         [service.health]\nkind = \"none\"\n[service.ajp]\nsecret = \"s3cret-value\"\n\
+         [[service.backend]]\nname = \"t1\"\naddress = \"{}\"\n",
+        fake.addr
+    );
+    let config = crate::config::Config::parse(&text, "test.toml").unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::channel(16);
+    let engine =
+        crate::engine::Engine::start(config, tx, tokio_util::sync::CancellationToken::new()).unwrap();
+    let mut web = Web::connect(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let a = web
+        .request(&Req::from(&ip(1)).secret("s3cret-value"))
+        .await
+        .unwrap();
+    assert_eq!((a.status, a.backend()), (200, "t1"));
+    assert_eq!(web.request(&Req::from(&ip(1))).await.unwrap().status, 403);
+    let stats = engine.stats();
+    let svc = stats.services.iter().find(|s| s.name == "tomcat").unwrap();
+    let ajp = svc.ajp.as_ref().expect("ajp counters in stats");
+    assert_eq!(ajp.refused_secret, 1);
+    let t1 = ajp.backends.values().next().unwrap();
+    assert_eq!((t1.name.as_str(), t1.requests, t1.responses_2xx), ("t1", 1, 1));
+    // `lb which` answers by the browser's address for ajp services too.
+    let which = engine.which("tomcat", &ip(1)).unwrap();
+    assert_eq!(which.backend.as_deref(), Some("t1"));
+    assert_eq!(
+        which.reason, "affinity",
+        "the request recorded the address's affinity"
+    );
+    // The secret shows nowhere in the operator's views.
+    let shown = format!(
+        "{}{}",
+        serde_json::to_string(&engine.stats()).unwrap(),
+        serde_json::to_string(&engine.status(None).unwrap()).unwrap()
+    );
+    assert!(!shown.contains("s3cret-value"));
+    let text = crate::metrics::render(&engine.stats(), crate::metrics::Format::Text).unwrap();
+    assert!(!text.contains("s3cret-value"));
+    assert!(
+        text.contains("lb_ajp_backend_requests_total{service=\"tomcat\",backend=\"t1\"} 1"),
+        "{text}"
+    );
+    tokio::time::timeout(Duration::from_secs(2), engine.shutdown())
+        .await
+        .expect("idle connections do not hold up shutdown");
+}
