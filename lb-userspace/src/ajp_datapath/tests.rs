@@ -2,7 +2,7 @@
 //! AJP as Tomcat does) and a fake web tier sending Forward Requests as mod_jk does.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -760,12 +760,11 @@ async fn pooled_connections_are_reused_only_after_the_reuse_flag() {
 
 #[tokio::test]
 async fn idle_connection_closed_by_the_backend_is_replaced_transparently() {
-    let closing = Arc::new(AtomicBool::new(false));
     // A backend that answers once per connection with reuse = true, then closes it.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
-    let (acc, _c) = (accepted.clone(), closing.clone());
+    let acc = accepted.clone();
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = listener.accept().await else {
@@ -774,11 +773,14 @@ async fn idle_connection_closed_by_the_backend_is_replaced_transparently() {
             acc.fetch_add(1, SeqCst);
             tokio::spawn(async move {
                 let mut buf = BytesMut::new();
-                if read_frame(&mut s, &mut buf, Direction::ToContainer)
-                    .await
-                    .is_none()
-                {
-                    return;
+                loop {
+                    let Some(f) = read_frame(&mut s, &mut buf, Direction::ToContainer).await else {
+                        return;
+                    };
+                    if f.kind() != Some(crate::ajp::codec::kind::CPING) {
+                        break;
+                    }
+                    let _ = s.write_all(&crate::ajp::CPONG).await;
                 }
                 let _ = send(
                     &mut s,
@@ -885,4 +887,35 @@ async fn engine_runs_ajp_services_and_reports_their_counters() {
     tokio::time::timeout(Duration::from_secs(2), engine.shutdown())
         .await
         .expect("idle connections do not hold up shutdown");
+}
+
+#[tokio::test]
+async fn backend_that_accepts_but_never_answers_is_skipped() {
+    // Accepts connections (the kernel does) but never reads: the CPing goes unanswered.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let good = FakeBackend::start("good", Mode::Answer).await;
+    let lb = Lb::start(
+        &[("hung", silent_addr, false), ("good", good.addr, false)],
+        AjpConfig::default(),
+    );
+    lb.run(Command::UpdateService {
+        service: {
+            let b = lb.balancer.lock().unwrap();
+            let mut s = b.state.service("ajp").unwrap().settings.clone();
+            s.connect_timeout = Duration::from_millis(300);
+            s
+        },
+    });
+    let user = (0..200).map(ip).find(|i| lb.by_address(i) == "hung").unwrap();
+    let mut web = Web::connect(lb.addr).await;
+    let a = web.request(&Req::from(&user).body(b"x=1")).await.unwrap();
+    assert_eq!((a.status, a.backend()), (200, "good"));
+    assert_eq!(lb.backend_counters("hung").retries, 1);
 }
