@@ -70,6 +70,7 @@ impl FakeBackend {
                     return;
                 };
                 let n = connections.fetch_add(1, SeqCst);
+                let _ = s.set_nodelay(true);
                 let (name, mode, seen) = (name.clone(), mode.clone(), seen.clone());
                 tokio::spawn(async move {
                     let _ = backend_conn(s, n, &name, &mode, &seen).await;
@@ -293,8 +294,10 @@ impl Answer {
 
 impl Web {
     async fn connect(addr: SocketAddr) -> Web {
+        let s = TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
         Web {
-            s: TcpStream::connect(addr).await.unwrap(),
+            s,
             buf: BytesMut::new(),
         }
     }
