@@ -356,3 +356,74 @@ proptest! {
         decode_all(&bytes, 8192);
     }
 }
+
+fn ajp_string() -> impl Strategy<Value = AjpString> {
+    prop_oneof![
+        1 => Just(None),
+        6 => proptest::collection::vec(any::<u8>(), 0..40).prop_map(|v| Some(Bytes::from(v))),
+    ]
+}
+
+fn header_name() -> impl Strategy<Value = HeaderName> {
+    prop_oneof![
+        (0xA001u16..=0xA0FF).prop_map(HeaderName::Coded),
+        proptest::collection::vec(any::<u8>(), 0..20).prop_map(|v| HeaderName::Named(Bytes::from(v))),
+    ]
+}
+
+fn attribute() -> impl Strategy<Value = Attribute> {
+    prop_oneof![
+        (
+            (1u8..=13).prop_filter("coded string", |c| *c != attr::REQ_ATTRIBUTE
+                && *c != attr::SSL_KEY_SIZE),
+            ajp_string()
+        )
+            .prop_map(|(code, value)| Attribute::Coded { code, value }),
+        (ajp_string(), ajp_string()).prop_map(|(name, value)| Attribute::Request { name, value }),
+        any::<u16>().prop_map(Attribute::SslKeySize),
+    ]
+}
+
+prop_compose! {
+    fn forward_request()(
+        method in any::<u8>(),
+        strings in proptest::collection::vec(ajp_string(), 5),
+        server_port in any::<u16>(),
+        is_ssl in any::<bool>(),
+        headers in proptest::collection::vec((header_name(), ajp_string()), 0..8),
+        attributes in proptest::collection::vec(attribute(), 0..8),
+    ) -> ForwardRequest {
+        ForwardRequest {
+            method,
+            protocol: strings[0].clone(),
+            req_uri: strings[1].clone(),
+            remote_addr: strings[2].clone(),
+            remote_host: strings[3].clone(),
+            server_name: strings[4].clone(),
+            server_port,
+            is_ssl,
+            headers,
+            attributes,
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn generated_packets_round_trip(req in forward_request(), status in any::<u16>(),
+        headers in proptest::collection::vec((header_name(), ajp_string()), 0..8),
+        data in proptest::collection::vec(any::<u8>(), 0..300), n in any::<u16>(), reuse in any::<bool>()) {
+        server_round_trip(ServerMessage::ForwardRequest(Box::new(req)), false);
+        server_round_trip(ServerMessage::Body(Bytes::from(data.clone())), true);
+        container_round_trip(ContainerMessage::SendHeaders(Box::new(SendHeaders {
+            status,
+            message: Some(Bytes::from_static(b"X")),
+            headers,
+        })));
+        container_round_trip(ContainerMessage::SendBodyChunk(Bytes::from(data)));
+        container_round_trip(ContainerMessage::GetBodyChunk(n));
+        container_round_trip(ContainerMessage::EndResponse { reuse });
+    }
+}
