@@ -32,7 +32,8 @@ use tracing::{info, warn};
 use crate::config::{DatapathKind, XdpConfig, XdpMode};
 use crate::datapath::{BackendTraffic, Datapath, DatapathError, Drained, ServiceTraffic, Which};
 use crate::ebpf::{self, XDP_PROGRAM};
-use crate::state::{Backend, Effect, Service, State};
+use crate::runtime::Snapshot;
+use crate::state::{Backend, Effect, Service};
 
 const IPPROTO_TCP: u8 = 6;
 /// Ring content not yet written by this process (never a backend index).
@@ -777,7 +778,8 @@ impl Datapath for XdpDatapath {
         DatapathKind::Xdp
     }
 
-    fn apply(&self, effect: &Effect, state: &State) -> Result<(), DatapathError> {
+    fn apply(&self, effect: &Effect, snapshot: &Snapshot) -> Result<(), DatapathError> {
+        let state = &snapshot.state;
         let mut inner = self.inner.lock().unwrap();
         let result = match effect {
             Effect::ServiceAdded(name) | Effect::ServiceChanged(name) => match state.service(name) {
@@ -836,6 +838,7 @@ impl Datapath for XdpDatapath {
                     (b.id, t)
                 })
                 .collect(),
+            ajp: None,
         }
     }
 

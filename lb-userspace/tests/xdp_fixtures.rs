@@ -91,6 +91,7 @@ fn service() -> ServiceConfig {
             fall: 3,
             port: None,
         },
+        ajp: None,
         backends: (1..=3)
             .map(|i| BackendConfig {
                 name: format!("b{i}"),
@@ -98,6 +99,7 @@ fn service() -> ServiceConfig {
                 weight: 1,
                 backup: false,
                 state: AdminState::Active,
+                route: format!("b{i}"),
             })
             .collect(),
     }
@@ -122,7 +124,8 @@ impl Fixture {
 
     fn apply(&mut self, command: Command) {
         let effect = self.state.apply(command).expect("command applies");
-        self.xdp.apply(&effect, &self.state).expect("datapath applies");
+        let snapshot = lb::runtime::Snapshot::new(self.state.clone());
+        self.xdp.apply(&effect, &snapshot).expect("datapath applies");
     }
 
     /// The backend the user-space selection picks for a new client (no affinity).
