@@ -13,6 +13,11 @@
 //!   [`http_get_from`], [`HttpConn`] (keep-alive requests), [`ajp_cping`].
 //! - [`servers`]: starting `lb-testsrv` backends ([`start_http_backends`], [`start_echo_backends`],
 //!   [`start_ajp_backend`]).
+//! - [`tomcat`]: a real Tomcat 10 (private `CATALINA_BASE`, AJP connector, optional `jvmRoute`,
+//!   secret and a session-printing JSP); [`apache`]: a real Apache httpd in front (mod_proxy_ajp,
+//!   mod_proxy_balancer or mod_jk); [`webtier`]: the web namespace between client and lb, and
+//!   [`webtier::Browser`], an HTTP client with a session cookie; [`ajp_client`]: a raw AJP 1.3
+//!   client (Forward Request with any attributes, Shutdown, CPing).
 //! - `src/bin/testsrv.rs`: the `lb-testsrv` backend binary (http / echo / ajp modes);
 //!   `src/bin/demo.rs`: `lb-demo`, the sticky-session and drain walk-through.
 //!
@@ -22,12 +27,15 @@
 //! processes are stopped before the namespaces are deleted (locals drop in reverse order).
 //! Tests needing root call [`require_root`] first and return early when it says no.
 
+pub mod ajp_client;
+pub mod apache;
 pub mod child;
 pub mod client;
 pub mod netns;
 pub mod servers;
 pub mod tomcat;
 pub mod topology;
+pub mod webtier;
 
 use std::io::Write;
 use std::path::PathBuf;
