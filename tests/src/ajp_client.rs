@@ -10,7 +10,10 @@
 //! (`AB`), u16 length, payload. Strings are a u16 length, the bytes and a NUL; `ffff` is null.
 
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use crate::client::connect_from;
 
 /// Forward Request prefix code.
 pub const FORWARD_REQUEST: u8 = 0x02;
@@ -70,17 +73,22 @@ pub const GET: u8 = 2;
 pub const POST: u8 = 4;
 
 impl ForwardRequest {
-    /// `GET uri` from `remote_addr`, Host `lb-tests`, no attributes.
+    /// `GET uri` from `remote_addr`, Host `lb-tests`; a `?query` part of `uri` goes into the
+    /// query_string attribute, as web servers send it.
     pub fn get(uri: &str, remote_addr: &str) -> ForwardRequest {
+        let (path, query) = match uri.split_once('?') {
+            Some((p, q)) => (p, vec![Attr::QueryString(q.to_string())]),
+            None => (uri, Vec::new()),
+        };
         ForwardRequest {
             method: GET,
             protocol: "HTTP/1.1".to_string(),
-            uri: uri.to_string(),
+            uri: path.to_string(),
             remote_addr: remote_addr.to_string(),
             server_name: "lb-tests".to_string(),
             server_port: 80,
             headers: vec![("Host".to_string(), "lb-tests".to_string())],
-            attributes: Vec::new(),
+            attributes: query,
             body: Vec::new(),
         }
     }
@@ -404,6 +412,19 @@ pub fn exchange(stream: &mut TcpStream, req: &ForwardRequest) -> io::Result<AjpR
             other => return Err(bad(format!("unexpected container packet type {other:#04x}"))),
         }
     }
+}
+
+/// Connect from `src` in namespace `ns` to `addr` (bounded by `timeout`, as are reads and writes)
+/// and do one [`exchange`].
+pub fn exchange_from(
+    ns: &str,
+    src: Ipv4Addr,
+    addr: SocketAddr,
+    req: &ForwardRequest,
+    timeout: Duration,
+) -> io::Result<AjpResponse> {
+    let mut s = connect_from(ns, src, addr, timeout)?;
+    exchange(&mut s, req)
 }
 
 /// Write `packet` and wait up to the stream's read timeout for an answer: the first packet's

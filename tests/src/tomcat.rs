@@ -125,10 +125,12 @@ impl TomcatOptions {
 /// remote=10.0.0.12              request.getRemoteAddr(): the browser's address the AJP request carries
 /// method=POST
 /// body=2048                     bytes of request body read
+/// count=1234                    requests this Tomcat served so far (this one included)
 /// ```
 ///
 /// `?sleep=MS` waits MS milliseconds (at most 10 s) after reading the body, to keep a request in
-/// flight; `?nosession=1` neither creates nor uses a session.
+/// flight; `?session=existing` uses the session of the cookie but never creates one (`session=-`
+/// when there is none), `?session=none` neither creates nor uses one.
 pub const INDEX_JSP: &str = r#"<%@ page contentType="text/plain; charset=UTF-8" session="false" %><%
 Object route = application.getAttribute("lbtest.route");
 if (route == null) {
@@ -141,6 +143,18 @@ if (route == null) {
     if (route == null) { route = "-"; }
     application.setAttribute("lbtest.route", route);
 }
+java.util.concurrent.atomic.AtomicLong counter =
+    (java.util.concurrent.atomic.AtomicLong) application.getAttribute("lbtest.count");
+if (counter == null) {
+    synchronized (application) {
+        counter = (java.util.concurrent.atomic.AtomicLong) application.getAttribute("lbtest.count");
+        if (counter == null) {
+            counter = new java.util.concurrent.atomic.AtomicLong();
+            application.setAttribute("lbtest.count", counter);
+        }
+    }
+}
+long count = counter.incrementAndGet();
 long len = 0;
 java.io.InputStream in = request.getInputStream();
 byte[] buf = new byte[8192];
@@ -152,10 +166,13 @@ if (sleep != null) {
 }
 String sid = "-";
 boolean isNew = false;
-if (request.getParameter("nosession") == null) {
-    jakarta.servlet.http.HttpSession s = request.getSession(true);
-    sid = s.getId();
-    isNew = s.isNew();
+String mode = request.getParameter("session");
+if (!"none".equals(mode)) {
+    jakarta.servlet.http.HttpSession s = request.getSession(!"existing".equals(mode));
+    if (s != null) {
+        sid = s.getId();
+        isNew = s.isNew();
+    }
 }
 %>route=<%= route %>
 session=<%= sid %>
@@ -163,6 +180,7 @@ new=<%= isNew %>
 remote=<%= request.getRemoteAddr() %>
 method=<%= request.getMethod() %>
 body=<%= len %>
+count=<%= count %>
 "#;
 
 /// The `conf/server.xml` of a test Tomcat: no shutdown port, one AJP/1.3 connector on
