@@ -336,12 +336,12 @@ pub fn read_packet(s: &mut impl Read) -> io::Result<Vec<u8>> {
 pub fn exchange(stream: &mut TcpStream, req: &ForwardRequest) -> io::Result<AjpResponse> {
     let mut out = req.encode();
     let chunk = MAX_PAYLOAD - 2;
-    let mut chunks = req.body.chunks(chunk);
-    if let Some(first) = chunks.next() {
-        out.extend_from_slice(&body_chunk(first));
+    // The first chunk goes right after the Forward Request; the rest when Tomcat asks for it.
+    let mut sent = req.body.len().min(chunk);
+    if sent > 0 {
+        out.extend_from_slice(&body_chunk(&req.body[..sent]));
     }
     stream.write_all(&out)?;
-    let mut body_done = req.body.is_empty();
     let mut resp = AjpResponse::default();
     let mut got_headers = false;
     loop {
@@ -388,18 +388,11 @@ pub fn exchange(stream: &mut TcpStream, req: &ForwardRequest) -> io::Result<AjpR
                 resp.body.extend_from_slice(c.take(len)?);
             }
             GET_BODY_CHUNK => {
-                let want = c.u16()? as usize;
-                let next = if body_done { None } else { chunks.next() };
-                match next {
-                    Some(data) => {
-                        let data = &data[..data.len().min(want.max(1))];
-                        stream.write_all(&body_chunk(data))?;
-                    }
-                    None => {
-                        body_done = true;
-                        stream.write_all(&body_chunk(&[]))?;
-                    }
-                }
+                // An empty chunk once the body is all sent.
+                let want = (c.u16()? as usize).clamp(1, chunk);
+                let n = (req.body.len() - sent).min(want);
+                stream.write_all(&body_chunk(&req.body[sent..sent + n]))?;
+                sent += n;
             }
             END_RESPONSE => {
                 resp.reuse = c.u8().map(|b| b != 0).unwrap_or(false);

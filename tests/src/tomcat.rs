@@ -90,6 +90,10 @@ pub struct TomcatOptions {
     pub max_threads: u32,
     /// Deploy `webapps/ROOT/index.jsp` ([`INDEX_JSP`]).
     pub webapp: bool,
+    /// Log every request (`%r %s`, unbuffered) to `logs/access.*.log`, refused ones included
+    /// (Tomcat logs the 403 of a wrong secret or a forbidden attribute too): proof of what reached
+    /// this Tomcat. See [`CatalinaBase::access_log`].
+    pub access_log: bool,
 }
 
 impl TomcatOptions {
@@ -105,6 +109,12 @@ impl TomcatOptions {
     /// The same with the AJP connector requiring `secret`.
     pub fn with_secret(mut self, secret: Option<&str>) -> TomcatOptions {
         self.secret = secret.map(String::from);
+        self
+    }
+
+    /// The same with the access log on or off.
+    pub fn with_access_log(mut self, on: bool) -> TomcatOptions {
+        self.access_log = on;
         self
     }
 
@@ -206,6 +216,12 @@ pub fn server_xml_with(address: Ipv4Addr, ajp_port: u16, opts: &TomcatOptions) -
     } else {
         opts.max_threads
     };
+    let valve = if opts.access_log {
+        "\n        <Valve className=\"org.apache.catalina.valves.AccessLogValve\" directory=\"logs\"\n               \
+         prefix=\"access\" suffix=\".log\" pattern=\"%r %s\" buffered=\"false\" />\n      "
+    } else {
+        ""
+    };
     format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
 <!-- lb integration tests: AJP only, no shutdown port (stopped with SIGTERM). -->
@@ -214,7 +230,7 @@ pub fn server_xml_with(address: Ipv4Addr, ajp_port: u16, opts: &TomcatOptions) -
     <Connector protocol="AJP/1.3" address="{address}" port="{ajp_port}"
                {secret} maxThreads="{threads}" />
     <Engine name="Catalina" defaultHost="localhost"{route}>
-      <Host name="localhost" appBase="webapps" unpackWARs="false" autoDeploy="false" />
+      <Host name="localhost" appBase="webapps" unpackWARs="false" autoDeploy="false">{valve}</Host>
     </Engine>
   </Service>
 </Server>
@@ -284,6 +300,27 @@ impl CatalinaBase {
     /// The AJP connector's address.
     pub fn ajp_addr(&self) -> SocketAddr {
         SocketAddr::new(self.address.into(), self.ajp_port)
+    }
+
+    /// The access log so far (`GET /index.jsp?x=1 HTTP/1.1 200` lines; empty unless
+    /// [`TomcatOptions::access_log`]).
+    pub fn access_log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(rd) = fs::read_dir(self.dir.join("logs")) {
+            let mut files: Vec<_> = rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("access"))
+                })
+                .collect();
+            files.sort();
+            for f in files {
+                text.push_str(&fs::read_to_string(&f).unwrap_or_default());
+            }
+        }
+        text
     }
 
     /// The last `n` lines of Tomcat's `logs/catalina.*.log` files (for failure messages).

@@ -341,7 +341,9 @@ fn start_bed() -> Bed {
     let t = Instant::now();
     for (k, route) in PRIMARIES.iter().chain([&SPARE]).enumerate() {
         let i = k + 1;
-        let opts = TomcatOptions::app(route).with_secret(Some(BACKEND_SECRET));
+        let opts = TomcatOptions::app(route)
+            .with_secret(Some(BACKEND_SECRET))
+            .with_access_log(true);
         let base = CatalinaBase::with_options(&format!("ajp{i}"), bed.topo.backend_addr(i), AJP_PORT, &opts)
             .expect("CATALINA_BASE");
         let tc = Tomcat::start(bed.topo.backend_ns(i), &base).expect("start Tomcat");
@@ -386,6 +388,53 @@ fn ajp_behind_apache_end_to_end() {
             report(&format!("ajp:   anchor users per Tomcat {per:?}"));
         },
     );
+
+    // The raw AJP client and the access-log detector, checked against Tomcat t1 itself: a good
+    // request is served and logged, and a refused one (Ghostcat attribute) is logged too, so "not
+    // in any access log" below means "never reached a Tomcat".
+    cases.run("raw AJP client and access logs against a Tomcat directly", || {
+        let ns = bed.topo.lb_ns().name().to_string();
+        let t1 = bed.tomcat_addr(1);
+        let send = |req: &ForwardRequest| {
+            ajp_client::exchange_from(&ns, Ipv4Addr::UNSPECIFIED, t1, req, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("raw AJP to {t1}: {e}"))
+        };
+        let ok = send(
+            &ForwardRequest::post("/index.jsp?probe=direct-ok", "10.0.0.66", &[7u8; 20_000])
+                .attr(Attr::Secret(BACKEND_SECRET.into())),
+        );
+        assert_eq!(ok.status, 200, "{}", ok.text());
+        for line in [
+            "route=t1",
+            "remote=10.0.0.66",
+            "method=POST",
+            "body=20000",
+            "new=true",
+        ] {
+            assert!(
+                ok.text().contains(&format!("{line}\n")),
+                "{line} missing: {}",
+                ok.text()
+            );
+        }
+        assert!(
+            ok.header("Set-Cookie").is_some_and(|c| c.contains(".t1")),
+            "{ok:?}"
+        );
+        let ghost = send(
+            &ForwardRequest::get("/index.jsp?probe=direct-ghost", "10.0.0.66")
+                .attr(Attr::Secret(BACKEND_SECRET.into()))
+                .attr(Attr::ReqAttribute(
+                    "javax.servlet.include.request_uri".into(),
+                    "/".into(),
+                )),
+        );
+        assert_eq!(ghost.status, 403, "Tomcat itself answered {}", ghost.status);
+        thread::sleep(Duration::from_millis(200));
+        let log = bed.tomcats[0].1.access_log();
+        assert!(log.contains("probe=direct-ok HTTP/1.1 200"), "{log}");
+        assert!(log.contains("probe=direct-ghost HTTP/1.1 403"), "{log}");
+    });
 
     let lb_up = cases.run("lb run with datapath = \"ajp\" starts", || {
         bed.lb = Some(Lb::start(bed.topo.lb_ns(), "ajp", |socket| {
@@ -460,32 +509,48 @@ fn ajp_behind_apache_end_to_end() {
                 connect_from(&ns, web, vip, Duration::from_secs(5))
                     .unwrap_or_else(|e| panic!("connect to {vip}: {e}"))
             };
-            let good =
-                || ForwardRequest::get("/index.jsp", "10.0.0.77").attr(Attr::Secret(FRONT_SECRET.into()));
-            // Baseline: the raw client gets a page through lb, twice on one connection.
+            let good = |probe: &str| {
+                ForwardRequest::get(&format!("/index.jsp?probe={probe}"), "10.0.0.77")
+                    .attr(Attr::Secret(FRONT_SECRET.into()))
+            };
+            // Which Tomcats logged `probe` (each Tomcat logs every request it gets, refused ones too).
+            let reached = |probe: &str| -> Vec<String> {
+                bed.tomcats
+                    .iter()
+                    .zip(PRIMARIES.iter().chain([&SPARE]))
+                    .filter(|((_, base), _)| base.access_log().contains(&format!("probe={probe} ")))
+                    .map(|(_, t)| t.to_string())
+                    .collect()
+            };
+            // Baseline: the raw client gets a page through lb, twice on one connection, and the Tomcat
+            // that answered logged it.
             let mut s = conn();
-            for _ in 0..2 {
-                let r =
-                    ajp_client::exchange(&mut s, &good()).unwrap_or_else(|e| panic!("{e}\n{}", bed.logs()));
+            for k in 0..2 {
+                let r = ajp_client::exchange(&mut s, &good(&format!("baseline{k}")))
+                    .unwrap_or_else(|e| panic!("{e}\n{}", bed.logs()));
                 assert_eq!(r.status, 200, "{}", r.text());
-                assert!(
-                    PRIMARIES
-                        .iter()
-                        .any(|t| r.text().contains(&format!("route={t}\n"))),
-                    "{}",
-                    r.text()
-                );
+                let route = PRIMARIES
+                    .iter()
+                    .find(|t| r.text().contains(&format!("route={t}\n")))
+                    .unwrap_or_else(|| panic!("no primary's route in {}", r.text()));
                 assert!(r.text().contains("remote=10.0.0.77\n"), "{}", r.text());
+                assert_eq!(reached(&format!("baseline{k}")), vec![route.to_string()]);
             }
-            let refused = |req: ForwardRequest, what: &str| {
+            let refused = |req: ForwardRequest, probe: &str, what: &str| {
                 let mut s = conn();
                 match ajp_client::exchange(&mut s, &req) {
                     Ok(r) => assert_eq!(r.status, 403, "{what}: answered {} {}", r.status, r.text()),
                     Err(e) => panic!("{what}: expected a 403, got {e}"),
                 }
+                thread::sleep(Duration::from_millis(200));
+                assert!(
+                    reached(probe).is_empty(),
+                    "{what} was forwarded to {:?}",
+                    reached(probe)
+                );
             };
             refused(
-                good()
+                good("ghostcat")
                     .attr(Attr::ReqAttribute(
                         "javax.servlet.include.request_uri".into(),
                         "/".into(),
@@ -498,13 +563,20 @@ fn ajp_behind_apache_end_to_end() {
                         "javax.servlet.include.servlet_path".into(),
                         "/".into(),
                     )),
+                "ghostcat",
                 "Ghostcat include attributes",
             );
             refused(
-                ForwardRequest::get("/index.jsp", "10.0.0.77").attr(Attr::Secret("wrong".into())),
+                ForwardRequest::get("/index.jsp?probe=wrongsecret", "10.0.0.77")
+                    .attr(Attr::Secret("wrong".into())),
+                "wrongsecret",
                 "wrong secret",
             );
-            refused(ForwardRequest::get("/index.jsp", "10.0.0.77"), "no secret");
+            refused(
+                ForwardRequest::get("/index.jsp?probe=nosecret", "10.0.0.77"),
+                "nosecret",
+                "no secret",
+            );
             // Shutdown: never forwarded; whatever lb answers, it is not a Tomcat's answer, and every
             // Tomcat still runs.
             let mut s = conn();
@@ -526,7 +598,8 @@ fn ajp_behind_apache_end_to_end() {
             assert_eq!(reply, AJP_CPONG);
             // The daemon keeps serving: raw and through Apache.
             let mut s = conn();
-            let r = ajp_client::exchange(&mut s, &good()).unwrap_or_else(|e| panic!("{e}\n{}", bed.logs()));
+            let r = ajp_client::exchange(&mut s, &good("after"))
+                .unwrap_or_else(|e| panic!("{e}\n{}", bed.logs()));
             assert_eq!(r.status, 200);
             let mut b = bed.browser(0);
             let p = b.get("/index.jsp").unwrap();
