@@ -386,6 +386,7 @@ fn ajp_behind_apache_end_to_end() {
             let at = assert_sticky(&browsers, &pages);
             let per = assert_spread(&at);
             report(&format!("ajp:   anchor users per Tomcat {per:?}"));
+            post_sizes(&bed, &mut browsers[1]);
         },
     );
 
@@ -447,6 +448,7 @@ fn ajp_behind_apache_end_to_end() {
         for name in [
             "users stick and spread (mod_proxy_ajp)",
             "session follows its cookie to another address",
+            "POST bodies of every size arrive whole",
             "Ghostcat attribute, wrong secret and Shutdown refused; CPing answered",
             "idle pooled connections outlive the idle timeouts",
             "users stick and spread (mod_jk, CPing before each request)",
@@ -497,6 +499,10 @@ fn ajp_behind_apache_end_to_end() {
         let mut fresh = bed.browser(bed.topo.client_addrs().iter().position(|a| *a == y_addr).unwrap());
         let p = fresh.get("/index.jsp").unwrap();
         assert_eq!(p.route(), y, "{y_addr} without a cookie");
+    });
+
+    cases.run("POST bodies of every size arrive whole", || {
+        post_sizes(&bed, &mut browsers[1].clone());
     });
 
     cases.run(
@@ -727,6 +733,23 @@ fn ajp_behind_apache_end_to_end() {
         "ajp sub-cases failed: {:?}",
         cases.failed
     );
+}
+
+/// POSTs around the AJP packet size (8 KiB) and the retry buffer (64 KiB), and beyond: each body
+/// arrives whole at the browser's own Tomcat.
+fn post_sizes(bed: &Bed, b: &mut Browser) {
+    let home = b.cookie_route().map(String::from);
+    for (k, len) in [0usize, 100, 8186, 8187, 65535, 65536, 65537, 200_000]
+        .into_iter()
+        .enumerate()
+    {
+        let body: Vec<u8> = (0..len).map(|i| (i * 7 + k) as u8).collect();
+        let p = b
+            .post("/index.jsp", &body)
+            .unwrap_or_else(|e| panic!("POST {len} bytes: {e}\n{}", bed.logs()));
+        check_page(&p, b.addr(), len).unwrap_or_else(|e| panic!("POST {len} bytes: {e}"));
+        assert_eq!(Some(p.route()), home.as_deref(), "POST {len} bytes");
+    }
 }
 
 /// Routes that `n` fresh browsers (addresses never used before) land on.
