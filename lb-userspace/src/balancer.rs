@@ -235,6 +235,16 @@ impl Balancer {
         Err(SelectError::NoBackend(service.to_string()))
     }
 
+    /// A healthy active backup not in `exclude`: the last resort of a request whose primaries
+    /// all failed before they were detected down (AJP datapath).
+    pub fn choose_backup(&self, service: &str, exclude: &[u32]) -> Option<u32> {
+        let svc = self.state.services.get(service)?;
+        svc.backends
+            .iter()
+            .find(|b| b.config.backup && b.admits_new() && !exclude.contains(&b.id))
+            .map(|b| b.id)
+    }
+
     /// Records that `client` reached `backend_id` (new or refreshed affinity entry).
     pub fn confirm(&mut self, service: &str, client: IpAddr, backend_id: u32, now: Instant) {
         let Some(svc) = self.state.services.get(service) else {

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::ajp_datapath::AjpDatapath;
 use crate::balancer::{Balancer, Reason, SelectError};
 use crate::config::{BackendConfig, Config, ConfigError, DatapathKind, ServiceConfig};
 use crate::control::protocol::{
@@ -72,6 +73,7 @@ pub struct Engine {
     balancer: Arc<Mutex<Balancer>>,
     config: Mutex<Config>,
     proxy: ProxyDatapath,
+    ajp: AjpDatapath,
     xdp: Option<XdpDatapath>,
     health: Supervisor,
     started: Instant,
@@ -98,6 +100,7 @@ impl Engine {
         };
         let engine = Engine {
             proxy: ProxyDatapath::new(balancer.clone()),
+            ajp: AjpDatapath::new(balancer.clone()),
             xdp,
             balancer,
             config: Mutex::new(config.clone()),
@@ -120,6 +123,7 @@ impl Engine {
     fn datapath(&self, kind: DatapathKind) -> Option<&dyn Datapath> {
         match kind {
             DatapathKind::Proxy => Some(&self.proxy),
+            DatapathKind::Ajp => Some(&self.ajp),
             DatapathKind::Xdp => self.xdp.as_ref().map(|x| x as &dyn Datapath),
         }
     }
@@ -526,7 +530,7 @@ impl Engine {
                         be.packets_out = Some(k.traffic.packets_out);
                     }
                 }
-                (DatapathKind::Xdp, None) => {}
+                (DatapathKind::Xdp, None) | (DatapathKind::Ajp, _) => {}
                 (DatapathKind::Proxy, _) => {
                     svc.failed_connections = Some(
                         self.proxy
@@ -640,7 +644,7 @@ impl Engine {
 
     /// Stops accepting; resolves when open connections have finished.
     pub async fn shutdown(&self) {
-        self.proxy.shutdown().await;
+        tokio::join!(self.proxy.shutdown(), self.ajp.shutdown());
     }
 }
 

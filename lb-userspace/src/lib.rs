@@ -6,6 +6,7 @@
 //! - [`balancer`]: state + per-service affinity tables; backend selection by the DESIGN.md rules.
 //! - [`engine`]: applies commands to the balancer and the datapaths; answers control requests.
 //! - [`datapath`]: the trait every datapath implements; [`proxy`]: the tokio full proxy;
+//!   [`ajp_datapath`]: the AJP 1.3 request router (per-request routing, backend pools);
 //!   [`xdp`]: the kernel fast path (loads, pins and attaches the eBPF program, writes its maps).
 //! - [`health`]: TCP and AJP health checks ([`ajp`]: the CPing/CPong codec), rise/fall.
 //! - [`control`]: the control socket protocol, server and client.
@@ -15,6 +16,7 @@
 //! - [`cli`]: table rendering for the client subcommands; [`top`]: `lb top`, the live terminal view.
 //! - [`ebpf`]: the embedded XDP object and its loader.
 pub mod ajp;
+pub mod ajp_datapath;
 pub mod balancer;
 pub mod cli;
 pub mod config;

@@ -562,6 +562,7 @@ pub(crate) mod tests {
             weight: 1,
             backup: false,
             state: AdminState::Active,
+            route: name.into(),
         }
     }
 
@@ -585,6 +586,7 @@ pub(crate) mod tests {
                 fall: 3,
                 port: None,
             },
+            ajp: None,
             backends,
         }
     }

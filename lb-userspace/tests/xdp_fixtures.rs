@@ -117,6 +117,7 @@ fn service() -> ServiceConfig {
             fall: 3,
             port: None,
         },
+        ajp: None,
         backends: (1..=3)
             .map(|i| BackendConfig {
                 name: format!("b{i}"),
@@ -124,6 +125,7 @@ fn service() -> ServiceConfig {
                 weight: 1,
                 backup: false,
                 state: AdminState::Active,
+                route: format!("b{i}"),
             })
             .collect(),
     }

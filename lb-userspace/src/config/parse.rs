@@ -19,9 +19,9 @@ use serde_path_to_error::Segment;
 use toml::Spanned;
 
 use super::{
-    AdminState, BackendConfig, Config, ConfigError, ControlConfig, DatapathKind, HealthConfig, HealthKind,
-    MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, MetricsConfig, OnDown, Protocol, ServiceConfig,
-    XdpConfig, XdpMode, is_valid_name, parse_duration,
+    AdminState, AjpConfig, BackendConfig, Config, ConfigError, ControlConfig, DatapathKind, HealthConfig,
+    HealthKind, MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, MetricsConfig, OnDown, Protocol,
+    Secret, ServiceConfig, XdpConfig, XdpMode, is_valid_name, parse_duration,
 };
 
 type S<T> = Spanned<T>;
@@ -87,8 +87,25 @@ struct RawService {
     failback: Option<bool>,
     on_down: Option<S<String>>,
     health: Option<RawHealth>,
+    ajp: Option<S<RawAjp>>,
     #[serde(default)]
     backend: Vec<S<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawAjp {
+    secret: Option<S<String>>,
+    backend_secret: Option<S<String>>,
+    max_packet_size: Option<S<i64>>,
+    pool_size: Option<S<i64>>,
+    pool_idle_timeout: Option<S<RawDuration>>,
+    ping_after_idle: Option<S<RawDuration>>,
+    retries: Option<S<i64>>,
+    retry_buffer: Option<S<i64>>,
+    session_cookies: Option<S<Vec<S<String>>>>,
+    session_path_params: Option<S<Vec<S<String>>>>,
+    allowed_attributes: Option<S<Vec<S<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -111,6 +128,7 @@ struct RawBackend {
     weight: Option<S<i64>>,
     backup: Option<bool>,
     state: Option<S<String>>,
+    route: Option<S<String>>,
 }
 
 /// A duration string, checked later; its own type so a wrong TOML type says what is expected.
@@ -992,8 +1010,32 @@ impl Validator<'_, '_> {
             &rs.datapath,
             &k("datapath"),
             DatapathKind::Proxy,
-            &[("proxy", DatapathKind::Proxy), ("xdp", DatapathKind::Xdp)],
+            &[
+                ("proxy", DatapathKind::Proxy),
+                ("xdp", DatapathKind::Xdp),
+                ("ajp", DatapathKind::Ajp),
+            ],
         )?;
+        if datapath == DatapathKind::Ajp && protocol != Protocol::Ajp {
+            let span = rs.datapath.as_ref().map_or(0..0, |v| v.span());
+            return Err(self.err(
+                span,
+                &k("datapath"),
+                "datapath \"ajp\" routes AJP 1.3 requests and needs protocol = \"ajp\"; add protocol = \"ajp\" or use datapath = \"proxy\" or \"xdp\"",
+            ));
+        }
+        let ajp = match &rs.ajp {
+            None => None,
+            Some(_) if datapath != DatapathKind::Ajp => {
+                let v = rs.ajp.as_ref().expect("matched Some");
+                return Err(self.err(
+                    v.span(),
+                    &k("ajp"),
+                    "the [service.ajp] table applies only to datapath = \"ajp\"; set datapath = \"ajp\" (with protocol = \"ajp\") or remove the table",
+                ));
+            }
+            Some(v) => Some(self.ajp(&k("ajp"), v.get_ref())?),
+        };
         if datapath == DatapathKind::Xdp && (!listen.is_ipv4() || listen.ip().is_unspecified()) {
             return Err(self.err(
                 rs.listen.span(),
@@ -1035,8 +1077,20 @@ impl Validator<'_, '_> {
             let rb = rb.into_inner();
             let addr_span = rb.address.span();
             let name_span = rb.name.as_ref().map_or(addr_span.clone(), |n| n.span());
+            let route_span = rb.route.as_ref().map_or(name_span.clone(), |r| r.span());
             let b = self.backend(&bkey, datapath, rb)?;
             for (o, other) in backends.iter().enumerate() {
+                if datapath == DatapathKind::Ajp && other.route == b.route {
+                    return Err(self.err(
+                        route_span,
+                        &format!("{bkey}.route"),
+                        format!(
+                            "route \"{}\" is already the route of {key}.backend[{o}] (line {}); each backend needs its own route (Tomcat jvmRoute), set route = \"...\" on one of them",
+                            b.route,
+                            self.line(&seen[o].0)
+                        ),
+                    ));
+                }
                 if other.address == b.address {
                     return Err(self.err(
                         addr_span,
@@ -1075,7 +1129,109 @@ impl Validator<'_, '_> {
             failback: rs.failback.unwrap_or(false),
             on_down,
             health,
+            ajp,
             backends,
+        })
+    }
+
+    fn ajp(&self, key: &str, raw: &RawAjp) -> Result<AjpConfig, ConfigError> {
+        let k = |field: &str| format!("{key}.{field}");
+        let d = AjpConfig::default();
+        let secret = |v: &Option<S<String>>, field: &str| -> Result<Option<Secret>, ConfigError> {
+            let Some(v) = v else { return Ok(None) };
+            let text = v.get_ref();
+            if text.is_empty() || text.len() > 1024 || text.chars().any(|c| c.is_control()) {
+                // The value itself is never repeated in the message.
+                return Err(self.err(
+                    v.span(),
+                    &k(field),
+                    format!("{field} must be 1 to 1024 characters without control characters"),
+                ));
+            }
+            Ok(Some(Secret(text.clone())))
+        };
+        let int = |v: &Option<S<i64>>, field: &str, default: u32, range: RangeInclusive<i64>| match v {
+            None => Ok(default),
+            Some(v) => self.int(v, &k(field), range).map(|n| n as u32),
+        };
+        let names = |v: &Option<S<Vec<S<String>>>>,
+                     field: &str,
+                     default: &[String],
+                     pattern: bool|
+         -> Result<Vec<String>, ConfigError> {
+            let Some(list) = v else {
+                return Ok(default.to_vec());
+            };
+            let mut out = Vec::new();
+            for (i, item) in list.get_ref().iter().enumerate() {
+                let text = item.get_ref();
+                let body = if pattern {
+                    text.strip_suffix('*').unwrap_or(text)
+                } else {
+                    text
+                };
+                let bad =
+                    |b: u8| !b.is_ascii_graphic() || matches!(b, b'=' | b';' | b',' | b'"') || (b == b'*');
+                if text.is_empty() || text.len() > 128 || body.bytes().any(bad) {
+                    let what = if pattern {
+                        "use an attribute name such as \"AJP_REMOTE_PORT\", or a prefix ending in * such as \"SSL_*\" (printable ASCII without spaces, = ; , \" or other *)"
+                    } else {
+                        "use a name such as \"JSESSIONID\" (1 to 128 printable ASCII characters without spaces, = ; , \" or *)"
+                    };
+                    return Err(self.err(
+                        item.span(),
+                        &format!("{key}.{field}[{i}]"),
+                        format!("\"{}\" is not allowed; {what}", text.escape_debug()),
+                    ));
+                }
+                if out.contains(text) {
+                    return Err(self.err(
+                        item.span(),
+                        &format!("{key}.{field}[{i}]"),
+                        format!("\"{text}\" is listed twice; list each name once"),
+                    ));
+                }
+                out.push(text.clone());
+            }
+            Ok(out)
+        };
+        Ok(AjpConfig {
+            secret: secret(&raw.secret, "secret")?,
+            backend_secret: secret(&raw.backend_secret, "backend_secret")?,
+            max_packet_size: int(
+                &raw.max_packet_size,
+                "max_packet_size",
+                d.max_packet_size,
+                1024..=65536,
+            )?,
+            pool_size: int(&raw.pool_size, "pool_size", d.pool_size, 1..=65536)?,
+            pool_idle_timeout: self.duration(
+                &raw.pool_idle_timeout,
+                &k("pool_idle_timeout"),
+                d.pool_idle_timeout,
+                false,
+            )?,
+            ping_after_idle: self.duration(
+                &raw.ping_after_idle,
+                &k("ping_after_idle"),
+                d.ping_after_idle,
+                true,
+            )?,
+            retries: int(&raw.retries, "retries", d.retries, 0..=16)?,
+            retry_buffer: int(&raw.retry_buffer, "retry_buffer", d.retry_buffer, 0..=16_777_216)?,
+            session_cookies: names(&raw.session_cookies, "session_cookies", &d.session_cookies, false)?,
+            session_path_params: names(
+                &raw.session_path_params,
+                "session_path_params",
+                &d.session_path_params,
+                false,
+            )?,
+            allowed_attributes: names(
+                &raw.allowed_attributes,
+                "allowed_attributes",
+                &d.allowed_attributes,
+                true,
+            )?,
         })
     }
 
@@ -1187,7 +1343,24 @@ impl Validator<'_, '_> {
                 ("maintenance", AdminState::Maintenance),
             ],
         )?;
+        let route = match &rb.route {
+            None => name.clone(),
+            Some(v) => {
+                let text = v.get_ref();
+                if !is_valid_name(text) {
+                    return Err(self.err(
+                        v.span(),
+                        &k("route"),
+                        format!(
+                            "route \"{text}\" is not allowed; {NAME_HELP} (the backend's Tomcat jvmRoute)"
+                        ),
+                    ));
+                }
+                text.clone()
+            }
+        };
         Ok(BackendConfig {
+            route,
             name,
             address,
             weight,
