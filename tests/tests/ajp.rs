@@ -174,7 +174,7 @@ fn tail(text: &str, n: usize) -> String {
 /// lb's config: service `app` on VIP:8009, `datapath = "ajp"`, t1..t3 and the spare t4.
 fn lb_config(topo: &Topology, socket: &std::path::Path) -> String {
     let mut c = format!(
-        "shutdown_timeout = \"1s\"\nring_size = 1009\n\n\
+        "log_level = \"lb=debug,info\"\nshutdown_timeout = \"1s\"\nring_size = 1009\n\n\
          [control]\nsocket = \"{}\"\n\n\
          [[service]]\nname = \"app\"\nlisten = \"{}:{AJP_PORT}\"\nprotocol = \"ajp\"\ndatapath = \"ajp\"\n\n\
          [service.health]\ninterval = \"500ms\"\ntimeout = \"400ms\"\nrise = 2\nfall = 2\n\n\
@@ -469,6 +469,15 @@ fn ajp_behind_apache_end_to_end() {
         at = assert_sticky(&browsers, &pages);
         let per = assert_spread(&at);
         report(&format!("ajp:   users per Tomcat {per:?}"));
+        // A user without a cookie lands where `lb which` says its address goes.
+        for (addr, route) in &at {
+            let (which, why) = bed.lb().which("app", *addr);
+            assert_eq!(
+                which.as_deref(),
+                Some(route.as_str()),
+                "lb which app {addr}: {why}"
+            );
+        }
     });
 
     cases.run("session follows its cookie to another address", || {
@@ -747,7 +756,7 @@ fn post_sizes(bed: &Bed, b: &mut Browser) {
         let p = b
             .post("/index.jsp", &body)
             .unwrap_or_else(|e| panic!("POST {len} bytes: {e}\n{}", bed.logs()));
-        check_page(&p, b.addr(), len).unwrap_or_else(|e| panic!("POST {len} bytes: {e}"));
+        check_page(&p, b.addr(), len).unwrap_or_else(|e| panic!("POST {len} bytes: {e}\n{}", bed.logs()));
         assert_eq!(Some(p.route()), home.as_deref(), "POST {len} bytes");
     }
 }
