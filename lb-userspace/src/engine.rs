@@ -510,6 +510,7 @@ impl Engine {
                     affinity_entries: b.affinity_len(&s.settings.name) as u64,
                     on_backups: s.ring_uses_backups,
                     failed_connections: None,
+                    ajp: None,
                     backends,
                 };
                 services.push((view, ids));
@@ -530,7 +531,8 @@ impl Engine {
                         be.packets_out = Some(k.traffic.packets_out);
                     }
                 }
-                (DatapathKind::Xdp, None) | (DatapathKind::Ajp, _) => {}
+                (DatapathKind::Xdp, None) => {}
+                (DatapathKind::Ajp, _) => svc.ajp = self.ajp.counters(&svc.name),
                 (DatapathKind::Proxy, _) => {
                     svc.failed_connections = Some(
                         self.proxy

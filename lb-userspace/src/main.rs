@@ -142,7 +142,7 @@ fn parse_protocol(s: &str) -> Result<Protocol, String> {
     parse_enum(s, "tcp or ajp")
 }
 fn parse_datapath(s: &str) -> Result<DatapathKind, String> {
-    parse_enum(s, "proxy or xdp")
+    parse_enum(s, "proxy, xdp or ajp")
 }
 
 fn main() -> ExitCode {

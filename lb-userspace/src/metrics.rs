@@ -31,6 +31,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::ajp_datapath::LatencySnapshot;
 use crate::config::{AdminState, MetricsConfig};
 use crate::control::protocol::StatsView;
 use crate::engine::Engine;
@@ -125,10 +126,60 @@ impl Builder {
         family
     }
 
+    fn histogram(&mut self, name: &'static str, help: &str) -> Family<Labels, SnapshotHistogram> {
+        let family = Family::<Labels, SnapshotHistogram>::default();
+        self.registry.register(name, help, family.clone());
+        family
+    }
+
     fn gauge_f64(&mut self, name: &'static str, help: &str) -> Family<Labels, GaugeF64> {
         let family = Family::<Labels, GaugeF64>::default();
         self.registry.register(name, help, family.clone());
         family
+    }
+}
+
+/// A histogram exported as it was in a snapshot (the datapath observes; the endpoint only shows).
+#[derive(Debug, Default)]
+struct SnapshotHistogram(std::sync::Mutex<LatencySnapshot>);
+
+impl SnapshotHistogram {
+    fn set(&self, s: &LatencySnapshot) {
+        *self.0.lock().unwrap() = s.clone();
+    }
+}
+
+impl prometheus_client::metrics::TypedMetric for SnapshotHistogram {
+    const TYPE: prometheus_client::metrics::MetricType = prometheus_client::metrics::MetricType::Histogram;
+}
+
+impl prometheus_client::encoding::EncodeMetric for SnapshotHistogram {
+    fn encode(&self, mut encoder: prometheus_client::encoding::MetricEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.0.lock().unwrap();
+        // The snapshot counts cumulatively; the encoder wants each bucket's own count.
+        let mut previous = 0;
+        let buckets: Vec<(f64, u64)> = s
+            .bounds_seconds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(s.cumulative_counts.iter())
+            .map(|(bound, c)| {
+                let own = c.saturating_sub(previous);
+                previous = *c;
+                (bound, own)
+            })
+            .collect();
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            s.sum_seconds,
+            s.count,
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
     }
 }
 
@@ -238,6 +289,54 @@ pub fn render(stats: &StatsView, format: Format) -> Result<String, MetricsError>
         "XDP: packets by verdict (passed, forwarded, dropped); they sum to all packets the program saw",
     );
     let xdp_new_flows = b.single_counter("lb_xdp_new_flows", "XDP: connections set up by the kernel");
+    let ajp_refused = b.counter(
+        "lb_ajp_refused",
+        "AJP: requests or packets of the web tier refused, by reason (secret and attribute: 403 sent; shutdown: Shutdown packet, connection closed)",
+    );
+    let ajp_cpings = b.counter(
+        "lb_ajp_cpings_answered",
+        "AJP: CPings of the web tier answered by lb's own CPong",
+    );
+    let ajp_unavailable = b.counter(
+        "lb_ajp_unavailable",
+        "AJP: requests answered with lb's own 503 because no backend could take them",
+    );
+    let ajp_protocol_errors = b.counter(
+        "lb_ajp_protocol_errors",
+        "AJP: web-tier connections closed for a protocol error",
+    );
+    let ajp_requests = b.counter(
+        "lb_ajp_backend_requests",
+        "AJP: requests sent to the backend (every attempt, retries included)",
+    );
+    let ajp_responses = b.counter(
+        "lb_ajp_backend_responses",
+        "AJP: responses of the backend by status class (1xx..5xx)",
+    );
+    let ajp_in_flight = b.gauge(
+        "lb_ajp_backend_requests_in_flight",
+        "AJP: requests under way on the backend",
+    );
+    let ajp_pool = b.gauge(
+        "lb_ajp_backend_pool_connections",
+        "AJP: pooled connections to the backend by state (idle, busy)",
+    );
+    let ajp_routed = b.counter(
+        "lb_ajp_backend_routed",
+        "AJP: requests sent to the backend by how it was chosen (route: session route; address: the browser's address)",
+    );
+    let ajp_failovers = b.counter(
+        "lb_ajp_backend_route_failovers",
+        "AJP: requests whose session route named a backend that could not take them, sent here by address",
+    );
+    let ajp_retries = b.counter(
+        "lb_ajp_backend_retries",
+        "AJP: requests that failed on the backend before any answer and were retried on another",
+    );
+    let ajp_latency = b.histogram(
+        "lb_ajp_backend_request_duration_seconds",
+        "AJP: time from the Forward Request to the End Response, per backend that answered",
+    );
 
     up.set(1);
     build
@@ -260,6 +359,63 @@ pub fn render(stats: &StatsView, format: Format) -> Result<String, MetricsError>
         svc_backups.get_or_create(&service()).set(i64::from(s.on_backups));
         if let Some(n) = s.failed_connections {
             svc_failed.get_or_create(&service()).inc_by(n);
+        }
+        if let Some(a) = &s.ajp {
+            let with = |key: &'static str, value: &str| {
+                let mut l = service();
+                l.push((key, value.to_string()));
+                l
+            };
+            for (reason, n) in [
+                ("secret", a.refused_secret),
+                ("attribute", a.refused_attribute),
+                ("shutdown", a.refused_shutdown),
+            ] {
+                ajp_refused.get_or_create(&with("reason", reason)).inc_by(n);
+            }
+            ajp_cpings.get_or_create(&service()).inc_by(a.cpings_answered);
+            ajp_unavailable
+                .get_or_create(&service())
+                .inc_by(a.unavailable_503);
+            ajp_protocol_errors
+                .get_or_create(&service())
+                .inc_by(a.protocol_errors);
+            for be in a.backends.values() {
+                let labels = || vec![("service", s.name.clone()), ("backend", be.name.clone())];
+                let with = |key: &'static str, value: &str| {
+                    let mut l = labels();
+                    l.push((key, value.to_string()));
+                    l
+                };
+                ajp_requests.get_or_create(&labels()).inc_by(be.requests);
+                for (class, n) in [
+                    ("1xx", be.responses_1xx),
+                    ("2xx", be.responses_2xx),
+                    ("3xx", be.responses_3xx),
+                    ("4xx", be.responses_4xx),
+                    ("5xx", be.responses_5xx),
+                ] {
+                    ajp_responses.get_or_create(&with("class", class)).inc_by(n);
+                }
+                ajp_in_flight
+                    .get_or_create(&labels())
+                    .set(gauge_i64(be.in_flight));
+                ajp_pool
+                    .get_or_create(&with("state", "idle"))
+                    .set(gauge_i64(be.pool_idle));
+                ajp_pool
+                    .get_or_create(&with("state", "busy"))
+                    .set(gauge_i64(be.pool_busy));
+                ajp_routed
+                    .get_or_create(&with("by", "route"))
+                    .inc_by(be.route_hits);
+                ajp_routed
+                    .get_or_create(&with("by", "address"))
+                    .inc_by(be.address_hits);
+                ajp_failovers.get_or_create(&labels()).inc_by(be.route_failovers);
+                ajp_retries.get_or_create(&labels()).inc_by(be.retries);
+                ajp_latency.get_or_create(&labels()).set(&be.latency);
+            }
         }
         for be in &s.backends {
             let labels = || vec![("service", s.name.clone()), ("backend", be.name.clone())];
@@ -417,6 +573,18 @@ fn exemplar() -> StatsView {
         affinity_entries: 0,
         on_backups: false,
         failed_connections: Some(0),
+        ajp: (datapath == crate::config::DatapathKind::Ajp).then(|| {
+            let mut a = crate::ajp_datapath::AjpServiceCounters::default();
+            a.backends.insert(
+                0,
+                crate::ajp_datapath::AjpBackendCounters {
+                    name: "c".into(),
+                    latency: crate::ajp_datapath::counters::Latency::default().snapshot(),
+                    ..Default::default()
+                },
+            );
+            a
+        }),
         backends: vec![b],
     };
     StatsView {
@@ -433,6 +601,7 @@ fn exemplar() -> StatsView {
         services: vec![
             service("p", crate::config::DatapathKind::Proxy, backend("a", false)),
             service("x", crate::config::DatapathKind::Xdp, backend("b", true)),
+            service("j", crate::config::DatapathKind::Ajp, backend("c", false)),
         ],
     }
 }
@@ -727,6 +896,7 @@ pub(crate) mod tests {
                     affinity_entries: 4,
                     on_backups: false,
                     failed_connections: Some(2),
+                    ajp: None,
                     backends: vec![b1, b2],
                 },
                 ServiceStatsView {
@@ -737,10 +907,97 @@ pub(crate) mod tests {
                     affinity_entries: 9,
                     on_backups: false,
                     failed_connections: None,
+                    ajp: None,
                     backends: vec![k1],
+                },
+                ServiceStatsView {
+                    name: "tomcat".into(),
+                    listen: "10.0.0.1:8009".into(),
+                    protocol: Protocol::Ajp,
+                    datapath: DatapathKind::Ajp,
+                    affinity_entries: 2,
+                    on_backups: false,
+                    failed_connections: None,
+                    ajp: Some(ajp_counters()),
+                    backends: vec![],
                 },
             ],
         }
+    }
+
+    fn ajp_counters() -> crate::ajp_datapath::AjpServiceCounters {
+        let latency = crate::ajp_datapath::counters::Latency::default();
+        latency.observe(Duration::from_millis(3));
+        latency.observe(Duration::from_millis(40));
+        latency.observe(Duration::from_secs(30));
+        let mut a = crate::ajp_datapath::AjpServiceCounters {
+            refused_secret: 1,
+            refused_attribute: 2,
+            refused_shutdown: 3,
+            cpings_answered: 4,
+            unavailable_503: 5,
+            protocol_errors: 6,
+            ..Default::default()
+        };
+        a.backends.insert(
+            0,
+            crate::ajp_datapath::AjpBackendCounters {
+                name: "t1".into(),
+                route: "t1".into(),
+                requests: 10,
+                responses_2xx: 8,
+                responses_5xx: 1,
+                in_flight: 1,
+                pool_idle: 2,
+                pool_busy: 1,
+                route_hits: 7,
+                address_hits: 3,
+                route_failovers: 1,
+                retries: 2,
+                latency: latency.snapshot(),
+                ..Default::default()
+            },
+        );
+        a
+    }
+
+    #[test]
+    fn ajp_counters_and_latency_histogram() {
+        let t = render(&sample(), Format::Text).unwrap();
+        for line in [
+            "# TYPE lb_ajp_refused_total counter",
+            "lb_ajp_refused_total{service=\"tomcat\",reason=\"secret\"} 1",
+            "lb_ajp_refused_total{service=\"tomcat\",reason=\"shutdown\"} 3",
+            "lb_ajp_cpings_answered_total{service=\"tomcat\"} 4",
+            "lb_ajp_unavailable_total{service=\"tomcat\"} 5",
+            "lb_ajp_protocol_errors_total{service=\"tomcat\"} 6",
+            "lb_ajp_backend_requests_total{service=\"tomcat\",backend=\"t1\"} 10",
+            "lb_ajp_backend_responses_total{service=\"tomcat\",backend=\"t1\",class=\"2xx\"} 8",
+            "lb_ajp_backend_responses_total{service=\"tomcat\",backend=\"t1\",class=\"5xx\"} 1",
+            "lb_ajp_backend_requests_in_flight{service=\"tomcat\",backend=\"t1\"} 1",
+            "lb_ajp_backend_pool_connections{service=\"tomcat\",backend=\"t1\",state=\"idle\"} 2",
+            "lb_ajp_backend_routed_total{service=\"tomcat\",backend=\"t1\",by=\"route\"} 7",
+            "lb_ajp_backend_routed_total{service=\"tomcat\",backend=\"t1\",by=\"address\"} 3",
+            "lb_ajp_backend_route_failovers_total{service=\"tomcat\",backend=\"t1\"} 1",
+            "lb_ajp_backend_retries_total{service=\"tomcat\",backend=\"t1\"} 2",
+            "# TYPE lb_ajp_backend_request_duration_seconds histogram",
+            "lb_ajp_backend_request_duration_seconds_bucket{le=\"0.0025\",service=\"tomcat\",backend=\"t1\"} 0",
+            "lb_ajp_backend_request_duration_seconds_bucket{le=\"0.005\",service=\"tomcat\",backend=\"t1\"} 1",
+            "lb_ajp_backend_request_duration_seconds_bucket{le=\"0.05\",service=\"tomcat\",backend=\"t1\"} 2",
+            "lb_ajp_backend_request_duration_seconds_bucket{le=\"10.0\",service=\"tomcat\",backend=\"t1\"} 2",
+            "lb_ajp_backend_request_duration_seconds_bucket{le=\"+Inf\",service=\"tomcat\",backend=\"t1\"} 3",
+            "lb_ajp_backend_request_duration_seconds_count{service=\"tomcat\",backend=\"t1\"} 3",
+        ] {
+            has(&t, line);
+        }
+        assert!(
+            t.contains(
+                "lb_ajp_backend_request_duration_seconds_sum{service=\"tomcat\",backend=\"t1\"} 30.043"
+            ),
+            "{t}"
+        );
+        // Other datapaths have no AJP series.
+        lacks(&t, "lb_ajp_backend_requests_total{service=\"web\"");
     }
 
     fn has(text: &str, line: &str) {
@@ -863,13 +1120,19 @@ pub(crate) mod tests {
                 assert!(!doc.is_empty() && help.insert(name.to_string()), "{line}");
             } else if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let (name, kind) = rest.split_once(' ').unwrap();
-                assert!(["counter", "gauge"].contains(&kind), "{line}");
+                assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
                 assert!(help.contains(name), "TYPE before HELP: {line}");
                 assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
                 types.insert(name.to_string(), kind.to_string());
             } else {
                 let name = line.split(['{', ' ']).next().unwrap();
-                assert!(types.contains_key(name), "sample without TYPE: {line}");
+                // Histogram samples carry a suffix after the family's name.
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .filter(|f| types.get(*f).is_some_and(|k| k == "histogram"))
+                    .unwrap_or(name);
+                assert!(types.contains_key(family), "sample without TYPE: {line}");
                 let value = line.rsplit(' ').next().unwrap();
                 assert!(value.parse::<f64>().is_ok(), "bad value: {line}");
                 samples += 1;

@@ -411,10 +411,7 @@ impl<'a> Request<'a> {
                 Err(e) => return Outcome::BackendBeforeResponse(e.to_string()),
             };
             let reused = conn.reused;
-            let outcome = tokio::select! {
-                o = self.exchange(&mut conn, forward, body, settings) => o,
-                _ = reset.cancelled() => Err(Outcome::BackendBeforeResponse("backend marked down (on_down = reset)".into())),
-            };
+            let outcome = self.exchange(&mut conn, reset, forward, body, settings).await;
             match outcome {
                 Ok((status, reuse)) => {
                     if reuse {
@@ -435,22 +432,30 @@ impl<'a> Request<'a> {
     async fn exchange(
         &mut self,
         conn: &mut Conn,
+        reset: &CancellationToken,
         forward: &Bytes,
         body: &mut Body,
         settings: &super::Settings,
     ) -> Result<(u16, bool), Outcome> {
         let max = settings.max_packet;
         let before = |e: std::io::Error| Outcome::BackendBeforeResponse(e.to_string());
+        let stats = conn.stats();
         conn.stream.write_all(forward).await.map_err(before)?;
+        stats.bytes_in.fetch_add(forward.len() as u64, Relaxed);
         // Replay position in the held body.
         let mut cursor = (0usize, 0usize);
         if body.first_unasked {
             let packet = next_held(body, &mut cursor, codec::max_body_data(max));
             conn.stream.write_all(&packet).await.map_err(before)?;
+            stats.bytes_in.fetch_add(packet.len() as u64, Relaxed);
         }
         let decoder = FrameDecoder::new(Direction::ToServer, max);
+        let front_decoder = FrameDecoder::new(Direction::ToContainer, max);
         let mut responded = false;
         let mut status = 0u16;
+        // Response packets not yet written to the web tier: packets that arrived together leave
+        // together, in one write.
+        let mut out = BytesMut::new();
         loop {
             let failed = |why: String, responded: bool| {
                 if responded {
@@ -459,8 +464,15 @@ impl<'a> Request<'a> {
                     Outcome::BackendBeforeResponse(why)
                 }
             };
-            let frame = match read_frame(&mut conn.stream, &mut conn.buf, &decoder).await {
-                Ok(Some(f)) => f,
+            let read = tokio::select! {
+                r = read_frame(&mut conn.stream, &mut conn.buf, &decoder) => r,
+                _ = reset.cancelled() => Err(std::io::Error::other("backend marked down (on_down = reset)")),
+            };
+            let frame = match read {
+                Ok(Some(f)) => {
+                    stats.bytes_out.fetch_add(f.len() as u64, Relaxed);
+                    f
+                }
                 Ok(None) => return Err(failed("connection closed".into(), responded)),
                 Err(e) => return Err(failed(e.to_string(), responded)),
             };
@@ -471,11 +483,13 @@ impl<'a> Request<'a> {
                         _ => return Err(failed("malformed Send Headers".into(), responded)),
                     }
                     responded = true;
-                    self.send_front(frame.as_bytes()).await?;
+                    self.relay(&mut out, frame.into_bytes(), has_frame(&conn.buf))
+                        .await?;
                 }
                 Some(kind::SEND_BODY_CHUNK) => {
                     responded = true;
-                    self.send_front(frame.as_bytes()).await?;
+                    self.relay(&mut out, frame.into_bytes(), has_frame(&conn.buf))
+                        .await?;
                 }
                 Some(kind::GET_BODY_CHUNK) => {
                     let asked = match ContainerMessage::decode(frame.payload()) {
@@ -489,14 +503,11 @@ impl<'a> Request<'a> {
                         Bytes::from_static(&[0x12, 0x34, 0, 0])
                     } else {
                         // Ask the web tier for the next part, relay it unchanged.
-                        let mut ask = BytesMut::new();
-                        let _ = ContainerMessage::GetBodyChunk(limit as u16).encode(&mut ask, max);
-                        self.front
-                            .write_all(&ask)
-                            .await
-                            .map_err(|e| Outcome::Front(e.to_string()))?;
+                        let _ = ContainerMessage::GetBodyChunk(limit as u16).encode(&mut out, max);
+                        self.send_front(&out).await?;
+                        out.clear();
                         let (packet, data) = self
-                            .read_body_packet(&decoder)
+                            .read_body_packet(&front_decoder)
                             .await
                             .map_err(|e| Outcome::Front(e.to_string()))?;
                         body.keep(data, settings.retry_buffer);
@@ -507,6 +518,7 @@ impl<'a> Request<'a> {
                     if let Err(e) = conn.stream.write_all(&packet).await {
                         return Err(failed(e.to_string(), responded));
                     }
+                    stats.bytes_in.fetch_add(packet.len() as u64, Relaxed);
                 }
                 Some(kind::END_RESPONSE) => {
                     let reuse = matches!(
@@ -514,9 +526,8 @@ impl<'a> Request<'a> {
                         Ok(ContainerMessage::EndResponse { reuse: true })
                     );
                     // lb keeps the web tier's connection whatever the backend does with its own.
-                    let mut end = BytesMut::new();
-                    let _ = ContainerMessage::EndResponse { reuse: true }.encode(&mut end, max);
-                    self.send_front(&end).await?;
+                    let _ = ContainerMessage::EndResponse { reuse: true }.encode(&mut out, max);
+                    self.send_front(&out).await?;
                     return Ok((status, reuse));
                 }
                 other => {
@@ -527,6 +538,22 @@ impl<'a> Request<'a> {
                 }
             }
         }
+    }
+
+    /// Passes a response packet on: queued while more packets are already read, written (with
+    /// the queue) otherwise.
+    async fn relay(&mut self, out: &mut BytesMut, packet: Bytes, more: bool) -> Result<(), Outcome> {
+        const QUEUE: usize = 64 * 1024;
+        if out.is_empty() && !more {
+            // Nothing else waiting: the packet goes out as read, without a copy.
+            return self.send_front(&packet).await;
+        }
+        out.extend_from_slice(&packet);
+        if !more || out.len() >= QUEUE {
+            self.send_front(out).await?;
+            out.clear();
+        }
+        Ok(())
     }
 
     async fn send_front(&mut self, bytes: &[u8]) -> Result<(), Outcome> {
@@ -587,6 +614,12 @@ fn next_held(body: &Body, cursor: &mut (usize, usize), limit: usize) -> Bytes {
         (cursor.0, end)
     };
     out.freeze()
+}
+
+/// Whether `buf` already holds a whole packet (of either direction; only the length is read).
+fn has_frame(buf: &BytesMut) -> bool {
+    buf.len() >= codec::HEADER_LEN
+        && buf.len() >= codec::HEADER_LEN + usize::from(u16::from_be_bytes([buf[2], buf[3]]))
 }
 
 /// Compares secrets without stopping at the first difference.

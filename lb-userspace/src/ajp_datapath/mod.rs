@@ -131,7 +131,7 @@ impl Service {
         for be in &svc.backends {
             let pool = pools
                 .entry(be.id)
-                .or_insert_with(|| Pool::new(be.config.address, size));
+                .or_insert_with(|| Pool::new(be.config.address, size, be.stats.clone()));
             pool.resize(size);
             pool.set_usable(be.health == Health::Up && be.config.state != AdminState::Maintenance);
         }
@@ -162,6 +162,8 @@ impl Service {
 
 struct Listener {
     listen: SocketAddr,
+    /// The address actually bound (differs from `listen` for port 0).
+    local: SocketAddr,
     stop: CancellationToken,
     service: Arc<Service>,
     limit: Arc<Semaphore>,
@@ -196,6 +198,11 @@ impl AjpDatapath {
         svc.snapshot(&b.state)
     }
 
+    /// The address a service's listener is bound to.
+    pub fn local_addr(&self, service: &str) -> Option<SocketAddr> {
+        self.listeners.lock().unwrap().get(service).map(|l| l.local)
+    }
+
     /// [`AjpDatapath::counters`] when the caller already holds the balancer (e.g. the engine).
     pub fn counters_in(&self, service: &str, state: &State) -> Option<AjpServiceCounters> {
         let svc = self.listeners.lock().unwrap().get(service)?.service.clone();
@@ -215,6 +222,7 @@ impl AjpDatapath {
         }
         let std_listener = bind(listen).map_err(bind_error)?;
         let listener = TcpListener::from_std(std_listener).map_err(bind_error)?;
+        let local = listener.local_addr().map_err(bind_error)?;
         let stop = self.shutdown.child_token();
         let service = Arc::new(Service {
             name: name.to_string(),
@@ -244,6 +252,7 @@ impl AjpDatapath {
             name.to_string(),
             Listener {
                 listen,
+                local,
                 stop,
                 service,
                 limit,

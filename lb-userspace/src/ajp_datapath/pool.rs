@@ -18,6 +18,7 @@ use tracing::debug;
 
 use super::counters::BackendCounters;
 use crate::ajp::{CPING, CPONG};
+use crate::state::BackendStats;
 
 /// Why no connection could be had.
 #[derive(Debug, thiserror::Error)]
@@ -43,9 +44,17 @@ pub struct Conn {
     _slot: OwnedSemaphorePermit,
 }
 
+impl Conn {
+    /// The backend's shared connection and byte counters.
+    pub fn stats(&self) -> Arc<BackendStats> {
+        self.pool.stats.clone()
+    }
+}
+
 impl Drop for Conn {
     fn drop(&mut self) {
         self.pool.open.fetch_sub(1, Relaxed);
+        self.pool.stats.active_connections.fetch_sub(1, Relaxed);
     }
 }
 
@@ -53,6 +62,8 @@ impl Drop for Conn {
 pub struct Pool {
     pub address: SocketAddr,
     pub counters: BackendCounters,
+    /// The backend's connection and byte counters shared with the other datapaths' views.
+    pub stats: Arc<BackendStats>,
     idle: Mutex<Vec<Conn>>,
     slots: Arc<Semaphore>,
     size: Mutex<u32>,
@@ -63,10 +74,11 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(address: SocketAddr, size: u32) -> Arc<Pool> {
+    pub fn new(address: SocketAddr, size: u32, stats: Arc<BackendStats>) -> Arc<Pool> {
         Arc::new(Pool {
             address,
             counters: BackendCounters::default(),
+            stats,
             idle: Mutex::new(Vec::new()),
             slots: Arc::new(Semaphore::new(size as usize)),
             size: Mutex::new(size),
@@ -140,11 +152,19 @@ impl Pool {
         };
         let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(self.address)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(PoolError::Connect(self.address, e)),
-            Err(_) => return Err(PoolError::Timeout(self.address)),
+            Ok(Err(e)) => {
+                self.stats.connect_failures.fetch_add(1, Relaxed);
+                return Err(PoolError::Connect(self.address, e));
+            }
+            Err(_) => {
+                self.stats.connect_failures.fetch_add(1, Relaxed);
+                return Err(PoolError::Timeout(self.address));
+            }
         };
         let _ = stream.set_nodelay(true);
         self.open.fetch_add(1, Relaxed);
+        self.stats.active_connections.fetch_add(1, Relaxed);
+        self.stats.total_connections.fetch_add(1, Relaxed);
         Ok(Conn {
             stream,
             buf: BytesMut::with_capacity(8192),

@@ -447,6 +447,9 @@ fn examples_all_parse() {
     assert!(!s.failback);
     let backups: Vec<bool> = s.backends.iter().map(|b| b.backup).collect();
     assert_eq!(backups, [false, false, true]);
+    assert_eq!(s.datapath, DatapathKind::Ajp);
+    let routes: Vec<&str> = s.backends.iter().map(|b| b.route.as_str()).collect();
+    assert_eq!(routes, ["tomcat1", "tomcat2", "tomcat3"]);
 
     // The reference file documents every key: it sets each one at least once.
     let reference = std::fs::read_to_string(dir.join("lb.toml")).unwrap();
@@ -494,6 +497,19 @@ fn examples_all_parse() {
         "weight",
         "backup",
         "state",
+        "route",
+        "[service.ajp]",
+        "secret",
+        "backend_secret",
+        "max_packet_size",
+        "pool_size",
+        "pool_idle_timeout",
+        "ping_after_idle",
+        "retries",
+        "retry_buffer",
+        "session_cookies",
+        "session_path_params",
+        "allowed_attributes",
     ] {
         let set = reference
             .lines()

@@ -180,6 +180,10 @@ pub struct ServiceStatsView {
     /// Proxy: clients closed because no backend could be reached.
     #[serde(default)]
     pub failed_connections: Option<u64>,
+    /// AJP datapath: request counters of the service and of each backend (by backend id);
+    /// `null` for the other datapaths.
+    #[serde(default)]
+    pub ajp: Option<crate::ajp_datapath::AjpServiceCounters>,
     pub backends: Vec<BackendStatsView>,
 }
 
