@@ -121,6 +121,45 @@ impl Bed {
         s
     }
 
+    /// The service's AJP counters (`lb --json stats`, `services[app].ajp`).
+    fn ajp_stats(&self) -> serde_json::Value {
+        let st = self.lb().json(&["stats"]);
+        let svc = st["services"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == "app"))
+            .unwrap_or_else(|| panic!("service app missing from lb stats: {st}"));
+        assert!(svc["ajp"].is_object(), "no ajp counters in lb stats: {svc}");
+        svc["ajp"].clone()
+    }
+
+    /// A service-level AJP counter.
+    fn ajp_counter(&self, key: &str) -> u64 {
+        let a = self.ajp_stats();
+        a[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("ajp counter {key} missing: {a}"))
+    }
+
+    /// A backend-level AJP counter of backend `name` (`None`: every backend summed).
+    fn backend_counter(&self, name: Option<&str>, key: &str) -> u64 {
+        let a = self.ajp_stats();
+        let backends = a["backends"]
+            .as_object()
+            .unwrap_or_else(|| panic!("no ajp backends: {a}"));
+        let mut found = false;
+        let mut sum = 0;
+        for b in backends.values() {
+            if name.is_none_or(|n| b["name"] == n) {
+                found = true;
+                sum += b[key]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("ajp backend counter {key} missing: {b}"));
+            }
+        }
+        assert!(found, "backend {name:?} missing from the ajp counters: {a}");
+        sum
+    }
+
     /// Health of backend `name` in lb's status.
     fn health(&self, name: &str) -> String {
         self.lb()
@@ -431,8 +470,13 @@ fn ajp_behind_apache_end_to_end() {
                 )),
         );
         assert_eq!(ghost.status, 403, "Tomcat itself answered {}", ghost.status);
-        thread::sleep(Duration::from_millis(200));
-        let log = bed.tomcats[0].1.access_log();
+        // Tomcat writes the access log line just after the response: wait for it.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut log = bed.tomcats[0].1.access_log();
+        while !log.contains("probe=direct-ghost ") && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+            log = bed.tomcats[0].1.access_log();
+        }
         assert!(log.contains("probe=direct-ok HTTP/1.1 200"), "{log}");
         assert!(log.contains("probe=direct-ghost HTTP/1.1 403"), "{log}");
     });
@@ -490,6 +534,7 @@ fn ajp_behind_apache_end_to_end() {
             .expect("a user on another Tomcat");
         let b = browsers.iter().find(|b| b.addr() == x_user).unwrap();
         let mut moved = b.moved_to(y_addr);
+        let hits = bed.backend_counter(Some(&x), "route_hits");
         for _ in 0..3 {
             let p = moved
                 .get("/index.jsp")
@@ -504,6 +549,11 @@ fn ajp_behind_apache_end_to_end() {
             assert_eq!(p.field("session"), b.session.as_deref());
             assert_eq!(p.field("new"), Some("false"));
         }
+        assert_eq!(
+            bed.backend_counter(Some(&x), "route_hits") - hits,
+            3,
+            "route hits of {x}"
+        );
         // And without the cookie, that address still lands on its own Tomcat.
         let mut fresh = bed.browser(bed.topo.client_addrs().iter().position(|a| *a == y_addr).unwrap());
         let p = fresh.get("/index.jsp").unwrap();
@@ -549,7 +599,13 @@ fn ajp_behind_apache_end_to_end() {
                     .find(|t| r.text().contains(&format!("route={t}\n")))
                     .unwrap_or_else(|| panic!("no primary's route in {}", r.text()));
                 assert!(r.text().contains("remote=10.0.0.77\n"), "{}", r.text());
-                assert_eq!(reached(&format!("baseline{k}")), vec![route.to_string()]);
+                // Tomcat writes the access log line just after the response: wait for it.
+                let probe = format!("baseline{k}");
+                let deadline = Instant::now() + Duration::from_secs(3);
+                while reached(&probe).is_empty() && Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                assert_eq!(reached(&probe), vec![route.to_string()]);
             }
             let refused = |req: ForwardRequest, probe: &str, what: &str| {
                 let mut s = conn();
@@ -557,13 +613,19 @@ fn ajp_behind_apache_end_to_end() {
                     Ok(r) => assert_eq!(r.status, 403, "{what}: answered {} {}", r.status, r.text()),
                     Err(e) => panic!("{what}: expected a 403, got {e}"),
                 }
-                thread::sleep(Duration::from_millis(200));
+                thread::sleep(Duration::from_millis(500));
                 assert!(
                     reached(probe).is_empty(),
                     "{what} was forwarded to {:?}",
                     reached(probe)
                 );
             };
+            let (secret0, attr0, shut0, cping0) = (
+                bed.ajp_counter("refused_secret"),
+                bed.ajp_counter("refused_attribute"),
+                bed.ajp_counter("refused_shutdown"),
+                bed.ajp_counter("cpings_answered"),
+            );
             refused(
                 good("ghostcat")
                     .attr(Attr::ReqAttribute(
@@ -611,6 +673,20 @@ fn ajp_behind_apache_end_to_end() {
             // CPing from the web tier: lb's CPong.
             let reply = ajp_cping_from(&ns, web, vip, Duration::from_secs(3)).expect("CPing");
             assert_eq!(reply, AJP_CPONG);
+            // Every refusal and the CPing counted, once each.
+            thread::sleep(Duration::from_millis(200));
+            assert_eq!(
+                bed.ajp_counter("refused_attribute") - attr0,
+                1,
+                "refused_attribute"
+            );
+            assert_eq!(
+                bed.ajp_counter("refused_secret") - secret0,
+                2,
+                "refused_secret (wrong, none)"
+            );
+            assert_eq!(bed.ajp_counter("refused_shutdown") - shut0, 1, "refused_shutdown");
+            assert_eq!(bed.ajp_counter("cpings_answered") - cping0, 1, "cpings_answered");
             // The daemon keeps serving: raw and through Apache.
             let mut s = conn();
             let r = ajp_client::exchange(&mut s, &good("after"))
@@ -657,11 +733,18 @@ fn ajp_behind_apache_end_to_end() {
                 secret: Some(FRONT_SECRET.into()),
                 ping: true,
             });
+            let cpings = bed.ajp_counter("cpings_answered");
             let mut bs: Vec<Browser> = users.iter().map(|&k| bed.browser(k)).collect();
             let pages = visit(&bed, &mut bs, 4);
             let at = assert_sticky(&bs, &pages);
             let per = assert_spread(&at);
-            report(&format!("ajp:   mod_jk users per Tomcat {per:?}"));
+            // ping_mode=A: mod_jk CPings its connections to lb (and would fail the requests
+            // without a CPong).
+            let cpings = bed.ajp_counter("cpings_answered") - cpings;
+            assert!(cpings > 0, "mod_jk sent no CPing lb answered");
+            report(&format!(
+                "ajp:   mod_jk users per Tomcat {per:?}; {cpings} CPings from mod_jk answered"
+            ));
             bed.proxy_ajp();
         },
     );
@@ -676,6 +759,7 @@ fn ajp_behind_apache_end_to_end() {
             .cloned()
             .collect();
         assert!(!on_x.is_empty());
+        let hits = bed.backend_counter(Some(x), "route_hits");
         let pages = visit(&bed, &mut on_x, 2);
         for (b, ps) in on_x.iter().zip(&pages) {
             for p in ps {
@@ -683,6 +767,11 @@ fn ajp_behind_apache_end_to_end() {
                 assert_eq!(p.field("new"), Some("false"));
             }
         }
+        assert_eq!(
+            bed.backend_counter(Some(x), "route_hits") - hits,
+            2 * on_x.len() as u64,
+            "route hits of drained {x}"
+        );
         let mut fresh: Vec<Browser> = (next_fresh..next_fresh + 15).map(|k| bed.browser(k)).collect();
         next_fresh += 15;
         let pages = visit(&bed, &mut fresh, 2);
@@ -792,6 +881,8 @@ fn kill_under_load(bed: &mut Bed, browsers: &[Browser]) {
     }
     let x = "t2";
     let xi = 2;
+    let failovers0 = bed.backend_counter(None, "route_failovers");
+    let retries0 = bed.backend_counter(None, "retries");
     let stop = Arc::new(AtomicBool::new(false));
     let body = vec![b'p'; 3000];
     let (outcomes, killed, exited) = thread::scope(|s| {
@@ -896,8 +987,17 @@ fn kill_under_load(bed: &mut Bed, browsers: &[Browser]) {
         retried_posts > 0,
         "no POST of a {x} user was sent after {x} exited"
     );
+    // The t2 users' requests with t2's route went elsewhere: by a retry (t2 failed before
+    // answering) or a route failover (t2 known down), and lb counted it.
+    let failovers = bed.backend_counter(None, "route_failovers") - failovers0;
+    let retries = bed.backend_counter(None, "retries") - retries0;
+    assert!(
+        failovers + retries > 0,
+        "no route failover or retry counted after {x} died"
+    );
     report(&format!(
         "ajp:   {lost} request(s) lost (≤ {on_x} in flight on {x}); {retried_posts} POSTs of {x} users \
-         answered elsewhere after it exited"
+         answered elsewhere after it exited; \
+         lb counted {retries} retries, {failovers} route failovers"
     ));
 }
