@@ -15,8 +15,26 @@
 //! end if any failed. The first sub-case needs no lb at all: Apache mod_proxy_balancer straight to
 //! the three Tomcats with `stickysession`, the bench's anchor, which checks the test bed itself.
 //!
-//! Needs root (skipped otherwise). A missing Tomcat or Apache is a failure, not a skip: setup
-//! installs them.
+//! The sub-cases, in order:
+//! 1. the anchor (no lb): mod_proxy_balancer keeps each of 30 users on one Tomcat, spread evenly,
+//!    and POST bodies of every size (around 8 KiB packets and the 64 KiB retry buffer) arrive;
+//! 2. the raw AJP client (`lb_tests::ajp_client`) against a Tomcat directly: a page is served, a
+//!    Ghostcat request refused, and both are in the Tomcat's access log (the detector used below);
+//! 3. through lb (mod_proxy_ajp): each user stays on one Tomcat (cookie route), the users spread
+//!    over all three (none more than half, each where `lb which` says); a session's cookie sent
+//!    from another address keeps reaching its Tomcat; POST bodies of every size arrive;
+//! 4. raw AJP to the VIP: Ghostcat `javax.servlet.include.*` attributes, a wrong secret and no
+//!    secret get lb's 403 and reach no Tomcat (access logs), a Shutdown packet is refused, a
+//!    CPing from the web tier gets a CPong, all counted in `lb stats`; the daemon keeps serving;
+//! 5. idle pooled connections (web tier → lb, lb → Tomcats) outlive `pool_idle_timeout`;
+//! 6. mod_jk instead of mod_proxy_ajp (`ping_mode=A`: CPing before requests): stick and spread;
+//! 7. `lb backend drain`: sessions on the drained Tomcat stay, new users avoid it;
+//! 8. the hot spare takes users only while all three primaries are down (AJP port blocked);
+//! 9. SIGTERM to one Tomcat under a GET/POST loop: only requests in flight on it may fail, POSTs
+//!    sent after it died are answered elsewhere, other users never move.
+//!
+//! `cargo xtask test -- -p lb-tests --test ajp` (about 40 s). Needs root (skipped otherwise). A
+//! missing Tomcat or Apache is a failure, not a skip: setup installs them.
 
 mod common;
 
