@@ -81,7 +81,9 @@ pub async fn serve(mut front: TcpStream, peer: SocketAddr, svc: Arc<Service>, st
         };
         let next = match ServerMessage::decode(frame.payload(), false) {
             Ok(ServerMessage::ForwardRequest(req)) => {
-                Request::new(&mut front, &mut buf, peer, &svc, *req).run().await
+                Request::new(&mut front, &mut buf, peer, &svc, *req, frame.into_bytes())
+                    .run()
+                    .await
             }
             Ok(ServerMessage::CPing) => {
                 if svc.takes_requests() {
@@ -192,6 +194,8 @@ struct Request<'a> {
     peer: SocketAddr,
     svc: &'a Arc<Service>,
     req: ForwardRequest,
+    /// The Forward Request packet as it came (forwarded as is unless it must be rewritten).
+    raw: Bytes,
     started: Instant,
 }
 
@@ -202,6 +206,7 @@ impl<'a> Request<'a> {
         peer: SocketAddr,
         svc: &'a Arc<Service>,
         req: ForwardRequest,
+        raw: Bytes,
     ) -> Self {
         Request {
             front,
@@ -209,6 +214,7 @@ impl<'a> Request<'a> {
             peer,
             svc,
             req,
+            raw,
             started: Instant::now(),
         }
     }
@@ -251,16 +257,19 @@ impl<'a> Request<'a> {
                     .ok()
             })
             .unwrap_or(self.peer.ip());
-        if settings.backend_secret.is_some() {
+        // Re-encoded only when the secret must be replaced; otherwise passed on without a copy.
+        let forward = if settings.backend_secret.is_some() {
             self.req.replace_secret(settings.backend_secret.as_ref());
-        }
-        let mut encoded = BytesMut::new();
-        if let Err(e) = self.req.encode(&mut encoded, max) {
-            warn!(service = %self.svc.name, error = %e, "request does not fit max_packet_size after rewriting; answered 503");
-            self.svc.counters.unavailable.fetch_add(1, Relaxed);
-            return self.respond(503, "Service Unavailable").await;
-        }
-        let forward = encoded.freeze();
+            let mut encoded = BytesMut::new();
+            if let Err(e) = self.req.encode(&mut encoded, max) {
+                warn!(service = %self.svc.name, error = %e, "request does not fit max_packet_size after rewriting; answered 503");
+                self.svc.counters.unavailable.fetch_add(1, Relaxed);
+                return self.respond(503, "Service Unavailable").await;
+            }
+            encoded.freeze()
+        } else {
+            self.raw.clone()
+        };
 
         let mut exclude: Vec<u32> = Vec::new();
         let mut failures = 0u32;

@@ -27,6 +27,8 @@ pub enum PoolError {
     Connect(SocketAddr, std::io::Error),
     #[error("connect to {0} timed out")]
     Timeout(SocketAddr),
+    #[error("{0} did not answer the CPing")]
+    NoPong(SocketAddr),
     #[error("all {0} connections to the backend are busy")]
     Full(u32),
     #[error("the pool is closed")]
@@ -136,9 +138,16 @@ impl Pool {
                 if !alive(&c.stream) {
                     continue;
                 }
-                if c.last_used.elapsed() > ping_after_idle && !cping(&mut c.stream, timeout).await {
-                    debug!(backend = %self.address, "pooled connection did not answer the CPing; closed");
-                    continue;
+                if c.last_used.elapsed() > ping_after_idle {
+                    match cping(&mut c.stream, timeout).await {
+                        Ping::Pong => {}
+                        Ping::Closed => {
+                            debug!(backend = %self.address, "pooled connection closed; trying another");
+                            continue;
+                        }
+                        // A backend that takes no CPing takes no request either: try another.
+                        Ping::Silent => return Err(PoolError::NoPong(self.address)),
+                    }
                 }
                 c.reused = true;
                 return Ok(c);
@@ -150,7 +159,7 @@ impl Pool {
             Ok(Err(_)) => return Err(PoolError::Closed),
             Err(_) => return Err(PoolError::Full(*self.size.lock().unwrap())),
         };
-        let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(self.address)).await {
+        let mut stream = match tokio::time::timeout_at(deadline, TcpStream::connect(self.address)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 self.stats.connect_failures.fetch_add(1, Relaxed);
@@ -162,6 +171,13 @@ impl Pool {
             }
         };
         let _ = stream.set_nodelay(true);
+        // A new connection answers a CPing before its first request (mod_jk's ping_mode C), so a
+        // backend that accepts connections but serves nothing is left for the next one.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if cping(&mut stream, left).await != Ping::Pong {
+            self.stats.connect_failures.fetch_add(1, Relaxed);
+            return Err(PoolError::NoPong(self.address));
+        }
         self.open.fetch_add(1, Relaxed);
         self.stats.active_connections.fetch_add(1, Relaxed);
         self.stats.total_connections.fetch_add(1, Relaxed);
@@ -195,13 +211,27 @@ fn alive(stream: &TcpStream) -> bool {
     matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
+/// How a CPing went.
+#[derive(Debug, PartialEq, Eq)]
+enum Ping {
+    Pong,
+    /// The connection failed, closed or answered something else.
+    Closed,
+    /// No answer within the timeout.
+    Silent,
+}
+
 /// Sends a CPing and waits up to `timeout` for the CPong.
-async fn cping(stream: &mut TcpStream, timeout: Duration) -> bool {
+async fn cping(stream: &mut TcpStream, timeout: Duration) -> Ping {
     let exchange = async {
         stream.write_all(&CPING).await?;
         let mut reply = [0u8; 5];
         stream.read_exact(&mut reply).await?;
         Ok::<_, std::io::Error>(reply == CPONG)
     };
-    matches!(tokio::time::timeout(timeout, exchange).await, Ok(Ok(true)))
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(true)) => Ping::Pong,
+        Ok(_) => Ping::Closed,
+        Err(_) => Ping::Silent,
+    }
 }

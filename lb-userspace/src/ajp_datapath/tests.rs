@@ -2,7 +2,7 @@
 //! AJP as Tomcat does) and a fake web tier sending Forward Requests as mod_jk does.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -760,12 +760,11 @@ async fn pooled_connections_are_reused_only_after_the_reuse_flag() {
 
 #[tokio::test]
 async fn idle_connection_closed_by_the_backend_is_replaced_transparently() {
-    let closing = Arc::new(AtomicBool::new(false));
     // A backend that answers once per connection with reuse = true, then closes it.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
-    let (acc, _c) = (accepted.clone(), closing.clone());
+    let acc = accepted.clone();
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = listener.accept().await else {
@@ -774,11 +773,14 @@ async fn idle_connection_closed_by_the_backend_is_replaced_transparently() {
             acc.fetch_add(1, SeqCst);
             tokio::spawn(async move {
                 let mut buf = BytesMut::new();
-                if read_frame(&mut s, &mut buf, Direction::ToContainer)
-                    .await
-                    .is_none()
-                {
-                    return;
+                loop {
+                    let Some(f) = read_frame(&mut s, &mut buf, Direction::ToContainer).await else {
+                        return;
+                    };
+                    if f.kind() != Some(crate::ajp::codec::kind::CPING) {
+                        break;
+                    }
+                    let _ = s.write_all(&crate::ajp::CPONG).await;
                 }
                 let _ = send(
                     &mut s,
@@ -833,4 +835,87 @@ async fn large_bodies_stream_both_ways() {
     }
     assert_eq!(fake.seen.lock().unwrap()[1].body, body);
     assert_eq!(fake.connections.load(SeqCst), 1);
+}
+
+#[tokio::test]
+async fn engine_runs_ajp_services_and_reports_their_counters() {
+    let fake = FakeBackend::start("t1", Mode::Answer).await;
+    let port = dead_address().port();
+    let text = format!(
+        "[[service]]\nname = \"tomcat\"\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"ajp\"\ndatapath = \"ajp\"\n\
+         [service.health]\nkind = \"none\"\n[service.ajp]\nsecret = \"s3cret-value\"\n\
+         [[service.backend]]\nname = \"t1\"\naddress = \"{}\"\n",
+        fake.addr
+    );
+    let config = crate::config::Config::parse(&text, "test.toml").unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::channel(16);
+    let engine =
+        crate::engine::Engine::start(config, tx, tokio_util::sync::CancellationToken::new()).unwrap();
+    let mut web = Web::connect(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let a = web
+        .request(&Req::from(&ip(1)).secret("s3cret-value"))
+        .await
+        .unwrap();
+    assert_eq!((a.status, a.backend()), (200, "t1"));
+    assert_eq!(web.request(&Req::from(&ip(1))).await.unwrap().status, 403);
+    let stats = engine.stats();
+    let svc = stats.services.iter().find(|s| s.name == "tomcat").unwrap();
+    let ajp = svc.ajp.as_ref().expect("ajp counters in stats");
+    assert_eq!(ajp.refused_secret, 1);
+    let t1 = ajp.backends.values().next().unwrap();
+    assert_eq!((t1.name.as_str(), t1.requests, t1.responses_2xx), ("t1", 1, 1));
+    // `lb which` answers by the browser's address for ajp services too.
+    let which = engine.which("tomcat", &ip(1)).unwrap();
+    assert_eq!(which.backend.as_deref(), Some("t1"));
+    assert_eq!(
+        which.reason, "affinity",
+        "the request recorded the address's affinity"
+    );
+    // The secret shows nowhere in the operator's views.
+    let shown = format!(
+        "{}{}",
+        serde_json::to_string(&engine.stats()).unwrap(),
+        serde_json::to_string(&engine.status(None).unwrap()).unwrap()
+    );
+    assert!(!shown.contains("s3cret-value"));
+    let text = crate::metrics::render(&engine.stats(), crate::metrics::Format::Text).unwrap();
+    assert!(!text.contains("s3cret-value"));
+    assert!(
+        text.contains("lb_ajp_backend_requests_total{service=\"tomcat\",backend=\"t1\"} 1"),
+        "{text}"
+    );
+    tokio::time::timeout(Duration::from_secs(2), engine.shutdown())
+        .await
+        .expect("idle connections do not hold up shutdown");
+}
+
+#[tokio::test]
+async fn backend_that_accepts_but_never_answers_is_skipped() {
+    // Accepts connections (the kernel does) but never reads: the CPing goes unanswered.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let good = FakeBackend::start("good", Mode::Answer).await;
+    let lb = Lb::start(
+        &[("hung", silent_addr, false), ("good", good.addr, false)],
+        AjpConfig::default(),
+    );
+    lb.run(Command::UpdateService {
+        service: {
+            let b = lb.balancer.lock().unwrap();
+            let mut s = b.state.service("ajp").unwrap().settings.clone();
+            s.connect_timeout = Duration::from_millis(300);
+            s
+        },
+    });
+    let user = (0..200).map(ip).find(|i| lb.by_address(i) == "hung").unwrap();
+    let mut web = Web::connect(lb.addr).await;
+    let a = web.request(&Req::from(&user).body(b"x=1")).await.unwrap();
+    assert_eq!((a.status, a.backend()), (200, "good"));
+    assert_eq!(lb.backend_counters("hung").retries, 1);
 }
