@@ -770,6 +770,17 @@ fn ajp_behind_apache_end_to_end() {
     let mut next_fresh = USERS;
     cases.run("drain: sessions stay, new users avoid the drained Tomcat", || {
         let x = "t1";
+        // Some of the new users' addresses map to x on the ring: they are the ones drain moves.
+        let addrs = bed.topo.client_addrs();
+        let would: Vec<Ipv4Addr> = addrs[next_fresh..next_fresh + 15]
+            .iter()
+            .copied()
+            .filter(|a| bed.lb().which("app", *a).0.as_deref() == Some(x))
+            .collect();
+        assert!(
+            !would.is_empty(),
+            "no new user's address maps to {x}; pick other addresses"
+        );
         bed.lb().cli_ok(&["backend", "drain", "app", x]);
         let mut on_x: Vec<Browser> = browsers
             .iter()
@@ -794,7 +805,10 @@ fn ajp_behind_apache_end_to_end() {
         next_fresh += 15;
         let pages = visit(&bed, &mut fresh, 2);
         let at = assert_sticky(&fresh, &pages);
-        assert!(at.values().all(|r| r != x), "new users on drained {x}: {at:?}");
+        assert!(
+            at.values().all(|r| r != x),
+            "new users on drained {x} (their ring choice: {would:?}): {at:?}"
+        );
         bed.lb().cli_ok(&["backend", "enable", "app", x]);
     });
 
