@@ -74,7 +74,8 @@ pub struct BackendCounters {
     pub address_hits: AtomicU64,
     /// Requests whose session route named another backend that could not take them.
     pub route_failovers: AtomicU64,
-    /// Requests that failed here before any answer and were retried on another backend.
+    /// Requests that failed here before any answer with their body held: each moved on to the
+    /// next backend (or got a 503 when none was left).
     pub retries: AtomicU64,
     pub latency: Latency,
 }

@@ -30,6 +30,10 @@ enum Mode {
     AnswerNoReuse,
     /// Reads the whole body, then closes without a word.
     CloseBeforeAnswer,
+    /// Reads the whole body, then says nothing (a hung application).
+    Stall,
+    /// Sends the response headers, then says nothing more.
+    StallAfterHeaders,
 }
 
 #[derive(Clone, Debug)]
@@ -70,6 +74,7 @@ impl FakeBackend {
                     return;
                 };
                 let n = connections.fetch_add(1, SeqCst);
+                let _ = s.set_nodelay(true);
                 let (name, mode, seen) = (name.clone(), mode.clone(), seen.clone());
                 tokio::spawn(async move {
                     let _ = backend_conn(s, n, &name, &mode, &seen).await;
@@ -151,6 +156,9 @@ async fn backend_conn(
         if mode == Mode::CloseBeforeAnswer {
             return Ok(());
         }
+        if mode == Mode::Stall {
+            std::future::pending::<()>().await;
+        }
         send(
             &mut s,
             ContainerMessage::SendHeaders(Box::new(SendHeaders {
@@ -160,6 +168,9 @@ async fn backend_conn(
             })),
         )
         .await?;
+        if mode == Mode::StallAfterHeaders {
+            std::future::pending::<()>().await;
+        }
         let mut answer = name.as_bytes().to_vec();
         answer.push(b':');
         answer.extend_from_slice(&body);
@@ -293,8 +304,10 @@ impl Answer {
 
 impl Web {
     async fn connect(addr: SocketAddr) -> Web {
+        let s = TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
         Web {
-            s: TcpStream::connect(addr).await.unwrap(),
+            s,
             buf: BytesMut::new(),
         }
     }
@@ -918,4 +931,50 @@ async fn backend_that_accepts_but_never_answers_is_skipped() {
     let a = web.request(&Req::from(&user).body(b"x=1")).await.unwrap();
     assert_eq!((a.status, a.backend()), (200, "good"));
     assert_eq!(lb.backend_counters("hung").retries, 1);
+}
+
+#[tokio::test]
+async fn on_down_reset_aborts_requests_on_a_backend_marked_down() {
+    let stalls = FakeBackend::start("t1", Mode::Stall).await;
+    let good = FakeBackend::start("t2", Mode::Answer).await;
+    let lb = Lb::start(
+        &[("t1", stalls.addr, false), ("t2", good.addr, false)],
+        AjpConfig::default(),
+    );
+    let user = (0..200).map(ip).find(|i| lb.by_address(i) == "t1").unwrap();
+    // Marks t1 down with on_down = "reset" the way the engine does, once the request is under way.
+    let reset_t1 = |lb: &Lb| {
+        lb.set_health("t1", Health::Down);
+        let b = lb.balancer.lock().unwrap();
+        b.state
+            .service("ajp")
+            .unwrap()
+            .backend("t1")
+            .unwrap()
+            .stats
+            .reset_connections();
+    };
+    // Nothing answered yet: the request moves on to t2.
+    let mut web = Web::connect(lb.addr).await;
+    let first = Req::from(&user).body(b"a=1");
+    let pending = tokio::spawn(async move { web.request(&first).await });
+    while stalls.requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    reset_t1(&lb);
+    let a = pending.await.unwrap().unwrap();
+    assert_eq!((a.status, a.backend()), (200, "t2"));
+    // Part of the answer sent already: the web tier's connection is closed instead.
+    lb.set_health("t1", Health::Up);
+    stalls.set_mode(Mode::StallAfterHeaders);
+    let session = Req::from(&user).cookie("JSESSIONID=x.t1");
+    let mut web = Web::connect(lb.addr).await;
+    let pending = tokio::spawn(async move { web.request(&session).await });
+    while stalls.requests() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    reset_t1(&lb);
+    assert!(pending.await.unwrap().is_none(), "connection closed mid-response");
+    assert_eq!(good.requests(), 1);
 }
