@@ -231,7 +231,7 @@ pub fn render(stats: &StatsView, format: Format) -> Result<String, MetricsError>
     );
     let xdp_packets = b.counter(
         "lb_xdp_packets",
-        "XDP: packets by the reason for their verdict (drops such as no_backend, no_conntrack, snat_exhausted, fib_failed; passes such as fragment, no_neigh, malformed)",
+        "XDP: packets by the reason for their verdict (drops such as no_backend, no_conntrack, snat_exhausted, no_reply_flow, fib_failed; passes such as fragment, no_neigh, malformed)",
     );
     let xdp_verdicts = b.counter(
         "lb_xdp_verdicts",
