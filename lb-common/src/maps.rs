@@ -20,13 +20,8 @@ pub const MAP_RING: &str = "lb_ring";
 pub const MAP_CONNTRACK: &str = "lb_conntrack";
 /// `LRU_HASH<AffinityKey, AffinityValue>`: client IP → backend, with last-seen time.
 pub const MAP_AFFINITY: &str = "lb_affinity";
-/// `PERCPU_ARRAY<u32, u32>` with one entry: each CPU's SNAT port cursor. Every CPU walks the whole
-/// `snat_ports` range (starting at its own offset); [`MAP_SNAT_LOCKS`] keeps two CPUs off one port.
+/// `PERCPU_ARRAY<u32, u32>` with one entry: each CPU's SNAT port cursor.
 pub const MAP_SNAT: &str = "lb_snat";
-/// `HASH<FlowKey, u32>`: the reply keys (backend → SNAT address and port) whose port a CPU is
-/// claiming right now. Taken with BPF_NOEXIST and removed by its taker at the end of the claim, so
-/// only one CPU at a time can remove an expired entry of a port and insert its own.
-pub const MAP_SNAT_LOCKS: &str = "lb_snat_locks";
 /// `HASH<u32, u32>`: the LB's SNAT source addresses (`BackendValue::snat_be`, network order) → 1.
 /// A TCP packet to one of them on a SNAT port without a live flow is a stray backend reply: it is
 /// dropped (`no_reply_flow`), never passed to the LB's own stack (which would reset it).
@@ -41,8 +36,6 @@ pub const DEFAULT_MAX_SERVICES: u32 = 16;
 pub const DEFAULT_MAX_BACKENDS: u32 = 1024;
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 pub const DEFAULT_AFFINITY_ENTRIES: u32 = 262_144;
-/// Entries of [`MAP_SNAT_LOCKS`]: ports being claimed at this instant (at most one per CPU).
-pub const DEFAULT_SNAT_LOCKS: u32 = 1024;
 /// Entries of [`MAP_SNAT_ADDRS`] (one per source address toward backends).
 pub const DEFAULT_SNAT_ADDRS: u32 = 256;
 /// Entries of [`MAP_GLOBAL_STATS`]: one slot per [`global_counter`] index.

@@ -38,9 +38,10 @@ use lb_common::{
     maps::{
         AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, Counter,
         DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
-        DEFAULT_SNAT_ADDRS, DEFAULT_SNAT_LOCKS, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, FLOW_TO_BACKEND,
-        FLOW_TS, FlowKey, FlowValue, GLOBAL_STATS_ENTRIES, GlobalConfig, NEXT_HOP_CACHE_NS, NO_BACKEND,
-        ServiceKey, ServiceValue, TrafficCounters, global_counter as gc,
+        DEFAULT_SNAT_ADDRS,
+        FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, FLOW_TO_BACKEND, FLOW_TS, FlowKey, FlowValue,
+        GLOBAL_STATS_ENTRIES, GlobalConfig, NEXT_HOP_CACHE_NS, NO_BACKEND, ServiceKey, ServiceValue,
+        TrafficCounters, global_counter as gc,
     },
 };
 
@@ -64,8 +65,6 @@ static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::with_max_entries(DEFAULT_AFFINITY_ENTRIES, 0);
 #[map(name = "lb_snat")]
 static SNAT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
-#[map(name = "lb_snat_locks")]
-static SNAT_LOCKS: HashMap<FlowKey, u32> = HashMap::with_max_entries(DEFAULT_SNAT_LOCKS, 0);
 #[map(name = "lb_snat_addrs")]
 static SNAT_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_SNAT_ADDRS, 0);
 #[map(name = "lb_svc_stats")]
@@ -84,7 +83,6 @@ const _: () = {
     assert!(str_eq(MAP_AFFINITY, "lb_affinity"));
     assert!(str_eq(MAP_SNAT, "lb_snat"));
     assert!(str_eq(MAP_SNAT_ADDRS, "lb_snat_addrs"));
-    assert!(str_eq(MAP_SNAT_LOCKS, "lb_snat_locks"));
     assert!(str_eq(MAP_SERVICE_STATS, "lb_svc_stats"));
     assert!(str_eq(MAP_BACKEND_STATS, "lb_be_stats"));
 };
@@ -98,9 +96,8 @@ const TCP_FIN: u16 = 0x01;
 const TCP_SYN: u16 = 0x02;
 const TCP_RST: u16 = 0x04;
 const TCP_ACK: u16 = 0x10;
-/// Ports tried before giving up on a SYN: the first half on this CPU's own walk (the ports ahead of
-/// its cursor are the ones it claimed longest ago, so the first try nearly always succeeds), the
-/// second half on the next CPU's walk.
+/// SNAT ports tried before giving up on a SYN (consecutive cursor values: the ports ahead of the
+/// cursor are the ones claimed longest ago, so the first try nearly always succeeds).
 const SNAT_TRIES: u32 = 32;
 
 /// A verdict with the reason counter that explains it (or none).
@@ -431,86 +428,56 @@ fn set_flags(flags: &mut u32, bit: u32) {
 }
 
 /// Claims a SNAT source port toward `backend` by inserting the connection's reply entry with
-/// BPF_NOEXIST. CPU k walks ports k, k + cpus, k + 2·cpus, … with a cursor of its own, so busy CPUs
-/// do not trail each other through fresh ports; when its own ports are taken it tries the next
-/// CPU's ports at its cursor, so one CPU taking all SYNs (one NIC queue) is not held to its share. A port is taken under a lock entry ([`SNAT_LOCKS`], BPF_NOEXIST): only the lock holder may remove
-/// an expired entry and insert its own, so a CPU never removes an entry another CPU has just
-/// inserted. A port is free when its reply entry is missing, or expired and its client → backend
-/// entry (if it still points at the port) expired too: an entry a live flow needs is never removed.
+/// BPF_NOEXIST. Each CPU walks its own share of the range, so no two CPUs ever claim the same port
+/// (a claim removes an expired entry before inserting: two CPUs on one port could remove each
+/// other's fresh entry). A port is free when its reply entry is missing, or expired and its
+/// client → backend entry (if it still points at the port) expired too: an entry a live flow still
+/// needs is never removed.
 #[inline(always)]
 fn claim_snat(backend: &BackendValue, cfg: &GlobalConfig, now: u64, reply: &FlowValue) -> Option<u16> {
     let cursor = SNAT.get_ptr_mut(0)?;
     let lo = cfg.snat_port_lo as u32;
     let range = (cfg.snat_port_hi as u32).checked_sub(lo)? + 1;
     let cpus = if cfg.cpus == 0 { 1 } else { cfg.cpus };
-    let me = unsafe { bpf_get_smp_processor_id() } % cpus;
-    for i in 0..SNAT_TRIES {
+    let share = range / cpus;
+    if share == 0 {
+        return None;
+    }
+    let start = (unsafe { bpf_get_smp_processor_id() } % cpus) * share;
+    for _ in 0..SNAT_TRIES {
         // SAFETY: per-CPU slot, written only by this CPU.
         let c = unsafe {
             let c = *cursor;
             *cursor = c.wrapping_add(1);
             c
         };
-        // Second half: the next CPU's walk at this cursor.
-        let other = i / (SNAT_TRIES / 2);
-        let index = (c % range).wrapping_mul(cpus).wrapping_add(me + other) % range;
-        if let Some(port) = try_port(backend, cfg, now, reply, lo + index) {
+        let port = ((lo + start + c % share) as u16).to_be();
+        let key = FlowKey {
+            src_be: backend.addr_be,
+            dst_be: backend.snat_be,
+            sport_be: backend.port_be,
+            dport_be: port,
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        if let Some(old) = unsafe { CONNTRACK.get(&key) } {
+            if !old.expired(now, cfg) {
+                continue;
+            }
+            if let Some(fwd) = unsafe { CONNTRACK.get(&FlowKey::reverse_of(old)) }
+                && fwd.new_sport_be == port
+                && fwd.new_dst_be == backend.addr_be
+                && !fwd.expired(now, cfg)
+            {
+                continue;
+            }
+            let _ = CONNTRACK.remove(&key);
+        }
+        if CONNTRACK.insert(&key, reply, BPF_NOEXIST as u64).is_ok() {
             return Some(port);
         }
     }
     None
-}
-
-/// Locks `port`, takes it if free, unlocks; the port (network order) if taken.
-#[inline(always)]
-fn try_port(
-    backend: &BackendValue,
-    cfg: &GlobalConfig,
-    now: u64,
-    reply: &FlowValue,
-    port: u32,
-) -> Option<u16> {
-    let port = (port as u16).to_be();
-    let key = FlowKey {
-        src_be: backend.addr_be,
-        dst_be: backend.snat_be,
-        sport_be: backend.port_be,
-        dport_be: port,
-        proto: IPPROTO_TCP,
-        _pad: [0; 3],
-    };
-    if SNAT_LOCKS.insert(&key, &1, BPF_NOEXIST as u64).is_err() {
-        return None; // another CPU is claiming this port right now
-    }
-    let claimed = take_port(&key, port, backend, cfg, now, reply);
-    let _ = SNAT_LOCKS.remove(&key);
-    claimed.then_some(port)
-}
-
-/// Under the port's lock: inserts `reply` at `key` if the port is free (see [`claim_snat`]).
-#[inline(always)]
-fn take_port(
-    key: &FlowKey,
-    port: u16,
-    backend: &BackendValue,
-    cfg: &GlobalConfig,
-    now: u64,
-    reply: &FlowValue,
-) -> bool {
-    if let Some(old) = unsafe { CONNTRACK.get(key) } {
-        if !old.expired(now, cfg) {
-            return false;
-        }
-        if let Some(fwd) = unsafe { CONNTRACK.get(&FlowKey::reverse_of(old)) }
-            && fwd.new_sport_be == port
-            && fwd.new_dst_be == backend.addr_be
-            && !fwd.expired(now, cfg)
-        {
-            return false;
-        }
-        let _ = CONNTRACK.remove(key);
-    }
-    CONNTRACK.insert(key, reply, BPF_NOEXIST as u64).is_ok()
 }
 
 /// Most TCP option bytes walked looking for the timestamp option.

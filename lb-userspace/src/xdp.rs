@@ -24,7 +24,7 @@ use lb_common::maps::{
 };
 use lb_common::maps::{
     MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_GLOBAL_STATS, MAP_RING,
-    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT, MAP_SNAT_ADDRS, MAP_SNAT_LOCKS,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT, MAP_SNAT_ADDRS,
 };
 use tracing::{info, warn};
 
@@ -225,7 +225,6 @@ impl XdpDatapath {
             MAP_AFFINITY,
             MAP_SNAT,
             MAP_SNAT_ADDRS,
-            MAP_SNAT_LOCKS,
             MAP_SERVICE_STATS,
             MAP_BACKEND_STATS,
         ];
