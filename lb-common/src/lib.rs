@@ -3,10 +3,16 @@
 //! - [`hash`]: the seeded client-IP hash and the Maglev slot it picks. Kernel and user space call the
 //!   same function, so every node with the same config and seed sends a client to the same backend.
 //! - [`csum`]: incremental IPv4/TCP checksum updates for the NAT rewrite.
+//! - [`counters`]: the XDP program's global counters (index, name, kind, meaning), defined once for
+//!   the kernel and every user-space surface.
 //! - [`maps`]: map names and the `#[repr(C)]` key/value types stored in the eBPF maps, each with a
 //!   compile-time size assertion.
+//! - [`select`]: backend selection (conntrack, affinity, Maglev ring, failover home), generic over
+//!   small storage traits so the kernel and user space run the same rules.
 #![no_std]
 
+pub mod counters;
 pub mod csum;
 pub mod hash;
 pub mod maps;
+pub mod select;

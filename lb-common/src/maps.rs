@@ -44,61 +44,11 @@ pub const GLOBAL_STATS_ENTRIES: u32 = global_counter::COUNT;
 /// "No backend" in rings and affinity homes.
 pub const NO_BACKEND: u32 = u32::MAX;
 
-/// Indexes into [`MAP_GLOBAL_STATS`].
+/// Indexes into [`MAP_GLOBAL_STATS`], from the counter taxonomy in [`crate::counters`].
 ///
 /// `PACKETS` counts every packet. Verdict counters (`PASSED`, `FORWARDED`, `DROPPED`) count each packet
 /// once and sum to `PACKETS`. Reason counters say why a packet got its verdict and come on top.
-pub mod global_counter {
-    /// Packets seen by the XDP program.
-    pub const PACKETS: u32 = 0;
-    /// Verdict: handed to the kernel stack (`XDP_PASS`).
-    pub const PASSED: u32 = 1;
-    /// Reason: too short for the headers it claims.
-    pub const TRUNCATED: u32 = 2;
-    /// Verdict: rewritten and sent (`XDP_TX` or `XDP_REDIRECT`).
-    pub const FORWARDED: u32 = 3;
-    /// Verdict: dropped.
-    pub const DROPPED: u32 = 4;
-    /// Reason: IPv4 fragment (passed to the kernel).
-    pub const FRAGMENT: u32 = 5;
-    /// Reason: non-SYN packet to a VIP without a connection (dropped, never sent to a random backend).
-    pub const NO_CONNTRACK: u32 = 6;
-    /// Reason: SYN to a service with no backend taking new clients (dropped).
-    pub const NO_BACKEND: u32 = 7;
-    /// Reason: no free SNAT port after several tries (dropped).
-    pub const SNAT_EXHAUSTED: u32 = 8;
-    /// Reason: next hop's MAC unknown; rewritten packet passed so the kernel resolves it.
-    pub const NO_NEIGH: u32 = 9;
-    /// Reason: no route for the rewritten packet (dropped).
-    pub const FIB_FAILED: u32 = 10;
-    /// Reason: malformed header (bad IHL, TCP data offset) for a VIP (passed).
-    pub const MALFORMED: u32 = 11;
-    /// New connections set up.
-    pub const NEW_FLOWS: u32 = 12;
-    /// Reason: a backend's packet to a SNAT address and port with no live flow (dropped, so the
-    /// LB's own stack never answers it with a RST).
-    pub const NO_REPLY_FLOW: u32 = 13;
-    /// Number of counters.
-    pub const COUNT: u32 = 14;
-
-    /// Names for user space, in index order.
-    pub const NAMES: [&str; COUNT as usize] = [
-        "packets",
-        "passed",
-        "truncated",
-        "forwarded",
-        "dropped",
-        "fragment",
-        "no_conntrack",
-        "no_backend",
-        "snat_exhausted",
-        "no_neigh",
-        "fib_failed",
-        "malformed",
-        "new_flows",
-        "no_reply_flow",
-    ];
-}
+pub use crate::counters::global_counter;
 
 /// One per-CPU counter cell: packets and bytes.
 #[repr(C)]

@@ -34,15 +34,14 @@ use aya_ebpf::{
 };
 use lb_common::{
     csum,
-    hash::ring_slot,
     maps::{
         AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, Counter,
         DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
-        DEFAULT_SNAT_ADDRS,
-        FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, FLOW_TO_BACKEND, FLOW_TS, FlowKey, FlowValue,
-        GLOBAL_STATS_ENTRIES, GlobalConfig, NEXT_HOP_CACHE_NS, NO_BACKEND, ServiceKey, ServiceValue,
+        DEFAULT_SNAT_ADDRS, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, FLOW_TO_BACKEND, FLOW_TS, FlowKey,
+        FlowValue, GLOBAL_STATS_ENTRIES, GlobalConfig, NEXT_HOP_CACHE_NS, ServiceKey, ServiceValue,
         TrafficCounters, global_counter as gc,
     },
+    select::{AffinitySlot, BackendTable, Policy, Ring, select},
 };
 
 use crate::net::{ETH_P_IPV4, EthHdr, IPPROTO_TCP, Ipv4Hdr, TcpHdr};
@@ -303,8 +302,9 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
     verdict
 }
 
-/// DESIGN.md rules 2 and 3: a live affinity entry to a backend that still admits known clients,
-/// else the Maglev ring slot of the client's hash (and a new affinity entry).
+/// Picks the backend for a SYN without a connection by the shared rules
+/// ([`lb_common::select::select`]: affinity, else the Maglev ring, with the failover home), over
+/// this service's affinity entry, the backends array and its slice of the ring.
 #[inline(always)]
 fn select_backend(
     service: &ServiceValue,
@@ -312,51 +312,74 @@ fn select_backend(
     cfg: &GlobalConfig,
     now: u64,
 ) -> Option<(u32, &'static BackendValue)> {
-    let akey = AffinityKey {
+    let policy = Policy {
+        seed: cfg.seed,
+        affinity_timeout_ns: service.affinity_timeout_ns,
+    };
+    let mut affinity = KernelAffinity(AffinityKey {
         service_slot: service.slot,
         client_be,
+    });
+    let view = KernelService {
+        slot: service.slot,
+        ring_size: cfg.ring_size,
     };
-    let mut home = NO_BACKEND;
-    if service.affinity_timeout_ns != 0
-        && let Some(entry) = AFFINITY.get_ptr_mut(&akey)
-    {
-        // SAFETY: valid map value pointer for this run.
-        let a = unsafe { &mut *entry };
-        if now.saturating_sub(a.last_seen_ns) < service.affinity_timeout_ns {
-            if let Some(b) = BACKENDS.get(a.backend)
-                && b.flags & (BACKEND_PRESENT | BACKEND_ADMITS_KNOWN)
-                    == (BACKEND_PRESENT | BACKEND_ADMITS_KNOWN)
-                && b.service_slot == service.slot
-            {
-                a.last_seen_ns = now;
-                return Some((a.backend, b));
-            }
-            // Failing over: remember where the client came from (for failback).
-            home = if a.home != NO_BACKEND { a.home } else { a.backend };
-        }
+    let choice = select(
+        &policy,
+        None,
+        u32::from_be(client_be),
+        now,
+        &mut affinity,
+        &view,
+        &view,
+        |_| false,
+        1,
+    )?;
+    let backend = BACKENDS.get(choice.backend)?;
+    (backend.flags & BACKEND_PRESENT != 0).then_some((choice.backend, backend))
+}
+
+/// A client's affinity entry in the `AFFINITY` map.
+struct KernelAffinity(AffinityKey);
+
+impl AffinitySlot for KernelAffinity {
+    #[inline(always)]
+    fn get(&self) -> Option<AffinityValue> {
+        // SAFETY: a map value read for this run.
+        unsafe { AFFINITY.get(&self.0) }.copied()
     }
-    if cfg.ring_size == 0 {
-        return None;
+    #[inline(always)]
+    fn put(&mut self, value: &AffinityValue) {
+        let _ = AFFINITY.insert(&self.0, value, 0);
     }
-    let slot = ring_slot(cfg.seed, u32::from_be(client_be), cfg.ring_size);
-    let index = *RING.get(service.slot.wrapping_mul(cfg.ring_size).wrapping_add(slot))?;
-    let backend = BACKENDS.get(index)?;
-    if backend.flags & BACKEND_PRESENT == 0 {
-        return None;
+}
+
+/// One service's backends (by its slot) and its slice of the `RING` array.
+struct KernelService {
+    slot: u32,
+    ring_size: u32,
+}
+
+impl BackendTable for KernelService {
+    #[inline(always)]
+    fn admits_known(&self, index: u32) -> bool {
+        let want = BACKEND_PRESENT | BACKEND_ADMITS_KNOWN;
+        BACKENDS
+            .get(index)
+            .is_some_and(|b| b.flags & want == want && b.service_slot == self.slot)
     }
-    if service.affinity_timeout_ns != 0 {
-        let home = if home == index { NO_BACKEND } else { home };
-        let _ = AFFINITY.insert(
-            &akey,
-            &AffinityValue {
-                backend: index,
-                home,
-                last_seen_ns: now,
-            },
-            0,
-        );
+}
+
+impl Ring for KernelService {
+    #[inline(always)]
+    fn size(&self) -> u32 {
+        self.ring_size
     }
-    Some((index, backend))
+    #[inline(always)]
+    fn get(&self, slot: u32) -> Option<u32> {
+        RING.get(self.slot.wrapping_mul(self.ring_size).wrapping_add(slot))
+            .copied()
+    }
 }
 
 /// Whether a SYN on the known flow `f` (entry `key`) retransmits the SYN that opened it: a

@@ -1,20 +1,30 @@
 //! Backend selection by the rules of DESIGN.md, shared by every user-space datapath:
-//! existing connection (the datapath's own business) > affinity entry > Maglev ring.
+//! existing connection (the datapath's own business) > affinity entry > Maglev ring, by
+//! [`lb_common::select`].
 //!
-//! [`Balancer`] owns the [`State`] and one [`AffinityTable`] per service, so commands and selection
-//! see one consistent picture.
+//! [`Balancer`] publishes the state with its runtime as an immutable [`Snapshot`] (arc-swap: a new
+//! connection reads it without a lock) and keeps source-IP affinity in sharded tables, so
+//! connections of different clients rarely meet on a lock.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use serde::Serialize;
 
-use crate::state::{BackendStats, Command, Effect, State, StateError};
+use lb_common::maps::AffinityValue;
+use lb_common::select::{self, BackendTable, Peek, Policy, Ring};
 
-/// Most affinity entries kept per service; beyond it expired entries are swept, then the oldest go.
+use crate::runtime::{BackendRuntime, Snapshot};
+use crate::state::{Command, Effect, Service, State, StateError};
+
+/// Most affinity entries kept per shard (all services together); beyond it expired entries are
+/// swept, then the oldest go.
 pub const AFFINITY_CAPACITY: usize = 1 << 20;
+/// Affinity shards: a client's entry lives in one, picked by its address.
+const SHARDS: usize = 32;
 
 /// Folds a client address into the 32 bits the shared hash takes (IPv4 as is).
 pub fn client_key(ip: IpAddr) -> u32 {
@@ -29,77 +39,62 @@ pub fn client_key(ip: IpAddr) -> u32 {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct AffinityEntry {
-    backend: u32,
-    last_seen: Instant,
-    /// The backend the client was on before it failed over (for `failback = true`).
-    home: Option<u32>,
-}
-
-/// Source-IP affinity of one service: client → backend, forgotten `timeout` after the last connection.
+/// Source-IP affinity entries of one shard: (service id, client) → [`AffinityValue`] (backend,
+/// failover home, last seen in nanoseconds of the balancer's clock).
 #[derive(Debug, Default)]
-pub struct AffinityTable {
-    entries: HashMap<IpAddr, AffinityEntry>,
+struct Shard {
+    entries: HashMap<(u32, IpAddr), AffinityValue>,
 }
 
-impl AffinityTable {
-    fn get(&self, client: IpAddr, timeout: Duration, now: Instant) -> Option<AffinityEntry> {
+impl Shard {
+    fn live(&self, key: &(u32, IpAddr), timeout: Duration, now: u64) -> Option<AffinityValue> {
         self.entries
-            .get(&client)
+            .get(key)
             .copied()
-            .filter(|e| now.saturating_duration_since(e.last_seen) < timeout)
+            .filter(|e| now.saturating_sub(e.last_seen_ns) < timeout.as_nanos() as u64)
     }
 
-    fn record(&mut self, client: IpAddr, backend: u32, now: Instant, timeout: Duration) {
-        if self.entries.len() >= AFFINITY_CAPACITY && !self.entries.contains_key(&client) {
-            self.sweep(now, timeout);
-            if self.entries.len() >= AFFINITY_CAPACITY
+    fn insert(&mut self, key: (u32, IpAddr), value: AffinityValue, timeouts: &HashMap<u32, Duration>) {
+        if self.entries.len() >= AFFINITY_CAPACITY / SHARDS && !self.entries.contains_key(&key) {
+            self.sweep(value.last_seen_ns, timeouts);
+            if self.entries.len() >= AFFINITY_CAPACITY / SHARDS
                 && let Some(oldest) = self
                     .entries
                     .iter()
-                    .min_by_key(|(_, e)| e.last_seen)
+                    .min_by_key(|(_, e)| e.last_seen_ns)
                     .map(|(k, _)| *k)
             {
                 self.entries.remove(&oldest);
             }
         }
-        let home = match self.entries.get(&client) {
-            Some(e) if e.backend != backend => e.home.or(Some(e.backend)),
-            Some(e) => e.home,
-            None => None,
-        };
-        let home = home.filter(|h| *h != backend);
-        self.entries.insert(
-            client,
-            AffinityEntry {
-                backend,
-                last_seen: now,
-                home,
-            },
-        );
+        self.entries.insert(key, value);
     }
 
-    /// Forgets clients that failed over away from `backend`, so they return to it.
-    fn fail_back(&mut self, backend: u32) -> usize {
-        let before = self.entries.len();
-        self.entries.retain(|_, e| e.home != Some(backend));
-        before - self.entries.len()
+    /// Drops entries older than their service's timeout (all of a service that is gone).
+    fn sweep(&mut self, now: u64, timeouts: &HashMap<u32, Duration>) {
+        self.entries.retain(|(service, _), e| {
+            timeouts
+                .get(service)
+                .is_some_and(|t| now.saturating_sub(e.last_seen_ns) < t.as_nanos() as u64)
+        });
     }
+}
 
-    /// Drops expired entries; returns how many remain.
-    pub fn sweep(&mut self, now: Instant, timeout: Duration) -> usize {
-        self.entries
-            .retain(|_, e| now.saturating_duration_since(e.last_seen) < timeout);
-        self.entries.len()
+/// The selection's view of a service's backends and ring.
+struct View<'a>(&'a Service);
+
+impl BackendTable for View<'_> {
+    fn admits_known(&self, backend: u32) -> bool {
+        self.0.backend_by_id(backend).is_some_and(|b| b.admits_known())
     }
+}
 
-    pub fn len(&self) -> usize {
-        self.entries.len()
+impl Ring for View<'_> {
+    fn size(&self) -> u32 {
+        self.0.ring.len() as u32
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+    fn get(&self, slot: u32) -> Option<u32> {
+        self.0.ring.get(slot as usize).copied()
     }
 }
 
@@ -122,7 +117,8 @@ pub struct Choice {
     pub reason: Reason,
     /// Ring slot looked up (for `Reason::Ring`).
     pub slot: Option<u32>,
-    pub stats: Arc<BackendStats>,
+    /// Counters and reset token of the chosen backend.
+    pub runtime: Arc<BackendRuntime>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -135,52 +131,128 @@ pub enum SelectError {
     NoBackend(String),
 }
 
-/// State plus affinity: everything selection needs.
+/// A command applied to a copy of the state, not yet published: [`Balancer::commit`] publishes it,
+/// dropping it changes nothing.
+#[derive(Debug)]
+#[must_use = "commit it, or drop it to change nothing"]
+pub struct Pending {
+    snapshot: Snapshot,
+    effect: Effect,
+    /// The backend that came back up, when its service fails clients back.
+    back_up: Option<(u32, u32)>,
+}
+
+impl Pending {
+    pub fn effect(&self) -> &Effect {
+        &self.effect
+    }
+
+    /// The state as it will be once committed.
+    pub fn state(&self) -> &State {
+        &self.snapshot.state
+    }
+}
+
+/// The published snapshot plus affinity: everything selection needs.
+///
+/// Readers ([`Balancer::choose`], [`Balancer::snapshot`]) never wait for writers. Writers
+/// ([`Balancer::stage`] then [`Balancer::commit`]) must be serialized by the caller: the engine
+/// holds its command lock across both.
 #[derive(Debug)]
 pub struct Balancer {
-    pub state: State,
-    affinity: HashMap<String, AffinityTable>,
+    current: ArcSwap<Snapshot>,
+    shards: Vec<Mutex<Shard>>,
+    /// Zero of the clock affinity entries are kept in.
+    epoch: Instant,
 }
 
 impl Balancer {
     pub fn new(state: State) -> Self {
         Balancer {
-            state,
-            affinity: HashMap::new(),
+            current: ArcSwap::from_pointee(Snapshot::new(state)),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            // Far enough back that instants taken just before the balancer was made still count.
+            epoch: Instant::now()
+                .checked_sub(Duration::from_secs(3600))
+                .unwrap_or_else(Instant::now),
         }
     }
 
-    /// Applies a command. Affinity entries live on unless their service goes away, or (with
-    /// `failback = true`) their client's original backend is healthy again.
-    pub fn apply(&mut self, command: Command) -> Result<Effect, StateError> {
+    /// The current state and runtime; later changes publish a new snapshot and leave this one be.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Applies a command to the state and its affinity bookkeeping at once ([`Balancer::stage`]
+    /// then [`Balancer::commit`]).
+    pub fn apply(&self, command: Command) -> Result<Effect, StateError> {
+        let pending = self.stage(command)?;
+        Ok(self.commit(pending))
+    }
+
+    /// Applies a command to a copy of the current state. On error, or when the result is dropped,
+    /// nothing changed.
+    pub fn stage(&self, command: Command) -> Result<Pending, StateError> {
+        let current = self.current.load();
         let back_up = match &command {
             Command::SetHealth {
                 service,
                 backend,
                 health: crate::state::Health::Up,
             } => {
-                let svc = self.state.service(service)?;
+                let svc = current.state.service(service)?;
                 svc.settings
                     .failback
-                    .then(|| svc.backend(backend).map(|b| b.id))
+                    .then(|| svc.backend(backend).map(|b| (svc.id, b.id)))
                     .flatten()
             }
             _ => None,
         };
-        let effect = self.state.apply(command)?;
-        match &effect {
-            Effect::ServiceRemoved { name, .. } => {
-                self.affinity.remove(name);
+        let mut state = current.state.clone();
+        let effect = state.apply(command)?;
+        let runtime = current.runtime.follow(&state);
+        Ok(Pending {
+            snapshot: Snapshot { state, runtime },
+            effect,
+            back_up,
+        })
+    }
+
+    /// Publishes a staged command. Affinity entries live on unless their service went away, or
+    /// (with `failback = true`) their client's original backend is healthy again.
+    pub fn commit(&self, pending: Pending) -> Effect {
+        let Pending {
+            snapshot,
+            effect,
+            back_up,
+        } = pending;
+        let removed = match &effect {
+            Effect::ServiceRemoved { id, .. } => Some(*id),
+            _ => None,
+        };
+        self.current.store(Arc::new(snapshot));
+        if let Some(id) = removed {
+            for shard in &self.shards {
+                shard.lock().unwrap().entries.retain(|(s, _), _| *s != id);
             }
-            Effect::ServiceChanged(name) => {
-                if let (Some(id), Some(table)) = (back_up, self.affinity.get_mut(name)) {
-                    let moved = table.fail_back(id);
-                    tracing::info!(service = %name, clients = moved, "failback: clients return to their backend");
-                }
-            }
-            _ => {}
         }
-        Ok(effect)
+        if let (Effect::ServiceChanged(name), Some((service, backend))) = (&effect, back_up) {
+            let mut moved = 0;
+            for shard in &self.shards {
+                let mut shard = shard.lock().unwrap();
+                let before = shard.entries.len();
+                shard
+                    .entries
+                    .retain(|(s, _), e| *s != service || !select::failed_over_from(e, backend));
+                moved += before - shard.entries.len();
+            }
+            tracing::info!(service = %name, clients = moved, "failback: clients return to their backend");
+        }
+        effect
+    }
+
+    fn shard(&self, client: IpAddr) -> &Mutex<Shard> {
+        &self.shards[client_key(client) as usize % SHARDS]
     }
 
     /// Picks a backend for a new connection from `client`, skipping `exclude` (backends whose connect
@@ -192,82 +264,114 @@ impl Balancer {
         now: Instant,
         exclude: &[u32],
     ) -> Result<Choice, SelectError> {
-        let svc = self.state.service(service)?;
+        let snapshot = self.current.load();
+        let svc = snapshot.state.service(service)?;
         let timeout = svc.settings.affinity_timeout;
-        if let Some(entry) = self
-            .affinity
-            .get(service)
-            .and_then(|t| t.get(client, timeout, now))
-            && !exclude.contains(&entry.backend)
-            && let Some(b) = svc.backend_by_id(entry.backend).filter(|b| b.admits_known())
-        {
-            return Ok(Choice {
-                backend_id: b.id,
-                backend_name: b.config.name.clone(),
-                address: b.config.address,
-                reason: Reason::Affinity,
-                slot: None,
-                stats: b.stats.clone(),
-            });
-        }
-        let ring = &svc.ring;
-        if ring.is_empty() {
-            return Err(SelectError::NoBackend(service.to_string()));
-        }
-        let slot =
-            lb_common::hash::ring_slot(self.state.seed, client_key(client), ring.len() as u32) as usize;
-        // Walk on from the slot to the next backend not excluded (the ring interleaves all members).
-        for step in 0..ring.len() {
-            let id = ring[(slot + step) % ring.len()];
-            if exclude.contains(&id) {
-                continue;
-            }
-            let b = svc.backend_by_id(id).expect("ring holds only present backends");
-            return Ok(Choice {
-                backend_id: id,
-                backend_name: b.config.name.clone(),
-                address: b.config.address,
-                reason: Reason::Ring,
-                slot: Some(((slot + step) % ring.len()) as u32),
-                stats: b.stats.clone(),
-            });
-        }
-        Err(SelectError::NoBackend(service.to_string()))
+        let now = self.clock(now);
+        let policy = Policy {
+            seed: snapshot.state.seed,
+            affinity_timeout_ns: timeout.as_nanos() as u64,
+        };
+        let live = self
+            .shard(client)
+            .lock()
+            .unwrap()
+            .live(&(svc.id, client), timeout, now);
+        let choice = select::select(
+            &policy,
+            None,
+            client_key(client),
+            now,
+            &mut Peek(live),
+            &View(svc),
+            &View(svc),
+            |id| exclude.contains(&id),
+            svc.ring.len() as u32,
+        )
+        .ok_or_else(|| SelectError::NoBackend(service.to_string()))?;
+        let b = svc
+            .backend_by_id(choice.backend)
+            .expect("selection picks only present backends");
+        Ok(Choice {
+            backend_id: b.id,
+            backend_name: b.config.name.clone(),
+            address: b.config.address,
+            reason: match choice.reason {
+                select::Reason::Affinity | select::Reason::Conntrack => Reason::Affinity,
+                select::Reason::Ring => Reason::Ring,
+            },
+            slot: (choice.reason == select::Reason::Ring).then_some(choice.slot),
+            runtime: snapshot.runtime(svc, b),
+        })
+    }
+
+    /// Nanoseconds of `now` on the balancer's clock (affinity entries are kept in it).
+    fn clock(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// Affinity timeouts by service id, for sweeping.
+    fn timeouts(&self) -> HashMap<u32, Duration> {
+        self.current
+            .load()
+            .state
+            .services
+            .values()
+            .map(|s| (s.id, s.settings.affinity_timeout))
+            .collect()
     }
 
     /// Records that `client` reached `backend_id` (new or refreshed affinity entry).
-    pub fn confirm(&mut self, service: &str, client: IpAddr, backend_id: u32, now: Instant) {
-        let Some(svc) = self.state.services.get(service) else {
+    pub fn confirm(&self, service: &str, client: IpAddr, backend_id: u32, now: Instant) {
+        let snapshot = self.current.load();
+        let Some(svc) = snapshot.state.services.get(service) else {
             return;
         };
         let timeout = svc.settings.affinity_timeout;
         if timeout.is_zero() {
             return;
         }
-        self.affinity
-            .entry(service.to_string())
-            .or_default()
-            .record(client, backend_id, now, timeout);
+        let now = self.clock(now);
+        let key = (svc.id, client);
+        let mut shard = self.shard(client).lock().unwrap();
+        let value = select::next_entry(shard.live(&key, timeout, now), backend_id, now);
+        if shard.entries.len() >= AFFINITY_CAPACITY / SHARDS {
+            shard.insert(key, value, &self.timeouts());
+        } else {
+            shard.entries.insert(key, value);
+        }
     }
 
     /// Time since `client` was last seen, if its affinity entry is live.
     pub fn affinity_age(&self, service: &str, client: IpAddr, now: Instant) -> Option<Duration> {
-        let timeout = self.state.services.get(service)?.settings.affinity_timeout;
-        let entry = self.affinity.get(service)?.get(client, timeout, now)?;
-        Some(now.saturating_duration_since(entry.last_seen))
+        let snapshot = self.current.load();
+        let svc = snapshot.state.services.get(service)?;
+        let now = self.clock(now);
+        let entry =
+            self.shard(client)
+                .lock()
+                .unwrap()
+                .live(&(svc.id, client), svc.settings.affinity_timeout, now)?;
+        Some(Duration::from_nanos(now.saturating_sub(entry.last_seen_ns)))
     }
 
-    /// Number of live affinity entries per service.
+    /// Number of affinity entries of a service (expired ones go at the next sweep).
     pub fn affinity_len(&self, service: &str) -> usize {
-        self.affinity.get(service).map_or(0, AffinityTable::len)
+        let Some(id) = self.current.load().state.services.get(service).map(|s| s.id) else {
+            return 0;
+        };
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap().entries.keys().filter(|(s, _)| *s == id).count())
+            .sum()
     }
 
     /// Drops expired affinity entries of every service.
-    pub fn sweep(&mut self, now: Instant) {
-        for (name, table) in &mut self.affinity {
-            if let Some(svc) = self.state.services.get(name) {
-                table.sweep(now, svc.settings.affinity_timeout);
-            }
+    pub fn sweep(&self, now: Instant) {
+        let now = self.clock(now);
+        let timeouts = self.timeouts();
+        for shard in &self.shards {
+            shard.lock().unwrap().sweep(now, &timeouts);
         }
     }
 }
@@ -284,13 +388,13 @@ mod tests {
         IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + i))
     }
 
-    fn connect(b: &mut Balancer, client: IpAddr, now: Instant) -> Choice {
+    fn connect(b: &Balancer, client: IpAddr, now: Instant) -> Choice {
         let c = b.choose("web", client, now, &[]).unwrap();
         b.confirm("web", client, c.backend_id, now);
         c
     }
 
-    fn set(b: &mut Balancer, backend: &str, state: AdminState) {
+    fn set(b: &Balancer, backend: &str, state: AdminState) {
         b.apply(Command::SetState {
             service: "web".into(),
             backend: backend.into(),
@@ -301,9 +405,9 @@ mod tests {
 
     #[test]
     fn affinity_holds_across_connections_and_ring_changes() {
-        let mut b = Balancer::new(three());
+        let b = Balancer::new(three());
         let now = Instant::now();
-        let first = connect(&mut b, ip(1), now);
+        let first = connect(&b, ip(1), now);
         assert_eq!(first.reason, Reason::Ring);
         // A weight change reshuffles the ring; the client stays.
         for other in ["b1", "b2", "b3"].iter().filter(|n| **n != first.backend_name) {
@@ -315,7 +419,7 @@ mod tests {
             .unwrap();
         }
         for _ in 0..20 {
-            let again = connect(&mut b, ip(1), now);
+            let again = connect(&b, ip(1), now);
             assert_eq!(again.backend_id, first.backend_id);
             assert_eq!(again.reason, Reason::Affinity);
         }
@@ -323,11 +427,11 @@ mod tests {
 
     #[test]
     fn different_clients_spread() {
-        let mut b = Balancer::new(three());
+        let b = Balancer::new(three());
         let now = Instant::now();
         let mut counts = [0; 3];
         for i in 0..3000 {
-            counts[connect(&mut b, ip(i), now).backend_id as usize] += 1;
+            counts[connect(&b, ip(i), now).backend_id as usize] += 1;
         }
         for c in counts {
             assert!((800..1200).contains(&c), "counts {counts:?}");
@@ -336,30 +440,30 @@ mod tests {
 
     #[test]
     fn drain_keeps_known_clients_and_refuses_new() {
-        let mut b = Balancer::new(three());
+        let b = Balancer::new(three());
         let now = Instant::now();
         let known: Vec<_> = (0..300)
-            .map(|i| (ip(i), connect(&mut b, ip(i), now).backend_id))
+            .map(|i| (ip(i), connect(&b, ip(i), now).backend_id))
             .collect();
-        set(&mut b, "b1", AdminState::Drain);
+        set(&b, "b1", AdminState::Drain);
         for (client, id) in &known {
-            assert_eq!(connect(&mut b, *client, now).backend_id, *id);
+            assert_eq!(connect(&b, *client, now).backend_id, *id);
         }
         for i in 1000..1300 {
-            assert_ne!(connect(&mut b, ip(i), now).backend_name, "b1");
+            assert_ne!(connect(&b, ip(i), now).backend_name, "b1");
         }
     }
 
     #[test]
     fn maintenance_and_down_admit_nobody_and_client_sticks_to_new_backend() {
         for down in [true, false] {
-            let mut b = Balancer::new(three());
+            let b = Balancer::new(three());
             let now = Instant::now();
             let client = (0..100)
                 .map(ip)
                 .find(|c| b.choose("web", *c, now, &[]).unwrap().backend_name == "b1")
                 .unwrap();
-            connect(&mut b, client, now);
+            connect(&b, client, now);
             if down {
                 b.apply(Command::SetHealth {
                     service: "web".into(),
@@ -368,9 +472,9 @@ mod tests {
                 })
                 .unwrap();
             } else {
-                set(&mut b, "b1", AdminState::Maintenance);
+                set(&b, "b1", AdminState::Maintenance);
             }
-            let moved = connect(&mut b, client, now);
+            let moved = connect(&b, client, now);
             assert_ne!(moved.backend_name, "b1");
             // b1 returns: the client does not fail back.
             b.apply(Command::SetHealth {
@@ -379,8 +483,8 @@ mod tests {
                 health: Health::Up,
             })
             .unwrap();
-            set(&mut b, "b1", AdminState::Active);
-            let later = connect(&mut b, client, now);
+            set(&b, "b1", AdminState::Active);
+            let later = connect(&b, client, now);
             assert_eq!(later.backend_id, moved.backend_id);
             assert_eq!(later.reason, Reason::Affinity);
         }
@@ -388,11 +492,11 @@ mod tests {
 
     #[test]
     fn affinity_expires() {
-        let mut b = Balancer::new(three());
+        let b = Balancer::new(three());
         let t0 = Instant::now();
         let client = ip(5);
-        let first = connect(&mut b, client, t0);
-        set(&mut b, &first.backend_name, AdminState::Drain);
+        let first = connect(&b, client, t0);
+        set(&b, &first.backend_name, AdminState::Drain);
         assert_eq!(
             b.choose("web", client, t0 + Duration::from_secs(599), &[])
                 .unwrap()
@@ -427,7 +531,7 @@ mod tests {
 
     #[test]
     fn backups_take_over_and_keep_their_clients() {
-        let mut b = Balancer::new(three());
+        let b = Balancer::new(three());
         let mut spare = backend("spare", "10.1.4.2:80");
         spare.backup = true;
         b.apply(Command::AddBackend {
@@ -437,17 +541,17 @@ mod tests {
         .unwrap();
         let now = Instant::now();
         for n in ["b1", "b2", "b3"] {
-            set(&mut b, n, AdminState::Maintenance);
+            set(&b, n, AdminState::Maintenance);
         }
-        assert_eq!(connect(&mut b, ip(1), now).backend_name, "spare");
-        set(&mut b, "b2", AdminState::Active);
+        assert_eq!(connect(&b, ip(1), now).backend_name, "spare");
+        set(&b, "b2", AdminState::Active);
         assert_eq!(
-            connect(&mut b, ip(1), now).backend_name,
+            connect(&b, ip(1), now).backend_name,
             "spare",
             "pinned client stays on the backup"
         );
         assert_eq!(
-            connect(&mut b, ip(2), now).backend_name,
+            connect(&b, ip(2), now).backend_name,
             "b2",
             "new clients go to the primary"
         );
@@ -460,11 +564,11 @@ mod tests {
             let mut svc = s.service("web").unwrap().settings.clone();
             svc.failback = failback;
             s.apply(Command::UpdateService { service: svc }).unwrap();
-            let mut b = Balancer::new(s);
+            let b = Balancer::new(s);
             let now = Instant::now();
             let on_b1: Vec<_> = (0..300)
                 .map(ip)
-                .filter(|c| connect(&mut b, *c, now).backend_name == "b1")
+                .filter(|c| connect(&b, *c, now).backend_name == "b1")
                 .collect();
             let health = |health| Command::SetHealth {
                 service: "web".into(),
@@ -473,12 +577,12 @@ mod tests {
             };
             b.apply(health(Health::Down)).unwrap();
             for c in &on_b1 {
-                assert_ne!(connect(&mut b, *c, now).backend_name, "b1");
+                assert_ne!(connect(&b, *c, now).backend_name, "b1");
             }
             b.apply(health(Health::Up)).unwrap();
             let back = on_b1
                 .iter()
-                .filter(|c| connect(&mut b, **c, now).backend_name == "b1")
+                .filter(|c| connect(&b, **c, now).backend_name == "b1")
                 .count();
             assert_eq!(
                 back,
@@ -494,8 +598,11 @@ mod tests {
         let mut svc = s.service("web").unwrap().settings.clone();
         svc.affinity_timeout = Duration::ZERO;
         s.apply(Command::UpdateService { service: svc }).unwrap();
-        let mut b = Balancer::new(s);
-        connect(&mut b, ip(1), Instant::now());
+        let b = Balancer::new(s);
+        connect(&b, ip(1), Instant::now());
         assert_eq!(b.affinity_len("web"), 0);
     }
 }
+
+#[cfg(test)]
+mod agree;

@@ -1,5 +1,7 @@
 //! Renders control responses as tables for people (`--json` prints them raw for scripts).
 
+use lb_common::counters::{CounterKind, XdpCounter, XdpCounters};
+
 use crate::config::enum_text;
 use crate::control::protocol::{ReloadView, StatsView, StatusView, WhichView};
 
@@ -60,6 +62,30 @@ fn opt(n: Option<u64>) -> String {
     n.map_or("-".into(), |n| n.to_string())
 }
 
+/// How a counter is titled in tables: its name with spaces (`new flows`).
+pub fn label(counter: XdpCounter) -> String {
+    counter.name().replace('_', " ")
+}
+
+/// The XDP lines of `lb stats`: every counter but the reasons, then the reasons that counted.
+fn xdp_counters(x: &XdpCounters) -> String {
+    let totals: Vec<String> = x
+        .iter()
+        .filter(|(c, _)| c.kind() != CounterKind::Reason)
+        .map(|(c, n)| format!("{} {n}", label(c)))
+        .collect();
+    let mut out = format!("xdp: {}\n", totals.join("  "));
+    let reasons: Vec<String> = x
+        .of_kind(CounterKind::Reason)
+        .filter(|(_, n)| *n > 0)
+        .map(|(c, n)| format!("{} {n}", c.name()))
+        .collect();
+    if !reasons.is_empty() {
+        out.push_str(&format!("xdp reasons: {}\n", reasons.join("  ")));
+    }
+    out
+}
+
 /// Most recent transitions listed per service by `lb stats`.
 const STATS_TRANSITIONS: usize = 8;
 
@@ -67,25 +93,7 @@ const STATS_TRANSITIONS: usize = 8;
 pub fn stats(view: &StatsView) -> String {
     let mut out = format!("lb {}  up {}\n", view.version, ago(view.uptime_secs));
     if let Some(x) = &view.xdp {
-        let get = |k: &str| x.get(k).copied().unwrap_or(0);
-        out.push_str(&format!(
-            "xdp: packets {}  forwarded {}  passed {}  dropped {}  new flows {}\n",
-            get("packets"),
-            get("forwarded"),
-            get("passed"),
-            get("dropped"),
-            get("new_flows")
-        ));
-        let reasons: Vec<String> = x
-            .iter()
-            .filter(|(k, v)| {
-                **v > 0 && !["packets", "forwarded", "passed", "dropped", "new_flows"].contains(&k.as_str())
-            })
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect();
-        if !reasons.is_empty() {
-            out.push_str(&format!("xdp reasons: {}\n", reasons.join("  ")));
-        }
+        out.push_str(&xdp_counters(x));
     }
     if view.services.is_empty() {
         out.push_str("no services\n");
@@ -324,7 +332,7 @@ mod tests {
 
     #[test]
     fn stats_table_shows_counters_and_transitions() {
-        let view = crate::metrics::tests::sample();
+        let view = crate::observe::tests::sample();
         let out = stats(&view);
         assert!(out.starts_with("lb 9.9.9  up 5s\n"), "{out}");
         assert!(

@@ -208,7 +208,8 @@ impl Default for ControlConfig {
     }
 }
 
-/// One virtual service: a listen address and its backends.
+/// One virtual service: a listen address and its backends. Serialized as the file writes a
+/// `[[service]]` table (durations as `"30m"`), which is also the `add-service` request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ServiceConfig {
     pub name: String,
@@ -216,16 +217,17 @@ pub struct ServiceConfig {
     pub protocol: Protocol,
     pub datapath: DatapathKind,
     /// How long a client's affinity entry lives after its last new connection.
-    #[serde(with = "duration_ms")]
+    #[serde(with = "duration_text")]
     pub affinity_timeout: Duration,
     /// Most concurrent client connections (proxy datapath).
     pub max_connections: u32,
-    #[serde(with = "duration_ms")]
+    #[serde(with = "duration_text")]
     pub connect_timeout: Duration,
     /// Move clients back to their original backend when it recovers.
     pub failback: bool,
     pub on_down: OnDown,
     pub health: HealthConfig,
+    #[serde(rename = "backend")]
     pub backends: Vec<BackendConfig>,
 }
 
@@ -233,12 +235,12 @@ pub struct ServiceConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HealthConfig {
     pub kind: HealthKind,
-    #[serde(with = "duration_ms")]
+    #[serde(with = "duration_text")]
     pub interval: Duration,
     /// Interval while a backend is failing (defaults to `interval`).
-    #[serde(with = "duration_ms")]
+    #[serde(with = "duration_text")]
     pub fast_interval: Duration,
-    #[serde(with = "duration_ms")]
+    #[serde(with = "duration_text")]
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
@@ -279,16 +281,32 @@ pub struct BackendConfig {
     pub state: AdminState,
 }
 
-/// Durations on the wire (control socket JSON) as milliseconds.
-pub mod duration_ms {
+/// Durations as the config file writes them (`"30m"`), for requests that carry settings.
+pub mod duration_text {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
+        s.serialize_str(&super::format_duration(*d))
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
+        let text = String::deserialize(d)?;
+        super::parse_duration(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("\"{text}\" is not a duration such as \"30m\"")))
+    }
+}
+
+/// A duration in the largest unit that writes it exactly: `"30m"`, `"1500ms"`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(3_600_000) && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
     }
 }
 
@@ -312,6 +330,9 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+    /// A field of a control request: `weight: 300 is out of range; allowed 0..=256`.
+    #[error("{key}: {message}")]
+    Field { key: String, message: String },
 }
 
 impl Config {
@@ -332,5 +353,39 @@ impl Config {
     /// (`service[1].backend[0].weight`); syntax errors use the key `(syntax)`.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         parse::parse(text, origin)
+    }
+}
+
+/// A request's backend `weight`, checked as in the file (0..=[`MAX_WEIGHT`]).
+pub fn weight(n: i64) -> Result<u32, ConfigError> {
+    parse::weight_field(n)
+}
+
+/// A request's backend `state` text, checked as in the file.
+pub fn admin_state(text: &str) -> Result<AdminState, ConfigError> {
+    parse::state_field(text)
+}
+
+/// Two listen addresses that could not both be bound (equal, or same port with a wildcard).
+pub fn listens_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+impl ServiceConfig {
+    /// A service from the keys of a `[[service]]` table given as JSON (an `add-service` request):
+    /// the file's defaults and checks, with errors naming the field ([`ConfigError::Field`]).
+    /// Rules that depend on the other services or on the daemon (`[xdp]`, listen overlap,
+    /// `ring_size`) are checked against the running config by the engine.
+    pub fn from_fields(fields: serde_json::Value) -> Result<ServiceConfig, ConfigError> {
+        parse::service_request(fields)
+    }
+}
+
+impl BackendConfig {
+    /// A backend from the keys of a `[[service.backend]]` table given as JSON (an `add-backend`
+    /// request): the file's defaults and checks, errors naming the field. The IPv4 rule of `xdp`
+    /// services is checked by the engine, which knows the service.
+    pub fn from_fields(fields: serde_json::Value) -> Result<BackendConfig, ConfigError> {
+        parse::backend_request(fields)
     }
 }

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::control::server;
 use crate::engine::{Engine, EngineError};
-use crate::metrics::{self, MetricsError};
+use crate::observe::http::{self, HttpError};
 
 /// How often expired affinity entries are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -24,7 +24,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
-    Metrics(#[from] MetricsError),
+    Metrics(#[from] HttpError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -34,7 +34,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let (listener, access) = server::bind(&config.control)?;
     let socket = config.control.socket.clone();
     let grace = config.shutdown_timeout;
-    let metrics_listener = match config.metrics.as_ref().map(metrics::bind).transpose() {
+    let metrics_listener = match config.metrics.as_ref().map(http::bind).transpose() {
         Ok(l) => l,
         Err(e) => {
             server::remove(&socket);
@@ -52,7 +52,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     info!(socket = %socket.display(), "lb running");
     tokio::spawn(server::run(listener, access, engine.clone(), shutdown.clone()));
     if let Some(l) = metrics_listener {
-        tokio::spawn(metrics::run(l, engine.clone(), shutdown.clone()));
+        tokio::spawn(http::run(l, engine.clone(), shutdown.clone()));
     }
 
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;

@@ -1,8 +1,19 @@
-//! The seam between policy and forwarding: every datapath receives the [`Effect`] of each applied
-//! command together with the new [`State`], and makes its forwarding match.
+//! The seam between policy and forwarding: the [`Datapath`] trait, everything the engine needs from
+//! a datapath, and the plain values it answers with. The engine knows datapaths only through it.
+//!
+//! - [`proxy`]: `datapath = "proxy"`, the tokio full proxy.
+//! - [`fake`]: records what it was asked, for the engine's unit tests.
+
+pub mod fake;
+pub mod proxy;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::pin::Pin;
 
 use crate::config::DatapathKind;
-use crate::state::{Effect, State};
+use crate::runtime::BackendRuntime;
+use crate::state::{Backend, Effect, Service, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -20,7 +31,63 @@ pub enum DatapathError {
     Unavailable(String),
     #[error("XDP datapath: {0}")]
     Xdp(String),
+    /// Raised by [`crate::datapath::fake::FakeDatapath`] when told to refuse.
+    #[error("datapath refused the change: {0}")]
+    Refused(String),
 }
+
+/// Traffic counters of one backend as a datapath counts them. `None` where a counter means nothing
+/// for that datapath (packets in user space, connect failures in the kernel).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendTraffic {
+    pub active: u64,
+    pub total: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub packets_in: Option<u64>,
+    pub packets_out: Option<u64>,
+    pub connect_failures: Option<u64>,
+}
+
+impl BackendTraffic {
+    /// The user-space counters every backend carries in its [`crate::runtime::BackendStats`].
+    pub fn user_space(runtime: &BackendRuntime) -> Self {
+        let get = crate::runtime::BackendStats::get;
+        let s = &runtime.stats;
+        BackendTraffic {
+            active: get(&s.active_connections),
+            total: get(&s.total_connections),
+            bytes_in: get(&s.bytes_in),
+            bytes_out: get(&s.bytes_out),
+            packets_in: None,
+            packets_out: None,
+            connect_failures: Some(get(&s.connect_failures)),
+        }
+    }
+}
+
+/// Counters of one service: what the datapath keeps about it and its backends (by state id).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceTraffic {
+    /// Clients with a live affinity entry where this datapath keeps them.
+    pub affinity_entries: u64,
+    /// Clients no backend could take, for datapaths that count them.
+    pub failed_connections: Option<u64>,
+    pub backends: HashMap<u32, BackendTraffic>,
+}
+
+/// Where a datapath would send a client, from its own tables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Which {
+    /// State id of the backend; `None` when no backend takes the client.
+    pub backend_id: Option<u32>,
+    /// "conntrack", "affinity", "ring" or "none".
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+/// A future a datapath resolves when its open connections have finished.
+pub type Drained<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// A forwarding engine for the services whose `datapath` setting names it.
 pub trait Datapath: Send + Sync {
@@ -29,8 +96,38 @@ pub trait Datapath: Send + Sync {
 
     /// Makes forwarding match `state` after a command had `effect`. Called with the effect of every
     /// command touching a service of this kind (`ServiceRemoved` carries the old service's id).
+    /// On error, the engine restores the previous state and applies it again.
     fn apply(&self, effect: &Effect, state: &State) -> Result<(), DatapathError>;
 
+    /// Called once the config's services are all added at start (an XDP datapath drops pinned
+    /// entries nobody claimed).
+    fn finish_start(&self) -> Result<(), DatapathError> {
+        Ok(())
+    }
+
+    /// A backend went down with `on_down = "reset"`: resets its open connections and returns how
+    /// many it reset.
+    fn reset_backend(&self, service: &Service, backend: &Backend) -> usize;
+
+    /// A backend came back with `failback = true`: forgets the affinity of clients that failed
+    /// over away from it, where the datapath keeps affinity of its own.
+    fn fail_back(&self, _service: &Service, _backend: &Backend) {}
+
+    /// Where `client` (with `port`: its open connection first) would go by the datapath's own
+    /// tables, or `None` when the datapath decides from the shared balancer.
+    fn which(&self, _service: &Service, _client: IpAddr, _port: Option<u16>) -> Option<Which> {
+        None
+    }
+
+    /// Counters of `service` and its backends (by state id; a backend left out is shown with the
+    /// user-space counters of its runtime). Called without any engine lock held.
+    fn traffic(&self, service: &Service) -> ServiceTraffic;
+
+    /// Counters of the datapath as a whole (the XDP program's verdicts and reasons), if it has any.
+    fn global_counters(&self) -> Option<Vec<(&'static str, u64)>> {
+        None
+    }
+
     /// Stops taking new connections; the returned future ends when open ones have finished.
-    fn shutdown(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    fn shutdown(&self) -> Drained<'_>;
 }

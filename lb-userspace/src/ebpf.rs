@@ -51,7 +51,10 @@ mod tests {
         maps::PerCpuArray,
         programs::{ProgramError, Xdp},
     };
+    use std::net::Ipv4Addr;
+
     use lb_common::maps::{Counter, MAP_GLOBAL_STATS, global_counter};
+    use lb_tests::packet::{self, Tcp, flags};
 
     use super::*;
 
@@ -117,41 +120,17 @@ mod tests {
         })
     }
 
-    fn ipv4_checksum(header: &[u8]) -> u16 {
-        let mut sum: u32 = header
-            .chunks(2)
-            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    }
+    const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 0, 0, 1), 40000);
+    const SERVER: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 0, 0, 2), 80);
 
     /// Ethernet + IPv4 (IHL 5) + TCP SYN, 10.0.0.1:40000 → 10.0.0.2:80.
     fn tcp_syn() -> Vec<u8> {
-        let mut f = Vec::new();
-        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00]);
-        let mut ip = vec![
-            0x45, 0x00, 0x00, 40, 0x00, 0x01, 0x40, 0x00, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
-        ];
-        let c = ipv4_checksum(&ip).to_be_bytes();
-        ip[10..12].copy_from_slice(&c);
-        f.extend_from_slice(&ip);
-        f.extend_from_slice(&[
-            0x9c, 0x40, 0x00, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0,
-        ]);
-        f
+        Tcp::new(CLIENT, SERVER, flags::SYN).build()
     }
 
     /// Ethernet broadcast ARP request: who has 10.0.0.2, tell 10.0.0.1.
     fn arp_request() -> Vec<u8> {
-        let mut f = vec![0xff; 6];
-        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x08, 0x06]);
-        f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]);
-        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 10, 0, 0, 1]);
-        f.extend_from_slice(&[0, 0, 0, 0, 0, 0, 10, 0, 0, 2]);
-        f
+        packet::arp_request([0x02, 0, 0, 0, 0, 0x01], CLIENT.0, SERVER.0)
     }
 
     #[test]

@@ -13,17 +13,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::balancer::{Balancer, Reason, SelectError};
-use crate::config::{BackendConfig, Config, ConfigError, DatapathKind, ServiceConfig};
+use crate::config::{Config, ConfigError, DatapathKind};
 use crate::control::protocol::{
-    BackendStatsView, BackendView, ReloadView, Request, ServiceStatsView, ServiceView, StatsView, StatusView,
-    WhichView,
+    BackendStatsView, BackendView, Query, ReloadView, Request, ServiceStatsView, ServiceView, StatsView,
+    StatusView, WhichView,
 };
-use crate::datapath::{Datapath, DatapathError};
+use crate::datapath::proxy::ProxyDatapath;
+use crate::datapath::{BackendTraffic, Datapath, DatapathError, ServiceTraffic};
 use crate::health::{HealthEvent, Supervisor};
-use crate::proxy::ProxyDatapath;
-use crate::state::{
-    self, BackendStats, Command, Effect, Health, State, StateError, Transition, TransitionKind,
-};
+use crate::runtime::Snapshot;
+use crate::state::{self, Command, Effect, Health, Service, State, StateError, Transition, TransitionKind};
 use crate::xdp::XdpDatapath;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,37 +68,53 @@ impl std::fmt::Display for Origin {
 }
 
 pub struct Engine {
-    balancer: Arc<Mutex<Balancer>>,
+    balancer: Arc<Balancer>,
+    /// Held by every change from stage to commit, so changes apply one at a time.
+    commands: Mutex<()>,
     config: Mutex<Config>,
-    proxy: ProxyDatapath,
-    xdp: Option<XdpDatapath>,
+    /// One per kind; a service whose kind has none here cannot be added.
+    datapaths: Vec<Box<dyn Datapath>>,
     health: Supervisor,
     started: Instant,
 }
 
 impl Engine {
-    /// Builds an engine and brings up every service of `config`. Health transitions are sent to
-    /// `events`; feed them back through [`Engine::health_event`].
+    /// Builds an engine with the daemon's datapaths (the proxy always, XDP when `[xdp]` is set)
+    /// and brings up every service of `config`. Health transitions are sent to `events`; feed them
+    /// back through [`Engine::health_event`].
     pub fn start(
         config: Config,
         events: mpsc::Sender<HealthEvent>,
         shutdown: CancellationToken,
     ) -> Result<Engine, EngineError> {
-        let balancer = Arc::new(Mutex::new(Balancer::new(State::new(
-            config.seed,
-            config.ring_size,
-        ))));
         let wants_xdp = config.services.iter().any(|s| s.datapath == DatapathKind::Xdp);
-        let xdp = match &config.xdp {
-            Some(x) if wants_xdp || !x.interfaces.is_empty() => {
-                Some(XdpDatapath::start(Some(x), config.seed, config.ring_size)?)
+        let xdp_config = config
+            .xdp
+            .clone()
+            .filter(|x| wants_xdp || !x.interfaces.is_empty());
+        let (seed, ring_size) = (config.seed, config.ring_size);
+        Engine::assemble(config, events, shutdown, |balancer| {
+            let mut datapaths: Vec<Box<dyn Datapath>> = vec![Box::new(ProxyDatapath::new(balancer.clone()))];
+            if let Some(x) = &xdp_config {
+                datapaths.push(Box::new(XdpDatapath::start(Some(x), seed, ring_size)?));
             }
-            _ => None,
-        };
+            Ok(datapaths)
+        })
+    }
+
+    /// Builds an engine over the datapaths `make` returns (given the shared balancer) and brings up
+    /// every service of `config`. Tests pass [`crate::datapath::fake::FakeDatapath`]s here.
+    pub fn assemble(
+        config: Config,
+        events: mpsc::Sender<HealthEvent>,
+        shutdown: CancellationToken,
+        make: impl FnOnce(&Arc<Balancer>) -> Result<Vec<Box<dyn Datapath>>, EngineError>,
+    ) -> Result<Engine, EngineError> {
+        let balancer = Arc::new(Balancer::new(State::new(config.seed, config.ring_size)));
         let engine = Engine {
-            proxy: ProxyDatapath::new(balancer.clone()),
-            xdp,
+            datapaths: make(&balancer)?,
             balancer,
+            commands: Mutex::new(()),
             config: Mutex::new(config.clone()),
             health: Supervisor::new(events, shutdown),
             started: Instant::now(),
@@ -107,21 +122,29 @@ impl Engine {
         for service in config.services {
             engine.execute_by(Command::AddService { service }, &Origin::Start)?;
         }
-        if let Some(xdp) = &engine.xdp {
-            xdp.finish_adoption()?;
+        for d in &engine.datapaths {
+            d.finish_start()?;
         }
         Ok(engine)
     }
 
-    pub fn balancer(&self) -> &Arc<Mutex<Balancer>> {
+    pub fn balancer(&self) -> &Arc<Balancer> {
         &self.balancer
     }
 
     fn datapath(&self, kind: DatapathKind) -> Option<&dyn Datapath> {
-        match kind {
-            DatapathKind::Proxy => Some(&self.proxy),
-            DatapathKind::Xdp => self.xdp.as_ref().map(|x| x as &dyn Datapath),
-        }
+        self.datapaths.iter().find(|d| d.kind() == kind).map(|d| &**d)
+    }
+
+    /// The datapath of a service that exists (services are only added with their datapath).
+    fn datapath_of(&self, service: &Service) -> &dyn Datapath {
+        self.datapath(service.settings.datapath)
+            .expect("a service is only added when its datapath runs")
+    }
+
+    /// The published state and runtime (no lock: later changes publish a new one).
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.balancer.snapshot()
     }
 
     /// Applies one command to the state and the datapath. On error nothing changed.
@@ -130,13 +153,34 @@ impl Engine {
     }
 
     /// [`Engine::execute`], recording `origin` as the reason of the health or state transition the
-    /// command causes (in the backend's [`state::TransitionLog`], and one log line each).
+    /// command causes (in the backend's [`crate::runtime::TransitionLog`], and one log line each).
+    ///
+    /// A transaction: when the datapath refuses the change, the previous state is restored and
+    /// applied to the datapath again, so a refused change leaves no trace.
     pub fn execute_by(&self, command: Command, origin: &Origin) -> Result<Effect, EngineError> {
-        let mut b = self.balancer.lock().unwrap();
+        self.execute_checked(command, origin, None)
+    }
+
+    /// [`Engine::execute_by`], first checking the change against the running daemon's `config`
+    /// (when given) under the same command lock, so two requests cannot both pass one limit.
+    fn execute_checked(
+        &self,
+        command: Command,
+        origin: &Origin,
+        config: Option<&Config>,
+    ) -> Result<Effect, EngineError> {
+        let _one_at_a_time = self.commands.lock().unwrap();
+        let current = self.balancer.snapshot();
+        if let Some(config) = config {
+            crate::control::check::fits(config, &current.state, &command)?;
+        }
         let kind = match &command {
             Command::AddService { service } => service.datapath,
-            other => b.state.service(other.service())?.settings.datapath,
+            other => current.state.service(other.service())?.settings.datapath,
         };
+        let datapath = self
+            .datapath(kind)
+            .ok_or_else(|| DatapathError::Unavailable(command.service().to_string()))?;
         let description = describe(&command);
         // Health and state of the backend the command targets, to see afterwards what changed.
         let target = match &command {
@@ -149,39 +193,43 @@ impl Engine {
             _ => None,
         };
         let before = target.as_ref().and_then(|(service, backend)| {
-            let be = b.state.service(service).ok()?.backend(backend)?;
+            let be = current.state.service(service).ok()?.backend(backend)?;
             Some((be.config.state, be.health))
         });
         let transition_only = matches!(command, Command::SetState { .. } | Command::SetHealth { .. });
-        let effect = b.apply(command)?;
-        let applied = match self.datapath(kind) {
-            Some(d) => d.apply(&effect, &b.state),
-            None => match &effect {
-                Effect::ServiceAdded(name) => Err(DatapathError::Unavailable(name.clone())),
-                _ => Ok(()),
-            },
-        };
-        if let Err(e) = applied {
-            if let Effect::ServiceAdded(name) = &effect {
-                b.apply(Command::RemoveService {
-                    service: name.clone(),
-                })?;
+        let pending = self.balancer.stage(command)?;
+        if let Err(e) = datapath.apply(pending.effect(), pending.state()) {
+            // Not published: the state is as before. Bring the datapath back in line with it.
+            let undo = match pending.effect() {
+                Effect::ServiceAdded(name) => Effect::ServiceRemoved {
+                    name: name.clone(),
+                    id: pending.state().services.get(name).map_or(u32::MAX, |s| s.id),
+                },
+                Effect::ServiceRemoved { name, .. } => Effect::ServiceAdded(name.clone()),
+                other => other.clone(),
+            };
+            if let Err(again) = datapath.apply(&undo, &current.state) {
+                warn!(change = %description, error = %again, "could not restore the datapath after a refused change");
             }
             return Err(e.into());
         }
+        let effect = self.balancer.commit(pending);
         if effect != Effect::Nothing {
+            let now = self.balancer.snapshot();
             if let (Some((service, backend)), Some(before)) = (&target, before) {
-                record_transitions(&b.state, service, backend, before, origin);
+                record_transitions(&now, service, backend, before, origin);
             }
             if !transition_only {
                 info!(change = %description, by = %origin, "applied");
             }
-            self.health.reconcile(&b.state);
+            self.health.reconcile(&now);
         }
         Ok(effect)
     }
 
-    /// Applies a health transition reported by a checker (logged once, with the reason).
+    /// Applies a health transition reported by a checker (logged once, with the reason), then lets
+    /// the datapath react: reset the backend's connections (`on_down = "reset"`) or return clients
+    /// that failed over away from it (`failback = true`).
     pub fn health_event(&self, event: HealthEvent) {
         let HealthEvent {
             service,
@@ -195,33 +243,25 @@ impl Engine {
             health,
         };
         // The transition is logged ("backend DOWN" / "backend UP") and recorded as it is applied.
-        match self.execute_by(command, &Origin::Health { reason }) {
-            Ok(_) => {
-                let b = self.balancer.lock().unwrap();
-                let Ok(svc) = b.state.service(&service) else {
-                    return;
-                };
-                let Some(be) = svc.backend(&backend.to_string()) else {
-                    return;
-                };
-                let xdp = self
-                    .xdp
-                    .as_ref()
-                    .filter(|_| svc.settings.datapath == DatapathKind::Xdp);
-                if health == Health::Down && svc.settings.on_down == crate::config::OnDown::Reset {
-                    be.stats.reset_connections();
-                    let flows = xdp.map_or(0, |x| x.reset_backend(&service, be.id));
-                    info!(%service, %backend, kernel_flows = flows, "on_down = reset: open connections reset");
-                }
-                if health == Health::Up
-                    && svc.settings.failback
-                    && let Some(x) = xdp
-                {
-                    x.fail_back(&service, be.id);
-                }
-            }
+        if let Err(e) = self.execute_by(command, &Origin::Health { reason }) {
             // The backend or service went away while the check ran.
-            Err(e) => info!(%service, %backend, error = %e, "health event dropped"),
+            info!(%service, %backend, error = %e, "health event dropped");
+            return;
+        }
+        let snapshot = self.snapshot();
+        let Ok(svc) = snapshot.state.service(&service) else {
+            return;
+        };
+        let Some(be) = svc.backend(&backend.to_string()) else {
+            return;
+        };
+        let datapath = self.datapath_of(svc);
+        if health == Health::Down && svc.settings.on_down == crate::config::OnDown::Reset {
+            let reset = datapath.reset_backend(svc, be);
+            info!(%service, %backend, connections = reset, "on_down = reset: open connections reset");
+        }
+        if health == Health::Up && svc.settings.failback {
+            datapath.fail_back(svc, be);
         }
     }
 
@@ -291,9 +331,9 @@ impl Engine {
         Ok(view)
     }
 
-    /// Which backend `client` would reach now, and why (no side effects).
-    /// For XDP services the answer comes from the kernel's maps (conntrack when a port is given,
-    /// affinity, ring).
+    /// Which backend `client` would reach now, and why (no side effects). A datapath with tables
+    /// of its own (XDP: conntrack when a port is given, affinity, ring) answers from them; the
+    /// others answer from the shared balancer.
     pub fn which(&self, service: &str, client: &str) -> Result<WhichView, EngineError> {
         let (ip, port): (IpAddr, Option<u16>) = match client.parse::<std::net::SocketAddr>() {
             Ok(sa) => (sa.ip(), Some(sa.port())),
@@ -304,31 +344,22 @@ impl Engine {
                 None,
             ),
         };
-        let b = self.balancer.lock().unwrap();
-        let svc = b.state.service(service)?;
-        if let (DatapathKind::Xdp, Some(xdp), IpAddr::V4(v4)) = (svc.settings.datapath, &self.xdp, ip)
-            && let Some(k) = xdp.which(service, v4, port)
-        {
-            let backend = k.backend_id.and_then(|id| svc.backend_by_id(id));
-            return Ok(WhichView {
-                service: service.to_string(),
-                client: client.to_string(),
-                backend: backend.map(|b| b.config.name.clone()),
-                address: backend.map(|b| b.config.address.to_string()),
-                reason: k.reason.to_string(),
-                detail: k.detail,
-            });
+        let snapshot = self.snapshot();
+        let svc = snapshot.state.service(service)?;
+        let view = |backend: Option<&state::Backend>, reason: &str, detail: String| WhichView {
+            service: service.to_string(),
+            client: client.to_string(),
+            backend: backend.map(|b| b.config.name.clone()),
+            address: backend.map(|b| b.config.address.to_string()),
+            reason: reason.to_string(),
+            detail,
+        };
+        if let Some(w) = self.datapath_of(svc).which(svc, ip, port) {
+            let backend = w.backend_id.and_then(|id| svc.backend_by_id(id));
+            return Ok(view(backend, w.reason, w.detail));
         }
+        let b = &self.balancer;
         let now = Instant::now();
-        let view =
-            |backend: Option<String>, address: Option<String>, reason: &str, detail: String| WhichView {
-                service: service.to_string(),
-                client: client.to_string(),
-                backend,
-                address,
-                reason: reason.to_string(),
-                detail,
-            };
         match b.choose(service, ip, now, &[]) {
             Ok(c) => {
                 let detail = match c.reason {
@@ -339,30 +370,40 @@ impl Engine {
                     Reason::Ring => format!(
                         "Maglev ring slot {} of {}{}",
                         c.slot.unwrap_or_default(),
-                        b.state.service(service)?.ring.len(),
-                        if b.state.service(service)?.ring_uses_backups {
-                            " (backups)"
-                        } else {
-                            ""
-                        }
+                        svc.ring.len(),
+                        if svc.ring_uses_backups { " (backups)" } else { "" }
                     ),
                 };
-                let reason = enum_text(&c.reason);
                 Ok(view(
-                    Some(c.backend_name),
-                    Some(c.address.to_string()),
-                    &reason,
+                    svc.backend_by_id(c.backend_id),
+                    &enum_text(&c.reason),
                     detail,
                 ))
             }
-            Err(SelectError::NoBackend(_)) => Ok(view(
-                None,
-                None,
-                "none",
-                "no backend takes new clients".to_string(),
-            )),
+            Err(SelectError::NoBackend(_)) => {
+                Ok(view(None, "none", "no backend takes new clients".to_string()))
+            }
             Err(SelectError::State(e)) => Err(e.into()),
         }
+    }
+
+    /// Counters of the datapaths as a whole (the XDP program's).
+    fn global_counters(&self) -> Option<lb_common::counters::XdpCounters> {
+        self.datapaths
+            .iter()
+            .find_map(|d| d.global_counters())
+            .map(lb_common::counters::XdpCounters::from_named)
+    }
+
+    /// Each service of a state snapshot with its datapath's counters (read without any lock held).
+    fn traffic<'s>(&self, snapshot: &'s Snapshot, only: Option<&str>) -> Vec<(&'s Service, ServiceTraffic)> {
+        snapshot
+            .state
+            .services
+            .values()
+            .filter(|s| only.is_none_or(|o| o == s.settings.name))
+            .map(|s| (s, self.datapath_of(s).traffic(s)))
+            .collect()
     }
 
     /// Services, backends and counters (for XDP services, the kernel's per-CPU counters summed).
@@ -375,107 +416,90 @@ impl Engine {
             .path
             .as_ref()
             .map(|p| p.display().to_string());
-        let b = self.balancer.lock().unwrap();
+        let snapshot = self.snapshot();
         if let Some(name) = only {
-            b.state.service(name)?;
+            snapshot.state.service(name)?;
         }
-        let get = BackendStats::get;
-        let mut services = Vec::new();
-        for s in b
-            .state
-            .services
-            .values()
-            .filter(|s| only.is_none_or(|o| o == s.settings.name))
-        {
-            let name = &s.settings.name;
-            let ring_slots = slots(&s.ring);
-            let kernel = match (&self.xdp, s.settings.datapath) {
-                (Some(xdp), DatapathKind::Xdp) => Some(xdp.backend_traffic(name)),
-                _ => None,
-            };
-            let backends = s
-                .backends
-                .iter()
-                .map(|be| {
-                    let mut view = BackendView {
-                        name: be.config.name.clone(),
-                        address: be.config.address.to_string(),
-                        weight: be.config.weight,
-                        backup: be.config.backup,
-                        state: be.config.state,
-                        health: be.health,
-                        ring_slots: ring_slots.get(&be.id).copied().unwrap_or(0),
-                        check: (s.settings.health.kind != crate::config::HealthKind::None)
-                            .then(|| be.check.lock().unwrap().snapshot()),
-                        active_connections: get(&be.stats.active_connections),
-                        total_connections: get(&be.stats.total_connections),
-                        connect_failures: get(&be.stats.connect_failures),
-                        bytes_in: get(&be.stats.bytes_in),
-                        bytes_out: get(&be.stats.bytes_out),
-                    };
-                    if let Some(k) = kernel.as_ref().and_then(|k| k.get(&be.id)) {
-                        view.active_connections = k.active;
-                        view.total_connections = k.traffic.new_flows;
-                        view.bytes_in = k.traffic.bytes_in;
-                        view.bytes_out = k.traffic.bytes_out;
-                    }
-                    view
-                })
-                .collect();
-            services.push(ServiceView {
-                name: name.clone(),
-                listen: s.settings.listen.to_string(),
-                protocol: s.settings.protocol,
-                datapath: s.settings.datapath,
-                affinity_timeout_secs: s.settings.affinity_timeout.as_secs(),
-                affinity_entries: match (&self.xdp, s.settings.datapath) {
-                    (Some(xdp), DatapathKind::Xdp) => xdp.affinity_len(name),
-                    _ => b.affinity_len(name) as u64,
-                },
-                on_backups: s.ring_uses_backups,
-                failed_connections: self
-                    .proxy
-                    .service_stats(name)
-                    .map_or(0, |st| st.failed.load(std::sync::atomic::Ordering::Relaxed)),
-                backends,
-            });
-        }
+        let services = self
+            .traffic(&snapshot, only)
+            .into_iter()
+            .map(|(s, traffic)| {
+                let ring_slots = slots(&s.ring);
+                let backends = s
+                    .backends
+                    .iter()
+                    .map(|be| {
+                        let runtime = snapshot.runtime(s, be);
+                        let t = traffic
+                            .backends
+                            .get(&be.id)
+                            .copied()
+                            .unwrap_or_else(|| BackendTraffic::user_space(&runtime));
+                        BackendView {
+                            name: be.config.name.clone(),
+                            address: be.config.address.to_string(),
+                            weight: be.config.weight,
+                            backup: be.config.backup,
+                            state: be.config.state,
+                            health: be.health,
+                            ring_slots: ring_slots.get(&be.id).copied().unwrap_or(0),
+                            check: (s.settings.health.kind != crate::config::HealthKind::None)
+                                .then(|| runtime.check.lock().unwrap().snapshot()),
+                            active_connections: t.active,
+                            total_connections: t.total,
+                            connect_failures: t.connect_failures.unwrap_or(0),
+                            bytes_in: t.bytes_in,
+                            bytes_out: t.bytes_out,
+                        }
+                    })
+                    .collect();
+                ServiceView {
+                    name: s.settings.name.clone(),
+                    listen: s.settings.listen.to_string(),
+                    protocol: s.settings.protocol,
+                    datapath: s.settings.datapath,
+                    affinity_timeout_secs: s.settings.affinity_timeout.as_secs(),
+                    affinity_entries: traffic.affinity_entries,
+                    on_backups: s.ring_uses_backups,
+                    failed_connections: traffic.failed_connections.unwrap_or(0),
+                    backends,
+                }
+            })
+            .collect();
         Ok(StatusView {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_secs: self.started.elapsed().as_secs(),
             config,
-            xdp: self.xdp.as_ref().map(|x| {
-                x.global_counters()
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v))
-                    .collect()
-            }),
+            xdp: self.global_counters(),
             services,
         })
     }
 
     /// Counters of every service and backend for `lb stats`, `lb top` and the metrics endpoint.
     ///
-    /// The balancer is locked only to copy the state and the user-space counters; the kernel's
-    /// counters (XDP services) are read afterwards, so a slow map walk never holds up the proxy
-    /// or the control socket.
+    /// The balancer is locked only to copy the state; the datapaths' counters (the kernel's, for
+    /// XDP services) are read afterwards, so a slow map walk never holds up forwarding or the
+    /// control socket.
     pub fn stats(&self) -> StatsView {
         let taken_unix_ms = unix_ms();
-        let get = BackendStats::get;
-        // Each service with the state ids of its backends (to find their kernel counters).
-        let mut services: Vec<(ServiceStatsView, Vec<u32>)> = Vec::new();
-        {
-            let b = self.balancer.lock().unwrap();
-            for s in b.state.services.values() {
+        let snapshot = self.snapshot();
+        let services = self
+            .traffic(&snapshot, None)
+            .into_iter()
+            .map(|(s, traffic)| {
                 let ring_slots = slots(&s.ring);
                 let checked = s.settings.health.kind != crate::config::HealthKind::None;
-                let proxy = s.settings.datapath == DatapathKind::Proxy;
-                let ids = s.backends.iter().map(|be| be.id).collect();
                 let backends = s
                     .backends
                     .iter()
                     .map(|be| {
-                        let log = be.stats.transitions.lock().unwrap().clone();
+                        let runtime = snapshot.runtime(s, be);
+                        let t = traffic
+                            .backends
+                            .get(&be.id)
+                            .copied()
+                            .unwrap_or_else(|| BackendTraffic::user_space(&runtime));
+                        let log = runtime.transitions.lock().unwrap().clone();
                         BackendStatsView {
                             name: be.config.name.clone(),
                             address: be.config.address.to_string(),
@@ -484,71 +508,40 @@ impl Engine {
                             state: be.config.state,
                             health: be.health,
                             ring_slots: ring_slots.get(&be.id).copied().unwrap_or(0),
-                            connections_active: get(&be.stats.active_connections),
-                            connections_total: get(&be.stats.total_connections),
-                            bytes_in: get(&be.stats.bytes_in),
-                            bytes_out: get(&be.stats.bytes_out),
-                            packets_in: None,
-                            packets_out: None,
-                            connect_failures: proxy.then(|| get(&be.stats.connect_failures)),
-                            check: checked.then(|| be.check.lock().unwrap().snapshot()),
+                            connections_active: t.active,
+                            connections_total: t.total,
+                            bytes_in: t.bytes_in,
+                            bytes_out: t.bytes_out,
+                            packets_in: t.packets_in,
+                            packets_out: t.packets_out,
+                            connect_failures: t.connect_failures,
+                            check: checked.then(|| runtime.check.lock().unwrap().snapshot()),
                             health_transitions: log.health,
                             state_transitions: log.state,
                             transitions: log.recent().cloned().collect(),
                         }
                     })
                     .collect();
-                let view = ServiceStatsView {
+                ServiceStatsView {
                     name: s.settings.name.clone(),
                     listen: s.settings.listen.to_string(),
                     protocol: s.settings.protocol,
                     datapath: s.settings.datapath,
-                    affinity_entries: b.affinity_len(&s.settings.name) as u64,
+                    affinity_entries: traffic.affinity_entries,
                     on_backups: s.ring_uses_backups,
-                    failed_connections: None,
+                    failed_connections: traffic.failed_connections,
                     backends,
-                };
-                services.push((view, ids));
-            }
-        }
-        for (svc, ids) in &mut services {
-            match (svc.datapath, &self.xdp) {
-                (DatapathKind::Xdp, Some(xdp)) => {
-                    let kernel = xdp.backend_traffic(&svc.name);
-                    svc.affinity_entries = xdp.affinity_len(&svc.name);
-                    for (be, id) in svc.backends.iter_mut().zip(ids.iter()) {
-                        let k = kernel.get(id).copied().unwrap_or_default();
-                        be.connections_active = k.active;
-                        be.connections_total = k.traffic.new_flows;
-                        be.bytes_in = k.traffic.bytes_in;
-                        be.bytes_out = k.traffic.bytes_out;
-                        be.packets_in = Some(k.traffic.packets_in);
-                        be.packets_out = Some(k.traffic.packets_out);
-                    }
                 }
-                (DatapathKind::Xdp, None) => {}
-                (DatapathKind::Proxy, _) => {
-                    svc.failed_connections = Some(
-                        self.proxy
-                            .service_stats(&svc.name)
-                            .map_or(0, |st| st.failed.load(std::sync::atomic::Ordering::Relaxed)),
-                    );
-                }
-            }
-        }
+            })
+            .collect();
         let uptime = self.started.elapsed();
         StatsView {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_secs: uptime.as_secs(),
             start_time_unix: taken_unix_ms.saturating_sub(uptime.as_millis() as u64) / 1000,
             taken_unix_ms,
-            xdp: self.xdp.as_ref().map(|x| {
-                x.global_counters()
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v))
-                    .collect()
-            }),
-            services: services.into_iter().map(|(s, _)| s).collect(),
+            xdp: self.global_counters(),
+            services,
         }
     }
 
@@ -558,76 +551,20 @@ impl Engine {
     }
 
     /// [`Engine::handle`] for the control-socket caller `uid` (recorded as who made a change).
+    ///
+    /// A change is first checked against the running daemon ([`crate::control::check::fits`]:
+    /// the config file's rules that depend on its `[xdp]`, `[metrics]`, `ring_size` and the
+    /// other services), then executed.
     pub fn handle_from(&self, request: Request, uid: Option<u32>) -> Result<serde_json::Value, EngineError> {
-        let by = Origin::Operator { uid };
-        let run = |command| self.execute_by(command, &by);
         Ok(match request {
-            Request::Status {} => json(&self.status(None)?),
-            Request::Stats {} => json(&self.stats()),
-            Request::Backends { service } => json(&self.status(service.as_deref())?),
-            Request::Which { service, client } => json(&self.which(&service, &client)?),
-            Request::Reload {} => json(&self.reload_by(uid)?),
-            Request::AddBackend {
-                service,
-                address,
-                name,
-                weight,
-                backup,
-                state,
-            } => {
-                let backend = backend_from_request(&address, name, weight, backup, state)?;
-                run(Command::AddBackend { service, backend })?;
-                serde_json::Value::Null
-            }
-            Request::AddService {
-                name,
-                listen,
-                protocol,
-                datapath,
-                affinity_timeout,
-                max_connections,
-            } => {
-                let service = service_from_request(
-                    &name,
-                    &listen,
-                    protocol,
-                    datapath,
-                    affinity_timeout,
-                    max_connections,
-                )?;
-                run(Command::AddService { service })?;
-                serde_json::Value::Null
-            }
-            Request::RemoveBackend { service, backend } => {
-                run(Command::RemoveBackend { service, backend })?;
-                serde_json::Value::Null
-            }
-            Request::RemoveService { service } => {
-                run(Command::RemoveService { service })?;
-                serde_json::Value::Null
-            }
-            Request::SetState {
-                service,
-                backend,
-                state,
-            } => {
-                run(Command::SetState {
-                    service,
-                    backend,
-                    state,
-                })?;
-                serde_json::Value::Null
-            }
-            Request::SetWeight {
-                service,
-                backend,
-                weight,
-            } => {
-                run(Command::SetWeight {
-                    service,
-                    backend,
-                    weight,
-                })?;
+            Request::Query(Query::Status {}) => json(&self.status(None)?),
+            Request::Query(Query::Stats {}) => json(&self.stats()),
+            Request::Query(Query::Backends { service }) => json(&self.status(service.as_deref())?),
+            Request::Query(Query::Which { service, client }) => json(&self.which(&service, &client)?),
+            Request::Reload => json(&self.reload_by(uid)?),
+            Request::Change(command) => {
+                let config = self.config.lock().unwrap();
+                self.execute_checked(command, &Origin::Operator { uid }, Some(&config))?;
                 serde_json::Value::Null
             }
         })
@@ -635,30 +572,36 @@ impl Engine {
 
     /// Drops expired affinity entries.
     pub fn sweep(&self) {
-        self.balancer.lock().unwrap().sweep(Instant::now());
+        self.balancer.sweep(Instant::now());
     }
 
     /// Stops accepting; resolves when open connections have finished.
     pub async fn shutdown(&self) {
-        self.proxy.shutdown().await;
+        for d in &self.datapaths {
+            d.shutdown().await;
+        }
     }
 }
 
 /// Records (and logs, one line each) the health and state transitions of backend `backend` of
 /// `service` since `before` (its operator state and health before the command).
 fn record_transitions(
-    state: &State,
+    snapshot: &Snapshot,
     service: &str,
     backend: &str,
     before: (crate::config::AdminState, Health),
     origin: &Origin,
 ) {
-    let Some(be) = state.service(service).ok().and_then(|s| s.backend(backend)) else {
+    let Ok(svc) = snapshot.state.service(service) else {
+        return;
+    };
+    let Some(be) = svc.backend(backend) else {
         return;
     };
     let name = &be.config.name;
     let address = be.config.address;
-    let mut log = be.stats.transitions.lock().unwrap();
+    let runtime = snapshot.runtime(svc, be);
+    let mut log = runtime.transitions.lock().unwrap();
     let mut record = |kind, from: String, to: String| {
         log.record(Transition {
             unix_ms: unix_ms(),
@@ -751,68 +694,5 @@ fn forget_failed(config: &mut Config, command: &Command) {
     }
 }
 
-/// Builds a config fragment and runs it through the config parser, so requests get the file's
-/// defaults and validation.
-fn parse_fragment(service: toml::Table) -> Result<ServiceConfig, EngineError> {
-    let mut root = toml::Table::new();
-    root.insert(
-        "service".into(),
-        toml::Value::Array(vec![toml::Value::Table(service)]),
-    );
-    let mut config = Config::parse(&root.to_string(), "request")?;
-    Ok(config.services.remove(0))
-}
-
-fn backend_from_request(
-    address: &str,
-    name: Option<String>,
-    weight: Option<u32>,
-    backup: Option<bool>,
-    state: Option<crate::config::AdminState>,
-) -> Result<BackendConfig, EngineError> {
-    let mut b = toml::Table::new();
-    b.insert("address".into(), address.into());
-    if let Some(n) = name {
-        b.insert("name".into(), n.into());
-    }
-    if let Some(w) = weight {
-        b.insert("weight".into(), (w as i64).into());
-    }
-    if let Some(x) = backup {
-        b.insert("backup".into(), x.into());
-    }
-    if let Some(s) = state {
-        b.insert("state".into(), enum_text(&s).into());
-    }
-    let mut s = toml::Table::new();
-    s.insert("name".into(), "request".into());
-    s.insert("listen".into(), "127.0.0.1:1".into());
-    s.insert("backend".into(), toml::Value::Array(vec![toml::Value::Table(b)]));
-    Ok(parse_fragment(s)?.backends.remove(0))
-}
-
-fn service_from_request(
-    name: &str,
-    listen: &str,
-    protocol: Option<crate::config::Protocol>,
-    datapath: Option<DatapathKind>,
-    affinity_timeout: Option<String>,
-    max_connections: Option<u32>,
-) -> Result<ServiceConfig, EngineError> {
-    let mut s = toml::Table::new();
-    s.insert("name".into(), name.into());
-    s.insert("listen".into(), listen.into());
-    if let Some(p) = protocol {
-        s.insert("protocol".into(), enum_text(&p).into());
-    }
-    if let Some(d) = datapath {
-        s.insert("datapath".into(), enum_text(&d).into());
-    }
-    if let Some(t) = affinity_timeout {
-        s.insert("affinity_timeout".into(), t.into());
-    }
-    if let Some(m) = max_connections {
-        s.insert("max_connections".into(), (m as i64).into());
-    }
-    parse_fragment(s)
-}
+#[cfg(test)]
+mod tests;

@@ -8,9 +8,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -18,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ajp;
 use crate::config::{HealthConfig, HealthKind};
-use crate::state::{Health, State};
+pub use crate::runtime::CheckStatus;
+use crate::runtime::Snapshot;
+use crate::state::Health;
 
 /// How long the AJP probe waits after the CPong to see whether the peer closes or sends more.
 const AFTER_CPONG: Duration = Duration::from_millis(20);
@@ -87,96 +88,6 @@ pub async fn probe(kind: HealthKind, addr: SocketAddr, timeout: Duration) -> Res
     }
 }
 
-/// The rise/fall state machine of one backend and what `lb status` shows about its checks.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct CheckStatus {
-    pub health: Health,
-    /// "ok" or the failure reason of the last probe.
-    pub last_result: String,
-    pub last_latency_ms: Option<f64>,
-    pub consecutive_ok: u32,
-    pub consecutive_failed: u32,
-    pub checks: u64,
-    /// Of `checks`, how many failed.
-    #[serde(default)]
-    pub failed_checks: u64,
-    pub transitions: u64,
-    /// Unix time (seconds) of the last transition, or of the first check.
-    pub since_unix: u64,
-    /// Seconds since then (filled in by [`CheckStatus::snapshot`]).
-    #[serde(default)]
-    pub since_secs: u64,
-    #[serde(skip)]
-    since: Option<Instant>,
-}
-
-impl Default for CheckStatus {
-    fn default() -> Self {
-        CheckStatus {
-            health: Health::Up,
-            last_result: "not checked yet".into(),
-            last_latency_ms: None,
-            consecutive_ok: 0,
-            consecutive_failed: 0,
-            checks: 0,
-            failed_checks: 0,
-            transitions: 0,
-            since_unix: unix_now(),
-            since_secs: 0,
-            since: Some(Instant::now()),
-        }
-    }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-impl CheckStatus {
-    /// Records a probe result; returns the new health when it changed.
-    pub fn record(&mut self, result: &Result<Duration, ProbeError>, rise: u32, fall: u32) -> Option<Health> {
-        self.checks += 1;
-        match result {
-            Ok(latency) => {
-                self.consecutive_ok += 1;
-                self.consecutive_failed = 0;
-                self.last_result = "ok".into();
-                self.last_latency_ms = Some(latency.as_secs_f64() * 1000.0);
-            }
-            Err(e) => {
-                self.failed_checks += 1;
-                self.consecutive_failed += 1;
-                self.consecutive_ok = 0;
-                self.last_result = e.to_string();
-                self.last_latency_ms = None;
-            }
-        }
-        let next = match self.health {
-            Health::Up if self.consecutive_failed >= fall => Health::Down,
-            Health::Down if self.consecutive_ok >= rise => Health::Up,
-            h => h,
-        };
-        if next == self.health {
-            return None;
-        }
-        self.health = next;
-        self.transitions += 1;
-        self.since_unix = unix_now();
-        self.since = Some(Instant::now());
-        Some(next)
-    }
-
-    /// A copy for display, with `since_secs` current.
-    pub fn snapshot(&self) -> CheckStatus {
-        CheckStatus {
-            since_secs: self.since.map_or(0, |s| s.elapsed().as_secs()),
-            ..self.clone()
-        }
-    }
-}
-
 /// A health transition on its way into the command pipeline.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HealthEvent {
@@ -208,10 +119,11 @@ impl Supervisor {
     }
 
     /// Makes the running checkers match the state (start new, stop gone or changed).
-    pub fn reconcile(&self, state: &State) {
+    pub fn reconcile(&self, snapshot: &Snapshot) {
         let mut checkers = self.checkers.lock().unwrap();
         let mut wanted = HashMap::new();
-        for svc in state
+        for svc in snapshot
+            .state
             .services
             .values()
             .filter(|s| s.settings.health.kind != HealthKind::None)
@@ -219,7 +131,7 @@ impl Supervisor {
             for b in &svc.backends {
                 wanted.insert(
                     (svc.settings.name.clone(), b.config.address),
-                    (&svc.settings.health, b),
+                    (&svc.settings.health, snapshot.runtime(svc, b)),
                 );
             }
         }

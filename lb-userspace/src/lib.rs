@@ -1,18 +1,25 @@
 //! `lb`: a layer-4 TCP/AJP load balancer. This library holds everything; `main.rs` is the CLI edge.
 //!
 //! - [`config`]: the TOML file, parsed and validated with file/line/key errors.
-//! - [`state`]: services, backends, Maglev rings; the [`state::Command`] vocabulary; reload diff.
+//! - [`state`]: services, backends, Maglev rings, plain data; the [`state::Command`] vocabulary;
+//!   reload diff.
+//! - [`runtime`]: live data per backend (counters, reset token, transitions, check status) kept
+//!   apart from the state, published with it as a [`runtime::Snapshot`].
 //! - [`maglev`]: the weighted Maglev table builder.
-//! - [`balancer`]: state + per-service affinity tables; backend selection by the DESIGN.md rules.
-//! - [`engine`]: applies commands to the balancer and the datapaths; answers control requests.
-//! - [`datapath`]: the trait every datapath implements; [`proxy`]: the tokio full proxy;
-//!   [`xdp`]: the kernel fast path (loads, pins and attaches the eBPF program, writes its maps).
+//! - [`balancer`]: the published snapshot (read without a lock) and sharded affinity; backend
+//!   selection by `lb_common::select`, the one implementation of the DESIGN.md rules.
+//! - [`engine`]: applies commands to the balancer and the datapaths as transactions; answers
+//!   control requests.
+//! - [`datapath`]: the seam every datapath implements, with [`datapath::proxy`] (the tokio full
+//!   proxy) and [`datapath::fake`] (for engine tests); [`xdp`]: the kernel fast path (loads, pins
+//!   and attaches the eBPF program, writes its maps).
 //! - [`health`]: TCP and AJP health checks ([`ajp`]: the CPing/CPong codec), rise/fall.
 //! - [`control`]: the control socket protocol, server and client.
 //! - [`daemon`]: `lb run` (socket, engine, signals, graceful shutdown).
-//! - [`metrics`]: the Prometheus endpoint (`[metrics] listen`, `GET /metrics`) rendered from
-//!   [`engine::Engine::stats`] snapshots.
-//! - [`cli`]: table rendering for the client subcommands; [`top`]: `lb top`, the live terminal view.
+//! - [`observe`]: what the daemon shows of itself: [`observe::metrics`] renders
+//!   [`engine::Engine::stats`] snapshots for Prometheus, [`observe::http`] serves them
+//!   (`[metrics] listen`, `GET /metrics`), [`observe::top`] is `lb top`, the live terminal view.
+//! - [`cli`]: table rendering for the client subcommands.
 //! - [`ebpf`]: the embedded XDP object and its loader.
 pub mod ajp;
 pub mod balancer;
@@ -25,8 +32,7 @@ pub mod ebpf;
 pub mod engine;
 pub mod health;
 pub mod maglev;
-pub mod metrics;
-pub mod proxy;
+pub mod observe;
+pub mod runtime;
 pub mod state;
-pub mod top;
 pub mod xdp;

@@ -7,9 +7,11 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use lb::config::{AdminState, Config, DatapathKind, Protocol};
+use lb::config::{AdminState, BackendConfig, Config, ServiceConfig};
 use lb::control::client;
-use lb::control::protocol::{ReloadView, Request, StatsView, StatusView, WhichView};
+use lb::control::protocol::{Query, ReloadView, Request, RequestError, StatsView, StatusView, WhichView};
+use lb::state::Command;
+use serde_json::{Map, Value};
 
 #[derive(Parser)]
 #[command(
@@ -58,7 +60,7 @@ enum Cmd {
     /// Live view of every backend, refreshed every interval (q, Esc or Ctrl-C quits).
     Top {
         /// Refresh interval: "1s", "500ms" or plain seconds (100ms..=1h).
-        #[arg(long, default_value = "1s", value_parser = lb::top::parse_interval)]
+        #[arg(long, default_value = "1s", value_parser = lb::observe::top::parse_interval)]
         interval: std::time::Duration,
     },
     /// Manage backends.
@@ -83,13 +85,15 @@ enum BackendCmd {
         address: String,
         #[arg(long)]
         name: Option<String>,
+        /// 0..=256 (default 1).
         #[arg(long)]
-        weight: Option<u32>,
+        weight: Option<i64>,
         /// Hot spare: used only while no primary is healthy.
         #[arg(long)]
         backup: bool,
-        #[arg(long, value_parser = parse_state)]
-        state: Option<AdminState>,
+        /// active, drain or maintenance (default active).
+        #[arg(long)]
+        state: Option<String>,
     },
     /// Remove a backend (its open connections finish).
     Remove { service: String, backend: String },
@@ -103,7 +107,8 @@ enum BackendCmd {
     Weight {
         service: String,
         backend: String,
-        weight: u32,
+        #[arg(allow_negative_numbers = true)]
+        weight: i64,
     },
 }
 
@@ -115,34 +120,22 @@ enum ServiceCmd {
         name: String,
         #[arg(long)]
         listen: String,
-        #[arg(long, value_parser = parse_protocol)]
-        protocol: Option<Protocol>,
-        #[arg(long, value_parser = parse_datapath)]
-        datapath: Option<DatapathKind>,
+        /// tcp or ajp (default tcp).
+        #[arg(long)]
+        protocol: Option<String>,
+        /// proxy or xdp (default proxy; xdp needs the daemon's [xdp] table).
+        #[arg(long)]
+        datapath: Option<String>,
         /// e.g. "30m"
         #[arg(long)]
         affinity_timeout: Option<String>,
-        #[arg(long)]
-        max_connections: Option<u32>,
+        #[arg(long, allow_negative_numbers = true)]
+        max_connections: Option<i64>,
     },
     /// Remove a service (stops listening; open connections finish).
     Remove {
         name: String,
     },
-}
-
-fn parse_enum<T: serde::de::DeserializeOwned>(s: &str, allowed: &str) -> Result<T, String> {
-    serde_json::from_value(serde_json::Value::String(s.to_string()))
-        .map_err(|_| format!("`{s}` is not allowed; use {allowed}"))
-}
-fn parse_state(s: &str) -> Result<AdminState, String> {
-    parse_enum(s, "active, drain or maintenance")
-}
-fn parse_protocol(s: &str) -> Result<Protocol, String> {
-    parse_enum(s, "tcp or ajp")
-}
-fn parse_datapath(s: &str) -> Result<DatapathKind, String> {
-    parse_enum(s, "proxy or xdp")
 }
 
 fn main() -> ExitCode {
@@ -186,71 +179,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         Cmd::Top { interval } => {
-            lb::top::run(&cli.socket, interval)?;
+            lb::observe::top::run(&cli.socket, interval)?;
             return Ok(());
         }
-        Cmd::Status => Request::Status {},
-        Cmd::Stats => Request::Stats {},
-        Cmd::Service(ServiceCmd::List) => Request::Status {},
-        Cmd::Backend(BackendCmd::List { service }) => Request::Backends { service },
-        Cmd::Backend(BackendCmd::Add {
-            service,
-            address,
-            name,
-            weight,
-            backup,
-            state,
-        }) => Request::AddBackend {
-            service,
-            address,
-            name,
-            weight,
-            backup: backup.then_some(true),
-            state,
-        },
-        Cmd::Backend(BackendCmd::Remove { service, backend }) => Request::RemoveBackend { service, backend },
-        Cmd::Backend(BackendCmd::Drain { service, backend }) => Request::SetState {
-            service,
-            backend,
-            state: AdminState::Drain,
-        },
-        Cmd::Backend(BackendCmd::Enable { service, backend }) => Request::SetState {
-            service,
-            backend,
-            state: AdminState::Active,
-        },
-        Cmd::Backend(BackendCmd::Disable { service, backend }) => Request::SetState {
-            service,
-            backend,
-            state: AdminState::Maintenance,
-        },
-        Cmd::Backend(BackendCmd::Weight {
-            service,
-            backend,
-            weight,
-        }) => Request::SetWeight {
-            service,
-            backend,
-            weight,
-        },
-        Cmd::Service(ServiceCmd::Add {
-            name,
-            listen,
-            protocol,
-            datapath,
-            affinity_timeout,
-            max_connections,
-        }) => Request::AddService {
-            name,
-            listen,
-            protocol,
-            datapath,
-            affinity_timeout,
-            max_connections,
-        },
-        Cmd::Service(ServiceCmd::Remove { name }) => Request::RemoveService { service: name },
-        Cmd::Which { service, client } => Request::Which { service, client },
-        Cmd::Reload => Request::Reload {},
+        other => request(other)?,
     };
     let response = client::call(&cli.socket, &request)?;
     if cli.json {
@@ -265,17 +197,107 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let result = response.result.unwrap_or_default();
     let out = match (&request, service_list) {
-        (Request::Status {}, true) => lb::cli::services(&serde_json::from_value::<StatusView>(result)?),
-        (Request::Status {} | Request::Backends { .. }, _) => {
+        (Request::Query(Query::Status {}), true) => {
+            lb::cli::services(&serde_json::from_value::<StatusView>(result)?)
+        }
+        (Request::Query(Query::Status {} | Query::Backends { .. }), _) => {
             lb::cli::status(&serde_json::from_value::<StatusView>(result)?)
         }
-        (Request::Stats {}, _) => lb::cli::stats(&serde_json::from_value::<StatsView>(result)?),
-        (Request::Which { .. }, _) => lb::cli::which(&serde_json::from_value::<WhichView>(result)?),
-        (Request::Reload {}, _) => lb::cli::reload(&serde_json::from_value::<ReloadView>(result)?),
-        _ => "ok\n".to_string(),
+        (Request::Query(Query::Stats {}), _) => lb::cli::stats(&serde_json::from_value::<StatsView>(result)?),
+        (Request::Query(Query::Which { .. }), _) => {
+            lb::cli::which(&serde_json::from_value::<WhichView>(result)?)
+        }
+        (Request::Reload, _) => lb::cli::reload(&serde_json::from_value::<ReloadView>(result)?),
+        (Request::Change(_), _) => "ok\n".to_string(),
     };
     print!("{out}");
     Ok(())
+}
+
+/// The request a client subcommand sends: the same [`Request`] values the daemon decodes, built
+/// with the same validators (so a bad value is refused here, naming the field, before sending).
+fn request(command: Cmd) -> Result<Request, RequestError> {
+    let set_state = |service, backend, state| Command::SetState {
+        service,
+        backend,
+        state,
+    };
+    let change = match command {
+        Cmd::Status | Cmd::Service(ServiceCmd::List) => return Ok(Request::Query(Query::Status {})),
+        Cmd::Stats => return Ok(Request::Query(Query::Stats {})),
+        Cmd::Backend(BackendCmd::List { service }) => return Ok(Request::Query(Query::Backends { service })),
+        Cmd::Which { service, client } => return Ok(Request::Query(Query::Which { service, client })),
+        Cmd::Reload => return Ok(Request::Reload),
+        Cmd::Backend(BackendCmd::Add {
+            service,
+            address,
+            name,
+            weight,
+            backup,
+            state,
+        }) => {
+            let mut fields = Map::new();
+            fields.insert("address".into(), address.into());
+            put(&mut fields, "name", name);
+            put(&mut fields, "weight", weight);
+            put(&mut fields, "backup", backup.then_some(true));
+            put(&mut fields, "state", state);
+            Command::AddBackend {
+                service,
+                backend: BackendConfig::from_fields(Value::Object(fields))?,
+            }
+        }
+        Cmd::Backend(BackendCmd::Remove { service, backend }) => Command::RemoveBackend { service, backend },
+        Cmd::Backend(BackendCmd::Drain { service, backend }) => {
+            set_state(service, backend, AdminState::Drain)
+        }
+        Cmd::Backend(BackendCmd::Enable { service, backend }) => {
+            set_state(service, backend, AdminState::Active)
+        }
+        Cmd::Backend(BackendCmd::Disable { service, backend }) => {
+            set_state(service, backend, AdminState::Maintenance)
+        }
+        Cmd::Backend(BackendCmd::Weight {
+            service,
+            backend,
+            weight,
+        }) => Command::SetWeight {
+            service,
+            backend,
+            weight: lb::config::weight(weight)?,
+        },
+        Cmd::Service(ServiceCmd::Add {
+            name,
+            listen,
+            protocol,
+            datapath,
+            affinity_timeout,
+            max_connections,
+        }) => {
+            let mut fields = Map::new();
+            fields.insert("name".into(), name.into());
+            fields.insert("listen".into(), listen.into());
+            put(&mut fields, "protocol", protocol);
+            put(&mut fields, "datapath", datapath);
+            put(&mut fields, "affinity_timeout", affinity_timeout);
+            put(&mut fields, "max_connections", max_connections);
+            Command::AddService {
+                service: ServiceConfig::from_fields(Value::Object(fields))?,
+            }
+        }
+        Cmd::Service(ServiceCmd::Remove { name }) => Command::RemoveService { service: name },
+        Cmd::Run { .. } | Cmd::CheckConfig { .. } | Cmd::Cleanup { .. } | Cmd::Top { .. } => {
+            unreachable!("handled without a request")
+        }
+    };
+    Ok(Request::Change(change))
+}
+
+/// Sets `key` when the option was given.
+fn put(fields: &mut Map<String, Value>, key: &str, value: Option<impl Into<Value>>) {
+    if let Some(v) = value {
+        fields.insert(key.into(), v.into());
+    }
 }
 
 fn run_daemon(path: &std::path::Path, format: LogFormat) -> anyhow::Result<()> {
@@ -296,4 +318,216 @@ fn run_daemon(path: &std::path::Path, format: LogFormat) -> anyhow::Result<()> {
         tokio_util::sync::CancellationToken::new(),
     ))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The request `lb ARGS…` sends, or the error it stops with.
+    fn sent(args: &[&str]) -> Result<Request, String> {
+        let cli = Cli::try_parse_from(std::iter::once("lb").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        request(cli.command).map_err(|e| e.to_string())
+    }
+
+    /// The JSON line `lb ARGS…` writes to the socket.
+    fn line(args: &[&str]) -> serde_json::Value {
+        serde_json::to_value(sent(args).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn subcommands_send_the_documented_requests() {
+        let cases: &[(&[&str], serde_json::Value)] = &[
+            (&["status"], serde_json::json!({"cmd":"status"})),
+            (&["service", "list"], serde_json::json!({"cmd":"status"})),
+            (&["stats"], serde_json::json!({"cmd":"stats"})),
+            (
+                &["backend", "list"],
+                serde_json::json!({"cmd":"backends","service":null}),
+            ),
+            (
+                &["backend", "list", "web"],
+                serde_json::json!({"cmd":"backends","service":"web"}),
+            ),
+            (
+                &["which", "web", "192.0.2.7"],
+                serde_json::json!({"cmd":"which","service":"web","client":"192.0.2.7"}),
+            ),
+            (&["reload"], serde_json::json!({"cmd":"reload"})),
+            (
+                &["backend", "drain", "web", "app1"],
+                serde_json::json!({"cmd":"set-state","service":"web","backend":"app1","state":"drain"}),
+            ),
+            (
+                &["backend", "enable", "web", "app1"],
+                serde_json::json!({"cmd":"set-state","service":"web","backend":"app1","state":"active"}),
+            ),
+            (
+                &["backend", "disable", "web", "app1"],
+                serde_json::json!({"cmd":"set-state","service":"web","backend":"app1","state":"maintenance"}),
+            ),
+            (
+                &["backend", "weight", "web", "app3", "2"],
+                serde_json::json!({"cmd":"set-weight","service":"web","backend":"app3","weight":2}),
+            ),
+            (
+                &["backend", "remove", "web", "app4"],
+                serde_json::json!({"cmd":"remove-backend","service":"web","backend":"app4"}),
+            ),
+            (
+                &["service", "remove", "api"],
+                serde_json::json!({"cmd":"remove-service","service":"api"}),
+            ),
+            // Defaults filled in from the config file's.
+            (
+                &["backend", "add", "web", "10.0.1.4:8080", "--name", "app4"],
+                serde_json::json!({"cmd":"add-backend","service":"web","address":"10.0.1.4:8080",
+                    "name":"app4","weight":1,"backup":false,"state":"active"}),
+            ),
+            (
+                &[
+                    "backend",
+                    "add",
+                    "web",
+                    "10.0.1.5:8080",
+                    "--weight",
+                    "0",
+                    "--backup",
+                    "--state",
+                    "drain",
+                ],
+                serde_json::json!({"cmd":"add-backend","service":"web","address":"10.0.1.5:8080",
+                    "name":"10.0.1.5:8080","weight":0,"backup":true,"state":"drain"}),
+            ),
+        ];
+        for (args, want) in cases {
+            let got = line(args);
+            assert_eq!(&got, want, "lb {args:?}");
+            // The daemon decodes the line into the value the CLI built.
+            assert_eq!(
+                Request::parse(&got.to_string()).unwrap(),
+                sent(args).unwrap(),
+                "lb {args:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn service_add_sends_a_full_service_with_the_file_defaults() {
+        let args = [
+            "service",
+            "add",
+            "x",
+            "--listen",
+            "10.0.0.100:81",
+            "--datapath",
+            "xdp",
+            "--affinity-timeout",
+            "10m",
+        ];
+        let Ok(Request::Change(Command::AddService { service })) = sent(&args) else {
+            panic!("not an add-service");
+        };
+        let file = "[xdp]\ninterfaces = [\"lo\"]\n[[service]]\nname = \"x\"\nlisten = \"10.0.0.100:81\"\ndatapath = \"xdp\"\naffinity_timeout = \"10m\"\n";
+        assert_eq!(service, Config::parse(file, "t.toml").unwrap().services.remove(0));
+        let v = line(&args);
+        assert_eq!(
+            (v["cmd"].as_str(), v["datapath"].as_str()),
+            (Some("add-service"), Some("xdp"))
+        );
+        assert_eq!(v["affinity_timeout"], "10m");
+        assert_eq!(v["health"]["interval"], "2s");
+    }
+
+    #[test]
+    fn bad_values_are_refused_before_sending_naming_the_field() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["backend", "weight", "web", "b1", "300"],
+                "weight: 300 is out of range; allowed 0..=256",
+            ),
+            (
+                &["backend", "weight", "web", "b1", "-1"],
+                "weight: -1 is out of range",
+            ),
+            (
+                &["backend", "add", "web", "10.9.9.9"],
+                "address: \"10.9.9.9\" is not a valid address",
+            ),
+            (
+                &["backend", "add", "web", "10.9.9.9:80", "--weight", "257"],
+                "weight: 257 is out of range",
+            ),
+            (
+                &["backend", "add", "web", "10.9.9.9:80", "--state", "up"],
+                "state: \"up\" is not allowed",
+            ),
+            (
+                &["backend", "add", "web", "10.9.9.9:80", "--name", "a/b"],
+                "name: \"a/b\" is not allowed",
+            ),
+            (
+                &[
+                    "service",
+                    "add",
+                    "web3",
+                    "--listen",
+                    "10.0.0.100:81",
+                    "--affinity-timeout",
+                    "soon",
+                ],
+                "affinity_timeout: \"soon\" is not a valid duration",
+            ),
+            (
+                &[
+                    "service",
+                    "add",
+                    "w",
+                    "--listen",
+                    "10.0.0.1:80",
+                    "--protocol",
+                    "http",
+                ],
+                "protocol: \"http\"",
+            ),
+            (
+                &[
+                    "service",
+                    "add",
+                    "w",
+                    "--listen",
+                    "10.0.0.1:80",
+                    "--datapath",
+                    "dpdk",
+                ],
+                "datapath: \"dpdk\"",
+            ),
+            (
+                &[
+                    "service",
+                    "add",
+                    "w",
+                    "--listen",
+                    "10.0.0.1:80",
+                    "--max-connections",
+                    "0",
+                ],
+                "max_connections: 0",
+            ),
+            (
+                &["service", "add", "w", "--listen", "[::1]:80", "--datapath", "xdp"],
+                "listen: ",
+            ),
+        ];
+        for (args, want) in cases {
+            match sent(args) {
+                Ok(r) => panic!("lb {args:?} should be refused, built {r:?}"),
+                Err(e) => assert!(
+                    e.starts_with(want),
+                    "lb {args:?}: {e:?} should start with {want:?}"
+                ),
+            }
+        }
+    }
 }

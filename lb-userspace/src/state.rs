@@ -7,10 +7,8 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{AdminState, BackendConfig, Config, ServiceConfig};
 use crate::maglev;
@@ -21,33 +19,6 @@ use crate::maglev;
 pub enum Health {
     Up,
     Down,
-}
-
-/// Live counters of one backend, shared with the datapath's connection tasks.
-#[derive(Debug, Default)]
-pub struct BackendStats {
-    pub active_connections: AtomicU64,
-    pub total_connections: AtomicU64,
-    pub connect_failures: AtomicU64,
-    /// Bytes from client to backend.
-    pub bytes_in: AtomicU64,
-    /// Bytes from backend to client.
-    pub bytes_out: AtomicU64,
-    /// Cancelled to reset the backend's open connections (`on_down = "reset"`); replaced afterwards.
-    pub reset: std::sync::Mutex<CancellationToken>,
-    /// Health and operator state changes: counts and the most recent ones.
-    pub transitions: std::sync::Mutex<TransitionLog>,
-}
-
-impl BackendStats {
-    pub fn get(c: &AtomicU64) -> u64 {
-        c.load(Ordering::Relaxed)
-    }
-
-    /// Resets every open connection to this backend; later connections are not affected.
-    pub fn reset_connections(&self) {
-        std::mem::take(&mut *self.reset.lock().unwrap()).cancel();
-    }
 }
 
 /// How many recent transitions each backend keeps.
@@ -84,33 +55,6 @@ pub struct Transition {
     pub reason: String,
 }
 
-/// Transition counts since the backend was added, and the last [`RECENT_TRANSITIONS`] of them.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TransitionLog {
-    pub health: u64,
-    pub state: u64,
-    recent: std::collections::VecDeque<Transition>,
-}
-
-impl TransitionLog {
-    /// Counts `t` and keeps it, dropping the oldest beyond [`RECENT_TRANSITIONS`].
-    pub fn record(&mut self, t: Transition) {
-        match t.kind {
-            TransitionKind::Health => self.health += 1,
-            TransitionKind::State => self.state += 1,
-        }
-        if self.recent.len() == RECENT_TRANSITIONS {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(t);
-    }
-
-    /// The kept transitions, oldest first.
-    pub fn recent(&self) -> impl DoubleEndedIterator<Item = &Transition> {
-        self.recent.iter()
-    }
-}
-
 /// A backend inside the state.
 #[derive(Clone, Debug)]
 pub struct Backend {
@@ -118,9 +62,6 @@ pub struct Backend {
     pub id: u32,
     pub config: BackendConfig,
     pub health: Health,
-    pub stats: Arc<BackendStats>,
-    /// Health-check state machine and last result, shared with the backend's checker task.
-    pub check: Arc<std::sync::Mutex<crate::health::CheckStatus>>,
 }
 
 impl Backend {
@@ -478,8 +419,6 @@ fn add_backend(service: &mut Service, backend: BackendConfig) -> Result<(), Stat
         id: service.next_backend_id,
         config: backend,
         health: Health::Up,
-        stats: Arc::default(),
-        check: Arc::default(),
     });
     service.next_backend_id += 1;
     Ok(())
@@ -716,28 +655,6 @@ pub(crate) mod tests {
         let svc = s.service("web").unwrap();
         assert_eq!(svc.backend("b3").unwrap().id, 2);
         assert_eq!(svc.backend("b4").unwrap().id, 3);
-    }
-
-    #[test]
-    fn transition_log_keeps_the_last_ones_and_counts_all() {
-        let mut log = TransitionLog::default();
-        for i in 0..(RECENT_TRANSITIONS as u64 + 5) {
-            log.record(Transition {
-                unix_ms: i,
-                kind: if i % 2 == 0 {
-                    TransitionKind::Health
-                } else {
-                    TransitionKind::State
-                },
-                from: "a".into(),
-                to: "b".into(),
-                reason: format!("r{i}"),
-            });
-        }
-        assert_eq!(log.health + log.state, RECENT_TRANSITIONS as u64 + 5);
-        assert_eq!((log.health, log.state), (11, 10));
-        let kept: Vec<u64> = log.recent().map(|t| t.unix_ms).collect();
-        assert_eq!(kept, (5..RECENT_TRANSITIONS as u64 + 5).collect::<Vec<_>>());
     }
 
     #[test]

@@ -26,12 +26,13 @@ use lb_common::maps::{
     MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_GLOBAL_STATS, MAP_RING,
     MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT, MAP_SNAT_ADDRS,
 };
+use lb_common::select::{self, BackendTable, Peek, Policy, Ring};
 use tracing::{info, warn};
 
 use crate::config::{DatapathKind, XdpConfig, XdpMode};
-use crate::datapath::{Datapath, DatapathError};
+use crate::datapath::{BackendTraffic, Datapath, DatapathError, Drained, ServiceTraffic, Which};
 use crate::ebpf::{self, XDP_PROGRAM};
-use crate::state::{Effect, Service, State};
+use crate::state::{Backend, Effect, Service, State};
 
 const IPPROTO_TCP: u8 = 6;
 /// Ring content not yet written by this process (never a backend index).
@@ -145,6 +146,32 @@ struct Inner {
     /// Pinned service slots and backend indices found at start, waiting to be claimed.
     adopt_services: StdHashMap<ServiceKey, u32>,
     adopt_backends: StdHashMap<(u32, u32, u16), u32>,
+}
+
+/// Read-only views of one service's kernel maps for [`select::select`] (`lb which`).
+struct KernelViews<'a> {
+    maps: &'a Maps,
+    service: &'a KernelService,
+    affinity: Option<AffinityValue>,
+}
+
+impl BackendTable for KernelViews<'_> {
+    fn admits_known(&self, index: u32) -> bool {
+        let want = BACKEND_PRESENT | BACKEND_ADMITS_KNOWN;
+        self.maps
+            .backends
+            .get(&index, 0)
+            .is_ok_and(|b| b.flags & want == want && b.service_slot == self.service.slot)
+    }
+}
+
+impl Ring for KernelViews<'_> {
+    fn size(&self) -> u32 {
+        self.service.ring.len() as u32
+    }
+    fn get(&self, slot: u32) -> Option<u32> {
+        self.service.ring.get(slot as usize).copied()
+    }
 }
 
 /// Kernel-side counters of one backend or service, summed over CPUs.
@@ -362,7 +389,7 @@ impl XdpDatapath {
     }
 
     /// Global counters by name, summed over CPUs.
-    pub fn global_counters(&self) -> Vec<(&'static str, u64)> {
+    pub fn kernel_counters(&self) -> Vec<(&'static str, u64)> {
         let inner = self.inner.lock().unwrap();
         global_counter::NAMES
             .iter()
@@ -414,7 +441,7 @@ impl XdpDatapath {
     }
 
     /// Which backend the kernel would give `client` (with `port`: an existing connection first).
-    pub fn which(&self, service: &str, client: Ipv4Addr, port: Option<u16>) -> Option<KernelChoice> {
+    pub fn kernel_which(&self, service: &str, client: Ipv4Addr, port: Option<u16>) -> Option<KernelChoice> {
         let inner = self.inner.lock().unwrap();
         let ks = inner.services.get(service)?;
         let id_of = |index: u32| ks.backends.iter().find(|(_, i)| **i == index).map(|(id, _)| *id);
@@ -446,44 +473,54 @@ impl XdpDatapath {
             service_slot: ks.slot,
             client_be: u32::from(client).to_be(),
         };
-        if ks.value.affinity_timeout_ns != 0
-            && let Ok(a) = inner.maps.affinity.get(&akey, 0)
-        {
-            let age = now.saturating_sub(a.last_seen_ns);
-            let admits = inner
-                .maps
-                .backends
-                .get(&a.backend, 0)
-                .is_ok_and(|b| b.flags & BACKEND_ADMITS_KNOWN != 0 && b.service_slot == ks.slot);
-            if age < ks.value.affinity_timeout_ns && admits {
-                return Some(KernelChoice {
-                    backend_id: id_of(a.backend),
-                    reason: "affinity",
-                    detail: format!(
-                        "kernel affinity entry, last connection {}s ago",
-                        age / 1_000_000_000
-                    ),
-                });
-            }
-        }
-        let slot = lb_common::hash::ring_slot(global.seed, u32::from(client), inner.ring_size);
-        let index = ks.ring.get(slot as usize).copied().unwrap_or(NO_BACKEND);
-        if index == NO_BACKEND {
+        let views = KernelViews {
+            maps: &inner.maps,
+            service: ks,
+            affinity: inner.maps.affinity.get(&akey, 0).ok(),
+        };
+        let policy = Policy {
+            seed: global.seed,
+            affinity_timeout_ns: ks.value.affinity_timeout_ns,
+        };
+        let Some(choice) = select::select(
+            &policy,
+            None,
+            u32::from(client),
+            now,
+            &mut Peek(views.affinity),
+            &views,
+            &views,
+            |_| false,
+            1,
+        ) else {
             return Some(KernelChoice {
                 backend_id: None,
                 reason: "none",
                 detail: "the kernel ring is empty".into(),
             });
-        }
+        };
+        let (reason, detail) = match choice.reason {
+            select::Reason::Affinity => (
+                "affinity",
+                format!(
+                    "kernel affinity entry, last connection {}s ago",
+                    views.affinity.map_or(0, |a| now.saturating_sub(a.last_seen_ns)) / 1_000_000_000
+                ),
+            ),
+            _ => (
+                "ring",
+                format!("kernel Maglev ring slot {} of {}", choice.slot, inner.ring_size),
+            ),
+        };
         Some(KernelChoice {
-            backend_id: id_of(index),
-            reason: "ring",
-            detail: format!("kernel Maglev ring slot {slot} of {}", inner.ring_size),
+            backend_id: id_of(choice.backend),
+            reason,
+            detail,
         })
     }
 
     /// Forgets kernel affinity entries of clients that failed over away from `backend_id`.
-    pub fn fail_back(&self, service: &str, backend_id: u32) {
+    pub fn forget_failed_over(&self, service: &str, backend_id: u32) {
         let mut inner = self.inner.lock().unwrap();
         let Some(ks) = inner.services.get(service) else {
             return;
@@ -496,7 +533,7 @@ impl XdpDatapath {
             .affinity
             .iter()
             .flatten()
-            .filter(|(k, v)| k.service_slot == slot && v.home == index)
+            .filter(|(k, v)| k.service_slot == slot && select::failed_over_from(v, index))
             .map(|(k, _)| k)
             .collect();
         for k in &stale {
@@ -529,7 +566,7 @@ impl XdpDatapath {
 
     /// Forgets every connection to `backend_id` (`on_down = "reset"`): their next packets have no
     /// conntrack entry and are dropped, so both ends time out or reset.
-    pub fn reset_backend(&self, service: &str, backend_id: u32) -> usize {
+    pub fn forget_flows(&self, service: &str, backend_id: u32) -> usize {
         let mut inner = self.inner.lock().unwrap();
         let Some(ks) = inner.services.get(service) else {
             return 0;
@@ -761,7 +798,60 @@ impl Datapath for XdpDatapath {
         result.map_err(|e| DatapathError::Xdp(e.to_string()))
     }
 
-    fn shutdown(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn finish_start(&self) -> Result<(), DatapathError> {
+        self.finish_adoption()
+            .map_err(|e| DatapathError::Xdp(e.to_string()))
+    }
+
+    fn reset_backend(&self, service: &Service, backend: &Backend) -> usize {
+        self.forget_flows(&service.settings.name, backend.id)
+    }
+
+    fn fail_back(&self, service: &Service, backend: &Backend) {
+        self.forget_failed_over(&service.settings.name, backend.id);
+    }
+
+    fn which(&self, service: &Service, client: IpAddr, port: Option<u16>) -> Option<Which> {
+        let IpAddr::V4(v4) = client else { return None };
+        let k = self.kernel_which(&service.settings.name, v4, port)?;
+        Some(Which {
+            backend_id: k.backend_id,
+            reason: k.reason,
+            detail: k.detail,
+        })
+    }
+
+    fn traffic(&self, service: &Service) -> ServiceTraffic {
+        let name = &service.settings.name;
+        let kernel = self.backend_traffic(name);
+        ServiceTraffic {
+            affinity_entries: self.affinity_len(name),
+            failed_connections: None,
+            backends: service
+                .backends
+                .iter()
+                .map(|b| {
+                    let k = kernel.get(&b.id).copied().unwrap_or_default();
+                    let t = BackendTraffic {
+                        active: k.active,
+                        total: k.traffic.new_flows,
+                        bytes_in: k.traffic.bytes_in,
+                        bytes_out: k.traffic.bytes_out,
+                        packets_in: Some(k.traffic.packets_in),
+                        packets_out: Some(k.traffic.packets_out),
+                        connect_failures: None,
+                    };
+                    (b.id, t)
+                })
+                .collect(),
+        }
+    }
+
+    fn global_counters(&self) -> Option<Vec<(&'static str, u64)>> {
+        Some(self.kernel_counters())
+    }
+
+    fn shutdown(&self) -> Drained<'_> {
         // The kernel keeps forwarding through the pinned link and maps; nothing to wait for.
         Box::pin(std::future::ready(()))
     }

@@ -5,7 +5,6 @@
 //! answers. Needs root and the embedded eBPF object (`cargo xtask test` provides both).
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::Command as Process;
 use std::time::Instant;
 
 use lb::balancer::Balancer;
@@ -15,7 +14,9 @@ use lb::config::{
 use lb::datapath::Datapath;
 use lb::state::{Command, Health, State};
 use lb::xdp::XdpDatapath;
-use lb_common::csum::checksum;
+use lb_tests::fixture::FixtureSpec;
+use lb_tests::packet::flags::{ACK, FIN, SYN};
+use lb_tests::packet::{self, IPPROTO_ICMP, Parsed, Tcp, ack_options, arp_request, syn_options};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -36,49 +37,22 @@ fn client(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, 0, 10 + i)
 }
 
-/// Runs `f` in a thread inside a fresh network namespace holding the fixture topology.
+/// Runs `f(client ifindex, backend ifindex)` in a thread inside a fresh fixture namespace
+/// (lb_tests::fixture) with the clients' and backends' permanent neighbours.
 fn in_fixture_netns<T: Send>(f: impl FnOnce(u32, u32) -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
-            let sh = |cmd: &str| {
-                let out = Process::new("sh").arg("-c").arg(cmd).output().expect("sh");
-                assert!(
-                    out.status.success(),
-                    "{cmd}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            };
-            sh("ip link set lo up");
-            sh("ip link add fxc type veth peer name fxcp && ip link set fxc up && ip link set fxcp up");
-            sh("ip addr add 10.0.0.1/24 dev fxc && ip addr add 10.0.0.100/32 dev fxc");
-            sh("ip link add fxb type veth peer name fxbp && ip link set fxb up && ip link set fxbp up");
-            sh("ip addr add 10.1.1.1/24 dev fxb");
-            sh("sysctl -qw net.ipv4.ip_forward=1");
-            for i in 0..3u8 {
-                let mac = client_mac_text(&CLIENT_MAC, i);
-                sh(&format!(
-                    "ip neigh add {} lladdr {mac} dev fxc nud permanent",
-                    client(i)
-                ));
-                let mac = client_mac_text(&backend_mac(i + 1), 0);
-                sh(&format!(
-                    "ip neigh add {} lladdr {mac} dev fxb nud permanent",
-                    backend_ip(i + 1)
-                ));
-            }
-            let index = |name: &str| nix::net::if_::if_nametoindex(name).expect("interface index");
-            f(index("fxc"), index("fxb"))
-        })
-        .join()
-        .expect("fixture thread")
-    })
-}
-
-fn client_mac_text(mac: &[u8; 6], add: u8) -> String {
-    let mut m = *mac;
-    m[5] += add;
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    let spec = FixtureSpec {
+        vip: Some(VIP),
+        clients: (0..3u8)
+            .map(|i| {
+                let mut mac = CLIENT_MAC;
+                mac[5] += i;
+                (client(i), mac)
+            })
+            .collect(),
+        backends: (1..=3u8).map(|i| (backend_ip(i), backend_mac(i))).collect(),
+    };
+    lb_tests::fixture::in_fixture_netns(&spec, |links| f(links.client_if, links.backend_if))
+        .expect("fixture namespace")
 }
 
 fn ready(test: &str) -> bool {
@@ -167,7 +141,7 @@ impl Fixture {
 
     fn counter(&self, name: &str) -> u64 {
         self.xdp
-            .global_counters()
+            .kernel_counters()
             .into_iter()
             .find(|(n, _)| *n == name)
             .map(|(_, v)| v)
@@ -175,12 +149,7 @@ impl Fixture {
     }
 }
 
-/// TCP flags.
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-const FIN: u8 = 0x01;
-
-/// Ethernet + IPv4 (with `options` words) + TCP frame with valid checksums.
+/// Ethernet + IPv4 (with `options` words) + TCP frame from the client MAC, valid checksums.
 fn frame(
     src: (Ipv4Addr, u16),
     dst: (Ipv4Addr, u16),
@@ -202,107 +171,22 @@ fn frame_with(
     tcp_options: &[u8],
     dst_mac: [u8; 6],
 ) -> Vec<u8> {
-    let ihl = 5 + options.len() / 4;
-    let doff = 5 + tcp_options.len() / 4;
-    let total = ihl * 4 + doff * 4 + payload.len();
-    let mut f = Vec::new();
-    f.extend_from_slice(&dst_mac);
-    f.extend_from_slice(&CLIENT_MAC);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let mut ip = vec![0x40 | ihl as u8, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0];
-    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    ip.extend_from_slice(&src.0.octets());
-    ip.extend_from_slice(&dst.0.octets());
-    ip.extend_from_slice(options);
-    let c = checksum(&ip, 0);
-    ip[10..12].copy_from_slice(&c.to_ne_bytes());
-    f.extend_from_slice(&ip);
-    let mut tcp = Vec::new();
-    tcp.extend_from_slice(&src.1.to_be_bytes());
-    tcp.extend_from_slice(&dst.1.to_be_bytes());
-    tcp.extend_from_slice(&[
-        0,
-        0,
-        0,
-        1,
-        0,
-        0,
-        0,
-        0,
-        (doff as u8) << 4,
-        flags,
-        0xff,
-        0xff,
-        0,
-        0,
-        0,
-        0,
-    ]);
-    tcp.extend_from_slice(tcp_options);
-    tcp.extend_from_slice(payload);
-    let c = checksum(&tcp, pseudo_sum(src.0, dst.0, tcp.len()));
-    tcp[16..18].copy_from_slice(&c.to_ne_bytes());
-    f.extend_from_slice(&tcp);
-    f
+    Tcp::new(src, dst, flags)
+        .macs(CLIENT_MAC, dst_mac)
+        .ip_options(options)
+        .tcp_options(tcp_options)
+        .payload(payload)
+        .build()
 }
 
-/// SYN options as Linux sends them: MSS, SACK permitted, timestamps, NOP, window scale.
-fn syn_options(tsval: u32, tsecr: u32) -> Vec<u8> {
-    let mut o = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];
-    o.extend_from_slice(&tsval.to_be_bytes());
-    o.extend_from_slice(&tsecr.to_be_bytes());
-    o.extend_from_slice(&[1, 3, 3, 7]);
-    o
-}
-
-/// Options of an established segment: NOP, NOP, timestamps.
-fn ack_options(tsval: u32, tsecr: u32) -> Vec<u8> {
-    let mut o = vec![1, 1, 8, 10];
-    o.extend_from_slice(&tsval.to_be_bytes());
-    o.extend_from_slice(&tsecr.to_be_bytes());
-    o
-}
-
-/// (TSval, TSecr) of a frame's timestamp option, found where [`syn_options`] or [`ack_options`] put it.
+/// (TSval, TSecr) of a frame's timestamp option.
 fn timestamps(f: &[u8]) -> (u32, u32) {
-    let tcp = 14 + (f[14] & 0x0f) as usize * 4;
-    let at = if f[tcp + 20] == 2 { tcp + 28 } else { tcp + 24 };
-    let word = |i: usize| u32::from_be_bytes([f[i], f[i + 1], f[i + 2], f[i + 3]]);
-    (word(at), word(at + 4))
-}
-
-fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, len: usize) -> u32 {
-    let mut p = Vec::new();
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    p.extend_from_slice(&[0, 6]);
-    p.extend_from_slice(&(len as u16).to_be_bytes());
-    p.chunks(2).map(|c| u16::from_ne_bytes([c[0], c[1]]) as u32).sum()
+    parse(f).timestamps().expect("timestamp option")
 }
 
 /// What a frame carries, checksums verified.
-#[derive(Debug, PartialEq)]
-struct Parsed {
-    dst_mac: [u8; 6],
-    src: (Ipv4Addr, u16),
-    dst: (Ipv4Addr, u16),
-    payload: Vec<u8>,
-}
-
 fn parse(f: &[u8]) -> Parsed {
-    let ihl = (f[14] & 0x0f) as usize * 4;
-    let ip = &f[14..14 + ihl];
-    assert_eq!(checksum(ip, 0), 0, "IPv4 header checksum");
-    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-    let tcp = &f[14 + ihl..];
-    assert_eq!(checksum(tcp, pseudo_sum(src, dst, tcp.len())), 0, "TCP checksum");
-    Parsed {
-        dst_mac: f[0..6].try_into().unwrap(),
-        src: (src, u16::from_be_bytes([tcp[0], tcp[1]])),
-        dst: (dst, u16::from_be_bytes([tcp[2], tcp[3]])),
-        payload: tcp[20..].to_vec(),
-    }
+    packet::parse(f).unwrap_or_else(|e| panic!("output frame: {e}"))
 }
 
 #[test]
@@ -388,9 +272,9 @@ fn xdp_nat_forward_reply_and_affinity() {
         }
         assert_eq!(fx.counter("new_flows"), 10);
         assert_eq!(fx.counter("forwarded"), 12);
-        let which = fx.xdp.which("web", c, None).unwrap();
+        let which = fx.xdp.kernel_which("web", c, None).unwrap();
         assert_eq!(which.reason, "affinity");
-        let which = fx.xdp.which("web", c, Some(40000)).unwrap();
+        let which = fx.xdp.kernel_which("web", c, Some(40000)).unwrap();
         assert_eq!(which.reason, "conntrack");
     });
 }
@@ -449,6 +333,46 @@ fn xdp_drain_keeps_known_clients_down_refuses() {
     });
 }
 
+/// What a fixture case expects of the output frame.
+enum Out {
+    /// Whatever the verdict, the frame leaves as it came.
+    Unchanged,
+    /// Not looked at (the verdict says enough).
+    Any,
+    /// Forwarded to a backend's `port`, IPv4 options carried over.
+    Forwarded { port: u16, ip_options: &'static [u8] },
+}
+
+/// One Katran-style case: input frame → verdict, output, and a counter that goes up by one.
+struct Case {
+    name: &'static str,
+    input: Vec<u8>,
+    verdict: u32,
+    out: Out,
+    counts: Option<&'static str>,
+}
+
+/// Runs every case in order on `ifindex` and checks its verdict, output and counter.
+fn run_cases(fx: &Fixture, ifindex: u32, cases: &[Case]) {
+    for case in cases {
+        let before = case.counts.map(|n| fx.counter(n));
+        let (verdict, out, _) = fx.xdp.test_run(&case.input, ifindex, 1).unwrap();
+        assert_eq!(verdict, case.verdict, "{}: verdict", case.name);
+        match case.out {
+            Out::Unchanged => assert_eq!(out, case.input, "{}: output bytes", case.name),
+            Out::Any => {}
+            Out::Forwarded { port, ip_options } => {
+                let p = parse(&out);
+                assert_eq!(p.dst.1, port, "{}: backend port", case.name);
+                assert_eq!(p.ip_options, ip_options, "{}: options carried over", case.name);
+            }
+        }
+        if let (Some(name), Some(before)) = (case.counts, before) {
+            assert_eq!(fx.counter(name), before + 1, "{}: counter {name}", case.name);
+        }
+    }
+}
+
 #[test]
 fn xdp_passes_or_drops_what_is_not_forwardable() {
     if !ready("xdp_passes_or_drops_what_is_not_forwardable") {
@@ -457,67 +381,84 @@ fn xdp_passes_or_drops_what_is_not_forwardable() {
     in_fixture_netns(|client_if, _| {
         let fx = Fixture::new();
         let c = client(1);
-        let run = |f: &[u8]| fx.xdp.test_run(f, client_if, 1).unwrap();
-        // Not for a VIP: the host's own traffic (e.g. SSH to the LB address) passes untouched.
-        let ssh = frame(
-            (c, 50000),
-            (Ipv4Addr::new(10, 0, 0, 1), 22),
-            SYN,
-            b"",
-            &[],
-            [0xaa; 6],
-        );
-        assert_eq!(run(&ssh).0, XDP_PASS);
-        assert_eq!(run(&ssh).1, ssh);
-        // VIP but another port.
-        let other_port = frame((c, 50000), (VIP, 443), SYN, b"", &[], [0xaa; 6]);
-        assert_eq!(run(&other_port).0, XDP_PASS);
-        // ARP.
-        let mut arp = vec![0xff; 6];
-        arp.extend_from_slice(&CLIENT_MAC);
-        arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
-        arp.extend_from_slice(&[0; 20]);
-        let (verdict, out, _) = run(&arp);
-        assert_eq!((verdict, out), (XDP_PASS, arp.clone()));
-        // ICMP echo to the VIP.
-        let mut icmp = frame((c, 0), (VIP, 0), 0, b"", &[], [0xaa; 6]);
-        icmp[14 + 9] = 1;
-        assert_eq!(run(&icmp).0, XDP_PASS);
-        // A fragment (MF set) to the VIP is passed to the kernel and counted.
-        let mut frag = frame((c, 50001), (VIP, 80), SYN, b"", &[], [0xaa; 6]);
-        frag[14 + 6] |= 0x20;
-        assert_eq!(run(&frag).0, XDP_PASS);
-        assert_eq!(fx.counter("fragment"), 1);
-        // Truncated TCP header to the VIP.
-        let syn = frame((c, 50002), (VIP, 80), SYN, b"", &[], [0xaa; 6]);
-        assert_eq!(run(&syn[..14 + 20 + 6]).0, XDP_PASS);
-        assert_eq!(fx.counter("truncated"), 1);
-        // A non-SYN without a connection is never sent to a random backend.
-        let stray = frame((c, 50003), (VIP, 80), ACK, b"x", &[], [0xaa; 6]);
-        assert_eq!(run(&stray).0, XDP_DROP);
-        assert_eq!(fx.counter("no_conntrack"), 1);
-        let fin = frame((c, 50004), (VIP, 80), FIN | ACK, b"", &[], [0xaa; 6]);
-        assert_eq!(run(&fin).0, XDP_DROP);
-        // IP options are honoured: the TCP header is found after them and the flow is forwarded.
-        let with_options = frame(
-            (c, 50005),
-            (VIP, 80),
-            SYN,
-            b"",
-            &[0x01, 0x01, 0x01, 0x00],
-            [0xaa; 6],
-        );
-        let (verdict, out, _) = run(&with_options);
-        assert_eq!(verdict, XDP_REDIRECT);
-        let p = parse(&out);
-        assert_eq!(p.dst.1, 8080);
-        assert_eq!(
-            out[14 + 20..14 + 24],
-            [0x01, 0x01, 0x01, 0x00],
-            "options carried over"
-        );
+        let to = |port: u16, dst: Ipv4Addr, dport: u16, flags: u8| {
+            Tcp::new((c, port), (dst, dport), flags).macs(CLIENT_MAC, [0xaa; 6])
+        };
+        let syn = to(50002, VIP, 80, SYN).build();
+        let cases = [
+            Case {
+                name: "not for a VIP: the host's own traffic (SSH to the LB address)",
+                input: to(50000, Ipv4Addr::new(10, 0, 0, 1), 22, SYN).build(),
+                verdict: XDP_PASS,
+                out: Out::Unchanged,
+                counts: Some("passed"),
+            },
+            Case {
+                name: "VIP but another port",
+                input: to(50000, VIP, 443, SYN).build(),
+                verdict: XDP_PASS,
+                out: Out::Any,
+                counts: Some("passed"),
+            },
+            Case {
+                name: "ARP",
+                input: arp_request(CLIENT_MAC, c, VIP),
+                verdict: XDP_PASS,
+                out: Out::Unchanged,
+                counts: Some("passed"),
+            },
+            Case {
+                name: "ICMP to the VIP",
+                input: to(0, VIP, 0, 0).protocol(IPPROTO_ICMP).build(),
+                verdict: XDP_PASS,
+                out: Out::Any,
+                counts: Some("passed"),
+            },
+            Case {
+                name: "a fragment (MF set) to the VIP is passed to the kernel and counted",
+                input: to(50001, VIP, 80, SYN).more_fragments().build(),
+                verdict: XDP_PASS,
+                out: Out::Any,
+                counts: Some("fragment"),
+            },
+            Case {
+                name: "truncated TCP header to the VIP",
+                input: syn[..14 + 20 + 6].to_vec(),
+                verdict: XDP_PASS,
+                out: Out::Any,
+                counts: Some("truncated"),
+            },
+            Case {
+                name: "a non-SYN without a connection is never sent to a random backend",
+                input: to(50003, VIP, 80, ACK).payload(b"x").build(),
+                verdict: XDP_DROP,
+                out: Out::Any,
+                counts: Some("no_conntrack"),
+            },
+            Case {
+                name: "a FIN without a connection",
+                input: to(50004, VIP, 80, FIN | ACK).build(),
+                verdict: XDP_DROP,
+                out: Out::Any,
+                counts: Some("dropped"),
+            },
+            Case {
+                name: "IP options are honoured: the TCP header is found after them",
+                input: to(50005, VIP, 80, SYN)
+                    .ip_options(&[0x01, 0x01, 0x01, 0x00])
+                    .build(),
+                verdict: XDP_REDIRECT,
+                out: Out::Forwarded {
+                    port: 8080,
+                    ip_options: &[0x01, 0x01, 0x01, 0x00],
+                },
+                counts: Some("forwarded"),
+            },
+        ];
+        run_cases(&fx, client_if, &cases);
         // Every verdict counted once.
         let packets = fx.counter("packets");
+        assert_eq!(packets, cases.len() as u64);
         assert_eq!(
             packets,
             fx.counter("passed") + fx.counter("dropped") + fx.counter("forwarded")
@@ -539,10 +480,22 @@ fn xdp_no_backend_drops_syn() {
                 state: AdminState::Maintenance,
             });
         }
-        let syn = frame((client(2), 40000), (VIP, 80), SYN, b"", &[], [0xaa; 6]);
-        assert_eq!(fx.xdp.test_run(&syn, client_if, 1).unwrap().0, XDP_DROP);
+        run_cases(
+            &fx,
+            client_if,
+            &[Case {
+                name: "SYN with every backend in maintenance",
+                input: frame((client(2), 40000), (VIP, 80), SYN, b"", &[], [0xaa; 6]),
+                verdict: XDP_DROP,
+                out: Out::Any,
+                counts: Some("no_backend"),
+            }],
+        );
         assert_eq!(fx.counter("no_backend"), 1);
-        assert_eq!(fx.xdp.which("web", client(2), None).unwrap().reason, "none");
+        assert_eq!(
+            fx.xdp.kernel_which("web", client(2), None).unwrap().reason,
+            "none"
+        );
     });
 }
 
@@ -615,17 +568,12 @@ fn xdp_translates_tcp_timestamps_toward_the_backend() {
     });
 }
 
-/// `f` with TCP sequence number `seq` (TCP checksum fixed).
-fn with_seq(mut f: Vec<u8>, seq: u32) -> Vec<u8> {
-    let ihl = (f[14] & 0x0f) as usize * 4;
-    let t = 14 + ihl;
-    f[t + 4..t + 8].copy_from_slice(&seq.to_be_bytes());
-    f[t + 16..t + 18].copy_from_slice(&[0, 0]);
-    let src = Ipv4Addr::new(f[26], f[27], f[28], f[29]);
-    let dst = Ipv4Addr::new(f[30], f[31], f[32], f[33]);
-    let c = checksum(&f[t..], pseudo_sum(src, dst, f.len() - t));
-    f[t + 16..t + 18].copy_from_slice(&c.to_ne_bytes());
-    f
+/// A frame from the client MAC with sequence number `seq`.
+fn frame_seq(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, seq: u32) -> Vec<u8> {
+    Tcp::new(src, dst, flags)
+        .macs(CLIENT_MAC, [0xaa; 6])
+        .seq(seq)
+        .build()
 }
 
 /// Issue 16: the client reuses the 4-tuple of a connection the LB still holds as open (here
@@ -642,20 +590,17 @@ fn xdp_syn_on_a_reused_tuple_starts_a_new_flow() {
         let fx = Fixture::new();
         let c = client(1);
         let client_side = (c, 41000);
-        let syn = with_seq(frame(client_side, (VIP, 80), SYN, b"", &[], [0xaa; 6]), 1000);
+        let syn = frame_seq(client_side, (VIP, 80), SYN, 1000);
         let (verdict, out, _) = fx.xdp.test_run(&syn, client_if, 1).unwrap();
         assert_eq!(verdict, XDP_REDIRECT);
         let first = parse(&out);
         let (backend, old_port) = (first.dst, first.src.1);
         // The client half-closes; the backend's FIN never marks the flow.
-        let fin = with_seq(
-            frame(client_side, (VIP, 80), FIN | ACK, b"", &[], [0xaa; 6]),
-            1001,
-        );
+        let fin = frame_seq(client_side, (VIP, 80), FIN | ACK, 1001);
         assert_eq!(fx.xdp.test_run(&fin, client_if, 1).unwrap().0, XDP_REDIRECT);
 
         // The client reuses its port: a SYN with a new sequence number.
-        let syn2 = with_seq(frame(client_side, (VIP, 80), SYN, b"", &[], [0xaa; 6]), 900_000);
+        let syn2 = frame_seq(client_side, (VIP, 80), SYN, 900_000);
         let (verdict, out, _) = fx.xdp.test_run(&syn2, client_if, 1).unwrap();
         assert_eq!(verdict, XDP_REDIRECT);
         let second = parse(&out);

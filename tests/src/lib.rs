@@ -13,6 +13,13 @@
 //!   [`http_get_from`], [`HttpConn`] (keep-alive requests), [`ajp_cping`].
 //! - [`servers`]: starting `lb-testsrv` backends ([`start_http_backends`], [`start_echo_backends`],
 //!   [`start_ajp_backend`]).
+//! - [`daemon`]: [`Daemon`], `lb run` with a config and control socket in a [`TempDir`], waited
+//!   for until it answers; requests, status polling, the CLI, log tail, restart and stop.
+//! - [`tempdir`]: [`TempDir`] (the `tempfile` crate's, mode 0755, named after the test).
+//! - [`packet`]: Ethernet/IPv4/TCP and ARP frame builder and parser (checksums by
+//!   `lb_common::csum`) for the XDP fixtures, the eBPF unit tests and the micro-benchmarks.
+//! - [`fixture`]: the BPF_PROG_TEST_RUN fixture namespace (veth links, VIP, permanent neighbours)
+//!   where `bpf_fib_lookup` gets real answers.
 //! - `src/bin/testsrv.rs`: the `lb-testsrv` backend binary (http / echo / ajp modes);
 //!   `src/bin/demo.rs`: `lb-demo`, the sticky-session and drain walk-through.
 //!
@@ -24,8 +31,12 @@
 
 pub mod child;
 pub mod client;
+pub mod daemon;
+pub mod fixture;
 pub mod netns;
+pub mod packet;
 pub mod servers;
+pub mod tempdir;
 pub mod tomcat;
 pub mod topology;
 
@@ -36,8 +47,10 @@ pub use child::{Child, run_with_timeout};
 pub use client::{
     HttpConn, HttpResponse, ajp_cping, ajp_cping_from, connect_from, http_get_from, http_request_from,
 };
+pub use daemon::{Daemon, Enter};
 pub use netns::{Netns, in_netns};
 pub use servers::{AjpMode, start_ajp_backend, start_echo_backends, start_http_backends};
+pub use tempdir::TempDir;
 pub use topology::Topology;
 
 /// AJP 1.3 CPing as sent by a web server to the container.

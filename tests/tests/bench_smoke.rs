@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lb_tests::{Child, lb_bin, require_root, workspace_dir};
+use lb_tests::{Child, TempDir, lb_bin, require_root, workspace_dir};
 use serde_json::Value;
 
 /// `$LB_XTASK`, else `<target>/debug/xtask` (`$CARGO_TARGET_DIR` honoured).
@@ -26,15 +26,6 @@ fn xtask_bin() -> PathBuf {
         None => workspace_dir().join("target"),
     };
     target.join("debug").join("xtask")
-}
-
-/// A temp directory removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn row<'a>(results: &'a Value, name: &str) -> &'a Value {
@@ -94,9 +85,7 @@ fn bench_quick_smoke() {
         return;
     }
     let lb = lb_bin();
-    let out = TempDir(std::env::temp_dir().join(format!("lbt-bench-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&out.0);
-    std::fs::create_dir_all(&out.0).unwrap();
+    let out = TempDir::new("bench");
 
     let mut cmd = Command::new(&xtask);
     cmd.args([
@@ -110,7 +99,7 @@ fn bench_quick_smoke() {
     ])
     .arg(&lb)
     .arg("--out")
-    .arg(&out.0);
+    .arg(out.path());
     let started = Instant::now();
     let mut child = Child::spawn(cmd).expect("spawn xtask bench");
     let pid = child.pid();
@@ -134,7 +123,7 @@ fn bench_quick_smoke() {
     );
 
     // Outputs exist; the table is on stdout and in results.md.
-    let md = std::fs::read_to_string(out.0.join("results.md")).expect("results.md");
+    let md = std::fs::read_to_string(out.path().join("results.md")).expect("results.md");
     let stdout = child.stdout_lines().join("\n");
     for text in [&md, &stdout] {
         assert!(text.contains("| row |"), "no table:\n{text}");
@@ -145,14 +134,15 @@ fn bench_quick_smoke() {
             );
         }
     }
-    let svg = std::fs::read_to_string(out.0.join("results.svg")).expect("results.svg");
+    let svg = std::fs::read_to_string(out.path().join("results.svg")).expect("results.svg");
     assert!(
         svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
         "not an SVG"
     );
-    let results: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.0.join("results.json")).expect("results.json"))
-            .expect("results.json is JSON");
+    let results: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("results.json")).expect("results.json"),
+    )
+    .expect("results.json is JSON");
     let columns = results["columns"].as_array().expect("columns").len();
 
     let none = row(&results, "none");

@@ -15,27 +15,23 @@
 //! Needs root (network namespaces); every test skips with a `SKIP:` line otherwise. `MEASURED`
 //! lines go straight to stderr, so they show without `--nocapture`.
 
-use std::fs;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use lb_tests::daemon::{backend_of, service_of};
 use lb_tests::servers::start_testsrv;
 use lb_tests::{
-    AJP_CPONG, AjpMode, Child, Topology, ajp_cping_from, connect_from, http_get_from, lb_bin, require_root,
-    run_with_timeout, start_ajp_backend, start_echo_backends, start_http_backends, unique_prefix,
+    AJP_CPONG, AjpMode, Child, Daemon, Enter, Topology, ajp_cping_from, connect_from, http_get_from,
+    require_root, start_ajp_backend, start_echo_backends, start_http_backends, unique_prefix,
 };
 use serde_json::Value;
 
 const HTTP_PORT: u16 = 8080;
 const AJP_PORT: u16 = 8009;
-const CLI_TIMEOUT: Duration = Duration::from_secs(10);
 /// A small Maglev ring (prime, > 100 × the most backends used here): the tests poll `lb status`
 /// every 10 ms, and status counts every backend's ring slots while holding the balancer lock
 /// (about 40 ms per call with the default 65537 slots in a debug build, delaying new connections).
@@ -48,153 +44,26 @@ const SLACK: Duration = Duration::from_millis(700);
 // A daemon under test
 // ---------------------------------------------------------------------------------------------
 
-/// `lb run -c <tmp>/lb.toml` in the lb namespace, with its control socket in the same temp dir.
-/// Declare it after the [`Topology`] and the backends: it is stopped first.
-struct Lb {
-    // Field order is drop order: the daemon before its directory.
-    daemon: Child,
-    dir: PathBuf,
-    socket: PathBuf,
-}
+/// `lb run` in the lb namespace (lb_tests::Daemon). Declare it after the [`Topology`] and the
+/// backends: it is stopped first.
+type Lb = Daemon;
 
-impl Lb {
-    /// Write `services` (TOML `[[service]]` tables) under a header with the control socket and a
-    /// zero shutdown timeout, start the daemon and wait until its control socket answers.
-    fn start(topo: &Topology, services: &str) -> Lb {
-        let dir = std::env::temp_dir().join(format!("{}-lb", topo.prefix()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-        let socket = dir.join("lb.sock");
-        let cfg = dir.join("lb.toml");
-        // LB_TEST_LOG=debug shows the proxy's connect attempts in a failing test's log.
-        let level = std::env::var("LB_TEST_LOG").unwrap_or_else(|_| "info".into());
-        let text = format!(
+/// Writes `services` (TOML `[[service]]` tables) under a header with the control socket and a
+/// zero shutdown timeout, starts the daemon and waits until its control socket answers.
+fn start_lb(topo: &Topology, services: &str) -> Lb {
+    // LB_TEST_LOG=debug shows the proxy's connect attempts in a failing test's log.
+    let level = std::env::var("LB_TEST_LOG").unwrap_or_else(|_| "info".into());
+    Daemon::start_in(topo.lb_ns(), Enter::Namespace, "health", |socket| {
+        format!(
             "log_level = \"{level}\"\nshutdown_timeout = \"0s\"\nring_size = {RING_SIZE}\n\n[control]\nsocket = \"{}\"\n{services}",
             socket.display()
-        );
-        fs::write(&cfg, &text).unwrap();
-        let cfg_arg = cfg.to_string_lossy().into_owned();
-        let daemon = topo
-            .lb_ns()
-            .spawn(lb_bin(), &["run", "-c", cfg_arg.as_str()])
-            .expect("spawn lb run");
-        let mut lb = Lb { daemon, dir, socket };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = lb.daemon.try_wait().unwrap() {
-                panic!(
-                    "lb run exited ({status}) at start\n--- config ---\n{text}\n--- log ---\n{}",
-                    lb.daemon.stderr_text()
-                );
-            }
-            if lb.try_status().is_ok() {
-                return lb;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "lb did not answer on {} within 10 s\n--- log ---\n{}",
-                lb.socket.display(),
-                lb.daemon.stderr_text()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// One `{"cmd":"status"}` over the control socket; the `result` object.
-    fn try_status(&self) -> Result<Value, String> {
-        let stream = UnixStream::connect(&self.socket).map_err(|e| e.to_string())?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(|e| e.to_string())?;
-        (&stream)
-            .write_all(b"{\"cmd\":\"status\"}\n")
-            .map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        BufReader::new(&stream)
-            .read_line(&mut line)
-            .map_err(|e| e.to_string())?;
-        let v: Value = serde_json::from_str(&line).map_err(|e| format!("{e}: {line:?}"))?;
-        if v["ok"] != Value::Bool(true) {
-            return Err(format!("status refused: {line}"));
-        }
-        Ok(v["result"].clone())
-    }
-
-    fn status(&self) -> Value {
-        self.try_status()
-            .unwrap_or_else(|e| panic!("lb status failed: {e}\n--- log ---\n{}", self.log_tail()))
-    }
-
-    /// Poll the status (every 10 ms) until `pred` holds; returns that status and when it was
-    /// fetched. Panics after `timeout` with the last status and the daemon's log.
-    fn wait_status(&self, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> (Value, Instant) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let st = self.status();
-            let at = Instant::now();
-            if pred(&st) {
-                return (st, at);
-            }
-            if at >= deadline {
-                panic!(
-                    "timed out after {timeout:?} waiting for: {what}\n--- status ---\n{}\n--- log ---\n{}",
-                    serde_json::to_string_pretty(&st).unwrap(),
-                    self.log_tail()
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Run the `lb` CLI against this daemon; panics unless it exits 0. Returns stdout.
-    fn cli(&self, args: &[&str]) -> String {
-        let mut cmd = Command::new(lb_bin());
-        cmd.arg("--socket").arg(&self.socket).args(args);
-        let out = run_with_timeout(cmd, CLI_TIMEOUT).expect("run lb CLI");
-        assert!(
-            out.status.success(),
-            "lb {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn assert_running(&mut self) {
-        assert!(
-            self.daemon.is_running(),
-            "lb daemon exited\n--- log ---\n{}",
-            self.daemon.stderr_text()
-        );
-    }
-
-    fn log_tail(&self) -> String {
-        let log = self.daemon.stderr_lines();
-        log[log.len().saturating_sub(60)..].join("\n")
-    }
-}
-
-impl Drop for Lb {
-    fn drop(&mut self) {
-        let _ = self.daemon.stop();
-        let _ = fs::remove_dir_all(&self.dir);
-    }
+        )
+    })
 }
 
 /// `status.services[name=svc].backends[name=backend]`.
 fn be<'a>(st: &'a Value, svc: &str, backend: &str) -> &'a Value {
-    let s = service(st, svc);
-    s["backends"]
-        .as_array()
-        .and_then(|bs| bs.iter().find(|b| b["name"] == backend))
-        .unwrap_or_else(|| panic!("no backend {svc}/{backend} in status: {st}"))
-}
-
-fn service<'a>(st: &'a Value, svc: &str) -> &'a Value {
-    st["services"]
-        .as_array()
-        .and_then(|ss| ss.iter().find(|s| s["name"] == svc))
-        .unwrap_or_else(|| panic!("no service {svc} in status: {st}"))
+    backend_of(st, svc, backend).unwrap_or_else(|| panic!("no backend {svc}/{backend} in status: {st}"))
 }
 
 fn slots(st: &Value, svc: &str, backend: &str) -> u64 {
@@ -332,7 +201,7 @@ fn ajp_checks_mark_misbehaving_peers_down_with_the_reason() {
         &tcp_health(500, 2, 2, ""),
         &[("web".into(), addr(topo.backend_addr(web_idx), HTTP_PORT), "")],
     );
-    let mut lb = Lb::start(&topo, &cfg);
+    let mut lb = start_lb(&topo, &cfg);
 
     let bad: Vec<&str> = modes[1..].iter().map(|m| m.as_str()).collect();
     let (st, _) = lb.wait_status(Duration::from_secs(15), "every bad AJP peer down", |st| {
@@ -383,9 +252,9 @@ fn ajp_checks_mark_misbehaving_peers_down_with_the_reason() {
 
     // The daemon keeps serving: CLI status, the TCP service, and the AJP service (only `good`).
     lb.assert_running();
-    let table = lb.cli(&["status"]);
+    let table = lb.cli_ok(&["status"]);
     assert!(table.contains("service ajp") && table.contains("down"), "{table}");
-    let json: Value = serde_json::from_str(&lb.cli(&["--json", "status"])).expect("--json status");
+    let json: Value = serde_json::from_str(&lb.cli_ok(&["--json", "status"])).expect("--json status");
     assert_eq!(json["ok"], true);
     assert_eq!(health(&json["result"], "ajp", "garbage"), "down");
     let cns = topo.client_ns().name();
@@ -517,7 +386,7 @@ fn tcp_and_ajp_detection_and_restore_times() {
         &format!("kind = \"ajp\"\ninterval = \"300ms\"\ntimeout = \"250ms\"\nrise = {rise}\nfall = {fall}"),
         &[("b3".into(), addr(topo.backend_addr(3), AJP_PORT), "")],
     );
-    let lb = Lb::start(&topo, &cfg);
+    let lb = start_lb(&topo, &cfg);
     lb.wait_status(Duration::from_secs(5), "first checks done", |st| {
         ["b1", "b2"]
             .iter()
@@ -574,7 +443,7 @@ fn failover_scenario(short: &str, failback: bool) {
         &tcp_health(200, 2, 2, ""),
         &list,
     );
-    let lb = Lb::start(&topo, &cfg);
+    let lb = start_lb(&topo, &cfg);
     lb.wait_status(Duration::from_secs(5), "first checks done", |st| {
         (1..=3).all(|i| check(st, "web", &format!("b{i}"))["last_result"] == "ok")
     });
@@ -782,11 +651,11 @@ fn backup_takes_over_only_when_no_primary_is_up_and_keeps_its_clients() {
             ),
         ],
     );
-    let lb = Lb::start(&topo, &cfg);
+    let lb = start_lb(&topo, &cfg);
     let (st, _) = lb.wait_status(Duration::from_secs(5), "first checks done", |st| {
         (1..=3).all(|i| check(st, "web", &format!("b{i}"))["last_result"] == "ok")
     });
-    assert_eq!(service(&st, "web")["on_backups"], false);
+    assert_eq!(service_of(&st, "web")["on_backups"], false);
     assert_eq!(
         slots(&st, "web", "b3"),
         0,
@@ -817,7 +686,7 @@ fn backup_takes_over_only_when_no_primary_is_up_and_keeps_its_clients() {
         backends[i - 1].take().unwrap().stop().expect("stop primary");
     }
     let (st, _) = lb.wait_status(Duration::from_secs(5), "service on its backup", |st| {
-        service(st, "web")["on_backups"] == true
+        service_of(st, "web")["on_backups"] == true
     });
     assert_eq!(health(&st, "web", "b1"), "down");
     assert_eq!(health(&st, "web", "b2"), "down");
@@ -829,7 +698,7 @@ fn backup_takes_over_only_when_no_primary_is_up_and_keeps_its_clients() {
     // One primary back: new clients go to it; clients on the backup stay there.
     backends[0] = Some(start_http(&topo, 1));
     let (st, _) = lb.wait_status(Duration::from_secs(5), "b1 up, off the backup", |st| {
-        health(st, "web", "b1") == "up" && service(st, "web")["on_backups"] == false
+        health(st, "web", "b1") == "up" && service_of(st, "web")["on_backups"] == false
     });
     assert_eq!(slots(&st, "web", "b3"), 0, "backup still in the ring");
     assert!(slots(&st, "web", "b1") > 0);
@@ -888,7 +757,7 @@ fn on_down_reset_closes_established_connections_and_keep_does_not() {
     let backend = [("b1".to_string(), addr(topo.backend_addr(1), 7), "")];
     let cfg = service_toml("reset", vip(&topo, 7), "on_down = \"reset\"", &checks, &backend)
         + &service_toml("keep", vip(&topo, 8), "", &checks, &backend);
-    let lb = Lb::start(&topo, &cfg);
+    let lb = start_lb(&topo, &cfg);
     lb.wait_status(Duration::from_secs(5), "first checks done", |st| {
         check(st, "reset", "b1")["last_result"] == "ok" && check(st, "keep", "b1")["last_result"] == "ok"
     });
@@ -958,11 +827,11 @@ fn drained_backend_is_still_checked() {
             ("b2".into(), addr(topo.backend_addr(2), HTTP_PORT), ""),
         ],
     );
-    let lb = Lb::start(&topo, &cfg);
+    let lb = start_lb(&topo, &cfg);
     lb.wait_status(Duration::from_secs(5), "first checks done", |st| {
         check(st, "web", "b1")["last_result"] == "ok"
     });
-    lb.cli(&["backend", "drain", "web", "b1"]);
+    lb.cli_ok(&["backend", "drain", "web", "b1"]);
     let st = lb.status();
     assert_eq!(be(&st, "web", "b1")["state"], "drain");
     assert_eq!(slots(&st, "web", "b1"), 0);

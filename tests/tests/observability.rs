@@ -15,7 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use lb_tests::{Child, Netns, Topology, connect_from, lb_bin, require_root, unique_prefix};
+use lb_tests::{Netns, Topology, connect_from, lb_bin, require_root, unique_prefix};
 use prometheus_parse::{Sample, Scrape, Value};
 use serde_json::Value as Json;
 
@@ -781,9 +781,6 @@ fn json_logs_are_json_lines_with_transitions_and_operator_commands_but_no_connec
     }
     let topo = Topology::new(&unique_prefix("ojson"), 2, 2).expect("topology");
     let _servers = lb_tests::start_http_backends(&topo, HTTP_PORT).expect("http backends");
-    let dir = TempDir::new("ojson");
-    let socket = dir.path().join("lb.sock");
-    let config = dir.path().join("lb.toml");
     // b1 is checked on a port nobody listens on: it goes DOWN.
     let mut services = std_services(&topo, 2, false);
     services[0] = services[0].replace(
@@ -795,18 +792,13 @@ fn json_logs_are_json_lines_with_transitions_and_operator_commands_but_no_connec
         &format!("address = \"{}:9\"", topo.backend_addr(1)),
         1,
     );
-    std::fs::write(&config, config_toml(&socket, "", "", &services)).unwrap();
-    let child = Child::spawn(topo.lb_ns().command_net_only(
-        lb_bin(),
-        &["run", "-c", config.to_str().unwrap(), "--log-format", "json"],
-    ))
-    .unwrap();
-    let mut lb = Lb {
-        child,
-        socket: socket.clone(),
-        config,
-        dir,
-    };
+    let mut lb = Lb::spawn(
+        topo.lb_ns(),
+        Enter::NetOnly,
+        "ojson",
+        &["--log-format", "json"],
+        |socket| config_toml(socket, "", "", &services),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !lb.log().contains("backend DOWN") {
         assert!(Instant::now() < deadline, "b1 never went down:\n{}", lb.log());

@@ -8,18 +8,14 @@
 //!
 //! Needs root (skipped otherwise). A missing Tomcat is a failure, not a skip: setup installs it.
 
-use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::process::Command;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::tomcat::{CatalinaBase, Tomcat, check_installed};
 use lb_tests::{
-    AJP_CPONG, Child, Topology, ajp_cping_from, lb_bin, require_root, run_with_timeout, unique_prefix,
+    AJP_CPONG, Daemon, Enter, Topology, ajp_cping_from, lb_bin, require_root, run_with_timeout, unique_prefix,
 };
 use serde_json::Value;
 
@@ -32,91 +28,30 @@ const FALL: u32 = 3;
 /// On top of interval × fall (or rise) + interval: scheduling and status polling.
 const SLACK: Duration = Duration::from_millis(700);
 
-/// `lb run` in the lb namespace with a config and control socket in a temp dir; stopped on drop.
-struct Lb {
-    daemon: Child,
-    dir: PathBuf,
-    socket: PathBuf,
-}
-
-impl Lb {
-    fn start(topo: &Topology, services: &str) -> Lb {
-        let dir = std::env::temp_dir().join(format!("{}-lb", topo.prefix()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("lb.sock");
-        let cfg = dir.join("lb.toml");
-        fs::write(
-            &cfg,
-            format!(
-                "shutdown_timeout = \"0s\"\nring_size = 1009\n\n[control]\nsocket = \"{}\"\n{services}",
-                socket.display()
-            ),
+/// Starts `lb run` in the lb namespace with `services` under the control socket header; stopped
+/// on drop.
+fn start_lb(topo: &Topology, services: &str) -> Daemon {
+    Daemon::start_in(topo.lb_ns(), Enter::Namespace, "tomcat", |socket| {
+        format!(
+            "shutdown_timeout = \"0s\"\nring_size = 1009\n\n[control]\nsocket = \"{}\"\n{services}",
+            socket.display()
         )
-        .unwrap();
-        let cfg = cfg.to_string_lossy().into_owned();
-        let daemon = topo
-            .lb_ns()
-            .spawn(lb_bin(), &["run", "-c", cfg.as_str()])
-            .expect("spawn lb run");
-        let mut lb = Lb { daemon, dir, socket };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while lb.try_status().is_err() {
-            if let Some(s) = lb.daemon.try_wait().unwrap() {
-                panic!("lb run exited ({s})\n{}", lb.daemon.stderr_text());
-            }
-            assert!(Instant::now() < deadline, "lb did not answer within 10 s");
-            thread::sleep(Duration::from_millis(20));
-        }
-        lb
-    }
-
-    fn try_status(&self) -> Result<Value, String> {
-        let s = UnixStream::connect(&self.socket).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(|e| e.to_string())?;
-        (&s).write_all(b"{\"cmd\":\"status\"}\n")
-            .map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        BufReader::new(&s)
-            .read_line(&mut line)
-            .map_err(|e| e.to_string())?;
-        let v: Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
-        if v["ok"] != true {
-            return Err(line);
-        }
-        Ok(v["result"].clone())
-    }
-
-    /// Poll every 10 ms until `pred(backend view)` holds for ajp/tomcat; returns it and when.
-    fn wait_backend(&self, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> (Value, Instant) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let st = self.try_status().expect("lb status");
-            let at = Instant::now();
-            let b = st["services"][0]["backends"][0].clone();
-            assert_eq!(b["name"], "tomcat", "{st}");
-            if pred(&b) {
-                return (b, at);
-            }
-            if at >= deadline {
-                let log = self.daemon.stderr_lines();
-                panic!(
-                    "timed out after {timeout:?} waiting for: {what}\n--- backend ---\n{}\n--- lb log ---\n{}",
-                    serde_json::to_string_pretty(&b).unwrap(),
-                    log[log.len().saturating_sub(40)..].join("\n")
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
+    })
 }
 
-impl Drop for Lb {
-    fn drop(&mut self) {
-        let _ = self.daemon.stop();
-        let _ = fs::remove_dir_all(&self.dir);
-    }
+/// Polls the status every 10 ms until `pred(view of the tomcat backend)` holds; returns it and when.
+fn wait_backend(
+    lb: &Daemon,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> (Value, Instant) {
+    let (st, at) = lb.wait_status(timeout, what, |st| {
+        let b = &st["services"][0]["backends"][0];
+        assert_eq!(b["name"], "tomcat", "{st}");
+        pred(b)
+    });
+    (st["services"][0]["backends"][0].clone(), at)
 }
 
 fn report(line: &str) {
@@ -158,7 +93,7 @@ fn tomcat_ajp_connector_checked_down_and_up_again() {
     ));
 
     let vip = SocketAddr::new(topo.vip().into(), AJP_PORT);
-    let lb = Lb::start(
+    let lb = start_lb(
         &topo,
         &format!(
             r#"
@@ -184,7 +119,7 @@ address = "{}"
     );
 
     // Up, with CPong answered by Tomcat; and a CPing through the VIP reaches Tomcat.
-    let (b, _) = lb.wait_backend(Duration::from_secs(5), "two good checks", |b| {
+    let (b, _) = wait_backend(&lb, Duration::from_secs(5), "two good checks", |b| {
         check_field(b, "checks") >= 2
     });
     assert_eq!(b["health"], "up", "{b}");
@@ -201,9 +136,12 @@ address = "{}"
     tomcat.terminate().expect("SIGTERM Tomcat");
     let signalled = Instant::now();
     let bound = INTERVAL * FALL + INTERVAL + SLACK;
-    let (b, at) = lb.wait_backend(bound + Duration::from_secs(10), "Tomcat out of the ring", |b| {
-        slots(b) == 0
-    });
+    let (b, at) = wait_backend(
+        &lb,
+        bound + Duration::from_secs(10),
+        "Tomcat out of the ring",
+        |b| slots(b) == 0,
+    );
     let detection = at - signalled;
     assert_eq!(b["health"], "down", "{b}");
     assert!(check_field(&b, "consecutive_failed") >= u64::from(FALL), "{b}");
@@ -234,9 +172,12 @@ address = "{}"
         .wait_cping(&lb_ns, TOMCAT_START)
         .unwrap_or_else(|e| panic!("{e}\n--- catalina log ---\n{}", base.log_tail(30)));
     let bound = INTERVAL * RISE + INTERVAL + SLACK;
-    let (b, at) = lb.wait_backend(bound + Duration::from_secs(10), "Tomcat back in the ring", |b| {
-        slots(b) > 0
-    });
+    let (b, at) = wait_backend(
+        &lb,
+        bound + Duration::from_secs(10),
+        "Tomcat back in the ring",
+        |b| slots(b) > 0,
+    );
     let restore = at.saturating_duration_since(answering);
     assert_eq!(b["health"], "up", "{b}");
     assert_eq!(b["check"]["last_result"], "ok", "{b}");

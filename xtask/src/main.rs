@@ -54,7 +54,9 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Setup, build, then run all tests with the eBPF object required.
+    /// Check formatting and lints of the whole tree (workspace, xtask, lb-ebpf).
+    Lint,
+    /// Setup, lint, build, then run all tests with the eBPF object required.
     Test {
         /// Arguments for `cargo test` (a filter, `-- --nocapture`, …).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -89,6 +91,7 @@ fn run(cli: Cli) -> Result<()> {
             let built = Workspace::locate()?.build(release)?;
             Err(Cmd::new(built.lb).args(args).exec())
         }
+        Command::Lint => Workspace::locate()?.lint(),
         Command::Test { args } => Workspace::locate()?.test(&args),
         Command::Demo { args } => {
             if !is_root() {
@@ -140,12 +143,15 @@ impl Workspace {
     /// The eBPF object: `rustup run nightly cargo build --release` inside lb-ebpf (its
     /// .cargo/config.toml sets the BPF target and build-std), with everything the outer cargo and
     /// rustup put into our environment removed so the nested build picks nightly and its own flags.
-    fn build_ebpf(&self) -> Result<PathBuf> {
+    /// `cargo ARGS` with nightly in lb-ebpf (its own workspace, BPF target and build-std from its
+    /// `.cargo/config.toml`), without the variables our own cargo set.
+    fn ebpf_cargo(&self, args: &[&str]) -> Cmd {
         let dir = self.root.join("lb-ebpf");
-        let target_dir = dir.join("target");
         let mut cmd = Cmd::new("rustup")
-            .args(["run", "nightly", "cargo", "build", "--release", "--target-dir"])
-            .arg(&target_dir)
+            .args(["run", "nightly", "cargo"])
+            .args(args)
+            .arg("--target-dir")
+            .arg(dir.join("target"))
             .current_dir(&dir);
         for (key, _) in std::env::vars_os() {
             let k = key.to_string_lossy();
@@ -153,6 +159,51 @@ impl Workspace {
                 cmd = cmd.env_remove(&key);
             }
         }
+        cmd
+    }
+
+    /// Formatting and lints of the whole tree: the workspace (xtask included) and lb-ebpf on its
+    /// own target. Any finding fails.
+    fn lint(&self) -> Result<()> {
+        let steps: [(&str, Cmd); 4] = [
+            (
+                "cargo fmt --check (workspace)",
+                self.cargo().args(["fmt", "--all", "--check"]),
+            ),
+            (
+                "cargo fmt --check (lb-ebpf)",
+                self.cargo()
+                    .args(["fmt", "--check", "--manifest-path"])
+                    .arg(self.root.join("lb-ebpf/Cargo.toml")),
+            ),
+            (
+                "cargo clippy (workspace)",
+                self.cargo()
+                    .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+            ),
+            (
+                "cargo clippy (lb-ebpf, bpfel-unknown-none)",
+                self.ebpf_cargo(&["clippy", "--release"])
+                    .args(["--", "-D", "warnings"]),
+            ),
+        ];
+        for (name, mut cmd) in steps {
+            match cmd.status() {
+                Ok(s) if s.success() => {}
+                Ok(s) => {
+                    bail!("{name} found problems ({s}); fix them (cargo fmt, cargo clippy) and run again")
+                }
+                Err(e) => bail!("{name} could not run: {e:#}"),
+            }
+        }
+        eprintln!("xtask: fmt and clippy clean (workspace, xtask, lb-ebpf)");
+        Ok(())
+    }
+
+    fn build_ebpf(&self) -> Result<PathBuf> {
+        let dir = self.root.join("lb-ebpf");
+        let target_dir = dir.join("target");
+        let mut cmd = self.ebpf_cargo(&["build", "--release"]);
         // bpf-linker is often only in ~/.cargo/bin.
         if let Some(linker) = setup::bpf_linker() {
             if let Some(bin) = linker.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -211,6 +262,7 @@ impl Workspace {
     fn test(&self, args: &[OsString]) -> Result<()> {
         let start = Instant::now();
         setup::setup()?;
+        self.lint()?;
         let built = self.build(false)?;
         let suites: [(&str, Cmd); 2] = [
             (
@@ -224,7 +276,7 @@ impl Workspace {
                     .env("LB_REQUIRE_EBPF", "1")
                     .env("LB_BIN", &built.lb)
                     .env("LB_TESTSRV", &built.testsrv)
-                    .args(["test", "--workspace"])
+                    .args(["test", "--workspace", "--no-fail-fast"])
                     .args(args),
             ),
         ];

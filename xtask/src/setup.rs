@@ -54,26 +54,34 @@ pub fn setup() -> Result<()> {
     let root = is_root();
     let mut todo_as_root: Vec<String> = Vec::new();
 
-    // 1. nightly + rust-src (for -Z build-std=core).
-    let nightly = Cmd::new("rustup")
-        .args(["component", "list", "--toolchain", "nightly", "--installed"])
-        .probe();
-    match nightly {
-        Some(list) if list.lines().any(|l| l.starts_with("rust-src")) => {}
-        Some(_) => Cmd::new("rustup")
-            .args(["component", "add", "rust-src", "--toolchain", "nightly"])
-            .run()?,
-        None => Cmd::new("rustup")
-            .args([
-                "toolchain",
-                "install",
-                "nightly",
-                "--profile",
-                "minimal",
-                "--component",
-                "rust-src",
-            ])
-            .run()?,
+    // 1. nightly with rust-src (for -Z build-std=core) and clippy (lints lb-ebpf); stable with
+    //    rustfmt and clippy (the lint step of `cargo xtask test`).
+    for (toolchain, components) in [
+        ("nightly", &["rust-src", "clippy"][..]),
+        ("stable", &["rustfmt", "clippy"][..]),
+    ] {
+        let installed = Cmd::new("rustup")
+            .args(["component", "list", "--toolchain", toolchain, "--installed"])
+            .probe();
+        match installed {
+            Some(list) => {
+                for c in components {
+                    if !list.lines().any(|l| l.starts_with(c)) {
+                        Cmd::new("rustup")
+                            .args(["component", "add", c, "--toolchain", toolchain])
+                            .run()?;
+                    }
+                }
+            }
+            None => {
+                let mut cmd =
+                    Cmd::new("rustup").args(["toolchain", "install", toolchain, "--profile", "minimal"]);
+                for c in components {
+                    cmd = cmd.args(["--component", c]);
+                }
+                cmd.run()?;
+            }
+        }
     }
 
     // 2. Debian packages.

@@ -4,6 +4,12 @@
 //! and missing keys; [`Validator`] then checks values, ranges, cross-field rules and duplicates.
 //! Both report through [`Ctx`], so every error carries the file, the 1-based line and the dotted
 //! key path (`service[1].backend[0].weight`).
+//!
+//! The service and backend structs and their validation are generic over a [`Form`]: [`File`]
+//! (spans kept) for the file, [`Bare`] for the control socket's `add-service` and `add-backend`
+//! requests (JSON), whose errors name the field alone (`weight: 300 is out of range; …`). So a
+//! setting is declared once (its `Raw*` field and its check here, its type in `config.rs`) and is
+//! read and checked the same way from both.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -21,7 +27,7 @@ use toml::Spanned;
 use super::{
     AdminState, BackendConfig, Config, ConfigError, ControlConfig, DatapathKind, HealthConfig, HealthKind,
     MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, MetricsConfig, OnDown, Protocol, ServiceConfig,
-    XdpConfig, XdpMode, is_valid_name, parse_duration,
+    XdpConfig, XdpMode, format_duration, is_valid_name, listens_overlap, parse_duration,
 };
 
 type S<T> = Spanned<T>;
@@ -40,7 +46,7 @@ struct RawConfig {
     xdp: Option<S<RawXdp>>,
     metrics: Option<RawMetrics>,
     #[serde(default)]
-    service: Vec<S<RawService>>,
+    service: Vec<S<RawService<File>>>,
 }
 
 #[derive(Deserialize)]
@@ -74,47 +80,108 @@ struct RawControl {
     allowed_uids: Vec<S<i64>>,
 }
 
+/// The keys of a `[[service]]` table, also the fields of an `add-service` request.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a table")]
-struct RawService {
-    name: S<String>,
-    listen: S<String>,
-    protocol: Option<S<String>>,
-    datapath: Option<S<String>>,
-    affinity_timeout: Option<S<RawDuration>>,
-    max_connections: Option<S<i64>>,
-    connect_timeout: Option<S<RawDuration>>,
+#[serde(
+    bound(deserialize = "F::V<String>: Deserialize<'de>, F::V<i64>: Deserialize<'de>, \
+    F::V<RawDuration>: Deserialize<'de>, F::V<RawBackend<F>>: Deserialize<'de>")
+)]
+pub(super) struct RawService<F: Form> {
+    name: F::V<String>,
+    listen: F::V<String>,
+    protocol: Option<F::V<String>>,
+    datapath: Option<F::V<String>>,
+    affinity_timeout: Option<F::V<RawDuration>>,
+    max_connections: Option<F::V<i64>>,
+    connect_timeout: Option<F::V<RawDuration>>,
     failback: Option<bool>,
-    on_down: Option<S<String>>,
-    health: Option<RawHealth>,
+    on_down: Option<F::V<String>>,
+    health: Option<RawHealth<F>>,
     #[serde(default)]
-    backend: Vec<S<RawBackend>>,
+    backend: Vec<F::V<RawBackend<F>>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a table")]
-struct RawHealth {
-    kind: Option<S<String>>,
-    interval: Option<S<RawDuration>>,
-    fast_interval: Option<S<RawDuration>>,
-    timeout: Option<S<RawDuration>>,
-    rise: Option<S<i64>>,
-    fall: Option<S<i64>>,
-    port: Option<S<i64>>,
+#[serde(bound(
+    deserialize = "F::V<String>: Deserialize<'de>, F::V<i64>: Deserialize<'de>, F::V<RawDuration>: Deserialize<'de>"
+))]
+pub(super) struct RawHealth<F: Form> {
+    kind: Option<F::V<String>>,
+    interval: Option<F::V<RawDuration>>,
+    fast_interval: Option<F::V<RawDuration>>,
+    timeout: Option<F::V<RawDuration>>,
+    rise: Option<F::V<i64>>,
+    fall: Option<F::V<i64>>,
+    port: Option<F::V<i64>>,
 }
 
+/// The keys of a `[[service.backend]]` table, also the fields of an `add-backend` request.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a table")]
-struct RawBackend {
-    address: S<String>,
-    name: Option<S<String>>,
-    weight: Option<S<i64>>,
+#[serde(bound(deserialize = "F::V<String>: Deserialize<'de>, F::V<i64>: Deserialize<'de>"))]
+pub(super) struct RawBackend<F: Form> {
+    address: F::V<String>,
+    name: Option<F::V<String>>,
+    weight: Option<F::V<i64>>,
     backup: Option<bool>,
-    state: Option<S<String>>,
+    state: Option<F::V<String>>,
+}
+
+/// How the raw structs hold a value: with its span in the file ([`File`]) or bare, as a control
+/// request carries it ([`Bare`]). Service and backend validation is written once over both.
+pub(super) trait Form {
+    type V<T>: Held<T>;
+}
+
+/// A value as read, and where it was written (`0..0` for a request).
+pub(super) trait Held<T> {
+    fn value(&self) -> &T;
+    fn at(&self) -> Range<usize>;
+    fn take(self) -> T;
+}
+
+impl<T> Held<T> for Spanned<T> {
+    fn value(&self) -> &T {
+        self.get_ref()
+    }
+    fn at(&self) -> Range<usize> {
+        self.span()
+    }
+    fn take(self) -> T {
+        self.into_inner()
+    }
+}
+
+impl<T> Held<T> for T {
+    fn value(&self) -> &T {
+        self
+    }
+    fn at(&self) -> Range<usize> {
+        0..0
+    }
+    fn take(self) -> T {
+        self
+    }
+}
+
+/// A TOML file: every value keeps its span, for the line in errors.
+pub(super) struct File;
+
+impl Form for File {
+    type V<T> = Spanned<T>;
+}
+
+/// A control request (JSON): values without spans; errors name the field.
+pub(super) struct Bare;
+
+impl Form for Bare {
+    type V<T> = T;
 }
 
 /// A duration string, checked later; its own type so a wrong TOML type says what is expected.
-struct RawDuration(String);
+pub(super) struct RawDuration(String);
 
 impl<'de> Deserialize<'de> for RawDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -190,10 +257,12 @@ const MAX_XDP_RING_ENTRIES: u64 = 268_435_456;
 // ---------------------------------------------------------------------------------------------
 // Error context.
 
-/// Where errors point: the file name and the text (to turn byte offsets into lines).
+/// Where errors point: the file name and the text (to turn byte offsets into lines), or a control
+/// request (errors name the field alone).
 struct Ctx<'a> {
     text: &'a str,
     origin: &'a str,
+    request: bool,
 }
 
 impl Ctx<'_> {
@@ -207,11 +276,23 @@ impl Ctx<'_> {
     }
 
     fn err(&self, span: Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
+        let message = message.into();
+        if self.request {
+            // "weight 300 is out of range" → "weight: 300 is out of range".
+            let message = message
+                .strip_prefix(leaf(key))
+                .and_then(|rest| rest.strip_prefix(' '))
+                .map_or(message.clone(), str::to_owned);
+            return ConfigError::Field {
+                key: key.to_owned(),
+                message,
+            };
+        }
         ConfigError::Invalid {
             path: self.origin.to_owned(),
             line: self.line(span.start),
             key: key.to_owned(),
-            message: message.into(),
+            message,
         }
     }
 
@@ -347,21 +428,97 @@ fn backticked(msg: &str) -> Vec<&str> {
 // Validation.
 
 pub(super) fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-    let ctx = Ctx { text, origin };
+    let ctx = Ctx {
+        text,
+        origin,
+        request: false,
+    };
     // Parse once on its own so syntax errors are reported as such (not as a key's error).
     if let Err(e) = text.parse::<toml::Table>() {
         return Err(ctx.syntax(&e));
     }
     let raw: RawConfig =
         serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| ctx.serde(e))?;
-    Validator { ctx: &ctx }.config(raw)
+    Validator::<File>::new(&ctx).config(raw)
 }
 
-struct Validator<'a, 'b> {
+/// A service from the fields of an `add-service` request, with the file's defaults and checks.
+pub(super) fn service_request(fields: serde_json::Value) -> Result<ServiceConfig, ConfigError> {
+    let ctx = Ctx::request();
+    let raw: RawService<Bare> = serde_path_to_error::deserialize(fields).map_err(request_serde)?;
+    Validator::<Bare>::new(&ctx).service("", raw)
+}
+
+/// A backend from the fields of an `add-backend` request, with the file's defaults and checks.
+/// The rules that depend on the service (IPv4 for `xdp`) are checked where it is known.
+pub(super) fn backend_request(fields: serde_json::Value) -> Result<BackendConfig, ConfigError> {
+    let ctx = Ctx::request();
+    let raw: RawBackend<Bare> = serde_path_to_error::deserialize(fields).map_err(request_serde)?;
+    Validator::<Bare>::new(&ctx).backend("", None, raw)
+}
+
+/// Backend weights: `weight` of a backend, `set-weight`.
+const WEIGHTS: RangeInclusive<i64> = 0..=(MAX_WEIGHT as i64);
+/// Backend states: `state` of a backend, `set-state`.
+const STATES: &[(&str, AdminState)] = &[
+    ("active", AdminState::Active),
+    ("drain", AdminState::Drain),
+    ("maintenance", AdminState::Maintenance),
+];
+
+/// The `weight` field of a request, checked as a backend's `weight`.
+pub(super) fn weight_field(n: i64) -> Result<u32, ConfigError> {
+    let ctx = Ctx::request();
+    Ok(Validator::<Bare>::new(&ctx).int(&n, "weight", WEIGHTS)? as u32)
+}
+
+/// The `state` field of a request, checked as a backend's `state`.
+pub(super) fn state_field(text: &str) -> Result<AdminState, ConfigError> {
+    let ctx = Ctx::request();
+    Validator::<Bare>::new(&ctx).choice(&Some(text.to_owned()), "state", AdminState::Active, STATES)
+}
+
+/// A serde error in request fields: the dotted path of the field, then serde's message.
+fn request_serde(e: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
+    let path = e.path().to_string();
+    ConfigError::Field {
+        key: if path == "." { "request".to_owned() } else { path },
+        message: e.into_inner().to_string(),
+    }
+}
+
+impl Ctx<'static> {
+    fn request() -> Self {
+        Ctx {
+            text: "",
+            origin: "request",
+            request: true,
+        }
+    }
+}
+
+struct Validator<'a, 'b, F> {
     ctx: &'a Ctx<'b>,
+    form: std::marker::PhantomData<F>,
 }
 
-impl Validator<'_, '_> {
+impl<'a, 'b, F: Form> Validator<'a, 'b, F> {
+    fn new(ctx: &'a Ctx<'b>) -> Self {
+        Validator {
+            ctx,
+            form: std::marker::PhantomData,
+        }
+    }
+
+    /// `prefix.field`, or `field` alone at the top of a request.
+    fn key(prefix: &str, field: &str) -> String {
+        if prefix.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{prefix}.{field}")
+        }
+    }
+
     fn err(&self, span: Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
         self.ctx.err(span, key, message)
     }
@@ -370,13 +527,13 @@ impl Validator<'_, '_> {
         self.ctx.line(span.start)
     }
 
-    fn int(&self, v: &S<i64>, key: &str, range: RangeInclusive<i64>) -> Result<i64, ConfigError> {
-        let n = *v.get_ref();
+    fn int(&self, v: &F::V<i64>, key: &str, range: RangeInclusive<i64>) -> Result<i64, ConfigError> {
+        let n = *v.value();
         if range.contains(&n) {
             Ok(n)
         } else {
             Err(self.err(
-                v.span(),
+                v.at(),
                 key,
                 format!(
                     "{} {n} is out of range; allowed {}..={}",
@@ -390,17 +547,17 @@ impl Validator<'_, '_> {
 
     fn duration(
         &self,
-        v: &Option<S<RawDuration>>,
+        v: &Option<F::V<RawDuration>>,
         key: &str,
         default: Duration,
         allow_zero: bool,
     ) -> Result<Duration, ConfigError> {
         let Some(v) = v else { return Ok(default) };
-        let text = &v.get_ref().0;
+        let text = &v.value().0;
         let name = leaf(key);
         let d = parse_duration(text).ok_or_else(|| {
             self.err(
-                v.span(),
+                v.at(),
                 key,
                 format!(
                     "{name} \"{text}\" is not a valid duration; use an integer followed by ms, s, m or h, such as \"500ms\", \"2s\", \"30m\" or \"1h\""
@@ -409,14 +566,14 @@ impl Validator<'_, '_> {
         })?;
         if d.is_zero() && !allow_zero {
             return Err(self.err(
-                v.span(),
+                v.at(),
                 key,
                 format!("{name} must be greater than 0; use a duration such as \"1s\""),
             ));
         }
         if d > MAX_DURATION {
             return Err(self.err(
-                v.span(),
+                v.at(),
                 key,
                 format!("{name} \"{text}\" is too long; allowed up to \"720h\" (30 days)"),
             ));
@@ -426,13 +583,13 @@ impl Validator<'_, '_> {
 
     fn choice<T: Copy>(
         &self,
-        v: &Option<S<String>>,
+        v: &Option<F::V<String>>,
         key: &str,
         default: T,
         options: &[(&str, T)],
     ) -> Result<T, ConfigError> {
         let Some(v) = v else { return Ok(default) };
-        let text = v.get_ref();
+        let text = v.value();
         if let Some((_, t)) = options.iter().find(|(name, _)| name == text) {
             return Ok(*t);
         }
@@ -443,52 +600,54 @@ impl Validator<'_, '_> {
             None => String::new(),
         };
         Err(self.err(
-            v.span(),
+            v.at(),
             key,
             format!("{} \"{text}\" is not allowed; use {list}", leaf(key)),
         ))
     }
 
-    fn name(&self, v: &S<String>, key: &str) -> Result<String, ConfigError> {
-        let text = v.get_ref();
+    fn name(&self, v: &F::V<String>, key: &str) -> Result<String, ConfigError> {
+        let text = v.value();
         if is_valid_name(text) {
             Ok(text.clone())
         } else {
             Err(self.err(
-                v.span(),
+                v.at(),
                 key,
                 format!("name \"{text}\" is not allowed; {NAME_HELP}"),
             ))
         }
     }
 
-    fn address(&self, v: &S<String>, key: &str) -> Result<SocketAddr, ConfigError> {
-        let text = v.get_ref();
+    fn address(&self, v: &F::V<String>, key: &str) -> Result<SocketAddr, ConfigError> {
+        let text = v.value();
         let name = leaf(key);
         let addr: SocketAddr = text.trim().parse().map_err(|_| {
             self.err(
-                v.span(),
+                v.at(),
                 key,
                 format!("{name} \"{text}\" is not a valid address; {ADDRESS_HELP}"),
             )
         })?;
         if addr.port() == 0 {
             return Err(self.err(
-                v.span(),
+                v.at(),
                 key,
                 format!("{name} \"{text}\" has port 0; use a port in 1..=65535"),
             ));
         }
         if addr.ip().is_multicast() || addr.ip() == std::net::Ipv4Addr::BROADCAST {
             return Err(self.err(
-                v.span(),
+                v.at(),
                 key,
                 format!("{name} \"{text}\" is a multicast or broadcast address; use a unicast ip:port"),
             ));
         }
         Ok(addr)
     }
+}
 
+impl Validator<'_, '_, File> {
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let log_level = match &raw.log_level {
             None => "info".to_owned(),
@@ -796,8 +955,8 @@ impl Validator<'_, '_> {
                 at,
                 format!(
                     "closed_timeout {} is longer than idle_timeout {}; closed_timeout must be <= idle_timeout",
-                    fmt_duration(closed_timeout),
-                    fmt_duration(idle_timeout)
+                    format_duration(closed_timeout),
+                    format_duration(idle_timeout)
                 ),
             ));
         }
@@ -977,9 +1136,11 @@ impl Validator<'_, '_> {
             allowed_uids,
         })
     }
+}
 
-    fn service(&self, key: &str, rs: RawService) -> Result<ServiceConfig, ConfigError> {
-        let k = |field: &str| format!("{key}.{field}");
+impl<F: Form> Validator<'_, '_, F> {
+    fn service(&self, key: &str, rs: RawService<F>) -> Result<ServiceConfig, ConfigError> {
+        let k = |field: &str| Self::key(key, field);
         let name = self.name(&rs.name, &k("name"))?;
         let listen = self.address(&rs.listen, &k("listen"))?;
         let protocol = self.choice(
@@ -996,7 +1157,7 @@ impl Validator<'_, '_> {
         )?;
         if datapath == DatapathKind::Xdp && (!listen.is_ipv4() || listen.ip().is_unspecified()) {
             return Err(self.err(
-                rs.listen.span(),
+                rs.listen.at(),
                 &k("listen"),
                 format!(
                     "listen {listen}: the xdp datapath needs a specific IPv4 address (a VIP such as \"10.0.0.1:80\"); use datapath = \"proxy\" for IPv6 or wildcard listeners"
@@ -1031,18 +1192,19 @@ impl Validator<'_, '_> {
         // (name span or address span, address span) of each accepted backend.
         let mut seen: Vec<(Range<usize>, Range<usize>)> = Vec::new();
         for (j, rb) in rs.backend.into_iter().enumerate() {
-            let bkey = format!("{key}.backend[{j}]");
-            let rb = rb.into_inner();
-            let addr_span = rb.address.span();
-            let name_span = rb.name.as_ref().map_or(addr_span.clone(), |n| n.span());
-            let b = self.backend(&bkey, datapath, rb)?;
+            let bkey = k(&format!("backend[{j}]"));
+            let rb = rb.take();
+            let addr_span = rb.address.at();
+            let name_span = rb.name.as_ref().map_or(addr_span.clone(), |n| n.at());
+            let b = self.backend(&bkey, Some(datapath), rb)?;
             for (o, other) in backends.iter().enumerate() {
+                let earlier = k(&format!("backend[{o}]"));
                 if other.address == b.address {
                     return Err(self.err(
                         addr_span,
                         &format!("{bkey}.address"),
                         format!(
-                            "backend address {} is already used by {key}.backend[{o}] (line {}); each backend of a service needs its own ip:port",
+                            "backend address {} is already used by {earlier} (line {}); each backend of a service needs its own ip:port",
                             b.address,
                             self.line(&seen[o].1)
                         ),
@@ -1053,7 +1215,7 @@ impl Validator<'_, '_> {
                         name_span,
                         &format!("{bkey}.name"),
                         format!(
-                            "backend name \"{}\" is already used by {key}.backend[{o}] (line {}); backend names must be unique within a service",
+                            "backend name \"{}\" is already used by {earlier} (line {}); backend names must be unique within a service",
                             b.name,
                             self.line(&seen[o].0)
                         ),
@@ -1083,9 +1245,9 @@ impl Validator<'_, '_> {
         &self,
         key: &str,
         protocol: Protocol,
-        raw: Option<RawHealth>,
+        raw: Option<RawHealth<F>>,
     ) -> Result<HealthConfig, ConfigError> {
-        let k = |field: &str| format!("{key}.{field}");
+        let k = |field: &str| Self::key(key, field);
         let defaults = HealthConfig::default_for(protocol);
         let Some(raw) = raw else {
             return Ok(defaults);
@@ -1106,8 +1268,8 @@ impl Validator<'_, '_> {
         if timeout > interval {
             // Point at whichever of the two the operator wrote (timeout first).
             let (span, at) = match (&raw.timeout, &raw.interval) {
-                (Some(t), _) => (t.span(), k("timeout")),
-                (None, Some(i)) => (i.span(), k("interval")),
+                (Some(t), _) => (t.at(), k("timeout")),
+                (None, Some(i)) => (i.at(), k("interval")),
                 (None, None) => unreachable!("defaults satisfy timeout <= interval"),
             };
             return Err(self.err(
@@ -1115,8 +1277,8 @@ impl Validator<'_, '_> {
                 &at,
                 format!(
                     "timeout {} is longer than interval {}; timeout must be <= interval",
-                    fmt_duration(timeout),
-                    fmt_duration(interval)
+                    format_duration(timeout),
+                    format_duration(interval)
                 ),
             ));
         }
@@ -1146,23 +1308,23 @@ impl Validator<'_, '_> {
     fn backend(
         &self,
         key: &str,
-        datapath: DatapathKind,
-        rb: RawBackend,
+        datapath: Option<DatapathKind>,
+        rb: RawBackend<F>,
     ) -> Result<BackendConfig, ConfigError> {
-        let k = |field: &str| format!("{key}.{field}");
+        let k = |field: &str| Self::key(key, field);
         let address = self.address(&rb.address, &k("address"))?;
         if address.ip().is_unspecified() {
             return Err(self.err(
-                rb.address.span(),
+                rb.address.at(),
                 &k("address"),
                 format!(
                     "address {address} is unspecified; use the backend's own ip:port, such as \"10.0.1.2:8080\""
                 ),
             ));
         }
-        if datapath == DatapathKind::Xdp && !address.is_ipv4() {
+        if datapath == Some(DatapathKind::Xdp) && !address.is_ipv4() {
             return Err(self.err(
-                rb.address.span(),
+                rb.address.at(),
                 &k("address"),
                 format!(
                     "address {address}: the xdp datapath forwards to IPv4 backends only; use datapath = \"proxy\" for IPv6 backends"
@@ -1171,22 +1333,15 @@ impl Validator<'_, '_> {
         }
         let name = match &rb.name {
             None => address.to_string(),
+            // The default written out (as a request built from a config carries it).
+            Some(v) if *v.value() == address.to_string() => address.to_string(),
             Some(v) => self.name(v, &k("name"))?,
         };
         let weight = match &rb.weight {
             None => 1,
-            Some(v) => self.int(v, &k("weight"), 0..=i64::from(MAX_WEIGHT))? as u32,
+            Some(v) => self.int(v, &k("weight"), WEIGHTS)? as u32,
         };
-        let state = self.choice(
-            &rb.state,
-            &k("state"),
-            AdminState::Active,
-            &[
-                ("active", AdminState::Active),
-                ("drain", AdminState::Drain),
-                ("maintenance", AdminState::Maintenance),
-            ],
-        )?;
+        let state = self.choice(&rb.state, &k("state"), AdminState::Active, STATES)?;
         Ok(BackendConfig {
             name,
             address,
@@ -1251,24 +1406,6 @@ fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
         return Err(format!("has only {} ports", hi - lo + 1));
     }
     Ok((lo as u16, hi as u16))
-}
-
-/// Two listen addresses that could not both be bound (equal, or same port with a wildcard).
-fn listens_overlap(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
-}
-
-fn fmt_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms.is_multiple_of(3_600_000) {
-        format!("{}h", ms / 3_600_000)
-    } else if ms.is_multiple_of(60_000) {
-        format!("{}m", ms / 60_000)
-    } else if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
 }
 
 /// The smallest prime > n.

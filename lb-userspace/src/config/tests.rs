@@ -49,6 +49,24 @@ fn bad(text: &str, line: usize, key: &str, needles: &[&str]) {
     }
 }
 
+/// Service `a` on 10.0.0.1:80 (lines 1 to 3) followed by `rest` (from line 4 on).
+macro_rules! svc {
+    ($rest:literal) => {
+        concat!("[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\n", $rest)
+    };
+}
+
+/// One bad file: (text, line of the error, key path, fragments the message must contain).
+type BadCase = (&'static str, usize, &'static str, &'static [&'static str]);
+
+/// [`bad`] for every case of a table.
+#[track_caller]
+fn bad_table(cases: &[BadCase]) {
+    for &(text, line, key, needles) in cases {
+        bad(text, line, key, needles);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Good files.
 
@@ -674,131 +692,92 @@ fn syntax_error() {
 }
 
 #[test]
-fn unknown_key_top_level() {
-    bad(
-        "seed = 1\nring = 101\n",
-        2,
-        "ring",
-        &[
-            "unknown key `ring`",
-            "allowed keys: log_level, seed, ring_size, shutdown_timeout, control, xdp, metrics, service",
-        ],
-    );
-}
-
-#[test]
-fn unknown_key_in_control() {
-    bad(
-        "[control]\nsocket = \"/tmp/x\"\nowner = \"root\"\n",
-        3,
-        "control.owner",
-        &["unknown key `owner`; allowed keys: socket, mode, group, allowed_uids"],
-    );
-}
-
-#[test]
-fn unknown_key_in_service() {
-    bad(
-        r#"
-        [[service]]
-        name = "web"
-        listen = "10.0.0.1:80"
-        [[service]]
-        name = "api"
-        listen = "10.0.0.1:81"
-        sticky = true
-        "#,
-        7,
-        "service[1].sticky",
-        &["unknown key `sticky`; allowed keys: name, listen, protocol, datapath, affinity_timeout"],
-    );
-}
-
-#[test]
-fn unknown_key_in_backend() {
-    bad(
-        r#"
-        [[service]]
-        name = "web"
-        listen = "10.0.0.1:80"
-
-        [[service.backend]]
-        address = "10.0.1.2:8080"
-        wieght = 3
-        "#,
-        7,
-        "service[0].backend[0].wieght",
-        &["unknown key `wieght`; allowed keys: address, name, weight, backup, state"],
-    );
-}
-
-#[test]
-fn unknown_key_in_health() {
-    bad(
-        r#"
-        [[service]]
-        name = "web"
-        listen = "10.0.0.1:80"
-
-        [service.health]
-        interval = "2s"
-        retries = 3
-        "#,
-        7,
-        "service[0].health.retries",
-        &["unknown key `retries`; allowed keys: kind, interval, fast_interval, timeout, rise, fall, port"],
-    );
+fn unknown_keys() {
+    bad_table(&[
+        (
+            "seed = 1\nring = 101\n",
+            2,
+            "ring",
+            &[
+                "unknown key `ring`",
+                "allowed keys: log_level, seed, ring_size, shutdown_timeout, control, xdp, metrics, service",
+            ],
+        ),
+        (
+            "[control]\nsocket = \"/tmp/x\"\nowner = \"root\"\n",
+            3,
+            "control.owner",
+            &["unknown key `owner`; allowed keys: socket, mode, group, allowed_uids"],
+        ),
+        (
+            concat!(
+                svc!("[[service]]\nname = \"api\"\nlisten = \"10.0.0.1:81\"\n"),
+                "sticky = true\n"
+            ),
+            7,
+            "service[1].sticky",
+            &["unknown key `sticky`; allowed keys: name, listen, protocol, datapath, affinity_timeout"],
+        ),
+        (
+            svc!("\n[[service.backend]]\naddress = \"10.0.1.2:8080\"\nwieght = 3\n"),
+            7,
+            "service[0].backend[0].wieght",
+            &["unknown key `wieght`; allowed keys: address, name, weight, backup, state"],
+        ),
+        (
+            svc!("\n[service.health]\ninterval = \"2s\"\nretries = 3\n"),
+            7,
+            "service[0].health.retries",
+            &[
+                "unknown key `retries`; allowed keys: kind, interval, fast_interval, timeout, rise, fall, port",
+            ],
+        ),
+        (
+            "[xdp]\ninterfaces = [\"eth0\"]\nattach = \"native\"\n",
+            3,
+            "xdp.attach",
+            &[
+                "unknown key `attach`; allowed keys: interfaces, mode, pin_path, snat_ports, idle_timeout, closed_timeout, max_services, max_backends, conntrack_entries, affinity_entries",
+            ],
+        ),
+    ]);
 }
 
 #[test]
 fn wrong_type() {
-    bad(
-        r#"
-        [[service]]
-        name = "web"
-        listen = "10.0.0.1:80"
-        max_connections = "many"
-        "#,
-        4,
-        "service[0].max_connections",
-        &["wrong type", "expected an integer"],
-    );
-    bad(
-        r#"
-        [[service]]
-        name = "web"
-        listen = "10.0.0.1:80"
-        failback = "yes"
-        "#,
-        4,
-        "service[0].failback",
-        &["expected a boolean"],
-    );
-    bad(
-        r#"
-        [[service]]
-        name = "web"
-        listen = "10.0.0.1:80"
-        [service.health]
-        interval = 2
-        "#,
-        5,
-        "service[0].health.interval",
-        &["expected a duration string", "ms, s, m or h"],
-    );
-    bad(
-        "[control]\n\nallowed_uids = [1000, \"bob\"]\n",
-        3,
-        "control.allowed_uids[1]",
-        &["expected an integer"],
-    );
-    // A single [service] table instead of an array of tables.
-    bad(
-        "seed = 1\n[service]\nname = \"web\"\n",
-        2,
-        "service",
-        &["expected an array of tables", "[[service]]"],
-    );
+    bad_table(&[
+        (
+            svc!("max_connections = \"many\"\n"),
+            4,
+            "service[0].max_connections",
+            &["wrong type", "expected an integer"],
+        ),
+        (
+            svc!("failback = \"yes\"\n"),
+            4,
+            "service[0].failback",
+            &["expected a boolean"],
+        ),
+        (
+            svc!("[service.health]\ninterval = 2\n"),
+            5,
+            "service[0].health.interval",
+            &["expected a duration string", "ms, s, m or h"],
+        ),
+        (
+            "[control]\n\nallowed_uids = [1000, \"bob\"]\n",
+            3,
+            "control.allowed_uids[1]",
+            &["expected an integer"],
+        ),
+        // A single [service] table instead of an array of tables.
+        (
+            "seed = 1\n[service]\nname = \"web\"\n",
+            2,
+            "service",
+            &["expected an array of tables", "[[service]]"],
+        ),
+    ]);
 }
 
 #[test]
@@ -837,54 +816,36 @@ fn missing_backend_address() {
 
 #[test]
 fn bad_address() {
-    bad(
-        r#"
-        [[service]]
-        name = "web"
-        listen = "10.0.0.1"
-        "#,
-        3,
-        "service[0].listen",
-        &[
-            "\"10.0.0.1\" is not a valid address",
-            "ip:port",
-            "\"10.0.0.1:80\"",
-        ],
-    );
-    bad(
-        r#"
-        [[service]]
-        name = "web"
-        listen = "10.0.0.1:80"
-        [[service.backend]]
-        address = "app1.example.com:8080"
-        "#,
-        5,
-        "service[0].backend[0].address",
-        &["not a valid address", "host names are not resolved"],
-    );
-    bad(
-        r#"
-        [[service]]
-        name = "web"
-        listen = "10.0.0.1:0"
-        "#,
-        3,
-        "service[0].listen",
-        &["port 0", "1..=65535"],
-    );
-    bad(
-        r#"
-        [[service]]
-        name = "web"
-        listen = "10.0.0.1:80"
-        [[service.backend]]
-        address = "0.0.0.0:8080"
-        "#,
-        5,
-        "service[0].backend[0].address",
-        &["unspecified", "backend's own ip:port"],
-    );
+    bad_table(&[
+        (
+            "[[service]]\nname = \"web\"\nlisten = \"10.0.0.1\"\n",
+            3,
+            "service[0].listen",
+            &[
+                "\"10.0.0.1\" is not a valid address",
+                "ip:port",
+                "\"10.0.0.1:80\"",
+            ],
+        ),
+        (
+            svc!("[[service.backend]]\naddress = \"app1.example.com:8080\"\n"),
+            5,
+            "service[0].backend[0].address",
+            &["not a valid address", "host names are not resolved"],
+        ),
+        (
+            "[[service]]\nname = \"web\"\nlisten = \"10.0.0.1:0\"\n",
+            3,
+            "service[0].listen",
+            &["port 0", "1..=65535"],
+        ),
+        (
+            svc!("[[service.backend]]\naddress = \"0.0.0.0:8080\"\n"),
+            5,
+            "service[0].backend[0].address",
+            &["unspecified", "backend's own ip:port"],
+        ),
+    ]);
 }
 
 #[test]
@@ -1059,145 +1020,139 @@ fn duplicate_backend_name() {
 
 #[test]
 fn weight_out_of_range() {
-    bad(
-        r#"
-        [[service]]
-        name = "web"
-        listen = "10.0.0.1:80"
-        [[service.backend]]
-        address = "10.0.1.1:8080"
-        weight = 300
-        "#,
-        6,
-        "service[0].backend[0].weight",
-        &["weight 300 is out of range; allowed 0..=256"],
-    );
-    bad(
-        r#"
-        [[service]]
-        name = "web"
-        listen = "10.0.0.1:80"
-        [[service.backend]]
-        address = "10.0.1.1:8080"
-        weight = -1
-        "#,
-        6,
-        "service[0].backend[0].weight",
-        &["allowed 0..=256"],
-    );
+    bad_table(&[
+        (
+            svc!("[[service.backend]]\naddress = \"10.0.1.1:8080\"\nweight = 300\n"),
+            6,
+            "service[0].backend[0].weight",
+            &["weight 300 is out of range; allowed 0..=256"],
+        ),
+        (
+            svc!("[[service.backend]]\naddress = \"10.0.1.1:8080\"\nweight = -1\n"),
+            6,
+            "service[0].backend[0].weight",
+            &["allowed 0..=256"],
+        ),
+    ]);
 }
 
 #[test]
 fn other_ranges() {
-    bad("seed = -1\n", 1, "seed", &["allowed 0..=4294967295"]);
-    bad(
-        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\nmax_connections = 0\n",
-        4,
-        "service[0].max_connections",
-        &["max_connections 0 is out of range; allowed 1..=1000000"],
-    );
-    bad(
-        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\n[service.health]\nrise = 0\n",
-        5,
-        "service[0].health.rise",
-        &["allowed 1..=100"],
-    );
-    bad(
-        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\n[service.health]\nfall = 101\n",
-        5,
-        "service[0].health.fall",
-        &["allowed 1..=100"],
-    );
-    bad(
-        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\n[service.health]\nport = 70000\n",
-        5,
-        "service[0].health.port",
-        &["allowed 1..=65535"],
-    );
-    bad(
-        "[control]\nallowed_uids = [-5]\n",
-        2,
-        "control.allowed_uids[0]",
-        &["allowed 0..=4294967295"],
-    );
+    bad_table(&[
+        ("seed = -1\n", 1, "seed", &["allowed 0..=4294967295"]),
+        (
+            svc!("max_connections = 0\n"),
+            4,
+            "service[0].max_connections",
+            &["max_connections 0 is out of range; allowed 1..=1000000"],
+        ),
+        (
+            svc!("[service.health]\nrise = 0\n"),
+            5,
+            "service[0].health.rise",
+            &["allowed 1..=100"],
+        ),
+        (
+            svc!("[service.health]\nfall = 101\n"),
+            5,
+            "service[0].health.fall",
+            &["allowed 1..=100"],
+        ),
+        (
+            svc!("[service.health]\nport = 70000\n"),
+            5,
+            "service[0].health.port",
+            &["allowed 1..=65535"],
+        ),
+        (
+            "[control]\nallowed_uids = [-5]\n",
+            2,
+            "control.allowed_uids[0]",
+            &["allowed 0..=4294967295"],
+        ),
+    ]);
 }
 
 #[test]
 fn bad_enum_values() {
-    bad(
-        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\nprotocol = \"http\"\n",
-        4,
-        "service[0].protocol",
-        &["protocol \"http\" is not allowed; use \"tcp\" or \"ajp\""],
-    );
-    bad(
-        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\ndatapath = \"kernel\"\n",
-        4,
-        "service[0].datapath",
-        &["use \"proxy\" or \"xdp\""],
-    );
-    bad(
-        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\non_down = \"drop\"\n",
-        4,
-        "service[0].on_down",
-        &["use \"keep\" or \"reset\""],
-    );
-    bad(
-        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\n[service.health]\nkind = \"http\"\n",
-        5,
-        "service[0].health.kind",
-        &["use \"none\", \"tcp\" or \"ajp\""],
-    );
-    bad(
-        r#"
-        [[service]]
-        name = "a"
-        listen = "10.0.0.1:80"
-        [[service.backend]]
-        address = "10.0.1.1:80"
-        state = "disabled"
-        "#,
-        6,
-        "service[0].backend[0].state",
-        &["state \"disabled\" is not allowed; use \"active\", \"drain\" or \"maintenance\""],
-    );
+    bad_table(&[
+        (
+            svc!("protocol = \"http\"\n"),
+            4,
+            "service[0].protocol",
+            &["protocol \"http\" is not allowed; use \"tcp\" or \"ajp\""],
+        ),
+        (
+            svc!("datapath = \"kernel\"\n"),
+            4,
+            "service[0].datapath",
+            &["use \"proxy\" or \"xdp\""],
+        ),
+        (
+            svc!("on_down = \"drop\"\n"),
+            4,
+            "service[0].on_down",
+            &["use \"keep\" or \"reset\""],
+        ),
+        (
+            svc!("[service.health]\nkind = \"http\"\n"),
+            5,
+            "service[0].health.kind",
+            &["use \"none\", \"tcp\" or \"ajp\""],
+        ),
+        (
+            svc!("[[service.backend]]\naddress = \"10.0.1.1:80\"\nstate = \"disabled\"\n"),
+            6,
+            "service[0].backend[0].state",
+            &["state \"disabled\" is not allowed; use \"active\", \"drain\" or \"maintenance\""],
+        ),
+        (
+            "log_level = \"lb=loud\"\n",
+            1,
+            "log_level",
+            &["error, warn, info, debug, trace"],
+        ),
+        (
+            "[xdp]\ninterfaces = [\"eth0\"]\nmode = \"native\"\n",
+            3,
+            "xdp.mode",
+            &["mode \"native\" is not allowed; use \"auto\", \"driver\" or \"skb\""],
+        ),
+    ]);
 }
 
 #[test]
 fn bad_duration() {
-    bad(
-        r#"
-        [[service]]
-        name = "web"
-        listen = "10.0.0.1:80"
-        affinity_timeout = "30 min"
-        "#,
-        4,
-        "service[0].affinity_timeout",
-        &[
-            "affinity_timeout \"30 min\" is not a valid duration",
-            "an integer followed by ms, s, m or h",
-            "\"500ms\"",
-        ],
-    );
-    bad(
-        "shutdown_timeout = \"1.5s\"\n",
-        1,
-        "shutdown_timeout",
-        &["ms, s, m or h"],
-    );
-    bad(
-        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\nconnect_timeout = \"0s\"\n",
-        4,
-        "service[0].connect_timeout",
-        &["must be greater than 0"],
-    );
-    bad(
-        "shutdown_timeout = \"1000h\"\n",
-        1,
-        "shutdown_timeout",
-        &["too long", "720h"],
-    );
+    bad_table(&[
+        (
+            svc!("affinity_timeout = \"30 min\"\n"),
+            4,
+            "service[0].affinity_timeout",
+            &[
+                "affinity_timeout \"30 min\" is not a valid duration",
+                "an integer followed by ms, s, m or h",
+                "\"500ms\"",
+            ],
+        ),
+        (
+            "shutdown_timeout = \"1.5s\"\n",
+            1,
+            "shutdown_timeout",
+            &["ms, s, m or h"],
+        ),
+        (
+            svc!("connect_timeout = \"0s\"\n"),
+            4,
+            "service[0].connect_timeout",
+            &["must be greater than 0"],
+        ),
+        (
+            "shutdown_timeout = \"1000h\"\n",
+            1,
+            "shutdown_timeout",
+            &["too long", "720h"],
+        ),
+    ]);
 }
 
 #[test]
@@ -1236,13 +1191,15 @@ fn timeout_longer_than_interval() {
 
 #[test]
 fn ring_size_not_prime() {
-    bad(
-        "seed = 7\nring_size = 65536\n",
-        2,
-        "ring_size",
-        &["ring_size 65536 is not allowed", "use a prime", "such as 65537"],
-    );
-    bad("ring_size = 97\n", 1, "ring_size", &["prime in 101..=16777213"]);
+    bad_table(&[
+        (
+            "seed = 7\nring_size = 65536\n",
+            2,
+            "ring_size",
+            &["ring_size 65536 is not allowed", "use a prime", "such as 65537"],
+        ),
+        ("ring_size = 97\n", 1, "ring_size", &["prime in 101..=16777213"]),
+    ]);
 }
 
 #[test]
@@ -1271,50 +1228,30 @@ fn ring_size_too_small_for_backends() {
 
 #[test]
 fn bad_mode() {
-    bad(
-        "[control]\nmode = \"rw-------\"\n",
-        2,
-        "control.mode",
-        &["not an octal mode", "\"0600\""],
-    );
-    bad(
-        "[control]\nmode = \"1777\"\n",
-        2,
-        "control.mode",
-        &["out of range", "\"0777\""],
-    );
-    bad(
-        "[control]\n# octal as a TOML integer\nmode = 0o600\n",
-        3,
-        "control.mode",
-        &["quoted octal mode string"],
-    );
-}
-
-#[test]
-fn bad_log_level() {
-    bad(
-        "log_level = \"lb=loud\"\n",
-        1,
-        "log_level",
-        &["error, warn, info, debug, trace"],
-    );
+    bad_table(&[
+        (
+            "[control]\nmode = \"rw-------\"\n",
+            2,
+            "control.mode",
+            &["not an octal mode", "\"0600\""],
+        ),
+        (
+            "[control]\nmode = \"1777\"\n",
+            2,
+            "control.mode",
+            &["out of range", "\"0777\""],
+        ),
+        (
+            "[control]\n# octal as a TOML integer\nmode = 0o600\n",
+            3,
+            "control.mode",
+            &["quoted octal mode string"],
+        ),
+    ]);
 }
 
 // ---------------------------------------------------------------------------------------------
 // The [xdp] table.
-
-#[test]
-fn unknown_key_in_xdp() {
-    bad(
-        "[xdp]\ninterfaces = [\"eth0\"]\nattach = \"native\"\n",
-        3,
-        "xdp.attach",
-        &[
-            "unknown key `attach`; allowed keys: interfaces, mode, pin_path, snat_ports, idle_timeout, closed_timeout, max_services, max_backends, conntrack_entries, affinity_entries",
-        ],
-    );
-}
 
 #[test]
 fn xdp_interfaces_required() {
@@ -1402,16 +1339,6 @@ fn xdp_duplicate_interface() {
         5,
         "xdp.interfaces[2]",
         &["\"eth0\" is already listed as xdp.interfaces[0] (line 3)", "once"],
-    );
-}
-
-#[test]
-fn xdp_bad_mode() {
-    bad(
-        "[xdp]\ninterfaces = [\"eth0\"]\nmode = \"native\"\n",
-        3,
-        "xdp.mode",
-        &["mode \"native\" is not allowed; use \"auto\", \"driver\" or \"skb\""],
     );
 }
 

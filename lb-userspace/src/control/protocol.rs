@@ -2,18 +2,40 @@
 //!
 //! Request: `{"cmd":"set-state","service":"web","backend":"b1","state":"drain"}`.
 //! Response: `{"ok":true,"result":…}` or `{"ok":false,"error":"…"}`.
+//!
+//! A request is a [`Request`]: a change in the state's own [`Command`] vocabulary, a [`Query`], or
+//! a reload. [`Request::parse`] decodes a line with the config file's validators (the fields of
+//! `add-service` and `add-backend` are the keys of a `[[service]]` and `[[service.backend]]`
+//! table), so every error names the field; the CLI builds the same values and sends them with
+//! their `Serialize` form.
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
-use crate::config::{AdminState, DatapathKind, Protocol};
-use crate::state::{Health, Transition};
+use lb_common::counters::XdpCounters;
+
+use crate::config::{AdminState, BackendConfig, ConfigError, DatapathKind, Protocol, ServiceConfig};
+use crate::state::{Command, Health, Transition};
 
 /// Longest request line accepted, in bytes.
 pub const MAX_REQUEST: usize = 64 * 1024;
 
+/// One control request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Request {
+    /// A change to the state: `add-service`, `remove-service`, `add-backend`, `remove-backend`,
+    /// `set-state`, `set-weight`.
+    Change(Command),
+    /// A question that changes nothing.
+    Query(Query),
+    /// Re-read the config file and apply the difference.
+    Reload,
+}
+
+/// The requests that only read.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Request {
+pub enum Query {
     /// Everything: services, backends, counters.
     Status {},
     /// Counters of every service and backend, for `lb stats`, `lb top` and monitoring.
@@ -23,55 +45,235 @@ pub enum Request {
         #[serde(default)]
         service: Option<String>,
     },
-    AddBackend {
-        service: String,
-        address: String,
-        #[serde(default)]
-        name: Option<String>,
-        #[serde(default)]
-        weight: Option<u32>,
-        #[serde(default)]
-        backup: Option<bool>,
-        #[serde(default)]
-        state: Option<AdminState>,
-    },
-    RemoveBackend {
-        service: String,
-        backend: String,
-    },
-    SetState {
-        service: String,
-        backend: String,
-        state: AdminState,
-    },
-    SetWeight {
-        service: String,
-        backend: String,
-        weight: u32,
-    },
-    AddService {
-        name: String,
-        listen: String,
-        #[serde(default)]
-        protocol: Option<Protocol>,
-        #[serde(default)]
-        datapath: Option<DatapathKind>,
-        /// Duration text as in the config file ("30m").
-        #[serde(default)]
-        affinity_timeout: Option<String>,
-        #[serde(default)]
-        max_connections: Option<u32>,
-    },
-    RemoveService {
-        service: String,
-    },
-    /// Re-read the config file and apply the difference.
-    Reload {},
     /// Which backend would `client` reach, and why.
-    Which {
-        service: String,
-        client: String,
-    },
+    Which { service: String, client: String },
+}
+
+/// Why a request line was refused before reaching the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("bad request: {0}")]
+    Bad(String),
+    #[error("unknown command `{0}`; allowed: {COMMANDS}")]
+    Unknown(String),
+    /// A field is missing, of the wrong type or out of range; the error names it.
+    #[error(transparent)]
+    Field(#[from] ConfigError),
+    #[error("{0} is not a control request (only the daemon makes it)")]
+    Internal(&'static str),
+}
+
+/// Every `cmd`, for error messages.
+const COMMANDS: &str = "status, stats, backends, which, reload, add-service, remove-service, add-backend, remove-backend, set-state, set-weight";
+
+/// `remove-backend`, `set-state` and `set-weight` name a backend of a service.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendRef {
+    service: String,
+    backend: String,
+    /// `set-state` only.
+    #[serde(default)]
+    state: Option<String>,
+    /// `set-weight` only.
+    #[serde(default)]
+    weight: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceRef {
+    service: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoFields {}
+
+impl Request {
+    /// Decodes and validates one request line.
+    pub fn parse(line: &str) -> Result<Request, RequestError> {
+        let value: Value = serde_json::from_str(line).map_err(|e| RequestError::Bad(e.to_string()))?;
+        let Value::Object(mut fields) = value else {
+            return Err(RequestError::Bad(
+                "expected a JSON object such as {\"cmd\":\"status\"}".into(),
+            ));
+        };
+        let cmd = match fields.get("cmd") {
+            Some(Value::String(cmd)) => cmd.clone(),
+            Some(other) => {
+                return Err(RequestError::Bad(format!(
+                    "cmd must be a string, not {other}; allowed: {COMMANDS}"
+                )));
+            }
+            None => {
+                return Err(RequestError::Bad(format!(
+                    "missing field `cmd`; allowed: {COMMANDS}"
+                )));
+            }
+        };
+        if matches!(cmd.as_str(), "status" | "stats" | "backends" | "which") {
+            return Ok(Request::Query(decode(Value::Object(fields))?));
+        }
+        fields.remove("cmd");
+        let change = match cmd.as_str() {
+            "reload" => {
+                decode::<NoFields>(Value::Object(fields))?;
+                return Ok(Request::Reload);
+            }
+            "add-service" => Command::AddService {
+                service: ServiceConfig::from_fields(Value::Object(fields))?,
+            },
+            "remove-service" => {
+                let r: ServiceRef = decode(Value::Object(fields))?;
+                Command::RemoveService { service: r.service }
+            }
+            "add-backend" => {
+                let service = take_string(&mut fields, "service")?;
+                Command::AddBackend {
+                    service,
+                    backend: BackendConfig::from_fields(Value::Object(fields))?,
+                }
+            }
+            "remove-backend" | "set-state" | "set-weight" => backend_change(&cmd, fields)?,
+            _ => return Err(RequestError::Unknown(cmd)),
+        };
+        Ok(Request::Change(change))
+    }
+
+    /// The request as a JSON object (what [`Serialize`] writes).
+    pub fn to_value(&self) -> Result<Value, RequestError> {
+        let (cmd, fields) = match self {
+            Request::Query(q) => return Ok(serde_json::to_value(q).unwrap_or_default()),
+            Request::Reload => ("reload", Value::Object(Map::new())),
+            Request::Change(c) => match c {
+                Command::AddService { service } => ("add-service", json(service)),
+                Command::RemoveService { service } => {
+                    ("remove-service", serde_json::json!({ "service": service }))
+                }
+                Command::AddBackend { service, backend } => {
+                    let mut fields = json(backend);
+                    fields["service"] = Value::from(service.as_str());
+                    ("add-backend", fields)
+                }
+                Command::RemoveBackend { service, backend } => (
+                    "remove-backend",
+                    serde_json::json!({ "service": service, "backend": backend }),
+                ),
+                Command::SetState {
+                    service,
+                    backend,
+                    state,
+                } => (
+                    "set-state",
+                    serde_json::json!({ "service": service, "backend": backend, "state": state }),
+                ),
+                Command::SetWeight {
+                    service,
+                    backend,
+                    weight,
+                } => (
+                    "set-weight",
+                    serde_json::json!({ "service": service, "backend": backend, "weight": weight }),
+                ),
+                Command::UpdateService { .. } => return Err(RequestError::Internal("update-service")),
+                Command::UpdateBackend { .. } => return Err(RequestError::Internal("update-backend")),
+                Command::SetHealth { .. } => return Err(RequestError::Internal("set-health")),
+            },
+        };
+        let mut object = Map::new();
+        object.insert("cmd".into(), Value::from(cmd));
+        if let Value::Object(fields) = fields {
+            object.extend(fields);
+        }
+        Ok(Value::Object(object))
+    }
+
+    /// Whether the request changes anything (logged with the caller's uid).
+    pub fn changes(&self) -> bool {
+        !matches!(self, Request::Query(_))
+    }
+}
+
+impl Serialize for Request {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_value().map_err(serde::ser::Error::custom)?.serialize(s)
+    }
+}
+
+impl std::str::FromStr for Request {
+    type Err = RequestError;
+    fn from_str(line: &str) -> Result<Request, RequestError> {
+        Request::parse(line)
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or_default()
+}
+
+/// Fields into `T`; an error names the field (`weight: invalid type: …`), or is a bad request
+/// when it is about the object as a whole (an unknown field).
+fn decode<T: serde::de::DeserializeOwned>(fields: Value) -> Result<T, RequestError> {
+    serde_path_to_error::deserialize(fields).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        if path == "." {
+            RequestError::Bad(message)
+        } else {
+            RequestError::Field(ConfigError::Field { key: path, message })
+        }
+    })
+}
+
+/// Removes the string field `key` (required).
+fn take_string(fields: &mut Map<String, Value>, key: &str) -> Result<String, RequestError> {
+    let field = |message: String| {
+        RequestError::Field(ConfigError::Field {
+            key: key.to_owned(),
+            message,
+        })
+    };
+    match fields.remove(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(field(format!("invalid type: {other}, expected a string"))),
+        None => Err(field(format!("missing field `{key}`"))),
+    }
+}
+
+/// `remove-backend`, `set-state`, `set-weight`: each needs exactly its own fields.
+fn backend_change(cmd: &str, fields: Map<String, Value>) -> Result<Command, RequestError> {
+    let wants = |key: &str| match cmd {
+        "set-state" => key == "state",
+        "set-weight" => key == "weight",
+        _ => false,
+    };
+    for key in ["state", "weight"] {
+        if fields.contains_key(key) && !wants(key) {
+            return Err(RequestError::Bad(format!("unknown field `{key}` for `{cmd}`")));
+        }
+    }
+    let r: BackendRef = decode(Value::Object(fields))?;
+    let (service, backend) = (r.service, r.backend);
+    let missing = |key: &str| {
+        RequestError::Field(ConfigError::Field {
+            key: key.to_owned(),
+            message: format!("missing field `{key}`"),
+        })
+    };
+    Ok(match cmd {
+        "set-state" => Command::SetState {
+            service,
+            backend,
+            state: crate::config::admin_state(&r.state.ok_or_else(|| missing("state"))?)?,
+        },
+        "set-weight" => Command::SetWeight {
+            service,
+            backend,
+            weight: crate::config::weight(r.weight.ok_or_else(|| missing("weight"))?)?,
+        },
+        _ => Command::RemoveBackend { service, backend },
+    })
 }
 
 /// A response line.
@@ -107,9 +309,9 @@ pub struct StatusView {
     pub version: String,
     pub uptime_secs: u64,
     pub config: Option<String>,
-    /// XDP program counters by name (packets), when the XDP datapath runs.
-    #[serde(default)]
-    pub xdp: Option<std::collections::BTreeMap<String, u64>>,
+    /// XDP program counters (packets), when the XDP datapath runs; an object by counter name.
+    #[serde(default, with = "xdp_by_name")]
+    pub xdp: Option<XdpCounters>,
     pub services: Vec<ServiceView>,
 }
 
@@ -162,8 +364,8 @@ pub struct StatsView {
     /// XDP program counters summed over CPUs, when the XDP datapath runs: `packets` (all seen), the
     /// verdicts `passed`, `forwarded`, `dropped` (they sum to `packets`), `new_flows`, and the
     /// reasons (`no_backend`, `no_conntrack`, `fragment`, …) that come on top of the verdicts.
-    #[serde(default)]
-    pub xdp: Option<std::collections::BTreeMap<String, u64>>,
+    #[serde(default, with = "xdp_by_name")]
+    pub xdp: Option<XdpCounters>,
     pub services: Vec<ServiceStatsView>,
 }
 
@@ -240,49 +442,340 @@ pub struct ReloadView {
     pub problems: Vec<String>,
 }
 
+/// [`XdpCounters`] on the wire: an object from counter name to value (`{"packets":100,…}`). Names
+/// of no counter known here (a newer daemon's) are skipped; a missing counter reads as 0.
+mod xdp_by_name {
+    use std::collections::BTreeMap;
+
+    use lb_common::counters::XdpCounters;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(c: &Option<XdpCounters>, s: S) -> Result<S::Ok, S::Error> {
+        c.map(|c| c.iter().map(|(k, v)| (k.name(), v)).collect::<BTreeMap<_, _>>())
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<XdpCounters>, D::Error> {
+        let named = Option::<BTreeMap<String, u64>>::deserialize(d)?;
+        Ok(named.map(|m| XdpCounters::from_named(m.iter().map(|(k, v)| (k.as_str(), *v)))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, HealthConfig, OnDown};
+    use std::time::Duration;
 
-    #[test]
-    fn requests_parse() {
-        let r: Request =
-            serde_json::from_str(r#"{"cmd":"set-state","service":"web","backend":"b1","state":"drain"}"#)
-                .unwrap();
-        assert_eq!(
-            r,
-            Request::SetState {
-                service: "web".into(),
-                backend: "b1".into(),
-                state: AdminState::Drain
-            }
-        );
-        let r: Request = serde_json::from_str(r#"{"cmd":"status"}"#).unwrap();
-        assert_eq!(r, Request::Status {});
-        let r: Request = serde_json::from_str(r#"{"cmd":"stats"}"#).unwrap();
-        assert_eq!(r, Request::Stats {});
-        let r: Request =
-            serde_json::from_str(r#"{"cmd":"add-backend","service":"web","address":"1.2.3.4:80"}"#).unwrap();
-        assert!(matches!(r, Request::AddBackend { weight: None, .. }));
+    fn parse(line: &str) -> Request {
+        Request::parse(line).unwrap_or_else(|e| panic!("{line}: {e}"))
+    }
+
+    /// The service a config file with this `[[service]]` table gives: requests get its defaults.
+    fn file_service(table: &str) -> ServiceConfig {
+        Config::parse(
+            &format!("[xdp]\ninterfaces = [\"lo\"]\n[[service]]\n{table}"),
+            "t.toml",
+        )
+        .unwrap()
+        .services
+        .remove(0)
     }
 
     #[test]
-    fn bad_requests_are_errors() {
-        for bad in [
-            r#"{"cmd":"explode"}"#,
-            r#"{"cmd":"set-state","service":"web","backend":"b1","state":"sideways"}"#,
-            r#"{"cmd":"set-weight","service":"web","backend":"b1"}"#,
-            r#"{"cmd":"status","extra":1}"#,
-            r#"{"cmd":"stats","service":"web"}"#,
-            r#"{"service":"web"}"#,
-            r#"[1,2,3]"#,
-            "not json",
-        ] {
-            assert!(
-                serde_json::from_str::<Request>(bad).is_err(),
-                "{bad} should not parse"
-            );
+    fn good_requests() {
+        let backend = |name: &str, address: &str, weight, backup, state| BackendConfig {
+            name: name.into(),
+            address: address.parse().unwrap(),
+            weight,
+            backup,
+            state,
+        };
+        let cases: Vec<(&str, Request)> = vec![
+            (r#"{"cmd":"status"}"#, Request::Query(Query::Status {})),
+            (r#"{"cmd":"stats"}"#, Request::Query(Query::Stats {})),
+            (
+                r#"{"cmd":"backends"}"#,
+                Request::Query(Query::Backends { service: None }),
+            ),
+            (
+                r#"{"cmd":"backends","service":"web"}"#,
+                Request::Query(Query::Backends {
+                    service: Some("web".into()),
+                }),
+            ),
+            (
+                r#"{"cmd":"which","service":"web","client":"192.0.2.7"}"#,
+                Request::Query(Query::Which {
+                    service: "web".into(),
+                    client: "192.0.2.7".into(),
+                }),
+            ),
+            (r#"{"cmd":"reload"}"#, Request::Reload),
+            (
+                r#"{"cmd":"set-state","service":"web","backend":"b1","state":"drain"}"#,
+                Request::Change(Command::SetState {
+                    service: "web".into(),
+                    backend: "b1".into(),
+                    state: AdminState::Drain,
+                }),
+            ),
+            (
+                r#"{"cmd":"set-weight","service":"web","backend":"b1","weight":256}"#,
+                Request::Change(Command::SetWeight {
+                    service: "web".into(),
+                    backend: "b1".into(),
+                    weight: 256,
+                }),
+            ),
+            (
+                r#"{"cmd":"remove-backend","service":"web","backend":"10.0.1.1:80"}"#,
+                Request::Change(Command::RemoveBackend {
+                    service: "web".into(),
+                    backend: "10.0.1.1:80".into(),
+                }),
+            ),
+            (
+                r#"{"cmd":"remove-service","service":"web"}"#,
+                Request::Change(Command::RemoveService {
+                    service: "web".into(),
+                }),
+            ),
+            // The file's defaults: name = address, weight 1, active, not a backup.
+            (
+                r#"{"cmd":"add-backend","service":"web","address":"1.2.3.4:80"}"#,
+                Request::Change(Command::AddBackend {
+                    service: "web".into(),
+                    backend: backend("1.2.3.4:80", "1.2.3.4:80", 1, false, AdminState::Active),
+                }),
+            ),
+            (
+                r#"{"cmd":"add-backend","service":"web","address":"[2001:db8::1]:8080","name":"b6","weight":0,"backup":true,"state":"maintenance"}"#,
+                Request::Change(Command::AddBackend {
+                    service: "web".into(),
+                    backend: backend("b6", "[2001:db8::1]:8080", 0, true, AdminState::Maintenance),
+                }),
+            ),
+            (
+                r#"{"cmd":"add-service","name":"api","listen":"10.0.0.2:8080"}"#,
+                Request::Change(Command::AddService {
+                    service: file_service("name = \"api\"\nlisten = \"10.0.0.2:8080\""),
+                }),
+            ),
+            (
+                r#"{"cmd":"add-service","name":"api","listen":"10.0.0.2:8009","protocol":"ajp","datapath":"xdp","affinity_timeout":"10m","max_connections":5}"#,
+                Request::Change(Command::AddService {
+                    service: file_service(
+                        "name = \"api\"\nlisten = \"10.0.0.2:8009\"\nprotocol = \"ajp\"\ndatapath = \"xdp\"\naffinity_timeout = \"10m\"\nmax_connections = 5",
+                    ),
+                }),
+            ),
+        ];
+        for (line, want) in cases {
+            let got = parse(line);
+            assert_eq!(got, want, "{line}");
+            // What the CLI sends for the same value decodes to it again.
+            let sent = serde_json::to_string(&got).unwrap();
+            assert_eq!(parse(&sent), want, "{line} sent as {sent}");
         }
+    }
+
+    #[test]
+    fn add_service_gets_the_file_defaults_and_every_key() {
+        let Request::Change(Command::AddService { service }) =
+            parse(r#"{"cmd":"add-service","name":"a","listen":"127.0.0.1:9000","protocol":"ajp"}"#)
+        else {
+            panic!("not an add-service");
+        };
+        assert_eq!(service.affinity_timeout, Duration::from_secs(30 * 60));
+        assert_eq!(service.max_connections, 10_000);
+        assert_eq!(service.health, HealthConfig::default_for(Protocol::Ajp));
+        assert_eq!(service.datapath, DatapathKind::Proxy);
+        // Every key of a [[service]] table is a field of the request, nested tables included.
+        let line = r#"{"cmd":"add-service","name":"a","listen":"127.0.0.1:9000","on_down":"reset","failback":true,
+            "connect_timeout":"500ms","health":{"kind":"tcp","interval":"5s","rise":4,"port":9001},
+            "backend":[{"address":"127.0.0.1:9100","name":"x"},{"address":"127.0.0.1:9101","weight":3}]}"#;
+        let Request::Change(Command::AddService { service }) = parse(line) else {
+            panic!("not an add-service");
+        };
+        assert_eq!(service.on_down, OnDown::Reset);
+        assert!(service.failback);
+        assert_eq!(service.connect_timeout, Duration::from_millis(500));
+        assert_eq!(
+            (service.health.interval, service.health.rise, service.health.port),
+            (Duration::from_secs(5), 4, Some(9001))
+        );
+        assert_eq!(service.backends.len(), 2);
+        assert_eq!(service.backends[1].weight, 3);
+        let sent = serde_json::to_string(&Request::Change(Command::AddService {
+            service: service.clone(),
+        }))
+        .unwrap();
+        assert_eq!(parse(&sent), Request::Change(Command::AddService { service }));
+    }
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        // (request, the error starts with, and contains)
+        let cases = [
+            ("not json", "bad request: ", "expected"),
+            ("[1,2,3]", "bad request: ", "JSON object"),
+            (r#"{"service":"web"}"#, "bad request: ", "missing field `cmd`"),
+            (r#"{"cmd":7}"#, "bad request: ", "cmd must be a string"),
+            (r#"{"cmd":"explode"}"#, "unknown command `explode`", "set-weight"),
+            (
+                r#"{"cmd":"set-health","service":"web","backend":"b1","health":"down"}"#,
+                "unknown command",
+                "",
+            ),
+            (r#"{"cmd":"status","extra":1}"#, "", "unknown field `extra`"),
+            (
+                r#"{"cmd":"stats","service":"web"}"#,
+                "",
+                "unknown field `service`",
+            ),
+            (r#"{"cmd":"reload","now":true}"#, "", "unknown field `now`"),
+            (
+                r#"{"cmd":"set-weight","service":"web","backend":"b1","weight":300}"#,
+                "weight: 300 is out of range; allowed 0..=256",
+                "",
+            ),
+            (
+                r#"{"cmd":"set-weight","service":"web","backend":"b1","weight":-1}"#,
+                "weight: -1 is out of range",
+                "",
+            ),
+            (
+                r#"{"cmd":"set-weight","service":"web","backend":"b1"}"#,
+                "weight: ",
+                "missing field",
+            ),
+            (
+                r#"{"cmd":"set-weight","service":"web","backend":"b1","weight":"heavy"}"#,
+                "weight: ",
+                "invalid type",
+            ),
+            (
+                r#"{"cmd":"set-weight","service":7,"backend":"b1","weight":1}"#,
+                "service: ",
+                "invalid type",
+            ),
+            (
+                r#"{"cmd":"set-weight","service":"web","backend":"b1","weight":1,"state":"drain"}"#,
+                "bad request: ",
+                "unknown field `state`",
+            ),
+            (
+                r#"{"cmd":"set-state","service":"web","backend":"b1","state":"sideways"}"#,
+                "state: \"sideways\" is not allowed",
+                "\"active\", \"drain\" or \"maintenance\"",
+            ),
+            (
+                r#"{"cmd":"set-state","service":"web","state":"drain"}"#,
+                "bad request: ",
+                "backend",
+            ),
+            (
+                r#"{"cmd":"remove-backend","service":"web","backend":"b1","weight":2}"#,
+                "bad request: ",
+                "weight",
+            ),
+            (
+                r#"{"cmd":"add-backend","address":"1.2.3.4:80"}"#,
+                "service: ",
+                "missing field",
+            ),
+            (
+                r#"{"cmd":"add-backend","service":"web","address":"10.9.9.9"}"#,
+                "address: \"10.9.9.9\" is not a valid address",
+                "ip:port",
+            ),
+            (
+                r#"{"cmd":"add-backend","service":"web","address":"0.0.0.0:80"}"#,
+                "address: ",
+                "unspecified",
+            ),
+            (
+                r#"{"cmd":"add-backend","service":"web","address":"1.2.3.4:80","weight":300}"#,
+                "weight: 300 is out of range; allowed 0..=256",
+                "",
+            ),
+            (
+                r#"{"cmd":"add-backend","service":"web","address":"1.2.3.4:80","name":"a b"}"#,
+                "name: \"a b\" is not allowed",
+                "1 to 32",
+            ),
+            (
+                r#"{"cmd":"add-backend","service":"web","address":"1.2.3.4:80","colour":"red"}"#,
+                "",
+                "unknown field `colour`",
+            ),
+            (
+                r#"{"cmd":"add-service","name":"web3","listen":"10.0.0.100:81","affinity_timeout":"soon"}"#,
+                "affinity_timeout: \"soon\" is not a valid duration",
+                "30m",
+            ),
+            (
+                r#"{"cmd":"add-service","name":"web3"}"#,
+                "",
+                "missing field `listen`",
+            ),
+            (
+                r#"{"cmd":"add-service","name":"x","listen":"10.0.0.1:80","max_connections":0}"#,
+                "max_connections: 0 is out of range; allowed 1..=1000000",
+                "",
+            ),
+            (
+                r#"{"cmd":"add-service","name":"x","listen":"10.0.0.1:80","datapath":"dpdk"}"#,
+                "datapath: \"dpdk\" is not allowed",
+                "\"proxy\" or \"xdp\"",
+            ),
+            (
+                r#"{"cmd":"add-service","name":"x","listen":"[::1]:80","datapath":"xdp"}"#,
+                "listen: ",
+                "specific IPv4 address",
+            ),
+            (
+                r#"{"cmd":"add-service","name":"x","listen":"10.0.0.1:80","health":{"interval":"1s","timeout":"2s"}}"#,
+                "health.timeout: ",
+                "must be <= interval",
+            ),
+            (
+                r#"{"cmd":"add-service","name":"x","listen":"10.0.0.1:80","datapath":"xdp","backend":[{"address":"[::1]:80"}]}"#,
+                "backend[0].address: ",
+                "IPv4 backends only",
+            ),
+            (
+                r#"{"cmd":"add-service","name":"x","listen":"10.0.0.1:80","backend":[{"address":"10.0.1.1:80"},{"address":"10.0.1.1:80"}]}"#,
+                "backend[1].address: ",
+                "already used by backend[0]",
+            ),
+        ];
+        for (line, starts, contains) in cases {
+            let e = match Request::parse(line) {
+                Ok(r) => panic!("{line} should be refused, got {r:?}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                e.starts_with(starts),
+                "{line}: {e:?} should start with {starts:?}"
+            );
+            assert!(e.contains(contains), "{line}: {e:?} should contain {contains:?}");
+        }
+    }
+
+    #[test]
+    fn daemon_made_commands_are_not_requests() {
+        let set_health = Request::Change(Command::SetHealth {
+            service: "web".into(),
+            backend: "b1".into(),
+            health: Health::Down,
+        });
+        assert!(serde_json::to_string(&set_health).is_err());
+        assert!(matches!(
+            set_health.to_value(),
+            Err(RequestError::Internal("set-health"))
+        ));
     }
 
     #[test]
@@ -296,5 +789,26 @@ mod tests {
         assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), ok);
         let err = serde_json::to_string(&Response::error("no")).unwrap();
         assert_eq!(err, r#"{"ok":false,"error":"no"}"#);
+    }
+
+    #[test]
+    fn xdp_counters_go_as_an_object_by_name() {
+        use lb_common::counters::XdpCounter;
+        let mut x = XdpCounters::default();
+        x.set(XdpCounter::NoBackend, 4);
+        x.set(XdpCounter::Dropped, 5);
+        let json =
+            serde_json::to_value(xdp_by_name::serialize(&Some(x), serde_json::value::Serializer).unwrap())
+                .unwrap();
+        assert_eq!(json["no_backend"], 4);
+        assert_eq!(json["dropped"], 5);
+        assert_eq!(json["passed"], 0);
+        assert_eq!(json.as_object().unwrap().len(), XdpCounter::ALL.len());
+        // Names this side does not know (a newer daemon's) are skipped; missing ones read as 0.
+        let back = xdp_by_name::deserialize(serde_json::json!({"no_backend": 4, "someday": 1})).unwrap();
+        let mut want = XdpCounters::default();
+        want.set(XdpCounter::NoBackend, 4);
+        assert_eq!(back, Some(want));
+        assert_eq!(xdp_by_name::deserialize(serde_json::Value::Null).unwrap(), None);
     }
 }

@@ -193,14 +193,11 @@ fn answer(line: &[u8], uid: u32, engine: &Engine) -> Response {
     if text.is_empty() {
         return Response::error("empty request; send one JSON object per line, e.g. {\"cmd\":\"status\"}");
     }
-    let request: Request = match serde_json::from_str(text) {
+    let request = match Request::parse(text) {
         Ok(r) => r,
-        Err(e) => return Response::error(format!("bad request: {e}")),
+        Err(e) => return Response::error(e),
     };
-    let changes = !matches!(
-        request,
-        Request::Status {} | Request::Stats {} | Request::Backends { .. } | Request::Which { .. }
-    );
+    let changes = request.changes();
     if changes {
         info!(uid, request = %text, "operator command");
     }

@@ -11,15 +11,16 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use lb_tests::netns::netns_exists;
-use lb_tests::{Child, Topology, http_get_from, lb_bin, run_with_timeout, start_http_backends, testsrv_bin};
+use lb_tests::{
+    Child, TempDir, Topology, http_get_from, lb_bin, run_with_timeout, start_http_backends, testsrv_bin,
+};
 
 const PREFIX: &str = "lbdemo";
 const BACKENDS: usize = 3;
@@ -30,27 +31,6 @@ const FIRST_WAVE: usize = 12;
 const SECOND_WAVE: usize = 12;
 const REQUESTS_PER_CLIENT: usize = 3;
 const CLI_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A private temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<TempDir> {
-        let path = std::env::temp_dir().join(format!("lbdemo-{}", std::process::id()));
-        if path.exists() {
-            fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
-        }
-        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o700))?;
-        Ok(TempDir(path))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn step(n: u32, title: &str) {
     println!("\n=== Step {n}: {title} ===");
@@ -241,9 +221,9 @@ fn run() -> Result<()> {
     }
 
     step(3, "configuration");
-    let dir = TempDir::new()?;
-    let socket = dir.0.join("lb.sock");
-    let cfg_path = dir.0.join("lb.toml");
+    let dir = TempDir::try_new("demo").context("creating the demo directory")?;
+    let socket = dir.path().join("lb.sock");
+    let cfg_path = dir.path().join("lb.toml");
     let cfg = config_toml(&topo, &socket);
     fs::write(&cfg_path, &cfg).with_context(|| format!("writing {}", cfg_path.display()))?;
     println!("  {}:", cfg_path.display());

@@ -9,53 +9,25 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lb_tests::{
-    Child, Netns, Topology, connect_from, http_get_from, lb_bin, run_with_timeout, start_echo_backends,
-    start_http_backends, unique_prefix,
+    Child, Topology, connect_from, http_get_from, start_echo_backends, start_http_backends, unique_prefix,
 };
-use serde_json::Value;
 
 pub const HTTP_PORT: u16 = 8080;
 pub const ECHO_PORT: u16 = 7;
 pub const WEB_VIP_PORT: u16 = 80;
 pub const ECHO_VIP_PORT: u16 = 7;
-pub const CLI_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A temporary directory (mode 0755 so a non-root uid can reach a socket inside), removed on drop.
-#[derive(Debug)]
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let path = std::env::temp_dir().join(unique_prefix(tag));
-        if path.exists() {
-            fs::remove_dir_all(&path).unwrap();
-        }
-        fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
-        TempDir(path)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+#[allow(unused_imports)]
+pub use lb_tests::daemon::{CLI_TIMEOUT, raw_request};
+/// The daemon under test: `lb run` entered with `nsenter --net` ([`Lb::start`]), so pins outlive it.
+#[allow(unused_imports)]
+pub use lb_tests::{Daemon as Lb, Enter, TempDir};
 
 /// One `[[service]]` with health checks off; `backends` are (topology index, weight), named `bI`.
 pub fn service_toml(
@@ -106,187 +78,6 @@ pub fn std_services(topo: &Topology, n: usize, echo: bool) -> Vec<String> {
         v.push(service_toml(topo, "echo", ECHO_VIP_PORT, ECHO_PORT, "", &bs));
     }
     v
-}
-
-/// Send one raw line (or anything) on a fresh control connection and read one response line.
-pub fn raw_request(socket: &Path, bytes: &[u8]) -> io::Result<Value> {
-    let stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    (&stream).write_all(bytes)?;
-    let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
-    serde_json::from_str(&line)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e}: {line:?}")))
-}
-
-/// `lb run -c CONFIG` in the network namespace only (`nsenter --net`), so pins outlive it.
-fn spawn_lb(ns: &Netns, config: &Path) -> Child {
-    Child::spawn(ns.command_net_only(lb_bin(), &["run", "-c", config.to_str().unwrap()]))
-        .expect("spawn lb run")
-}
-
-/// A running `lb run -c CONFIG` with its temp dir (config file, control socket).
-#[derive(Debug)]
-pub struct Lb {
-    pub child: Child,
-    pub socket: PathBuf,
-    pub config: PathBuf,
-    pub dir: TempDir,
-}
-
-impl Lb {
-    /// Write `config` (produced from the socket path) into a fresh temp dir and start `lb run`
-    /// inside `ns`; returns once the control socket answers `status`.
-    pub fn start(ns: &Netns, tag: &str, config: impl FnOnce(&Path) -> String) -> Lb {
-        let dir = TempDir::new(tag);
-        let socket = dir.path().join("lb.sock");
-        let cfg_path = dir.path().join("lb.toml");
-        fs::write(&cfg_path, config(&socket)).unwrap();
-        let child = spawn_lb(ns, &cfg_path);
-        let mut lb = Lb {
-            child,
-            socket,
-            config: cfg_path,
-            dir,
-        };
-        lb.wait_ready(Duration::from_secs(10));
-        lb
-    }
-
-    /// Starts `lb run` again with the same (possibly edited) config file, after the previous one
-    /// was stopped; returns once it answers `status`.
-    pub fn run_again(&mut self, ns: &Netns) {
-        self.child = spawn_lb(ns, &self.config);
-        self.wait_ready(Duration::from_secs(10));
-    }
-
-    fn wait_ready(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                panic!("lb run exited early ({st}):\n{}", self.log());
-            }
-            if let Ok(v) = raw_request(&self.socket, b"{\"cmd\":\"status\"}\n")
-                && v["ok"] == true
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "lb did not answer on {} within {timeout:?}:\n{}",
-                self.socket.display(),
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(30));
-        }
-    }
-
-    /// The daemon's log so far.
-    pub fn log(&self) -> String {
-        self.child.stderr_text()
-    }
-
-    /// `lb --socket S ARGS…` (root namespace), whatever the exit status.
-    pub fn cli(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(lb_bin());
-        cmd.arg("--socket").arg(&self.socket).args(args);
-        run_with_timeout(cmd, CLI_TIMEOUT).unwrap_or_else(|e| panic!("lb {args:?}: {e}"))
-    }
-
-    /// `lb ARGS…`, which must exit 0; its stdout.
-    pub fn cli_ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "lb {args:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// `lb --json ARGS…`, which must succeed; the `result` object.
-    pub fn json(&self, args: &[&str]) -> Value {
-        let mut full = vec!["--json"];
-        full.extend_from_slice(args);
-        let text = self.cli_ok(&full);
-        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("lb {full:?}: {e}: {text}"));
-        assert_eq!(v["ok"], true, "lb {full:?}: {v}");
-        v["result"].clone()
-    }
-
-    pub fn status(&self) -> Value {
-        self.json(&["status"])
-    }
-
-    /// The status entry of backend `name` in `service` (None when absent).
-    pub fn backend(&self, service: &str, name: &str) -> Option<Value> {
-        let st = self.status();
-        let svc = st["services"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == service)
-            .unwrap_or_else(|| panic!("service {service} missing from status: {st}"))
-            .clone();
-        svc["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["name"] == name)
-            .cloned()
-    }
-
-    /// Backend names of `service` in status.
-    pub fn backend_names(&self, service: &str) -> Vec<String> {
-        let st = self.status();
-        st["services"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == service)
-            .unwrap_or_else(|| panic!("service {service} missing from status: {st}"))["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| b["name"].as_str().unwrap().to_string())
-            .collect()
-    }
-
-    /// `lb which SERVICE IP --json`: (backend or None, reason).
-    pub fn which(&self, service: &str, ip: Ipv4Addr) -> (Option<String>, String) {
-        let r = self.json(&["which", service, &ip.to_string()]);
-        (
-            r["backend"].as_str().map(String::from),
-            r["reason"].as_str().unwrap_or_default().to_string(),
-        )
-    }
-
-    /// The one backend of `service` with an open connection (panics unless exactly one has).
-    pub fn only_active_backend(&self, service: &str) -> String {
-        let st = self.status();
-        let svc = st["services"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == service)
-            .unwrap()
-            .clone();
-        let active: Vec<String> = svc["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|b| b["active_connections"].as_u64().unwrap() > 0)
-            .map(|b| b["name"].as_str().unwrap().to_string())
-            .collect();
-        assert_eq!(
-            active.len(),
-            1,
-            "expected one backend of {service} with an open connection: {svc}"
-        );
-        active[0].clone()
-    }
 }
 
 /// The topology, its backend servers (http :8080 and echo :7 in each backend namespace) and the

@@ -8,12 +8,13 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+pub use lb_tests::TempDir;
 use lb_tests::{Child, Netns, Topology, http_get_from};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -24,38 +25,6 @@ use super::{CLIENT_CPU, LB_CPU};
 pub const HTTP_PORT: u16 = 80;
 /// Port of the iperf3 servers and the VIP's iperf3 service.
 pub const IPERF_PORT: u16 = 5201;
-
-/// A directory under the system temp dir, removed with its contents on drop.
-#[derive(Debug)]
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(name: &str) -> Result<TempDir> {
-        let path = std::env::temp_dir().join(name);
-        if path.exists() {
-            fs::remove_dir_all(&path).with_context(|| format!("removing stale {}", path.display()))?;
-        }
-        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(TempDir(path))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    /// A subdirectory (created).
-    pub fn sub(&self, name: &str) -> Result<PathBuf> {
-        let p = self.0.join(name);
-        fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
-        Ok(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// On drop, stops every process still inside the given namespaces (`ip netns pids`), by PID:
 /// SIGTERM, then SIGKILL after 2 s. Only bench processes run there (the names carry our PID).
@@ -216,7 +185,8 @@ fn tune(ns: &Netns) {
 
 impl Bed {
     pub fn new(prefix: &str, backends: usize, clients: usize) -> Result<Bed> {
-        let dir = TempDir::new(&format!("{prefix}.d"))?;
+        let dir = TempDir::try_in(&std::env::temp_dir(), &format!("{prefix}.d"))
+            .with_context(|| format!("creating a temp dir for {prefix}"))?;
         let topo = Topology::new(prefix, backends, clients)
             .with_context(|| format!("creating the network namespaces {prefix}-*"))?;
         let reaper = Reaper::new(topo.namespace_names());

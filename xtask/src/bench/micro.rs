@@ -183,7 +183,7 @@ fn rss_config(dir: &Path, n: usize) -> String {
 /// once its control socket answers, and stops it.
 fn daemon_rss(lb: &Path, n: usize) -> Result<f64, String> {
     let name = format!("lbb-{}-m", std::process::id());
-    let dir = TempDir::new(&format!("{name}.d")).map_err(|e| format!("{e:#}"))?;
+    let dir = TempDir::try_in(&std::env::temp_dir(), &format!("{name}.d")).map_err(|e| format!("{e:#}"))?;
     let cfg = dir.path().join("lb.toml");
     fs::write(&cfg, rss_config(dir.path(), n)).map_err(|e| e.to_string())?;
     let ns = Netns::new(&name).map_err(|e| e.to_string())?;

@@ -8,8 +8,8 @@
 //!   rewrites (every forwarded one) can only be timed one run at a time; those rows include the
 //!   per-run overhead that the reference row shows. The maps are seeded through the datapath's
 //!   public API (`State::apply` + `Datapath::apply`), inside a private network namespace whose
-//!   veth interfaces and permanent neighbours give `bpf_fib_lookup` real answers (as
-//!   lb-userspace/tests/xdp_fixtures.rs does).
+//!   veth interfaces and permanent neighbours give `bpf_fib_lookup` real answers
+//!   (`lb_tests::fixture`, shared with lb-userspace/tests/xdp_fixtures.rs).
 //! - Maglev table build time (`lb::maglev::build`) for 10, 100 and 1000 backends at M = 65537.
 //! - Backend selection (`lb::balancer::Balancer::choose`) per operation: affinity hit and ring
 //!   lookup.
@@ -18,7 +18,6 @@
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::Command as Process;
 use std::time::{Duration, Instant};
 
 use lb::balancer::{Balancer, Reason};
@@ -26,13 +25,14 @@ use lb::config::Config;
 use lb::datapath::Datapath;
 use lb::state::{Command, State};
 use lb::xdp::XdpDatapath;
+use lb_tests::fixture::{FixtureSpec, LB_BACKEND_SIDE, enter_fixture_netns};
+use lb_tests::packet::Tcp;
 use serde_json::json;
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 const RING: u32 = 65537;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
-const LB_BACKEND_SIDE: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0];
 const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 0x02];
 
@@ -68,114 +68,36 @@ fn main() {
 
 // ---- XDP ----------------------------------------------------------------------------------------
 
-/// Internet checksum of `data` (big-endian words) with `initial` folded in.
-fn csum(data: &[u8], initial: u32) -> u16 {
-    let mut s = initial;
-    for c in data.chunks(2) {
-        s += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
-}
-
-/// Ethernet + IPv4 + TCP (no payload) with valid checksums.
+/// Ethernet + IPv4 + TCP (no payload) from `src_mac`, valid checksums.
 fn frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, src_mac: [u8; 6]) -> Vec<u8> {
-    let mut f = vec![0xaa; 6];
-    f.extend_from_slice(&src_mac);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let mut ip = vec![0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0];
-    ip.extend_from_slice(&src.0.octets());
-    ip.extend_from_slice(&dst.0.octets());
-    let c = csum(&ip, 0);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&ip);
-    let mut tcp = Vec::new();
-    tcp.extend_from_slice(&src.1.to_be_bytes());
-    tcp.extend_from_slice(&dst.1.to_be_bytes());
-    tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    let mut pseudo = 0u32;
-    for w in [src.0.octets(), dst.0.octets()] {
-        pseudo += u32::from(u16::from_be_bytes([w[0], w[1]])) + u32::from(u16::from_be_bytes([w[2], w[3]]));
-    }
-    pseudo += 6 + tcp.len() as u32;
-    let c = csum(&tcp, pseudo);
-    tcp[16..18].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&tcp);
-    f
+    Tcp::new(src, dst, flags).macs(src_mac, [0xaa; 6]).build()
 }
 
-fn sh(cmd: &str) -> Result<(), String> {
-    let out = Process::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{cmd}: {}", String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-fn mac_text(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
-}
-
-/// Client-side and backend-side interface indexes of a private namespace set up like the lb
-/// namespace of the bench (VIP on the client side, one backend link, permanent neighbours).
+/// Client-side and backend-side interface indexes of the fixture namespace (lb_tests::fixture),
+/// entered by the calling thread: VIP on the client side, permanent neighbours for the client
+/// addresses 10.0.0.10..=10.0.0.209 and the backends 10.1.1.2..=10.1.1.4.
 fn fixture_netns() -> Result<(u32, u32), String> {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-        .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
-    sh("ip link set lo up")?;
-    sh("ip link add mbc type veth peer name mbcp && ip link set mbc up && ip link set mbcp up")?;
-    sh("ip addr add 10.0.0.1/24 dev mbc && ip addr add 10.0.0.100/32 dev mbc")?;
-    sh("ip link add mbb type veth peer name mbbp && ip link set mbb up && ip link set mbbp up")?;
-    sh("ip addr add 10.1.1.1/24 dev mbb")?;
-    sh("sysctl -qw net.ipv4.ip_forward=1")?;
-    // Permanent neighbours for the client addresses (10.0.0.10..=10.0.0.209) in one `ip -batch`.
-    let batch: String = (10..=209u8)
-        .map(|i| {
-            let mut m = CLIENT_MAC;
-            m[5] = i;
-            format!(
-                "neigh add 10.0.0.{i} lladdr {} dev mbc nud permanent\n",
-                mac_text(m)
-            )
-        })
-        .collect();
-    let mut child = Process::new("ip")
-        .args(["-batch", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("ip -batch: {e}"))?;
-    std::io::Write::write_all(&mut child.stdin.take().expect("piped stdin"), batch.as_bytes())
-        .map_err(|e| format!("ip -batch: {e}"))?;
-    let out = child.wait_with_output().map_err(|e| format!("ip -batch: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "ip -batch (neighbours): {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    for b in 2..=4u8 {
-        let mut m = BACKEND_MAC;
-        m[5] = b;
-        sh(&format!(
-            "ip neigh add 10.1.1.{b} lladdr {} dev mbb nud permanent",
-            mac_text(m)
-        ))?;
-    }
-    let index = |n: &str| nix::net::if_::if_nametoindex(n).map_err(|e| format!("if_nametoindex({n}): {e}"));
-    Ok((index("mbc")?, index("mbb")?))
+    let with_last = |mut m: [u8; 6], last: u8| {
+        m[5] = last;
+        m
+    };
+    let spec = FixtureSpec {
+        vip: Some(VIP),
+        clients: (10..=209u8)
+            .map(|i| (Ipv4Addr::new(10, 0, 0, i), with_last(CLIENT_MAC, i)))
+            .collect(),
+        backends: (2..=4u8)
+            .map(|b| (Ipv4Addr::new(10, 1, 1, b), with_last(BACKEND_MAC, b)))
+            .collect(),
+    };
+    let links = enter_fixture_netns(&spec).map_err(|e| e.to_string())?;
+    Ok((links.client_if, links.backend_if))
 }
 
 const XDP_SERVICE: &str = r#"
 ring_size = 65537
 [xdp]
-interfaces = ["mbc", "mbb"]
+interfaces = ["fxc", "fxb"]
 [[service]]
 name = "web"
 listen = "10.0.0.100:80"
@@ -411,7 +333,7 @@ fn selection(quick: bool) {
     let r = (|| -> Result<(f64, f64), String> {
         let config = Config::parse(PROXY_SERVICE, "lb-microbench").map_err(|e| e.to_string())?;
         let state = State::from_config(&config).map_err(|e| e.to_string())?;
-        let mut bal = Balancer::new(state);
+        let bal = Balancer::new(state);
         let clients: Vec<IpAddr> = (0..4096u32)
             .map(|i| IpAddr::V4(Ipv4Addr::from(0x0a02_0000 + i)))
             .collect();

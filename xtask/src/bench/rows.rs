@@ -595,7 +595,7 @@ fn start_lb<'a>(
     extra: &str,
 ) -> Result<Running<'a>, StartError> {
     let xdp = datapath == "xdp";
-    let dir = TempDir::new(&format!("{}.d/lb-{datapath}", bed.topo.prefix()))?;
+    let dir = TempDir::try_in(bed.dir.path(), &format!("lb-{datapath}"))?;
     let cfg = dir.path().join("lb.toml");
     fs::write(&cfg, lb_config(bed, dir.path(), datapath, extra))?;
     let mut check = std::process::Command::new(lb);
@@ -647,7 +647,7 @@ fn start_lb<'a>(
 }
 
 fn start_haproxy<'a>(bed: &'a Bed, plan: &Plan) -> Result<Running<'a>, StartError> {
-    let dir = TempDir::new(&format!("{}.d/haproxy", bed.topo.prefix()))?;
+    let dir = TempDir::try_in(bed.dir.path(), "haproxy")?;
     let mut c = String::from(
         "# HAProxy config written by cargo xtask bench\nglobal\n    maxconn 8000\n\n\
          defaults\n    mode tcp\n    timeout connect 3s\n    timeout client 60s\n    timeout server 60s\n",
@@ -684,7 +684,7 @@ fn start_haproxy<'a>(bed: &'a Bed, plan: &Plan) -> Result<Running<'a>, StartErro
 }
 
 fn start_nginx_stream<'a>(bed: &'a Bed, plan: &Plan) -> Result<Running<'a>, StartError> {
-    let dir = TempDir::new(&format!("{}.d/nginx-stream", bed.topo.prefix()))?;
+    let dir = TempDir::try_in(bed.dir.path(), "nginx-stream")?;
     let d = dir.path().display().to_string();
     let mut c = format!(
         "# nginx stream config written by cargo xtask bench\nload_module {NGINX_STREAM_MODULE};\n\
@@ -744,7 +744,7 @@ fn start_nft(bed: &Bed) -> Result<Running<'_>, StartError> {
         vip = bed.topo.vip(),
         map = map.join(", ")
     );
-    let dir = TempDir::new(&format!("{}.d/nft", bed.topo.prefix()))?;
+    let dir = TempDir::try_in(bed.dir.path(), "nft")?;
     let file = dir.path().join("lbbench.nft");
     fs::write(&file, rules)?;
     // The guard exists before the table, so a half-applied ruleset is removed as well.

@@ -20,8 +20,9 @@ use tracing::{debug, info, warn};
 
 use crate::balancer::{Balancer, SelectError};
 use crate::config::DatapathKind;
-use crate::datapath::{Datapath, DatapathError};
-use crate::state::{BackendStats, Effect, State};
+use crate::datapath::{Datapath, DatapathError, Drained, ServiceTraffic};
+use crate::runtime::{BackendRuntime, BackendStats};
+use crate::state::{Backend, Effect, Service, State};
 
 /// Relay buffer per direction.
 const BUFFER: usize = 16 * 1024;
@@ -49,7 +50,7 @@ struct Listener {
 const REBIND_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct ProxyDatapath {
-    balancer: Arc<Mutex<Balancer>>,
+    balancer: Arc<Balancer>,
     listeners: Mutex<HashMap<String, Listener>>,
     /// Removed services whose accept loop may still hold the socket, by address.
     closing: Mutex<HashMap<SocketAddr, std::sync::mpsc::Receiver<()>>>,
@@ -58,7 +59,7 @@ pub struct ProxyDatapath {
 }
 
 impl ProxyDatapath {
-    pub fn new(balancer: Arc<Mutex<Balancer>>) -> Self {
+    pub fn new(balancer: Arc<Balancer>) -> Self {
         ProxyDatapath {
             balancer,
             listeners: Mutex::new(HashMap::new()),
@@ -184,7 +185,27 @@ impl Datapath for ProxyDatapath {
         }
     }
 
-    fn shutdown(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn reset_backend(&self, service: &Service, backend: &Backend) -> usize {
+        let runtime = self.balancer.snapshot().runtime(service, backend);
+        let open = BackendStats::get(&runtime.stats.active_connections) as usize;
+        runtime.reset_connections();
+        open
+    }
+
+    fn traffic(&self, service: &Service) -> ServiceTraffic {
+        let name = &service.settings.name;
+        ServiceTraffic {
+            affinity_entries: self.balancer.affinity_len(name) as u64,
+            failed_connections: Some(
+                self.service_stats(name)
+                    .map_or(0, |st| st.failed.load(Ordering::Relaxed)),
+            ),
+            // The runtime's user-space counters, which the engine reads itself.
+            backends: HashMap::new(),
+        }
+    }
+
+    fn shutdown(&self) -> Drained<'_> {
         self.shutdown.cancel();
         self.tasks.close();
         Box::pin(self.tasks.wait())
@@ -196,7 +217,7 @@ async fn accept_loop(
     service: String,
     listener: TcpListener,
     limit: Arc<Semaphore>,
-    balancer: Arc<Mutex<Balancer>>,
+    balancer: Arc<Balancer>,
     stats: Arc<ServiceStats>,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -230,37 +251,35 @@ async fn handle(
     client: TcpStream,
     peer: SocketAddr,
     service: &str,
-    balancer: &Mutex<Balancer>,
+    balancer: &Balancer,
     stats: &ServiceStats,
 ) {
     let _ = client.set_nodelay(true);
     let mut exclude = Vec::new();
     for _ in 0..MAX_ATTEMPTS {
-        let (choice, connect_timeout) = {
-            let b = balancer.lock().unwrap();
-            let timeout = match b.state.service(service) {
-                Ok(s) => s.settings.connect_timeout,
-                Err(_) => return, // service removed meanwhile
-            };
-            match b.choose(service, peer.ip(), Instant::now(), &exclude) {
-                Ok(c) => (c, timeout),
-                Err(SelectError::NoBackend(_)) | Err(SelectError::State(_)) => break,
-            }
+        let connect_timeout = match balancer.snapshot().state.service(service) {
+            Ok(s) => s.settings.connect_timeout,
+            Err(_) => return, // service removed meanwhile
+        };
+        let choice = match balancer.choose(service, peer.ip(), Instant::now(), &exclude) {
+            Ok(c) => c,
+            Err(SelectError::NoBackend(_)) | Err(SelectError::State(_)) => break,
         };
         match tokio::time::timeout(connect_timeout, TcpStream::connect(choice.address)).await {
             Ok(Ok(backend)) => {
-                balancer
-                    .lock()
-                    .unwrap()
-                    .confirm(service, peer.ip(), choice.backend_id, Instant::now());
+                balancer.confirm(service, peer.ip(), choice.backend_id, Instant::now());
                 let _ = backend.set_nodelay(true);
-                relay(client, backend, &choice.stats).await;
+                relay(client, backend, &choice.runtime).await;
                 return;
             }
             Ok(Err(e)) => debug!(%peer, backend = %choice.address, error = %e, "connect failed; trying next"),
             Err(_) => debug!(%peer, backend = %choice.address, "connect timed out; trying next"),
         }
-        choice.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+        choice
+            .runtime
+            .stats
+            .connect_failures
+            .fetch_add(1, Ordering::Relaxed);
         exclude.push(choice.backend_id);
     }
     stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -268,10 +287,11 @@ async fn handle(
 }
 
 /// Copies both directions until both have reached EOF; an error in either ends both.
-async fn relay(client: TcpStream, backend: TcpStream, stats: &BackendStats) {
+async fn relay(client: TcpStream, backend: TcpStream, runtime: &BackendRuntime) {
+    let stats = &runtime.stats;
     stats.active_connections.fetch_add(1, Ordering::Relaxed);
     stats.total_connections.fetch_add(1, Ordering::Relaxed);
-    let reset = stats.reset.lock().unwrap().clone();
+    let reset = runtime.reset_token();
     let (mut cr, mut cw) = client.into_split();
     let (mut br, mut bw) = backend.into_split();
     let up = copy_counted(&mut cr, &mut bw, &stats.bytes_in);

@@ -17,9 +17,11 @@ use crossterm::style::{Attribute, Print, SetAttribute};
 use crossterm::terminal::{self, ClearType};
 use crossterm::{cursor, execute, queue};
 
-use crate::cli::{ago, bytes};
+use lb_common::counters::{CounterKind, XdpCounter, XdpCounters};
+
+use crate::cli::{ago, bytes, label};
 use crate::control::client::{self, ClientError};
-use crate::control::protocol::{BackendStatsView, Request, StatsView};
+use crate::control::protocol::{BackendStatsView, Query, Request, StatsView};
 
 /// Shortest and longest `--interval`.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
@@ -66,7 +68,7 @@ impl Line {
 
 /// Asks the daemon for its counters.
 pub fn fetch(socket: &Path) -> Result<StatsView, TopError> {
-    let response = client::call(socket, &Request::Stats {})?;
+    let response = client::call(socket, &Request::Query(Query::Stats {}))?;
     if !response.ok {
         return Err(TopError::Daemon(response.error.unwrap_or_default()));
     }
@@ -145,6 +147,27 @@ const HEADER: [&str; 10] = [
     "LAST CHANGE",
 ];
 
+/// The XDP line: every counter but the reasons per second, then the reasons that moved.
+fn xdp_rates(x: &XdpCounters, prev: Option<&XdpCounters>, secs: f64) -> String {
+    let r = |c| rate(prev.map(|p| p.get(c)), x.get(c), secs);
+    let totals: Vec<String> = XdpCounter::ALL
+        .into_iter()
+        .filter(|c| c.kind() != CounterKind::Reason)
+        .map(|c| format!("{} {}/s", label(c), per_sec(r(c))))
+        .collect();
+    let mut reasons: Vec<String> = x
+        .of_kind(CounterKind::Reason)
+        .filter_map(|(c, _)| {
+            r(c).filter(|v| *v > 0.0)
+                .map(|v| format!("{} {}/s", c.name(), per_sec(Some(v))))
+        })
+        .collect();
+    if reasons.is_empty() {
+        reasons.push("none".into());
+    }
+    format!("xdp  {}  reasons: {}", totals.join("  "), reasons.join(", "))
+}
+
 /// The screen for the latest sample `cur` (rates against `prev`), with `error` when the last
 /// request failed.
 pub fn frame(
@@ -163,33 +186,10 @@ pub fn frame(
         fmt_interval(interval)
     ))];
     if let Some(x) = &stats.xdp {
-        let prev_x = prev.and_then(|p| p.stats.xdp.as_ref());
-        let r = |k: &str| {
-            per_sec(rate(
-                prev_x.and_then(|p| p.get(k).copied()),
-                x.get(k).copied().unwrap_or(0),
-                secs,
-            ))
-        };
-        let mut drops: Vec<String> = x
-            .keys()
-            .filter(|k| !["packets", "passed", "forwarded", "dropped", "new_flows"].contains(&k.as_str()))
-            .filter_map(|k| {
-                let v = rate(prev_x.and_then(|p| p.get(k).copied()), x[k], secs)?;
-                (v > 0.0).then(|| format!("{k} {}/s", per_sec(Some(v))))
-            })
-            .collect();
-        if drops.is_empty() {
-            drops.push("none".into());
-        }
-        lines.push(Line::plain(format!(
-            "xdp  packets {}/s  forwarded {}/s  passed {}/s  dropped {}/s  new flows {}/s  reasons: {}",
-            r("packets"),
-            r("forwarded"),
-            r("passed"),
-            r("dropped"),
-            r("new_flows"),
-            drops.join(", ")
+        lines.push(Line::plain(xdp_rates(
+            x,
+            prev.and_then(|p| p.stats.xdp.as_ref()),
+            secs,
         )));
     }
     if let Some(e) = error {
@@ -440,7 +440,7 @@ mod tests {
     use super::*;
 
     fn sample(at: Instant, f: impl Fn(&mut StatsView)) -> Sample {
-        let mut stats = crate::metrics::tests::sample();
+        let mut stats = crate::observe::tests::sample();
         f(&mut stats);
         Sample { at, stats }
     }
@@ -469,7 +469,8 @@ mod tests {
             let k1 = &mut s.services[1].backends[0];
             k1.packets_in = Some(11 + 300);
             k1.packets_out = Some(12 + 100);
-            *s.xdp.as_mut().unwrap().get_mut("no_backend").unwrap() += 6;
+            let x = s.xdp.as_mut().unwrap();
+            x.set(XdpCounter::NoBackend, x.get(XdpCounter::NoBackend) + 6);
         });
         let lines = frame("/run/lb/lb.sock", Duration::from_secs(1), &b, Some(&a), None);
         assert!(
@@ -477,7 +478,10 @@ mod tests {
                 .text
                 .starts_with("lb top  /run/lb/lb.sock  lb 9.9.9  up 5s  every 1s")
         );
-        assert!(lines[1].text.contains("reasons: no_backend 3.0/s"), "{lines:#?}");
+        assert_eq!(
+            lines[1].text,
+            "xdp  packets 0/s  forwarded 0/s  passed 0/s  dropped 0/s  new flows 0/s  reasons: no_backend 3.0/s"
+        );
         let header = lines.iter().find(|l| l.emphasis).unwrap();
         assert!(header.text.starts_with("SERVICE / BACKEND"));
         assert_eq!(

@@ -1,0 +1,192 @@
+//! The XDP program's global counters, defined once: the kernel's index of each, and for user space
+//! its name, kind and meaning, which `lb status`, `lb stats`, `lb top` and `/metrics` all render.
+//!
+//! Adding a counter is one line in the [`xdp_counters!`] table below: the kernel then counts with
+//! `global_counter::NAME` and every surface shows it by its kind.
+
+/// What a global counter counts, which decides where the surfaces show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CounterKind {
+    /// Every packet the program saw: the sum of the verdicts.
+    All,
+    /// A packet's verdict: each packet gets exactly one.
+    Verdict,
+    /// Connections set up.
+    Flows,
+    /// Why a packet got its verdict; counted on top of the verdict.
+    Reason,
+}
+
+/// The table: `Variant, CONST = index, "name", Kind, "meaning";`, one line a counter, listed in the
+/// order the surfaces show them. The index is where the kernel counts it in
+/// [`MAP_GLOBAL_STATS`](crate::maps::MAP_GLOBAL_STATS); indices are `0..COUNT`, each once (checked at
+/// compile time), and a counter keeps its index (the map is pinned across restarts).
+macro_rules! xdp_counters {
+    ($($variant:ident, $konst:ident = $index:literal, $name:literal, $kind:ident, $help:literal;)*) => {
+        /// One of the XDP program's global counters.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum XdpCounter {
+            $(#[doc = $help] $variant = $index,)*
+        }
+
+        impl XdpCounter {
+            /// Every counter, in the order the surfaces show them.
+            pub const ALL: [XdpCounter; COUNT] = [$(XdpCounter::$variant,)*];
+
+            /// The counter's name: its key under `xdp` in `lb status --json`/`lb stats --json`, and
+            /// its label value on `/metrics`.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(XdpCounter::$variant => $name,)*
+                }
+            }
+
+            /// What the counter counts.
+            pub const fn kind(self) -> CounterKind {
+                match self {
+                    $(XdpCounter::$variant => CounterKind::$kind,)*
+                }
+            }
+
+            /// One sentence on what the counter counts, without a final period.
+            pub const fn help(self) -> &'static str {
+                match self {
+                    $(XdpCounter::$variant => $help,)*
+                }
+            }
+        }
+
+        /// Number of counters: entries of [`MAP_GLOBAL_STATS`](crate::maps::MAP_GLOBAL_STATS).
+        const COUNT: usize = [$($index,)*].len();
+
+        /// The counters' indices into [`MAP_GLOBAL_STATS`](crate::maps::MAP_GLOBAL_STATS), as the
+        /// kernel uses them (`count(gc::DROPPED, …)`).
+        pub mod global_counter {
+            $(#[doc = $help] pub const $konst: u32 = super::XdpCounter::$variant as u32;)*
+            /// Number of counters.
+            pub const COUNT: u32 = super::COUNT as u32;
+            /// Names in index order.
+            pub const NAMES: [&str; super::COUNT] = super::names_by_index();
+        }
+    };
+}
+
+xdp_counters! {
+    Packets, PACKETS = 0, "packets", All, "Packets seen by the XDP program";
+    Forwarded, FORWARDED = 3, "forwarded", Verdict, "Rewritten and sent (XDP_TX or XDP_REDIRECT)";
+    Passed, PASSED = 1, "passed", Verdict, "Handed to the kernel stack (XDP_PASS)";
+    Dropped, DROPPED = 4, "dropped", Verdict, "Dropped";
+    NewFlows, NEW_FLOWS = 12, "new_flows", Flows, "Connections set up by the kernel";
+    NoBackend, NO_BACKEND = 7, "no_backend", Reason, "SYN to a service with no backend taking new clients (dropped)";
+    NoConntrack, NO_CONNTRACK = 6, "no_conntrack", Reason, "Non-SYN packet to a VIP without a connection (dropped, never sent to a random backend)";
+    SnatExhausted, SNAT_EXHAUSTED = 8, "snat_exhausted", Reason, "No free SNAT port after several tries (dropped)";
+    FibFailed, FIB_FAILED = 10, "fib_failed", Reason, "No route for the rewritten packet (dropped)";
+    Fragment, FRAGMENT = 5, "fragment", Reason, "IPv4 fragment (passed)";
+    NoNeigh, NO_NEIGH = 9, "no_neigh", Reason, "Next hop's MAC unknown; the rewritten packet is passed so the kernel resolves it";
+    Malformed, MALFORMED = 11, "malformed", Reason, "Malformed header (bad IHL, TCP data offset) for a VIP (passed)";
+    Truncated, TRUNCATED = 2, "truncated", Reason, "Too short for the headers it claims";
+    NoReplyFlow, NO_REPLY_FLOW = 13, "no_reply_flow", Reason, "A backend's packet to a SNAT address and port with no live flow (dropped, so the LB's own stack never resets it)";
+}
+
+/// [`global_counter::NAMES`]; fails the build unless the indices are `0..COUNT`, each once.
+const fn names_by_index() -> [&'static str; COUNT] {
+    let mut names = [""; COUNT];
+    let mut i = 0;
+    while i < COUNT {
+        let c = XdpCounter::ALL[i];
+        assert!((c as usize) < COUNT, "an XDP counter index is out of range");
+        assert!(names[c as usize].is_empty(), "two XDP counters share an index");
+        names[c as usize] = c.name();
+        i += 1;
+    }
+    names
+}
+
+impl XdpCounter {
+    /// The counter counted at `index` of the map.
+    pub const fn from_index(index: u32) -> Option<XdpCounter> {
+        let mut i = 0;
+        while i < COUNT {
+            if XdpCounter::ALL[i] as u32 == index {
+                return Some(XdpCounter::ALL[i]);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// The counter named `name`.
+    pub fn from_name(name: &str) -> Option<XdpCounter> {
+        XdpCounter::ALL.into_iter().find(|c| c.name() == name)
+    }
+}
+
+/// A value for each XDP counter (packets, summed over CPUs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpCounters {
+    values: [u64; COUNT],
+}
+
+impl XdpCounters {
+    pub const fn get(&self, counter: XdpCounter) -> u64 {
+        self.values[counter as usize]
+    }
+
+    pub const fn set(&mut self, counter: XdpCounter, value: u64) {
+        self.values[counter as usize] = value;
+    }
+
+    /// Every counter with its value, in the order the surfaces show them.
+    pub fn iter(&self) -> impl Iterator<Item = (XdpCounter, u64)> + '_ {
+        XdpCounter::ALL.into_iter().map(|c| (c, self.get(c)))
+    }
+
+    /// The counters of one kind with their values, in the order the surfaces show them.
+    pub fn of_kind(&self, kind: CounterKind) -> impl Iterator<Item = (XdpCounter, u64)> + '_ {
+        self.iter().filter(move |(c, _)| c.kind() == kind)
+    }
+
+    /// From `(name, value)` pairs; names of no counter are skipped, missing counters are 0.
+    pub fn from_named<'a>(pairs: impl IntoIterator<Item = (&'a str, u64)>) -> XdpCounters {
+        let mut out = XdpCounters::default();
+        for (name, value) in pairs {
+            if let Some(c) = XdpCounter::from_name(name) {
+                out.set(c, value);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_names_and_kinds_agree() {
+        for (i, name) in global_counter::NAMES.iter().enumerate() {
+            let c = XdpCounter::from_index(i as u32).unwrap();
+            assert_eq!(c.name(), *name);
+            assert_eq!(XdpCounter::from_name(name), Some(c));
+            assert!(!c.help().is_empty() && !c.help().ends_with('.'), "{name}");
+        }
+        assert_eq!(XdpCounter::from_index(global_counter::COUNT), None);
+        assert_eq!(global_counter::NAMES[global_counter::DROPPED as usize], "dropped");
+        let verdicts = XdpCounter::ALL
+            .iter()
+            .filter(|c| c.kind() == CounterKind::Verdict);
+        assert_eq!(verdicts.count(), 3);
+    }
+
+    #[test]
+    fn values_are_kept_by_counter() {
+        let c = XdpCounters::from_named([("dropped", 5), ("nonsense", 9), ("no_backend", 4)]);
+        assert_eq!(c.get(XdpCounter::Dropped), 5);
+        assert_eq!(c.get(XdpCounter::NoBackend), 4);
+        assert_eq!(c.get(XdpCounter::Passed), 0);
+        let mut reasons = c.of_kind(CounterKind::Reason).filter(|(_, v)| *v > 0);
+        assert_eq!(reasons.next(), Some((XdpCounter::NoBackend, 4)));
+        assert_eq!(reasons.next(), None);
+    }
+}

@@ -1,0 +1,112 @@
+//! [`FakeDatapath`]: a datapath that forwards nothing and records what it was asked, so the
+//! engine's behaviour (commands, reload, health events, transactions) is tested without root.
+
+use std::sync::{Arc, Mutex};
+
+use crate::config::DatapathKind;
+use crate::datapath::{Datapath, DatapathError, Drained, ServiceTraffic};
+use crate::state::{Backend, Effect, Service, State};
+
+/// One call the engine made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Call {
+    Apply(Effect),
+    FinishStart,
+    Reset { service: String, backend: String },
+    FailBack { service: String, backend: String },
+    Shutdown,
+}
+
+/// What a [`FakeDatapath`] saw, shared with the test that made it.
+#[derive(Debug, Default)]
+pub struct Journal {
+    pub calls: Vec<Call>,
+    /// Refuse every `apply` whose effect names this service.
+    pub refuse: Option<String>,
+    /// Backend names per service as the datapath last saw them: what it would forward to.
+    pub forwarding: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+pub struct FakeDatapath {
+    kind: DatapathKind,
+    journal: Arc<Mutex<Journal>>,
+}
+
+impl FakeDatapath {
+    /// A fake for `kind` and the journal it writes to.
+    pub fn new(kind: DatapathKind) -> (Self, Arc<Mutex<Journal>>) {
+        let journal = Arc::new(Mutex::new(Journal::default()));
+        (
+            FakeDatapath {
+                kind,
+                journal: journal.clone(),
+            },
+            journal,
+        )
+    }
+
+    fn record(&self, call: Call) {
+        self.journal.lock().unwrap().calls.push(call);
+    }
+}
+
+impl Datapath for FakeDatapath {
+    fn kind(&self) -> DatapathKind {
+        self.kind
+    }
+
+    fn apply(&self, effect: &Effect, state: &State) -> Result<(), DatapathError> {
+        let mut j = self.journal.lock().unwrap();
+        j.calls.push(Call::Apply(effect.clone()));
+        let name = match effect {
+            Effect::ServiceAdded(n) | Effect::ServiceChanged(n) | Effect::ServiceRemoved { name: n, .. } => n,
+            Effect::Nothing => return Ok(()),
+        };
+        if j.refuse.as_deref() == Some(name.as_str()) {
+            return Err(DatapathError::Refused(format!("service `{name}`")));
+        }
+        match state.service(name) {
+            Ok(s) => {
+                let names = s.backends.iter().map(|b| b.config.name.clone()).collect();
+                j.forwarding.insert(name.clone(), names);
+            }
+            Err(_) => {
+                j.forwarding.remove(name);
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_start(&self) -> Result<(), DatapathError> {
+        self.record(Call::FinishStart);
+        Ok(())
+    }
+
+    fn reset_backend(&self, service: &Service, backend: &Backend) -> usize {
+        self.record(Call::Reset {
+            service: service.settings.name.clone(),
+            backend: backend.config.name.clone(),
+        });
+        0
+    }
+
+    fn fail_back(&self, service: &Service, backend: &Backend) {
+        self.record(Call::FailBack {
+            service: service.settings.name.clone(),
+            backend: backend.config.name.clone(),
+        });
+    }
+
+    fn traffic(&self, _service: &Service) -> ServiceTraffic {
+        ServiceTraffic {
+            affinity_entries: 0,
+            failed_connections: None,
+            backends: std::collections::HashMap::new(),
+        }
+    }
+
+    fn shutdown(&self) -> Drained<'_> {
+        self.record(Call::Shutdown);
+        Box::pin(std::future::ready(()))
+    }
+}

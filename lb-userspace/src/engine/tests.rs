@@ -1,0 +1,587 @@
+//! Engine behaviour on [`FakeDatapath`]s: commands, transactions, health events, reload diffs,
+//! drain/maintenance/backup rules, failback and transitions. No root, no sockets.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Engine, EngineError, Origin};
+use crate::config::{AdminState, Config, DatapathKind};
+use crate::datapath::Datapath;
+use crate::datapath::fake::{Call, FakeDatapath, Journal};
+use crate::health::HealthEvent;
+use crate::state::{Command, Effect, Health, TransitionKind, tests::backend};
+
+const BASE: &str = r#"
+ring_size = 1009
+[[service]]
+name = "web"
+listen = "10.0.0.100:80"
+[service.health]
+kind = "none"
+[[service.backend]]
+name = "b1"
+address = "10.1.1.2:80"
+[[service.backend]]
+name = "b2"
+address = "10.1.2.2:80"
+[[service.backend]]
+name = "b3"
+address = "10.1.3.2:80"
+"#;
+
+/// An engine over a fake proxy datapath, with the config written to a file (for reloads).
+struct Bed {
+    engine: Engine,
+    journal: Arc<Mutex<Journal>>,
+    path: PathBuf,
+}
+
+impl Bed {
+    fn new(text: &str) -> Bed {
+        Bed::with_kinds(text, &[DatapathKind::Proxy]).0
+    }
+
+    /// One fake per kind; the journal of the first.
+    fn with_kinds(text: &str, kinds: &[DatapathKind]) -> (Bed, Vec<Arc<Mutex<Journal>>>) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("lb-engine-test-{}-{n}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let config = Config::load(&path).unwrap();
+        let (events, _) = mpsc::channel::<HealthEvent>(16);
+        let mut journals = Vec::new();
+        let engine = Engine::assemble(config, events, CancellationToken::new(), |_| {
+            Ok(kinds
+                .iter()
+                .map(|k| {
+                    let (fake, journal) = FakeDatapath::new(*k);
+                    journals.push(journal);
+                    Box::new(fake) as Box<dyn Datapath>
+                })
+                .collect())
+        })
+        .unwrap();
+        let bed = Bed {
+            engine,
+            journal: journals[0].clone(),
+            path,
+        };
+        (bed, journals)
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        std::mem::take(&mut self.journal.lock().unwrap().calls)
+    }
+
+    fn run(&self, command: Command) -> Result<Effect, EngineError> {
+        self.engine
+            .execute_by(command, &Origin::Operator { uid: Some(7) })
+    }
+
+    fn set_state(&self, backend: &str, state: AdminState) {
+        self.run(Command::SetState {
+            service: "web".into(),
+            backend: backend.into(),
+            state,
+        })
+        .unwrap();
+    }
+
+    fn health(&self, backend: &str, health: Health) {
+        let address: SocketAddr = {
+            let b = self.engine.balancer.snapshot();
+            b.state
+                .service("web")
+                .unwrap()
+                .backend(backend)
+                .unwrap()
+                .config
+                .address
+        };
+        self.engine.health_event(HealthEvent {
+            service: "web".into(),
+            backend: address,
+            health,
+            reason: "connect refused".into(),
+        });
+    }
+
+    /// Which backend a client would reach (through the engine's `which`).
+    fn which(&self, client: &str) -> Option<String> {
+        self.engine.which("web", client).unwrap().backend
+    }
+
+    /// Which backend a client reaches, recording affinity like a datapath does on connect.
+    fn connect(&self, client: &str) -> String {
+        let b = &self.engine.balancer;
+        let ip = client.parse().unwrap();
+        let now = std::time::Instant::now();
+        let c = b.choose("web", ip, now, &[]).unwrap();
+        b.confirm("web", ip, c.backend_id, now);
+        c.backend_name
+    }
+
+    fn reload(&self, text: &str) -> crate::control::protocol::ReloadView {
+        std::fs::write(&self.path, text).unwrap();
+        self.engine.reload_by(Some(0)).unwrap()
+    }
+
+    fn backend(&self, name: &str) -> crate::state::Backend {
+        let snap = self.engine.balancer.snapshot();
+        snap.state.service("web").unwrap().backend(name).unwrap().clone()
+    }
+
+    /// Transition counts and recent transitions of a backend of `web`.
+    fn transitions(&self, name: &str) -> crate::runtime::TransitionLog {
+        let snap = self.engine.balancer.snapshot();
+        let svc = snap.state.service("web").unwrap();
+        let runtime = snap.runtime(svc, svc.backend(name).unwrap());
+        runtime.transitions.lock().unwrap().clone()
+    }
+
+    fn forwarding(&self, service: &str) -> Option<Vec<String>> {
+        self.journal.lock().unwrap().forwarding.get(service).cloned()
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn clients(n: u32) -> impl Iterator<Item = String> {
+    (0..n).map(|i| format!("192.0.2.{}", i + 1))
+}
+
+#[test]
+fn start_adds_the_config_services_then_finishes() {
+    let bed = Bed::new(BASE);
+    let calls = bed.calls();
+    assert_eq!(
+        calls,
+        vec![Call::Apply(Effect::ServiceAdded("web".into())), Call::FinishStart]
+    );
+    assert_eq!(bed.forwarding("web").unwrap(), ["b1", "b2", "b3"]);
+}
+
+#[test]
+fn a_service_without_its_datapath_is_refused() {
+    let (events, _) = mpsc::channel(1);
+    let config = Config::parse(BASE, "test").unwrap();
+    let err = Engine::assemble(config, events, CancellationToken::new(), |_| Ok(Vec::new()))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("not running"), "{err}");
+}
+
+#[test]
+fn add_and_remove_service() {
+    let bed = Bed::new(BASE);
+    bed.calls();
+    let mut svc = crate::state::tests::service("api", "10.0.0.101:81", vec![backend("a1", "10.1.9.2:80")]);
+    svc.health.kind = crate::config::HealthKind::None;
+    bed.run(Command::AddService { service: svc.clone() }).unwrap();
+    assert_eq!(bed.forwarding("api").unwrap(), ["a1"]);
+    assert!(matches!(
+        bed.run(Command::AddService { service: svc }),
+        Err(EngineError::State(crate::state::StateError::ServiceExists(_)))
+    ));
+    bed.run(Command::RemoveService {
+        service: "api".into(),
+    })
+    .unwrap();
+    assert_eq!(bed.forwarding("api"), None);
+    assert!(bed.engine.status(Some("api")).is_err());
+    let calls = bed.calls();
+    assert!(matches!(
+        &calls[..],
+        [
+            Call::Apply(Effect::ServiceAdded(_)),
+            Call::Apply(Effect::ServiceRemoved { .. })
+        ]
+    ));
+}
+
+#[test]
+fn update_service_changes_settings_and_keeps_affinity() {
+    let bed = Bed::new(BASE);
+    let on = bed.connect("192.0.2.1");
+    let mut settings = bed
+        .engine
+        .balancer
+        .snapshot()
+        .state
+        .service("web")
+        .unwrap()
+        .settings
+        .clone();
+    settings.affinity_timeout = std::time::Duration::from_secs(60);
+    assert_eq!(
+        bed.run(Command::UpdateService {
+            service: settings.clone()
+        })
+        .unwrap(),
+        Effect::ServiceChanged("web".into())
+    );
+    assert_eq!(
+        bed.run(Command::UpdateService { service: settings }).unwrap(),
+        Effect::Nothing
+    );
+    let status = bed.engine.status(None).unwrap();
+    assert_eq!(status.services[0].affinity_timeout_secs, 60);
+    assert_eq!(bed.which("192.0.2.1").unwrap(), on);
+}
+
+#[test]
+fn add_remove_and_update_backend() {
+    let bed = Bed::new(BASE);
+    bed.run(Command::AddBackend {
+        service: "web".into(),
+        backend: backend("b4", "10.1.4.2:80"),
+    })
+    .unwrap();
+    assert_eq!(bed.forwarding("web").unwrap(), ["b1", "b2", "b3", "b4"]);
+    let mut b4 = backend("b4", "10.1.4.2:80");
+    b4.weight = 3;
+    b4.backup = true;
+    bed.run(Command::UpdateBackend {
+        service: "web".into(),
+        backend: b4,
+    })
+    .unwrap();
+    assert!(bed.backend("b4").config.backup);
+    assert_eq!(bed.backend("b4").config.weight, 3);
+    bed.run(Command::RemoveBackend {
+        service: "web".into(),
+        backend: "10.1.4.2:80".into(),
+    })
+    .unwrap();
+    assert_eq!(bed.forwarding("web").unwrap(), ["b1", "b2", "b3"]);
+    assert!(matches!(
+        bed.run(Command::RemoveBackend {
+            service: "web".into(),
+            backend: "b4".into()
+        }),
+        Err(EngineError::State(crate::state::StateError::NoBackend { .. }))
+    ));
+}
+
+#[test]
+fn set_weight_moves_ring_slots_and_refuses_out_of_range() {
+    let bed = Bed::new(BASE);
+    let slots = |name: &str| {
+        let s = bed.engine.status(None).unwrap();
+        s.services[0]
+            .backends
+            .iter()
+            .find(|b| b.name == name)
+            .unwrap()
+            .ring_slots
+    };
+    let before = slots("b1");
+    bed.run(Command::SetWeight {
+        service: "web".into(),
+        backend: "b1".into(),
+        weight: 4,
+    })
+    .unwrap();
+    assert!(slots("b1") > before * 3 / 2, "{} vs {before}", slots("b1"));
+    assert!(
+        bed.run(Command::SetWeight {
+            service: "web".into(),
+            backend: "b1".into(),
+            weight: 300
+        })
+        .is_err()
+    );
+    assert_eq!(bed.backend("b1").config.weight, 4);
+}
+
+#[test]
+fn drain_keeps_known_clients_and_refuses_new_ones() {
+    let bed = Bed::new(BASE);
+    let known: Vec<(String, String)> = clients(60)
+        .map(|c| {
+            let b = bed.connect(&c);
+            (c, b)
+        })
+        .collect();
+    bed.set_state("b1", AdminState::Drain);
+    for (c, b) in &known {
+        assert_eq!(&bed.connect(c), b, "client {c} keeps its backend through a drain");
+    }
+    for i in 0..60 {
+        assert_ne!(bed.connect(&format!("198.51.100.{i}")), "b1");
+    }
+}
+
+#[test]
+fn maintenance_moves_everybody_and_backups_take_over_only_without_primaries() {
+    let bed = Bed::new(BASE);
+    let mut spare = backend("spare", "10.1.9.2:80");
+    spare.backup = true;
+    bed.run(Command::AddBackend {
+        service: "web".into(),
+        backend: spare,
+    })
+    .unwrap();
+    for c in clients(40) {
+        assert_ne!(
+            bed.connect(&c),
+            "spare",
+            "a backup takes nobody while primaries are up"
+        );
+    }
+    bed.set_state("b1", AdminState::Maintenance);
+    for c in clients(40) {
+        assert_ne!(bed.connect(&c), "b1");
+    }
+    bed.set_state("b2", AdminState::Maintenance);
+    bed.health("b3", Health::Down);
+    for c in clients(40) {
+        assert_eq!(bed.connect(&c), "spare");
+    }
+    let status = bed.engine.status(None).unwrap();
+    assert!(status.services[0].on_backups);
+}
+
+#[test]
+fn health_down_and_up_record_transitions_with_their_reason() {
+    let bed = Bed::new(BASE);
+    bed.health("b2", Health::Down);
+    assert_eq!(bed.backend("b2").health, Health::Down);
+    bed.health("b2", Health::Up);
+    let log = bed.transitions("b2");
+    assert_eq!(log.health, 2);
+    let recent: Vec<_> = log.recent().cloned().collect();
+    assert_eq!((recent[0].from.as_str(), recent[0].to.as_str()), ("up", "down"));
+    assert_eq!(recent[0].reason, "health check: connect refused");
+    assert_eq!(recent[0].kind, TransitionKind::Health);
+    assert_eq!((recent[1].from.as_str(), recent[1].to.as_str()), ("down", "up"));
+    // A repeated report changes nothing and records nothing.
+    bed.health("b2", Health::Up);
+    assert_eq!(bed.transitions("b2").health, 2);
+}
+
+#[test]
+fn operator_state_changes_name_who_made_them() {
+    let bed = Bed::new(BASE);
+    bed.set_state("b3", AdminState::Drain);
+    let log = bed.transitions("b3");
+    let t = log.recent().next().unwrap().clone();
+    assert_eq!(
+        (t.kind, t.from.as_str(), t.to.as_str()),
+        (TransitionKind::State, "active", "drain")
+    );
+    assert_eq!(t.reason, "operator uid 7");
+}
+
+#[test]
+fn on_down_reset_asks_the_datapath_to_reset_only_when_configured() {
+    for (on_down, expect) in [("keep", false), ("reset", true)] {
+        let text = BASE.replace(
+            "[service.health]",
+            &format!("on_down = \"{on_down}\"\n[service.health]"),
+        );
+        let bed = Bed::new(&text);
+        bed.calls();
+        bed.health("b1", Health::Down);
+        let reset = bed.calls().contains(&Call::Reset {
+            service: "web".into(),
+            backend: "b1".into(),
+        });
+        assert_eq!(reset, expect, "on_down = {on_down}");
+    }
+}
+
+#[test]
+fn failback_returns_failed_over_clients_only_when_enabled() {
+    for failback in [false, true] {
+        let text = BASE.replace(
+            "[service.health]",
+            &format!("failback = {failback}\n[service.health]"),
+        );
+        let bed = Bed::new(&text);
+        let on_b1: Vec<String> = clients(90).filter(|c| bed.connect(c) == "b1").collect();
+        assert!(!on_b1.is_empty());
+        bed.health("b1", Health::Down);
+        for c in &on_b1 {
+            assert_ne!(bed.connect(c), "b1");
+        }
+        bed.calls();
+        bed.health("b1", Health::Up);
+        let asked = bed.calls().contains(&Call::FailBack {
+            service: "web".into(),
+            backend: "b1".into(),
+        });
+        assert_eq!(asked, failback);
+        let back = on_b1.iter().filter(|c| bed.connect(c) == "b1").count();
+        assert_eq!(
+            back,
+            if failback { on_b1.len() } else { 0 },
+            "failback = {failback}"
+        );
+    }
+}
+
+#[test]
+fn a_refused_change_leaves_no_trace() {
+    let bed = Bed::new(BASE);
+    bed.journal.lock().unwrap().refuse = Some("web".into());
+    let err = bed.run(Command::AddBackend {
+        service: "web".into(),
+        backend: backend("b4", "10.1.4.2:80"),
+    });
+    assert!(matches!(err, Err(EngineError::Datapath(_))));
+    bed.journal.lock().unwrap().refuse = None;
+    {
+        let b = bed.engine.balancer.snapshot();
+        assert!(
+            b.state.service("web").unwrap().backend("b4").is_none(),
+            "refused backend stays out of the state"
+        );
+    }
+    // The service is not poisoned: later changes and health events of other backends apply.
+    bed.set_state("b2", AdminState::Drain);
+    bed.health("b3", Health::Down);
+    assert_eq!(bed.backend("b2").config.state, AdminState::Drain);
+    assert_eq!(bed.backend("b3").health, Health::Down);
+    bed.run(Command::AddBackend {
+        service: "web".into(),
+        backend: backend("b4", "10.1.4.2:80"),
+    })
+    .unwrap();
+    assert_eq!(bed.forwarding("web").unwrap(), ["b1", "b2", "b3", "b4"]);
+}
+
+#[test]
+fn a_refused_new_service_is_not_kept() {
+    let bed = Bed::new(BASE);
+    bed.journal.lock().unwrap().refuse = Some("api".into());
+    let svc = crate::state::tests::service("api", "10.0.0.101:81", vec![backend("a1", "10.1.9.2:80")]);
+    assert!(bed.run(Command::AddService { service: svc.clone() }).is_err());
+    assert!(bed.engine.status(Some("api")).is_err());
+    bed.journal.lock().unwrap().refuse = None;
+    bed.run(Command::AddService { service: svc }).unwrap();
+    assert!(bed.engine.status(Some("api")).is_ok());
+}
+
+#[test]
+fn each_service_goes_to_the_datapath_of_its_kind() {
+    let text = format!(
+        "{BASE}\n[xdp]\ninterfaces = [\"veth0\"]\n[[service]]\nname = \"x\"\nlisten = \"10.0.0.200:80\"\ndatapath = \"xdp\"\n[service.health]\nkind = \"none\"\n[[service.backend]]\naddress = \"10.1.1.2:80\"\n"
+    );
+    let (bed, journals) = Bed::with_kinds(&text, &[DatapathKind::Proxy, DatapathKind::Xdp]);
+    assert_eq!(bed.forwarding("x"), None);
+    assert_eq!(
+        journals[1].lock().unwrap().forwarding.keys().collect::<Vec<_>>(),
+        ["x"]
+    );
+    assert_eq!(bed.forwarding("web").unwrap().len(), 3);
+}
+
+#[test]
+fn reload_applies_the_diff_and_keeps_runtime_changes() {
+    let bed = Bed::new(BASE);
+    let known: Vec<(String, String)> = clients(30)
+        .map(|c| {
+            let b = bed.connect(&c);
+            (c, b)
+        })
+        .collect();
+    // A runtime drain the file knows nothing about.
+    bed.set_state("b1", AdminState::Drain);
+    let text = BASE.replace(
+        "[[service.backend]]\nname = \"b3\"\naddress = \"10.1.3.2:80\"",
+        "[[service.backend]]\nname = \"b3\"\naddress = \"10.1.3.2:80\"\nweight = 2\n[[service.backend]]\nname = \"b4\"\naddress = \"10.1.4.2:80\"",
+    );
+    let view = bed.reload(&text);
+    assert!(view.problems.is_empty(), "{:?}", view.problems);
+    assert_eq!(view.applied.len(), 2, "{:?}", view.applied);
+    assert_eq!(bed.backend("b3").config.weight, 2);
+    assert_eq!(
+        bed.backend("b1").config.state,
+        AdminState::Drain,
+        "runtime drain survives"
+    );
+    for (c, b) in &known {
+        assert_eq!(&bed.connect(c), b, "affinity survives a reload");
+    }
+    let log = bed.transitions("b3");
+    assert_eq!(log.state, 0);
+    // The same file again changes nothing.
+    assert!(bed.reload(&text).applied.is_empty());
+}
+
+#[test]
+fn reload_of_a_bad_file_changes_nothing() {
+    let bed = Bed::new(BASE);
+    bed.calls();
+    std::fs::write(&bed.path, "[[service]]\nname = 3\n").unwrap();
+    assert!(matches!(bed.engine.reload_by(None), Err(EngineError::Config(_))));
+    assert!(bed.calls().is_empty());
+    assert_eq!(bed.forwarding("web").unwrap().len(), 3);
+}
+
+#[test]
+fn reload_removes_and_replaces_services_and_reports_restart_only_settings() {
+    let bed = Bed::new(BASE);
+    let moved = BASE
+        .replace("10.0.0.100:80", "10.0.0.100:8080")
+        .replace("ring_size = 1009", "ring_size = 1013");
+    let view = bed.reload(&moved);
+    assert!(
+        view.problems.iter().any(|p| p.contains("ring_size")),
+        "{:?}",
+        view.problems
+    );
+    let status = bed.engine.status(None).unwrap();
+    assert_eq!(status.services[0].listen, "10.0.0.100:8080");
+    let calls = bed.calls();
+    assert!(calls.contains(&Call::Apply(Effect::ServiceAdded("web".into()))));
+    let view = bed.reload("ring_size = 1009\n");
+    assert_eq!(view.applied, ["remove service web"]);
+    assert!(bed.engine.status(None).unwrap().services.is_empty());
+}
+
+#[test]
+fn a_failed_reload_item_is_reported_and_retried_next_time() {
+    let bed = Bed::new(BASE);
+    let text = format!(
+        "{BASE}\n[[service]]\nname = \"api\"\nlisten = \"10.0.0.101:81\"\n[service.health]\nkind = \"none\"\n[[service.backend]]\naddress = \"10.1.9.2:80\"\n"
+    );
+    bed.journal.lock().unwrap().refuse = Some("api".into());
+    let view = bed.reload(&text);
+    assert_eq!(view.problems.len(), 1, "{:?}", view.problems);
+    bed.journal.lock().unwrap().refuse = None;
+    let view = bed.reload(&text);
+    assert_eq!(view.applied, ["add service api on 10.0.0.101:81"]);
+}
+
+#[test]
+fn which_answers_from_the_balancer_for_user_space_datapaths() {
+    let bed = Bed::new(BASE);
+    let w = bed.engine.which("web", "192.0.2.9").unwrap();
+    assert_eq!(w.reason, "ring");
+    let on = bed.connect("192.0.2.9");
+    let w = bed.engine.which("web", "192.0.2.9:4000").unwrap();
+    assert_eq!((w.backend.unwrap(), w.reason.as_str()), (on, "affinity"));
+    assert!(matches!(
+        bed.engine.which("web", "nonsense"),
+        Err(EngineError::BadAddress(_))
+    ));
+}
+
+#[tokio::test]
+async fn shutdown_reaches_every_datapath() {
+    let (bed, journals) = Bed::with_kinds(BASE, &[DatapathKind::Proxy, DatapathKind::Xdp]);
+    bed.engine.shutdown().await;
+    for j in journals {
+        assert!(j.lock().unwrap().calls.contains(&Call::Shutdown));
+    }
+}

@@ -1,0 +1,15 @@
+//! What the daemon shows of itself beyond the control socket's answers: the Prometheus endpoint and
+//! the live terminal view.
+//!
+//! - [`metrics`]: a `stats` snapshot → Prometheus text or OpenMetrics, with `prometheus-client`.
+//! - [`http`]: the `[metrics] listen` server (`GET /metrics`) on hyper.
+//! - [`top`]: `lb top`, the live terminal view over the control socket.
+//!
+//! All three, and `lb stats`, show the XDP counters by the taxonomy of [`lb_common::counters`].
+
+pub mod http;
+pub mod metrics;
+pub mod top;
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,588 @@
+//! Fixtures and tests of the observability surfaces: sample snapshots (also used by the `lb stats`
+//! and `lb top` tests), the Prometheus rendering, and the `/metrics` server driven in-process on
+//! `127.0.0.1:0`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lb_common::counters::{XdpCounter, XdpCounters};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::http::{self, MAX_CONNECTIONS, READ_TIMEOUT};
+use super::metrics::{Format, render};
+use crate::config::{AdminState, DatapathKind, MetricsConfig, Protocol};
+use crate::control::protocol::{BackendStatsView, ServiceStatsView, StatsView};
+use crate::health::CheckStatus;
+use crate::state::{Health, Transition, TransitionKind};
+
+fn backend(name: &str) -> BackendStatsView {
+    BackendStatsView {
+        name: name.into(),
+        address: "10.0.1.2:8080".into(),
+        weight: 1,
+        backup: false,
+        state: AdminState::Active,
+        health: Health::Up,
+        ring_slots: 50,
+        connections_active: 2,
+        connections_total: 7,
+        bytes_in: 1000,
+        bytes_out: 20000,
+        packets_in: None,
+        packets_out: None,
+        connect_failures: None,
+        check: None,
+        health_transitions: 0,
+        state_transitions: 0,
+        transitions: vec![],
+    }
+}
+
+/// A proxy service `web` (b1 draining with checks, b2 a down backup) and an XDP service `fast`.
+pub(crate) fn sample() -> StatsView {
+    let mut b1 = backend("b1");
+    b1.state = AdminState::Drain;
+    b1.connect_failures = Some(3);
+    let mut check = CheckStatus::default();
+    (check.checks, check.failed_checks, check.last_latency_ms) = (10, 4, Some(1.5));
+    b1.check = Some(check);
+    b1.state_transitions = 1;
+    b1.transitions = vec![Transition {
+        unix_ms: 1_700_000_000_500,
+        kind: TransitionKind::State,
+        from: "active".into(),
+        to: "drain".into(),
+        reason: "operator uid 0".into(),
+    }];
+    let mut b2 = backend("b2");
+    b2.backup = true;
+    b2.health = Health::Down;
+    b2.connect_failures = Some(0);
+    b2.health_transitions = 1;
+    let mut k1 = backend("k1");
+    k1.packets_in = Some(11);
+    k1.packets_out = Some(12);
+    StatsView {
+        version: "9.9.9".into(),
+        uptime_secs: 5,
+        start_time_unix: 1_700_000_000,
+        taken_unix_ms: 1_700_000_005_000,
+        xdp: Some(XdpCounters::from_named([
+            ("packets", 100),
+            ("passed", 10),
+            ("forwarded", 85),
+            ("dropped", 5),
+            ("no_backend", 4),
+            ("no_conntrack", 1),
+            ("new_flows", 6),
+        ])),
+        services: vec![
+            ServiceStatsView {
+                name: "web".into(),
+                listen: "10.0.0.1:80".into(),
+                protocol: Protocol::Tcp,
+                datapath: DatapathKind::Proxy,
+                affinity_entries: 4,
+                on_backups: false,
+                failed_connections: Some(2),
+                backends: vec![b1, b2],
+            },
+            ServiceStatsView {
+                name: "fast".into(),
+                listen: "10.0.0.1:81".into(),
+                protocol: Protocol::Tcp,
+                datapath: DatapathKind::Xdp,
+                affinity_entries: 9,
+                on_backups: false,
+                failed_connections: None,
+                backends: vec![k1],
+            },
+        ],
+    }
+}
+
+fn has(text: &str, line: &str) {
+    assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+}
+
+fn lacks(text: &str, prefix: &str) {
+    assert!(
+        !text.lines().any(|l| l.starts_with(prefix)),
+        "unexpected {prefix:?} in:\n{text}"
+    );
+}
+
+#[test]
+fn text_format_names_labels_help_and_type() {
+    let t = render(&sample(), Format::Text).unwrap();
+    has(&t, "# TYPE lb_backend_connections_total counter");
+    has(
+        &t,
+        "# HELP lb_backend_connections_total Connections set up to the backend (XDP: new flows).",
+    );
+    has(&t, "# TYPE lb_backend_connections_active gauge");
+    has(&t, "lb_up 1");
+    has(&t, "lb_build_info{version=\"9.9.9\"} 1");
+    has(&t, "lb_start_time_seconds 1700000000");
+    has(
+        &t,
+        "lb_backend_connections_total{service=\"web\",backend=\"b1\"} 7",
+    );
+    has(
+        &t,
+        "lb_backend_connections_active{service=\"fast\",backend=\"k1\"} 2",
+    );
+    has(
+        &t,
+        "lb_backend_bytes_in_total{service=\"web\",backend=\"b1\"} 1000",
+    );
+    has(
+        &t,
+        "lb_backend_bytes_out_total{service=\"fast\",backend=\"k1\"} 20000",
+    );
+    // Packets only for XDP backends, connect failures only for proxy backends.
+    has(
+        &t,
+        "lb_backend_packets_in_total{service=\"fast\",backend=\"k1\"} 11",
+    );
+    has(
+        &t,
+        "lb_backend_packets_out_total{service=\"fast\",backend=\"k1\"} 12",
+    );
+    lacks(&t, "lb_backend_packets_in_total{service=\"web\"");
+    has(
+        &t,
+        "lb_backend_connect_failures_total{service=\"web\",backend=\"b1\"} 3",
+    );
+    lacks(&t, "lb_backend_connect_failures_total{service=\"fast\"");
+    has(&t, "lb_service_failed_connections_total{service=\"web\"} 2");
+    has(&t, "lb_service_affinity_entries{service=\"fast\"} 9");
+    has(
+        &t,
+        "lb_service_info{service=\"fast\",listen=\"10.0.0.1:81\",protocol=\"tcp\",datapath=\"xdp\"} 1",
+    );
+    has(&t, "lb_backend_up{service=\"web\",backend=\"b1\"} 1");
+    has(&t, "lb_backend_up{service=\"web\",backend=\"b2\"} 0");
+    has(
+        &t,
+        "lb_backend_state{service=\"web\",backend=\"b1\",state=\"drain\"} 1",
+    );
+    has(
+        &t,
+        "lb_backend_state{service=\"web\",backend=\"b1\",state=\"active\"} 0",
+    );
+    has(
+        &t,
+        "lb_backend_info{service=\"web\",backend=\"b2\",address=\"10.0.1.2:8080\",role=\"backup\"} 1",
+    );
+    has(
+        &t,
+        "lb_backend_checks_total{service=\"web\",backend=\"b1\",result=\"ok\"} 6",
+    );
+    has(
+        &t,
+        "lb_backend_checks_total{service=\"web\",backend=\"b1\",result=\"failed\"} 4",
+    );
+    lacks(&t, "lb_backend_checks_total{service=\"fast\"");
+    has(
+        &t,
+        "lb_backend_check_latency_seconds{service=\"web\",backend=\"b1\"} 0.0015",
+    );
+    has(
+        &t,
+        "lb_backend_transitions_total{service=\"web\",backend=\"b1\",kind=\"state\"} 1",
+    );
+    has(
+        &t,
+        "lb_backend_transitions_total{service=\"web\",backend=\"b2\",kind=\"health\"} 1",
+    );
+    has(
+        &t,
+        "lb_backend_last_transition_timestamp_seconds{service=\"web\",backend=\"b1\"} 1700000000.5",
+    );
+    has(&t, "lb_xdp_packets_total{reason=\"no_backend\"} 4");
+    has(&t, "lb_xdp_verdicts_total{verdict=\"dropped\"} 5");
+    has(&t, "lb_xdp_new_flows_total 6");
+    lacks(&t, "lb_xdp_packets_total{reason=\"packets\"");
+    lacks(&t, "lb_xdp_packets_total{reason=\"forwarded\"");
+    lacks(&t, "# EOF");
+    lacks(&t, "# UNIT");
+}
+
+#[test]
+fn every_sample_has_help_and_type_of_its_own_name() {
+    let t = render(&sample(), Format::Text).unwrap();
+    let mut help = std::collections::HashSet::new();
+    let mut types = std::collections::HashMap::new();
+    let mut samples = 0;
+    for line in t.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, doc) = rest.split_once(' ').unwrap();
+            assert!(!doc.is_empty() && help.insert(name.to_string()), "{line}");
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(["counter", "gauge"].contains(&kind), "{line}");
+            assert!(help.contains(name), "TYPE before HELP: {line}");
+            assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
+            types.insert(name.to_string(), kind.to_string());
+        } else {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(types.contains_key(name), "sample without TYPE: {line}");
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "bad value: {line}");
+            samples += 1;
+        }
+    }
+    assert!(samples > 40, "{t}");
+}
+
+#[test]
+fn openmetrics_format_names_counter_families_without_total() {
+    let t = render(&sample(), Format::OpenMetrics).unwrap();
+    has(&t, "# TYPE lb_backend_connections counter");
+    has(
+        &t,
+        "lb_backend_connections_total{service=\"web\",backend=\"b1\"} 7",
+    );
+    has(&t, "# TYPE lb_backend_up gauge");
+    assert!(t.ends_with("# EOF\n"), "{t}");
+}
+
+#[test]
+fn metric_names_list_every_family() {
+    let names = metric_names();
+    for want in [
+        "lb_up",
+        "lb_build_info",
+        "lb_backend_connections_active",
+        "lb_backend_connections_total",
+        "lb_backend_bytes_in_total",
+        "lb_backend_bytes_out_total",
+        "lb_backend_packets_in_total",
+        "lb_backend_packets_out_total",
+        "lb_backend_connect_failures_total",
+        "lb_backend_up",
+        "lb_backend_state",
+        "lb_backend_check_latency_seconds",
+        "lb_backend_checks_total",
+        "lb_backend_transitions_total",
+        "lb_service_affinity_entries",
+        "lb_xdp_packets_total",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
+}
+
+#[test]
+fn accept_header_picks_the_format() {
+    assert_eq!(Format::from_accept(None), Format::Text);
+    assert_eq!(Format::from_accept(Some("*/*")), Format::Text);
+    assert_eq!(
+        Format::from_accept(Some(
+            "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3"
+        )),
+        Format::OpenMetrics
+    );
+}
+
+#[test]
+fn grafana_dashboard_uses_only_exported_metrics() {
+    let text = include_str!("../../../examples/grafana-dashboard.json");
+    let dashboard: serde_json::Value = serde_json::from_str(text).expect("valid JSON");
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 5, "too few queries: {exprs:?}");
+    let names = metric_names();
+    let mut used = std::collections::BTreeSet::new();
+    for expr in &exprs {
+        let idents = expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .filter(|t| t.starts_with("lb_"));
+        for ident in idents {
+            assert!(
+                names.iter().any(|n| n == ident),
+                "dashboard query `{expr}` uses {ident}, which /metrics does not export"
+            );
+            used.insert(ident.to_string());
+        }
+    }
+    for want in [
+        "lb_backend_up",
+        "lb_backend_connections_active",
+        "lb_backend_bytes_in_total",
+        "lb_backend_check_latency_seconds",
+        "lb_xdp_packets_total",
+    ] {
+        assert!(used.contains(want), "dashboard has no panel on {want}");
+    }
+}
+
+fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr" | "query", serde_json::Value::String(s)) => out.push(s.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// A snapshot with one of everything: a checked proxy backend with a transition, an XDP backend,
+/// and XDP counters of each kind. Families without series print nothing, so this is what shows
+/// every family.
+fn exemplar() -> StatsView {
+    let mut checked = CheckStatus::default();
+    checked.last_latency_ms = Some(1.0);
+    let backend = |name: &str, xdp: bool| BackendStatsView {
+        name: name.into(),
+        address: "192.0.2.1:80".into(),
+        weight: 1,
+        backup: false,
+        state: AdminState::Active,
+        health: Health::Up,
+        ring_slots: 1,
+        connections_active: 0,
+        connections_total: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+        packets_in: xdp.then_some(0),
+        packets_out: xdp.then_some(0),
+        connect_failures: (!xdp).then_some(0),
+        check: Some(checked.clone()),
+        health_transitions: 0,
+        state_transitions: 1,
+        transitions: vec![Transition {
+            unix_ms: 0,
+            kind: TransitionKind::State,
+            from: "active".into(),
+            to: "drain".into(),
+            reason: String::new(),
+        }],
+    };
+    let service = |name: &str, datapath, b| ServiceStatsView {
+        name: name.into(),
+        listen: "192.0.2.100:80".into(),
+        protocol: Protocol::Tcp,
+        datapath,
+        affinity_entries: 0,
+        on_backups: false,
+        failed_connections: Some(0),
+        backends: vec![b],
+    };
+    StatsView {
+        version: String::new(),
+        uptime_secs: 0,
+        start_time_unix: 0,
+        taken_unix_ms: 0,
+        xdp: Some(XdpCounters::default()),
+        services: vec![
+            service("p", DatapathKind::Proxy, backend("a", false)),
+            service("x", DatapathKind::Xdp, backend("b", true)),
+        ],
+    }
+}
+
+/// Every metric name the endpoint exports (as sample names: counters end in `_total`).
+fn metric_names() -> Vec<String> {
+    render(&exemplar(), Format::Text)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn every_xdp_counter_but_all_packets_is_exported_under_its_name() {
+    let mut x = XdpCounters::default();
+    for (i, c) in XdpCounter::ALL.into_iter().enumerate() {
+        x.set(c, 1000 + i as u64);
+    }
+    let mut stats = sample();
+    stats.xdp = Some(x);
+    let t = render(&stats, Format::Text).unwrap();
+    for (c, n) in x.iter() {
+        let line = match c.kind() {
+            lb_common::counters::CounterKind::All => {
+                lacks(&t, &format!("lb_xdp_packets_total{{reason=\"{}\"}}", c.name()));
+                continue;
+            }
+            lb_common::counters::CounterKind::Verdict => {
+                format!("lb_xdp_verdicts_total{{verdict=\"{}\"}} {n}", c.name())
+            }
+            lb_common::counters::CounterKind::Reason => {
+                format!("lb_xdp_packets_total{{reason=\"{}\"}} {n}", c.name())
+            }
+            lb_common::counters::CounterKind::Flows => format!("lb_xdp_{}_total {n}", c.name()),
+        };
+        has(&t, &line);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The HTTP server, in-process on 127.0.0.1:0.
+
+/// A `/metrics` server on a free loopback port answering with [`sample`]; stops when dropped.
+struct Server {
+    addr: std::net::SocketAddr,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn server() -> Server {
+    let listener = http::bind(&MetricsConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+    })
+    .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(http::serve(listener, Arc::new(sample), shutdown.clone()));
+    Server { addr, shutdown }
+}
+
+/// Sends `request` raw and reads until the server closes: status line, lower-case headers, body.
+async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> (String, Vec<(String, String)>, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
+        .await
+        .expect("the server closes after one answer")
+        .unwrap_or_else(|e| panic!("{request:?}: {e}"));
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap_or_default().to_string();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+#[tokio::test]
+async fn get_metrics_answers_the_text_format_and_closes() {
+    let srv = server();
+    let (status, headers, body) = exchange(srv.addr, b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(
+        header(&headers, "content-type"),
+        Some(super::metrics::TEXT_CONTENT_TYPE)
+    );
+    assert_eq!(
+        header(&headers, "content-length"),
+        Some(body.len().to_string().as_str())
+    );
+    assert_eq!(header(&headers, "connection"), Some("close"));
+    let sorted = |t: &str| {
+        let mut lines: Vec<String> = t.lines().map(String::from).collect();
+        lines.sort();
+        lines
+    };
+    // Series of a family come in no fixed order.
+    assert_eq!(sorted(&body), sorted(&render(&sample(), Format::Text).unwrap()));
+
+    let (status, _, body) = exchange(srv.addr, b"GET /metrics HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.0 200 OK");
+    has(&body, "lb_up 1");
+}
+
+#[tokio::test]
+async fn accept_asks_for_openmetrics_and_head_gets_no_body() {
+    let srv = server();
+    let (status, headers, body) = exchange(
+        srv.addr,
+        b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(
+        header(&headers, "content-type"),
+        Some(super::metrics::OPENMETRICS_CONTENT_TYPE)
+    );
+    assert!(body.ends_with("# EOF\n"), "{body}");
+
+    let (status, headers, body) = exchange(srv.addr, b"HEAD /metrics HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(
+        header(&headers, "content-type"),
+        Some(super::metrics::TEXT_CONTENT_TYPE)
+    );
+    assert_eq!(body, "");
+}
+
+#[tokio::test]
+async fn other_paths_and_methods_get_404() {
+    let srv = server();
+    for request in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        b"GET /metricsx HTTP/1.1\r\n\r\n",
+        b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        b"DELETE /metrics HTTP/1.1\r\n\r\n",
+    ] {
+        let (status, _, body) = exchange(srv.addr, request).await;
+        assert_eq!(status, "HTTP/1.1 404 Not Found", "{request:?}");
+        assert_eq!(body, "not found; the metrics are at /metrics\n");
+    }
+}
+
+#[tokio::test]
+async fn requests_that_are_not_http1_get_400() {
+    let srv = server();
+    for request in [
+        &b"GET /metrics SPDY/3\r\n\r\n"[..],
+        b"\xff\xfe\r\n\r\n",
+        b"GET /metrics HTTP/2.0\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ] {
+        let (status, _, _) = exchange(srv.addr, request).await;
+        assert_eq!(status, "HTTP/1.1 400 Bad Request", "{request:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_silent_client_is_closed_after_the_read_timeout_without_an_answer() {
+    let srv = server();
+    let start = Instant::now();
+    let (status, _, _) = exchange(srv.addr, b"GET /metr").await;
+    assert_eq!(status, "");
+    assert!(start.elapsed() >= READ_TIMEOUT, "{:?}", start.elapsed());
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_for_a_free_one() {
+    let srv = server();
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        held.push(TcpStream::connect(srv.addr).await.unwrap());
+    }
+    let waiting = tokio::spawn(exchange(srv.addr, b"GET /metrics HTTP/1.1\r\n\r\n"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "answered beyond {MAX_CONNECTIONS} connections"
+    );
+    held.pop();
+    let (status, _, _) = tokio::time::timeout(READ_TIMEOUT, waiting)
+        .await
+        .expect("answered once a connection closed")
+        .unwrap();
+    assert_eq!(status, "HTTP/1.1 200 OK");
+}

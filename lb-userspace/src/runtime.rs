@@ -1,0 +1,271 @@
+//! Live data kept apart from the plain [`State`]: per-backend traffic counters, the token that
+//! resets a backend's connections, its transition log and its health-check status (the rise/fall
+//! machine the checker in [`crate::health`] drives), in a
+//! [`Registry`] keyed by (service id, backend id), published with the state in a [`Snapshot`].
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::state::{Backend, Health, RECENT_TRANSITIONS, Service, State, Transition, TransitionKind};
+
+/// Traffic counters of one backend, bumped by the user-space datapaths' connection tasks.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    pub active_connections: AtomicU64,
+    pub total_connections: AtomicU64,
+    pub connect_failures: AtomicU64,
+    /// Bytes from client to backend.
+    pub bytes_in: AtomicU64,
+    /// Bytes from backend to client.
+    pub bytes_out: AtomicU64,
+}
+
+impl BackendStats {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// Transition counts since the backend was added, and the last [`RECENT_TRANSITIONS`] of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TransitionLog {
+    pub health: u64,
+    pub state: u64,
+    recent: std::collections::VecDeque<Transition>,
+}
+
+impl TransitionLog {
+    /// Counts `t` and keeps it, dropping the oldest beyond [`RECENT_TRANSITIONS`].
+    pub fn record(&mut self, t: Transition) {
+        match t.kind {
+            TransitionKind::Health => self.health += 1,
+            TransitionKind::State => self.state += 1,
+        }
+        if self.recent.len() == RECENT_TRANSITIONS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(t);
+    }
+
+    /// The kept transitions, oldest first.
+    pub fn recent(&self) -> impl DoubleEndedIterator<Item = &Transition> {
+        self.recent.iter()
+    }
+}
+
+/// The rise/fall state machine of one backend and what `lb status` shows about its checks.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CheckStatus {
+    pub health: Health,
+    /// "ok" or the failure reason of the last probe.
+    pub last_result: String,
+    pub last_latency_ms: Option<f64>,
+    pub consecutive_ok: u32,
+    pub consecutive_failed: u32,
+    pub checks: u64,
+    /// Of `checks`, how many failed.
+    #[serde(default)]
+    pub failed_checks: u64,
+    pub transitions: u64,
+    /// Unix time (seconds) of the last transition, or of the first check.
+    pub since_unix: u64,
+    /// Seconds since then (filled in by [`CheckStatus::snapshot`]).
+    #[serde(default)]
+    pub since_secs: u64,
+    #[serde(skip)]
+    since: Option<Instant>,
+}
+
+impl Default for CheckStatus {
+    fn default() -> Self {
+        CheckStatus {
+            health: Health::Up,
+            last_result: "not checked yet".into(),
+            last_latency_ms: None,
+            consecutive_ok: 0,
+            consecutive_failed: 0,
+            checks: 0,
+            failed_checks: 0,
+            transitions: 0,
+            since_unix: unix_now(),
+            since_secs: 0,
+            since: Some(Instant::now()),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl CheckStatus {
+    /// Records a probe result; returns the new health when it changed.
+    pub fn record<E: std::fmt::Display>(
+        &mut self,
+        result: &Result<Duration, E>,
+        rise: u32,
+        fall: u32,
+    ) -> Option<Health> {
+        self.checks += 1;
+        match result {
+            Ok(latency) => {
+                self.consecutive_ok += 1;
+                self.consecutive_failed = 0;
+                self.last_result = "ok".into();
+                self.last_latency_ms = Some(latency.as_secs_f64() * 1000.0);
+            }
+            Err(e) => {
+                self.failed_checks += 1;
+                self.consecutive_failed += 1;
+                self.consecutive_ok = 0;
+                self.last_result = e.to_string();
+                self.last_latency_ms = None;
+            }
+        }
+        let next = match self.health {
+            Health::Up if self.consecutive_failed >= fall => Health::Down,
+            Health::Down if self.consecutive_ok >= rise => Health::Up,
+            h => h,
+        };
+        if next == self.health {
+            return None;
+        }
+        self.health = next;
+        self.transitions += 1;
+        self.since_unix = unix_now();
+        self.since = Some(Instant::now());
+        Some(next)
+    }
+
+    /// A copy for display, with `since_secs` current.
+    pub fn snapshot(&self) -> CheckStatus {
+        CheckStatus {
+            since_secs: self.since.map_or(0, |s| s.elapsed().as_secs()),
+            ..self.clone()
+        }
+    }
+}
+
+/// Everything live about one backend.
+#[derive(Debug, Default)]
+pub struct BackendRuntime {
+    pub stats: BackendStats,
+    /// Cancelled to reset the backend's open connections (`on_down = "reset"`); replaced afterwards.
+    reset: Mutex<CancellationToken>,
+    /// Health and operator state changes: counts and the most recent ones.
+    pub transitions: Mutex<TransitionLog>,
+    /// Health-check state machine and last result, shared with the backend's checker task.
+    pub check: Arc<Mutex<CheckStatus>>,
+}
+
+impl BackendRuntime {
+    /// The token a new connection watches: cancelled by [`BackendRuntime::reset_connections`].
+    pub fn reset_token(&self) -> CancellationToken {
+        self.reset.lock().unwrap().clone()
+    }
+
+    /// Resets every open connection to this backend; later connections are not affected.
+    pub fn reset_connections(&self) {
+        std::mem::take(&mut *self.reset.lock().unwrap()).cancel();
+    }
+}
+
+/// The runtime of every backend of a state, by (service id, backend id).
+#[derive(Clone, Debug, Default)]
+pub struct Registry(BTreeMap<(u32, u32), Arc<BackendRuntime>>);
+
+impl Registry {
+    /// The registry for `state`: backends that stay keep their runtime, new ones get a fresh one,
+    /// removed ones are dropped.
+    pub fn follow(&self, state: &State) -> Registry {
+        let mut next = BTreeMap::new();
+        for svc in state.services.values() {
+            for b in &svc.backends {
+                let key = (svc.id, b.id);
+                next.insert(key, self.0.get(&key).cloned().unwrap_or_default());
+            }
+        }
+        Registry(next)
+    }
+
+    pub fn get(&self, service: &Service, backend: &Backend) -> Arc<BackendRuntime> {
+        self.0
+            .get(&(service.id, backend.id))
+            .cloned()
+            .expect("the registry follows every published state")
+    }
+}
+
+/// A state with the runtime of its backends: what readers see, replaced as a whole on each change.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub state: State,
+    pub runtime: Registry,
+}
+
+impl Snapshot {
+    pub fn new(state: State) -> Self {
+        let runtime = Registry::default().follow(&state);
+        Snapshot { state, runtime }
+    }
+
+    /// The runtime of a backend of this snapshot.
+    pub fn runtime(&self, service: &Service, backend: &Backend) -> Arc<BackendRuntime> {
+        self.runtime.get(service, backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_log_keeps_the_last_ones_and_counts_all() {
+        let mut log = TransitionLog::default();
+        for i in 0..(RECENT_TRANSITIONS as u64 + 5) {
+            log.record(Transition {
+                unix_ms: i,
+                kind: if i % 2 == 0 {
+                    TransitionKind::Health
+                } else {
+                    TransitionKind::State
+                },
+                from: "a".into(),
+                to: "b".into(),
+                reason: format!("r{i}"),
+            });
+        }
+        assert_eq!(log.health + log.state, RECENT_TRANSITIONS as u64 + 5);
+        assert_eq!((log.health, log.state), (11, 10));
+        let kept: Vec<u64> = log.recent().map(|t| t.unix_ms).collect();
+        assert_eq!(kept, (5..RECENT_TRANSITIONS as u64 + 5).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn registry_keeps_runtime_of_backends_that_stay() {
+        use crate::state::Command;
+        let mut state = crate::state::tests::three();
+        let snap = Snapshot::new(state.clone());
+        let svc = snap.state.service("web").unwrap();
+        let b2 = snap.runtime(svc, svc.backend("b2").unwrap());
+        b2.stats.total_connections.fetch_add(5, Ordering::Relaxed);
+        state
+            .apply(Command::RemoveBackend {
+                service: "web".into(),
+                backend: "b1".into(),
+            })
+            .unwrap();
+        let next = snap.runtime.follow(&state);
+        let svc = state.service("web").unwrap();
+        assert!(Arc::ptr_eq(&next.get(svc, svc.backend("b2").unwrap()), &b2));
+        assert_eq!(next.0.len(), 2);
+    }
+}
