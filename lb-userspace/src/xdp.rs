@@ -24,7 +24,7 @@ use lb_common::maps::{
 };
 use lb_common::maps::{
     MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_GLOBAL_STATS, MAP_RING,
-    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT, MAP_SNAT_ADDRS,
 };
 use lb_common::select::{self, BackendTable, Peek, Policy, Ring};
 use tracing::{info, warn};
@@ -105,6 +105,8 @@ struct Maps {
     global: PerCpuArray<MapData, Counter>,
     service_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    /// The SNAT source addresses in use (replies to them without a flow are dropped, not passed).
+    snat_addrs: HashMap<MapData, u32, u32>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -250,6 +252,7 @@ impl XdpDatapath {
             MAP_CONNTRACK,
             MAP_AFFINITY,
             MAP_SNAT,
+            MAP_SNAT_ADDRS,
             MAP_SERVICE_STATS,
             MAP_BACKEND_STATS,
         ];
@@ -270,6 +273,7 @@ impl XdpDatapath {
             global: take(&mut ebpf, MAP_GLOBAL_STATS)?,
             service_stats: take(&mut ebpf, MAP_SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
+            snat_addrs: take(&mut ebpf, MAP_SNAT_ADDRS)?,
         };
         let max_services = maps.service_stats.len();
         let max_backends = maps.backends.len();
@@ -709,6 +713,10 @@ impl Inner {
                 service_slot: ks.slot,
             };
             if ks.written.get(&index) != Some(&value) {
+                self.maps
+                    .snat_addrs
+                    .insert(snat, 1, 0)
+                    .map_err(map_err(MAP_SNAT_ADDRS))?;
                 self.maps
                     .backends
                     .set(index, value, 0)
