@@ -188,7 +188,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
 
     // SAFETY: ptr_at checked the TCP header.
     let seq_be = unsafe { (*tcp).seq_be };
-    if let Some(flow) = CONNTRACK.get_ptr_mut(&key) {
+    if let Some(flow) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: map value pointer valid for this program run; racing writers only touch
         // last_seen/flags (flags atomically), for which a torn read is harmless.
         let f = unsafe { &mut *flow };
@@ -210,7 +210,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
                 // Atomic: the client's and the backend's FIN often cross on two CPUs, and a
                 // lost bit leaves one direction open for idle_timeout.
                 set_flags(&mut f.flags, bit);
-                if let Some(other) = CONNTRACK.get_ptr_mut(&FlowKey::reverse_of(f)) {
+                if let Some(other) = CONNTRACK.get_ptr_mut(FlowKey::reverse_of(f)) {
                     // SAFETY: valid map value pointer for this run.
                     set_flags(unsafe { &mut (*other).flags }, bit);
                 }
@@ -230,7 +230,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         proto: IPPROTO_TCP,
         _pad: 0,
     };
-    let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {
+    let Some(service) = (unsafe { SERVICES.get(service_key) }) else {
         return stray_reply_or_pass(&key, cfg);
     };
     if !syn {
@@ -288,13 +288,13 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
     }
     // The client reused a port of an earlier connection still on record: that connection is over
     // (its reply entry, if still its own, ages out as closed; its port is free after closed_timeout).
-    if let Some(old) = unsafe { CONNTRACK.get(&key) } {
+    if let Some(old) = unsafe { CONNTRACK.get(key) } {
         retire(&key, old);
     }
     // The next hop is found before the entry is stored, so it is stored with it.
     let verdict = forward(ctx, ip, &mut forward_value, now);
-    if CONNTRACK.insert(&key, &forward_value, 0).is_err() {
-        let _ = CONNTRACK.remove(&FlowKey::reverse_of(&forward_value));
+    if CONNTRACK.insert(key, forward_value, 0).is_err() {
+        let _ = CONNTRACK.remove(FlowKey::reverse_of(&forward_value));
         return drop(gc::SNAT_EXHAUSTED);
     }
     count(gc::NEW_FLOWS, len);
@@ -346,11 +346,11 @@ impl AffinitySlot for KernelAffinity {
     #[inline(always)]
     fn get(&self) -> Option<AffinityValue> {
         // SAFETY: a map value read for this run.
-        unsafe { AFFINITY.get(&self.0) }.copied()
+        unsafe { AFFINITY.get(self.0) }.copied()
     }
     #[inline(always)]
     fn put(&mut self, value: &AffinityValue) {
-        let _ = AFFINITY.insert(&self.0, value, 0);
+        let _ = AFFINITY.insert(self.0, value, 0);
     }
 }
 
@@ -394,7 +394,7 @@ fn retransmitted_syn(key: &FlowKey, f: &FlowValue, seq_be: u32, now: u64, cfg: &
         return false;
     }
     // SAFETY: read-only use of a map value for this run.
-    match unsafe { CONNTRACK.get(&FlowKey::reverse_of(f)) } {
+    match unsafe { CONNTRACK.get(FlowKey::reverse_of(f)) } {
         Some(reply) => !reply.expired(now, cfg) && same_flow(&FlowKey::reverse_of(reply), key),
         None => false,
     }
@@ -413,7 +413,7 @@ fn retire(key: &FlowKey, old: &FlowValue) {
     if old.flags & FLOW_TO_BACKEND == 0 {
         return;
     }
-    if let Some(reply) = CONNTRACK.get_ptr_mut(&FlowKey::reverse_of(old)) {
+    if let Some(reply) = CONNTRACK.get_ptr_mut(FlowKey::reverse_of(old)) {
         // SAFETY: valid map value pointer for this run.
         let r = unsafe { &mut *reply };
         if same_flow(&FlowKey::reverse_of(r), key) {
@@ -428,9 +428,7 @@ fn retire(key: &FlowKey, old: &FlowValue) {
 #[inline(always)]
 fn stray_reply_or_pass(key: &FlowKey, cfg: &GlobalConfig) -> Verdict {
     let port = u16::from_be(key.dport_be);
-    if port >= cfg.snat_port_lo
-        && port <= cfg.snat_port_hi
-        && unsafe { SNAT_ADDRS.get(&key.dst_be) }.is_some()
+    if port >= cfg.snat_port_lo && port <= cfg.snat_port_hi && unsafe { SNAT_ADDRS.get(key.dst_be) }.is_some()
     {
         return drop(gc::NO_REPLY_FLOW);
     }
@@ -483,20 +481,20 @@ fn claim_snat(backend: &BackendValue, cfg: &GlobalConfig, now: u64, reply: &Flow
             proto: IPPROTO_TCP,
             _pad: [0; 3],
         };
-        if let Some(old) = unsafe { CONNTRACK.get(&key) } {
+        if let Some(old) = unsafe { CONNTRACK.get(key) } {
             if !old.expired(now, cfg) {
                 continue;
             }
-            if let Some(fwd) = unsafe { CONNTRACK.get(&FlowKey::reverse_of(old)) }
+            if let Some(fwd) = unsafe { CONNTRACK.get(FlowKey::reverse_of(old)) }
                 && fwd.new_sport_be == port
                 && fwd.new_dst_be == backend.addr_be
                 && !fwd.expired(now, cfg)
             {
                 continue;
             }
-            let _ = CONNTRACK.remove(&key);
+            let _ = CONNTRACK.remove(key);
         }
-        if CONNTRACK.insert(&key, reply, BPF_NOEXIST as u64).is_ok() {
+        if CONNTRACK.insert(key, reply, BPF_NOEXIST as u64).is_ok() {
             return Some(port);
         }
     }
@@ -528,7 +526,7 @@ fn timestamp_option(ctx: &XdpContext, l4_off: usize, doff: usize) -> Option<usiz
             TCPOPT_NOP => at += 1,
             _ => {
                 if kind == TCPOPT_TIMESTAMP {
-                    let aligned = (at + 2 - l4_off) % 2 == 0;
+                    let aligned = (at + 2 - l4_off).is_multiple_of(2);
                     return (len == 10 && at + 10 <= end && aligned).then_some(at + 2);
                 }
                 if len < 2 {

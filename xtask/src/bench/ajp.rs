@@ -144,7 +144,7 @@ impl AjpBed {
     fn new(prefix: &str) -> Result<AjpBed> {
         tomcat::check_installed().map_err(|e| anyhow!(e))?;
         apache::check_installed().map_err(|e| anyhow!(e))?;
-        let dir = TempDir::new(&format!("{prefix}.d"))?;
+        let dir = TempDir::try_in(&std::env::temp_dir(), &format!("{prefix}.d"))?;
         let topo = Topology::new(prefix, TOMCATS, 0)
             .with_context(|| format!("creating the network namespaces {prefix}-*"))?;
         let web = WebTier::attach(&topo).context("creating the web namespace")?;
@@ -334,7 +334,7 @@ impl<E: Into<anyhow::Error>> From<E> for StartError {
 }
 
 fn start(bed: &AjpBed, row: AjpRow, plan: &Plan, lb: &Path) -> Result<Running, StartError> {
-    let dir = TempDir::new(&format!("{}.d/{}", bed.topo.prefix(), row.name()))?;
+    let dir = TempDir::try_in(bed.dir.path(), row.name())?;
     let mut procs = Vec::new();
     let front = match row {
         AjpRow::Balancer => Front::Balancer {
