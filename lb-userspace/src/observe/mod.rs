@@ -1,7 +1,8 @@
 //! What the daemon shows of itself beyond the control socket's answers: the Prometheus endpoint and
 //! the live terminal view.
 //!
-//! - [`metrics`]: a `stats` snapshot → Prometheus text or OpenMetrics, with `prometheus-client`.
+//! - [`metrics`]: a `stats` snapshot → Prometheus text or OpenMetrics, with `prometheus-client`
+//!   (the `lb_ajp_*` families of AJP services in `metrics_ajp`).
 //! - [`http`]: the `[metrics] listen` server (`GET /metrics`, the status page `/` and
 //!   `/status.json`) on hyper.
 //! - [`status`]: the status page, a `stats` snapshot as HTML (and JSON).
@@ -11,6 +12,7 @@
 
 pub mod http;
 pub mod metrics;
+mod metrics_ajp;
 pub mod status;
 pub mod top;
 
