@@ -106,7 +106,19 @@ fn service(h: &mut String, s: &ServiceStatsView) {
         let _ = write!(h, "<dt>clients failed (no backend reachable)</dt><dd>{n}</dd>");
     }
     h.push_str("</dl>\n");
-    let ajp = s.protocol == Protocol::Ajp;
+    if let Some(a) = &s.ajp {
+        let _ = write!(
+            h,
+            "<dt>AJP</dt><dd class=\"ajp\">503 sent (no backend) {} · refused: secret {}, attribute {}, shutdown {} · protocol errors {} · CPings answered {}</dd>",
+            a.unavailable_503,
+            a.refused_secret,
+            a.refused_attribute,
+            a.refused_shutdown,
+            a.protocol_errors,
+            a.cpings_answered,
+        );
+    }
+    let ajp = s.protocol == Protocol::Ajp || s.ajp.is_some();
     let ring_total: u64 = s.backends.iter().map(|b| b.ring_slots).sum();
     h.push_str(
         "<table class=\"backends\"><thead><tr><th>backend</th><th>state</th><th>health</th><th>role</th>\
@@ -155,17 +167,36 @@ fn backend(h: &mut String, s: &ServiceStatsView, b: &BackendStatsView, ring_tota
         bytes_text(b.bytes_out),
     );
     if ajp {
-        h.push_str(&ajp_cells(b));
+        h.push_str(&ajp_cells(s, b));
     }
     h.push_str("</tr>\n");
 }
 
-/// The AJP cells of a backend of an `ajp` service.
-///
-/// HOOK: the stats view has no per-backend AJP counters yet (requests, response statuses). When
-/// `BackendStatsView` gains them, render them here; until then the cells say so.
-fn ajp_cells(_b: &BackendStatsView) -> String {
-    "<td class=\"na\" colspan=\"2\">not counted by this lb</td>".to_string()
+/// The AJP cells of a backend (requests with their rate, responses by status class), from the
+/// AJP datapath's counters; services of the other datapaths forward AJP as plain TCP and count no
+/// requests.
+fn ajp_cells(s: &ServiceStatsView, b: &BackendStatsView) -> String {
+    let Some(counters) = &s.ajp else {
+        return format!(
+            "<td class=\"na\" colspan=\"2\">not counted: the {} datapath forwards AJP as TCP (use datapath = \"ajp\")</td>",
+            escape(&enum_text(&s.datapath))
+        );
+    };
+    let Some(c) = counters.backends.values().find(|c| c.name == b.name) else {
+        return "<td class=\"na\" colspan=\"2\">no requests yet</td>".to_string();
+    };
+    format!(
+        "<td class=\"num ajp-requests\">{} <small>(<span class=\"rate\" data-rate=\"{}\">…</span>/s, {} in flight)</small></td>\
+         <td class=\"ajp-statuses\">1xx {} · 2xx {} · 3xx {} · 4xx {} · 5xx {}</td>",
+        c.requests,
+        escape(&format!("{}/{}/ajp_requests", s.name, b.name)),
+        c.in_flight,
+        c.responses_1xx,
+        c.responses_2xx,
+        c.responses_3xx,
+        c.responses_4xx,
+        c.responses_5xx,
+    )
 }
 
 /// Last check result, latency and age of the health, after the health word.
@@ -306,18 +337,30 @@ const SCRIPT: &str = r#"
     if (!previous) return;
     var dt = (now.taken_unix_ms - previous.taken_unix_ms) / 1000;
     if (dt <= 0) return;
-    var before = {};
-    previous.services.forEach(function (s) {
-      s.backends.forEach(function (b) { before[s.name + "/" + b.name] = b; });
+    var before = values(previous), after = values(now);
+    rates = {};
+    Object.keys(after).forEach(function (k) {
+      var bytes = /\/bytes_(in|out)$/.test(k);
+      rates[k] = k in before ? fmt(Math.max(0, after[k] - before[k]) / dt, bytes) : "…";
     });
-    now.services.forEach(function (s) {
+  }
+  // Every counter a rate is shown for, by "service/backend/field".
+  function values(snapshot) {
+    var v = {};
+    snapshot.services.forEach(function (s) {
       s.backends.forEach(function (b) {
-        var key = s.name + "/" + b.name, old = before[key];
         ["connections_total", "bytes_in", "bytes_out"].forEach(function (f) {
-          rates[key + "/" + f] = old ? fmt(Math.max(0, b[f] - old[f]) / dt, f !== "connections_total") : "…";
+          v[s.name + "/" + b.name + "/" + f] = b[f];
         });
       });
+      if (s.ajp) {
+        Object.keys(s.ajp.backends).forEach(function (id) {
+          var a = s.ajp.backends[id];
+          v[s.name + "/" + a.name + "/ajp_requests"] = a.requests;
+        });
+      }
     });
+    return v;
   }
   function fill() {
     document.querySelectorAll("[data-rate]").forEach(function (td) {

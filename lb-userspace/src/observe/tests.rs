@@ -716,15 +716,35 @@ fn the_status_page_escapes_what_it_shows() {
 }
 
 #[test]
-fn ajp_services_get_their_columns() {
+fn ajp_services_show_requests_and_statuses() {
     let mut view = sample();
-    view.services[0].protocol = Protocol::Ajp;
+    // The AJP datapath's service gets the AJP columns, filled from its counters by backend name.
+    view.services[2].backends = vec![backend("t1")];
     let page = super::status::page(&view);
-    shows(&page, "<th>AJP requests</th><th>AJP statuses</th>");
     assert_eq!(
-        page.matches("<th>AJP requests</th>").count(),
+        page.matches("<th>AJP requests</th><th>AJP statuses</th>").count(),
         1,
         "only the ajp service"
+    );
+    shows(
+        &page,
+        "<td class=\"num ajp-requests\">10 <small>(<span class=\"rate\" data-rate=\"tomcat/t1/ajp_requests\">…</span>/s, 1 in flight)</small></td>",
+    );
+    shows(
+        &page,
+        "<td class=\"ajp-statuses\">1xx 0 · 2xx 8 · 3xx 0 · 4xx 0 · 5xx 1</td>",
+    );
+    shows(
+        &page,
+        "503 sent (no backend) 5 · refused: secret 1, attribute 2, shutdown 3 · protocol errors 6 · CPings answered 4",
+    );
+    // An ajp-protocol service on the proxy datapath says why it has no request counts.
+    view.services[0].protocol = Protocol::Ajp;
+    let page = super::status::page(&view);
+    assert_eq!(page.matches("<th>AJP requests</th>").count(), 2);
+    shows(
+        &page,
+        "not counted: the proxy datapath forwards AJP as TCP (use datapath = \"ajp\")",
     );
 }
 
