@@ -316,7 +316,7 @@ h1{font-size:1.5em;margin:0}h2{font-size:1.2em;margin:1.2em 0 .4em}\
 dl{display:grid;grid-template-columns:max-content auto;gap:.1em 1em;margin:.3em 0 .6em}dt{color:#555}dd{margin:0}\
 table{border-collapse:collapse;background:#fff;margin-bottom:1em}\
 th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}th{background:#eee}\
-td.num{text-align:right;font-variant-numeric:tabular-nums}\
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}\
 .health-up .health b{color:#1a7f37}.health-down .health b,.health-down .name{color:#c62828}\
 .health-down{background:#fdecea}.state-drain{background:#fff8e1}.state-maintenance{background:#eceff1}\
 .state-drain .state,.state-maintenance .state{font-weight:bold}\
