@@ -9,12 +9,16 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use lb_tests::{Netns, TempDir, Topology, require_root, workspace_dir};
+use lb_tests::{AjpMode, Netns, TempDir, Topology, require_root, start_ajp_backend, workspace_dir};
 
 /// Where `[metrics]` listens inside the lb namespace.
 const METRICS: &str = "127.0.0.1:9100";
 
-/// `web` over b1..b3 with fast TCP checks (a stopped server is down within a second).
+/// AJP port of the `tomcat` service and of its backends (`lb-testsrv ajp`, CPing only).
+const AJP_PORT: u16 = 8009;
+
+/// `web` over b1..b3 with fast TCP checks (a stopped server is down within a second), and
+/// `tomcat` (`datapath = "ajp"`) over b1..b2's AJP peers, for the AJP columns.
 fn config(topo: &Topology, socket: &Path) -> String {
     let mut c = format!(
         "shutdown_timeout = \"1s\"\n[metrics]\nlisten = \"{METRICS}\"\n[control]\nsocket = \"{}\"\n\
@@ -26,6 +30,17 @@ fn config(topo: &Topology, socket: &Path) -> String {
     for i in 1..=3 {
         c.push_str(&format!(
             "\n[[service.backend]]\nname = \"b{i}\"\naddress = \"{}:{HTTP_PORT}\"\n",
+            topo.backend_addr(i)
+        ));
+    }
+    c.push_str(&format!(
+        "\n[[service]]\nname = \"tomcat\"\nlisten = \"{}:{AJP_PORT}\"\nprotocol = \"ajp\"\ndatapath = \"ajp\"\n\
+         [service.health]\nkind = \"ajp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\n",
+        topo.vip()
+    ));
+    for i in 1..=2 {
+        c.push_str(&format!(
+            "\n[[service.backend]]\nname = \"t{i}\"\naddress = \"{}:{AJP_PORT}\"\n",
             topo.backend_addr(i)
         ));
     }
@@ -88,6 +103,12 @@ fn the_status_page_renders_in_a_browser() {
         return;
     }
     let mut bed = Bed::new("spg", 3, 4, config);
+    let ajp_peers: Vec<_> = (1..=2)
+        .map(|i| {
+            let listen = std::net::SocketAddr::new(bed.topo.backend_addr(i).into(), AJP_PORT);
+            start_ajp_backend(bed.topo.backend_ns(i), listen, AjpMode::Good).expect("AJP peer")
+        })
+        .collect();
     // Some traffic first, so the connection counters are not all zero.
     let clients = bed.topo.client_addrs();
     for c in &clients {
@@ -105,7 +126,13 @@ fn the_status_page_renders_in_a_browser() {
         std::thread::sleep(Duration::from_millis(100));
     };
     let stats = bed.lb.json(&["stats"]);
-    let b3_stats = stats["services"][0]["backends"]
+    let web = stats["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap();
+    let b3_stats = web["backends"]
         .as_array()
         .unwrap()
         .iter()
@@ -157,6 +184,16 @@ fn the_status_page_renders_in_a_browser() {
         "script did not refresh:\n{dom}"
     );
 
+    // The AJP service has the AJP columns and its service counters.
+    let tomcat = &dom[dom.find("id=\"service-tomcat\"").expect("tomcat section")..];
+    let tomcat = &tomcat[..tomcat.find("</section>").unwrap()];
+    assert!(
+        tomcat.contains("<th>AJP requests</th><th>AJP statuses</th>"),
+        "{tomcat}"
+    );
+    assert!(tomcat.contains("<dt>AJP 503 sent (no backend)</dt>"), "{tomcat}");
+    assert!(!dom[..dom.find("id=\"service-tomcat\"").unwrap()].contains("<th>AJP requests</th>"));
+
     let shot = workspace_dir().join("docs").join("status.png");
     std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
     let _ = std::fs::remove_file(&shot);
@@ -171,4 +208,5 @@ fn the_status_page_renders_in_a_browser() {
         "not a PNG screenshot"
     );
     bed.lb.assert_running();
+    drop(ajp_peers);
 }

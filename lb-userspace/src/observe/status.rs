@@ -105,11 +105,11 @@ fn service(h: &mut String, s: &ServiceStatsView) {
     if let Some(n) = s.failed_connections {
         let _ = write!(h, "<dt>clients failed (no backend reachable)</dt><dd>{n}</dd>");
     }
-    h.push_str("</dl>\n");
     if let Some(a) = &s.ajp {
         let _ = write!(
             h,
-            "<dt>AJP</dt><dd class=\"ajp\">503 sent (no backend) {} · refused: secret {}, attribute {}, shutdown {} · protocol errors {} · CPings answered {}</dd>",
+            "<dt>AJP 503 sent (no backend)</dt><dd class=\"ajp\">{}</dd><dt>AJP refused</dt><dd class=\"ajp\">secret {}, attribute {}, shutdown {}</dd>\
+             <dt>AJP protocol errors</dt><dd class=\"ajp\">{}</dd><dt>CPings answered</dt><dd class=\"ajp\">{}</dd>",
             a.unavailable_503,
             a.refused_secret,
             a.refused_attribute,
@@ -118,6 +118,7 @@ fn service(h: &mut String, s: &ServiceStatsView) {
             a.cpings_answered,
         );
     }
+    h.push_str("</dl>\n");
     let ajp = s.protocol == Protocol::Ajp || s.ajp.is_some();
     let ring_total: u64 = s.backends.iter().map(|b| b.ring_slots).sum();
     h.push_str(
@@ -186,16 +187,16 @@ fn ajp_cells(s: &ServiceStatsView, b: &BackendStatsView) -> String {
         return "<td class=\"na\" colspan=\"2\">no requests yet</td>".to_string();
     };
     format!(
-        "<td class=\"num ajp-requests\">{} <small>(<span class=\"rate\" data-rate=\"{}\">…</span>/s, {} in flight)</small></td>\
-         <td class=\"ajp-statuses\">1xx {} · 2xx {} · 3xx {} · 4xx {} · 5xx {}</td>",
+        "<td class=\"num ajp-requests\">{}<br><small><span class=\"rate\" data-rate=\"{}\">…</span>/s, {} in flight</small></td>\
+         <td class=\"ajp-statuses\">2xx {} · 3xx {}<br>4xx {} · 5xx {}<br><small>1xx {}</small></td>",
         c.requests,
         escape(&format!("{}/{}/ajp_requests", s.name, b.name)),
         c.in_flight,
-        c.responses_1xx,
         c.responses_2xx,
         c.responses_3xx,
         c.responses_4xx,
         c.responses_5xx,
+        c.responses_1xx,
     )
 }
 
@@ -313,7 +314,7 @@ const STYLE: &str = "\
 body{font:14px/1.4 system-ui,sans-serif;margin:1em 2em;color:#222;background:#fafafa}\
 h1{font-size:1.5em;margin:0}h2{font-size:1.2em;margin:1.2em 0 .4em}\
 .meta{color:#666;margin:.2em 0 1em}small{color:#666}\
-dl{display:grid;grid-template-columns:max-content auto;gap:.1em 1em;margin:.3em 0 .6em}dt{color:#555}dd{margin:0}\
+dl{display:flex;flex-wrap:wrap;align-items:baseline;margin:.2em 0 .5em}dt{color:#555;margin-right:.4em}dt:after{content:\":\"}dd{margin:0 1.6em 0 0}\
 table{border-collapse:collapse;background:#fff;margin-bottom:1em}\
 th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}th{background:#eee}\
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}\
@@ -321,7 +322,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}\
 .health-down{background:#fdecea}.state-drain{background:#fff8e1}.state-maintenance{background:#eceff1}\
 .state-drain .state,.state-maintenance .state{font-weight:bold}\
 tr.transition.down td{color:#c62828}.warn{color:#c62828;font-weight:bold}.na,.empty{color:#888}\
-code{background:#eee;padding:0 .2em}";
+code{background:#eee;padding:0 .2em}td.health{min-width:14em}.ajp-statuses{white-space:nowrap}";
 
 const SCRIPT: &str = r#"
 (function () {

@@ -728,15 +728,15 @@ fn ajp_services_show_requests_and_statuses() {
     );
     shows(
         &page,
-        "<td class=\"num ajp-requests\">10 <small>(<span class=\"rate\" data-rate=\"tomcat/t1/ajp_requests\">…</span>/s, 1 in flight)</small></td>",
+        "<td class=\"num ajp-requests\">10<br><small><span class=\"rate\" data-rate=\"tomcat/t1/ajp_requests\">…</span>/s, 1 in flight</small></td>",
     );
     shows(
         &page,
-        "<td class=\"ajp-statuses\">1xx 0 · 2xx 8 · 3xx 0 · 4xx 0 · 5xx 1</td>",
+        "<td class=\"ajp-statuses\">2xx 8 · 3xx 0<br>4xx 0 · 5xx 1<br><small>1xx 0</small></td>",
     );
     shows(
         &page,
-        "503 sent (no backend) 5 · refused: secret 1, attribute 2, shutdown 3 · protocol errors 6 · CPings answered 4",
+        "<dt>AJP 503 sent (no backend)</dt><dd class=\"ajp\">5</dd><dt>AJP refused</dt><dd class=\"ajp\">secret 1, attribute 2, shutdown 3</dd><dt>AJP protocol errors</dt><dd class=\"ajp\">6</dd><dt>CPings answered</dt><dd class=\"ajp\">4</dd>",
     );
     // An ajp-protocol service on the proxy datapath says why it has no request counts.
     view.services[0].protocol = Protocol::Ajp;
