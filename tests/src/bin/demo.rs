@@ -349,7 +349,7 @@ fn scenario(topo: &Topology, socket: &Path, daemon: &mut Child) -> Result<()> {
         "  clients that were on {target} are still there: {}",
         old_on_target
             .iter()
-            .map(|c| c.to_string())
+            .map(std::string::ToString::to_string)
             .collect::<Vec<_>>()
             .join(", ")
     );
