@@ -139,10 +139,10 @@ impl StateFile {
             message,
         };
         let value: serde_json::Value = serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
-        if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
+        if value.get("format").and_then(serde_json::Value::as_str) != Some(FORMAT_NAME) {
             return Err(corrupt(format!("no \"format\": \"{FORMAT_NAME}\"")));
         }
-        match value.get("version").and_then(|v| v.as_u64()) {
+        match value.get("version").and_then(serde_json::Value::as_u64) {
             Some(v) if v == u64::from(FORMAT_VERSION) => {}
             Some(found) => {
                 return Err(PersistError::Version {
