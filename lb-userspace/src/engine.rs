@@ -174,6 +174,13 @@ impl Engine {
         self.execute_checked(command, origin, None)
     }
 
+    /// A change read from the state file at start: checked against the running config as a
+    /// control-socket change is, recorded as [`Origin::Restore`].
+    pub(crate) fn execute_restored(&self, command: Command) -> Result<Effect, EngineError> {
+        let config = self.config.lock().unwrap();
+        self.execute_checked(command, &Origin::Restore, Some(&config))
+    }
+
     /// [`Engine::execute_by`], first checking the change against the running daemon's `config`
     /// (when given) under the same command lock, so two requests cannot both pass one limit.
     fn execute_checked(

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ServiceConfig};
-use crate::engine::{Engine, Origin};
+use crate::engine::Engine;
 use crate::runtime::{Snapshot, TransitionLog};
 use crate::state::{Command, Transition};
 
@@ -152,7 +152,23 @@ impl StateFile {
             }
             None => return Err(corrupt("no \"version\" number".into())),
         }
-        serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))
+        let mut file: StateFile = serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))?;
+        // Every service passes the checks of an `add-service` request, names are unique.
+        for (list, key) in [(&mut file.base, "base"), (&mut file.services, "services")] {
+            let mut names = std::collections::BTreeSet::new();
+            for (i, service) in list.iter_mut().enumerate() {
+                let fields = serde_json::to_value(&*service).map_err(|e| corrupt(e.to_string()))?;
+                *service = ServiceConfig::from_fields(fields)
+                    .map_err(|e| corrupt(format!("{key}[{i}] ({}): {e}", service.name)))?;
+                if !names.insert(service.name.clone()) {
+                    return Err(corrupt(format!(
+                        "{key}[{i}]: service {} is listed twice",
+                        service.name
+                    )));
+                }
+            }
+        }
+        Ok(file)
     }
 
     /// Reads the file: `Ok(None)` when it does not exist.
@@ -280,7 +296,7 @@ fn apply(engine: &Engine, file: &StateFile, shown: &str) {
     let mut skipped = 0usize;
     for command in file.commands() {
         let description = crate::engine::describe(&command);
-        match engine.execute_by(command, &Origin::Restore) {
+        match engine.execute_restored(command) {
             Ok(_) => restored.push(description),
             Err(e) => {
                 skipped += 1;

@@ -2,6 +2,7 @@
 //! file is refused.
 
 use super::*;
+use crate::engine::Origin;
 use crate::state::tests::{backend, service};
 use crate::state::{State, TransitionKind};
 
@@ -187,10 +188,21 @@ fn bad_files_are_refused_with_what_is_wrong() {
         e.to_string(),
         "/var/lib/lb/state.json has format version 2, this lb reads version 1"
     );
-    // A bad backend inside is refused too, never half-read.
-    let mut bad_weight = good;
-    bad_weight["services"][0]["backend"][0]["address"] = "nowhere".into();
-    corrupt(&bad_weight.to_string());
+    // A bad backend inside is refused too, never half-read, and checked as a request would be.
+    let mut bad_address = good.clone();
+    bad_address["services"][0]["backend"][0]["address"] = "nowhere".into();
+    corrupt(&bad_address.to_string());
+    let mut bad_weight = good.clone();
+    bad_weight["services"][0]["backend"][1]["weight"] = 999.into();
+    let message = corrupt(&bad_weight.to_string());
+    assert!(
+        message.starts_with("services[0] (web): ") && message.contains("weight"),
+        "{message}"
+    );
+    let mut twice = good;
+    let web = twice["base"][0].clone();
+    twice["base"].as_array_mut().unwrap().push(web);
+    assert!(corrupt(&twice.to_string()).contains("base[1]: service web is listed twice"));
 }
 
 #[test]
