@@ -36,4 +36,3 @@ pub mod maglev;
 pub mod observe;
 pub mod runtime;
 pub mod state;
-pub mod xdp;

@@ -173,7 +173,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}: no [xdp] table; nothing to clean up", config.display());
                 return Ok(());
             };
-            let removed = lb::xdp::cleanup(&xdp.pin_path)?;
+            let removed = lb::datapath::xdp::cleanup(&xdp.pin_path)?;
             println!(
                 "removed {} pinned objects under {}",
                 removed.len(),
