@@ -13,6 +13,7 @@
 //! - [`datapath`]: the seam every datapath implements, with [`datapath::proxy`] (the tokio full
 //!   proxy) and [`datapath::fake`] (for engine tests); [`xdp`]: the kernel fast path (loads, pins
 //!   and attaches the eBPF program, writes its maps).
+//! - [`host`]: the sysctls the XDP datapath sets, recorded so `lb cleanup` restores them.
 //! - [`health`]: TCP and AJP health checks ([`ajp`]: the CPing/CPong codec), rise/fall.
 //! - [`control`]: the control socket protocol, server and client.
 //! - [`daemon`]: `lb run` (socket, engine, signals, graceful shutdown).
@@ -31,6 +32,7 @@ pub mod datapath;
 pub mod ebpf;
 pub mod engine;
 pub mod health;
+pub mod host;
 pub mod maglev;
 pub mod observe;
 pub mod runtime;

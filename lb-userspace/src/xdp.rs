@@ -85,6 +85,8 @@ pub enum XdpError {
         backend: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
     #[error("{0}")]
     System(String),
 }
@@ -330,7 +332,7 @@ impl XdpDatapath {
             .try_into()?;
         program.load()?;
         if let Some(config) = config {
-            prepare_host(config)?;
+            crate::host::prepare(&config.pin_path, &config.interfaces, config.snat_ports, adopting)?;
             for interface in &config.interfaces {
                 attach(program, interface, config.mode, &config.pin_path)?;
             }
@@ -920,35 +922,6 @@ fn ensure_bpffs(dir: &Path) -> Result<(), XdpError> {
     })
 }
 
-/// Host settings the datapath relies on, each logged: forwarding and accept_local on the attached
-/// interfaces (fib lookups need forwarding; a packet passed for neighbour resolution carries a local
-/// source address), and the SNAT ports reserved from the host's own ephemeral ports.
-fn prepare_host(config: &XdpConfig) -> Result<(), XdpError> {
-    let write = |key: &str, value: &str| {
-        let path = format!("/proc/sys/{}", key.replace('.', "/"));
-        std::fs::write(&path, value).map_err(|e| XdpError::System(format!("setting {key}={value}: {e}")))
-    };
-    for interface in &config.interfaces {
-        write(&format!("net.ipv4.conf.{interface}.forwarding"), "1")?;
-        write(&format!("net.ipv4.conf.{interface}.accept_local"), "1")?;
-    }
-    info!(interfaces = ?config.interfaces, "enabled IPv4 forwarding and accept_local on the XDP interfaces");
-    let (lo, hi) = config.snat_ports;
-    let key = "net.ipv4.ip_local_reserved_ports";
-    let current = std::fs::read_to_string(format!("/proc/sys/{}", key.replace('.', "/"))).unwrap_or_default();
-    let range = format!("{lo}-{hi}");
-    if !current.split(',').any(|r| r.trim() == range) {
-        let merged = if current.trim().is_empty() {
-            range.clone()
-        } else {
-            format!("{},{range}", current.trim())
-        };
-        write(key, &merged)?;
-    }
-    info!(ports = %range, "SNAT ports reserved from the host's ephemeral ports (net.ipv4.ip_local_reserved_ports)");
-    Ok(())
-}
-
 fn link_pin(pin_path: &Path, interface: &str) -> PathBuf {
     pin_path.join(format!("link_{interface}"))
 }
@@ -1007,11 +980,25 @@ fn attach(program: &mut Xdp, interface: &str, mode: XdpMode, pin_path: &Path) ->
     Err(last.expect("at least one mode tried"))
 }
 
-/// `lb cleanup`: detaches the program (removes the pinned links) and removes the pinned maps.
-pub fn cleanup(pin_path: &Path) -> Result<Vec<PathBuf>, XdpError> {
-    let mut removed = Vec::new();
+/// What `lb cleanup` did.
+#[derive(Debug, Default)]
+pub struct Cleanup {
+    /// Sysctls written back to the values recorded before lb changed them.
+    pub restored: Vec<(String, String)>,
+    /// Pinned links and maps removed.
+    pub removed: Vec<PathBuf>,
+}
+
+/// `lb cleanup`: restores the sysctls lb changed ([`crate::host::restore`]), detaches the program
+/// (removes the pinned links) and removes the pinned maps.
+pub fn cleanup(pin_path: &Path) -> Result<Cleanup, XdpError> {
+    let mut report = Cleanup {
+        restored: crate::host::restore(pin_path)?,
+        removed: Vec::new(),
+    };
+    let removed = &mut report.removed;
     let Ok(entries) = std::fs::read_dir(pin_path) else {
-        return Ok(removed);
+        return Ok(report);
     };
     for entry in entries.flatten() {
         let path = entry.path();
@@ -1025,5 +1012,5 @@ pub fn cleanup(pin_path: &Path) -> Result<Vec<PathBuf>, XdpError> {
         path: pin_path.into(),
         message: e.to_string(),
     })?;
-    Ok(removed)
+    Ok(report)
 }
