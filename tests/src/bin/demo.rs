@@ -196,9 +196,8 @@ fn wait_healthy(lb: &Daemon) -> Result<()> {
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .filter_map(move |b| {
-                        (b["health"] != "up").then(|| format!("{}/{}", s["name"], b["name"]))
-                    })
+                    .filter(|b| b["health"] != "up")
+                    .map(move |b| format!("{}/{}", s["name"], b["name"]))
             })
             .collect();
         if down.is_empty() {
