@@ -86,6 +86,7 @@ xdp_counters! {
     NoNeigh, NO_NEIGH = 9, "no_neigh", Reason, "Next hop's MAC unknown; the rewritten packet is passed so the kernel resolves it";
     Malformed, MALFORMED = 11, "malformed", Reason, "Malformed header (bad IHL, TCP data offset) for a VIP (passed)";
     Truncated, TRUNCATED = 2, "truncated", Reason, "Too short for the headers it claims";
+    NoReplyFlow, NO_REPLY_FLOW = 13, "no_reply_flow", Reason, "A backend's packet to a SNAT address and port with no live flow (dropped, so the LB's own stack never resets it)";
 }
 
 /// [`global_counter::NAMES`]; fails the build unless the indices are `0..COUNT`, each once.

@@ -3,7 +3,7 @@
 //! `_be` hold network byte order exactly as in the packet.
 
 /// Bumped whenever a map's layout changes; `lb run` adopts pinned maps only of the same version.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Per-CPU global counters (`PERCPU_ARRAY<u32, Counter>`), indexed by the [`global_counter`] values.
 /// User space sums each index over all CPUs.
@@ -22,6 +22,10 @@ pub const MAP_CONNTRACK: &str = "lb_conntrack";
 pub const MAP_AFFINITY: &str = "lb_affinity";
 /// `PERCPU_ARRAY<u32, u32>` with one entry: each CPU's SNAT port cursor.
 pub const MAP_SNAT: &str = "lb_snat";
+/// `HASH<u32, u32>`: the LB's SNAT source addresses (`BackendValue::snat_be`, network order) → 1.
+/// A TCP packet to one of them on a SNAT port without a live flow is a stray backend reply: it is
+/// dropped (`no_reply_flow`), never passed to the LB's own stack (which would reset it).
+pub const MAP_SNAT_ADDRS: &str = "lb_snat_addrs";
 /// `PERCPU_ARRAY<u32, TrafficCounters>`, indexed by service slot.
 pub const MAP_SERVICE_STATS: &str = "lb_svc_stats";
 /// `PERCPU_ARRAY<u32, TrafficCounters>`, indexed by backend index.
@@ -32,6 +36,8 @@ pub const DEFAULT_MAX_SERVICES: u32 = 16;
 pub const DEFAULT_MAX_BACKENDS: u32 = 1024;
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 pub const DEFAULT_AFFINITY_ENTRIES: u32 = 262_144;
+/// Entries of [`MAP_SNAT_ADDRS`] (one per source address toward backends).
+pub const DEFAULT_SNAT_ADDRS: u32 = 256;
 /// Entries of [`MAP_GLOBAL_STATS`]: one slot per [`global_counter`] index.
 pub const GLOBAL_STATS_ENTRIES: u32 = global_counter::COUNT;
 
@@ -140,12 +146,13 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 
 /// Flow flag: this entry is the client → backend direction.
 pub const FLOW_TO_BACKEND: u32 = 1;
-/// Flow flag: FIN seen from the client.
-pub const FLOW_FIN_CLIENT: u32 = 2;
-/// Flow flag: FIN seen from the backend.
-pub const FLOW_FIN_BACKEND: u32 = 4;
-/// Flow flag: RST seen.
-pub const FLOW_RST: u32 = 8;
+/// Flow flag: FIN seen from the client. FIN and RST bits each sit in a byte of their own: two CPUs
+/// may set two of them at once, and the XDP program sets one with a single-byte store.
+pub const FLOW_FIN_CLIENT: u32 = 1 << 8;
+/// Flow flag: FIN seen from the backend (own byte, see [`FLOW_FIN_CLIENT`]).
+pub const FLOW_FIN_BACKEND: u32 = 1 << 16;
+/// Flow flag: RST seen (own byte, see [`FLOW_FIN_CLIENT`]).
+pub const FLOW_RST: u32 = 1 << 24;
 /// Flow flag: TCP timestamps are translated (`ts_delta` is valid).
 pub const FLOW_TS: u32 = 16;
 
@@ -164,6 +171,7 @@ pub struct FlowValue {
     pub new_dport_be: u16,
     pub backend: u32,
     pub service_slot: u32,
+    /// `FLOW_*` bits.
     pub flags: u32,
     /// Egress interface of the cached next hop; 0 = none cached.
     pub next_hop_ifindex: u32,
@@ -178,7 +186,10 @@ pub struct FlowValue {
     /// previous connection in TIME_WAIT always shows a newer timestamp (PAWS accepts the SYN);
     /// clients randomise their timestamps per connection, which would otherwise fail half the time.
     pub ts_delta: u32,
-    pub _pad: u32,
+    /// Client → backend entries: the sequence number of the client's SYN (network order). A SYN
+    /// with another sequence number on the same 4-tuple is a new connection (the client reused its
+    /// port), never a retransmission of this one.
+    pub syn_seq_be: u32,
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
 

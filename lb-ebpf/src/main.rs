@@ -6,7 +6,10 @@
 //! - [`try_lb_xdp`]: parses Ethernet, IPv4 (honouring IHL) and TCP; a packet of a known connection
 //!   (conntrack, either direction) is rewritten and forwarded; a SYN to a service picks a backend
 //!   ([`select_backend`]: affinity, else the Maglev ring), claims a SNAT port ([`claim_snat`]) and both
-//!   directions recorded. Everything else is passed to the kernel untouched.
+//!   directions recorded. A SYN on a known 4-tuple is a retransmission only with the same sequence
+//!   number and a live reply entry; otherwise the client reused its port and it starts a new flow
+//!   ([`retransmitted_syn`]). A backend packet to a SNAT address and port without a live flow is
+//!   dropped (`no_reply_flow`). Everything else is passed to the kernel untouched.
 //! - [`rewrite`] / [`forward`]: full-NAT rewrite with incremental checksums, next hop by
 //!   `bpf_fib_lookup` (cached per flow for a second), out by `XDP_TX` or redirect; unknown neighbour → `XDP_PASS` so the kernel
 //!   resolves it.
@@ -34,9 +37,9 @@ use lb_common::{
     maps::{
         AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, Counter,
         DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
-        FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, FLOW_TO_BACKEND, FLOW_TS, FlowKey, FlowValue,
-        GLOBAL_STATS_ENTRIES, GlobalConfig, NEXT_HOP_CACHE_NS, ServiceKey, ServiceValue, TrafficCounters,
-        global_counter as gc,
+        DEFAULT_SNAT_ADDRS, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, FLOW_TO_BACKEND, FLOW_TS, FlowKey,
+        FlowValue, GLOBAL_STATS_ENTRIES, GlobalConfig, NEXT_HOP_CACHE_NS, ServiceKey, ServiceValue,
+        TrafficCounters, global_counter as gc,
     },
     select::{AffinitySlot, BackendTable, Policy, Ring, select},
 };
@@ -61,6 +64,8 @@ static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::with_max_entries(DEFAULT_AFFINITY_ENTRIES, 0);
 #[map(name = "lb_snat")]
 static SNAT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+#[map(name = "lb_snat_addrs")]
+static SNAT_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_SNAT_ADDRS, 0);
 #[map(name = "lb_svc_stats")]
 static SERVICE_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 #[map(name = "lb_be_stats")]
@@ -76,6 +81,7 @@ const _: () = {
     assert!(str_eq(MAP_CONNTRACK, "lb_conntrack"));
     assert!(str_eq(MAP_AFFINITY, "lb_affinity"));
     assert!(str_eq(MAP_SNAT, "lb_snat"));
+    assert!(str_eq(MAP_SNAT_ADDRS, "lb_snat_addrs"));
     assert!(str_eq(MAP_SERVICE_STATS, "lb_svc_stats"));
     assert!(str_eq(MAP_BACKEND_STATS, "lb_be_stats"));
 };
@@ -89,8 +95,9 @@ const TCP_FIN: u16 = 0x01;
 const TCP_SYN: u16 = 0x02;
 const TCP_RST: u16 = 0x04;
 const TCP_ACK: u16 = 0x10;
-/// SNAT ports tried before giving up on a SYN.
-const SNAT_TRIES: u32 = 8;
+/// SNAT ports tried before giving up on a SYN (consecutive cursor values: the ports ahead of the
+/// cursor are the ones claimed longest ago, so the first try nearly always succeeds).
+const SNAT_TRIES: u32 = 32;
 
 /// A verdict with the reason counter that explains it (or none).
 struct Verdict {
@@ -179,11 +186,13 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
 
-    if let Some(flow) = CONNTRACK.get_ptr_mut(&key) {
+    // SAFETY: ptr_at checked the TCP header.
+    let seq_be = unsafe { (*tcp).seq_be };
+    if let Some(flow) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: map value pointer valid for this program run; racing writers only touch
-        // last_seen/flags, for which a torn read is harmless.
+        // last_seen/flags (flags atomically), for which a torn read is harmless.
         let f = unsafe { &mut *flow };
-        if !f.expired(now, cfg) && !(syn && f.closed()) {
+        if !f.expired(now, cfg) && !(syn && !retransmitted_syn(&key, f, seq_be, now, cfg)) {
             // The coarse clock ticks every few ms: skip the write (and the cache-line bounce
             // between CPUs) while it has not moved.
             if f.last_seen_ns != now {
@@ -198,9 +207,12 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
                 } else {
                     FLOW_FIN_BACKEND
                 };
-                f.flags |= bit;
-                if let Some(other) = CONNTRACK.get_ptr_mut(&FlowKey::reverse_of(f)) {
-                    unsafe { (*other).flags |= bit };
+                // Atomic: the client's and the backend's FIN often cross on two CPUs, and a
+                // lost bit leaves one direction open for idle_timeout.
+                set_flags(&mut f.flags, bit);
+                if let Some(other) = CONNTRACK.get_ptr_mut(FlowKey::reverse_of(f)) {
+                    // SAFETY: valid map value pointer for this run.
+                    set_flags(unsafe { &mut (*other).flags }, bit);
                 }
             }
             count_traffic(f, to_backend, len, false);
@@ -218,8 +230,8 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         proto: IPPROTO_TCP,
         _pad: 0,
     };
-    let Some(service) = (unsafe { SERVICES.get(&service_key) }) else {
-        return pass(None);
+    let Some(service) = (unsafe { SERVICES.get(service_key) }) else {
+        return stray_reply_or_pass(&key, cfg);
     };
     if !syn {
         return drop(gc::NO_CONNTRACK);
@@ -265,6 +277,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         service_slot: service.slot,
         flags: FLOW_TO_BACKEND,
         last_seen_ns: now,
+        syn_seq_be: seq_be,
         ..FlowValue::default()
     };
     rewrite(ip, tcp, &key, &forward_value);
@@ -273,10 +286,15 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         forward_value.ts_delta = delta;
         translate_timestamps(ctx, tcp, l4_off, doff, true, delta);
     }
+    // The client reused a port of an earlier connection still on record: that connection is over
+    // (its reply entry, if still its own, ages out as closed; its port is free after closed_timeout).
+    if let Some(old) = unsafe { CONNTRACK.get(key) } {
+        retire(&key, old);
+    }
     // The next hop is found before the entry is stored, so it is stored with it.
     let verdict = forward(ctx, ip, &mut forward_value, now);
-    if CONNTRACK.insert(&key, &forward_value, 0).is_err() {
-        let _ = CONNTRACK.remove(&FlowKey::reverse_of(&forward_value));
+    if CONNTRACK.insert(key, forward_value, 0).is_err() {
+        let _ = CONNTRACK.remove(FlowKey::reverse_of(&forward_value));
         return drop(gc::SNAT_EXHAUSTED);
     }
     count(gc::NEW_FLOWS, len);
@@ -328,11 +346,11 @@ impl AffinitySlot for KernelAffinity {
     #[inline(always)]
     fn get(&self) -> Option<AffinityValue> {
         // SAFETY: a map value read for this run.
-        unsafe { AFFINITY.get(&self.0) }.copied()
+        unsafe { AFFINITY.get(self.0) }.copied()
     }
     #[inline(always)]
     fn put(&mut self, value: &AffinityValue) {
-        let _ = AFFINITY.insert(&self.0, value, 0);
+        let _ = AFFINITY.insert(self.0, value, 0);
     }
 }
 
@@ -364,10 +382,78 @@ impl Ring for KernelService {
     }
 }
 
+/// Whether a SYN on the known flow `f` (entry `key`) retransmits the SYN that opened it: a
+/// client → backend entry of an open connection, the same initial sequence number, and the reply
+/// entry still this flow's own and live. Anything else is a new connection on a reused 4-tuple: it
+/// gets a new flow (and SNAT port). Forwarding it on the old entry would send it out on the old
+/// SNAT port, whose reply entry may already be gone or another flow's; the backend's SYN-ACK would
+/// then miss the program and the LB's own stack would reset it.
+#[inline(always)]
+fn retransmitted_syn(key: &FlowKey, f: &FlowValue, seq_be: u32, now: u64, cfg: &GlobalConfig) -> bool {
+    if f.flags & FLOW_TO_BACKEND == 0 || f.closed() || f.syn_seq_be != seq_be {
+        return false;
+    }
+    // SAFETY: read-only use of a map value for this run.
+    match unsafe { CONNTRACK.get(FlowKey::reverse_of(f)) } {
+        Some(reply) => !reply.expired(now, cfg) && same_flow(&FlowKey::reverse_of(reply), key),
+        None => false,
+    }
+}
+
+/// Field-wise key equality (a derived `==` compiles to a `bcmp` call the verifier rejects).
+#[inline(always)]
+fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
+    a.src_be == b.src_be && a.dst_be == b.dst_be && a.sport_be == b.sport_be && a.dport_be == b.dport_be
+}
+
+/// Ends the earlier connection recorded under `key` (replaced by a new flow): its reply entry, if it
+/// is still that connection's, is marked reset so it ages out after closed_timeout.
+#[inline(always)]
+fn retire(key: &FlowKey, old: &FlowValue) {
+    if old.flags & FLOW_TO_BACKEND == 0 {
+        return;
+    }
+    if let Some(reply) = CONNTRACK.get_ptr_mut(FlowKey::reverse_of(old)) {
+        // SAFETY: valid map value pointer for this run.
+        let r = unsafe { &mut *reply };
+        if same_flow(&FlowKey::reverse_of(r), key) {
+            set_flags(&mut r.flags, FLOW_RST);
+        }
+    }
+}
+
+/// A packet for no service and no live flow: dropped if it is addressed to one of the LB's SNAT
+/// addresses on a SNAT port (a backend's reply that lost its flow; the LB's stack would reset it
+/// and the connection with it), else passed to the kernel.
+#[inline(always)]
+fn stray_reply_or_pass(key: &FlowKey, cfg: &GlobalConfig) -> Verdict {
+    let port = u16::from_be(key.dport_be);
+    if port >= cfg.snat_port_lo && port <= cfg.snat_port_hi && unsafe { SNAT_ADDRS.get(key.dst_be) }.is_some()
+    {
+        return drop(gc::NO_REPLY_FLOW);
+    }
+    pass(None)
+}
+
+/// Sets one of the FLOW_FIN_CLIENT / FLOW_FIN_BACKEND / FLOW_RST bits, which other CPUs may set
+/// at the same time (the client's and the backend's FIN often cross on two CPUs). Each of these
+/// bits has a byte of its own, so setting it is a one-byte store, not a read-modify-write of the
+/// whole word that could undo another CPU's bit (BPF has no 32-bit atomic OR before CPU v3).
+#[inline(always)]
+fn set_flags(flags: &mut u32, bit: u32) {
+    if *flags & bit != bit {
+        let byte = bit.trailing_zeros() / 8;
+        // SAFETY: `byte` < 4 indexes into the u32; the target is little-endian (bpfel).
+        unsafe { *(flags as *mut u32).cast::<u8>().add(byte as usize) = (bit >> (byte * 8)) as u8 };
+    }
+}
+
 /// Claims a SNAT source port toward `backend` by inserting the connection's reply entry with
-/// BPF_NOEXIST: a port whose reply entry is live is skipped, an expired one is removed first.
-/// Each CPU walks its own share of the range (walking the whole range from different offsets,
-/// one CPU ends up trailing another through ports it has just used).
+/// BPF_NOEXIST. Each CPU walks its own share of the range, so no two CPUs ever claim the same port
+/// (a claim removes an expired entry before inserting: two CPUs on one port could remove each
+/// other's fresh entry). A port is free when its reply entry is missing, or expired and its
+/// client → backend entry (if it still points at the port) expired too: an entry a live flow still
+/// needs is never removed.
 #[inline(always)]
 fn claim_snat(backend: &BackendValue, cfg: &GlobalConfig, now: u64, reply: &FlowValue) -> Option<u16> {
     let cursor = SNAT.get_ptr_mut(0)?;
@@ -395,13 +481,20 @@ fn claim_snat(backend: &BackendValue, cfg: &GlobalConfig, now: u64, reply: &Flow
             proto: IPPROTO_TCP,
             _pad: [0; 3],
         };
-        if let Some(old) = unsafe { CONNTRACK.get(&key) } {
+        if let Some(old) = unsafe { CONNTRACK.get(key) } {
             if !old.expired(now, cfg) {
                 continue;
             }
-            let _ = CONNTRACK.remove(&key);
+            if let Some(fwd) = unsafe { CONNTRACK.get(FlowKey::reverse_of(old)) }
+                && fwd.new_sport_be == port
+                && fwd.new_dst_be == backend.addr_be
+                && !fwd.expired(now, cfg)
+            {
+                continue;
+            }
+            let _ = CONNTRACK.remove(key);
         }
-        if CONNTRACK.insert(&key, reply, BPF_NOEXIST as u64).is_ok() {
+        if CONNTRACK.insert(key, reply, BPF_NOEXIST as u64).is_ok() {
             return Some(port);
         }
     }
@@ -433,7 +526,7 @@ fn timestamp_option(ctx: &XdpContext, l4_off: usize, doff: usize) -> Option<usiz
             TCPOPT_NOP => at += 1,
             _ => {
                 if kind == TCPOPT_TIMESTAMP {
-                    let aligned = (at + 2 - l4_off) % 2 == 0;
+                    let aligned = (at + 2 - l4_off).is_multiple_of(2);
                     return (len == 10 && at + 10 <= end && aligned).then_some(at + 2);
                 }
                 if len < 2 {

@@ -151,6 +151,11 @@ impl Pending {
     pub fn state(&self) -> &State {
         &self.snapshot.state
     }
+
+    /// The state and runtime as they will be once committed.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
 }
 
 /// The published snapshot plus affinity: everything selection needs.
@@ -319,6 +324,17 @@ impl Balancer {
             .values()
             .map(|s| (s.id, s.settings.affinity_timeout))
             .collect()
+    }
+
+    /// A healthy active backup not in `exclude`: the last resort of a request whose primaries
+    /// all failed before they were detected down (AJP datapath).
+    pub fn choose_backup(&self, service: &str, exclude: &[u32]) -> Option<u32> {
+        let snapshot = self.current.load();
+        let svc = snapshot.state.services.get(service)?;
+        svc.backends
+            .iter()
+            .find(|b| b.config.backup && b.admits_new() && !exclude.contains(&b.id))
+            .map(|b| b.id)
     }
 
     /// Records that `client` reached `backend_id` (new or refreshed affinity entry).

@@ -157,6 +157,9 @@ pub fn stats(view: &StatsView) -> String {
             ],
             &rows,
         ));
+        if let Some(a) = &s.ajp {
+            out.push_str(&ajp_stats(a));
+        }
         let mut recent: Vec<(&str, &crate::state::Transition)> = s
             .backends
             .iter()
@@ -177,6 +180,63 @@ pub fn stats(view: &StatsView) -> String {
             ));
         }
     }
+    out
+}
+
+/// The AJP datapath's request counters of one service (part of `lb stats`).
+fn ajp_stats(a: &crate::datapath::ajp::AjpServiceCounters) -> String {
+    let mut out = format!(
+        "ajp: refused secret {}  attribute {}  shutdown {}  503 sent {}  cpings answered {}  protocol errors {}\n",
+        a.refused_secret,
+        a.refused_attribute,
+        a.refused_shutdown,
+        a.unavailable_503,
+        a.cpings_answered,
+        a.protocol_errors
+    );
+    let rows: Vec<Vec<String>> = a
+        .backends
+        .values()
+        .map(|b| {
+            let mean = if b.latency.count > 0 {
+                format!("{:.1}ms", b.latency.sum_seconds * 1000.0 / b.latency.count as f64)
+            } else {
+                "-".into()
+            };
+            vec![
+                b.name.clone(),
+                b.route.clone(),
+                b.requests.to_string(),
+                b.in_flight.to_string(),
+                format!(
+                    "{}/{}/{}/{}/{}",
+                    b.responses_1xx, b.responses_2xx, b.responses_3xx, b.responses_4xx, b.responses_5xx
+                ),
+                format!("{}/{}", b.pool_idle, b.pool_busy),
+                b.route_hits.to_string(),
+                b.address_hits.to_string(),
+                b.route_failovers.to_string(),
+                b.retries.to_string(),
+                mean,
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "BACKEND",
+            "ROUTE",
+            "REQUESTS",
+            "IN FLIGHT",
+            "1XX/2XX/3XX/4XX/5XX",
+            "POOL IDLE/BUSY",
+            "ROUTE HITS",
+            "ADDR HITS",
+            "ROUTE FAILOVER",
+            "RETRIES",
+            "MEAN LATENCY",
+        ],
+        &rows,
+    ));
     out
 }
 
@@ -359,6 +419,28 @@ mod tests {
         assert!(
             out.contains("b1  state active → drain  (operator uid 0)"),
             "{out}"
+        );
+        assert!(
+            out.contains("ajp: refused secret 1  attribute 2  shutdown 3  503 sent 5  cpings answered 4  protocol errors 6\n"),
+            "{out}"
+        );
+        let t1 = out.lines().find(|l| l.starts_with("t1 ")).unwrap();
+        let cells: Vec<&str> = t1.split("  ").filter(|c| !c.is_empty()).map(str::trim).collect();
+        assert_eq!(
+            cells,
+            [
+                "t1",
+                "t1",
+                "10",
+                "1",
+                "0/8/0/0/1",
+                "2/1",
+                "7",
+                "3",
+                "1",
+                "2",
+                "10014.3ms"
+            ]
         );
     }
 

@@ -74,6 +74,8 @@ pub enum DatapathKind {
     Proxy,
     /// eBPF XDP full NAT in the kernel.
     Xdp,
+    /// AJP 1.3 request router in user space (`protocol = "ajp"` only).
+    Ajp,
 }
 
 /// Operator-set state of a backend (orthogonal to health).
@@ -227,8 +229,104 @@ pub struct ServiceConfig {
     pub failback: bool,
     pub on_down: OnDown,
     pub health: HealthConfig,
+    /// Settings of the AJP datapath (`[service.ajp]`); `None` keeps every default.
+    #[serde(default)]
+    pub ajp: Option<AjpConfig>,
     #[serde(rename = "backend")]
     pub backends: Vec<BackendConfig>,
+}
+
+/// A secret from the config file: compared, written on the wire, never shown (`Debug` and
+/// `Serialize` print `(hidden)`).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("(hidden)")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("(hidden)")
+    }
+}
+
+/// The `[service.ajp]` table: settings of `datapath = "ajp"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AjpConfig {
+    /// Secret the web tier must send (mod_jk `secret`, mod_proxy_ajp `secret=`); 403 otherwise.
+    pub secret: Option<Secret>,
+    /// Secret written into every request toward the backends (Tomcat's connector `secret`),
+    /// replacing what came in; without it the incoming secret attribute is passed on unchanged.
+    pub backend_secret: Option<Secret>,
+    /// Largest AJP packet, header included, both sides (Tomcat `packetSize`).
+    pub max_packet_size: u32,
+    /// Most connections open to one backend (idle and busy).
+    pub pool_size: u32,
+    /// Idle pooled connections are closed after this long.
+    #[serde(with = "duration_text")]
+    pub pool_idle_timeout: Duration,
+    /// A pooled connection idle longer than this gets a CPing before it is reused.
+    #[serde(with = "duration_text")]
+    pub ping_after_idle: Duration,
+    /// Further backends tried when one fails before answering.
+    pub retries: u32,
+    /// Request body bytes held so the request can be retried on another backend.
+    pub retry_buffer: u32,
+    /// Cookie names carrying the session id (its route after the last `.`).
+    pub session_cookies: Vec<String>,
+    /// URI path parameter names carrying the session id (`;jsessionid=...`).
+    pub session_path_params: Vec<String>,
+    /// Names of `req_attribute`s passed on (a trailing `*` matches any suffix); others get a 403.
+    /// `javax.servlet.include.*` and `jakarta.servlet.include.*` are always refused.
+    pub allowed_attributes: Vec<String>,
+}
+
+/// Request attributes the web tier may send unless `allowed_attributes` says otherwise: what
+/// mod_jk and mod_proxy_ajp send themselves (`AJP_REMOTE_PORT`, `AJP_LOCAL_ADDR`,
+/// `AJP_SSL_PROTOCOL`, `JK_LB_ACTIVATION`) and the SSL/client-certificate variables IIS and
+/// `JkEnvVar` pass.
+pub const DEFAULT_ALLOWED_ATTRIBUTES: &[&str] = &["AJP_*", "JK_*", "SSL_*", "CERT_*", "HTTPS_*"];
+
+/// Attribute prefixes refused whatever `allowed_attributes` says (CVE-2020-1938, Ghostcat).
+pub const FORBIDDEN_ATTRIBUTES: &[&str] = &["javax.servlet.include.", "jakarta.servlet.include."];
+
+impl Default for AjpConfig {
+    fn default() -> Self {
+        AjpConfig {
+            secret: None,
+            backend_secret: None,
+            max_packet_size: 8192,
+            pool_size: 64,
+            pool_idle_timeout: Duration::from_secs(60),
+            ping_after_idle: Duration::from_secs(10),
+            retries: 1,
+            retry_buffer: 65536,
+            session_cookies: vec!["JSESSIONID".into()],
+            session_path_params: vec!["jsessionid".into()],
+            allowed_attributes: DEFAULT_ALLOWED_ATTRIBUTES.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+impl AjpConfig {
+    /// Whether a `req_attribute` named `name` may pass.
+    pub fn attribute_allowed(&self, name: &[u8]) -> bool {
+        if FORBIDDEN_ATTRIBUTES
+            .iter()
+            .any(|p| name.len() >= p.len() && name[..p.len()].eq_ignore_ascii_case(p.as_bytes()))
+        {
+            return false;
+        }
+        self.allowed_attributes
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix.as_bytes()),
+                None => name == pattern.as_bytes(),
+            })
+    }
 }
 
 /// Health-check settings of a service.
@@ -279,6 +377,9 @@ pub struct BackendConfig {
     /// Hot spare: used only while no primary is healthy.
     pub backup: bool,
     pub state: AdminState,
+    /// AJP session route (Tomcat `jvmRoute`); defaults to the name (the mod_jk convention).
+    #[serde(default)]
+    pub route: String,
 }
 
 /// Durations as the config file writes them (`"30m"`), for requests that carry settings.

@@ -2,8 +2,10 @@
 //! a datapath, and the plain values it answers with. The engine knows datapaths only through it.
 //!
 //! - [`proxy`]: `datapath = "proxy"`, the tokio full proxy.
+//! - [`ajp`]: `datapath = "ajp"`, the AJP 1.3 request router (per-request routing, backend pools).
 //! - [`fake`]: records what it was asked, for the engine's unit tests.
 
+pub mod ajp;
 pub mod fake;
 pub mod proxy;
 
@@ -12,8 +14,8 @@ use std::net::IpAddr;
 use std::pin::Pin;
 
 use crate::config::DatapathKind;
-use crate::runtime::BackendRuntime;
-use crate::state::{Backend, Effect, Service, State};
+use crate::runtime::{BackendRuntime, Snapshot};
+use crate::state::{Backend, Effect, Service};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -67,13 +69,15 @@ impl BackendTraffic {
 }
 
 /// Counters of one service: what the datapath keeps about it and its backends (by state id).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServiceTraffic {
     /// Clients with a live affinity entry where this datapath keeps them.
     pub affinity_entries: u64,
     /// Clients no backend could take, for datapaths that count them.
     pub failed_connections: Option<u64>,
     pub backends: HashMap<u32, BackendTraffic>,
+    /// Request-level counters, for the datapath that routes AJP requests.
+    pub ajp: Option<ajp::AjpServiceCounters>,
 }
 
 /// Where a datapath would send a client, from its own tables.
@@ -94,10 +98,11 @@ pub trait Datapath: Send + Sync {
     /// Which services this datapath forwards.
     fn kind(&self) -> DatapathKind;
 
-    /// Makes forwarding match `state` after a command had `effect`. Called with the effect of every
-    /// command touching a service of this kind (`ServiceRemoved` carries the old service's id).
-    /// On error, the engine restores the previous state and applies it again.
-    fn apply(&self, effect: &Effect, state: &State) -> Result<(), DatapathError>;
+    /// Makes forwarding match `snapshot` (the state and its backends' runtime) after a command had
+    /// `effect`. Called with the effect of every command touching a service of this kind
+    /// (`ServiceRemoved` carries the old service's id). On error, the engine keeps the previous
+    /// snapshot and applies it again.
+    fn apply(&self, effect: &Effect, snapshot: &Snapshot) -> Result<(), DatapathError>;
 
     /// Called once the config's services are all added at start (an XDP datapath drops pinned
     /// entries nobody claimed).

@@ -18,6 +18,7 @@ use crate::control::protocol::{
     BackendStatsView, BackendView, Query, ReloadView, Request, ServiceStatsView, ServiceView, StatsView,
     StatusView, WhichView,
 };
+use crate::datapath::ajp::AjpDatapath;
 use crate::datapath::proxy::ProxyDatapath;
 use crate::datapath::{BackendTraffic, Datapath, DatapathError, ServiceTraffic};
 use crate::health::{HealthEvent, Supervisor};
@@ -94,7 +95,10 @@ impl Engine {
             .filter(|x| wants_xdp || !x.interfaces.is_empty());
         let (seed, ring_size) = (config.seed, config.ring_size);
         Engine::assemble(config, events, shutdown, |balancer| {
-            let mut datapaths: Vec<Box<dyn Datapath>> = vec![Box::new(ProxyDatapath::new(balancer.clone()))];
+            let mut datapaths: Vec<Box<dyn Datapath>> = vec![
+                Box::new(ProxyDatapath::new(balancer.clone())),
+                Box::new(AjpDatapath::new(balancer.clone())),
+            ];
             if let Some(x) = &xdp_config {
                 datapaths.push(Box::new(XdpDatapath::start(Some(x), seed, ring_size)?));
             }
@@ -198,7 +202,7 @@ impl Engine {
         });
         let transition_only = matches!(command, Command::SetState { .. } | Command::SetHealth { .. });
         let pending = self.balancer.stage(command)?;
-        if let Err(e) = datapath.apply(pending.effect(), pending.state()) {
+        if let Err(e) = datapath.apply(pending.effect(), pending.snapshot()) {
             // Not published: the state is as before. Bring the datapath back in line with it.
             let undo = match pending.effect() {
                 Effect::ServiceAdded(name) => Effect::ServiceRemoved {
@@ -208,7 +212,7 @@ impl Engine {
                 Effect::ServiceRemoved { name, .. } => Effect::ServiceAdded(name.clone()),
                 other => other.clone(),
             };
-            if let Err(again) = datapath.apply(&undo, &current.state) {
+            if let Err(again) = datapath.apply(&undo, &current) {
                 warn!(change = %description, error = %again, "could not restore the datapath after a refused change");
             }
             return Err(e.into());
@@ -530,6 +534,7 @@ impl Engine {
                     affinity_entries: traffic.affinity_entries,
                     on_backups: s.ring_uses_backups,
                     failed_connections: traffic.failed_connections,
+                    ajp: traffic.ajp,
                     backends,
                 }
             })
@@ -577,8 +582,10 @@ impl Engine {
 
     /// Stops accepting; resolves when open connections have finished.
     pub async fn shutdown(&self) {
-        for d in &self.datapaths {
-            d.shutdown().await;
+        // Every datapath stops accepting first, then each one's open connections finish.
+        let drains: Vec<_> = self.datapaths.iter().map(|d| d.shutdown()).collect();
+        for drained in drains {
+            drained.await;
         }
     }
 }

@@ -11,7 +11,8 @@
 //! - [`engine`]: applies commands to the balancer and the datapaths as transactions; answers
 //!   control requests.
 //! - [`datapath`]: the seam every datapath implements, with [`datapath::proxy`] (the tokio full
-//!   proxy) and [`datapath::fake`] (for engine tests); [`xdp`]: the kernel fast path (loads, pins
+//!   proxy) and [`datapath::fake`] (for engine tests), [`datapath::ajp`] (the AJP 1.3 request router: per-request
+//!   routing, backend pools); [`xdp`]: the kernel fast path (loads, pins
 //!   and attaches the eBPF program, writes its maps).
 //! - [`host`]: the sysctls the XDP datapath sets, recorded so `lb cleanup` restores them.
 //! - [`health`]: TCP and AJP health checks ([`ajp`]: the CPing/CPong codec), rise/fall.

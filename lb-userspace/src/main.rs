@@ -166,6 +166,9 @@ enum BackendCmd {
         /// active, drain or maintenance (default active).
         #[arg(long)]
         state: Option<String>,
+        /// Session route (Tomcat jvmRoute) for `ajp` services (default: the name).
+        #[arg(long)]
+        route: Option<String>,
     },
     /// Remove a backend (its open connections finish).
     Remove {
@@ -410,6 +413,7 @@ fn request(command: Cmd) -> Result<Request, RequestError> {
                     weight,
                     backup,
                     state,
+                    route,
                 },
             ..
         } => {
@@ -419,6 +423,7 @@ fn request(command: Cmd) -> Result<Request, RequestError> {
             put(&mut fields, "weight", weight);
             put(&mut fields, "backup", backup.then_some(true));
             put(&mut fields, "state", state);
+            put(&mut fields, "route", route);
             Command::AddBackend {
                 service,
                 backend: BackendConfig::from_fields(Value::Object(fields))?,
@@ -634,7 +639,7 @@ mod tests {
             (
                 &["backend", "add", "web", "10.0.1.4:8080", "--name", "app4"],
                 serde_json::json!({"cmd":"add-backend","service":"web","address":"10.0.1.4:8080",
-                    "name":"app4","weight":1,"backup":false,"state":"active"}),
+                    "name":"app4","route":"app4","weight":1,"backup":false,"state":"active"}),
             ),
             (
                 &[
@@ -649,7 +654,7 @@ mod tests {
                     "drain",
                 ],
                 serde_json::json!({"cmd":"add-backend","service":"web","address":"10.0.1.5:8080",
-                    "name":"10.0.1.5:8080","weight":0,"backup":true,"state":"drain"}),
+                    "name":"10.0.1.5:8080","route":"10.0.1.5:8080","weight":0,"backup":true,"state":"drain"}),
             ),
         ];
         for (args, want) in cases {

@@ -501,6 +501,7 @@ pub(crate) mod tests {
             weight: 1,
             backup: false,
             state: AdminState::Active,
+            route: name.into(),
         }
     }
 
@@ -524,6 +525,7 @@ pub(crate) mod tests {
                 fall: 3,
                 port: None,
             },
+            ajp: None,
             backends,
         }
     }

@@ -24,7 +24,7 @@ use lb_common::maps::{
 };
 use lb_common::maps::{
     MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_GLOBAL_STATS, MAP_RING,
-    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT, MAP_SNAT_ADDRS,
 };
 use lb_common::select::{self, BackendTable, Peek, Policy, Ring};
 use tracing::{info, warn};
@@ -32,7 +32,8 @@ use tracing::{info, warn};
 use crate::config::{DatapathKind, XdpConfig, XdpMode};
 use crate::datapath::{BackendTraffic, Datapath, DatapathError, Drained, ServiceTraffic, Which};
 use crate::ebpf::{self, XDP_PROGRAM};
-use crate::state::{Backend, Effect, Service, State};
+use crate::runtime::Snapshot;
+use crate::state::{Backend, Effect, Service};
 
 const IPPROTO_TCP: u8 = 6;
 /// Ring content not yet written by this process (never a backend index).
@@ -106,6 +107,8 @@ struct Maps {
     global: PerCpuArray<MapData, Counter>,
     service_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    /// The SNAT source addresses in use (replies to them without a flow are dropped, not passed).
+    snat_addrs: HashMap<MapData, u32, u32>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -251,6 +254,7 @@ impl XdpDatapath {
             MAP_CONNTRACK,
             MAP_AFFINITY,
             MAP_SNAT,
+            MAP_SNAT_ADDRS,
             MAP_SERVICE_STATS,
             MAP_BACKEND_STATS,
         ];
@@ -271,6 +275,7 @@ impl XdpDatapath {
             global: take(&mut ebpf, MAP_GLOBAL_STATS)?,
             service_stats: take(&mut ebpf, MAP_SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
+            snat_addrs: take(&mut ebpf, MAP_SNAT_ADDRS)?,
         };
         let max_services = maps.service_stats.len();
         let max_backends = maps.backends.len();
@@ -711,6 +716,10 @@ impl Inner {
             };
             if ks.written.get(&index) != Some(&value) {
                 self.maps
+                    .snat_addrs
+                    .insert(snat, 1, 0)
+                    .map_err(map_err(MAP_SNAT_ADDRS))?;
+                self.maps
                     .backends
                     .set(index, value, 0)
                     .map_err(map_err(MAP_BACKENDS))?;
@@ -779,7 +788,8 @@ impl Datapath for XdpDatapath {
         DatapathKind::Xdp
     }
 
-    fn apply(&self, effect: &Effect, state: &State) -> Result<(), DatapathError> {
+    fn apply(&self, effect: &Effect, snapshot: &Snapshot) -> Result<(), DatapathError> {
+        let state = &snapshot.state;
         let mut inner = self.inner.lock().unwrap();
         let result = match effect {
             Effect::ServiceAdded(name) | Effect::ServiceChanged(name) => match state.service(name) {
@@ -838,6 +848,7 @@ impl Datapath for XdpDatapath {
                     (b.id, t)
                 })
                 .collect(),
+            ajp: None,
         }
     }
 

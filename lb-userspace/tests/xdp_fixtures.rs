@@ -91,6 +91,7 @@ fn service() -> ServiceConfig {
             fall: 3,
             port: None,
         },
+        ajp: None,
         backends: (1..=3)
             .map(|i| BackendConfig {
                 name: format!("b{i}"),
@@ -98,6 +99,7 @@ fn service() -> ServiceConfig {
                 weight: 1,
                 backup: false,
                 state: AdminState::Active,
+                route: format!("b{i}"),
             })
             .collect(),
     }
@@ -122,7 +124,8 @@ impl Fixture {
 
     fn apply(&mut self, command: Command) {
         let effect = self.state.apply(command).expect("command applies");
-        self.xdp.apply(&effect, &self.state).expect("datapath applies");
+        let snapshot = lb::runtime::Snapshot::new(self.state.clone());
+        self.xdp.apply(&effect, &snapshot).expect("datapath applies");
     }
 
     /// The backend the user-space selection picks for a new client (no affinity).
@@ -565,5 +568,96 @@ fn xdp_translates_tcp_timestamps_toward_the_backend() {
             (555, client_ts),
             "TSecr restored for the client"
         );
+    });
+}
+
+/// A frame from the client MAC with sequence number `seq`.
+fn frame_seq(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, seq: u32) -> Vec<u8> {
+    Tcp::new(src, dst, flags)
+        .macs(CLIENT_MAC, [0xaa; 6])
+        .seq(seq)
+        .build()
+}
+
+/// Issue 16: the client reuses the 4-tuple of a connection the LB still holds as open (here
+/// half-closed: FIN from the client only, as when the backend's FIN bit was lost). The new SYN (new
+/// sequence number) must get a new flow and SNAT port, not go out on the old port, whose reply entry
+/// may already belong to nobody; a retransmission of that SYN stays on the new flow; and a backend
+/// packet to a SNAT port without a flow is dropped and counted, never passed to the LB's stack.
+#[test]
+fn xdp_syn_on_a_reused_tuple_starts_a_new_flow() {
+    if !ready("xdp_syn_on_a_reused_tuple_starts_a_new_flow") {
+        return;
+    }
+    in_fixture_netns(|client_if, backend_if| {
+        let fx = Fixture::new();
+        let c = client(1);
+        let client_side = (c, 41000);
+        let syn = frame_seq(client_side, (VIP, 80), SYN, 1000);
+        let (verdict, out, _) = fx.xdp.test_run(&syn, client_if, 1).unwrap();
+        assert_eq!(verdict, XDP_REDIRECT);
+        let first = parse(&out);
+        let (backend, old_port) = (first.dst, first.src.1);
+        // The client half-closes; the backend's FIN never marks the flow.
+        let fin = frame_seq(client_side, (VIP, 80), FIN | ACK, 1001);
+        assert_eq!(fx.xdp.test_run(&fin, client_if, 1).unwrap().0, XDP_REDIRECT);
+
+        // The client reuses its port: a SYN with a new sequence number.
+        let syn2 = frame_seq(client_side, (VIP, 80), SYN, 900_000);
+        let (verdict, out, _) = fx.xdp.test_run(&syn2, client_if, 1).unwrap();
+        assert_eq!(verdict, XDP_REDIRECT);
+        let second = parse(&out);
+        assert_eq!(second.dst, backend, "same backend (affinity)");
+        assert_ne!(
+            second.src.1, old_port,
+            "a new connection on a reused 4-tuple gets a new SNAT port, not the old flow's"
+        );
+        assert_eq!(fx.counter("new_flows"), 2);
+
+        // Its SYN-ACK, to the new port, reaches the client.
+        let syn_ack = frame(
+            backend,
+            (LB_BACKEND_SIDE, second.src.1),
+            SYN | ACK,
+            b"",
+            &[],
+            [0xbb; 6],
+        );
+        let (verdict, out, _) = fx.xdp.test_run(&syn_ack, backend_if, 1).unwrap();
+        assert_eq!(
+            verdict, XDP_REDIRECT,
+            "the SYN-ACK of the new connection is translated"
+        );
+        assert_eq!(parse(&out).dst, client_side);
+
+        // A retransmission of the new SYN stays on the new flow.
+        let (verdict, out, _) = fx.xdp.test_run(&syn2, client_if, 1).unwrap();
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(
+            parse(&out).src.1,
+            second.src.1,
+            "retransmitted SYN keeps its SNAT port"
+        );
+        assert_eq!(fx.counter("new_flows"), 2, "a retransmission is not a new flow");
+
+        // A backend packet to a SNAT port nobody holds: dropped and counted, not passed.
+        let free_port = if second.src.1 == 29999 { 29998 } else { 29999 };
+        let stray = frame(
+            backend,
+            (LB_BACKEND_SIDE, free_port),
+            SYN | ACK,
+            b"",
+            &[],
+            [0xbb; 6],
+        );
+        let (verdict, _, _) = fx.xdp.test_run(&stray, backend_if, 1).unwrap();
+        assert_eq!(
+            verdict, XDP_DROP,
+            "a reply without a flow never reaches the LB's stack"
+        );
+        assert_eq!(fx.counter("no_reply_flow"), 1);
+        // The same port outside the SNAT range is the host's business: passed.
+        let own = frame(backend, (LB_BACKEND_SIDE, 40000), SYN | ACK, b"", &[], [0xbb; 6]);
+        assert_eq!(fx.xdp.test_run(&own, backend_if, 1).unwrap().0, XDP_PASS);
     });
 }

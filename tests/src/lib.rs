@@ -20,6 +20,11 @@
 //!   `lb_common::csum`) for the XDP fixtures, the eBPF unit tests and the micro-benchmarks.
 //! - [`fixture`]: the BPF_PROG_TEST_RUN fixture namespace (veth links, VIP, permanent neighbours)
 //!   where `bpf_fib_lookup` gets real answers.
+//! - [`tomcat`]: a real Tomcat 10 (private `CATALINA_BASE`, AJP connector, optional `jvmRoute`,
+//!   secret and a session-printing JSP); [`apache`]: a real Apache httpd in front (mod_proxy_ajp,
+//!   mod_proxy_balancer or mod_jk); [`webtier`]: the web namespace between client and lb, and
+//!   [`webtier::Browser`], an HTTP client with a session cookie; [`ajp_client`]: a raw AJP 1.3
+//!   client (Forward Request with any attributes, Shutdown, CPing).
 //! - `src/bin/testsrv.rs`: the `lb-testsrv` backend binary (http / echo / ajp modes);
 //!   `src/bin/demo.rs`: `lb-demo`, the sticky-session and drain walk-through.
 //!
@@ -29,6 +34,8 @@
 //! processes are stopped before the namespaces are deleted (locals drop in reverse order).
 //! Tests needing root call [`require_root`] first and return early when it says no.
 
+pub mod ajp_client;
+pub mod apache;
 pub mod child;
 pub mod client;
 pub mod daemon;
@@ -39,6 +46,7 @@ pub mod servers;
 pub mod tempdir;
 pub mod tomcat;
 pub mod topology;
+pub mod webtier;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -78,19 +78,159 @@ fn conf_source(file: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// How a test Tomcat is set up beyond its AJP address: the Engine's `jvmRoute`, the AJP connector's
+/// secret and thread count, and whether it serves the session-printing [`INDEX_JSP`] as `ROOT`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TomcatOptions {
+    /// `jvmRoute` on the Engine: Tomcat appends `.ROUTE` to every session id it creates.
+    pub jvm_route: Option<String>,
+    /// The AJP connector's `secret` (then `secretRequired="true"`); `None`: no secret required.
+    pub secret: Option<String>,
+    /// The AJP connector's `maxThreads` (16 when 0).
+    pub max_threads: u32,
+    /// Deploy `webapps/ROOT/index.jsp` ([`INDEX_JSP`]).
+    pub webapp: bool,
+    /// Log every request (`%r %s`, unbuffered) to `logs/access.*.log`, refused ones included
+    /// (Tomcat logs the 403 of a wrong secret or a forbidden attribute too): proof of what reached
+    /// this Tomcat. See [`CatalinaBase::access_log`].
+    pub access_log: bool,
+}
+
+impl TomcatOptions {
+    /// An application server: `jvmRoute = route`, the JSP deployed, no secret, 16 threads.
+    pub fn app(route: &str) -> TomcatOptions {
+        TomcatOptions {
+            jvm_route: Some(route.to_string()),
+            webapp: true,
+            ..TomcatOptions::default()
+        }
+    }
+
+    /// The same with the AJP connector requiring `secret`.
+    pub fn with_secret(mut self, secret: Option<&str>) -> TomcatOptions {
+        self.secret = secret.map(String::from);
+        self
+    }
+
+    /// The same with the access log on or off.
+    pub fn with_access_log(mut self, on: bool) -> TomcatOptions {
+        self.access_log = on;
+        self
+    }
+
+    /// The same with `maxThreads = n`.
+    pub fn with_threads(mut self, n: u32) -> TomcatOptions {
+        self.max_threads = n;
+        self
+    }
+}
+
+/// The `ROOT` webapp's only page (Jasper compiles it on first use). It uses an `HttpSession` and
+/// answers `text/plain` lines `key=value`:
+///
+/// ```text
+/// route=t1                      the Engine's jvmRoute (read over JMX), "-" when unset
+/// session=0A1B….t1              the session id (created on the first request without a cookie)
+/// new=true                      whether this request created the session
+/// remote=10.0.0.12              request.getRemoteAddr(): the browser's address the AJP request carries
+/// method=POST
+/// body=2048                     bytes of request body read
+/// count=1234                    requests this Tomcat served so far (this one included)
+/// ```
+///
+/// `?sleep=MS` waits MS milliseconds (at most 10 s) after reading the body, to keep a request in
+/// flight; `?session=existing` uses the session of the cookie but never creates one (`session=-`
+/// when there is none), `?session=none` neither creates nor uses one.
+pub const INDEX_JSP: &str = r#"<%@ page contentType="text/plain; charset=UTF-8" session="false" %><%
+Object route = application.getAttribute("lbtest.route");
+if (route == null) {
+    try {
+        route = java.lang.management.ManagementFactory.getPlatformMBeanServer()
+            .getAttribute(new javax.management.ObjectName("Catalina:type=Engine"), "jvmRoute");
+    } catch (Exception e) {
+        route = null;
+    }
+    if (route == null) { route = "-"; }
+    application.setAttribute("lbtest.route", route);
+}
+java.util.concurrent.atomic.AtomicLong counter =
+    (java.util.concurrent.atomic.AtomicLong) application.getAttribute("lbtest.count");
+if (counter == null) {
+    synchronized (application) {
+        counter = (java.util.concurrent.atomic.AtomicLong) application.getAttribute("lbtest.count");
+        if (counter == null) {
+            counter = new java.util.concurrent.atomic.AtomicLong();
+            application.setAttribute("lbtest.count", counter);
+        }
+    }
+}
+long count = counter.incrementAndGet();
+long len = 0;
+java.io.InputStream in = request.getInputStream();
+byte[] buf = new byte[8192];
+int n;
+while ((n = in.read(buf)) > 0) { len += n; }
+String sleep = request.getParameter("sleep");
+if (sleep != null) {
+    try { Thread.sleep(Math.min(10000L, Long.parseLong(sleep))); } catch (Exception e) { }
+}
+String sid = "-";
+boolean isNew = false;
+String mode = request.getParameter("session");
+if (!"none".equals(mode)) {
+    jakarta.servlet.http.HttpSession s = request.getSession(!"existing".equals(mode));
+    if (s != null) {
+        sid = s.getId();
+        isNew = s.isNew();
+    }
+}
+%>route=<%= route %>
+session=<%= sid %>
+new=<%= isNew %>
+remote=<%= request.getRemoteAddr() %>
+method=<%= request.getMethod() %>
+body=<%= len %>
+count=<%= count %>
+"#;
+
 /// The `conf/server.xml` of a test Tomcat: no shutdown port, one AJP/1.3 connector on
 /// `address:ajp_port` (no secret, so a CPing from anywhere is answered), no HTTP connector, an
 /// empty `webapps/`.
 pub fn server_xml(address: Ipv4Addr, ajp_port: u16) -> String {
+    server_xml_with(address, ajp_port, &TomcatOptions::default())
+}
+
+/// The `conf/server.xml` for `opts`: like [`server_xml`] plus the Engine's `jvmRoute` and the AJP
+/// connector's secret and thread count.
+pub fn server_xml_with(address: Ipv4Addr, ajp_port: u16, opts: &TomcatOptions) -> String {
+    let secret = match &opts.secret {
+        Some(s) => format!(r#"secretRequired="true" secret="{s}""#),
+        None => r#"secretRequired="false""#.to_string(),
+    };
+    let route = match &opts.jvm_route {
+        Some(r) => format!(r#" jvmRoute="{r}""#),
+        None => String::new(),
+    };
+    let threads = if opts.max_threads == 0 {
+        16
+    } else {
+        opts.max_threads
+    };
+    let valve = if opts.access_log {
+        "\n        <Valve className=\"org.apache.catalina.valves.AccessLogValve\" directory=\"logs\"\n               \
+         prefix=\"access\" suffix=\".log\" pattern=\"%r %s\" buffered=\"false\" />\n      "
+    } else {
+        ""
+    };
     format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
 <!-- lb integration tests: AJP only, no shutdown port (stopped with SIGTERM). -->
 <Server port="-1" shutdown="SHUTDOWN">
   <Service name="Catalina">
     <Connector protocol="AJP/1.3" address="{address}" port="{ajp_port}"
-               secretRequired="false" maxThreads="16" />
-    <Engine name="Catalina" defaultHost="localhost">
-      <Host name="localhost" appBase="webapps" unpackWARs="false" autoDeploy="false" />
+               {secret} maxThreads="{threads}" />
+    <Engine name="Catalina" defaultHost="localhost"{route}>
+      <Host name="localhost" appBase="webapps" unpackWARs="false" autoDeploy="false">{valve}</Host>
     </Engine>
   </Service>
 </Server>
@@ -111,6 +251,16 @@ impl CatalinaBase {
     /// Create `<tmp>/<unique_prefix(tag)>-catalina` with a server.xml for `address:ajp_port` and the
     /// package's web.xml, catalina.properties and logging.properties.
     pub fn new(tag: &str, address: Ipv4Addr, ajp_port: u16) -> io::Result<CatalinaBase> {
+        CatalinaBase::with_options(tag, address, ajp_port, &TomcatOptions::default())
+    }
+
+    /// Like [`CatalinaBase::new`] with `opts` (jvmRoute, secret, threads, the `ROOT` webapp).
+    pub fn with_options(
+        tag: &str,
+        address: Ipv4Addr,
+        ajp_port: u16,
+        opts: &TomcatOptions,
+    ) -> io::Result<CatalinaBase> {
         check_installed().map_err(io::Error::other)?;
         let dir = std::env::temp_dir().join(format!("{}-catalina", unique_prefix(tag)));
         if dir.exists() {
@@ -124,7 +274,15 @@ impl CatalinaBase {
         for sub in ["conf", "logs", "temp", "work", "webapps"] {
             fs::create_dir_all(base.dir.join(sub))?;
         }
-        fs::write(base.dir.join("conf/server.xml"), server_xml(address, ajp_port))?;
+        fs::write(
+            base.dir.join("conf/server.xml"),
+            server_xml_with(address, ajp_port, opts),
+        )?;
+        if opts.webapp {
+            let root = base.dir.join("webapps/ROOT");
+            fs::create_dir_all(&root)?;
+            fs::write(root.join("index.jsp"), INDEX_JSP)?;
+        }
         for f in ["web.xml", "catalina.properties", "logging.properties"] {
             if let Some(src) = conf_source(f) {
                 fs::copy(&src, base.dir.join("conf").join(f))
@@ -142,6 +300,27 @@ impl CatalinaBase {
     /// The AJP connector's address.
     pub fn ajp_addr(&self) -> SocketAddr {
         SocketAddr::new(self.address.into(), self.ajp_port)
+    }
+
+    /// The access log so far (`GET /index.jsp?x=1 HTTP/1.1 200` lines; empty unless
+    /// [`TomcatOptions::access_log`]).
+    pub fn access_log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(rd) = fs::read_dir(self.dir.join("logs")) {
+            let mut files: Vec<_> = rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("access"))
+                })
+                .collect();
+            files.sort();
+            for f in files {
+                text.push_str(&fs::read_to_string(&f).unwrap_or_default());
+            }
+        }
+        text
     }
 
     /// The last `n` lines of Tomcat's `logs/catalina.*.log` files (for failure messages).

@@ -5,6 +5,8 @@
 //! sudo -E cargo xtask bench                  # 3 interleaved rounds, all rows: the run to cite
 //! sudo -E cargo xtask bench --quick          # one short round (smoke check), into bench/quick/
 //! sudo -E cargo xtask bench --rows none,lb-proxy --pin --out /tmp/b
+//! sudo -E cargo xtask bench --ajp            # only the AJP chain (Apache → lb → Tomcats)
+//! sudo -E cargo xtask bench --ajp-rows ajp-balancer,ajp-haproxy --quick --no-build --lb-bin target/debug/lb
 //! ```
 //!
 //! A tour:
@@ -26,10 +28,16 @@
 //!   XDP ns/packet via BPF_PROG_TEST_RUN, Maglev build time, selection per operation) and measures
 //!   the daemon's RSS with 1 and 1,000 backends.
 //!
+//! - [`ajp`]: the AJP chain, wrk → Apache httpd → load balancer → three Tomcat 10 (lb
+//!   `datapath = "ajp"`, Apache mod_proxy_balancer as the anchor, HAProxy, lb `datapath =
+//!   "proxy"`), its own table in `results.md` and `ajp` in `results.json`. A full run (no `--rows`)
+//!   runs it after the other rows; `--ajp` or `--ajp-rows` runs only it, `--no-ajp` skips it.
+//!
 //! Rounds interleave the rows (each round runs every row once, in a rotated order) so slow drift of
 //! the machine hits all rows alike; each cell is the median over rounds with the range beside it.
 //! `LB_BENCH_DEBUG=1` prints every namespace's changed TCP counters after each wrk run.
 
+mod ajp;
 mod bed;
 mod measure;
 mod micro;
@@ -48,7 +56,7 @@ use report::RowResult;
 use rows::RowKind;
 
 /// Arguments of `cargo xtask bench`.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
     /// One short round (1 s iperf3, 2 s wrk) for smoke checks. Not the run to cite.
     #[arg(long)]
@@ -77,6 +85,16 @@ pub struct BenchArgs {
     /// Skip the micro-benchmarks.
     #[arg(long)]
     no_micro: bool,
+    /// Run only the AJP chain (wrk → Apache → load balancer → three Tomcats), all its rows.
+    #[arg(long)]
+    ajp: bool,
+    /// Run only these rows of the AJP chain, comma-separated: ajp-lb, ajp-balancer, ajp-haproxy,
+    /// ajp-lb-proxy.
+    #[arg(long, value_delimiter = ',', value_parser = ajp::AjpRow::parse)]
+    ajp_rows: Vec<ajp::AjpRow>,
+    /// Skip the AJP chain in a full run.
+    #[arg(long)]
+    no_ajp: bool,
 }
 
 /// Durations and sizes of one run.
@@ -139,6 +157,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
              e.g. `sudo -E cargo xtask bench`"
         );
     }
+    if args.ajp || !args.ajp_rows.is_empty() {
+        return run_ajp_only(&args);
+    }
     let rows = if args.rows.is_empty() {
         RowKind::ALL.to_vec()
     } else {
@@ -186,6 +207,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let results = run_rows(&plan, &bins.lb)?;
     check_interrupted()?;
 
+    // The AJP chain, in a full run (no row selection) unless --no-ajp.
+    let ajp_report = if args.rows.is_empty() && !args.no_ajp {
+        match check_ajp_tools(&ajp::AjpRow::ALL).and_then(|()| ajp::run(&plan, &bins.lb, &ajp::AjpRow::ALL)) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("bench: the AJP chain failed: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    check_interrupted()?;
+
     let micro = if args.no_micro {
         micro::Micro::skipped("skipped (--no-micro)")
     } else {
@@ -200,14 +235,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
         micro,
         elapsed: started.elapsed(),
     };
-    let md = report.markdown();
+    let mut md = report.markdown();
+    let mut json = report.json();
+    if let Some(a) = &ajp_report {
+        md.push('\n');
+        md.push_str(&a.markdown());
+        json["ajp"] = a.json();
+    }
     println!("{md}");
     let md_path = out.join("results.md");
     std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
     let svg_path = out.join("results.svg");
     std::fs::write(&svg_path, report.svg()).with_context(|| format!("writing {}", svg_path.display()))?;
     let json_path = out.join("results.json");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report.json())?)
+    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("writing {}", json_path.display()))?;
     eprintln!(
         "bench: done in {:.0} s; wrote {}, {} and {}",
@@ -218,6 +259,110 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     if plan.quick {
         eprintln!("bench: --quick results are for smoke checks; run without --quick for numbers to cite");
+    }
+    Ok(())
+}
+
+/// `--ajp` / `--ajp-rows`: only the AJP chain; writes `ajp.md` and `ajp.json` into the output
+/// directory.
+fn run_ajp_only(args: &BenchArgs) -> Result<()> {
+    let rows = if args.ajp_rows.is_empty() {
+        ajp::AjpRow::ALL.to_vec()
+    } else {
+        let mut v = Vec::new();
+        for r in &args.ajp_rows {
+            if !v.contains(r) {
+                v.push(*r);
+            }
+        }
+        v
+    };
+    let plan = Plan {
+        quick: args.quick,
+        rounds: args.rounds.unwrap_or(if args.quick { 1 } else { 3 }).max(1),
+        iperf_secs: 0,
+        wrk_secs: if args.quick { 3 } else { 10 },
+        wrk_threads: 2,
+        wrk_connections: 32,
+        pin: args.pin,
+        rows: Vec::new(),
+    };
+    check_ajp_tools(&rows)?;
+    if plan.pin && which("taskset").is_none() {
+        bail!("missing tools: taskset; run `cargo xtask setup`");
+    }
+    let needs_lb = rows
+        .iter()
+        .any(|r| matches!(r, ajp::AjpRow::Lb | ajp::AjpRow::LbProxy));
+    let bins = if needs_lb {
+        binaries(&BenchArgs {
+            no_micro: true,
+            ..args.clone()
+        })?
+    } else {
+        // No lb row: nothing to build; the path is never run.
+        Bins {
+            lb: args.lb_bin.clone().unwrap_or_default(),
+            microbench: None,
+            root: Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .context("xtask lives inside the workspace")?
+                .to_path_buf(),
+        }
+    };
+    let out = args.out.clone().unwrap_or_else(|| {
+        let bench = bins.root.join("bench");
+        if plan.quick { bench.join("quick") } else { bench }
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    install_signal_handlers();
+    let started = Instant::now();
+    eprintln!(
+        "bench: AJP chain, {} round(s) of {}; wrk {} s (-t{} -c{})",
+        plan.rounds,
+        rows.iter().map(|r| r.name()).collect::<Vec<_>>().join(", "),
+        plan.wrk_secs,
+        plan.wrk_threads,
+        plan.wrk_connections
+    );
+    let report = ajp::run(&plan, &bins.lb, &rows)?;
+    let md = report.markdown();
+    println!("{md}");
+    let md_path = out.join("ajp.md");
+    std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
+    let json_path = out.join("ajp.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report.json())?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    eprintln!(
+        "bench: AJP chain done in {:.0} s; wrote {} and {}",
+        started.elapsed().as_secs_f64(),
+        md_path.display(),
+        json_path.display()
+    );
+    Ok(())
+}
+
+/// The AJP chain's tools: wrk, Apache (with its modules), Tomcat and java, HAProxy for its row.
+fn check_ajp_tools(rows: &[ajp::AjpRow]) -> Result<()> {
+    let mut missing: Vec<String> = ["ip", "wrk"]
+        .into_iter()
+        .filter(|t| which(t).is_none())
+        .map(String::from)
+        .collect();
+    if rows.contains(&ajp::AjpRow::Haproxy) && which("haproxy").is_none() {
+        missing.push("haproxy".to_string());
+    }
+    if let Err(e) = lb_tests::apache::check_installed() {
+        missing.push(e);
+    }
+    if let Err(e) = lb_tests::tomcat::check_installed() {
+        missing.push(e);
+    }
+    if !missing.is_empty() {
+        bail!(
+            "missing for the AJP chain: {}; run `cargo xtask setup`",
+            missing.join("; ")
+        );
     }
     Ok(())
 }

@@ -25,9 +25,10 @@ use serde_path_to_error::Segment;
 use toml::Spanned;
 
 use super::{
-    AdminState, BackendConfig, Config, ConfigError, ControlConfig, DatapathKind, HealthConfig, HealthKind,
-    MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, MetricsConfig, OnDown, Protocol, ServiceConfig,
-    XdpConfig, XdpMode, format_duration, is_valid_name, listens_overlap, parse_duration,
+    AdminState, AjpConfig, BackendConfig, Config, ConfigError, ControlConfig, DatapathKind, HealthConfig,
+    HealthKind, MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, MetricsConfig, OnDown, Protocol,
+    Secret, ServiceConfig, XdpConfig, XdpMode, format_duration, is_valid_name, listens_overlap,
+    parse_duration,
 };
 
 type S<T> = Spanned<T>;
@@ -85,7 +86,8 @@ struct RawControl {
 #[serde(deny_unknown_fields, expecting = "a table")]
 #[serde(
     bound(deserialize = "F::V<String>: Deserialize<'de>, F::V<i64>: Deserialize<'de>, \
-    F::V<RawDuration>: Deserialize<'de>, F::V<RawBackend<F>>: Deserialize<'de>")
+    F::V<RawDuration>: Deserialize<'de>, F::V<RawBackend<F>>: Deserialize<'de>, \
+    F::V<RawAjp<F>>: Deserialize<'de>, F::V<Vec<F::V<String>>>: Deserialize<'de>")
 )]
 pub(super) struct RawService<F: Form> {
     name: F::V<String>,
@@ -98,8 +100,29 @@ pub(super) struct RawService<F: Form> {
     failback: Option<bool>,
     on_down: Option<F::V<String>>,
     health: Option<RawHealth<F>>,
+    ajp: Option<F::V<RawAjp<F>>>,
     #[serde(default)]
     backend: Vec<F::V<RawBackend<F>>>,
+}
+
+/// The keys of a `[service.ajp]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+#[serde(bound(
+    deserialize = "F::V<String>: Deserialize<'de>, F::V<i64>: Deserialize<'de>, F::V<RawDuration>: Deserialize<'de>, F::V<Vec<F::V<String>>>: Deserialize<'de>"
+))]
+pub(super) struct RawAjp<F: Form> {
+    secret: Option<F::V<String>>,
+    backend_secret: Option<F::V<String>>,
+    max_packet_size: Option<F::V<i64>>,
+    pool_size: Option<F::V<i64>>,
+    pool_idle_timeout: Option<F::V<RawDuration>>,
+    ping_after_idle: Option<F::V<RawDuration>>,
+    retries: Option<F::V<i64>>,
+    retry_buffer: Option<F::V<i64>>,
+    session_cookies: Option<F::V<Vec<F::V<String>>>>,
+    session_path_params: Option<F::V<Vec<F::V<String>>>>,
+    allowed_attributes: Option<F::V<Vec<F::V<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -127,6 +150,7 @@ pub(super) struct RawBackend<F: Form> {
     weight: Option<F::V<i64>>,
     backup: Option<bool>,
     state: Option<F::V<String>>,
+    route: Option<F::V<String>>,
 }
 
 /// How the raw structs hold a value: with its span in the file ([`File`]) or bare, as a control
@@ -1153,8 +1177,31 @@ impl<F: Form> Validator<'_, '_, F> {
             &rs.datapath,
             &k("datapath"),
             DatapathKind::Proxy,
-            &[("proxy", DatapathKind::Proxy), ("xdp", DatapathKind::Xdp)],
+            &[
+                ("proxy", DatapathKind::Proxy),
+                ("xdp", DatapathKind::Xdp),
+                ("ajp", DatapathKind::Ajp),
+            ],
         )?;
+        if datapath == DatapathKind::Ajp && protocol != Protocol::Ajp {
+            let span = rs.datapath.as_ref().map_or(0..0, Held::at);
+            return Err(self.err(
+                span,
+                &k("datapath"),
+                "datapath \"ajp\" routes AJP 1.3 requests and needs protocol = \"ajp\"; add protocol = \"ajp\" or use datapath = \"proxy\" or \"xdp\"",
+            ));
+        }
+        let ajp = match &rs.ajp {
+            None => None,
+            Some(v) if datapath != DatapathKind::Ajp => {
+                return Err(self.err(
+                    v.at(),
+                    &k("ajp"),
+                    "the [service.ajp] table applies only to datapath = \"ajp\"; set datapath = \"ajp\" (with protocol = \"ajp\") or remove the table",
+                ));
+            }
+            Some(v) => Some(self.ajp(&k("ajp"), v.value())?),
+        };
         if datapath == DatapathKind::Xdp && (!listen.is_ipv4() || listen.ip().is_unspecified()) {
             return Err(self.err(
                 rs.listen.at(),
@@ -1196,9 +1243,21 @@ impl<F: Form> Validator<'_, '_, F> {
             let rb = rb.take();
             let addr_span = rb.address.at();
             let name_span = rb.name.as_ref().map_or(addr_span.clone(), |n| n.at());
+            let route_span = rb.route.as_ref().map_or(name_span.clone(), |r| r.at());
             let b = self.backend(&bkey, Some(datapath), rb)?;
             for (o, other) in backends.iter().enumerate() {
                 let earlier = k(&format!("backend[{o}]"));
+                if datapath == DatapathKind::Ajp && other.route == b.route {
+                    return Err(self.err(
+                        route_span,
+                        &format!("{bkey}.route"),
+                        format!(
+                            "route \"{}\" is already the route of {earlier} (line {}); each backend needs its own route (Tomcat jvmRoute), set route = \"...\" on one of them",
+                            b.route,
+                            self.line(&seen[o].0)
+                        ),
+                    ));
+                }
                 if other.address == b.address {
                     return Err(self.err(
                         addr_span,
@@ -1237,7 +1296,108 @@ impl<F: Form> Validator<'_, '_, F> {
             failback: rs.failback.unwrap_or(false),
             on_down,
             health,
+            ajp,
             backends,
+        })
+    }
+
+    fn ajp(&self, key: &str, raw: &RawAjp<F>) -> Result<AjpConfig, ConfigError> {
+        let k = |field: &str| Self::key(key, field);
+        let d = AjpConfig::default();
+        let secret = |v: &Option<F::V<String>>, field: &str| -> Result<Option<Secret>, ConfigError> {
+            let Some(v) = v else { return Ok(None) };
+            let text = v.value();
+            if text.is_empty() || text.len() > 1024 || text.chars().any(char::is_control) {
+                // The value itself is never repeated in the message.
+                return Err(self.err(
+                    v.at(),
+                    &k(field),
+                    format!("{field} must be 1 to 1024 characters without control characters"),
+                ));
+            }
+            Ok(Some(Secret(text.clone())))
+        };
+        let int = |v: &Option<F::V<i64>>, field: &str, default: u32, range: RangeInclusive<i64>| match v {
+            None => Ok(default),
+            Some(v) => self.int(v, &k(field), range).map(|n| n as u32),
+        };
+        let names = |v: &Option<F::V<Vec<F::V<String>>>>,
+                     field: &str,
+                     default: &[String],
+                     pattern: bool|
+         -> Result<Vec<String>, ConfigError> {
+            let Some(list) = v else {
+                return Ok(default.to_vec());
+            };
+            let mut out = Vec::new();
+            for (i, item) in list.value().iter().enumerate() {
+                let text = item.value();
+                let body = if pattern {
+                    text.strip_suffix('*').unwrap_or(text)
+                } else {
+                    text
+                };
+                let bad = |b: u8| !b.is_ascii_graphic() || matches!(b, b'=' | b';' | b',' | b'"' | b'*');
+                if text.is_empty() || text.len() > 128 || body.bytes().any(bad) {
+                    let what = if pattern {
+                        "use an attribute name such as \"AJP_REMOTE_PORT\", or a prefix ending in * such as \"SSL_*\" (printable ASCII without spaces, = ; , \" or other *)"
+                    } else {
+                        "use a name such as \"JSESSIONID\" (1 to 128 printable ASCII characters without spaces, = ; , \" or *)"
+                    };
+                    return Err(self.err(
+                        item.at(),
+                        &format!("{key}.{field}[{i}]"),
+                        format!("\"{}\" is not allowed; {what}", text.escape_debug()),
+                    ));
+                }
+                if out.contains(text) {
+                    return Err(self.err(
+                        item.at(),
+                        &format!("{key}.{field}[{i}]"),
+                        format!("\"{text}\" is listed twice; list each name once"),
+                    ));
+                }
+                out.push(text.clone());
+            }
+            Ok(out)
+        };
+        Ok(AjpConfig {
+            secret: secret(&raw.secret, "secret")?,
+            backend_secret: secret(&raw.backend_secret, "backend_secret")?,
+            max_packet_size: int(
+                &raw.max_packet_size,
+                "max_packet_size",
+                d.max_packet_size,
+                1024..=65536,
+            )?,
+            pool_size: int(&raw.pool_size, "pool_size", d.pool_size, 1..=65536)?,
+            pool_idle_timeout: self.duration(
+                &raw.pool_idle_timeout,
+                &k("pool_idle_timeout"),
+                d.pool_idle_timeout,
+                false,
+            )?,
+            ping_after_idle: self.duration(
+                &raw.ping_after_idle,
+                &k("ping_after_idle"),
+                d.ping_after_idle,
+                true,
+            )?,
+            retries: int(&raw.retries, "retries", d.retries, 0..=16)?,
+            retry_buffer: int(&raw.retry_buffer, "retry_buffer", d.retry_buffer, 0..=16_777_216)?,
+            session_cookies: names(&raw.session_cookies, "session_cookies", &d.session_cookies, false)?,
+            session_path_params: names(
+                &raw.session_path_params,
+                "session_path_params",
+                &d.session_path_params,
+                false,
+            )?,
+            allowed_attributes: names(
+                &raw.allowed_attributes,
+                "allowed_attributes",
+                &d.allowed_attributes,
+                true,
+            )?,
         })
     }
 
@@ -1342,7 +1502,26 @@ impl<F: Form> Validator<'_, '_, F> {
             Some(v) => self.int(v, &k("weight"), WEIGHTS)? as u32,
         };
         let state = self.choice(&rb.state, &k("state"), AdminState::Active, STATES)?;
+        let route = match &rb.route {
+            None => name.clone(),
+            // The default written out (as a request built from a config carries it).
+            Some(v) if *v.value() == name => name.clone(),
+            Some(v) => {
+                let text = v.value();
+                if !is_valid_name(text) {
+                    return Err(self.err(
+                        v.at(),
+                        &k("route"),
+                        format!(
+                            "route \"{text}\" is not allowed; {NAME_HELP} (the backend's Tomcat jvmRoute)"
+                        ),
+                    ));
+                }
+                text.clone()
+            }
+        };
         Ok(BackendConfig {
+            route,
             name,
             address,
             weight,

@@ -399,6 +399,7 @@ fn every_key_is_honoured() {
                 weight: 256,
                 backup: true,
                 state: AdminState::Drain,
+                route: "t1".into(),
             },
             BackendConfig {
                 name: "192.0.2.22:8009".into(),
@@ -406,6 +407,7 @@ fn every_key_is_honoured() {
                 weight: 0,
                 backup: false,
                 state: AdminState::Maintenance,
+                route: "192.0.2.22:8009".into(),
             },
         ]
     );
@@ -463,6 +465,9 @@ fn examples_all_parse() {
     assert!(!s.failback);
     let backups: Vec<bool> = s.backends.iter().map(|b| b.backup).collect();
     assert_eq!(backups, [false, false, true]);
+    assert_eq!(s.datapath, DatapathKind::Ajp);
+    let routes: Vec<&str> = s.backends.iter().map(|b| b.route.as_str()).collect();
+    assert_eq!(routes, ["tomcat1", "tomcat2", "tomcat3"]);
 
     // The reference file documents every key: it sets each one at least once.
     let reference = std::fs::read_to_string(dir.join("lb.toml")).unwrap();
@@ -510,6 +515,19 @@ fn examples_all_parse() {
         "weight",
         "backup",
         "state",
+        "route",
+        "[service.ajp]",
+        "secret",
+        "backend_secret",
+        "max_packet_size",
+        "pool_size",
+        "pool_idle_timeout",
+        "ping_after_idle",
+        "retries",
+        "retry_buffer",
+        "session_cookies",
+        "session_path_params",
+        "allowed_attributes",
     ] {
         let set = reference
             .lines()
@@ -1086,7 +1104,7 @@ fn bad_enum_values() {
             svc!("datapath = \"kernel\"\n"),
             4,
             "service[0].datapath",
-            &["use \"proxy\" or \"xdp\""],
+            &["use \"proxy\", \"xdp\" or \"ajp\""],
         ),
         (
             svc!("on_down = \"drop\"\n"),
@@ -1696,5 +1714,231 @@ fn xdp_listen_inside_snat_ports() {
         name = "web"
         listen = "10.0.0.1:29999"
         "#,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The AJP datapath: `datapath = "ajp"`, backend `route`, `[service.ajp]`.
+
+#[test]
+fn ajp_datapath_defaults() {
+    let c = good(
+        r#"
+        [[service]]
+        name = "tomcat"
+        listen = "10.0.0.10:8009"
+        protocol = "ajp"
+        datapath = "ajp"
+
+        [[service.backend]]
+        name = "t1"
+        address = "10.0.1.11:8009"
+
+        [[service.backend]]
+        address = "10.0.1.12:8009"
+        route = "jvm2"
+        "#,
+    );
+    let s = &c.services[0];
+    assert_eq!(s.datapath, DatapathKind::Ajp);
+    assert_eq!(s.ajp, None, "no table: every default");
+    assert_eq!(s.backends[0].route, "t1", "route defaults to the name");
+    assert_eq!(s.backends[1].route, "jvm2");
+    let d = AjpConfig::default();
+    assert_eq!(d.max_packet_size, 8192);
+    assert_eq!(d.pool_size, 64);
+    assert_eq!(d.pool_idle_timeout, Duration::from_secs(60));
+    assert_eq!(d.ping_after_idle, Duration::from_secs(10));
+    assert_eq!((d.retries, d.retry_buffer), (1, 65536));
+    assert_eq!(d.session_cookies, vec!["JSESSIONID"]);
+    assert_eq!(d.session_path_params, vec!["jsessionid"]);
+    assert_eq!((d.secret.clone(), d.backend_secret.clone()), (None, None));
+}
+
+#[test]
+fn ajp_table_every_key() {
+    let c = good(
+        r#"
+        [[service]]
+        name = "tomcat"
+        listen = "10.0.0.10:8009"
+        protocol = "ajp"
+        datapath = "ajp"
+
+        [service.ajp]
+        secret = "from-apache"
+        backend_secret = "to-tomcat"
+        max_packet_size = 65536
+        pool_size = 8
+        pool_idle_timeout = "5m"
+        ping_after_idle = "0s"
+        retries = 3
+        retry_buffer = 0
+        session_cookies = ["SESSION", "JSESSIONID"]
+        session_path_params = []
+        allowed_attributes = ["AJP_REMOTE_PORT", "SSL_*"]
+        "#,
+    );
+    let a = c.services[0].ajp.clone().expect("table given");
+    assert_eq!(a.secret, Some(Secret("from-apache".into())));
+    assert_eq!(a.backend_secret, Some(Secret("to-tomcat".into())));
+    assert_eq!((a.max_packet_size, a.pool_size), (65536, 8));
+    assert_eq!(a.pool_idle_timeout, Duration::from_secs(300));
+    assert_eq!(a.ping_after_idle, Duration::ZERO);
+    assert_eq!((a.retries, a.retry_buffer), (3, 0));
+    assert_eq!(a.session_cookies, vec!["SESSION", "JSESSIONID"]);
+    assert!(a.session_path_params.is_empty());
+    assert!(a.attribute_allowed(b"AJP_REMOTE_PORT"));
+    assert!(a.attribute_allowed(b"SSL_CLIENT_CERT"));
+    assert!(!a.attribute_allowed(b"AJP_LOCAL_ADDR"));
+    // Secrets never show in Debug or serialized output.
+    let shown = format!("{a:?} {}", serde_json::to_string(&a).unwrap());
+    assert!(
+        !shown.contains("from-apache") && !shown.contains("to-tomcat"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn ajp_attribute_allow_list() {
+    let d = AjpConfig::default();
+    for ok in [
+        "AJP_REMOTE_PORT",
+        "AJP_LOCAL_ADDR",
+        "AJP_SSL_PROTOCOL",
+        "JK_LB_ACTIVATION",
+        "SSL_CIPHER",
+    ] {
+        assert!(d.attribute_allowed(ok.as_bytes()), "{ok}");
+    }
+    for refused in [
+        "javax.servlet.include.request_uri",
+        "jakarta.servlet.include.path_info",
+        "org.apache.catalina.jsp_file",
+        "ajp_remote_port",
+        "",
+    ] {
+        assert!(!d.attribute_allowed(refused.as_bytes()), "{refused}");
+    }
+    // Include attributes are refused even by a catch-all pattern.
+    let all = AjpConfig {
+        allowed_attributes: vec!["*".into()],
+        ..AjpConfig::default()
+    };
+    assert!(all.attribute_allowed(b"org.apache.catalina.jsp_file"));
+    assert!(!all.attribute_allowed(b"javax.servlet.include.servlet_path"));
+    assert!(!all.attribute_allowed(b"JAVAX.SERVLET.INCLUDE.x"));
+}
+
+const AJP_HEAD: &str =
+    "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:8009\"\nprotocol = \"ajp\"\ndatapath = \"ajp\"\n";
+
+#[test]
+fn bad_ajp_settings() {
+    bad(
+        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\ndatapath = \"ajp\"\n",
+        4,
+        "service[0].datapath",
+        &["needs protocol = \"ajp\""],
+    );
+    bad(
+        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\nprotocol = \"ajp\"\n[service.ajp]\nretries = 2\n",
+        5,
+        "service[0].ajp",
+        &["applies only to datapath = \"ajp\""],
+    );
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "max_packet_size = 512",
+            "service[0].ajp.max_packet_size",
+            &["out of range; allowed 1024..=65536"],
+        ),
+        (
+            "max_packet_size = 65537",
+            "service[0].ajp.max_packet_size",
+            &["allowed 1024..=65536"],
+        ),
+        (
+            "pool_size = 0",
+            "service[0].ajp.pool_size",
+            &["allowed 1..=65536"],
+        ),
+        ("retries = -1", "service[0].ajp.retries", &["allowed 0..=16"]),
+        (
+            "retry_buffer = 99999999",
+            "service[0].ajp.retry_buffer",
+            &["allowed 0..=16777216"],
+        ),
+        (
+            "pool_idle_timeout = \"0s\"",
+            "service[0].ajp.pool_idle_timeout",
+            &["greater than 0"],
+        ),
+        (
+            "ping_after_idle = \"soon\"",
+            "service[0].ajp.ping_after_idle",
+            &["not a valid duration"],
+        ),
+        (
+            "secret = \"\"",
+            "service[0].ajp.secret",
+            &["1 to 1024 characters"],
+        ),
+        (
+            "backend_secret = \"a\\nb\"",
+            "service[0].ajp.backend_secret",
+            &["without control characters"],
+        ),
+        (
+            "session_cookies = [\"JSESSION ID\"]",
+            "service[0].ajp.session_cookies[0]",
+            &["is not allowed", "JSESSIONID"],
+        ),
+        (
+            "session_cookies = [\"A\", \"A\"]",
+            "service[0].ajp.session_cookies[1]",
+            &["listed twice"],
+        ),
+        (
+            "session_path_params = [\"\"]",
+            "service[0].ajp.session_path_params[0]",
+            &["is not allowed"],
+        ),
+        (
+            "allowed_attributes = [\"A*B\"]",
+            "service[0].ajp.allowed_attributes[0]",
+            &["prefix ending in *"],
+        ),
+        (
+            "allowed_attributes = \"SSL_*\"",
+            "service[0].ajp.allowed_attributes",
+            &["expected an array"],
+        ),
+        (
+            "sticky = true",
+            "service[0].ajp.sticky",
+            &["unknown key `sticky`", "backend_secret"],
+        ),
+    ];
+    for (line, key, needles) in cases {
+        bad(&format!("{AJP_HEAD}[service.ajp]\n{line}\n"), 7, key, needles);
+    }
+    // A bad secret is not repeated in the message.
+    let text = format!("{AJP_HEAD}[service.ajp]\nsecret = \"{}\"\n", "x".repeat(1025));
+    let e = Config::parse(&text, "bad.toml").unwrap_err().to_string();
+    assert!(!e.contains("xxxx"), "{e}");
+    bad(
+        &format!("{AJP_HEAD}[[service.backend]]\naddress = \"10.0.1.1:8009\"\nroute = \"a b\"\n"),
+        8,
+        "service[0].backend[0].route",
+        &["route \"a b\" is not allowed", "jvmRoute"],
+    );
+    bad(
+        &format!(
+            "{AJP_HEAD}[[service.backend]]\nname = \"t1\"\naddress = \"10.0.1.1:8009\"\n[[service.backend]]\naddress = \"10.0.1.2:8009\"\nroute = \"t1\"\n"
+        ),
+        11,
+        "service[0].backend[1].route",
+        &["route \"t1\" is already the route of service[0].backend[0] (line 7)"],
     );
 }

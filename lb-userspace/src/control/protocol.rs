@@ -22,6 +22,10 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 
 /// One control request.
 #[derive(Clone, Debug, PartialEq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one request per control-socket line; boxing the command buys nothing"
+)]
 pub enum Request {
     /// A change to the state: `add-service`, `remove-service`, `add-backend`, `remove-backend`,
     /// `set-state`, `set-weight`.
@@ -382,6 +386,10 @@ pub struct ServiceStatsView {
     /// Proxy: clients closed because no backend could be reached.
     #[serde(default)]
     pub failed_connections: Option<u64>,
+    /// AJP datapath: request counters of the service and of each backend (by backend id);
+    /// `null` for the other datapaths.
+    #[serde(default)]
+    pub ajp: Option<crate::datapath::ajp::AjpServiceCounters>,
     pub backends: Vec<BackendStatsView>,
 }
 
@@ -485,6 +493,7 @@ mod tests {
     #[test]
     fn good_requests() {
         let backend = |name: &str, address: &str, weight, backup, state| BackendConfig {
+            route: name.into(),
             name: name.into(),
             address: address.parse().unwrap(),
             weight,
@@ -728,7 +737,7 @@ mod tests {
             (
                 r#"{"cmd":"add-service","name":"x","listen":"10.0.0.1:80","datapath":"dpdk"}"#,
                 "datapath: \"dpdk\" is not allowed",
-                "\"proxy\" or \"xdp\"",
+                "\"proxy\", \"xdp\" or \"ajp\"",
             ),
             (
                 r#"{"cmd":"add-service","name":"x","listen":"[::1]:80","datapath":"xdp"}"#,

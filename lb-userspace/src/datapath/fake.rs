@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::DatapathKind;
 use crate::datapath::{Datapath, DatapathError, Drained, ServiceTraffic};
-use crate::state::{Backend, Effect, Service, State};
+use crate::runtime::Snapshot;
+use crate::state::{Backend, Effect, Service};
 
 /// One call the engine made.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,7 +56,8 @@ impl Datapath for FakeDatapath {
         self.kind
     }
 
-    fn apply(&self, effect: &Effect, state: &State) -> Result<(), DatapathError> {
+    fn apply(&self, effect: &Effect, snapshot: &Snapshot) -> Result<(), DatapathError> {
+        let state = &snapshot.state;
         let mut j = self.journal.lock().unwrap();
         j.calls.push(Call::Apply(effect.clone()));
         let name = match effect {
@@ -102,6 +104,7 @@ impl Datapath for FakeDatapath {
             affinity_entries: 0,
             failed_connections: None,
             backends: std::collections::HashMap::new(),
+            ajp: None,
         }
     }
 

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use crate::balancer::{Balancer, SelectError};
 use crate::config::DatapathKind;
 use crate::datapath::{Datapath, DatapathError, Drained, ServiceTraffic};
-use crate::runtime::{BackendRuntime, BackendStats};
+use crate::runtime::{BackendRuntime, BackendStats, Snapshot};
 use crate::state::{Backend, Effect, Service, State};
 
 /// Relay buffer per direction.
@@ -165,7 +165,8 @@ impl Datapath for ProxyDatapath {
         DatapathKind::Proxy
     }
 
-    fn apply(&self, effect: &Effect, state: &State) -> Result<(), DatapathError> {
+    fn apply(&self, effect: &Effect, snapshot: &Snapshot) -> Result<(), DatapathError> {
+        let state = &snapshot.state;
         match effect {
             Effect::ServiceAdded(name) => self.start(name, state),
             Effect::ServiceRemoved { name, .. } => {
@@ -202,6 +203,7 @@ impl Datapath for ProxyDatapath {
             ),
             // The runtime's user-space counters, which the engine reads itself.
             backends: HashMap::new(),
+            ajp: None,
         }
     }
 

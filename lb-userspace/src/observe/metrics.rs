@@ -20,6 +20,8 @@ use crate::config::{AdminState, enum_text};
 use crate::control::protocol::{BackendStatsView, ServiceStatsView, StatsView};
 use crate::state::{Health, TransitionKind};
 
+use super::metrics_ajp::AjpFamilies;
+
 /// Content type of the Prometheus text format.
 pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Content type of the OpenMetrics text format.
@@ -64,10 +66,14 @@ pub fn render(stats: &StatsView, format: Format) -> Result<String, MetricsError>
     let services = ServiceFamilies::new(&mut b);
     let backends = BackendFamilies::new(&mut b);
     let xdp = XdpFamilies::new(&mut b);
+    let ajp = AjpFamilies::new(&mut b);
 
     daemon.record(stats);
     for s in &stats.services {
         services.record(s);
+        if let Some(a) = &s.ajp {
+            ajp.record(&s.name, a);
+        }
         for be in &s.backends {
             backends.record(&s.name, be);
         }
@@ -78,19 +84,19 @@ pub fn render(stats: &StatsView, format: Format) -> Result<String, MetricsError>
     b.encode(format)
 }
 
-type Labels = Vec<(&'static str, String)>;
+pub(super) type Labels = Vec<(&'static str, String)>;
 type GaugeF64 = Gauge<f64, AtomicU64>;
 
 /// A registry being filled from one snapshot; remembers which families are counters. Help texts
 /// are written without a final period: the registry adds one.
 #[derive(Default)]
-struct Builder {
+pub(super) struct Builder {
     registry: Registry,
     counters: Vec<String>,
 }
 
 impl Builder {
-    fn counter(&mut self, name: &str, help: &str) -> Family<Labels, Counter> {
+    pub(super) fn counter(&mut self, name: &str, help: &str) -> Family<Labels, Counter> {
         let family = Family::<Labels, Counter>::default();
         self.registry.register(name, help, family.clone());
         self.counters.push(name.to_string());
@@ -111,8 +117,24 @@ impl Builder {
         gauge
     }
 
-    fn gauge(&mut self, name: &str, help: &str) -> Family<Labels, Gauge> {
+    pub(super) fn gauge(&mut self, name: &str, help: &str) -> Family<Labels, Gauge> {
         let family = Family::<Labels, Gauge>::default();
+        self.registry.register(name, help, family.clone());
+        family
+    }
+
+    /// A family of any other metric type (not a counter).
+    pub(super) fn register_family<M>(&mut self, name: &str, help: &str) -> Family<Labels, M>
+    where
+        M: prometheus_client::metrics::TypedMetric
+            + prometheus_client::encoding::EncodeMetric
+            + Default
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let family = Family::<Labels, M>::default();
         self.registry.register(name, help, family.clone());
         family
     }
@@ -136,7 +158,7 @@ impl Builder {
     }
 }
 
-fn gauge_i64(v: u64) -> i64 {
+pub(super) fn gauge_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
@@ -393,7 +415,7 @@ impl BackendFamilies {
 }
 
 /// `labels` and one more.
-fn with(mut labels: Labels, key: &'static str, value: &str) -> Labels {
+pub(super) fn with(mut labels: Labels, key: &'static str, value: &str) -> Labels {
     labels.push((key, value.to_string()));
     labels
 }

@@ -1,7 +1,8 @@
 //! What the daemon shows of itself beyond the control socket's answers: the Prometheus endpoint and
 //! the live terminal view.
 //!
-//! - [`metrics`]: a `stats` snapshot → Prometheus text or OpenMetrics, with `prometheus-client`.
+//! - [`metrics`]: a `stats` snapshot → Prometheus text or OpenMetrics, with `prometheus-client`
+//!   (the `lb_ajp_*` families of AJP services in `metrics_ajp`).
 //! - [`http`]: the `[metrics] listen` server (`GET /metrics`) on hyper.
 //! - [`top`]: `lb top`, the live terminal view over the control socket.
 //!
@@ -9,6 +10,7 @@
 
 pub mod http;
 pub mod metrics;
+mod metrics_ajp;
 pub mod top;
 
 #[cfg(test)]

@@ -87,6 +87,7 @@ pub(crate) fn sample() -> StatsView {
                 affinity_entries: 4,
                 on_backups: false,
                 failed_connections: Some(2),
+                ajp: None,
                 backends: vec![b1, b2],
             },
             ServiceStatsView {
@@ -97,10 +98,95 @@ pub(crate) fn sample() -> StatsView {
                 affinity_entries: 9,
                 on_backups: false,
                 failed_connections: None,
+                ajp: None,
                 backends: vec![k1],
+            },
+            ServiceStatsView {
+                name: "tomcat".into(),
+                listen: "10.0.0.1:8009".into(),
+                protocol: Protocol::Ajp,
+                datapath: DatapathKind::Ajp,
+                affinity_entries: 2,
+                on_backups: false,
+                failed_connections: None,
+                ajp: Some(ajp_counters()),
+                backends: vec![],
             },
         ],
     }
+}
+
+fn ajp_counters() -> crate::datapath::ajp::AjpServiceCounters {
+    let latency = crate::datapath::ajp::counters::Latency::default();
+    latency.observe(Duration::from_millis(3));
+    latency.observe(Duration::from_millis(40));
+    latency.observe(Duration::from_secs(30));
+    let mut a = crate::datapath::ajp::AjpServiceCounters {
+        refused_secret: 1,
+        refused_attribute: 2,
+        refused_shutdown: 3,
+        cpings_answered: 4,
+        unavailable_503: 5,
+        protocol_errors: 6,
+        ..Default::default()
+    };
+    a.backends.insert(
+        0,
+        crate::datapath::ajp::AjpBackendCounters {
+            name: "t1".into(),
+            route: "t1".into(),
+            requests: 10,
+            responses_2xx: 8,
+            responses_5xx: 1,
+            in_flight: 1,
+            pool_idle: 2,
+            pool_busy: 1,
+            route_hits: 7,
+            address_hits: 3,
+            route_failovers: 1,
+            retries: 2,
+            latency: latency.snapshot(),
+            ..Default::default()
+        },
+    );
+    a
+}
+
+#[test]
+fn ajp_counters_and_latency_histogram() {
+    let t = render(&sample(), Format::Text).unwrap();
+    for line in [
+        "# TYPE lb_ajp_refused_total counter",
+        "lb_ajp_refused_total{service=\"tomcat\",reason=\"secret\"} 1",
+        "lb_ajp_refused_total{service=\"tomcat\",reason=\"shutdown\"} 3",
+        "lb_ajp_cpings_answered_total{service=\"tomcat\"} 4",
+        "lb_ajp_unavailable_total{service=\"tomcat\"} 5",
+        "lb_ajp_protocol_errors_total{service=\"tomcat\"} 6",
+        "lb_ajp_backend_requests_total{service=\"tomcat\",backend=\"t1\"} 10",
+        "lb_ajp_backend_responses_total{service=\"tomcat\",backend=\"t1\",class=\"2xx\"} 8",
+        "lb_ajp_backend_responses_total{service=\"tomcat\",backend=\"t1\",class=\"5xx\"} 1",
+        "lb_ajp_backend_requests_in_flight{service=\"tomcat\",backend=\"t1\"} 1",
+        "lb_ajp_backend_pool_connections{service=\"tomcat\",backend=\"t1\",state=\"idle\"} 2",
+        "lb_ajp_backend_routed_total{service=\"tomcat\",backend=\"t1\",by=\"route\"} 7",
+        "lb_ajp_backend_routed_total{service=\"tomcat\",backend=\"t1\",by=\"address\"} 3",
+        "lb_ajp_backend_route_failovers_total{service=\"tomcat\",backend=\"t1\"} 1",
+        "lb_ajp_backend_retries_total{service=\"tomcat\",backend=\"t1\"} 2",
+        "# TYPE lb_ajp_backend_request_duration_seconds histogram",
+        "lb_ajp_backend_request_duration_seconds_bucket{le=\"0.0025\",service=\"tomcat\",backend=\"t1\"} 0",
+        "lb_ajp_backend_request_duration_seconds_bucket{le=\"0.005\",service=\"tomcat\",backend=\"t1\"} 1",
+        "lb_ajp_backend_request_duration_seconds_bucket{le=\"0.05\",service=\"tomcat\",backend=\"t1\"} 2",
+        "lb_ajp_backend_request_duration_seconds_bucket{le=\"10.0\",service=\"tomcat\",backend=\"t1\"} 2",
+        "lb_ajp_backend_request_duration_seconds_bucket{le=\"+Inf\",service=\"tomcat\",backend=\"t1\"} 3",
+        "lb_ajp_backend_request_duration_seconds_count{service=\"tomcat\",backend=\"t1\"} 3",
+    ] {
+        has(&t, line);
+    }
+    assert!(
+        t.contains("lb_ajp_backend_request_duration_seconds_sum{service=\"tomcat\",backend=\"t1\"} 30.043"),
+        "{t}"
+    );
+    // Other datapaths have no AJP series.
+    lacks(&t, "lb_ajp_backend_requests_total{service=\"web\"");
 }
 
 fn has(text: &str, line: &str) {
@@ -223,13 +309,19 @@ fn every_sample_has_help_and_type_of_its_own_name() {
             assert!(!doc.is_empty() && help.insert(name.to_string()), "{line}");
         } else if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').unwrap();
-            assert!(["counter", "gauge"].contains(&kind), "{line}");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
             assert!(help.contains(name), "TYPE before HELP: {line}");
             assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
             types.insert(name.to_string(), kind.to_string());
         } else {
             let name = line.split(['{', ' ']).next().unwrap();
-            assert!(types.contains_key(name), "sample without TYPE: {line}");
+            // Histogram samples carry a suffix after the family's name.
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .filter(|f| types.get(*f).is_some_and(|k| k == "histogram"))
+                .unwrap_or(name);
+            assert!(types.contains_key(family), "sample without TYPE: {line}");
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "bad value: {line}");
             samples += 1;
@@ -374,6 +466,7 @@ fn exemplar() -> StatsView {
         affinity_entries: 0,
         on_backups: false,
         failed_connections: Some(0),
+        ajp: None,
         backends: vec![b],
     };
     StatsView {

@@ -142,7 +142,7 @@ const HEADER: [&str; 10] = [
     "CONN/s",
     "IN/s",
     "OUT/s",
-    "PKT/s",
+    "PKT|REQ/s",
     "LAST CHECK",
     "LAST CHANGE",
 ];
@@ -212,6 +212,22 @@ pub fn frame(
             })
             .collect();
         let xdp = s.backends.iter().any(|b| b.packets_in.is_some());
+        // AJP services: requests per second per backend, in the packets column.
+        let requests = |name: &str, stats: &crate::control::protocol::ServiceStatsView| {
+            stats
+                .ajp
+                .as_ref()
+                .and_then(|a| a.backends.values().find(|b| b.name == name))
+                .map(|b| b.requests)
+        };
+        let reqs: Vec<Option<f64>> = s
+            .backends
+            .iter()
+            .map(|b| {
+                let cur = requests(&b.name, s)?;
+                rate(prev_s.and_then(|ps| requests(&b.name, ps)), cur, secs)
+            })
+            .collect();
         rows.push(vec![
             format!(
                 "{} {} {}/{}{}",
@@ -237,13 +253,15 @@ pub fn frame(
             bytes_per_sec(sum(all.iter().map(|r| r.bytes_out))),
             if xdp {
                 per_sec(sum(all.iter().map(|r| r.packets)))
+            } else if s.ajp.is_some() {
+                per_sec(sum(reqs.iter().copied()))
             } else {
                 "-".into()
             },
             format!("affinity {}", s.affinity_entries),
             String::new(),
         ]);
-        for (b, r) in s.backends.iter().zip(&all) {
+        for ((b, r), req) in s.backends.iter().zip(&all).zip(&reqs) {
             let check = match &b.check {
                 None => "-".to_string(),
                 Some(c) => match c.last_latency_ms {
@@ -266,7 +284,11 @@ pub fn frame(
                 per_sec(r.conns),
                 bytes_per_sec(r.bytes_in),
                 bytes_per_sec(r.bytes_out),
-                per_sec(r.packets),
+                if s.ajp.is_some() {
+                    per_sec(*req)
+                } else {
+                    per_sec(r.packets)
+                },
                 check,
                 change,
             ]);
@@ -455,6 +477,30 @@ mod tests {
             .map(str::trim)
             .filter(|c| !c.is_empty())
             .collect()
+    }
+
+    #[test]
+    fn ajp_services_show_requests_per_second() {
+        let with_t1 = |s: &mut StatsView, requests: u64| {
+            let mut t1 = s.services[0].backends[0].clone();
+            t1.name = "t1".into();
+            let tomcat = &mut s.services[2];
+            tomcat.backends = vec![t1];
+            tomcat
+                .ajp
+                .as_mut()
+                .unwrap()
+                .backends
+                .get_mut(&0)
+                .unwrap()
+                .requests = requests;
+        };
+        let t0 = Instant::now();
+        let a = sample(t0, |s| with_t1(s, 10));
+        let b = sample(t0 + Duration::from_secs(2), |s| with_t1(s, 30));
+        let lines = frame("/run/lb/lb.sock", Duration::from_secs(1), &b, Some(&a), None);
+        assert_eq!(row(&lines, "  t1")[7], "10.0", "{lines:#?}");
+        assert_eq!(row(&lines, "tomcat")[6], "10.0", "{lines:#?}");
     }
 
     #[test]

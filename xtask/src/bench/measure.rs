@@ -91,9 +91,21 @@ impl Wrk {
 /// `wrk --latency` against `target` from the client namespace (its primary address), keep-alive
 /// or with `Connection: close` on every request.
 pub fn wrk(bed: &Bed, plan: &Plan, target: SocketAddrV4, close: bool) -> Result<Wrk> {
+    wrk_with(bed, plan, target, plan.wrk_threads, plan.wrk_connections, close)
+}
+
+/// Like [`wrk`] with `threads` threads and `connections` connections.
+pub fn wrk_with(
+    bed: &Bed,
+    plan: &Plan,
+    target: SocketAddrV4,
+    threads: u32,
+    connections: u32,
+    close: bool,
+) -> Result<Wrk> {
     let mut args = vec![
-        format!("-t{}", plan.wrk_threads),
-        format!("-c{}", plan.wrk_connections),
+        format!("-t{threads}"),
+        format!("-c{connections}"),
         format!("-d{}s", plan.wrk_secs),
         "--timeout".to_string(),
         "2s".to_string(),

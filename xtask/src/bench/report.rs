@@ -26,6 +26,10 @@ pub struct RowResult {
     pub ka_p99: Vec<f64>,
     pub close_rps: Vec<f64>,
     pub close_p99: Vec<f64>,
+    /// New connections per second of a close loop of 4 connections (`wrk -t1 -c4`).
+    pub close4_rps: Vec<f64>,
+    /// The same close loop while a keep-alive load (`-t1 -c8`) runs from the same client address.
+    pub mixed_rps: Vec<f64>,
     pub cpu_ka: Vec<f64>,
     pub cpu_close: Vec<f64>,
     pub soft_ka: Vec<f64>,
@@ -183,7 +187,7 @@ pub struct Report {
 }
 
 /// Column headers of the main table, in order.
-pub const COLUMNS: [&str; 13] = [
+pub const COLUMNS: [&str; 15] = [
     "row",
     "iperf3 1 stream, Gbit/s",
     "iperf3 4 streams, Gbit/s",
@@ -191,6 +195,8 @@ pub const COLUMNS: [&str; 13] = [
     "keep-alive p99, ms",
     "new conn/s (Connection: close)",
     "close p99, ms",
+    "new conn/s, 4 connections",
+    "new conn/s, 4 connections beside 8 keep-alive",
     "LB CPU, % of a core (keep-alive / close)",
     "softirq, % of a core (keep-alive / close)",
     "LB RSS, MiB",
@@ -219,6 +225,8 @@ impl Report {
         cells.push(stat_cell(&r.ka_p99));
         cells.push(ratio_cell(&r.close_rps, base.map(|b| b.close_rps.as_slice())));
         cells.push(stat_cell(&r.close_p99));
+        cells.push(ratio_cell(&r.close4_rps, base.map(|b| b.close4_rps.as_slice())));
+        cells.push(ratio_cell(&r.mixed_rps, base.map(|b| b.mixed_rps.as_slice())));
         cells.push(if r.kernel {
             "kernel (see softirq)".to_string()
         } else {
@@ -390,6 +398,8 @@ impl Report {
                     "keepalive_p99_ms": r.ka_p99,
                     "close_rps": r.close_rps,
                     "close_p99_ms": r.close_p99,
+                    "close4_rps": r.close4_rps,
+                    "mixed_close4_rps": r.mixed_rps,
                     "cpu_keepalive_pct": r.cpu_ka,
                     "cpu_close_pct": r.cpu_close,
                     "softirq_keepalive_pct": r.soft_ka,

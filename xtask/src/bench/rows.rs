@@ -363,6 +363,7 @@ pub fn run_once(bed: &Bed, row: RowKind, plan: &Plan, lb: &Path, res: &mut RowRe
             )),
         }
     }
+    close_loops(bed, plan, running.web, res, &syn_side)?;
     if !row.kernel() {
         match measure::rss_mib(&pids) {
             Some(r) => res.rss.push(r),
@@ -391,6 +392,72 @@ pub fn run_once(bed: &Bed, row: RowKind, plan: &Plan, lb: &Path, res: &mut RowRe
         res.notes.push(note);
     }
     res.failures.extend(running.stop());
+    Ok(())
+}
+
+/// Connection-per-request loops of 4 connections (one wrk thread, as one client would open them):
+/// alone, then beside a keep-alive load of 8 connections from the same client address (mixed
+/// traffic, where a datapath that mishandles reused client ports stalls handshakes). SYN
+/// retransmits in the client and lb namespaces are reported as errors.
+fn close_loops(
+    bed: &Bed,
+    plan: &Plan,
+    web: SocketAddrV4,
+    res: &mut RowResult,
+    syn_side: &[&lb_tests::Netns],
+) -> Result<()> {
+    for mixed in [false, true] {
+        check_interrupted()?;
+        let what = if mixed {
+            "close x4 + keep-alive x8"
+        } else {
+            "close x4"
+        };
+        let keepalive = if mixed {
+            let args = [
+                "-t1".to_string(),
+                "-c8".to_string(),
+                format!("-d{}s", plan.wrk_secs + 2),
+                format!("http://{web}/"),
+            ];
+            match Child::spawn(bed.client_command(plan.pin, "wrk", &args)) {
+                Ok(c) => {
+                    thread::sleep(Duration::from_millis(500));
+                    Some(c)
+                }
+                Err(e) => {
+                    res.failures.push(format!("wrk {what}: keep-alive load: {e:#}"));
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let syn_before = measure::tcp_ext(syn_side);
+        let result = measure::wrk_with(bed, plan, web, 1, 4, true);
+        drop(keepalive);
+        match result {
+            Ok(w) => {
+                if mixed {
+                    res.mixed_rps.push(w.requests_per_sec);
+                } else {
+                    res.close4_rps.push(w.requests_per_sec);
+                }
+                let mut errs = w.error_text();
+                let syn = measure::delta(&syn_before, &measure::tcp_ext(syn_side), "TCPSynRetrans");
+                if syn > 0 {
+                    if !errs.is_empty() {
+                        errs.push_str(", ");
+                    }
+                    errs.push_str(&format!("SYN retransmits {syn}"));
+                }
+                if !errs.is_empty() {
+                    res.wrk_errors.push(format!("{what}: {errs}"));
+                }
+            }
+            Err(e) => res.failures.push(format!("wrk {what}: {e:#}")),
+        }
+    }
     Ok(())
 }
 

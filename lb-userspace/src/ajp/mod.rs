@@ -1,8 +1,12 @@
-//! AJP 1.3 CPing/CPong, the liveness probe of Tomcat's AJP connector (port 8009).
+//! AJP 1.3: the CPing/CPong probe of Tomcat's AJP connector (port 8009), used by the health
+//! checks, and the full codec ([`codec`]) and session routes ([`route`]) of `datapath = "ajp"`.
 //!
 //! CPing is a container→server packet `12 34 | 00 01 | 0A` (magic, length 1, type 10); the server
 //! answers with the server→container packet `41 42 | 00 01 | 09` ("AB", length 1, type 9). A CPing
 //! needs no AJP secret; a Tomcat that is shutting down stops answering.
+
+pub mod codec;
+pub mod route;
 
 /// CPing request.
 pub const CPING: [u8; 5] = [0x12, 0x34, 0x00, 0x01, 0x0A];

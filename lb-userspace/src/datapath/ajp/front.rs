@@ -1,0 +1,641 @@
+//! One web-tier connection: reads its packets, answers CPing, refuses Shutdown, and routes every
+//! Forward Request on its own (session route, then the browser's address), relaying the response
+//! packets unchanged and the request body on demand, with a retry on the next backend when one
+//! fails before answering.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::Service;
+use super::pool::{Conn, Pool};
+use crate::ajp::codec::{
+    self, CodecError, ContainerMessage, Direction, ForwardRequest, FrameDecoder, ServerMessage, attr, kind,
+};
+use crate::ajp::route::session_route;
+
+/// What became of the front connection after a packet.
+enum Next {
+    Continue,
+    Close,
+}
+
+/// Reads one whole packet; `Ok(None)` on a clean end of stream between packets.
+async fn read_frame(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    decoder: &FrameDecoder,
+) -> std::io::Result<Option<codec::Frame>> {
+    loop {
+        if let Some(f) = decoder.decode(buf).map_err(invalid)? {
+            return Ok(Some(f));
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(8192);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(std::io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+    }
+}
+
+fn invalid(e: CodecError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+}
+
+/// Serves one web-tier connection until it closes, fails, or lb shuts down while it is idle.
+pub async fn serve(mut front: TcpStream, peer: SocketAddr, svc: Arc<Service>, stop: CancellationToken) {
+    let _ = front.set_nodelay(true);
+    let mut buf = BytesMut::with_capacity(8192);
+    loop {
+        let settings = svc.settings();
+        let decoder = FrameDecoder::new(Direction::ToContainer, settings.max_packet);
+        let frame = tokio::select! {
+            // Only between requests: a request under way finishes first.
+            _ = stop.cancelled(), if buf.is_empty() => return,
+            r = read_frame(&mut front, &mut buf, &decoder) => r,
+        };
+        let frame = match frame {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    svc.counters.protocol_errors.fetch_add(1, Relaxed);
+                    warn!(service = %svc.name, %peer, error = %e, "AJP protocol error from the web tier; connection closed");
+                } else {
+                    debug!(service = %svc.name, %peer, error = %e, "web-tier connection ended");
+                }
+                return;
+            }
+        };
+        let next = match ServerMessage::decode(frame.payload(), false) {
+            Ok(ServerMessage::ForwardRequest(req)) => {
+                Request::new(&mut front, &mut buf, peer, &svc, *req, frame.into_bytes())
+                    .run()
+                    .await
+            }
+            Ok(ServerMessage::CPing) => {
+                if svc.takes_requests() {
+                    svc.counters.cpings_answered.fetch_add(1, Relaxed);
+                    match front.write_all(&crate::ajp::CPONG).await {
+                        Ok(()) => Next::Continue,
+                        Err(_) => Next::Close,
+                    }
+                } else {
+                    debug!(service = %svc.name, %peer, "CPing not answered: no backend takes requests");
+                    Next::Continue
+                }
+            }
+            Ok(ServerMessage::Shutdown) => {
+                svc.counters.refused_shutdown.fetch_add(1, Relaxed);
+                warn!(service = %svc.name, %peer, "AJP Shutdown packet refused (never forwarded); connection closed");
+                Next::Close
+            }
+            Ok(ServerMessage::Ping) | Ok(ServerMessage::Body(_)) => {
+                svc.counters.protocol_errors.fetch_add(1, Relaxed);
+                warn!(service = %svc.name, %peer, "unsupported AJP Ping (type 8); connection closed");
+                Next::Close
+            }
+            Err(e) => {
+                svc.counters.protocol_errors.fetch_add(1, Relaxed);
+                warn!(service = %svc.name, %peer, error = %e, "AJP protocol error from the web tier; connection closed");
+                Next::Close
+            }
+        };
+        if let Next::Close = next {
+            return;
+        }
+    }
+}
+
+/// How the backend for an attempt was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pick {
+    Route,
+    Address,
+    RouteFailover,
+}
+
+/// The backend of one attempt.
+struct Target {
+    id: u32,
+    pool: Arc<Pool>,
+    pick: Pick,
+    /// Cancelled when the backend is marked down with `on_down = "reset"`.
+    reset: CancellationToken,
+}
+
+/// How an attempt on one backend ended.
+enum Outcome {
+    /// End Response relayed; the backend's status.
+    Done(u16),
+    /// The backend failed before any response packet reached the web tier.
+    BackendBeforeResponse(String),
+    /// The backend failed after part of the response was relayed: the front must close.
+    BackendAfterResponse(String),
+    /// The web tier's connection failed or misbehaved.
+    Front(String),
+}
+
+/// The request body as it passes: what has been read from the web tier, kept while it fits the
+/// retry buffer so another backend can be given the same body.
+struct Body {
+    /// Data read so far, in order (only while `held`).
+    chunks: Vec<Bytes>,
+    held_bytes: usize,
+    /// Every byte read from the web tier so far is in `chunks`.
+    held: bool,
+    /// The web tier has no more data (content-length reached, or its empty packet).
+    done: bool,
+    /// Bytes still due by content-length (None: unknown length).
+    remaining: Option<u64>,
+    /// The first chunk goes to the backend unasked (content-length > 0).
+    first_unasked: bool,
+}
+
+impl Body {
+    fn keep(&mut self, data: Bytes, limit: usize) {
+        if let Some(r) = &mut self.remaining {
+            *r = r.saturating_sub(data.len() as u64);
+            if *r == 0 {
+                self.done = true;
+            }
+        }
+        if data.is_empty() {
+            self.done = true;
+        }
+        if self.held && self.held_bytes + data.len() <= limit {
+            self.held_bytes += data.len();
+        } else {
+            // Too much to hold: keep only the latest part, which the current backend still needs.
+            self.held = false;
+            self.chunks.clear();
+        }
+        if !data.is_empty() {
+            self.chunks.push(data);
+        }
+    }
+}
+
+struct Request<'a> {
+    front: &'a mut TcpStream,
+    fbuf: &'a mut BytesMut,
+    peer: SocketAddr,
+    svc: &'a Arc<Service>,
+    req: ForwardRequest,
+    /// The Forward Request packet as it came (forwarded as is unless it must be rewritten).
+    raw: Bytes,
+    started: Instant,
+}
+
+impl<'a> Request<'a> {
+    fn new(
+        front: &'a mut TcpStream,
+        fbuf: &'a mut BytesMut,
+        peer: SocketAddr,
+        svc: &'a Arc<Service>,
+        req: ForwardRequest,
+        raw: Bytes,
+    ) -> Self {
+        Request {
+            front,
+            fbuf,
+            peer,
+            svc,
+            req,
+            raw,
+            started: Instant::now(),
+        }
+    }
+
+    async fn run(mut self) -> Next {
+        let settings = self.svc.settings();
+        let max = settings.max_packet;
+        let decoder = FrameDecoder::new(Direction::ToContainer, max);
+        let length = self.req.content_length();
+        let mut body = Body {
+            chunks: Vec::new(),
+            held_bytes: 0,
+            held: true,
+            done: length == Some(0),
+            remaining: length,
+            first_unasked: length.is_some_and(|n| n > 0),
+        };
+        // With a content-length the web server sends the first body packet unasked.
+        if body.first_unasked {
+            match self.read_body(&decoder).await {
+                Ok(data) => body.keep(data, settings.retry_buffer),
+                Err(e) => return self.front_failed(&e),
+            }
+        }
+        if let Some(refusal) = self.refusal(&settings) {
+            debug!(service = %self.svc.name, peer = %self.peer, refusal, "403");
+            return self.respond(403, "Forbidden").await;
+        }
+        let route: Option<Vec<u8>> = session_route(&self.req, &settings.keys).map(<[u8]>::to_vec);
+        let client = self
+            .req
+            .remote_addr
+            .as_deref()
+            .and_then(|a| std::str::from_utf8(a).ok())
+            .and_then(|a| {
+                a.trim()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<IpAddr>()
+                    .ok()
+            })
+            .unwrap_or(self.peer.ip());
+        // Re-encoded only when the secret must be replaced; otherwise passed on without a copy.
+        let forward = if settings.backend_secret.is_some() {
+            self.req.replace_secret(settings.backend_secret.as_ref());
+            let mut encoded = BytesMut::new();
+            if let Err(e) = self.req.encode(&mut encoded, max) {
+                warn!(service = %self.svc.name, error = %e, "request does not fit max_packet_size after rewriting; answered 503");
+                self.svc.counters.unavailable.fetch_add(1, Relaxed);
+                return self.respond(503, "Service Unavailable").await;
+            }
+            encoded.freeze()
+        } else {
+            self.raw.clone()
+        };
+
+        let mut exclude: Vec<u32> = Vec::new();
+        let mut failures = 0u32;
+        loop {
+            let primaries_only = failures <= settings.retries;
+            let Some(Target {
+                id,
+                pool,
+                pick,
+                reset,
+            }) = self.pick(route.as_deref(), client, &exclude, primaries_only)
+            else {
+                break;
+            };
+            let c = &pool.counters;
+            c.requests.fetch_add(1, Relaxed);
+            match pick {
+                Pick::Route => c.route_hits.fetch_add(1, Relaxed),
+                Pick::Address => c.address_hits.fetch_add(1, Relaxed),
+                Pick::RouteFailover => {
+                    c.address_hits.fetch_add(1, Relaxed);
+                    c.route_failovers.fetch_add(1, Relaxed)
+                }
+            };
+            c.in_flight.fetch_add(1, Relaxed);
+            let outcome = self.attempt(&pool, &reset, &forward, &mut body, &settings).await;
+            c.in_flight.fetch_sub(1, Relaxed);
+            match outcome {
+                Outcome::Done(status) => {
+                    c.response(status);
+                    c.latency.observe(self.started.elapsed());
+                    if pick != Pick::Route {
+                        self.svc
+                            .balancer
+                            .confirm(&self.svc.name, client, id, Instant::now());
+                    }
+                    return Next::Continue;
+                }
+                Outcome::BackendBeforeResponse(why) => {
+                    debug!(service = %self.svc.name, backend = %pool.address, reason = %why, "backend failed before answering");
+                    if !body.held {
+                        info!(service = %self.svc.name, backend = %pool.address, reason = %why, "backend failed before answering; body too large to retry: 503");
+                        break;
+                    }
+                    c.retries.fetch_add(1, Relaxed);
+                    exclude.push(id);
+                    failures += 1;
+                }
+                Outcome::BackendAfterResponse(why) => {
+                    info!(service = %self.svc.name, backend = %pool.address, reason = %why, "backend failed during its response; web-tier connection closed");
+                    return Next::Close;
+                }
+                Outcome::Front(why) => {
+                    debug!(service = %self.svc.name, peer = %self.peer, reason = %why, "web-tier connection failed during a request");
+                    return Next::Close;
+                }
+            }
+        }
+        self.svc.counters.unavailable.fetch_add(1, Relaxed);
+        self.respond(503, "Service Unavailable").await
+    }
+
+    /// Why the request must be refused (403), if it must; counted.
+    fn refusal(&self, settings: &super::Settings) -> Option<&'static str> {
+        if let Some(want) = &settings.secret {
+            let ok = self
+                .req
+                .attributes
+                .iter()
+                .filter_map(|a| a.coded_value(attr::SECRET))
+                .any(|got| got.as_deref().is_some_and(|g| constant_time_eq(g, want)));
+            if !ok {
+                self.svc.counters.refused_secret.fetch_add(1, Relaxed);
+                warn!(service = %self.svc.name, peer = %self.peer, "request without the right AJP secret refused (403)");
+                return Some("secret");
+            }
+        }
+        for a in &self.req.attributes {
+            if let codec::Attribute::Request { name, .. } = a {
+                let allowed = name.as_deref().is_some_and(|n| settings.ajp.attribute_allowed(n));
+                if !allowed {
+                    self.svc.counters.refused_attribute.fetch_add(1, Relaxed);
+                    let shown = name
+                        .as_deref()
+                        .map(|n| String::from_utf8_lossy(&n[..n.len().min(64)]).into_owned())
+                        .unwrap_or_default();
+                    warn!(service = %self.svc.name, peer = %self.peer, attribute = %shown, "request attribute not allowed; request refused (403)");
+                    return Some("attribute");
+                }
+            }
+        }
+        None
+    }
+
+    /// The backend for the next attempt: the session route's, else by the browser's address,
+    /// else (when retries are used up, or no primary is left) a healthy backup.
+    fn pick(&self, route: Option<&[u8]>, client: IpAddr, exclude: &[u32], primaries: bool) -> Option<Target> {
+        let snap = self.svc.balancer.snapshot();
+        let state = snap.state.service(&self.svc.name).ok()?;
+        let target = |id: u32, pick| {
+            let be = state.backend_by_id(id)?;
+            Some(Target {
+                id,
+                pool: self.svc.pool(id)?,
+                pick,
+                reset: snap.runtime(state, be).reset_token(),
+            })
+        };
+        let mut failover = false;
+        if let Some(r) = route
+            && let Some(be) = state.backends.iter().find(|be| super::route_of(&be.config) == r)
+        {
+            if be.admits_known() && !exclude.contains(&be.id) {
+                return target(be.id, Pick::Route);
+            }
+            failover = true;
+        }
+        let pick = if failover {
+            Pick::RouteFailover
+        } else {
+            Pick::Address
+        };
+        if primaries
+            && let Ok(c) = self
+                .svc
+                .balancer
+                .choose(&self.svc.name, client, Instant::now(), exclude)
+        {
+            return target(c.backend_id, pick);
+        }
+        target(self.svc.balancer.choose_backup(&self.svc.name, exclude)?, pick)
+    }
+
+    /// One try on one backend; a pooled connection that turns out dead is replaced by a fresh one
+    /// once (not counted as a retry).
+    async fn attempt(
+        &mut self,
+        pool: &Arc<Pool>,
+        reset: &CancellationToken,
+        forward: &Bytes,
+        body: &mut Body,
+        settings: &super::Settings,
+    ) -> Outcome {
+        let mut fresh = false;
+        loop {
+            let mut conn = match pool
+                .acquire(settings.connect_timeout, settings.ajp.ping_after_idle, fresh)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => return Outcome::BackendBeforeResponse(e.to_string()),
+            };
+            let reused = conn.reused;
+            let outcome = self.exchange(&mut conn, reset, forward, body, settings).await;
+            match outcome {
+                Ok((status, reuse)) => {
+                    if reuse {
+                        pool.release(conn);
+                    }
+                    return Outcome::Done(status);
+                }
+                Err(Outcome::BackendBeforeResponse(why)) if reused && !fresh && body.held => {
+                    debug!(backend = %pool.address, reason = %why, "pooled connection failed; trying a new one");
+                    fresh = true;
+                }
+                Err(o) => return o,
+            }
+        }
+    }
+
+    /// Sends the request, feeds the body on demand, relays the response. Ok: (status, reuse).
+    async fn exchange(
+        &mut self,
+        conn: &mut Conn,
+        reset: &CancellationToken,
+        forward: &Bytes,
+        body: &mut Body,
+        settings: &super::Settings,
+    ) -> Result<(u16, bool), Outcome> {
+        let max = settings.max_packet;
+        let before = |e: std::io::Error| Outcome::BackendBeforeResponse(e.to_string());
+        let runtime = conn.stats();
+        let stats = &runtime.stats;
+        conn.stream.write_all(forward).await.map_err(before)?;
+        stats.bytes_in.fetch_add(forward.len() as u64, Relaxed);
+        // Replay position in the held body.
+        let mut cursor = (0usize, 0usize);
+        if body.first_unasked {
+            let packet = next_held(body, &mut cursor, codec::max_body_data(max));
+            conn.stream.write_all(&packet).await.map_err(before)?;
+            stats.bytes_in.fetch_add(packet.len() as u64, Relaxed);
+        }
+        let decoder = FrameDecoder::new(Direction::ToServer, max);
+        let front_decoder = FrameDecoder::new(Direction::ToContainer, max);
+        let mut responded = false;
+        let mut status = 0u16;
+        // Response packets not yet written to the web tier: packets that arrived together leave
+        // together, in one write.
+        let mut out = BytesMut::new();
+        loop {
+            let failed = |why: String, responded: bool| {
+                if responded {
+                    Outcome::BackendAfterResponse(why)
+                } else {
+                    Outcome::BackendBeforeResponse(why)
+                }
+            };
+            let read = tokio::select! {
+                r = read_frame(&mut conn.stream, &mut conn.buf, &decoder) => r,
+                _ = reset.cancelled() => Err(std::io::Error::other("backend marked down (on_down = reset)")),
+            };
+            let frame = match read {
+                Ok(Some(f)) => {
+                    stats.bytes_out.fetch_add(f.len() as u64, Relaxed);
+                    f
+                }
+                Ok(None) => return Err(failed("connection closed".into(), responded)),
+                Err(e) => return Err(failed(e.to_string(), responded)),
+            };
+            match frame.kind() {
+                Some(kind::SEND_HEADERS) => {
+                    match ContainerMessage::decode(frame.payload()) {
+                        Ok(ContainerMessage::SendHeaders(h)) => status = h.status,
+                        _ => return Err(failed("malformed Send Headers".into(), responded)),
+                    }
+                    responded = true;
+                    self.relay(&mut out, frame.into_bytes(), has_frame(&conn.buf))
+                        .await?;
+                }
+                Some(kind::SEND_BODY_CHUNK) => {
+                    responded = true;
+                    self.relay(&mut out, frame.into_bytes(), has_frame(&conn.buf))
+                        .await?;
+                }
+                Some(kind::GET_BODY_CHUNK) => {
+                    let asked = match ContainerMessage::decode(frame.payload()) {
+                        Ok(ContainerMessage::GetBodyChunk(n)) => usize::from(n),
+                        _ => return Err(failed("malformed Get Body Chunk".into(), responded)),
+                    };
+                    let limit = asked.min(codec::max_body_data(max));
+                    let packet = if cursor.0 < body.chunks.len() {
+                        next_held(body, &mut cursor, limit)
+                    } else if body.done {
+                        Bytes::from_static(&[0x12, 0x34, 0, 0])
+                    } else {
+                        // Ask the web tier for the next part, relay it unchanged.
+                        let _ = ContainerMessage::GetBodyChunk(limit as u16).encode(&mut out, max);
+                        self.send_front(&out).await?;
+                        out.clear();
+                        let (packet, data) = self
+                            .read_body_packet(&front_decoder)
+                            .await
+                            .map_err(|e| Outcome::Front(e.to_string()))?;
+                        body.keep(data, settings.retry_buffer);
+                        // Held chunks already sent: the new one is past them.
+                        cursor = (body.chunks.len(), 0);
+                        packet
+                    };
+                    if let Err(e) = conn.stream.write_all(&packet).await {
+                        return Err(failed(e.to_string(), responded));
+                    }
+                    stats.bytes_in.fetch_add(packet.len() as u64, Relaxed);
+                }
+                Some(kind::END_RESPONSE) => {
+                    let reuse = matches!(
+                        ContainerMessage::decode(frame.payload()),
+                        Ok(ContainerMessage::EndResponse { reuse: true })
+                    );
+                    // lb keeps the web tier's connection whatever the backend does with its own.
+                    let _ = ContainerMessage::EndResponse { reuse: true }.encode(&mut out, max);
+                    self.send_front(&out).await?;
+                    return Ok((status, reuse));
+                }
+                other => {
+                    return Err(failed(
+                        format!("unexpected packet type {other:?} from the backend"),
+                        responded,
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Passes a response packet on: queued while more packets are already read, written (with
+    /// the queue) otherwise.
+    async fn relay(&mut self, out: &mut BytesMut, packet: Bytes, more: bool) -> Result<(), Outcome> {
+        const QUEUE: usize = 64 * 1024;
+        if out.is_empty() && !more {
+            // Nothing else waiting: the packet goes out as read, without a copy.
+            return self.send_front(&packet).await;
+        }
+        out.extend_from_slice(&packet);
+        if !more || out.len() >= QUEUE {
+            self.send_front(out).await?;
+            out.clear();
+        }
+        Ok(())
+    }
+
+    async fn send_front(&mut self, bytes: &[u8]) -> Result<(), Outcome> {
+        self.front
+            .write_all(bytes)
+            .await
+            .map_err(|e| Outcome::Front(e.to_string()))
+    }
+
+    /// Reads one request body packet from the web tier: (the packet as read, its data).
+    async fn read_body_packet(&mut self, decoder: &FrameDecoder) -> std::io::Result<(Bytes, Bytes)> {
+        let frame = read_frame(self.front, self.fbuf, decoder)
+            .await?
+            .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        let data = codec::decode_body(frame.payload()).map_err(invalid)?;
+        Ok((frame.into_bytes(), data))
+    }
+
+    async fn read_body(&mut self, decoder: &FrameDecoder) -> std::io::Result<Bytes> {
+        self.read_body_packet(decoder).await.map(|(_, d)| d)
+    }
+
+    fn front_failed(&self, e: &std::io::Error) -> Next {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            self.svc.counters.protocol_errors.fetch_add(1, Relaxed);
+            warn!(service = %self.svc.name, peer = %self.peer, error = %e, "AJP protocol error in a request body; connection closed");
+        }
+        Next::Close
+    }
+
+    /// Sends lb's own response (403 or 503).
+    async fn respond(&mut self, status: u16, reason: &str) -> Next {
+        let max = self.svc.settings().max_packet;
+        match self
+            .front
+            .write_all(&codec::own_response(status, reason, max))
+            .await
+        {
+            Ok(()) => Next::Continue,
+            Err(_) => Next::Close,
+        }
+    }
+}
+
+/// The next held body bytes (at most `limit`) as a body packet, advancing `cursor`; the
+/// end-of-body packet when nothing is left.
+fn next_held(body: &Body, cursor: &mut (usize, usize), limit: usize) -> Bytes {
+    let mut out = BytesMut::new();
+    let Some(chunk) = body.chunks.get(cursor.0) else {
+        let _ = codec::encode_body(&[], &mut out, usize::MAX);
+        return out.freeze();
+    };
+    let end = (cursor.1 + limit).min(chunk.len());
+    let _ = codec::encode_body(&chunk[cursor.1..end], &mut out, codec::MAX_MAX_PACKET);
+    *cursor = if end == chunk.len() {
+        (cursor.0 + 1, 0)
+    } else {
+        (cursor.0, end)
+    };
+    out.freeze()
+}
+
+/// Whether `buf` already holds a whole packet (of either direction; only the length is read).
+fn has_frame(buf: &BytesMut) -> bool {
+    buf.len() >= codec::HEADER_LEN
+        && buf.len() >= codec::HEADER_LEN + usize::from(u16::from_be_bytes([buf[2], buf[3]]))
+}
+
+/// Compares secrets without stopping at the first difference.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

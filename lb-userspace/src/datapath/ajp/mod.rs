@@ -1,0 +1,405 @@
+//! The AJP datapath (`datapath = "ajp"`): terminates the web tier's AJP 1.3 connections and
+//! routes every request on its own, over pooled connections to the backends.
+//!
+//! - [`front`]: one web-tier connection (CPing, Shutdown refusal, secret and attribute checks,
+//!   routing, body relay, retries, lb's own 403/503).
+//! - [`pool`]: the connections to one backend.
+//! - [`counters`]: live counters and their serializable snapshots.
+//!
+//! Listeners, `max_connections` and shutdown follow the proxy datapath. Settings and backend
+//! states are read at every request, so `drain`, `disable`, `enable` and `weight` act on the next
+//! one.
+
+pub mod counters;
+mod front;
+pub mod pool;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::ajp::route::RouteKeys;
+use crate::balancer::Balancer;
+use crate::config::{AdminState, AjpConfig, BackendConfig, DatapathKind};
+use crate::datapath::{Datapath, DatapathError, Drained, ServiceTraffic};
+use crate::runtime::Snapshot;
+use crate::state::{Backend, Effect, Health, Service as StateService, State};
+pub use counters::{AjpBackendCounters, AjpServiceCounters, LatencySnapshot};
+use pool::Pool;
+
+/// How long adding a service waits for a removed one's socket on the same address to close.
+const REBIND_WAIT: Duration = Duration::from_secs(2);
+/// How often idle pooled connections are checked for age and for the backend closing them.
+const REAP_EVERY: Duration = Duration::from_secs(1);
+
+/// The route of a backend: its `route`, or its name when none was set.
+pub(crate) fn route_of(b: &BackendConfig) -> &[u8] {
+    if b.route.is_empty() {
+        b.name.as_bytes()
+    } else {
+        b.route.as_bytes()
+    }
+}
+
+/// What a request needs of its service's settings (read once per request).
+pub(crate) struct Settings {
+    pub ajp: AjpConfig,
+    pub keys: RouteKeys,
+    pub max_packet: usize,
+    pub retry_buffer: usize,
+    pub retries: u32,
+    pub connect_timeout: Duration,
+    pub secret: Option<Bytes>,
+    pub backend_secret: Option<Bytes>,
+}
+
+impl Settings {
+    fn new(ajp: Option<&AjpConfig>, connect_timeout: Duration) -> Settings {
+        let ajp = ajp.cloned().unwrap_or_default();
+        Settings {
+            keys: RouteKeys {
+                cookies: ajp.session_cookies.clone(),
+                path_params: ajp.session_path_params.clone(),
+            },
+            max_packet: ajp.max_packet_size as usize,
+            retry_buffer: ajp.retry_buffer as usize,
+            retries: ajp.retries,
+            connect_timeout,
+            secret: ajp.secret.as_ref().map(|s| Bytes::from(s.0.clone())),
+            backend_secret: ajp.backend_secret.as_ref().map(|s| Bytes::from(s.0.clone())),
+            ajp,
+        }
+    }
+}
+
+/// One AJP service: shared by its accept loop and its connections.
+pub(crate) struct Service {
+    pub name: String,
+    pub balancer: Arc<Balancer>,
+    pub counters: counters::ServiceCounters,
+    settings: Mutex<Arc<Settings>>,
+    /// Pools by backend id.
+    pools: Mutex<HashMap<u32, Arc<Pool>>>,
+}
+
+impl Service {
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.lock().unwrap().clone()
+    }
+
+    pub fn pool(&self, id: u32) -> Option<Arc<Pool>> {
+        self.pools.lock().unwrap().get(&id).cloned()
+    }
+
+    /// Whether some backend takes requests (up, and active or draining): lb answers the web
+    /// tier's CPing only then.
+    pub fn takes_requests(&self) -> bool {
+        self.balancer
+            .snapshot()
+            .state
+            .service(&self.name)
+            .is_ok_and(|s| s.backends.iter().any(|be| be.admits_known()))
+    }
+
+    /// Makes settings and pools match the state: new pools for new backends, idle connections
+    /// of removed, down or maintenance backends closed.
+    fn sync(&self, snapshot: &Snapshot) {
+        let Ok(svc) = snapshot.state.service(&self.name) else {
+            return;
+        };
+        let settings = Settings::new(svc.settings.ajp.as_ref(), svc.settings.connect_timeout);
+        let size = settings.ajp.pool_size;
+        *self.settings.lock().unwrap() = Arc::new(settings);
+        let mut pools = self.pools.lock().unwrap();
+        pools.retain(|id, pool| {
+            let keep = svc
+                .backend_by_id(*id)
+                .is_some_and(|b| b.config.address == pool.address);
+            if !keep {
+                pool.set_usable(false);
+            }
+            keep
+        });
+        for be in &svc.backends {
+            let pool = pools
+                .entry(be.id)
+                .or_insert_with(|| Pool::new(be.config.address, size, snapshot.runtime(svc, be)));
+            pool.resize(size);
+            pool.set_usable(be.health == Health::Up && be.config.state != AdminState::Maintenance);
+        }
+    }
+
+    fn close_idle(&self) {
+        for pool in self.pools.lock().unwrap().values() {
+            pool.set_usable(false);
+        }
+    }
+
+    fn snapshot(&self, state: &State) -> Option<AjpServiceCounters> {
+        let svc = state.service(&self.name).ok()?;
+        let pools = self.pools.lock().unwrap();
+        let backends: BTreeMap<u32, AjpBackendCounters> = svc
+            .backends
+            .iter()
+            .filter_map(|be| {
+                let pool = pools.get(&be.id)?;
+                let (idle, open) = pool.sizes();
+                let route = String::from_utf8_lossy(route_of(&be.config)).into_owned();
+                Some((be.id, pool.counters.snapshot(&be.config.name, &route, idle, open)))
+            })
+            .collect();
+        Some(self.counters.snapshot(backends))
+    }
+}
+
+struct Listener {
+    listen: SocketAddr,
+    /// The address actually bound (differs from `listen` for port 0).
+    local: SocketAddr,
+    stop: CancellationToken,
+    service: Arc<Service>,
+    limit: Arc<Semaphore>,
+    max_connections: u32,
+    /// Disconnects once the accept loop has dropped its socket.
+    closed: std::sync::mpsc::Receiver<()>,
+}
+
+pub struct AjpDatapath {
+    balancer: Arc<Balancer>,
+    listeners: Mutex<HashMap<String, Listener>>,
+    closing: Mutex<HashMap<SocketAddr, std::sync::mpsc::Receiver<()>>>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl AjpDatapath {
+    pub fn new(balancer: Arc<Balancer>) -> Self {
+        AjpDatapath {
+            balancer,
+            listeners: Mutex::new(HashMap::new()),
+            closing: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Counters of an AJP service, its backends keyed by backend id.
+    pub fn counters(&self, service: &str) -> Option<AjpServiceCounters> {
+        let svc = self.listeners.lock().unwrap().get(service)?.service.clone();
+        svc.snapshot(&self.balancer.snapshot().state)
+    }
+
+    /// The address a service's listener is bound to.
+    pub fn local_addr(&self, service: &str) -> Option<SocketAddr> {
+        self.listeners.lock().unwrap().get(service).map(|l| l.local)
+    }
+
+    /// [`AjpDatapath::counters`] when the caller already holds the balancer (e.g. the engine).
+    pub fn counters_in(&self, service: &str, state: &State) -> Option<AjpServiceCounters> {
+        let svc = self.listeners.lock().unwrap().get(service)?.service.clone();
+        svc.snapshot(state)
+    }
+
+    fn start(&self, name: &str, snapshot: &Snapshot) -> Result<(), DatapathError> {
+        let state = &snapshot.state;
+        let svc = state.service(name).expect("effect names a present service");
+        let listen = svc.settings.listen;
+        let bind_error = |source| DatapathError::Bind {
+            service: name.to_string(),
+            listen,
+            source,
+        };
+        if let Some(closed) = self.closing.lock().unwrap().remove(&listen) {
+            let _ = closed.recv_timeout(REBIND_WAIT);
+        }
+        let std_listener = bind(listen).map_err(bind_error)?;
+        let listener = TcpListener::from_std(std_listener).map_err(bind_error)?;
+        let local = listener.local_addr().map_err(bind_error)?;
+        let stop = self.shutdown.child_token();
+        let service = Arc::new(Service {
+            name: name.to_string(),
+            balancer: self.balancer.clone(),
+            counters: Default::default(),
+            settings: Mutex::new(Arc::new(Settings::new(None, svc.settings.connect_timeout))),
+            pools: Mutex::new(HashMap::new()),
+        });
+        service.sync(snapshot);
+        let max_connections = svc.settings.max_connections;
+        let limit = Arc::new(Semaphore::new(max_connections as usize));
+        let (closed_tx, closed) = std::sync::mpsc::sync_channel(0);
+        info!(service = name, %listen, max_connections, "ajp datapath listening");
+        let accept = accept_loop(
+            listener,
+            limit.clone(),
+            service.clone(),
+            stop.clone(),
+            self.tasks.clone(),
+        );
+        self.tasks.spawn(async move {
+            accept.await;
+            drop(closed_tx);
+        });
+        self.tasks.spawn(reaper(service.clone(), stop.clone()));
+        self.listeners.lock().unwrap().insert(
+            name.to_string(),
+            Listener {
+                listen,
+                local,
+                stop,
+                service,
+                limit,
+                max_connections,
+                closed,
+            },
+        );
+        Ok(())
+    }
+
+    fn changed(&self, name: &str, snapshot: &Snapshot) {
+        let Ok(svc) = snapshot.state.service(name) else {
+            return;
+        };
+        let mut listeners = self.listeners.lock().unwrap();
+        let Some(l) = listeners.get_mut(name) else { return };
+        l.service.sync(snapshot);
+        let want = svc.settings.max_connections;
+        if want > l.max_connections {
+            l.limit.add_permits((want - l.max_connections) as usize);
+            l.max_connections = want;
+        } else if want < l.max_connections {
+            let forgotten = l.limit.forget_permits((l.max_connections - want) as usize) as u32;
+            l.max_connections -= forgotten;
+            if l.max_connections != want {
+                warn!(
+                    service = name,
+                    limit = l.max_connections,
+                    "max_connections lowered only as far as open connections allow; apply again later"
+                );
+            }
+        }
+    }
+}
+
+/// Binds with SO_REUSEADDR so a restart does not wait for TIME_WAIT.
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)?.into_std()
+}
+
+impl Datapath for AjpDatapath {
+    fn kind(&self) -> DatapathKind {
+        DatapathKind::Ajp
+    }
+
+    fn apply(&self, effect: &Effect, snapshot: &Snapshot) -> Result<(), DatapathError> {
+        match effect {
+            Effect::ServiceAdded(name) => self.start(name, snapshot),
+            Effect::ServiceRemoved { name, .. } => {
+                if let Some(l) = self.listeners.lock().unwrap().remove(name) {
+                    l.stop.cancel();
+                    l.service.close_idle();
+                    self.closing.lock().unwrap().insert(l.listen, l.closed);
+                    info!(service = %name, "ajp datapath stopped listening; requests under way finish");
+                }
+                Ok(())
+            }
+            Effect::ServiceChanged(name) => {
+                self.changed(name, snapshot);
+                Ok(())
+            }
+            Effect::Nothing => Ok(()),
+        }
+    }
+
+    fn reset_backend(&self, service: &StateService, backend: &Backend) -> usize {
+        let runtime = self.balancer.snapshot().runtime(service, backend);
+        let open = crate::runtime::BackendStats::get(&runtime.stats.active_connections) as usize;
+        runtime.reset_connections();
+        open
+    }
+
+    fn traffic(&self, service: &StateService) -> ServiceTraffic {
+        let name = &service.settings.name;
+        ServiceTraffic {
+            affinity_entries: self.balancer.affinity_len(name) as u64,
+            failed_connections: None,
+            // The runtime's user-space counters, which the engine reads itself.
+            backends: HashMap::new(),
+            ajp: self.counters(name),
+        }
+    }
+
+    fn shutdown(&self) -> Drained<'_> {
+        self.shutdown.cancel();
+        for l in self.listeners.lock().unwrap().values() {
+            l.service.close_idle();
+        }
+        self.tasks.close();
+        Box::pin(self.tasks.wait())
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    limit: Arc<Semaphore>,
+    service: Arc<Service>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let (front, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(service = %service.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (service, stop) = (service.clone(), stop.clone());
+        tasks.spawn(async move {
+            front::serve(front, peer, service, stop).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Closes idle pooled connections past `pool_idle_timeout` or closed by their backend.
+async fn reaper(service: Arc<Service>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                service.close_idle();
+                return;
+            }
+            _ = tokio::time::sleep(REAP_EVERY) => {}
+        }
+        let timeout = service.settings().ajp.pool_idle_timeout;
+        let pools: Vec<Arc<Pool>> = service.pools.lock().unwrap().values().cloned().collect();
+        for p in pools {
+            p.reap(timeout);
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Connections to one backend: at most `pool_size` open, idle ones reused last-in first-out.
+//!
+//! A connection goes back to the pool only after an End Response that allows reuse. Before reuse
+//! it is checked without I/O (a closed or chatty socket is dropped), and after `ping_after_idle`
+//! it must answer a CPing first (mod_jk's `ping_mode`). Idle connections older than
+//! `pool_idle_timeout`, or of a backend that is down or in maintenance, are closed by the reaper.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::debug;
+
+use super::counters::BackendCounters;
+use crate::ajp::{CPING, CPONG};
+use crate::runtime::BackendRuntime;
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("connect to {0} failed: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("connect to {0} timed out")]
+    Timeout(SocketAddr),
+    #[error("{0} did not answer the CPing")]
+    NoPong(SocketAddr),
+    #[error("all {0} connections to the backend are busy")]
+    Full(u32),
+    #[error("the pool is closed")]
+    Closed,
+}
+
+/// An open connection to the backend, with its read buffer.
+pub struct Conn {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
+    /// Taken from the pool rather than opened for this request.
+    pub reused: bool,
+    last_used: Instant,
+    pool: Arc<Pool>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    /// The backend's shared connection and byte counters.
+    pub fn stats(&self) -> Arc<BackendRuntime> {
+        self.pool.runtime.clone()
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.pool.open.fetch_sub(1, Relaxed);
+        self.pool.runtime.stats.active_connections.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The pool of one backend.
+pub struct Pool {
+    pub address: SocketAddr,
+    pub counters: BackendCounters,
+    /// The backend's connection and byte counters shared with the other datapaths' views.
+    pub runtime: Arc<BackendRuntime>,
+    idle: Mutex<Vec<Conn>>,
+    slots: Arc<Semaphore>,
+    size: Mutex<u32>,
+    open: AtomicU64,
+    /// False while the backend is down or in maintenance, and after shutdown: returned
+    /// connections are closed instead of kept.
+    usable: AtomicBool,
+}
+
+impl Pool {
+    pub fn new(address: SocketAddr, size: u32, runtime: Arc<BackendRuntime>) -> Arc<Pool> {
+        Arc::new(Pool {
+            address,
+            counters: BackendCounters::default(),
+            runtime,
+            idle: Mutex::new(Vec::new()),
+            slots: Arc::new(Semaphore::new(size as usize)),
+            size: Mutex::new(size),
+            open: AtomicU64::new(0),
+            usable: AtomicBool::new(true),
+        })
+    }
+
+    /// (idle, open) connections.
+    pub fn sizes(&self) -> (u64, u64) {
+        (self.idle.lock().unwrap().len() as u64, self.open.load(Relaxed))
+    }
+
+    /// Follows a changed `pool_size` (shrinking only as far as free slots allow).
+    pub fn resize(&self, want: u32) {
+        let mut size = self.size.lock().unwrap();
+        if want > *size {
+            self.slots.add_permits((want - *size) as usize);
+            *size = want;
+        } else if want < *size {
+            *size -= self.slots.forget_permits((*size - want) as usize) as u32;
+        }
+    }
+
+    /// Marks the backend usable or not; closes the idle connections when not.
+    pub fn set_usable(&self, usable: bool) {
+        self.usable.store(usable, Relaxed);
+        if !usable {
+            self.close_idle();
+        }
+    }
+
+    pub fn close_idle(&self) -> usize {
+        let drained: Vec<Conn> = std::mem::take(&mut *self.idle.lock().unwrap());
+        drained.len()
+    }
+
+    /// Closes idle connections older than `timeout` or closed by the backend.
+    pub fn reap(&self, timeout: Duration) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap();
+        idle.retain(|c| now.duration_since(c.last_used) < timeout && alive(&c.stream));
+    }
+
+    /// A connection for one request: a pooled one if a good one is idle, else a new one, waiting
+    /// at most `timeout` for a free slot and the connect. `fresh` skips the idle ones.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        timeout: Duration,
+        ping_after_idle: Duration,
+        fresh: bool,
+    ) -> Result<Conn, PoolError> {
+        if !fresh {
+            while let Some(mut c) = self.pop_idle() {
+                if !alive(&c.stream) {
+                    continue;
+                }
+                if c.last_used.elapsed() > ping_after_idle {
+                    match cping(&mut c.stream, timeout).await {
+                        Ping::Pong => {}
+                        Ping::Closed => {
+                            debug!(backend = %self.address, "pooled connection closed; trying another");
+                            continue;
+                        }
+                        // A backend that takes no CPing takes no request either: try another.
+                        Ping::Silent => return Err(PoolError::NoPong(self.address)),
+                    }
+                }
+                c.reused = true;
+                return Ok(c);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let slot = match tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return Err(PoolError::Closed),
+            Err(_) => return Err(PoolError::Full(*self.size.lock().unwrap())),
+        };
+        let mut stream = match tokio::time::timeout_at(deadline, TcpStream::connect(self.address)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.runtime.stats.connect_failures.fetch_add(1, Relaxed);
+                return Err(PoolError::Connect(self.address, e));
+            }
+            Err(_) => {
+                self.runtime.stats.connect_failures.fetch_add(1, Relaxed);
+                return Err(PoolError::Timeout(self.address));
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        // A new connection answers a CPing before its first request (mod_jk's ping_mode C), so a
+        // backend that accepts connections but serves nothing is left for the next one.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if cping(&mut stream, left).await != Ping::Pong {
+            self.runtime.stats.connect_failures.fetch_add(1, Relaxed);
+            return Err(PoolError::NoPong(self.address));
+        }
+        self.open.fetch_add(1, Relaxed);
+        self.runtime.stats.active_connections.fetch_add(1, Relaxed);
+        self.runtime.stats.total_connections.fetch_add(1, Relaxed);
+        Ok(Conn {
+            stream,
+            buf: BytesMut::with_capacity(8192),
+            reused: false,
+            last_used: Instant::now(),
+            pool: self.clone(),
+            _slot: slot,
+        })
+    }
+
+    fn pop_idle(&self) -> Option<Conn> {
+        self.idle.lock().unwrap().pop()
+    }
+
+    /// Returns a connection after an End Response that allows reuse.
+    pub fn release(&self, mut conn: Conn) {
+        if !self.usable.load(Relaxed) || !conn.buf.is_empty() {
+            return;
+        }
+        conn.last_used = Instant::now();
+        self.idle.lock().unwrap().push(conn);
+    }
+}
+
+/// Whether an idle connection is still open and has sent nothing (checked without waiting).
+fn alive(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// How a CPing went.
+#[derive(Debug, PartialEq, Eq)]
+enum Ping {
+    Pong,
+    /// The connection failed, closed or answered something else.
+    Closed,
+    /// No answer within the timeout.
+    Silent,
+}
+
+/// Sends a CPing and waits up to `timeout` for the CPong.
+async fn cping(stream: &mut TcpStream, timeout: Duration) -> Ping {
+    let exchange = async {
+        stream.write_all(&CPING).await?;
+        let mut reply = [0u8; 5];
+        stream.read_exact(&mut reply).await?;
+        Ok::<_, std::io::Error>(reply == CPONG)
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(true)) => Ping::Pong,
+        Ok(_) => Ping::Closed,
+        Err(_) => Ping::Silent,
+    }
+}
