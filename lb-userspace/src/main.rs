@@ -137,8 +137,13 @@ enum Cmd {
         /// Shell to complete for.
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff) of lb.
-    Man,
+    /// Print the man page (roff) of lb, or write every page (lb.1, lb-run.1, lb-backend-drain.1 …)
+    /// into a directory.
+    Man {
+        /// Write all pages into this directory instead of printing lb.1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -344,7 +349,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "lb", &mut out);
             return emit(&out);
         }
-        Cmd::Man => {
+        Cmd::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
+            return Ok(());
+        }
+        Cmd::Man { dir: None } => {
             let mut out = Vec::new();
             clap_mangen::Man::new(Cli::command())
                 .render(&mut out)
@@ -490,7 +501,7 @@ fn request(command: Cmd) -> Result<Request, RequestError> {
         | Cmd::Cleanup { .. }
         | Cmd::Top { .. }
         | Cmd::Completions { .. }
-        | Cmd::Man => {
+        | Cmd::Man { .. } => {
             unreachable!("handled without a request")
         }
     };

@@ -42,6 +42,8 @@ const FILES: &[&str] = &[
     "./usr/lib/systemd/system/lb.service",
     "./etc/lb/lb.toml",
     "./usr/share/man/man1/lb.1.gz",
+    "./usr/share/man/man1/lb-run.1.gz",
+    "./usr/share/man/man1/lb-backend-drain.1.gz",
     "./usr/share/bash-completion/completions/lb",
     "./usr/share/zsh/vendor-completions/_lb",
     "./usr/share/fish/vendor_completions.d/lb.fish",
@@ -114,6 +116,16 @@ fn deb_installs_into_a_scratch_root_and_everything_in_it_works() {
     for sub in ["completions", "cleanup", "backend", "status"] {
         assert!(page.contains(sub), "man page does not mention {sub}:\n{page}");
     }
+
+    // The pages the main page points to exist and render too.
+    let drain = text(&run(Command::new("man")
+        .env("MANPAGER", "cat")
+        .arg("-l")
+        .arg(root.join("usr/share/man/man1/lb-backend-drain.1.gz"))));
+    assert!(
+        drain.contains("lb-backend-drain") && drain.contains("--config"),
+        "{drain}"
+    );
 
     // bash loads the completion and completes subcommands and options.
     let script = root.join("usr/share/bash-completion/completions/lb");
