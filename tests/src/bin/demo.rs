@@ -250,7 +250,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Removes the demo's pins if `lb cleanup` did not run (a failed expectation).
+/// Removes the demo's pins, and lb's sysctl record beside them, if `lb cleanup` did not run (a
+/// failed expectation, or XDP failing half way before the fallback).
 struct Pins(PathBuf);
 
 impl Drop for Pins {
@@ -261,6 +262,15 @@ impl Drop for Pins {
             }
         }
         let _ = std::fs::remove_dir(&self.0);
+        let record = format!(
+            "/run/lb/sysctl/{}.json",
+            self.0
+                .display()
+                .to_string()
+                .replace('%', "%25")
+                .replace('/', "%2F")
+        );
+        let _ = std::fs::remove_file(record);
     }
 }
 
