@@ -1,13 +1,14 @@
 //! What an operator's host needs from the `lb` command: client commands that find the daemon
 //! (`-c FILE`, `$LB_SOCKET`, an empty `$LB_SOCKET` ignored), a closed stdout ending a command
-//! quietly, and `lb cleanup` putting back the sysctls the XDP datapath changed.
+//! quietly, `lb cleanup` putting back the sysctls the XDP datapath changed, and `lb run` speaking
+//! systemd's notify protocol (readiness, watchdog, stopping).
 
 mod common;
 
 use std::process::{Command, Stdio};
 
 use common::*;
-use lb_tests::{Topology, lb_bin, require_root, unique_prefix};
+use lb_tests::{TempDir, Topology, lb_bin, require_root, unique_prefix};
 
 /// `lb ARGS…` with `$LB_SOCKET` as given (None: unset).
 fn lb(args: &[&str], lb_socket: Option<&str>) -> std::process::Output {
@@ -173,4 +174,90 @@ fn cleanup_restores_the_sysctls_lb_changed() {
         .unwrap();
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("restored"));
+}
+
+/// Datagrams received on `rx` until `done` holds for them or `timeout` passes.
+fn notifications(
+    rx: &std::os::unix::net::UnixDatagram,
+    timeout: std::time::Duration,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !done(&got) && std::time::Instant::now() < deadline {
+        if let Ok(n) = rx.recv(&mut buf) {
+            got.extend(String::from_utf8_lossy(&buf[..n]).lines().map(str::to_string));
+        }
+    }
+    got
+}
+
+#[test]
+fn lb_run_tells_systemd_it_is_ready_pings_the_watchdog_and_says_it_stops() {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::Duration;
+
+    // A notify socket as systemd's (Type=notify, WatchdogSec=): no root or namespace needed.
+    let dir = TempDir::new("notify");
+    let notify = dir.path().join("notify.sock");
+    let rx = UnixDatagram::bind(&notify).unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let socket = dir.path().join("lb.sock");
+    let cfg = dir.path().join("lb.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "shutdown_timeout = \"1s\"\n[control]\nsocket = \"{}\"\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    // systemd names the watched process in WATCHDOG_PID: the shell's pid, which exec gives lb.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" run -c \"$1\"")
+        .arg(lb_bin())
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", &notify)
+        .env("WATCHDOG_USEC", "200000");
+    let mut lb = lb_tests::Child::spawn(cmd).expect("spawn lb run");
+
+    let got = notifications(&rx, Duration::from_secs(10), |g| g.iter().any(|l| l == "READY=1"));
+    assert!(
+        got.iter().any(|l| l == "READY=1"),
+        "no READY=1: {got:?}\n{}",
+        lb.stderr_text()
+    );
+    // Ready means the control socket answers.
+    let out = self::lb(&["status", "--socket", socket.to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // WatchdogSec=200ms: pinged every 100ms from the main loop.
+    let pings = notifications(&rx, Duration::from_secs(5), |g| {
+        g.iter().filter(|l| *l == "WATCHDOG=1").count() >= 3
+    });
+    assert!(
+        pings.iter().filter(|l| *l == "WATCHDOG=1").count() >= 3,
+        "watchdog pings: {pings:?}"
+    );
+    lb.stop().unwrap();
+    let rest = notifications(&rx, Duration::from_secs(2), |g| {
+        g.iter().any(|l| l == "STOPPING=1")
+    });
+    assert!(rest.iter().any(|l| l == "STOPPING=1"), "{rest:?}");
+
+    // Without NOTIFY_SOCKET nothing is sent and lb runs as before.
+    drop(rx);
+    let mut cmd = Command::new(lb_bin());
+    cmd.arg("run").arg("-c").arg(&cfg).env_remove("NOTIFY_SOCKET");
+    let mut plain = lb_tests::Child::spawn(cmd).expect("spawn lb run");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !self::lb(&["status", "--socket", socket.to_str().unwrap()], None)
+        .status
+        .success()
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", plain.stderr_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(plain.stop().unwrap().success());
 }
