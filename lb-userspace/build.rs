@@ -45,12 +45,11 @@ fn main() {
         return;
     }
 
-    if explicit {
-        panic!(
-            "{ENV_OBJECT}={} does not exist; run `cargo xtask build` or unset {ENV_OBJECT}",
-            object.display()
-        );
-    }
+    assert!(
+        !explicit,
+        "{ENV_OBJECT}={} does not exist; run `cargo xtask build` or unset {ENV_OBJECT}",
+        object.display()
+    );
     // A missing rerun-if-changed path would make cargo rerun this script (and rebuild the crate) on
     // every build, so watch the nearest existing ancestor instead: it changes when the object appears.
     let _ = fs::remove_file(&out);

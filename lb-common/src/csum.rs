@@ -29,11 +29,11 @@ pub fn checksum(data: &[u8], initial: u32) -> u16 {
     let mut s = initial;
     let mut chunks = data.chunks_exact(2);
     for c in &mut chunks {
-        s += u16::from_ne_bytes([c[0], c[1]]) as u32;
+        s += u32::from(u16::from_ne_bytes([c[0], c[1]]));
         s = (s & 0xffff) + (s >> 16);
     }
     if let [last] = chunks.remainder() {
-        s += u16::from_ne_bytes([*last, 0]) as u32;
+        s += u32::from(u16::from_ne_bytes([*last, 0]));
     }
     !fold(s)
 }

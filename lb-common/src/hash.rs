@@ -30,13 +30,13 @@ pub const fn ring_slot(seed: u32, client_ipv4: u32, ring_size: u32) -> u32 {
 /// A 64-bit hash of arbitrary bytes (FNV-1a then fmix), used in user space to place backends in the
 /// Maglev permutation. Not used by the kernel.
 pub fn bytes_hash(seed: u32, data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ (seed as u64);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(seed);
     for b in data {
-        h ^= *b as u64;
+        h ^= u64::from(*b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    let hi = fmix32((h >> 32) as u32 ^ seed) as u64;
-    let lo = fmix32(h as u32 ^ seed.rotate_left(8)) as u64;
+    let hi = u64::from(fmix32((h >> 32) as u32 ^ seed));
+    let lo = u64::from(fmix32(h as u32 ^ seed.rotate_left(8)));
     (hi << 32) | lo
 }
 

@@ -245,7 +245,10 @@ const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::*;
+    use super::{
+        AffinityKey, AffinityValue, BackendValue, Counter, FlowKey, FlowValue, GlobalConfig, ServiceKey,
+        ServiceValue, TrafficCounters,
+    };
     // SAFETY: all of these are plain old data, repr(C), with explicit padding fields.
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for TrafficCounters {}

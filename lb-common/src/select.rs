@@ -141,10 +141,10 @@ pub fn select(
 pub fn next_entry(live: Option<AffinityValue>, backend: u32, now: u64) -> AffinityValue {
     let home = match live {
         Some(p) if p.backend != backend => {
-            if p.home != NO_BACKEND {
-                p.home
-            } else {
+            if p.home == NO_BACKEND {
                 p.backend
+            } else {
+                p.home
             }
         }
         Some(p) => p.home,

@@ -72,7 +72,10 @@ static SERVICE_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entri
 static BACKEND_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 const _: () = {
-    use lb_common::maps::*;
+    use lb_common::maps::{
+        MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_GLOBAL_STATS, MAP_RING,
+        MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT, MAP_SNAT_ADDRS,
+    };
     assert!(str_eq(MAP_GLOBAL_STATS, "lb_global"));
     assert!(str_eq(MAP_CONFIG, "lb_config"));
     assert!(str_eq(MAP_SERVICES, "lb_services"));
@@ -444,7 +447,9 @@ fn set_flags(flags: &mut u32, bit: u32) {
     if *flags & bit != bit {
         let byte = bit.trailing_zeros() / 8;
         // SAFETY: `byte` < 4 indexes into the u32; the target is little-endian (bpfel).
-        unsafe { *(flags as *mut u32).cast::<u8>().add(byte as usize) = (bit >> (byte * 8)) as u8 };
+        unsafe {
+            *core::ptr::from_mut::<u32>(flags).cast::<u8>().add(byte as usize) = (bit >> (byte * 8)) as u8;
+        };
     }
 }
 
@@ -457,8 +462,8 @@ fn set_flags(flags: &mut u32, bit: u32) {
 #[inline(always)]
 fn claim_snat(backend: &BackendValue, cfg: &GlobalConfig, now: u64, reply: &FlowValue) -> Option<u16> {
     let cursor = SNAT.get_ptr_mut(0)?;
-    let lo = cfg.snat_port_lo as u32;
-    let range = (cfg.snat_port_hi as u32).checked_sub(lo)? + 1;
+    let lo = u32::from(cfg.snat_port_lo);
+    let range = u32::from(cfg.snat_port_hi).checked_sub(lo)? + 1;
     let cpus = if cfg.cpus == 0 { 1 } else { cfg.cpus };
     let share = range / cpus;
     if share == 0 {
@@ -494,7 +499,7 @@ fn claim_snat(backend: &BackendValue, cfg: &GlobalConfig, now: u64, reply: &Flow
             }
             let _ = CONNTRACK.remove(key);
         }
-        if CONNTRACK.insert(key, reply, BPF_NOEXIST as u64).is_ok() {
+        if CONNTRACK.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
             return Some(port);
         }
     }
@@ -616,15 +621,15 @@ fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr, hop: &mut FlowValue, now: u64) ->
         let ret = unsafe {
             bpf_fib_lookup(
                 ctx.ctx.cast(),
-                &mut params,
+                &raw mut params,
                 core::mem::size_of::<FibParams>() as i32,
                 0,
             )
         };
-        if ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        if ret == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
             return pass(Some(gc::NO_NEIGH));
         }
-        if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        if ret != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
             let dst = u32::from_be(unsafe { (*ip).daddr_be });
             aya_log_ebpf::warn!(
                 ctx,

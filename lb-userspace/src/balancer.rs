@@ -85,7 +85,9 @@ struct View<'a>(&'a Service);
 
 impl BackendTable for View<'_> {
     fn admits_known(&self, backend: u32) -> bool {
-        self.0.backend_by_id(backend).is_some_and(|b| b.admits_known())
+        self.0
+            .backend_by_id(backend)
+            .is_some_and(super::state::Backend::admits_known)
     }
 }
 

@@ -24,7 +24,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         }
         out.trim_end().to_string() + "\n"
     };
-    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    let mut out = line(header.iter().map(std::string::ToString::to_string).collect());
     for row in rows {
         out.push_str(&line(row.clone()));
     }

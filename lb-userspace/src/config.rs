@@ -150,7 +150,9 @@ pub enum XdpMode {
 impl Default for XdpConfig {
     /// The defaults of every key of the `[xdp]` table (with no interfaces).
     fn default() -> Self {
-        use lb_common::maps::*;
+        use lb_common::maps::{
+            DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
+        };
         XdpConfig {
             interfaces: Vec::new(),
             mode: XdpMode::Auto,
@@ -306,7 +308,10 @@ impl Default for AjpConfig {
             retry_buffer: 65536,
             session_cookies: vec!["JSESSIONID".into()],
             session_path_params: vec!["jsessionid".into()],
-            allowed_attributes: DEFAULT_ALLOWED_ATTRIBUTES.iter().map(|s| s.to_string()).collect(),
+            allowed_attributes: DEFAULT_ALLOWED_ATTRIBUTES
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
         }
     }
 }

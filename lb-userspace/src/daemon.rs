@@ -65,7 +65,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => break,
             _ = term.recv() => { info!("SIGTERM: shutting down"); break }
             _ = int.recv() => { info!("SIGINT: shutting down"); break }
             _ = hup.recv() => {

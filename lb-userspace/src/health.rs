@@ -68,7 +68,7 @@ pub async fn probe(kind: HealthKind, addr: SocketAddr, timeout: Duration) -> Res
                 });
             }
             Ok(Err(e)) if reply.is_empty() => return Err(ProbeError::Io(e.to_string())),
-            Ok(Err(_)) | Ok(Ok(0)) => break,
+            Ok(Err(_) | Ok(0)) => break,
             Ok(Ok(n)) => {
                 reply.extend_from_slice(&buf[..n]);
                 if reply.len() > 256 {
@@ -83,7 +83,7 @@ pub async fn probe(kind: HealthKind, addr: SocketAddr, timeout: Duration) -> Res
     ajp::check_reply(&reply)?;
     match tokio::time::timeout(AFTER_CPONG, stream.read(&mut buf)).await {
         Err(_) => Ok(latency),
-        Ok(Ok(0)) | Ok(Err(_)) => Err(ProbeError::ClosedAfterCpong),
+        Ok(Ok(0) | Err(_)) => Err(ProbeError::ClosedAfterCpong),
         Ok(Ok(n)) => Err(ajp::AjpError::Extra(n).into()),
     }
 }
@@ -183,8 +183,8 @@ async fn run_checker(
     let mut wait = Duration::from_millis(spread);
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
         }
         let result = probe(settings.kind, target, settings.timeout).await;
         let (changed, failing) = {

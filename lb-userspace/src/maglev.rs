@@ -21,8 +21,8 @@ pub fn build(members: &[Member<'_>], size: u32, seed: u32) -> Vec<u32> {
     if members.is_empty() || size == 0 {
         return Vec::new();
     }
-    let m = size as u64;
-    let max_weight = members.iter().map(|b| b.weight).max().unwrap_or(1) as u64;
+    let m = u64::from(size);
+    let max_weight = u64::from(members.iter().map(|b| b.weight).max().unwrap_or(1));
     // (offset, skip, next index into the permutation, accumulated weight credit)
     let mut walkers: Vec<(u64, u64, u64, u64)> = members
         .iter()
@@ -38,7 +38,7 @@ pub fn build(members: &[Member<'_>], size: u32, seed: u32) -> Vec<u32> {
     let mut filled = 0u64;
     while filled < m {
         for (i, w) in walkers.iter_mut().enumerate() {
-            w.3 += members[i].weight as u64;
+            w.3 += u64::from(members[i].weight);
             while w.3 >= max_weight && filled < m {
                 w.3 -= max_weight;
                 loop {
@@ -115,7 +115,7 @@ mod tests {
         for n in [3usize, 10, 100, 500] {
             let k = keys(n);
             let table = build(&members(&k, &vec![1; n]), DEFAULT_RING_SIZE, 7);
-            let ideal = DEFAULT_RING_SIZE as f64 / n as f64;
+            let ideal = f64::from(DEFAULT_RING_SIZE) / n as f64;
             for (_, count) in shares(&table) {
                 let dev = (count as f64 - ideal).abs() / ideal;
                 assert!(
@@ -136,7 +136,7 @@ mod tests {
         let after = build(&all[1..], DEFAULT_RING_SIZE, 1);
         let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
         let owned_by_removed = before.iter().filter(|b| **b == 0).count();
-        let fraction = moved as f64 / DEFAULT_RING_SIZE as f64;
+        let fraction = moved as f64 / f64::from(DEFAULT_RING_SIZE);
         // Every slot of the removed backend must move; Maglev moves a few more (paper: small).
         assert!(moved >= owned_by_removed);
         assert!(
@@ -152,7 +152,7 @@ mod tests {
                 moved_clients += 1;
             }
         }
-        let f = moved_clients as f64 / 100_000.0;
+        let f = f64::from(moved_clients) / 100_000.0;
         assert!(
             f > 0.08 && f < 0.15,
             "moved {f:.4} of clients for 1 of {n} backends removed"
@@ -164,7 +164,7 @@ mod tests {
         let k = keys(3);
         let table = build(&members(&k, &[1, 2, 4]), DEFAULT_RING_SIZE, 3);
         let s = shares(&table);
-        let total = DEFAULT_RING_SIZE as f64;
+        let total = f64::from(DEFAULT_RING_SIZE);
         for (id, w) in [(0u32, 1.0), (1, 2.0), (2, 4.0)] {
             let share = s[&id] as f64 / total;
             let want = w / 7.0;

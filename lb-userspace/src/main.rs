@@ -575,7 +575,7 @@ mod tests {
         assert!(missing.is_empty(), "options without help text: {missing:?}");
         let run = cmd.find_subcommand("run").unwrap();
         let mut ids: Vec<&str> = run.get_arguments().map(|a| a.get_id().as_str()).collect();
-        ids.sort();
+        ids.sort_unstable();
         assert_eq!(ids, ["config", "help", "log_format"]);
         let help = run.clone().render_long_help().to_string();
         assert!(!help.contains("--socket") && !help.contains("--json"), "{help}");

@@ -311,7 +311,7 @@ impl XdpDatapath {
         let mut adopt_services = StdHashMap::new();
         let mut adopt_backends = StdHashMap::new();
         if adopting {
-            for entry in maps.services.iter() {
+            for entry in &maps.services {
                 let (k, v) = entry.map_err(map_err(MAP_SERVICES))?;
                 adopt_services.insert(k, v.slot);
             }
@@ -402,8 +402,7 @@ impl XdpDatapath {
                     .maps
                     .global
                     .get(&(i as u32), 0)
-                    .map(|v| v.iter().map(|c| c.packets).sum())
-                    .unwrap_or(0);
+                    .map_or(0, |v| v.iter().map(|c| c.packets).sum());
                 (*name, packets)
             })
             .collect()

@@ -371,9 +371,7 @@ pub fn exchange(stream: &mut TcpStream, req: &ForwardRequest) -> io::Result<AjpR
                 for _ in 0..n {
                     let peek = c.u16()?;
                     let name = if peek >= 0xA000 {
-                        response_header_name(peek)
-                            .map(String::from)
-                            .unwrap_or_else(|| format!("x-coded-{peek:04x}"))
+                        response_header_name(peek).map_or_else(|| format!("x-coded-{peek:04x}"), String::from)
                     } else {
                         c.at -= 2;
                         c.string()?
@@ -395,7 +393,7 @@ pub fn exchange(stream: &mut TcpStream, req: &ForwardRequest) -> io::Result<AjpR
                 sent += n;
             }
             END_RESPONSE => {
-                resp.reuse = c.u8().map(|b| b != 0).unwrap_or(false);
+                resp.reuse = c.u8().is_ok_and(|b| b != 0);
                 if !got_headers {
                     return Err(bad("End Response without Send Headers".to_string()));
                 }

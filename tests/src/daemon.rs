@@ -188,13 +188,12 @@ impl Daemon {
             if pred(&st) {
                 return (st, at);
             }
-            if at >= deadline {
-                panic!(
-                    "timed out after {timeout:?} waiting for: {what}\n--- status ---\n{}\n--- log ---\n{}",
-                    serde_json::to_string_pretty(&st).unwrap_or_default(),
-                    self.log_tail(60)
-                );
-            }
+            assert!(
+                at < deadline,
+                "timed out after {timeout:?} waiting for: {what}\n--- status ---\n{}\n--- log ---\n{}",
+                serde_json::to_string_pretty(&st).unwrap_or_default(),
+                self.log_tail(60)
+            );
             thread::sleep(Duration::from_millis(10));
         }
     }

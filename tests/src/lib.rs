@@ -109,12 +109,11 @@ fn locate(env_var: &str, file: &str) -> PathBuf {
         Some(p) => PathBuf::from(p),
         None => target_debug_dir().join(file),
     };
-    if !path.is_file() {
-        panic!(
-            "{file} binary not found at {} (set {env_var} to override); run `cargo xtask build` first",
-            path.display()
-        );
-    }
+    assert!(
+        path.is_file(),
+        "{file} binary not found at {} (set {env_var} to override); run `cargo xtask build` first",
+        path.display()
+    );
     path
 }
 

@@ -364,7 +364,7 @@ impl Cases {
                 let why = e
                     .downcast_ref::<String>()
                     .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .or_else(|| e.downcast_ref::<&str>().map(std::string::ToString::to_string))
                     .unwrap_or_default();
                 report(&format!("ajp: FAIL {name}: {why}"));
                 self.failed.push(name.to_string());
@@ -685,7 +685,7 @@ fn ajp_behind_apache_end_to_end() {
                 );
             }
             thread::sleep(Duration::from_millis(500));
-            for (tc, _) in bed.tomcats.iter_mut() {
+            for (tc, _) in &mut bed.tomcats {
                 assert!(tc.is_running(), "a Tomcat stopped after the Shutdown packet");
             }
             // CPing from the web tier: lb's CPong.

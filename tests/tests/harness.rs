@@ -51,7 +51,7 @@ fn http_backends_reachable_from_each_client_address() {
             assert!(netns_exists(n), "namespace {n} missing");
         }
         let backends = start_http_backends(&topo, 8080).expect("start http backends");
-        pids = backends.iter().map(|c| c.pid()).collect::<Vec<_>>();
+        pids = backends.iter().map(lb_tests::Child::pid).collect::<Vec<_>>();
         let cns = topo.client_ns().name();
         let clients = topo.client_addrs();
         assert_eq!(clients.len(), 3);
@@ -120,7 +120,7 @@ fn echo_one_mib_with_half_close() {
         let topo = Topology::new(&unique_prefix("hecho"), 1, 1).expect("create topology");
         names = topo.namespace_names();
         let echo = start_echo_backends(&topo, 7).expect("start echo backend");
-        pids = echo.iter().map(|c| c.pid()).collect::<Vec<_>>();
+        pids = echo.iter().map(lb_tests::Child::pid).collect::<Vec<_>>();
 
         // Deterministic pseudo-random payload (xorshift).
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -252,7 +252,10 @@ fn cleanup_after_panic_and_stale_namespaces() {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let topo = Topology::new(&prefix, 2, 2).expect("create topology over a stale namespace");
         let backends = start_http_backends(&topo, 8080).expect("start http backends");
-        *seen.lock().unwrap() = (topo.namespace_names(), backends.iter().map(|c| c.pid()).collect());
+        *seen.lock().unwrap() = (
+            topo.namespace_names(),
+            backends.iter().map(lb_tests::Child::pid).collect(),
+        );
         panic!("deliberate panic with live namespaces and processes");
     }));
     assert!(r.is_err());

@@ -543,7 +543,7 @@ fn failover_scenario(short: &str, failback: bool) {
         .filter(|s| s.start >= killed && s.end < restarted)
         .filter_map(|s| s.result.as_ref().ok())
         .collect();
-    let new_home = after_kill.first().expect("requests after the kill").to_string();
+    let new_home = (*after_kill.first().expect("requests after the kill")).clone();
     assert_ne!(new_home, home, "still on the killed backend");
     for b in &after_kill {
         assert_eq!(**b, new_home, "client moved between backends after the failover");

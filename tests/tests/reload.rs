@@ -150,7 +150,7 @@ fn reload_applies_changes_keeping_connections_and_affinity() {
     );
 
     // SIGHUP: bring R back, b4 to weight 0, heavy back to 1.
-    let web2: Vec<(usize, u32)> = (1..=4).map(|i| (i, if i == 4 { 0 } else { 1 })).collect();
+    let web2: Vec<(usize, u32)> = (1..=4).map(|i| (i, u32::from(i != 4))).collect();
     write(&web2, &echo_bs);
     // Wait for the daemon's "reloaded" log line before asking for status: a status call running
     // side by side with the reload is covered by `concurrent_status_and_reload_do_not_deadlock`.
@@ -178,7 +178,7 @@ fn reload_applies_changes_keeping_connections_and_affinity() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .all(|b| b["weight"] == if b["name"] == "b4" { 0 } else { 1 })
+                .all(|b| b["weight"] == i32::from(b["name"] != "b4"))
     });
     assert!(
         bed.lb.child.is_running(),

@@ -683,7 +683,7 @@ impl ContainerMessage {
             ContainerMessage::SendHeaders(h) => {
                 out.put_u8(kind::SEND_HEADERS);
                 out.put_u16(h.status);
-                put_string(out, &h.message).and_then(|_| write_headers(out, &h.headers))
+                put_string(out, &h.message).and_then(|()| write_headers(out, &h.headers))
             }
             ContainerMessage::EndResponse { reuse } => {
                 out.put_u8(kind::END_RESPONSE);

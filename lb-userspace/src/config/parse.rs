@@ -335,7 +335,7 @@ impl Ctx<'_> {
     /// A serde error (unknown key, wrong type, missing key), rewritten to say what is allowed.
     fn serde(&self, e: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
         let mut path = String::new();
-        for seg in e.path().iter() {
+        for seg in e.path() {
             match seg {
                 Segment::Seq { index } => {
                     let _ = write!(path, "[{index}]");
@@ -745,7 +745,7 @@ impl Validator<'_, '_, File> {
             let rs = rs.into_inner();
             let key = format!("service[{i}]");
             let spans = (rs.name.span(), rs.listen.span());
-            let datapath_span = rs.datapath.as_ref().map_or(header.clone(), |v| v.span());
+            let datapath_span = rs.datapath.as_ref().map_or(header.clone(), toml::Spanned::span);
             let svc = self.service(&key, rs)?;
 
             if let (Some(m), Some(rm)) = (&metrics, &raw.metrics)
@@ -798,7 +798,7 @@ impl Validator<'_, '_, File> {
 
             let need = 100 * svc.backends.len() as u64;
             if u64::from(ring_size) <= need {
-                let span = raw.ring_size.as_ref().map_or(header, |v| v.span());
+                let span = raw.ring_size.as_ref().map_or(header, toml::Spanned::span);
                 return Err(self.err(
                     span,
                     "ring_size",
@@ -1016,7 +1016,7 @@ impl Validator<'_, '_, File> {
 
         let entries = u64::from(ring_size) * u64::from(max_services);
         if entries > MAX_XDP_RING_ENTRIES {
-            let span = raw.max_services.as_ref().map_or(header, |v| v.span());
+            let span = raw.max_services.as_ref().map_or(header, toml::Spanned::span);
             let ring_origin = match raw_ring_size {
                 Some(v) => format!("line {}", self.line(&v.span())),
                 None => "the default".to_owned(),
@@ -1242,8 +1242,8 @@ impl<F: Form> Validator<'_, '_, F> {
             let bkey = k(&format!("backend[{j}]"));
             let rb = rb.take();
             let addr_span = rb.address.at();
-            let name_span = rb.name.as_ref().map_or(addr_span.clone(), |n| n.at());
-            let route_span = rb.route.as_ref().map_or(name_span.clone(), |r| r.at());
+            let name_span = rb.name.as_ref().map_or(addr_span.clone(), Held::at);
+            let route_span = rb.route.as_ref().map_or(name_span.clone(), Held::at);
             let b = self.backend(&bkey, Some(datapath), rb)?;
             for (o, other) in backends.iter().enumerate() {
                 let earlier = k(&format!("backend[{o}]"));

@@ -58,9 +58,8 @@ impl fmt::Display for SocketSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SocketSource::Flag => write!(f, "from --socket"),
-            SocketSource::Config(p) => write!(f, "from {}", p.display()),
+            SocketSource::Config(p) | SocketSource::SystemConfig(p) => write!(f, "from {}", p.display()),
             SocketSource::Env => write!(f, "from ${SOCKET_ENV}"),
-            SocketSource::SystemConfig(p) => write!(f, "from {}", p.display()),
             SocketSource::Default => write!(f, "the default"),
         }
     }

@@ -96,7 +96,7 @@ pub async fn run(listener: UnixListener, access: Access, engine: Arc<Engine>, sh
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => {
@@ -158,11 +158,11 @@ async fn serve(stream: UnixStream, access: &Access, engine: &Arc<Engine>, shutdo
         line.clear();
         let mut limited = (&mut reader).take(MAX_REQUEST as u64 + 1);
         let read = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return,
             r = tokio::time::timeout(IDLE_TIMEOUT, limited.read_until(b'\n', &mut line)) => r,
         };
         let response = match read {
-            Err(_) | Ok(Err(_)) | Ok(Ok(0)) => return,
+            Err(_) | Ok(Err(_) | Ok(0)) => return,
             Ok(Ok(_)) if line.len() > MAX_REQUEST => {
                 let _ = write_response(
                     &mut w,

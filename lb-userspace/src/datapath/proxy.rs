@@ -226,11 +226,11 @@ async fn accept_loop(
 ) {
     loop {
         let permit = tokio::select! {
-            _ = stop.cancelled() => return,
+            () = stop.cancelled() => return,
             p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
         let (client, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
+            () = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -265,7 +265,7 @@ async fn handle(
         };
         let choice = match balancer.choose(service, peer.ip(), Instant::now(), &exclude) {
             Ok(c) => c,
-            Err(SelectError::NoBackend(_)) | Err(SelectError::State(_)) => break,
+            Err(SelectError::NoBackend(_) | SelectError::State(_)) => break,
         };
         match tokio::time::timeout(connect_timeout, TcpStream::connect(choice.address)).await {
             Ok(Ok(backend)) => {
@@ -304,7 +304,7 @@ async fn relay(client: TcpStream, backend: TcpStream, runtime: &BackendRuntime) 
                 debug!(error = %e, "relay ended with an error");
             }
         }
-        _ = reset.cancelled() => {
+        () = reset.cancelled() => {
             // Linger 0: closing sends an RST to both peers rather than a FIN.
             for s in [cw.as_ref(), bw.as_ref()] {
                 let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &nix::libc::linger { l_onoff: 1, l_linger: 0 });

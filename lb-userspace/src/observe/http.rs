@@ -79,11 +79,11 @@ pub async fn serve(listener: TcpListener, snapshot: Snapshot, shutdown: Cancella
     let one_at_a_time = Arc::new(Mutex::new(()));
     loop {
         let permit = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return,
             p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
         let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {

@@ -395,7 +395,7 @@ fn poller(socket: PathBuf, interval: Duration, tx: mpsc::Sender<(Instant, Result
 fn quits(event: &Event) -> bool {
     match event {
         Event::Key(k) if k.kind != KeyEventKind::Release => {
-            matches!(k.code, KeyCode::Char('q') | KeyCode::Char('Q') | KeyCode::Esc)
+            matches!(k.code, KeyCode::Char('q' | 'Q') | KeyCode::Esc)
                 || (k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL))
         }
         _ => false,
@@ -421,7 +421,7 @@ pub fn run(socket: &Path, interval: Duration) -> Result<(), TopError> {
             .name("lb-top-poller".into())
             .spawn(move || {
                 std::thread::sleep(interval);
-                poller(socket, interval, tx)
+                poller(socket, interval, tx);
             })?;
     }
     let hook = std::panic::take_hook();

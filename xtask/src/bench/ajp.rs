@@ -103,7 +103,7 @@ impl AjpRow {
             .ok_or_else(|| {
                 format!(
                     "unknown AJP row `{s}`; rows are {}",
-                    AjpRow::ALL.map(|r| r.name()).join(", ")
+                    AjpRow::ALL.map(AjpRow::name).join(", ")
                 )
             })
     }

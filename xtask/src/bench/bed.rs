@@ -99,7 +99,7 @@ fn ethtool_set(ifname: &str, cmd: u32, value: u32) -> io::Result<()> {
     let mut v = EthtoolValue { cmd, data: value };
     let mut req = IfReq {
         name: [0; 16],
-        data: &mut v,
+        data: &raw mut v,
         _pad: [0; 16],
     };
     let n = ifname.len().min(15);

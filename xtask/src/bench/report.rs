@@ -74,7 +74,7 @@ pub fn median(v: &[f64]) -> Option<f64> {
     Some(if n % 2 == 1 {
         s[n / 2]
     } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
+        f64::midpoint(s[n / 2 - 1], s[n / 2])
     })
 }
 
@@ -146,8 +146,7 @@ impl Environment {
         let cpu_model = cpuinfo
             .lines()
             .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')))
-            .map(|(_, m)| m.trim().to_string())
-            .unwrap_or_else(|| "unknown".to_string());
+            .map_or_else(|| "unknown".to_string(), |(_, m)| m.trim().to_string());
         let root_s = root.display().to_string();
         let rev = probe_text("git", &["-C", &root_s, "rev-parse", "--short=12", "HEAD"]);
         let dirty = probe_text(
@@ -158,9 +157,8 @@ impl Environment {
         Environment {
             date: first_line(probe_text("date", &["-u", "+%Y-%m-%d %H:%M UTC"])),
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .map(|s| s.trim().to_string())
-                .unwrap_or_else(|_| "unknown".to_string()),
-            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+                .map_or_else(|_| "unknown".to_string(), |s| s.trim().to_string()),
+            cpus: std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
             cpu_model,
             haproxy: first_line(probe_text("haproxy", &["-v"])),
             nginx: first_line(probe_text("nginx", &["-v"])),

@@ -105,7 +105,7 @@ impl RowKind {
             .ok_or_else(|| {
                 format!(
                     "unknown row `{s}`; rows are {}",
-                    RowKind::ALL.map(|r| r.name()).join(", ")
+                    RowKind::ALL.map(RowKind::name).join(", ")
                 )
             })
     }

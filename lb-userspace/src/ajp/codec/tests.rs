@@ -185,7 +185,7 @@ fn streaming_byte_by_byte() {
     let decoder = FrameDecoder::new(Direction::ToContainer, 8192);
     let mut buf = BytesMut::new();
     let mut frames = Vec::new();
-    for b in wire.iter() {
+    for b in &wire {
         buf.put_u8(*b);
         while let Some(f) = decoder.decode(&mut buf).unwrap() {
             frames.push(f);

@@ -63,7 +63,7 @@ pub async fn serve(mut front: TcpStream, peer: SocketAddr, svc: Arc<Service>, st
         let decoder = FrameDecoder::new(Direction::ToContainer, settings.max_packet);
         let frame = tokio::select! {
             // Only between requests: a request under way finishes first.
-            _ = stop.cancelled(), if buf.is_empty() => return,
+            () = stop.cancelled(), if buf.is_empty() => return,
             r = read_frame(&mut front, &mut buf, &decoder) => r,
         };
         let frame = match frame {
@@ -102,7 +102,7 @@ pub async fn serve(mut front: TcpStream, peer: SocketAddr, svc: Arc<Service>, st
                 warn!(service = %svc.name, %peer, "AJP Shutdown packet refused (never forwarded); connection closed");
                 Next::Close
             }
-            Ok(ServerMessage::Ping) | Ok(ServerMessage::Body(_)) => {
+            Ok(ServerMessage::Ping | ServerMessage::Body(_)) => {
                 svc.counters.protocol_errors.fetch_add(1, Relaxed);
                 warn!(service = %svc.name, %peer, "unsupported AJP Ping (type 8); connection closed");
                 Next::Close
@@ -479,7 +479,7 @@ impl<'a> Request<'a> {
             };
             let read = tokio::select! {
                 r = read_frame(&mut conn.stream, &mut conn.buf, &decoder) => r,
-                _ = reset.cancelled() => Err(std::io::Error::other("backend marked down (on_down = reset)")),
+                () = reset.cancelled() => Err(std::io::Error::other("backend marked down (on_down = reset)")),
             };
             let frame = match read {
                 Ok(Some(f)) => {

@@ -108,7 +108,7 @@ impl Service {
             .snapshot()
             .state
             .service(&self.name)
-            .is_ok_and(|s| s.backends.iter().any(|be| be.admits_known()))
+            .is_ok_and(|s| s.backends.iter().any(super::super::state::Backend::admits_known))
     }
 
     /// Makes settings and pools match the state: new pools for new backends, idle connections
@@ -364,11 +364,11 @@ async fn accept_loop(
 ) {
     loop {
         let permit = tokio::select! {
-            _ = stop.cancelled() => return,
+            () = stop.cancelled() => return,
             p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
         let (front, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
+            () = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -390,11 +390,11 @@ async fn accept_loop(
 async fn reaper(service: Arc<Service>, stop: CancellationToken) {
     loop {
         tokio::select! {
-            _ = stop.cancelled() => {
+            () = stop.cancelled() => {
                 service.close_idle();
                 return;
             }
-            _ = tokio::time::sleep(REAP_EVERY) => {}
+            () = tokio::time::sleep(REAP_EVERY) => {}
         }
         let timeout = service.settings().ajp.pool_idle_timeout;
         let pools: Vec<Arc<Pool>> = service.pools.lock().unwrap().values().cloned().collect();

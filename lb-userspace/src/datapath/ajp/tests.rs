@@ -364,7 +364,7 @@ impl Web {
         let mut b = [0u8; 16];
         matches!(
             tokio::time::timeout(Duration::from_secs(1), self.s.read(&mut b)).await,
-            Ok(Ok(0)) | Ok(Err(_))
+            Ok(Ok(0) | Err(_))
         )
     }
 }
