@@ -3,10 +3,12 @@
 //!
 //! - [`proxy`]: `datapath = "proxy"`, the tokio full proxy.
 //! - [`ajp`]: `datapath = "ajp"`, the AJP 1.3 request router (per-request routing, backend pools).
+//! - [`listener`]: the accepting side both user-space datapaths share.
 //! - [`fake`]: records what it was asked, for the engine's unit tests.
 
 pub mod ajp;
 pub mod fake;
+pub mod listener;
 pub mod proxy;
 
 use std::collections::HashMap;

@@ -1,163 +1,52 @@
 //! The user-space proxy datapath (`datapath = "proxy"`): a tokio full proxy.
 //!
-//! One accept loop per service, bounded by `max_connections` (a permit is taken before `accept`, so
-//! excess clients wait in the kernel's backlog). Each connection asks the [`Balancer`] for a backend,
-//! connects with a timeout, tries the next candidate on failure, records affinity, then relays both
-//! directions with fixed buffers until both sides have closed (half-close passed on).
+//! One listener per service ([`super::listener`], bounded by `max_connections`). Each connection
+//! asks the [`Balancer`] for a backend, connects with a timeout, tries the next candidate on
+//! failure, records affinity, then relays both directions with fixed buffers until both sides have
+//! closed (half-close passed on).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tokio::net::TcpStream;
+use tracing::debug;
 
+use super::listener::Listeners;
 use crate::balancer::{Balancer, SelectError};
 use crate::config::DatapathKind;
 use crate::datapath::{Datapath, DatapathError, Drained, ServiceTraffic};
 use crate::runtime::{BackendRuntime, BackendStats, Snapshot};
-use crate::state::{Backend, Effect, Service, State};
+use crate::state::{Backend, Effect, Service};
 
 /// Relay buffer per direction.
 const BUFFER: usize = 16 * 1024;
 /// Most backends tried for one client connection.
 const MAX_ATTEMPTS: usize = 4;
 
-/// Service-level counters of the proxy.
-#[derive(Debug, Default)]
-pub struct ServiceStats {
+/// One proxied service, shared by its connections.
+pub struct ProxyService {
+    name: String,
+    balancer: Arc<Balancer>,
     /// Clients closed because no backend could be reached.
-    pub failed: std::sync::atomic::AtomicU64,
+    failed: AtomicU64,
 }
-
-struct Listener {
-    listen: SocketAddr,
-    stop: CancellationToken,
-    stats: Arc<ServiceStats>,
-    limit: Arc<Semaphore>,
-    max_connections: u32,
-    /// Disconnects once the accept loop has dropped its socket.
-    closed: std::sync::mpsc::Receiver<()>,
-}
-
-/// How long adding a service waits for a removed one's socket on the same address to close.
-const REBIND_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct ProxyDatapath {
     balancer: Arc<Balancer>,
-    listeners: Mutex<HashMap<String, Listener>>,
-    /// Removed services whose accept loop may still hold the socket, by address.
-    closing: Mutex<HashMap<SocketAddr, std::sync::mpsc::Receiver<()>>>,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
+    listeners: Listeners<ProxyService>,
 }
 
 impl ProxyDatapath {
     pub fn new(balancer: Arc<Balancer>) -> Self {
         ProxyDatapath {
             balancer,
-            listeners: Mutex::new(HashMap::new()),
-            closing: Mutex::new(HashMap::new()),
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            listeners: Listeners::new("proxy"),
         }
     }
-
-    /// Counters of a proxied service.
-    pub fn service_stats(&self, service: &str) -> Option<Arc<ServiceStats>> {
-        self.listeners
-            .lock()
-            .unwrap()
-            .get(service)
-            .map(|l| l.stats.clone())
-    }
-
-    fn start(&self, name: &str, state: &State) -> Result<(), DatapathError> {
-        let svc = state.service(name).expect("effect names a present service");
-        let listen = svc.settings.listen;
-        let bind_error = |source| DatapathError::Bind {
-            service: name.to_string(),
-            listen,
-            source,
-        };
-        // A service just removed from this address may still be closing its socket.
-        if let Some(closed) = self.closing.lock().unwrap().remove(&listen) {
-            let _ = closed.recv_timeout(REBIND_WAIT);
-        }
-        let std_listener = bind(listen).map_err(bind_error)?;
-        let listener = TcpListener::from_std(std_listener).map_err(bind_error)?;
-        let stop = self.shutdown.child_token();
-        let stats = Arc::new(ServiceStats::default());
-        let max_connections = svc.settings.max_connections;
-        let limit = Arc::new(Semaphore::new(max_connections as usize));
-        let (closed_tx, closed) = std::sync::mpsc::sync_channel(0);
-        info!(service = name, %listen, max_connections, "proxy listening");
-        let accept = accept_loop(
-            name.to_string(),
-            listener,
-            limit.clone(),
-            self.balancer.clone(),
-            stats.clone(),
-            stop.clone(),
-            self.tasks.clone(),
-        );
-        self.tasks.spawn(async move {
-            accept.await;
-            drop(closed_tx);
-        });
-        let l = Listener {
-            listen,
-            stop,
-            stats,
-            limit,
-            max_connections,
-            closed,
-        };
-        self.listeners.lock().unwrap().insert(name.to_string(), l);
-        Ok(())
-    }
-
-    /// Follows a changed `max_connections` by adding or forgetting permits.
-    fn resize(&self, name: &str, state: &State) {
-        let Ok(svc) = state.service(name) else { return };
-        let mut listeners = self.listeners.lock().unwrap();
-        let Some(l) = listeners.get_mut(name) else { return };
-        let want = svc.settings.max_connections;
-        if want > l.max_connections {
-            l.limit.add_permits((want - l.max_connections) as usize);
-            l.max_connections = want;
-        } else {
-            // Only free permits can be taken back; open connections keep theirs.
-            let forgotten = l.limit.forget_permits((l.max_connections - want) as usize) as u32;
-            l.max_connections -= forgotten;
-            if l.max_connections != want {
-                warn!(
-                    service = name,
-                    limit = l.max_connections,
-                    "max_connections lowered only as far as open connections allow; apply again later"
-                );
-            }
-        }
-    }
-}
-
-/// Binds with SO_REUSEADDR so a restart does not wait for TIME_WAIT.
-fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    let listener = socket.listen(1024)?;
-    listener.into_std()
 }
 
 impl Datapath for ProxyDatapath {
@@ -166,20 +55,34 @@ impl Datapath for ProxyDatapath {
     }
 
     fn apply(&self, effect: &Effect, snapshot: &Snapshot) -> Result<(), DatapathError> {
-        let state = &snapshot.state;
         match effect {
-            Effect::ServiceAdded(name) => self.start(name, state),
+            Effect::ServiceAdded(name) => {
+                let svc = snapshot
+                    .state
+                    .service(name)
+                    .expect("effect names a present service");
+                let service = Arc::new(ProxyService {
+                    name: name.clone(),
+                    balancer: self.balancer.clone(),
+                    failed: AtomicU64::new(0),
+                });
+                self.listeners.start(
+                    name,
+                    svc.settings.listen,
+                    svc.settings.max_connections,
+                    service,
+                    |client, peer, service, _stop| async move { handle(client, peer, &service).await },
+                )
+            }
             Effect::ServiceRemoved { name, .. } => {
-                if let Some(l) = self.listeners.lock().unwrap().remove(name) {
-                    l.stop.cancel();
-                    self.closing.lock().unwrap().insert(l.listen, l.closed);
-                    info!(service = %name, "proxy stopped listening; open connections continue");
-                }
+                self.listeners.stop(name);
                 Ok(())
             }
             // Settings and backends are read from the balancer at each new connection.
             Effect::ServiceChanged(name) => {
-                self.resize(name, state);
+                if let Ok(svc) = snapshot.state.service(name) {
+                    self.listeners.resize(name, svc.settings.max_connections);
+                }
                 Ok(())
             }
             Effect::Nothing => Ok(()),
@@ -198,8 +101,9 @@ impl Datapath for ProxyDatapath {
         ServiceTraffic {
             affinity_entries: self.balancer.affinity_len(name) as u64,
             failed_connections: Some(
-                self.service_stats(name)
-                    .map_or(0, |st| st.failed.load(Ordering::Relaxed)),
+                self.listeners
+                    .service(name)
+                    .map_or(0, |s| s.failed.load(Ordering::Relaxed)),
             ),
             // The runtime's user-space counters, which the engine reads itself.
             backends: HashMap::new(),
@@ -208,54 +112,12 @@ impl Datapath for ProxyDatapath {
     }
 
     fn shutdown(&self) -> Drained<'_> {
-        self.shutdown.cancel();
-        self.tasks.close();
-        Box::pin(self.tasks.wait())
+        self.listeners.shutdown()
     }
 }
 
-#[tracing::instrument(skip_all, fields(service = %service))]
-async fn accept_loop(
-    service: String,
-    listener: TcpListener,
-    limit: Arc<Semaphore>,
-    balancer: Arc<Balancer>,
-    stats: Arc<ServiceStats>,
-    stop: CancellationToken,
-    tasks: TaskTracker,
-) {
-    loop {
-        let permit = tokio::select! {
-            () = stop.cancelled() => return,
-            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
-        let (client, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // EMFILE and the like: back off briefly instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let (balancer, service, stats) = (balancer.clone(), service.clone(), stats.clone());
-        tasks.spawn(async move {
-            handle(client, peer, &service, &balancer, &stats).await;
-            drop(permit);
-        });
-    }
-}
-
-async fn handle(
-    client: TcpStream,
-    peer: SocketAddr,
-    service: &str,
-    balancer: &Balancer,
-    stats: &ServiceStats,
-) {
+async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
+    let (service, balancer) = (svc.name.as_str(), &*svc.balancer);
     let _ = client.set_nodelay(true);
     let mut exclude = Vec::new();
     for _ in 0..MAX_ATTEMPTS {
@@ -284,7 +146,7 @@ async fn handle(
             .fetch_add(1, Ordering::Relaxed);
         exclude.push(choice.backend_id);
     }
-    stats.failed.fetch_add(1, Ordering::Relaxed);
+    svc.failed.fetch_add(1, Ordering::Relaxed);
     debug!(%peer, "no backend reachable; closing client");
 }
 

@@ -22,23 +22,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
 
 use crate::ajp::route::RouteKeys;
 use crate::balancer::Balancer;
 use crate::config::{AdminState, AjpConfig, BackendConfig, DatapathKind};
+use crate::datapath::listener::Listeners;
 use crate::datapath::{Datapath, DatapathError, Drained, ServiceTraffic};
 use crate::runtime::Snapshot;
 use crate::state::{Backend, Effect, Health, Service as StateService, State};
 pub use counters::{AjpBackendCounters, AjpServiceCounters, LatencySnapshot};
 use pool::Pool;
 
-/// How long adding a service waits for a removed one's socket on the same address to close.
-const REBIND_WAIT: Duration = Duration::from_secs(2);
 /// How often idle pooled connections are checked for age and for the backend closing them.
 const REAP_EVERY: Duration = Duration::from_secs(1);
 
@@ -162,70 +157,35 @@ impl Service {
     }
 }
 
-struct Listener {
-    listen: SocketAddr,
-    /// The address actually bound (differs from `listen` for port 0).
-    local: SocketAddr,
-    stop: CancellationToken,
-    service: Arc<Service>,
-    limit: Arc<Semaphore>,
-    max_connections: u32,
-    /// Disconnects once the accept loop has dropped its socket.
-    closed: std::sync::mpsc::Receiver<()>,
-}
-
 pub struct AjpDatapath {
     balancer: Arc<Balancer>,
-    listeners: Mutex<HashMap<String, Listener>>,
-    closing: Mutex<HashMap<SocketAddr, std::sync::mpsc::Receiver<()>>>,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
+    listeners: Listeners<Service>,
 }
 
 impl AjpDatapath {
     pub fn new(balancer: Arc<Balancer>) -> Self {
         AjpDatapath {
             balancer,
-            listeners: Mutex::new(HashMap::new()),
-            closing: Mutex::new(HashMap::new()),
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            listeners: Listeners::new("ajp datapath"),
         }
     }
 
     /// Counters of an AJP service, its backends keyed by backend id.
     pub fn counters(&self, service: &str) -> Option<AjpServiceCounters> {
-        let svc = self.listeners.lock().unwrap().get(service)?.service.clone();
+        let svc = self.listeners.service(service)?;
         svc.snapshot(&self.balancer.snapshot().state)
     }
 
     /// The address a service's listener is bound to.
     pub fn local_addr(&self, service: &str) -> Option<SocketAddr> {
-        self.listeners.lock().unwrap().get(service).map(|l| l.local)
-    }
-
-    /// [`AjpDatapath::counters`] when the caller already holds the balancer (e.g. the engine).
-    pub fn counters_in(&self, service: &str, state: &State) -> Option<AjpServiceCounters> {
-        let svc = self.listeners.lock().unwrap().get(service)?.service.clone();
-        svc.snapshot(state)
+        self.listeners.local_addr(service)
     }
 
     fn start(&self, name: &str, snapshot: &Snapshot) -> Result<(), DatapathError> {
-        let state = &snapshot.state;
-        let svc = state.service(name).expect("effect names a present service");
-        let listen = svc.settings.listen;
-        let bind_error = |source| DatapathError::Bind {
-            service: name.to_string(),
-            listen,
-            source,
-        };
-        if let Some(closed) = self.closing.lock().unwrap().remove(&listen) {
-            let _ = closed.recv_timeout(REBIND_WAIT);
-        }
-        let std_listener = bind(listen).map_err(bind_error)?;
-        let listener = TcpListener::from_std(std_listener).map_err(bind_error)?;
-        let local = listener.local_addr().map_err(bind_error)?;
-        let stop = self.shutdown.child_token();
+        let svc = snapshot
+            .state
+            .service(name)
+            .expect("effect names a present service");
         let service = Arc::new(Service {
             name: name.to_string(),
             balancer: self.balancer.clone(),
@@ -234,34 +194,16 @@ impl AjpDatapath {
             pools: Mutex::new(HashMap::new()),
         });
         service.sync(snapshot);
-        let max_connections = svc.settings.max_connections;
-        let limit = Arc::new(Semaphore::new(max_connections as usize));
-        let (closed_tx, closed) = std::sync::mpsc::sync_channel(0);
-        info!(service = name, %listen, max_connections, "ajp datapath listening");
-        let accept = accept_loop(
-            listener,
-            limit.clone(),
+        self.listeners.start(
+            name,
+            svc.settings.listen,
+            svc.settings.max_connections,
             service.clone(),
-            stop.clone(),
-            self.tasks.clone(),
-        );
-        self.tasks.spawn(async move {
-            accept.await;
-            drop(closed_tx);
-        });
-        self.tasks.spawn(reaper(service.clone(), stop.clone()));
-        self.listeners.lock().unwrap().insert(
-            name.to_string(),
-            Listener {
-                listen,
-                local,
-                stop,
-                service,
-                limit,
-                max_connections,
-                closed,
-            },
-        );
+            front::serve,
+        )?;
+        if let Some(stop) = self.listeners.stop_token(name) {
+            self.listeners.spawn(reaper(service, stop));
+        }
         Ok(())
     }
 
@@ -269,37 +211,11 @@ impl AjpDatapath {
         let Ok(svc) = snapshot.state.service(name) else {
             return;
         };
-        let mut listeners = self.listeners.lock().unwrap();
-        let Some(l) = listeners.get_mut(name) else { return };
-        l.service.sync(snapshot);
-        let want = svc.settings.max_connections;
-        if want > l.max_connections {
-            l.limit.add_permits((want - l.max_connections) as usize);
-            l.max_connections = want;
-        } else if want < l.max_connections {
-            let forgotten = l.limit.forget_permits((l.max_connections - want) as usize) as u32;
-            l.max_connections -= forgotten;
-            if l.max_connections != want {
-                warn!(
-                    service = name,
-                    limit = l.max_connections,
-                    "max_connections lowered only as far as open connections allow; apply again later"
-                );
-            }
+        if let Some(service) = self.listeners.service(name) {
+            service.sync(snapshot);
         }
+        self.listeners.resize(name, svc.settings.max_connections);
     }
-}
-
-/// Binds with SO_REUSEADDR so a restart does not wait for TIME_WAIT.
-fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)?.into_std()
 }
 
 impl Datapath for AjpDatapath {
@@ -311,11 +227,9 @@ impl Datapath for AjpDatapath {
         match effect {
             Effect::ServiceAdded(name) => self.start(name, snapshot),
             Effect::ServiceRemoved { name, .. } => {
-                if let Some(l) = self.listeners.lock().unwrap().remove(name) {
-                    l.stop.cancel();
-                    l.service.close_idle();
-                    self.closing.lock().unwrap().insert(l.listen, l.closed);
-                    info!(service = %name, "ajp datapath stopped listening; requests under way finish");
+                // Requests under way finish; idle pooled connections close now.
+                if let Some(service) = self.listeners.stop(name) {
+                    service.close_idle();
                 }
                 Ok(())
             }
@@ -346,43 +260,12 @@ impl Datapath for AjpDatapath {
     }
 
     fn shutdown(&self) -> Drained<'_> {
-        self.shutdown.cancel();
-        for l in self.listeners.lock().unwrap().values() {
-            l.service.close_idle();
+        // Idle front and back connections close at once; requests under way finish.
+        let drained = self.listeners.shutdown();
+        for service in self.listeners.services() {
+            service.close_idle();
         }
-        self.tasks.close();
-        Box::pin(self.tasks.wait())
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    limit: Arc<Semaphore>,
-    service: Arc<Service>,
-    stop: CancellationToken,
-    tasks: TaskTracker,
-) {
-    loop {
-        let permit = tokio::select! {
-            () = stop.cancelled() => return,
-            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
-        let (front, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(service = %service.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let (service, stop) = (service.clone(), stop.clone());
-        tasks.spawn(async move {
-            front::serve(front, peer, service, stop).await;
-            drop(permit);
-        });
+        drained
     }
 }
 

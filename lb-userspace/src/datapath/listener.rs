@@ -1,0 +1,233 @@
+//! The accepting side the user-space datapaths share: one listening socket per service, bound with
+//! SO_REUSEADDR (waiting briefly for a just-removed service's socket on the same address), an
+//! accept loop bounded by `max_connections` permits (a permit is taken before `accept`, so excess
+//! clients wait in the kernel's backlog), resizing, stopping and shutdown.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::mpsc::{Receiver, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use super::{DatapathError, Drained};
+
+/// How long adding a service waits for a removed one's socket on the same address to close.
+const REBIND_WAIT: Duration = Duration::from_secs(2);
+/// Pause after a failed accept (EMFILE and the like) instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+struct Listener<S> {
+    listen: SocketAddr,
+    /// The address actually bound (differs from `listen` for port 0).
+    local: SocketAddr,
+    stop: CancellationToken,
+    limit: Arc<Semaphore>,
+    max_connections: u32,
+    /// Disconnects once the accept loop has dropped its socket.
+    closed: Receiver<()>,
+    /// What the datapath keeps per service.
+    service: Arc<S>,
+}
+
+/// The listeners of one datapath's services, each with the datapath's per-service value `S`.
+pub struct Listeners<S> {
+    /// Which datapath, for log lines.
+    what: &'static str,
+    map: Mutex<HashMap<String, Listener<S>>>,
+    /// Removed services whose accept loop may still hold the socket, by address.
+    closing: Mutex<HashMap<SocketAddr, Receiver<()>>>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl<S: Send + Sync + 'static> Listeners<S> {
+    pub fn new(what: &'static str) -> Self {
+        Listeners {
+            what,
+            map: Mutex::new(HashMap::new()),
+            closing: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Listens on `listen` for service `name` and serves each accepted connection with
+    /// `serve(connection, peer, service, stop)` as a task of its own.
+    pub fn start<F, Fut>(
+        &self,
+        name: &str,
+        listen: SocketAddr,
+        max_connections: u32,
+        service: Arc<S>,
+        serve: F,
+    ) -> Result<(), DatapathError>
+    where
+        F: Fn(TcpStream, SocketAddr, Arc<S>, CancellationToken) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let bind_error = |source| DatapathError::Bind {
+            service: name.to_string(),
+            listen,
+            source,
+        };
+        if let Some(closed) = self.closing.lock().unwrap().remove(&listen) {
+            let _ = closed.recv_timeout(REBIND_WAIT);
+        }
+        let listener = bind(listen).and_then(TcpListener::from_std).map_err(bind_error)?;
+        let local = listener.local_addr().map_err(bind_error)?;
+        let stop = self.shutdown.child_token();
+        let limit = Arc::new(Semaphore::new(max_connections as usize));
+        let (closed_tx, closed) = sync_channel(0);
+        info!(service = name, %listen, max_connections, "{} listening", self.what);
+        let accept = accept_loop(
+            name.to_string(),
+            listener,
+            limit.clone(),
+            service.clone(),
+            stop.clone(),
+            self.tasks.clone(),
+            serve,
+        );
+        self.tasks.spawn(async move {
+            accept.await;
+            drop(closed_tx);
+        });
+        self.map.lock().unwrap().insert(
+            name.to_string(),
+            Listener {
+                listen,
+                local,
+                stop,
+                limit,
+                max_connections,
+                closed,
+                service,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops accepting for `name` (open connections continue); returns its service value.
+    pub fn stop(&self, name: &str) -> Option<Arc<S>> {
+        let l = self.map.lock().unwrap().remove(name)?;
+        l.stop.cancel();
+        self.closing.lock().unwrap().insert(l.listen, l.closed);
+        info!(service = %name, "{} stopped listening; open connections continue", self.what);
+        Some(l.service)
+    }
+
+    /// Follows a changed `max_connections` by adding or forgetting permits.
+    pub fn resize(&self, name: &str, want: u32) {
+        let mut map = self.map.lock().unwrap();
+        let Some(l) = map.get_mut(name) else { return };
+        if want > l.max_connections {
+            l.limit.add_permits((want - l.max_connections) as usize);
+            l.max_connections = want;
+        } else if want < l.max_connections {
+            // Only free permits can be taken back; open connections keep theirs.
+            let forgotten = l.limit.forget_permits((l.max_connections - want) as usize) as u32;
+            l.max_connections -= forgotten;
+            if l.max_connections != want {
+                warn!(
+                    service = name,
+                    limit = l.max_connections,
+                    "max_connections lowered only as far as open connections allow; apply again later"
+                );
+            }
+        }
+    }
+
+    /// The service value of `name`.
+    pub fn service(&self, name: &str) -> Option<Arc<S>> {
+        self.map.lock().unwrap().get(name).map(|l| l.service.clone())
+    }
+
+    /// Every service value (for shutdown work such as closing idle pools).
+    pub fn services(&self) -> Vec<Arc<S>> {
+        self.map
+            .lock()
+            .unwrap()
+            .values()
+            .map(|l| l.service.clone())
+            .collect()
+    }
+
+    /// The address `name` is bound to.
+    pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.map.lock().unwrap().get(name).map(|l| l.local)
+    }
+
+    /// Runs `task` alongside the connections (shutdown waits for it too).
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
+    }
+
+    /// A token cancelled when `name` stops listening or the datapath shuts down.
+    pub fn stop_token(&self, name: &str) -> Option<CancellationToken> {
+        self.map.lock().unwrap().get(name).map(|l| l.stop.clone())
+    }
+
+    /// Stops every accept loop; the future ends when every connection task has finished.
+    pub fn shutdown(&self) -> Drained<'_> {
+        self.shutdown.cancel();
+        self.tasks.close();
+        Box::pin(self.tasks.wait())
+    }
+}
+
+/// Binds with SO_REUSEADDR so a restart does not wait for TIME_WAIT.
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)?.into_std()
+}
+
+#[tracing::instrument(skip_all, fields(service = %name))]
+async fn accept_loop<S, F, Fut>(
+    name: String,
+    listener: TcpListener,
+    limit: Arc<Semaphore>,
+    service: Arc<S>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    serve: F,
+) where
+    S: Send + Sync + 'static,
+    F: Fn(TcpStream, SocketAddr, Arc<S>, CancellationToken) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => return,
+            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let (connection, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let served = serve(connection, peer, service.clone(), stop.clone());
+        tasks.spawn(async move {
+            served.await;
+            drop(permit);
+        });
+    }
+}
