@@ -22,7 +22,6 @@ use crate::config::{XdpConfig, XdpMode};
 
 use crate::ebpf::{self, XDP_PROGRAM};
 
-use super::host::prepare_host;
 use super::{BPF_FS_MAGIC, Inner, Maps, XdpDatapath, XdpError, map_err, take};
 
 /// Forwards the program's aya-log records into tracing (target `lb::datapath::xdp::kernel`).
@@ -264,7 +263,7 @@ impl XdpDatapath {
             .try_into()?;
         program.load()?;
         if let Some(config) = config {
-            prepare_host(config)?;
+            super::host::prepare(&config.pin_path, &config.interfaces, config.snat_ports, adopting)?;
             for interface in &config.interfaces {
                 attach(program, interface, config.mode, &config.pin_path)?;
             }

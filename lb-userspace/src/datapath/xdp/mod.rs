@@ -9,12 +9,12 @@
 //! - `loader`: load, pin or adopt, attach, log bridge; `sync`: state → maps; `query`: maps → counters,
 //!   `lb which`, forgetting flows; `host`: sysctls and `lb cleanup`.
 
-mod host;
+pub mod host;
 mod loader;
 mod query;
 mod sync;
 
-pub use host::cleanup;
+pub use host::{Cleanup, cleanup};
 pub use query::{KernelChoice, KernelTraffic};
 
 use std::collections::{HashMap as StdHashMap, VecDeque};
@@ -89,6 +89,8 @@ pub enum XdpError {
         backend: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Host(#[from] host::HostError),
     #[error("{0}")]
     System(String),
 }
