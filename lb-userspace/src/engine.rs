@@ -466,6 +466,7 @@ impl Engine {
                     affinity_entries: traffic.affinity_entries,
                     on_backups: s.ring_uses_backups,
                     failed_connections: traffic.failed_connections.unwrap_or(0),
+                    ajp: traffic.ajp,
                     backends,
                 }
             })
