@@ -320,6 +320,9 @@ pub fn status(view: &StatusView) -> String {
             ],
             &rows,
         ));
+        if let Some(a) = &s.ajp {
+            out.push_str(&ajp_stats(a));
+        }
     }
     out
 }

@@ -1,6 +1,7 @@
 //! `lb run`: binds the control socket (and the metrics endpoint when `[metrics]` is set), starts the
 //! engine with the config's services, feeds health transitions into it, and handles
-//! signals (SIGHUP reloads; SIGTERM/SIGINT stop accepting and let connections finish).
+//! signals (SIGHUP reloads; SIGTERM/SIGINT stop accepting and let connections finish), and tells
+//! systemd when it is ready, reloading or stopping, with watchdog pings when `WatchdogSec=` is set.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +51,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         }
     };
     info!(socket = %socket.display(), "lb running");
+    // systemd (Type=notify): ready once the socket is bound and every service is applied.
+    notify(&[sd_notify::NotifyState::Ready]);
+    let mut watchdog = watchdog_interval();
     tokio::spawn(server::run(listener, access, engine.clone(), shutdown.clone()));
     if let Some(l) = metrics_listener {
         tokio::spawn(http::run(l, engine.clone(), shutdown.clone()));
@@ -64,16 +68,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
             () = shutdown.cancelled() => break,
             _ = term.recv() => { info!("SIGTERM: shutting down"); break }
             _ = int.recv() => { info!("SIGINT: shutting down"); break }
-            _ = hup.recv() => match engine.reload() {
-                Ok(view) => {
-                    for p in view.problems { warn!(problem = %p, "SIGHUP reload"); }
+            _ = hup.recv() => {
+                notify(&[sd_notify::NotifyState::Reloading, sd_notify::NotifyState::monotonic_usec_now().unwrap_or(sd_notify::NotifyState::Status("reloading"))]);
+                match engine.reload() {
+                    Ok(view) => {
+                        for p in view.problems { warn!(problem = %p, "SIGHUP reload"); }
+                    }
+                    Err(e) => warn!(error = %e, "SIGHUP reload failed; the running config stays"),
                 }
-                Err(e) => warn!(error = %e, "SIGHUP reload failed; the running config stays"),
-            },
+                notify(&[sd_notify::NotifyState::Ready]);
+            }
             _ = sweep.tick() => engine.sweep(),
+            // Pinged from this loop, so a wedged loop stops the pings and systemd restarts lb.
+            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                notify(&[sd_notify::NotifyState::Watchdog]);
+            }
             Some(event) = events.recv() => engine.health_event(event),
         }
     }
+    notify(&[sd_notify::NotifyState::Stopping]);
     shutdown.cancel();
     server::remove(&socket);
     info!(
@@ -85,4 +98,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     }
     info!("lb stopped");
     Ok(())
+}
+
+/// Tells systemd (when lb runs under it with `NOTIFY_SOCKET` set) about a state change; a failure
+/// is logged, never fatal.
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Half of systemd's `WatchdogSec=` when the watchdog is on for this process.
+fn watchdog_interval() -> Option<tokio::time::Interval> {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return None;
+    }
+    let every = Duration::from_micros(usec / 2);
+    info!(every_ms = every.as_millis() as u64, "systemd watchdog on");
+    Some(tokio::time::interval(every))
 }

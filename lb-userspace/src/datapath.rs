@@ -10,6 +10,7 @@ pub mod ajp;
 pub mod fake;
 pub mod listener;
 pub mod proxy;
+pub mod xdp;
 
 use std::collections::HashMap;
 use std::net::IpAddr;

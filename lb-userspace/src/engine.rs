@@ -20,11 +20,11 @@ use crate::control::protocol::{
 };
 use crate::datapath::ajp::AjpDatapath;
 use crate::datapath::proxy::ProxyDatapath;
+use crate::datapath::xdp::XdpDatapath;
 use crate::datapath::{BackendTraffic, Datapath, DatapathError, ServiceTraffic};
 use crate::health::{HealthEvent, Supervisor};
 use crate::runtime::Snapshot;
 use crate::state::{self, Command, Effect, Health, Service, State, StateError, Transition, TransitionKind};
-use crate::xdp::XdpDatapath;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -39,7 +39,7 @@ pub enum EngineError {
     #[error("`{0}` is not an IP address (or IP:PORT)")]
     BadAddress(String),
     #[error(transparent)]
-    Xdp(#[from] crate::xdp::XdpError),
+    Xdp(#[from] crate::datapath::xdp::XdpError),
 }
 
 /// Who asked for a change: recorded as the reason of the transitions it causes.
@@ -493,6 +493,7 @@ impl Engine {
                     affinity_entries: traffic.affinity_entries,
                     on_backups: s.ring_uses_backups,
                     failed_connections: traffic.failed_connections.unwrap_or(0),
+                    ajp: traffic.ajp,
                     backends,
                 }
             })

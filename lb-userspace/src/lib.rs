@@ -14,6 +14,7 @@
 //!   proxy) and [`datapath::fake`] (for engine tests), [`datapath::ajp`] (the AJP 1.3 request router: per-request
 //!   routing, backend pools); [`xdp`]: the kernel fast path (loads, pins
 //!   and attaches the eBPF program, writes its maps).
+//! - [`host`]: the sysctls the XDP datapath sets, recorded so `lb cleanup` restores them.
 //! - [`health`]: TCP and AJP health checks ([`ajp`]: the CPing/CPong codec), rise/fall.
 //! - [`control`]: the control socket protocol, server and client.
 //! - [`daemon`]: `lb run` (socket, engine, signals, graceful shutdown).
@@ -38,4 +39,3 @@ pub mod observe;
 pub mod persist;
 pub mod runtime;
 pub mod state;
-pub mod xdp;

@@ -2,13 +2,14 @@
 //! socket (tables by default, `--json` for scripts; `lb top` is a live view); `lb check-config`
 //! validates a file offline.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use lb::config::{AdminState, BackendConfig, Config, ServiceConfig};
-use lb::control::client;
+use lb::control::client::{self, SocketSource};
 use lb::control::protocol::{Query, ReloadView, Request, RequestError, StatsView, StatusView, WhichView};
 use lb::state::Command;
 use serde_json::{Map, Value};
@@ -17,17 +18,43 @@ use serde_json::{Map, Value};
 #[command(
     name = "lb",
     version,
-    about = "Layer-4 TCP/AJP load balancer with an XDP fast path"
+    about = "Layer-4 TCP/AJP load balancer with an XDP fast path",
+    long_about = "Layer-4 TCP/AJP load balancer with an XDP fast path.\n\n\
+`lb run -c FILE` starts the daemon. The other commands talk to it over its control socket, found \
+in this order: --socket PATH, -c FILE's [control] socket, $LB_SOCKET (when not empty), \
+/etc/lb/lb.toml's [control] socket, /run/lb/lb.sock."
 )]
 struct Cli {
-    /// Control socket of the daemon.
-    #[arg(long, global = true, env = "LB_SOCKET", default_value = "/run/lb/lb.sock")]
-    socket: PathBuf,
-    /// Print the daemon's JSON response instead of a table.
-    #[arg(long, global = true)]
+    /// Control socket of the daemon (client commands; may also follow the subcommand).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Print the daemon's JSON response instead of a table (client commands).
+    #[arg(long)]
     json: bool,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// Where a client command finds the daemon.
+#[derive(Args, Clone, Default)]
+struct Target {
+    /// Config file whose [control] socket to use (default: $LB_SOCKET, then /etc/lb/lb.toml's
+    /// socket, then /run/lb/lb.sock).
+    #[arg(short, long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    /// Control socket of the daemon (overrides -c).
+    #[arg(long, value_name = "PATH", global = true)]
+    socket: Option<PathBuf>,
+}
+
+/// Options of the client commands that print the daemon's answer.
+#[derive(Args, Clone, Default)]
+struct ClientArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Print the daemon's JSON response instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -40,49 +67,99 @@ enum LogFormat {
 enum Cmd {
     /// Run the daemon.
     Run {
-        #[arg(short, long)]
+        /// Config file (services, backends, [control], [xdp], [metrics]).
+        #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
         /// Log line format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
     },
     /// Validate a config file without starting.
-    CheckConfig { file: PathBuf },
-    /// Detach the XDP program and remove its pinned maps (drops live XDP connections and affinity).
+    CheckConfig {
+        /// Config file to check.
+        file: PathBuf,
+    },
+    /// Detach the XDP program, remove its pinned maps (drops live XDP connections and affinity)
+    /// and restore the host settings (sysctls) lb changed.
     Cleanup {
-        #[arg(short, long)]
+        /// Config file of the lb instance to clean up (its [xdp] pin_path).
+        #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
     /// Services, backends and counters.
-    Status,
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Counters of every backend (connections, bytes, packets, checks, transitions) and of XDP.
-    Stats,
+    Stats {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Live view of every backend, refreshed every interval (q, Esc or Ctrl-C quits).
     Top {
+        #[command(flatten)]
+        target: Target,
         /// Refresh interval: "1s", "500ms" or plain seconds (100ms..=1h).
         #[arg(long, default_value = "1s", value_parser = lb::observe::top::parse_interval)]
         interval: std::time::Duration,
     },
     /// Manage backends.
-    #[command(subcommand)]
-    Backend(BackendCmd),
+    Backend {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: BackendCmd,
+    },
     /// Manage services.
-    #[command(subcommand)]
-    Service(ServiceCmd),
+    Service {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: ServiceCmd,
+    },
     /// Which backend a client would reach, and why (CLIENT is IP, or IP:PORT for an open connection).
-    Which { service: String, client: String },
+    Which {
+        #[command(flatten)]
+        client_args: ClientArgs,
+        /// Service name.
+        service: String,
+        /// Client address: IP, or IP:PORT for an open connection.
+        client: String,
+    },
     /// Re-read the config file and apply what changed.
-    Reload,
+    Reload {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// Shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) of lb, or write every page (lb.1, lb-run.1, lb-backend-drain.1 …)
+    /// into a directory.
+    Man {
+        /// Write all pages into this directory instead of printing lb.1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
 enum BackendCmd {
     /// List backends (of one service, or all).
-    List { service: Option<String> },
+    List {
+        /// Only this service's backends.
+        service: Option<String>,
+    },
     /// Add a backend.
     Add {
+        /// Service name.
         service: String,
+        /// Backend address, IP:PORT.
         address: String,
+        /// Backend name (default: its address).
         #[arg(long)]
         name: Option<String>,
         /// 0..=256 (default 1).
@@ -99,17 +176,40 @@ enum BackendCmd {
         route: Option<String>,
     },
     /// Remove a backend (its open connections finish).
-    Remove { service: String, backend: String },
+    Remove {
+        /// Service name.
+        service: String,
+        /// Backend name.
+        backend: String,
+    },
     /// Take no new clients; clients with affinity and open connections stay.
-    Drain { service: String, backend: String },
+    Drain {
+        /// Service name.
+        service: String,
+        /// Backend name.
+        backend: String,
+    },
     /// Back to active.
-    Enable { service: String, backend: String },
+    Enable {
+        /// Service name.
+        service: String,
+        /// Backend name.
+        backend: String,
+    },
     /// Maintenance: no clients at all; open connections finish.
-    Disable { service: String, backend: String },
+    Disable {
+        /// Service name.
+        service: String,
+        /// Backend name.
+        backend: String,
+    },
     /// Set the weight (0..=256).
     Weight {
+        /// Service name.
         service: String,
+        /// Backend name.
         backend: String,
+        /// New weight, 0..=256.
         #[arg(allow_negative_numbers = true)]
         weight: i64,
     },
@@ -117,10 +217,13 @@ enum BackendCmd {
 
 #[derive(Subcommand)]
 enum ServiceCmd {
+    /// List services.
     List,
     /// Add a service (settings not given take the config file's defaults).
     Add {
+        /// Service name.
         name: String,
+        /// Listen address (the VIP), IP:PORT.
         #[arg(long)]
         listen: String,
         /// tcp or ajp (default tcp).
@@ -129,16 +232,35 @@ enum ServiceCmd {
         /// proxy or xdp (default proxy; xdp needs the daemon's [xdp] table).
         #[arg(long)]
         datapath: Option<String>,
-        /// e.g. "30m"
+        /// How long a client sticks to its backend after its last connection, e.g. "30m".
         #[arg(long)]
         affinity_timeout: Option<String>,
+        /// Most open connections at once (proxy datapath).
         #[arg(long, allow_negative_numbers = true)]
         max_connections: Option<i64>,
     },
     /// Remove a service (stops listening; open connections finish).
     Remove {
+        /// Service name.
         name: String,
     },
+}
+
+impl Cmd {
+    /// Options of a client command that sends one request.
+    fn client_args(&self) -> Option<&ClientArgs> {
+        match self {
+            Cmd::Status { client }
+            | Cmd::Stats { client }
+            | Cmd::Backend { client, .. }
+            | Cmd::Service { client, .. }
+            | Cmd::Reload { client }
+            | Cmd::Which {
+                client_args: client, ..
+            } => Some(client),
+            _ => None,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -152,44 +274,100 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes `text` to stdout; a closed stdout (`lb status --json | head`) ends the command quietly.
+fn emit(text: &[u8]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        other => Ok(other.context("writing to stdout")?),
+    }
+}
+
+/// The socket a client command talks to: the subcommand's options, then the ones before it.
+fn find_socket(cli_socket: Option<PathBuf>, target: &Target) -> anyhow::Result<(PathBuf, SocketSource)> {
+    let flag = target.socket.clone().or(cli_socket);
+    let env = std::env::var_os(client::SOCKET_ENV);
+    Ok(client::discover(
+        flag.as_deref(),
+        target.config.as_deref(),
+        env.as_deref(),
+        Path::new(client::SYSTEM_CONFIG),
+    )?)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let service_list = matches!(cli.command, Cmd::Service(ServiceCmd::List));
+    let json = cli.json || cli.command.client_args().is_some_and(|c| c.json);
+    let target = cli.command.client_args().map(|c| c.target.clone());
+    let service_list = matches!(
+        cli.command,
+        Cmd::Service {
+            cmd: ServiceCmd::List,
+            ..
+        }
+    );
     let request = match cli.command {
         Cmd::Run { config, log_format } => return run_daemon(&config, log_format),
         Cmd::CheckConfig { file } => {
             let c = Config::load(&file)?;
             let backends: usize = c.services.iter().map(|s| s.backends.len()).sum();
-            println!(
-                "{}: ok ({} services, {} backends)",
-                file.display(),
-                c.services.len(),
-                backends
+            return emit(
+                format!(
+                    "{}: ok ({} services, {} backends)\n",
+                    file.display(),
+                    c.services.len(),
+                    backends
+                )
+                .as_bytes(),
             );
-            return Ok(());
         }
         Cmd::Cleanup { config } => {
             let c = Config::load(&config)?;
             let Some(xdp) = c.xdp else {
-                println!("{}: no [xdp] table; nothing to clean up", config.display());
-                return Ok(());
+                return emit(
+                    format!("{}: no [xdp] table; nothing to clean up\n", config.display()).as_bytes(),
+                );
             };
-            let removed = lb::xdp::cleanup(&xdp.pin_path)?;
-            println!(
-                "removed {} pinned objects under {}",
-                removed.len(),
+            let report = lb::datapath::xdp::cleanup(&xdp.pin_path)?;
+            let mut out = String::new();
+            for (key, value) in &report.restored {
+                out.push_str(&format!("restored {key} = {value}\n"));
+            }
+            out.push_str(&format!(
+                "removed {} pinned objects under {}\n",
+                report.removed.len(),
                 xdp.pin_path.display()
-            );
+            ));
+            return emit(out.as_bytes());
+        }
+        Cmd::Top { target, interval } => {
+            let (socket, _) = find_socket(cli.socket, &target)?;
+            lb::observe::top::run(&socket, interval)?;
             return Ok(());
         }
-        Cmd::Top { interval } => {
-            lb::observe::top::run(&cli.socket, interval)?;
+        Cmd::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "lb", &mut out);
+            return emit(&out);
+        }
+        Cmd::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
             return Ok(());
+        }
+        Cmd::Man { dir: None } => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut out)
+                .context("rendering the man page")?;
+            return emit(&out);
         }
         other => request(other)?,
     };
-    let response = client::call(&cli.socket, &request)?;
-    if cli.json {
-        println!("{}", serde_json::to_string_pretty(&response)?);
+    let (socket, how) = find_socket(cli.socket, &target.unwrap_or_default())?;
+    let response = client::call_found(&socket, &how, &request)?;
+    if json {
+        emit(format!("{}\n", serde_json::to_string_pretty(&response)?).as_bytes())?;
         if !response.ok {
             std::process::exit(1);
         }
@@ -213,8 +391,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         (Request::Reload, _) => lb::cli::reload(&serde_json::from_value::<ReloadView>(result)?),
         (Request::Change(_), _) => "ok\n".to_string(),
     };
-    print!("{out}");
-    Ok(())
+    emit(out.as_bytes())
 }
 
 /// The request a client subcommand sends: the same [`Request`] values the daemon decodes, built
@@ -226,20 +403,31 @@ fn request(command: Cmd) -> Result<Request, RequestError> {
         state,
     };
     let change = match command {
-        Cmd::Status | Cmd::Service(ServiceCmd::List) => return Ok(Request::Query(Query::Status {})),
-        Cmd::Stats => return Ok(Request::Query(Query::Stats {})),
-        Cmd::Backend(BackendCmd::List { service }) => return Ok(Request::Query(Query::Backends { service })),
-        Cmd::Which { service, client } => return Ok(Request::Query(Query::Which { service, client })),
-        Cmd::Reload => return Ok(Request::Reload),
-        Cmd::Backend(BackendCmd::Add {
-            service,
-            address,
-            name,
-            weight,
-            backup,
-            state,
-            route,
-        }) => {
+        Cmd::Status { .. }
+        | Cmd::Service {
+            cmd: ServiceCmd::List,
+            ..
+        } => return Ok(Request::Query(Query::Status {})),
+        Cmd::Stats { .. } => return Ok(Request::Query(Query::Stats {})),
+        Cmd::Backend {
+            cmd: BackendCmd::List { service },
+            ..
+        } => return Ok(Request::Query(Query::Backends { service })),
+        Cmd::Which { service, client, .. } => return Ok(Request::Query(Query::Which { service, client })),
+        Cmd::Reload { .. } => return Ok(Request::Reload),
+        Cmd::Backend {
+            cmd:
+                BackendCmd::Add {
+                    service,
+                    address,
+                    name,
+                    weight,
+                    backup,
+                    state,
+                    route,
+                },
+            ..
+        } => {
             let mut fields = Map::new();
             fields.insert("address".into(), address.into());
             put(&mut fields, "name", name);
@@ -252,33 +440,47 @@ fn request(command: Cmd) -> Result<Request, RequestError> {
                 backend: BackendConfig::from_fields(Value::Object(fields))?,
             }
         }
-        Cmd::Backend(BackendCmd::Remove { service, backend }) => Command::RemoveBackend { service, backend },
-        Cmd::Backend(BackendCmd::Drain { service, backend }) => {
-            set_state(service, backend, AdminState::Drain)
-        }
-        Cmd::Backend(BackendCmd::Enable { service, backend }) => {
-            set_state(service, backend, AdminState::Active)
-        }
-        Cmd::Backend(BackendCmd::Disable { service, backend }) => {
-            set_state(service, backend, AdminState::Maintenance)
-        }
-        Cmd::Backend(BackendCmd::Weight {
-            service,
-            backend,
-            weight,
-        }) => Command::SetWeight {
+        Cmd::Backend {
+            cmd: BackendCmd::Remove { service, backend },
+            ..
+        } => Command::RemoveBackend { service, backend },
+        Cmd::Backend {
+            cmd: BackendCmd::Drain { service, backend },
+            ..
+        } => set_state(service, backend, AdminState::Drain),
+        Cmd::Backend {
+            cmd: BackendCmd::Enable { service, backend },
+            ..
+        } => set_state(service, backend, AdminState::Active),
+        Cmd::Backend {
+            cmd: BackendCmd::Disable { service, backend },
+            ..
+        } => set_state(service, backend, AdminState::Maintenance),
+        Cmd::Backend {
+            cmd:
+                BackendCmd::Weight {
+                    service,
+                    backend,
+                    weight,
+                },
+            ..
+        } => Command::SetWeight {
             service,
             backend,
             weight: lb::config::weight(weight)?,
         },
-        Cmd::Service(ServiceCmd::Add {
-            name,
-            listen,
-            protocol,
-            datapath,
-            affinity_timeout,
-            max_connections,
-        }) => {
+        Cmd::Service {
+            cmd:
+                ServiceCmd::Add {
+                    name,
+                    listen,
+                    protocol,
+                    datapath,
+                    affinity_timeout,
+                    max_connections,
+                },
+            ..
+        } => {
             let mut fields = Map::new();
             fields.insert("name".into(), name.into());
             fields.insert("listen".into(), listen.into());
@@ -290,8 +492,16 @@ fn request(command: Cmd) -> Result<Request, RequestError> {
                 service: ServiceConfig::from_fields(Value::Object(fields))?,
             }
         }
-        Cmd::Service(ServiceCmd::Remove { name }) => Command::RemoveService { service: name },
-        Cmd::Run { .. } | Cmd::CheckConfig { .. } | Cmd::Cleanup { .. } | Cmd::Top { .. } => {
+        Cmd::Service {
+            cmd: ServiceCmd::Remove { name },
+            ..
+        } => Command::RemoveService { service: name },
+        Cmd::Run { .. }
+        | Cmd::CheckConfig { .. }
+        | Cmd::Cleanup { .. }
+        | Cmd::Top { .. }
+        | Cmd::Completions { .. }
+        | Cmd::Man { .. } => {
             unreachable!("handled without a request")
         }
     };
@@ -339,6 +549,58 @@ mod tests {
     /// The JSON line `lb ARGS…` writes to the socket.
     fn line(args: &[&str]) -> serde_json::Value {
         serde_json::to_value(sent(args).unwrap()).unwrap()
+    }
+
+    /// Every argument of every (sub)command, with the command's path.
+    fn all_args(cmd: &clap::Command, path: String, out: &mut Vec<(String, clap::Arg)>) {
+        for a in cmd.get_arguments() {
+            out.push((path.clone(), a.clone()));
+        }
+        for sub in cmd.get_subcommands() {
+            all_args(sub, format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_option_has_help_and_run_lists_only_its_own() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut args = Vec::new();
+        all_args(&cmd, "lb".into(), &mut args);
+        let missing: Vec<String> = args
+            .iter()
+            .filter(|(_, a)| a.get_help().is_none())
+            .map(|(p, a)| format!("{p} {}", a.get_id()))
+            .collect();
+        assert!(missing.is_empty(), "options without help text: {missing:?}");
+        let run = cmd.find_subcommand("run").unwrap();
+        let mut ids: Vec<&str> = run.get_arguments().map(|a| a.get_id().as_str()).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["config", "help", "log_format"]);
+        let help = run.clone().render_long_help().to_string();
+        assert!(!help.contains("--socket") && !help.contains("--json"), "{help}");
+    }
+
+    #[test]
+    fn client_options_go_before_or_after_the_subcommand() {
+        let parse =
+            |args: &[&str]| Cli::try_parse_from(std::iter::once("lb").chain(args.iter().copied())).unwrap();
+        let cli = parse(&["--socket", "/s", "--json", "status"]);
+        assert_eq!(cli.socket.as_deref(), Some(Path::new("/s")));
+        assert!(cli.json);
+        let cli = parse(&["backend", "drain", "web", "b1", "-c", "/etc/x.toml", "--json"]);
+        let c = cli.command.client_args().unwrap();
+        assert_eq!(c.target.config.as_deref(), Some(Path::new("/etc/x.toml")));
+        assert!(c.json);
+        let cli = parse(&["which", "web", "192.0.2.1", "--socket", "/t"]);
+        assert_eq!(
+            cli.command.client_args().unwrap().target.socket.as_deref(),
+            Some(Path::new("/t"))
+        );
+        // --socket after the subcommand wins over the one before it.
+        let (socket, how) =
+            find_socket(Some("/before".into()), &cli.command.client_args().unwrap().target).unwrap();
+        assert_eq!((socket, how), (PathBuf::from("/t"), SocketSource::Flag));
     }
 
     #[test]

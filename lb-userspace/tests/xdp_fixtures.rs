@@ -12,8 +12,8 @@ use lb::config::{
     AdminState, BackendConfig, DatapathKind, HealthConfig, HealthKind, OnDown, Protocol, ServiceConfig,
 };
 use lb::datapath::Datapath;
+use lb::datapath::xdp::XdpDatapath;
 use lb::state::{Command, Health, State};
-use lb::xdp::XdpDatapath;
 use lb_tests::fixture::FixtureSpec;
 use lb_tests::packet::flags::{ACK, FIN, SYN};
 use lb_tests::packet::{self, IPPROTO_ICMP, Parsed, Tcp, ack_options, arp_request, syn_options};
@@ -528,7 +528,7 @@ fn xdp_translates_tcp_timestamps_toward_the_backend() {
         assert_ne!(tsval, client_ts, "TSval moved onto the LB's clock");
         assert_eq!(tsecr, 0);
         let delta = tsval.wrapping_sub(client_ts);
-        let now_ms = (lb::xdp::monotonic_ns() / 1_000_000) as u32;
+        let now_ms = (lb::datapath::xdp::monotonic_ns() / 1_000_000) as u32;
         assert!(
             now_ms.wrapping_sub(tsval) < 5_000,
             "TSval {tsval} follows the LB's clock ({now_ms} ms)"

@@ -4,10 +4,11 @@
 //! - `build [--release]`: builds the eBPF object (lb-ebpf, nightly, always release) and then `lb`,
 //!   `lb-testsrv` and `lb-demo` with the object embedded (`LB_EBPF_OBJECT`).
 //! - `run [--release] -- ARGS`: build, then exec `target/{debug,release}/lb ARGS`.
-//! - `test [-- ARGS]`: setup, build, then `cargo test` for lb-common (no features) and the
-//!   workspace, with `LB_EBPF_OBJECT`, `LB_REQUIRE_EBPF=1`, `LB_BIN` and `LB_TESTSRV` set. ARGS go to
+//! - `test [-- ARGS]`: setup, build, package, then `cargo test` for lb-common (no features) and the
+//!   workspace, with `LB_EBPF_OBJECT`, `LB_REQUIRE_EBPF=1`, `LB_BIN`, `LB_TESTSRV` and `LB_DEB` set. ARGS go to
 //!   `cargo test` (`cargo xtask test -- ebpf -- --nocapture`).
 //! - `demo [-- ARGS]`: setup, build, then run `lb-demo` as root.
+//! - `package [--release]`: build, then the .deb with man page and completions; see [`package`].
 //! - `bench [--quick] [--rows …] [--pin] [--out DIR]`: lb side by side with HAProxy, nginx stream,
 //!   nftables DNAT and no load balancer, plus micro-benchmarks; see [`bench`].
 //!
@@ -16,6 +17,7 @@
 
 mod bench;
 mod cmd;
+mod package;
 mod setup;
 
 use std::{
@@ -68,6 +70,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Build the Debian package (target/debian/lb_*.deb): lb, systemd unit, /etc/lb/lb.toml,
+    /// man page, completions, examples.
+    Package {
+        /// Package a release build (default: debug, quick to build).
+        #[arg(long)]
+        release: bool,
+    },
     /// Benchmarks: lb vs HAProxy, nginx stream, nft DNAT and no LB (root; network namespaces).
     Bench(bench::BenchArgs),
 }
@@ -101,6 +110,10 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             Workspace::locate()?.demo(&args)
+        }
+        Command::Package { release } => {
+            setup::setup()?;
+            Workspace::locate()?.package(release).map(drop)
         }
         Command::Bench(args) => bench::run(args),
     }
@@ -264,6 +277,8 @@ impl Workspace {
         setup::setup()?;
         self.lint()?;
         let built = self.build(false)?;
+        // The .deb of the debug build, checked by lb-tests' package.rs.
+        let deb = self.package(false)?;
         let suites: [(&str, Cmd); 2] = [
             (
                 "lb-common (no features)",
@@ -276,6 +291,7 @@ impl Workspace {
                     .env("LB_REQUIRE_EBPF", "1")
                     .env("LB_BIN", &built.lb)
                     .env("LB_TESTSRV", &built.testsrv)
+                    .env("LB_DEB", &deb)
                     .args(["test", "--workspace", "--no-fail-fast"])
                     .args(args),
             ),

@@ -28,6 +28,11 @@ const PACKAGES: &[&str] = &[
     "libapache2-mod-jk",
     // A real browser for the status page test (headless, `--dump-dom` and `--screenshot`).
     "chromium",
+    // `cargo xtask package` and its test: systemd-analyze verifies the unit, man renders the page,
+    // bash loads the completions.
+    "systemd",
+    "man-db",
+    "bash-completion",
 ];
 
 /// Packages whose Debian install starts a system service. The tests start their own instances in
@@ -51,6 +56,9 @@ const BPF_LINKER_INSTALL: &[&str] = &[
     "--features",
     "llvm-22",
 ];
+
+/// cargo-deb builds the .deb from `[package.metadata.deb]` in lb-userspace/Cargo.toml.
+const CARGO_DEB_INSTALL: &[&str] = &["install", "cargo-deb", "--version", "^3", "--locked"];
 
 pub fn setup() -> Result<()> {
     let root = is_root();
@@ -132,6 +140,11 @@ pub fn setup() -> Result<()> {
         }
     }
 
+    // 4. cargo-deb (`cargo xtask package`).
+    if Cmd::new("cargo").args(["deb", "--version"]).probe().is_none() {
+        Cmd::new("cargo").args(CARGO_DEB_INSTALL).run()?;
+    }
+
     if !todo_as_root.is_empty() {
         bail!(
             "setup: missing prerequisites need root. Run:\n  {}\nthen `cargo xtask setup` again",
@@ -139,7 +152,7 @@ pub fn setup() -> Result<()> {
         );
     }
     eprintln!(
-        "setup: nightly rust-src, {} packages and bpf-linker present",
+        "setup: nightly rust-src, {} packages, bpf-linker and cargo-deb present",
         PACKAGES.len()
     );
     Ok(())

@@ -331,6 +331,9 @@ pub struct ServiceView {
     pub on_backups: bool,
     /// Clients closed because no backend could be reached.
     pub failed_connections: u64,
+    /// AJP request counters (`datapath = "ajp"`).
+    #[serde(default)]
+    pub ajp: Option<crate::datapath::ajp::AjpServiceCounters>,
     pub backends: Vec<BackendView>,
 }
 

@@ -585,3 +585,59 @@ async fn shutdown_reaches_every_datapath() {
         assert!(j.lock().unwrap().calls.contains(&Call::Shutdown));
     }
 }
+
+/// The mini-redis habit: the control server runs in-process on a temp socket, over an engine with
+/// a fake datapath; a change and a query go through it, a bad line gets an error and the server
+/// keeps answering.
+#[tokio::test]
+async fn control_server_in_process_on_a_temp_socket() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let (events, _) = mpsc::channel(1);
+    let engine = Engine::assemble(
+        Config::parse(BASE, "test").unwrap(),
+        events,
+        CancellationToken::new(),
+        |_| {
+            Ok(vec![
+                Box::new(FakeDatapath::new(DatapathKind::Proxy).0) as Box<dyn Datapath>
+            ])
+        },
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("lb-engine-sock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let control = crate::config::ControlConfig {
+        socket: dir.join("lb.sock"),
+        ..Default::default()
+    };
+    let (listener, access) = crate::control::server::bind(&control).unwrap();
+    let engine = std::sync::Arc::new(engine);
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(crate::control::server::run(
+        listener,
+        access,
+        engine.clone(),
+        stop.clone(),
+    ));
+    let stream = tokio::net::UnixStream::connect(&control.socket).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let mut ask = async |line: &str| -> serde_json::Value {
+        write.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+        serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap()
+    };
+    let drained = ask(r#"{"cmd":"set-state","service":"web","backend":"b2","state":"drain"}"#).await;
+    assert_eq!(drained["ok"], true, "{drained}");
+    let bad = ask(r#"{"cmd":"set-weight","service":"web","backend":"b2","weight":300}"#).await;
+    assert_eq!(bad["ok"], false);
+    assert!(bad["error"].as_str().unwrap().contains("weight"), "{bad}");
+    let status = ask(r#"{"cmd":"status"}"#).await;
+    let b2 = &status["result"]["services"][0]["backends"][1];
+    assert_eq!(
+        (b2["name"].as_str(), b2["state"].as_str(), b2["weight"].as_u64()),
+        (Some("b2"), Some("drain"), Some(1))
+    );
+    stop.cancel();
+    server.await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -195,7 +195,8 @@ pub fn line_of(text: &str, needle: &str) -> usize {
 
 // ---- XDP datapath test beds ----------------------------------------------------------------
 
-/// Removes the pinned maps and links on drop (the daemon leaves them behind on purpose).
+/// Removes the pinned maps and links, and lb's sysctl record, on drop (the daemon leaves them
+/// behind on purpose).
 pub struct Pins(pub PathBuf);
 
 impl Drop for Pins {
@@ -206,6 +207,16 @@ impl Drop for Pins {
             }
         }
         let _ = std::fs::remove_dir(&self.0);
+        // The sysctl record lb keeps for `lb cleanup` beside the pins (lb::datapath::xdp::host::record_path).
+        let record = format!(
+            "/run/lb/sysctl/{}.json",
+            self.0
+                .display()
+                .to_string()
+                .replace('%', "%25")
+                .replace('/', "%2F")
+        );
+        let _ = std::fs::remove_file(record);
     }
 }
 

@@ -2,7 +2,7 @@
 //! with `--features micro`, release, with the eBPF object embedded). One JSON object per line on
 //! stdout: `{"group", "name", "value", "unit", "detail"}`, or `{"group", "name", "unavailable"}`.
 //!
-//! - XDP ns/packet under BPF_PROG_TEST_RUN (`lb::xdp::XdpDatapath::test_run`, kernel-measured):
+//! - XDP ns/packet under BPF_PROG_TEST_RUN (`lb::datapath::xdp::XdpDatapath::test_run`, kernel-measured):
 //!   a frame not for any VIP (repeated, and as single runs for reference), an established flow
 //!   both ways and new SYNs. The kernel reuses one buffer across `repeat`, so a frame the program
 //!   rewrites (every forwarded one) can only be timed one run at a time; those rows include the
@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use lb::balancer::{Balancer, Reason};
 use lb::config::Config;
 use lb::datapath::Datapath;
+use lb::datapath::xdp::XdpDatapath;
 use lb::state::{Command, State};
-use lb::xdp::XdpDatapath;
 use lb_tests::fixture::{FixtureSpec, LB_BACKEND_SIDE, enter_fixture_netns};
 use lb_tests::packet::Tcp;
 use serde_json::json;

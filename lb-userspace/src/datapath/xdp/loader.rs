@@ -1,0 +1,345 @@
+//! Loading: the embedded object into the kernel, maps pinned (or adopted from a previous run),
+//! the program attached to each interface (its link pinned), and the kernel's log lines forwarded.
+
+use std::collections::HashMap as StdHashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::XdpLink;
+use aya::programs::{Xdp, XdpMode as AyaXdpMode};
+use aya::{Ebpf, EbpfLoader, TestRun, TestRunOptions};
+use lb_common::maps::{BACKEND_PRESENT, BackendValue, GlobalConfig, LAYOUT_VERSION, ServiceKey};
+use lb_common::maps::{
+    MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_GLOBAL_STATS, MAP_RING,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT, MAP_SNAT_ADDRS,
+};
+
+use tracing::{info, warn};
+
+use crate::config::{XdpConfig, XdpMode};
+
+use crate::ebpf::{self, XDP_PROGRAM};
+
+use super::{BPF_FS_MAGIC, Inner, Maps, XdpDatapath, XdpError, map_err, take};
+
+/// Forwards the program's aya-log records into tracing (target `lb::datapath::xdp::kernel`).
+struct KernelLog;
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let message = record.args().to_string();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "lb::datapath::xdp::kernel", "{message}"),
+            log::Level::Warn => tracing::warn!(target: "lb::datapath::xdp::kernel", "{message}"),
+            log::Level::Info => tracing::info!(target: "lb::datapath::xdp::kernel", "{message}"),
+            log::Level::Debug => tracing::debug!(target: "lb::datapath::xdp::kernel", "{message}"),
+            log::Level::Trace => tracing::trace!(target: "lb::datapath::xdp::kernel", "{message}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Starts a task draining the program's log ring buffer (needs a tokio runtime; skipped without).
+fn forward_program_logs(ebpf: &mut Ebpf) {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    let logger = match aya_log::EbpfLogger::init_with_logger(ebpf, KernelLog) {
+        Ok(l) => l,
+        Err(e) => return warn!(error = %e, "XDP program logs are not forwarded"),
+    };
+    // SAFETY: the logger owns its ring buffer fd and neither closes nor replaces it while registered.
+    let registered =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => return warn!(error = %e, "XDP program logs are not forwarded"),
+    };
+    tokio::spawn(async move {
+        while let Ok(mut guard) = fd.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+/// Mounts bpffs at /sys/fs/bpf if needed and creates the pin directory.
+fn ensure_bpffs(dir: &Path) -> Result<(), XdpError> {
+    let root = Path::new("/sys/fs/bpf");
+    let is_bpffs =
+        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
+    if !is_bpffs(root) {
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| XdpError::System(format!("mounting bpffs on /sys/fs/bpf: {e}")))?;
+        info!(
+            "mounted the BPF filesystem on /sys/fs/bpf; if lb runs in a private mount namespace \
+             (e.g. under `ip netns exec`), its pins vanish when it exits and a restart drops connections"
+        );
+    }
+    std::fs::create_dir_all(dir).map_err(|e| XdpError::Pin {
+        path: dir.into(),
+        message: e.to_string(),
+    })
+}
+
+fn link_pin(pin_path: &Path, interface: &str) -> PathBuf {
+    pin_path.join(format!("link_{interface}"))
+}
+
+/// Attaches (or, when a pinned link exists, swaps the program inside it) and pins the link.
+fn attach(program: &mut Xdp, interface: &str, mode: XdpMode, pin_path: &Path) -> Result<(), XdpError> {
+    let pin = link_pin(pin_path, interface);
+    if pin.exists() {
+        let pinned = PinnedLink::from_pin(&pin).map_err(|e| XdpError::Pin {
+            path: pin.clone(),
+            message: e.to_string(),
+        })?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| XdpError::Pin {
+            path: pin.clone(),
+            message: e.to_string(),
+        })?;
+        program.attach_to_link(link)?;
+        info!(
+            interface,
+            "XDP program replaced inside the pinned link; forwarding never stopped"
+        );
+        return Ok(());
+    }
+    let tries: &[(AyaXdpMode, &'static str)] = match mode {
+        XdpMode::Driver => &[(AyaXdpMode::Driver, "driver")],
+        XdpMode::Skb => &[(AyaXdpMode::Skb, "skb")],
+        XdpMode::Auto => &[(AyaXdpMode::Driver, "driver"), (AyaXdpMode::Skb, "skb")],
+    };
+    let mut last = None;
+    for (aya_mode, name) in tries {
+        match program.attach(interface, *aya_mode) {
+            Ok(id) => {
+                let link = FdLink::try_from(program.take_link(id)?).map_err(|e| XdpError::Pin {
+                    path: pin.clone(),
+                    message: e.to_string(),
+                })?;
+                link.pin(&pin).map_err(|e| XdpError::Pin {
+                    path: pin.clone(),
+                    message: e.to_string(),
+                })?;
+                info!(interface, mode = name, "XDP program attached");
+                return Ok(());
+            }
+            Err(source) => {
+                if tries.len() > 1 && *name == "driver" {
+                    warn!(interface, error = %source, "attach failed in driver mode; retrying in skb mode");
+                }
+                last = Some(XdpError::Attach {
+                    interface: interface.to_string(),
+                    mode: name,
+                    source,
+                });
+            }
+        }
+    }
+    Err(last.expect("at least one mode tried"))
+}
+
+impl XdpDatapath {
+    /// Loads the program and its maps. With `config`, maps and links are pinned (adopting pinned
+    /// ones) and the program is attached to the configured interfaces; without, nothing is pinned
+    /// or attached (packet-fixture tests and benchmarks drive it through [`XdpDatapath::test_run`]).
+    pub fn start(config: Option<&XdpConfig>, seed: u32, ring_size: u32) -> Result<XdpDatapath, XdpError> {
+        let object = ebpf::object().ok_or(ebpf::LoadError::NotEmbedded)?;
+        let defaults = XdpConfig::default();
+        let cfg = config.unwrap_or(&defaults);
+        let pin_path = config.map(|c| c.pin_path.clone());
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(MAP_SERVICES, cfg.max_services)
+            .map_max_entries(MAP_SERVICE_STATS, cfg.max_services)
+            .map_max_entries(MAP_BACKENDS, cfg.max_backends)
+            .map_max_entries(MAP_BACKEND_STATS, cfg.max_backends)
+            .map_max_entries(MAP_RING, cfg.max_services * ring_size)
+            .map_max_entries(MAP_CONNTRACK, cfg.conntrack_entries)
+            .map_max_entries(MAP_AFFINITY, cfg.affinity_entries);
+        let names = [
+            MAP_GLOBAL_STATS,
+            MAP_CONFIG,
+            MAP_SERVICES,
+            MAP_BACKENDS,
+            MAP_RING,
+            MAP_CONNTRACK,
+            MAP_AFFINITY,
+            MAP_SNAT,
+            MAP_SNAT_ADDRS,
+            MAP_SERVICE_STATS,
+            MAP_BACKEND_STATS,
+        ];
+        if let Some(dir) = &pin_path {
+            ensure_bpffs(dir)?;
+            for name in names {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(object)?;
+        let mut maps = Maps {
+            config: take(&mut ebpf, MAP_CONFIG)?,
+            services: take(&mut ebpf, MAP_SERVICES)?,
+            backends: take(&mut ebpf, MAP_BACKENDS)?,
+            ring: take(&mut ebpf, MAP_RING)?,
+            conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
+            affinity: take(&mut ebpf, MAP_AFFINITY)?,
+            global: take(&mut ebpf, MAP_GLOBAL_STATS)?,
+            service_stats: take(&mut ebpf, MAP_SERVICE_STATS)?,
+            backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
+            snat_addrs: take(&mut ebpf, MAP_SNAT_ADDRS)?,
+        };
+        let max_services = maps.service_stats.len();
+        let max_backends = maps.backends.len();
+        let old = maps.config.get(&0, 0).map_err(map_err(MAP_CONFIG))?;
+        let adopting = old.layout_version != 0;
+        if adopting
+            && (old.layout_version != LAYOUT_VERSION
+                || old.ring_size != ring_size
+                || maps.ring.len() != max_services * ring_size)
+        {
+            return Err(XdpError::Layout {
+                path: pin_path.clone().unwrap_or_default(),
+                found: old.layout_version,
+                want: LAYOUT_VERSION,
+                found_ring: old.ring_size,
+                want_ring: ring_size,
+            });
+        }
+        let global = GlobalConfig {
+            layout_version: LAYOUT_VERSION,
+            seed,
+            ring_size,
+            snat_port_lo: cfg.snat_ports.0,
+            snat_port_hi: cfg.snat_ports.1,
+            cpus: aya::util::nr_cpus().map_err(|(_, e)| XdpError::System(format!("counting CPUs: {e}")))?
+                as u32,
+            _pad: 0,
+            idle_timeout_ns: cfg.idle_timeout.as_nanos() as u64,
+            closed_timeout_ns: cfg.closed_timeout.as_nanos() as u64,
+        };
+        maps.config.set(0, global, 0).map_err(map_err(MAP_CONFIG))?;
+
+        let mut adopt_services = StdHashMap::new();
+        let mut adopt_backends = StdHashMap::new();
+        if adopting {
+            for entry in &maps.services {
+                let (k, v) = entry.map_err(map_err(MAP_SERVICES))?;
+                adopt_services.insert(k, v.slot);
+            }
+            for i in 0..max_backends {
+                let b = maps.backends.get(&i, 0).map_err(map_err(MAP_BACKENDS))?;
+                if b.flags & BACKEND_PRESENT != 0 {
+                    adopt_backends.insert((b.service_slot, b.addr_be, b.port_be), i);
+                }
+            }
+            info!(
+                path = %pin_path.as_deref().unwrap_or(Path::new("")).display(),
+                services = adopt_services.len(),
+                backends = adopt_backends.len(),
+                "adopting pinned XDP maps: live connections and affinity carry on"
+            );
+        }
+        let taken_slots: Vec<u32> = adopt_services.values().copied().collect();
+        let taken_backends: Vec<u32> = adopt_backends.values().copied().collect();
+
+        let program: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .ok_or_else(|| XdpError::System(format!("program {XDP_PROGRAM} missing from the object")))?
+            .try_into()?;
+        program.load()?;
+        if let Some(config) = config {
+            super::host::prepare(&config.pin_path, &config.interfaces, config.snat_ports, adopting)?;
+            for interface in &config.interfaces {
+                attach(program, interface, config.mode, &config.pin_path)?;
+            }
+            forward_program_logs(&mut ebpf);
+        }
+        Ok(XdpDatapath {
+            inner: Mutex::new(Inner {
+                ebpf,
+                maps,
+                ring_size,
+                max_services,
+                services: StdHashMap::new(),
+                free_slots: (0..max_services).filter(|s| !taken_slots.contains(s)).collect(),
+                free_backends: (0..max_backends)
+                    .filter(|b| !taken_backends.contains(b))
+                    .collect(),
+                adopt_services,
+                adopt_backends,
+            }),
+            pin_path,
+        })
+    }
+
+    /// Runs the program once (or `repeat` times) on `frame` as if it arrived on `ingress_ifindex`:
+    /// (verdict, output frame, average time per run).
+    pub fn test_run(
+        &self,
+        frame: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Result<(u32, Vec<u8>, Duration), XdpError> {
+        let inner = self.inner.lock().unwrap();
+        let program: &Xdp = inner
+            .ebpf
+            .program(XDP_PROGRAM)
+            .ok_or_else(|| XdpError::System("program missing".into()))?
+            .try_into()?;
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..TestRunOptions::default()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out, result.duration))
+    }
+
+    /// After the config's services are synced: removes pinned services and backends that no
+    /// service claimed (they were removed from the config while `lb` was down).
+    pub fn finish_adoption(&self) -> Result<(), XdpError> {
+        let mut inner = self.inner.lock().unwrap();
+        let services: Vec<(ServiceKey, u32)> = inner.adopt_services.drain().collect();
+        for (key, slot) in services {
+            let _ = inner.maps.services.remove(&key);
+            inner.free_slots.push_back(slot);
+            info!(slot, "removed a pinned XDP service that is no longer configured");
+        }
+        let backends: Vec<u32> = inner.adopt_backends.drain().map(|(_, index)| index).collect();
+        for index in backends {
+            inner
+                .maps
+                .backends
+                .set(index, BackendValue::default(), 0)
+                .map_err(map_err(MAP_BACKENDS))?;
+            inner.free_backends.push_back(index);
+        }
+        Ok(())
+    }
+
+    pub fn pin_path(&self) -> Option<&Path> {
+        self.pin_path.as_deref()
+    }
+}

@@ -1,0 +1,246 @@
+//! The XDP datapath (`datapath = "xdp"`): loads the embedded eBPF program, pins its maps and links
+//! under `[xdp] pin_path`, attaches it to the configured interfaces, and keeps the kernel's maps equal
+//! to the state: services, backends, and Maglev rings (only changed slots are written).
+//!
+//! Restart without drops: maps and links stay pinned when `lb` exits, so the kernel keeps forwarding.
+//! The next `lb run` adopts them (same layout version and ring size), finds every service's slot
+//! and backend's index again by address, and swaps the program in place. `lb cleanup` removes it all.
+//!
+//! - `loader`: load, pin or adopt, attach, log bridge; `sync`: state → maps; `query`: maps → counters,
+//!   `lb which`, forgetting flows; `host`: sysctls and `lb cleanup`.
+
+pub mod host;
+mod loader;
+mod query;
+mod sync;
+
+pub use host::{Cleanup, cleanup};
+pub use query::{KernelChoice, KernelTraffic};
+
+use std::collections::{HashMap as StdHashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use aya::Ebpf;
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::ProgramError;
+use lb_common::maps::{
+    AffinityKey, AffinityValue, BackendValue, Counter, FlowKey, FlowValue, GlobalConfig, NO_BACKEND,
+    ServiceKey, ServiceValue, TrafficCounters,
+};
+
+use crate::config::DatapathKind;
+use crate::datapath::{BackendTraffic, Datapath, DatapathError, Drained, ServiceTraffic, Which};
+use crate::ebpf;
+use crate::runtime::Snapshot;
+use crate::state::{Backend, Effect, Service};
+
+const IPPROTO_TCP: u8 = 6;
+
+/// Ring content not yet written by this process (never a backend index).
+const UNKNOWN: u32 = NO_BACKEND - 1;
+
+/// Magic number of the BPF filesystem (statfs f_type).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum XdpError {
+    #[error(transparent)]
+    Load(#[from] ebpf::LoadError),
+    #[error("eBPF: {0}")]
+    Ebpf(#[from] aya::EbpfError),
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("XDP program: {0}")]
+    Program(#[from] ProgramError),
+    #[error("cannot attach XDP to interface `{interface}` in {mode} mode: {source}")]
+    Attach {
+        interface: String,
+        mode: &'static str,
+        source: ProgramError,
+    },
+    #[error("pinning {path}: {message}")]
+    Pin { path: PathBuf, message: String },
+    #[error(
+        "the maps pinned at {path} have layout version {found} / ring size {found_ring} but this lb needs {want} / {want_ring}; \
+         run `lb cleanup -c FILE` to remove them (this drops live XDP connections) or restore the old setting"
+    )]
+    Layout {
+        path: PathBuf,
+        found: u32,
+        want: u32,
+        found_ring: u32,
+        want_ring: u32,
+    },
+    #[error("no free {what} slot in the XDP maps (max {max}); raise [xdp] {key}")]
+    Full {
+        what: &'static str,
+        max: u32,
+        key: &'static str,
+    },
+    #[error("XDP services need IPv4 addresses; {0} is not")]
+    NotIpv4(SocketAddr),
+    #[error("cannot find the source address toward backend {backend}: {source}")]
+    Route {
+        backend: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Host(#[from] host::HostError),
+    #[error("{0}")]
+    System(String),
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> XdpError {
+    move |source| XdpError::Map { name, source }
+}
+
+/// Typed handles on the program's maps.
+struct Maps {
+    config: Array<MapData, GlobalConfig>,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: Array<MapData, BackendValue>,
+    ring: Array<MapData, u32>,
+    conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    global: PerCpuArray<MapData, Counter>,
+    service_stats: PerCpuArray<MapData, TrafficCounters>,
+    backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    /// The SNAT source addresses in use (replies to them without a flow are dropped, not passed).
+    snat_addrs: HashMap<MapData, u32, u32>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, XdpError> {
+    let map = ebpf.take_map(name).ok_or(XdpError::Map {
+        name,
+        source: aya::maps::MapError::InvalidName {
+            name: name.to_string(),
+        },
+    })?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+/// A service as written into the kernel.
+#[derive(Debug, Default)]
+struct KernelService {
+    slot: u32,
+    key: ServiceKey,
+    value: ServiceValue,
+    /// State backend id → kernel backend index.
+    backends: StdHashMap<u32, u32>,
+    /// What each backend index holds now.
+    written: StdHashMap<u32, BackendValue>,
+    /// The ring as written (kernel indices).
+    ring: Vec<u32>,
+}
+
+struct Inner {
+    ebpf: Ebpf,
+    maps: Maps,
+    ring_size: u32,
+    max_services: u32,
+    services: StdHashMap<String, KernelService>,
+    free_slots: VecDeque<u32>,
+    free_backends: VecDeque<u32>,
+    /// Pinned service slots and backend indices found at start, waiting to be claimed.
+    adopt_services: StdHashMap<ServiceKey, u32>,
+    adopt_backends: StdHashMap<(u32, u32, u16), u32>,
+}
+
+pub struct XdpDatapath {
+    inner: Mutex<Inner>,
+    pin_path: Option<PathBuf>,
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`.
+pub fn monotonic_ns() -> u64 {
+    let t =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).expect("CLOCK_MONOTONIC_COARSE");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+impl Datapath for XdpDatapath {
+    fn kind(&self) -> DatapathKind {
+        DatapathKind::Xdp
+    }
+
+    fn apply(&self, effect: &Effect, snapshot: &Snapshot) -> Result<(), DatapathError> {
+        let state = &snapshot.state;
+        let mut inner = self.inner.lock().unwrap();
+        let result = match effect {
+            Effect::ServiceAdded(name) | Effect::ServiceChanged(name) => match state.service(name) {
+                Ok(svc) => inner.sync(svc),
+                Err(_) => Ok(()),
+            },
+            Effect::ServiceRemoved { name, .. } => inner.remove(name),
+            Effect::Nothing => Ok(()),
+        };
+        result.map_err(|e| DatapathError::Xdp(e.to_string()))
+    }
+
+    fn finish_start(&self) -> Result<(), DatapathError> {
+        self.finish_adoption()
+            .map_err(|e| DatapathError::Xdp(e.to_string()))
+    }
+
+    fn reset_backend(&self, service: &Service, backend: &Backend) -> usize {
+        self.forget_flows(&service.settings.name, backend.id)
+    }
+
+    fn fail_back(&self, service: &Service, backend: &Backend) {
+        self.forget_failed_over(&service.settings.name, backend.id);
+    }
+
+    fn which(&self, service: &Service, client: IpAddr, port: Option<u16>) -> Option<Which> {
+        let IpAddr::V4(v4) = client else { return None };
+        let k = self.kernel_which(&service.settings.name, v4, port)?;
+        Some(Which {
+            backend_id: k.backend_id,
+            reason: k.reason,
+            detail: k.detail,
+        })
+    }
+
+    fn traffic(&self, service: &Service) -> ServiceTraffic {
+        let name = &service.settings.name;
+        let kernel = self.backend_traffic(name);
+        ServiceTraffic {
+            affinity_entries: self.affinity_len(name),
+            failed_connections: None,
+            backends: service
+                .backends
+                .iter()
+                .map(|b| {
+                    let k = kernel.get(&b.id).copied().unwrap_or_default();
+                    let t = BackendTraffic {
+                        active: k.active,
+                        total: k.traffic.new_flows,
+                        bytes_in: k.traffic.bytes_in,
+                        bytes_out: k.traffic.bytes_out,
+                        packets_in: Some(k.traffic.packets_in),
+                        packets_out: Some(k.traffic.packets_out),
+                        connect_failures: None,
+                    };
+                    (b.id, t)
+                })
+                .collect(),
+            ajp: None,
+        }
+    }
+
+    fn global_counters(&self) -> Option<Vec<(&'static str, u64)>> {
+        Some(self.kernel_counters())
+    }
+
+    fn shutdown(&self) -> Drained<'_> {
+        // The kernel keeps forwarding through the pinned link and maps; nothing to wait for.
+        Box::pin(std::future::ready(()))
+    }
+}

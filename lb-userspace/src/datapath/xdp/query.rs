@@ -1,0 +1,269 @@
+//! Reading the kernel's maps: counters, open connections, affinity, where a client would go
+//! (`lb which`, by the shared selection over read-only views), and forgetting flows or affinity.
+
+use std::collections::HashMap as StdHashMap;
+use std::net::Ipv4Addr;
+
+use lb_common::maps::{
+    AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, FLOW_TO_BACKEND, FlowKey,
+    TrafficCounters, global_counter,
+};
+use lb_common::select::{self, BackendTable, Peek, Policy, Ring};
+use tracing::info;
+
+use super::{IPPROTO_TCP, KernelService, Maps, XdpDatapath, monotonic_ns};
+
+/// Read-only views of one service's kernel maps for [`select::select`] (`lb which`).
+struct KernelViews<'a> {
+    maps: &'a Maps,
+    service: &'a KernelService,
+    affinity: Option<AffinityValue>,
+}
+
+impl BackendTable for KernelViews<'_> {
+    fn admits_known(&self, index: u32) -> bool {
+        let want = BACKEND_PRESENT | BACKEND_ADMITS_KNOWN;
+        self.maps
+            .backends
+            .get(&index, 0)
+            .is_ok_and(|b| b.flags & want == want && b.service_slot == self.service.slot)
+    }
+}
+
+impl Ring for KernelViews<'_> {
+    fn size(&self) -> u32 {
+        self.service.ring.len() as u32
+    }
+    fn get(&self, slot: u32) -> Option<u32> {
+        self.service.ring.get(slot as usize).copied()
+    }
+}
+
+/// Kernel-side counters of one backend or service, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelTraffic {
+    pub traffic: TrafficCounters,
+    /// Open connections (client → backend conntrack entries neither closed nor expired).
+    pub active: u64,
+}
+
+/// Where the kernel would send a client, from its own maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelChoice {
+    /// State backend id, if the index maps to a live backend.
+    pub backend_id: Option<u32>,
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+fn add(a: &TrafficCounters, c: &TrafficCounters) -> TrafficCounters {
+    TrafficCounters {
+        packets_in: a.packets_in + c.packets_in,
+        bytes_in: a.bytes_in + c.bytes_in,
+        packets_out: a.packets_out + c.packets_out,
+        bytes_out: a.bytes_out + c.bytes_out,
+        new_flows: a.new_flows + c.new_flows,
+        _reserved: 0,
+    }
+}
+
+impl XdpDatapath {
+    /// Global counters by name, summed over CPUs.
+    pub fn kernel_counters(&self) -> Vec<(&'static str, u64)> {
+        let inner = self.inner.lock().unwrap();
+        global_counter::NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let packets = inner
+                    .maps
+                    .global
+                    .get(&(i as u32), 0)
+                    .map_or(0, |v| v.iter().map(|c| c.packets).sum());
+                (*name, packets)
+            })
+            .collect()
+    }
+
+    /// Kernel counters of each backend of `service`, by state backend id.
+    pub fn backend_traffic(&self, service: &str) -> StdHashMap<u32, KernelTraffic> {
+        let inner = self.inner.lock().unwrap();
+        let Some(ks) = inner.services.get(service) else {
+            return StdHashMap::new();
+        };
+        let mut by_index: StdHashMap<u32, KernelTraffic> = StdHashMap::new();
+        for index in ks.backends.values() {
+            let traffic = inner
+                .maps
+                .backend_stats
+                .get(index, 0)
+                .map(|v| v.iter().fold(TrafficCounters::default(), |a, c| add(&a, c)))
+                .unwrap_or_default();
+            by_index.insert(*index, KernelTraffic { traffic, active: 0 });
+        }
+        let now = monotonic_ns();
+        let global = inner.maps.config.get(&0, 0).unwrap_or_default();
+        for (_, v) in inner.maps.conntrack.iter().flatten() {
+            if v.flags & FLOW_TO_BACKEND != 0
+                && v.service_slot == ks.slot
+                && !v.closed()
+                && !v.expired(now, &global)
+                && let Some(t) = by_index.get_mut(&v.backend)
+            {
+                t.active += 1;
+            }
+        }
+        ks.backends
+            .iter()
+            .filter_map(|(id, index)| by_index.get(index).map(|t| (*id, *t)))
+            .collect()
+    }
+
+    /// Which backend the kernel would give `client` (with `port`: an existing connection first).
+    pub fn kernel_which(&self, service: &str, client: Ipv4Addr, port: Option<u16>) -> Option<KernelChoice> {
+        let inner = self.inner.lock().unwrap();
+        let ks = inner.services.get(service)?;
+        let id_of = |index: u32| ks.backends.iter().find(|(_, i)| **i == index).map(|(id, _)| *id);
+        let now = monotonic_ns();
+        let global = inner.maps.config.get(&0, 0).ok()?;
+        if let Some(port) = port {
+            let key = FlowKey {
+                src_be: u32::from(client).to_be(),
+                dst_be: ks.key.vip_be,
+                sport_be: port.to_be(),
+                dport_be: ks.key.port_be,
+                proto: IPPROTO_TCP,
+                _pad: [0; 3],
+            };
+            if let Ok(flow) = inner.maps.conntrack.get(&key, 0)
+                && !flow.expired(now, &global)
+            {
+                return Some(KernelChoice {
+                    backend_id: id_of(flow.backend),
+                    reason: "conntrack",
+                    detail: format!(
+                        "open connection from port {port}, idle {} ms",
+                        (now - flow.last_seen_ns) / 1_000_000
+                    ),
+                });
+            }
+        }
+        let akey = AffinityKey {
+            service_slot: ks.slot,
+            client_be: u32::from(client).to_be(),
+        };
+        let views = KernelViews {
+            maps: &inner.maps,
+            service: ks,
+            affinity: inner.maps.affinity.get(&akey, 0).ok(),
+        };
+        let policy = Policy {
+            seed: global.seed,
+            affinity_timeout_ns: ks.value.affinity_timeout_ns,
+        };
+        let Some(choice) = select::select(
+            &policy,
+            None,
+            u32::from(client),
+            now,
+            &mut Peek(views.affinity),
+            &views,
+            &views,
+            |_| false,
+            1,
+        ) else {
+            return Some(KernelChoice {
+                backend_id: None,
+                reason: "none",
+                detail: "the kernel ring is empty".into(),
+            });
+        };
+        let (reason, detail) = match choice.reason {
+            select::Reason::Affinity => (
+                "affinity",
+                format!(
+                    "kernel affinity entry, last connection {}s ago",
+                    views.affinity.map_or(0, |a| now.saturating_sub(a.last_seen_ns)) / 1_000_000_000
+                ),
+            ),
+            _ => (
+                "ring",
+                format!("kernel Maglev ring slot {} of {}", choice.slot, inner.ring_size),
+            ),
+        };
+        Some(KernelChoice {
+            backend_id: id_of(choice.backend),
+            reason,
+            detail,
+        })
+    }
+
+    /// Forgets kernel affinity entries of clients that failed over away from `backend_id`.
+    pub fn forget_failed_over(&self, service: &str, backend_id: u32) {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(ks) = inner.services.get(service) else {
+            return;
+        };
+        let (slot, Some(index)) = (ks.slot, ks.backends.get(&backend_id).copied()) else {
+            return;
+        };
+        let stale: Vec<AffinityKey> = inner
+            .maps
+            .affinity
+            .iter()
+            .flatten()
+            .filter(|(k, v)| k.service_slot == slot && select::failed_over_from(v, index))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            let _ = inner.maps.affinity.remove(k);
+        }
+        info!(
+            service,
+            clients = stale.len(),
+            "failback: kernel affinity entries forgotten"
+        );
+    }
+
+    /// Live kernel affinity entries of `service`.
+    pub fn affinity_len(&self, service: &str) -> u64 {
+        let inner = self.inner.lock().unwrap();
+        let Some(ks) = inner.services.get(service) else {
+            return 0;
+        };
+        let now = monotonic_ns();
+        inner
+            .maps
+            .affinity
+            .iter()
+            .flatten()
+            .filter(|(k, v)| {
+                k.service_slot == ks.slot && now.saturating_sub(v.last_seen_ns) < ks.value.affinity_timeout_ns
+            })
+            .count() as u64
+    }
+
+    /// Forgets every connection to `backend_id` (`on_down = "reset"`): their next packets have no
+    /// conntrack entry and are dropped, so both ends time out or reset.
+    pub fn forget_flows(&self, service: &str, backend_id: u32) -> usize {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(ks) = inner.services.get(service) else {
+            return 0;
+        };
+        let (slot, Some(index)) = (ks.slot, ks.backends.get(&backend_id).copied()) else {
+            return 0;
+        };
+        let flows: Vec<FlowKey> = inner
+            .maps
+            .conntrack
+            .iter()
+            .flatten()
+            .filter(|(_, v)| v.service_slot == slot && v.backend == index)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &flows {
+            let _ = inner.maps.conntrack.remove(k);
+        }
+        flows.len() / 2
+    }
+}

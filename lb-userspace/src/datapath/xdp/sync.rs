@@ -1,0 +1,188 @@
+//! Writing the state into the kernel's maps: services, backends (with the source address toward
+//! each) and the Maglev ring, only the slots that changed.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+
+use lb_common::maps::{
+    BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, NO_BACKEND, ServiceKey, ServiceValue,
+};
+use lb_common::maps::{MAP_BACKENDS, MAP_RING, MAP_SERVICES, MAP_SNAT_ADDRS};
+
+use crate::state::Service;
+
+use super::{IPPROTO_TCP, Inner, KernelService, UNKNOWN, XdpError, map_err};
+
+fn ipv4(addr: SocketAddr) -> Result<SocketAddrV4, XdpError> {
+    match addr {
+        SocketAddr::V4(v4) => Ok(v4),
+        SocketAddr::V6(_) => Err(XdpError::NotIpv4(addr)),
+    }
+}
+
+/// The address this host would use as source toward `backend` (route lookup without sending).
+fn source_toward(backend: SocketAddrV4) -> Result<Ipv4Addr, XdpError> {
+    let route = |source| XdpError::Route {
+        backend: SocketAddr::V4(backend),
+        source,
+    };
+    let socket = UdpSocket::bind("0.0.0.0:0").map_err(route)?;
+    socket.connect(backend).map_err(route)?;
+    match socket.local_addr().map_err(route)?.ip() {
+        IpAddr::V4(v4) => Ok(v4),
+        IpAddr::V6(_) => Err(route(std::io::Error::other("IPv6 source"))),
+    }
+}
+
+impl Inner {
+    /// Writes a service, its backends and the changed ring slots.
+    pub(super) fn sync(&mut self, svc: &Service) -> Result<(), XdpError> {
+        let listen = ipv4(svc.settings.listen)?;
+        let key = ServiceKey {
+            vip_be: u32::from(*listen.ip()).to_be(),
+            port_be: listen.port().to_be(),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        };
+        let name = svc.settings.name.clone();
+        if !self.services.contains_key(&name) {
+            let slot = match self.adopt_services.remove(&key) {
+                Some(slot) => slot,
+                None => self.free_slots.pop_front().ok_or(XdpError::Full {
+                    what: "service",
+                    max: self.max_services,
+                    key: "max_services",
+                })?,
+            };
+            // The slot's ring content is unknown (fresh map, adopted or reused): write every slot once.
+            let ring = vec![UNKNOWN; self.ring_size as usize];
+            self.services.insert(
+                name.clone(),
+                KernelService {
+                    slot,
+                    key,
+                    ring,
+                    // Never equal to a real value, so the first sync writes the service entry.
+                    value: ServiceValue {
+                        slot: u32::MAX,
+                        ..ServiceValue::default()
+                    },
+                    ..Default::default()
+                },
+            );
+        }
+        let ks = self.services.get_mut(&name).expect("inserted above");
+        let value = ServiceValue {
+            slot: ks.slot,
+            flags: 0,
+            affinity_timeout_ns: svc.settings.affinity_timeout.as_nanos() as u64,
+        };
+        if value != ks.value || ks.key != key {
+            self.maps
+                .services
+                .insert(key, value, 0)
+                .map_err(map_err(MAP_SERVICES))?;
+            ks.key = key;
+            ks.value = value;
+        }
+        // Backends: new ones get an index (their pinned one when adopting), gone ones are cleared.
+        for b in &svc.backends {
+            let address = ipv4(b.config.address)?;
+            let index = match ks.backends.get(&b.id) {
+                Some(i) => *i,
+                None => {
+                    let pinned = (ks.slot, u32::from(*address.ip()).to_be(), address.port().to_be());
+                    let i = match self.adopt_backends.remove(&pinned) {
+                        Some(i) => i,
+                        None => self.free_backends.pop_front().ok_or(XdpError::Full {
+                            what: "backend",
+                            max: self.maps.backends.len(),
+                            key: "max_backends",
+                        })?,
+                    };
+                    ks.backends.insert(b.id, i);
+                    i
+                }
+            };
+            let mut flags = BACKEND_PRESENT;
+            if b.admits_known() {
+                flags |= BACKEND_ADMITS_KNOWN;
+            }
+            let snat = match ks.written.get(&index) {
+                Some(old) if old.addr_be == u32::from(*address.ip()).to_be() => old.snat_be,
+                _ => u32::from(source_toward(address)?).to_be(),
+            };
+            let value = BackendValue {
+                addr_be: u32::from(*address.ip()).to_be(),
+                snat_be: snat,
+                port_be: address.port().to_be(),
+                flags,
+                service_slot: ks.slot,
+            };
+            if ks.written.get(&index) != Some(&value) {
+                self.maps
+                    .snat_addrs
+                    .insert(snat, 1, 0)
+                    .map_err(map_err(MAP_SNAT_ADDRS))?;
+                self.maps
+                    .backends
+                    .set(index, value, 0)
+                    .map_err(map_err(MAP_BACKENDS))?;
+                ks.written.insert(index, value);
+            }
+        }
+        let gone: Vec<u32> = ks
+            .backends
+            .keys()
+            .filter(|id| svc.backend_by_id(**id).is_none())
+            .copied()
+            .collect();
+        for id in gone {
+            let index = ks.backends.remove(&id).expect("listed above");
+            ks.written.remove(&index);
+            self.maps
+                .backends
+                .set(index, BackendValue::default(), 0)
+                .map_err(map_err(MAP_BACKENDS))?;
+            self.free_backends.push_back(index);
+        }
+        // Ring: translate backend ids to kernel indices and write only the slots that differ.
+        let base = ks.slot * self.ring_size;
+        let mut changed = 0usize;
+        for slot in 0..self.ring_size as usize {
+            let want = svc
+                .ring
+                .get(slot)
+                .and_then(|id| ks.backends.get(id))
+                .copied()
+                .unwrap_or(NO_BACKEND);
+            if ks.ring[slot] != want {
+                self.maps
+                    .ring
+                    .set(base + slot as u32, want, 0)
+                    .map_err(map_err(MAP_RING))?;
+                ks.ring[slot] = want;
+                changed += 1;
+            }
+        }
+        if changed > 0 {
+            tracing::debug!(service = %name, slots = changed, "kernel ring updated");
+        }
+        Ok(())
+    }
+
+    pub(super) fn remove(&mut self, name: &str) -> Result<(), XdpError> {
+        let Some(ks) = self.services.remove(name) else {
+            return Ok(());
+        };
+        let _ = self.maps.services.remove(&ks.key);
+        for index in ks.backends.values() {
+            self.maps
+                .backends
+                .set(*index, BackendValue::default(), 0)
+                .map_err(map_err(MAP_BACKENDS))?;
+            self.free_backends.push_back(*index);
+        }
+        self.free_slots.push_back(ks.slot);
+        Ok(())
+    }
+}
