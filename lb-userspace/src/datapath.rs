@@ -83,6 +83,16 @@ pub struct ServiceTraffic {
     pub ajp: Option<ajp::AjpServiceCounters>,
 }
 
+impl ServiceTraffic {
+    /// The counters of `backend`: the datapath's own, else the user-space ones of its runtime.
+    pub fn of(&self, backend: &Backend, runtime: &BackendRuntime) -> BackendTraffic {
+        self.backends
+            .get(&backend.id)
+            .copied()
+            .unwrap_or_else(|| BackendTraffic::user_space(runtime))
+    }
+}
+
 /// Where a datapath would send a client, from its own tables.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Which {

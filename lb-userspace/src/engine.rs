@@ -21,7 +21,7 @@ use crate::control::protocol::{
 use crate::datapath::ajp::AjpDatapath;
 use crate::datapath::proxy::ProxyDatapath;
 use crate::datapath::xdp::XdpDatapath;
-use crate::datapath::{BackendTraffic, Datapath, DatapathError, ServiceTraffic};
+use crate::datapath::{Datapath, DatapathError, ServiceTraffic};
 use crate::health::{HealthEvent, Supervisor};
 use crate::runtime::Snapshot;
 use crate::state::{self, Command, Effect, Health, Service, State, StateError, Transition, TransitionKind};
@@ -461,11 +461,7 @@ impl Engine {
                     .iter()
                     .map(|be| {
                         let runtime = snapshot.runtime(s, be);
-                        let t = traffic
-                            .backends
-                            .get(&be.id)
-                            .copied()
-                            .unwrap_or_else(|| BackendTraffic::user_space(&runtime));
+                        let t = traffic.of(be, &runtime);
                         BackendView {
                             name: be.config.name.clone(),
                             address: be.config.address.to_string(),
@@ -526,11 +522,7 @@ impl Engine {
                     .iter()
                     .map(|be| {
                         let runtime = snapshot.runtime(s, be);
-                        let t = traffic
-                            .backends
-                            .get(&be.id)
-                            .copied()
-                            .unwrap_or_else(|| BackendTraffic::user_space(&runtime));
+                        let t = traffic.of(be, &runtime);
                         let log = runtime.transitions.lock().unwrap().clone();
                         BackendStatsView {
                             name: be.config.name.clone(),
