@@ -215,12 +215,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
                 set_flags(&mut f.flags, bit);
                 if let Some(other) = CONNTRACK.get_ptr_mut(FlowKey::reverse_of(f)) {
                     // SAFETY: valid map value pointer for this run.
-                    let o = unsafe { &mut *other };
-                    // Only while the other direction is still this connection's: after its port
-                    // went to a newer flow, a late FIN or RST must not close that flow.
-                    if same_flow(&FlowKey::reverse_of(o), &key) {
-                        set_flags(&mut o.flags, bit);
-                    }
+                    set_flags(unsafe { &mut (*other).flags }, bit);
                 }
             }
             count_traffic(f, to_backend, len, false);
