@@ -42,6 +42,7 @@ pub mod daemon;
 pub mod fixture;
 pub mod netns;
 pub mod packet;
+pub mod pins;
 pub mod servers;
 pub mod tempdir;
 pub mod tomcat;
@@ -57,6 +58,7 @@ pub use client::{
 };
 pub use daemon::{Daemon, Enter};
 pub use netns::{Netns, in_netns};
+pub use pins::Pins;
 pub use servers::{AjpMode, start_ajp_backend, start_echo_backends, start_http_backends};
 pub use tempdir::TempDir;
 pub use topology::Topology;

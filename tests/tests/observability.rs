@@ -526,7 +526,7 @@ fn xdp_counters_agree_in_stats_and_on_the_metrics_endpoint() {
     if !require_root("xdp_counters_agree_in_stats_and_on_the_metrics_endpoint") {
         return;
     }
-    let pins = Pins(PathBuf::from(format!(
+    let pins = Pins::new(PathBuf::from(format!(
         "/sys/fs/bpf/lbt-obs-{}",
         std::process::id()
     )));

@@ -115,7 +115,7 @@ fn cleanup_restores_the_sysctls_lb_changed() {
     if !require_root("cleanup_restores_the_sysctls_lb_changed") {
         return;
     }
-    let pins = Pins(pin_dir("sysctl"));
+    let pins = Pins::new(pin_dir("sysctl"));
     let topo = Topology::new(&unique_prefix("sysctl"), 1, 1).expect("topology");
     let ns = topo.lb_ns();
     // The host's own values, all different from what the XDP datapath sets.

@@ -66,7 +66,7 @@ fn xdp_forwards_http_and_bulk_with_affinity_matching_which() {
     if !require_root("xdp_forwards_http_and_bulk_with_affinity_matching_which") {
         return;
     }
-    let pins = Pins(pin_dir("fwd"));
+    let pins = Pins::new(pin_dir("fwd"));
     let bed = xdp_bed("xfwd", 3, 30, &pins.0, XDP_STD);
     let clients = bed.topo.client_addrs();
     // Each client's first connection lands where `lb which` (answered from the kernel maps) said.
@@ -142,7 +142,7 @@ fn xdp_iperf3_through_the_kernel_path() {
     if !require_root("xdp_iperf3_through_the_kernel_path") {
         return;
     }
-    let pins = Pins(pin_dir("iperf"));
+    let pins = Pins::new(pin_dir("iperf"));
     let bed = xdp_bed(
         "xiperf",
         1,
@@ -206,7 +206,7 @@ fn xdp_cli_drain_disable_add_remove_take_effect() {
     if !require_root("xdp_cli_drain_disable_add_remove_take_effect") {
         return;
     }
-    let pins = Pins(pin_dir("cli"));
+    let pins = Pins::new(pin_dir("cli"));
     let bed = xdp_bed("xcli", 3, 40, &pins.0, XDP_STD);
     let clients = bed.topo.client_addrs();
     let (known, fresh) = clients.split_at(20);
@@ -249,7 +249,7 @@ fn xdp_health_down_leaves_the_kernel_ring_and_restart_keeps_transfers() {
     if !require_root("xdp_health_down_leaves_the_kernel_ring_and_restart_keeps_transfers") {
         return;
     }
-    let pins = Pins(pin_dir("hr"));
+    let pins = Pins::new(pin_dir("hr"));
     let mut bed = xdp_bed("xhr", 3, 20, &pins.0, XDP_STD);
     let clients = bed.topo.client_addrs();
     // A long transfer, open across the restart.
@@ -302,7 +302,7 @@ fn xdp_snat_exhaustion_is_counted_and_logged() {
     if !require_root("xdp_snat_exhaustion_is_counted_and_logged") {
         return;
     }
-    let pins = Pins(pin_dir("snat"));
+    let pins = Pins::new(pin_dir("snat"));
     let bed = Bed::new("xsnat", 1, 2, |topo, socket| {
         xdp_config(topo, socket, &pins.0, 1, XDP_STD, "")
             .replace("[xdp]\n", "[xdp]\nsnat_ports = \"20000-20063\"\n")
@@ -340,7 +340,7 @@ fn xdp_restart_forgets_services_removed_from_the_config() {
     if !require_root("xdp_restart_forgets_services_removed_from_the_config") {
         return;
     }
-    let pins = Pins(pin_dir("gone"));
+    let pins = Pins::new(pin_dir("gone"));
     let mut bed = xdp_bed("xgone", 1, 2, &pins.0, XDP_STD);
     let client = bed.topo.client_addrs()[0];
     let mut s = bed.open_echo(client);

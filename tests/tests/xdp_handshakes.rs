@@ -160,7 +160,7 @@ fn xdp_close_loops_complete_every_handshake_on_the_first_syn() {
     if !require_root("xdp_close_loops_complete_every_handshake_on_the_first_syn") {
         return;
     }
-    let pins = Pins(pin_dir("hs"));
+    let pins = Pins::new(pin_dir("hs"));
     // The loops reach ~10k connections/s from one CPU; with the default closed_timeout (1s) that is
     // the SNAT range's capacity (20,000 ports / 1 s, every port held until its closed flow ages
     // out). This test is about handshakes, not capacity: closed flows age out faster here.

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use lb_tests::netns::netns_exists;
 use lb_tests::{
-    Daemon, Enter, Topology, connect_from, http_get_from, lb_bin, run_with_timeout, start_echo_backends,
-    start_http_backends, testsrv_bin,
+    Daemon, Enter, Pins, Topology, connect_from, http_get_from, lb_bin, run_with_timeout,
+    start_echo_backends, start_http_backends, testsrv_bin,
 };
 
 const PREFIX: &str = "lbdemo";
@@ -250,30 +250,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Removes the demo's pins, and lb's sysctl record beside them, if `lb cleanup` did not run (a
-/// failed expectation, or XDP failing half way before the fallback).
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(&self.0) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.0);
-        let record = format!(
-            "/run/lb/sysctl/{}.json",
-            self.0
-                .display()
-                .to_string()
-                .replace('%', "%25")
-                .replace('/', "%2F")
-        );
-        let _ = std::fs::remove_file(record);
-    }
-}
-
 fn run(require_xdp: bool) -> Result<Datapath> {
     // Fail early, before building anything, if a binary is missing.
     let (lb, srv) = (lb_bin(), testsrv_bin());
@@ -304,7 +280,7 @@ fn run(require_xdp: bool) -> Result<Datapath> {
     println!("  {} servers in {} backend namespaces", backends.len(), BACKENDS);
 
     step("configuration and start, XDP first");
-    let pins = Pins(PathBuf::from(format!(
+    let pins = Pins::new(PathBuf::from(format!(
         "/sys/fs/bpf/{PREFIX}-{}",
         std::process::id()
     )));

@@ -14,6 +14,11 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+#[allow(
+    unused_imports,
+    reason = "used by the XDP test binaries; every binary includes common"
+)]
+pub use lb_tests::Pins;
 use lb_tests::{
     Child, Topology, connect_from, http_get_from, start_echo_backends, start_http_backends, unique_prefix,
 };
@@ -194,31 +199,6 @@ pub fn line_of(text: &str, needle: &str) -> usize {
 }
 
 // ---- XDP datapath test beds ----------------------------------------------------------------
-
-/// Removes the pinned maps and links, and lb's sysctl record, on drop (the daemon leaves them
-/// behind on purpose).
-pub struct Pins(pub PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(&self.0) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.0);
-        // The sysctl record lb keeps for `lb cleanup` beside the pins (lb::datapath::xdp::host::record_path).
-        let record = format!(
-            "/run/lb/sysctl/{}.json",
-            self.0
-                .display()
-                .to_string()
-                .replace('%', "%25")
-                .replace('/', "%2F")
-        );
-        let _ = std::fs::remove_file(record);
-    }
-}
 
 pub fn pin_dir(tag: &str) -> PathBuf {
     PathBuf::from(format!("/sys/fs/bpf/lbt-{tag}-{}", std::process::id()))
