@@ -88,7 +88,7 @@ xdp_counters! {
     Truncated, TRUNCATED = 2, "truncated", Reason, "Too short for the headers it claims";
     NoReplyFlow, NO_REPLY_FLOW = 13, "no_reply_flow", Reason, "A backend's packet to a SNAT address and port with no live flow: answered with an RST (never passed to the LB's own stack)";
     ResetFlow, RESET_FLOW = 14, "reset_flow", Reason, "Packet of a connection reset by on_down = \"reset\" or `lb backend disable --reset`: answered with an RST";
-    RstSent, RST_SENT = 15, "rst_sent", Reason, "TCP RST sent back to a packet's sender by XDP_TX (no_conntrack, no_reply_flow, reset_flow)";
+    RstSent, RST_SENT = 15, "rst_sent", Reason, "TCP RST sent by XDP back out to a packet's sender (no_conntrack, no_reply_flow, reset_flow)";
     RstLimited, RST_LIMITED = 16, "rst_limited", Reason, "RST not sent, over the per-CPU rate limit (the packet was dropped)";
 }
 

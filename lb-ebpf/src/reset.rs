@@ -2,11 +2,14 @@
 //! once that the connection is gone (RFC 793 "Reset Generation", numbers from
 //! [`lb_common::rst::answer`]). The packet itself becomes the reset: addresses, ports and MACs
 //! swapped, trimmed to its 54 bytes (`bpf_xdp_adjust_tail`), both checksums computed, and sent back
-//! out the interface it came in on (`XDP_TX`). Resets are rate-limited per CPU (a token bucket in
+//! out the interface it came in on (a redirect to the ingress interface, see [`answer`]). Resets are rate-limited per CPU (a token bucket in
 //! `lb_rst_bucket`): over the limit the packet is dropped and counted as `rst_limited`.
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_xdp_adjust_tail, macros::map, maps::PerCpuArray, programs::XdpContext,
+    helpers::{bpf_redirect, bpf_xdp_adjust_tail},
+    macros::map,
+    maps::PerCpuArray,
+    programs::XdpContext,
 };
 use lb_common::{maps::global_counter as gc, rst};
 
@@ -22,7 +25,7 @@ const _: () = assert!(crate::str_eq(lb_common::maps::MAP_RST_BUCKET, "lb_rst_buc
 const RST_FRAME: usize = EthHdr::LEN + 40;
 
 /// Rewrites the packet (IPv4 header of `ihl` words at `ip`, TCP header of `doff` words at `tcp`)
-/// into the RST answering it and returns `XDP_TX`, with `reason` counted. A reset is never
+/// into the RST answering it and sends it back out the ingress interface, with `reason` counted. A reset is never
 /// answered, and over the rate limit nothing is sent: both are dropped.
 #[inline(always)]
 pub(crate) fn answer(
@@ -99,8 +102,12 @@ pub(crate) fn answer(
         (*tcp).check_be = rst::tcp_check(daddr, saddr, dport, sport, &reset);
     }
     count(gc::RST_SENT, RST_FRAME as u64);
+    // Out the interface it came in on. A redirect to it rather than XDP_TX: on a veth, XDP_TX
+    // frames reach the peer only when the peer runs an XDP program of its own (the kernel wakes
+    // the peer's NAPI for them only then), while a redirect is flushed to the peer like the
+    // forwarded packets are. On a NIC both end in the same transmit queue.
     Verdict {
-        action: xdp_action::XDP_TX,
+        action: unsafe { bpf_redirect(ctx.ingress_ifindex() as u32, 0) } as u32,
         reason: Some(reason),
     }
 }

@@ -20,7 +20,6 @@ use lb_tests::packet::{self, IPPROTO_ICMP, Parsed, Tcp, ack_options, arp_request
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
@@ -435,14 +434,14 @@ fn xdp_passes_or_drops_what_is_not_forwardable() {
             Case {
                 name: "a non-SYN without a connection is never sent to a random backend: RST",
                 input: to(50003, VIP, 80, ACK).payload(b"x").build(),
-                verdict: XDP_TX,
+                verdict: XDP_REDIRECT,
                 out: Out::Any,
                 counts: Some("no_conntrack"),
             },
             Case {
                 name: "a FIN without a connection: RST",
                 input: to(50004, VIP, 80, FIN | ACK).build(),
-                verdict: XDP_TX,
+                verdict: XDP_REDIRECT,
                 out: Out::Any,
                 counts: Some("rst_sent"),
             },
@@ -660,7 +659,7 @@ fn xdp_syn_on_a_reused_tuple_starts_a_new_flow() {
         );
         let (verdict, out, _) = fx.xdp.test_run(&stray, backend_if, 1).unwrap();
         assert_eq!(
-            verdict, XDP_TX,
+            verdict, XDP_REDIRECT,
             "a reply without a flow never reaches the LB's stack: the backend gets an RST"
         );
         assert_eq!(parse(&out).dst, backend, "the RST goes back to the backend");
@@ -673,7 +672,7 @@ fn xdp_syn_on_a_reused_tuple_starts_a_new_flow() {
 
 /// A non-SYN packet to the VIP without a connection comes back as an RST (RFC 793 numbers): every
 /// field of the output frame is read back and both checksums verified. IPv4 and TCP options and
-/// the payload are trimmed away; the frame leaves by XDP_TX toward the sender's MAC.
+/// the payload are trimmed away; the frame goes back out toward the sender's MAC.
 #[test]
 fn xdp_answers_a_packet_without_connection_with_rst() {
     if !ready("xdp_answers_a_packet_without_connection_with_rst") {
@@ -694,7 +693,7 @@ fn xdp_answers_a_packet_without_connection_with_rst() {
             .payload(&[b'x'; 100])
             .build();
         let (verdict, out, _) = fx.xdp.test_run(&input, client_if, 1).unwrap();
-        assert_eq!(verdict, XDP_TX, "sent back out the interface it came in on");
+        assert_eq!(verdict, XDP_REDIRECT, "sent back out the interface it came in on");
         assert_eq!(out.len(), 54, "trimmed to Ethernet + IPv4 + TCP headers");
         assert_eq!(&out[12..14], &[0x08, 0x00], "EtherType IPv4");
         assert_eq!(out[14], 0x45, "IPv4, no options");
@@ -719,7 +718,7 @@ fn xdp_answers_a_packet_without_connection_with_rst() {
             .payload(b"abc")
             .build();
         let (verdict, out, _) = fx.xdp.test_run(&input, client_if, 1).unwrap();
-        assert_eq!(verdict, XDP_TX);
+        assert_eq!(verdict, XDP_REDIRECT);
         let p = parse(&out);
         assert_eq!((p.src, p.dst), ((VIP, 80), (c, 40101)));
         assert_eq!((p.seq, p.ack, p.flags), (0, 2, RST | ACK));
@@ -747,7 +746,10 @@ fn xdp_resets_are_rate_limited() {
                 [0xaa; 6],
             );
             let (verdict, _, _) = fx.xdp.test_run(&input, client_if, 1).unwrap();
-            assert!(verdict == XDP_TX || verdict == XDP_DROP, "verdict {verdict}");
+            assert!(
+                verdict == XDP_REDIRECT || verdict == XDP_DROP,
+                "verdict {verdict}"
+            );
         }
         let (sent, limited) = (fx.counter("rst_sent"), fx.counter("rst_limited"));
         assert_eq!(sent + limited, n, "each answered or limited");
@@ -801,7 +803,10 @@ fn xdp_reset_backend_answers_both_ends_with_rst() {
             .payload(b"GET / HTTP/1.1\r\n\r\n")
             .build();
         let (verdict, out, _) = fx.xdp.test_run(&data, client_if, 1).unwrap();
-        assert_eq!(verdict, XDP_TX, "the client's packet is answered, not forwarded");
+        assert_eq!(
+            verdict, XDP_REDIRECT,
+            "the client's packet is answered, not forwarded"
+        );
         let p = parse(&out);
         assert_eq!((p.src, p.dst, p.dst_mac), ((VIP, 80), client_side, CLIENT_MAC));
         assert_eq!((p.seq, p.flags), (7001, RST));
@@ -813,7 +818,10 @@ fn xdp_reset_backend_answers_both_ends_with_rst() {
             .payload(b"late")
             .build();
         let (verdict, out, _) = fx.xdp.test_run(&late, backend_if, 1).unwrap();
-        assert_eq!(verdict, XDP_TX, "the backend's packet is answered, not forwarded");
+        assert_eq!(
+            verdict, XDP_REDIRECT,
+            "the backend's packet is answered, not forwarded"
+        );
         let p = parse(&out);
         assert_eq!((p.src, p.dst), (snat, backend));
         assert_eq!((p.seq, p.flags), (1001, RST));
