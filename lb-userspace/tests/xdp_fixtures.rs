@@ -794,6 +794,11 @@ fn xdp_reset_backend_answers_both_ends_with_rst() {
         assert_eq!(fx.xdp.reset_backend(svc, be), 1, "one open connection marked");
         let active = |fx: &Fixture| fx.xdp.backend_traffic("web")[&be.id].active;
         assert_eq!(active(&fx), 0, "a marked connection is no longer counted open");
+        let which = fx.xdp.kernel_which("web", c, Some(43000)).unwrap();
+        assert!(
+            which.detail.ends_with("reset: its next packet gets an RST"),
+            "{which:?}"
+        );
 
         // The client speaks first: it gets the RST, from the VIP.
         let data = Tcp::new(client_side, (VIP, 80), ACK | PSH)

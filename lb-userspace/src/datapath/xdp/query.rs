@@ -144,8 +144,13 @@ impl XdpDatapath {
                     backend_id: id_of(flow.backend),
                     reason: "conntrack",
                     detail: format!(
-                        "open connection from port {port}, idle {} ms",
-                        (now - flow.last_seen_ns) / 1_000_000
+                        "open connection from port {port}, idle {} ms{}",
+                        now.saturating_sub(flow.last_seen_ns) / 1_000_000,
+                        if flow.flags & FLOW_RESET != 0 {
+                            ", reset: its next packet gets an RST"
+                        } else {
+                            ""
+                        }
                     ),
                 });
             }
