@@ -79,14 +79,17 @@ xdp_counters! {
     Dropped, DROPPED = 4, "dropped", Verdict, "Dropped";
     NewFlows, NEW_FLOWS = 12, "new_flows", Flows, "Connections set up by the kernel";
     NoBackend, NO_BACKEND = 7, "no_backend", Reason, "SYN to a service with no backend taking new clients (dropped)";
-    NoConntrack, NO_CONNTRACK = 6, "no_conntrack", Reason, "Non-SYN packet to a VIP without a connection (dropped, never sent to a random backend)";
+    NoConntrack, NO_CONNTRACK = 6, "no_conntrack", Reason, "Non-SYN packet to a VIP without a connection: answered with an RST (never sent to a random backend)";
     SnatExhausted, SNAT_EXHAUSTED = 8, "snat_exhausted", Reason, "No free SNAT port after several tries (dropped)";
     FibFailed, FIB_FAILED = 10, "fib_failed", Reason, "No route for the rewritten packet (dropped)";
     Fragment, FRAGMENT = 5, "fragment", Reason, "IPv4 fragment (passed)";
     NoNeigh, NO_NEIGH = 9, "no_neigh", Reason, "Next hop's MAC unknown; the rewritten packet is passed so the kernel resolves it";
     Malformed, MALFORMED = 11, "malformed", Reason, "Malformed header (bad IHL, TCP data offset) for a VIP (passed)";
     Truncated, TRUNCATED = 2, "truncated", Reason, "Too short for the headers it claims";
-    NoReplyFlow, NO_REPLY_FLOW = 13, "no_reply_flow", Reason, "A backend's packet to a SNAT address and port with no live flow (dropped, so the LB's own stack never resets it)";
+    NoReplyFlow, NO_REPLY_FLOW = 13, "no_reply_flow", Reason, "A backend's packet to a SNAT address and port with no live flow: answered with an RST (never passed to the LB's own stack)";
+    ResetFlow, RESET_FLOW = 14, "reset_flow", Reason, "Packet of a connection reset by on_down = \"reset\" or `lb backend disable --reset`: answered with an RST";
+    RstSent, RST_SENT = 15, "rst_sent", Reason, "TCP RST sent by XDP back out to a packet's sender (no_conntrack, no_reply_flow, reset_flow)";
+    RstLimited, RST_LIMITED = 16, "rst_limited", Reason, "RST not sent, over the per-CPU rate limit (the packet was dropped)";
 }
 
 /// [`global_counter::NAMES`]; fails the build unless the indices are `0..COUNT`, each once.

@@ -7,6 +7,8 @@
 //!   the kernel and every user-space surface.
 //! - [`maps`]: map names and the `#[repr(C)]` key/value types stored in the eBPF maps, each with a
 //!   compile-time size assertion.
+//! - [`rst`]: the TCP resets the XDP program answers with (RFC 793 sequence numbers, checksums,
+//!   the per-CPU rate limit).
 //! - [`select`]: backend selection (conntrack, affinity, Maglev ring, failover home), generic over
 //!   small storage traits so the kernel and user space run the same rules.
 #![no_std]
@@ -15,4 +17,5 @@ pub mod counters;
 pub mod csum;
 pub mod hash;
 pub mod maps;
+pub mod rst;
 pub mod select;

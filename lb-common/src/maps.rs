@@ -26,6 +26,9 @@ pub const MAP_SNAT: &str = "lb_snat";
 /// A TCP packet to one of them on a SNAT port without a live flow is a stray backend reply: it is
 /// dropped (`no_reply_flow`), never passed to the LB's own stack (which would reset it).
 pub const MAP_SNAT_ADDRS: &str = "lb_snat_addrs";
+/// `PERCPU_ARRAY<u32, u64>` with one entry: each CPU's reset rate limit (the theoretical arrival
+/// time of its next RST, [`crate::rst::admit`]). Not pinned: a restart starts a fresh bucket.
+pub const MAP_RST_BUCKET: &str = "lb_rst_bucket";
 /// `PERCPU_ARRAY<u32, TrafficCounters>`, indexed by service slot.
 pub const MAP_SERVICE_STATS: &str = "lb_svc_stats";
 /// `PERCPU_ARRAY<u32, TrafficCounters>`, indexed by backend index.
@@ -155,6 +158,10 @@ pub const FLOW_FIN_BACKEND: u32 = 1 << 16;
 pub const FLOW_RST: u32 = 1 << 24;
 /// Flow flag: TCP timestamps are translated (`ts_delta` is valid).
 pub const FLOW_TS: u32 = 16;
+/// Flow flag: reset by the operator or `on_down = "reset"` (set by user space on both entries):
+/// the next packet in either direction is answered with an RST toward its sender instead of
+/// being forwarded. Byte 0, beside [`FLOW_TO_BACKEND`] and [`FLOW_TS`].
+pub const FLOW_RESET: u32 = 1 << 5;
 
 /// How long a flow's cached next hop (egress interface and MACs) is trusted before the FIB is
 /// asked again.

@@ -8,8 +8,10 @@
 //!   ([`select_backend`]: affinity, else the Maglev ring), claims a SNAT port ([`claim_snat`]) and both
 //!   directions recorded. A SYN on a known 4-tuple is a retransmission only with the same sequence
 //!   number and a live reply entry; otherwise the client reused its port and it starts a new flow
-//!   ([`retransmitted_syn`]). A backend packet to a SNAT address and port without a live flow is
-//!   dropped (`no_reply_flow`). Everything else is passed to the kernel untouched.
+//!   ([`retransmitted_syn`]). A non-SYN for a service without a live flow (`no_conntrack`), a
+//!   backend packet to a SNAT address and port without one (`no_reply_flow`) and any packet of a
+//!   flow marked for reset (`reset_flow`) are answered with an RST ([`reset::answer`]).
+//!   Everything else is passed to the kernel untouched.
 //! - [`rewrite`] / [`forward`]: full-NAT rewrite with incremental checksums, next hop by
 //!   `bpf_fib_lookup` (cached per flow for a second), out by `XDP_TX` or redirect; unknown neighbour → `XDP_PASS` so the kernel
 //!   resolves it.
@@ -21,6 +23,7 @@
 #![no_main]
 
 mod net;
+mod reset;
 
 use aya_ebpf::{
     bindings::{
@@ -37,9 +40,9 @@ use lb_common::{
     maps::{
         AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, Counter,
         DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
-        DEFAULT_SNAT_ADDRS, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, FLOW_TO_BACKEND, FLOW_TS, FlowKey,
-        FlowValue, GLOBAL_STATS_ENTRIES, GlobalConfig, NEXT_HOP_CACHE_NS, ServiceKey, ServiceValue,
-        TrafficCounters, global_counter as gc,
+        DEFAULT_SNAT_ADDRS, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RESET, FLOW_RST, FLOW_TO_BACKEND,
+        FLOW_TS, FlowKey, FlowValue, GLOBAL_STATS_ENTRIES, GlobalConfig, NEXT_HOP_CACHE_NS, ServiceKey,
+        ServiceValue, TrafficCounters, global_counter as gc,
     },
     select::{AffinitySlot, BackendTable, Policy, Ring, select},
 };
@@ -196,6 +199,18 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         // last_seen/flags (flags atomically), for which a torn read is harmless.
         let f = unsafe { &mut *flow };
         if !f.expired(now, cfg) && !(syn && !retransmitted_syn(&key, f, seq_be, now, cfg)) {
+            // Reset by the operator or on_down = "reset": the sender learns by an RST (a reset it
+            // sends itself is forwarded, so the other end learns too). The connection is closed
+            // (both entries age out after closed_timeout) but stays marked, so the other end's
+            // next packet gets its RST as well.
+            if f.flags & FLOW_RESET != 0 && flags & TCP_RST == 0 {
+                set_flags(&mut f.flags, FLOW_RST);
+                if let Some(other) = CONNTRACK.get_ptr_mut(FlowKey::reverse_of(f)) {
+                    // SAFETY: valid map value pointer for this run.
+                    set_flags(unsafe { &mut (*other).flags }, FLOW_RST);
+                }
+                return reset::answer(ctx, ip, tcp, ihl, doff, now, gc::RESET_FLOW);
+            }
             // The coarse clock ticks every few ms: skip the write (and the cache-line bounce
             // between CPUs) while it has not moved.
             if f.last_seen_ns != now {
@@ -234,10 +249,15 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         _pad: 0,
     };
     let Some(service) = (unsafe { SERVICES.get(service_key) }) else {
-        return stray_reply_or_pass(&key, cfg);
+        if stray_reply(&key, cfg) {
+            return reset::answer(ctx, ip, tcp, ihl, doff, now, gc::NO_REPLY_FLOW);
+        }
+        return pass(None);
     };
     if !syn {
-        return drop(gc::NO_CONNTRACK);
+        // A connection the LB does not know (idle timeout, LRU eviction, a restart after `lb
+        // cleanup`): the client learns by an RST and reconnects instead of retransmitting for minutes.
+        return reset::answer(ctx, ip, tcp, ihl, doff, now, gc::NO_CONNTRACK);
     }
     let Some((backend_index, backend)) = select_backend(service, key.src_be, cfg, now) else {
         return drop(gc::NO_BACKEND);
@@ -425,17 +445,14 @@ fn retire(key: &FlowKey, old: &FlowValue) {
     }
 }
 
-/// A packet for no service and no live flow: dropped if it is addressed to one of the LB's SNAT
-/// addresses on a SNAT port (a backend's reply that lost its flow; the LB's stack would reset it
-/// and the connection with it), else passed to the kernel.
+/// Whether a packet for no service and no live flow is a backend's reply that lost its flow:
+/// addressed to one of the LB's SNAT addresses on a SNAT port. It is answered with an RST (the
+/// backend learns its connection is gone), never passed to the LB's own stack. Anything else is
+/// the host's own traffic and passed.
 #[inline(always)]
-fn stray_reply_or_pass(key: &FlowKey, cfg: &GlobalConfig) -> Verdict {
+fn stray_reply(key: &FlowKey, cfg: &GlobalConfig) -> bool {
     let port = u16::from_be(key.dport_be);
-    if port >= cfg.snat_port_lo && port <= cfg.snat_port_hi && unsafe { SNAT_ADDRS.get(key.dst_be) }.is_some()
-    {
-        return drop(gc::NO_REPLY_FLOW);
-    }
-    pass(None)
+    port >= cfg.snat_port_lo && port <= cfg.snat_port_hi && unsafe { SNAT_ADDRS.get(key.dst_be) }.is_some()
 }
 
 /// Sets one of the FLOW_FIN_CLIENT / FLOW_FIN_BACKEND / FLOW_RST bits, which other CPUs may set

@@ -3,7 +3,7 @@
 use lb_common::counters::{CounterKind, XdpCounter, XdpCounters};
 
 use crate::config::enum_text;
-use crate::control::protocol::{ReloadView, StatsView, StatusView, WhichView};
+use crate::control::protocol::{ReloadView, ResetView, StatsView, StatusView, WhichView};
 
 /// Left-aligned columns separated by two spaces.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -351,6 +351,17 @@ pub fn services(view: &StatusView) -> String {
 }
 
 /// `lb which`.
+/// `lb backend disable --reset`.
+pub fn reset(view: &ResetView) -> String {
+    format!(
+        "ok: backend {} of {} in maintenance, {} open connection{} reset\n",
+        view.backend,
+        view.service,
+        view.connections,
+        if view.connections == 1 { "" } else { "s" }
+    )
+}
+
 pub fn which(view: &WhichView) -> String {
     match &view.backend {
         Some(b) => format!(

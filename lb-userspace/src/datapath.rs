@@ -123,8 +123,9 @@ pub trait Datapath: Send + Sync {
         Ok(())
     }
 
-    /// A backend went down with `on_down = "reset"`: resets its open connections and returns how
-    /// many it reset.
+    /// A backend went down with `on_down = "reset"`, or was disabled with `--reset`: resets its
+    /// open connections (both ends see an RST; XDP marks the flows so each end's next packet is
+    /// answered with one) and returns how many it reset.
     fn reset_backend(&self, service: &Service, backend: &Backend) -> usize;
 
     /// A backend came back with `failback = true`: forgets the affinity of clients that failed

@@ -15,8 +15,8 @@ use tracing::{info, warn};
 use crate::balancer::{Balancer, Reason, SelectError};
 use crate::config::{Config, ConfigError, DatapathKind};
 use crate::control::protocol::{
-    BackendStatsView, BackendView, Query, ReloadView, Request, ServiceStatsView, ServiceView, StatsView,
-    StatusView, WhichView,
+    BackendStatsView, BackendView, Query, ReloadView, Request, ResetView, ServiceStatsView, ServiceView,
+    StatsView, StatusView, WhichView,
 };
 use crate::datapath::ajp::AjpDatapath;
 use crate::datapath::proxy::ProxyDatapath;
@@ -592,6 +592,48 @@ impl Engine {
                 self.execute_checked(command, &Origin::Operator { uid }, Some(&config))?;
                 serde_json::Value::Null
             }
+            Request::DisableReset { service, backend } => {
+                json(&self.disable_with_reset(service, backend, &Origin::Operator { uid })?)
+            }
+        })
+    }
+
+    /// `lb backend disable --reset`: the backend goes to maintenance, then its datapath resets
+    /// its open connections (the proxies close both sides; XDP marks the flows so each end's
+    /// next packet is answered with an RST). Also resets what is left on a backend already in
+    /// maintenance.
+    fn disable_with_reset(
+        &self,
+        service: String,
+        backend: String,
+        origin: &Origin,
+    ) -> Result<ResetView, EngineError> {
+        let command = Command::SetState {
+            service: service.clone(),
+            backend: backend.clone(),
+            state: crate::config::AdminState::Maintenance,
+        };
+        {
+            let config = self.config.lock().unwrap();
+            self.execute_checked(command, origin, Some(&config))?;
+        }
+        let snapshot = self.snapshot();
+        let svc = snapshot.state.service(&service)?;
+        let Some(be) = svc.backend(&backend) else {
+            // Removed by another change in between: nothing left to reset.
+            return Ok(ResetView {
+                service,
+                backend,
+                connections: 0,
+            });
+        };
+        let connections = self.datapath_of(svc).reset_backend(svc, be) as u64;
+        let name = be.config.name.clone();
+        info!(%service, backend = %name, connections, by = %origin, "maintenance with reset: open connections reset");
+        Ok(ResetView {
+            service,
+            backend: name,
+            connections,
         })
     }
 

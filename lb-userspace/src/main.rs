@@ -10,7 +10,9 @@ use anyhow::{Context, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use lb::config::{AdminState, BackendConfig, Config, ServiceConfig};
 use lb::control::client::{self, SocketSource};
-use lb::control::protocol::{Query, ReloadView, Request, RequestError, StatsView, StatusView, WhichView};
+use lb::control::protocol::{
+    Query, ReloadView, Request, RequestError, ResetView, StatsView, StatusView, WhichView,
+};
 use lb::state::Command;
 use serde_json::{Map, Value};
 
@@ -196,12 +198,16 @@ enum BackendCmd {
         /// Backend name.
         backend: String,
     },
-    /// Maintenance: no clients at all; open connections finish.
+    /// Maintenance: no clients at all; open connections finish (or, with --reset, are reset).
     Disable {
         /// Service name.
         service: String,
         /// Backend name.
         backend: String,
+        /// Also reset the backend's open connections: both ends see an RST (proxy: closed at
+        /// once; xdp: each end's next packet is answered with an RST) and clients reconnect.
+        #[arg(long)]
+        reset: bool,
     },
     /// Set the weight (0..=256).
     Weight {
@@ -390,6 +396,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         (Request::Reload, _) => lb::cli::reload(&serde_json::from_value::<ReloadView>(result)?),
         (Request::Change(_), _) => "ok\n".to_string(),
+        (Request::DisableReset { .. }, _) => lb::cli::reset(&serde_json::from_value::<ResetView>(result)?),
     };
     emit(out.as_bytes())
 }
@@ -453,7 +460,16 @@ fn request(command: Cmd) -> Result<Request, RequestError> {
             ..
         } => set_state(service, backend, AdminState::Active),
         Cmd::Backend {
-            cmd: BackendCmd::Disable { service, backend },
+            cmd:
+                BackendCmd::Disable {
+                    service,
+                    backend,
+                    reset: true,
+                },
+            ..
+        } => return Ok(Request::DisableReset { service, backend }),
+        Cmd::Backend {
+            cmd: BackendCmd::Disable { service, backend, .. },
             ..
         } => set_state(service, backend, AdminState::Maintenance),
         Cmd::Backend {
@@ -633,6 +649,10 @@ mod tests {
             (
                 &["backend", "disable", "web", "app1"],
                 serde_json::json!({"cmd":"set-state","service":"web","backend":"app1","state":"maintenance"}),
+            ),
+            (
+                &["backend", "disable", "web", "app1", "--reset"],
+                serde_json::json!({"cmd":"set-state","service":"web","backend":"app1","state":"maintenance","reset":true}),
             ),
             (
                 &["backend", "weight", "web", "app3", "2"],

@@ -15,7 +15,7 @@ use lb::datapath::Datapath;
 use lb::datapath::xdp::XdpDatapath;
 use lb::state::{Command, Health, State};
 use lb_tests::fixture::FixtureSpec;
-use lb_tests::packet::flags::{ACK, FIN, SYN};
+use lb_tests::packet::flags::{ACK, FIN, PSH, RST, SYN};
 use lb_tests::packet::{self, IPPROTO_ICMP, Parsed, Tcp, ack_options, arp_request, syn_options};
 
 const XDP_DROP: u32 = 1;
@@ -432,15 +432,22 @@ fn xdp_passes_or_drops_what_is_not_forwardable() {
                 counts: Some("truncated"),
             },
             Case {
-                name: "a non-SYN without a connection is never sent to a random backend",
+                name: "a non-SYN without a connection is never sent to a random backend: RST",
                 input: to(50003, VIP, 80, ACK).payload(b"x").build(),
-                verdict: XDP_DROP,
+                verdict: XDP_REDIRECT,
                 out: Out::Any,
                 counts: Some("no_conntrack"),
             },
             Case {
-                name: "a FIN without a connection",
+                name: "a FIN without a connection: RST",
                 input: to(50004, VIP, 80, FIN | ACK).build(),
+                verdict: XDP_REDIRECT,
+                out: Out::Any,
+                counts: Some("rst_sent"),
+            },
+            Case {
+                name: "an RST without a connection is never answered",
+                input: to(50004, VIP, 80, RST | ACK).build(),
                 verdict: XDP_DROP,
                 out: Out::Any,
                 counts: Some("dropped"),
@@ -583,7 +590,7 @@ fn frame_seq(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, seq: u32) ->
 /// half-closed: FIN from the client only, as when the backend's FIN bit was lost). The new SYN (new
 /// sequence number) must get a new flow and SNAT port, not go out on the old port, whose reply entry
 /// may already belong to nobody; a retransmission of that SYN stays on the new flow; and a backend
-/// packet to a SNAT port without a flow is dropped and counted, never passed to the LB's stack.
+/// packet to a SNAT port without a flow is answered with an RST and counted, never passed to the LB's stack.
 #[test]
 fn xdp_syn_on_a_reused_tuple_starts_a_new_flow() {
     if !ready("xdp_syn_on_a_reused_tuple_starts_a_new_flow") {
@@ -650,14 +657,191 @@ fn xdp_syn_on_a_reused_tuple_starts_a_new_flow() {
             &[],
             [0xbb; 6],
         );
-        let (verdict, _, _) = fx.xdp.test_run(&stray, backend_if, 1).unwrap();
+        let (verdict, out, _) = fx.xdp.test_run(&stray, backend_if, 1).unwrap();
         assert_eq!(
-            verdict, XDP_DROP,
-            "a reply without a flow never reaches the LB's stack"
+            verdict, XDP_REDIRECT,
+            "a reply without a flow never reaches the LB's stack: the backend gets an RST"
         );
+        assert_eq!(parse(&out).dst, backend, "the RST goes back to the backend");
         assert_eq!(fx.counter("no_reply_flow"), 1);
         // The same port outside the SNAT range is the host's business: passed.
         let own = frame(backend, (LB_BACKEND_SIDE, 40000), SYN | ACK, b"", &[], [0xbb; 6]);
         assert_eq!(fx.xdp.test_run(&own, backend_if, 1).unwrap().0, XDP_PASS);
+    });
+}
+
+/// A non-SYN packet to the VIP without a connection comes back as an RST (RFC 793 numbers): every
+/// field of the output frame is read back and both checksums verified. IPv4 and TCP options and
+/// the payload are trimmed away; the frame goes back out toward the sender's MAC.
+#[test]
+fn xdp_answers_a_packet_without_connection_with_rst() {
+    if !ready("xdp_answers_a_packet_without_connection_with_rst") {
+        return;
+    }
+    in_fixture_netns(|client_if, _| {
+        let fx = Fixture::new();
+        let c = client(1);
+        let lb_mac = [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x01];
+        // An established connection's data segment (ACK set): the RST's sequence number is the
+        // segment's acknowledgment, and it carries no ACK.
+        let input = Tcp::new((c, 40100), (VIP, 80), ACK | PSH)
+            .macs(CLIENT_MAC, lb_mac)
+            .seq(5000)
+            .ack(0x1234_5678)
+            .ip_options(&[0x01, 0x01, 0x01, 0x00])
+            .tcp_options(&ack_options(77, 88))
+            .payload(&[b'x'; 100])
+            .build();
+        let (verdict, out, _) = fx.xdp.test_run(&input, client_if, 1).unwrap();
+        assert_eq!(verdict, XDP_REDIRECT, "sent back out the interface it came in on");
+        assert_eq!(out.len(), 54, "trimmed to Ethernet + IPv4 + TCP headers");
+        assert_eq!(&out[12..14], &[0x08, 0x00], "EtherType IPv4");
+        assert_eq!(out[14], 0x45, "IPv4, no options");
+        let p = parse(&out);
+        assert_eq!((p.dst_mac, p.src_mac), (CLIENT_MAC, lb_mac), "MACs swapped");
+        assert_eq!(
+            (p.src, p.dst),
+            ((VIP, 80), (c, 40100)),
+            "addresses and ports swapped"
+        );
+        assert_eq!((p.tot_len, p.id, p.frag, p.ttl), (40, 0, 0x4000, 64));
+        assert_eq!((p.seq, p.ack, p.flags), (0x1234_5678, 0, RST));
+        assert_eq!((p.window, p.urgent), (0, 0));
+        assert!(p.ip_options.is_empty() && p.tcp_options.is_empty() && p.payload.is_empty());
+        assert_eq!((fx.counter("no_conntrack"), fx.counter("rst_sent")), (1, 1));
+        assert_eq!(fx.counter("forwarded"), 1, "an RST sent is a transmitted packet");
+
+        // Without ACK: sequence 0, acknowledging the data and the FIN (wrapping around 2^32).
+        let input = Tcp::new((c, 40101), (VIP, 80), FIN)
+            .macs(CLIENT_MAC, lb_mac)
+            .seq(0xffff_fffe)
+            .payload(b"abc")
+            .build();
+        let (verdict, out, _) = fx.xdp.test_run(&input, client_if, 1).unwrap();
+        assert_eq!(verdict, XDP_REDIRECT);
+        let p = parse(&out);
+        assert_eq!((p.src, p.dst), ((VIP, 80), (c, 40101)));
+        assert_eq!((p.seq, p.ack, p.flags), (0, 2, RST | ACK));
+        assert_eq!(fx.counter("rst_sent"), 2);
+    });
+}
+
+/// Resets are rate-limited per CPU: a burst goes out, the rest is dropped and counted.
+#[test]
+fn xdp_resets_are_rate_limited() {
+    if !ready("xdp_resets_are_rate_limited") {
+        return;
+    }
+    in_fixture_netns(|client_if, _| {
+        let fx = Fixture::new();
+        // Far more than the burst, sent much faster than the rate refills it.
+        let n = 2000u64;
+        for i in 0..n {
+            let input = frame(
+                (client(2), 10_000 + i as u16),
+                (VIP, 80),
+                ACK,
+                b"",
+                &[],
+                [0xaa; 6],
+            );
+            let (verdict, _, _) = fx.xdp.test_run(&input, client_if, 1).unwrap();
+            assert!(
+                verdict == XDP_REDIRECT || verdict == XDP_DROP,
+                "verdict {verdict}"
+            );
+        }
+        let (sent, limited) = (fx.counter("rst_sent"), fx.counter("rst_limited"));
+        assert_eq!(sent + limited, n, "each answered or limited");
+        assert_eq!(fx.counter("no_conntrack"), n);
+        assert!(sent >= lb_common::rst::RST_BURST, "the burst goes out: {sent}");
+        assert!(limited > 0, "the rest is limited: sent {sent}, limited {limited}");
+    });
+}
+
+/// `on_down = "reset"` / `disable --reset` in the kernel: the backend's open connections are
+/// marked, and the next packet of either end is answered with an RST toward that end (sequence
+/// number from the packet). Connections opened afterwards are forwarded as usual.
+#[test]
+fn xdp_reset_backend_answers_both_ends_with_rst() {
+    if !ready("xdp_reset_backend_answers_both_ends_with_rst") {
+        return;
+    }
+    in_fixture_netns(|client_if, backend_if| {
+        let fx = Fixture::new();
+        let c = client(0);
+        let client_side = (c, 43000);
+        let (verdict, out, _) = fx
+            .xdp
+            .test_run(&frame_seq(client_side, (VIP, 80), SYN, 1000), client_if, 1)
+            .unwrap();
+        assert_eq!(verdict, XDP_REDIRECT);
+        let syn = parse(&out);
+        let (backend, snat) = (syn.dst, syn.src);
+        let syn_ack = Tcp::new(backend, snat, SYN | ACK)
+            .macs(backend_mac(backend.0.octets()[3] - 1), [0xbb; 6])
+            .seq(7000)
+            .ack(1001)
+            .build();
+        assert_eq!(fx.xdp.test_run(&syn_ack, backend_if, 1).unwrap().0, XDP_REDIRECT);
+
+        let svc = fx.state.service("web").unwrap();
+        let be = svc
+            .backends
+            .iter()
+            .find(|b| b.config.address == std::net::SocketAddr::from(backend))
+            .unwrap();
+        assert_eq!(fx.xdp.reset_backend(svc, be), 1, "one open connection marked");
+        let active = |fx: &Fixture| fx.xdp.backend_traffic("web")[&be.id].active;
+        assert_eq!(active(&fx), 0, "a marked connection is no longer counted open");
+        let which = fx.xdp.kernel_which("web", c, Some(43000)).unwrap();
+        assert!(
+            which.detail.ends_with("reset: its next packet gets an RST"),
+            "{which:?}"
+        );
+
+        // The client speaks first: it gets the RST, from the VIP.
+        let data = Tcp::new(client_side, (VIP, 80), ACK | PSH)
+            .macs(CLIENT_MAC, [0xaa; 6])
+            .seq(1001)
+            .ack(7001)
+            .payload(b"GET / HTTP/1.1\r\n\r\n")
+            .build();
+        let (verdict, out, _) = fx.xdp.test_run(&data, client_if, 1).unwrap();
+        assert_eq!(
+            verdict, XDP_REDIRECT,
+            "the client's packet is answered, not forwarded"
+        );
+        let p = parse(&out);
+        assert_eq!((p.src, p.dst, p.dst_mac), ((VIP, 80), client_side, CLIENT_MAC));
+        assert_eq!((p.seq, p.flags), (7001, RST));
+        // The backend's next packet gets its RST too, from the SNAT address and port.
+        let late = Tcp::new(backend, snat, ACK | PSH)
+            .macs(backend_mac(backend.0.octets()[3] - 1), [0xbb; 6])
+            .seq(7001)
+            .ack(1001)
+            .payload(b"late")
+            .build();
+        let (verdict, out, _) = fx.xdp.test_run(&late, backend_if, 1).unwrap();
+        assert_eq!(
+            verdict, XDP_REDIRECT,
+            "the backend's packet is answered, not forwarded"
+        );
+        let p = parse(&out);
+        assert_eq!((p.src, p.dst), (snat, backend));
+        assert_eq!((p.seq, p.flags), (1001, RST));
+        assert_eq!(fx.counter("reset_flow"), 2);
+        assert_eq!(fx.xdp.reset_backend(svc, be), 0, "nothing left to reset");
+
+        // A new connection from the same client is forwarded as usual.
+        let (verdict, out, _) = fx
+            .xdp
+            .test_run(&frame_seq((c, 43001), (VIP, 80), SYN, 50), client_if, 1)
+            .unwrap();
+        assert_eq!(verdict, XDP_REDIRECT);
+        let fresh = parse(&out).src;
+        let ack = frame_seq((c, 43001), (VIP, 80), ACK, 51);
+        assert_eq!(fx.xdp.test_run(&ack, client_if, 1).unwrap().0, XDP_REDIRECT);
+        assert_ne!(fresh, snat);
     });
 }

@@ -119,6 +119,11 @@ impl Tcp {
         self
     }
 
+    pub fn ack(mut self, ack: u32) -> Tcp {
+        self.ack = ack;
+        self
+    }
+
     pub fn id(mut self, id: u16) -> Tcp {
         self.id = id;
         self
@@ -229,8 +234,16 @@ pub struct Parsed {
     pub src: (Ipv4Addr, u16),
     pub dst: (Ipv4Addr, u16),
     pub ttl: u8,
+    /// IPv4 total length, identification and fragment field (flags and offset), as on the wire.
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag: u16,
     pub seq: u32,
+    pub ack: u32,
     pub flags: u8,
+    /// TCP window and urgent pointer.
+    pub window: u16,
+    pub urgent: u16,
     pub ip_options: Vec<u8>,
     pub tcp_options: Vec<u8>,
     pub payload: Vec<u8>,
@@ -298,8 +311,14 @@ pub fn parse(f: &[u8]) -> Result<Parsed, PacketError> {
         src: (src, u16::from_be_bytes([tcp[0], tcp[1]])),
         dst: (dst, u16::from_be_bytes([tcp[2], tcp[3]])),
         ttl: ip[8],
+        tot_len: u16::from_be_bytes([ip[2], ip[3]]),
+        id: u16::from_be_bytes([ip[4], ip[5]]),
+        frag: u16::from_be_bytes([ip[6], ip[7]]),
         seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+        ack: u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]),
         flags: tcp[13],
+        window: u16::from_be_bytes([tcp[14], tcp[15]]),
+        urgent: u16::from_be_bytes([tcp[18], tcp[19]]),
         ip_options: ip[20..].to_vec(),
         tcp_options: tcp[20..doff].to_vec(),
         payload: tcp[doff..].to_vec(),

@@ -1,6 +1,7 @@
 //! The control protocol: one JSON object per line each way.
 //!
-//! Request: `{"cmd":"set-state","service":"web","backend":"b1","state":"drain"}`.
+//! Request: `{"cmd":"set-state","service":"web","backend":"b1","state":"drain"}` (with
+//! `"state":"maintenance","reset":true`, the backend's open connections are reset too).
 //! Response: `{"ok":true,"result":…}` or `{"ok":false,"error":"…"}`.
 //!
 //! A request is a [`Request`]: a change in the state's own [`Command`] vocabulary, a [`Query`], or
@@ -34,6 +35,9 @@ pub enum Request {
     Query(Query),
     /// Re-read the config file and apply the difference.
     Reload,
+    /// `set-state` to `maintenance` with `"reset": true` (`lb backend disable --reset`): the
+    /// backend goes to maintenance, then its open connections are reset (both ends see an RST).
+    DisableReset { service: String, backend: String },
 }
 
 /// The requests that only read.
@@ -139,6 +143,7 @@ impl Request {
                     backend: BackendConfig::from_fields(Value::Object(fields))?,
                 }
             }
+            "set-state" if fields.contains_key("reset") => return state_with_reset(fields),
             "remove-backend" | "set-state" | "set-weight" => backend_change(&cmd, fields)?,
             _ => return Err(RequestError::Unknown(cmd)),
         };
@@ -150,6 +155,15 @@ impl Request {
         let (cmd, fields) = match self {
             Request::Query(q) => return Ok(serde_json::to_value(q).unwrap_or_default()),
             Request::Reload => ("reload", Value::Object(Map::new())),
+            Request::DisableReset { service, backend } => (
+                "set-state",
+                serde_json::json!({
+                    "service": service,
+                    "backend": backend,
+                    "state": AdminState::Maintenance,
+                    "reset": true,
+                }),
+            ),
             Request::Change(c) => match c {
                 Command::AddService { service } => ("add-service", json(service)),
                 Command::RemoveService { service } => {
@@ -278,6 +292,48 @@ fn backend_change(cmd: &str, fields: Map<String, Value>) -> Result<Command, Requ
         },
         _ => Command::RemoveBackend { service, backend },
     })
+}
+
+/// `set-state` with a `reset` field: `true` only with `"state":"maintenance"` (drain keeps open
+/// connections by definition), `false` is a plain `set-state`.
+fn state_with_reset(mut fields: Map<String, Value>) -> Result<Request, RequestError> {
+    let reset = match fields.remove("reset") {
+        Some(Value::Bool(b)) => b,
+        other => {
+            return Err(RequestError::Field(ConfigError::Field {
+                key: "reset".into(),
+                message: format!(
+                    "invalid type: {}, expected true or false",
+                    other.unwrap_or(Value::Null)
+                ),
+            }));
+        }
+    };
+    let Command::SetState {
+        service,
+        backend,
+        state,
+    } = backend_change("set-state", fields)?
+    else {
+        unreachable!("backend_change(\"set-state\") gives a SetState");
+    };
+    if !reset {
+        return Ok(Request::Change(Command::SetState {
+            service,
+            backend,
+            state,
+        }));
+    }
+    if state != AdminState::Maintenance {
+        return Err(RequestError::Field(ConfigError::Field {
+            key: "reset".into(),
+            message: format!(
+                "only with state \"maintenance\", not {:?}: a drained or active backend keeps its open connections",
+                crate::config::enum_text(&state)
+            ),
+        }));
+    }
+    Ok(Request::DisableReset { service, backend })
 }
 
 /// A response line.
@@ -445,6 +501,16 @@ pub struct WhichView {
     pub detail: String,
 }
 
+/// The answer to `lb backend disable --reset`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResetView {
+    pub service: String,
+    /// The backend's name.
+    pub backend: String,
+    /// Open connections reset (XDP: marked, each end gets an RST on its next packet).
+    pub connections: u64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReloadView {
     /// What changed, one line per applied command.
@@ -530,6 +596,21 @@ mod tests {
                     service: "web".into(),
                     backend: "b1".into(),
                     state: AdminState::Drain,
+                }),
+            ),
+            (
+                r#"{"cmd":"set-state","service":"web","backend":"b1","state":"maintenance","reset":true}"#,
+                Request::DisableReset {
+                    service: "web".into(),
+                    backend: "b1".into(),
+                },
+            ),
+            (
+                r#"{"cmd":"set-state","service":"web","backend":"b1","state":"maintenance","reset":false}"#,
+                Request::Change(Command::SetState {
+                    service: "web".into(),
+                    backend: "b1".into(),
+                    state: AdminState::Maintenance,
                 }),
             ),
             (
@@ -681,6 +762,21 @@ mod tests {
                 r#"{"cmd":"set-state","service":"web","backend":"b1","state":"sideways"}"#,
                 "state: \"sideways\" is not allowed",
                 "\"active\", \"drain\" or \"maintenance\"",
+            ),
+            (
+                r#"{"cmd":"set-state","service":"web","backend":"b1","state":"drain","reset":true}"#,
+                "reset: only with state \"maintenance\", not \"drain\"",
+                "keeps its open connections",
+            ),
+            (
+                r#"{"cmd":"set-state","service":"web","backend":"b1","state":"maintenance","reset":"yes"}"#,
+                "reset: invalid type",
+                "expected true or false",
+            ),
+            (
+                r#"{"cmd":"set-weight","service":"web","backend":"b1","weight":1,"reset":true}"#,
+                "reset: ",
+                "unknown field `reset`",
             ),
             (
                 r#"{"cmd":"set-state","service":"web","state":"drain"}"#,

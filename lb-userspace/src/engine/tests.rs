@@ -400,6 +400,41 @@ fn on_down_reset_asks_the_datapath_to_reset_only_when_configured() {
 }
 
 #[test]
+fn disable_with_reset_goes_to_maintenance_then_resets() {
+    use crate::control::protocol::Request;
+    let bed = Bed::new(BASE);
+    bed.calls();
+    let reset = |backend: &str| Request::DisableReset {
+        service: "web".into(),
+        backend: backend.into(),
+    };
+    let answer = bed.engine.handle_from(reset("b2"), Some(7)).unwrap();
+    assert_eq!(answer["backend"], "b2");
+    assert_eq!(answer["connections"], 0, "the fake datapath has none open");
+    let calls = bed.calls();
+    let want = Call::Reset {
+        service: "web".into(),
+        backend: "b2".into(),
+    };
+    let at = calls.iter().position(|c| *c == want).expect("reset asked");
+    assert!(
+        matches!(calls[..at].last(), Some(Call::Apply(Effect::ServiceChanged(_)))),
+        "maintenance applied before the reset: {calls:?}"
+    );
+    assert_eq!(bed.backend("b2").config.state, AdminState::Maintenance);
+    let t = bed.transitions("b2").recent().next().unwrap().clone();
+    assert_eq!((t.from.as_str(), t.to.as_str()), ("active", "maintenance"));
+    assert_eq!(t.reason, "operator uid 7");
+    // Already in maintenance: what is left is reset again.
+    bed.engine.handle_from(reset("b2"), Some(7)).unwrap();
+    assert!(bed.calls().contains(&want));
+    // A backend that does not exist: refused, nothing reset.
+    let e = bed.engine.handle_from(reset("b9"), Some(7)).unwrap_err();
+    assert!(e.to_string().contains("b9"), "{e}");
+    assert!(!bed.calls().iter().any(|c| matches!(c, Call::Reset { .. })));
+}
+
+#[test]
 fn failback_returns_failed_over_clients_only_when_enabled() {
     for failback in [false, true] {
         let text = BASE.replace(

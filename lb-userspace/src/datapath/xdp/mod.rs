@@ -7,7 +7,7 @@
 //! and backend's index again by address, and swaps the program in place. `lb cleanup` removes it all.
 //!
 //! - `loader`: load, pin or adopt, attach, log bridge; `sync`: state → maps; `query`: maps → counters,
-//!   `lb which`, forgetting flows; `host`: sysctls and `lb cleanup`.
+//!   `lb which`, marking flows for reset; `host`: sysctls and `lb cleanup`.
 
 pub mod host;
 mod loader;
@@ -191,7 +191,7 @@ impl Datapath for XdpDatapath {
     }
 
     fn reset_backend(&self, service: &Service, backend: &Backend) -> usize {
-        self.forget_flows(&service.settings.name, backend.id)
+        self.reset_flows(&service.settings.name, backend.id)
     }
 
     fn fail_back(&self, service: &Service, backend: &Backend) {

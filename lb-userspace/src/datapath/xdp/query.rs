@@ -1,12 +1,13 @@
 //! Reading the kernel's maps: counters, open connections, affinity, where a client would go
-//! (`lb which`, by the shared selection over read-only views), and forgetting flows or affinity.
+//! (`lb which`, by the shared selection over read-only views), forgetting affinity and marking
+//! flows for reset.
 
 use std::collections::HashMap as StdHashMap;
 use std::net::Ipv4Addr;
 
 use lb_common::maps::{
-    AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, FLOW_TO_BACKEND, FlowKey,
-    TrafficCounters, global_counter,
+    AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, FLOW_RESET, FLOW_TO_BACKEND, FlowKey,
+    FlowValue, TrafficCounters, global_counter,
 };
 use lb_common::select::{self, BackendTable, Peek, Policy, Ring};
 use tracing::info;
@@ -107,6 +108,7 @@ impl XdpDatapath {
             if v.flags & FLOW_TO_BACKEND != 0
                 && v.service_slot == ks.slot
                 && !v.closed()
+                && v.flags & FLOW_RESET == 0
                 && !v.expired(now, &global)
                 && let Some(t) = by_index.get_mut(&v.backend)
             {
@@ -142,8 +144,13 @@ impl XdpDatapath {
                     backend_id: id_of(flow.backend),
                     reason: "conntrack",
                     detail: format!(
-                        "open connection from port {port}, idle {} ms",
-                        (now - flow.last_seen_ns) / 1_000_000
+                        "open connection from port {port}, idle {} ms{}",
+                        now.saturating_sub(flow.last_seen_ns) / 1_000_000,
+                        if flow.flags & FLOW_RESET != 0 {
+                            ", reset: its next packet gets an RST"
+                        } else {
+                            ""
+                        }
                     ),
                 });
             }
@@ -243,9 +250,11 @@ impl XdpDatapath {
             .count() as u64
     }
 
-    /// Forgets every connection to `backend_id` (`on_down = "reset"`): their next packets have no
-    /// conntrack entry and are dropped, so both ends time out or reset.
-    pub fn forget_flows(&self, service: &str, backend_id: u32) -> usize {
+    /// Marks every open connection to `backend_id` for reset (`on_down = "reset"`, `lb backend
+    /// disable --reset`): both entries get [`FLOW_RESET`], so the next packet in either direction
+    /// is answered by the kernel with an RST toward its sender. Returns how many connections
+    /// (client → backend entries, neither closed nor expired) were marked.
+    pub fn reset_flows(&self, service: &str, backend_id: u32) -> usize {
         let mut inner = self.inner.lock().unwrap();
         let Some(ks) = inner.services.get(service) else {
             return 0;
@@ -253,17 +262,24 @@ impl XdpDatapath {
         let (slot, Some(index)) = (ks.slot, ks.backends.get(&backend_id).copied()) else {
             return 0;
         };
-        let flows: Vec<FlowKey> = inner
+        let now = monotonic_ns();
+        let global = inner.maps.config.get(&0, 0).unwrap_or_default();
+        let flows: Vec<(FlowKey, FlowValue)> = inner
             .maps
             .conntrack
             .iter()
             .flatten()
-            .filter(|(_, v)| v.service_slot == slot && v.backend == index)
-            .map(|(k, _)| k)
+            .filter(|(_, v)| v.service_slot == slot && v.backend == index && v.flags & FLOW_RESET == 0)
             .collect();
-        for k in &flows {
-            let _ = inner.maps.conntrack.remove(k);
+        let mut open = 0;
+        for (k, mut v) in flows {
+            if v.flags & FLOW_TO_BACKEND != 0 && !v.closed() && !v.expired(now, &global) {
+                open += 1;
+            }
+            v.flags |= FLOW_RESET;
+            // BPF_EXIST: an entry the kernel dropped meanwhile stays dropped.
+            let _ = inner.maps.conntrack.insert(k, v, 2);
         }
-        flows.len() / 2
+        open
     }
 }
