@@ -10,7 +10,10 @@ use anyhow::{Context, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use lb::config::{AdminState, BackendConfig, Config, ServiceConfig};
 use lb::control::client::{self, SocketSource};
-use lb::control::protocol::{Query, ReloadView, Request, RequestError, StatsView, StatusView, WhichView};
+use lb::control::protocol::{
+    AffinityChange, AffinityChangeView, AffinityListView, Query, ReloadView, Request, RequestError,
+    StatsView, StatusView, WhichView,
+};
 use lb::state::Command;
 use serde_json::{Map, Value};
 
@@ -127,6 +130,13 @@ enum Cmd {
         /// Client address: IP, or IP:PORT for an open connection.
         client: String,
     },
+    /// See and move source-IP affinity (which clients stick to which backend).
+    Affinity {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: AffinityCmd,
+    },
     /// Re-read the config file and apply what changed.
     Reload {
         #[command(flatten)]
@@ -216,6 +226,38 @@ enum BackendCmd {
 }
 
 #[derive(Subcommand)]
+enum AffinityCmd {
+    /// Clients with a live affinity entry, most recent first.
+    List {
+        /// Service name.
+        service: String,
+        /// Only clients of this backend (name or address).
+        #[arg(long)]
+        backend: Option<String>,
+        /// At most this many entries (1..=100000, default 100).
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// Forget affinity entries, so the ring decides again (open connections stay).
+    Flush {
+        /// Service name.
+        service: String,
+        /// Only clients of this backend (name or address).
+        #[arg(long)]
+        backend: Option<String>,
+    },
+    /// Pin a client to a backend.
+    Set {
+        /// Service name.
+        service: String,
+        /// Client IP address.
+        client: std::net::IpAddr,
+        /// Backend (name or address); it must be up and active or draining.
+        backend: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum ServiceCmd {
     /// List services.
     List,
@@ -255,6 +297,7 @@ impl Cmd {
             | Cmd::Backend { client, .. }
             | Cmd::Service { client, .. }
             | Cmd::Reload { client }
+            | Cmd::Affinity { client, .. }
             | Cmd::Which {
                 client_args: client, ..
             } => Some(client),
@@ -390,6 +433,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         (Request::Reload, _) => lb::cli::reload(&serde_json::from_value::<ReloadView>(result)?),
         (Request::Change(_), _) => "ok\n".to_string(),
+        (Request::Query(Query::AffinityList { .. }), _) => {
+            lb::cli::affinity(&serde_json::from_value::<AffinityListView>(result)?)
+        }
+        (Request::Affinity(_), _) => {
+            format!(
+                "{}\n",
+                serde_json::from_value::<AffinityChangeView>(result)?.summary
+            )
+        }
     };
     emit(out.as_bytes())
 }
@@ -415,6 +467,35 @@ fn request(command: Cmd) -> Result<Request, RequestError> {
         } => return Ok(Request::Query(Query::Backends { service })),
         Cmd::Which { service, client, .. } => return Ok(Request::Query(Query::Which { service, client })),
         Cmd::Reload { .. } => return Ok(Request::Reload),
+        Cmd::Affinity { cmd, .. } => {
+            return Ok(match cmd {
+                AffinityCmd::List {
+                    service,
+                    backend,
+                    limit,
+                } => {
+                    let query = Query::AffinityList {
+                        service,
+                        backend,
+                        limit,
+                    };
+                    query.check()?;
+                    Request::Query(query)
+                }
+                AffinityCmd::Flush { service, backend } => {
+                    Request::Affinity(AffinityChange::AffinityFlush { service, backend })
+                }
+                AffinityCmd::Set {
+                    service,
+                    client,
+                    backend,
+                } => Request::Affinity(AffinityChange::AffinitySet {
+                    service,
+                    client,
+                    backend,
+                }),
+            });
+        }
         Cmd::Backend {
             cmd:
                 BackendCmd::Add {

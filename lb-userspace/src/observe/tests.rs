@@ -28,6 +28,7 @@ fn backend(name: &str) -> BackendStatsView {
         ring_slots: 50,
         connections_active: 2,
         connections_total: 7,
+        affinity_clients: 3,
         bytes_in: 1000,
         bytes_out: 20000,
         packets_in: None,
@@ -366,6 +367,7 @@ fn metric_names_list_every_family() {
         "lb_backend_checks_total",
         "lb_backend_transitions_total",
         "lb_service_affinity_entries",
+        "lb_backend_affinity_clients",
         "lb_xdp_packets_total",
     ] {
         assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
@@ -447,6 +449,7 @@ fn exemplar() -> StatsView {
         ring_slots: 1,
         connections_active: 0,
         connections_total: 0,
+        affinity_clients: 0,
         bytes_in: 0,
         bytes_out: 0,
         packets_in: xdp.then_some(0),
