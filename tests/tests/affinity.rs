@@ -15,10 +15,24 @@ use common::*;
 use lb_tests::daemon::{backend_of, service_of};
 use lb_tests::require_root;
 
-/// An XDP bed over `backends`, once every backend's checks have succeeded.
-fn xdp_bed(tag: &str, backends: usize, clients: usize, pins: &Path) -> Bed {
+/// An XDP bed over `backends` (its config passed through `edit`), once every backend's checks
+/// have succeeded.
+fn xdp_bed(
+    tag: &str,
+    backends: usize,
+    clients: usize,
+    pins: &Path,
+    edit: impl FnOnce(String) -> String,
+) -> Bed {
     let bed = Bed::new(tag, backends, clients, |topo, socket| {
-        xdp_config(topo, socket, pins, backends, &[("web", 80, HTTP_PORT)], "")
+        edit(xdp_config(
+            topo,
+            socket,
+            pins,
+            backends,
+            &[("web", 80, HTTP_PORT)],
+            "",
+        ))
     });
     prepare_peers(&bed.topo);
     bed.lb
@@ -160,7 +174,7 @@ fn xdp_affinity_list_flush_set_and_drained() {
         return;
     }
     let pins = Pins::new(pin_dir("affc"));
-    let bed = xdp_bed("xaffc", 3, 12, &pins.0);
+    let bed = xdp_bed("xaffc", 3, 12, &pins.0, |c| c);
     list_flush_set_and_drained(&bed);
 }
 
@@ -251,4 +265,52 @@ fn proxy_reaches_a_healthy_backup_while_both_primaries_refuse() {
         failures_after, failures_before,
         "with affinity to the backup, no connect goes to the refusing primaries"
     );
+}
+
+/// `failback = true` on both datapaths: clients that came while every primary was out sit on
+/// the backup; once a primary is back, their next connections follow the ring to it (the
+/// backup's affinity entries are forgotten), and without failback they stay.
+fn failback_leaves_the_backup(bed: &Bed, failback: bool) {
+    let clients = bed.topo.client_addrs();
+    bed.lb.cli_ok(&["backend", "disable", "web", "b1"]);
+    bed.lb.cli_ok(&["backend", "disable", "web", "b2"]);
+    for &c in &clients {
+        assert_eq!(bed.get(c), "b3", "{c} while every primary is in maintenance");
+    }
+    assert_eq!(affinity_counts(bed)["b3"], clients.len() as u64);
+    bed.lb.cli_ok(&["backend", "enable", "web", "b1"]);
+    for &c in &clients {
+        let want = if failback { "b1" } else { "b3" };
+        assert_eq!(bed.get(c), want, "{c} once b1 is back (failback = {failback})");
+    }
+}
+
+/// `web` over b1, b2 and the backup b3, with `failback` as given.
+fn with_backup(config: String, failback: bool) -> String {
+    let config = config.replacen(
+        "[[service]]\nname = \"web\"\n",
+        &format!("[[service]]\nname = \"web\"\nfailback = {failback}\n"),
+        1,
+    );
+    let at = config.find("name = \"b3\"\n").expect("a backend b3");
+    let end = at + config[at..].find("\"\n").unwrap() + 2;
+    let end = end + config[end..].find('\n').unwrap() + 1;
+    format!("{}backup = true\n{}", &config[..end], &config[end..])
+}
+
+#[test]
+fn failback_moves_clients_off_the_backup_on_both_datapaths() {
+    if !require_root("failback_moves_clients_off_the_backup_on_both_datapaths") {
+        return;
+    }
+    for failback in [true, false] {
+        let bed = Bed::new("pfailb", 3, 6, |topo, sock| {
+            with_backup(config_toml(sock, "", "", &std_services(topo, 3, false)), failback)
+        });
+        failback_leaves_the_backup(&bed, failback);
+        drop(bed);
+        let pins = Pins::new(pin_dir("failb"));
+        let bed = xdp_bed("xfailb", 3, 6, &pins.0, |c| with_backup(c, failback));
+        failback_leaves_the_backup(&bed, failback);
+    }
 }
