@@ -702,6 +702,26 @@ mod tests {
                 &["which", "web", "192.0.2.7"],
                 serde_json::json!({"cmd":"which","service":"web","client":"192.0.2.7"}),
             ),
+            (
+                &["affinity", "list", "web"],
+                serde_json::json!({"cmd":"affinity-list","service":"web"}),
+            ),
+            (
+                &["affinity", "list", "web", "--backend", "b1", "--limit", "5"],
+                serde_json::json!({"cmd":"affinity-list","service":"web","backend":"b1","limit":5}),
+            ),
+            (
+                &["affinity", "flush", "web", "--backend", "b1"],
+                serde_json::json!({"cmd":"affinity-flush","service":"web","backend":"b1"}),
+            ),
+            (
+                &["affinity", "flush", "web"],
+                serde_json::json!({"cmd":"affinity-flush","service":"web"}),
+            ),
+            (
+                &["affinity", "set", "web", "192.0.2.7", "b2"],
+                serde_json::json!({"cmd":"affinity-set","service":"web","client":"192.0.2.7","backend":"b2"}),
+            ),
             (&["reload"], serde_json::json!({"cmd":"reload"})),
             (
                 &["backend", "drain", "web", "app1"],
@@ -791,6 +811,10 @@ mod tests {
     #[test]
     fn bad_values_are_refused_before_sending_naming_the_field() {
         let cases: &[(&[&str], &str)] = &[
+            (
+                &["affinity", "list", "web", "--limit", "0"],
+                "limit: 0 is out of range; allowed 1..=100000",
+            ),
             (
                 &["backend", "weight", "web", "b1", "300"],
                 "weight: 300 is out of range; allowed 0..=256",

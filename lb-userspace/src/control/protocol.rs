@@ -3,8 +3,8 @@
 //! Request: `{"cmd":"set-state","service":"web","backend":"b1","state":"drain"}`.
 //! Response: `{"ok":true,"result":…}` or `{"ok":false,"error":"…"}`.
 //!
-//! A request is a [`Request`]: a change in the state's own [`Command`] vocabulary, a [`Query`], or
-//! a reload. [`Request::parse`] decodes a line with the config file's validators (the fields of
+//! A request is a [`Request`]: a change in the state's own [`Command`] vocabulary, a [`Query`], a
+//! reload, or an [`AffinityChange`] (forget or pin affinity entries; the state is untouched). [`Request::parse`] decodes a line with the config file's validators (the fields of
 //! `add-service` and `add-backend` are the keys of a `[[service]]` and `[[service.backend]]`
 //! table), so every error names the field; the CLI builds the same values and sends them with
 //! their `Serialize` form.
