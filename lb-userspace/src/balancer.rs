@@ -17,6 +17,8 @@ use serde::Serialize;
 use lb_common::maps::AffinityValue;
 use lb_common::select::{self, BackendTable, Peek, Policy, Ring};
 
+use crate::datapath::DatapathError;
+use crate::datapath::affinity::{AffinityEntry, AffinityTable, Failback, Filter};
 use crate::runtime::{BackendRuntime, Snapshot};
 use crate::state::{Command, Effect, Service, State, StateError};
 
@@ -108,6 +110,9 @@ pub enum Reason {
     Affinity,
     /// Maglev ring lookup (primaries, or backups when no primary takes new clients).
     Ring,
+    /// A healthy backup, the last resort of a connection whose primaries all failed to connect
+    /// before they were marked down.
+    Backup,
 }
 
 /// The outcome of a selection.
@@ -140,8 +145,8 @@ pub enum SelectError {
 pub struct Pending {
     snapshot: Snapshot,
     effect: Effect,
-    /// The backend that came back up, when its service fails clients back.
-    back_up: Option<(u32, u32)>,
+    /// Clients the change sends back to the ring (`failback = true`): service id and which.
+    failback: Option<(u32, Failback)>,
 }
 
 impl Pending {
@@ -157,6 +162,11 @@ impl Pending {
     /// The state and runtime as they will be once committed.
     pub fn snapshot(&self) -> &Snapshot {
         &self.snapshot
+    }
+
+    /// The affinity entries the change sends back to the ring once committed (`failback = true`).
+    pub fn failback(&self) -> Option<&Failback> {
+        self.failback.as_ref().map(|(_, f)| f)
     }
 }
 
@@ -201,37 +211,30 @@ impl Balancer {
     /// nothing changed.
     pub fn stage(&self, command: Command) -> Result<Pending, StateError> {
         let current = self.current.load();
-        let back_up = match &command {
-            Command::SetHealth {
-                service,
-                backend,
-                health: crate::state::Health::Up,
-            } => {
-                let svc = current.state.service(service)?;
-                svc.settings
-                    .failback
-                    .then(|| svc.backend(backend).map(|b| (svc.id, b.id)))
-                    .flatten()
-            }
-            _ => None,
-        };
+        let before = current.state.services.get(command.service()).cloned();
         let mut state = current.state.clone();
         let effect = state.apply(command)?;
+        let failback = before.and_then(|before| {
+            let after = state.services.get(&before.settings.name)?;
+            (after.id == before.id)
+                .then(|| Failback::between(&before, after).map(|f| (after.id, f)))
+                .flatten()
+        });
         let runtime = current.runtime.follow(&state);
         Ok(Pending {
             snapshot: Snapshot { state, runtime },
             effect,
-            back_up,
+            failback,
         })
     }
 
     /// Publishes a staged command. Affinity entries live on unless their service went away, or
-    /// (with `failback = true`) their client's original backend is healthy again.
+    /// (with `failback = true`) the change sends their clients back to the ring.
     pub fn commit(&self, pending: Pending) -> Effect {
         let Pending {
             snapshot,
             effect,
-            back_up,
+            failback,
         } = pending;
         let removed = match &effect {
             Effect::ServiceRemoved { id, .. } => Some(*id),
@@ -243,19 +246,25 @@ impl Balancer {
                 shard.lock().unwrap().entries.retain(|(s, _), _| *s != id);
             }
         }
-        if let (Effect::ServiceChanged(name), Some((service, backend))) = (&effect, back_up) {
-            let mut moved = 0;
-            for shard in &self.shards {
-                let mut shard = shard.lock().unwrap();
-                let before = shard.entries.len();
-                shard
-                    .entries
-                    .retain(|(s, _), e| *s != service || !select::failed_over_from(e, backend));
-                moved += before - shard.entries.len();
+        if let (Effect::ServiceChanged(name), Some((service, failback))) = (&effect, failback) {
+            let moved = self.forget(|(s, _), e| *s == service && failback.picks_value(e));
+            if moved > 0 {
+                tracing::info!(service = %name, clients = moved, "failback: clients return to the ring");
             }
-            tracing::info!(service = %name, clients = moved, "failback: clients return to their backend");
         }
         effect
+    }
+
+    /// Forgets the entries `pick` chooses; returns how many.
+    fn forget(&self, pick: impl Fn(&(u32, IpAddr), &AffinityValue) -> bool) -> usize {
+        let mut forgotten = 0;
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap();
+            let before = shard.entries.len();
+            shard.entries.retain(|k, e| !pick(k, e));
+            forgotten += before - shard.entries.len();
+        }
+        forgotten
     }
 
     fn shard(&self, client: IpAddr) -> &Mutex<Shard> {
@@ -339,6 +348,25 @@ impl Balancer {
             .map(|b| b.id)
     }
 
+    /// [`Balancer::choose_backup`] as a [`Choice`]: the last resort of a new connection whose
+    /// primaries all failed to connect (refused, timed out) before the checks marked them down.
+    pub fn last_resort(&self, service: &str, exclude: &[u32]) -> Result<Choice, SelectError> {
+        let snapshot = self.current.load();
+        let svc = snapshot.state.service(service)?;
+        let b = self
+            .choose_backup(service, exclude)
+            .and_then(|id| svc.backend_by_id(id))
+            .ok_or_else(|| SelectError::NoBackend(service.to_string()))?;
+        Ok(Choice {
+            backend_id: b.id,
+            backend_name: b.config.name.clone(),
+            address: b.config.address,
+            reason: Reason::Backup,
+            slot: None,
+            runtime: snapshot.runtime(svc, b),
+        })
+    }
+
     /// Records that `client` reached `backend_id` (new or refreshed affinity entry).
     pub fn confirm(&self, service: &str, client: IpAddr, backend_id: u32, now: Instant) {
         let snapshot = self.current.load();
@@ -374,6 +402,7 @@ impl Balancer {
     }
 
     /// Number of affinity entries of a service (expired ones go at the next sweep).
+    #[cfg(test)]
     pub fn affinity_len(&self, service: &str) -> usize {
         let Some(id) = self.current.load().state.services.get(service).map(|s| s.id) else {
             return 0;
@@ -391,6 +420,50 @@ impl Balancer {
         for shard in &self.shards {
             shard.lock().unwrap().sweep(now, &timeouts);
         }
+    }
+}
+
+impl AffinityTable for Balancer {
+    fn entries(&self, service: &Service) -> Vec<AffinityEntry> {
+        let timeout = service.settings.affinity_timeout.as_nanos() as u64;
+        let now = self.clock(Instant::now());
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap();
+            out.extend(shard.entries.iter().filter_map(|((s, client), e)| {
+                let idle = now.saturating_sub(e.last_seen_ns);
+                (*s == service.id && idle < timeout)
+                    .then(|| AffinityEntry::new(*client, e.backend, e.home, Duration::from_nanos(idle)))
+            }));
+        }
+        out
+    }
+
+    fn flush(&self, service: &Service, filter: Filter<'_>) -> Result<usize, DatapathError> {
+        let now = self.clock(Instant::now());
+        Ok(self.forget(|(s, client), e| {
+            *s == service.id
+                && filter(&AffinityEntry::new(
+                    *client,
+                    e.backend,
+                    e.home,
+                    Duration::from_nanos(now.saturating_sub(e.last_seen_ns)),
+                ))
+        }))
+    }
+
+    fn pin(&self, service: &Service, client: IpAddr, backend_id: u32) -> Result<(), DatapathError> {
+        let value = AffinityValue {
+            backend: backend_id,
+            home: lb_common::maps::NO_BACKEND,
+            last_seen_ns: self.clock(Instant::now()),
+        };
+        let timeouts = self.timeouts();
+        self.shard(client)
+            .lock()
+            .unwrap()
+            .insert((service.id, client), value, &timeouts);
+        Ok(())
     }
 }
 

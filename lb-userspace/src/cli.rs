@@ -3,7 +3,7 @@
 use lb_common::counters::{CounterKind, XdpCounter, XdpCounters};
 
 use crate::config::enum_text;
-use crate::control::protocol::{ReloadView, ResetView, StatsView, StatusView, WhichView};
+use crate::control::protocol::{AffinityListView, ReloadView, ResetView, StatsView, StatusView, WhichView};
 
 /// Left-aligned columns separated by two spaces.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -240,6 +240,40 @@ fn ajp_stats(a: &crate::datapath::ajp::AjpServiceCounters) -> String {
     out
 }
 
+/// `lb affinity list`: one row per client, most recent first.
+pub fn affinity(view: &AffinityListView) -> String {
+    let rows: Vec<Vec<String>> = view
+        .entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.client.clone(),
+                e.backend.clone(),
+                e.address.clone(),
+                e.home.clone().unwrap_or_else(|| "-".into()),
+                format!("{}s", e.idle_secs),
+            ]
+        })
+        .collect();
+    let mut out = format!(
+        "service {}  {} clients with affinity{}\n",
+        view.service,
+        view.total,
+        if (view.entries.len() as u64) < view.total {
+            format!(" ({} shown; --limit shows more)", view.entries.len())
+        } else {
+            String::new()
+        }
+    );
+    if !rows.is_empty() {
+        out.push_str(&table(
+            &["CLIENT", "BACKEND", "ADDRESS", "FAILED OVER FROM", "IDLE"],
+            &rows,
+        ));
+    }
+    out
+}
+
 /// `lb status`: one block per service, one row per backend.
 pub fn status(view: &StatusView) -> String {
     let mut out = format!(
@@ -274,7 +308,11 @@ pub fn status(view: &StatusView) -> String {
                 vec![
                     b.name.clone(),
                     b.address.clone(),
-                    enum_text(&b.state),
+                    if b.drained {
+                        "drain (drained)".to_string()
+                    } else {
+                        enum_text(&b.state)
+                    },
                     enum_text(&b.health),
                     b.weight.to_string(),
                     if b.backup {
@@ -285,6 +323,7 @@ pub fn status(view: &StatusView) -> String {
                     b.ring_slots.to_string(),
                     b.active_connections.to_string(),
                     b.total_connections.to_string(),
+                    b.affinity_clients.to_string(),
                     b.connect_failures.to_string(),
                     bytes(b.bytes_in),
                     bytes(b.bytes_out),
@@ -313,6 +352,7 @@ pub fn status(view: &StatusView) -> String {
                 "SLOTS",
                 "ACTIVE",
                 "TOTAL",
+                "AFFINITY",
                 "FAILED",
                 "IN",
                 "OUT",

@@ -5,7 +5,9 @@
 //! - [`ajp`]: `datapath = "ajp"`, the AJP 1.3 request router (per-request routing, backend pools).
 //! - [`listener`]: the accepting side both user-space datapaths share.
 //! - [`fake`]: records what it was asked, for the engine's unit tests.
+//! - [`affinity`]: the affinity tables operators list, flush and pin, and failback.
 
+pub mod affinity;
 pub mod ajp;
 pub mod fake;
 pub mod listener;
@@ -74,8 +76,6 @@ impl BackendTraffic {
 /// Counters of one service: what the datapath keeps about it and its backends (by state id).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServiceTraffic {
-    /// Clients with a live affinity entry where this datapath keeps them.
-    pub affinity_entries: u64,
     /// Clients no backend could take, for datapaths that count them.
     pub failed_connections: Option<u64>,
     pub backends: HashMap<u32, BackendTraffic>,
@@ -128,9 +128,11 @@ pub trait Datapath: Send + Sync {
     /// answered with one) and returns how many it reset.
     fn reset_backend(&self, service: &Service, backend: &Backend) -> usize;
 
-    /// A backend came back with `failback = true`: forgets the affinity of clients that failed
-    /// over away from it, where the datapath keeps affinity of its own.
-    fn fail_back(&self, _service: &Service, _backend: &Backend) {}
+    /// The affinity table of the datapath's services when it keeps its own (the kernel's), or
+    /// `None` when they use the shared balancer's.
+    fn affinity_table(&self) -> Option<&dyn affinity::AffinityTable> {
+        None
+    }
 
     /// Where `client` (with `port`: its open connection first) would go by the datapath's own
     /// tables, or `None` when the datapath decides from the shared balancer.

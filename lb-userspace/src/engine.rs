@@ -4,6 +4,7 @@
 //! goes through [`Engine::execute`]: apply to the state, then let the datapath of the service follow.
 
 use crate::config::enum_text;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -15,9 +16,11 @@ use tracing::{info, warn};
 use crate::balancer::{Balancer, Reason, SelectError};
 use crate::config::{Config, ConfigError, DatapathKind};
 use crate::control::protocol::{
+    AFFINITY_LIST_DEFAULT, AffinityChange, AffinityChangeView, AffinityEntryView, AffinityListView,
     BackendStatsView, BackendView, Query, ReloadView, Request, ResetView, ServiceStatsView, ServiceView,
     StatsView, StatusView, WhichView,
 };
+use crate::datapath::affinity::AffinityTable;
 use crate::datapath::ajp::AjpDatapath;
 use crate::datapath::proxy::ProxyDatapath;
 use crate::datapath::xdp::XdpDatapath;
@@ -40,6 +43,16 @@ pub enum EngineError {
     BadAddress(String),
     #[error(transparent)]
     Xdp(#[from] crate::datapath::xdp::XdpError),
+    #[error("service `{0}` keeps no affinity (affinity_timeout = 0); there is nothing to pin")]
+    NoAffinity(String),
+    #[error(
+        "backend `{backend}` of `{service}` takes no clients now ({why}); pin clients to an active or draining backend that is up"
+    )]
+    PinRefused {
+        service: String,
+        backend: String,
+        why: String,
+    },
 }
 
 /// Who asked for a change: recorded as the reason of the transitions it causes.
@@ -202,6 +215,7 @@ impl Engine {
             .datapath(kind)
             .ok_or_else(|| DatapathError::Unavailable(command.service().to_string()))?;
         let description = describe(&command);
+        let command_service = command.service().to_string();
         // Health and state of the backend the command targets, to see afterwards what changed.
         let target = match &command {
             Command::SetState { service, backend, .. } | Command::SetHealth { service, backend, .. } => {
@@ -233,7 +247,23 @@ impl Engine {
             }
             return Err(e.into());
         }
+        let failback = pending.failback().cloned();
         let effect = self.balancer.commit(pending);
+        if let (Some(failback), Some(table), Ok(svc)) = (
+            failback,
+            datapath.affinity_table(),
+            self.balancer.snapshot().state.service(command_service.as_str()),
+        ) {
+            // The balancer let its own entries go at commit; the datapath's table follows.
+            match table.flush(svc, &|e| failback.picks(e)) {
+                Ok(n) => {
+                    info!(service = %command_service, clients = n, "failback: clients return to the ring");
+                }
+                Err(e) => {
+                    warn!(service = %command_service, error = %e, "failback: affinity entries not forgotten");
+                }
+            }
+        }
         if effect != Effect::Nothing {
             let now = self.balancer.snapshot();
             if let (Some((service, backend)), Some(before)) = (&target, before) {
@@ -253,8 +283,9 @@ impl Engine {
     }
 
     /// Applies a health transition reported by a checker (logged once, with the reason), then lets
-    /// the datapath react: reset the backend's connections (`on_down = "reset"`) or return clients
-    /// that failed over away from it (`failback = true`).
+    /// the datapath react: reset the backend's connections (`on_down = "reset"`). Clients that
+    /// failed over away from it return ([`crate::datapath::affinity::Failback`]) as the change is
+    /// committed.
     pub fn health_event(&self, event: HealthEvent) {
         let HealthEvent {
             service,
@@ -284,9 +315,6 @@ impl Engine {
         if health == Health::Down && svc.settings.on_down == crate::config::OnDown::Reset {
             let reset = datapath.reset_backend(svc, be);
             info!(%service, %backend, connections = reset, "on_down = reset: open connections reset");
-        }
-        if health == Health::Up && svc.settings.failback {
-            datapath.fail_back(svc, be);
         }
     }
 
@@ -404,6 +432,7 @@ impl Engine {
                         svc.ring.len(),
                         if svc.ring_uses_backups { " (backups)" } else { "" }
                     ),
+                    Reason::Backup => "a healthy backup".to_string(),
                 };
                 Ok(view(
                     svc.backend_by_id(c.backend_id),
@@ -426,15 +455,140 @@ impl Engine {
             .map(lb_common::counters::XdpCounters::from_named)
     }
 
-    /// Each service of a state snapshot with its datapath's counters (read without any lock held).
-    fn traffic<'s>(&self, snapshot: &'s Snapshot, only: Option<&str>) -> Vec<(&'s Service, ServiceTraffic)> {
+    /// Each service of a state snapshot with its datapath's counters and its clients with
+    /// affinity per backend id (read without any lock held).
+    fn traffic<'s>(
+        &self,
+        snapshot: &'s Snapshot,
+        only: Option<&str>,
+    ) -> Vec<(&'s Service, ServiceTraffic, HashMap<u32, u64>)> {
         snapshot
             .state
             .services
             .values()
             .filter(|s| only.is_none_or(|o| o == s.settings.name))
-            .map(|s| (s, self.datapath_of(s).traffic(s)))
+            .map(|s| {
+                let mut affinity = HashMap::new();
+                for e in self.affinity_of(s).entries(s) {
+                    *affinity.entry(e.backend_id).or_default() += 1;
+                }
+                (s, self.datapath_of(s).traffic(s), affinity)
+            })
             .collect()
+    }
+
+    /// The affinity table of a service: its datapath's own, else the balancer's.
+    fn affinity_of(&self, service: &Service) -> &dyn AffinityTable {
+        self.datapath_of(service)
+            .affinity_table()
+            .unwrap_or(&*self.balancer)
+    }
+
+    /// `affinity-list`: live entries of `service` (on `backend` only, when given), most recent first.
+    pub fn affinity_list(
+        &self,
+        service: &str,
+        backend: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<AffinityListView, EngineError> {
+        let snapshot = self.snapshot();
+        let svc = snapshot.state.service(service)?;
+        let only = backend.map(|b| backend_of(svc, b)).transpose()?.map(|b| b.id);
+        let mut entries: Vec<_> = self
+            .affinity_of(svc)
+            .entries(svc)
+            .into_iter()
+            .filter(|e| only.is_none_or(|id| id == e.backend_id))
+            .collect();
+        let total = entries.len() as u64;
+        entries.sort_by_key(|e| (e.idle, e.client));
+        let name = |id: u32| svc.backend_by_id(id).map(|b| b.config.name.clone());
+        let entries = entries
+            .into_iter()
+            .take(limit.unwrap_or(AFFINITY_LIST_DEFAULT) as usize)
+            .filter_map(|e| {
+                let b = svc.backend_by_id(e.backend_id)?;
+                Some(AffinityEntryView {
+                    client: e.client.to_string(),
+                    backend: b.config.name.clone(),
+                    address: b.config.address.to_string(),
+                    home: e.home.and_then(name),
+                    idle_secs: e.idle.as_secs(),
+                })
+            })
+            .collect();
+        Ok(AffinityListView {
+            service: service.to_string(),
+            total,
+            entries,
+        })
+    }
+
+    /// `affinity-flush` and `affinity-set`, one at a time with the state's changes and logged as
+    /// they are. A refused change (unknown service or backend, a backend that takes no clients, an
+    /// address the datapath cannot hold) changes nothing.
+    pub fn affinity_change(
+        &self,
+        change: AffinityChange,
+        origin: &Origin,
+    ) -> Result<AffinityChangeView, EngineError> {
+        let _one_at_a_time = self.commands.lock().unwrap();
+        let snapshot = self.snapshot();
+        let view = match &change {
+            AffinityChange::AffinityFlush { service, backend } => {
+                let svc = snapshot.state.service(service)?;
+                let only = backend.as_deref().map(|b| backend_of(svc, b)).transpose()?;
+                let id = only.map(|b| b.id);
+                let n = self
+                    .affinity_of(svc)
+                    .flush(svc, &|e| id.is_none_or(|id| id == e.backend_id))?;
+                AffinityChangeView {
+                    summary: match only {
+                        Some(b) => format!(
+                            "forgot {n} affinity entries of {service} on {}; their clients follow the ring",
+                            b.config.name
+                        ),
+                        None => {
+                            format!("forgot {n} affinity entries of {service}; their clients follow the ring")
+                        }
+                    },
+                    entries: n as u64,
+                }
+            }
+            AffinityChange::AffinitySet {
+                service,
+                client,
+                backend,
+            } => {
+                let svc = snapshot.state.service(service)?;
+                let be = backend_of(svc, backend)?;
+                if svc.settings.affinity_timeout.is_zero() {
+                    return Err(EngineError::NoAffinity(service.clone()));
+                }
+                if !be.admits_known() {
+                    let why = if be.health == Health::Down {
+                        "down".to_string()
+                    } else {
+                        format!("state {}", enum_text(&be.config.state))
+                    };
+                    return Err(EngineError::PinRefused {
+                        service: service.clone(),
+                        backend: be.config.name.clone(),
+                        why,
+                    });
+                }
+                self.affinity_of(svc).pin(svc, *client, be.id)?;
+                AffinityChangeView {
+                    summary: format!(
+                        "{client} sticks to {} ({}) in {service}",
+                        be.config.name, be.config.address
+                    ),
+                    entries: 1,
+                }
+            }
+        };
+        info!(change = %view.summary, by = %origin, "applied");
+        Ok(view)
     }
 
     /// Services, backends and counters (for XDP services, the kernel's per-CPU counters summed).
@@ -454,7 +608,7 @@ impl Engine {
         let services = self
             .traffic(&snapshot, only)
             .into_iter()
-            .map(|(s, traffic)| {
+            .map(|(s, traffic, affinity)| {
                 let ring_slots = slots(&s.ring);
                 let backends = s
                     .backends
@@ -462,6 +616,7 @@ impl Engine {
                     .map(|be| {
                         let runtime = snapshot.runtime(s, be);
                         let t = traffic.of(be, &runtime);
+                        let affinity_clients = affinity.get(&be.id).copied().unwrap_or(0);
                         BackendView {
                             name: be.config.name.clone(),
                             address: be.config.address.to_string(),
@@ -477,6 +632,10 @@ impl Engine {
                             connect_failures: t.connect_failures.unwrap_or(0),
                             bytes_in: t.bytes_in,
                             bytes_out: t.bytes_out,
+                            affinity_clients,
+                            drained: be.config.state == crate::config::AdminState::Drain
+                                && t.active == 0
+                                && affinity_clients == 0,
                         }
                     })
                     .collect();
@@ -486,7 +645,7 @@ impl Engine {
                     protocol: s.settings.protocol,
                     datapath: s.settings.datapath,
                     affinity_timeout_secs: s.settings.affinity_timeout.as_secs(),
-                    affinity_entries: traffic.affinity_entries,
+                    affinity_entries: affinity.values().sum(),
                     on_backups: s.ring_uses_backups,
                     failed_connections: traffic.failed_connections.unwrap_or(0),
                     ajp: traffic.ajp,
@@ -514,7 +673,7 @@ impl Engine {
         let services = self
             .traffic(&snapshot, None)
             .into_iter()
-            .map(|(s, traffic)| {
+            .map(|(s, traffic, affinity)| {
                 let ring_slots = slots(&s.ring);
                 let checked = s.settings.health.kind != crate::config::HealthKind::None;
                 let backends = s
@@ -534,6 +693,7 @@ impl Engine {
                             ring_slots: ring_slots.get(&be.id).copied().unwrap_or(0),
                             connections_active: t.active,
                             connections_total: t.total,
+                            affinity_clients: affinity.get(&be.id).copied().unwrap_or(0),
                             bytes_in: t.bytes_in,
                             bytes_out: t.bytes_out,
                             packets_in: t.packets_in,
@@ -551,7 +711,7 @@ impl Engine {
                     listen: s.settings.listen.to_string(),
                     protocol: s.settings.protocol,
                     datapath: s.settings.datapath,
-                    affinity_entries: traffic.affinity_entries,
+                    affinity_entries: affinity.values().sum(),
                     on_backups: s.ring_uses_backups,
                     failed_connections: traffic.failed_connections,
                     ajp: traffic.ajp,
@@ -586,6 +746,12 @@ impl Engine {
             Request::Query(Query::Stats {}) => json(&self.stats()),
             Request::Query(Query::Backends { service }) => json(&self.status(service.as_deref())?),
             Request::Query(Query::Which { service, client }) => json(&self.which(&service, &client)?),
+            Request::Query(Query::AffinityList {
+                service,
+                backend,
+                limit,
+            }) => json(&self.affinity_list(&service, backend.as_deref(), limit)?),
+            Request::Affinity(change) => json(&self.affinity_change(change, &Origin::Operator { uid })?),
             Request::Reload => json(&self.reload_by(uid)?),
             Request::Change(command) => {
                 let config = self.config.lock().unwrap();
@@ -697,6 +863,14 @@ fn record_transitions(
         info!(service, backend = %name, %address, %from, %to, by = %origin, "backend state changed");
         record(TransitionKind::State, from, to);
     }
+}
+
+/// The backend of `service` named by `reference` (name or address).
+fn backend_of<'s>(service: &'s Service, reference: &str) -> Result<&'s state::Backend, StateError> {
+    service.backend(reference).ok_or_else(|| StateError::NoBackend {
+        service: service.settings.name.clone(),
+        backend: reference.to_string(),
+    })
 }
 
 /// Wall-clock time in milliseconds since the Unix epoch.

@@ -11,7 +11,8 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use lb::config::{AdminState, BackendConfig, Config, ServiceConfig};
 use lb::control::client::{self, SocketSource};
 use lb::control::protocol::{
-    Query, ReloadView, Request, RequestError, ResetView, StatsView, StatusView, WhichView,
+    AffinityChange, AffinityChangeView, AffinityListView, Query, ReloadView, Request, RequestError,
+    ResetView, StatsView, StatusView, WhichView,
 };
 use lb::state::Command;
 use serde_json::{Map, Value};
@@ -129,6 +130,13 @@ enum Cmd {
         /// Client address: IP, or IP:PORT for an open connection.
         client: String,
     },
+    /// See and move source-IP affinity (which clients stick to which backend).
+    Affinity {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: AffinityCmd,
+    },
     /// Re-read the config file and apply what changed.
     Reload {
         #[command(flatten)]
@@ -222,6 +230,38 @@ enum BackendCmd {
 }
 
 #[derive(Subcommand)]
+enum AffinityCmd {
+    /// Clients with a live affinity entry, most recent first.
+    List {
+        /// Service name.
+        service: String,
+        /// Only clients of this backend (name or address).
+        #[arg(long)]
+        backend: Option<String>,
+        /// At most this many entries (1..=100000, default 100).
+        #[arg(long)]
+        limit: Option<u32>,
+    },
+    /// Forget affinity entries, so the ring decides again (open connections stay).
+    Flush {
+        /// Service name.
+        service: String,
+        /// Only clients of this backend (name or address).
+        #[arg(long)]
+        backend: Option<String>,
+    },
+    /// Pin a client to a backend.
+    Set {
+        /// Service name.
+        service: String,
+        /// Client IP address.
+        client: std::net::IpAddr,
+        /// Backend (name or address); it must be up and active or draining.
+        backend: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum ServiceCmd {
     /// List services.
     List,
@@ -261,6 +301,7 @@ impl Cmd {
             | Cmd::Backend { client, .. }
             | Cmd::Service { client, .. }
             | Cmd::Reload { client }
+            | Cmd::Affinity { client, .. }
             | Cmd::Which {
                 client_args: client, ..
             } => Some(client),
@@ -397,6 +438,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         (Request::Reload, _) => lb::cli::reload(&serde_json::from_value::<ReloadView>(result)?),
         (Request::Change(_), _) => "ok\n".to_string(),
         (Request::DisableReset { .. }, _) => lb::cli::reset(&serde_json::from_value::<ResetView>(result)?),
+        (Request::Query(Query::AffinityList { .. }), _) => {
+            lb::cli::affinity(&serde_json::from_value::<AffinityListView>(result)?)
+        }
+        (Request::Affinity(_), _) => {
+            format!(
+                "{}\n",
+                serde_json::from_value::<AffinityChangeView>(result)?.summary
+            )
+        }
     };
     emit(out.as_bytes())
 }
@@ -422,6 +472,35 @@ fn request(command: Cmd) -> Result<Request, RequestError> {
         } => return Ok(Request::Query(Query::Backends { service })),
         Cmd::Which { service, client, .. } => return Ok(Request::Query(Query::Which { service, client })),
         Cmd::Reload { .. } => return Ok(Request::Reload),
+        Cmd::Affinity { cmd, .. } => {
+            return Ok(match cmd {
+                AffinityCmd::List {
+                    service,
+                    backend,
+                    limit,
+                } => {
+                    let query = Query::AffinityList {
+                        service,
+                        backend,
+                        limit,
+                    };
+                    query.check()?;
+                    Request::Query(query)
+                }
+                AffinityCmd::Flush { service, backend } => {
+                    Request::Affinity(AffinityChange::AffinityFlush { service, backend })
+                }
+                AffinityCmd::Set {
+                    service,
+                    client,
+                    backend,
+                } => Request::Affinity(AffinityChange::AffinitySet {
+                    service,
+                    client,
+                    backend,
+                }),
+            });
+        }
         Cmd::Backend {
             cmd:
                 BackendCmd::Add {
@@ -637,6 +716,26 @@ mod tests {
                 &["which", "web", "192.0.2.7"],
                 serde_json::json!({"cmd":"which","service":"web","client":"192.0.2.7"}),
             ),
+            (
+                &["affinity", "list", "web"],
+                serde_json::json!({"cmd":"affinity-list","service":"web"}),
+            ),
+            (
+                &["affinity", "list", "web", "--backend", "b1", "--limit", "5"],
+                serde_json::json!({"cmd":"affinity-list","service":"web","backend":"b1","limit":5}),
+            ),
+            (
+                &["affinity", "flush", "web", "--backend", "b1"],
+                serde_json::json!({"cmd":"affinity-flush","service":"web","backend":"b1"}),
+            ),
+            (
+                &["affinity", "flush", "web"],
+                serde_json::json!({"cmd":"affinity-flush","service":"web"}),
+            ),
+            (
+                &["affinity", "set", "web", "192.0.2.7", "b2"],
+                serde_json::json!({"cmd":"affinity-set","service":"web","client":"192.0.2.7","backend":"b2"}),
+            ),
             (&["reload"], serde_json::json!({"cmd":"reload"})),
             (
                 &["backend", "drain", "web", "app1"],
@@ -730,6 +829,10 @@ mod tests {
     #[test]
     fn bad_values_are_refused_before_sending_naming_the_field() {
         let cases: &[(&[&str], &str)] = &[
+            (
+                &["affinity", "list", "web", "--limit", "0"],
+                "limit: 0 is out of range; allowed 1..=100000",
+            ),
             (
                 &["backend", "weight", "web", "b1", "300"],
                 "weight: 300 is out of range; allowed 0..=256",

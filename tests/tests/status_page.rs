@@ -157,7 +157,10 @@ fn the_status_page_renders_in_a_browser() {
         &dom,
         "<tr class=\"backend state-drain health-up\" data-backend=\"b2\">",
     );
-    assert!(b2.contains("<td class=\"state\">drain</td>"), "{b2}");
+    assert!(b2.contains("<td class=\"state\">drain"), "{b2}");
+    // "(drained)" once nothing is left on it, as `lb status` says.
+    let drained = bed.lb.backend("web", "b2").unwrap()["drained"] == true;
+    assert_eq!(b2.contains("(drained)"), drained, "{b2}");
     let b3_row = row(
         &dom,
         "<tr class=\"backend state-active health-down\" data-backend=\"b3\">",

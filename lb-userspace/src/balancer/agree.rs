@@ -2,7 +2,8 @@
 //! [`Balancer`] and over kernel-shaped tables (a backends array indexed by kernel index with
 //! flags, a flat ring of kernel indices, an affinity map keyed by service slot and client, times
 //! in nanoseconds) picks the same backend for every client through random sequences of
-//! connections, state, health and weight changes, failbacks and the passing of time.
+//! connections, state, health and weight changes, failbacks (home backends back, ring leaving the
+//! backups) and the passing of time.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -16,6 +17,7 @@ use proptest::prelude::*;
 
 use super::Balancer;
 use crate::config::AdminState;
+use crate::datapath::affinity::Failback;
 use crate::state::tests::{backend, service};
 use crate::state::{Command, Health, State};
 
@@ -60,9 +62,18 @@ impl Kernel {
         };
     }
 
-    fn fail_back(&mut self, id: u32) {
-        self.affinity
-            .retain(|k, v| !(k.service_slot == SLOT && select::failed_over_from(v, index(id))));
+    /// Forgets the entries `failback` sends back to the ring, as the XDP datapath's table does
+    /// (its values translated from kernel indices to state ids).
+    fn fail_back(&mut self, failback: &Failback) {
+        let id = |i: u32| if i == NO_BACKEND { NO_BACKEND } else { (i - 5) / 3 };
+        self.affinity.retain(|k, v| {
+            let by_id = AffinityValue {
+                backend: id(v.backend),
+                home: id(v.home),
+                ..*v
+            };
+            !(k.service_slot == SLOT && failback.picks_value(&by_id))
+        });
     }
 }
 
@@ -195,22 +206,13 @@ fn run(events: &[Event], failback: bool) -> Result<(), TestCaseError> {
             }
         };
         if let Some(command) = command {
-            let back_up = match &command {
-                Command::SetHealth {
-                    backend,
-                    health: Health::Up,
-                    ..
-                } => {
-                    let snap = user.snapshot();
-                    let b = snap.state.service("web").unwrap().backend(backend).unwrap();
-                    (b.health == Health::Down).then_some(b.id)
-                }
-                _ => None,
-            };
-            user.apply(command).unwrap();
+            let pending = user.stage(command).unwrap();
+            let back = pending.failback().cloned();
+            prop_assert!(failback || back.is_none(), "failback only when the service asks");
+            user.commit(pending);
             kernel.sync(&user.snapshot().state);
-            if failback && let Some(id) = back_up {
-                kernel.fail_back(id);
+            if let Some(back) = back {
+                kernel.fail_back(&back);
             }
         }
     }

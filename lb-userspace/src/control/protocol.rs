@@ -4,8 +4,8 @@
 //! `"state":"maintenance","reset":true`, the backend's open connections are reset too).
 //! Response: `{"ok":true,"result":…}` or `{"ok":false,"error":"…"}`.
 //!
-//! A request is a [`Request`]: a change in the state's own [`Command`] vocabulary, a [`Query`], or
-//! a reload. [`Request::parse`] decodes a line with the config file's validators (the fields of
+//! A request is a [`Request`]: a change in the state's own [`Command`] vocabulary, a [`Query`], a
+//! reload, or an [`AffinityChange`] (forget or pin affinity entries; the state is untouched). [`Request::parse`] decodes a line with the config file's validators (the fields of
 //! `add-service` and `add-backend` are the keys of a `[[service]]` and `[[service.backend]]`
 //! table), so every error names the field; the CLI builds the same values and sends them with
 //! their `Serialize` form.
@@ -38,6 +38,31 @@ pub enum Request {
     /// `set-state` to `maintenance` with `"reset": true` (`lb backend disable --reset`): the
     /// backend goes to maintenance, then its open connections are reset (both ends see an RST).
     DisableReset { service: String, backend: String },
+    /// Forget or pin affinity entries: `affinity-flush`, `affinity-set`.
+    Affinity(AffinityChange),
+}
+
+/// Entries `affinity-list` returns when the request gives no `limit`.
+pub const AFFINITY_LIST_DEFAULT: u32 = 100;
+/// Most entries one `affinity-list` returns.
+pub const AFFINITY_LIST_MAX: u32 = 100_000;
+
+/// Changes to the affinity table of a service (the state is untouched).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum AffinityChange {
+    /// Forget the entries of `service` (those on `backend` only, when given): the ring decides again.
+    AffinityFlush {
+        service: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+    },
+    /// Pin `client` to `backend` (its entry is replaced).
+    AffinitySet {
+        service: String,
+        client: std::net::IpAddr,
+        backend: String,
+    },
 }
 
 /// The requests that only read.
@@ -55,6 +80,60 @@ pub enum Query {
     },
     /// Which backend would `client` reach, and why.
     Which { service: String, client: String },
+    /// Live affinity entries of a service (of one backend), most recent first.
+    AffinityList {
+        service: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<String>,
+        /// At most this many entries (1..=[`AFFINITY_LIST_MAX`], default [`AFFINITY_LIST_DEFAULT`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+}
+
+impl Query {
+    /// Checks the fields serde cannot (ranges); the CLI runs it before sending.
+    pub fn check(&self) -> Result<(), RequestError> {
+        if let Query::AffinityList { limit: Some(n), .. } = self
+            && !(1..=AFFINITY_LIST_MAX).contains(n)
+        {
+            return Err(limit_error(i64::from(*n)));
+        }
+        Ok(())
+    }
+}
+
+fn limit_error(n: i64) -> RequestError {
+    RequestError::Field(ConfigError::Field {
+        key: "limit".into(),
+        message: format!("{n} is out of range; allowed 1..={AFFINITY_LIST_MAX}"),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AffinityListFields {
+    service: String,
+    #[serde(default)]
+    backend: Option<String>,
+    #[serde(default)]
+    limit: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AffinityFlushFields {
+    service: String,
+    #[serde(default)]
+    backend: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AffinitySetFields {
+    service: String,
+    client: std::net::IpAddr,
+    backend: String,
 }
 
 /// Why a request line was refused before reaching the engine.
@@ -72,7 +151,7 @@ pub enum RequestError {
 }
 
 /// Every `cmd`, for error messages.
-const COMMANDS: &str = "status, stats, backends, which, reload, add-service, remove-service, add-backend, remove-backend, set-state, set-weight";
+const COMMANDS: &str = "status, stats, backends, which, affinity-list, affinity-flush, affinity-set, reload, add-service, remove-service, add-backend, remove-backend, set-state, set-weight";
 
 /// `remove-backend`, `set-state` and `set-weight` name a backend of a service.
 #[derive(Deserialize)]
@@ -124,6 +203,42 @@ impl Request {
             return Ok(Request::Query(decode(Value::Object(fields))?));
         }
         fields.remove("cmd");
+        // Decoded without the tag, so an error names its field.
+        match cmd.as_str() {
+            "affinity-list" => {
+                let f: AffinityListFields = decode(Value::Object(fields))?;
+                let limit = f
+                    .limit
+                    .map(|n| {
+                        u32::try_from(n)
+                            .ok()
+                            .filter(|n| (1..=AFFINITY_LIST_MAX).contains(n))
+                            .ok_or_else(|| limit_error(n))
+                    })
+                    .transpose()?;
+                return Ok(Request::Query(Query::AffinityList {
+                    service: f.service,
+                    backend: f.backend,
+                    limit,
+                }));
+            }
+            "affinity-flush" => {
+                let f: AffinityFlushFields = decode(Value::Object(fields))?;
+                return Ok(Request::Affinity(AffinityChange::AffinityFlush {
+                    service: f.service,
+                    backend: f.backend,
+                }));
+            }
+            "affinity-set" => {
+                let f: AffinitySetFields = decode(Value::Object(fields))?;
+                return Ok(Request::Affinity(AffinityChange::AffinitySet {
+                    service: f.service,
+                    client: f.client,
+                    backend: f.backend,
+                }));
+            }
+            _ => {}
+        }
         let change = match cmd.as_str() {
             "reload" => {
                 decode::<NoFields>(Value::Object(fields))?;
@@ -154,6 +269,7 @@ impl Request {
     pub fn to_value(&self) -> Result<Value, RequestError> {
         let (cmd, fields) = match self {
             Request::Query(q) => return Ok(serde_json::to_value(q).unwrap_or_default()),
+            Request::Affinity(a) => return Ok(serde_json::to_value(a).unwrap_or_default()),
             Request::Reload => ("reload", Value::Object(Map::new())),
             Request::DisableReset { service, backend } => (
                 "set-state",
@@ -408,6 +524,12 @@ pub struct BackendView {
     pub connect_failures: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Clients with a live affinity entry to this backend.
+    #[serde(default)]
+    pub affinity_clients: u64,
+    /// Draining, and nothing left on it: no open connection, no client with affinity.
+    #[serde(default)]
+    pub drained: bool,
     /// Health-check details; None when the service has no checks.
     #[serde(default)]
     pub check: Option<crate::health::CheckStatus>,
@@ -465,6 +587,9 @@ pub struct BackendStatsView {
     pub connections_active: u64,
     /// Connections set up to this backend (XDP: new flows).
     pub connections_total: u64,
+    /// Clients with a live affinity entry to this backend.
+    #[serde(default)]
+    pub affinity_clients: u64,
     /// Client → backend: payload bytes relayed (proxy) or frame bytes forwarded (XDP).
     pub bytes_in: u64,
     /// Backend → client, likewise.
@@ -487,6 +612,36 @@ pub struct BackendStatsView {
     pub state_transitions: u64,
     /// The most recent transitions, oldest first (at most [`crate::state::RECENT_TRANSITIONS`]).
     pub transitions: Vec<Transition>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AffinityListView {
+    pub service: String,
+    /// Live entries matching the request (before `limit`).
+    pub total: u64,
+    /// At most `limit` entries, most recent first.
+    pub entries: Vec<AffinityEntryView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AffinityEntryView {
+    pub client: String,
+    pub backend: String,
+    pub address: String,
+    /// The backend the client failed over from (it returns there with `failback = true`).
+    #[serde(default)]
+    pub home: Option<String>,
+    /// Seconds since the client's last new connection.
+    pub idle_secs: u64,
+}
+
+/// The answer to `affinity-flush` and `affinity-set`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AffinityChangeView {
+    /// What was done, in one line.
+    pub summary: String,
+    /// Entries forgotten (flush) or written (set).
+    pub entries: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -590,6 +745,44 @@ mod tests {
                 }),
             ),
             (r#"{"cmd":"reload"}"#, Request::Reload),
+            (
+                r#"{"cmd":"affinity-list","service":"web"}"#,
+                Request::Query(Query::AffinityList {
+                    service: "web".into(),
+                    backend: None,
+                    limit: None,
+                }),
+            ),
+            (
+                r#"{"cmd":"affinity-list","service":"web","backend":"b1","limit":5}"#,
+                Request::Query(Query::AffinityList {
+                    service: "web".into(),
+                    backend: Some("b1".into()),
+                    limit: Some(5),
+                }),
+            ),
+            (
+                r#"{"cmd":"affinity-flush","service":"web"}"#,
+                Request::Affinity(AffinityChange::AffinityFlush {
+                    service: "web".into(),
+                    backend: None,
+                }),
+            ),
+            (
+                r#"{"cmd":"affinity-flush","service":"web","backend":"b2"}"#,
+                Request::Affinity(AffinityChange::AffinityFlush {
+                    service: "web".into(),
+                    backend: Some("b2".into()),
+                }),
+            ),
+            (
+                r#"{"cmd":"affinity-set","service":"web","client":"2001:db8::7","backend":"b2"}"#,
+                Request::Affinity(AffinityChange::AffinitySet {
+                    service: "web".into(),
+                    client: "2001:db8::7".parse().unwrap(),
+                    backend: "b2".into(),
+                }),
+            ),
             (
                 r#"{"cmd":"set-state","service":"web","backend":"b1","state":"drain"}"#,
                 Request::Change(Command::SetState {
@@ -728,6 +921,37 @@ mod tests {
                 "unknown field `service`",
             ),
             (r#"{"cmd":"reload","now":true}"#, "", "unknown field `now`"),
+            (
+                r#"{"cmd":"affinity-list","service":"web","limit":0}"#,
+                "limit: 0 is out of range; allowed 1..=100000",
+                "",
+            ),
+            (
+                r#"{"cmd":"affinity-list","service":"web","limit":-3}"#,
+                "limit: -3 is out of range",
+                "",
+            ),
+            (
+                r#"{"cmd":"affinity-list","service":"web","limit":"all"}"#,
+                "limit: ",
+                "invalid type",
+            ),
+            (r#"{"cmd":"affinity-list"}"#, "", "missing field `service`"),
+            (
+                r#"{"cmd":"affinity-set","service":"web","client":"10.0.0.300","backend":"b1"}"#,
+                "client: ",
+                "invalid IP address",
+            ),
+            (
+                r#"{"cmd":"affinity-set","service":"web","client":"10.0.0.3"}"#,
+                "",
+                "missing field `backend`",
+            ),
+            (
+                r#"{"cmd":"affinity-flush","service":"web","client":"10.0.0.3"}"#,
+                "",
+                "unknown field `client`",
+            ),
             (
                 r#"{"cmd":"set-weight","service":"web","backend":"b1","weight":300}"#,
                 "weight: 300 is out of range; allowed 0..=256",

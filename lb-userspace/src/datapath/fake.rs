@@ -14,7 +14,6 @@ pub enum Call {
     Apply(Effect),
     FinishStart,
     Reset { service: String, backend: String },
-    FailBack { service: String, backend: String },
     Shutdown,
 }
 
@@ -92,16 +91,8 @@ impl Datapath for FakeDatapath {
         0
     }
 
-    fn fail_back(&self, service: &Service, backend: &Backend) {
-        self.record(Call::FailBack {
-            service: service.settings.name.clone(),
-            backend: backend.config.name.clone(),
-        });
-    }
-
     fn traffic(&self, _service: &Service) -> ServiceTraffic {
         ServiceTraffic {
-            affinity_entries: 0,
             failed_connections: None,
             backends: std::collections::HashMap::new(),
             ajp: None,

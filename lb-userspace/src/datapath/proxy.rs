@@ -2,7 +2,7 @@
 //!
 //! One listener per service ([`super::listener`], bounded by `max_connections`). Each connection
 //! asks the [`Balancer`] for a backend, connects with a timeout, tries the next candidate on
-//! failure, records affinity, then relays both directions with fixed buffers until both sides have
+//! failure (a healthy backup last, while every primary fails), records affinity, then relays both directions with fixed buffers until both sides have
 //! closed (half-close passed on).
 
 use std::collections::HashMap;
@@ -99,7 +99,6 @@ impl Datapath for ProxyDatapath {
     fn traffic(&self, service: &Service) -> ServiceTraffic {
         let name = &service.settings.name;
         ServiceTraffic {
-            affinity_entries: self.balancer.affinity_len(name) as u64,
             failed_connections: Some(
                 self.listeners
                     .service(name)
@@ -120,12 +119,28 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
     let (service, balancer) = (svc.name.as_str(), &*svc.balancer);
     let _ = client.set_nodelay(true);
     let mut exclude = Vec::new();
-    for _ in 0..MAX_ATTEMPTS {
+    for attempt in 0..MAX_ATTEMPTS {
         let connect_timeout = match balancer.snapshot().state.service(service) {
             Ok(s) => s.settings.connect_timeout,
             Err(_) => return, // service removed meanwhile
         };
-        let choice = match balancer.choose(service, peer.ip(), Instant::now(), &exclude) {
+        // While every primary fails (before the checks mark them down), a healthy backup is the
+        // last resort: when the ring has nobody left to try, and for the last attempt.
+        let picked = if attempt + 1 == MAX_ATTEMPTS && !exclude.is_empty() {
+            balancer
+                .last_resort(service, &exclude)
+                .or_else(|_| balancer.choose(service, peer.ip(), Instant::now(), &exclude))
+        } else {
+            balancer
+                .choose(service, peer.ip(), Instant::now(), &exclude)
+                .or_else(|e| match e {
+                    SelectError::NoBackend(_) if !exclude.is_empty() => {
+                        balancer.last_resort(service, &exclude)
+                    }
+                    e => Err(e),
+                })
+        };
+        let choice = match picked {
             Ok(c) => c,
             Err(SelectError::NoBackend(_) | SelectError::State(_)) => break,
         };

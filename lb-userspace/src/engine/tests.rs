@@ -448,13 +448,7 @@ fn failback_returns_failed_over_clients_only_when_enabled() {
         for c in &on_b1 {
             assert_ne!(bed.connect(c), "b1");
         }
-        bed.calls();
         bed.health("b1", Health::Up);
-        let asked = bed.calls().contains(&Call::FailBack {
-            service: "web".into(),
-            backend: "b1".into(),
-        });
-        assert_eq!(asked, failback);
         let back = on_b1.iter().filter(|c| bed.connect(c) == "b1").count();
         assert_eq!(
             back,
@@ -675,4 +669,168 @@ async fn control_server_in_process_on_a_temp_socket() {
     stop.cancel();
     server.await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An affinity request as the control socket decodes it.
+fn affinity_request(bed: &Bed, line: &str) -> Result<serde_json::Value, EngineError> {
+    let request = crate::control::protocol::Request::parse(line).unwrap();
+    bed.engine.handle_from(request, Some(7))
+}
+
+#[test]
+fn affinity_list_flush_and_set_change_where_clients_go() {
+    let bed = Bed::new(BASE);
+    let placed: Vec<(String, String)> = clients(60).map(|c| (c.clone(), bed.connect(&c))).collect();
+    let on = |b: &str| placed.iter().filter(|(_, x)| x == b).count() as u64;
+    // Counts per backend in status, summing to the service's.
+    let status = bed.engine.status(None).unwrap();
+    let svc = &status.services[0];
+    assert_eq!(svc.affinity_entries, 60);
+    for b in &svc.backends {
+        assert_eq!(b.affinity_clients, on(&b.name), "{}", b.name);
+    }
+    // List: all, one backend's, limited.
+    let all = bed.engine.affinity_list("web", None, None).unwrap();
+    assert_eq!((all.total, all.entries.len()), (60, 60));
+    let b1 = bed.engine.affinity_list("web", Some("b1"), Some(3)).unwrap();
+    assert_eq!(b1.total, on("b1"));
+    assert_eq!(b1.entries.len(), 3.min(on("b1") as usize));
+    assert!(
+        b1.entries
+            .iter()
+            .all(|e| e.backend == "b1" && e.address == "10.1.1.2:80")
+    );
+    // Set: a client of b1 is pinned to b2; `which` and the next connection follow.
+    let (client, _) = placed.iter().find(|(_, b)| b == "b1").unwrap().clone();
+    let answer = affinity_request(
+        &bed,
+        &format!(r#"{{"cmd":"affinity-set","service":"web","client":"{client}","backend":"b2"}}"#),
+    )
+    .unwrap();
+    assert_eq!(answer["entries"], 1);
+    let w = bed.engine.which("web", &client).unwrap();
+    assert_eq!(
+        (w.backend.as_deref(), w.reason.as_str()),
+        (Some("b2"), "affinity")
+    );
+    assert_eq!(bed.connect(&client), "b2");
+    // Flush one backend: its clients follow the ring again, the others keep their entries.
+    let before_b3 = bed.engine.affinity_list("web", Some("b3"), None).unwrap().total;
+    let answer =
+        affinity_request(&bed, r#"{"cmd":"affinity-flush","service":"web","backend":"b2"}"#).unwrap();
+    assert_eq!(answer["entries"], on("b2") + 1);
+    assert_eq!(
+        bed.engine.affinity_list("web", Some("b2"), None).unwrap().total,
+        0
+    );
+    assert_eq!(
+        bed.engine.affinity_list("web", Some("b3"), None).unwrap().total,
+        before_b3
+    );
+    let w = bed.engine.which("web", &client).unwrap();
+    assert_eq!((w.backend.as_deref(), w.reason.as_str()), (Some("b1"), "ring"));
+    // Flush all.
+    affinity_request(&bed, r#"{"cmd":"affinity-flush","service":"web"}"#).unwrap();
+    assert_eq!(bed.engine.status(None).unwrap().services[0].affinity_entries, 0);
+}
+
+#[test]
+fn affinity_changes_are_refused_with_a_reason_and_leave_no_trace() {
+    let text = BASE.to_string()
+        + "[[service]]\nname = \"nosticky\"\nlisten = \"10.0.0.101:80\"\naffinity_timeout = \"0s\"\n\
+           [service.health]\nkind = \"none\"\n[[service.backend]]\naddress = \"10.1.9.2:80\"\n";
+    let bed = Bed::new(&text);
+    let placed: Vec<(String, String)> = clients(30).map(|c| (c.clone(), bed.connect(&c))).collect();
+    let on_b1 = placed.iter().find(|(_, b)| b == "b1").unwrap().0.clone();
+    bed.set_state("b3", AdminState::Maintenance);
+    let cases = [
+        (
+            r#"{"cmd":"affinity-set","service":"nope","client":"192.0.2.1","backend":"b1"}"#,
+            "no service named `nope`",
+        ),
+        (
+            r#"{"cmd":"affinity-set","service":"web","client":"192.0.2.1","backend":"b9"}"#,
+            "has no backend `b9`",
+        ),
+        (
+            r#"{"cmd":"affinity-set","service":"web","client":"192.0.2.1","backend":"b3"}"#,
+            "takes no clients now (state maintenance)",
+        ),
+        (
+            r#"{"cmd":"affinity-set","service":"nosticky","client":"192.0.2.1","backend":"10.1.9.2:80"}"#,
+            "keeps no affinity",
+        ),
+        (
+            r#"{"cmd":"affinity-flush","service":"web","backend":"b9"}"#,
+            "has no backend `b9`",
+        ),
+    ];
+    for (line, want) in cases {
+        let e = affinity_request(&bed, line).unwrap_err().to_string();
+        assert!(e.contains(want), "{line}: {e}");
+    }
+    assert_eq!(
+        bed.engine.which("web", &on_b1).unwrap().backend.as_deref(),
+        Some("b1"),
+        "refused changes moved nobody"
+    );
+    assert_eq!(bed.engine.affinity_list("web", None, None).unwrap().total, 30);
+}
+
+#[test]
+fn drained_mark_appears_once_no_client_sticks() {
+    let bed = Bed::new(BASE);
+    let on_b1: Vec<String> = clients(60).filter(|c| bed.connect(c) == "b1").collect();
+    assert!(!on_b1.is_empty());
+    bed.set_state("b1", AdminState::Drain);
+    let b1 = |bed: &Bed| {
+        bed.engine.status(None).unwrap().services[0]
+            .backends
+            .iter()
+            .find(|b| b.name == "b1")
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(b1(&bed).affinity_clients, on_b1.len() as u64);
+    assert!(!b1(&bed).drained, "clients still stick to b1");
+    bed.engine
+        .affinity_change(
+            crate::control::protocol::AffinityChange::AffinityFlush {
+                service: "web".into(),
+                backend: Some("b1".into()),
+            },
+            &Origin::Operator { uid: Some(0) },
+        )
+        .unwrap();
+    assert!(b1(&bed).drained);
+    // Only a draining backend is ever "drained".
+    bed.set_state("b1", AdminState::Active);
+    bed.engine.affinity_list("web", None, None).unwrap();
+    assert!(!b1(&bed).drained);
+}
+
+#[test]
+fn failback_moves_clients_off_the_backups_when_primaries_recover() {
+    for failback in [false, true] {
+        let text = BASE.replace(
+            "[service.health]",
+            &format!("failback = {failback}\n[service.health]"),
+        ) + "[[service.backend]]\nname = \"spare\"\naddress = \"10.1.4.2:80\"\nbackup = true\n";
+        let bed = Bed::new(&text);
+        for b in ["b1", "b2", "b3"] {
+            bed.health(b, Health::Down);
+        }
+        // New clients while every primary is down land on the spare and stick there.
+        let on_spare: Vec<String> = clients(40).collect();
+        for c in &on_spare {
+            assert_eq!(bed.connect(c), "spare");
+        }
+        bed.health("b2", Health::Up);
+        let back = on_spare.iter().filter(|c| bed.connect(c) == "b2").count();
+        assert_eq!(
+            back,
+            if failback { on_spare.len() } else { 0 },
+            "failback = {failback}"
+        );
+    }
 }

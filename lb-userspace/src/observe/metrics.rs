@@ -270,6 +270,7 @@ struct BackendFamilies {
     weight: Family<Labels, Gauge>,
     slots: Family<Labels, Gauge>,
     active: Family<Labels, Gauge>,
+    affinity: Family<Labels, Gauge>,
     total: Family<Labels, Counter>,
     bytes_in: Family<Labels, Counter>,
     bytes_out: Family<Labels, Counter>,
@@ -305,6 +306,10 @@ impl BackendFamilies {
             active: b.gauge(
                 "lb_backend_connections_active",
                 "Open connections to the backend (XDP: tracked connections neither closed nor expired)",
+            ),
+            affinity: b.gauge(
+                "lb_backend_affinity_clients",
+                "Clients with a live affinity (sticky session) entry to the backend",
             ),
             total: b.counter(
                 "lb_backend_connections",
@@ -368,6 +373,9 @@ impl BackendFamilies {
         self.active
             .get_or_create(&labels())
             .set(gauge_i64(be.connections_active));
+        self.affinity
+            .get_or_create(&labels())
+            .set(gauge_i64(be.affinity_clients));
         self.total.get_or_create(&labels()).inc_by(be.connections_total);
         self.bytes_in.get_or_create(&labels()).inc_by(be.bytes_in);
         self.bytes_out.get_or_create(&labels()).inc_by(be.bytes_out);

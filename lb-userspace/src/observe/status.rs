@@ -89,7 +89,7 @@ fn service(h: &mut String, s: &ServiceStatsView) {
         h,
         "<section class=\"service\" id=\"service-{name}\" data-service=\"{name}\"><h2>{name}</h2>\
          <dl><dt>listen</dt><dd>{}</dd><dt>protocol</dt><dd>{}</dd><dt>datapath</dt><dd>{}</dd>\
-         <dt>clients with affinity</dt><dd class=\"affinity\">{} <small>(per service: affinity is not counted per backend)</small></dd>\
+         <dt>clients with affinity</dt><dd class=\"affinity\">{}</dd>\
          <dt>on backups</dt><dd class=\"{}\">{}</dd>",
         escape(&s.listen),
         escape(&enum_text(&s.protocol)),
@@ -123,7 +123,7 @@ fn service(h: &mut String, s: &ServiceStatsView) {
     let ring_total: u64 = s.backends.iter().map(|b| b.ring_slots).sum();
     h.push_str(
         "<table class=\"backends\"><thead><tr><th>backend</th><th>state</th><th>health</th><th>role</th>\
-         <th>weight</th><th>ring share</th><th>active conns</th><th>total conns</th><th>conns/s</th>\
+         <th>weight</th><th>ring share</th><th>active conns</th><th>affinity</th><th>total conns</th><th>conns/s</th>\
          <th>bytes in/s</th><th>bytes out/s</th><th>bytes in / out</th>",
     );
     if ajp {
@@ -139,6 +139,9 @@ fn service(h: &mut String, s: &ServiceStatsView) {
 fn backend(h: &mut String, s: &ServiceStatsView, b: &BackendStatsView, ring_total: u64, ajp: bool) {
     let name = escape(&b.name);
     let state = escape(&enum_text(&b.state));
+    // Draining with nothing left on it: safe to take down.
+    let drained =
+        b.state == crate::config::AdminState::Drain && b.connections_active == 0 && b.affinity_clients == 0;
     let health = escape(&enum_text(&b.health));
     let key = |field: &str| escape(&format!("{}/{}/{field}", s.name, b.name));
     let share = if ring_total == 0 {
@@ -150,16 +153,22 @@ fn backend(h: &mut String, s: &ServiceStatsView, b: &BackendStatsView, ring_tota
         h,
         "<tr class=\"backend state-{state} health-{health}\" data-backend=\"{name}\">\
          <td class=\"name\">{name}<br><small>{}</small></td>\
-         <td class=\"state\">{state}</td><td class=\"health\"><b>{health}</b>{}</td>\
+         <td class=\"state\">{state}{}</td><td class=\"health\"><b>{health}</b>{}</td>\
          <td class=\"role\">{}</td><td class=\"num\">{}</td><td class=\"num\">{share}</td>\
-         <td class=\"num\">{}</td><td class=\"num\">{}</td>\
+         <td class=\"num\">{}</td><td class=\"num affinity\">{}</td><td class=\"num\">{}</td>\
          <td class=\"num rate\" data-rate=\"{}\">…</td><td class=\"num rate\" data-rate=\"{}\">…</td>\
          <td class=\"num rate\" data-rate=\"{}\">…</td><td class=\"num\">{} / {}</td>",
         escape(&b.address),
+        if drained {
+            " <small class=\"ok\">(drained)</small>"
+        } else {
+            ""
+        },
         health_detail(b),
         if b.backup { "backup" } else { "primary" },
         b.weight,
         b.connections_active,
+        b.affinity_clients,
         b.connections_total,
         key("connections_total"),
         key("bytes_in"),

@@ -28,6 +28,7 @@ fn backend(name: &str) -> BackendStatsView {
         ring_slots: 50,
         connections_active: 2,
         connections_total: 7,
+        affinity_clients: 3,
         bytes_in: 1000,
         bytes_out: 20000,
         packets_in: None,
@@ -227,6 +228,10 @@ fn text_format_names_labels_help_and_type() {
     );
     has(
         &t,
+        "lb_backend_affinity_clients{service=\"fast\",backend=\"k1\"} 3",
+    );
+    has(
+        &t,
         "lb_backend_bytes_in_total{service=\"web\",backend=\"b1\"} 1000",
     );
     has(
@@ -366,6 +371,7 @@ fn metric_names_list_every_family() {
         "lb_backend_checks_total",
         "lb_backend_transitions_total",
         "lb_service_affinity_entries",
+        "lb_backend_affinity_clients",
         "lb_xdp_packets_total",
     ] {
         assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
@@ -447,6 +453,7 @@ fn exemplar() -> StatsView {
         ring_slots: 1,
         connections_active: 0,
         connections_total: 0,
+        affinity_clients: 0,
         bytes_in: 0,
         bytes_out: 0,
         packets_in: xdp.then_some(0),
@@ -790,4 +797,27 @@ async fn connections_beyond_the_limit_wait_for_a_free_one() {
         .expect("answered once a connection closed")
         .unwrap();
     assert_eq!(status, "HTTP/1.1 200 OK");
+}
+
+#[test]
+fn the_status_page_marks_a_draining_backend_drained_once_nothing_is_left() {
+    // b1 of the sample drains with 2 open connections and 3 clients with affinity.
+    let mut view = sample();
+    let drained = |view: &StatsView| {
+        let page = super::status::content(view);
+        let row = page
+            .lines()
+            .find(|l| l.contains("data-backend=\"b1\""))
+            .unwrap()
+            .to_string();
+        assert!(row.contains("<td class=\"num affinity\">"), "{row}");
+        row.contains("(drained)")
+    };
+    assert!(!drained(&view));
+    view.services[0].backends[0].connections_active = 0;
+    assert!(!drained(&view), "clients with affinity are left");
+    view.services[0].backends[0].affinity_clients = 0;
+    assert!(drained(&view));
+    view.services[0].backends[0].state = AdminState::Active;
+    assert!(!drained(&view), "only a draining backend is drained");
 }

@@ -251,7 +251,6 @@ impl Datapath for AjpDatapath {
     fn traffic(&self, service: &StateService) -> ServiceTraffic {
         let name = &service.settings.name;
         ServiceTraffic {
-            affinity_entries: self.balancer.affinity_len(name) as u64,
             failed_connections: None,
             // The runtime's user-space counters, which the engine reads itself.
             backends: HashMap::new(),

@@ -31,6 +31,7 @@ use lb_common::maps::{
 };
 
 use crate::config::DatapathKind;
+use crate::datapath::affinity::AffinityTable;
 use crate::datapath::{BackendTraffic, Datapath, DatapathError, Drained, ServiceTraffic, Which};
 use crate::ebpf;
 use crate::runtime::Snapshot;
@@ -194,8 +195,8 @@ impl Datapath for XdpDatapath {
         self.reset_flows(&service.settings.name, backend.id)
     }
 
-    fn fail_back(&self, service: &Service, backend: &Backend) {
-        self.forget_failed_over(&service.settings.name, backend.id);
+    fn affinity_table(&self) -> Option<&dyn AffinityTable> {
+        Some(self)
     }
 
     fn which(&self, service: &Service, client: IpAddr, port: Option<u16>) -> Option<Which> {
@@ -212,7 +213,6 @@ impl Datapath for XdpDatapath {
         let name = &service.settings.name;
         let kernel = self.backend_traffic(name);
         ServiceTraffic {
-            affinity_entries: self.affinity_len(name),
             failed_connections: None,
             backends: service
                 .backends

@@ -10,9 +10,11 @@ use lb_common::maps::{
     FlowValue, TrafficCounters, global_counter,
 };
 use lb_common::select::{self, BackendTable, Peek, Policy, Ring};
-use tracing::info;
 
-use super::{IPPROTO_TCP, KernelService, Maps, XdpDatapath, monotonic_ns};
+use super::{IPPROTO_TCP, Inner, KernelService, Maps, XdpDatapath, monotonic_ns};
+use crate::datapath::DatapathError;
+use crate::datapath::affinity::{AffinityEntry, AffinityTable, Filter};
+use crate::state::Service;
 
 /// Read-only views of one service's kernel maps for [`select::select`] (`lb which`).
 struct KernelViews<'a> {
@@ -205,51 +207,6 @@ impl XdpDatapath {
         })
     }
 
-    /// Forgets kernel affinity entries of clients that failed over away from `backend_id`.
-    pub fn forget_failed_over(&self, service: &str, backend_id: u32) {
-        let mut inner = self.inner.lock().unwrap();
-        let Some(ks) = inner.services.get(service) else {
-            return;
-        };
-        let (slot, Some(index)) = (ks.slot, ks.backends.get(&backend_id).copied()) else {
-            return;
-        };
-        let stale: Vec<AffinityKey> = inner
-            .maps
-            .affinity
-            .iter()
-            .flatten()
-            .filter(|(k, v)| k.service_slot == slot && select::failed_over_from(v, index))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &stale {
-            let _ = inner.maps.affinity.remove(k);
-        }
-        info!(
-            service,
-            clients = stale.len(),
-            "failback: kernel affinity entries forgotten"
-        );
-    }
-
-    /// Live kernel affinity entries of `service`.
-    pub fn affinity_len(&self, service: &str) -> u64 {
-        let inner = self.inner.lock().unwrap();
-        let Some(ks) = inner.services.get(service) else {
-            return 0;
-        };
-        let now = monotonic_ns();
-        inner
-            .maps
-            .affinity
-            .iter()
-            .flatten()
-            .filter(|(k, v)| {
-                k.service_slot == ks.slot && now.saturating_sub(v.last_seen_ns) < ks.value.affinity_timeout_ns
-            })
-            .count() as u64
-    }
-
     /// Marks every open connection to `backend_id` for reset (`on_down = "reset"`, `lb backend
     /// disable --reset`): both entries get [`FLOW_RESET`], so the next packet in either direction
     /// is answered by the kernel with an RST toward its sender. Returns how many connections
@@ -281,5 +238,61 @@ impl XdpDatapath {
             let _ = inner.maps.conntrack.insert(k, v, 2);
         }
         open
+    }
+}
+
+impl Inner {
+    /// Live kernel affinity entries of `service` with their keys, backends as state ids (entries
+    /// on an index no backend of the service holds are left out).
+    pub(super) fn affinity_entries(&self, service: &str) -> Vec<(AffinityKey, AffinityEntry)> {
+        let Some(ks) = self.services.get(service) else {
+            return Vec::new();
+        };
+        let id_of: StdHashMap<u32, u32> = ks.backends.iter().map(|(id, index)| (*index, *id)).collect();
+        let now = monotonic_ns();
+        self.maps
+            .affinity
+            .iter()
+            .flatten()
+            .filter(|(k, _)| k.service_slot == ks.slot)
+            .filter_map(|(k, v)| {
+                let idle = now.saturating_sub(v.last_seen_ns);
+                if idle >= ks.value.affinity_timeout_ns {
+                    return None;
+                }
+                let backend = *id_of.get(&v.backend)?;
+                let home = id_of.get(&v.home).copied().unwrap_or(lb_common::maps::NO_BACKEND);
+                let client = Ipv4Addr::from(u32::from_be(k.client_be)).into();
+                Some((
+                    k,
+                    AffinityEntry::new(client, backend, home, std::time::Duration::from_nanos(idle)),
+                ))
+            })
+            .collect()
+    }
+}
+
+impl AffinityTable for XdpDatapath {
+    fn entries(&self, service: &Service) -> Vec<AffinityEntry> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .affinity_entries(&service.settings.name)
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect()
+    }
+
+    fn flush(&self, service: &Service, filter: Filter<'_>) -> Result<usize, DatapathError> {
+        let mut inner = self.inner.lock().unwrap();
+        inner
+            .forget_affinity(&service.settings.name, filter)
+            .map_err(|e| DatapathError::Xdp(e.to_string()))
+    }
+
+    fn pin(&self, service: &Service, client: std::net::IpAddr, backend_id: u32) -> Result<(), DatapathError> {
+        let mut inner = self.inner.lock().unwrap();
+        inner
+            .pin_affinity(&service.settings.name, client, backend_id)
+            .map_err(|e| DatapathError::Xdp(e.to_string()))
     }
 }

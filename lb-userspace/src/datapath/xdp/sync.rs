@@ -3,14 +3,16 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 
+use lb_common::maps::{AffinityKey, AffinityValue, MAP_AFFINITY};
 use lb_common::maps::{
     BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, NO_BACKEND, ServiceKey, ServiceValue,
 };
 use lb_common::maps::{MAP_BACKENDS, MAP_RING, MAP_SERVICES, MAP_SNAT_ADDRS};
 
+use crate::datapath::affinity::Filter;
 use crate::state::Service;
 
-use super::{IPPROTO_TCP, Inner, KernelService, UNKNOWN, XdpError, map_err};
+use super::{IPPROTO_TCP, Inner, KernelService, UNKNOWN, XdpError, map_err, monotonic_ns};
 
 fn ipv4(addr: SocketAddr) -> Result<SocketAddrV4, XdpError> {
     match addr {
@@ -184,5 +186,63 @@ impl Inner {
         }
         self.free_slots.push_back(ks.slot);
         Ok(())
+    }
+}
+
+impl Inner {
+    /// Removes the kernel affinity entries of `service` that `filter` picks; returns how many.
+    pub(super) fn forget_affinity(&mut self, service: &str, filter: Filter<'_>) -> Result<usize, XdpError> {
+        let picked: Vec<AffinityKey> = self
+            .affinity_entries(service)
+            .into_iter()
+            .filter(|(_, e)| filter(e))
+            .map(|(k, _)| k)
+            .collect();
+        let mut removed = 0;
+        for k in &picked {
+            match self.maps.affinity.remove(k) {
+                Ok(()) => removed += 1,
+                // Evicted or expired meanwhile: gone either way.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(MAP_AFFINITY)(e)),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Writes a kernel affinity entry: `client` sticks to backend `backend_id` of `service`.
+    pub(super) fn pin_affinity(
+        &mut self,
+        service: &str,
+        client: IpAddr,
+        backend_id: u32,
+    ) -> Result<(), XdpError> {
+        let IpAddr::V4(v4) = client else {
+            return Err(XdpError::System(format!(
+                "XDP services keep affinity for IPv4 clients only; {client} is not one"
+            )));
+        };
+        let ks = self
+            .services
+            .get(service)
+            .ok_or_else(|| XdpError::System(format!("service `{service}` is not in the kernel maps")))?;
+        let index = *ks.backends.get(&backend_id).ok_or_else(|| {
+            XdpError::System(format!(
+                "backend {backend_id} of `{service}` is not in the kernel maps"
+            ))
+        })?;
+        let key = AffinityKey {
+            service_slot: ks.slot,
+            client_be: u32::from(v4).to_be(),
+        };
+        let value = AffinityValue {
+            backend: index,
+            home: NO_BACKEND,
+            last_seen_ns: monotonic_ns(),
+        };
+        self.maps
+            .affinity
+            .insert(key, value, 0)
+            .map_err(map_err(MAP_AFFINITY))
     }
 }
