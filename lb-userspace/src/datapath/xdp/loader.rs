@@ -70,6 +70,22 @@ fn forward_program_logs(ebpf: &mut Ebpf) {
     });
 }
 
+/// Collects the program's log lines as text (see [`XdpDatapath::read_program_logs`]).
+#[derive(Default)]
+struct Collect(Mutex<Vec<String>>);
+
+impl log::Log for Collect {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        self.0.lock().unwrap().push(record.args().to_string());
+    }
+
+    fn flush(&self) {}
+}
+
 /// Mounts bpffs at /sys/fs/bpf if needed and creates the pin directory.
 fn ensure_bpffs(dir: &Path) -> Result<(), XdpError> {
     let root = Path::new("/sys/fs/bpf");
@@ -315,6 +331,25 @@ impl XdpDatapath {
         })?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, out, result.duration))
+    }
+
+    /// The program's log lines not read yet, oldest first: for a datapath started without a
+    /// config (packet fixtures), whose lines are not forwarded into tracing.
+    pub fn read_program_logs(&self) -> Result<Vec<String>, XdpError> {
+        let inner = self.inner.lock().unwrap();
+        let program: &Xdp = inner
+            .ebpf
+            .program(XDP_PROGRAM)
+            .ok_or_else(|| XdpError::System("program missing".into()))?
+            .try_into()?;
+        let id = program.info()?.id();
+        let collect = Collect::default();
+        // A fresh reader per call: the ring buffer's read position lives in the kernel.
+        let mut logger = aya_log::EbpfLogger::init_from_id_with_logger(id, &collect)
+            .map_err(|e| XdpError::System(format!("reading the XDP program's log: {e}")))?;
+        logger.flush();
+        drop(logger);
+        Ok(collect.0.into_inner().unwrap())
     }
 
     /// After the config's services are synced: removes pinned services and backends that no

@@ -15,7 +15,7 @@ mod query;
 mod sync;
 
 pub use host::{Cleanup, cleanup};
-pub use query::{KernelChoice, KernelTraffic};
+pub use query::{KernelChoice, KernelState, KernelTraffic};
 
 use std::collections::{HashMap as StdHashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};

@@ -4,8 +4,9 @@
 use std::collections::HashMap as StdHashMap;
 use std::net::Ipv4Addr;
 
+use aya::maps::PerCpuArray;
 use lb_common::maps::{
-    AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, FLOW_TO_BACKEND, FlowKey,
+    AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, FLOW_TO_BACKEND, FlowKey, MAP_SNAT,
     TrafficCounters, global_counter,
 };
 use lb_common::select::{self, BackendTable, Peek, Policy, Ring};
@@ -45,6 +46,14 @@ pub struct KernelTraffic {
     pub traffic: TrafficCounters,
     /// Open connections (client → backend conntrack entries neither closed nor expired).
     pub active: u64,
+}
+
+/// How much state the kernel's packets have created ([`XdpDatapath::kernel_state`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelState {
+    pub conntrack: u64,
+    pub affinity: u64,
+    pub snat_cursors: u64,
 }
 
 /// Where the kernel would send a client, from its own maps.
@@ -223,6 +232,23 @@ impl XdpDatapath {
             clients = stale.len(),
             "failback: kernel affinity entries forgotten"
         );
+    }
+
+    /// Every entry of the conntrack and affinity maps (live or not, all services), and the SNAT
+    /// port cursors summed over CPUs (each claim moves one): what packets have created so far.
+    pub fn kernel_state(&self) -> KernelState {
+        let inner = self.inner.lock().unwrap();
+        let snat_cursors = inner
+            .ebpf
+            .map(MAP_SNAT)
+            .and_then(|m| PerCpuArray::<_, u32>::try_from(m).ok())
+            .and_then(|a| a.get(&0, 0).ok())
+            .map_or(0, |v| v.iter().map(|c| u64::from(*c)).sum());
+        KernelState {
+            conntrack: inner.maps.conntrack.keys().flatten().count() as u64,
+            affinity: inner.maps.affinity.keys().flatten().count() as u64,
+            snat_cursors,
+        }
     }
 
     /// Live kernel affinity entries of `service`.
