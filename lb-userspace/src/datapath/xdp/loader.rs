@@ -22,6 +22,7 @@ use crate::config::{XdpConfig, XdpMode};
 
 use crate::ebpf::{self, XDP_PROGRAM};
 
+use super::pins::{self, PinDir};
 use super::{BPF_FS_MAGIC, Inner, Maps, XdpDatapath, XdpError, map_err, take};
 
 /// Forwards the program's aya-log records into tracing (target `lb::datapath::xdp::kernel`).
@@ -109,6 +110,16 @@ fn ensure_bpffs(dir: &Path) -> Result<(), XdpError> {
         path: dir.into(),
         message: e.to_string(),
     })
+}
+
+/// Every configured interface exists (in this network namespace).
+fn check_interfaces(interfaces: &[String]) -> Result<(), XdpError> {
+    for name in interfaces {
+        if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
+            return Err(XdpError::NoInterface(name.clone()));
+        }
+    }
+    Ok(())
 }
 
 fn link_pin(pin_path: &Path, interface: &str) -> PathBuf {
@@ -200,13 +211,30 @@ impl XdpDatapath {
             MAP_SERVICE_STATS,
             MAP_BACKEND_STATS,
         ];
-        if let Some(dir) = &pin_path {
-            ensure_bpffs(dir)?;
-            for name in names {
-                loader.map_pin_path(name, dir.join(name));
-            }
+        if let Some(config) = config {
+            // First, before anything is made: a typo here must not leave pins or sysctls behind.
+            check_interfaces(&config.interfaces)?;
         }
+        let pins = match &pin_path {
+            Some(dir) => {
+                let dir_created = !dir.exists();
+                ensure_bpffs(dir)?;
+                let locked = PinDir::lock(dir, dir_created);
+                if locked.is_err() && dir_created {
+                    let _ = std::fs::remove_dir(dir);
+                }
+                let pins = locked?;
+                for name in names {
+                    loader.map_pin_path(name, dir.join(name));
+                }
+                Some(pins)
+            }
+            None => None,
+        };
         let mut ebpf = loader.load(object)?;
+        if pins.is_some() {
+            pins::test_stop_point("maps");
+        }
         let mut maps = Maps {
             config: take(&mut ebpf, MAP_CONFIG)?,
             services: take(&mut ebpf, MAP_SERVICES)?,
@@ -279,6 +307,9 @@ impl XdpDatapath {
             .try_into()?;
         program.load()?;
         if let Some(config) = config {
+            if let (Some(pins), false) = (&pins, adopting) {
+                pins.sysctls_changed();
+            }
             super::host::prepare(&config.pin_path, &config.interfaces, config.snat_ports, adopting)?;
             for interface in &config.interfaces {
                 attach(program, interface, config.mode, &config.pin_path)?;
@@ -300,6 +331,7 @@ impl XdpDatapath {
                 adopt_backends,
             }),
             pin_path,
+            pins,
         })
     }
 
