@@ -1,5 +1,6 @@
 //! Failed and refused XDP starts (issue 11 item 5): an unknown interface is named before anything
-//! is made; a start killed after pinning its maps leaves a half-made pin directory that the next
+//! is made; a start that fails after attaching removes its maps and links; a start killed after
+//! pinning its maps leaves a half-made pin directory that the next
 //! start recognises and rebuilds; a second daemon on the same `pin_path` is refused before it makes
 //! a map; a start that fails at attach removes every pin it made. None of them disturbs the
 //! running daemon.
@@ -135,6 +136,24 @@ fn xdp_killed_start_is_rebuilt_and_conflicting_starts_leave_no_pins() {
     let mut servers = start_http_backends(&topo, HTTP_PORT).expect("http backends");
     servers.extend(start_echo_backends(&topo, ECHO_PORT).expect("echo backends"));
     prepare_peers(&topo);
+
+    // 0. A start that fails after attaching (a backend the lb namespace has no route to, found
+    //    while the services are applied): its maps and links go, so the program is detached.
+    let (ok, log) = failed_start(topo.lb_ns(), "xkill-route", |socket| {
+        config(&topo, &other.0)(socket).replace(&topo.backend_addr(1).to_string(), "10.50.0.1")
+    });
+    assert!(!ok, "a backend without a route fails the start\n{log}");
+    assert!(
+        log.contains("XDP program attached"),
+        "it failed after attaching:\n{log}"
+    );
+    assert!(
+        !other.0.exists(),
+        "the failed start removed its pins: {:?}",
+        pin_entries(&other.0)
+    );
+    let link = topo.lb_ns().exec_ok(&["ip", "link", "show", "to-c"]).unwrap();
+    assert!(!link.contains("xdp"), "the program was detached:\n{link}");
 
     // 1. A start killed right after pinning its maps (stopped there by LB_TEST_STOP_AT, then
     //    SIGKILL): the maps stay pinned but were never configured. One pin is removed as well, as
