@@ -220,7 +220,8 @@ impl XdpDatapath {
                 let dir_created = !dir.exists();
                 ensure_bpffs(dir)?;
                 let locked = PinDir::lock(dir, dir_created);
-                if locked.is_err() && dir_created {
+                // Not when another daemon holds it: it may have made the directory just now.
+                if dir_created && matches!(&locked, Err(e) if !matches!(e, pins::PinError::InUse(_))) {
                     let _ = std::fs::remove_dir(dir);
                 }
                 let pins = locked?;
