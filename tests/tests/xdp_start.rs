@@ -229,6 +229,21 @@ fn xdp_killed_start_is_rebuilt_and_conflicting_starts_leave_no_pins() {
         "the running daemon's pins untouched"
     );
 
+    // `lb cleanup` is refused too while the daemon runs on the pins.
+    let out = bed
+        .topo
+        .lb_ns()
+        .command_net_only(lb_bin(), &["cleanup", "-c", bed.lb.config.to_str().unwrap()])
+        .output()
+        .expect("lb cleanup");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "lb cleanup under a running daemon must fail"
+    );
+    assert!(err.contains("an lb is running with [xdp] pin_path"), "{err}");
+    assert_eq!(pin_entries(&pins.0), running, "lb cleanup removed nothing");
+
     // 4. A daemon on its own pin_path whose attach fails (the interfaces already run lb's
     //    program): it leaves no pins, no directory, no sysctl record.
     let (ok, log) = failed_start(bed.topo.lb_ns(), "xkill-other", config(&bed.topo, &other.0));

@@ -25,6 +25,11 @@ pub enum PinError {
          or give each daemon its own pin_path"
     )]
     InUse(PathBuf),
+    #[error(
+        "an lb is running with [xdp] pin_path {0}; stop it before `lb cleanup` (removing its pins \
+         would cut its forwarding)"
+    )]
+    Running(PathBuf),
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },
 }
@@ -147,6 +152,18 @@ impl Drop for PinDir {
             removed,
             "the start failed: removed the pins it had made"
         );
+    }
+}
+
+/// Refuses with [`PinError::Running`] while a daemon holds `dir` (`lb cleanup` under a running daemon
+/// would cut its forwarding from under it).
+pub fn ensure_unused(dir: &Path) -> Result<(), PinError> {
+    let Ok(file) = File::open(dir) else {
+        return Ok(()); // nothing there, or nothing this user may lock: nobody runs on it
+    };
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(PinError::Running(dir.into())),
+        _ => Ok(()),
     }
 }
 
