@@ -84,12 +84,14 @@ xdp_counters! {
     FibFailed, FIB_FAILED = 10, "fib_failed", Reason, "No route for the rewritten packet (dropped)";
     Fragment, FRAGMENT = 5, "fragment", Reason, "IPv4 fragment (passed)";
     NoNeigh, NO_NEIGH = 9, "no_neigh", Reason, "Next hop's MAC unknown; the rewritten packet is passed so the kernel resolves it";
-    Malformed, MALFORMED = 11, "malformed", Reason, "Malformed header (bad IHL, TCP data offset) for a VIP (passed)";
-    Truncated, TRUNCATED = 2, "truncated", Reason, "Too short for the headers it claims";
+    Malformed, MALFORMED = 11, "malformed", Reason, "IPv4 header length, total length and TCP data offset disagree (passed untouched, before any state; the kernel drops it)";
+    Truncated, TRUNCATED = 2, "truncated", Reason, "Frame shorter than its IPv4 total length or the headers it claims (passed untouched, before any state)";
     NoReplyFlow, NO_REPLY_FLOW = 13, "no_reply_flow", Reason, "A backend's packet to a SNAT address and port with no live flow: answered with an RST (never passed to the LB's own stack)";
     ResetFlow, RESET_FLOW = 14, "reset_flow", Reason, "Packet of a connection reset by on_down = \"reset\" or `lb backend disable --reset`: answered with an RST";
     RstSent, RST_SENT = 15, "rst_sent", Reason, "TCP RST sent by XDP back out to a packet's sender (no_conntrack, no_reply_flow, reset_flow)";
     RstLimited, RST_LIMITED = 16, "rst_limited", Reason, "RST not sent, over the per-CPU rate limit (the packet was dropped)";
+    BadTcpFlags, BAD_TCP_FLAGS = 17, "bad_tcp_flags", Reason, "SYN carrying RST or FIN (dropped before any state)";
+    BadSource, BAD_SOURCE = 18, "bad_source", Reason, "Impossible TCP source: 0.0.0.0/8, 127/8, multicast, 255.255.255.255 or the destination itself (dropped before any state)";
 }
 
 /// [`global_counter::NAMES`]; fails the build unless the indices are `0..COUNT`, each once.

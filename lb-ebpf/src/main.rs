@@ -16,12 +16,16 @@
 //!   `bpf_fib_lookup` (cached per flow for a second), out by `XDP_TX` or redirect; unknown neighbour → `XDP_PASS` so the kernel
 //!   resolves it.
 //! - [`ptr_at`]: the only way to touch packet bytes: a bounds check the verifier can follow.
+//! - Validation first ([`check_ip`], [`impossible_source`], the TCP data offset and SYN flags):
+//!   frames whose lengths disagree are passed, SYNs with RST or FIN and impossible sources dropped,
+//!   each counted, before conntrack, affinity or SNAT is looked at.
 //! - Maps: names and layouts once in `lb_common::maps`; counters are per-CPU. The only log lines
-//!   (aya-log, forwarded into `lb`'s tracing) are for rare, actionable events: SNAT ports exhausted,
-//!   no route for a rewritten packet.
+//!   (aya-log, forwarded into `lb`'s tracing) are for actionable events: SNAT ports exhausted,
+//!   no route for a rewritten packet; `logs` rate-limits them per reason.
 #![no_std]
 #![no_main]
 
+mod logs;
 mod net;
 mod reset;
 
@@ -47,6 +51,7 @@ use lb_common::{
     select::{AffinitySlot, BackendTable, Policy, Ring, select},
 };
 
+use crate::logs::{LOG_NO_ROUTE, LOG_SNAT_EXHAUSTED, may_log};
 use crate::net::{ETH_P_IPV4, EthHdr, IPPROTO_TCP, Ipv4Hdr, TcpHdr};
 
 // `#[map]` needs literal names: they must equal the constants in lb_common::maps (checked below).
@@ -161,25 +166,38 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
     if version_ihl >> 4 != 4 || proto != IPPROTO_TCP {
         return pass(None); // ICMP, UDP, …: the kernel's business
     }
+    // Validation before any state (see `validate`): nothing below runs for a frame whose headers
+    // disagree, a SYN carrying RST or FIN, or an impossible source.
     let ihl = (version_ihl & 0x0f) as usize;
-    if ihl < 5 {
-        return pass(Some(gc::MALFORMED));
+    let ip_len = u16::from_be(unsafe { (*ip).tot_len_be }) as usize;
+    if let Some(verdict) = check_ip(len as usize - EthHdr::LEN, ihl, ip_len) {
+        return verdict;
+    }
+    let (saddr_be, daddr_be) = unsafe { ((*ip).saddr_be, (*ip).daddr_be) };
+    if impossible_source(saddr_be, daddr_be) {
+        return drop(gc::BAD_SOURCE);
     }
     let l4_off = EthHdr::LEN + ihl * 4;
     if u16::from_be(unsafe { (*ip).frag_off_be }) & (IP_MF | IP_OFFSET) != 0 {
         return pass(Some(gc::FRAGMENT));
+    }
+    if ip_len < ihl * 4 + TcpHdr::LEN {
+        return pass(Some(gc::MALFORMED)); // no room for a TCP header within the total length
     }
     let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4_off) else {
         return pass(Some(gc::TRUNCATED));
     };
     let flags = u16::from_be(unsafe { (*tcp).doff_flags_be });
     let doff = (flags >> 12) as usize;
-    if doff < 5 {
+    if doff < 5 || doff * 4 > ip_len - ihl * 4 {
         return pass(Some(gc::MALFORMED));
     }
+    if flags & TCP_SYN != 0 && flags & (TCP_RST | TCP_FIN) != 0 {
+        return drop(gc::BAD_TCP_FLAGS);
+    }
     let key = FlowKey {
-        src_be: unsafe { (*ip).saddr_be },
-        dst_be: unsafe { (*ip).daddr_be },
+        src_be: saddr_be,
+        dst_be: daddr_be,
         sport_be: unsafe { (*tcp).source_be },
         dport_be: unsafe { (*tcp).dest_be },
         proto: IPPROTO_TCP,
@@ -238,7 +256,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
             if f.flags & FLOW_TS != 0 {
                 translate_timestamps(ctx, tcp, l4_off, doff, to_backend, f.ts_delta);
             }
-            return forward(ctx, ip, f, now);
+            return forward(ctx, ip, f, now, cfg.cpus);
         }
     }
 
@@ -283,12 +301,16 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         reply_value.ts_delta = delta;
     }
     let Some(snat_port_be) = claim_snat(backend, cfg, now, &reply_value) else {
-        // Rare and actionable (widen [xdp] snat_ports): worth a log line, unlike per-packet events.
-        aya_log_ebpf::warn!(
-            ctx,
-            "no free SNAT port toward backend {:i}",
-            u32::from_be(backend.addr_be)
-        );
+        // Actionable (widen [xdp] snat_ports): worth a log line, unlike per-packet events; under a
+        // flood it repeats per packet, hence the rate limit.
+        if let Some(suppressed) = may_log(LOG_SNAT_EXHAUSTED, now, cfg.cpus) {
+            aya_log_ebpf::warn!(
+                ctx,
+                "no free SNAT port toward backend {:i} ({} such lines suppressed before this one)",
+                u32::from_be(backend.addr_be),
+                suppressed
+            );
+        }
         return drop(gc::SNAT_EXHAUSTED);
     };
     let mut forward_value = FlowValue {
@@ -315,7 +337,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         retire(&key, old);
     }
     // The next hop is found before the entry is stored, so it is stored with it.
-    let verdict = forward(ctx, ip, &mut forward_value, now);
+    let verdict = forward(ctx, ip, &mut forward_value, now, cfg.cpus);
     if CONNTRACK.insert(key, forward_value, 0).is_err() {
         let _ = CONNTRACK.remove(FlowKey::reverse_of(&forward_value));
         return drop(gc::SNAT_EXHAUSTED);
@@ -323,6 +345,38 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
     count(gc::NEW_FLOWS, len);
     count_traffic(&forward_value, true, len, true);
     verdict
+}
+
+/// The IPv4 header's lengths against each other and the frame (`ip_bytes`: the frame after
+/// Ethernet): a verdict when they disagree. Rule: such frames are passed, never dropped, and
+/// counted. The kernel's own input checks drop them as well (and count them in its SNMP
+/// counters), and the host's own traffic is never judged by the load balancer; what matters is
+/// that none of them reaches the conntrack, affinity or SNAT code.
+/// - `ihl` < 5, or the total length shorter than the header: `malformed`;
+/// - the frame shorter than the total length: `truncated` (Ethernet padding makes a frame longer
+///   than its total length; that is fine).
+///
+/// The TCP header must then fit in the total length, and its data offset too (`malformed`).
+#[inline(always)]
+fn check_ip(ip_bytes: usize, ihl: usize, ip_len: usize) -> Option<Verdict> {
+    if ihl < 5 || ip_len < ihl * 4 {
+        return Some(pass(Some(gc::MALFORMED)));
+    }
+    if ip_bytes < ip_len {
+        return Some(pass(Some(gc::TRUNCATED)));
+    }
+    None
+}
+
+/// A source no TCP peer can have: 0.0.0.0/8, loopback 127/8, multicast 224/4, the limited broadcast
+/// 255.255.255.255, or the destination address itself (a VIP "talking to itself": Linux would drop
+/// it as a martian, but lb sets accept_local on its interfaces). Class E (240/4) stays allowed:
+/// Linux accepts it as unicast. Rule: dropped and counted (`bad_source`), for every destination.
+#[inline(always)]
+fn impossible_source(saddr_be: u32, daddr_be: u32) -> bool {
+    let s = u32::from_be(saddr_be);
+    let first = s >> 24;
+    first == 0 || first == 127 || s >> 28 == 0xe || s == u32::MAX || saddr_be == daddr_be
 }
 
 /// Picks the backend for a SYN without a connection by the shared rules
@@ -618,7 +672,7 @@ fn rewrite(ip: *mut Ipv4Hdr, tcp: *mut TcpHdr, key: &FlowKey, value: &FlowValue)
 /// Sends the rewritten packet to its next hop: the flow's cached one while fresh, else the
 /// kernel's FIB (and the answer is cached in the flow). Transmit or redirect.
 #[inline(always)]
-fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr, hop: &mut FlowValue, now: u64) -> Verdict {
+fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr, hop: &mut FlowValue, now: u64, cpus: u32) -> Verdict {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return drop(gc::TRUNCATED);
     };
@@ -647,13 +701,16 @@ fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr, hop: &mut FlowValue, now: u64) ->
             return pass(Some(gc::NO_NEIGH));
         }
         if ret != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
-            let dst = u32::from_be(unsafe { (*ip).daddr_be });
-            aya_log_ebpf::warn!(
-                ctx,
-                "no route for rewritten packet to {:i} (fib lookup {})",
-                dst,
-                ret
-            );
+            if let Some(suppressed) = may_log(LOG_NO_ROUTE, now, cpus) {
+                let dst = u32::from_be(unsafe { (*ip).daddr_be });
+                aya_log_ebpf::warn!(
+                    ctx,
+                    "no route for rewritten packet to {:i} (fib lookup {}; {} such lines suppressed before this one)",
+                    dst,
+                    ret,
+                    suppressed
+                );
+            }
             return drop(gc::FIB_FAILED);
         }
         hop.next_hop_ifindex = params.ifindex;

@@ -47,4 +47,7 @@ pub struct TcpHdr {
     pub check_be: u16,
     pub urg_ptr_be: u16,
 }
-const _: () = assert!(core::mem::size_of::<TcpHdr>() == 20);
+impl TcpHdr {
+    pub const LEN: usize = core::mem::size_of::<Self>();
+}
+const _: () = assert!(TcpHdr::LEN == 20);

@@ -187,21 +187,24 @@ mod tests {
         let full = tcp_syn();
         let mut ihl15 = full.clone(); // claims 60 bytes of IPv4 header, carries 40 bytes after Ethernet
         ihl15[14] = 0x4f;
-        let cases: [(&str, Vec<u8>); 4] = [
-            ("10-byte frame", full[..10].to_vec()),
-            ("IPv4 header cut short", full[..14 + 10].to_vec()),
-            ("TCP header cut short", full[..14 + 20 + 8].to_vec()),
-            ("IHL 15 beyond the frame", ihl15),
+        // (case, frame, the reason counted): a frame shorter than what it claims is truncated; an
+        // IHL beyond the IP total length is malformed (the lengths disagree with each other).
+        let (t, m) = (global_counter::TRUNCATED, global_counter::MALFORMED);
+        let cases: [(&str, Vec<u8>, u32); 4] = [
+            ("10-byte frame", full[..10].to_vec(), t),
+            ("IPv4 header cut short", full[..14 + 10].to_vec(), t),
+            ("TCP header cut short", full[..14 + 20 + 8].to_vec(), t),
+            ("IHL 15 beyond the total length", ihl15, m),
         ];
         let mut expected = 0;
-        for (name, frame) in &cases {
-            let before = global(&ebpf, global_counter::TRUNCATED).packets;
+        for (name, frame, reason) in &cases {
+            let before = global(&ebpf, *reason).packets;
             match run(&ebpf, frame) {
                 Ok((verdict, out)) => {
                     assert_eq!(verdict, XDP_PASS, "{name}");
                     assert_eq!(&out, frame, "{name}: output bytes");
-                    let after = global(&ebpf, global_counter::TRUNCATED).packets;
-                    assert_eq!(after, before + 1, "{name}: TRUNCATED counter");
+                    let after = global(&ebpf, *reason).packets;
+                    assert_eq!(after, before + 1, "{name}: reason counter");
                     expected += 1;
                 }
                 // BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header with EINVAL

@@ -845,3 +845,252 @@ fn xdp_reset_backend_answers_both_ends_with_rst() {
         assert_ne!(fresh, snat);
     });
 }
+
+/// `frame` after `edit`, with its IPv4 header checksum computed again (so only the edited field is
+/// wrong, as a crafted packet would be).
+fn edited(frame: &[u8], edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    edit(&mut f);
+    let ihl = (usize::from(f[14] & 0x0f).max(5) * 4).min(f.len() - 14);
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = lb_common::csum::checksum(&f[14..14 + ihl], 0);
+    f[24..26].copy_from_slice(&c.to_ne_bytes());
+    f
+}
+
+fn set_total_length(f: &mut [u8], len: u16) {
+    f[16..18].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Issue 11 item 4: invalid packets are judged before any state. Each case is passed or dropped by
+/// the stated rule (lengths that disagree: passed untouched, `malformed`, or `truncated` when the
+/// frame is shorter than it claims; SYN with RST or FIN and impossible sources: dropped,
+/// `bad_tcp_flags` / `bad_source`), its counter moves by one, and the conntrack and affinity maps
+/// stay empty and no SNAT port is claimed. A valid SYN at the end does create all three (so the
+/// emptiness checks can fail).
+#[test]
+fn xdp_invalid_packets_create_no_state() {
+    if !ready("xdp_invalid_packets_create_no_state") {
+        return;
+    }
+    in_fixture_netns(|client_if, _| {
+        let fx = Fixture::new();
+        let c = client(0);
+        let from = |src: Ipv4Addr, flags: u8| {
+            Tcp::new((src, 40000), (VIP, 80), flags)
+                .macs(CLIENT_MAC, [0xaa; 6])
+                .build()
+        };
+        let syn = from(c, SYN);
+        let empty = lb::datapath::xdp::KernelState::default();
+        assert_eq!(fx.xdp.kernel_state(), empty, "nothing before the first packet");
+        let pass = |name: &'static str, input: Vec<u8>, counts: &'static str| Case {
+            name,
+            input,
+            verdict: XDP_PASS,
+            out: Out::Unchanged,
+            counts: Some(counts),
+        };
+        let drop = |name: &'static str, input: Vec<u8>, counts: &'static str| Case {
+            name,
+            input,
+            verdict: XDP_DROP,
+            out: Out::Any,
+            counts: Some(counts),
+        };
+        let cases = [
+            pass(
+                "IP total length larger than the frame",
+                edited(&syn, |f| set_total_length(f, 40 + 100)),
+                "truncated",
+            ),
+            pass(
+                "IP total length smaller than the IP header",
+                edited(&syn, |f| set_total_length(f, 16)),
+                "malformed",
+            ),
+            pass(
+                "IP total length with no room for the TCP header",
+                edited(&syn, |f| set_total_length(f, 30)),
+                "malformed",
+            ),
+            pass("IHL below 5", edited(&syn, |f| f[14] = 0x44), "malformed"),
+            pass(
+                "IHL beyond the total length",
+                edited(&syn, |f| f[14] = 0x4f),
+                "malformed",
+            ),
+            pass(
+                "TCP data offset beyond the packet",
+                edited(&syn, |f| f[14 + 20 + 12] = 15 << 4),
+                "malformed",
+            ),
+            pass(
+                "TCP data offset beyond the IP total length (bytes after it are padding)",
+                edited(&syn, |f| {
+                    f[14 + 20 + 12] = 8 << 4;
+                    f.extend_from_slice(&[1; 12]);
+                }),
+                "malformed",
+            ),
+            pass(
+                "TCP data offset below 5",
+                edited(&syn, |f| f[14 + 20 + 12] = 4 << 4),
+                "malformed",
+            ),
+            drop("SYN+RST", from(c, SYN | RST), "bad_tcp_flags"),
+            drop("SYN+FIN", from(c, SYN | FIN), "bad_tcp_flags"),
+            drop("SYN+ACK+FIN", from(c, SYN | ACK | FIN), "bad_tcp_flags"),
+            drop(
+                "SYN+FIN to the host's own address (not a VIP) is dropped too",
+                Tcp::new((c, 40000), (Ipv4Addr::new(10, 0, 0, 1), 22), SYN | FIN)
+                    .macs(CLIENT_MAC, [0xaa; 6])
+                    .build(),
+                "bad_tcp_flags",
+            ),
+            drop("source 0.0.0.0", from(Ipv4Addr::UNSPECIFIED, SYN), "bad_source"),
+            drop(
+                "source in 0.0.0.0/8",
+                from(Ipv4Addr::new(0, 1, 2, 3), SYN),
+                "bad_source",
+            ),
+            drop(
+                "source 255.255.255.255",
+                from(Ipv4Addr::BROADCAST, SYN),
+                "bad_source",
+            ),
+            drop(
+                "source multicast 224.0.0.1",
+                from(Ipv4Addr::new(224, 0, 0, 1), SYN),
+                "bad_source",
+            ),
+            drop(
+                "source multicast 239.255.255.250",
+                from(Ipv4Addr::new(239, 255, 255, 250), SYN),
+                "bad_source",
+            ),
+            drop(
+                "source loopback 127.0.0.1",
+                from(Ipv4Addr::LOCALHOST, SYN),
+                "bad_source",
+            ),
+            drop(
+                "source loopback 127.9.9.9",
+                from(Ipv4Addr::new(127, 9, 9, 9), SYN),
+                "bad_source",
+            ),
+            drop("source the VIP itself", from(VIP, SYN), "bad_source"),
+        ];
+        for case in &cases {
+            run_cases(&fx, client_if, std::slice::from_ref(case));
+            assert_eq!(
+                fx.xdp.kernel_state(),
+                empty,
+                "{}: no conntrack, affinity or SNAT state",
+                case.name
+            );
+        }
+        assert_eq!(fx.counter("new_flows"), 0);
+        // The packets that may pass here are only the host's: none was forwarded.
+        assert_eq!(fx.counter("forwarded"), 0);
+
+        // A valid SYN, Ethernet-padded (frame longer than the IP total length, as on the wire):
+        // forwarded, and now there is state.
+        let mut padded = syn.clone();
+        padded.resize(60, 0);
+        let (verdict, _, _) = fx.xdp.test_run(&padded, client_if, 1).unwrap();
+        assert_eq!(verdict, XDP_REDIRECT, "a valid padded SYN is forwarded");
+        let state = fx.xdp.kernel_state();
+        assert_eq!(state.conntrack, 2, "both directions recorded: {state:?}");
+        assert_eq!(state.affinity, 1, "{state:?}");
+        assert!(state.snat_cursors >= 1, "a SNAT port claimed: {state:?}");
+        // An invalid packet of that same connection still changes nothing: SYN+FIN on its tuple
+        // is dropped before the conntrack lookup.
+        let (verdict, _, _) = fx.xdp.test_run(&from(c, SYN | FIN), client_if, 1).unwrap();
+        assert_eq!(verdict, XDP_DROP);
+        assert_eq!(fx.xdp.kernel_state(), state);
+    });
+}
+
+/// The suppressed count of a rate-limited kernel log line.
+fn suppressed_in(line: &str) -> u64 {
+    let head = line
+        .split(" such lines suppressed")
+        .next()
+        .filter(|h| h.len() < line.len())
+        .unwrap_or_else(|| panic!("no suppressed count in {line:?}"));
+    head.rsplit([' ', '(', ';'])
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no suppressed count in {line:?}"))
+}
+
+/// Issue 11 item 3 (logs): a flood of packets that each have a reason to log (here no route
+/// toward the backend) writes a few lines a second, not one per packet; the next line written
+/// reports how many were held back. Every packet is accounted for: lines written + the counts they
+/// report = packets. The test's thread stays on one CPU (the limit's state is per CPU).
+#[test]
+fn xdp_kernel_log_lines_are_rate_limited() {
+    if !ready("xdp_kernel_log_lines_are_rate_limited") {
+        return;
+    }
+    in_fixture_netns(|client_if, _| {
+        let mut cpu = nix::sched::CpuSet::new();
+        cpu.set(0).unwrap();
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).expect("pin to CPU 0");
+        let fx = Fixture::new();
+        // The backends become unreachable: every SYN's FIB lookup fails.
+        let out = std::process::Command::new("ip")
+            .args(["route", "add", "unreachable", "10.1.1.0/28"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let _ = fx.xdp.read_program_logs().unwrap();
+        const FLOOD: u16 = 500;
+        let started = Instant::now();
+        for port in 0..FLOOD {
+            let syn = frame((client(1), 20000 + port), (VIP, 80), SYN, b"", &[], [0xaa; 6]);
+            assert_eq!(fx.xdp.test_run(&syn, client_if, 1).unwrap().0, XDP_DROP);
+        }
+        let elapsed = started.elapsed();
+        assert_eq!(fx.counter("fib_failed"), u64::from(FLOOD));
+        let burst = fx.xdp.read_program_logs().unwrap();
+        let cpus = aya::util::nr_cpus().expect("CPU count") as u64;
+        let interval = std::time::Duration::from_millis(250 * cpus);
+        eprintln!(
+            "{FLOOD} packets in {elapsed:?}: {} lines (one per {interval:?} per CPU)\n{}",
+            burst.len(),
+            burst.join("\n")
+        );
+        assert!(!burst.is_empty(), "the first packet's line is written");
+        let allowed = 1 + (elapsed.as_millis() / interval.as_millis()) as usize;
+        assert!(
+            burst.len() <= allowed,
+            "{} lines for {FLOOD} packets in {elapsed:?} (at most {allowed})",
+            burst.len()
+        );
+        assert!(
+            burst
+                .iter()
+                .all(|l| l.contains("no route for rewritten packet to 10.1.1."))
+        );
+        // After the interval one more packet writes a line carrying the count held back.
+        std::thread::sleep(interval + std::time::Duration::from_millis(100));
+        let syn = frame((client(1), 19999), (VIP, 80), SYN, b"", &[], [0xaa; 6]);
+        assert_eq!(fx.xdp.test_run(&syn, client_if, 1).unwrap().0, XDP_DROP);
+        let next = fx.xdp.read_program_logs().unwrap();
+        assert_eq!(next.len(), 1, "{next:?}");
+        let lines: Vec<&String> = burst.iter().chain(&next).collect();
+        let reported: u64 = lines.iter().map(|l| suppressed_in(l)).sum();
+        assert!(
+            suppressed_in(&next[0]) > 0,
+            "the next line reports the held-back lines: {}",
+            next[0]
+        );
+        assert_eq!(
+            reported + lines.len() as u64,
+            u64::from(FLOOD) + 1,
+            "every packet is either a line or counted in one: {lines:?}"
+        );
+    });
+}

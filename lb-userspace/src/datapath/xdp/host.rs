@@ -196,8 +196,10 @@ pub struct Cleanup {
 }
 
 /// `lb cleanup`: restores the sysctls lb changed ([`restore`]), detaches the program
-/// (removes the pinned links) and removes the pinned maps.
+/// (removes the pinned links) and removes the pinned maps. Refused while a daemon runs on
+/// `pin_path`.
 pub fn cleanup(pin_path: &Path) -> Result<Cleanup, XdpError> {
+    super::pins::ensure_unused(pin_path)?;
     let mut report = Cleanup {
         restored: restore(pin_path)?,
         removed: Vec::new(),

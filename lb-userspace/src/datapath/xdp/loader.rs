@@ -22,6 +22,7 @@ use crate::config::{XdpConfig, XdpMode};
 
 use crate::ebpf::{self, XDP_PROGRAM};
 
+use super::pins::{self, PinDir};
 use super::{BPF_FS_MAGIC, Inner, Maps, XdpDatapath, XdpError, map_err, take};
 
 /// Forwards the program's aya-log records into tracing (target `lb::datapath::xdp::kernel`).
@@ -70,6 +71,22 @@ fn forward_program_logs(ebpf: &mut Ebpf) {
     });
 }
 
+/// Collects the program's log lines as text (see [`XdpDatapath::read_program_logs`]).
+#[derive(Default)]
+struct Collect(Mutex<Vec<String>>);
+
+impl log::Log for Collect {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        self.0.lock().unwrap().push(record.args().to_string());
+    }
+
+    fn flush(&self) {}
+}
+
 /// Mounts bpffs at /sys/fs/bpf if needed and creates the pin directory.
 fn ensure_bpffs(dir: &Path) -> Result<(), XdpError> {
     let root = Path::new("/sys/fs/bpf");
@@ -93,6 +110,16 @@ fn ensure_bpffs(dir: &Path) -> Result<(), XdpError> {
         path: dir.into(),
         message: e.to_string(),
     })
+}
+
+/// Every configured interface exists (in this network namespace).
+fn check_interfaces(interfaces: &[String]) -> Result<(), XdpError> {
+    for name in interfaces {
+        if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
+            return Err(XdpError::NoInterface(name.clone()));
+        }
+    }
+    Ok(())
 }
 
 fn link_pin(pin_path: &Path, interface: &str) -> PathBuf {
@@ -184,13 +211,31 @@ impl XdpDatapath {
             MAP_SERVICE_STATS,
             MAP_BACKEND_STATS,
         ];
-        if let Some(dir) = &pin_path {
-            ensure_bpffs(dir)?;
-            for name in names {
-                loader.map_pin_path(name, dir.join(name));
-            }
+        if let Some(config) = config {
+            // First, before anything is made: a typo here must not leave pins or sysctls behind.
+            check_interfaces(&config.interfaces)?;
         }
+        let pins = match &pin_path {
+            Some(dir) => {
+                let dir_created = !dir.exists();
+                ensure_bpffs(dir)?;
+                let locked = PinDir::lock(dir, dir_created);
+                // Not when another daemon holds it: it may have made the directory just now.
+                if dir_created && matches!(&locked, Err(e) if !matches!(e, pins::PinError::InUse(_))) {
+                    let _ = std::fs::remove_dir(dir);
+                }
+                let pins = locked?;
+                for name in names {
+                    loader.map_pin_path(name, dir.join(name));
+                }
+                Some(pins)
+            }
+            None => None,
+        };
         let mut ebpf = loader.load(object)?;
+        if pins.is_some() {
+            pins::test_stop_point("maps");
+        }
         let mut maps = Maps {
             config: take(&mut ebpf, MAP_CONFIG)?,
             services: take(&mut ebpf, MAP_SERVICES)?,
@@ -263,6 +308,9 @@ impl XdpDatapath {
             .try_into()?;
         program.load()?;
         if let Some(config) = config {
+            if let (Some(pins), false) = (&pins, adopting) {
+                pins.sysctls_changed();
+            }
             super::host::prepare(&config.pin_path, &config.interfaces, config.snat_ports, adopting)?;
             for interface in &config.interfaces {
                 attach(program, interface, config.mode, &config.pin_path)?;
@@ -284,6 +332,7 @@ impl XdpDatapath {
                 adopt_backends,
             }),
             pin_path,
+            pins,
         })
     }
 
@@ -315,6 +364,25 @@ impl XdpDatapath {
         })?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, out, result.duration))
+    }
+
+    /// The program's log lines not read yet, oldest first: for a datapath started without a
+    /// config (packet fixtures), whose lines are not forwarded into tracing.
+    pub fn read_program_logs(&self) -> Result<Vec<String>, XdpError> {
+        let inner = self.inner.lock().unwrap();
+        let program: &Xdp = inner
+            .ebpf
+            .program(XDP_PROGRAM)
+            .ok_or_else(|| XdpError::System("program missing".into()))?
+            .try_into()?;
+        let id = program.info()?.id();
+        let collect = Collect::default();
+        // A fresh reader per call: the ring buffer's read position lives in the kernel.
+        let mut logger = aya_log::EbpfLogger::init_from_id_with_logger(id, &collect)
+            .map_err(|e| XdpError::System(format!("reading the XDP program's log: {e}")))?;
+        logger.flush();
+        drop(logger);
+        Ok(collect.0.into_inner().unwrap())
     }
 
     /// After the config's services are synced: removes pinned services and backends that no

@@ -6,16 +6,18 @@
 //! The next `lb run` adopts them (same layout version and ring size), finds every service's slot
 //! and backend's index again by address, and swaps the program in place. `lb cleanup` removes it all.
 //!
-//! - `loader`: load, pin or adopt, attach, log bridge; `sync`: state → maps; `query`: maps → counters,
+//! - `loader`: load, pin or adopt, attach, log bridge; `pins`: the pin directory's lock, half-made
+//!   directories, undoing a failed start; `sync`: state → maps; `query`: maps → counters,
 //!   `lb which`, marking flows for reset; `host`: sysctls and `lb cleanup`.
 
 pub mod host;
 mod loader;
+mod pins;
 mod query;
 mod sync;
 
 pub use host::{Cleanup, cleanup};
-pub use query::{KernelChoice, KernelTraffic};
+pub use query::{KernelChoice, KernelState, KernelTraffic};
 
 use std::collections::{HashMap as StdHashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -92,6 +94,10 @@ pub enum XdpError {
     },
     #[error(transparent)]
     Host(#[from] host::HostError),
+    #[error(transparent)]
+    Pins(#[from] pins::PinError),
+    #[error("interface {0} does not exist; check [xdp] interfaces (`ip link` lists them)")]
+    NoInterface(String),
     #[error("{0}")]
     System(String),
 }
@@ -158,6 +164,9 @@ struct Inner {
 pub struct XdpDatapath {
     inner: Mutex<Inner>,
     pin_path: Option<PathBuf>,
+    /// The locked pin directory (with a pin path): dropped uncommitted, it removes what the start
+    /// made. Declared after `inner`, so the program and maps are closed first.
+    pins: Option<pins::PinDir>,
 }
 
 /// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`.
@@ -188,7 +197,11 @@ impl Datapath for XdpDatapath {
 
     fn finish_start(&self) -> Result<(), DatapathError> {
         self.finish_adoption()
-            .map_err(|e| DatapathError::Xdp(e.to_string()))
+            .map_err(|e| DatapathError::Xdp(e.to_string()))?;
+        if let Some(pins) = &self.pins {
+            pins.commit();
+        }
+        Ok(())
     }
 
     fn reset_backend(&self, service: &Service, backend: &Backend) -> usize {

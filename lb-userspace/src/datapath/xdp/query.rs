@@ -5,9 +5,10 @@
 use std::collections::HashMap as StdHashMap;
 use std::net::Ipv4Addr;
 
+use aya::maps::PerCpuArray;
 use lb_common::maps::{
     AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, FLOW_RESET, FLOW_TO_BACKEND, FlowKey,
-    FlowValue, TrafficCounters, global_counter,
+    FlowValue, MAP_SNAT, TrafficCounters, global_counter,
 };
 use lb_common::select::{self, BackendTable, Peek, Policy, Ring};
 
@@ -48,6 +49,14 @@ pub struct KernelTraffic {
     pub traffic: TrafficCounters,
     /// Open connections (client → backend conntrack entries neither closed nor expired).
     pub active: u64,
+}
+
+/// How much state the kernel's packets have created ([`XdpDatapath::kernel_state`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelState {
+    pub conntrack: u64,
+    pub affinity: u64,
+    pub snat_cursors: u64,
 }
 
 /// Where the kernel would send a client, from its own maps.
@@ -205,6 +214,23 @@ impl XdpDatapath {
             reason,
             detail,
         })
+    }
+
+    /// Every entry of the conntrack and affinity maps (live or not, all services), and the SNAT
+    /// port cursors summed over CPUs (each claim moves one): what packets have created so far.
+    pub fn kernel_state(&self) -> KernelState {
+        let inner = self.inner.lock().unwrap();
+        let snat_cursors = inner
+            .ebpf
+            .map(MAP_SNAT)
+            .and_then(|m| PerCpuArray::<_, u32>::try_from(m).ok())
+            .and_then(|a| a.get(&0, 0).ok())
+            .map_or(0, |v| v.iter().map(|c| u64::from(*c)).sum());
+        KernelState {
+            conntrack: inner.maps.conntrack.keys().flatten().count() as u64,
+            affinity: inner.maps.affinity.keys().flatten().count() as u64,
+            snat_cursors,
+        }
     }
 
     /// Marks every open connection to `backend_id` for reset (`on_down = "reset"`, `lb backend
