@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::http::{self, MAX_CONNECTIONS, READ_TIMEOUT};
+use super::http::{self, MAX_OPEN, READ_TIMEOUT};
 use super::metrics::{Format, render};
 use crate::config::{AdminState, DatapathKind, MetricsConfig, Protocol};
 use crate::control::protocol::{BackendStatsView, ServiceStatsView, StatsView};
@@ -771,23 +771,87 @@ async fn a_silent_client_is_closed_after_the_read_timeout_without_an_answer() {
     assert!(start.elapsed() >= READ_TIMEOUT, "{:?}", start.elapsed());
 }
 
-#[tokio::test]
-async fn connections_beyond_the_limit_wait_for_a_free_one() {
-    let srv = server();
-    let mut held = Vec::new();
-    for _ in 0..MAX_CONNECTIONS {
-        held.push(TcpStream::connect(srv.addr).await.unwrap());
-    }
-    let waiting = tokio::spawn(exchange(srv.addr, b"GET /metrics HTTP/1.1\r\n\r\n"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+/// Fails clearly when this process may not hold `n` descriptors (both ends of a test's sockets).
+fn room_for_descriptors(n: u64) {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX);
     assert!(
-        !waiting.is_finished(),
-        "answered beyond {MAX_CONNECTIONS} connections"
+        soft >= n,
+        "this test needs {n} open files; raise `ulimit -n` (now {soft})"
     );
-    held.pop();
-    let (status, _, _) = tokio::time::timeout(READ_TIMEOUT, waiting)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_are_served_while_a_thousand_idle_connections_are_open() {
+    room_for_descriptors(2 * 1000 + 64);
+    let srv = server();
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        idle.push(TcpStream::connect(srv.addr).await.unwrap());
+    }
+    for round in 0..5 {
+        let scrape = tokio::time::timeout(
+            Duration::from_secs(20),
+            exchange(srv.addr, b"GET /metrics HTTP/1.1\r\n\r\n"),
+        );
+        let (status, _, body) = scrape
+            .await
+            .unwrap_or_else(|_| panic!("scrape {round} not answered beside 1000 idle connections"));
+        assert_eq!(status, "HTTP/1.1 200 OK", "scrape {round}");
+        assert!(body.contains("lb_up 1"), "scrape {round}: {body}");
+        // An idle connection that has sent part of its request is no exception.
+        let newest = idle.len() - 1 - round;
+        idle[newest].write_all(b"GET /metr").await.unwrap();
+    }
+    // The server held at most MAX_OPEN of them: the oldest idle ones were closed to make room.
+    let mut closed = 0;
+    for s in &mut idle[..1000 - MAX_OPEN] {
+        let mut buf = [0u8; 16];
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => closed += 1,
+            Ok(Ok(n)) => panic!("an idle connection got an answer: {:?}", &buf[..n]),
+            Err(_) => {}
+        }
+    }
+    assert_eq!(closed, 1000 - MAX_OPEN, "idle connections closed to make room");
+}
+
+#[tokio::test]
+async fn a_request_sent_is_never_closed_to_make_room() {
+    room_for_descriptors(2 * (MAX_OPEN as u64 + 64));
+    let srv = server();
+    // One connection sends its request head slowly: the first line now, the end after the others.
+    let mut slow = TcpStream::connect(srv.addr).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+    let mut sent = TcpStream::connect(srv.addr).await.unwrap();
+    sent.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut idle = Vec::new();
+    for _ in 0..MAX_OPEN + 8 {
+        idle.push(TcpStream::connect(srv.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sent.read_to_end(&mut answer))
         .await
-        .expect("answered once a connection closed")
+        .unwrap()
         .unwrap();
-    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200 OK"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    // The slow one had not completed its head: it was the oldest idle one, so it was closed.
+    slow.write_all(b"\r\n").await.ok();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+    assert!(
+        !rest.starts_with(b"HTTP/1.1 200"),
+        "the oldest idle connection was kept"
+    );
 }
