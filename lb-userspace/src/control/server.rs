@@ -307,10 +307,11 @@ fn answer(line: &[u8], uid: u32, engine: &Engine) -> Response {
             error: None,
         },
         Err(e) => {
+            let text = crate::report::chain(&e);
             if changes {
-                warn!(uid, error = %e, "operator command failed");
+                warn!(uid, error = %text, "operator command failed");
             }
-            Response::error(e)
+            Response::error(text)
         }
     }
 }

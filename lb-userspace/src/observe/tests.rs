@@ -855,3 +855,25 @@ async fn a_request_sent_is_never_closed_to_make_room() {
         "the oldest idle connection was kept"
     );
 }
+
+#[tokio::test]
+async fn bind_errors_hint_only_what_fits_their_cause() {
+    let srv = server();
+    let in_use = http::bind(&MetricsConfig { listen: srv.addr })
+        .unwrap_err()
+        .to_string();
+    assert!(in_use.contains("another program"), "{in_use}");
+    // A documentation address no interface has (nothing is sent: the bind fails at once).
+    let listen = "192.0.2.1:9100".parse().unwrap();
+    let absent = http::bind(&MetricsConfig { listen }).unwrap_err().to_string();
+    assert!(
+        absent.contains("no interface of this host has that address"),
+        "{absent}"
+    );
+    assert!(!absent.contains("another program"), "{absent}");
+    assert_eq!(
+        absent.matches("Cannot assign requested address").count(),
+        1,
+        "{absent}"
+    );
+}

@@ -182,12 +182,12 @@ impl Datapath for XdpDatapath {
             Effect::ServiceRemoved { name, .. } => inner.remove(name),
             Effect::Nothing => Ok(()),
         };
-        result.map_err(|e| DatapathError::Xdp(e.to_string()))
+        result.map_err(|e| DatapathError::Xdp(crate::report::chain(&e)))
     }
 
     fn finish_start(&self) -> Result<(), DatapathError> {
         self.finish_adoption()
-            .map_err(|e| DatapathError::Xdp(e.to_string()))
+            .map_err(|e| DatapathError::Xdp(crate::report::chain(&e)))
     }
 
     fn reset_backend(&self, service: &Service, backend: &Backend) -> usize {
