@@ -193,5 +193,48 @@ fn xdp_connections_survive_add_drain_remove_churn() {
             syn_retrans <= exhausted,
             "{what}: {syn_retrans} SYN retransmits, {exhausted} SYNs dropped for SNAT ports"
         );
+        let failed = client_moved.get("TcpAttemptFails").copied().unwrap_or(0);
+        assert_eq!(
+            failed, 0,
+            "{what}: the client's connects failed: {client_moved:?}"
+        );
     }
+    // Calibration: the same measures do see refused connects. For a moment new clients can only
+    // reach a backend whose port refuses them: wrk counts each as a *write* error (it never
+    // checks a connect's result; the refusal surfaces when it writes the request), and the
+    // client's stack as a failed connect attempt.
+    let client_before = tcp_counters(client);
+    let dead = format!("{}:{}", bed.topo.backend_addr(4), HTTP_PORT + 1);
+    let stop = AtomicBool::new(false);
+    let out = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(500));
+            bed.lb.cli_ok(&["backend", "add", "web", &dead, "--name", "dead"]);
+            for i in 1..=4 {
+                bed.lb.cli_ok(&["backend", "disable", "web", &format!("b{i}")]);
+            }
+            std::thread::sleep(Duration::from_millis(150));
+            for i in 1..=4 {
+                bed.lb.cli_ok(&["backend", "enable", "web", &format!("b{i}")]);
+            }
+            bed.lb.cli_ok(&["backend", "remove", "web", "dead"]);
+            stop.store(true, Ordering::Relaxed);
+        });
+        let url = format!("http://{}/", bed.web());
+        let args = ["-t1", "-c4", "-d2s", "-H", "Connection: close", &url];
+        run_with_timeout(client.command("wrk", &args), Duration::from_secs(30))
+    });
+    assert!(stop.load(Ordering::Relaxed));
+    let text = String::from_utf8_lossy(&out.expect("wrk").stdout).into_owned();
+    let (_, errors, _) = wrk_report(&text);
+    let failed = moved(&client_before, &tcp_counters(client))
+        .get("TcpAttemptFails")
+        .copied()
+        .unwrap_or(0);
+    eprintln!("calibration: wrk {errors:?}, client failed connects +{failed}");
+    assert!(
+        errors.contains("write"),
+        "refused connects not seen by wrk:\n{text}"
+    );
+    assert!(failed > 0, "refused connects not counted by the client's stack");
 }
