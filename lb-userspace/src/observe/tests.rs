@@ -877,3 +877,38 @@ async fn bind_errors_hint_only_what_fits_their_cause() {
         "{absent}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_busy_limit_wait_their_turn() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Each snapshot takes a while, so requests pile up beyond MAX_BUSY.
+    let taken = Arc::new(AtomicUsize::new(0));
+    let snapshot: http::Snapshot = {
+        let taken = taken.clone();
+        Arc::new(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            taken.fetch_add(1, Ordering::Relaxed);
+            sample()
+        })
+    };
+    let listener = http::bind(&MetricsConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+    })
+    .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(http::serve(listener, snapshot, shutdown.clone()));
+    let n = http::MAX_BUSY * 2;
+    let scrapes: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n")))
+        .collect();
+    for s in scrapes {
+        let (status, _, _) = tokio::time::timeout(Duration::from_secs(20), s)
+            .await
+            .expect("a request beyond the busy limit was answered")
+            .unwrap();
+        assert_eq!(status, "HTTP/1.1 200 OK");
+    }
+    assert_eq!(taken.load(Ordering::Relaxed), n);
+    shutdown.cancel();
+}
