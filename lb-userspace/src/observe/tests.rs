@@ -541,13 +541,18 @@ impl Drop for Server {
 }
 
 fn server() -> Server {
+    server_with(Arc::new(sample))
+}
+
+/// A `/metrics` server answering with `snapshot`.
+fn server_with(snapshot: http::Snapshot) -> Server {
     let listener = http::bind(&MetricsConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
     })
     .unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    tokio::spawn(http::serve(listener, Arc::new(sample), shutdown.clone()));
+    tokio::spawn(http::serve(listener, snapshot, shutdown.clone()));
     Server { addr, shutdown }
 }
 
@@ -824,18 +829,22 @@ async fn scrapes_are_served_while_a_thousand_idle_connections_are_open() {
 #[tokio::test]
 async fn a_request_sent_is_never_closed_to_make_room() {
     room_for_descriptors(2 * (MAX_OPEN as u64 + 64));
-    let srv = server();
-    // One connection sends its request head slowly: the first line now, the end after the others.
-    let mut slow = TcpStream::connect(srv.addr).await.unwrap();
-    slow.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+    // Snapshots take a second: the first request is still being answered during the flood.
+    let srv = server_with(Arc::new(|| {
+        std::thread::sleep(Duration::from_secs(1));
+        sample()
+    }));
+    // The oldest connection has sent its request; the next sends its head slowly (the first
+    // line now, the end after the flood).
     let mut sent = TcpStream::connect(srv.addr).await.unwrap();
     sent.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut slow = TcpStream::connect(srv.addr).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut idle = Vec::new();
     for _ in 0..MAX_OPEN + 8 {
         idle.push(TcpStream::connect(srv.addr).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), sent.read_to_end(&mut answer))
         .await
@@ -843,7 +852,7 @@ async fn a_request_sent_is_never_closed_to_make_room() {
         .unwrap();
     assert!(
         answer.starts_with(b"HTTP/1.1 200 OK"),
-        "{:?}",
+        "the busy connection was closed: {:?}",
         String::from_utf8_lossy(&answer)
     );
     // The slow one had not completed its head: it was the oldest idle one, so it was closed.
@@ -891,16 +900,10 @@ async fn requests_beyond_the_busy_limit_wait_their_turn() {
             sample()
         })
     };
-    let listener = http::bind(&MetricsConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-    })
-    .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(http::serve(listener, snapshot, shutdown.clone()));
+    let srv = server_with(snapshot);
     let n = http::MAX_BUSY * 2;
     let scrapes: Vec<_> = (0..n)
-        .map(|_| tokio::spawn(exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n")))
+        .map(|_| tokio::spawn(exchange(srv.addr, b"GET /metrics HTTP/1.1\r\n\r\n")))
         .collect();
     for s in scrapes {
         let (status, _, _) = tokio::time::timeout(Duration::from_secs(20), s)
@@ -910,5 +913,4 @@ async fn requests_beyond_the_busy_limit_wait_their_turn() {
         assert_eq!(status, "HTTP/1.1 200 OK");
     }
     assert_eq!(taken.load(Ordering::Relaxed), n);
-    shutdown.cancel();
 }
