@@ -25,7 +25,8 @@ use crate::state::{Backend, Effect, Service};
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error(
-        "cannot listen on {listen} for service `{service}`: {source}; is another program using that address?"
+        "cannot listen on {listen} for service `{service}`: {source}{}",
+        listener::bind_hint(source)
     )]
     Bind {
         service: String,

@@ -29,6 +29,17 @@ use crate::health::{HealthEvent, Supervisor};
 use crate::runtime::Snapshot;
 use crate::state::{self, Command, Effect, Health, Service, State, StateError, Transition, TransitionKind};
 
+/// Whether a client at `client` can reach a service listening on `listen`: an IPv4 listener takes
+/// only IPv4 clients (an XDP VIP is always one); an IPv6 one takes IPv6 clients, and IPv4 ones
+/// too when it listens on every address (`[::]`, dual-stack).
+fn reaches(client: IpAddr, listen: std::net::SocketAddr) -> bool {
+    match (client, listen.ip()) {
+        (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => true,
+        (IpAddr::V4(_), IpAddr::V6(l)) => l.is_unspecified(),
+        (IpAddr::V6(_), IpAddr::V4(_)) => false,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
@@ -41,6 +52,16 @@ pub enum EngineError {
     NoConfigFile,
     #[error("`{0}` is not an IP address (or IP:PORT)")]
     BadAddress(String),
+    #[error(
+        "service `{service}` listens on {listen}, which a client at {client} cannot reach; \
+         ask about an {family} client"
+    )]
+    WrongFamily {
+        service: String,
+        listen: std::net::SocketAddr,
+        client: IpAddr,
+        family: &'static str,
+    },
     #[error(transparent)]
     Xdp(#[from] crate::datapath::xdp::XdpError),
     #[error("service `{0}` keeps no affinity (affinity_timeout = 0); there is nothing to pin")]
@@ -403,8 +424,22 @@ impl Engine {
                 None,
             ),
         };
+        // An IPv4 client written as IPv6 (`::ffff:192.0.2.9`) is that IPv4 client.
+        let ip = ip.to_canonical();
         let snapshot = self.snapshot();
         let svc = snapshot.state.service(service)?;
+        if !reaches(ip, svc.settings.listen) {
+            return Err(EngineError::WrongFamily {
+                service: service.to_string(),
+                listen: svc.settings.listen,
+                client: ip,
+                family: if svc.settings.listen.is_ipv4() {
+                    "IPv4"
+                } else {
+                    "IPv6"
+                },
+            });
+        }
         let view = |backend: Option<&state::Backend>, reason: &str, detail: String| WhichView {
             service: service.to_string(),
             client: client.to_string(),

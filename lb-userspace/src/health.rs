@@ -35,10 +35,22 @@ pub enum ProbeError {
     Stalled { ms: u128, got: usize },
     #[error("I/O error: {0}")]
     Io(String),
+    #[error("the backend accepted the connection, then reset it: {0}")]
+    Reset(String),
     #[error(transparent)]
     Ajp(#[from] ajp::AjpError),
     #[error("peer closed the connection right after the CPong")]
     ClosedAfterCpong,
+}
+
+/// An I/O error of a probe as `otherwise`, unless it is a reset: a reset means the backend had
+/// accepted the connection (a connect can report it too, when the RST comes before the
+/// handshake is seen complete), so it is never shown as a failed connect.
+fn failed(e: std::io::Error, otherwise: fn(String) -> ProbeError) -> ProbeError {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionReset => ProbeError::Reset(e.to_string()),
+        _ => otherwise(e.to_string()),
+    }
 }
 
 /// Runs one probe; returns its latency.
@@ -49,14 +61,14 @@ pub async fn probe(kind: HealthKind, addr: SocketAddr, timeout: Duration) -> Res
     let mut stream = tokio::time::timeout_at(deadline, TcpStream::connect(addr))
         .await
         .map_err(|_| timed_out())?
-        .map_err(|e| ProbeError::Connect(e.to_string()))?;
+        .map_err(|e| failed(e, ProbeError::Connect))?;
     if kind != HealthKind::Ajp {
         return Ok(start.elapsed());
     }
     stream
         .write_all(&ajp::CPING)
         .await
-        .map_err(|e| ProbeError::Io(e.to_string()))?;
+        .map_err(|e| failed(e, ProbeError::Io))?;
     let mut reply = Vec::with_capacity(16);
     let mut buf = [0u8; 64];
     while reply.len() < ajp::CPONG.len() {
@@ -67,7 +79,7 @@ pub async fn probe(kind: HealthKind, addr: SocketAddr, timeout: Duration) -> Res
                     got: reply.len(),
                 });
             }
-            Ok(Err(e)) if reply.is_empty() => return Err(ProbeError::Io(e.to_string())),
+            Ok(Err(e)) if reply.is_empty() => return Err(failed(e, ProbeError::Io)),
             Ok(Err(_) | Ok(0)) => break,
             Ok(Ok(n)) => {
                 reply.extend_from_slice(&buf[..n]);
@@ -255,5 +267,44 @@ mod tests {
         }
         assert_eq!(s.health, Health::Down);
         assert!(s.last_result.contains("timed out"));
+    }
+
+    /// A backend that accepts each connection and resets it at once (linger 0).
+    async fn resetting_backend() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let linger = nix::libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &linger).unwrap();
+                drop(s);
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_reset_after_accept_is_reported_as_a_reset_not_a_failed_connect() {
+        let addr = resetting_backend().await;
+        for _ in 0..20 {
+            let e = probe(HealthKind::Ajp, addr, Duration::from_secs(2))
+                .await
+                .unwrap_err();
+            let text = e.to_string();
+            assert!(matches!(e, ProbeError::Reset(_)), "{text}");
+            assert!(!text.contains("connect failed"), "{text}");
+        }
+        // A refused connect is still a failed connect.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let e = probe(HealthKind::Tcp, closed, Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().starts_with("connect failed"), "{e}");
     }
 }

@@ -22,6 +22,7 @@
 //!   [`engine::Engine::stats`] snapshots for Prometheus, [`observe::http`] serves them
 //!   (`[metrics] listen`, `GET /metrics`, and the status page at `/` from [`observe::status`]), [`observe::top`] is `lb top`, the live terminal view.
 //! - [`persist`]: the `state_file`, runtime changes kept across restarts.
+//! - [`report`]: how an error and its causes are shown, each cause once.
 //! - [`cli`]: table rendering for the client subcommands.
 //! - [`ebpf`]: the embedded XDP object and its loader.
 pub mod ajp;
@@ -37,5 +38,6 @@ pub mod health;
 pub mod maglev;
 pub mod observe;
 pub mod persist;
+pub mod report;
 pub mod runtime;
 pub mod state;

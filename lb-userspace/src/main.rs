@@ -315,7 +315,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", lb::report::chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -95,6 +95,14 @@ fn xdp_forwards_http_and_bulk_with_affinity_matching_which() {
             (Some(first[&c].as_str()), "affinity")
         );
     }
+    // An IPv6 client can never reach an XDP (IPv4) VIP: `lb which` says so instead of a ring slot.
+    let out = bed.lb.cli(&["which", "web", "::1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "which answered for ::1: {out:?}");
+    assert!(
+        err.contains("cannot reach") && err.contains("IPv4 client"),
+        "{err}"
+    );
     // Bulk echo, byte-exact, with half-close.
     let data = random_bytes(8 << 20, 7);
     let mut s = bed.open_echo(clients[0]);

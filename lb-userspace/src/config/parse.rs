@@ -274,6 +274,10 @@ const INTERFACE_HELP: &str = "use a Linux interface name such as \"eth0\": 1 to 
 const BPFFS: &str = "/sys/fs/bpf";
 /// Fewest SNAT ports (the range is split between CPUs).
 const MIN_SNAT_PORTS: u32 = 64;
+/// Longest control socket path: `sun_path` holds 108 bytes with the closing NUL.
+const MAX_SOCKET_PATH: usize = 107;
+/// Shortest health check `interval` and `fast_interval`: faster checks only load the backends.
+const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// Most interfaces in `xdp.interfaces`.
 const MAX_INTERFACES: usize = 16;
 /// Most Maglev ring entries over all XDP service slots: `ring_size * max_services` (u32 each: 1 GiB).
@@ -604,6 +608,29 @@ impl<'a, 'b, F: Form> Validator<'a, 'b, F> {
             ));
         }
         Ok(d)
+    }
+
+    /// Refuses a written duration `d` shorter than `min`.
+    fn at_least(
+        &self,
+        v: &Option<F::V<RawDuration>>,
+        key: &str,
+        d: Duration,
+        min: Duration,
+    ) -> Result<(), ConfigError> {
+        match v {
+            Some(v) if d < min => Err(self.err(
+                v.at(),
+                key,
+                format!(
+                    "{} \"{}\" is too short; allowed from \"{}\"",
+                    leaf(key),
+                    v.value().0,
+                    format_duration(min)
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn choice<T: Copy>(
@@ -1112,6 +1139,17 @@ impl Validator<'_, '_, File> {
                         ),
                     ));
                 }
+                let len = v.get_ref().len();
+                if len > MAX_SOCKET_PATH {
+                    return Err(self.err(
+                        v.span(),
+                        "control.socket",
+                        format!(
+                            "socket path is {len} bytes; a Unix socket path may be at most \
+                             {MAX_SOCKET_PATH} bytes, so choose a shorter one"
+                        ),
+                    ));
+                }
                 PathBuf::from(v.into_inner())
             }
         };
@@ -1442,7 +1480,14 @@ impl<F: Form> Validator<'_, '_, F> {
             ],
         )?;
         let interval = self.duration(&raw.interval, &k("interval"), defaults.interval, false)?;
+        self.at_least(&raw.interval, &k("interval"), interval, MIN_CHECK_INTERVAL)?;
         let fast_interval = self.duration(&raw.fast_interval, &k("fast_interval"), interval, false)?;
+        self.at_least(
+            &raw.fast_interval,
+            &k("fast_interval"),
+            fast_interval,
+            MIN_CHECK_INTERVAL,
+        )?;
         let timeout = self.duration(&raw.timeout, &k("timeout"), defaults.timeout, false)?;
         if timeout > interval {
             // Point at whichever of the two the operator wrote (timeout first).

@@ -1964,3 +1964,41 @@ fn bad_ajp_settings() {
         &["route \"t1\" is already the route of service[0].backend[0] (line 7)"],
     );
 }
+
+#[test]
+fn check_intervals_and_socket_paths_have_limits() {
+    bad_table(&[
+        (
+            svc!("[service.health]\ninterval = \"1ms\"\ntimeout = \"1ms\"\n"),
+            5,
+            "service[0].health.interval",
+            &["interval \"1ms\" is too short", "\"100ms\""],
+        ),
+        (
+            svc!("[service.health]\nfast_interval = \"99ms\"\n"),
+            5,
+            "service[0].health.fast_interval",
+            &["too short"],
+        ),
+    ]);
+    let c = good(svc!(
+        "[service.health]\ninterval = \"100ms\"\ntimeout = \"50ms\"\n"
+    ));
+    assert_eq!(c.services[0].health.interval, Duration::from_millis(100));
+
+    let longest = format!("/run/{}", "s".repeat(107 - "/run/".len()));
+    let c = good(&format!("[control]\nsocket = \"{longest}\"\n"));
+    assert_eq!(c.control.socket, PathBuf::from(&longest));
+    let text = format!("[control]\nsocket = \"{longest}s\"\n");
+    let e = Config::parse(&text, "bad.toml").unwrap_err().to_string();
+    assert!(e.contains("bad.toml:2") && e.contains("at most 107 bytes"), "{e}");
+    // The limit is real: a path one byte longer cannot be bound.
+    let dir = std::env::temp_dir().join(format!("lb-sockpath-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = dir.to_str().unwrap().len() + 1;
+    let fits = dir.join("f".repeat(107 - base));
+    let over = dir.join("o".repeat(108 - base));
+    assert!(std::os::unix::net::UnixListener::bind(&fits).is_ok());
+    assert!(std::os::unix::net::UnixListener::bind(&over).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,5 +1,7 @@
-//! Serves the control socket: peer uid checked with SO_PEERCRED, bounded request size, idle timeout
-//! and connection count, so a slow or hostile client cannot stall the daemon.
+//! Serves the control socket: peer uid checked with SO_PEERCRED, bounded request size, idle timeouts
+//! and connection count, so a slow or hostile client cannot stall the daemon. Credentials are
+//! checked before a connection takes a slot, and root has [`ROOT_SLOTS`] slots of its own, so
+//! local connections that use up the ordinary slots never lock the administrator out.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,7 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -15,10 +17,63 @@ use super::protocol::{MAX_REQUEST, Request, Response};
 use crate::config::ControlConfig;
 use crate::engine::Engine;
 
-/// Most control connections served at once; more are told so and closed.
+/// Most control connections served at once (any allowed uid); more are told so and closed.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Further connections only root (uid 0) may take once the ordinary ones are all in use.
+pub const ROOT_SLOTS: usize = 4;
+/// A new connection must send its first request within this time.
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection idle this long between requests is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most refusals being written at once; connections beyond are closed without an answer.
+const MAX_REFUSING: usize = 16;
+
+/// How many connections the server takes and how long they may stay idle.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub connections: usize,
+    pub root_slots: usize,
+    pub first_request: Duration,
+    pub idle: Duration,
+}
+
+impl Default for Limits {
+    /// [`MAX_CONNECTIONS`], [`ROOT_SLOTS`], [`FIRST_REQUEST_TIMEOUT`], [`IDLE_TIMEOUT`].
+    fn default() -> Self {
+        Limits {
+            connections: MAX_CONNECTIONS,
+            root_slots: ROOT_SLOTS,
+            first_request: FIRST_REQUEST_TIMEOUT,
+            idle: IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// The connection slots: ordinary ones for every allowed uid, and root's own.
+struct Slots {
+    ordinary: Arc<Semaphore>,
+    root: Arc<Semaphore>,
+}
+
+impl Slots {
+    fn new(limits: &Limits) -> Self {
+        Slots {
+            ordinary: Arc::new(Semaphore::new(limits.connections)),
+            root: Arc::new(Semaphore::new(limits.root_slots)),
+        }
+    }
+
+    /// An ordinary slot, else (for root only) one of root's.
+    fn take(&self, uid: u32) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = self.ordinary.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        if uid == 0 {
+            return self.root.clone().try_acquire_owned().ok();
+        }
+        None
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -91,9 +146,23 @@ pub fn bind(config: &ControlConfig) -> Result<(UnixListener, Access), ServerErro
     Ok((listener, Access { uids, gid }))
 }
 
-/// Accepts control connections until `shutdown`.
+/// Accepts control connections until `shutdown`, with the default [`Limits`].
 pub async fn run(listener: UnixListener, access: Access, engine: Arc<Engine>, shutdown: CancellationToken) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    run_limited(listener, access, engine, shutdown, Limits::default()).await;
+}
+
+/// Accepts control connections until `shutdown`. A peer's credentials (SO_PEERCRED) are read as
+/// it is accepted: a uid not allowed is refused without taking a slot, root may take one of its
+/// own slots once the ordinary ones are in use.
+pub async fn run_limited(
+    listener: UnixListener,
+    access: Access,
+    engine: Arc<Engine>,
+    shutdown: CancellationToken,
+    limits: Limits,
+) {
+    let slots = Slots::new(&limits);
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -106,13 +175,47 @@ pub async fn run(listener: UnixListener, access: Access, engine: Arc<Engine>, sh
                 }
             },
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(stream, "too many control connections; try again".into()));
+        let refuse_with = |stream, message: String| {
+            // Refusals are bounded too: beyond MAX_REFUSING the connection is closed unanswered.
+            if let Ok(p) = refusing.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse(stream, message).await;
+                    drop(p);
+                });
+            }
+        };
+        let (uid, gid) = match stream.peer_cred() {
+            Ok(c) => (c.uid(), c.gid()),
+            Err(e) => {
+                refuse_with(stream, format!("cannot read peer credentials: {e}"));
+                continue;
+            }
+        };
+        if !access.allows(uid, gid) {
+            warn!(uid, "control connection refused: uid not allowed");
+            refuse_with(
+                stream,
+                format!("uid {uid} is not allowed to use this control socket"),
+            );
+            continue;
+        }
+        let Some(permit) = slots.take(uid) else {
+            warn!(uid, "control connection refused: every connection slot is in use");
+            refuse_with(
+                stream,
+                format!(
+                    "too many control connections ({} open; idle ones close after {} s); try again, \
+                     or as root, which has {} connections of its own",
+                    limits.connections,
+                    limits.idle.as_secs(),
+                    limits.root_slots
+                ),
+            );
             continue;
         };
-        let (engine, access, shutdown) = (engine.clone(), access.clone(), shutdown.clone());
+        let (engine, shutdown) = (engine.clone(), shutdown.clone());
         tokio::spawn(async move {
-            serve(stream, &access, &engine, &shutdown).await;
+            serve(stream, uid, &engine, &shutdown, &limits).await;
             drop(permit);
         });
     }
@@ -137,30 +240,26 @@ async fn write_response<W: AsyncWriteExt + Unpin>(w: &mut W, response: &Response
 }
 
 #[tracing::instrument(skip_all, fields(uid))]
-async fn serve(stream: UnixStream, access: &Access, engine: &Arc<Engine>, shutdown: &CancellationToken) {
-    let (uid, gid) = match stream.peer_cred() {
-        Ok(c) => (c.uid(), c.gid()),
-        Err(e) => return refuse(stream, format!("cannot read peer credentials: {e}")).await,
-    };
+async fn serve(
+    stream: UnixStream,
+    uid: u32,
+    engine: &Arc<Engine>,
+    shutdown: &CancellationToken,
+    limits: &Limits,
+) {
     tracing::Span::current().record("uid", uid);
-    if !access.allows(uid, gid) {
-        warn!(uid, "control connection refused: uid not allowed");
-        return refuse(
-            stream,
-            format!("uid {uid} is not allowed to use this control socket"),
-        )
-        .await;
-    }
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r);
     let mut line = Vec::new();
+    let mut wait = limits.first_request;
     loop {
         line.clear();
         let mut limited = (&mut reader).take(MAX_REQUEST as u64 + 1);
         let read = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = tokio::time::timeout(IDLE_TIMEOUT, limited.read_until(b'\n', &mut line)) => r,
+            r = tokio::time::timeout(wait, limited.read_until(b'\n', &mut line)) => r,
         };
+        wait = limits.idle;
         let response = match read {
             Err(_) | Ok(Err(_) | Ok(0)) => return,
             Ok(Ok(_)) if line.len() > MAX_REQUEST => {
@@ -180,7 +279,7 @@ async fn serve(stream: UnixStream, access: &Access, engine: &Arc<Engine>, shutdo
                     .unwrap_or_else(|e| Response::error(format!("the request failed: {e}")))
             }
         };
-        let written = tokio::time::timeout(IDLE_TIMEOUT, write_response(&mut w, &response)).await;
+        let written = tokio::time::timeout(limits.idle, write_response(&mut w, &response)).await;
         if !matches!(written, Ok(Ok(()))) {
             return;
         }
@@ -208,10 +307,11 @@ fn answer(line: &[u8], uid: u32, engine: &Engine) -> Response {
             error: None,
         },
         Err(e) => {
+            let text = crate::report::chain(&e);
             if changes {
-                warn!(uid, error = %e, "operator command failed");
+                warn!(uid, error = %text, "operator command failed");
             }
-            Response::error(e)
+            Response::error(text)
         }
     }
 }
@@ -220,3 +320,6 @@ fn answer(line: &[u8], uid: u32, engine: &Engine) -> Response {
 pub fn remove(path: &Path) {
     let _ = std::fs::remove_file(path);
 }
+
+#[cfg(test)]
+mod tests;

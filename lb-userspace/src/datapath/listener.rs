@@ -182,6 +182,19 @@ impl<S: Send + Sync + 'static> Listeners<S> {
     }
 }
 
+/// What to check after a failed bind, as the tail of the error's message: only an address in use
+/// suggests another program; an address no interface has, or a low port without the right, say so.
+pub fn bind_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => "; is another program using that address?",
+        std::io::ErrorKind::AddrNotAvailable => {
+            "; no interface of this host has that address (see `ip addr`)"
+        }
+        std::io::ErrorKind::PermissionDenied => "; ports below 1024 need root or CAP_NET_BIND_SERVICE",
+        _ => "",
+    }
+}
+
 /// Binds with SO_REUSEADDR so a restart does not wait for TIME_WAIT.
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() {

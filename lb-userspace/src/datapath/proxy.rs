@@ -151,6 +151,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
                 relay(client, backend, &choice.runtime).await;
                 return;
             }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                debug!(%peer, backend = %choice.address, error = %e, "backend reset the connection it had just accepted; trying next");
+            }
             Ok(Err(e)) => debug!(%peer, backend = %choice.address, error = %e, "connect failed; trying next"),
             Err(_) => debug!(%peer, backend = %choice.address, "connect timed out; trying next"),
         }

@@ -606,6 +606,33 @@ fn which_answers_from_the_balancer_for_user_space_datapaths() {
     ));
 }
 
+#[test]
+fn which_refuses_a_client_of_the_other_address_family() {
+    let text = format!(
+        "{BASE}\n[xdp]\ninterfaces = [\"veth0\"]\n[[service]]\nname = \"xweb\"\nlisten = \"10.0.0.200:80\"\ndatapath = \"xdp\"\n[service.health]\nkind = \"none\"\n[[service.backend]]\naddress = \"10.1.1.2:80\"\n[[service]]\nname = \"v6\"\nlisten = \"[::]:81\"\n[service.health]\nkind = \"none\"\n[[service.backend]]\naddress = \"10.1.1.2:81\"\n"
+    );
+    let (bed, _) = Bed::with_kinds(&text, &[DatapathKind::Proxy, DatapathKind::Xdp]);
+    for client in ["::1", "[::1]:4000", "2001:db8::9"] {
+        let e = bed.engine.which("xweb", client).unwrap_err();
+        assert!(matches!(e, EngineError::WrongFamily { .. }), "{client}: {e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("10.0.0.200:80") && text.contains("IPv4 client"),
+            "{text}"
+        );
+    }
+    // An IPv4 client, also written as IPv6, gets an answer.
+    assert_eq!(bed.engine.which("xweb", "192.0.2.9").unwrap().reason, "ring");
+    let mapped = bed.engine.which("xweb", "::ffff:192.0.2.9").unwrap();
+    assert_eq!(
+        mapped.backend,
+        bed.engine.which("xweb", "192.0.2.9").unwrap().backend
+    );
+    // A dual-stack listener takes both families.
+    assert!(bed.engine.which("v6", "192.0.2.9").is_ok());
+    assert!(bed.engine.which("v6", "2001:db8::9").is_ok());
+}
+
 #[tokio::test]
 async fn shutdown_reaches_every_datapath() {
     let (bed, journals) = Bed::with_kinds(BASE, &[DatapathKind::Proxy, DatapathKind::Xdp]);

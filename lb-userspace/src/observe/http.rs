@@ -2,11 +2,15 @@
 //! `GET /metrics` with [`render`] of a fresh snapshot, and serves the read-only status page:
 //! `GET /` (HTML, [`super::status::page`]) and `GET /status.json` (the same snapshot as JSON).
 //!
-//! One request per connection, at most [`MAX_CONNECTIONS`] at once, [`READ_TIMEOUT`] to send the
-//! request and [`WRITE_TIMEOUT`] to take the answer. Other paths and methods get a 404, a request
-//! that is not HTTP/1 a 400. Snapshots are taken on the blocking pool, one at a time, so a scrape
-//! never stalls the proxy's tasks or the control socket.
+//! One request per connection, [`READ_TIMEOUT`] to send the request and [`WRITE_TIMEOUT`] to take
+//! the answer. The limit is on busy connections ([`MAX_BUSY`] requests at once), not on open
+//! sockets: connections are always accepted, and when [`MAX_OPEN`] are open the one idle longest
+//! (no complete request head yet) is closed to make room, so idle sockets never keep scrapes out.
+//! Other paths and methods get a 404, a request that is not HTTP/1 a 400. Snapshots are taken on
+//! the blocking pool, one at a time, so a scrape never stalls the proxy's tasks or the control
+//! socket.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +24,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Mutex, Notify, Semaphore};
+use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -28,20 +32,28 @@ use super::metrics::{Format, render};
 use super::status;
 use crate::config::MetricsConfig;
 use crate::control::protocol::StatsView;
+use crate::datapath::listener::bind_hint;
 use crate::engine::Engine;
 
-/// Most metrics connections served at once; more wait in the listen backlog.
-pub const MAX_CONNECTIONS: usize = 16;
+/// Most requests served at once (a request head read and not yet answered and taken); more
+/// requests wait for one of them to finish.
+pub const MAX_BUSY: usize = 16;
+/// Most open metrics connections. When all are open, the one that has waited longest without
+/// sending a complete request head is closed to make room, so idle sockets cannot keep scrapes
+/// out.
+pub const MAX_OPEN: usize = 256;
 /// Time a client has to send its request head.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a client has to take the answer.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest request head accepted, in bytes (hyper's smallest read buffer).
 pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
+/// How long a new connection waits for a closed one's place when every open one is busy.
+const ROOM_WAIT: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("cannot listen on {listen} for [metrics]: {source}; is another program using that address?")]
+    #[error("cannot listen on {listen} for [metrics]: {source}{}", bind_hint(source))]
     Bind {
         listen: SocketAddr,
         source: std::io::Error,
@@ -76,14 +88,13 @@ pub async fn serve(listener: TcpListener, snapshot: Snapshot, shutdown: Cancella
     if let Ok(addr) = listener.local_addr() {
         info!(listen = %addr, "metrics endpoint listening (GET /metrics; status page at /, /status.json)");
     }
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let open = Arc::new(Semaphore::new(MAX_OPEN));
+    let waiting = Arc::new(Waiting::default());
+    let busy = Arc::new(Semaphore::new(MAX_BUSY));
     // One snapshot at a time: scrapes queue here instead of piling up on the blocking pool.
     let one_at_a_time = Arc::new(Mutex::new(()));
+    let mut next_id = 0u64;
     loop {
-        let permit = tokio::select! {
-            () = shutdown.cancelled() => return,
-            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
             r = listener.accept() => match r {
@@ -95,14 +106,67 @@ pub async fn serve(listener: TcpListener, snapshot: Snapshot, shutdown: Cancella
                 }
             },
         };
+        let Some(place) = room(&open, &waiting).await else {
+            debug!(%peer, "metrics connection dropped: every open connection is busy");
+            continue;
+        };
+        next_id += 1;
+        let id = next_id;
+        let evict = waiting.add(id);
         let scrape = Scrape {
             snapshot: snapshot.clone(),
             one_at_a_time: one_at_a_time.clone(),
+            busy: busy.clone(),
+            waiting: waiting.clone(),
+            id,
         };
+        let waiting = waiting.clone();
         tokio::spawn(async move {
-            connection(stream, peer, scrape).await;
-            drop(permit);
+            tokio::select! {
+                () = connection(stream, peer, scrape) => {}
+                () = evict.cancelled() => debug!(%peer, "idle metrics connection closed to make room"),
+            }
+            waiting.remove(id);
+            drop(place);
         });
+    }
+}
+
+/// A place among the [`MAX_OPEN`] open connections: a free one, else the place of the connection
+/// that has waited longest for its request head, which is closed. `None` when every open
+/// connection is busy for longer than [`ROOM_WAIT`].
+async fn room(open: &Arc<Semaphore>, waiting: &Waiting) -> Option<OwnedSemaphorePermit> {
+    if let Ok(p) = open.clone().try_acquire_owned() {
+        return Some(p);
+    }
+    waiting.evict_oldest();
+    tokio::time::timeout(ROOM_WAIT, open.clone().acquire_owned())
+        .await
+        .ok()
+        .map(|p| p.expect("semaphore never closed"))
+}
+
+/// Open connections still waiting for their request head, oldest first, each with the token
+/// that closes it.
+#[derive(Default)]
+struct Waiting(std::sync::Mutex<BTreeMap<u64, CancellationToken>>);
+
+impl Waiting {
+    fn add(&self, id: u64) -> CancellationToken {
+        let token = CancellationToken::new();
+        self.0.lock().unwrap().insert(id, token.clone());
+        token
+    }
+
+    /// The connection sent its request (or ended): it can no longer be closed to make room.
+    fn remove(&self, id: u64) {
+        self.0.lock().unwrap().remove(&id);
+    }
+
+    fn evict_oldest(&self) {
+        if let Some((_, token)) = self.0.lock().unwrap().pop_first() {
+            token.cancel();
+        }
     }
 }
 
@@ -111,13 +175,17 @@ pub async fn serve(listener: TcpListener, snapshot: Snapshot, shutdown: Cancella
 struct Scrape {
     snapshot: Snapshot,
     one_at_a_time: Arc<Mutex<()>>,
+    busy: Arc<Semaphore>,
+    waiting: Arc<Waiting>,
+    id: u64,
 }
 
 /// The start of an HTTP/2 connection, which hyper's HTTP/1 server drops without an answer.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2";
 
-/// One connection: one request, then close. The answer must be taken within [`WRITE_TIMEOUT`]
-/// of being ready.
+/// One connection: one request, then close. The request head must come within
+/// [`READ_TIMEOUT`]; the answer must be taken within [`WRITE_TIMEOUT`] of being ready. From its
+/// request head on, the connection holds one of the [`MAX_BUSY`] places until it ends.
 async fn connection(stream: TcpStream, peer: SocketAddr, scrape: Scrape) {
     let start = tokio::time::Instant::now();
     let mut first = [0u8; H2_PREFACE.len()];
@@ -126,16 +194,26 @@ async fn connection(stream: TcpStream, peer: SocketAddr, scrape: Scrape) {
         Ok(Err(e)) => return debug!(%peer, error = %e, "metrics connection failed"),
         Ok(Ok(n)) if first[..n] == *H2_PREFACE => {
             debug!(%peer, "metrics request refused: HTTP/2");
+            scrape.waiting.remove(scrape.id);
             return bad_request(stream).await;
         }
         Ok(Ok(_)) => {}
     }
     let answered = Arc::new(Notify::new());
+    let held = Arc::new(std::sync::Mutex::new(None));
     let service = {
-        let answered = answered.clone();
+        let (answered, held) = (answered.clone(), held.clone());
         hyper::service::service_fn(move |req| {
-            let (scrape, answered) = (scrape.clone(), answered.clone());
+            let (scrape, answered, held) = (scrape.clone(), answered.clone(), held.clone());
             async move {
+                scrape.waiting.remove(scrape.id);
+                let permit = scrape
+                    .busy
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore never closed");
+                *held.lock().unwrap() = Some(permit);
                 let response = respond(&req, &scrape).await;
                 answered.notify_one();
                 Ok::<_, Infallible>(response)

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::http::{self, MAX_CONNECTIONS, READ_TIMEOUT};
+use super::http::{self, MAX_OPEN, READ_TIMEOUT};
 use super::metrics::{Format, render};
 use crate::config::{AdminState, DatapathKind, MetricsConfig, Protocol};
 use crate::control::protocol::{BackendStatsView, ServiceStatsView, StatsView};
@@ -548,13 +548,18 @@ impl Drop for Server {
 }
 
 fn server() -> Server {
+    server_with(Arc::new(sample))
+}
+
+/// A `/metrics` server answering with `snapshot`.
+fn server_with(snapshot: http::Snapshot) -> Server {
     let listener = http::bind(&MetricsConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
     })
     .unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    tokio::spawn(http::serve(listener, Arc::new(sample), shutdown.clone()));
+    tokio::spawn(http::serve(listener, snapshot, shutdown.clone()));
     Server { addr, shutdown }
 }
 
@@ -778,25 +783,143 @@ async fn a_silent_client_is_closed_after_the_read_timeout_without_an_answer() {
     assert!(start.elapsed() >= READ_TIMEOUT, "{:?}", start.elapsed());
 }
 
-#[tokio::test]
-async fn connections_beyond_the_limit_wait_for_a_free_one() {
-    let srv = server();
-    let mut held = Vec::new();
-    for _ in 0..MAX_CONNECTIONS {
-        held.push(TcpStream::connect(srv.addr).await.unwrap());
-    }
-    let waiting = tokio::spawn(exchange(srv.addr, b"GET /metrics HTTP/1.1\r\n\r\n"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+/// Fails clearly when this process may not hold `n` descriptors (both ends of a test's sockets).
+fn room_for_descriptors(n: u64) {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX);
     assert!(
-        !waiting.is_finished(),
-        "answered beyond {MAX_CONNECTIONS} connections"
+        soft >= n,
+        "this test needs {n} open files; raise `ulimit -n` (now {soft})"
     );
-    held.pop();
-    let (status, _, _) = tokio::time::timeout(READ_TIMEOUT, waiting)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_are_served_while_a_thousand_idle_connections_are_open() {
+    room_for_descriptors(2 * 1000 + 64);
+    let srv = server();
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        idle.push(TcpStream::connect(srv.addr).await.unwrap());
+    }
+    for round in 0..5 {
+        let scrape = tokio::time::timeout(
+            Duration::from_secs(20),
+            exchange(srv.addr, b"GET /metrics HTTP/1.1\r\n\r\n"),
+        );
+        let (status, _, body) = scrape
+            .await
+            .unwrap_or_else(|_| panic!("scrape {round} not answered beside 1000 idle connections"));
+        assert_eq!(status, "HTTP/1.1 200 OK", "scrape {round}");
+        assert!(body.contains("lb_up 1"), "scrape {round}: {body}");
+        // An idle connection that has sent part of its request is no exception.
+        let newest = idle.len() - 1 - round;
+        idle[newest].write_all(b"GET /metr").await.unwrap();
+    }
+    // The server held at most MAX_OPEN of them: the oldest idle ones were closed to make room.
+    let mut closed = 0;
+    for s in &mut idle[..1000 - MAX_OPEN] {
+        let mut buf = [0u8; 16];
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => closed += 1,
+            Ok(Ok(n)) => panic!("an idle connection got an answer: {:?}", &buf[..n]),
+            Err(_) => {}
+        }
+    }
+    assert_eq!(closed, 1000 - MAX_OPEN, "idle connections closed to make room");
+}
+
+#[tokio::test]
+async fn a_request_sent_is_never_closed_to_make_room() {
+    room_for_descriptors(2 * (MAX_OPEN as u64 + 64));
+    // Snapshots take a second: the first request is still being answered during the flood.
+    let srv = server_with(Arc::new(|| {
+        std::thread::sleep(Duration::from_secs(1));
+        sample()
+    }));
+    // The oldest connection has sent its request; the next sends its head slowly (the first
+    // line now, the end after the flood).
+    let mut sent = TcpStream::connect(srv.addr).await.unwrap();
+    sent.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut slow = TcpStream::connect(srv.addr).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut idle = Vec::new();
+    for _ in 0..MAX_OPEN + 8 {
+        idle.push(TcpStream::connect(srv.addr).await.unwrap());
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sent.read_to_end(&mut answer))
         .await
-        .expect("answered once a connection closed")
+        .unwrap()
         .unwrap();
-    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200 OK"),
+        "the busy connection was closed: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    // The slow one had not completed its head: it was the oldest idle one, so it was closed.
+    slow.write_all(b"\r\n").await.ok();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+    assert!(
+        !rest.starts_with(b"HTTP/1.1 200"),
+        "the oldest idle connection was kept"
+    );
+}
+
+#[tokio::test]
+async fn bind_errors_hint_only_what_fits_their_cause() {
+    let srv = server();
+    let in_use = http::bind(&MetricsConfig { listen: srv.addr })
+        .unwrap_err()
+        .to_string();
+    assert!(in_use.contains("another program"), "{in_use}");
+    // A documentation address no interface has (nothing is sent: the bind fails at once).
+    let listen = "192.0.2.1:9100".parse().unwrap();
+    let absent = http::bind(&MetricsConfig { listen }).unwrap_err().to_string();
+    assert!(
+        absent.contains("no interface of this host has that address"),
+        "{absent}"
+    );
+    assert!(!absent.contains("another program"), "{absent}");
+    assert_eq!(
+        absent.matches("Cannot assign requested address").count(),
+        1,
+        "{absent}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_busy_limit_wait_their_turn() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Each snapshot takes a while, so requests pile up beyond MAX_BUSY.
+    let taken = Arc::new(AtomicUsize::new(0));
+    let snapshot: http::Snapshot = {
+        let taken = taken.clone();
+        Arc::new(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            taken.fetch_add(1, Ordering::Relaxed);
+            sample()
+        })
+    };
+    let srv = server_with(snapshot);
+    let n = http::MAX_BUSY * 2;
+    let scrapes: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(exchange(srv.addr, b"GET /metrics HTTP/1.1\r\n\r\n")))
+        .collect();
+    for s in scrapes {
+        let (status, _, _) = tokio::time::timeout(Duration::from_secs(20), s)
+            .await
+            .expect("a request beyond the busy limit was answered")
+            .unwrap();
+        assert_eq!(status, "HTTP/1.1 200 OK");
+    }
+    assert_eq!(taken.load(Ordering::Relaxed), n);
 }
 
 #[test]

@@ -192,12 +192,12 @@ impl Datapath for XdpDatapath {
             Effect::ServiceRemoved { name, .. } => inner.remove(name),
             Effect::Nothing => Ok(()),
         };
-        result.map_err(|e| DatapathError::Xdp(e.to_string()))
+        result.map_err(|e| DatapathError::Xdp(crate::report::chain(&e)))
     }
 
     fn finish_start(&self) -> Result<(), DatapathError> {
         self.finish_adoption()
-            .map_err(|e| DatapathError::Xdp(e.to_string()))?;
+            .map_err(|e| DatapathError::Xdp(crate::report::chain(&e)))?;
         if let Some(pins) = &self.pins {
             pins.commit();
         }
