@@ -549,19 +549,29 @@ fn idle_control_connections_do_not_stall_the_daemon() {
         out.status.success() || err.contains("too many control connections"),
         "lb status with 70 idle connections: {out:?}"
     );
-    // The ones beyond the limit (accepted last) were told so, not left hanging.
-    let mut told = 0;
-    for s in &idle[SERVED..] {
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut line = String::new();
-        if BufReader::new(s).read_line(&mut line).is_ok() && line.contains("too many control connections") {
-            told += 1;
-        }
-    }
+    // As many as are beyond the limit were told so, not left hanging. Which ones depends on when
+    // the slots of the test's earlier control calls were given back, so all are polled.
     let beyond = idle.len() - SERVED;
-    assert_eq!(
-        told, beyond,
-        "of the {beyond} idle connections beyond the limit, only {told} were told so"
+    let mut told = vec![false; idle.len()];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        for (s, t) in idle.iter().zip(told.iter_mut()) {
+            let mut buf = [0u8; 256];
+            s.set_nonblocking(true).unwrap();
+            if let Ok(n) = (&*s).read(&mut buf)
+                && String::from_utf8_lossy(&buf[..n]).contains("too many control connections")
+            {
+                *t = true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // One or two more may be told when the slot of the test's last control call was not yet
+    // given back as the 70 arrived.
+    let told = told.iter().filter(|t| **t).count();
+    assert!(
+        (beyond..=beyond + 2).contains(&told),
+        "of the {beyond} idle connections beyond the limit, {told} were told so"
     );
     assert_eq!(bed.get(src), home);
 

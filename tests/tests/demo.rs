@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use lb_tests::{lb_bin, require_root, testsrv_bin};
+use lb_tests::{lb_bin, require_root, testsrv_bin, unique_prefix};
 
 #[test]
 fn demo_walkthrough_passes_on_the_xdp_datapath() {
@@ -13,7 +13,9 @@ fn demo_walkthrough_passes_on_the_xdp_datapath() {
     }
     let require_xdp = std::env::var_os("LB_REQUIRE_EBPF").is_some_and(|v| v == "1");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lb-demo"));
-    cmd.env("LB_BIN", lb_bin()).env("LB_TESTSRV", testsrv_bin());
+    cmd.env("LB_BIN", lb_bin())
+        .env("LB_TESTSRV", testsrv_bin())
+        .env("LB_DEMO_PREFIX", unique_prefix("demo"));
     if require_xdp {
         cmd.arg("--require-xdp");
     }

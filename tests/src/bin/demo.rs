@@ -26,6 +26,7 @@ use lb_tests::{
     start_echo_backends, start_http_backends, testsrv_bin,
 };
 
+/// Namespace prefix; `LB_DEMO_PREFIX` overrides it (the test gives each run its own).
 const PREFIX: &str = "lbdemo";
 const BACKENDS: usize = 3;
 const BACKEND_PORT: u16 = 8080;
@@ -257,7 +258,8 @@ fn run(require_xdp: bool) -> Result<Datapath> {
 
     step("network namespaces");
     // Locals drop in reverse order: lb daemon, backends, then the namespaces.
-    let topo = Topology::new(PREFIX, BACKENDS, FIRST_WAVE + SECOND_WAVE)
+    let prefix = std::env::var("LB_DEMO_PREFIX").unwrap_or_else(|_| PREFIX.to_string());
+    let topo = Topology::new(&prefix, BACKENDS, FIRST_WAVE + SECOND_WAVE)
         .context("creating the namespace topology")?;
     let names = topo.namespace_names();
     println!("  namespaces: {}", names.join(", "));
