@@ -87,6 +87,7 @@ xdp_counters! {
     Malformed, MALFORMED = 11, "malformed", Reason, "Malformed header (bad IHL, TCP data offset) for a VIP (passed)";
     Truncated, TRUNCATED = 2, "truncated", Reason, "Too short for the headers it claims";
     NoReplyFlow, NO_REPLY_FLOW = 13, "no_reply_flow", Reason, "A backend's packet to a SNAT address and port with no live flow (dropped, so the LB's own stack never resets it)";
+    HalfOpenReclaimed, HALF_OPEN_RECLAIMED = 14, "half_open_reclaimed", Reason, "A SYN took the SNAT port of a half-open flow (no port was free: a SYN flood or a slow client); that flow's entries were removed";
 }
 
 /// [`global_counter::NAMES`]; fails the build unless the indices are `0..COUNT`, each once.
