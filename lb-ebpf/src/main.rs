@@ -551,8 +551,8 @@ fn port_use(key: &FlowKey, cfg: &GlobalConfig, now: u64) -> PortUse {
 }
 
 /// Under the port's lock: if the port is (still) `Free`, or `HalfOpen` when `reclaim`, removes the
-/// old flow's entries (its client → backend entry only while it points at this port) and inserts
-/// `reply` with BPF_NOEXIST.
+/// old flow's reply entry (and a half-open flow's client → backend entry, while it points at this
+/// port) and inserts `reply` with BPF_NOEXIST.
 #[inline(always)]
 fn take_port(key: &FlowKey, cfg: &GlobalConfig, now: u64, reply: &FlowValue, reclaim: bool) -> bool {
     if SNAT_LOCKS.insert(key, 1, u64::from(BPF_NOEXIST)).is_err() {
@@ -567,7 +567,13 @@ fn take_port(key: &FlowKey, cfg: &GlobalConfig, now: u64, reply: &FlowValue, rec
     if usable {
         // SAFETY: read-only use of a map value for this run.
         if let Some(old) = unsafe { CONNTRACK.get(*key) } {
-            if let Some((fwd_key, _)) = forward_of(key, old) {
+            // A half-open flow goes whole, so a flood's entries never pile up in the LRU map and
+            // push established ones out. A closed or idle flow's client → backend entry stays (a
+            // new SYN on that 4-tuple replaces it): removing it could race with that very SYN
+            // inserting its own entry on another CPU.
+            if old.half_open()
+                && let Some((fwd_key, _)) = forward_of(key, old)
+            {
                 let _ = CONNTRACK.remove(fwd_key);
             }
             let _ = CONNTRACK.remove(key);
