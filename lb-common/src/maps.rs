@@ -20,9 +20,8 @@ pub const MAP_RING: &str = "lb_ring";
 pub const MAP_CONNTRACK: &str = "lb_conntrack";
 /// `LRU_HASH<AffinityKey, AffinityValue>`: client IP → backend, with last-seen time.
 pub const MAP_AFFINITY: &str = "lb_affinity";
-/// `ARRAY<u32, u32>` with one entry: the SNAT port cursor that every CPU walks the whole `snat_ports`
-/// range with (ports ahead of it were claimed longest ago); [`MAP_SNAT_LOCKS`] keeps two CPUs off
-/// one port.
+/// `PERCPU_ARRAY<u32, u32>` with one entry: each CPU's SNAT port cursor. Every CPU walks the whole
+/// `snat_ports` range (from its own offset); [`MAP_SNAT_LOCKS`] keeps two CPUs off one port.
 pub const MAP_SNAT: &str = "lb_snat";
 /// `HASH<FlowKey, u32>`: the reply keys (backend → SNAT address and port) a CPU is claiming at this
 /// instant. Taken with BPF_NOEXIST and removed by its taker within the same program run: only the
@@ -91,7 +90,7 @@ pub struct GlobalConfig {
     /// SNAT source ports, inclusive, host order.
     pub snat_port_lo: u16,
     pub snat_port_hi: u16,
-    /// Number of possible CPUs (informational: every CPU claims from the whole SNAT range).
+    /// Number of possible CPUs (each CPU starts its SNAT port walk at its own offset).
     pub cpus: u32,
     pub _pad: u32,
     /// Idle time after which an open connection's entry is forgotten.

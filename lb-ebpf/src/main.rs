@@ -27,7 +27,9 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup as FibParams,
         xdp_action,
     },
-    helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect},
+    helpers::{
+        bpf_fib_lookup, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_redirect,
+    },
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -63,7 +65,7 @@ static CONNTRACK: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(
 static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::with_max_entries(DEFAULT_AFFINITY_ENTRIES, 0);
 #[map(name = "lb_snat")]
-static SNAT: Array<u32> = Array::with_max_entries(1, 0);
+static SNAT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "lb_snat_locks")]
 static SNAT_LOCKS: HashMap<FlowKey, u32> = HashMap::with_max_entries(DEFAULT_SNAT_LOCKS, 0);
 #[map(name = "lb_snat_addrs")]
@@ -584,9 +586,8 @@ fn take_port(key: &FlowKey, cfg: &GlobalConfig, now: u64, reply: &FlowValue, rec
 
 /// Claims a SNAT source port toward `backend` by inserting the connection's reply entry `reply`.
 ///
-/// Every CPU uses the whole `snat_ports` range: all walk it with one shared cursor, so the ports
-/// ahead of it are the ones claimed longest ago (free unless their flow is still open), then try
-/// random ports. A port is taken only under its lock
+/// Every CPU may use the whole `snat_ports` range: it walks it with a cursor of its own (CPU k
+/// starting k/cpus of the way in), then tries random ports. A port is taken only under its lock
 /// ([`SNAT_LOCKS`], inserted with BPF_NOEXIST and removed in the same run), re-checked under it, so
 /// two CPUs never remove each other's fresh entries or hand one port to two flows. A free port
 /// (no live flow) is preferred; when none turns up, the oldest half-open flow seen (the first in
@@ -602,6 +603,8 @@ fn claim_snat(
     let cursor = SNAT.get_ptr_mut(0)?;
     let lo = u32::from(cfg.snat_port_lo);
     let range = u32::from(cfg.snat_port_hi).checked_sub(lo)? + 1;
+    let cpus = if cfg.cpus == 0 { 1 } else { cfg.cpus };
+    let offset = (unsafe { bpf_get_smp_processor_id() } % cpus) * (range / cpus);
     // The loop only looks (read-only lookups: a small body keeps the verifier's work bounded);
     // the port is taken after it.
     let mut free = u32::MAX;
@@ -612,16 +615,17 @@ fn claim_snat(
         if free != u32::MAX || (half_open != u32::MAX && i >= SNAT_WALK + SNAT_RANDOM_BEFORE_RECLAIM) {
             continue;
         }
-        // SAFETY: a u32 map slot shared by all CPUs. The read and the write are not one atomic
-        // step: two CPUs may read the same value now and then and look at the same port, and the
-        // port lock lets only one of them take it.
+        // SAFETY: per-CPU slot, written only by this CPU.
         let index = unsafe {
             if i < SNAT_WALK {
                 let c = *cursor;
                 *cursor = c.wrapping_add(1);
-                c % range
+                c.wrapping_add(offset) % range
             } else {
-                bpf_get_prandom_u32() % range
+                let r = bpf_get_prandom_u32() % range;
+                // The walk goes on from the random port next time.
+                *cursor = r.wrapping_add(range - offset).wrapping_add(1);
+                r
             }
         };
         match port_use(&port_key(backend, ((lo + index) as u16).to_be()), cfg, now) {
