@@ -96,6 +96,8 @@ impl Fixture {
             syn_timeout,
             ..XdpConfig::default()
         };
+        // Built first, so a failed load still removes whatever it pinned.
+        let mut fx = Fixture { xdp: None, pins };
         let xdp = XdpDatapath::start(Some(&config), 0, RING).expect("load XDP program");
         let mut state = State::new(0, RING);
         let effect = state
@@ -103,7 +105,8 @@ impl Fixture {
             .expect("service applies");
         xdp.apply(&effect, &lb::runtime::Snapshot::new(state))
             .expect("datapath applies");
-        Fixture { xdp: Some(xdp), pins }
+        fx.xdp = Some(xdp);
+        fx
     }
 
     fn xdp(&self) -> &XdpDatapath {
