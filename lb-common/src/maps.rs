@@ -3,7 +3,7 @@
 //! `_be` hold network byte order exactly as in the packet.
 
 /// Bumped whenever a map's layout changes; `lb run` adopts pinned maps only of the same version.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Per-CPU global counters (`PERCPU_ARRAY<u32, Counter>`), indexed by the [`global_counter`] values.
 /// User space sums each index over all CPUs.
@@ -20,8 +20,14 @@ pub const MAP_RING: &str = "lb_ring";
 pub const MAP_CONNTRACK: &str = "lb_conntrack";
 /// `LRU_HASH<AffinityKey, AffinityValue>`: client IP → backend, with last-seen time.
 pub const MAP_AFFINITY: &str = "lb_affinity";
-/// `PERCPU_ARRAY<u32, u32>` with one entry: each CPU's SNAT port cursor.
+/// `PERCPU_ARRAY<u32, u32>` with one entry: each CPU's SNAT port cursor. Every CPU walks the whole
+/// `snat_ports` range (from its own offset); [`MAP_SNAT_LOCKS`] keeps two CPUs off one port.
 pub const MAP_SNAT: &str = "lb_snat";
+/// `HASH<FlowKey, u32>`: the reply keys (backend → SNAT address and port) a CPU is claiming at this
+/// instant. Taken with BPF_NOEXIST and removed by its taker within the same program run: only the
+/// holder may remove a port's stale or half-open entries and insert its own, so no CPU ever removes
+/// an entry another CPU has just inserted, and no port is handed to two flows.
+pub const MAP_SNAT_LOCKS: &str = "lb_snat_locks";
 /// `HASH<u32, u32>`: the LB's SNAT source addresses (`BackendValue::snat_be`, network order) → 1.
 /// A TCP packet to one of them on a SNAT port without a live flow is a stray backend reply: it is
 /// dropped (`no_reply_flow`), never passed to the LB's own stack (which would reset it).
@@ -39,6 +45,8 @@ pub const DEFAULT_MAX_SERVICES: u32 = 16;
 pub const DEFAULT_MAX_BACKENDS: u32 = 1024;
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 pub const DEFAULT_AFFINITY_ENTRIES: u32 = 262_144;
+/// Entries of [`MAP_SNAT_LOCKS`]: ports being claimed at this instant (at most one per CPU).
+pub const DEFAULT_SNAT_LOCKS: u32 = 1024;
 /// Entries of [`MAP_SNAT_ADDRS`] (one per source address toward backends).
 pub const DEFAULT_SNAT_ADDRS: u32 = 256;
 /// Entries of [`MAP_GLOBAL_STATS`]: one slot per [`global_counter`] index.
@@ -85,15 +93,18 @@ pub struct GlobalConfig {
     /// SNAT source ports, inclusive, host order.
     pub snat_port_lo: u16,
     pub snat_port_hi: u16,
-    /// Number of possible CPUs (SNAT ranges are split between CPUs).
+    /// Number of possible CPUs (each CPU starts its SNAT port walk at its own offset).
     pub cpus: u32,
     pub _pad: u32,
     /// Idle time after which an open connection's entry is forgotten.
     pub idle_timeout_ns: u64,
     /// Idle time after which a closed (RST, or FIN both ways) connection's entry is forgotten.
     pub closed_timeout_ns: u64,
+    /// Idle time after which a half-open connection (SYN seen, the client's handshake not
+    /// completed: [`FLOW_HALF_OPEN`]) is forgotten.
+    pub syn_timeout_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 40);
+const _: () = assert!(core::mem::size_of::<GlobalConfig>() == 48);
 
 /// A service: destination address, port and protocol of client packets.
 #[repr(C)]
@@ -158,6 +169,11 @@ pub const FLOW_FIN_BACKEND: u32 = 1 << 16;
 pub const FLOW_RST: u32 = 1 << 24;
 /// Flow flag: TCP timestamps are translated (`ts_delta` is valid).
 pub const FLOW_TS: u32 = 16;
+/// Flow flag (both entries): half-open, the client's SYN was forwarded and its handshake is not
+/// complete yet. Set at creation, cleared (byte 0 stored whole, other bits kept) by the client's
+/// first ACK. A half-open flow lives at most `syn_timeout` and is the first to give its SNAT port
+/// (and both entries) up when no port is free; an established flow is never evicted for a new one.
+pub const FLOW_HALF_OPEN: u32 = 1 << 1;
 /// Flow flag: reset by the operator or `on_down = "reset"` (set by user space on both entries):
 /// the next packet in either direction is answered with an RST toward its sender instead of
 /// being forwarded. Byte 0, beside [`FLOW_TO_BACKEND`] and [`FLOW_TS`].
@@ -221,10 +237,17 @@ impl FlowValue {
             || self.flags & (FLOW_FIN_CLIENT | FLOW_FIN_BACKEND) == (FLOW_FIN_CLIENT | FLOW_FIN_BACKEND)
     }
 
+    /// Whether the client's handshake is still incomplete ([`FLOW_HALF_OPEN`]).
+    pub const fn half_open(&self) -> bool {
+        self.flags & FLOW_HALF_OPEN != 0
+    }
+
     /// Whether the entry has outlived its timeout at `now_ns`.
     pub const fn expired(&self, now_ns: u64, cfg: &GlobalConfig) -> bool {
         let timeout = if self.closed() {
             cfg.closed_timeout_ns
+        } else if self.half_open() {
+            cfg.syn_timeout_ns
         } else {
             cfg.idle_timeout_ns
         };

@@ -34,7 +34,9 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup as FibParams,
         xdp_action,
     },
-    helpers::{bpf_fib_lookup, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_redirect},
+    helpers::{
+        bpf_fib_lookup, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_redirect,
+    },
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -44,9 +46,9 @@ use lb_common::{
     maps::{
         AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, Counter,
         DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
-        DEFAULT_SNAT_ADDRS, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RESET, FLOW_RST, FLOW_TO_BACKEND,
-        FLOW_TS, FlowKey, FlowValue, GLOBAL_STATS_ENTRIES, GlobalConfig, NEXT_HOP_CACHE_NS, ServiceKey,
-        ServiceValue, TrafficCounters, global_counter as gc,
+        DEFAULT_SNAT_ADDRS, DEFAULT_SNAT_LOCKS, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_HALF_OPEN,
+        FLOW_RESET, FLOW_RST, FLOW_TO_BACKEND, FLOW_TS, FlowKey, FlowValue, GLOBAL_STATS_ENTRIES,
+        GlobalConfig, NEXT_HOP_CACHE_NS, ServiceKey, ServiceValue, TrafficCounters, global_counter as gc,
     },
     select::{AffinitySlot, BackendTable, Policy, Ring, select},
 };
@@ -72,6 +74,8 @@ static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::with_max_entries(DEFAULT_AFFINITY_ENTRIES, 0);
 #[map(name = "lb_snat")]
 static SNAT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+#[map(name = "lb_snat_locks")]
+static SNAT_LOCKS: HashMap<FlowKey, u32> = HashMap::with_max_entries(DEFAULT_SNAT_LOCKS, 0);
 #[map(name = "lb_snat_addrs")]
 static SNAT_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_SNAT_ADDRS, 0);
 #[map(name = "lb_svc_stats")]
@@ -82,7 +86,7 @@ static BACKEND_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::with_max_entri
 const _: () = {
     use lb_common::maps::{
         MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_GLOBAL_STATS, MAP_RING,
-        MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT, MAP_SNAT_ADDRS,
+        MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT, MAP_SNAT_ADDRS, MAP_SNAT_LOCKS,
     };
     assert!(str_eq(MAP_GLOBAL_STATS, "lb_global"));
     assert!(str_eq(MAP_CONFIG, "lb_config"));
@@ -93,6 +97,7 @@ const _: () = {
     assert!(str_eq(MAP_AFFINITY, "lb_affinity"));
     assert!(str_eq(MAP_SNAT, "lb_snat"));
     assert!(str_eq(MAP_SNAT_ADDRS, "lb_snat_addrs"));
+    assert!(str_eq(MAP_SNAT_LOCKS, "lb_snat_locks"));
     assert!(str_eq(MAP_SERVICE_STATS, "lb_svc_stats"));
     assert!(str_eq(MAP_BACKEND_STATS, "lb_be_stats"));
 };
@@ -106,9 +111,14 @@ const TCP_FIN: u16 = 0x01;
 const TCP_SYN: u16 = 0x02;
 const TCP_RST: u16 = 0x04;
 const TCP_ACK: u16 = 0x10;
-/// SNAT ports tried before giving up on a SYN (consecutive cursor values: the ports ahead of the
-/// cursor are the ones claimed longest ago, so the first try nearly always succeeds).
-const SNAT_TRIES: u32 = 32;
+/// SNAT ports tried before giving up on a SYN. The first [`SNAT_WALK`] are consecutive cursor
+/// values (the ports ahead of this CPU's cursor are the ones it claimed longest ago, so the first
+/// try nearly always succeeds); the rest are random ports of the whole range, so one busy stretch
+/// (another CPU's recent claims) never fails a SYN while free ports exist elsewhere.
+const SNAT_TRIES: u32 = 24;
+const SNAT_WALK: u32 = 4;
+/// Random tries after which a half-open flow's port is taken when no free port turned up.
+const SNAT_RANDOM_BEFORE_RECLAIM: u32 = 4;
 
 /// A verdict with the reason counter that explains it (or none).
 struct Verdict {
@@ -235,6 +245,11 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
                 f.last_seen_ns = now;
             }
             let to_backend = f.flags & FLOW_TO_BACKEND != 0;
+            if f.flags & FLOW_HALF_OPEN != 0 && to_backend && flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
+            {
+                // The client's ACK completes its handshake: the flow is established.
+                established(&key, f);
+            }
             if flags & (TCP_FIN | TCP_RST) != 0 {
                 let bit = if flags & TCP_RST != 0 {
                     FLOW_RST
@@ -287,7 +302,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         new_dport_be: key.sport_be,
         backend: backend_index,
         service_slot: service.slot,
-        flags: 0,
+        flags: FLOW_HALF_OPEN,
         last_seen_ns: now,
         ..FlowValue::default()
     };
@@ -300,7 +315,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         reply_value.flags |= FLOW_TS;
         reply_value.ts_delta = delta;
     }
-    let Some(snat_port_be) = claim_snat(backend, cfg, now, &reply_value) else {
+    let Some(snat_port_be) = claim_snat(backend, cfg, now, &reply_value, len) else {
         // Actionable (widen [xdp] snat_ports): worth a log line, unlike per-packet events; under a
         // flood it repeats per packet, hence the rate limit.
         if let Some(suppressed) = may_log(LOG_SNAT_EXHAUSTED, now, cfg.cpus) {
@@ -320,7 +335,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         new_dport_be: backend.port_be,
         backend: backend_index,
         service_slot: service.slot,
-        flags: FLOW_TO_BACKEND,
+        flags: FLOW_TO_BACKEND | FLOW_HALF_OPEN,
         last_seen_ns: now,
         syn_seq_be: seq_be,
         ..FlowValue::default()
@@ -524,54 +539,183 @@ fn set_flags(flags: &mut u32, bit: u32) {
     }
 }
 
-/// Claims a SNAT source port toward `backend` by inserting the connection's reply entry with
-/// BPF_NOEXIST. Each CPU walks its own share of the range, so no two CPUs ever claim the same port
-/// (a claim removes an expired entry before inserting: two CPUs on one port could remove each
-/// other's fresh entry). A port is free when its reply entry is missing, or expired and its
-/// client → backend entry (if it still points at the port) expired too: an entry a live flow still
-/// needs is never removed.
+/// Clears [`FLOW_HALF_OPEN`] on the client → backend entry `f` (at `key`) and on its reply entry
+/// while that is still this flow's. Byte 0 of the flags is stored whole with its other bits kept
+/// (they are set at creation; FIN/RST bits live in bytes of their own).
 #[inline(always)]
-fn claim_snat(backend: &BackendValue, cfg: &GlobalConfig, now: u64, reply: &FlowValue) -> Option<u16> {
+fn established(key: &FlowKey, f: &mut FlowValue) {
+    clear_low_flag(&mut f.flags, FLOW_HALF_OPEN);
+    if let Some(reply) = CONNTRACK.get_ptr_mut(FlowKey::reverse_of(f)) {
+        // SAFETY: valid map value pointer for this run.
+        let r = unsafe { &mut *reply };
+        if same_flow(&FlowKey::reverse_of(r), key) {
+            clear_low_flag(&mut r.flags, FLOW_HALF_OPEN);
+        }
+    }
+}
+
+/// Clears `bit` (of byte 0) with a one-byte store that keeps byte 0's other bits.
+#[inline(always)]
+fn clear_low_flag(flags: &mut u32, bit: u32) {
+    // SAFETY: byte 0 of the u32 (little-endian target).
+    unsafe {
+        let p = core::ptr::from_mut::<u32>(flags).cast::<u8>();
+        let b = core::ptr::read_volatile(p);
+        if u32::from(b) & bit != 0 {
+            core::ptr::write_volatile(p, b & !(bit as u8));
+        }
+    }
+}
+
+/// What a SNAT port toward one backend holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PortUse {
+    /// No live flow: no reply entry, or one expired whose client → backend entry (if it still
+    /// points at the port) expired too.
+    Free,
+    /// A half-open flow within its `syn_timeout`: taken only when no port is free.
+    HalfOpen,
+    /// A live established (or closing) flow: never taken.
+    Busy,
+}
+
+/// The reply key of SNAT port `port_be` toward `backend`.
+#[inline(always)]
+fn port_key(backend: &BackendValue, port_be: u16) -> FlowKey {
+    FlowKey {
+        src_be: backend.addr_be,
+        dst_be: backend.snat_be,
+        sport_be: backend.port_be,
+        dport_be: port_be,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+/// The client → backend entry of the flow whose reply entry is `reply`, if it still points at
+/// `key`'s port (the client may have reused its 4-tuple for a newer flow on another port).
+#[inline(always)]
+fn forward_of(key: &FlowKey, reply: &FlowValue) -> Option<(FlowKey, &'static FlowValue)> {
+    let fwd_key = FlowKey::reverse_of(reply);
+    // SAFETY: read-only use of a map value for this run.
+    let fwd = unsafe { CONNTRACK.get(fwd_key) }?;
+    (fwd.new_sport_be == key.dport_be && fwd.new_dst_be == key.src_be && fwd.new_src_be == key.dst_be)
+        .then_some((fwd_key, fwd))
+}
+
+/// Classifies the port whose reply key is `key`.
+#[inline(always)]
+fn port_use(key: &FlowKey, cfg: &GlobalConfig, now: u64) -> PortUse {
+    // SAFETY: read-only use of a map value for this run.
+    let Some(old) = (unsafe { CONNTRACK.get(*key) }) else {
+        return PortUse::Free;
+    };
+    let fwd = forward_of(key, old);
+    let live = !old.expired(now, cfg) || fwd.is_some_and(|(_, f)| !f.expired(now, cfg));
+    if !live {
+        PortUse::Free
+    } else if old.half_open() && fwd.is_none_or(|(_, f)| f.half_open()) {
+        PortUse::HalfOpen
+    } else {
+        PortUse::Busy
+    }
+}
+
+/// Under the port's lock: if the port is (still) `Free`, or `HalfOpen` when `reclaim`, removes the
+/// old flow's reply entry (and a half-open flow's client → backend entry, while it points at this
+/// port) and inserts `reply` with BPF_NOEXIST.
+#[inline(always)]
+fn take_port(key: &FlowKey, cfg: &GlobalConfig, now: u64, reply: &FlowValue, reclaim: bool) -> bool {
+    if SNAT_LOCKS.insert(key, 1, u64::from(BPF_NOEXIST)).is_err() {
+        return false; // another CPU is claiming this port at this instant
+    }
+    let usable = match port_use(key, cfg, now) {
+        PortUse::Free => true,
+        PortUse::HalfOpen => reclaim,
+        PortUse::Busy => false,
+    };
+    let mut taken = false;
+    if usable {
+        // SAFETY: read-only use of a map value for this run.
+        if let Some(old) = unsafe { CONNTRACK.get(*key) } {
+            // A half-open flow goes whole, so a flood's entries never pile up in the LRU map and
+            // push established ones out. A closed or idle flow's client → backend entry stays (a
+            // new SYN on that 4-tuple replaces it): removing it could race with that very SYN
+            // inserting its own entry on another CPU.
+            if old.half_open()
+                && let Some((fwd_key, _)) = forward_of(key, old)
+            {
+                let _ = CONNTRACK.remove(fwd_key);
+            }
+            let _ = CONNTRACK.remove(key);
+        }
+        taken = CONNTRACK.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok();
+    }
+    let _ = SNAT_LOCKS.remove(key);
+    taken
+}
+
+/// Claims a SNAT source port toward `backend` by inserting the connection's reply entry `reply`.
+///
+/// Every CPU may use the whole `snat_ports` range: it walks it with a cursor of its own (CPU k
+/// starting k/cpus of the way in), then tries random ports. A port is taken only under its lock
+/// ([`SNAT_LOCKS`], inserted with BPF_NOEXIST and removed in the same run), re-checked under it, so
+/// two CPUs never remove each other's fresh entries or hand one port to two flows. A free port
+/// (no live flow) is preferred; when none turns up, the oldest half-open flow seen (the first in
+/// the walk) gives its port up, with both its entries; a live established flow never does.
+#[inline(always)]
+fn claim_snat(
+    backend: &BackendValue,
+    cfg: &GlobalConfig,
+    now: u64,
+    reply: &FlowValue,
+    len: u64,
+) -> Option<u16> {
     let cursor = SNAT.get_ptr_mut(0)?;
     let lo = u32::from(cfg.snat_port_lo);
     let range = u32::from(cfg.snat_port_hi).checked_sub(lo)? + 1;
     let cpus = if cfg.cpus == 0 { 1 } else { cfg.cpus };
-    let share = range / cpus;
-    if share == 0 {
-        return None;
-    }
-    let start = (unsafe { bpf_get_smp_processor_id() } % cpus) * share;
-    for _ in 0..SNAT_TRIES {
-        // SAFETY: per-CPU slot, written only by this CPU.
-        let c = unsafe {
-            let c = *cursor;
-            *cursor = c.wrapping_add(1);
-            c
-        };
-        let port = ((lo + start + c % share) as u16).to_be();
-        let key = FlowKey {
-            src_be: backend.addr_be,
-            dst_be: backend.snat_be,
-            sport_be: backend.port_be,
-            dport_be: port,
-            proto: IPPROTO_TCP,
-            _pad: [0; 3],
-        };
-        if let Some(old) = unsafe { CONNTRACK.get(key) } {
-            if !old.expired(now, cfg) {
-                continue;
-            }
-            if let Some(fwd) = unsafe { CONNTRACK.get(FlowKey::reverse_of(old)) }
-                && fwd.new_sport_be == port
-                && fwd.new_dst_be == backend.addr_be
-                && !fwd.expired(now, cfg)
-            {
-                continue;
-            }
-            let _ = CONNTRACK.remove(key);
+    let offset = (unsafe { bpf_get_smp_processor_id() } % cpus) * (range / cpus);
+    // The loop only looks (read-only lookups: a small body keeps the verifier's work bounded);
+    // the port is taken after it.
+    let mut free = u32::MAX;
+    let mut half_open = u32::MAX;
+    for i in 0..SNAT_TRIES {
+        // No `break`: every path leaves the loop at the same point with the same few states, so the
+        // verifier checks the rest of the program once per state, not once per iteration.
+        if free != u32::MAX || (half_open != u32::MAX && i >= SNAT_WALK + SNAT_RANDOM_BEFORE_RECLAIM) {
+            continue;
         }
-        if CONNTRACK.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
-            return Some(port);
+        // SAFETY: per-CPU slot, written only by this CPU.
+        let index = unsafe {
+            if i < SNAT_WALK {
+                let c = *cursor;
+                *cursor = c.wrapping_add(1);
+                c.wrapping_add(offset) % range
+            } else {
+                let r = bpf_get_prandom_u32() % range;
+                // The walk goes on from the random port next time.
+                *cursor = r.wrapping_add(range - offset).wrapping_add(1);
+                r
+            }
+        };
+        match port_use(&port_key(backend, ((lo + index) as u16).to_be()), cfg, now) {
+            PortUse::Free => free = index,
+            PortUse::HalfOpen if half_open == u32::MAX => half_open = index,
+            _ => {}
+        }
+    }
+    if free != u32::MAX {
+        let key = port_key(backend, ((lo + free) as u16).to_be());
+        if take_port(&key, cfg, now, reply, false) {
+            return Some(key.dport_be);
+        }
+    }
+    if half_open != u32::MAX {
+        let key = port_key(backend, ((lo + half_open) as u16).to_be());
+        if take_port(&key, cfg, now, reply, true) {
+            count(gc::HALF_OPEN_RECLAIMED, len);
+            return Some(key.dport_be);
         }
     }
     None

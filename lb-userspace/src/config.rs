@@ -163,6 +163,7 @@ impl Default for XdpConfig {
             snat_ports: (10000, 29999),
             idle_timeout: Duration::from_secs(15 * 60),
             closed_timeout: Duration::from_secs(1),
+            syn_timeout: Duration::from_secs(5),
             max_services: DEFAULT_MAX_SERVICES,
             max_backends: DEFAULT_MAX_BACKENDS,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
@@ -185,6 +186,9 @@ pub struct XdpConfig {
     pub idle_timeout: Duration,
     /// Idle time after which a closed (FIN both ways, or RST) connection is forgotten.
     pub closed_timeout: Duration,
+    /// Idle time after which a half-open connection (SYN forwarded, the client's handshake not
+    /// completed) is forgotten; half-open flows also give their SNAT port up first.
+    pub syn_timeout: Duration,
     pub max_services: u32,
     pub max_backends: u32,
     pub conntrack_entries: u32,

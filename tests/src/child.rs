@@ -264,6 +264,10 @@ impl Child {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.try_wait()? {
+                // The pipes are read by threads: let them reach the end, so what the process
+                // wrote before exiting is all there.
+                self.stdout.wait_eof(Duration::from_secs(2));
+                self.stderr.wait_eof(Duration::from_secs(2));
                 return Ok(Some(s));
             }
             if Instant::now() >= deadline {

@@ -18,6 +18,8 @@
 //! - [`tempdir`]: [`TempDir`] (the `tempfile` crate's, mode 0755, named after the test).
 //! - [`packet`]: Ethernet/IPv4/TCP and ARP frame builder and parser (checksums by
 //!   `lb_common::csum`) for the XDP fixtures, the eBPF unit tests and the micro-benchmarks.
+//! - [`synflood`]: [`synflood::SynFlood`], a spoofed SYN generator (AF_PACKET raw frames from
+//!   random addresses of a test range) for the SYN-flood test.
 //! - [`fixture`]: the BPF_PROG_TEST_RUN fixture namespace (veth links, VIP, permanent neighbours)
 //!   where `bpf_fib_lookup` gets real answers.
 //! - [`tomcat`]: a real Tomcat 10 (private `CATALINA_BASE`, AJP connector, optional `jvmRoute`,
@@ -44,6 +46,7 @@ pub mod netns;
 pub mod packet;
 pub mod pins;
 pub mod servers;
+pub mod synflood;
 pub mod tempdir;
 pub mod tomcat;
 pub mod topology;

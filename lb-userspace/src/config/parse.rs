@@ -66,6 +66,7 @@ struct RawXdp {
     snat_ports: Option<S<RawPortRange>>,
     idle_timeout: Option<S<RawDuration>>,
     closed_timeout: Option<S<RawDuration>>,
+    syn_timeout: Option<S<RawDuration>>,
     max_services: Option<S<i64>>,
     max_backends: Option<S<i64>>,
     conntrack_entries: Option<S<i64>>,
@@ -1030,6 +1031,26 @@ impl Validator<'_, '_, File> {
                 ),
             ));
         }
+        // Unwritten, it is the default or idle_timeout, whichever is shorter.
+        let syn_timeout = self.duration(
+            &raw.syn_timeout,
+            "xdp.syn_timeout",
+            XdpConfig::default().syn_timeout.min(idle_timeout),
+            false,
+        )?;
+        if let Some(written) = raw.syn_timeout.as_ref()
+            && syn_timeout > idle_timeout
+        {
+            return Err(self.err(
+                written.span(),
+                "xdp.syn_timeout",
+                format!(
+                    "syn_timeout {} is longer than idle_timeout {}; syn_timeout must be <= idle_timeout",
+                    format_duration(syn_timeout),
+                    format_duration(idle_timeout)
+                ),
+            ));
+        }
 
         let int = |v: &Option<S<i64>>, key: &str, default: u32, range: RangeInclusive<i64>| match v {
             None => Ok(default),
@@ -1084,6 +1105,7 @@ impl Validator<'_, '_, File> {
             snat_ports,
             idle_timeout,
             closed_timeout,
+            syn_timeout,
             max_services,
             max_backends,
             conntrack_entries,

@@ -13,7 +13,7 @@ use aya::{Ebpf, EbpfLoader, TestRun, TestRunOptions};
 use lb_common::maps::{BACKEND_PRESENT, BackendValue, GlobalConfig, LAYOUT_VERSION, ServiceKey};
 use lb_common::maps::{
     MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_GLOBAL_STATS, MAP_RING,
-    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT, MAP_SNAT_ADDRS,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT, MAP_SNAT_ADDRS, MAP_SNAT_LOCKS,
 };
 
 use tracing::{info, warn};
@@ -208,6 +208,7 @@ impl XdpDatapath {
             MAP_AFFINITY,
             MAP_SNAT,
             MAP_SNAT_ADDRS,
+            MAP_SNAT_LOCKS,
             MAP_SERVICE_STATS,
             MAP_BACKEND_STATS,
         ];
@@ -276,6 +277,7 @@ impl XdpDatapath {
             _pad: 0,
             idle_timeout_ns: cfg.idle_timeout.as_nanos() as u64,
             closed_timeout_ns: cfg.closed_timeout.as_nanos() as u64,
+            syn_timeout_ns: cfg.syn_timeout.as_nanos() as u64,
         };
         maps.config.set(0, global, 0).map_err(map_err(MAP_CONFIG))?;
 

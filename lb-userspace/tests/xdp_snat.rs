@@ -1,0 +1,290 @@
+//! SNAT port claims and half-open flows in the XDP program, under BPF_PROG_TEST_RUN (issues 11 and
+//! 16): one CPU may use the whole `snat_ports` range (not only its share), a half-open flow gives
+//! its port (and both its entries) up when no port is free while an established flow never does,
+//! and a half-open flow lives at most `syn_timeout`. Needs root and the embedded eBPF object.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lb::config::{
+    AdminState, BackendConfig, DatapathKind, HealthConfig, HealthKind, OnDown, Protocol, ServiceConfig,
+    XdpConfig,
+};
+use lb::datapath::Datapath;
+use lb::datapath::xdp::XdpDatapath;
+use lb::state::{Command, State};
+use lb_tests::fixture::FixtureSpec;
+use lb_tests::packet::flags::{ACK, RST, SYN};
+use lb_tests::packet::{self, Tcp};
+
+const XDP_DROP: u32 = 1;
+const XDP_REDIRECT: u32 = 4;
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 2);
+const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 2];
+const LB_BACKEND_SIDE: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
+const RING: u32 = 101;
+/// 64 SNAT ports: on a machine with 2 or more CPUs, a CPU's share is at most 32.
+const SNAT_LO: u16 = 20000;
+const SNAT_PORTS: u16 = 64;
+
+fn ready(test: &str) -> bool {
+    if lb::ebpf::object().is_none() {
+        assert!(
+            std::env::var_os("LB_REQUIRE_EBPF").is_none_or(|v| v != "1"),
+            "{test}: LB_REQUIRE_EBPF=1 but lb was built without its eBPF object"
+        );
+        eprintln!("SKIP: {test}: lb built without its eBPF object (use cargo xtask test)");
+        return false;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: {test} needs root");
+        return false;
+    }
+    true
+}
+
+fn service() -> ServiceConfig {
+    ServiceConfig {
+        name: "web".into(),
+        listen: "10.0.0.100:80".parse().unwrap(),
+        protocol: Protocol::Tcp,
+        datapath: DatapathKind::Xdp,
+        affinity_timeout: Duration::from_secs(600),
+        max_connections: 100,
+        connect_timeout: Duration::from_secs(1),
+        failback: false,
+        on_down: OnDown::Keep,
+        health: HealthConfig {
+            kind: HealthKind::None,
+            interval: Duration::from_secs(2),
+            fast_interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            port: None,
+        },
+        ajp: None,
+        backends: vec![BackendConfig {
+            name: "b1".into(),
+            address: format!("{BACKEND}:8080").parse().unwrap(),
+            weight: 1,
+            backup: false,
+            state: AdminState::Active,
+            route: "b1".into(),
+        }],
+    }
+}
+
+/// The program with 64 SNAT ports and `syn_timeout`, its maps pinned under a directory of this
+/// test (removed on drop), attached to no interface.
+struct Fixture {
+    xdp: Option<XdpDatapath>,
+    pins: PathBuf,
+}
+
+impl Fixture {
+    fn new(tag: &str, syn_timeout: Duration) -> Fixture {
+        let pins = PathBuf::from(format!("/sys/fs/bpf/lbt-{tag}-{}", std::process::id()));
+        let config = XdpConfig {
+            pin_path: pins.clone(),
+            snat_ports: (SNAT_LO, SNAT_LO + SNAT_PORTS - 1),
+            syn_timeout,
+            ..XdpConfig::default()
+        };
+        // Built first, so a failed load still removes whatever it pinned.
+        let mut fx = Fixture { xdp: None, pins };
+        let xdp = XdpDatapath::start(Some(&config), 0, RING).expect("load XDP program");
+        let mut state = State::new(0, RING);
+        let effect = state
+            .apply(Command::AddService { service: service() })
+            .expect("service applies");
+        xdp.apply(&effect, &lb::runtime::Snapshot::new(state))
+            .expect("datapath applies");
+        fx.xdp = Some(xdp);
+        fx
+    }
+
+    fn xdp(&self) -> &XdpDatapath {
+        self.xdp.as_ref().expect("running")
+    }
+
+    fn run(&self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        let (verdict, out, _) = self.xdp().test_run(frame, ifindex, 1).expect("test run");
+        (verdict, out)
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        self.xdp()
+            .kernel_counters()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+            .unwrap()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        drop(self.xdp.take());
+        if let Ok(entries) = std::fs::read_dir(&self.pins) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.pins);
+    }
+}
+
+/// Runs `f(client ifindex, backend ifindex)` on a thread pinned to CPU 0 inside a fresh fixture
+/// namespace: every BPF_PROG_TEST_RUN then runs on that one CPU, as when one RX queue takes every SYN.
+fn on_one_cpu<T: Send>(f: impl FnOnce(u32, u32) -> T + Send) -> T {
+    let spec = FixtureSpec {
+        vip: Some(VIP),
+        clients: vec![(CLIENT, CLIENT_MAC)],
+        backends: vec![(BACKEND, BACKEND_MAC)],
+    };
+    lb_tests::fixture::in_fixture_netns(&spec, |links| {
+        let mut cpus = nix::sched::CpuSet::new();
+        cpus.set(0).unwrap();
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("pin to CPU 0");
+        f(links.client_if, links.backend_if)
+    })
+    .expect("fixture namespace")
+}
+
+fn client_frame(port: u16, flags: u8, seq: u32) -> Vec<u8> {
+    Tcp::new((CLIENT, port), (VIP, 80), flags)
+        .macs(CLIENT_MAC, [0xaa; 6])
+        .seq(seq)
+        .build()
+}
+
+fn backend_frame(snat_port: u16, flags: u8) -> Vec<u8> {
+    Tcp::new((BACKEND, 8080), (LB_BACKEND_SIDE, snat_port), flags)
+        .macs(BACKEND_MAC, [0xbb; 6])
+        .build()
+}
+
+/// The SNAT port a forwarded client frame left with.
+fn snat_port(out: &[u8]) -> u16 {
+    let p = packet::parse(out).unwrap_or_else(|e| panic!("output frame: {e}"));
+    assert_eq!(p.dst.0, BACKEND);
+    p.src.1
+}
+
+#[test]
+fn xdp_one_cpu_uses_the_whole_snat_range_and_half_open_flows_give_way() {
+    if !ready("xdp_one_cpu_uses_the_whole_snat_range_and_half_open_flows_give_way") {
+        return;
+    }
+    on_one_cpu(|client_if, backend_if| {
+        let fx = Fixture::new("snatfx", Duration::from_secs(5));
+        // 64 new connections from one CPU: every port of the range, each once.
+        let mut ports = Vec::new();
+        for i in 0..SNAT_PORTS {
+            let (verdict, out) = fx.run(&client_frame(40000 + i, SYN, 1000), client_if);
+            assert_eq!(verdict, XDP_REDIRECT, "SYN {i} forwarded");
+            ports.push(snat_port(&out));
+        }
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(
+            distinct.len(),
+            usize::from(SNAT_PORTS),
+            "one CPU gets every port of the range, never one port twice: {ports:?}"
+        );
+        assert_eq!(fx.counter("snat_exhausted"), 0);
+
+        // The first half complete their handshake; the second half stay half-open.
+        let established = SNAT_PORTS / 2;
+        for i in 0..established {
+            let (verdict, _) = fx.run(&client_frame(40000 + i, ACK, 1001), client_if);
+            assert_eq!(verdict, XDP_REDIRECT, "ACK {i} forwarded");
+        }
+        // No port is free: the next SYN takes a half-open flow's port, never an established one's.
+        let (verdict, out) = fx.run(&client_frame(50000, SYN, 7000), client_if);
+        assert_eq!(verdict, XDP_REDIRECT, "a SYN gets a half-open flow's port");
+        let taken = snat_port(&out);
+        let victim = ports
+            .iter()
+            .position(|&p| p == taken)
+            .expect("a port of the range") as u16;
+        assert!(
+            victim >= established,
+            "port {taken} of established connection {victim} was handed to a new flow"
+        );
+        assert_eq!(fx.counter("half_open_reclaimed"), 1);
+        // The victim's entries went with its port: its late ACK is dropped, not forwarded on a
+        // port that now belongs to another connection.
+        let (verdict, out) = fx.run(&client_frame(40000 + victim, ACK, 1001), client_if);
+        assert_rst(verdict, &out, "the reclaimed flow is gone: its client is reset");
+        // The new flow's SYN-ACK reaches the new client.
+        let (verdict, out) = fx.run(&backend_frame(taken, SYN | ACK), backend_if);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(packet::parse(&out).unwrap().dst, (CLIENT, 50000));
+
+        // Everyone left completes the handshake: every port is held by an established flow.
+        let (verdict, _) = fx.run(&client_frame(50000, ACK, 7001), client_if);
+        assert_eq!(verdict, XDP_REDIRECT);
+        for i in established..SNAT_PORTS {
+            if i != victim {
+                let (verdict, _) = fx.run(&client_frame(40000 + i, ACK, 1001), client_if);
+                assert_eq!(verdict, XDP_REDIRECT, "ACK {i} forwarded");
+            }
+        }
+        let (verdict, _) = fx.run(&client_frame(50001, SYN, 9000), client_if);
+        assert_eq!(
+            verdict, XDP_DROP,
+            "with every port established, a SYN is refused rather than evicting anyone"
+        );
+        assert_eq!(fx.counter("snat_exhausted"), 1);
+        assert_eq!(fx.counter("half_open_reclaimed"), 1);
+        // Established connections carry on, both ways.
+        for i in [0, established - 1] {
+            let (verdict, out) = fx.run(&client_frame(40000 + i, ACK, 1001), client_if);
+            assert_eq!(verdict, XDP_REDIRECT);
+            assert_eq!(snat_port(&out), ports[usize::from(i)]);
+            let (verdict, out) = fx.run(&backend_frame(ports[usize::from(i)], ACK), backend_if);
+            assert_eq!(verdict, XDP_REDIRECT);
+            assert_eq!(packet::parse(&out).unwrap().dst, (CLIENT, 40000 + i));
+        }
+    });
+}
+
+#[test]
+fn xdp_half_open_flows_live_at_most_syn_timeout() {
+    if !ready("xdp_half_open_flows_live_at_most_syn_timeout") {
+        return;
+    }
+    on_one_cpu(|client_if, backend_if| {
+        let fx = Fixture::new("synto", Duration::from_millis(300));
+        // A: SYN only. B: SYN and the client's ACK (established).
+        let (verdict, out) = fx.run(&client_frame(41000, SYN, 1000), client_if);
+        assert_eq!(verdict, XDP_REDIRECT);
+        let port_a = snat_port(&out);
+        assert_eq!(fx.run(&client_frame(41001, SYN, 2000), client_if).0, XDP_REDIRECT);
+        assert_eq!(fx.run(&client_frame(41001, ACK, 2001), client_if).0, XDP_REDIRECT);
+        // Idle for twice syn_timeout (far below idle_timeout).
+        std::thread::sleep(Duration::from_millis(600));
+        let (verdict, out) = fx.run(&client_frame(41000, ACK, 1001), client_if);
+        assert_rst(verdict, &out, "a half-open flow is gone after syn_timeout");
+        let (verdict, out) = fx.run(&backend_frame(port_a, SYN | ACK), backend_if);
+        assert_rst(verdict, &out, "so is its reply entry");
+        assert_eq!(fx.counter("no_reply_flow"), 1);
+        let (verdict, _) = fx.run(&client_frame(41001, ACK, 2001), client_if);
+        assert_eq!(verdict, XDP_REDIRECT, "an established flow outlives syn_timeout");
+    });
+}
+
+/// The packet came back as an RST toward its sender (a flow the program no longer knows).
+fn assert_rst(verdict: u32, out: &[u8], what: &str) {
+    assert_eq!(verdict, XDP_REDIRECT, "{what}: answered");
+    let p = packet::parse(out).expect("an RST frame");
+    assert_eq!(p.flags & RST, RST, "{what}: with an RST");
+}

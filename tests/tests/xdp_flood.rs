@@ -1,0 +1,161 @@
+//! A spoofed SYN flood against an `xdp` service (issue 11, item 3): for 30 seconds a generator in
+//! the client namespace ([`lb_tests::synflood`]) sends SYNs to the VIP as fast as it can, from
+//! random addresses of 10.99.0.0/16 and random ports, while legitimate clients keep opening new
+//! connections (≥ 99% must succeed) and an established connection keeps echoing (it must never
+//! fail). The flood fills every SNAT port with half-open flows; a legitimate SYN then takes the
+//! port of the oldest half-open flow. Afterwards new connections work at once.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use lb_tests::synflood::{FloodSpec, SynFlood};
+use lb_tests::{connect_from, http_get_from, require_root};
+
+const FLOOD: Duration = Duration::from_secs(30);
+/// Spoofed sources: routed from the lb namespace back to the client namespace (which drops the
+/// backends' SYN-ACKs: the addresses are not its own).
+const SPOOFED: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 0);
+const SPOOFED_COUNT: u32 = 1 << 16;
+
+fn xdp_counter(bed: &Bed, name: &str) -> u64 {
+    bed.lb.status()["xdp"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("xdp counter {name} missing"))
+}
+
+fn mac(ns: &lb_tests::Netns, interface: &str) -> [u8; 6] {
+    let text = ns
+        .exec_ok(&["cat", &format!("/sys/class/net/{interface}/address")])
+        .expect("read MAC");
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("MAC byte"))
+        .collect();
+    bytes.try_into().expect("6 bytes")
+}
+
+/// One new connection with one request: Ok(backend) or the error text.
+fn one_get(bed: &Bed, src: Ipv4Addr) -> Result<String, String> {
+    http_get_from(bed.topo.client_ns().name(), src, bed.web(), "/")
+        .map(|b| b.trim().to_string())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn xdp_syn_flood_spares_legitimate_and_established_connections() {
+    if !require_root("xdp_syn_flood_spares_legitimate_and_established_connections") {
+        return;
+    }
+    let pins = Pins::new(pin_dir("flood"));
+    let bed = Bed::new("xfl", 3, 8, |topo, socket| {
+        xdp_config(topo, socket, &pins.0, 3, XDP_STD, "")
+    });
+    prepare_peers(&bed.topo);
+    let clients = bed.topo.client_addrs();
+    // Health checks settled and every backend's neighbour known.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while clients.iter().take(6).any(|&c| one_get(&bed, c).is_err()) {
+        assert!(
+            Instant::now() < deadline,
+            "service never answered:\n{}",
+            bed.lb.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lb = bed.topo.lb_ns();
+    lb.ip(&[
+        "route",
+        "add",
+        "10.99.0.0/16",
+        "via",
+        &bed.topo.client_primary_addr().to_string(),
+    ])
+    .expect("route the spoofed range");
+
+    // The established connection, open before the flood.
+    let mut established = connect_from(
+        bed.topo.client_ns().name(),
+        clients[0],
+        bed.echo(),
+        Duration::from_secs(5),
+    )
+    .expect("echo connection");
+    echo_roundtrip(&mut established, b"before the flood");
+
+    let spec = FloodSpec {
+        netns: bed.topo.client_ns().name().to_string(),
+        interface: bed.topo.peer_if().to_string(),
+        src_mac: mac(bed.topo.client_ns(), bed.topo.peer_if()),
+        dst_mac: mac(lb, bed.topo.lb_client_if()),
+        base: SPOOFED,
+        count: SPOOFED_COUNT,
+        target: std::net::SocketAddrV4::new(bed.topo.vip(), WEB_VIP_PORT),
+    };
+    let reclaimed_before = xdp_counter(&bed, "half_open_reclaimed");
+    let flood = SynFlood::start(spec).expect("start the SYN flood");
+    let started = Instant::now();
+    // Legitimate clients: new connections one after another from clients[1..] for the whole flood.
+    let done = AtomicBool::new(false);
+    let (ok, failed, echoes) = std::thread::scope(|s| {
+        let legit = s.spawn(|| {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            let mut i = 0;
+            while started.elapsed() < FLOOD {
+                let src = clients[1 + i % (clients.len() - 1)];
+                i += 1;
+                match one_get(&bed, src) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(format!("{src}: {e}")),
+                }
+            }
+            done.store(true, Ordering::Relaxed);
+            (ok, failed)
+        });
+        // The established connection keeps working, a round trip every 500 ms.
+        let mut echoes = 0;
+        while !done.load(Ordering::Relaxed) {
+            echo_roundtrip(&mut established, format!("during the flood {echoes}").as_bytes());
+            echoes += 1;
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let (ok, failed) = legit.join().expect("legitimate client thread");
+        (ok, failed, echoes)
+    });
+    let report = flood.stop().expect("flood thread");
+    let reclaimed = xdp_counter(&bed, "half_open_reclaimed") - reclaimed_before;
+    let total = ok + failed.len() as u64;
+    eprintln!(
+        "SYN flood: {} spoofed SYNs in {:.1}s ({:.0}/s); legitimate connections {ok}/{total} succeeded; \
+         {echoes} echoes on the established connection; half-open ports reclaimed {reclaimed}; \
+         snat_exhausted {}; new_flows {}; failures: {:?}",
+        report.frames,
+        report.elapsed.as_secs_f64(),
+        report.rate(),
+        xdp_counter(&bed, "snat_exhausted"),
+        xdp_counter(&bed, "new_flows"),
+        failed.iter().take(5).collect::<Vec<_>>(),
+    );
+    assert!(
+        reclaimed > 0,
+        "the flood never filled the SNAT ports ({} SYNs): the test did not test the design",
+        report.frames
+    );
+    assert!(total >= 100, "only {total} legitimate connections tried");
+    assert!(
+        ok * 100 >= total * 99,
+        "only {ok} of {total} legitimate connections succeeded during the flood: {failed:?}"
+    );
+    assert!(echoes >= 10, "established connection exercised {echoes} times");
+
+    // Recovery: new connections work at once, and the established one is untouched.
+    for (i, &c) in clients.iter().cycle().skip(1).take(20).enumerate() {
+        one_get(&bed, c).unwrap_or_else(|e| panic!("connection {i} after the flood failed: {e}"));
+    }
+    echo_roundtrip(&mut established, &random_bytes(64 << 10, 11));
+    close_echo(established);
+}
