@@ -686,6 +686,19 @@ pub(crate) fn describe(command: &Command) -> String {
         Command::AddBackend { service, backend } => {
             format!("add backend {} ({}) to {service}", backend.name, backend.address)
         }
+        Command::AddBackends { service, backends } => match &backends[..] {
+            [one] => format!("add backend {} ({}) to {service}", one.name, one.address),
+            many => format!(
+                "add {} backends to {service}: {}{}",
+                many.len(),
+                many.iter()
+                    .take(3)
+                    .map(|b| b.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if many.len() > 3 { ", …" } else { "" }
+            ),
+        },
         Command::RemoveBackend { service, backend } => format!("remove backend {backend} from {service}"),
         Command::UpdateBackend { service, backend } => format!(
             "update backend {} ({}) of {service}: weight {}, backup {}, state {:?}",

@@ -162,6 +162,11 @@ pub enum Command {
         service: String,
         backend: BackendConfig,
     },
+    /// Adds several backends at once: one ring rebuild, all of them or none.
+    AddBackends {
+        service: String,
+        backends: Vec<BackendConfig>,
+    },
     RemoveBackend {
         service: String,
         backend: String,
@@ -195,6 +200,7 @@ impl Command {
             Command::AddService { service } | Command::UpdateService { service } => &service.name,
             Command::RemoveService { service }
             | Command::AddBackend { service, .. }
+            | Command::AddBackends { service, .. }
             | Command::RemoveBackend { service, .. }
             | Command::UpdateBackend { service, .. }
             | Command::SetState { service, .. }
@@ -339,6 +345,20 @@ impl State {
                 let service = self.service_mut(&name)?;
                 add_backend(service, backend)?;
                 service.rebuild_ring(ring_size, seed);
+                Ok(Effect::ServiceChanged(name))
+            }
+            Command::AddBackends { backends, .. } => {
+                let service = self.service_mut(&name)?;
+                if backends.is_empty() {
+                    return Ok(Effect::Nothing);
+                }
+                // Staged on a copy of the list: one refused backend refuses the batch.
+                let mut staged = service.clone();
+                for backend in backends {
+                    add_backend(&mut staged, backend)?;
+                }
+                staged.rebuild_ring(ring_size, seed);
+                *service = staged;
                 Ok(Effect::ServiceChanged(name))
             }
             Command::RemoveBackend { backend, .. } => {

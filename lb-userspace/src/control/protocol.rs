@@ -27,7 +27,8 @@ pub const MAX_REQUEST: usize = 64 * 1024;
     reason = "one request per control-socket line; boxing the command buys nothing"
 )]
 pub enum Request {
-    /// A change to the state: `add-service`, `remove-service`, `add-backend`, `remove-backend`,
+    /// A change to the state: `add-service`, `remove-service`, `add-backend`, `add-backends` (a
+    /// list, all or none), `remove-backend`,
     /// `set-state`, `set-weight`.
     Change(Command),
     /// A question that changes nothing.
@@ -68,7 +69,7 @@ pub enum RequestError {
 }
 
 /// Every `cmd`, for error messages.
-const COMMANDS: &str = "status, stats, backends, which, reload, add-service, remove-service, add-backend, remove-backend, set-state, set-weight";
+const COMMANDS: &str = "status, stats, backends, which, reload, add-service, remove-service, add-backend, add-backends, remove-backend, set-state, set-weight";
 
 /// `remove-backend`, `set-state` and `set-weight` name a backend of a service.
 #[derive(Deserialize)]
@@ -139,6 +140,16 @@ impl Request {
                     backend: BackendConfig::from_fields(Value::Object(fields))?,
                 }
             }
+            "add-backends" => {
+                let service = take_string(&mut fields, "service")?;
+                let backends = take_backends(&mut fields)?;
+                if let Some(key) = fields.keys().next() {
+                    return Err(RequestError::Bad(format!(
+                        "unknown field `{key}` for `add-backends` (its fields are `service` and `backends`)"
+                    )));
+                }
+                Command::AddBackends { service, backends }
+            }
             "remove-backend" | "set-state" | "set-weight" => backend_change(&cmd, fields)?,
             _ => return Err(RequestError::Unknown(cmd)),
         };
@@ -160,6 +171,10 @@ impl Request {
                     fields["service"] = Value::from(service.as_str());
                     ("add-backend", fields)
                 }
+                Command::AddBackends { service, backends } => (
+                    "add-backends",
+                    serde_json::json!({ "service": service, "backends": json(backends) }),
+                ),
                 Command::RemoveBackend { service, backend } => (
                     "remove-backend",
                     serde_json::json!({ "service": service, "backend": backend }),
@@ -243,6 +258,54 @@ fn take_string(fields: &mut Map<String, Value>, key: &str) -> Result<String, Req
         Some(other) => Err(field(format!("invalid type: {other}, expected a string"))),
         None => Err(field(format!("missing field `{key}`"))),
     }
+}
+
+/// Removes the `backends` list of `add-backends`: each element the keys of a
+/// `[[service.backend]]` table, errors naming the element (`backends[2].weight: …`).
+fn take_backends(fields: &mut Map<String, Value>) -> Result<Vec<BackendConfig>, RequestError> {
+    backends_from_list(fields.remove("backends"))
+}
+
+/// The `backends` list of an `add-backends` request (the CLI builds its list with it too).
+pub fn backends_from_list(list: Option<Value>) -> Result<Vec<BackendConfig>, RequestError> {
+    let field = |key: String, message: String| RequestError::Field(ConfigError::Field { key, message });
+    let list = match list {
+        Some(Value::Array(list)) => list,
+        Some(other) => {
+            return Err(field(
+                "backends".into(),
+                format!("invalid type: {other}, expected a list of backends"),
+            ));
+        }
+        None => return Err(field("backends".into(), "missing field `backends`".into())),
+    };
+    if list.is_empty() {
+        return Err(field(
+            "backends".into(),
+            "the list is empty; give at least one backend".into(),
+        ));
+    }
+    let mut backends: Vec<BackendConfig> = Vec::with_capacity(list.len());
+    for (i, b) in list.into_iter().enumerate() {
+        let b = BackendConfig::from_fields(b).map_err(|e| match e {
+            ConfigError::Field { key, message } => field(format!("backends[{i}].{key}"), message),
+            other => field(format!("backends[{i}]"), other.to_string()),
+        })?;
+        if let Some(j) = backends.iter().position(|o| o.address == b.address) {
+            return Err(field(
+                format!("backends[{i}].address"),
+                format!("{} is already used by backends[{j}]", b.address),
+            ));
+        }
+        if let Some(j) = backends.iter().position(|o| o.name == b.name) {
+            return Err(field(
+                format!("backends[{i}].name"),
+                format!("\"{}\" is already used by backends[{j}]", b.name),
+            ));
+        }
+        backends.push(b);
+    }
+    Ok(backends)
 }
 
 /// `remove-backend`, `set-state`, `set-weight`: each needs exactly its own fields.
@@ -569,6 +632,16 @@ mod tests {
                 }),
             ),
             (
+                r#"{"cmd":"add-backends","service":"web","backends":[{"address":"1.2.3.4:80"},{"address":"1.2.3.5:80","name":"b6","weight":0,"backup":true,"state":"maintenance"}]}"#,
+                Request::Change(Command::AddBackends {
+                    service: "web".into(),
+                    backends: vec![
+                        backend("1.2.3.4:80", "1.2.3.4:80", 1, false, AdminState::Active),
+                        backend("b6", "1.2.3.5:80", 0, true, AdminState::Maintenance),
+                    ],
+                }),
+            ),
+            (
                 r#"{"cmd":"add-service","name":"api","listen":"10.0.0.2:8080"}"#,
                 Request::Change(Command::AddService {
                     service: file_service("name = \"api\"\nlisten = \"10.0.0.2:8080\""),
@@ -721,6 +794,46 @@ mod tests {
                 r#"{"cmd":"add-backend","service":"web","address":"1.2.3.4:80","colour":"red"}"#,
                 "",
                 "unknown field `colour`",
+            ),
+            (
+                r#"{"cmd":"add-backends","service":"web","backends":[{"address":"1.2.3.4:80"},{"address":"1.2.3.5:80","weight":300}]}"#,
+                "backends[1].weight: 300 is out of range; allowed 0..=256",
+                "",
+            ),
+            (
+                r#"{"cmd":"add-backends","service":"web","backends":[{"address":"1.2.3.4:80"},{"address":"1.2.3.4"}]}"#,
+                "backends[1].address: ",
+                "ip:port",
+            ),
+            (
+                r#"{"cmd":"add-backends","service":"web","backends":[{"address":"1.2.3.4:80"},{"address":"1.2.3.4:80"}]}"#,
+                "backends[1].address: 1.2.3.4:80 is already used by backends[0]",
+                "",
+            ),
+            (
+                r#"{"cmd":"add-backends","service":"web","backends":[{"address":"1.2.3.4:80","name":"a"},{"address":"1.2.3.5:80","name":"a"}]}"#,
+                "backends[1].name: ",
+                "already used by backends[0]",
+            ),
+            (
+                r#"{"cmd":"add-backends","service":"web","backends":[]}"#,
+                "backends: the list is empty",
+                "",
+            ),
+            (
+                r#"{"cmd":"add-backends","service":"web","backends":{"address":"1.2.3.4:80"}}"#,
+                "backends: invalid type",
+                "list",
+            ),
+            (
+                r#"{"cmd":"add-backends","service":"web"}"#,
+                "backends: missing field",
+                "",
+            ),
+            (
+                r#"{"cmd":"add-backends","service":"web","address":"1.2.3.4:80","backends":[{"address":"1.2.3.5:80"}]}"#,
+                "bad request: unknown field `address`",
+                "",
             ),
             (
                 r#"{"cmd":"add-service","name":"web3","listen":"10.0.0.100:81","affinity_timeout":"soon"}"#,
