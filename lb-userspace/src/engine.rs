@@ -217,8 +217,12 @@ impl Engine {
             Some((be.config.state, be.health))
         });
         let transition_only = matches!(command, Command::SetState { .. } | Command::SetHealth { .. });
+        let started = Instant::now();
         let pending = self.balancer.stage(command)?;
-        if let Err(e) = datapath.apply(pending.effect(), pending.snapshot()) {
+        let staged = started.elapsed();
+        let applied = datapath.apply(pending.effect(), pending.snapshot());
+        let in_datapath = started.elapsed().saturating_sub(staged);
+        if let Err(e) = applied {
             // Not published: the state is as before. Bring the datapath back in line with it.
             let undo = match pending.effect() {
                 Effect::ServiceAdded(name) => Effect::ServiceRemoved {
@@ -239,14 +243,20 @@ impl Engine {
             if let (Some((service, backend)), Some(before)) = (&target, before) {
                 record_transitions(&now, service, backend, before, origin);
             }
-            if !transition_only {
-                info!(change = %description, by = %origin, "applied");
-            }
             self.health.reconcile(&now);
             if let Some(p) = &self.persist
                 && let Err(e) = p.save(&now)
             {
                 warn!(error = %e, "state file not written; the change is applied but will not survive a restart");
+            }
+            // Where the time went: the new state (Maglev rebuild included), the datapath, the rest
+            // (publish, health checkers, state file).
+            let (stage_us, datapath_us) = (staged.as_micros() as u64, in_datapath.as_micros() as u64);
+            let total_us = started.elapsed().as_micros() as u64;
+            if transition_only {
+                tracing::debug!(change = %description, stage_us, datapath_us, total_us, "applied");
+            } else {
+                info!(change = %description, by = %origin, stage_us, datapath_us, total_us, "applied");
             }
         }
         Ok(effect)

@@ -18,6 +18,7 @@
 //! - [`tempdir`]: [`TempDir`] (the `tempfile` crate's, mode 0755, named after the test).
 //! - [`packet`]: Ethernet/IPv4/TCP and ARP frame builder and parser (checksums by
 //!   `lb_common::csum`) for the XDP fixtures, the eBPF unit tests and the micro-benchmarks.
+//! - [`kernel_maps`]: a read-only dump of a daemon's pinned XDP maps, to compare before and after.
 //! - [`fixture`]: the BPF_PROG_TEST_RUN fixture namespace (veth links, VIP, permanent neighbours)
 //!   where `bpf_fib_lookup` gets real answers.
 //! - [`tomcat`]: a real Tomcat 10 (private `CATALINA_BASE`, AJP connector, optional `jvmRoute`,
@@ -40,6 +41,7 @@ pub mod child;
 pub mod client;
 pub mod daemon;
 pub mod fixture;
+pub mod kernel_maps;
 pub mod netns;
 pub mod packet;
 pub mod pins;

@@ -39,6 +39,7 @@
 
 mod ajp;
 mod bed;
+mod churn;
 mod measure;
 mod micro;
 mod report;

@@ -33,6 +33,34 @@ fn source_toward(backend: SocketAddrV4) -> Result<Ipv4Addr, XdpError> {
     }
 }
 
+/// State backend id → kernel index, looked up once per ring slot (65,537 or more on every change).
+enum IndexOf<'a> {
+    /// Ids are handed out in order, so a table indexed by id is small unless churn left gaps.
+    Table(Vec<u32>),
+    Map(&'a std::collections::HashMap<u32, u32>),
+}
+
+impl<'a> IndexOf<'a> {
+    fn new(backends: &'a std::collections::HashMap<u32, u32>) -> Self {
+        let len = backends.keys().max().map_or(0, |m| *m as usize + 1);
+        if len > 16 * (backends.len() + 64) {
+            return IndexOf::Map(backends);
+        }
+        let mut table = vec![NO_BACKEND; len];
+        for (id, index) in backends {
+            table[*id as usize] = *index;
+        }
+        IndexOf::Table(table)
+    }
+
+    fn get(&self, id: u32) -> u32 {
+        match self {
+            IndexOf::Table(t) => t.get(id as usize).copied().unwrap_or(NO_BACKEND),
+            IndexOf::Map(m) => m.get(&id).copied().unwrap_or(NO_BACKEND),
+        }
+    }
+}
+
 impl Inner {
     /// Writes a service, its backends and the changed ring slots.
     pub(super) fn sync(&mut self, svc: &Service) -> Result<(), XdpError> {
@@ -130,10 +158,11 @@ impl Inner {
                 ks.written.insert(index, value);
             }
         }
+        let present: std::collections::HashSet<u32> = svc.backends.iter().map(|b| b.id).collect();
         let gone: Vec<u32> = ks
             .backends
             .keys()
-            .filter(|id| svc.backend_by_id(**id).is_none())
+            .filter(|id| !present.contains(id))
             .copied()
             .collect();
         for id in gone {
@@ -146,15 +175,11 @@ impl Inner {
             self.free_backends.push_back(index);
         }
         // Ring: translate backend ids to kernel indices and write only the slots that differ.
+        let index_of = IndexOf::new(&ks.backends);
         let base = ks.slot * self.ring_size;
         let mut changed = 0usize;
         for slot in 0..self.ring_size as usize {
-            let want = svc
-                .ring
-                .get(slot)
-                .and_then(|id| ks.backends.get(id))
-                .copied()
-                .unwrap_or(NO_BACKEND);
+            let want = svc.ring.get(slot).map_or(NO_BACKEND, |id| index_of.get(*id));
             if ks.ring[slot] != want {
                 self.maps
                     .ring
