@@ -1,6 +1,7 @@
 //! Writing the state into the kernel's maps: services, backends (with the source address toward
 //! each) and the Maglev ring, only the slots that changed.
 
+use std::collections::HashMap as StdHashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 
 use lb_common::maps::{
@@ -113,6 +114,8 @@ impl Inner {
             ks.value = value;
         }
         // Backends: new ones get an index (their pinned one when adopting), gone ones are cleared.
+        // Several backends on one host (ports) share the route lookup.
+        let mut sources: StdHashMap<Ipv4Addr, Ipv4Addr> = StdHashMap::new();
         for b in &svc.backends {
             let address = ipv4(b.config.address)?;
             let index = match ks.backends.get(&b.id) {
@@ -137,7 +140,17 @@ impl Inner {
             }
             let snat = match ks.written.get(&index) {
                 Some(old) if old.addr_be == u32::from(*address.ip()).to_be() => old.snat_be,
-                _ => u32::from(source_toward(address)?).to_be(),
+                _ => {
+                    let source = match sources.get(address.ip()) {
+                        Some(s) => *s,
+                        None => {
+                            let s = source_toward(address)?;
+                            sources.insert(*address.ip(), s);
+                            s
+                        }
+                    };
+                    u32::from(source).to_be()
+                }
             };
             let value = BackendValue {
                 addr_be: u32::from(*address.ip()).to_be(),
