@@ -282,12 +282,28 @@ fn refused_commands_leave_status_which_and_kernel_maps_unchanged() {
     for (c, b) in bed.wave(&had_b1) {
         assert_ne!(b, "b1", "{c}: a client with affinity to the killed b1 reached it");
     }
-    // And a good change still applies, kernel included.
+    // And a good batch still applies, kernel included (the new backends have no server, so they
+    // are looked at before their health checks fail).
+    let b3_other_port = format!("{}:9999", bed.topo.backend_addr(3));
     bed.lb
-        .cli_ok(&["backend", "add", "web", &b2_other_port, "--name", "late"]);
-    let ring = kernel_maps::dump(&pins.0).unwrap()["lb_ring"].clone();
+        .cli_ok(&["backend", "add", "web", &b2_other_port, &b3_other_port]);
+    let st = bed.lb.status();
+    for name in [&b2_other_port, &b3_other_port] {
+        let b =
+            lb_tests::daemon::backend_of(&st, "web", name).unwrap_or_else(|| panic!("{name} missing: {st}"));
+        assert!(
+            b["ring_slots"].as_u64().unwrap() > 0 || b["health"] == "down",
+            "{b}"
+        );
+    }
+    let maps = kernel_maps::dump(&pins.0).unwrap();
+    assert_eq!(
+        maps["lb_backends"].len(),
+        baseline.maps["lb_backends"].len() + 2,
+        "both backends of the batch are in the kernel"
+    );
     assert_ne!(
-        ring, baseline.maps["lb_ring"],
-        "the accepted add rewrote ring slots"
+        maps["lb_ring"], baseline.maps["lb_ring"],
+        "the accepted batch rewrote ring slots"
     );
 }
