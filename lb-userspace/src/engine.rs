@@ -81,7 +81,7 @@ pub struct Engine {
     health: Supervisor,
     started: Instant,
     /// Writes the `state_file` after every change, when the config has one.
-    persist: Option<crate::persist::Persist>,
+    persist: Option<crate::persist::Writer>,
 }
 
 impl Engine {
@@ -133,7 +133,8 @@ impl Engine {
             engine.execute_by(Command::AddService { service }, &Origin::Start)?;
         }
         if let Some(path) = &config.state_file {
-            engine.persist = Some(crate::persist::restore(&engine, path, &config.services));
+            let persist = crate::persist::restore(&engine, path, &config.services);
+            engine.persist = Some(crate::persist::Writer::start(persist));
         }
         for d in &engine.datapaths {
             d.finish_start()?;
@@ -244,13 +245,11 @@ impl Engine {
                 record_transitions(&now, service, backend, before, origin);
             }
             self.health.reconcile(&now);
-            if let Some(p) = &self.persist
-                && let Err(e) = p.save(&now)
-            {
-                warn!(error = %e, "state file not written; the change is applied but will not survive a restart");
+            if let Some(p) = &self.persist {
+                p.save(now.clone());
             }
             // Where the time went: the new state (Maglev rebuild included), the datapath, the rest
-            // (publish, health checkers, state file).
+            // (publish, health checkers, handing the state file its snapshot).
             let (stage_us, datapath_us) = (staged.as_micros() as u64, in_datapath.as_micros() as u64);
             let total_us = started.elapsed().as_micros() as u64;
             if transition_only {
@@ -357,10 +356,10 @@ impl Engine {
             }
         }
         if let Some(p) = &self.persist {
-            p.rebase(applied_config.services.clone());
-            if let Err(e) = p.save(&self.snapshot()) {
-                warn!(error = %e, "state file not written after reload");
-            }
+            // Written with the new base: wait for saves queued against the old one.
+            p.flush();
+            p.persist().rebase(applied_config.services.clone());
+            p.save(self.snapshot());
         }
         *old = applied_config;
         info!(
@@ -616,6 +615,13 @@ impl Engine {
         let drains: Vec<_> = self.datapaths.iter().map(|d| d.shutdown()).collect();
         for drained in drains {
             drained.await;
+        }
+    }
+
+    /// Waits until the state file holds the last change (the daemon calls this before it exits).
+    pub fn flush_state_file(&self) {
+        if let Some(p) = &self.persist {
+            p.flush();
         }
     }
 }
