@@ -171,22 +171,6 @@ impl Inner {
                 ks.written.insert(index, value);
             }
         }
-        let present: std::collections::HashSet<u32> = svc.backends.iter().map(|b| b.id).collect();
-        let gone: Vec<u32> = ks
-            .backends
-            .keys()
-            .filter(|id| !present.contains(id))
-            .copied()
-            .collect();
-        for id in gone {
-            let index = ks.backends.remove(&id).expect("listed above");
-            ks.written.remove(&index);
-            self.maps
-                .backends
-                .set(index, BackendValue::default(), 0)
-                .map_err(map_err(MAP_BACKENDS))?;
-            self.free_backends.push_back(index);
-        }
         // Ring: translate backend ids to kernel indices and write only the slots that differ.
         let index_of = IndexOf::new(&ks.backends);
         let base = ks.slot * self.ring_size;
@@ -204,6 +188,24 @@ impl Inner {
         }
         if changed > 0 {
             tracing::debug!(service = %name, slots = changed, "kernel ring updated");
+        }
+        // Backends that left are cleared only now that no ring slot names them, so a new
+        // connection never meets a slot whose backend is gone.
+        let present: std::collections::HashSet<u32> = svc.backends.iter().map(|b| b.id).collect();
+        let gone: Vec<u32> = ks
+            .backends
+            .keys()
+            .filter(|id| !present.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            let index = ks.backends.remove(&id).expect("listed above");
+            ks.written.remove(&index);
+            self.maps
+                .backends
+                .set(index, BackendValue::default(), 0)
+                .map_err(map_err(MAP_BACKENDS))?;
+            self.free_backends.push_back(index);
         }
         Ok(())
     }
