@@ -700,10 +700,7 @@ mod tests {
                     "2",
                 ],
                 serde_json::json!({"cmd":"add-backends","service":"web","backends":[
-                    {"address":"10.0.1.6:8080","name":"10.0.1.6:8080","route":"10.0.1.6:8080",
-                        "weight":2,"backup":false,"state":"active"},
-                    {"address":"10.0.1.7:8080","name":"10.0.1.7:8080","route":"10.0.1.7:8080",
-                        "weight":2,"backup":false,"state":"active"}]}),
+                    {"address":"10.0.1.6:8080","weight":2},{"address":"10.0.1.7:8080","weight":2}]}),
             ),
         ];
         for (args, want) in cases {

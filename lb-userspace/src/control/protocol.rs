@@ -173,7 +173,10 @@ impl Request {
                 }
                 Command::AddBackends { service, backends } => (
                     "add-backends",
-                    serde_json::json!({ "service": service, "backends": json(backends) }),
+                    serde_json::json!({
+                        "service": service,
+                        "backends": backends.iter().map(compact).collect::<Vec<_>>(),
+                    }),
                 ),
                 Command::RemoveBackend { service, backend } => (
                     "remove-backend",
@@ -229,6 +232,28 @@ impl std::str::FromStr for Request {
 
 fn json<T: Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or_default()
+}
+
+/// A backend of `add-backends` without the keys that hold their defaults (name = address, route =
+/// name, weight 1, not a backup, active), so a long list fits [`MAX_REQUEST`]; decoding fills them
+/// in again.
+fn compact(backend: &BackendConfig) -> Value {
+    let mut v = json(backend);
+    if let Value::Object(fields) = &mut v {
+        let defaults = [
+            ("name", backend.name == backend.address.to_string()),
+            ("route", backend.route == backend.name),
+            ("weight", backend.weight == 1),
+            ("backup", !backend.backup),
+            ("state", backend.state == AdminState::Active),
+        ];
+        for (key, default) in defaults {
+            if default {
+                fields.remove(key);
+            }
+        }
+    }
+    v
 }
 
 /// Fields into `T`; an error names the field (`weight: invalid type: …`), or is a bad request
@@ -697,6 +722,31 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(parse(&sent), Request::Change(Command::AddService { service }));
+    }
+
+    #[test]
+    fn a_batch_of_1000_backends_fits_one_request_and_decodes_to_itself() {
+        let backends: Vec<BackendConfig> = (0..1000)
+            .map(|i| {
+                let address = format!("10.1.{}.{}:8080", i / 250, i % 250 + 1);
+                let mut fields = Map::new();
+                fields.insert("address".into(), Value::from(address));
+                if i % 7 == 0 {
+                    fields.insert("weight".into(), Value::from(3));
+                }
+                if i % 11 == 0 {
+                    fields.insert("name".into(), Value::from(format!("app{i}")));
+                }
+                BackendConfig::from_fields(Value::Object(fields)).unwrap()
+            })
+            .collect();
+        let request = Request::Change(Command::AddBackends {
+            service: "web".into(),
+            backends,
+        });
+        let line = serde_json::to_string(&request).unwrap();
+        assert!(line.len() < MAX_REQUEST, "{} bytes", line.len());
+        assert_eq!(parse(&line), request);
     }
 
     #[test]
