@@ -96,6 +96,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     if tokio::time::timeout(grace, engine.shutdown()).await.is_err() {
         warn!("connections still open after the shutdown timeout; closing them");
     }
+    engine.flush_state_file();
     info!("lb stopped");
     Ok(())
 }

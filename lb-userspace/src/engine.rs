@@ -115,7 +115,7 @@ pub struct Engine {
     health: Supervisor,
     started: Instant,
     /// Writes the `state_file` after every change, when the config has one.
-    persist: Option<crate::persist::Persist>,
+    persist: Option<crate::persist::Writer>,
 }
 
 impl Engine {
@@ -167,7 +167,8 @@ impl Engine {
             engine.execute_by(Command::AddService { service }, &Origin::Start)?;
         }
         if let Some(path) = &config.state_file {
-            engine.persist = Some(crate::persist::restore(&engine, path, &config.services));
+            let persist = crate::persist::restore(&engine, path, &config.services);
+            engine.persist = Some(crate::persist::Writer::start(persist));
         }
         for d in &engine.datapaths {
             d.finish_start()?;
@@ -252,8 +253,12 @@ impl Engine {
             Some((be.config.state, be.health))
         });
         let transition_only = matches!(command, Command::SetState { .. } | Command::SetHealth { .. });
+        let started = Instant::now();
         let pending = self.balancer.stage(command)?;
-        if let Err(e) = datapath.apply(pending.effect(), pending.snapshot()) {
+        let staged = started.elapsed();
+        let applied = datapath.apply(pending.effect(), pending.snapshot());
+        let in_datapath = started.elapsed().saturating_sub(staged);
+        if let Err(e) = applied {
             // Not published: the state is as before. Bring the datapath back in line with it.
             let undo = match pending.effect() {
                 Effect::ServiceAdded(name) => Effect::ServiceRemoved {
@@ -290,14 +295,18 @@ impl Engine {
             if let (Some((service, backend)), Some(before)) = (&target, before) {
                 record_transitions(&now, service, backend, before, origin);
             }
-            if !transition_only {
-                info!(change = %description, by = %origin, "applied");
-            }
             self.health.reconcile(&now);
-            if let Some(p) = &self.persist
-                && let Err(e) = p.save(&now)
-            {
-                warn!(error = %e, "state file not written; the change is applied but will not survive a restart");
+            if let Some(p) = &self.persist {
+                p.save(now.clone());
+            }
+            // Where the time went: the new state (Maglev rebuild included), the datapath, the rest
+            // (publish, health checkers, handing the state file its snapshot).
+            let (stage_us, datapath_us) = (staged.as_micros() as u64, in_datapath.as_micros() as u64);
+            let total_us = started.elapsed().as_micros() as u64;
+            if transition_only {
+                tracing::debug!(change = %description, stage_us, datapath_us, total_us, "applied");
+            } else {
+                info!(change = %description, by = %origin, stage_us, datapath_us, total_us, "applied");
             }
         }
         Ok(effect)
@@ -396,10 +405,10 @@ impl Engine {
             }
         }
         if let Some(p) = &self.persist {
-            p.rebase(applied_config.services.clone());
-            if let Err(e) = p.save(&self.snapshot()) {
-                warn!(error = %e, "state file not written after reload");
-            }
+            // Written with the new base: wait for saves queued against the old one.
+            p.flush();
+            p.persist().rebase(applied_config.services.clone());
+            p.save(self.snapshot());
         }
         *old = applied_config;
         info!(
@@ -851,6 +860,13 @@ impl Engine {
             drained.await;
         }
     }
+
+    /// Waits until the state file holds the last change (the daemon calls this before it exits).
+    pub fn flush_state_file(&self) {
+        if let Some(p) = &self.persist {
+            p.flush();
+        }
+    }
 }
 
 /// Records (and logs, one line each) the health and state transitions of backend `backend` of
@@ -937,6 +953,19 @@ pub(crate) fn describe(command: &Command) -> String {
         Command::AddBackend { service, backend } => {
             format!("add backend {} ({}) to {service}", backend.name, backend.address)
         }
+        Command::AddBackends { service, backends } => match &backends[..] {
+            [one] => format!("add backend {} ({}) to {service}", one.name, one.address),
+            many => format!(
+                "add {} backends to {service}: {}{}",
+                many.len(),
+                many.iter()
+                    .take(3)
+                    .map(|b| b.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if many.len() > 3 { ", …" } else { "" }
+            ),
+        },
         Command::RemoveBackend { service, backend } => format!("remove backend {backend} from {service}"),
         Command::UpdateBackend { service, backend } => format!(
             "update backend {} ({}) of {service}: weight {}, backup {}, state {:?}",

@@ -23,14 +23,16 @@ pub fn build(members: &[Member<'_>], size: u32, seed: u32) -> Vec<u32> {
     }
     let m = u64::from(size);
     let max_weight = u64::from(members.iter().map(|b| b.weight).max().unwrap_or(1));
-    // (offset, skip, next index into the permutation, accumulated weight credit)
-    let mut walkers: Vec<(u64, u64, u64, u64)> = members
+    // (next slot of the permutation, skip, accumulated weight credit). The permutation is
+    // `(offset + j × skip) mod M`; walking it by adding `skip` (and subtracting M on overflow)
+    // gives the same slots without a division per probe.
+    let mut walkers: Vec<(u64, u64, u64)> = members
         .iter()
         .map(|b| {
             let h = bytes_hash(seed, b.key);
             let offset = (h >> 32) % m;
             let skip = if m > 1 { (h & 0xffff_ffff) % (m - 1) + 1 } else { 1 };
-            (offset, skip, 0, 0)
+            (offset, skip, 0)
         })
         .collect();
     const EMPTY: u32 = u32::MAX;
@@ -38,12 +40,15 @@ pub fn build(members: &[Member<'_>], size: u32, seed: u32) -> Vec<u32> {
     let mut filled = 0u64;
     while filled < m {
         for (i, w) in walkers.iter_mut().enumerate() {
-            w.3 += u64::from(members[i].weight);
-            while w.3 >= max_weight && filled < m {
-                w.3 -= max_weight;
+            w.2 += u64::from(members[i].weight);
+            while w.2 >= max_weight && filled < m {
+                w.2 -= max_weight;
                 loop {
-                    let slot = ((w.0 + w.2 * w.1) % m) as usize;
-                    w.2 += 1;
+                    let slot = w.0 as usize;
+                    w.0 += w.1;
+                    if w.0 >= m {
+                        w.0 -= m;
+                    }
                     if table[slot] == EMPTY {
                         table[slot] = members[i].id;
                         filled += 1;
@@ -191,6 +196,63 @@ mod tests {
         let c = build(&members(&k, &[1; 5]), DEFAULT_RING_SIZE, 100);
         assert_eq!(a, b);
         assert_ne!(a, c);
+    }
+
+    /// The table straight from the paper's formula: member i's j-th choice is
+    /// `(offset + j × skip) mod M`, one division per probe.
+    fn by_the_formula(members: &[Member<'_>], size: u32, seed: u32) -> Vec<u32> {
+        let m = u64::from(size);
+        let max_weight = u64::from(members.iter().map(|b| b.weight).max().unwrap());
+        let mut walkers: Vec<(u64, u64, u64, u64)> = members
+            .iter()
+            .map(|b| {
+                let h = bytes_hash(seed, b.key);
+                ((h >> 32) % m, (h & 0xffff_ffff) % (m - 1) + 1, 0, 0)
+            })
+            .collect();
+        let mut table = vec![u32::MAX; size as usize];
+        let mut filled = 0;
+        while filled < m {
+            for (i, w) in walkers.iter_mut().enumerate() {
+                w.3 += u64::from(members[i].weight);
+                while w.3 >= max_weight && filled < m {
+                    w.3 -= max_weight;
+                    loop {
+                        let slot = ((w.0 + w.2 * w.1) % m) as usize;
+                        w.2 += 1;
+                        if table[slot] == u32::MAX {
+                            table[slot] = members[i].id;
+                            filled += 1;
+                            break;
+                        }
+                    }
+                }
+                if filled == m {
+                    break;
+                }
+            }
+        }
+        table
+    }
+
+    #[test]
+    fn the_table_is_the_formulas() {
+        // Nodes running different lb versions must agree, so the walk must not change the table.
+        for (n, size) in [
+            (1usize, 1009u32),
+            (7, 1009),
+            (100, DEFAULT_RING_SIZE),
+            (1000, 100_003),
+        ] {
+            let k = keys(n);
+            let weights: Vec<u32> = (0..n as u32).map(|i| i % 3 + 1).collect();
+            let m = members(&k, &weights);
+            assert_eq!(
+                build(&m, size, 42),
+                by_the_formula(&m, size, 42),
+                "{n} backends, M = {size}"
+            );
+        }
     }
 
     #[test]

@@ -163,13 +163,14 @@ enum BackendCmd {
         /// Only this service's backends.
         service: Option<String>,
     },
-    /// Add a backend.
+    /// Add one backend, or several at once (one request: all of them or none).
     Add {
         /// Service name.
         service: String,
-        /// Backend address, IP:PORT.
-        address: String,
-        /// Backend name (default: its address).
+        /// Backend address, IP:PORT; several add them together, with the options below each.
+        #[arg(required = true, num_args = 1.., value_name = "ADDRESS")]
+        addresses: Vec<String>,
+        /// Backend name (default: its address); only with one address.
         #[arg(long)]
         name: Option<String>,
         /// 0..=256 (default 1).
@@ -181,7 +182,8 @@ enum BackendCmd {
         /// active, drain or maintenance (default active).
         #[arg(long)]
         state: Option<String>,
-        /// Session route (Tomcat jvmRoute) for `ajp` services (default: the name).
+        /// Session route (Tomcat jvmRoute) for `ajp` services (default: the name); only with one
+        /// address.
         #[arg(long)]
         route: Option<String>,
     },
@@ -505,7 +507,7 @@ fn request(command: Cmd) -> Result<Request, RequestError> {
             cmd:
                 BackendCmd::Add {
                     service,
-                    address,
+                    addresses,
                     name,
                     weight,
                     backup,
@@ -514,16 +516,35 @@ fn request(command: Cmd) -> Result<Request, RequestError> {
                 },
             ..
         } => {
-            let mut fields = Map::new();
-            fields.insert("address".into(), address.into());
-            put(&mut fields, "name", name);
-            put(&mut fields, "weight", weight);
-            put(&mut fields, "backup", backup.then_some(true));
-            put(&mut fields, "state", state);
-            put(&mut fields, "route", route);
-            Command::AddBackend {
-                service,
-                backend: BackendConfig::from_fields(Value::Object(fields))?,
+            if addresses.len() > 1 && (name.is_some() || route.is_some()) {
+                return Err(RequestError::Bad(format!(
+                    "--name and --route belong to one backend, and {} addresses were given; add that backend on its own",
+                    addresses.len()
+                )));
+            }
+            let mut list: Vec<Value> = addresses
+                .into_iter()
+                .map(|address| {
+                    let mut fields = Map::new();
+                    fields.insert("address".into(), address.into());
+                    put(&mut fields, "name", name.clone());
+                    put(&mut fields, "weight", weight);
+                    put(&mut fields, "backup", backup.then_some(true));
+                    put(&mut fields, "state", state.clone());
+                    put(&mut fields, "route", route.clone());
+                    Value::Object(fields)
+                })
+                .collect();
+            if list.len() == 1 {
+                Command::AddBackend {
+                    service,
+                    backend: BackendConfig::from_fields(list.remove(0))?,
+                }
+            } else {
+                Command::AddBackends {
+                    service,
+                    backends: lb::control::protocol::backends_from_list(Some(Value::Array(list)))?,
+                }
             }
         }
         Cmd::Backend {
@@ -786,6 +807,20 @@ mod tests {
                 serde_json::json!({"cmd":"add-backend","service":"web","address":"10.0.1.5:8080",
                     "name":"10.0.1.5:8080","route":"10.0.1.5:8080","weight":0,"backup":true,"state":"drain"}),
             ),
+            // Several addresses: one request with a list, the options applying to each.
+            (
+                &[
+                    "backend",
+                    "add",
+                    "web",
+                    "10.0.1.6:8080",
+                    "10.0.1.7:8080",
+                    "--weight",
+                    "2",
+                ],
+                serde_json::json!({"cmd":"add-backends","service":"web","backends":[
+                    {"address":"10.0.1.6:8080","weight":2},{"address":"10.0.1.7:8080","weight":2}]}),
+            ),
         ];
         for (args, want) in cases {
             let got = line(args);
@@ -856,6 +891,26 @@ mod tests {
             (
                 &["backend", "add", "web", "10.9.9.9:80", "--name", "a/b"],
                 "name: \"a/b\" is not allowed",
+            ),
+            (
+                &["backend", "add", "web", "10.9.9.9:80", "10.9.9.9"],
+                "backends[1].address: \"10.9.9.9\" is not a valid address",
+            ),
+            (
+                &["backend", "add", "web", "10.9.9.9:80", "10.9.9.9:80"],
+                "backends[1].address: 10.9.9.9:80 is already used by backends[0]",
+            ),
+            (
+                &[
+                    "backend",
+                    "add",
+                    "web",
+                    "10.9.9.9:80",
+                    "10.9.9.8:80",
+                    "--name",
+                    "x",
+                ],
+                "bad request: --name and --route belong to one backend",
             ),
             (
                 &[

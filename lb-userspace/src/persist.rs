@@ -4,7 +4,9 @@
 //! The file is JSON ([`StateFile`]). It holds the services as the daemon last ran them and, as
 //! `base`, the services of the config it started from (or last reloaded): the runtime changes are
 //! [`crate::state::diff`] of the two, so on start they are applied on top of whatever the config
-//! file now says. It is written after every change, atomically: a temporary file in the same
+//! file now says. It is written after every change, off the change's path ([`Writer`]: a change
+//! does not wait for the disk; changes in quick succession make one write; the last one is written
+//! before the daemon exits), atomically: a temporary file in the same
 //! directory, `fsync`, `rename`, `fsync` of the directory. A file that cannot be read, is not JSON
 //! of this shape, or carries another [`FORMAT_VERSION`] is renamed to `<file>.corrupt-<unix time>`
 //! and the daemon starts from the config alone.
@@ -340,6 +342,9 @@ fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+mod writer;
+pub use writer::Writer;
 
 #[cfg(test)]
 mod tests;

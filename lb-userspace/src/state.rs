@@ -162,6 +162,11 @@ pub enum Command {
         service: String,
         backend: BackendConfig,
     },
+    /// Adds several backends at once: one ring rebuild, all of them or none.
+    AddBackends {
+        service: String,
+        backends: Vec<BackendConfig>,
+    },
     RemoveBackend {
         service: String,
         backend: String,
@@ -195,6 +200,7 @@ impl Command {
             Command::AddService { service } | Command::UpdateService { service } => &service.name,
             Command::RemoveService { service }
             | Command::AddBackend { service, .. }
+            | Command::AddBackends { service, .. }
             | Command::RemoveBackend { service, .. }
             | Command::UpdateBackend { service, .. }
             | Command::SetState { service, .. }
@@ -341,6 +347,35 @@ impl State {
                 service.rebuild_ring(ring_size, seed);
                 Ok(Effect::ServiceChanged(name))
             }
+            Command::AddBackends { backends, .. } => {
+                let service = self.service_mut(&name)?;
+                if backends.is_empty() {
+                    return Ok(Effect::Nothing);
+                }
+                // Staged on a copy of the list: one refused backend refuses the batch. Names and
+                // addresses in use are looked up in sets (a batch of n is not n × n compares).
+                let mut staged = service.clone();
+                let mut names: std::collections::HashSet<String> =
+                    staged.backends.iter().map(|b| b.config.name.clone()).collect();
+                let mut addresses: std::collections::HashSet<SocketAddr> =
+                    staged.backends.iter().map(|b| b.config.address).collect();
+                for backend in backends {
+                    check_weight(backend.weight)?;
+                    if names.contains(&backend.name) || addresses.contains(&backend.address) {
+                        return Err(StateError::BackendExists {
+                            service: name,
+                            name: backend.name,
+                            address: backend.address,
+                        });
+                    }
+                    names.insert(backend.name.clone());
+                    addresses.insert(backend.address);
+                    push_backend(&mut staged, backend);
+                }
+                staged.rebuild_ring(ring_size, seed);
+                *service = staged;
+                Ok(Effect::ServiceChanged(name))
+            }
             Command::RemoveBackend { backend, .. } => {
                 let service = self.service_mut(&name)?;
                 let id = service.backend_mut(&backend)?.id;
@@ -415,13 +450,18 @@ fn add_backend(service: &mut Service, backend: BackendConfig) -> Result<(), Stat
             address: backend.address,
         });
     }
+    push_backend(service, backend);
+    Ok(())
+}
+
+/// Appends a backend already checked, with the service's next id.
+fn push_backend(service: &mut Service, backend: BackendConfig) {
     service.backends.push(Backend {
         id: service.next_backend_id,
         config: backend,
         health: Health::Up,
     });
     service.next_backend_id += 1;
-    Ok(())
 }
 
 /// The commands that turn the services of `old` into those of `new` (reload). Services whose listen
@@ -604,6 +644,50 @@ pub(crate) mod tests {
         })
         .unwrap();
         assert_eq!(ring_ids(&s), [1].into());
+    }
+
+    #[test]
+    fn a_batch_is_added_whole_or_not_at_all() {
+        let mut s = three();
+        let before = (ring_ids(&s), s.service("web").unwrap().backends.len());
+        let batch = |list: Vec<BackendConfig>| Command::AddBackends {
+            service: "web".into(),
+            backends: list,
+        };
+        let mut heavy = backend("b5", "10.1.5.2:80");
+        heavy.weight = 999;
+        for (list, why) in [
+            (
+                vec![backend("b4", "10.1.4.2:80"), backend("b1", "10.1.9.2:80")],
+                "name in use",
+            ),
+            (
+                vec![backend("b4", "10.1.4.2:80"), backend("b5", "10.1.1.2:80")],
+                "address in use",
+            ),
+            (
+                vec![backend("b4", "10.1.4.2:80"), backend("b4", "10.1.5.2:80")],
+                "twice in the batch",
+            ),
+            (vec![backend("b4", "10.1.4.2:80"), heavy], "weight out of range"),
+        ] {
+            assert!(s.apply(batch(list)).is_err(), "{why}");
+            assert_eq!(
+                (ring_ids(&s), s.service("web").unwrap().backends.len()),
+                before,
+                "{why}"
+            );
+        }
+        assert_eq!(s.apply(batch(Vec::new())), Ok(Effect::Nothing));
+        s.apply(batch(vec![
+            backend("b4", "10.1.4.2:80"),
+            backend("b5", "10.1.5.2:80"),
+        ]))
+        .unwrap();
+        let web = s.service("web").unwrap();
+        let ids: Vec<u32> = web.backends.iter().map(|b| b.id).collect();
+        assert_eq!(ids, [0, 1, 2, 3, 4]);
+        assert_eq!(ring_ids(&s).len(), 5, "one ring with every backend");
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //!   `lb_common::csum`) for the XDP fixtures, the eBPF unit tests and the micro-benchmarks.
 //! - [`synflood`]: [`synflood::SynFlood`], a spoofed SYN generator (AF_PACKET raw frames from
 //!   random addresses of a test range) for the SYN-flood test.
+//! - [`kernel_maps`]: a read-only dump of a daemon's pinned XDP maps, to compare before and after.
 //! - [`fixture`]: the BPF_PROG_TEST_RUN fixture namespace (veth links, VIP, permanent neighbours)
 //!   where `bpf_fib_lookup` gets real answers.
 //! - [`tomcat`]: a real Tomcat 10 (private `CATALINA_BASE`, AJP connector, optional `jvmRoute`,
@@ -42,6 +43,7 @@ pub mod child;
 pub mod client;
 pub mod daemon;
 pub mod fixture;
+pub mod kernel_maps;
 pub mod netns;
 pub mod packet;
 pub mod pins;

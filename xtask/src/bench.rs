@@ -25,8 +25,10 @@
 //! - [`report`]: medians and ranges over rounds, ratios to `none`, the markdown table, the SVG
 //!   chart and `results.json`.
 //! - [`micro`]: runs `lb-microbench` (`src/bench/microbench.rs`, built with `--features micro`:
-//!   XDP ns/packet via BPF_PROG_TEST_RUN, Maglev build time, selection per operation) and measures
-//!   the daemon's RSS with 1 and 1,000 backends.
+//!   XDP ns/packet via BPF_PROG_TEST_RUN, XDP cost of runtime changes at 1,000 backends, Maglev
+//!   build time, selection per operation), [`churn`] (1,000 backends added at runtime one request
+//!   each and as one batch, per-change time with the daemon's own split, proxy latency before,
+//!   during and after) and measures the daemon's RSS with 1 and 1,000 backends.
 //!
 //! - [`ajp`]: the AJP chain, wrk → Apache httpd → load balancer → three Tomcat 10 (lb
 //!   `datapath = "ajp"`, Apache mod_proxy_balancer as the anchor, HAProxy, lb `datapath =
@@ -39,6 +41,7 @@
 
 mod ajp;
 mod bed;
+mod churn;
 mod measure;
 mod micro;
 mod report;

@@ -21,7 +21,17 @@ pub fn fits(config: &Config, state: &State, command: &Command) -> Result<(), Con
     match command {
         Command::AddService { service } => service_fits(config, state, service),
         Command::AddBackend { service, backend } => match state.services.get(service) {
-            Some(s) => backend_fits(config, state, &s.settings, s.backends.len(), backend),
+            Some(s) => backends_fit_service(
+                config,
+                state,
+                &s.settings,
+                s.backends.len(),
+                std::slice::from_ref(backend),
+            ),
+            None => Ok(()),
+        },
+        Command::AddBackends { service, backends } => match state.services.get(service) {
+            Some(s) => backends_fit_service(config, state, &s.settings, s.backends.len(), backends),
             None => Ok(()),
         },
         _ => Ok(()),
@@ -83,27 +93,28 @@ fn service_fits(config: &Config, state: &State, new: &ServiceConfig) -> Result<(
     backends_fit(x, state, new.backends.len())
 }
 
-fn backend_fits(
+/// `new` backends added together to `service`, which has `count` already.
+fn backends_fit_service(
     config: &Config,
     state: &State,
     service: &ServiceConfig,
     count: usize,
-    new: &BackendConfig,
+    new: &[BackendConfig],
 ) -> Result<(), ConfigError> {
-    ring_fits(state, &service.name, count + 1)?;
+    ring_fits(state, &service.name, count + new.len())?;
     if service.datapath != DatapathKind::Xdp {
         return Ok(());
     }
-    if !new.address.is_ipv4() {
+    if let Some(b) = new.iter().find(|b| !b.address.is_ipv4()) {
         return Err(field(
             "address",
             format!(
                 "{}: service \"{}\" uses the xdp datapath, which forwards to IPv4 backends only",
-                new.address, service.name
+                b.address, service.name
             ),
         ));
     }
-    backends_fit(xdp_table(config)?, state, 1)
+    backends_fit(xdp_table(config)?, state, new.len())
 }
 
 /// The daemon's `[xdp]` table, which every `xdp` service needs.

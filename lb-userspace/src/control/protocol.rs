@@ -28,7 +28,8 @@ pub const MAX_REQUEST: usize = 64 * 1024;
     reason = "one request per control-socket line; boxing the command buys nothing"
 )]
 pub enum Request {
-    /// A change to the state: `add-service`, `remove-service`, `add-backend`, `remove-backend`,
+    /// A change to the state: `add-service`, `remove-service`, `add-backend`, `add-backends` (a
+    /// list, all or none), `remove-backend`,
     /// `set-state`, `set-weight`.
     Change(Command),
     /// A question that changes nothing.
@@ -151,7 +152,7 @@ pub enum RequestError {
 }
 
 /// Every `cmd`, for error messages.
-const COMMANDS: &str = "status, stats, backends, which, affinity-list, affinity-flush, affinity-set, reload, add-service, remove-service, add-backend, remove-backend, set-state, set-weight";
+const COMMANDS: &str = "status, stats, backends, which, affinity-list, affinity-flush, affinity-set, reload, add-service, remove-service, add-backend, add-backends, remove-backend, set-state, set-weight";
 
 /// `remove-backend`, `set-state` and `set-weight` name a backend of a service.
 #[derive(Deserialize)]
@@ -259,6 +260,16 @@ impl Request {
                 }
             }
             "set-state" if fields.contains_key("reset") => return state_with_reset(fields),
+            "add-backends" => {
+                let service = take_string(&mut fields, "service")?;
+                let backends = take_backends(&mut fields)?;
+                if let Some(key) = fields.keys().next() {
+                    return Err(RequestError::Bad(format!(
+                        "unknown field `{key}` for `add-backends` (its fields are `service` and `backends`)"
+                    )));
+                }
+                Command::AddBackends { service, backends }
+            }
             "remove-backend" | "set-state" | "set-weight" => backend_change(&cmd, fields)?,
             _ => return Err(RequestError::Unknown(cmd)),
         };
@@ -290,6 +301,13 @@ impl Request {
                     fields["service"] = Value::from(service.as_str());
                     ("add-backend", fields)
                 }
+                Command::AddBackends { service, backends } => (
+                    "add-backends",
+                    serde_json::json!({
+                        "service": service,
+                        "backends": backends.iter().map(compact).collect::<Vec<_>>(),
+                    }),
+                ),
                 Command::RemoveBackend { service, backend } => (
                     "remove-backend",
                     serde_json::json!({ "service": service, "backend": backend }),
@@ -346,6 +364,28 @@ fn json<T: Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or_default()
 }
 
+/// A backend of `add-backends` without the keys that hold their defaults (name = address, route =
+/// name, weight 1, not a backup, active), so a long list fits [`MAX_REQUEST`]; decoding fills them
+/// in again.
+fn compact(backend: &BackendConfig) -> Value {
+    let mut v = json(backend);
+    if let Value::Object(fields) = &mut v {
+        let defaults = [
+            ("name", backend.name == backend.address.to_string()),
+            ("route", backend.route == backend.name),
+            ("weight", backend.weight == 1),
+            ("backup", !backend.backup),
+            ("state", backend.state == AdminState::Active),
+        ];
+        for (key, default) in defaults {
+            if default {
+                fields.remove(key);
+            }
+        }
+    }
+    v
+}
+
 /// Fields into `T`; an error names the field (`weight: invalid type: …`), or is a bad request
 /// when it is about the object as a whole (an unknown field).
 fn decode<T: serde::de::DeserializeOwned>(fields: Value) -> Result<T, RequestError> {
@@ -373,6 +413,54 @@ fn take_string(fields: &mut Map<String, Value>, key: &str) -> Result<String, Req
         Some(other) => Err(field(format!("invalid type: {other}, expected a string"))),
         None => Err(field(format!("missing field `{key}`"))),
     }
+}
+
+/// Removes the `backends` list of `add-backends`: each element the keys of a
+/// `[[service.backend]]` table, errors naming the element (`backends[2].weight: …`).
+fn take_backends(fields: &mut Map<String, Value>) -> Result<Vec<BackendConfig>, RequestError> {
+    backends_from_list(fields.remove("backends"))
+}
+
+/// The `backends` list of an `add-backends` request (the CLI builds its list with it too).
+pub fn backends_from_list(list: Option<Value>) -> Result<Vec<BackendConfig>, RequestError> {
+    let field = |key: String, message: String| RequestError::Field(ConfigError::Field { key, message });
+    let list = match list {
+        Some(Value::Array(list)) => list,
+        Some(other) => {
+            return Err(field(
+                "backends".into(),
+                format!("invalid type: {other}, expected a list of backends"),
+            ));
+        }
+        None => return Err(field("backends".into(), "missing field `backends`".into())),
+    };
+    if list.is_empty() {
+        return Err(field(
+            "backends".into(),
+            "the list is empty; give at least one backend".into(),
+        ));
+    }
+    let mut backends: Vec<BackendConfig> = Vec::with_capacity(list.len());
+    for (i, b) in list.into_iter().enumerate() {
+        let b = BackendConfig::from_fields(b).map_err(|e| match e {
+            ConfigError::Field { key, message } => field(format!("backends[{i}].{key}"), message),
+            other => field(format!("backends[{i}]"), other.to_string()),
+        })?;
+        if let Some(j) = backends.iter().position(|o| o.address == b.address) {
+            return Err(field(
+                format!("backends[{i}].address"),
+                format!("{} is already used by backends[{j}]", b.address),
+            ));
+        }
+        if let Some(j) = backends.iter().position(|o| o.name == b.name) {
+            return Err(field(
+                format!("backends[{i}].name"),
+                format!("\"{}\" is already used by backends[{j}]", b.name),
+            ));
+        }
+        backends.push(b);
+    }
+    Ok(backends)
 }
 
 /// `remove-backend`, `set-state`, `set-weight`: each needs exactly its own fields.
@@ -843,6 +931,16 @@ mod tests {
                 }),
             ),
             (
+                r#"{"cmd":"add-backends","service":"web","backends":[{"address":"1.2.3.4:80"},{"address":"1.2.3.5:80","name":"b6","weight":0,"backup":true,"state":"maintenance"}]}"#,
+                Request::Change(Command::AddBackends {
+                    service: "web".into(),
+                    backends: vec![
+                        backend("1.2.3.4:80", "1.2.3.4:80", 1, false, AdminState::Active),
+                        backend("b6", "1.2.3.5:80", 0, true, AdminState::Maintenance),
+                    ],
+                }),
+            ),
+            (
                 r#"{"cmd":"add-service","name":"api","listen":"10.0.0.2:8080"}"#,
                 Request::Change(Command::AddService {
                     service: file_service("name = \"api\"\nlisten = \"10.0.0.2:8080\""),
@@ -898,6 +996,31 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(parse(&sent), Request::Change(Command::AddService { service }));
+    }
+
+    #[test]
+    fn a_batch_of_1000_backends_fits_one_request_and_decodes_to_itself() {
+        let backends: Vec<BackendConfig> = (0..1000)
+            .map(|i| {
+                let address = format!("10.1.{}.{}:8080", i / 250, i % 250 + 1);
+                let mut fields = Map::new();
+                fields.insert("address".into(), Value::from(address));
+                if i % 7 == 0 {
+                    fields.insert("weight".into(), Value::from(3));
+                }
+                if i % 11 == 0 {
+                    fields.insert("name".into(), Value::from(format!("app{i}")));
+                }
+                BackendConfig::from_fields(Value::Object(fields)).unwrap()
+            })
+            .collect();
+        let request = Request::Change(Command::AddBackends {
+            service: "web".into(),
+            backends,
+        });
+        let line = serde_json::to_string(&request).unwrap();
+        assert!(line.len() < MAX_REQUEST, "{} bytes", line.len());
+        assert_eq!(parse(&line), request);
     }
 
     #[test]
@@ -1041,6 +1164,46 @@ mod tests {
                 r#"{"cmd":"add-backend","service":"web","address":"1.2.3.4:80","colour":"red"}"#,
                 "",
                 "unknown field `colour`",
+            ),
+            (
+                r#"{"cmd":"add-backends","service":"web","backends":[{"address":"1.2.3.4:80"},{"address":"1.2.3.5:80","weight":300}]}"#,
+                "backends[1].weight: 300 is out of range; allowed 0..=256",
+                "",
+            ),
+            (
+                r#"{"cmd":"add-backends","service":"web","backends":[{"address":"1.2.3.4:80"},{"address":"1.2.3.4"}]}"#,
+                "backends[1].address: ",
+                "ip:port",
+            ),
+            (
+                r#"{"cmd":"add-backends","service":"web","backends":[{"address":"1.2.3.4:80"},{"address":"1.2.3.4:80"}]}"#,
+                "backends[1].address: 1.2.3.4:80 is already used by backends[0]",
+                "",
+            ),
+            (
+                r#"{"cmd":"add-backends","service":"web","backends":[{"address":"1.2.3.4:80","name":"a"},{"address":"1.2.3.5:80","name":"a"}]}"#,
+                "backends[1].name: ",
+                "already used by backends[0]",
+            ),
+            (
+                r#"{"cmd":"add-backends","service":"web","backends":[]}"#,
+                "backends: the list is empty",
+                "",
+            ),
+            (
+                r#"{"cmd":"add-backends","service":"web","backends":{"address":"1.2.3.4:80"}}"#,
+                "backends: invalid type",
+                "list",
+            ),
+            (
+                r#"{"cmd":"add-backends","service":"web"}"#,
+                "backends: missing field",
+                "",
+            ),
+            (
+                r#"{"cmd":"add-backends","service":"web","address":"1.2.3.4:80","backends":[{"address":"1.2.3.5:80"}]}"#,
+                "bad request: unknown field `address`",
+                "",
             ),
             (
                 r#"{"cmd":"add-service","name":"web3","listen":"10.0.0.100:81","affinity_timeout":"soon"}"#,

@@ -488,6 +488,121 @@ fn a_refused_change_leaves_no_trace() {
     assert_eq!(bed.forwarding("web").unwrap(), ["b1", "b2", "b3", "b4"]);
 }
 
+/// `web`'s backend names and ring, to compare before and after a refused change.
+fn web_state(bed: &Bed) -> (Vec<String>, Arc<Vec<u32>>) {
+    let snap = bed.engine.balancer.snapshot();
+    let svc = snap.state.service("web").unwrap();
+    let names = svc.backends.iter().map(|b| b.config.name.clone()).collect();
+    (names, svc.ring.clone())
+}
+
+fn add_backends(names: &[(&str, &str)]) -> Command {
+    Command::AddBackends {
+        service: "web".into(),
+        backends: names.iter().map(|(n, a)| backend(n, a)).collect(),
+    }
+}
+
+#[test]
+fn a_batch_add_is_one_change_with_one_ring() {
+    let bed = Bed::new(BASE);
+    bed.calls();
+    let ring_before = web_state(&bed).1;
+    let effect = bed
+        .run(add_backends(&[
+            ("b4", "10.1.4.2:80"),
+            ("b5", "10.1.5.2:80"),
+            ("b6", "10.1.6.2:80"),
+        ]))
+        .unwrap();
+    assert_eq!(effect, Effect::ServiceChanged("web".into()));
+    // One datapath call for the three backends: the datapath saw them all at once.
+    assert_eq!(bed.calls(), [Call::Apply(Effect::ServiceChanged("web".into()))]);
+    assert_eq!(
+        bed.forwarding("web").unwrap(),
+        ["b1", "b2", "b3", "b4", "b5", "b6"]
+    );
+    let (_, ring) = web_state(&bed);
+    let ids: std::collections::BTreeSet<u32> = ring.iter().copied().collect();
+    assert_eq!(ids.len(), 6, "every new backend owns ring slots");
+    // Maglev: the old backends keep most of their slots (about half of the ring moves to 3 of 6).
+    let kept = ring
+        .iter()
+        .zip(ring_before.iter())
+        .filter(|(a, b)| a == b)
+        .count();
+    assert!(kept > ring.len() * 2 / 5, "{kept} of {} slots kept", ring.len());
+}
+
+#[test]
+fn one_bad_backend_refuses_the_whole_batch() {
+    let bed = Bed::new(BASE);
+    let before = web_state(&bed);
+    bed.calls();
+    // The state's rule: an address in use (b1's), after two good ones.
+    let err = bed
+        .run(add_backends(&[
+            ("b4", "10.1.4.2:80"),
+            ("b5", "10.1.5.2:80"),
+            ("b6", "10.1.1.2:80"),
+        ]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::State(crate::state::StateError::BackendExists { .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(web_state(&bed), before);
+    assert!(
+        bed.calls().is_empty(),
+        "a batch the state refuses never reaches the datapath"
+    );
+    // The daemon's rule, through the control path: ring_size 1009 takes at most 10 backends.
+    let eight: Vec<(String, String)> = (4..12)
+        .map(|i| (format!("b{i}"), format!("10.1.{i}.2:80")))
+        .collect();
+    let eight: Vec<(&str, &str)> = eight.iter().map(|(n, a)| (n.as_str(), a.as_str())).collect();
+    let err = bed
+        .engine
+        .handle(crate::control::protocol::Request::Change(add_backends(&eight)))
+        .unwrap_err();
+    assert!(err.to_string().contains("ring_size: 1009 is too small"), "{err}");
+    assert_eq!(web_state(&bed), before);
+    // The datapath's refusal: nothing kept, and the datapath is given the old state again.
+    bed.journal.lock().unwrap().refuse = Some("web".into());
+    assert!(matches!(
+        bed.run(add_backends(&[("b4", "10.1.4.2:80"), ("b5", "10.1.5.2:80")])),
+        Err(EngineError::Datapath(_))
+    ));
+    bed.journal.lock().unwrap().refuse = None;
+    assert_eq!(web_state(&bed), before);
+    // Nothing is poisoned: a health event of another backend applies, and so does the batch.
+    bed.health("b2", Health::Down);
+    assert_eq!(bed.backend("b2").health, Health::Down);
+    assert!(!web_state(&bed).1.contains(&bed.backend("b2").id));
+    bed.run(add_backends(&[("b4", "10.1.4.2:80"), ("b5", "10.1.5.2:80")]))
+        .unwrap();
+    assert_eq!(bed.forwarding("web").unwrap(), ["b1", "b2", "b3", "b4", "b5"]);
+}
+
+#[test]
+fn an_xdp_batch_with_one_ipv6_address_is_refused_whole() {
+    let text = format!(
+        "{BASE}\n[xdp]\ninterfaces = [\"veth0\"]\n[[service]]\nname = \"x\"\nlisten = \"10.0.0.200:80\"\ndatapath = \"xdp\"\n[service.health]\nkind = \"none\"\n[[service.backend]]\naddress = \"10.1.1.2:80\"\n"
+    );
+    let (bed, journals) = Bed::with_kinds(&text, &[DatapathKind::Proxy, DatapathKind::Xdp]);
+    journals[1].lock().unwrap().calls.clear();
+    let line = r#"{"cmd":"add-backends","service":"x","backends":[{"address":"10.1.2.2:80"},{"address":"[2001:db8::1]:80"}]}"#;
+    let request = crate::control::protocol::Request::parse(line).unwrap();
+    let err = bed.engine.handle(request).unwrap_err();
+    assert!(err.to_string().contains("IPv4 backends only"), "{err}");
+    let snap = bed.engine.balancer.snapshot();
+    assert_eq!(snap.state.service("x").unwrap().backends.len(), 1);
+    assert!(journals[1].lock().unwrap().calls.is_empty());
+}
+
 #[test]
 fn a_refused_new_service_is_not_kept() {
     let bed = Bed::new(BASE);

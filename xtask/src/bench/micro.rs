@@ -1,5 +1,5 @@
-//! Micro-benchmarks of lb itself: runs `lb-microbench` (see `microbench.rs`) and measures the
-//! daemon's memory with 1 and with 1,000 backends configured.
+//! Micro-benchmarks of lb itself: runs `lb-microbench` (see `microbench.rs`), measures runtime
+//! changes at 1,000 backends (`churn`) and the daemon's memory with 1 and with 1,000 backends.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -131,6 +131,7 @@ pub fn run(microbench: Option<&Path>, lb: &Path, quick: bool) -> Micro {
             ),
         }),
     }
+    m.entries.extend(super::churn::run(lb, quick));
     for n in [1usize, 1000] {
         m.entries.push(Entry {
             name: format!("lb daemon RSS, one proxy service with {n} backend(s), health none"),

@@ -10,6 +10,8 @@
 //!   public API (`State::apply` + `Datapath::apply`), inside a private network namespace whose
 //!   veth interfaces and permanent neighbours give `bpf_fib_lookup` real answers
 //!   (`lb_tests::fixture`, shared with lb-userspace/tests/xdp_fixtures.rs).
+//! - XDP datapath cost of runtime changes at 1,000 backends (state with Maglev rebuild, then the
+//!   kernel map writes), one add at a time and as one batch.
 //! - Maglev table build time (`lb::maglev::build`) for 10, 100 and 1000 backends at M = 65537.
 //! - Backend selection (`lb::balancer::Balancer::choose`) per operation: affinity hit and ring
 //!   lookup.
@@ -24,6 +26,7 @@ use lb::balancer::{Balancer, Reason};
 use lb::config::Config;
 use lb::datapath::Datapath;
 use lb::datapath::xdp::XdpDatapath;
+use lb::runtime::Snapshot;
 use lb::state::{Command, State};
 use lb_tests::fixture::{FixtureSpec, LB_BACKEND_SIDE, enter_fixture_netns};
 use lb_tests::packet::Tcp;
@@ -55,15 +58,138 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 1 {
         v[n / 2]
     } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
     }
 }
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     xdp(quick);
+    xdp_changes();
     maglev(quick);
     selection(quick);
+}
+
+// ---- XDP datapath: runtime changes at 1,000 backends ---------------------------------------------
+
+/// Median and p99 of a list (ms).
+fn median_p99(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let p99 = v
+        .get(((v.len().max(1) - 1) as f64 * 0.99).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN);
+    (median(v), p99)
+}
+
+/// An XDP service grows from 1 to 1,000 backends (10.1.1.2, ports 1001..): per add, the state
+/// change (copy + Maglev rebuild at M = 100003) and the datapath's map writes, timed apart; then
+/// the same 999 backends as one batch.
+fn xdp_changes() {
+    const N: u16 = 1000;
+    let names = [
+        "XDP runtime add-backend at 901..=1000 backends: new state (copy + Maglev, M = 100003)",
+        "XDP runtime add-backend at 901..=1000 backends: kernel map writes (changed ring slots + backend)",
+        "XDP runtime add-backends, 999 in one batch: new state + kernel map writes",
+    ];
+    let r = std::thread::spawn(move || -> Result<Vec<(f64, String)>, String> {
+        fixture_netns()?;
+        let text = XDP_SERVICE.replace("ring_size = 65537", "ring_size = 100003");
+        let config = Config::parse(&text, "lb-microbench").map_err(|e| e.to_string())?;
+        let xdp = XdpDatapath::start(None, config.seed, config.ring_size)
+            .map_err(|e| format!("loading the XDP program: {e}"))?;
+        let mut service = config.services[0].clone();
+        service.backends.truncate(1);
+        let mut state = State::new(config.seed, config.ring_size);
+        let apply = |state: &mut State, command: Command| -> Result<(f64, f64), String> {
+            let t = Instant::now();
+            let mut next = state.clone();
+            let effect = next.apply(command).map_err(|e| e.to_string())?;
+            let staged = t.elapsed();
+            let snapshot = Snapshot::new(next.clone());
+            let t = Instant::now();
+            xdp.apply(&effect, &snapshot).map_err(|e| e.to_string())?;
+            let written = t.elapsed();
+            *state = next;
+            Ok((staged.as_secs_f64() * 1e3, written.as_secs_f64() * 1e3))
+        };
+        apply(
+            &mut state,
+            Command::AddService {
+                service: service.clone(),
+            },
+        )?;
+        let backend = |i: u16| {
+            let mut b = service.backends[0].clone();
+            b.address = std::net::SocketAddr::from((Ipv4Addr::new(10, 1, 1, 2), 1000 + i));
+            b.name = format!("x{i}");
+            b.route = b.name.clone();
+            b
+        };
+        let (mut stage, mut write) = (Vec::new(), Vec::new());
+        for i in 1..N {
+            let (s, w) = apply(
+                &mut state,
+                Command::AddBackend {
+                    service: "web".into(),
+                    backend: backend(i),
+                },
+            )?;
+            if i > N - 101 {
+                stage.push(s);
+                write.push(w);
+            }
+        }
+        let (s50, s99) = median_p99(stage);
+        let (w50, w99) = median_p99(write);
+        apply(
+            &mut state,
+            Command::RemoveService {
+                service: "web".into(),
+            },
+        )?;
+        apply(
+            &mut state,
+            Command::AddService {
+                service: service.clone(),
+            },
+        )?;
+        let (s, w) = apply(
+            &mut state,
+            Command::AddBackends {
+                service: "web".into(),
+                backends: (1..N).map(backend).collect(),
+            },
+        )?;
+        let ring = &state.service("web").map_err(|e| e.to_string())?.ring;
+        if ring.iter().collect::<std::collections::BTreeSet<_>>().len() != N as usize {
+            return Err("the batch did not give every backend ring slots".into());
+        }
+        Ok(vec![
+            (s50, format!("median of the last 100 adds; p99 {s99:.2} ms")),
+            (w50, format!("median of the last 100 adds; p99 {w99:.2} ms")),
+            (
+                s + w,
+                format!(
+                    "state {s:.2} ms, kernel map writes {w:.2} ms (a new source-address lookup per backend)"
+                ),
+            ),
+        ])
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the benchmark thread panicked".into()));
+    match r {
+        Ok(v) => {
+            for (name, (value, detail)) in names.iter().zip(v) {
+                emit("xdp-changes", name, Ok((value, "ms", detail)));
+            }
+        }
+        Err(why) => {
+            for name in names {
+                emit("xdp-changes", name, Err(why.clone()));
+            }
+        }
+    }
 }
 
 // ---- XDP ----------------------------------------------------------------------------------------
@@ -132,7 +258,8 @@ impl XdpBench {
             let effect = state
                 .apply(Command::AddService { service })
                 .map_err(|e| e.to_string())?;
-            xdp.apply(&effect, &state).map_err(|e| e.to_string())?;
+            xdp.apply(&effect, &Snapshot::new(state.clone()))
+                .map_err(|e| e.to_string())?;
         }
         Ok(XdpBench {
             xdp,

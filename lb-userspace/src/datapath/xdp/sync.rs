@@ -1,6 +1,7 @@
 //! Writing the state into the kernel's maps: services, backends (with the source address toward
 //! each) and the Maglev ring, only the slots that changed.
 
+use std::collections::HashMap as StdHashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 
 use lb_common::maps::{AffinityKey, AffinityValue, MAP_AFFINITY};
@@ -32,6 +33,34 @@ fn source_toward(backend: SocketAddrV4) -> Result<Ipv4Addr, XdpError> {
     match socket.local_addr().map_err(route)?.ip() {
         IpAddr::V4(v4) => Ok(v4),
         IpAddr::V6(_) => Err(route(std::io::Error::other("IPv6 source"))),
+    }
+}
+
+/// State backend id → kernel index, looked up once per ring slot (65,537 or more on every change).
+enum IndexOf<'a> {
+    /// Ids are handed out in order, so a table indexed by id is small unless churn left gaps.
+    Table(Vec<u32>),
+    Map(&'a std::collections::HashMap<u32, u32>),
+}
+
+impl<'a> IndexOf<'a> {
+    fn new(backends: &'a std::collections::HashMap<u32, u32>) -> Self {
+        let len = backends.keys().max().map_or(0, |m| *m as usize + 1);
+        if len > 16 * (backends.len() + 64) {
+            return IndexOf::Map(backends);
+        }
+        let mut table = vec![NO_BACKEND; len];
+        for (id, index) in backends {
+            table[*id as usize] = *index;
+        }
+        IndexOf::Table(table)
+    }
+
+    fn get(&self, id: u32) -> u32 {
+        match self {
+            IndexOf::Table(t) => t.get(id as usize).copied().unwrap_or(NO_BACKEND),
+            IndexOf::Map(m) => m.get(&id).copied().unwrap_or(NO_BACKEND),
+        }
     }
 }
 
@@ -87,6 +116,8 @@ impl Inner {
             ks.value = value;
         }
         // Backends: new ones get an index (their pinned one when adopting), gone ones are cleared.
+        // Several backends on one host (ports) share the route lookup.
+        let mut sources: StdHashMap<Ipv4Addr, Ipv4Addr> = StdHashMap::new();
         for b in &svc.backends {
             let address = ipv4(b.config.address)?;
             let index = match ks.backends.get(&b.id) {
@@ -111,7 +142,17 @@ impl Inner {
             }
             let snat = match ks.written.get(&index) {
                 Some(old) if old.addr_be == u32::from(*address.ip()).to_be() => old.snat_be,
-                _ => u32::from(source_toward(address)?).to_be(),
+                _ => {
+                    let source = match sources.get(address.ip()) {
+                        Some(s) => *s,
+                        None => {
+                            let s = source_toward(address)?;
+                            sources.insert(*address.ip(), s);
+                            s
+                        }
+                    };
+                    u32::from(source).to_be()
+                }
             };
             let value = BackendValue {
                 addr_be: u32::from(*address.ip()).to_be(),
@@ -132,31 +173,12 @@ impl Inner {
                 ks.written.insert(index, value);
             }
         }
-        let gone: Vec<u32> = ks
-            .backends
-            .keys()
-            .filter(|id| svc.backend_by_id(**id).is_none())
-            .copied()
-            .collect();
-        for id in gone {
-            let index = ks.backends.remove(&id).expect("listed above");
-            ks.written.remove(&index);
-            self.maps
-                .backends
-                .set(index, BackendValue::default(), 0)
-                .map_err(map_err(MAP_BACKENDS))?;
-            self.free_backends.push_back(index);
-        }
         // Ring: translate backend ids to kernel indices and write only the slots that differ.
+        let index_of = IndexOf::new(&ks.backends);
         let base = ks.slot * self.ring_size;
         let mut changed = 0usize;
         for slot in 0..self.ring_size as usize {
-            let want = svc
-                .ring
-                .get(slot)
-                .and_then(|id| ks.backends.get(id))
-                .copied()
-                .unwrap_or(NO_BACKEND);
+            let want = svc.ring.get(slot).map_or(NO_BACKEND, |id| index_of.get(*id));
             if ks.ring[slot] != want {
                 self.maps
                     .ring
@@ -168,6 +190,24 @@ impl Inner {
         }
         if changed > 0 {
             tracing::debug!(service = %name, slots = changed, "kernel ring updated");
+        }
+        // Backends that left are cleared only now that no ring slot names them, so a new
+        // connection never meets a slot whose backend is gone.
+        let present: std::collections::HashSet<u32> = svc.backends.iter().map(|b| b.id).collect();
+        let gone: Vec<u32> = ks
+            .backends
+            .keys()
+            .filter(|id| !present.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            let index = ks.backends.remove(&id).expect("listed above");
+            ks.written.remove(&index);
+            self.maps
+                .backends
+                .set(index, BackendValue::default(), 0)
+                .map_err(map_err(MAP_BACKENDS))?;
+            self.free_backends.push_back(index);
         }
         Ok(())
     }
