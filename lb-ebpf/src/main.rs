@@ -119,6 +119,11 @@ const SNAT_TRIES: u32 = 24;
 const SNAT_WALK: u32 = 4;
 /// Random tries after which a half-open flow's port is taken when no free port turned up.
 const SNAT_RANDOM_BEFORE_RECLAIM: u32 = 4;
+/// A closed connection (RST, or FIN both ways) keeps its SNAT port for `closed_timeout` so late
+/// packets still find it; when no port is free and no half-open flow can give one up, a port whose
+/// closed connection has been quiet this long is reused (the backend's TIME_WAIT accepts the new
+/// SYN: timestamps toward backends follow the LB's clock).
+const CLOSED_REUSE_NS: u64 = 100_000_000;
 
 /// A verdict with the reason counter that explains it (or none).
 struct Verdict {
@@ -575,6 +580,9 @@ enum PortUse {
     Free,
     /// A half-open flow within its `syn_timeout`: taken only when no port is free.
     HalfOpen,
+    /// A closed connection quiet for [`CLOSED_REUSE_NS`], within its `closed_timeout`: taken only
+    /// when no port is free and no half-open flow turned up.
+    Closed,
     /// A live established (or closing) flow: never taken.
     Busy,
 }
@@ -616,6 +624,11 @@ fn port_use(key: &FlowKey, cfg: &GlobalConfig, now: u64) -> PortUse {
         PortUse::Free
     } else if old.half_open() && fwd.is_none_or(|(_, f)| f.half_open()) {
         PortUse::HalfOpen
+    } else if old.closed()
+        && now.saturating_sub(old.last_seen_ns) > CLOSED_REUSE_NS
+        && fwd.is_none_or(|(_, f)| now.saturating_sub(f.last_seen_ns) > CLOSED_REUSE_NS)
+    {
+        PortUse::Closed
     } else {
         PortUse::Busy
     }
@@ -631,7 +644,7 @@ fn take_port(key: &FlowKey, cfg: &GlobalConfig, now: u64, reply: &FlowValue, rec
     }
     let usable = match port_use(key, cfg, now) {
         PortUse::Free => true,
-        PortUse::HalfOpen => reclaim,
+        PortUse::HalfOpen | PortUse::Closed => reclaim,
         PortUse::Busy => false,
     };
     let mut taken = false;
@@ -662,7 +675,8 @@ fn take_port(key: &FlowKey, cfg: &GlobalConfig, now: u64, reply: &FlowValue, rec
 /// ([`SNAT_LOCKS`], inserted with BPF_NOEXIST and removed in the same run), re-checked under it, so
 /// two CPUs never remove each other's fresh entries or hand one port to two flows. A free port
 /// (no live flow) is preferred; when none turns up, the oldest half-open flow seen (the first in
-/// the walk) gives its port up, with both its entries; a live established flow never does.
+/// the walk) gives its port up, with both its entries, else a closed connection quiet for
+/// [`CLOSED_REUSE_NS`] does; a live established flow never does.
 #[inline(always)]
 fn claim_snat(
     backend: &BackendValue,
@@ -679,7 +693,9 @@ fn claim_snat(
     // The loop only looks (read-only lookups: a small body keeps the verifier's work bounded);
     // the port is taken after it.
     let mut free = u32::MAX;
+    // The port to reclaim when none is free: the first half-open one, else the first closed one.
     let mut half_open = u32::MAX;
+    let mut closed = u32::MAX;
     for i in 0..SNAT_TRIES {
         // No `break`: every path leaves the loop at the same point with the same few states, so the
         // verifier checks the rest of the program once per state, not once per iteration.
@@ -702,6 +718,7 @@ fn claim_snat(
         match port_use(&port_key(backend, ((lo + index) as u16).to_be()), cfg, now) {
             PortUse::Free => free = index,
             PortUse::HalfOpen if half_open == u32::MAX => half_open = index,
+            PortUse::Closed if closed == u32::MAX => closed = index,
             _ => {}
         }
     }
@@ -715,6 +732,13 @@ fn claim_snat(
         let key = port_key(backend, ((lo + half_open) as u16).to_be());
         if take_port(&key, cfg, now, reply, true) {
             count(gc::HALF_OPEN_RECLAIMED, len);
+            return Some(key.dport_be);
+        }
+    }
+    if closed != u32::MAX {
+        let key = port_key(backend, ((lo + closed) as u16).to_be());
+        if take_port(&key, cfg, now, reply, true) {
+            count(gc::CLOSED_REUSED, len);
             return Some(key.dport_be);
         }
     }

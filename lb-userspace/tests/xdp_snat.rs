@@ -15,7 +15,7 @@ use lb::datapath::Datapath;
 use lb::datapath::xdp::XdpDatapath;
 use lb::state::{Command, State};
 use lb_tests::fixture::FixtureSpec;
-use lb_tests::packet::flags::{ACK, RST, SYN};
+use lb_tests::packet::flags::{ACK, FIN, RST, SYN};
 use lb_tests::packet::{self, Tcp};
 
 const XDP_DROP: u32 = 1;
@@ -279,6 +279,56 @@ fn xdp_half_open_flows_live_at_most_syn_timeout() {
         assert_eq!(fx.counter("no_reply_flow"), 1);
         let (verdict, _) = fx.run(&client_frame(41001, ACK, 2001), client_if);
         assert_eq!(verdict, XDP_REDIRECT, "an established flow outlives syn_timeout");
+    });
+}
+
+/// Issue 16 item 2: no SYN is dropped for lack of a port while one can be had. With every port
+/// held by a closed connection (FIN both ways, still within `closed_timeout`), a SYN is refused only
+/// while those connections are fresh; once they have been quiet for 100 ms, it reuses one.
+#[test]
+fn xdp_closed_connections_lend_their_ports_once_quiet() {
+    if !ready("xdp_closed_connections_lend_their_ports_once_quiet") {
+        return;
+    }
+    on_one_cpu(|client_if, backend_if| {
+        let fx = Fixture::new("snatcl", Duration::from_secs(5));
+        let mut ports = Vec::new();
+        for i in 0..SNAT_PORTS {
+            let (verdict, out) = fx.run(&client_frame(40000 + i, SYN, 1000), client_if);
+            assert_eq!(verdict, XDP_REDIRECT, "SYN {i} forwarded");
+            let port = snat_port(&out);
+            assert_eq!(
+                fx.run(&client_frame(40000 + i, ACK, 1001), client_if).0,
+                XDP_REDIRECT
+            );
+            assert_eq!(
+                fx.run(&client_frame(40000 + i, FIN | ACK, 1001), client_if).0,
+                XDP_REDIRECT
+            );
+            assert_eq!(
+                fx.run(&backend_frame(port, FIN | ACK), backend_if).0,
+                XDP_REDIRECT
+            );
+            ports.push(port);
+        }
+        let (verdict, _) = fx.run(&client_frame(50000, SYN, 7000), client_if);
+        assert_eq!(
+            verdict, XDP_DROP,
+            "connections that closed just now keep their ports"
+        );
+        assert_eq!(fx.counter("snat_exhausted"), 1);
+
+        std::thread::sleep(Duration::from_millis(200));
+        let (verdict, out) = fx.run(&client_frame(50001, SYN, 8000), client_if);
+        assert_eq!(verdict, XDP_REDIRECT, "a quiet closed connection lends its port");
+        let taken = snat_port(&out);
+        assert!(ports.contains(&taken), "port {taken} is one of the range");
+        assert_eq!(fx.counter("closed_reused"), 1);
+        assert_eq!(fx.counter("half_open_reclaimed"), 0);
+        // The reply entry is the new connection's: the backend's SYN-ACK reaches the new client.
+        let (verdict, out) = fx.run(&backend_frame(taken, SYN | ACK), backend_if);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(packet::parse(&out).unwrap().dst, (CLIENT, 50001));
     });
 }
 
