@@ -28,6 +28,8 @@
 //!   XDP ns/packet via BPF_PROG_TEST_RUN, Maglev build time, selection per operation) and measures
 //!   the daemon's RSS with 1 and 1,000 backends.
 //!
+//! - [`failover`]: `--failover`, a backend killed under a `Connection: close` load: errors and
+//!   time to move for lb-proxy, lb-xdp and HAProxy (`observe layer4`, inter 500 ms).
 //! - [`ajp`]: the AJP chain, wrk → Apache httpd → load balancer → three Tomcat 10 (lb
 //!   `datapath = "ajp"`, Apache mod_proxy_balancer as the anchor, HAProxy, lb `datapath =
 //!   "proxy"`), its own table in `results.md` and `ajp` in `results.json`. A full run (no `--rows`)
@@ -39,6 +41,7 @@
 
 mod ajp;
 mod bed;
+mod failover;
 mod measure;
 mod micro;
 mod report;
@@ -95,6 +98,14 @@ pub struct BenchArgs {
     /// Skip the AJP chain in a full run.
     #[arg(long)]
     no_ajp: bool,
+    /// Run only the failover measurement (a backend killed under a `Connection: close` load),
+    /// rows lb-proxy, lb-xdp, haproxy; writes failover.md and failover.json.
+    #[arg(long)]
+    failover: bool,
+    /// Run only these rows of the failover measurement, comma-separated (lb-proxy, lb-xdp,
+    /// haproxy).
+    #[arg(long, value_delimiter = ',', value_parser = RowKind::parse)]
+    failover_rows: Vec<RowKind>,
 }
 
 /// Durations and sizes of one run.
@@ -159,6 +170,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.ajp || !args.ajp_rows.is_empty() {
         return run_ajp_only(&args);
+    }
+    if args.failover || !args.failover_rows.is_empty() {
+        return run_failover_only(&args);
     }
     let rows = if args.rows.is_empty() {
         RowKind::ALL.to_vec()
@@ -335,6 +349,68 @@ fn run_ajp_only(args: &BenchArgs) -> Result<()> {
         .with_context(|| format!("writing {}", json_path.display()))?;
     eprintln!(
         "bench: AJP chain done in {:.0} s; wrote {} and {}",
+        started.elapsed().as_secs_f64(),
+        md_path.display(),
+        json_path.display()
+    );
+    Ok(())
+}
+
+/// `--failover` / `--failover-rows`: only the failover measurement; writes `failover.md` and
+/// `failover.json` into the output directory.
+fn run_failover_only(args: &BenchArgs) -> Result<()> {
+    let mut rows = Vec::new();
+    for r in if args.failover_rows.is_empty() {
+        &failover::ROWS[..]
+    } else {
+        &args.failover_rows[..]
+    } {
+        if !failover::ROWS.contains(r) {
+            bail!(
+                "the failover measurement has rows {}, not {}",
+                failover::ROWS.map(RowKind::name).join(", "),
+                r.name()
+            );
+        }
+        if !rows.contains(r) {
+            rows.push(*r);
+        }
+    }
+    let plan = Plan {
+        quick: args.quick,
+        rounds: args.rounds.unwrap_or(if args.quick { 1 } else { 3 }).max(1),
+        iperf_secs: 0,
+        wrk_secs: 0,
+        wrk_threads: 2,
+        wrk_connections: 16,
+        pin: args.pin,
+        rows: rows.clone(),
+    };
+    check_tools(&plan)?;
+    let bins = binaries(&BenchArgs {
+        no_micro: true,
+        ..args.clone()
+    })?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let bench = bins.root.join("bench");
+        if plan.quick { bench.join("quick") } else { bench }
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    install_signal_handlers();
+    let started = Instant::now();
+    let results = failover::run(&plan, &bins.lb, &rows)?;
+    let md = failover::markdown(&plan, &results);
+    println!("{md}");
+    let md_path = out.join("failover.md");
+    std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
+    let json_path = out.join("failover.json");
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&failover::json(&results))?,
+    )
+    .with_context(|| format!("writing {}", json_path.display()))?;
+    eprintln!(
+        "bench: failover done in {:.0} s; wrote {} and {}",
         started.elapsed().as_secs_f64(),
         md_path.display(),
         json_path.display()
