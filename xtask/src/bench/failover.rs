@@ -148,7 +148,7 @@ fn once(bed: &Bed, row: RowKind, plan: &Plan, lb: &Path, res: &mut FailoverResul
         let kill_at = Instant::now();
         let kill_ms = unix_ms();
         let killed = bed.kill_http(victim);
-        thread::sleep(Duration::from_secs(secs) - KILL_AFTER);
+        thread::sleep(Duration::from_secs(secs).saturating_sub(KILL_AFTER));
         stop.store(true, Ordering::Relaxed);
         let probes = probe.join().map_err(|_| anyhow::anyhow!("probe loop panicked"))?;
         let out = wrk
@@ -272,11 +272,18 @@ pub fn markdown(plan: &Plan, results: &BTreeMap<RowKind, FailoverResult>) -> Str
             let _ = writeln!(md, "| {} | unavailable: {} | | | | |", row.name(), why);
             continue;
         }
-        let by = r
+        let mut by: Vec<&str> = r
             .reasons
-            .first()
-            .map(|s| s.split(':').next().unwrap_or_default().to_string())
-            .unwrap_or_else(|| "–".into());
+            .iter()
+            .map(|s| s.split(':').next().unwrap_or_default())
+            .collect();
+        by.sort_unstable();
+        by.dedup();
+        let by = if by.is_empty() {
+            "–".to_string()
+        } else {
+            by.join(", ")
+        };
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} |",
