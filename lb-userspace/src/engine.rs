@@ -142,8 +142,8 @@ impl Engine {
         let passive = Passive::new(events.clone());
         Engine::assemble(config, events, shutdown, |balancer| {
             let mut datapaths: Vec<Box<dyn Datapath>> = vec![
-                Box::new(ProxyDatapath::new(balancer.clone(), passive)),
-                Box::new(AjpDatapath::new(balancer.clone())),
+                Box::new(ProxyDatapath::new(balancer.clone(), passive.clone())),
+                Box::new(AjpDatapath::new(balancer.clone(), passive)),
             ];
             if let Some(x) = &xdp_config {
                 datapaths.push(Box::new(XdpDatapath::start(Some(x), seed, ring_size)?));

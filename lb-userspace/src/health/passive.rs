@@ -80,15 +80,17 @@ impl Passive {
             return false;
         }
         let reason = format!("{seen} connect failures in a row (last: {why})");
-        {
+        let before = {
             // The check status decides who reports the transition: only the first to see it up.
             let mut check = runtime.check.lock().unwrap();
             count.store(0, Ordering::Relaxed);
             if check.health == Health::Down || backend.health == Health::Down {
                 return false;
             }
+            let before = check.clone();
             check.mark_down(&format!("passive: {reason}"));
-        }
+            before
+        };
         let event = HealthEvent {
             service: service.settings.name.clone(),
             backend: backend.config.address,
@@ -97,6 +99,8 @@ impl Passive {
             source: HealthSource::Passive,
         };
         if let Err(e) = self.events.try_send(event) {
+            // Not applied: the checks keep the say they had.
+            *runtime.check.lock().unwrap() = before;
             warn!(service = %service.settings.name, backend = %backend.config.address, error = %e,
                 "passive health: transition not delivered; the active checks will decide");
             return false;

@@ -397,7 +397,9 @@ impl Lb {
         svc.datapath = DatapathKind::Ajp;
         svc.ajp = Some(ajp);
         let balancer = Arc::new(Balancer::new(State::new(0, 101)));
-        let dp = AjpDatapath::new(balancer.clone());
+        // Passive health reports go nowhere here (the receiver is dropped).
+        let passive = crate::health::passive::Passive::new(tokio::sync::mpsc::channel(1).0);
+        let dp = AjpDatapath::new(balancer.clone(), passive);
         let lb = Lb {
             addr: "127.0.0.1:0".parse().unwrap(),
             dp,
