@@ -29,7 +29,9 @@
 //!   the daemon's RSS with 1 and 1,000 backends.
 //!
 //! - [`failover`]: `--failover`, a backend killed under a `Connection: close` load: errors and
-//!   time to move for lb-proxy, lb-xdp and HAProxy (`observe layer4`, inter 500 ms).
+//!   time to move for lb-proxy, lb-xdp and HAProxy (`observe layer4`, inter 500 ms). A full run
+//!   (no `--rows`) runs it after the AJP chain, into results.md and `failover` in results.json;
+//!   `--failover` or `--failover-rows` runs only it, `--no-failover` skips it.
 //! - [`ajp`]: the AJP chain, wrk → Apache httpd → load balancer → three Tomcat 10 (lb
 //!   `datapath = "ajp"`, Apache mod_proxy_balancer as the anchor, HAProxy, lb `datapath =
 //!   "proxy"`), its own table in `results.md` and `ajp` in `results.json`. A full run (no `--rows`)
@@ -106,6 +108,9 @@ pub struct BenchArgs {
     /// haproxy).
     #[arg(long, value_delimiter = ',', value_parser = RowKind::parse)]
     failover_rows: Vec<RowKind>,
+    /// Skip the failover measurement in a full run.
+    #[arg(long)]
+    no_failover: bool,
 }
 
 /// Durations and sizes of one run.
@@ -235,6 +240,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     check_interrupted()?;
 
+    // The failover measurement, in a full run (no row selection) unless --no-failover.
+    let failover_report = if args.rows.is_empty() && !args.no_failover {
+        let fplan = Plan {
+            rows: failover::ROWS.to_vec(),
+            ..plan.clone()
+        };
+        match check_tools(&fplan).and_then(|()| failover::run(&fplan, &bins.lb, &failover::ROWS)) {
+            Ok(r) => Some((fplan, r)),
+            Err(e) => {
+                eprintln!("bench: the failover measurement failed: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    check_interrupted()?;
+
     let micro = if args.no_micro {
         micro::Micro::skipped("skipped (--no-micro)")
     } else {
@@ -255,6 +278,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         md.push('\n');
         md.push_str(&a.markdown());
         json["ajp"] = a.json();
+    }
+    if let Some((fplan, f)) = &failover_report {
+        md.push('\n');
+        md.push_str(&failover::markdown(fplan, f));
+        json["failover"] = failover::json(f);
     }
     println!("{md}");
     let md_path = out.join("results.md");
