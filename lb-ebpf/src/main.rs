@@ -115,10 +115,14 @@ const TCP_ACK: u16 = 0x10;
 /// values (the ports ahead of this CPU's cursor are the ones it claimed longest ago, so the first
 /// try nearly always succeeds); the rest are random ports of the whole range, so one busy stretch
 /// (another CPU's recent claims) never fails a SYN while free ports exist elsewhere.
-const SNAT_TRIES: u32 = 24;
+const SNAT_TRIES: u32 = 16;
 const SNAT_WALK: u32 = 4;
 /// Random tries after which a half-open flow's port is taken when no free port turned up.
 const SNAT_RANDOM_BEFORE_RECLAIM: u32 = 4;
+/// A half-open flow gives its port up only once it has waited this long for the client's ACK (a
+/// real client's ACK follows its SYN-ACK within a round trip, even on a machine a flood saturates;
+/// a spoofed SYN's never comes).
+const HALF_OPEN_RECLAIM_NS: u64 = 1_000_000_000;
 /// A closed connection (RST, or FIN both ways) keeps its SNAT port for `closed_timeout` so late
 /// packets still find it; when no port is free and no half-open flow can give one up, a port whose
 /// closed connection has been quiet this long is reused (the backend's TIME_WAIT accepts the new
@@ -578,7 +582,8 @@ enum PortUse {
     /// No live flow: no reply entry, or one expired whose client → backend entry (if it still
     /// points at the port) expired too.
     Free,
-    /// A half-open flow within its `syn_timeout`: taken only when no port is free.
+    /// A half-open flow within its `syn_timeout`, quiet for [`HALF_OPEN_RECLAIM_NS`]: taken only
+    /// when no port is free.
     HalfOpen,
     /// A closed connection quiet for [`CLOSED_REUSE_NS`], within its `closed_timeout`: taken only
     /// when no port is free and no half-open flow turned up.
@@ -621,13 +626,19 @@ fn port_use(key: &FlowKey, cfg: &GlobalConfig, now: u64) -> PortUse {
     let fwd = forward_of(key, old);
     let live = !old.expired(now, cfg) || fwd.is_some_and(|(_, f)| !f.expired(now, cfg));
     if !live {
-        PortUse::Free
-    } else if old.half_open() && fwd.is_none_or(|(_, f)| f.half_open()) {
+        return PortUse::Free;
+    }
+    // Time since the flow's last packet either way.
+    let last = match fwd {
+        Some((_, f)) if f.last_seen_ns > old.last_seen_ns => f.last_seen_ns,
+        _ => old.last_seen_ns,
+    };
+    let quiet = now.saturating_sub(last);
+    let half_open = old.half_open() && fwd.is_none_or(|(_, f)| f.half_open());
+    // A young half-open flow may be a real client whose ACK is on the way: it keeps its port.
+    if half_open && quiet > HALF_OPEN_RECLAIM_NS {
         PortUse::HalfOpen
-    } else if old.closed()
-        && now.saturating_sub(old.last_seen_ns) > CLOSED_REUSE_NS
-        && fwd.is_none_or(|(_, f)| now.saturating_sub(f.last_seen_ns) > CLOSED_REUSE_NS)
-    {
+    } else if !half_open && old.closed() && quiet > CLOSED_REUSE_NS {
         PortUse::Closed
     } else {
         PortUse::Busy
@@ -638,11 +649,18 @@ fn port_use(key: &FlowKey, cfg: &GlobalConfig, now: u64) -> PortUse {
 /// old flow's reply entry (and a half-open flow's client → backend entry, while it points at this
 /// port) and inserts `reply` with BPF_NOEXIST.
 #[inline(always)]
-fn take_port(key: &FlowKey, cfg: &GlobalConfig, now: u64, reply: &FlowValue, reclaim: bool) -> bool {
+fn take_port(
+    key: &FlowKey,
+    cfg: &GlobalConfig,
+    now: u64,
+    reply: &FlowValue,
+    reclaim: bool,
+) -> Option<PortUse> {
     if SNAT_LOCKS.insert(key, 1, u64::from(BPF_NOEXIST)).is_err() {
-        return false; // another CPU is claiming this port at this instant
+        return None; // another CPU is claiming this port at this instant
     }
-    let usable = match port_use(key, cfg, now) {
+    let was = port_use(key, cfg, now);
+    let usable = match was {
         PortUse::Free => true,
         PortUse::HalfOpen | PortUse::Closed => reclaim,
         PortUse::Busy => false,
@@ -665,7 +683,7 @@ fn take_port(key: &FlowKey, cfg: &GlobalConfig, now: u64, reply: &FlowValue, rec
         taken = CONNTRACK.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok();
     }
     let _ = SNAT_LOCKS.remove(key);
-    taken
+    taken.then_some(was)
 }
 
 /// Claims a SNAT source port toward `backend` by inserting the connection's reply entry `reply`.
@@ -693,13 +711,12 @@ fn claim_snat(
     // The loop only looks (read-only lookups: a small body keeps the verifier's work bounded);
     // the port is taken after it.
     let mut free = u32::MAX;
-    // The port to reclaim when none is free: the first half-open one, else the first closed one.
-    let mut half_open = u32::MAX;
-    let mut closed = u32::MAX;
+    // The port to reclaim when none is free: the first quiet half-open or closed one.
+    let mut reclaim = u32::MAX;
     for i in 0..SNAT_TRIES {
         // No `break`: every path leaves the loop at the same point with the same few states, so the
         // verifier checks the rest of the program once per state, not once per iteration.
-        if free != u32::MAX || (half_open != u32::MAX && i >= SNAT_WALK + SNAT_RANDOM_BEFORE_RECLAIM) {
+        if free != u32::MAX || (reclaim != u32::MAX && i >= SNAT_WALK + SNAT_RANDOM_BEFORE_RECLAIM) {
             continue;
         }
         // SAFETY: per-CPU slot, written only by this CPU.
@@ -717,30 +734,25 @@ fn claim_snat(
         };
         match port_use(&port_key(backend, ((lo + index) as u16).to_be()), cfg, now) {
             PortUse::Free => free = index,
-            PortUse::HalfOpen if half_open == u32::MAX => half_open = index,
-            PortUse::Closed if closed == u32::MAX => closed = index,
+            PortUse::HalfOpen | PortUse::Closed if reclaim == u32::MAX => reclaim = index,
             _ => {}
         }
     }
     if free != u32::MAX {
         let key = port_key(backend, ((lo + free) as u16).to_be());
-        if take_port(&key, cfg, now, reply, false) {
+        if take_port(&key, cfg, now, reply, false).is_some() {
             return Some(key.dport_be);
         }
     }
-    if half_open != u32::MAX {
-        let key = port_key(backend, ((lo + half_open) as u16).to_be());
-        if take_port(&key, cfg, now, reply, true) {
-            count(gc::HALF_OPEN_RECLAIMED, len);
-            return Some(key.dport_be);
+    if reclaim != u32::MAX {
+        let key = port_key(backend, ((lo + reclaim) as u16).to_be());
+        match take_port(&key, cfg, now, reply, true) {
+            Some(PortUse::HalfOpen) => count(gc::HALF_OPEN_RECLAIMED, len),
+            Some(PortUse::Closed) => count(gc::CLOSED_REUSED, len),
+            Some(_) => {}
+            None => return None,
         }
-    }
-    if closed != u32::MAX {
-        let key = port_key(backend, ((lo + closed) as u16).to_be());
-        if take_port(&key, cfg, now, reply, true) {
-            count(gc::CLOSED_REUSED, len);
-            return Some(key.dport_be);
-        }
+        return Some(key.dport_be);
     }
     None
 }

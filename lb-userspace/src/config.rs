@@ -102,6 +102,28 @@ pub enum HealthKind {
     Ajp,
 }
 
+/// Passive health: what the datapaths' own traffic says about a backend, besides the checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Observe {
+    /// Only the active checks decide.
+    None,
+    /// Connect failures (refused, timed out) of real client connections count: `error_limit` in a
+    /// row mark the backend down at once (HAProxy `observe layer4`, `on-error mark-down`).
+    Layer4,
+}
+
+/// Consecutive connect failures that mark a backend down when `observe = "layer4"`.
+pub const DEFAULT_ERROR_LIMIT: u32 = 3;
+
+fn default_observe() -> Observe {
+    Observe::Layer4
+}
+
+fn default_error_limit() -> u32 {
+    DEFAULT_ERROR_LIMIT
+}
+
 /// What happens to established connections of a backend marked down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -356,6 +378,12 @@ pub struct HealthConfig {
     pub fall: u32,
     /// Check this port instead of the backend's traffic port.
     pub port: Option<u16>,
+    /// Passive health: on by default, off for `kind = "none"` unless asked.
+    #[serde(default = "default_observe")]
+    pub observe: Observe,
+    /// Consecutive connect failures that mark a backend down with `observe = "layer4"`.
+    #[serde(default = "default_error_limit")]
+    pub error_limit: u32,
 }
 
 impl HealthConfig {
@@ -374,7 +402,14 @@ impl HealthConfig {
             rise: 2,
             fall: 3,
             port: None,
+            observe: Observe::Layer4,
+            error_limit: DEFAULT_ERROR_LIMIT,
         }
+    }
+
+    /// Whether connect failures of real connections count (`observe = "layer4"`).
+    pub fn passive(&self) -> bool {
+        self.observe == Observe::Layer4
     }
 }
 

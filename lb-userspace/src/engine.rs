@@ -25,7 +25,8 @@ use crate::datapath::ajp::AjpDatapath;
 use crate::datapath::proxy::ProxyDatapath;
 use crate::datapath::xdp::XdpDatapath;
 use crate::datapath::{Datapath, DatapathError, ServiceTraffic};
-use crate::health::{HealthEvent, Supervisor};
+use crate::health::passive::Passive;
+use crate::health::{HealthEvent, HealthSource, Supervisor};
 use crate::runtime::Snapshot;
 use crate::state::{self, Command, Effect, Health, Service, State, StateError, Transition, TransitionKind};
 
@@ -87,6 +88,8 @@ pub enum Origin {
     Reload { uid: Option<u32> },
     /// A health check, with its result.
     Health { reason: String },
+    /// Passive health: connect failures of real connections.
+    Passive { reason: String },
     /// The state file, when the daemon starts (after the config file).
     Restore,
 }
@@ -100,6 +103,7 @@ impl std::fmt::Display for Origin {
             Origin::Reload { uid: Some(uid) } => write!(f, "reload by uid {uid}"),
             Origin::Reload { uid: None } => f.write_str("reload (SIGHUP)"),
             Origin::Health { reason } => write!(f, "health check: {reason}"),
+            Origin::Passive { reason } => write!(f, "passive: {reason}"),
             Origin::Restore => f.write_str("state file at start"),
         }
     }
@@ -113,6 +117,8 @@ pub struct Engine {
     /// One per kind; a service whose kind has none here cannot be added.
     datapaths: Vec<Box<dyn Datapath>>,
     health: Supervisor,
+    /// The handle datapaths report connect outcomes through (into the health pipeline).
+    passive: Passive,
     started: Instant,
     /// Writes the `state_file` after every change, when the config has one.
     persist: Option<crate::persist::Writer>,
@@ -133,10 +139,11 @@ impl Engine {
             .clone()
             .filter(|x| wants_xdp || !x.interfaces.is_empty());
         let (seed, ring_size) = (config.seed, config.ring_size);
+        let passive = Passive::new(events.clone());
         Engine::assemble(config, events, shutdown, |balancer| {
             let mut datapaths: Vec<Box<dyn Datapath>> = vec![
-                Box::new(ProxyDatapath::new(balancer.clone())),
-                Box::new(AjpDatapath::new(balancer.clone())),
+                Box::new(ProxyDatapath::new(balancer.clone(), passive.clone())),
+                Box::new(AjpDatapath::new(balancer.clone(), passive)),
             ];
             if let Some(x) = &xdp_config {
                 datapaths.push(Box::new(XdpDatapath::start(Some(x), seed, ring_size)?));
@@ -159,6 +166,7 @@ impl Engine {
             balancer,
             commands: Mutex::new(()),
             config: Mutex::new(config.clone()),
+            passive: Passive::new(events.clone()),
             health: Supervisor::new(events, shutdown),
             started: Instant::now(),
             persist: None,
@@ -174,6 +182,12 @@ impl Engine {
             d.finish_start()?;
         }
         Ok(engine)
+    }
+
+    /// The passive-health handle: a datapath reports connect outcomes through it, and its
+    /// transitions come back through [`Engine::health_event`] like the checkers' ones.
+    pub fn passive(&self) -> &Passive {
+        &self.passive
     }
 
     pub fn balancer(&self) -> &Arc<Balancer> {
@@ -322,6 +336,7 @@ impl Engine {
             backend,
             health,
             reason,
+            source,
         } = event;
         let command = Command::SetHealth {
             service: service.clone(),
@@ -329,7 +344,11 @@ impl Engine {
             health,
         };
         // The transition is logged ("backend DOWN" / "backend UP") and recorded as it is applied.
-        if let Err(e) = self.execute_by(command, &Origin::Health { reason }) {
+        let origin = match source {
+            HealthSource::Check => Origin::Health { reason },
+            HealthSource::Passive => Origin::Passive { reason },
+        };
+        if let Err(e) = self.execute_by(command, &origin) {
             // The backend or service went away while the check ran.
             info!(%service, %backend, error = %e, "health event dropped");
             return;

@@ -4,6 +4,9 @@
 //! backends come and go. First checks are spread over the interval (by a hash of the address), and
 //! every probe has its own timeout, so a backend that hangs delays nobody else. A transition is sent
 //! as a [`HealthEvent`] into the daemon's command pipeline, where it becomes `Command::SetHealth`.
+//! [`passive`] sends the datapaths' connect failures into the same pipeline.
+
+pub mod passive;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -107,6 +110,16 @@ pub struct HealthEvent {
     pub backend: SocketAddr,
     pub health: Health,
     pub reason: String,
+    pub source: HealthSource,
+}
+
+/// Who saw a health transition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HealthSource {
+    /// The backend's active checker.
+    Check,
+    /// Connect failures of real connections ([`passive`]).
+    Passive,
 }
 
 struct Checker {
@@ -216,6 +229,7 @@ async fn run_checker(
                 backend: address,
                 health,
                 reason,
+                source: HealthSource::Check,
             };
             if events.send(event).await.is_err() {
                 return;

@@ -161,6 +161,17 @@ impl CheckStatus {
         Some(next)
     }
 
+    /// Passive health marked the backend down (`reason`): the checks now need `rise` successes.
+    pub fn mark_down(&mut self, reason: &str) {
+        self.health = Health::Down;
+        self.consecutive_ok = 0;
+        self.last_result = reason.to_string();
+        self.last_latency_ms = None;
+        self.transitions += 1;
+        self.since_unix = unix_now();
+        self.since = Some(Instant::now());
+    }
+
     /// A copy for display, with `since_secs` current.
     pub fn snapshot(&self) -> CheckStatus {
         CheckStatus {
@@ -180,6 +191,8 @@ pub struct BackendRuntime {
     pub transitions: Mutex<TransitionLog>,
     /// Health-check state machine and last result, shared with the backend's checker task.
     pub check: Arc<Mutex<CheckStatus>>,
+    /// Connect failures in a row seen by the datapaths (passive health).
+    pub passive: crate::health::passive::FailureCount,
 }
 
 impl BackendRuntime {

@@ -564,6 +564,8 @@ pub(crate) mod tests {
                 rise: 2,
                 fall: 3,
                 port: None,
+                observe: crate::config::Observe::None,
+                error_limit: crate::config::DEFAULT_ERROR_LIMIT,
             },
             ajp: None,
             backends,

@@ -90,6 +90,8 @@ fn service() -> ServiceConfig {
             rise: 2,
             fall: 3,
             port: None,
+            observe: lb::config::Observe::None,
+            error_limit: lb::config::DEFAULT_ERROR_LIMIT,
         },
         ajp: None,
         backends: (1..=3)

@@ -30,6 +30,10 @@
 //!   each and as one batch, per-change time with the daemon's own split, proxy latency before,
 //!   during and after) and measures the daemon's RSS with 1 and 1,000 backends.
 //!
+//! - [`failover`]: `--failover`, a backend killed under a `Connection: close` load: errors and
+//!   time to move for lb-proxy, lb-xdp and HAProxy (`observe layer4`, inter 500 ms). A full run
+//!   (no `--rows`) runs it after the AJP chain, into results.md and `failover` in results.json;
+//!   `--failover` or `--failover-rows` runs only it, `--no-failover` skips it.
 //! - [`ajp`]: the AJP chain, wrk → Apache httpd → load balancer → three Tomcat 10 (lb
 //!   `datapath = "ajp"`, Apache mod_proxy_balancer as the anchor, HAProxy, lb `datapath =
 //!   "proxy"`), its own table in `results.md` and `ajp` in `results.json`. A full run (no `--rows`)
@@ -42,6 +46,7 @@
 mod ajp;
 mod bed;
 mod churn;
+mod failover;
 mod measure;
 mod micro;
 mod report;
@@ -98,6 +103,17 @@ pub struct BenchArgs {
     /// Skip the AJP chain in a full run.
     #[arg(long)]
     no_ajp: bool,
+    /// Run only the failover measurement (a backend killed under a `Connection: close` load),
+    /// rows lb-proxy, lb-xdp, haproxy; writes failover.md and failover.json.
+    #[arg(long)]
+    failover: bool,
+    /// Run only these rows of the failover measurement, comma-separated (lb-proxy, lb-xdp,
+    /// haproxy).
+    #[arg(long, value_delimiter = ',', value_parser = RowKind::parse)]
+    failover_rows: Vec<RowKind>,
+    /// Skip the failover measurement in a full run.
+    #[arg(long)]
+    no_failover: bool,
 }
 
 /// Durations and sizes of one run.
@@ -163,6 +179,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.ajp || !args.ajp_rows.is_empty() {
         return run_ajp_only(&args);
     }
+    if args.failover || !args.failover_rows.is_empty() {
+        return run_failover_only(&args);
+    }
     let rows = if args.rows.is_empty() {
         RowKind::ALL.to_vec()
     } else {
@@ -224,6 +243,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     check_interrupted()?;
 
+    // The failover measurement, in a full run (no row selection) unless --no-failover.
+    let failover_report = if args.rows.is_empty() && !args.no_failover {
+        let fplan = Plan {
+            rows: failover::ROWS.to_vec(),
+            ..plan.clone()
+        };
+        match check_tools(&fplan).and_then(|()| failover::run(&fplan, &bins.lb, &failover::ROWS)) {
+            Ok(r) => Some((fplan, r)),
+            Err(e) => {
+                eprintln!("bench: the failover measurement failed: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    check_interrupted()?;
+
     let micro = if args.no_micro {
         micro::Micro::skipped("skipped (--no-micro)")
     } else {
@@ -244,6 +281,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         md.push('\n');
         md.push_str(&a.markdown());
         json["ajp"] = a.json();
+    }
+    if let Some((fplan, f)) = &failover_report {
+        md.push('\n');
+        md.push_str(&failover::markdown(fplan, f));
+        json["failover"] = failover::json(f);
     }
     println!("{md}");
     let md_path = out.join("results.md");
@@ -338,6 +380,68 @@ fn run_ajp_only(args: &BenchArgs) -> Result<()> {
         .with_context(|| format!("writing {}", json_path.display()))?;
     eprintln!(
         "bench: AJP chain done in {:.0} s; wrote {} and {}",
+        started.elapsed().as_secs_f64(),
+        md_path.display(),
+        json_path.display()
+    );
+    Ok(())
+}
+
+/// `--failover` / `--failover-rows`: only the failover measurement; writes `failover.md` and
+/// `failover.json` into the output directory.
+fn run_failover_only(args: &BenchArgs) -> Result<()> {
+    let mut rows = Vec::new();
+    for r in if args.failover_rows.is_empty() {
+        &failover::ROWS[..]
+    } else {
+        &args.failover_rows[..]
+    } {
+        if !failover::ROWS.contains(r) {
+            bail!(
+                "the failover measurement has rows {}, not {}",
+                failover::ROWS.map(RowKind::name).join(", "),
+                r.name()
+            );
+        }
+        if !rows.contains(r) {
+            rows.push(*r);
+        }
+    }
+    let plan = Plan {
+        quick: args.quick,
+        rounds: args.rounds.unwrap_or(if args.quick { 1 } else { 3 }).max(1),
+        iperf_secs: 0,
+        wrk_secs: 0,
+        wrk_threads: 2,
+        wrk_connections: 16,
+        pin: args.pin,
+        rows: rows.clone(),
+    };
+    check_tools(&plan)?;
+    let bins = binaries(&BenchArgs {
+        no_micro: true,
+        ..args.clone()
+    })?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let bench = bins.root.join("bench");
+        if plan.quick { bench.join("quick") } else { bench }
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    install_signal_handlers();
+    let started = Instant::now();
+    let results = failover::run(&plan, &bins.lb, &rows)?;
+    let md = failover::markdown(&plan, &results);
+    println!("{md}");
+    let md_path = out.join("failover.md");
+    std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
+    let json_path = out.join("failover.json");
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&failover::json(&results))?,
+    )
+    .with_context(|| format!("writing {}", json_path.display()))?;
+    eprintln!(
+        "bench: failover done in {:.0} s; wrote {} and {}",
         started.elapsed().as_secs_f64(),
         md_path.display(),
         json_path.display()

@@ -26,8 +26,8 @@ use toml::Spanned;
 
 use super::{
     AdminState, AjpConfig, BackendConfig, Config, ConfigError, ControlConfig, DatapathKind, HealthConfig,
-    HealthKind, MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, MetricsConfig, OnDown, Protocol,
-    Secret, ServiceConfig, XdpConfig, XdpMode, format_duration, is_valid_name, listens_overlap,
+    HealthKind, MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, MetricsConfig, Observe, OnDown,
+    Protocol, Secret, ServiceConfig, XdpConfig, XdpMode, format_duration, is_valid_name, listens_overlap,
     parse_duration,
 };
 
@@ -140,6 +140,8 @@ pub(super) struct RawHealth<F: Form> {
     rise: Option<F::V<i64>>,
     fall: Option<F::V<i64>>,
     port: Option<F::V<i64>>,
+    observe: Option<F::V<String>>,
+    error_limit: Option<F::V<i64>>,
 }
 
 /// The keys of a `[[service.backend]]` table, also the fields of an `add-backend` request.
@@ -1540,6 +1542,31 @@ impl<F: Form> Validator<'_, '_, F> {
             None => None,
             Some(v) => Some(self.int(v, &k("port"), 1..=65535)? as u16),
         };
+        // Passive health is on by default, except where no checks run (nothing would bring the
+        // backend back): there it must be asked for, and then needs checks too.
+        let observe = self.choice(
+            &raw.observe,
+            &k("observe"),
+            if kind == HealthKind::None {
+                Observe::None
+            } else {
+                Observe::Layer4
+            },
+            &[("none", Observe::None), ("layer4", Observe::Layer4)],
+        )?;
+        if let (Observe::Layer4, HealthKind::None, Some(v)) = (observe, kind, &raw.observe) {
+            return Err(self.err(
+                v.at(),
+                &k("observe"),
+                "observe = \"layer4\" marks backends down, and with kind = \"none\" no check would \
+                 bring them back; set kind = \"tcp\" or \"ajp\", or observe = \"none\""
+                    .to_string(),
+            ));
+        }
+        let error_limit = match &raw.error_limit {
+            None => defaults.error_limit,
+            Some(v) => self.int(v, &k("error_limit"), 1..=100)? as u32,
+        };
         Ok(HealthConfig {
             kind,
             interval,
@@ -1548,6 +1575,8 @@ impl<F: Form> Validator<'_, '_, F> {
             rise,
             fall,
             port,
+            observe,
+            error_limit,
         })
     }
 

@@ -229,6 +229,8 @@ fn minimal_service_gets_defaults() {
     assert_eq!(s.health.fast_interval, Duration::from_secs(2));
     assert_eq!(s.health.timeout, Duration::from_secs(1));
     assert_eq!((s.health.rise, s.health.fall, s.health.port), (2, 3, None));
+    // Passive health is on by default where checks run.
+    assert_eq!((s.health.observe, s.health.error_limit), (Observe::Layer4, 3));
     let b = &s.backends;
     assert_eq!(b.len(), 2);
     assert_eq!(b[0].name, "10.0.1.2:8080", "name defaults to the address text");
@@ -390,6 +392,8 @@ fn every_key_is_honoured() {
             rise: 100,
             fall: 1,
             port: Some(65535),
+            observe: crate::config::Observe::None,
+            error_limit: crate::config::DEFAULT_ERROR_LIMIT,
         }
     );
     assert_eq!(
@@ -513,6 +517,8 @@ fn examples_all_parse() {
         "rise",
         "fall",
         "port",
+        "observe",
+        "error_limit",
         "[[service.backend]]",
         "address",
         "weight",
@@ -771,7 +777,7 @@ fn unknown_keys() {
             7,
             "service[0].health.retries",
             &[
-                "unknown key `retries`; allowed keys: kind, interval, fast_interval, timeout, rise, fall, port",
+                "unknown key `retries`; allowed keys: kind, interval, fast_interval, timeout, rise, fall, port, observe, error_limit",
             ],
         ),
         (
@@ -1105,6 +1111,24 @@ fn other_ranges() {
             5,
             "service[0].health.port",
             &["allowed 1..=65535"],
+        ),
+        (
+            svc!("[service.health]\nerror_limit = 0\n"),
+            5,
+            "service[0].health.error_limit",
+            &["allowed 1..=100"],
+        ),
+        (
+            svc!("[service.health]\nobserve = \"layer7\"\n"),
+            5,
+            "service[0].health.observe",
+            &["\"none\"", "\"layer4\""],
+        ),
+        (
+            svc!("[service.health]\nkind = \"none\"\nobserve = \"layer4\"\n"),
+            6,
+            "service[0].health.observe",
+            &["no check would bring them back", "observe = \"none\""],
         ),
         (
             "[control]\nallowed_uids = [-5]\n",
@@ -2003,4 +2027,29 @@ fn check_intervals_and_socket_paths_have_limits() {
     assert!(std::os::unix::net::UnixListener::bind(&fits).is_ok());
     assert!(std::os::unix::net::UnixListener::bind(&over).is_err());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn passive_health_is_on_where_checks_run_and_off_for_kind_none_unless_asked() {
+    let load = |text: &str| {
+        let c = good(text);
+        (c.services[0].health.observe, c.services[0].health.error_limit)
+    };
+    assert_eq!(load(svc!("")), (Observe::Layer4, 3));
+    assert_eq!(
+        load(svc!("[service.health]\nkind = \"ajp\"\n")),
+        (Observe::Layer4, 3)
+    );
+    assert_eq!(
+        load(svc!("[service.health]\nkind = \"none\"\n")),
+        (Observe::None, 3)
+    );
+    assert_eq!(
+        load(svc!("[service.health]\nobserve = \"none\"\nerror_limit = 7\n")),
+        (Observe::None, 7)
+    );
+    assert_eq!(
+        load(svc!("[service.health]\nerror_limit = 1\n")),
+        (Observe::Layer4, 1)
+    );
 }

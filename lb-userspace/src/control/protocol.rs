@@ -977,7 +977,7 @@ mod tests {
         assert_eq!(service.datapath, DatapathKind::Proxy);
         // Every key of a [[service]] table is a field of the request, nested tables included.
         let line = r#"{"cmd":"add-service","name":"a","listen":"127.0.0.1:9000","on_down":"reset","failback":true,
-            "connect_timeout":"500ms","health":{"kind":"tcp","interval":"5s","rise":4,"port":9001},
+            "connect_timeout":"500ms","health":{"kind":"tcp","interval":"5s","rise":4,"port":9001,"error_limit":5},
             "backend":[{"address":"127.0.0.1:9100","name":"x"},{"address":"127.0.0.1:9101","weight":3}]}"#;
         let Request::Change(Command::AddService { service }) = parse(line) else {
             panic!("not an add-service");
@@ -988,6 +988,10 @@ mod tests {
         assert_eq!(
             (service.health.interval, service.health.rise, service.health.port),
             (Duration::from_secs(5), 4, Some(9001))
+        );
+        assert_eq!(
+            (service.health.observe, service.health.error_limit),
+            (crate::config::Observe::Layer4, 5)
         );
         assert_eq!(service.backends.len(), 2);
         assert_eq!(service.backends[1].weight, 3);
@@ -1234,6 +1238,16 @@ mod tests {
                 r#"{"cmd":"add-service","name":"x","listen":"10.0.0.1:80","health":{"interval":"1s","timeout":"2s"}}"#,
                 "health.timeout: ",
                 "must be <= interval",
+            ),
+            (
+                r#"{"cmd":"add-service","name":"x","listen":"10.0.0.1:80","health":{"kind":"none","observe":"layer4"}}"#,
+                "health.observe: ",
+                "no check would bring them back",
+            ),
+            (
+                r#"{"cmd":"add-service","name":"x","listen":"10.0.0.1:80","health":{"error_limit":0}}"#,
+                "health.error_limit: ",
+                "allowed 1..=100",
             ),
             (
                 r#"{"cmd":"add-service","name":"x","listen":"10.0.0.1:80","datapath":"xdp","backend":[{"address":"[::1]:80"}]}"#,

@@ -2,8 +2,9 @@
 //!
 //! One listener per service ([`super::listener`], bounded by `max_connections`). Each connection
 //! asks the [`Balancer`] for a backend, connects with a timeout, tries the next candidate on
-//! failure (a healthy backup last, while every primary fails), records affinity, then relays both directions with fixed buffers until both sides have
-//! closed (half-close passed on).
+//! failure (a healthy backup last, while every primary fails), records affinity, then relays both
+//! directions with fixed buffers until both sides have closed (half-close passed on). Every connect
+//! outcome goes to passive health ([`crate::health::passive`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,12 +14,13 @@ use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::listener::Listeners;
-use crate::balancer::{Balancer, SelectError};
+use crate::balancer::{Balancer, Choice, SelectError};
 use crate::config::DatapathKind;
 use crate::datapath::{Datapath, DatapathError, Drained, ServiceTraffic};
+use crate::health::passive::Passive;
 use crate::runtime::{BackendRuntime, BackendStats, Snapshot};
 use crate::state::{Backend, Effect, Service};
 
@@ -33,18 +35,38 @@ pub struct ProxyService {
     balancer: Arc<Balancer>,
     /// Clients closed because no backend could be reached.
     failed: AtomicU64,
+    /// Where connect outcomes go (passive health).
+    passive: Passive,
+}
+
+impl ProxyService {
+    /// Reports a failed connect to the backend `choice` to passive health.
+    fn connect_failed(&self, choice: &Choice, why: &str) {
+        let snapshot = self.balancer.snapshot();
+        let Ok(svc) = snapshot.state.service(&self.name) else {
+            return;
+        };
+        if let Some(be) = svc.backends.iter().find(|b| b.id == choice.backend_id)
+            && self.passive.failed(svc, be, &choice.runtime, why)
+        {
+            warn!(service = %self.name, backend = %choice.address, "passive health: backend marked down after connect failures");
+        }
+    }
 }
 
 pub struct ProxyDatapath {
     balancer: Arc<Balancer>,
     listeners: Listeners<ProxyService>,
+    passive: Passive,
 }
 
 impl ProxyDatapath {
-    pub fn new(balancer: Arc<Balancer>) -> Self {
+    /// A proxy datapath choosing from `balancer`, reporting connect outcomes to `passive`.
+    pub fn new(balancer: Arc<Balancer>, passive: Passive) -> Self {
         ProxyDatapath {
             balancer,
             listeners: Listeners::new("proxy"),
+            passive,
         }
     }
 }
@@ -65,6 +87,7 @@ impl Datapath for ProxyDatapath {
                     name: name.clone(),
                     balancer: self.balancer.clone(),
                     failed: AtomicU64::new(0),
+                    passive: self.passive.clone(),
                 });
                 self.listeners.start(
                     name,
@@ -146,6 +169,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
         };
         match tokio::time::timeout(connect_timeout, TcpStream::connect(choice.address)).await {
             Ok(Ok(backend)) => {
+                svc.passive.connected(&choice.runtime);
                 balancer.confirm(service, peer.ip(), choice.backend_id, Instant::now());
                 let _ = backend.set_nodelay(true);
                 relay(client, backend, &choice.runtime).await;
@@ -153,9 +177,19 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
             }
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
                 debug!(%peer, backend = %choice.address, error = %e, "backend reset the connection it had just accepted; trying next");
+                svc.connect_failed(&choice, &e.to_string());
             }
-            Ok(Err(e)) => debug!(%peer, backend = %choice.address, error = %e, "connect failed; trying next"),
-            Err(_) => debug!(%peer, backend = %choice.address, "connect timed out; trying next"),
+            Ok(Err(e)) => {
+                debug!(%peer, backend = %choice.address, error = %e, "connect failed; trying next");
+                svc.connect_failed(&choice, &e.to_string());
+            }
+            Err(_) => {
+                debug!(%peer, backend = %choice.address, "connect timed out; trying next");
+                svc.connect_failed(
+                    &choice,
+                    &format!("connect timed out after {} ms", connect_timeout.as_millis()),
+                );
+            }
         }
         choice
             .runtime

@@ -107,6 +107,7 @@ impl Bed {
             backend: address,
             health,
             reason: "connect refused".into(),
+            source: crate::health::HealthSource::Check,
         });
     }
 
@@ -974,5 +975,249 @@ fn failback_moves_clients_off_the_backups_when_primaries_recover() {
             if failback { on_spare.len() } else { 0 },
             "failback = {failback}"
         );
+    }
+}
+
+/// Passive health: an engine over a fake datapath, with active TCP checks on loopback (their
+/// first probe an hour away: the tests drive the check status themselves) and the health
+/// pipeline's receiving end.
+mod passive {
+    use super::*;
+    use crate::health::HealthSource;
+
+    const CHECKED: &str = r#"
+ring_size = 1009
+[[service]]
+name = "web"
+listen = "127.0.0.1:80"
+[service.health]
+kind = "tcp"
+interval = "1h"
+rise = 2
+HEALTH_EXTRA
+[[service.backend]]
+name = "b1"
+address = "127.0.0.1:1"
+[[service.backend]]
+name = "b2"
+address = "127.0.0.1:2"
+"#;
+
+    struct PassiveBed {
+        bed: Bed,
+        events: mpsc::Receiver<HealthEvent>,
+    }
+
+    impl PassiveBed {
+        fn new(extra: &str) -> PassiveBed {
+            let text = CHECKED.replace("HEALTH_EXTRA", extra);
+            let path = std::env::temp_dir().join(format!(
+                "lb-engine-passive-{}-{}.toml",
+                std::process::id(),
+                extra.len()
+            ));
+            std::fs::write(&path, &text).unwrap();
+            let config = Config::load(&path).unwrap();
+            let (tx, events) = mpsc::channel::<HealthEvent>(16);
+            let mut journal = None;
+            let engine = Engine::assemble(config, tx, CancellationToken::new(), |_| {
+                let (fake, j) = FakeDatapath::new(DatapathKind::Proxy);
+                journal = Some(j);
+                Ok(vec![Box::new(fake) as Box<dyn Datapath>])
+            })
+            .unwrap();
+            PassiveBed {
+                bed: Bed {
+                    engine,
+                    journal: journal.unwrap(),
+                    path,
+                },
+                events,
+            }
+        }
+
+        fn runtime(&self, name: &str) -> Arc<crate::runtime::BackendRuntime> {
+            let snap = self.bed.engine.balancer.snapshot();
+            let svc = snap.state.service("web").unwrap();
+            snap.runtime(svc, svc.backend(name).unwrap())
+        }
+
+        /// A datapath's failed connect to `name`; whether it marked the backend down.
+        fn fail(&self, name: &str) -> bool {
+            let snap = self.bed.engine.balancer.snapshot();
+            let svc = snap.state.service("web").unwrap();
+            let be = svc.backend(name).unwrap();
+            self.bed.engine.passive().failed(
+                svc,
+                be,
+                &snap.runtime(svc, be),
+                "Connection refused (os error 111)",
+            )
+        }
+
+        fn connected(&self, name: &str) {
+            self.bed.engine.passive().connected(&self.runtime(name));
+        }
+
+        /// Feeds every event the pipeline holds into the engine, as the daemon loop does.
+        fn deliver(&mut self) -> Vec<HealthEvent> {
+            let mut seen = Vec::new();
+            while let Ok(e) = self.events.try_recv() {
+                seen.push(e.clone());
+                self.bed.engine.health_event(e);
+            }
+            seen
+        }
+
+        /// One active probe result recorded as the checker does; a transition goes to the engine.
+        fn probe(&self, ok: bool) -> Option<Health> {
+            let rt = self.runtime("b1");
+            let result: Result<std::time::Duration, &str> = if ok {
+                Ok(std::time::Duration::from_millis(1))
+            } else {
+                Err("refused")
+            };
+            let changed = rt.check.lock().unwrap().record(&result, 2, 3);
+            if let Some(health) = changed {
+                self.bed.engine.health_event(HealthEvent {
+                    service: "web".into(),
+                    backend: self.bed.backend("b1").config.address,
+                    health,
+                    reason: "ok".into(),
+                    source: HealthSource::Check,
+                });
+            }
+            changed
+        }
+    }
+
+    #[tokio::test]
+    async fn error_limit_failures_in_a_row_mark_the_backend_down_with_reason_passive() {
+        let mut p = PassiveBed::new("error_limit = 3");
+        assert!(!p.fail("b1"));
+        assert!(!p.fail("b1"));
+        assert!(p.deliver().is_empty(), "below the limit nothing is sent");
+        assert_eq!(p.bed.backend("b1").health, Health::Up);
+        assert!(p.fail("b1"), "the third failure in a row marks it down");
+        let sent = p.deliver();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].source, HealthSource::Passive);
+        assert_eq!(sent[0].health, Health::Down);
+        assert_eq!(p.bed.backend("b1").health, Health::Down);
+        assert_eq!(p.bed.backend("b2").health, Health::Up);
+        let log = p.bed.transitions("b1");
+        let last = log.recent().last().unwrap();
+        assert_eq!(last.kind, TransitionKind::Health);
+        assert!(
+            last.reason.starts_with("passive: 3 connect failures in a row"),
+            "{}",
+            last.reason
+        );
+        assert!(last.reason.contains("Connection refused"), "{}", last.reason);
+        // `lb status` shows it in the check column.
+        let status = p.bed.engine.status(None).unwrap();
+        let b1 = &status.services[0].backends[0];
+        let check = b1.check.as_ref().unwrap();
+        assert_eq!(check.health, Health::Down);
+        assert!(
+            check.last_result.starts_with("passive: "),
+            "{}",
+            check.last_result
+        );
+        // Connections already failing when it went down send nothing more.
+        for _ in 0..10 {
+            assert!(!p.fail("b1"));
+        }
+        assert!(p.deliver().is_empty());
+        assert_eq!(p.bed.transitions("b1").health, 1);
+    }
+
+    #[tokio::test]
+    async fn a_success_resets_the_count() {
+        let mut p = PassiveBed::new("error_limit = 3");
+        for _ in 0..5 {
+            assert!(!p.fail("b1"));
+            assert!(!p.fail("b1"));
+            p.connected("b1");
+        }
+        assert_eq!(p.runtime("b1").passive.get(), 0);
+        assert!(p.deliver().is_empty());
+        assert_eq!(p.bed.backend("b1").health, Health::Up);
+        // Counts are per backend: b2's failures do not add to b1's.
+        assert!(!p.fail("b1"));
+        assert!(!p.fail("b2"));
+        assert!(!p.fail("b1"));
+        assert!(p.deliver().is_empty());
+        assert!(p.fail("b1"));
+        assert_eq!(p.deliver().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn active_checks_bring_it_back_after_rise_successes_and_it_can_fall_again() {
+        let mut p = PassiveBed::new("error_limit = 1");
+        assert!(p.fail("b1"));
+        p.deliver();
+        assert_eq!(p.bed.backend("b1").health, Health::Down);
+        // rise = 2: one good probe is not enough.
+        assert_eq!(p.probe(true), None);
+        assert_eq!(p.bed.backend("b1").health, Health::Down);
+        assert_eq!(p.probe(true), Some(Health::Up));
+        assert_eq!(p.bed.backend("b1").health, Health::Up);
+        let log = p.bed.transitions("b1");
+        let reasons: Vec<_> = log.recent().map(|t| t.reason.clone()).collect();
+        assert!(reasons[0].starts_with("passive: "), "{reasons:?}");
+        assert_eq!(reasons[1], "health check: ok");
+        // Back up, passive health watches again.
+        assert!(p.fail("b1"));
+        p.deliver();
+        assert_eq!(p.bed.backend("b1").health, Health::Down);
+    }
+
+    #[tokio::test]
+    async fn off_for_kind_none_and_with_observe_none() {
+        for (text, what) in [
+            (BASE.to_string(), "kind = \"none\""),
+            (
+                CHECKED.replace("HEALTH_EXTRA", "observe = \"none\""),
+                "observe = \"none\"",
+            ),
+        ] {
+            let path =
+                std::env::temp_dir().join(format!("lb-engine-passive-off-{}.toml", std::process::id()));
+            std::fs::write(&path, &text).unwrap();
+            let config = Config::load(&path).unwrap();
+            let (tx, mut events) = mpsc::channel::<HealthEvent>(16);
+            let engine = Engine::assemble(config, tx, CancellationToken::new(), |_| {
+                Ok(vec![
+                    Box::new(FakeDatapath::new(DatapathKind::Proxy).0) as Box<dyn Datapath>
+                ])
+            })
+            .unwrap();
+            let snap = engine.balancer.snapshot();
+            let svc = snap.state.service("web").unwrap();
+            let be = svc.backend("b1").unwrap();
+            for _ in 0..20 {
+                assert!(
+                    !engine
+                        .passive()
+                        .failed(svc, be, &snap.runtime(svc, be), "refused"),
+                    "{what}"
+                );
+            }
+            assert!(events.try_recv().is_err(), "{what}: nothing sent");
+            assert_eq!(
+                engine
+                    .balancer
+                    .snapshot()
+                    .state
+                    .service("web")
+                    .unwrap()
+                    .backend("b1")
+                    .unwrap()
+                    .health,
+                Health::Up,
+                "{what}"
+            );
+        }
     }
 }

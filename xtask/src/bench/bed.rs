@@ -296,6 +296,24 @@ impl Bed {
         SocketAddrV4::new(self.topo.backend_addr(i), IPERF_PORT)
     }
 
+    /// SIGKILLs backend `i`'s HTTP server (nginx: the master and its workers, so nothing keeps
+    /// the port open): the port refuses from then on. Returns when the signals are sent.
+    pub fn kill_http(&self, i: usize) -> Result<()> {
+        // Started in pairs per backend: nginx, then iperf3.
+        let nginx = self
+            .servers
+            .get((i.max(1) - 1) * 2)
+            .with_context(|| format!("no HTTP server for backend b{i}"))?;
+        let tree = super::measure::process_tree(&[nginx.pid()]);
+        kill(Pid::from_raw(nginx.pid() as i32), Signal::SIGKILL)
+            .with_context(|| format!("SIGKILL to nginx (pid {}) of b{i}", nginx.pid()))?;
+        for p in tree.into_iter().skip(1) {
+            // Workers that went with their master are gone already.
+            let _ = kill(Pid::from_raw(p as i32), Signal::SIGKILL);
+        }
+        Ok(())
+    }
+
     /// The backend servers that exited (they should all still run).
     pub fn dead_servers(&mut self) -> Vec<String> {
         self.servers

@@ -179,13 +179,13 @@ impl Drop for LbCleanup<'_> {
 }
 
 /// A started row. Drop order: processes, lb's XDP pins, the nft table, then the config directory.
-struct Running<'a> {
+pub(super) struct Running<'a> {
     procs: Vec<Child>,
     /// lb's control socket (lb rows): its status is noted after the run.
-    control: Option<(PathBuf, PathBuf)>,
+    pub(super) control: Option<(PathBuf, PathBuf)>,
     _cleanup: Option<LbCleanup<'a>>,
     _nft: Option<NftTable<'a>>,
-    web: SocketAddrV4,
+    pub(super) web: SocketAddrV4,
     iperf: SocketAddrV4,
     _dir: Option<TempDir>,
 }
@@ -196,7 +196,7 @@ impl Running<'_> {
     }
 
     /// Stops the processes; a non-zero exit other than by our SIGTERM is reported.
-    fn stop(mut self) -> Vec<String> {
+    pub(super) fn stop(mut self) -> Vec<String> {
         let mut problems = Vec::new();
         for c in &mut self.procs {
             if let Ok(Some(st)) = c.try_wait() {
@@ -522,7 +522,51 @@ fn vip_iperf(bed: &Bed) -> SocketAddrV4 {
     SocketAddrV4::new(bed.topo.vip(), IPERF_PORT)
 }
 
+/// How the rows check their backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Checks {
+    /// The throughput rows: checks every second.
+    Bench,
+    /// The failover measurement: checks every 500 ms, fall 2, and passive health (lb's default
+    /// `observe = "layer4"`; HAProxy `observe layer4 error-limit 3 on-error mark-down`).
+    Failover,
+}
+
 fn start<'a>(bed: &'a Bed, row: RowKind, plan: &Plan, lb: &Path) -> Result<Running<'a>, StartError> {
+    start_with(bed, row, plan, lb, Checks::Bench).map_err(|e| e.0)
+}
+
+/// Why a row did not start, for the failover measurement.
+pub(super) struct NotStarted(StartError);
+
+impl NotStarted {
+    /// The reason, and whether the row cannot run on this build at all.
+    pub(super) fn explain(self) -> (String, bool) {
+        match self.0 {
+            StartError::Unavailable(why) => (why, true),
+            StartError::Failed(e) => (format!("{e:#}"), false),
+        }
+    }
+}
+
+/// Starts `row` with the given checks (`Checks::Failover` for the failover measurement).
+pub(super) fn start_with<'a>(
+    bed: &'a Bed,
+    row: RowKind,
+    plan: &Plan,
+    lb: &Path,
+    checks: Checks,
+) -> Result<Running<'a>, NotStarted> {
+    start_row(bed, row, plan, lb, checks).map_err(NotStarted)
+}
+
+fn start_row<'a>(
+    bed: &'a Bed,
+    row: RowKind,
+    plan: &Plan,
+    lb: &Path,
+    checks: Checks,
+) -> Result<Running<'a>, StartError> {
     match row {
         RowKind::None => Ok(Running {
             procs: Vec::new(),
@@ -533,10 +577,10 @@ fn start<'a>(bed: &'a Bed, row: RowKind, plan: &Plan, lb: &Path) -> Result<Runni
             iperf: bed.backend_iperf(1),
             _dir: None,
         }),
-        RowKind::LbProxy => start_lb(bed, plan, lb, "proxy", ""),
-        RowKind::LbXdp => match start_lb(bed, plan, lb, "xdp", XDP_EXTRA_TOML) {
+        RowKind::LbProxy => start_lb(bed, plan, lb, "proxy", "", checks),
+        RowKind::LbXdp => match start_lb(bed, plan, lb, "xdp", XDP_EXTRA_TOML, checks) {
             Err(StartError::Unavailable(why)) if why.contains("unknown key `xdp`") => {
-                match start_lb(bed, plan, lb, "xdp", "") {
+                match start_lb(bed, plan, lb, "xdp", "", checks) {
                     Err(StartError::Unavailable(why2)) => Err(StartError::Unavailable(format!(
                         "{why2} (with XDP_EXTRA_TOML: {why})"
                     ))),
@@ -545,7 +589,7 @@ fn start<'a>(bed: &'a Bed, row: RowKind, plan: &Plan, lb: &Path) -> Result<Runni
             }
             other => other,
         },
-        RowKind::Haproxy => start_haproxy(bed, plan),
+        RowKind::Haproxy => start_haproxy(bed, plan, checks),
         RowKind::NginxStream => start_nginx_stream(bed, plan),
         RowKind::NftDnat => start_nft(bed),
     }
@@ -576,7 +620,14 @@ fn await_ready(bed: &Bed, procs: &mut [Child], what: &str) -> Result<(), String>
     }
 }
 
-fn lb_config(bed: &Bed, dir: &Path, datapath: &str, extra: &str) -> String {
+fn lb_config(bed: &Bed, dir: &Path, datapath: &str, extra: &str, checks: Checks) -> String {
+    let health = match checks {
+        Checks::Bench => "interval = \"1s\"",
+        // error_limit 3 is the default; written out so the row says what it measures.
+        Checks::Failover => {
+            "interval = \"500ms\"\ntimeout = \"400ms\"\nfall = 2\nobserve = \"layer4\"\nerror_limit = 3"
+        }
+    };
     let mut c = String::new();
     c.push_str("# lb config written by cargo xtask bench\nlog_level = \"warn\"\nseed = 0\nshutdown_timeout = \"1s\"\n\n");
     c.push_str(&extra.replace("{pid}", &std::process::id().to_string()));
@@ -586,7 +637,7 @@ fn lb_config(bed: &Bed, dir: &Path, datapath: &str, extra: &str) -> String {
             c,
             "\n[[service]]\nname = \"{name}\"\nlisten = \"{vip}:{port}\"\ndatapath = \"{datapath}\"\n\
              affinity_timeout = \"30m\"\nmax_connections = 8000\n\n[service.health]\nkind = \"tcp\"\n\
-             interval = \"1s\"\nport = {HTTP_PORT}\n",
+             {health}\nport = {HTTP_PORT}\n",
             vip = bed.topo.vip()
         );
         for i in 1..=BACKENDS {
@@ -606,11 +657,12 @@ fn start_lb<'a>(
     lb: &Path,
     datapath: &str,
     extra: &str,
+    checks: Checks,
 ) -> Result<Running<'a>, StartError> {
     let xdp = datapath == "xdp";
     let dir = TempDir::try_in(bed.dir.path(), &format!("lb-{datapath}"))?;
     let cfg = dir.path().join("lb.toml");
-    fs::write(&cfg, lb_config(bed, dir.path(), datapath, extra))?;
+    fs::write(&cfg, lb_config(bed, dir.path(), datapath, extra, checks))?;
     let mut check = std::process::Command::new(lb);
     check.arg("check-config").arg(&cfg).env("NO_COLOR", "1");
     let out = run_with_timeout(check, Duration::from_secs(10))?;
@@ -659,7 +711,11 @@ fn start_lb<'a>(
     })
 }
 
-fn start_haproxy<'a>(bed: &'a Bed, plan: &Plan) -> Result<Running<'a>, StartError> {
+fn start_haproxy<'a>(bed: &'a Bed, plan: &Plan, checks: Checks) -> Result<Running<'a>, StartError> {
+    let check = match checks {
+        Checks::Bench => "inter 1s",
+        Checks::Failover => "inter 500ms fall 2 observe layer4 error-limit 3 on-error mark-down",
+    };
     let dir = TempDir::try_in(bed.dir.path(), "haproxy")?;
     let mut c = String::from(
         "# HAProxy config written by cargo xtask bench\nglobal\n    maxconn 8000\n\n\
@@ -675,7 +731,7 @@ fn start_haproxy<'a>(bed: &'a Bed, plan: &Plan) -> Result<Running<'a>, StartErro
         for i in 1..=BACKENDS {
             let _ = writeln!(
                 c,
-                "    server b{i} {}:{port} check port {HTTP_PORT} inter 1s",
+                "    server b{i} {}:{port} check port {HTTP_PORT} {check}",
                 bed.topo.backend_addr(i)
             );
         }

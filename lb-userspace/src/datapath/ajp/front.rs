@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Service;
-use super::pool::{Conn, Pool};
+use super::pool::{Conn, Pool, PoolError};
 use crate::ajp::codec::{
     self, CodecError, ContainerMessage, Direction, ForwardRequest, FrameDecoder, ServerMessage, attr, kind,
 };
@@ -295,7 +295,9 @@ impl<'a> Request<'a> {
                 }
             };
             c.in_flight.fetch_add(1, Relaxed);
-            let outcome = self.attempt(&pool, &reset, &forward, &mut body, &settings).await;
+            let outcome = self
+                .attempt(id, &pool, &reset, &forward, &mut body, &settings)
+                .await;
             c.in_flight.fetch_sub(1, Relaxed);
             match outcome {
                 Outcome::Done(status) => {
@@ -407,6 +409,7 @@ impl<'a> Request<'a> {
     /// once (not counted as a retry).
     async fn attempt(
         &mut self,
+        id: u32,
         pool: &Arc<Pool>,
         reset: &CancellationToken,
         forward: &Bytes,
@@ -420,9 +423,20 @@ impl<'a> Request<'a> {
                 .await
             {
                 Ok(c) => c,
-                Err(e) => return Outcome::BackendBeforeResponse(e.to_string()),
+                Err(e) => {
+                    if matches!(
+                        e,
+                        PoolError::Connect(..) | PoolError::Timeout(_) | PoolError::NoPong(_)
+                    ) {
+                        self.svc.connect_outcome(id, &pool.runtime, Some(&e.to_string()));
+                    }
+                    return Outcome::BackendBeforeResponse(e.to_string());
+                }
             };
             let reused = conn.reused;
+            if !reused {
+                self.svc.connect_outcome(id, &pool.runtime, None);
+            }
             let outcome = self.exchange(&mut conn, reset, forward, body, settings).await;
             match outcome {
                 Ok((status, reuse)) => {

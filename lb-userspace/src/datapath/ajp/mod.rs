@@ -29,7 +29,8 @@ use crate::balancer::Balancer;
 use crate::config::{AdminState, AjpConfig, BackendConfig, DatapathKind};
 use crate::datapath::listener::Listeners;
 use crate::datapath::{Datapath, DatapathError, Drained, ServiceTraffic};
-use crate::runtime::Snapshot;
+use crate::health::passive::Passive;
+use crate::runtime::{BackendRuntime, Snapshot};
 use crate::state::{Backend, Effect, Health, Service as StateService, State};
 pub use counters::{AjpBackendCounters, AjpServiceCounters, LatencySnapshot};
 use pool::Pool;
@@ -85,9 +86,29 @@ pub(crate) struct Service {
     settings: Mutex<Arc<Settings>>,
     /// Pools by backend id.
     pools: Mutex<HashMap<u32, Arc<Pool>>>,
+    /// Where new connections' outcomes go (passive health).
+    passive: Passive,
 }
 
 impl Service {
+    /// A pool's new connection to backend `id`: connected (`failure` None) or not; for passive
+    /// health.
+    fn connect_outcome(&self, id: u32, runtime: &BackendRuntime, failure: Option<&str>) {
+        let Some(why) = failure else {
+            self.passive.connected(runtime);
+            return;
+        };
+        let snapshot = self.balancer.snapshot();
+        let Ok(svc) = snapshot.state.service(&self.name) else {
+            return;
+        };
+        if let Some(be) = svc.backends.iter().find(|b| b.id == id)
+            && self.passive.failed(svc, be, runtime, why)
+        {
+            tracing::warn!(service = %self.name, backend = %be.config.address, "passive health: backend marked down after connect failures");
+        }
+    }
+
     pub fn settings(&self) -> Arc<Settings> {
         self.settings.lock().unwrap().clone()
     }
@@ -160,13 +181,16 @@ impl Service {
 pub struct AjpDatapath {
     balancer: Arc<Balancer>,
     listeners: Listeners<Service>,
+    passive: Passive,
 }
 
 impl AjpDatapath {
-    pub fn new(balancer: Arc<Balancer>) -> Self {
+    /// An AJP datapath choosing from `balancer`, reporting its pools' new connections to `passive`.
+    pub fn new(balancer: Arc<Balancer>, passive: Passive) -> Self {
         AjpDatapath {
             balancer,
             listeners: Listeners::new("ajp datapath"),
+            passive,
         }
     }
 
@@ -192,6 +216,7 @@ impl AjpDatapath {
             counters: Default::default(),
             settings: Mutex::new(Arc::new(Settings::new(None, svc.settings.connect_timeout))),
             pools: Mutex::new(HashMap::new()),
+            passive: self.passive.clone(),
         });
         service.sync(snapshot);
         self.listeners.start(

@@ -397,7 +397,9 @@ impl Lb {
         svc.datapath = DatapathKind::Ajp;
         svc.ajp = Some(ajp);
         let balancer = Arc::new(Balancer::new(State::new(0, 101)));
-        let dp = AjpDatapath::new(balancer.clone());
+        // Passive health reports go nowhere here (the receiver is dropped).
+        let passive = crate::health::passive::Passive::new(tokio::sync::mpsc::channel(1).0);
+        let dp = AjpDatapath::new(balancer.clone(), passive);
         let lb = Lb {
             addr: "127.0.0.1:0".parse().unwrap(),
             dp,
@@ -979,4 +981,55 @@ async fn on_down_reset_aborts_requests_on_a_backend_marked_down() {
     reset_t1(&lb);
     assert!(pending.await.unwrap().is_none(), "connection closed mid-response");
     assert_eq!(good.requests(), 1);
+}
+
+#[tokio::test]
+async fn refused_pool_connects_mark_the_backend_down_through_passive_health() {
+    let good = FakeBackend::start("t1", Mode::Answer).await;
+    let dead = dead_address();
+    let mut svc = service(
+        "ajp",
+        "127.0.0.1:0",
+        vec![
+            backend("t1", &good.addr.to_string()),
+            backend("t2", &dead.to_string()),
+        ],
+    );
+    svc.protocol = Protocol::Ajp;
+    svc.datapath = DatapathKind::Ajp;
+    svc.ajp = Some(AjpConfig::default());
+    svc.health.kind = crate::config::HealthKind::Ajp;
+    svc.health.observe = crate::config::Observe::Layer4;
+    svc.health.error_limit = 3;
+    let balancer = Arc::new(Balancer::new(State::new(0, 101)));
+    let (tx, mut events) = tokio::sync::mpsc::channel(16);
+    let dp = AjpDatapath::new(balancer.clone(), crate::health::passive::Passive::new(tx));
+    let lb = Lb {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        dp,
+        balancer,
+    };
+    lb.run(Command::AddService { service: svc });
+    let lb = Lb {
+        addr: lb.dp.local_addr("ajp").unwrap(),
+        ..lb
+    };
+    let on_dead = (0..40).filter(|i| lb.by_address(&ip(*i)) == "t2").count();
+    assert!(on_dead >= 3, "only {on_dead} of 40 clients map to t2");
+    let mut web = Web::connect(lb.addr).await;
+    for i in 0..40 {
+        // A refused connect is retried on t1: every request is answered.
+        let a = web.request(&Req::from(&ip(i))).await.unwrap();
+        assert_eq!((a.status, a.backend()), (200, "t1"));
+    }
+    let event = events.try_recv().expect("a passive transition for t2");
+    assert_eq!(event.source, crate::health::HealthSource::Passive);
+    assert_eq!((event.backend, event.health), (dead, Health::Down));
+    assert!(
+        event.reason.starts_with("3 connect failures in a row"),
+        "{}",
+        event.reason
+    );
+    // One transition, however many failures followed.
+    assert!(events.try_recv().is_err());
 }

@@ -1,0 +1,307 @@
+//! Passive health end to end (issue #12 item 1, proxy datapath): `lb run` in the lb namespace
+//! proxies loops of new connections from several client addresses to real HTTP backends, whose
+//! active checks are slow on purpose (interval 2 s, fall 3: at least 4 s to notice anything), so
+//! what moves the clients here is passive health.
+//!
+//! - A backend process is killed (SIGKILL: its port refuses): client errors are at most the
+//!   connections in flight, and the backend is marked down with reason "passive" well under a
+//!   check interval after the kill.
+//! - A backend is black-holed (an nft rule in its namespace drops the SYNs): it is marked down
+//!   within `connect_timeout` + one check interval, and the checks bring it back once the rule
+//!   goes.
+//!
+//! The times are printed as `MEASURED …` lines (stderr, shown without `--nocapture`); they are
+//! bounded generously, never asserted tightly. Needs root; skips with a `SKIP:` line otherwise.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lb_tests::daemon::backend_of;
+use lb_tests::{
+    Child, Daemon, Enter, Topology, http_get_from, require_root, start_http_backends, unique_prefix,
+};
+
+const HTTP_PORT: u16 = 8080;
+const CLIENTS: usize = 4;
+/// Active checks: slow enough that they cannot be what moved the clients.
+const CHECK_INTERVAL: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
+
+fn report(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A proxy service `web` on the VIP over every backend, passive health on (the default).
+///
+/// Affinity is off: with it, each client fails over once and then sticks to its new backend, so
+/// a backend's failures in a row come from distinct clients (many under real load, only
+/// [`CLIENTS`] here); without it every new connection of a client asks the ring again.
+fn start_lb(topo: &Topology) -> Daemon {
+    let mut services = format!(
+        "\n[[service]]\nname = \"web\"\nlisten = \"{}:80\"\ndatapath = \"proxy\"\naffinity_timeout = \"0s\"\nconnect_timeout = \"{}ms\"\n\
+         [service.health]\nkind = \"tcp\"\ninterval = \"{}s\"\ntimeout = \"1s\"\nrise = 2\nfall = 3\nerror_limit = 3\n",
+        topo.vip(),
+        CONNECT_TIMEOUT.as_millis(),
+        CHECK_INTERVAL.as_secs()
+    );
+    for i in 1..=topo.backend_count() {
+        services.push_str(&format!(
+            "\n[[service.backend]]\nname = \"b{i}\"\naddress = \"{}:{HTTP_PORT}\"\n",
+            topo.backend_addr(i)
+        ));
+    }
+    Daemon::start_in(topo.lb_ns(), Enter::Namespace, "passive", |socket| {
+        format!(
+            "log_level = \"info\"\nshutdown_timeout = \"0s\"\nring_size = 1009\n\n[control]\nsocket = \"{}\"\n{services}",
+            socket.display()
+        )
+    })
+}
+
+/// One request of a client loop.
+struct Sample {
+    start: Instant,
+    result: Result<String, String>,
+}
+
+/// Runs one loop of new connections per client address until `stop`; returns every sample.
+fn client_loops(topo: &Topology, stop: &AtomicBool) -> Vec<Sample> {
+    let vip = SocketAddr::new(topo.vip().into(), 80);
+    thread::scope(|s| {
+        let loops: Vec<_> = topo
+            .client_addrs()
+            .into_iter()
+            .take(CLIENTS)
+            .map(|src| {
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let start = Instant::now();
+                        let result = http_get_from(topo.client_ns().name(), src, vip, "/")
+                            .map(|b| b.trim().to_string())
+                            .map_err(|e| e.to_string());
+                        out.push(Sample { start, result });
+                        thread::sleep(Duration::from_millis(5));
+                    }
+                    out
+                })
+            })
+            .collect();
+        loops
+            .into_iter()
+            .flat_map(|l| l.join().expect("client loop"))
+            .collect()
+    })
+}
+
+/// The health transitions of `web/backend` from `lb stats`: (unix ms, to, reason).
+fn transitions(lb: &Daemon, backend: &str) -> Vec<(u64, String, String)> {
+    let stats = lb.request(b"{\"cmd\":\"stats\"}\n").expect("stats");
+    let be = backend_of(&stats["result"], "web", backend).unwrap_or_else(|| panic!("no {backend}: {stats}"));
+    be["transitions"]
+        .as_array()
+        .expect("transitions")
+        .iter()
+        .filter(|t| t["kind"] == "health")
+        .map(|t| {
+            (
+                t["unix_ms"].as_u64().unwrap(),
+                t["to"].as_str().unwrap().to_string(),
+                t["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The backend client 0 is sent to (by the ring, before any connection).
+fn home_of_first_client(lb: &Daemon, topo: &Topology) -> usize {
+    let (b, _) = lb.which("web", topo.client_addrs()[0]);
+    let name = b.expect("client 0 has a backend");
+    name.trim_start_matches('b').parse().expect("backend name bN")
+}
+
+/// Waits for the first checks to pass on every backend.
+fn wait_checked(lb: &Daemon, n: usize) {
+    lb.wait_status(Duration::from_secs(6), "first checks done", |st| {
+        (1..=n).all(|i| {
+            backend_of(st, "web", &format!("b{i}")).is_some_and(|b| b["check"]["last_result"] == "ok")
+        })
+    });
+}
+
+#[test]
+fn a_killed_backend_is_marked_down_by_its_refused_connects_long_before_the_checks() {
+    if !require_root("a_killed_backend_is_marked_down_by_its_refused_connects_long_before_the_checks") {
+        return;
+    }
+    let topo = Topology::new(&unique_prefix("pasK"), 3, CLIENTS).expect("topology");
+    let mut backends: Vec<Option<Child>> = start_http_backends(&topo, HTTP_PORT)
+        .expect("http backends")
+        .into_iter()
+        .map(Some)
+        .collect();
+    let lb = start_lb(&topo);
+    wait_checked(&lb, 3);
+    let home = home_of_first_client(&lb, &topo);
+    let name = format!("b{home}");
+
+    let stop = AtomicBool::new(false);
+    let (samples, kill_at, kill_ms) = thread::scope(|s| {
+        let loops = s.spawn(|| client_loops(&topo, &stop));
+        thread::sleep(Duration::from_millis(500));
+        let kill_at = Instant::now();
+        let kill_ms = unix_ms();
+        let mut child = backends[home - 1].take().unwrap();
+        child.signal(nix::sys::signal::Signal::SIGKILL).expect("kill");
+        // Well under one check interval: only passive health can have moved it by then.
+        thread::sleep(Duration::from_millis(1500));
+        stop.store(true, Ordering::Relaxed);
+        let _ = child.stop();
+        (loops.join().expect("loops"), kill_at, kill_ms)
+    });
+
+    let down = transitions(&lb, &name);
+    let (at_ms, to, reason) = down
+        .first()
+        .unwrap_or_else(|| panic!("{name} never went down\n{}", lb.log_tail(40)));
+    assert_eq!(to, "down");
+    assert!(
+        reason.starts_with("passive: "),
+        "{name} went down by {reason:?}, not passive health"
+    );
+    let moved = Duration::from_millis(at_ms.saturating_sub(kill_ms));
+    let before = samples.iter().filter(|s| s.start < kill_at).count();
+    let after: Vec<_> = samples.iter().filter(|s| s.start >= kill_at).collect();
+    let errors: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
+    let on_killed_after = after
+        .iter()
+        .filter(|s| s.result.as_deref() == Ok(name.as_str()))
+        .filter(|s| s.start > kill_at + Duration::from_millis(50))
+        .count();
+    let st = lb.status();
+    let failures = backend_of(&st, "web", &name).unwrap()["connect_failures"]
+        .as_u64()
+        .unwrap();
+    report(&format!(
+        "MEASURED passive (killed {name}): marked down {} ms after SIGKILL ({reason}); {} client errors \
+         of {} requests ({before} before the kill), {failures} connect failures retried elsewhere",
+        moved.as_millis(),
+        errors.len(),
+        samples.len()
+    ));
+    assert!(before >= CLIENTS * 5, "only {before} requests before the kill");
+    assert!(
+        after.len() >= CLIENTS * 5,
+        "only {} requests after the kill",
+        after.len()
+    );
+    // At most the connections in flight at the kill fail (one per client loop); refused connects
+    // are retried on another backend.
+    assert!(
+        errors.len() <= CLIENTS,
+        "{} requests failed: {:?}",
+        errors.len(),
+        errors.iter().map(|s| &s.result).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        on_killed_after, 0,
+        "answers from the killed backend after the kill"
+    );
+    assert!(moved < Duration::from_secs(1), "marked down only after {moved:?}");
+    assert!(moved < CHECK_INTERVAL);
+}
+
+#[test]
+fn a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check_interval() {
+    if !require_root("a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check_interval") {
+        return;
+    }
+    let topo = Topology::new(&unique_prefix("pasB"), 3, CLIENTS).expect("topology");
+    let _backends = start_http_backends(&topo, HTTP_PORT).expect("http backends");
+    let lb = start_lb(&topo);
+    wait_checked(&lb, 3);
+    let home = home_of_first_client(&lb, &topo);
+    let name = format!("b{home}");
+    let ns = topo.backend_ns(home);
+    let rules = format!(
+        "table ip lbpassive {{\n chain input {{\n  type filter hook input priority 0;\n  tcp dport {HTTP_PORT} tcp flags & (syn|ack) == syn drop\n }}\n}}\n"
+    );
+    let path = std::env::temp_dir().join(format!("{}-nft", unique_prefix("pasB")));
+    std::fs::write(&path, rules).unwrap();
+
+    let stop = AtomicBool::new(false);
+    let (samples, drop_at, drop_ms) = thread::scope(|s| {
+        let loops = s.spawn(|| client_loops(&topo, &stop));
+        thread::sleep(Duration::from_millis(500));
+        let drop_at = Instant::now();
+        let drop_ms = unix_ms();
+        let out = ns.exec(&["nft", "-f", path.to_str().unwrap()]).expect("nft");
+        assert!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        thread::sleep(CONNECT_TIMEOUT + CHECK_INTERVAL + Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        (loops.join().expect("loops"), drop_at, drop_ms)
+    });
+    let _ = std::fs::remove_file(&path);
+
+    let down = transitions(&lb, &name);
+    let Some((at_ms, to, reason)) = down.first().cloned() else {
+        let _ = ns.exec(&["nft", "delete", "table", "ip", "lbpassive"]);
+        panic!("{name} never went down\n{}", lb.log_tail(40));
+    };
+    let moved = Duration::from_millis(at_ms.saturating_sub(drop_ms));
+    let errors = samples.iter().filter(|s| s.result.is_err()).count();
+    let slow_after = samples
+        .iter()
+        .filter(|s| s.start >= drop_at)
+        .filter(|s| s.result.as_deref() == Ok(name.as_str()))
+        .count();
+    report(&format!(
+        "MEASURED passive (black-holed {name}): marked down {} ms after the drop rule ({reason}); \
+         bound connect_timeout {} ms + interval {} ms; {errors} client errors of {} requests",
+        moved.as_millis(),
+        CONNECT_TIMEOUT.as_millis(),
+        CHECK_INTERVAL.as_millis(),
+        samples.len()
+    ));
+    assert_eq!(to, "down");
+    assert!(reason.starts_with("passive: "), "{name} went down by {reason:?}");
+    assert!(reason.contains("timed out"), "{reason}");
+    assert!(
+        moved <= CONNECT_TIMEOUT + CHECK_INTERVAL,
+        "marked down only after {moved:?}"
+    );
+    // A timed-out connect is retried elsewhere: the clients saw no errors.
+    assert_eq!(errors, 0, "client errors while black-holed");
+    assert!(
+        slow_after <= CLIENTS,
+        "{slow_after} answers from {name} after the drop"
+    );
+
+    // Lift the rule: the checks bring it back after `rise` successes.
+    let lifted = Instant::now();
+    let _ = ns.exec(&["nft", "delete", "table", "ip", "lbpassive"]);
+    let (st, up_at) = lb.wait_status(CHECK_INTERVAL * 5, "back up through the checks", |st| {
+        backend_of(st, "web", &name).is_some_and(|b| b["health"] == "up")
+    });
+    let back = transitions(&lb, &name);
+    let (_, to, reason) = back.last().unwrap();
+    assert_eq!(to, "up");
+    assert!(reason.starts_with("health check"), "{reason}");
+    assert!(backend_of(&st, "web", &name).unwrap()["check"]["consecutive_ok"].as_u64() >= Some(2));
+    report(&format!(
+        "MEASURED passive (black-holed {name}): back up {} ms after the rule went (rise 2, interval {} s)",
+        (up_at - lifted).as_millis(),
+        CHECK_INTERVAL.as_secs()
+    ));
+}
