@@ -4,13 +4,13 @@
 //! network namespace whose dummy interfaces and permanent neighbours give `bpf_fib_lookup` real
 //! answers. Needs root and the embedded eBPF object (`cargo xtask test` provides both).
 
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
 use lb::balancer::Balancer;
-use lb::config::{
-    AdminState, BackendConfig, DatapathKind, HealthConfig, HealthKind, OnDown, Protocol, ServiceConfig,
-};
+use lb::config::{AdminState, BackendConfig, ServiceConfig};
 use lb::datapath::Datapath;
 use lb::datapath::xdp::XdpDatapath;
 use lb::state::{Command, Health, State};
@@ -53,58 +53,6 @@ fn in_fixture_netns<T: Send>(f: impl FnOnce(u32, u32) -> T + Send) -> T {
     };
     lb_tests::fixture::in_fixture_netns(&spec, |links| f(links.client_if, links.backend_if))
         .expect("fixture namespace")
-}
-
-fn ready(test: &str) -> bool {
-    if lb::ebpf::object().is_none() {
-        assert!(
-            std::env::var_os("LB_REQUIRE_EBPF").is_none_or(|v| v != "1"),
-            "{test}: LB_REQUIRE_EBPF=1 but lb was built without its eBPF object"
-        );
-        eprintln!("SKIP: {test}: lb built without its eBPF object (use cargo xtask test)");
-        return false;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP: {test} needs root");
-        return false;
-    }
-    true
-}
-
-fn service() -> ServiceConfig {
-    ServiceConfig {
-        name: "web".into(),
-        listen: "10.0.0.100:80".parse().unwrap(),
-        protocol: Protocol::Tcp,
-        datapath: DatapathKind::Xdp,
-        affinity_timeout: std::time::Duration::from_secs(600),
-        max_connections: 100,
-        connect_timeout: std::time::Duration::from_secs(1),
-        failback: false,
-        on_down: OnDown::Keep,
-        health: HealthConfig {
-            kind: HealthKind::None,
-            interval: std::time::Duration::from_secs(2),
-            fast_interval: std::time::Duration::from_secs(2),
-            timeout: std::time::Duration::from_secs(1),
-            rise: 2,
-            fall: 3,
-            port: None,
-            observe: lb::config::Observe::None,
-            error_limit: lb::config::DEFAULT_ERROR_LIMIT,
-        },
-        ajp: None,
-        backends: (1..=3)
-            .map(|i| BackendConfig {
-                name: format!("b{i}"),
-                address: format!("{}:8080", backend_ip(i)).parse().unwrap(),
-                weight: 1,
-                backup: false,
-                state: AdminState::Active,
-                route: format!("b{i}"),
-            })
-            .collect(),
-    }
 }
 
 /// State and kernel, changed together the way the engine does it.
@@ -196,7 +144,7 @@ fn parse(f: &[u8]) -> Parsed {
 
 #[test]
 fn xdp_nat_forward_reply_and_affinity() {
-    if !ready("xdp_nat_forward_reply_and_affinity") {
+    if !common::ready("xdp_nat_forward_reply_and_affinity") {
         return;
     }
     in_fixture_netns(|client_if, backend_if| {
@@ -286,7 +234,7 @@ fn xdp_nat_forward_reply_and_affinity() {
 
 #[test]
 fn xdp_drain_keeps_known_clients_down_refuses() {
-    if !ready("xdp_drain_keeps_known_clients_down_refuses") {
+    if !common::ready("xdp_drain_keeps_known_clients_down_refuses") {
         return;
     }
     in_fixture_netns(|client_if, _| {
@@ -380,7 +328,7 @@ fn run_cases(fx: &Fixture, ifindex: u32, cases: &[Case]) {
 
 #[test]
 fn xdp_passes_or_drops_what_is_not_forwardable() {
-    if !ready("xdp_passes_or_drops_what_is_not_forwardable") {
+    if !common::ready("xdp_passes_or_drops_what_is_not_forwardable") {
         return;
     }
     in_fixture_netns(|client_if, _| {
@@ -480,7 +428,7 @@ fn xdp_passes_or_drops_what_is_not_forwardable() {
 
 #[test]
 fn xdp_no_backend_drops_syn() {
-    if !ready("xdp_no_backend_drops_syn") {
+    if !common::ready("xdp_no_backend_drops_syn") {
         return;
     }
     in_fixture_netns(|client_if, _| {
@@ -513,7 +461,7 @@ fn xdp_no_backend_drops_syn() {
 
 #[test]
 fn xdp_translates_tcp_timestamps_toward_the_backend() {
-    if !ready("xdp_translates_tcp_timestamps_toward_the_backend") {
+    if !common::ready("xdp_translates_tcp_timestamps_toward_the_backend") {
         return;
     }
     in_fixture_netns(|client_if, backend_if| {
@@ -595,7 +543,7 @@ fn frame_seq(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, seq: u32) ->
 /// packet to a SNAT port without a flow is answered with an RST and counted, never passed to the LB's stack.
 #[test]
 fn xdp_syn_on_a_reused_tuple_starts_a_new_flow() {
-    if !ready("xdp_syn_on_a_reused_tuple_starts_a_new_flow") {
+    if !common::ready("xdp_syn_on_a_reused_tuple_starts_a_new_flow") {
         return;
     }
     in_fixture_netns(|client_if, backend_if| {
@@ -677,7 +625,7 @@ fn xdp_syn_on_a_reused_tuple_starts_a_new_flow() {
 /// the payload are trimmed away; the frame goes back out toward the sender's MAC.
 #[test]
 fn xdp_answers_a_packet_without_connection_with_rst() {
-    if !ready("xdp_answers_a_packet_without_connection_with_rst") {
+    if !common::ready("xdp_answers_a_packet_without_connection_with_rst") {
         return;
     }
     in_fixture_netns(|client_if, _| {
@@ -731,7 +679,7 @@ fn xdp_answers_a_packet_without_connection_with_rst() {
 /// Resets are rate-limited per CPU: a burst goes out, the rest is dropped and counted.
 #[test]
 fn xdp_resets_are_rate_limited() {
-    if !ready("xdp_resets_are_rate_limited") {
+    if !common::ready("xdp_resets_are_rate_limited") {
         return;
     }
     in_fixture_netns(|client_if, _| {
@@ -766,7 +714,7 @@ fn xdp_resets_are_rate_limited() {
 /// number from the packet). Connections opened afterwards are forwarded as usual.
 #[test]
 fn xdp_reset_backend_answers_both_ends_with_rst() {
-    if !ready("xdp_reset_backend_answers_both_ends_with_rst") {
+    if !common::ready("xdp_reset_backend_answers_both_ends_with_rst") {
         return;
     }
     in_fixture_netns(|client_if, backend_if| {
@@ -872,7 +820,7 @@ fn set_total_length(f: &mut [u8], len: u16) {
 /// emptiness checks can fail).
 #[test]
 fn xdp_invalid_packets_create_no_state() {
-    if !ready("xdp_invalid_packets_create_no_state") {
+    if !common::ready("xdp_invalid_packets_create_no_state") {
         return;
     }
     in_fixture_netns(|client_if, _| {
@@ -1033,7 +981,7 @@ fn suppressed_in(line: &str) -> u64 {
 /// report = packets. The test's thread stays on one CPU (the limit's state is per CPU).
 #[test]
 fn xdp_kernel_log_lines_are_rate_limited() {
-    if !ready("xdp_kernel_log_lines_are_rate_limited") {
+    if !common::ready("xdp_kernel_log_lines_are_rate_limited") {
         return;
     }
     in_fixture_netns(|client_if, _| {
@@ -1095,4 +1043,19 @@ fn xdp_kernel_log_lines_are_rate_limited() {
             "every packet is either a line or counted in one: {lines:?}"
         );
     });
+}
+
+fn service() -> ServiceConfig {
+    common::xdp_service(
+        (1..=3)
+            .map(|i| BackendConfig {
+                name: format!("b{i}"),
+                address: format!("{}:8080", backend_ip(i)).parse().unwrap(),
+                weight: 1,
+                backup: false,
+                state: AdminState::Active,
+                route: format!("b{i}"),
+            })
+            .collect(),
+    )
 }

@@ -3,14 +3,13 @@
 //! its port (and both its entries) up when no port is free while an established flow never does,
 //! and a half-open flow lives at most `syn_timeout`. Needs root and the embedded eBPF object.
 
+mod common;
+
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use lb::config::{
-    AdminState, BackendConfig, DatapathKind, HealthConfig, HealthKind, OnDown, Protocol, ServiceConfig,
-    XdpConfig,
-};
+use lb::config::{AdminState, BackendConfig, ServiceConfig, XdpConfig};
 use lb::datapath::Datapath;
 use lb::datapath::xdp::XdpDatapath;
 use lb::state::{Command, State};
@@ -31,56 +30,6 @@ const RING: u32 = 101;
 /// 64 SNAT ports: on a machine with 2 or more CPUs, a CPU's share is at most 32.
 const SNAT_LO: u16 = 20000;
 const SNAT_PORTS: u16 = 64;
-
-fn ready(test: &str) -> bool {
-    if lb::ebpf::object().is_none() {
-        assert!(
-            std::env::var_os("LB_REQUIRE_EBPF").is_none_or(|v| v != "1"),
-            "{test}: LB_REQUIRE_EBPF=1 but lb was built without its eBPF object"
-        );
-        eprintln!("SKIP: {test}: lb built without its eBPF object (use cargo xtask test)");
-        return false;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP: {test} needs root");
-        return false;
-    }
-    true
-}
-
-fn service() -> ServiceConfig {
-    ServiceConfig {
-        name: "web".into(),
-        listen: "10.0.0.100:80".parse().unwrap(),
-        protocol: Protocol::Tcp,
-        datapath: DatapathKind::Xdp,
-        affinity_timeout: Duration::from_secs(600),
-        max_connections: 100,
-        connect_timeout: Duration::from_secs(1),
-        failback: false,
-        on_down: OnDown::Keep,
-        health: HealthConfig {
-            kind: HealthKind::None,
-            interval: Duration::from_secs(2),
-            fast_interval: Duration::from_secs(2),
-            timeout: Duration::from_secs(1),
-            rise: 2,
-            fall: 3,
-            port: None,
-            observe: lb::config::Observe::None,
-            error_limit: lb::config::DEFAULT_ERROR_LIMIT,
-        },
-        ajp: None,
-        backends: vec![BackendConfig {
-            name: "b1".into(),
-            address: format!("{BACKEND}:8080").parse().unwrap(),
-            weight: 1,
-            backup: false,
-            state: AdminState::Active,
-            route: "b1".into(),
-        }],
-    }
-}
 
 /// The program with 64 SNAT ports and `syn_timeout`, its maps pinned under a directory of this
 /// test (removed on drop), attached to no interface.
@@ -181,7 +130,7 @@ fn snat_port(out: &[u8]) -> u16 {
 
 #[test]
 fn xdp_one_cpu_uses_the_whole_snat_range_and_half_open_flows_give_way() {
-    if !ready("xdp_one_cpu_uses_the_whole_snat_range_and_half_open_flows_give_way") {
+    if !common::ready("xdp_one_cpu_uses_the_whole_snat_range_and_half_open_flows_give_way") {
         return;
     }
     on_one_cpu(|client_if, backend_if| {
@@ -268,7 +217,7 @@ fn xdp_one_cpu_uses_the_whole_snat_range_and_half_open_flows_give_way() {
 
 #[test]
 fn xdp_half_open_flows_live_at_most_syn_timeout() {
-    if !ready("xdp_half_open_flows_live_at_most_syn_timeout") {
+    if !common::ready("xdp_half_open_flows_live_at_most_syn_timeout") {
         return;
     }
     on_one_cpu(|client_if, backend_if| {
@@ -296,7 +245,7 @@ fn xdp_half_open_flows_live_at_most_syn_timeout() {
 /// while those connections are fresh; once they have been quiet for 100 ms, it reuses one.
 #[test]
 fn xdp_closed_connections_lend_their_ports_once_quiet() {
-    if !ready("xdp_closed_connections_lend_their_ports_once_quiet") {
+    if !common::ready("xdp_closed_connections_lend_their_ports_once_quiet") {
         return;
     }
     on_one_cpu(|client_if, backend_if| {
@@ -346,4 +295,15 @@ fn assert_rst(verdict: u32, out: &[u8], what: &str) {
     assert_eq!(verdict, XDP_REDIRECT, "{what}: answered");
     let p = packet::parse(out).expect("an RST frame");
     assert_eq!(p.flags & RST, RST, "{what}: with an RST");
+}
+
+fn service() -> ServiceConfig {
+    common::xdp_service(vec![BackendConfig {
+        name: "b1".into(),
+        address: format!("{BACKEND}:8080").parse().unwrap(),
+        weight: 1,
+        backup: false,
+        state: AdminState::Active,
+        route: "b1".into(),
+    }])
 }

@@ -23,12 +23,6 @@ const HEALTH_PORT: u16 = 9999;
 /// Longest wait for an RST that must come at once (without one, the read times out).
 const RST_WAIT: Duration = Duration::from_secs(3);
 
-fn xdp_counter(bed: &Bed, name: &str) -> u64 {
-    bed.lb.status()["xdp"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("xdp counter {name} missing"))
-}
-
 /// A listener on b1:[`HOLD_PORT`], inside the backend namespace.
 fn backend_listener(topo: &Topology) -> TcpListener {
     in_netns(topo.backend_ns(1).name(), || {

@@ -55,12 +55,6 @@ fn wait_for_log(bed: &Bed, needle: &str) {
     }
 }
 
-fn xdp_counter(bed: &Bed, name: &str) -> u64 {
-    bed.lb.status()["xdp"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("xdp counter {name} missing"))
-}
-
 #[test]
 fn xdp_forwards_http_and_bulk_with_affinity_matching_which() {
     if !require_root("xdp_forwards_http_and_bulk_with_affinity_matching_which") {

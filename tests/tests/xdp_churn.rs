@@ -13,29 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::*;
-use lb_tests::{Netns, require_root, run_with_timeout};
-
-/// `/proc/net/snmp` and `/proc/net/netstat` as read inside `ns`, keyed like nstat.
-fn tcp_counters(ns: &Netns) -> BTreeMap<String, u64> {
-    let text = ns
-        .exec_ok(&["cat", "/proc/net/snmp", "/proc/net/netstat"])
-        .expect("read /proc/net counters");
-    let mut out = BTreeMap::new();
-    let lines: Vec<&str> = text.lines().collect();
-    for pair in lines.chunks(2) {
-        let [names, values] = pair else { continue };
-        let (Some((prefix, names)), Some((_, values))) = (names.split_once(':'), values.split_once(':'))
-        else {
-            continue;
-        };
-        for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
-            if let Ok(v) = v.parse::<u64>() {
-                out.insert(format!("{prefix}{n}"), v);
-            }
-        }
-    }
-    out
-}
+use lb_tests::{require_root, run_with_timeout};
 
 fn moved(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
     after

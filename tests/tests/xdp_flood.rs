@@ -21,12 +21,6 @@ const FLOOD: Duration = Duration::from_secs(30);
 const SPOOFED: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 0);
 const SPOOFED_COUNT: u32 = 1 << 16;
 
-fn xdp_counter(bed: &Bed, name: &str) -> u64 {
-    bed.lb.status()["xdp"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("xdp counter {name} missing"))
-}
-
 fn mac(ns: &lb_tests::Netns, interface: &str) -> [u8; 6] {
     let text = ns
         .exec_ok(&["cat", &format!("/sys/class/net/{interface}/address")])

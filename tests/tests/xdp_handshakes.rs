@@ -11,45 +11,16 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use lb_tests::{Netns, require_root, run_with_timeout};
+use lb_tests::{require_root, run_with_timeout};
 
 /// Connections per close-loop run (one request each).
 const CONNECTIONS: u64 = 20_000;
 /// Upper bound of one close-loop run (made of 2-second wrk runs until [`CONNECTIONS`]).
 const RUN_CAP_SECS: u64 = 60;
 
-/// `/proc/net/snmp` and `/proc/net/netstat` as read inside `ns`, keyed like nstat
-/// (`TcpOutRsts`, `TcpExtTCPSynRetrans`).
-fn tcp_counters(ns: &Netns) -> BTreeMap<String, u64> {
-    let text = ns
-        .exec_ok(&["cat", "/proc/net/snmp", "/proc/net/netstat"])
-        .expect("read /proc/net counters");
-    let mut out = BTreeMap::new();
-    let lines: Vec<&str> = text.lines().collect();
-    for pair in lines.chunks(2) {
-        let [names, values] = pair else { continue };
-        let (Some((prefix, names)), Some((_, values))) = (names.split_once(':'), values.split_once(':'))
-        else {
-            continue;
-        };
-        for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
-            if let Ok(v) = v.parse::<u64>() {
-                out.insert(format!("{prefix}{n}"), v);
-            }
-        }
-    }
-    out
-}
-
 fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, key: &str) -> u64 {
     let get = |m: &BTreeMap<String, u64>| *m.get(key).unwrap_or_else(|| panic!("no counter {key}"));
     get(after).saturating_sub(get(before))
-}
-
-fn xdp_counter(bed: &Bed, name: &str) -> u64 {
-    bed.lb.status()["xdp"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("xdp counter {name} missing"))
 }
 
 /// wrk's report: (requests, socket errors line or "").

@@ -257,3 +257,33 @@ pub fn prepare_peers(topo: &Topology) {
         );
     }
 }
+
+/// An XDP counter of the daemon, from `lb status`.
+pub fn xdp_counter(bed: &Bed, name: &str) -> u64 {
+    bed.lb.status()["xdp"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("xdp counter {name} missing"))
+}
+
+/// `/proc/net/snmp` and `/proc/net/netstat` as read inside `ns`, keyed like nstat
+/// (`TcpOutRsts`, `TcpExtTCPSynRetrans`).
+pub fn tcp_counters(ns: &lb_tests::Netns) -> BTreeMap<String, u64> {
+    let text = ns
+        .exec_ok(&["cat", "/proc/net/snmp", "/proc/net/netstat"])
+        .expect("read /proc/net counters");
+    let mut out = BTreeMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.chunks(2) {
+        let [names, values] = pair else { continue };
+        let (Some((prefix, names)), Some((_, values))) = (names.split_once(':'), values.split_once(':'))
+        else {
+            continue;
+        };
+        for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
+            if let Ok(v) = v.parse::<u64>() {
+                out.insert(format!("{prefix}{n}"), v);
+            }
+        }
+    }
+    out
+}
