@@ -35,14 +35,7 @@ fn xdp_bed(
         ))
     });
     prepare_peers(&bed.topo);
-    bed.lb
-        .wait_status(Duration::from_secs(5), "first good checks", |st| {
-            service_of(st, "web")["backends"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|b| b["check"]["consecutive_ok"].as_u64().unwrap_or(0) > 0)
-        });
+    wait_checked(&bed, "web");
     bed
 }
 

@@ -131,18 +131,6 @@ fn plain(text: &str) -> String {
     out
 }
 
-fn wait_for_log(bed: &Bed, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !bed.lb.log().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "log never showed {needle:?}:\n{}",
-            bed.lb.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn xdp_expired_connection_gets_rst_and_the_client_reconnects_at_once() {
     if !require_root("xdp_expired_connection_gets_rst_and_the_client_reconnects_at_once") {

@@ -19,40 +19,8 @@ fn xdp_bed(tag: &str, backends: usize, clients: usize, pins: &Path, services: &[
         xdp_config(topo, socket, pins, backends, services, "")
     });
     prepare_peers(&bed.topo);
-    // Health checks resolve the backends' neighbours; wait for the first good checks.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while bed.lb.status()["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "web")
-        .unwrap()["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|b| b["check"]["consecutive_ok"] == 0)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "checks never succeeded:\n{}",
-            bed.lb.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_checked(&bed, "web");
     bed
-}
-
-/// Waits until the daemon's log (read by a background thread) shows `needle`.
-fn wait_for_log(bed: &Bed, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !bed.lb.log().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "log never showed {needle:?}:\n{}",
-            bed.lb.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

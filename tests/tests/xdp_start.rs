@@ -98,25 +98,6 @@ fn config<'a>(topo: &'a Topology, pins: &'a Path) -> impl FnOnce(&Path) -> Strin
     move |socket| xdp_config(topo, socket, pins, 1, XDP_STD, "")
 }
 
-/// Waits for the first good health checks (they resolve the backends' neighbours).
-fn wait_checked(bed: &Bed) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while bed.lb.status()["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|s| s["backends"].as_array().unwrap())
-        .any(|b| b["check"]["consecutive_ok"] == 0)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "checks never succeeded:\n{}",
-            bed.lb.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Whether process `pid` is stopped (state `T` in /proc/PID/stat).
 fn stopped(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -195,7 +176,8 @@ fn xdp_killed_start_is_rebuilt_and_conflicting_starts_leave_no_pins() {
     // 2. The next start recognises the half-made directory and rebuilds it; it forwards.
     let lb = Lb::start(topo.lb_ns(), "xkill", config(&topo, &pins.0));
     let bed = Bed { lb, servers, topo };
-    wait_checked(&bed);
+    wait_checked(&bed, "web");
+    wait_checked(&bed, "echo");
     assert!(
         bed.lb.log().contains("half-made"),
         "the rebuild is logged:\n{}",

@@ -287,3 +287,29 @@ pub fn tcp_counters(ns: &lb_tests::Netns) -> BTreeMap<String, u64> {
     }
     out
 }
+
+/// Waits until every backend of `service` has passed a health check (for XDP the first good
+/// checks also resolve the backends' neighbours).
+pub fn wait_checked(bed: &Bed, service: &str) {
+    bed.lb
+        .wait_status(Duration::from_secs(5), "first good checks", |st| {
+            lb_tests::daemon::service_of(st, service)["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|b| b["check"]["consecutive_ok"].as_u64().unwrap_or(0) > 0)
+        });
+}
+
+/// Waits until the daemon's log (read by a background thread) shows `needle`.
+pub fn wait_for_log(bed: &Bed, needle: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !bed.lb.log().contains(needle) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "log never showed {needle:?}:\n{}",
+            bed.lb.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
