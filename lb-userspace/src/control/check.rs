@@ -314,16 +314,7 @@ mod tests {
 
     /// An engine over fake datapaths of `kinds` (the ones the daemon would run for `text`).
     fn engine(text: &str, kinds: &[DatapathKind]) -> crate::engine::Engine {
-        use crate::datapath::Datapath;
-        let config = Config::parse(text, "lb.toml").unwrap();
-        let (events, _) = tokio::sync::mpsc::channel(16);
-        crate::engine::Engine::assemble(config, events, tokio_util::sync::CancellationToken::new(), |_| {
-            Ok(kinds
-                .iter()
-                .map(|k| Box::new(crate::datapath::fake::FakeDatapath::new(*k).0) as Box<dyn Datapath>)
-                .collect())
-        })
-        .unwrap()
+        crate::datapath::fake::engine(Config::parse(text, "lb.toml").unwrap(), kinds).unwrap()
     }
 
     fn services(engine: &crate::engine::Engine) -> Vec<String> {

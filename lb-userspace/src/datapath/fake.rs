@@ -3,10 +3,26 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::config::DatapathKind;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, DatapathKind};
 use crate::datapath::{Datapath, DatapathError, Drained, ServiceTraffic};
+use crate::engine::{Engine, EngineError};
 use crate::runtime::Snapshot;
 use crate::state::{Backend, Effect, Service};
+
+/// An engine running `config` over one fake datapath per kind in `kinds` (their journals are not
+/// kept; health events go nowhere): the daemon without a kernel, for tests of what sits around
+/// the engine.
+pub fn engine(config: Config, kinds: &[DatapathKind]) -> Result<Engine, EngineError> {
+    let (events, _) = tokio::sync::mpsc::channel(16);
+    Engine::assemble(config, events, CancellationToken::new(), |_| {
+        Ok(kinds
+            .iter()
+            .map(|k| Box::new(FakeDatapath::new(*k).0) as Box<dyn Datapath>)
+            .collect())
+    })
+}
 
 /// One call the engine made.
 #[derive(Clone, Debug, PartialEq, Eq)]

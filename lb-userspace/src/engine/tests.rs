@@ -764,18 +764,8 @@ async fn shutdown_reaches_every_datapath() {
 #[tokio::test]
 async fn control_server_in_process_on_a_temp_socket() {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let (events, _) = mpsc::channel(1);
-    let engine = Engine::assemble(
-        Config::parse(BASE, "test").unwrap(),
-        events,
-        CancellationToken::new(),
-        |_| {
-            Ok(vec![
-                Box::new(FakeDatapath::new(DatapathKind::Proxy).0) as Box<dyn Datapath>
-            ])
-        },
-    )
-    .unwrap();
+    let engine =
+        crate::datapath::fake::engine(Config::parse(BASE, "test").unwrap(), &[DatapathKind::Proxy]).unwrap();
     let dir = std::env::temp_dir().join(format!("lb-engine-sock-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let control = crate::config::ControlConfig {

@@ -221,18 +221,10 @@ fn a_bad_file_is_set_aside_beside_the_original() {
 
 /// An engine over a fake proxy datapath started from `config` (written to `dir/lb.toml`).
 fn engine(dir: &Path, config: &str) -> Engine {
-    use crate::datapath::Datapath;
-    use crate::datapath::fake::FakeDatapath;
     let path = dir.join("lb.toml");
     std::fs::write(&path, config).unwrap();
     let config = Config::load(&path).unwrap();
-    let (events, _) = tokio::sync::mpsc::channel(16);
-    Engine::assemble(config, events, tokio_util::sync::CancellationToken::new(), |_| {
-        Ok(vec![
-            Box::new(FakeDatapath::new(crate::config::DatapathKind::Proxy).0) as Box<dyn Datapath>,
-        ])
-    })
-    .unwrap()
+    crate::datapath::fake::engine(config, &[crate::config::DatapathKind::Proxy]).unwrap()
 }
 
 fn config_text(state_file: &Path) -> String {

@@ -9,14 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Limits, MAX_CONNECTIONS, ROOT_SLOTS, Slots, bind, run_limited};
 use crate::config::{Config, ControlConfig, DatapathKind};
-use crate::datapath::Datapath;
-use crate::datapath::fake::FakeDatapath;
-use crate::engine::Engine;
+use crate::datapath::fake;
 
 const CONFIG: &str = r#"
 ring_size = 1009
@@ -68,18 +65,7 @@ impl Drop for Server {
 
 fn server(limits: Limits) -> Server {
     use std::os::unix::fs::PermissionsExt;
-    let (events, _) = mpsc::channel(1);
-    let engine = Engine::assemble(
-        Config::parse(CONFIG, "test").unwrap(),
-        events,
-        CancellationToken::new(),
-        |_| {
-            Ok(vec![
-                Box::new(FakeDatapath::new(DatapathKind::Proxy).0) as Box<dyn Datapath>
-            ])
-        },
-    )
-    .unwrap();
+    let engine = fake::engine(Config::parse(CONFIG, "test").unwrap(), &[DatapathKind::Proxy]).unwrap();
     let dir = std::env::temp_dir().join(format!("lb-control-slots-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir(&dir).unwrap();
