@@ -241,11 +241,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
             // (both entries age out after closed_timeout) but stays marked, so the other end's
             // next packet gets its RST as well.
             if f.flags & FLOW_RESET != 0 && flags & TCP_RST == 0 {
-                set_flags(&mut f.flags, FLOW_RST);
-                if let Some(other) = CONNTRACK.get_ptr_mut(FlowKey::reverse_of(f)) {
-                    // SAFETY: valid map value pointer for this run.
-                    set_flags(unsafe { &mut (*other).flags }, FLOW_RST);
-                }
+                set_flags_both(f, FLOW_RST);
                 return reset::answer(ctx, ip, tcp, ihl, doff, now, gc::RESET_FLOW);
             }
             // The coarse clock ticks every few ms: skip the write (and the cache-line bounce
@@ -269,11 +265,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
                 };
                 // Atomic: the client's and the backend's FIN often cross on two CPUs, and a
                 // lost bit leaves one direction open for idle_timeout.
-                set_flags(&mut f.flags, bit);
-                if let Some(other) = CONNTRACK.get_ptr_mut(FlowKey::reverse_of(f)) {
-                    // SAFETY: valid map value pointer for this run.
-                    set_flags(unsafe { &mut (*other).flags }, bit);
-                }
+                set_flags_both(f, bit);
             }
             count_traffic(f, to_backend, len, false);
             rewrite(ip, tcp, &key, f);
@@ -531,6 +523,16 @@ fn retire(key: &FlowKey, old: &FlowValue) {
 fn stray_reply(key: &FlowKey, cfg: &GlobalConfig) -> bool {
     let port = u16::from_be(key.dport_be);
     port >= cfg.snat_port_lo && port <= cfg.snat_port_hi && unsafe { SNAT_ADDRS.get(key.dst_be) }.is_some()
+}
+
+/// [`set_flags`] on the entry `f` and on its other direction's entry.
+#[inline(always)]
+fn set_flags_both(f: &mut FlowValue, bit: u32) {
+    set_flags(&mut f.flags, bit);
+    if let Some(other) = CONNTRACK.get_ptr_mut(FlowKey::reverse_of(f)) {
+        // SAFETY: valid map value pointer for this run.
+        set_flags(unsafe { &mut (*other).flags }, bit);
+    }
 }
 
 /// Sets one of the FLOW_FIN_CLIENT / FLOW_FIN_BACKEND / FLOW_RST bits, which other CPUs may set
