@@ -87,6 +87,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         }
     }
     notify(&[sd_notify::NotifyState::Stopping]);
+    // The VIPs go first, so the routers move new connections to the other nodes at once.
+    engine.withdraw_announcements();
     shutdown.cancel();
     server::remove(&socket);
     info!(

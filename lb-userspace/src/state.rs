@@ -761,6 +761,7 @@ pub(crate) mod tests {
             },
             xdp: None,
             metrics: None,
+            announce: None,
             state_file: None,
             services: vec![service("web", "10.0.0.100:80", backends)],
         };
