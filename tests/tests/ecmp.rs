@@ -2,8 +2,8 @@
 //! the same config and seed make both nodes send every client to the same backend, whichever node
 //! its connection crosses; a node that stops, or whose service has no healthy backend, withdraws
 //! its route and the router's ECMP set shrinks to the other node while every client keeps its
-//! backend; a node restarted without memory picks the same backends; `lb check` exits 0, 1, 3 or
-//! 4 as the README says.
+//! backend; a node restarted without memory, or whose backends came in another order, picks the
+//! same backends; `lb check` exits 0, 1, 3 or 4 as the README says.
 //!
 //! BGP timers of every session: hold time 3 s, keepalive 1 s ([`lb_tests::ecmp::HOLD_SECS`],
 //! [`lb_tests::ecmp::KEEPALIVE_SECS`]). A withdrawal reaches the router as a BGP UPDATE as soon
@@ -297,6 +297,24 @@ fn two_nodes_behind_ecmp_agree_withdraw_and_keep_every_client_on_its_backend() {
         "every client through the restarted node 1"
     );
 
+    // Node 2 takes b1 out and adds it again at run time, so b1 comes last in its list while it
+    // is first in node 1's: the rings still agree, client by client.
+    nodes[1].cli_ok(&["backend", "remove", "web", "b1"]);
+    let b1 = format!("{}:{HTTP_PORT}", net.backend_addr(1));
+    nodes[1].cli_ok(&["backend", "add", "web", &b1, "--name", "b1"]);
+    for c in net.client_addrs() {
+        assert_eq!(
+            nodes[1].which("web", c).0.as_deref(),
+            Some(expected[&c].as_str()),
+            "{c} on node 2 after b1 was added again"
+        );
+    }
+    assert_eq!(
+        reached(&net, TOS_VIA[1]),
+        expected,
+        "every client through node 2 after b1 was added again"
+    );
+
     // Node 2 loses its backends (its LAN link goes down): its checks fail, it withdraws, and
     // the router keeps node 1 only. `lb check` says why.
     net.node_ns(2).ip(&["link", "set", "to-s", "down"]).unwrap();
@@ -309,7 +327,8 @@ fn two_nodes_behind_ecmp_agree_withdraw_and_keep_every_client_on_its_backend() {
     let (_, line) = check(&nodes[1], "web");
     assert_eq!(
         line,
-        "web: no backend takes new clients (b1 down, b2 down, b3 down); VIP not announced"
+        // b1 last: it was added again above.
+        "web: no backend takes new clients (b2 down, b3 down, b1 down); VIP not announced"
     );
     assert_eq!(net.node_table(2, TABLE).unwrap().trim(), "");
     wait_until(
