@@ -3,7 +3,8 @@
 //! its connection crosses; a node that stops, or whose service has no healthy backend, withdraws
 //! its route and the router's ECMP set shrinks to the other node while every client keeps its
 //! backend; a node restarted without memory, or whose backends came in another order, picks the
-//! same backends; `lb check` exits 0, 1, 3 or 4 as the README says.
+//! same backends; `lb check` exits 0, 1, 3 or 4 as the README says; a killed lb's route goes with
+//! `lb withdraw`.
 //!
 //! BGP timers of every session: hold time 3 s, keepalive 1 s ([`lb_tests::ecmp::HOLD_SECS`],
 //! [`lb_tests::ecmp::KEEPALIVE_SECS`]). A withdrawal reaches the router as a BGP UPDATE as soon
@@ -354,4 +355,38 @@ fn two_nodes_behind_ecmp_agree_withdraw_and_keep_every_client_on_its_backend() {
     // An unknown service.
     let (code, line) = check(&nodes[1], "nope");
     assert_eq!((code, line.as_str()), (3, "nope: no service `nope`"));
+
+    // lb on node 2 is killed (SIGKILL: no withdrawal of its own): its route stays until
+    // `lb withdraw` (the unit's ExecStopPost) removes it; then the router drops node 2.
+    nodes[1]
+        .child
+        .signal(nix::sys::signal::Signal::SIGKILL)
+        .expect("kill lb on node 2");
+    nodes[1]
+        .child
+        .wait_timeout(Duration::from_secs(5))
+        .expect("wait for lb on node 2");
+    assert_eq!(
+        net.node_table(2, TABLE).unwrap().trim(),
+        format!("blackhole {} proto 201", vip(80).ip()),
+        "a killed lb leaves its route"
+    );
+    assert_eq!(net.router_next_hops().unwrap(), [n1, n2]);
+    let withdraw = {
+        let mut cmd = net.node_ns(2).command(lb_bin(), &["withdraw", "-c"]);
+        cmd.arg(&nodes[1].config);
+        run_with_timeout(cmd, Duration::from_secs(10)).expect("lb withdraw")
+    };
+    assert!(withdraw.status.success(), "{withdraw:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&withdraw.stdout).trim(),
+        format!("withdrew 1 VIP routes from table {TABLE}: {}", vip(80).ip())
+    );
+    assert_eq!(net.node_table(2, TABLE).unwrap().trim(), "");
+    wait_until(
+        "the router's ECMP set shrinks to node 1 after lb withdraw",
+        Duration::from_secs(u64::from(HOLD_SECS) + 2),
+        || net.router_next_hops().is_ok_and(|h| h == [n1]),
+        || explain(&net, &router, &nodes),
+    );
 }
