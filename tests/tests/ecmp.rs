@@ -13,7 +13,9 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -27,6 +29,8 @@ use lb_tests::{lb_bin, require_root, run_with_timeout, unique_prefix};
 const TABLE: u32 = 100;
 const CLIENTS: usize = 30;
 const BACKENDS: usize = 3;
+/// Clients compared through `which` only (ring slots, not connections).
+const MANY: usize = 3000;
 
 /// The second node's pin directory (the first is a [`Pins`], which holds the binary's XDP lock),
 /// removed on drop like a [`Pins`].
@@ -102,6 +106,37 @@ fn explain(net: &Ecmp, router: &Bird, nodes: &[Lb]) -> String {
         nodes[0].log_tail(20),
         nodes[1].log_tail(20),
     )
+}
+
+/// `which web CLIENT` for many clients over one control connection (requests pipelined): the
+/// backend each would reach.
+fn which_many(node: &Lb, clients: &[Ipv4Addr]) -> Vec<Option<String>> {
+    let stream = UnixStream::connect(&node.socket).expect("control socket");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut out = Vec::with_capacity(clients.len());
+    for chunk in clients.chunks(100) {
+        let text: String = chunk
+            .iter()
+            .map(|c| format!("{{\"cmd\":\"which\",\"service\":\"web\",\"client\":\"{c}\"}}\n"))
+            .collect();
+        (&stream).write_all(text.as_bytes()).unwrap();
+        for c in chunk {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(v["ok"], true, "which {c}: {line}");
+            out.push(v["result"]["backend"].as_str().map(String::from));
+        }
+    }
+    out
+}
+
+/// Clients that never connect, for comparing the nodes' rings through `which`.
+fn many_clients() -> Vec<Ipv4Addr> {
+    (0..MANY)
+        .map(|k| Ipv4Addr::new(10, 60, (k / 250) as u8, (k % 250 + 1) as u8))
+        .collect()
 }
 
 /// `lb check web` (exit code, stdout) against a node's socket.
@@ -223,6 +258,13 @@ fn two_nodes_behind_ecmp_agree_withdraw_and_keep_every_client_on_its_backend() {
         );
         expected.insert(c, a.expect("a backend"));
     }
+    let many = many_clients();
+    let ring = which_many(&nodes[0], &many);
+    assert!(ring.iter().all(Option::is_some));
+    assert!(
+        ring == which_many(&nodes[1], &many),
+        "node 1 and node 2 disagree on some of {MANY} clients"
+    );
     let used: BTreeSet<&String> = expected.values().collect();
     assert_eq!(used.len(), BACKENDS, "30 clients over 3 backends: {expected:?}");
 
@@ -314,6 +356,15 @@ fn two_nodes_behind_ecmp_agree_withdraw_and_keep_every_client_on_its_backend() {
         reached(&net, TOS_VIA[1]),
         expected,
         "every client through node 2 after b1 was added again"
+    );
+    let differ = which_many(&nodes[1], &many)
+        .iter()
+        .zip(&ring)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(
+        differ, 0,
+        "node 2 (b1 added again) and node 1 disagree on {differ} of {MANY} clients"
     );
 
     // Node 2 loses its backends (its LAN link goes down): its checks fail, it withdraws, and
