@@ -116,10 +116,12 @@ fn which_many(node: &Lb, clients: &[Ipv4Addr]) -> Vec<Option<String>> {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut out = Vec::with_capacity(clients.len());
     for chunk in clients.chunks(100) {
-        let text: String = chunk
-            .iter()
-            .map(|c| format!("{{\"cmd\":\"which\",\"service\":\"web\",\"client\":\"{c}\"}}\n"))
-            .collect();
+        let mut text = String::new();
+        for c in chunk {
+            text.push_str(&format!(
+                "{{\"cmd\":\"which\",\"service\":\"web\",\"client\":\"{c}\"}}\n"
+            ));
+        }
         (&stream).write_all(text.as_bytes()).unwrap();
         for c in chunk {
             let mut line = String::new();
