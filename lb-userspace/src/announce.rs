@@ -1,10 +1,11 @@
 //! VIP announcement for a routing daemon (`[announce]`): while `lb run` runs, each service VIP
-//! with a backend that takes new clients has a host route in a kernel table of lb's, which BIRD
+//! with a backend that takes new clients and has passed a check ([`serving`]) has a host route in
+//! a kernel table of lb's, which BIRD
 //! (its `kernel` protocol with `learn`) imports and exports over BGP; the route goes when that
 //! stops being true, and all of them go when the daemon stops. `lb withdraw` removes them after a
 //! crash (the packaged unit's `ExecStopPost`).
 //!
-//! - this file: which VIPs a state announces ([`wanted`]), the [`Announcer`] that keeps the table
+//! - this file: which VIPs a snapshot announces ([`wanted`]), the [`Announcer`] that keeps the table
 //!   in line with them, and [`withdraw`] for `lb withdraw`.
 //! - `announce/netlink.rs`: the routes themselves, over rtnetlink.
 
@@ -14,8 +15,9 @@ use std::sync::Mutex;
 
 use tracing::{info, warn};
 
-use crate::config::AnnounceConfig;
-use crate::state::{Service, State};
+use crate::config::{AnnounceConfig, HealthKind};
+use crate::runtime::Snapshot;
+use crate::state::{Backend, Service};
 
 mod netlink;
 
@@ -27,10 +29,31 @@ pub enum AnnounceError {
     Netlink(#[from] NetlinkError),
 }
 
-/// Whether a service has a backend that takes new clients now: an active, healthy primary with a
-/// weight, or (no primary being one) such a backup. Its Maglev ring is made of exactly those.
-pub fn takes_new_clients(service: &Service) -> bool {
-    !service.ring.is_empty()
+/// The backends of a service that take new clients now: the active, healthy primaries with a
+/// weight, or (no primary being one) such backups; its Maglev ring is made of exactly those.
+pub fn taking_new_clients(service: &Service) -> impl Iterator<Item = &Backend> {
+    service
+        .backends
+        .iter()
+        .filter(|b| b.admits_new() && b.config.backup == service.ring_uses_backups)
+}
+
+/// Whether a backend has passed a health check since lb started (always, for a service without
+/// checks). Health is "up" until the checks say otherwise, so a node that has just started does
+/// not announce, and keepalived does not pick it, before a check has found a backend up.
+pub fn checked(snapshot: &Snapshot, service: &Service, backend: &Backend) -> bool {
+    if service.settings.health.kind == HealthKind::None {
+        return true;
+    }
+    let check = snapshot.runtime(service, backend);
+    let c = check.check.lock().unwrap();
+    c.checks > c.failed_checks
+}
+
+/// Whether a service has a backend that takes new clients ([`taking_new_clients`]) and has
+/// passed a health check ([`checked`]): what `lb check` answers and what keeps its VIP announced.
+pub fn serving(snapshot: &Snapshot, service: &Service) -> bool {
+    taking_new_clients(service).any(|b| checked(snapshot, service, b))
 }
 
 /// Whether a service's listen address can be announced: a specific address, not a wildcard, a
@@ -45,14 +68,15 @@ pub fn announceable(ip: IpAddr) -> bool {
         }
 }
 
-/// The VIPs a state announces: the listen address of every service that takes new clients. A
-/// VIP shared by several services (ports) is announced while any of them takes new clients.
-pub fn wanted(state: &State) -> BTreeSet<IpAddr> {
-    state
+/// The VIPs a snapshot announces: the listen address of every [`serving`] service. A VIP shared
+/// by several services (ports) is announced while any of them is serving.
+pub fn wanted(snapshot: &Snapshot) -> BTreeSet<IpAddr> {
+    snapshot
+        .state
         .services
         .values()
         .map(|s| (s.settings.listen.ip().to_canonical(), s))
-        .filter(|(ip, s)| announceable(*ip) && takes_new_clients(s))
+        .filter(|(ip, s)| announceable(*ip) && serving(snapshot, s))
         .map(|(ip, _)| ip)
         .collect()
 }
@@ -87,15 +111,15 @@ impl Announcer {
         }
     }
 
-    /// Adds the missing routes of `state`'s VIPs and deletes lb's other routes in the table (left
-    /// by an earlier run, or of VIPs whose services take no new clients now). A failure is logged
-    /// and tried again on the next call (every change, and every sweep of the daemon).
-    pub fn follow(&self, state: &State) {
+    /// Adds the missing routes of the snapshot's VIPs and deletes lb's other routes in the table
+    /// (left by an earlier run, or of VIPs whose services serve no longer). A failure is logged
+    /// and tried again on the next call (every change, and every second from the daemon).
+    pub fn follow(&self, snapshot: &Snapshot) {
         let mut inner = self.inner.lock().unwrap();
         if inner.stopped {
             return;
         }
-        let want = wanted(state);
+        let want = wanted(snapshot);
         if let Err(e) = self.reconcile(&mut inner, &want) {
             inner.routes = None;
             warn!(error = %e, table = self.at.table, "announce: routes not brought in line; retried at the next change or sweep");
@@ -154,8 +178,21 @@ pub fn withdraw(config: &AnnounceConfig) -> Result<Vec<IpAddr>, AnnounceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Command;
     use crate::state::tests::{backend, service};
+    use crate::state::{Command, Health, State};
+    use std::time::Duration;
+
+    /// Every backend of every service has passed one check.
+    fn all_checked(state: &State) -> Snapshot {
+        let snap = Snapshot::new(state.clone());
+        for s in snap.state.services.values() {
+            for b in &s.backends {
+                let ok: Result<Duration, String> = Ok(Duration::from_millis(1));
+                snap.runtime(s, b).check.lock().unwrap().record(&ok, 2, 3);
+            }
+        }
+        snap
+    }
 
     #[test]
     fn a_vip_is_wanted_while_one_of_its_services_takes_new_clients() {
@@ -173,12 +210,17 @@ mod tests {
                 })
                 .unwrap();
         }
-        let ips = |s: &State| wanted(s).into_iter().map(|i| i.to_string()).collect::<Vec<_>>();
+        let ips = |s: &State| {
+            wanted(&all_checked(s))
+                .into_iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(ips(&state), ["10.0.0.100", "10.0.0.101"]);
         let down = |svc: &str| Command::SetHealth {
             service: svc.into(),
             backend: "b1".into(),
-            health: crate::state::Health::Down,
+            health: Health::Down,
         };
         state.apply(down("api")).unwrap();
         assert_eq!(ips(&state), ["10.0.0.100"]);
@@ -209,9 +251,48 @@ mod tests {
             backend: b.into(),
             health: h,
         };
-        state.apply(health("b1", crate::state::Health::Down)).unwrap();
-        assert_eq!(wanted(&state).len(), 1);
-        state.apply(health("spare", crate::state::Health::Down)).unwrap();
-        assert!(wanted(&state).is_empty());
+        state.apply(health("b1", Health::Down)).unwrap();
+        assert_eq!(wanted(&all_checked(&state)).len(), 1);
+        state.apply(health("spare", Health::Down)).unwrap();
+        assert!(wanted(&all_checked(&state)).is_empty());
+    }
+
+    #[test]
+    fn a_vip_waits_for_a_backend_that_passed_a_check() {
+        let mut state = State::new(0, 1009);
+        let mut web = service(
+            "web",
+            "10.0.0.100:80",
+            vec![backend("b1", "10.0.1.1:80"), backend("b2", "10.0.1.2:80")],
+        );
+        web.health.kind = HealthKind::Tcp;
+        state.apply(Command::AddService { service: web }).unwrap();
+        let snap = Snapshot::new(state.clone());
+        assert!(
+            wanted(&snap).is_empty(),
+            "no check yet: health is up only by default"
+        );
+        let svc = snap.state.service("web").unwrap();
+        let failed: Result<Duration, String> = Err("refused".into());
+        snap.runtime(svc, svc.backend("b1").unwrap())
+            .check
+            .lock()
+            .unwrap()
+            .record(&failed, 2, 3);
+        assert!(wanted(&snap).is_empty(), "a failed check is no proof");
+        let ok: Result<Duration, String> = Ok(Duration::from_millis(1));
+        snap.runtime(svc, svc.backend("b2").unwrap())
+            .check
+            .lock()
+            .unwrap()
+            .record(&ok, 2, 3);
+        assert_eq!(wanted(&snap).len(), 1);
+        // A later failed probe (still up, fall = 3) keeps it: one success is enough.
+        snap.runtime(svc, svc.backend("b2").unwrap())
+            .check
+            .lock()
+            .unwrap()
+            .record(&failed, 2, 3);
+        assert_eq!(wanted(&snap).len(), 1);
     }
 }

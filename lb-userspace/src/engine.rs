@@ -154,8 +154,9 @@ impl Engine {
             Ok(datapaths)
         })?;
         if let Some(a) = announce {
-            // Announced once every service is up (and the state file restored).
-            a.follow(&engine.snapshot().state);
+            // Every service is up (and the state file restored); VIPs are announced as soon as
+            // a check finds a backend up ([`Engine::announce_tick`]).
+            a.follow(&engine.snapshot());
             engine.announce = Some(a);
         }
         Ok(engine)
@@ -321,7 +322,7 @@ impl Engine {
             }
             self.health.reconcile(&now);
             if let Some(a) = &self.announce {
-                a.follow(&now.state);
+                a.follow(&now);
             }
             if let Some(p) = &self.persist {
                 p.save(now.clone());
@@ -536,13 +537,10 @@ impl Engine {
                 announced: None,
             };
         };
-        let taking: Vec<&str> = svc
-            .backends
-            .iter()
-            .filter(|b| b.admits_new() && b.config.backup == svc.ring_uses_backups)
+        let taking: Vec<&str> = crate::announce::taking_new_clients(svc)
             .map(|b| b.config.name.as_str())
             .collect();
-        let ok = crate::announce::takes_new_clients(svc);
+        let ok = crate::announce::serving(&snapshot, svc);
         let detail = if ok {
             format!(
                 "{} of {} backends take new clients{}: {}",
@@ -553,6 +551,11 @@ impl Engine {
                 } else {
                     ""
                 },
+                taking.join(", ")
+            )
+        } else if !taking.is_empty() {
+            format!(
+                "no backend has passed a health check yet ({} take new clients once one does)",
                 taking.join(", ")
             )
         } else if svc.backends.is_empty() {
@@ -950,12 +953,17 @@ impl Engine {
     }
 
     /// Drops expired affinity entries.
-    pub fn sweep(&self) {
+    /// Brings the `[announce]` routes in line with the state (the daemon calls it every second):
+    /// announces a VIP once a check has found one of its backends up (that changes no state),
+    /// puts back a route removed by hand, retries after a netlink error.
+    pub fn announce_tick(&self) {
         if let Some(a) = &self.announce {
-            // Also puts back a route removed by hand, or one a failed pass left out.
             let _one_at_a_time = self.commands.lock().unwrap();
-            a.follow(&self.snapshot().state);
+            a.follow(&self.snapshot());
         }
+    }
+
+    pub fn sweep(&self) {
         self.balancer.sweep(Instant::now());
     }
 
