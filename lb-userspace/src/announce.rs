@@ -1,8 +1,7 @@
 //! VIP announcement for a routing daemon (`[announce]`): while `lb run` runs, each service VIP
 //! with a backend that takes new clients and has passed a check ([`serving`]) has a host route in
-//! a kernel table of lb's, which BIRD
-//! (its `kernel` protocol with `learn`) imports and exports over BGP; the route goes when that
-//! stops being true, and all of them go when the daemon stops. `lb withdraw` removes them after a
+//! a kernel table of lb's, which BIRD (its `kernel` protocol with `learn`) imports and exports
+//! over BGP; the route goes when that stops being true, and all of them go when the daemon stops. `lb withdraw` removes them after a
 //! crash (the packaged unit's `ExecStopPost`).
 //!
 //! - this file: which VIPs a snapshot announces ([`wanted`]), the [`Announcer`] that keeps the table
@@ -94,6 +93,8 @@ struct Inner {
     announced: BTreeSet<IpAddr>,
     /// Set by [`Announcer::withdraw_all`]: nothing is announced any more.
     stopped: bool,
+    /// The last pass failed (logged once as a warning until a pass succeeds again).
+    failing: bool,
 }
 
 impl Announcer {
@@ -107,6 +108,7 @@ impl Announcer {
                 routes: None,
                 announced: BTreeSet::new(),
                 stopped: false,
+                failing: false,
             }),
         }
     }
@@ -120,9 +122,21 @@ impl Announcer {
             return;
         }
         let want = wanted(snapshot);
-        if let Err(e) = self.reconcile(&mut inner, &want) {
-            inner.routes = None;
-            warn!(error = %e, table = self.at.table, "announce: routes not brought in line; retried at the next change or sweep");
+        match self.reconcile(&mut inner, &want) {
+            Ok(()) if inner.failing => {
+                inner.failing = false;
+                info!(table = self.at.table, "announce: routes in line again");
+            }
+            Ok(()) => {}
+            Err(e) => {
+                inner.routes = None;
+                if inner.failing {
+                    tracing::debug!(error = %e, table = self.at.table, "announce: routes still not in line");
+                } else {
+                    inner.failing = true;
+                    warn!(error = %e, table = self.at.table, "announce: routes not brought in line; retried every second");
+                }
+            }
         }
     }
 

@@ -952,7 +952,6 @@ impl Engine {
         })
     }
 
-    /// Drops expired affinity entries.
     /// Brings the `[announce]` routes in line with the state (the daemon calls it every second):
     /// announces a VIP once a check has found one of its backends up (that changes no state),
     /// puts back a route removed by hand, retries after a netlink error.
@@ -963,6 +962,7 @@ impl Engine {
         }
     }
 
+    /// Drops expired affinity entries.
     pub fn sweep(&self) {
         self.balancer.sweep(Instant::now());
     }

@@ -90,8 +90,8 @@ enum Cmd {
         config: PathBuf,
     },
     /// Exit 0 only when the daemon is up and SERVICE has a backend taking new clients that has
-    /// passed a health check (for keepalived's track_script); otherwise one line saying why, and exit 1 (no backend takes new
-    /// clients), 3 (no such service) or 4 (daemon not reachable).
+    /// passed a health check (for keepalived's track_script); otherwise one line saying why, and
+    /// exit 1 (no backend takes new clients), 3 (no such service) or 4 (daemon not reachable).
     Check {
         #[command(flatten)]
         target: Target,
