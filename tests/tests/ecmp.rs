@@ -254,8 +254,8 @@ fn two_nodes_behind_ecmp_agree_withdraw_and_keep_every_client_on_its_backend() {
         let (a, ra) = nodes[0].which("web", c);
         let (b, rb) = nodes[1].which("web", c);
         assert_eq!(
-            (&a, ra.as_str()),
-            (&b, "ring"),
+            (&a, ra.as_str(), rb.as_str()),
+            (&b, "ring", "ring"),
             "{c}: node 1 says {a:?} ({ra}), node 2 {b:?} ({rb})"
         );
         expected.insert(c, a.expect("a backend"));
