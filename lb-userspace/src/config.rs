@@ -150,6 +150,8 @@ pub struct Config {
     pub xdp: Option<XdpConfig>,
     /// The Prometheus endpoint; off when the file has no `[metrics]` table.
     pub metrics: Option<MetricsConfig>,
+    /// VIP routes for a routing daemon (BIRD); off when the file has no `[announce]` table.
+    pub announce: Option<AnnounceConfig>,
     /// Where runtime changes (operator state, weights, added and removed backends and services,
     /// transitions) are kept across restarts; none when unset. See [`crate::persist`].
     pub state_file: Option<PathBuf>,
@@ -160,6 +162,29 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct MetricsConfig {
     pub listen: SocketAddr,
+}
+
+/// Default `[announce] table`.
+pub const DEFAULT_ANNOUNCE_TABLE: u32 = 100;
+/// Default `[announce] protocol`: the route protocol number that marks lb's routes.
+pub const DEFAULT_ANNOUNCE_PROTOCOL: u8 = 201;
+
+/// The `[announce]` table: while the daemon runs, a blackhole host route per VIP whose service
+/// takes new clients, in kernel routing table `table`, marked with route protocol `protocol`
+/// (see [`crate::announce`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AnnounceConfig {
+    pub table: u32,
+    pub protocol: u8,
+}
+
+impl Default for AnnounceConfig {
+    fn default() -> Self {
+        AnnounceConfig {
+            table: DEFAULT_ANNOUNCE_TABLE,
+            protocol: DEFAULT_ANNOUNCE_PROTOCOL,
+        }
+    }
 }
 
 /// How the XDP program attaches to an interface.

@@ -17,6 +17,8 @@ use crate::observe::http::{self, HttpError};
 
 /// How often expired affinity entries are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// How often the `[announce]` routes are compared with the state (besides every change).
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -63,6 +65,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    let mut announce = tokio::time::interval(ANNOUNCE_EVERY);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -79,6 +82,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
                 notify(&[sd_notify::NotifyState::Ready]);
             }
             _ = sweep.tick() => engine.sweep(),
+            _ = announce.tick() => engine.announce_tick(),
             // Pinged from this loop, so a wedged loop stops the pings and systemd restarts lb.
             _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
                 notify(&[sd_notify::NotifyState::Watchdog]);
@@ -87,6 +91,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         }
     }
     notify(&[sd_notify::NotifyState::Stopping]);
+    // The VIPs go first, so the routers move new connections to the other nodes at once.
+    engine.withdraw_announcements();
     shutdown.cancel();
     server::remove(&socket);
     info!(

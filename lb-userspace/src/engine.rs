@@ -17,8 +17,8 @@ use crate::balancer::{Balancer, Reason, SelectError};
 use crate::config::{Config, ConfigError, DatapathKind};
 use crate::control::protocol::{
     AFFINITY_LIST_DEFAULT, AffinityChange, AffinityChangeView, AffinityEntryView, AffinityListView,
-    BackendStatsView, BackendView, Query, ReloadView, Request, ResetView, ServiceStatsView, ServiceView,
-    StatsView, StatusView, WhichView,
+    BackendStatsView, BackendView, CheckView, Query, ReloadView, Request, ResetView, ServiceStatsView,
+    ServiceView, StatsView, StatusView, WhichView,
 };
 use crate::datapath::affinity::AffinityTable;
 use crate::datapath::ajp::AjpDatapath;
@@ -122,6 +122,8 @@ pub struct Engine {
     started: Instant,
     /// Writes the `state_file` after every change, when the config has one.
     persist: Option<crate::persist::Writer>,
+    /// Keeps the VIP routes of `[announce]` in line with the state, when the config has one.
+    announce: Option<crate::announce::Announcer>,
 }
 
 impl Engine {
@@ -140,7 +142,8 @@ impl Engine {
             .filter(|x| wants_xdp || !x.interfaces.is_empty());
         let (seed, ring_size) = (config.seed, config.ring_size);
         let passive = Passive::new(events.clone());
-        Engine::assemble(config, events, shutdown, |balancer| {
+        let announce = config.announce.as_ref().map(crate::announce::Announcer::new);
+        let mut engine = Engine::assemble(config, events, shutdown, |balancer| {
             let mut datapaths: Vec<Box<dyn Datapath>> = vec![
                 Box::new(ProxyDatapath::new(balancer.clone(), passive.clone())),
                 Box::new(AjpDatapath::new(balancer.clone(), passive)),
@@ -149,7 +152,14 @@ impl Engine {
                 datapaths.push(Box::new(XdpDatapath::start(Some(x), seed, ring_size)?));
             }
             Ok(datapaths)
-        })
+        })?;
+        if let Some(a) = announce {
+            // Every service is up (and the state file restored); VIPs are announced as soon as
+            // a check finds a backend up ([`Engine::announce_tick`]).
+            a.follow(&engine.snapshot());
+            engine.announce = Some(a);
+        }
+        Ok(engine)
     }
 
     /// Builds an engine over the datapaths `make` returns (given the shared balancer) and brings up
@@ -170,6 +180,7 @@ impl Engine {
             health: Supervisor::new(events, shutdown),
             started: Instant::now(),
             persist: None,
+            announce: None,
         };
         for service in config.services.clone() {
             engine.execute_by(Command::AddService { service }, &Origin::Start)?;
@@ -310,6 +321,9 @@ impl Engine {
                 record_transitions(&now, service, backend, before, origin);
             }
             self.health.reconcile(&now);
+            if let Some(a) = &self.announce {
+                a.follow(&now);
+            }
             if let Some(p) = &self.persist {
                 p.save(now.clone());
             }
@@ -394,6 +408,7 @@ impl Engine {
             ("shutdown_timeout", new.shutdown_timeout != old.shutdown_timeout),
             ("[xdp]", new.xdp != old.xdp),
             ("[metrics]", new.metrics != old.metrics),
+            ("[announce]", new.announce != old.announce),
         ];
         for (setting, changed) in restart_only {
             if changed {
@@ -409,6 +424,7 @@ impl Engine {
             shutdown_timeout: old.shutdown_timeout,
             xdp: old.xdp.clone(),
             metrics: old.metrics.clone(),
+            announce: old.announce.clone(),
             ..new.clone()
         };
         for command in state::diff(&old, &new) {
@@ -507,6 +523,75 @@ impl Engine {
                 Ok(view(None, "none", "no backend takes new clients".to_string()))
             }
             Err(SelectError::State(e)) => Err(e.into()),
+        }
+    }
+
+    /// `check`: whether `service` has a backend that takes new clients, with a one-line reason.
+    pub fn check(&self, service: &str) -> CheckView {
+        let snapshot = self.snapshot();
+        let Ok(svc) = snapshot.state.service(service) else {
+            return CheckView {
+                service: service.to_string(),
+                status: CheckView::UNKNOWN_SERVICE.into(),
+                detail: format!("no service `{service}`"),
+                announced: None,
+            };
+        };
+        let taking: Vec<&str> = crate::announce::taking_new_clients(svc)
+            .map(|b| b.config.name.as_str())
+            .collect();
+        let ok = crate::announce::serving(&snapshot, svc);
+        let detail = if ok {
+            format!(
+                "{} of {} backends take new clients{}: {}",
+                taking.len(),
+                svc.backends.len(),
+                if svc.ring_uses_backups {
+                    " (backups; no primary does)"
+                } else {
+                    ""
+                },
+                taking.join(", ")
+            )
+        } else if !taking.is_empty() {
+            format!(
+                "no backend has passed a health check yet ({} take new clients once one does)",
+                taking.join(", ")
+            )
+        } else if svc.backends.is_empty() {
+            "no backend takes new clients: the service has no backends".to_string()
+        } else {
+            let why: Vec<String> = svc
+                .backends
+                .iter()
+                .map(|b| {
+                    let state = if b.health == Health::Down {
+                        "down".to_string()
+                    } else if b.config.weight == 0 {
+                        "weight 0".to_string()
+                    } else {
+                        enum_text(&b.config.state)
+                    };
+                    format!("{} {state}", b.config.name)
+                })
+                .collect();
+            format!("no backend takes new clients ({})", why.join(", "))
+        };
+        CheckView {
+            service: service.to_string(),
+            status: if ok { CheckView::OK } else { CheckView::NO_BACKEND }.into(),
+            detail,
+            announced: self
+                .announce
+                .as_ref()
+                .map(|a| a.is_announced(svc.settings.listen.ip())),
+        }
+    }
+
+    /// Withdraws every announced VIP at once (the daemon is stopping); nothing is announced after.
+    pub fn withdraw_announcements(&self) {
+        if let Some(a) = &self.announce {
+            a.withdraw_all();
         }
     }
 
@@ -809,6 +894,7 @@ impl Engine {
             Request::Query(Query::Stats {}) => json(&self.stats()),
             Request::Query(Query::Backends { service }) => json(&self.status(service.as_deref())?),
             Request::Query(Query::Which { service, client }) => json(&self.which(&service, &client)?),
+            Request::Query(Query::Check { service }) => json(&self.check(&service)),
             Request::Query(Query::AffinityList {
                 service,
                 backend,
@@ -864,6 +950,16 @@ impl Engine {
             backend: name,
             connections,
         })
+    }
+
+    /// Brings the `[announce]` routes in line with the state (the daemon calls it every second):
+    /// announces a VIP once a check has found one of its backends up (that changes no state),
+    /// puts back a route removed by hand, retries after a netlink error.
+    pub fn announce_tick(&self) {
+        if let Some(a) = &self.announce {
+            let _one_at_a_time = self.commands.lock().unwrap();
+            a.follow(&self.snapshot());
+        }
     }
 
     /// Drops expired affinity entries.

@@ -17,6 +17,7 @@
 //! - [`host`]: the sysctls the XDP datapath sets, recorded so `lb cleanup` restores them.
 //! - [`health`]: TCP and AJP health checks ([`ajp`]: the CPing/CPong codec), rise/fall.
 //! - [`control`]: the control socket protocol, server and client.
+//! - [`announce`]: VIP routes in a kernel table for BIRD (`[announce]`), and `lb withdraw`.
 //! - [`daemon`]: `lb run` (socket, engine, signals, graceful shutdown).
 //! - [`observe`]: what the daemon shows of itself: [`observe::metrics`] renders
 //!   [`engine::Engine::stats`] snapshots for Prometheus, [`observe::http`] serves them
@@ -26,6 +27,7 @@
 //! - [`cli`]: table rendering for the client subcommands.
 //! - [`ebpf`]: the embedded XDP object and its loader.
 pub mod ajp;
+pub mod announce;
 pub mod balancer;
 pub mod cli;
 pub mod config;

@@ -16,8 +16,14 @@ pub struct Member<'a> {
 }
 
 /// Builds a table of `size` slots (`size` prime) holding member ids. Empty when no member has weight.
+///
+/// The members take their turns in the order of their keys, not in the order given: two nodes
+/// whose services got the same backends in a different order (added at run time on one, read
+/// from the file at a restart on the other) build the same table, so they send every client to
+/// the same backend.
 pub fn build(members: &[Member<'_>], size: u32, seed: u32) -> Vec<u32> {
-    let members: Vec<&Member<'_>> = members.iter().filter(|m| m.weight > 0).collect();
+    let mut members: Vec<&Member<'_>> = members.iter().filter(|m| m.weight > 0).collect();
+    members.sort_by(|a, b| a.key.cmp(b.key));
     if members.is_empty() || size == 0 {
         return Vec::new();
     }
@@ -199,8 +205,11 @@ mod tests {
     }
 
     /// The table straight from the paper's formula: member i's j-th choice is
-    /// `(offset + j × skip) mod M`, one division per probe.
+    /// `(offset + j × skip) mod M`, one division per probe, members taking turns in key order.
     fn by_the_formula(members: &[Member<'_>], size: u32, seed: u32) -> Vec<u32> {
+        let mut members = members.to_vec();
+        members.sort_by(|a, b| a.key.cmp(b.key));
+        let members = &members[..];
         let m = u64::from(size);
         let max_weight = u64::from(members.iter().map(|b| b.weight).max().unwrap());
         let mut walkers: Vec<(u64, u64, u64, u64)> = members
@@ -233,6 +242,21 @@ mod tests {
             }
         }
         table
+    }
+
+    #[test]
+    fn the_order_of_the_members_does_not_matter() {
+        let k = keys(12);
+        let weights: Vec<u32> = (0..12).map(|i| i % 4 + 1).collect();
+        let m = members(&k, &weights);
+        let table = build(&m, 1009, 7);
+        // The same backends with the same ids, given in other orders.
+        let mut reversed = m.clone();
+        reversed.reverse();
+        let mut rotated = m.clone();
+        rotated.rotate_left(5);
+        assert_eq!(build(&reversed, 1009, 7), table);
+        assert_eq!(build(&rotated, 1009, 7), table);
     }
 
     #[test]

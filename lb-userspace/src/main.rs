@@ -11,8 +11,8 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use lb::config::{AdminState, BackendConfig, Config, ServiceConfig};
 use lb::control::client::{self, SocketSource};
 use lb::control::protocol::{
-    AffinityChange, AffinityChangeView, AffinityListView, Query, ReloadView, Request, RequestError,
-    ResetView, StatsView, StatusView, WhichView,
+    AffinityChange, AffinityChangeView, AffinityListView, CheckView, Query, ReloadView, Request,
+    RequestError, ResetView, StatsView, StatusView, WhichView,
 };
 use lb::state::Command;
 use serde_json::{Map, Value};
@@ -86,6 +86,22 @@ enum Cmd {
     /// and restore the host settings (sysctls) lb changed.
     Cleanup {
         /// Config file of the lb instance to clean up (its [xdp] pin_path).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Exit 0 only when the daemon is up and SERVICE has a backend taking new clients that has
+    /// passed a health check (for keepalived's track_script); otherwise one line saying why, and
+    /// exit 1 (no backend takes new clients), 3 (no such service) or 4 (daemon not reachable).
+    Check {
+        #[command(flatten)]
+        target: Target,
+        /// Service name.
+        service: String,
+    },
+    /// Remove the VIP routes of [announce] lb left in its routing table (after a crash; the
+    /// packaged unit runs it as ExecStopPost). Offline: no daemon needed.
+    Withdraw {
+        /// Config file of the lb instance (its [announce] table and protocol).
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
@@ -388,6 +404,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ));
             return emit(out.as_bytes());
         }
+        Cmd::Check { target, service } => {
+            let (code, line) = check(cli.socket, &target, service);
+            let _ = emit(format!("{line}\n").as_bytes());
+            std::process::exit(code);
+        }
+        Cmd::Withdraw { config } => {
+            let c = Config::load(&config)?;
+            let Some(announce) = c.announce else {
+                return emit(
+                    format!("{}: no [announce] table; nothing to withdraw\n", config.display()).as_bytes(),
+                );
+            };
+            let gone = lb::announce::withdraw(&announce)?;
+            let list: Vec<String> = gone.iter().map(ToString::to_string).collect();
+            return emit(
+                format!(
+                    "withdrew {} VIP routes from table {}{}{}\n",
+                    gone.len(),
+                    announce.table,
+                    if list.is_empty() { "" } else { ": " },
+                    list.join(", ")
+                )
+                .as_bytes(),
+            );
+        }
         Cmd::Top { target, interval } => {
             let (socket, _) = find_socket(cli.socket, &target)?;
             lb::observe::top::run(&socket, interval)?;
@@ -434,6 +475,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             lb::cli::status(&serde_json::from_value::<StatusView>(result)?)
         }
         (Request::Query(Query::Stats {}), _) => lb::cli::stats(&serde_json::from_value::<StatsView>(result)?),
+        (Request::Query(Query::Check { .. }), _) => {
+            format!("{}\n", serde_json::from_value::<CheckView>(result)?.detail)
+        }
         (Request::Query(Query::Which { .. }), _) => {
             lb::cli::which(&serde_json::from_value::<WhichView>(result)?)
         }
@@ -615,6 +659,8 @@ fn request(command: Cmd) -> Result<Request, RequestError> {
         Cmd::Run { .. }
         | Cmd::CheckConfig { .. }
         | Cmd::Cleanup { .. }
+        | Cmd::Check { .. }
+        | Cmd::Withdraw { .. }
         | Cmd::Top { .. }
         | Cmd::Completions { .. }
         | Cmd::Man { .. } => {
@@ -622,6 +668,45 @@ fn request(command: Cmd) -> Result<Request, RequestError> {
         }
     };
     Ok(Request::Change(change))
+}
+
+/// Exit codes of `lb check`.
+const CHECK_NO_BACKEND: i32 = 1;
+const CHECK_UNKNOWN_SERVICE: i32 = 3;
+const CHECK_DAEMON_DOWN: i32 = 4;
+
+/// `lb check SERVICE`: the exit code and the one line to print.
+fn check(cli_socket: Option<PathBuf>, target: &Target, service: String) -> (i32, String) {
+    let down = |e: &dyn std::fmt::Display| (CHECK_DAEMON_DOWN, format!("daemon down: {e}"));
+    let (socket, how) = match find_socket(cli_socket, target) {
+        Ok(found) => found,
+        Err(e) => return down(&lb::report::chain(e.as_ref())),
+    };
+    let request = Request::Query(Query::Check { service });
+    let response = match client::call_found(&socket, &how, &request) {
+        Ok(r) => r,
+        Err(e) => return down(&lb::report::chain(&e)),
+    };
+    let view = match response.result.filter(|_| response.ok) {
+        Some(v) => serde_json::from_value::<CheckView>(v),
+        None => return down(&response.error.unwrap_or_default()),
+    };
+    match view {
+        Ok(v) => {
+            let code = match v.status.as_str() {
+                CheckView::OK => 0,
+                CheckView::UNKNOWN_SERVICE => CHECK_UNKNOWN_SERVICE,
+                _ => CHECK_NO_BACKEND,
+            };
+            let announced = match v.announced {
+                Some(true) => "; VIP announced",
+                Some(false) => "; VIP not announced",
+                None => "",
+            };
+            (code, format!("{}: {}{announced}", v.service, v.detail))
+        }
+        Err(e) => down(&format!("unreadable answer: {e}")),
+    }
 }
 
 /// Sets `key` when the option was given.

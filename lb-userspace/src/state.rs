@@ -761,6 +761,7 @@ pub(crate) mod tests {
             },
             xdp: None,
             metrics: None,
+            announce: None,
             state_file: None,
             services: vec![service("web", "10.0.0.100:80", backends)],
         };
@@ -803,5 +804,49 @@ pub(crate) mod tests {
             .map(|b| b.config.name.clone())
             .collect();
         assert_eq!(names, ["b2", "b3"]);
+    }
+
+    /// A node that removed and added a backend again at run time (so it comes last in its list)
+    /// and a node restarted with the file (so it comes first) build rings naming the same
+    /// backends slot by slot: nodes behind ECMP keep agreeing.
+    #[test]
+    fn the_ring_does_not_depend_on_the_order_backends_came_in() {
+        let addresses = |s: &State| -> Vec<String> {
+            let svc = s.service("web").unwrap();
+            svc.ring
+                .iter()
+                .map(|id| svc.backend_by_id(*id).unwrap().config.address.to_string())
+                .collect()
+        };
+        let restarted = three();
+        let mut running = three();
+        running
+            .apply(Command::RemoveBackend {
+                service: "web".into(),
+                backend: "b1".into(),
+            })
+            .unwrap();
+        let b1 = restarted
+            .service("web")
+            .unwrap()
+            .backend("b1")
+            .unwrap()
+            .config
+            .clone();
+        running
+            .apply(Command::AddBackend {
+                service: "web".into(),
+                backend: b1,
+            })
+            .unwrap();
+        let order: Vec<&str> = running
+            .service("web")
+            .unwrap()
+            .backends
+            .iter()
+            .map(|b| b.config.name.as_str())
+            .collect();
+        assert_eq!(order, ["b2", "b3", "b1"]);
+        assert_eq!(addresses(&running), addresses(&restarted));
     }
 }

@@ -26,6 +26,8 @@ const PACKAGES: &[&str] = &[
     // The web tier in front of `datapath = "ajp"`: Apache httpd with mod_proxy_ajp and mod_jk.
     "apache2",
     "libapache2-mod-jk",
+    // BIRD 2: the BGP speakers of the two-node ECMP test (tests/tests/ecmp.rs).
+    "bird2",
     // A real browser for the status page test (headless, `--dump-dom` and `--screenshot`).
     "chromium",
     // `cargo xtask package` and its test: systemd-analyze verifies the unit, man renders the page,
@@ -43,6 +45,7 @@ const SERVICES: &[(&str, &str)] = &[
     ("nginx", "nginx"),
     ("haproxy", "haproxy"),
     ("apache2", "apache2"),
+    ("bird2", "bird"),
 ];
 
 /// bpf-linker must be built against the same LLVM major as nightly rustc (LLVM 22).

@@ -25,10 +25,10 @@ use serde_path_to_error::Segment;
 use toml::Spanned;
 
 use super::{
-    AdminState, AjpConfig, BackendConfig, Config, ConfigError, ControlConfig, DatapathKind, HealthConfig,
-    HealthKind, MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, MetricsConfig, Observe, OnDown,
-    Protocol, Secret, ServiceConfig, XdpConfig, XdpMode, format_duration, is_valid_name, listens_overlap,
-    parse_duration,
+    AdminState, AjpConfig, AnnounceConfig, BackendConfig, Config, ConfigError, ControlConfig, DatapathKind,
+    HealthConfig, HealthKind, MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, MetricsConfig, Observe,
+    OnDown, Protocol, Secret, ServiceConfig, XdpConfig, XdpMode, format_duration, is_valid_name,
+    listens_overlap, parse_duration,
 };
 
 type S<T> = Spanned<T>;
@@ -47,6 +47,7 @@ struct RawConfig {
     xdp: Option<S<RawXdp>>,
     metrics: Option<RawMetrics>,
     state_file: Option<S<String>>,
+    announce: Option<S<RawAnnounce>>,
     #[serde(default)]
     service: Vec<S<RawService<File>>>,
 }
@@ -55,6 +56,13 @@ struct RawConfig {
 #[serde(deny_unknown_fields, expecting = "a table")]
 struct RawMetrics {
     listen: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawAnnounce {
+    table: Option<S<i64>>,
+    protocol: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -781,6 +789,11 @@ impl Validator<'_, '_, File> {
                 listen: self.address(&rm.listen, "metrics.listen")?,
             }),
         };
+        let announce = raw
+            .announce
+            .as_ref()
+            .map(|ra| self.announce(ra.get_ref()))
+            .transpose()?;
 
         let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw.service.len());
         // (name span, listen span) of each accepted service, for duplicate messages.
@@ -922,9 +935,44 @@ impl Validator<'_, '_, File> {
             control,
             xdp,
             metrics,
+            announce,
             state_file,
             services,
         })
+    }
+
+    fn announce(&self, raw: &RawAnnounce) -> Result<AnnounceConfig, ConfigError> {
+        let mut config = AnnounceConfig::default();
+        if let Some(v) = &raw.table {
+            let n = self.int(v, "announce.table", 1..=i64::from(u32::MAX))?;
+            if (253..=255).contains(&n) {
+                return Err(self.err(
+                    v.span(),
+                    "announce.table",
+                    format!(
+                        "table {n} is one of the kernel's own (253 default, 254 main, 255 local); give lb a table of its own, such as {}, and name it in BIRD's kernel protocol",
+                        super::DEFAULT_ANNOUNCE_TABLE
+                    ),
+                ));
+            }
+            config.table = n as u32;
+        }
+        if let Some(v) = &raw.protocol {
+            let n = self.int(v, "announce.protocol", 1..=255)?;
+            // 1-4: redirect, kernel, boot, static; 12: bird (BIRD never learns its own routes).
+            if n <= 4 || n == 12 {
+                return Err(self.err(
+                    v.span(),
+                    "announce.protocol",
+                    format!(
+                        "protocol {n} is reserved (1-4 are the kernel's own, 12 is BIRD's, whose routes BIRD does not learn); use a number of lb's own such as {}",
+                        super::DEFAULT_ANNOUNCE_PROTOCOL
+                    ),
+                ));
+            }
+            config.protocol = n as u8;
+        }
+        Ok(config)
     }
 
     fn xdp(

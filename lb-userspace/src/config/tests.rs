@@ -748,7 +748,7 @@ fn unknown_keys() {
             "ring",
             &[
                 "unknown key `ring`",
-                "allowed keys: log_level, seed, ring_size, shutdown_timeout, control, xdp, metrics, state_file, service",
+                "allowed keys: log_level, seed, ring_size, shutdown_timeout, control, xdp, metrics, state_file, announce, service",
             ],
         ),
         (
@@ -2052,4 +2052,56 @@ fn passive_health_is_on_where_checks_run_and_off_for_kind_none_unless_asked() {
         load(svc!("[service.health]\nerror_limit = 1\n")),
         (Observe::Layer4, 1)
     );
+}
+
+#[test]
+fn announce_names_a_table_and_a_protocol_of_lbs_own() {
+    assert_eq!(good("seed = 1\n").announce, None);
+    assert_eq!(
+        good("[announce]\n").announce,
+        Some(crate::config::AnnounceConfig {
+            table: 100,
+            protocol: 201
+        })
+    );
+    assert_eq!(
+        good("[announce]\ntable = 4242\nprotocol = 77\n").announce,
+        Some(crate::config::AnnounceConfig {
+            table: 4242,
+            protocol: 77
+        })
+    );
+    bad_table(&[
+        (
+            "[announce]\ntable = 254\n",
+            2,
+            "announce.table",
+            &["one of the kernel's own", "such as 100"],
+        ),
+        (
+            "[announce]\ntable = 0\n",
+            2,
+            "announce.table",
+            &["out of range; allowed 1..=4294967295"],
+        ),
+        (
+            "[announce]\nprotocol = 12\n",
+            2,
+            "announce.protocol",
+            &["reserved", "BIRD's"],
+        ),
+        (
+            "[announce]\nprotocol = 256\n",
+            2,
+            "announce.protocol",
+            &["out of range; allowed 1..=255"],
+        ),
+        (
+            "[announce]\nprotocol = 3\n",
+            2,
+            "announce.protocol",
+            &["reserved"],
+        ),
+        ("[announce]\ntabel = 3\n", 2, "announce.tabel", &["unknown key"]),
+    ]);
 }

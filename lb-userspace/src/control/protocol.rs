@@ -81,6 +81,8 @@ pub enum Query {
     },
     /// Which backend would `client` reach, and why.
     Which { service: String, client: String },
+    /// Whether `service` has a backend taking new clients (`lb check`, keepalived's track_script).
+    Check { service: String },
     /// Live affinity entries of a service (of one backend), most recent first.
     AffinityList {
         service: String,
@@ -152,7 +154,7 @@ pub enum RequestError {
 }
 
 /// Every `cmd`, for error messages.
-const COMMANDS: &str = "status, stats, backends, which, affinity-list, affinity-flush, affinity-set, reload, add-service, remove-service, add-backend, add-backends, remove-backend, set-state, set-weight";
+const COMMANDS: &str = "status, stats, backends, which, check, affinity-list, affinity-flush, affinity-set, reload, add-service, remove-service, add-backend, add-backends, remove-backend, set-state, set-weight";
 
 /// `remove-backend`, `set-state` and `set-weight` name a backend of a service.
 #[derive(Deserialize)]
@@ -200,7 +202,7 @@ impl Request {
                 )));
             }
         };
-        if matches!(cmd.as_str(), "status" | "stats" | "backends" | "which") {
+        if matches!(cmd.as_str(), "status" | "stats" | "backends" | "which" | "check") {
             return Ok(Request::Query(decode(Value::Object(fields))?));
         }
         fields.remove("cmd");
@@ -744,6 +746,26 @@ pub struct WhichView {
     pub detail: String,
 }
 
+/// The answer to `check` (`lb check SERVICE`): never an error, so the caller tells an unknown
+/// service from a daemon that is down.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckView {
+    pub service: String,
+    /// "ok" (a backend takes new clients), "no-backend" or "unknown-service".
+    pub status: String,
+    /// One line saying why.
+    pub detail: String,
+    /// Whether the service's VIP is announced (`[announce]`); absent without `[announce]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announced: Option<bool>,
+}
+
+impl CheckView {
+    pub const OK: &'static str = "ok";
+    pub const NO_BACKEND: &'static str = "no-backend";
+    pub const UNKNOWN_SERVICE: &'static str = "unknown-service";
+}
+
 /// The answer to `lb backend disable --reset`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ResetView {
@@ -815,6 +837,12 @@ mod tests {
         let cases: Vec<(&str, Request)> = vec![
             (r#"{"cmd":"status"}"#, Request::Query(Query::Status {})),
             (r#"{"cmd":"stats"}"#, Request::Query(Query::Stats {})),
+            (
+                r#"{"cmd":"check","service":"web"}"#,
+                Request::Query(Query::Check {
+                    service: "web".into(),
+                }),
+            ),
             (
                 r#"{"cmd":"backends"}"#,
                 Request::Query(Query::Backends { service: None }),

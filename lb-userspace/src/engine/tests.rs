@@ -1211,3 +1211,41 @@ address = "127.0.0.1:2"
         }
     }
 }
+
+#[test]
+fn check_tells_a_serving_service_from_an_empty_one_and_an_unknown_one() {
+    let bed = Bed::new(BASE);
+    let e = &bed.engine;
+    let ok = e.check("web");
+    assert_eq!(ok.status, "ok", "{ok:?}");
+    assert!(
+        ok.detail.starts_with("3 of 3 backends take new clients"),
+        "{ok:?}"
+    );
+    assert_eq!(ok.announced, None, "no [announce] table");
+    for b in ["b1", "b2"] {
+        e.execute(Command::SetHealth {
+            service: "web".into(),
+            backend: b.into(),
+            health: Health::Down,
+        })
+        .unwrap();
+    }
+    e.execute(Command::SetState {
+        service: "web".into(),
+        backend: "b3".into(),
+        state: AdminState::Drain,
+    })
+    .unwrap();
+    let none = e.check("web");
+    assert_eq!(none.status, "no-backend", "{none:?}");
+    assert_eq!(
+        none.detail,
+        "no backend takes new clients (b1 down, b2 down, b3 drain)"
+    );
+    let unknown = e.check("nope");
+    assert_eq!(
+        (unknown.status.as_str(), unknown.detail.as_str()),
+        ("unknown-service", "no service `nope`")
+    );
+}
