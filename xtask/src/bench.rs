@@ -51,6 +51,7 @@ mod measure;
 mod micro;
 mod report;
 mod rows;
+mod scale;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -114,6 +115,15 @@ pub struct BenchArgs {
     /// Skip the failover measurement in a full run.
     #[arg(long)]
     no_failover: bool,
+    /// Run only the kernel figures (XDP ns/packet, live-frames Mpps, growing flows), the Maglev
+    /// rebuild and the cost-growth measurements (idle connections, daemon RSS); writes cost.md,
+    /// cost.svg and cost.json. With --quick: the smoke mode (seconds).
+    #[arg(long)]
+    cost: bool,
+    /// The lb-microbench binary to run (default: the one built, or target/release/lb-microbench
+    /// with --no-build).
+    #[arg(long)]
+    microbench: Option<PathBuf>,
 }
 
 /// Durations and sizes of one run.
@@ -181,6 +191,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.failover || !args.failover_rows.is_empty() {
         return run_failover_only(&args);
+    }
+    if args.cost {
+        return run_cost_only(&args);
     }
     let rows = if args.rows.is_empty() {
         RowKind::ALL.to_vec()
@@ -264,7 +277,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let micro = if args.no_micro {
         micro::Micro::skipped("skipped (--no-micro)")
     } else {
-        micro::run(bins.microbench.as_deref(), &bins.lb, plan.quick)
+        micro::run(bins.microbench.as_deref(), &bins.lb, plan.quick, false)
     };
     check_interrupted()?;
 
@@ -305,6 +318,41 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if plan.quick {
         eprintln!("bench: --quick results are for smoke checks; run without --quick for numbers to cite");
     }
+    Ok(())
+}
+
+/// `--cost`: only the kernel figures and the cost-growth measurements; writes `cost.md`,
+/// `cost.svg` and `cost.json` into the output directory.
+fn run_cost_only(args: &BenchArgs) -> Result<()> {
+    let bins = binaries(args)?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let bench = bins.root.join("bench");
+        if args.quick { bench.join("quick") } else { bench }
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    install_signal_handlers();
+    let started = Instant::now();
+    let m = micro::run(bins.microbench.as_deref(), &bins.lb, args.quick, true);
+    let md = m.markdown();
+    println!("{md}");
+    let width = 900.0;
+    let (panel, h) = scale::chart(&m, 0.0, width);
+    let svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{h}\" viewBox=\"0 0 {width} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{panel}</svg>\n"
+    );
+    for (name, text) in [
+        ("cost.md", md),
+        ("cost.svg", svg),
+        ("cost.json", serde_json::to_string_pretty(&m.json())?),
+    ] {
+        let path = out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    eprintln!(
+        "bench: kernel figures and cost growth done in {:.0} s; wrote cost.md, cost.svg and cost.json in {}",
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
     Ok(())
 }
 
@@ -573,7 +621,10 @@ fn binaries(args: &BenchArgs) -> Result<Bins> {
                 lb.display()
             );
         }
-        let micro = target.join("release/lb-microbench");
+        let micro = args
+            .microbench
+            .clone()
+            .unwrap_or_else(|| target.join("release/lb-microbench"));
         return Ok(Bins {
             lb: absolute(&lb),
             microbench: micro.is_file().then_some(micro),
@@ -582,8 +633,8 @@ fn binaries(args: &BenchArgs) -> Result<Bins> {
     }
     let ws = crate::Workspace::locate()?;
     let built = ws.build(true)?;
-    let mut microbench = None;
-    if !args.no_micro {
+    let mut microbench = args.microbench.clone();
+    if !args.no_micro && microbench.is_none() {
         let t = Instant::now();
         let status = ws
             .cargo()
