@@ -6,6 +6,8 @@
 //! sudo -E cargo xtask bench --quick          # one short round (smoke check), into bench/quick/
 //! sudo -E cargo xtask bench --rows none,lb-proxy --pin --out /tmp/b
 //! sudo -E cargo xtask bench --ajp            # only the AJP chain (Apache → lb → Tomcats)
+//! sudo -E cargo xtask bench --cost           # only the kernel figures and cost growth
+//! sudo -E cargo xtask bench --cost --quick   # the same in seconds (smoke mode)
 //! sudo -E cargo xtask bench --ajp-rows ajp-balancer,ajp-haproxy --quick --no-build --lb-bin target/debug/lb
 //! ```
 //!
@@ -26,9 +28,16 @@
 //!   chart and `results.json`.
 //! - [`micro`]: runs `lb-microbench` (`src/bench/microbench.rs`, built with `--features micro`:
 //!   XDP ns/packet via BPF_PROG_TEST_RUN, XDP cost of runtime changes at 1,000 backends, Maglev
-//!   build time, selection per operation), [`churn`] (1,000 backends added at runtime one request
-//!   each and as one batch, per-change time with the daemon's own split, proxy latency before,
-//!   during and after) and measures the daemon's RSS with 1 and 1,000 backends.
+//!   build time, selection per operation, and the kernel figures of `precise.rs`: ns/packet from
+//!   BPF_PROG_RUN's repeat loop through a restore + tail-call chain, live-frames Mpps on one CPU
+//!   beside a trivial XDP_TX, ns/packet with 10, 10k and 1M live flows), [`churn`] (1,000 backends
+//!   added at runtime one request each and as one batch, per-change time with the daemon's own
+//!   split, proxy latency before, during and after) and measures the daemon's RSS with 1 and 1,000
+//!   backends.
+//! - [`scale`]: cost as the work grows: proxy RSS per idle connection (lb vs HAProxy, 10k
+//!   connections or what the descriptor limit allows), daemon RSS with 10, 100 and 1,000 backends
+//!   × 16 services, and the chart of these and the kernel figures at the foot of `results.svg`.
+//!   `--cost` runs only these and the kernel figures, into cost.md, cost.svg and cost.json.
 //!
 //! - [`failover`]: `--failover`, a backend killed under a `Connection: close` load: errors and
 //!   time to move for lb-proxy, lb-xdp and HAProxy (`observe layer4`, inter 500 ms). A full run
