@@ -55,7 +55,7 @@ fn flows_name(n: usize) -> String {
 
 /// The client addresses with permanent neighbours in the fixture (10.0.0.10..=10.0.0.209), less
 /// the VIP itself (a packet from the VIP is an impossible source).
-fn clients() -> Vec<Ipv4Addr> {
+pub fn clients() -> Vec<Ipv4Addr> {
     (10..210u8)
         .map(|i| Ipv4Addr::new(10, 0, 0, i))
         .filter(|c| *c != VIP)
