@@ -4,6 +4,10 @@
 //! affinity holds (one client address → one backend; the client addresses together reach all three
 //! backends). No timing assertions.
 //!
+//! `bench_cost_smoke`: `bench --cost --quick` (the kernel figures and the cost-growth
+//! measurements in their smoke mode) produces every figure, with `$LB_MICROBENCH` (a debug
+//! lb-microbench, which `cargo xtask test` builds).
+//!
 //! Runs the already-built `target/debug/xtask` with `--no-build` (a nested `cargo xtask` would wait
 //! for the cargo lock that `cargo test` holds) and the debug `lb` (`$LB_BIN`, as `cargo xtask test`
 //! sets). Needs root; prints SKIP otherwise.
@@ -176,4 +180,119 @@ fn bench_quick_smoke() {
     assert!(!netns.contains(&prefix), "namespaces left behind:\n{netns}");
     let tmp = std::env::temp_dir().join(format!("lbb-{pid}.d"));
     assert!(!tmp.exists(), "{} left behind", tmp.display());
+}
+
+/// `$LB_MICROBENCH`, else `<target>/debug/lb-microbench`.
+fn microbench_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LB_MICROBENCH") {
+        return PathBuf::from(p);
+    }
+    xtask_bin().with_file_name("lb-microbench")
+}
+
+/// The entry whose name starts with `prefix`: its value, or a failure naming why it is missing.
+fn figure(entries: &[Value], prefix: &str) -> f64 {
+    let e = entries
+        .iter()
+        .find(|e| e["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
+        .unwrap_or_else(|| panic!("no figure {prefix:?} in {entries:#?}"));
+    e["value"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("figure {prefix:?} unavailable: {}", e["unavailable"]))
+}
+
+#[test]
+fn bench_cost_smoke() {
+    if !require_root("bench_cost_smoke") {
+        return;
+    }
+    let (xtask, micro) = (xtask_bin(), microbench_bin());
+    for bin in [&xtask, &micro] {
+        if !bin.is_file() {
+            eprintln!(
+                "SKIP: bench_cost_smoke: {} is not built (`cargo xtask test` builds both; or set LB_XTASK / LB_MICROBENCH)",
+                bin.display()
+            );
+            return;
+        }
+    }
+    let out = TempDir::new("bench-cost");
+    let mut cmd = Command::new(&xtask);
+    cmd.args(["bench", "--cost", "--quick", "--no-build", "--lb-bin"])
+        .arg(lb_bin())
+        .arg("--microbench")
+        .arg(&micro)
+        .arg("--out")
+        .arg(out.path());
+    let started = Instant::now();
+    let mut child = Child::spawn(cmd).expect("spawn xtask bench --cost");
+    let status = child
+        .wait_timeout(Duration::from_secs(180))
+        .unwrap()
+        .unwrap_or_else(|| {
+            let _ = child.stop();
+            panic!(
+                "xtask bench --cost did not finish within 180 s:\n{}",
+                child.stderr_text()
+            )
+        });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        status.success(),
+        "xtask bench --cost failed ({status}):\n{}",
+        child.stderr_text()
+    );
+    eprintln!(
+        "bench_cost_smoke: xtask bench --cost --quick took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("cost.json")).expect("cost.json"))
+            .expect("cost.json is JSON");
+    let entries = json["entries"].as_array().expect("entries").clone();
+    for prefix in [
+        "XDP precise: established flow, client → backend",
+        "XDP precise: established flow, backend → client",
+        "XDP precise: new SYN",
+        "XDP precise: established client → backend with 10 live flows",
+        "XDP precise: established client → backend with 10k live flows",
+        "XDP precise: established client → backend with 100k live flows",
+        "XDP live frames, one CPU: lb",
+        "XDP live frames, one CPU: trivial XDP_TX, through",
+        "XDP live frames, one CPU: trivial XDP_TX, plain",
+        "XDP live frames: lb as a share",
+        "lb proxy RSS per idle connection",
+        "Maglev rebuild, one of 100 backends leaves",
+    ] {
+        let v = figure(&entries, prefix);
+        assert!(v.is_finite() && v > 0.0, "{prefix}: {v}");
+    }
+    // Maglev's promise: about 1 % of clients move when one of 100 backends leaves, and hardly any
+    // of them were on a backend that stayed.
+    let moved = figure(&entries, "Clients moved when one of 100 backends leaves");
+    assert!((0.9..3.0).contains(&moved), "clients moved: {moved} %");
+    // Memory grows with the backends.
+    let small = figure(&entries, "lb daemon RSS, 16 proxy services × 10 backends");
+    let big = figure(&entries, "lb daemon RSS, 16 proxy services × 1000 backends");
+    assert!(
+        big > small,
+        "daemon RSS: 16 × 1000 backends {big} MiB, 16 × 10 {small} MiB"
+    );
+    if bench_has_haproxy() {
+        let v = figure(&entries, "HAProxy RSS per idle connection");
+        assert!(v.is_finite() && v > 0.0, "HAProxy RSS per idle connection: {v}");
+    }
+    let md = std::fs::read_to_string(out.path().join("cost.md")).expect("cost.md");
+    assert!(md.contains("| benchmark | result | how |"), "no table:\n{md}");
+    let svg = std::fs::read_to_string(out.path().join("cost.svg")).expect("cost.svg");
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>") && svg.contains("Mpps"),
+        "not the cost chart:\n{svg}"
+    );
+}
+
+fn bench_has_haproxy() -> bool {
+    ["/usr/sbin/haproxy", "/usr/bin/haproxy", "/usr/local/sbin/haproxy"]
+        .iter()
+        .any(|p| Path::new(p).is_file())
 }

@@ -6,6 +6,8 @@
 //! sudo -E cargo xtask bench --quick          # one short round (smoke check), into bench/quick/
 //! sudo -E cargo xtask bench --rows none,lb-proxy --pin --out /tmp/b
 //! sudo -E cargo xtask bench --ajp            # only the AJP chain (Apache → lb → Tomcats)
+//! sudo -E cargo xtask bench --cost           # only the kernel figures and cost growth
+//! sudo -E cargo xtask bench --cost --quick   # the same in seconds (smoke mode)
 //! sudo -E cargo xtask bench --ajp-rows ajp-balancer,ajp-haproxy --quick --no-build --lb-bin target/debug/lb
 //! ```
 //!
@@ -26,9 +28,16 @@
 //!   chart and `results.json`.
 //! - [`micro`]: runs `lb-microbench` (`src/bench/microbench.rs`, built with `--features micro`:
 //!   XDP ns/packet via BPF_PROG_TEST_RUN, XDP cost of runtime changes at 1,000 backends, Maglev
-//!   build time, selection per operation), [`churn`] (1,000 backends added at runtime one request
-//!   each and as one batch, per-change time with the daemon's own split, proxy latency before,
-//!   during and after) and measures the daemon's RSS with 1 and 1,000 backends.
+//!   build time, selection per operation, and the kernel figures of `precise.rs`: ns/packet from
+//!   BPF_PROG_RUN's repeat loop through a restore + tail-call chain, live-frames Mpps on one CPU
+//!   beside a trivial XDP_TX, ns/packet with 10, 10k and 1M live flows), [`churn`] (1,000 backends
+//!   added at runtime one request each and as one batch, per-change time with the daemon's own
+//!   split, proxy latency before, during and after) and measures the daemon's RSS with 1 and 1,000
+//!   backends.
+//! - [`scale`]: cost as the work grows: proxy RSS per idle connection (lb vs HAProxy, 10k
+//!   connections or what the descriptor limit allows), daemon RSS with 10, 100 and 1,000 backends
+//!   × 16 services, and the chart of these and the kernel figures at the foot of `results.svg`.
+//!   `--cost` runs only these and the kernel figures, into cost.md, cost.svg and cost.json.
 //!
 //! - [`failover`]: `--failover`, a backend killed under a `Connection: close` load: errors and
 //!   time to move for lb-proxy, lb-xdp and HAProxy (`observe layer4`, inter 500 ms). A full run
@@ -51,6 +60,7 @@ mod measure;
 mod micro;
 mod report;
 mod rows;
+mod scale;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -114,6 +124,15 @@ pub struct BenchArgs {
     /// Skip the failover measurement in a full run.
     #[arg(long)]
     no_failover: bool,
+    /// Run only the kernel figures (XDP ns/packet, live-frames Mpps, growing flows), the Maglev
+    /// rebuild and the cost-growth measurements (idle connections, daemon RSS); writes cost.md,
+    /// cost.svg and cost.json. With --quick: the smoke mode (seconds).
+    #[arg(long)]
+    cost: bool,
+    /// The lb-microbench binary to run (default: the one built, or target/release/lb-microbench
+    /// with --no-build).
+    #[arg(long)]
+    microbench: Option<PathBuf>,
 }
 
 /// Durations and sizes of one run.
@@ -181,6 +200,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.failover || !args.failover_rows.is_empty() {
         return run_failover_only(&args);
+    }
+    if args.cost {
+        return run_cost_only(&args);
     }
     let rows = if args.rows.is_empty() {
         RowKind::ALL.to_vec()
@@ -264,7 +286,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let micro = if args.no_micro {
         micro::Micro::skipped("skipped (--no-micro)")
     } else {
-        micro::run(bins.microbench.as_deref(), &bins.lb, plan.quick)
+        micro::run(bins.microbench.as_deref(), &bins.lb, plan.quick, false)
     };
     check_interrupted()?;
 
@@ -305,6 +327,41 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if plan.quick {
         eprintln!("bench: --quick results are for smoke checks; run without --quick for numbers to cite");
     }
+    Ok(())
+}
+
+/// `--cost`: only the kernel figures and the cost-growth measurements; writes `cost.md`,
+/// `cost.svg` and `cost.json` into the output directory.
+fn run_cost_only(args: &BenchArgs) -> Result<()> {
+    let bins = binaries(args)?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let bench = bins.root.join("bench");
+        if args.quick { bench.join("quick") } else { bench }
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    install_signal_handlers();
+    let started = Instant::now();
+    let m = micro::run(bins.microbench.as_deref(), &bins.lb, args.quick, true);
+    let md = m.markdown();
+    println!("{md}");
+    let width = 900.0;
+    let (panel, h) = scale::chart(&m, 0.0, width);
+    let svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{h}\" viewBox=\"0 0 {width} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{panel}</svg>\n"
+    );
+    for (name, text) in [
+        ("cost.md", md),
+        ("cost.svg", svg),
+        ("cost.json", serde_json::to_string_pretty(&m.json())?),
+    ] {
+        let path = out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    eprintln!(
+        "bench: kernel figures and cost growth done in {:.0} s; wrote cost.md, cost.svg and cost.json in {}",
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
     Ok(())
 }
 
@@ -573,7 +630,10 @@ fn binaries(args: &BenchArgs) -> Result<Bins> {
                 lb.display()
             );
         }
-        let micro = target.join("release/lb-microbench");
+        let micro = args
+            .microbench
+            .clone()
+            .unwrap_or_else(|| target.join("release/lb-microbench"));
         return Ok(Bins {
             lb: absolute(&lb),
             microbench: micro.is_file().then_some(micro),
@@ -582,8 +642,8 @@ fn binaries(args: &BenchArgs) -> Result<Bins> {
     }
     let ws = crate::Workspace::locate()?;
     let built = ws.build(true)?;
-    let mut microbench = None;
-    if !args.no_micro {
+    let mut microbench = args.microbench.clone();
+    if !args.no_micro && microbench.is_none() {
         let t = Instant::now();
         let status = ws
             .cargo()

@@ -5,7 +5,8 @@
 //!   `lb-testsrv` and `lb-demo` with the object embedded (`LB_EBPF_OBJECT`).
 //! - `run [--release] -- ARGS`: build, then exec `target/{debug,release}/lb ARGS`.
 //! - `test [-- ARGS]`: setup, build, package, then `cargo test` for lb-common (no features) and the
-//!   workspace, with `LB_EBPF_OBJECT`, `LB_REQUIRE_EBPF=1`, `LB_BIN`, `LB_TESTSRV` and `LB_DEB` set. ARGS go to
+//!   workspace, with `LB_EBPF_OBJECT`, `LB_REQUIRE_EBPF=1`, `LB_BIN`, `LB_TESTSRV`, `LB_DEB` and
+//!   `LB_MICROBENCH` (a debug lb-microbench, built first) set. ARGS go to
 //!   `cargo test` (`cargo xtask test -- ebpf -- --nocapture`).
 //! - `demo [-- ARGS]`: setup, build, then run `lb-demo` as root.
 //! - `package [--release]`: build, then the .deb with man page and completions; see [`package`].
@@ -279,6 +280,21 @@ impl Workspace {
         let built = self.build(false)?;
         // The .deb of the debug build, checked by lb-tests' package.rs.
         let deb = self.package(false)?;
+        // lb-microbench (debug), for the bench smoke test's kernel figures.
+        self.cargo()
+            .env("LB_EBPF_OBJECT", &built.object)
+            .args([
+                "build",
+                "-p",
+                "xtask",
+                "--features",
+                "micro",
+                "--bin",
+                "lb-microbench",
+            ])
+            .run()
+            .context("building lb-microbench")?;
+        let microbench = self.target.join("debug/lb-microbench");
         let suites: [(&str, Cmd); 2] = [
             (
                 "lb-common (no features)",
@@ -292,6 +308,7 @@ impl Workspace {
                     .env("LB_BIN", &built.lb)
                     .env("LB_TESTSRV", &built.testsrv)
                     .env("LB_DEB", &deb)
+                    .env("LB_MICROBENCH", &microbench)
                     .args(["test", "--workspace", "--no-fail-fast"])
                     .args(args),
             ),

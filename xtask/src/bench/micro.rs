@@ -58,7 +58,12 @@ impl Micro {
             );
         }
         s.push_str(
-            "\nXDP figures are BPF_PROG_TEST_RUN's own per-run average (kernel clock, no driver, no \
+            "\n\"XDP precise\" rows: BPF_PROG_RUN's own average over its repeat loop, each run \
+             starting from a fresh copy of a valid frame (a restore program tail-calls lb), minus \
+             the restore program's own cost measured the same way. \"XDP live frames\" rows: \
+             BPF_PROG_RUN with BPF_F_TEST_XDP_LIVE_FRAMES on one pinned CPU, the verdict carried \
+             out (redirect into a veth whose far end drops and counts each frame). Other XDP \
+             figures are BPF_PROG_TEST_RUN's own per-run average (kernel clock, no driver, no \
              memory traffic of a real NIC); they bound the program's cost, not the datapath's \
              throughput. Selection figures include the `Choice` the balancer returns (it clones the \
              backend name).\n",
@@ -87,8 +92,9 @@ fn fmt_value(v: f64) -> String {
     }
 }
 
-/// Runs `lb-microbench` (when built) and the daemon-memory measurement.
-pub fn run(microbench: Option<&Path>, lb: &Path, quick: bool) -> Micro {
+/// Runs `lb-microbench` (when built) and the memory measurements; `kernel_only`: only the kernel
+/// figures, the Maglev rebuild and the cost-growth measurements (`--cost`).
+pub fn run(microbench: Option<&Path>, lb: &Path, quick: bool, kernel_only: bool) -> Micro {
     let mut m = Micro::default();
     eprintln!("bench: micro-benchmarks");
     match microbench {
@@ -96,6 +102,9 @@ pub fn run(microbench: Option<&Path>, lb: &Path, quick: bool) -> Micro {
             let mut cmd = Command::new(bin);
             if quick {
                 cmd.arg("--quick");
+            }
+            if kernel_only {
+                cmd.arg("--kernel");
             }
             match run_with_timeout(cmd, Duration::from_secs(300)) {
                 Ok(out) => {
@@ -131,11 +140,19 @@ pub fn run(microbench: Option<&Path>, lb: &Path, quick: bool) -> Micro {
             ),
         }),
     }
-    m.entries.extend(super::churn::run(lb, quick));
+    if !kernel_only {
+        m.entries.extend(super::churn::run(lb, quick));
+    }
+    eprintln!("bench: idle connections (lb proxy, HAProxy) and daemon RSS with 16 services");
+    m.entries.extend(super::scale::idle_connections(lb, quick));
+    m.entries.extend(super::scale::daemon_services(lb));
+    if kernel_only {
+        return m;
+    }
     for n in [1usize, 1000] {
         m.entries.push(Entry {
             name: format!("lb daemon RSS, one proxy service with {n} backend(s), health none"),
-            result: daemon_rss(lb, n).map(|mib| {
+            result: daemon_rss(lb, 1, n).map(|mib| {
                 (
                     mib,
                     "MiB".to_string(),
@@ -161,32 +178,38 @@ fn entry(v: &Value) -> Entry {
     Entry { name, result }
 }
 
-/// Config of one proxy service on 127.0.0.1:8080 with `n` backends on loopback addresses
-/// (127.1.x.y), health checks off (nothing is ever sent to them).
-fn rss_config(dir: &Path, n: usize) -> String {
+/// Config of `services` proxy services on 127.0.0.1:8080.. with `n` backends each on loopback
+/// addresses (127.1.x.y), health checks off (nothing is ever sent to them).
+fn rss_config(dir: &Path, services: usize, n: usize) -> String {
     let mut c = format!(
-        "log_level = \"warn\"\nring_size = 100003\nshutdown_timeout = \"0s\"\n\n[control]\nsocket = \"{}\"\n\n\
-         [[service]]\nname = \"big\"\nlisten = \"127.0.0.1:8080\"\ndatapath = \"proxy\"\n\n[service.health]\nkind = \"none\"\n",
+        "log_level = \"warn\"\nring_size = 100003\nshutdown_timeout = \"0s\"\n\n[control]\nsocket = \"{}\"\n",
         dir.join("lb.sock").display()
     );
-    for i in 0..n {
+    for s in 0..services {
         let _ = write!(
             c,
-            "\n[[service.backend]]\nname = \"b{i}\"\naddress = \"127.1.{}.{}:80\"\n",
-            i / 250,
-            i % 250 + 1
+            "\n[[service]]\nname = \"big{s}\"\nlisten = \"127.0.0.1:{}\"\ndatapath = \"proxy\"\n\n[service.health]\nkind = \"none\"\n",
+            8080 + s
         );
+        for i in 0..n {
+            let _ = write!(
+                c,
+                "\n[[service.backend]]\nname = \"b{i}\"\naddress = \"127.1.{}.{}:80\"\n",
+                i / 250,
+                i % 250 + 1
+            );
+        }
     }
     c
 }
 
-/// Starts `lb run` with `n` backends in a namespace of its own (loopback only), reads its VmRSS
-/// once its control socket answers, and stops it.
-fn daemon_rss(lb: &Path, n: usize) -> Result<f64, String> {
+/// Starts `lb run` with `services` × `n` backends in a namespace of its own (loopback only), reads
+/// its VmRSS once its control socket answers, and stops it.
+pub fn daemon_rss(lb: &Path, services: usize, n: usize) -> Result<f64, String> {
     let name = format!("lbb-{}-m", std::process::id());
     let dir = TempDir::try_in(&std::env::temp_dir(), &format!("{name}.d")).map_err(|e| format!("{e:#}"))?;
     let cfg = dir.path().join("lb.toml");
-    fs::write(&cfg, rss_config(dir.path(), n)).map_err(|e| e.to_string())?;
+    fs::write(&cfg, rss_config(dir.path(), services, n)).map_err(|e| e.to_string())?;
     let ns = Netns::new(&name).map_err(|e| e.to_string())?;
     let _reaper = Reaper::new(vec![name.clone()]);
     let cfg_s = cfg.display().to_string();
@@ -196,7 +219,7 @@ fn daemon_rss(lb: &Path, n: usize) -> Result<f64, String> {
         c
     })
     .map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let socket = dir.path().join("lb.sock").display().to_string();
     loop {
         if let Ok(Some(st)) = child.try_wait() {
@@ -211,7 +234,7 @@ fn daemon_rss(lb: &Path, n: usize) -> Result<f64, String> {
             break;
         }
         if Instant::now() >= deadline {
-            return Err("lb's control socket did not answer within 15 s".to_string());
+            return Err("lb's control socket did not answer within 30 s".to_string());
         }
         thread::sleep(Duration::from_millis(50));
     }

@@ -454,7 +454,9 @@ impl Report {
         let group_h = bar_h * 4.0 + 14.0;
         let top = 70.0;
         let rows: Vec<(&RowKind, &RowResult)> = self.rows.iter().collect();
-        let height = top + group_h * rows.len() as f64 + 40.0;
+        let chart_y = top + group_h * rows.len() as f64 + 40.0;
+        let (cost_chart, chart_h) = super::scale::chart(&self.micro, chart_y, width);
+        let height = chart_y + chart_h;
         let mut s = String::new();
         let _ = writeln!(
             s,
@@ -475,8 +477,10 @@ impl Report {
         let Some(base) = self.base() else {
             let _ = writeln!(
                 s,
-                r#"<text x="{left}" y="50">No `none` row in this run: nothing to compare with.</text></svg>"#
+                r#"<text x="{left}" y="50">No `none` row in this run: nothing to compare with.</text>"#
             );
+            s.push_str(&cost_chart);
+            s.push_str("</svg>\n");
             return s;
         };
         let base_v = pick(base);
@@ -510,9 +514,9 @@ impl Report {
             let _ = writeln!(
                 s,
                 r##"<line x1="{gx:.1}" y1="{top}" x2="{gx:.1}" y2="{:.1}" stroke="{}" stroke-width="1"/><text x="{gx:.1}" y="{:.1}" text-anchor="middle" fill="#555">{g:.0}%</text>"##,
-                height - 30.0,
+                chart_y - 30.0,
                 if (g - 100.0).abs() < 1e-9 { "#333" } else { "#ddd" },
-                height - 15.0
+                chart_y - 15.0
             );
             g += 25.0;
         }
@@ -565,6 +569,7 @@ impl Report {
                 }
             }
         }
+        s.push_str(&cost_chart);
         s.push_str("</svg>\n");
         s
     }
@@ -593,7 +598,7 @@ pub fn md_escape(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
 }
 
-fn xml_escape(s: &str) -> String {
+pub fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

@@ -185,9 +185,24 @@ impl XdpDatapath {
     /// ones) and the program is attached to the configured interfaces; without, nothing is pinned
     /// or attached (packet-fixture tests and benchmarks drive it through [`XdpDatapath::test_run`]).
     pub fn start(config: Option<&XdpConfig>, seed: u32, ring_size: u32) -> Result<XdpDatapath, XdpError> {
+        XdpDatapath::start_sized(config, None, seed, ring_size)
+    }
+
+    /// [`XdpDatapath::start`] without a config (nothing pinned or attached) but with the map
+    /// sizes of `sizes`: benchmarks that need a bigger conntrack table.
+    pub fn start_unattached(sizes: &XdpConfig, seed: u32, ring_size: u32) -> Result<XdpDatapath, XdpError> {
+        XdpDatapath::start_sized(None, Some(sizes), seed, ring_size)
+    }
+
+    fn start_sized(
+        config: Option<&XdpConfig>,
+        sizes: Option<&XdpConfig>,
+        seed: u32,
+        ring_size: u32,
+    ) -> Result<XdpDatapath, XdpError> {
         let object = ebpf::object().ok_or(ebpf::LoadError::NotEmbedded)?;
         let defaults = XdpConfig::default();
-        let cfg = config.unwrap_or(&defaults);
+        let cfg = config.or(sizes).unwrap_or(&defaults);
         let pin_path = config.map(|c| c.pin_path.clone());
         let mut loader = EbpfLoader::new();
         loader
@@ -366,6 +381,21 @@ impl XdpDatapath {
         })?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, out, result.duration))
+    }
+
+    /// A new descriptor of the loaded program (benchmarks chain it behind their own programs
+    /// with a tail call, and find its maps through it).
+    pub fn program_fd(&self) -> Result<std::os::fd::OwnedFd, XdpError> {
+        let inner = self.inner.lock().unwrap();
+        let program: &Xdp = inner
+            .ebpf
+            .program(XDP_PROGRAM)
+            .ok_or_else(|| XdpError::System("program missing".into()))?
+            .try_into()?;
+        let fd = program.fd()?;
+        std::os::fd::AsFd::as_fd(fd)
+            .try_clone_to_owned()
+            .map_err(|e| XdpError::System(format!("duplicating the program's descriptor: {e}")))
     }
 
     /// The program's log lines not read yet, oldest first: for a datapath started without a
