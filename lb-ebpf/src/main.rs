@@ -15,6 +15,7 @@
 //! - [`dsr`]: services with `forwarding = "dsr"`: IPIP encapsulation toward the backend instead of
 //!   the NAT rewrite, one entry per flow, and mid-flow packets without an entry forwarded by
 //!   affinity or the ring instead of reset.
+//! - [`decap`]: `lb_decap`, a second program for dsr backends without the ipip module.
 //! - [`rewrite`] / [`forward`]: full-NAT rewrite with incremental checksums, next hop by
 //!   `bpf_fib_lookup` (cached per flow for a second), out by `XDP_TX` or redirect; unknown neighbour → `XDP_PASS` so the kernel
 //!   resolves it.
@@ -28,6 +29,7 @@
 #![no_std]
 #![no_main]
 
+mod decap;
 mod dsr;
 mod logs;
 mod net;
