@@ -64,6 +64,10 @@ pub(crate) fn new_flow(
     let verdict = encapsulate(ctx, value, now, cfg.cpus);
     // Without an entry (the LRU map refused it) the packet still goes: the next one finds the
     // same backend by affinity or the ring.
+    #[allow(
+        clippy::needless_borrows_for_generic_args,
+        reason = "a reference into the scratch map: `*value` would copy the entry onto the stack"
+    )]
     let _ = CONNTRACK.insert(key, &*value, 0);
     if syn {
         count(gc::NEW_FLOWS, len);
