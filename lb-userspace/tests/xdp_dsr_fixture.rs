@@ -69,8 +69,7 @@ impl Fixture {
             .kernel_counters()
             .into_iter()
             .find(|(n, _)| *n == name)
-            .map(|(_, v)| v)
-            .unwrap_or_else(|| panic!("no counter {name}"))
+            .map_or_else(|| panic!("no counter {name}"), |(_, v)| v)
     }
 }
 
