@@ -20,10 +20,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use aya::Ebpf;
-use aya::programs::{Xdp, XdpMode};
 use common::{Lb, Pins, pin_dir, random_bytes};
-use lb_tests::dsr_topology::{DsrTopology, LB_DOWN_IF, LB_UP_IF};
+use lb_tests::dsr_topology::{Decap, DsrTopology, LB_DOWN_IF, LB_UP_IF, attach_decap};
 use lb_tests::servers::start_testsrv;
 use lb_tests::{Child, connect_from, http_get_from, require_root, unique_prefix};
 
@@ -41,24 +39,6 @@ fn object() -> Option<PathBuf> {
         );
     }
     path
-}
-
-/// `lb_decap` on every backend's eth0 (held: dropping the object detaches it).
-fn attach_decap(topo: &DsrTopology, object: &Path) -> Ebpf {
-    let mut ebpf = Ebpf::load_file(object).expect("load the eBPF object");
-    let prog: &mut Xdp = ebpf
-        .program_mut("lb_decap")
-        .expect("lb_decap in the object")
-        .try_into()
-        .expect("lb_decap is an XDP program");
-    prog.load().expect("load lb_decap");
-    for i in 1..=topo.backend_count() {
-        topo.backend_ns(i)
-            .run(|| prog.attach("eth0", XdpMode::Driver).map(|_| ()))
-            .expect("enter backend namespace")
-            .expect("attach lb_decap");
-    }
-    ebpf
 }
 
 fn config(topo: &DsrTopology, socket: &Path, pins: &Path) -> String {
@@ -91,7 +71,7 @@ fn config(topo: &DsrTopology, socket: &Path, pins: &Path) -> String {
 struct Bed {
     lbs: Vec<Lb>,
     _servers: Vec<Child>,
-    _decap: Ebpf,
+    _decap: Decap,
     topo: DsrTopology,
     _pins: (Pins, SecondPins),
 }
@@ -129,7 +109,8 @@ impl Bed {
         );
         let dirs = [pins.0.0.clone(), pins.1.0.clone()];
         let topo = DsrTopology::new(&unique_prefix(tag), backends, clients).expect("dsr topology");
-        let decap = attach_decap(&topo, &object);
+        let backends_ns: Vec<&lb_tests::Netns> = (1..=backends).map(|i| topo.backend_ns(i)).collect();
+        let decap = attach_decap(&object, &backends_ns, "eth0").expect("lb_decap on the backends");
         let mut servers = Vec::new();
         for i in 1..=backends {
             let ns = topo.backend_ns(i);
