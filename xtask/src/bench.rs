@@ -72,7 +72,7 @@ pub struct BenchArgs {
     /// Rounds (default 3; 1 with --quick). Every round runs every row once.
     #[arg(long)]
     rounds: Option<usize>,
-    /// Rows to run, comma-separated: none, lb-xdp, lb-proxy, haproxy, nginx-stream, nft-dnat
+    /// Rows to run, comma-separated: none, lb-xdp, lb-xdp-dsr, lb-proxy, haproxy, nginx-stream, nft-dnat
     /// (default: all).
     #[arg(long, value_delimiter = ',', value_parser = RowKind::parse)]
     rows: Vec<RowKind>,
