@@ -242,6 +242,15 @@ fn dsr_http_and_iperf3_replies_bypass_the_lb() {
         eprintln!("SKIP: dsr_http_and_iperf3_replies_bypass_the_lb: LB_EBPF_OBJECT unset");
         return;
     };
+    // The operator sees the forwarding mode.
+    let list = bed.lb(1).cli_ok(&["service", "list"]);
+    assert!(list.contains("xdp dsr"), "lb service list:\n{list}");
+    let st = bed.lb(1).status();
+    assert_eq!(
+        lb_tests::daemon::service_of(&st, "web")["forwarding"],
+        "dsr",
+        "{st}"
+    );
     let (down_rx0, _) = bed.topo.node_if_bytes(1, LB_DOWN_IF).unwrap();
     let (_, up_tx0) = bed.topo.node_if_bytes(1, LB_UP_IF).unwrap();
 
