@@ -2,7 +2,8 @@
 //! IPIP-encapsulated toward its backend (outer header from the LB's address toward the backend to
 //! the backend, protocol 4, valid checksum, DF copied; the inner packet byte-identical), and a
 //! mid-flow packet without an entry is forwarded the same way (counted `dsr_mid_flow`), never
-//! answered with an RST. Needs root and the embedded eBPF object.
+//! answered with an RST; a one-armed node (packets in and out one interface) sends by XDP_TX.
+//! Needs root and the embedded eBPF object.
 
 mod common;
 
@@ -18,6 +19,7 @@ use lb_tests::fixture::FixtureSpec;
 use lb_tests::packet::Tcp;
 use lb_tests::packet::flags::{ACK, FIN, SYN};
 
+const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
@@ -101,12 +103,16 @@ fn service() -> ServiceConfig {
 
 /// Runs `f(client ifindex)` inside a fresh fixture namespace.
 fn in_fixture<T: Send>(f: impl FnOnce(u32) -> T + Send) -> T {
+    in_fixture_links(|links| f(links.client_if))
+}
+
+fn in_fixture_links<T: Send>(f: impl FnOnce(lb_tests::fixture::FixtureLinks) -> T + Send) -> T {
     let spec = FixtureSpec {
         vip: Some(VIP),
         clients: vec![(CLIENT, CLIENT_MAC)],
         backends: vec![(BACKEND, BACKEND_MAC)],
     };
-    lb_tests::fixture::in_fixture_netns(&spec, |links| f(links.client_if)).expect("fixture namespace")
+    lb_tests::fixture::in_fixture_netns(&spec, f).expect("fixture namespace")
 }
 
 /// Checks that `out` is `input` wrapped in the outer header toward the backend.
@@ -204,5 +210,24 @@ fn xdp_dsr_forwards_mid_flow_packets_without_an_entry() {
         assert_encapsulated(&next, &out);
         assert_eq!(fx.counter("dsr_mid_flow"), 1, "counted once per flow");
         assert_eq!(fx.counter("new_flows"), 0, "no SYN, no new flow");
+    });
+}
+
+#[test]
+fn xdp_dsr_one_armed_sends_the_packet_back_out_its_interface() {
+    if !common::ready("xdp_dsr_one_armed_sends_the_packet_back_out_its_interface") {
+        return;
+    }
+    in_fixture_links(|links| {
+        let fx = Fixture::new("dsrone");
+        // A client whose packets arrive on the backends' link (one NIC toward router and
+        // backends, the usual DSR deployment): out the same interface, by XDP_TX.
+        let syn = Tcp::new((CLIENT, 42000), (VIP, 80), SYN)
+            .macs(CLIENT_MAC, [0xaa; 6])
+            .seq(77)
+            .build();
+        let (verdict, out) = fx.run(&syn, links.backend_if);
+        assert_eq!(verdict, XDP_TX);
+        assert_encapsulated(&syn, &out);
     });
 }
