@@ -220,6 +220,8 @@ pub struct FlowValue {
     /// timestamps on the LB's clock, so a SNAT port reused toward a backend that still holds the
     /// previous connection in TIME_WAIT always shows a newer timestamp (PAWS accepts the SYN);
     /// clients randomise their timestamps per connection, which would otherwise fail half the time.
+    /// [`FLOW_DSR`] flows (no timestamp translation) keep here the largest encapsulated packet the
+    /// path to the backend has taken: a larger one asks the FIB again, which checks the MTU.
     pub ts_delta: u32,
     /// Client → backend entries: the sequence number of the client's SYN (network order). A SYN
     /// with another sequence number on the same 4-tuple is a new connection (the client reused its

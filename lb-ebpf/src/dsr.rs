@@ -130,5 +130,14 @@ fn encapsulate(ctx: &XdpContext, f: &mut FlowValue, now: u64, cpus: u32) -> Verd
         (*outer).daddr_be = f.new_dst_be;
         (*outer).check_be = ipip::outer_check(tos, tot_len_be, frag_off_be, f.new_src_be, f.new_dst_be);
     }
-    forward(ctx, outer, f, now, cpus)
+    // The cached next hop skips the FIB, and with it the MTU check: a packet larger than any the
+    // path has taken looks the next hop up again (too big: dropped and counted `too_big`).
+    if u32::from(outer_len) > f.ts_delta {
+        f.next_hop_ifindex = 0;
+    }
+    let verdict = forward(ctx, outer, f, now, cpus);
+    if verdict.reason.is_none() && u32::from(outer_len) > f.ts_delta {
+        f.ts_delta = u32::from(outer_len);
+    }
+    verdict
 }

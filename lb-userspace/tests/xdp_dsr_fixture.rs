@@ -19,6 +19,7 @@ use lb_tests::fixture::FixtureSpec;
 use lb_tests::packet::Tcp;
 use lb_tests::packet::flags::{ACK, FIN, SYN};
 
+const XDP_DROP: u32 = 1;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
@@ -229,5 +230,37 @@ fn xdp_dsr_one_armed_sends_the_packet_back_out_its_interface() {
         let (verdict, out) = fx.run(&syn, links.backend_if);
         assert_eq!(verdict, XDP_TX);
         assert_encapsulated(&syn, &out);
+    });
+}
+
+#[test]
+fn xdp_dsr_counts_packets_too_big_once_encapsulated() {
+    if !common::ready("xdp_dsr_counts_packets_too_big_once_encapsulated") {
+        return;
+    }
+    in_fixture(|client_if| {
+        let fx = Fixture::new("dsrbig");
+        let frame = |flags: u8, payload: usize| {
+            Tcp::new((CLIENT, 43000), (VIP, 80), flags)
+                .macs(CLIENT_MAC, [0xaa; 6])
+                .seq(9)
+                .payload(&vec![0x33; payload])
+                .build()
+        };
+        // The SYN caches the next hop; a full-size segment (1500-byte IP packet, 1520 wrapped) is
+        // still checked against the link's MTU of 1500, whatever the cache says.
+        let (verdict, _) = fx.run(&frame(SYN, 0), client_if);
+        assert_eq!(verdict, XDP_REDIRECT);
+        let (verdict, _) = fx.run(&frame(ACK, 1460), client_if);
+        assert_eq!(verdict, XDP_DROP, "1520 bytes do not fit a 1500-byte link");
+        assert_eq!(fx.counter("too_big"), 1);
+        // What advmss 1440 leaves (1480-byte packets, 1500 wrapped) goes, and so does the next.
+        for _ in 0..2 {
+            let fits = frame(ACK, 1440);
+            let (verdict, out) = fx.run(&fits, client_if);
+            assert_eq!(verdict, XDP_REDIRECT);
+            assert_encapsulated(&fits, &out);
+        }
+        assert_eq!(fx.counter("too_big"), 1);
     });
 }
