@@ -94,6 +94,8 @@ xdp_counters! {
     BadSource, BAD_SOURCE = 18, "bad_source", Reason, "Impossible TCP source: 0.0.0.0/8, 127/8, multicast, 255.255.255.255 or the destination itself (dropped before any state)";
     HalfOpenReclaimed, HALF_OPEN_RECLAIMED = 19, "half_open_reclaimed", Reason, "A SYN took the SNAT port of a half-open flow (no port was free: a SYN flood or a slow client); that flow's entries were removed";
     ClosedReused, CLOSED_REUSED = 20, "closed_reused", Reason, "A SYN took the SNAT port of a closed connection still in closed_timeout (no port was free and no half-open flow could give one up; the connection had been quiet 100 ms)";
+    DsrMidFlow, DSR_MID_FLOW = 21, "dsr_mid_flow", Reason, "Non-SYN packet to a dsr service without a connection on this node (another node's flow, or one forgotten): forwarded to the backend its client maps to now (affinity, else the ring), never reset";
+    TooBig, TOO_BIG = 22, "too_big", Reason, "Rewritten or encapsulated packet larger than the MTU toward its next hop (dropped; checked when the next hop is looked up, which a dsr flow does again for a packet larger than any before); for dsr (20 bytes of IPIP more) lower the MSS the backends advertise, see the README's DSR section";
 }
 
 /// [`global_counter::NAMES`]; fails the build unless the indices are `0..COUNT`, each once.

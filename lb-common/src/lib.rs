@@ -5,6 +5,7 @@
 //! - [`csum`]: incremental IPv4/TCP checksum updates for the NAT rewrite.
 //! - [`counters`]: the XDP program's global counters (index, name, kind, meaning), defined once for
 //!   the kernel and every user-space surface.
+//! - [`ipip`]: the outer IPv4 header of `forwarding = "dsr"` packets (IPIP toward the backend).
 //! - [`maps`]: map names and the `#[repr(C)]` key/value types stored in the eBPF maps, each with a
 //!   compile-time size assertion.
 //! - [`rst`]: the TCP resets the XDP program answers with (RFC 793 sequence numbers, checksums,
@@ -16,6 +17,7 @@
 pub mod counters;
 pub mod csum;
 pub mod hash;
+pub mod ipip;
 pub mod maps;
 pub mod rst;
 pub mod select;

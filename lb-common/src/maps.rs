@@ -3,7 +3,7 @@
 //! `_be` hold network byte order exactly as in the packet.
 
 /// Bumped whenever a map's layout changes; `lb run` adopts pinned maps only of the same version.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Per-CPU global counters (`PERCPU_ARRAY<u32, Counter>`), indexed by the [`global_counter`] values.
 /// User space sums each index over all CPUs.
@@ -35,6 +35,9 @@ pub const MAP_SNAT_ADDRS: &str = "lb_snat_addrs";
 /// `PERCPU_ARRAY<u32, u64>` with one entry: each CPU's reset rate limit (the theoretical arrival
 /// time of its next RST, [`crate::rst::admit`]). Not pinned: a restart starts a fresh bucket.
 pub const MAP_RST_BUCKET: &str = "lb_rst_bucket";
+/// `PERCPU_ARRAY<u32, FlowValue>` with one entry: each CPU's scratch space for a new dsr flow's
+/// entry (kept off the program's stack). Not pinned.
+pub const MAP_DSR_SCRATCH: &str = "lb_dsr_scratch";
 /// `PERCPU_ARRAY<u32, TrafficCounters>`, indexed by service slot.
 pub const MAP_SERVICE_STATS: &str = "lb_svc_stats";
 /// `PERCPU_ARRAY<u32, TrafficCounters>`, indexed by backend index.
@@ -117,11 +120,16 @@ pub struct ServiceKey {
 }
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 
+/// Service flag: `forwarding = "dsr"`: packets are IPIP-encapsulated toward the backend, untouched
+/// inside (no SNAT); the backend answers the client directly.
+pub const SERVICE_DSR: u32 = 1;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
     /// Index of the service's ring and stats.
     pub slot: u32,
+    /// `SERVICE_*` bits.
     pub flags: u32,
     /// 0 = no affinity.
     pub affinity_timeout_ns: u64,
@@ -178,6 +186,10 @@ pub const FLOW_HALF_OPEN: u32 = 1 << 1;
 /// the next packet in either direction is answered with an RST toward its sender instead of
 /// being forwarded. Byte 0, beside [`FLOW_TO_BACKEND`] and [`FLOW_TS`].
 pub const FLOW_RESET: u32 = 1 << 5;
+/// Flow flag: a flow of a dsr service (only the client → backend entry exists): its packets are
+/// IPIP-encapsulated from `new_src_be` (the LB's address toward the backend) to `new_dst_be` (the
+/// backend), unchanged inside; the ports are 0 (no reply entry). Byte 0.
+pub const FLOW_DSR: u32 = 1 << 6;
 
 /// How long a flow's cached next hop (egress interface and MACs) is trusted before the FIB is
 /// asked again.
@@ -208,6 +220,8 @@ pub struct FlowValue {
     /// timestamps on the LB's clock, so a SNAT port reused toward a backend that still holds the
     /// previous connection in TIME_WAIT always shows a newer timestamp (PAWS accepts the SYN);
     /// clients randomise their timestamps per connection, which would otherwise fail half the time.
+    /// [`FLOW_DSR`] flows (no timestamp translation) keep here the largest encapsulated packet the
+    /// path to the backend has taken: a larger one asks the FIB again, which checks the MTU.
     pub ts_delta: u32,
     /// Client → backend entries: the sequence number of the client's SYN (network order). A SYN
     /// with another sequence number on the same 4-tuple is a new connection (the client reused its

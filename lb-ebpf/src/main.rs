@@ -8,10 +8,14 @@
 //!   ([`select_backend`]: affinity, else the Maglev ring), claims a SNAT port ([`claim_snat`]) and both
 //!   directions recorded. A SYN on a known 4-tuple is a retransmission only with the same sequence
 //!   number and a live reply entry; otherwise the client reused its port and it starts a new flow
-//!   ([`retransmitted_syn`]). A non-SYN for a service without a live flow (`no_conntrack`), a
+//!   ([`retransmitted_syn`]). A non-SYN for a NAT service without a live flow (`no_conntrack`), a
 //!   backend packet to a SNAT address and port without one (`no_reply_flow`) and any packet of a
 //!   flow marked for reset (`reset_flow`) are answered with an RST ([`reset::answer`]).
 //!   Everything else is passed to the kernel untouched.
+//! - [`dsr`]: services with `forwarding = "dsr"`: IPIP encapsulation toward the backend instead of
+//!   the NAT rewrite, one entry per flow, and mid-flow packets without an entry forwarded by
+//!   affinity or the ring instead of reset.
+//! - [`decap`]: `lb_decap`, a second program for dsr backends without the ipip module.
 //! - [`rewrite`] / [`forward`]: full-NAT rewrite with incremental checksums, next hop by
 //!   `bpf_fib_lookup` (cached per flow for a second), out by `XDP_TX` or redirect; unknown neighbour → `XDP_PASS` so the kernel
 //!   resolves it.
@@ -25,14 +29,16 @@
 #![no_std]
 #![no_main]
 
+mod decap;
+mod dsr;
 mod logs;
 mod net;
 mod reset;
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, bpf_fib_lookup as FibParams,
-        xdp_action,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
+        bpf_fib_lookup as FibParams, xdp_action,
     },
     helpers::{
         bpf_fib_lookup, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_redirect,
@@ -46,9 +52,10 @@ use lb_common::{
     maps::{
         AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, Counter,
         DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
-        DEFAULT_SNAT_ADDRS, DEFAULT_SNAT_LOCKS, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_HALF_OPEN,
+        DEFAULT_SNAT_ADDRS, DEFAULT_SNAT_LOCKS, FLOW_DSR, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_HALF_OPEN,
         FLOW_RESET, FLOW_RST, FLOW_TO_BACKEND, FLOW_TS, FlowKey, FlowValue, GLOBAL_STATS_ENTRIES,
-        GlobalConfig, NEXT_HOP_CACHE_NS, ServiceKey, ServiceValue, TrafficCounters, global_counter as gc,
+        GlobalConfig, NEXT_HOP_CACHE_NS, SERVICE_DSR, ServiceKey, ServiceValue, TrafficCounters,
+        global_counter as gc,
     },
     select::{AffinitySlot, BackendTable, Policy, Ring, select},
 };
@@ -268,6 +275,9 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
                 set_flags_both(f, bit);
             }
             count_traffic(f, to_backend, len, false);
+            if f.flags & FLOW_DSR != 0 {
+                return dsr::known_flow(ctx, f, now, cfg);
+            }
             rewrite(ip, tcp, &key, f);
             if f.flags & FLOW_TS != 0 {
                 translate_timestamps(ctx, tcp, l4_off, doff, to_backend, f.ts_delta);
@@ -288,7 +298,8 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         }
         return pass(None);
     };
-    if !syn {
+    let dsr = service.flags & SERVICE_DSR != 0;
+    if !syn && !dsr {
         // A connection the LB does not know (idle timeout, LRU eviction, a restart after `lb
         // cleanup`): the client learns by an RST and reconnects instead of retransmitting for minutes.
         return reset::answer(ctx, ip, tcp, ihl, doff, now, gc::NO_CONNTRACK);
@@ -296,6 +307,21 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
     let Some((backend_index, backend)) = select_backend(service, key.src_be, cfg, now) else {
         return drop(gc::NO_BACKEND);
     };
+    if dsr {
+        // Mid-flow packets too: see the `dsr` module.
+        return dsr::new_flow(
+            ctx,
+            &key,
+            service,
+            backend_index,
+            backend,
+            syn,
+            seq_be,
+            now,
+            cfg,
+            len,
+        );
+    }
     let mut reply_value = FlowValue {
         new_src_be: key.dst_be,
         new_dst_be: key.src_be,
@@ -485,6 +511,9 @@ impl Ring for KernelService {
 fn retransmitted_syn(key: &FlowKey, f: &FlowValue, seq_be: u32, now: u64, cfg: &GlobalConfig) -> bool {
     if f.flags & FLOW_TO_BACKEND == 0 || f.closed() || f.syn_seq_be != seq_be {
         return false;
+    }
+    if f.flags & FLOW_DSR != 0 {
+        return true; // no reply entry to check
     }
     // SAFETY: read-only use of a map value for this run.
     match unsafe { CONNTRACK.get(FlowKey::reverse_of(f)) } {
@@ -881,6 +910,9 @@ fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr, hop: &mut FlowValue, now: u64, cp
         };
         if ret == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
             return pass(Some(gc::NO_NEIGH));
+        }
+        if ret == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+            return drop(gc::TOO_BIG);
         }
         if ret != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
             if let Some(suppressed) = may_log(LOG_NO_ROUTE, now, cpus) {

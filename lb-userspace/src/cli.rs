@@ -291,7 +291,7 @@ pub fn status(view: &StatusView) -> String {
             s.name,
             s.listen,
             enum_text(&s.protocol),
-            enum_text(&s.datapath),
+            datapath_text(s),
             s.affinity_timeout_secs,
             s.affinity_entries,
             if s.on_backups { "  ON BACKUPS" } else { "" },
@@ -378,7 +378,7 @@ pub fn services(view: &StatusView) -> String {
                 s.name.clone(),
                 s.listen.clone(),
                 enum_text(&s.protocol),
-                enum_text(&s.datapath),
+                datapath_text(s),
                 format!("{up}/{}", s.backends.len()),
                 s.affinity_entries.to_string(),
             ]
@@ -429,6 +429,15 @@ pub fn reload(view: &ReloadView) -> String {
         out.push_str(&format!("problem: {p}\n"));
     }
     out
+}
+
+/// The datapath as `lb status` and `lb service list` show it: `xdp`, or `xdp dsr` with
+/// `forwarding = "dsr"`.
+fn datapath_text(s: &crate::control::protocol::ServiceView) -> String {
+    match s.forwarding {
+        crate::config::Forwarding::Nat => enum_text(&s.datapath),
+        crate::config::Forwarding::Dsr => format!("{} dsr", enum_text(&s.datapath)),
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //!   ([`parse_duration`], [`is_valid_name`]).
 //! - `config/parse.rs`: TOML → `Raw*` structs (serde + `serde_path_to_error`, spans kept) →
 //!   validation → [`Config`]. The file format is documented in `examples/lb.toml`.
+//! - `config/dsr.rs`: the backend setup a `forwarding = "dsr"` service needs (`lb check-config`).
 //! - `config/tests.rs`: good and bad files, and every `examples/*.toml`.
 
 use std::net::SocketAddr;
@@ -14,7 +15,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod dsr;
 mod parse;
+pub(crate) use parse::dsr_port_mismatch;
 #[cfg(test)]
 mod tests;
 
@@ -76,6 +79,18 @@ pub enum DatapathKind {
     Xdp,
     /// AJP 1.3 request router in user space (`protocol = "ajp"` only).
     Ajp,
+}
+
+/// How an `xdp` service's packets reach the backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// Full NAT: the LB's address and a SNAT port as source; replies come back through the LB.
+    #[default]
+    Nat,
+    /// Direct server return: the client's packet, untouched, IPIP-encapsulated toward the backend,
+    /// which answers the client directly (the VIP on a local interface, an ipip tunnel device).
+    Dsr,
 }
 
 /// Operator-set state of a backend (orthogonal to health).
@@ -274,6 +289,9 @@ pub struct ServiceConfig {
     pub listen: SocketAddr,
     pub protocol: Protocol,
     pub datapath: DatapathKind,
+    /// `forwarding = "nat" | "dsr"` (`xdp` services only; `nat` elsewhere).
+    #[serde(default)]
+    pub forwarding: Forwarding,
     /// How long a client's affinity entry lives after its last new connection.
     #[serde(with = "duration_text")]
     pub affinity_timeout: Duration,

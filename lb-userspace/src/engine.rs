@@ -792,6 +792,7 @@ impl Engine {
                     listen: s.settings.listen.to_string(),
                     protocol: s.settings.protocol,
                     datapath: s.settings.datapath,
+                    forwarding: s.settings.forwarding,
                     affinity_timeout_secs: s.settings.affinity_timeout.as_secs(),
                     affinity_entries: affinity.values().sum(),
                     on_backups: s.ring_uses_backups,

@@ -296,6 +296,10 @@ enum ServiceCmd {
         /// proxy or xdp (default proxy; xdp needs the daemon's [xdp] table).
         #[arg(long)]
         datapath: Option<String>,
+        /// nat or dsr (xdp services only; default nat). dsr backends need the VIP on a local
+        /// interface and an ipip tunnel: `lb check-config` prints the setup.
+        #[arg(long)]
+        forwarding: Option<String>,
         /// How long a client sticks to its backend after its last connection, e.g. "30m".
         #[arg(long)]
         affinity_timeout: Option<String>,
@@ -375,15 +379,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::CheckConfig { file } => {
             let c = Config::load(&file)?;
             let backends: usize = c.services.iter().map(|s| s.backends.len()).sum();
-            return emit(
-                format!(
-                    "{}: ok ({} services, {} backends)\n",
-                    file.display(),
-                    c.services.len(),
-                    backends
-                )
-                .as_bytes(),
+            let mut out = format!(
+                "{}: ok ({} services, {} backends)\n",
+                file.display(),
+                c.services.len(),
+                backends
             );
+            out.push_str(&lb::config::dsr::backend_setup(&c));
+            return emit(out.as_bytes());
         }
         Cmd::Cleanup { config } => {
             let c = Config::load(&config)?;
@@ -636,6 +639,7 @@ fn request(command: Cmd) -> Result<Request, RequestError> {
                     listen,
                     protocol,
                     datapath,
+                    forwarding,
                     affinity_timeout,
                     max_connections,
                 },
@@ -646,6 +650,7 @@ fn request(command: Cmd) -> Result<Request, RequestError> {
             fields.insert("listen".into(), listen.into());
             put(&mut fields, "protocol", protocol);
             put(&mut fields, "datapath", datapath);
+            put(&mut fields, "forwarding", forwarding);
             put(&mut fields, "affinity_timeout", affinity_timeout);
             put(&mut fields, "max_connections", max_connections);
             Command::AddService {

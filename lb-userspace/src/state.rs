@@ -551,6 +551,7 @@ pub(crate) mod tests {
             listen: listen.parse().unwrap(),
             protocol: Protocol::Tcp,
             datapath: DatapathKind::Proxy,
+            forwarding: Default::default(),
             affinity_timeout: Duration::from_secs(600),
             max_connections: 100,
             connect_timeout: Duration::from_secs(1),

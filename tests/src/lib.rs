@@ -9,6 +9,8 @@
 //!   grace period) on drop, with its stdout/stderr captured and a wait for a `ready` line.
 //! - [`topology`]: [`Topology`], the standard client / load balancer / backends layout
 //!   (`<prefix>-c`, `<prefix>-lb`, `<prefix>-b1..bN`) wired with veth pairs.
+//! - [`dsr_topology`]: [`dsr_topology::DsrTopology`], client / router / two LB nodes / backends
+//!   on a shared segment, for `forwarding = "dsr"` (replies bypass the LB nodes).
 //! - [`client`]: client-side helpers: [`connect_from`] (bind a source IP in a namespace),
 //!   [`http_get_from`], [`HttpConn`] (keep-alive requests), [`ajp_cping`].
 //! - [`servers`]: starting `lb-testsrv` backends ([`start_http_backends`], [`start_echo_backends`],
@@ -44,6 +46,7 @@ pub mod apache;
 pub mod child;
 pub mod client;
 pub mod daemon;
+pub mod dsr_topology;
 pub mod ecmp;
 pub mod fixture;
 pub mod kernel_maps;

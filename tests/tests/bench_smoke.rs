@@ -1,5 +1,5 @@
-//! Smoke test of `cargo xtask bench`: one quick round of the `none`, `lb-proxy` and `lb-xdp` rows
-//! (lb-xdp only checked when the bench could run it), written to a temp directory so the committed
+//! Smoke test of `cargo xtask bench`: one quick round of the `none`, `lb-proxy`, `lb-xdp` and
+//! `lb-xdp-dsr` rows (the XDP rows only checked when the bench could run them), written to a temp directory so the committed
 //! results stay as they are. Checks that every cell of those rows was produced and that source-IP
 //! affinity holds (one client address → one backend; the client addresses together reach all three
 //! backends). No timing assertions.
@@ -98,7 +98,7 @@ fn bench_quick_smoke() {
         "--no-build",
         "--no-micro",
         "--rows",
-        "none,lb-proxy,lb-xdp",
+        "none,lb-proxy,lb-xdp,lb-xdp-dsr",
         "--lb-bin",
     ])
     .arg(&lb)
@@ -158,12 +158,14 @@ fn bench_quick_smoke() {
     assert_cells(proxy, "lb-proxy", columns);
     assert_affinity(proxy, "lb-proxy", 3);
 
-    let xdp = row(&results, "lb-xdp");
-    match xdp["unavailable"].as_str() {
-        Some(why) => eprintln!("note: bench_quick_smoke: lb-xdp unavailable in this build: {why}"),
-        None => {
-            assert_cells(xdp, "lb-xdp", columns);
-            assert_affinity(xdp, "lb-xdp", 3);
+    for name in ["lb-xdp", "lb-xdp-dsr"] {
+        let xdp = row(&results, name);
+        match xdp["unavailable"].as_str() {
+            Some(why) => eprintln!("note: bench_quick_smoke: {name} unavailable in this build: {why}"),
+            None => {
+                assert_cells(xdp, name, columns);
+                assert_affinity(xdp, name, 3);
+            }
         }
     }
 

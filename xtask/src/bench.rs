@@ -82,7 +82,7 @@ pub struct BenchArgs {
     /// Rounds (default 3; 1 with --quick). Every round runs every row once.
     #[arg(long)]
     rounds: Option<usize>,
-    /// Rows to run, comma-separated: none, lb-xdp, lb-proxy, haproxy, nginx-stream, nft-dnat
+    /// Rows to run, comma-separated: none, lb-xdp, lb-xdp-dsr, lb-proxy, haproxy, nginx-stream, nft-dnat
     /// (default: all).
     #[arg(long, value_delimiter = ',', value_parser = RowKind::parse)]
     rows: Vec<RowKind>,
@@ -531,6 +531,26 @@ fn check_ajp_tools(rows: &[ajp::AjpRow]) -> Result<()> {
     Ok(())
 }
 
+/// The eBPF object whose `lb_decap` the dsr bed's backends run: `LB_EBPF_OBJECT`, else the one
+/// `cargo xtask build` leaves in the workspace.
+fn dsr_object() -> Result<PathBuf, String> {
+    let object = match std::env::var_os("LB_EBPF_OBJECT") {
+        Some(p) => PathBuf::from(p),
+        None => crate::Workspace::locate()
+            .map_err(|e| format!("no workspace to find the eBPF object in: {e:#}"))?
+            .root
+            .join("lb-ebpf/target/bpfel-unknown-none/release/lb-ebpf"),
+    };
+    if object.is_file() {
+        Ok(object)
+    } else {
+        Err(format!(
+            "the backends decapsulate with lb_decap from the eBPF object, and {} does not exist (run cargo xtask build or set LB_EBPF_OBJECT)",
+            object.display()
+        ))
+    }
+}
+
 /// Runs every row once per round (rotated order), each on a fresh test bed: no row inherits
 /// another's TIME_WAIT sockets, conntrack entries, neighbour entries or sysctls. (TIME_WAIT left on
 /// a backend by a proxy row, for instance, makes the backend refuse the SYNs of a NAT row that
@@ -549,7 +569,18 @@ fn run_rows(plan: &Plan, lb: &Path) -> Result<BTreeMap<RowKind, RowResult>> {
                 continue;
             }
             let t = Instant::now();
-            let mut bed = Bed::new(&prefix, BACKENDS, CLIENTS)?;
+            let mut bed = if row == RowKind::LbXdpDsr {
+                match dsr_object() {
+                    Ok(object) => Bed::new_dsr(&prefix, BACKENDS, CLIENTS, &object)?,
+                    Err(why) => {
+                        eprintln!("bench:   {} unavailable: {why}", row.name());
+                        res.unavailable = Some(why);
+                        continue;
+                    }
+                }
+            } else {
+                Bed::new(&prefix, BACKENDS, CLIENTS)?
+            };
             eprintln!(
                 "bench: round {}/{}: {} (test bed up in {:.1} s)",
                 round + 1,

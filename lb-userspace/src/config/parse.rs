@@ -26,9 +26,9 @@ use toml::Spanned;
 
 use super::{
     AdminState, AjpConfig, AnnounceConfig, BackendConfig, Config, ConfigError, ControlConfig, DatapathKind,
-    HealthConfig, HealthKind, MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE, MetricsConfig, Observe,
-    OnDown, Protocol, Secret, ServiceConfig, XdpConfig, XdpMode, format_duration, is_valid_name,
-    listens_overlap, parse_duration,
+    Forwarding, HealthConfig, HealthKind, MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE,
+    MetricsConfig, Observe, OnDown, Protocol, Secret, ServiceConfig, XdpConfig, XdpMode, enum_text,
+    format_duration, is_valid_name, listens_overlap, parse_duration,
 };
 
 type S<T> = Spanned<T>;
@@ -104,6 +104,7 @@ pub(super) struct RawService<F: Form> {
     listen: F::V<String>,
     protocol: Option<F::V<String>>,
     datapath: Option<F::V<String>>,
+    forwarding: Option<F::V<String>>,
     affinity_timeout: Option<F::V<RawDuration>>,
     max_connections: Option<F::V<i64>>,
     connect_timeout: Option<F::V<RawDuration>>,
@@ -1331,6 +1332,25 @@ impl<F: Form> Validator<'_, '_, F> {
             }
             Some(v) => Some(self.ajp(&k("ajp"), v.value())?),
         };
+        let forwarding = self.choice(
+            &rs.forwarding,
+            &k("forwarding"),
+            Forwarding::Nat,
+            &[("nat", Forwarding::Nat), ("dsr", Forwarding::Dsr)],
+        )?;
+        if let Some(v) = &rs.forwarding
+            && forwarding == Forwarding::Dsr
+            && datapath != DatapathKind::Xdp
+        {
+            return Err(self.err(
+                v.at(),
+                &k("forwarding"),
+                format!(
+                    "forwarding \"dsr\" needs datapath = \"xdp\" (the {} datapath opens its own connections to the backends, so replies always come back through lb); set datapath = \"xdp\" or remove forwarding",
+                    enum_text(&datapath)
+                ),
+            ));
+        }
         if datapath == DatapathKind::Xdp && (!listen.is_ipv4() || listen.ip().is_unspecified()) {
             return Err(self.err(
                 rs.listen.at(),
@@ -1374,6 +1394,11 @@ impl<F: Form> Validator<'_, '_, F> {
             let name_span = rb.name.as_ref().map_or(addr_span.clone(), Held::at);
             let route_span = rb.route.as_ref().map_or(name_span.clone(), Held::at);
             let b = self.backend(&bkey, Some(datapath), rb)?;
+            if forwarding == Forwarding::Dsr
+                && let Some(message) = dsr_port_mismatch(listen, b.address)
+            {
+                return Err(self.err(addr_span, &format!("{bkey}.address"), message));
+            }
             for (o, other) in backends.iter().enumerate() {
                 let earlier = k(&format!("backend[{o}]"));
                 if datapath == DatapathKind::Ajp && other.route == b.route {
@@ -1419,6 +1444,7 @@ impl<F: Form> Validator<'_, '_, F> {
             listen,
             protocol,
             datapath,
+            forwarding,
             affinity_timeout,
             max_connections,
             connect_timeout,
@@ -1695,6 +1721,19 @@ impl<F: Form> Validator<'_, '_, F> {
 }
 
 /// The last segment of a key path, without an index: `service[0].backend[1].weight` → `weight`.
+/// Why backend `address` cannot serve a `forwarding = "dsr"` service listening on `listen`: the
+/// backend gets the client's packet unchanged, addressed to the VIP and its port.
+pub(crate) fn dsr_port_mismatch(listen: SocketAddr, address: SocketAddr) -> Option<String> {
+    (address.port() != listen.port()).then(|| {
+        format!(
+            "backend {address}: with forwarding = \"dsr\" the backend receives the client's packet unchanged, addressed to {listen}, so it must listen on port {}; use {}:{}",
+            listen.port(),
+            address.ip(),
+            listen.port()
+        )
+    })
+}
+
 fn leaf(key: &str) -> &str {
     let last = key.rsplit('.').next().unwrap_or(key);
     last.split('[').next().unwrap_or(last)

@@ -764,7 +764,9 @@ fn unknown_keys() {
             ),
             7,
             "service[1].sticky",
-            &["unknown key `sticky`; allowed keys: name, listen, protocol, datapath, affinity_timeout"],
+            &[
+                "unknown key `sticky`; allowed keys: name, listen, protocol, datapath, forwarding, affinity_timeout",
+            ],
         ),
         (
             svc!("\n[[service.backend]]\naddress = \"10.0.1.2:8080\"\nwieght = 3\n"),
@@ -2104,4 +2106,97 @@ fn announce_names_a_table_and_a_protocol_of_lbs_own() {
         ),
         ("[announce]\ntabel = 3\n", 2, "announce.tabel", &["unknown key"]),
     ]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// forwarding = "nat" | "dsr".
+
+const XDP_TABLE: &str = "[xdp]\ninterfaces = [\"eth0\"]\n";
+
+#[test]
+fn forwarding_defaults_to_nat_and_dsr_is_kept() {
+    let c = good(&format!(
+        "{XDP_TABLE}{}",
+        r#"
+        [[service]]
+        name = "nat"
+        listen = "10.0.0.1:80"
+        datapath = "xdp"
+        [[service.backend]]
+        address = "10.0.1.1:8080"
+        [[service]]
+        name = "dsr"
+        listen = "10.0.0.2:80"
+        datapath = "xdp"
+        forwarding = "dsr"
+        [[service.backend]]
+        address = "10.0.1.1:80"
+        "#
+    ));
+    assert_eq!(c.services[0].forwarding, Forwarding::Nat);
+    assert_eq!(c.services[1].forwarding, Forwarding::Dsr);
+    // A proxy service says nat explicitly: allowed.
+    let c = good(svc!("forwarding = \"nat\"\n"));
+    assert_eq!(c.services[0].forwarding, Forwarding::Nat);
+}
+
+#[test]
+fn dsr_needs_xdp_and_backends_on_the_vip_port() {
+    bad_table(&[
+        (
+            svc!("forwarding = \"dsr\"\n"),
+            4,
+            "service[0].forwarding",
+            &["needs datapath = \"xdp\"", "proxy datapath"],
+        ),
+        (
+            "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:8009\"\nprotocol = \"ajp\"\ndatapath = \"ajp\"\nforwarding = \"dsr\"\n",
+            6,
+            "service[0].forwarding",
+            &["needs datapath = \"xdp\"", "ajp datapath"],
+        ),
+        (
+            svc!("forwarding = \"direct\"\n"),
+            4,
+            "service[0].forwarding",
+            &["\"nat\" or \"dsr\""],
+        ),
+    ]);
+    bad(
+        &format!(
+            "{XDP_TABLE}{}",
+            "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\ndatapath = \"xdp\"\nforwarding = \"dsr\"\n[[service.backend]]\naddress = \"10.0.1.1:8080\"\n"
+        ),
+        9,
+        "service[0].backend[0].address",
+        &["must listen on port 80", "use 10.0.1.1:80"],
+    );
+}
+
+#[test]
+fn dsr_in_a_request() {
+    let fields = serde_json::json!({
+        "name": "a", "listen": "10.0.0.1:80", "datapath": "xdp", "forwarding": "dsr",
+        "backend": [{"address": "10.0.1.1:80"}]
+    });
+    assert_eq!(
+        ServiceConfig::from_fields(fields).unwrap().forwarding,
+        Forwarding::Dsr
+    );
+    let err = ServiceConfig::from_fields(serde_json::json!({
+        "name": "a", "listen": "10.0.0.1:80", "forwarding": "dsr"
+    }))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with("forwarding: ") && err.contains("needs datapath = \"xdp\""),
+        "{err}"
+    );
+    let err = ServiceConfig::from_fields(serde_json::json!({
+        "name": "a", "listen": "10.0.0.1:80", "datapath": "xdp", "forwarding": "dsr",
+        "backend": [{"address": "10.0.1.1:81"}]
+    }))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("must listen on port 80"), "{err}");
 }

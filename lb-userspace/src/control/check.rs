@@ -1,10 +1,11 @@
 //! The config file's rules that depend on the running daemon, checked for a change from the
 //! control socket: `[xdp]` present for an `xdp` service, its SNAT ports, `max_services` and
-//! `max_backends`, IPv4 backends for `xdp`, listen overlap (with the other services and
+//! `max_backends`, IPv4 backends for `xdp` (on the VIP's port for `dsr`), listen overlap (with the other services and
 //! `[metrics]`) and the `ring_size` rule. Per-field rules were checked when the request was parsed.
 
 use crate::config::{
-    BackendConfig, Config, ConfigError, DatapathKind, ServiceConfig, XdpConfig, listens_overlap,
+    BackendConfig, Config, ConfigError, DatapathKind, Forwarding, ServiceConfig, XdpConfig,
+    dsr_port_mismatch, listens_overlap,
 };
 use crate::state::{Command, State};
 
@@ -113,6 +114,13 @@ fn backends_fit_service(
                 b.address, service.name
             ),
         ));
+    }
+    if service.forwarding == Forwarding::Dsr
+        && let Some(message) = new
+            .iter()
+            .find_map(|b| dsr_port_mismatch(service.listen, b.address))
+    {
+        return Err(field("address", message));
     }
     backends_fit(xdp_table(config)?, state, new.len())
 }

@@ -587,6 +587,9 @@ pub struct ServiceView {
     pub listen: String,
     pub protocol: Protocol,
     pub datapath: DatapathKind,
+    /// `nat` or `dsr` (xdp services; `nat` for the others).
+    #[serde(default)]
+    pub forwarding: crate::config::Forwarding,
     pub affinity_timeout_secs: u64,
     pub affinity_entries: u64,
     /// The ring holds backups because no primary takes new clients.

@@ -1249,3 +1249,29 @@ fn check_tells_a_serving_service_from_an_empty_one_and_an_unknown_one() {
         ("unknown-service", "no service `nope`")
     );
 }
+
+#[test]
+fn a_dsr_backend_on_another_port_is_refused_from_the_control_socket() {
+    let text = format!(
+        "{BASE}\n[xdp]\ninterfaces = [\"veth0\"]\n[[service]]\nname = \"d\"\nlisten = \"10.0.0.201:80\"\ndatapath = \"xdp\"\nforwarding = \"dsr\"\n[service.health]\nkind = \"none\"\n[[service.backend]]\naddress = \"10.1.1.2:80\"\n"
+    );
+    let (bed, journals) = Bed::with_kinds(&text, &[DatapathKind::Proxy, DatapathKind::Xdp]);
+    journals[1].lock().unwrap().calls.clear();
+    let line = r#"{"cmd":"add-backend","service":"d","address":"10.1.2.2:8080"}"#;
+    let err = bed
+        .engine
+        .handle(crate::control::protocol::Request::parse(line).unwrap())
+        .unwrap_err();
+    assert!(err.to_string().contains("must listen on port 80"), "{err}");
+    assert!(
+        journals[1].lock().unwrap().calls.is_empty(),
+        "nothing reached the datapath"
+    );
+    // The VIP's port is accepted.
+    let line = r#"{"cmd":"add-backend","service":"d","address":"10.1.2.2:80"}"#;
+    bed.engine
+        .handle(crate::control::protocol::Request::parse(line).unwrap())
+        .unwrap();
+    let snap = bed.engine.balancer.snapshot();
+    assert_eq!(snap.state.service("d").unwrap().backends.len(), 2);
+}

@@ -30,6 +30,7 @@ pub fn xdp_service(backends: Vec<BackendConfig>) -> ServiceConfig {
         listen: "10.0.0.100:80".parse().unwrap(),
         protocol: Protocol::Tcp,
         datapath: DatapathKind::Xdp,
+        forwarding: Default::default(),
         affinity_timeout: Duration::from_secs(600),
         max_connections: 100,
         connect_timeout: Duration::from_secs(1),

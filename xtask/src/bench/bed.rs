@@ -5,6 +5,7 @@
 //! temp directory. A failed or interrupted run leaves nothing behind.
 
 use std::ffi::OsStr;
+use std::fmt::Write as _;
 use std::fs;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -136,11 +137,19 @@ pub struct Bed {
     // Field order is drop order.
     servers: Vec<Child>,
     _reaper: Reaper,
+    /// `lb_decap` on the backends (a dsr bed).
+    decap: Option<lb_tests::dsr_topology::Decap>,
     pub topo: Topology,
     pub dir: TempDir,
+    /// A bed for `forwarding = "dsr"`: see [`Bed::new_dsr`].
+    dsr: bool,
 }
 
-fn nginx_backend_conf(dir: &Path, addr: Ipv4Addr, name: &str) -> String {
+fn nginx_backend_conf(dir: &Path, addrs: &[Ipv4Addr], name: &str) -> String {
+    let mut listen = String::new();
+    for a in addrs {
+        let _ = writeln!(listen, "        listen {a}:{HTTP_PORT} backlog=4096;");
+    }
     let d = dir.display();
     format!(
         "# nginx backend {name} for cargo xtask bench
@@ -162,8 +171,7 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     server {{
-        listen {addr}:{HTTP_PORT} backlog=4096;
-        default_type text/plain;
+{listen}        default_type text/plain;
         location / {{ return 200 \"{name}\\n\"; }}
     }}
 }}
@@ -185,6 +193,19 @@ fn tune(ns: &Netns) {
 
 impl Bed {
     pub fn new(prefix: &str, backends: usize, clients: usize) -> Result<Bed> {
+        Bed::build(prefix, backends, clients, None)
+    }
+
+    /// A bed for `forwarding = "dsr"`: every backend also has the VIP on `lo` (its nginx listens
+    /// on it too, its iperf3 only on it), advertises MSS 1440 on its default route (room for the
+    /// 20-byte outer header), and decapsulates IPIP with `lb_decap` from the eBPF object `object`
+    /// (this kernel may lack the ipip module). The replies go back through the lb namespace's
+    /// kernel routing (the backends' default route), as in the `none` row.
+    pub fn new_dsr(prefix: &str, backends: usize, clients: usize, object: &Path) -> Result<Bed> {
+        Bed::build(prefix, backends, clients, Some(object))
+    }
+
+    fn build(prefix: &str, backends: usize, clients: usize, dsr: Option<&Path>) -> Result<Bed> {
         let dir = TempDir::try_in(&std::env::temp_dir(), &format!("{prefix}.d"))
             .with_context(|| format!("creating a temp dir for {prefix}"))?;
         let topo = Topology::new(prefix, backends, clients)
@@ -193,8 +214,10 @@ impl Bed {
         let mut bed = Bed {
             servers: Vec::new(),
             _reaper: reaper,
+            decap: None,
             topo,
             dir,
+            dsr: dsr.is_some(),
         };
         tune(bed.topo.client_ns());
         tune(bed.topo.lb_ns());
@@ -204,6 +227,27 @@ impl Bed {
             tune(bed.topo.backend_ns(i));
             nic_like(bed.topo.backend_ns(i), bed.topo.peer_if())?;
             nic_like(bed.topo.lb_ns(), &bed.topo.lb_backend_if(i))?;
+        }
+        if let Some(object) = dsr {
+            let vip = bed.topo.vip();
+            for i in 1..=backends {
+                let gw = bed.topo.lb_backend_side_addr(i);
+                bed.topo
+                    .backend_ns(i)
+                    .ip_batch(&[
+                        format!("addr add {vip}/32 dev lo"),
+                        format!(
+                            "route change default via {gw} dev {} advmss 1440",
+                            bed.topo.peer_if()
+                        ),
+                    ])
+                    .with_context(|| format!("dsr setup of backend b{i}"))?;
+            }
+            let namespaces: Vec<&Netns> = (1..=backends).map(|i| bed.topo.backend_ns(i)).collect();
+            bed.decap = Some(
+                lb_tests::dsr_topology::attach_decap(object, &namespaces, bed.topo.peer_if())
+                    .context("lb_decap on the backends")?,
+            );
         }
         for i in 1..=backends {
             bed.start_backend(i)?;
@@ -221,7 +265,10 @@ impl Bed {
         let addr = self.topo.backend_addr(i);
         let dir = self.dir.sub(&name)?;
         let conf = dir.join("nginx.conf");
-        fs::write(&conf, nginx_backend_conf(&dir, addr, &name))?;
+        let vip = self.topo.vip();
+        let addrs: &[Ipv4Addr] = if self.dsr { &[addr, vip] } else { &[addr] };
+        fs::write(&conf, nginx_backend_conf(&dir, addrs, &name))?;
+        let iperf_addr = if self.dsr { vip } else { addr };
         let ns = self.topo.backend_ns(i);
         let nginx = ns
             .spawn(
@@ -243,7 +290,7 @@ impl Bed {
                 &[
                     "-s",
                     "-B",
-                    &addr.to_string(),
+                    &iperf_addr.to_string(),
                     "-p",
                     &IPERF_PORT.to_string(),
                     "--forceflush",

@@ -48,6 +48,8 @@ pub enum RowKind {
     /// No load balancer: the client talks to backend 1 directly, routed through the lb namespace.
     None,
     LbXdp,
+    /// `forwarding = "dsr"` on a dsr bed ([`super::bed::Bed::new_dsr`]).
+    LbXdpDsr,
     LbProxy,
     Haproxy,
     NginxStream,
@@ -55,9 +57,10 @@ pub enum RowKind {
 }
 
 impl RowKind {
-    pub const ALL: [RowKind; 6] = [
+    pub const ALL: [RowKind; 7] = [
         RowKind::None,
         RowKind::LbXdp,
+        RowKind::LbXdpDsr,
         RowKind::LbProxy,
         RowKind::Haproxy,
         RowKind::NginxStream,
@@ -68,6 +71,7 @@ impl RowKind {
         match self {
             RowKind::None => "none",
             RowKind::LbXdp => "lb-xdp",
+            RowKind::LbXdpDsr => "lb-xdp-dsr",
             RowKind::LbProxy => "lb-proxy",
             RowKind::Haproxy => "haproxy",
             RowKind::NginxStream => "nginx-stream",
@@ -82,6 +86,9 @@ impl RowKind {
                 "no load balancer: client → backend b1 directly, routed by the lb namespace (the limit)"
             }
             RowKind::LbXdp => "lb, datapath = \"xdp\" (eBPF full NAT), health tcp, affinity 30m",
+            RowKind::LbXdpDsr => {
+                "lb, datapath = \"xdp\", forwarding = \"dsr\" (IPIP to the backends, which decapsulate with lb_decap and answer through their own route, advmss 1440), health tcp, affinity 30m"
+            }
             RowKind::LbProxy => "lb, datapath = \"proxy\" (tokio user-space proxy), health tcp, affinity 30m",
             RowKind::Haproxy => "HAProxy mode tcp, balance source, hash-type consistent, check inter 1s",
             RowKind::NginxStream => {
@@ -95,7 +102,10 @@ impl RowKind {
 
     /// Forwarding happens in the kernel (no load-balancer process to measure).
     pub fn kernel(self) -> bool {
-        matches!(self, RowKind::None | RowKind::NftDnat | RowKind::LbXdp)
+        matches!(
+            self,
+            RowKind::None | RowKind::NftDnat | RowKind::LbXdp | RowKind::LbXdpDsr
+        )
     }
 
     pub fn parse(s: &str) -> Result<RowKind, String> {
@@ -577,10 +587,11 @@ fn start_row<'a>(
             iperf: bed.backend_iperf(1),
             _dir: None,
         }),
-        RowKind::LbProxy => start_lb(bed, plan, lb, "proxy", "", checks),
-        RowKind::LbXdp => match start_lb(bed, plan, lb, "xdp", XDP_EXTRA_TOML, checks) {
+        RowKind::LbProxy => start_lb(bed, plan, lb, "proxy", "", "", checks),
+        RowKind::LbXdpDsr => start_lb(bed, plan, lb, "xdp", XDP_EXTRA_TOML, DSR_SERVICE_TOML, checks),
+        RowKind::LbXdp => match start_lb(bed, plan, lb, "xdp", XDP_EXTRA_TOML, "", checks) {
             Err(StartError::Unavailable(why)) if why.contains("unknown key `xdp`") => {
-                match start_lb(bed, plan, lb, "xdp", "", checks) {
+                match start_lb(bed, plan, lb, "xdp", "", "", checks) {
                     Err(StartError::Unavailable(why2)) => Err(StartError::Unavailable(format!(
                         "{why2} (with XDP_EXTRA_TOML: {why})"
                     ))),
@@ -620,7 +631,17 @@ fn await_ready(bed: &Bed, procs: &mut [Child], what: &str) -> Result<(), String>
     }
 }
 
-fn lb_config(bed: &Bed, dir: &Path, datapath: &str, extra: &str, checks: Checks) -> String {
+/// What the `lb-xdp-dsr` row adds to every service table.
+const DSR_SERVICE_TOML: &str = "forwarding = \"dsr\"\n";
+
+fn lb_config(
+    bed: &Bed,
+    dir: &Path,
+    datapath: &str,
+    extra: &str,
+    service_extra: &str,
+    checks: Checks,
+) -> String {
     let health = match checks {
         Checks::Bench => "interval = \"1s\"",
         // error_limit 3 is the default; written out so the row says what it measures.
@@ -636,7 +657,7 @@ fn lb_config(bed: &Bed, dir: &Path, datapath: &str, extra: &str, checks: Checks)
         let _ = write!(
             c,
             "\n[[service]]\nname = \"{name}\"\nlisten = \"{vip}:{port}\"\ndatapath = \"{datapath}\"\n\
-             affinity_timeout = \"30m\"\nmax_connections = 8000\n\n[service.health]\nkind = \"tcp\"\n\
+             affinity_timeout = \"30m\"\nmax_connections = 8000\n{service_extra}\n[service.health]\nkind = \"tcp\"\n\
              {health}\nport = {HTTP_PORT}\n",
             vip = bed.topo.vip()
         );
@@ -657,12 +678,16 @@ fn start_lb<'a>(
     lb: &Path,
     datapath: &str,
     extra: &str,
+    service_extra: &str,
     checks: Checks,
 ) -> Result<Running<'a>, StartError> {
     let xdp = datapath == "xdp";
     let dir = TempDir::try_in(bed.dir.path(), &format!("lb-{datapath}"))?;
     let cfg = dir.path().join("lb.toml");
-    fs::write(&cfg, lb_config(bed, dir.path(), datapath, extra, checks))?;
+    fs::write(
+        &cfg,
+        lb_config(bed, dir.path(), datapath, extra, service_extra, checks),
+    )?;
     let mut check = std::process::Command::new(lb);
     check.arg("check-config").arg(&cfg).env("NO_COLOR", "1");
     let out = run_with_timeout(check, Duration::from_secs(10))?;

@@ -6,10 +6,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 
 use lb_common::maps::{AffinityKey, AffinityValue, MAP_AFFINITY};
 use lb_common::maps::{
-    BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, NO_BACKEND, ServiceKey, ServiceValue,
+    BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, NO_BACKEND, SERVICE_DSR, ServiceKey, ServiceValue,
 };
 use lb_common::maps::{MAP_BACKENDS, MAP_RING, MAP_SERVICES, MAP_SNAT_ADDRS};
 
+use crate::config::Forwarding;
 use crate::datapath::affinity::Filter;
 use crate::state::Service;
 
@@ -104,7 +105,10 @@ impl Inner {
         let ks = self.services.get_mut(&name).expect("inserted above");
         let value = ServiceValue {
             slot: ks.slot,
-            flags: 0,
+            flags: match svc.settings.forwarding {
+                Forwarding::Nat => 0,
+                Forwarding::Dsr => SERVICE_DSR,
+            },
             affinity_timeout_ns: svc.settings.affinity_timeout.as_nanos() as u64,
         };
         if value != ks.value || ks.key != key {
