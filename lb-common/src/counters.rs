@@ -94,6 +94,7 @@ xdp_counters! {
     BadSource, BAD_SOURCE = 18, "bad_source", Reason, "Impossible TCP source: 0.0.0.0/8, 127/8, multicast, 255.255.255.255 or the destination itself (dropped before any state)";
     HalfOpenReclaimed, HALF_OPEN_RECLAIMED = 19, "half_open_reclaimed", Reason, "A SYN took the SNAT port of a half-open flow (no port was free: a SYN flood or a slow client); that flow's entries were removed";
     ClosedReused, CLOSED_REUSED = 20, "closed_reused", Reason, "A SYN took the SNAT port of a closed connection still in closed_timeout (no port was free and no half-open flow could give one up; the connection had been quiet 100 ms)";
+    RefusingAvoided, REFUSING_AVOIDED = 21, "refusing_avoided", Reason, "A new connection's SYN went to another backend (next ring slots, else a backup) because its choice had answered a SYN with an RST within the last second and no check has passed since";
 }
 
 /// [`global_counter::NAMES`]; fails the build unless the indices are `0..COUNT`, each once.

@@ -7,6 +7,8 @@
 //!   the kernel and every user-space surface.
 //! - [`maps`]: map names and the `#[repr(C)]` key/value types stored in the eBPF maps, each with a
 //!   compile-time size assertion.
+//! - [`passive`]: kernel passive health: per-backend handshake counters, refusing marks, the
+//!   backups a SYN falls back to.
 //! - [`rst`]: the TCP resets the XDP program answers with (RFC 793 sequence numbers, checksums,
 //!   the per-CPU rate limit).
 //! - [`select`]: backend selection (conntrack, affinity, Maglev ring, failover home), generic over
@@ -17,5 +19,6 @@ pub mod counters;
 pub mod csum;
 pub mod hash;
 pub mod maps;
+pub mod passive;
 pub mod rst;
 pub mod select;
