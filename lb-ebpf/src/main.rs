@@ -12,6 +12,9 @@
 //!   backend packet to a SNAT address and port without one (`no_reply_flow`) and any packet of a
 //!   flow marked for reset (`reset_flow`) are answered with an RST ([`reset::answer`]).
 //!   Everything else is passed to the kernel untouched.
+//! - [`passive`]: per-backend handshake counters (SYNs forwarded, the backend's SYN-ACK or RST to
+//!   each) for passive health in user space; a backend that answered a SYN with an RST is marked
+//!   refusing, and [`select_backend`] sends a new SYN whose choice it is elsewhere.
 //! - [`rewrite`] / [`forward`]: full-NAT rewrite with incremental checksums, next hop by
 //!   `bpf_fib_lookup` (cached per flow for a second), out by `XDP_TX` or redirect; unknown neighbour → `XDP_PASS` so the kernel
 //!   resolves it.
