@@ -510,6 +510,11 @@ fn retransmitted_syn(key: &FlowKey, f: &FlowValue, seq_be: u32, now: u64, cfg: &
     if f.flags & FLOW_TO_BACKEND == 0 || f.closed() || f.syn_seq_be != seq_be {
         return false;
     }
+    // Its backend went down (or was disabled) or refused a SYN meanwhile: the client's retry
+    // chooses again instead of waiting on it.
+    if passive::given_up(f.backend, now) {
+        return false;
+    }
     // SAFETY: read-only use of a map value for this run.
     match unsafe { CONNTRACK.get(FlowKey::reverse_of(f)) } {
         Some(reply) => !reply.expired(now, cfg) && same_flow(&FlowKey::reverse_of(reply), key),

@@ -5,6 +5,8 @@
 //! - [`answer`]: the backend's first answer to it (the reply entry still half-open and not yet
 //!   [`FLOW_ANSWERED`]): a SYN-ACK is counted as answered; an RST as refused, and the backend is
 //!   marked refusing ([`MAP_REFUSING`](lb_common::passive::MAP_REFUSING)) at once.
+//! - [`given_up`]: a client's retransmitted SYN whose backend went down or refuses meanwhile
+//!   starts a new flow (chosen again) instead of following the old one.
 //! - [`elsewhere`]: a SYN whose choice is refusing takes the first backend that is not among the
 //!   next [`RING_PROBES`] ring slots from the client's own, else a backup of the service's
 //!   fallback list; with none, the choice stands (its RST tells the client at once).
@@ -15,11 +17,14 @@ use aya_ebpf::{
 };
 use lb_common::{
     hash::{client_hash, ring_slot},
-    maps::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FlowValue, GlobalConfig, NO_BACKEND},
+    maps::{
+        BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FlowValue,
+        GlobalConfig, NO_BACKEND,
+    },
     passive::{FALLBACK_SLOTS, FLOW_ANSWERED, Fallback, PassiveCounters, RING_PROBES, refusing},
 };
 
-use crate::RING;
+use crate::{BACKENDS, RING};
 
 #[map(name = "lb_be_passive")]
 static PASSIVE: PerCpuArray<PassiveCounters> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
@@ -82,6 +87,14 @@ pub(crate) fn answer(f: &mut FlowValue, rst: bool, syn_ack: bool, now: u64) {
 #[inline(always)]
 pub(crate) fn is_refusing(index: u32, now: u64) -> bool {
     REFUSING.get(index).is_some_and(|t| refusing(*t, now))
+}
+
+/// Whether a SYN retransmitted toward backend `index` should choose again: the backend no longer
+/// takes clients with affinity (down, disabled, gone) or is refusing.
+#[inline(always)]
+pub(crate) fn given_up(index: u32, now: u64) -> bool {
+    let want = BACKEND_PRESENT | BACKEND_ADMITS_KNOWN;
+    !BACKENDS.get(index).is_some_and(|b| b.flags & want == want) || is_refusing(index, now)
 }
 
 /// A backend for a SYN of `client` (host order) to service `slot` whose choice `avoid` is

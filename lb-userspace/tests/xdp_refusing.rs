@@ -79,7 +79,13 @@ impl Fixture {
     /// A new connection's SYN from the client: (backend address it went to, SNAT port).
     fn syn(&mut self) -> (Ipv4Addr, u16) {
         self.next_port += 1;
-        let f = Tcp::new((CLIENT, self.next_port), (VIP, 80), SYN)
+        self.syn_from(self.next_port)
+    }
+
+    /// The client's SYN from `port` (the same sequence number each time: a retransmission while
+    /// its flow is open).
+    fn syn_from(&self, port: u16) -> (Ipv4Addr, u16) {
+        let f = Tcp::new((CLIENT, port), (VIP, 80), SYN)
             .macs(CLIENT_MAC, [0xaa; 6])
             .build();
         let (verdict, out, _) = self.xdp.test_run(&f, self.client_if, 1).unwrap();
@@ -165,6 +171,16 @@ fn a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup
             backend_ip(1)
         };
 
+        // A SYN left unanswered, retransmitted: the same flow (SNAT port), not counted again.
+        let slow = 40000;
+        let (b, slow_port) = fx.syn_from(slow);
+        assert_eq!(b, home);
+        assert_eq!(
+            fx.syn_from(slow),
+            (home, slow_port),
+            "a retransmission follows its flow"
+        );
+
         // A SYN-ACK is an answer, counted once even when the backend retransmits it.
         let (b, port) = fx.syn();
         assert_eq!(b, home);
@@ -173,7 +189,7 @@ fn a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup
         let p = fx.passive();
         assert_eq!(
             (p[&home].0.syns, p[&home].0.answered, p[&home].0.refused),
-            (1, 1, 0)
+            (2, 1, 0)
         );
         assert!(!p[&home].1, "answering marks nothing");
 
@@ -182,7 +198,7 @@ fn a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup
         assert_eq!(b, home, "affinity keeps the client home");
         fx.answer(home, port, RST | ACK);
         let p = fx.passive();
-        assert_eq!((p[&home].0.syns, p[&home].0.refused), (2, 1));
+        assert_eq!((p[&home].0.syns, p[&home].0.refused), (3, 1));
         assert!(p[&home].1, "{home} is marked refusing");
         assert_eq!(fx.counter("refusing_avoided"), 0);
 
@@ -191,7 +207,13 @@ fn a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup
         assert_eq!(b, other, "the SYN after the RST goes to the other primary");
         assert_eq!(fx.counter("refusing_avoided"), 1);
         assert_eq!(fx.passive()[&home].0.avoided, 1);
-        assert_eq!(fx.passive()[&home].0.syns, 2, "no SYN reached {home} again");
+        assert_eq!(fx.passive()[&home].0.syns, 3, "no SYN reached {home} again");
+
+        // The unanswered SYN's retransmission no longer follows its flow to the refusing backend:
+        // it is a new flow, chosen again (the client's affinity now names the other primary).
+        let (b, _) = fx.syn_from(slow);
+        assert_eq!(b, other, "a retransmitted SYN leaves a refusing backend");
+        assert_eq!(fx.passive()[&other].0.syns, 2);
 
         // The other primary refuses too: with both marked, the backup takes the client.
         fx.answer(other, port, RST | ACK);
@@ -205,7 +227,7 @@ fn a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup
         let p = fx.passive();
         assert_eq!(
             (p[&home].0.syns, p[&other].0.syns),
-            (2, 1),
+            (3, 2),
             "no SYN to a refusing primary"
         );
         assert_eq!(p[&backend_ip(3)].0.answered, 1);
