@@ -122,6 +122,17 @@ impl Fixture {
             .collect()
     }
 
+    /// Where `lb which` says the client's next connection goes (the kernel's maps), and why.
+    fn which(&self) -> (Ipv4Addr, String) {
+        let k = self.xdp.kernel_which("web", CLIENT, None).expect("which");
+        let svc = self.state.service("web").unwrap();
+        let b = svc.backend_by_id(k.backend_id.expect("a backend")).unwrap();
+        let IpAddr::V4(ip) = b.config.address.ip() else {
+            unreachable!()
+        };
+        (ip, k.detail)
+    }
+
     fn counter(&self, name: &str) -> u64 {
         self.xdp
             .kernel_counters()
@@ -202,7 +213,10 @@ fn a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup
         assert!(p[&home].1, "{home} is marked refusing");
         assert_eq!(fx.counter("refusing_avoided"), 0);
 
-        // The next SYN avoids it: the other primary (a later ring slot), counted.
+        // The next SYN avoids it: the other primary (a later ring slot), counted. `lb which` says so.
+        let (w, detail) = fx.which();
+        assert_eq!(w, other, "{detail}");
+        assert!(detail.contains("refusing"), "{detail}");
         let (b, port) = fx.syn();
         assert_eq!(b, other, "the SYN after the RST goes to the other primary");
         assert_eq!(fx.counter("refusing_avoided"), 1);
@@ -219,6 +233,9 @@ fn a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup
         fx.answer(other, port, RST | ACK);
         let p = fx.passive();
         assert!(p[&home].1 && p[&other].1, "both primaries refusing");
+        let (w, detail) = fx.which();
+        assert_eq!(w, backend_ip(3), "{detail}");
+        assert!(detail.contains("a backup"), "{detail}");
         let (b, port) = fx.syn();
         assert_eq!(b, backend_ip(3), "every primary refuses: the backup");
         fx.answer(b, port, SYN | ACK);

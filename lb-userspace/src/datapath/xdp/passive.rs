@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use aya::Ebpf;
 use aya::maps::{Array, MapData, PerCpuArray};
+use lb_common::hash::{client_hash, ring_slot};
 use lb_common::maps::NO_BACKEND;
 use lb_common::passive::{
     FALLBACK_SLOTS, Fallback, MAP_FALLBACK, MAP_PASSIVE, MAP_REFUSING, POLL_MS, PassiveCounters, REFUSING_NS,
-    refusing,
+    RING_PROBES, refusing,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -85,6 +86,40 @@ impl PassiveMaps {
             self.written.insert(slot, list);
         }
         Ok(())
+    }
+
+    /// Where the kernel sends a new connection of `client` (host order) to service `slot` whose
+    /// choice `avoid` is refusing, as `lb_ebpf::passive::elsewhere` does: a backend of the next
+    /// [`RING_PROBES`] slots of `ring` (kernel indices) that is not refusing, else a backup of the
+    /// fallback list; with what it is. `None`: `avoid` is not refusing, or nobody better.
+    pub(super) fn steer(
+        &self,
+        slot: u32,
+        ring: &[u32],
+        seed: u32,
+        client: u32,
+        avoid: u32,
+        now: u64,
+    ) -> Option<(u32, &'static str)> {
+        let refusing_now = |i: u32| refusing(self.refusing.get(&i, 0).unwrap_or(0), now);
+        if ring.is_empty() || !refusing_now(avoid) {
+            return None;
+        }
+        let first = ring_slot(seed, client, ring.len() as u32) as usize;
+        for step in 0..RING_PROBES as usize {
+            let b = ring[(first + step) % ring.len()];
+            if b != NO_BACKEND && b != avoid && !refusing_now(b) {
+                return Some((b, "a later ring slot"));
+            }
+        }
+        let list = self.written.get(&slot)?;
+        let start = client_hash(seed, client) as usize;
+        (0..FALLBACK_SLOTS)
+            .map(|i| list.backends[(start + i) & (FALLBACK_SLOTS - 1)])
+            .filter(|e| *e != 0)
+            .map(|e| e - 1)
+            .find(|b| *b != avoid && !refusing_now(*b))
+            .map(|b| (b, "a backup"))
     }
 
     /// Backend `index`'s counters summed over CPUs.
