@@ -430,4 +430,40 @@ fn xdp_both_primaries_killed_send_every_later_connection_to_the_backup() {
             >= CLIENTS,
         "too few requests after the first second to tell"
     );
+
+    // The primaries listen again: once a check passes (and, if passive health marked them down,
+    // `rise` checks), lb clears the marks and new connections reach the primaries again.
+    let restarted = Instant::now();
+    for i in 1..=2 {
+        let name = format!("b{i}");
+        let args = [
+            "http",
+            "--listen",
+            &format!("0.0.0.0:{HTTP_PORT}"),
+            "--name",
+            &name,
+        ];
+        bed.servers
+            .push(lb_tests::servers::start_testsrv(bed.topo.backend_ns(i), &args).expect("restart"));
+    }
+    let client = bed.topo.client_addrs()[0];
+    let deadline = Instant::now() + CHECK_INTERVAL * 5;
+    loop {
+        let (which, _) = bed.lb.which("web", client);
+        if matches!(which.as_deref(), Some("b1" | "b2"))
+            && matches!(get(&bed.topo, client).as_deref(), Ok("b1" | "b2"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the primaries never took new connections again (which: {which:?})\n{}",
+            bed.lb.log_tail(30)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    report(&format!(
+        "MEASURED xdp passive (b1 and b2 restarted): new connections reach a primary again {} ms later",
+        restarted.elapsed().as_millis()
+    ));
 }

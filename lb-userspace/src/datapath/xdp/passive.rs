@@ -195,21 +195,22 @@ impl Poller {
     fn poll(&mut self, inner: &mut Inner, snapshot: &Snapshot, passive: &Passive) {
         let at = Instant::now();
         let now_ns = monotonic_ns();
-        let mut seen = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for svc in snapshot.state.services.values() {
-            if svc.settings.datapath != DatapathKind::Xdp {
+            // Without checks there is neither passive health (nothing would bring a backend back)
+            // nor a mark to keep (the kernel's window alone decides): nothing to read.
+            if svc.settings.datapath != DatapathKind::Xdp || svc.settings.health.kind == HealthKind::None {
                 continue;
             }
             let Some(ks) = inner.services.get(&svc.settings.name) else {
                 continue;
             };
             let health = &svc.settings.health;
-            let checked = health.kind != HealthKind::None;
             for b in &svc.backends {
                 let Some(&index) = ks.backends.get(&b.id) else {
                     continue;
                 };
-                seen.push(index);
+                seen.insert(index);
                 let c = inner.passive.read(index);
                 let w = self.watches.entry(index).or_insert_with(|| Watch::new(b.id, c));
                 if w.backend_id != b.id {
@@ -217,7 +218,7 @@ impl Poller {
                 }
                 let runtime = snapshot.runtime(svc, b);
                 let (refused, timed_out, answered) = w.outcomes(c, at, svc.settings.connect_timeout);
-                if health.passive() && checked {
+                if health.passive() {
                     let failures = refused + timed_out;
                     if failures > 0 {
                         let why = if timed_out == 0 {
@@ -242,9 +243,6 @@ impl Poller {
                 if !refusing(mark, now_ns) {
                     w.mark = None;
                     continue;
-                }
-                if !checked {
-                    continue; // the kernel's window alone decides
                 }
                 let (checks, ok) = {
                     let check = runtime.check.lock().unwrap();
