@@ -55,6 +55,15 @@ impl PassiveMaps {
         })
     }
 
+    /// Service `slot` is gone: its fallback list is emptied (the slot may serve another service).
+    pub(super) fn forget_service(&mut self, slot: u32) -> Result<(), XdpError> {
+        self.fallback
+            .set(slot, Fallback::NONE, 0)
+            .map_err(map_err(MAP_FALLBACK))?;
+        self.written.insert(slot, Fallback::NONE);
+        Ok(())
+    }
+
     /// Backend `index` was given to a new backend: no refusing mark carries over.
     pub(super) fn forget(&mut self, index: u32) -> Result<(), XdpError> {
         self.refusing.set(index, 0, 0).map_err(map_err(MAP_REFUSING))

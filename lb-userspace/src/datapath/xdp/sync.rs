@@ -219,6 +219,7 @@ impl Inner {
             return Ok(());
         };
         let _ = self.maps.services.remove(&ks.key);
+        self.passive.forget_service(ks.slot)?;
         for index in ks.backends.values() {
             self.maps
                 .backends
