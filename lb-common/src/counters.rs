@@ -96,6 +96,7 @@ xdp_counters! {
     ClosedReused, CLOSED_REUSED = 20, "closed_reused", Reason, "A SYN took the SNAT port of a closed connection still in closed_timeout (no port was free and no half-open flow could give one up; the connection had been quiet 100 ms)";
     DsrMidFlow, DSR_MID_FLOW = 21, "dsr_mid_flow", Reason, "Non-SYN packet to a dsr service without a connection on this node (another node's flow, or one forgotten): forwarded to the backend its client maps to now (affinity, else the ring), never reset";
     TooBig, TOO_BIG = 22, "too_big", Reason, "Rewritten or encapsulated packet larger than the MTU toward its next hop (dropped; checked when the next hop is looked up, which a dsr flow does again for a packet larger than any before); for dsr (20 bytes of IPIP more) lower the MSS the backends advertise, see the README's DSR section";
+    RefusingAvoided, REFUSING_AVOIDED = 23, "refusing_avoided", Reason, "A new connection's SYN went to another backend (next ring slots, else a backup) because its choice had answered a SYN with an RST within the last second and no check has passed since";
 }
 
 /// [`global_counter::NAMES`]; fails the build unless the indices are `0..COUNT`, each once.

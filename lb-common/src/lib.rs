@@ -8,6 +8,8 @@
 //! - [`ipip`]: the outer IPv4 header of `forwarding = "dsr"` packets (IPIP toward the backend).
 //! - [`maps`]: map names and the `#[repr(C)]` key/value types stored in the eBPF maps, each with a
 //!   compile-time size assertion.
+//! - [`passive`]: kernel passive health: per-backend handshake counters, refusing marks, the
+//!   backups a SYN falls back to.
 //! - [`rst`]: the TCP resets the XDP program answers with (RFC 793 sequence numbers, checksums,
 //!   the per-CPU rate limit).
 //! - [`select`]: backend selection (conntrack, affinity, Maglev ring, failover home), generic over
@@ -19,5 +21,6 @@ pub mod csum;
 pub mod hash;
 pub mod ipip;
 pub mod maps;
+pub mod passive;
 pub mod rst;
 pub mod select;

@@ -16,6 +16,9 @@
 //!   the NAT rewrite, one entry per flow, and mid-flow packets without an entry forwarded by
 //!   affinity or the ring instead of reset.
 //! - [`decap`]: `lb_decap`, a second program for dsr backends without the ipip module.
+//! - [`passive`]: per-backend handshake counters (SYNs forwarded, the backend's SYN-ACK or RST to
+//!   each) for passive health in user space; a backend that answered a SYN with an RST is marked
+//!   refusing, and [`select_backend`] sends a new SYN whose choice it is elsewhere.
 //! - [`rewrite`] / [`forward`]: full-NAT rewrite with incremental checksums, next hop by
 //!   `bpf_fib_lookup` (cached per flow for a second), out by `XDP_TX` or redirect; unknown neighbour → `XDP_PASS` so the kernel
 //!   resolves it.
@@ -33,6 +36,7 @@ mod decap;
 mod dsr;
 mod logs;
 mod net;
+mod passive;
 mod reset;
 
 use aya_ebpf::{
@@ -57,7 +61,8 @@ use lb_common::{
         GlobalConfig, NEXT_HOP_CACHE_NS, SERVICE_DSR, ServiceKey, ServiceValue, TrafficCounters,
         global_counter as gc,
     },
-    select::{AffinitySlot, BackendTable, Policy, Ring, select},
+    passive::FLOW_ANSWERED,
+    select::{AffinitySlot, BackendTable, Policy, Ring, next_entry, select},
 };
 
 use crate::logs::{LOG_NO_ROUTE, LOG_SNAT_EXHAUSTED, may_log};
@@ -257,6 +262,11 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
                 f.last_seen_ns = now;
             }
             let to_backend = f.flags & FLOW_TO_BACKEND != 0;
+            if !to_backend && f.flags & (FLOW_HALF_OPEN | FLOW_ANSWERED) == FLOW_HALF_OPEN {
+                // The backend's first answer to a SYN: passive health counts it.
+                let syn_ack = flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+                passive::answer(f, flags & TCP_RST != 0, syn_ack, now);
+            }
             if f.flags & FLOW_HALF_OPEN != 0 && to_backend && flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
             {
                 // The client's ACK completes its handshake: the flow is established.
@@ -304,7 +314,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         // cleanup`): the client learns by an RST and reconnects instead of retransmitting for minutes.
         return reset::answer(ctx, ip, tcp, ihl, doff, now, gc::NO_CONNTRACK);
     }
-    let Some((backend_index, backend)) = select_backend(service, key.src_be, cfg, now) else {
+    let Some((backend_index, backend)) = select_backend(service, key.src_be, cfg, now, len) else {
         return drop(gc::NO_BACKEND);
     };
     if dsr {
@@ -385,6 +395,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         return drop(gc::SNAT_EXHAUSTED);
     }
     count(gc::NEW_FLOWS, len);
+    passive::syn_sent(backend_index);
     count_traffic(&forward_value, true, len, true);
     verdict
 }
@@ -423,13 +434,15 @@ fn impossible_source(saddr_be: u32, daddr_be: u32) -> bool {
 
 /// Picks the backend for a SYN without a connection by the shared rules
 /// ([`lb_common::select::select`]: affinity, else the Maglev ring, with the failover home), over
-/// this service's affinity entry, the backends array and its slice of the ring.
+/// this service's affinity entry, the backends array and its slice of the ring. A choice that has
+/// just refused a SYN is replaced by another backend when one is not refusing ([`passive`]).
 #[inline(always)]
 fn select_backend(
     service: &ServiceValue,
     client_be: u32,
     cfg: &GlobalConfig,
     now: u64,
+    len: u64,
 ) -> Option<(u32, &'static BackendValue)> {
     let policy = Policy {
         seed: cfg.seed,
@@ -454,8 +467,19 @@ fn select_backend(
         |_| false,
         1,
     )?;
-    let backend = BACKENDS.get(choice.backend)?;
-    (backend.flags & BACKEND_PRESENT != 0).then_some((choice.backend, backend))
+    let mut index = choice.backend;
+    if passive::is_refusing(index, now)
+        && let Some(other) = passive::elsewhere(service.slot, u32::from_be(client_be), cfg, index, now)
+    {
+        // The client failed over: its affinity entry remembers the refusing one as its home.
+        if policy.affinity_timeout_ns != 0 {
+            affinity.put(&next_entry(affinity.get(), other, now));
+        }
+        count(gc::REFUSING_AVOIDED, len);
+        index = other;
+    }
+    let backend = BACKENDS.get(index)?;
+    (backend.flags & BACKEND_PRESENT != 0).then_some((index, backend))
 }
 
 /// A client's affinity entry in the `AFFINITY` map.
@@ -510,6 +534,11 @@ impl Ring for KernelService {
 #[inline(always)]
 fn retransmitted_syn(key: &FlowKey, f: &FlowValue, seq_be: u32, now: u64, cfg: &GlobalConfig) -> bool {
     if f.flags & FLOW_TO_BACKEND == 0 || f.closed() || f.syn_seq_be != seq_be {
+        return false;
+    }
+    // Its backend went down (or was disabled) or refused a SYN meanwhile: the client's retry
+    // chooses again instead of waiting on it.
+    if passive::given_up(f.backend, now) {
         return false;
     }
     if f.flags & FLOW_DSR != 0 {

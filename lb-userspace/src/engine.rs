@@ -143,13 +143,16 @@ impl Engine {
         let (seed, ring_size) = (config.seed, config.ring_size);
         let passive = Passive::new(events.clone());
         let announce = config.announce.as_ref().map(crate::announce::Announcer::new);
+        let stop = shutdown.clone();
         let mut engine = Engine::assemble(config, events, shutdown, |balancer| {
             let mut datapaths: Vec<Box<dyn Datapath>> = vec![
                 Box::new(ProxyDatapath::new(balancer.clone(), passive.clone())),
-                Box::new(AjpDatapath::new(balancer.clone(), passive)),
+                Box::new(AjpDatapath::new(balancer.clone(), passive.clone())),
             ];
             if let Some(x) = &xdp_config {
-                datapaths.push(Box::new(XdpDatapath::start(Some(x), seed, ring_size)?));
+                let xdp = XdpDatapath::start(Some(x), seed, ring_size)?;
+                xdp.watch_passive(balancer.clone(), passive, stop);
+                datapaths.push(Box::new(xdp));
             }
             Ok(datapaths)
         })?;

@@ -297,7 +297,8 @@ pub fn markdown(plan: &Plan, results: &BTreeMap<RowKind, FailoverResult>) -> Str
     }
     md.push_str(
         "\nlb rows: checks every 500 ms, fall 2, passive health `observe = \"layer4\"`, error_limit 3 \
-         (the proxy reports its connects; the XDP datapath does not yet, so lb-xdp relies on the checks). \
+         (the proxy reports its connects; the XDP datapath reports the handshakes the kernel counts, polled \
+         every 10 ms, and the kernel sends no SYN to a backend that has just refused one). \
          haproxy: `check inter 500ms fall 2 observe layer4 error-limit 3 on-error mark-down`.\n\n",
     );
     for (row, r) in results {

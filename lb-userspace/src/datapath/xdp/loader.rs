@@ -15,6 +15,7 @@ use lb_common::maps::{
     MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_GLOBAL_STATS, MAP_RING,
     MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT, MAP_SNAT_ADDRS, MAP_SNAT_LOCKS,
 };
+use lb_common::passive::{MAP_FALLBACK, MAP_PASSIVE, MAP_REFUSING};
 
 use tracing::{info, warn};
 
@@ -212,7 +213,10 @@ impl XdpDatapath {
             .map_max_entries(MAP_BACKEND_STATS, cfg.max_backends)
             .map_max_entries(MAP_RING, cfg.max_services * ring_size)
             .map_max_entries(MAP_CONNTRACK, cfg.conntrack_entries)
-            .map_max_entries(MAP_AFFINITY, cfg.affinity_entries);
+            .map_max_entries(MAP_AFFINITY, cfg.affinity_entries)
+            .map_max_entries(MAP_PASSIVE, cfg.max_backends)
+            .map_max_entries(MAP_REFUSING, cfg.max_backends)
+            .map_max_entries(MAP_FALLBACK, cfg.max_services);
         let names = [
             MAP_GLOBAL_STATS,
             MAP_CONFIG,
@@ -226,6 +230,9 @@ impl XdpDatapath {
             MAP_SNAT_LOCKS,
             MAP_SERVICE_STATS,
             MAP_BACKEND_STATS,
+            MAP_PASSIVE,
+            MAP_REFUSING,
+            MAP_FALLBACK,
         ];
         if let Some(config) = config {
             // First, before anything is made: a typo here must not leave pins or sysctls behind.
@@ -264,6 +271,7 @@ impl XdpDatapath {
             backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
             snat_addrs: take(&mut ebpf, MAP_SNAT_ADDRS)?,
         };
+        let passive = super::passive::PassiveMaps::take(&mut ebpf)?;
         let max_services = maps.service_stats.len();
         let max_backends = maps.backends.len();
         let old = maps.config.get(&0, 0).map_err(map_err(MAP_CONFIG))?;
@@ -335,7 +343,7 @@ impl XdpDatapath {
             forward_program_logs(&mut ebpf);
         }
         Ok(XdpDatapath {
-            inner: Mutex::new(Inner {
+            inner: std::sync::Arc::new(Mutex::new(Inner {
                 ebpf,
                 maps,
                 ring_size,
@@ -347,7 +355,8 @@ impl XdpDatapath {
                     .collect(),
                 adopt_services,
                 adopt_backends,
-            }),
+                passive,
+            })),
             pin_path,
             pins,
         })

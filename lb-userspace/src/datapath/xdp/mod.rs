@@ -8,10 +8,12 @@
 //!
 //! - `loader`: load, pin or adopt, attach, log bridge; `pins`: the pin directory's lock, half-made
 //!   directories, undoing a failed start; `sync`: state → maps; `query`: maps → counters,
-//!   `lb which`, marking flows for reset; `host`: sysctls and `lb cleanup`.
+//!   `lb which`, marking flows for reset; `host`: sysctls and `lb cleanup`; `passive`: the
+//!   kernel's handshake counters polled into passive health, refusing marks, fallback lists.
 
 pub mod host;
 mod loader;
+mod passive;
 mod pins;
 mod query;
 mod sync;
@@ -22,7 +24,7 @@ pub use query::{KernelChoice, KernelState, KernelTraffic};
 use std::collections::{HashMap as StdHashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
@@ -159,10 +161,13 @@ struct Inner {
     /// Pinned service slots and backend indices found at start, waiting to be claimed.
     adopt_services: StdHashMap<ServiceKey, u32>,
     adopt_backends: StdHashMap<(u32, u32, u16), u32>,
+    /// Passive health: handshake counters, refusing marks, fallback lists.
+    passive: passive::PassiveMaps,
 }
 
 pub struct XdpDatapath {
-    inner: Mutex<Inner>,
+    /// Shared (weakly) with the passive-health poller.
+    inner: Arc<Mutex<Inner>>,
     pin_path: Option<PathBuf>,
     /// The locked pin directory (with a pin path): dropped uncommitted, it removes what the start
     /// made. Declared after `inner`, so the program and maps are closed first.
@@ -225,6 +230,7 @@ impl Datapath for XdpDatapath {
     fn traffic(&self, service: &Service) -> ServiceTraffic {
         let name = &service.settings.name;
         let kernel = self.backend_traffic(name);
+        let passive = self.passive_counters(name);
         ServiceTraffic {
             failed_connections: None,
             backends: service
@@ -239,7 +245,8 @@ impl Datapath for XdpDatapath {
                         bytes_out: k.traffic.bytes_out,
                         packets_in: Some(k.traffic.packets_in),
                         packets_out: Some(k.traffic.packets_out),
-                        connect_failures: None,
+                        // SYNs the backend refused (RST), as the kernel counts them.
+                        connect_failures: passive.get(&b.id).map(|(c, _)| c.refused),
                     };
                     (b.id, t)
                 })

@@ -209,6 +209,21 @@ impl XdpDatapath {
                 format!("kernel Maglev ring slot {} of {}", choice.slot, inner.ring_size),
             ),
         };
+        // A choice that has just refused a SYN: the kernel sends the client elsewhere.
+        if let Some((other, what)) = inner.passive.steer(
+            ks.slot,
+            &ks.ring,
+            global.seed,
+            u32::from(client),
+            choice.backend,
+            now,
+        ) {
+            return Some(KernelChoice {
+                backend_id: id_of(other),
+                reason: "ring",
+                detail: format!("{detail}, refusing SYNs (RST): {what} instead"),
+            });
+        }
         Some(KernelChoice {
             backend_id: id_of(choice.backend),
             reason,

@@ -137,6 +137,7 @@ impl Inner {
                         })?,
                     };
                     ks.backends.insert(b.id, i);
+                    self.passive.forget(i)?;
                     i
                 }
             };
@@ -195,6 +196,7 @@ impl Inner {
         if changed > 0 {
             tracing::debug!(service = %name, slots = changed, "kernel ring updated");
         }
+        self.passive.sync_fallback(ks.slot, svc, |id| index_of.get(id))?;
         // Backends that left are cleared only now that no ring slot names them, so a new
         // connection never meets a slot whose backend is gone.
         let present: std::collections::HashSet<u32> = svc.backends.iter().map(|b| b.id).collect();
@@ -221,6 +223,7 @@ impl Inner {
             return Ok(());
         };
         let _ = self.maps.services.remove(&ks.key);
+        self.passive.forget_service(ks.slot)?;
         for index in ks.backends.values() {
             self.maps
                 .backends

@@ -1,0 +1,145 @@
+//! Kernel passive health ([`lb_common::passive`]): per-backend handshake counters polled by user
+//! space, and steering new connections away from a backend that has just refused one.
+//!
+//! - [`syn_sent`]: a new connection's SYN went to a backend.
+//! - [`answer`]: the backend's first answer to it (the reply entry still half-open and not yet
+//!   [`FLOW_ANSWERED`]): a SYN-ACK is counted as answered; an RST as refused, and the backend is
+//!   marked refusing ([`MAP_REFUSING`](lb_common::passive::MAP_REFUSING)) at once.
+//! - [`given_up`]: a client's retransmitted SYN whose backend went down or refuses meanwhile
+//!   starts a new flow (chosen again) instead of following the old one.
+//! - [`elsewhere`]: a SYN whose choice is refusing takes the first backend that is not among the
+//!   next [`RING_PROBES`] ring slots from the client's own, else a backup of the service's
+//!   fallback list; with none, the choice stands (its RST tells the client at once).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, PerCpuArray},
+};
+use lb_common::{
+    hash::{client_hash, ring_slot},
+    maps::{
+        BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FlowValue,
+        GlobalConfig, NO_BACKEND,
+    },
+    passive::{FALLBACK_SLOTS, FLOW_ANSWERED, Fallback, PassiveCounters, RING_PROBES, refusing},
+};
+
+use crate::{BACKENDS, RING};
+
+#[map(name = "lb_be_passive")]
+static PASSIVE: PerCpuArray<PassiveCounters> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+#[map(name = "lb_refusing")]
+static REFUSING: Array<u64> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+#[map(name = "lb_fallback")]
+static FALLBACK: Array<Fallback> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+const _: () = {
+    use lb_common::passive::{MAP_FALLBACK, MAP_PASSIVE, MAP_REFUSING};
+    assert!(crate::str_eq(MAP_PASSIVE, "lb_be_passive"));
+    assert!(crate::str_eq(MAP_REFUSING, "lb_refusing"));
+    assert!(crate::str_eq(MAP_FALLBACK, "lb_fallback"));
+};
+
+/// This CPU's counters of backend `index`.
+#[inline(always)]
+fn cell(index: u32) -> Option<&'static mut PassiveCounters> {
+    // SAFETY: per-CPU slot, written only by this CPU during this run.
+    PASSIVE.get_ptr_mut(index).map(|p| unsafe { &mut *p })
+}
+
+/// A new connection's SYN was forwarded to backend `index`.
+#[inline(always)]
+pub(crate) fn syn_sent(index: u32) {
+    if let Some(c) = cell(index) {
+        c.syns += 1;
+    }
+}
+
+/// The backend's first answer to the SYN of the flow whose reply entry is `f`: `rst` (refused,
+/// and the backend marked refusing at `now`) or a SYN-ACK (`syn_ack`). Anything else waits.
+#[inline(always)]
+pub(crate) fn answer(f: &mut FlowValue, rst: bool, syn_ack: bool, now: u64) {
+    if !rst && !syn_ack {
+        return;
+    }
+    // Byte 0 of the flags stored whole: its other bits are set at creation (the client's ACK,
+    // which clears FLOW_HALF_OPEN, can only follow this SYN-ACK).
+    // SAFETY: byte 0 of the u32 (little-endian target).
+    unsafe {
+        let p = core::ptr::from_mut::<u32>(&mut f.flags).cast::<u8>();
+        core::ptr::write_volatile(p, core::ptr::read_volatile(p) | FLOW_ANSWERED as u8);
+    }
+    let index = f.backend;
+    if let Some(c) = cell(index) {
+        if rst {
+            c.refused += 1;
+        } else {
+            c.answered += 1;
+        }
+    }
+    if rst && let Some(mark) = REFUSING.get_ptr_mut(index) {
+        // SAFETY: valid map value pointer; a plain 8-byte store (any CPU may write the latest).
+        unsafe { *mark = now };
+    }
+}
+
+/// Whether backend `index` refused a SYN within the window (or user space keeps it marked).
+#[inline(always)]
+pub(crate) fn is_refusing(index: u32, now: u64) -> bool {
+    REFUSING.get(index).is_some_and(|t| refusing(*t, now))
+}
+
+/// Whether a SYN retransmitted toward backend `index` should choose again: the backend no longer
+/// takes clients with affinity (down, disabled, gone) or is refusing.
+#[inline(always)]
+pub(crate) fn given_up(index: u32, now: u64) -> bool {
+    let want = BACKEND_PRESENT | BACKEND_ADMITS_KNOWN;
+    !BACKENDS.get(index).is_some_and(|b| b.flags & want == want) || is_refusing(index, now)
+}
+
+/// A backend for a SYN of `client` (host order) to service `slot` whose choice `avoid` is
+/// refusing: the first ring slot of the next [`RING_PROBES`] from the client's own whose backend is
+/// not refusing, else the first backup of the fallback list (from a place the client's hash picks)
+/// that is not. `None`: nobody better, the choice stands. Counts the avoidance on `avoid`.
+#[inline(always)]
+pub(crate) fn elsewhere(slot: u32, client: u32, cfg: &GlobalConfig, avoid: u32, now: u64) -> Option<u32> {
+    let size = cfg.ring_size;
+    if size == 0 {
+        return None;
+    }
+    let first = ring_slot(cfg.seed, client, size);
+    let base = slot.wrapping_mul(size);
+    let mut found = NO_BACKEND;
+    for step in 0..RING_PROBES {
+        if found != NO_BACKEND {
+            continue;
+        }
+        let at = (first + step) % size;
+        let b = RING.get(base.wrapping_add(at)).copied().unwrap_or(NO_BACKEND);
+        if b != NO_BACKEND && b != avoid && !is_refusing(b, now) {
+            found = b;
+        }
+    }
+    if found == NO_BACKEND
+        && let Some(list) = FALLBACK.get(slot)
+    {
+        let start = client_hash(cfg.seed, client) as usize;
+        for i in 0..FALLBACK_SLOTS {
+            if found != NO_BACKEND {
+                continue;
+            }
+            // Entries are index + 1 (0: none).
+            let b = list.backends[(start + i) & (FALLBACK_SLOTS - 1)].wrapping_sub(1);
+            if b != NO_BACKEND && b != avoid && !is_refusing(b, now) {
+                found = b;
+            }
+        }
+    }
+    if found == NO_BACKEND {
+        return None;
+    }
+    if let Some(c) = cell(avoid) {
+        c.avoided += 1;
+    }
+    Some(found)
+}

@@ -1,0 +1,254 @@
+//! Kernel passive health under BPF_PROG_TEST_RUN (issue #12): a backend's RST answering a
+//! forwarded SYN is counted as refused and marks the backend refusing; the next SYN whose choice
+//! it is goes to another primary (the next ring slots), and once every primary refuses, to the
+//! healthy backup. SYN-ACKs are counted as answers, once per connection. Needs root and the
+//! embedded eBPF object (`cargo xtask test` provides both).
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use lb::balancer::Balancer;
+use lb::config::{AdminState, BackendConfig};
+use lb::datapath::Datapath;
+use lb::datapath::xdp::XdpDatapath;
+use lb::state::{Command, State};
+use lb_common::passive::PassiveCounters;
+use lb_tests::fixture::FixtureSpec;
+use lb_tests::packet::flags::{ACK, RST, SYN};
+use lb_tests::packet::{self, Tcp};
+
+const XDP_REDIRECT: u32 = 4;
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+const LB_BACKEND_SIDE: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
+const RING: u32 = 101;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+
+fn backend_ip(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 1, 1, 1 + i)
+}
+fn backend_mac(i: u8) -> [u8; 6] {
+    [0x02, 0, 0, 0, 1, 1 + i]
+}
+
+/// b1 and b2 primaries, b3 a backup.
+fn service() -> lb::config::ServiceConfig {
+    common::xdp_service(
+        (1..=3u8)
+            .map(|i| BackendConfig {
+                name: format!("b{i}"),
+                address: format!("{}:8080", backend_ip(i)).parse().unwrap(),
+                weight: 1,
+                backup: i == 3,
+                state: AdminState::Active,
+                route: format!("b{i}"),
+            })
+            .collect(),
+    )
+}
+
+struct Fixture {
+    state: State,
+    xdp: XdpDatapath,
+    client_if: u32,
+    backend_if: u32,
+    next_port: u16,
+}
+
+impl Fixture {
+    fn new(client_if: u32, backend_if: u32) -> Fixture {
+        let xdp = XdpDatapath::start(None, 0, RING).expect("load XDP program");
+        let mut state = State::new(0, RING);
+        let effect = state
+            .apply(Command::AddService { service: service() })
+            .expect("service");
+        xdp.apply(&effect, &lb::runtime::Snapshot::new(state.clone()))
+            .expect("datapath applies");
+        Fixture {
+            state,
+            xdp,
+            client_if,
+            backend_if,
+            next_port: 41000,
+        }
+    }
+
+    /// A new connection's SYN from the client: (backend address it went to, SNAT port).
+    fn syn(&mut self) -> (Ipv4Addr, u16) {
+        self.next_port += 1;
+        self.syn_from(self.next_port)
+    }
+
+    /// The client's SYN from `port` (the same sequence number each time: a retransmission while
+    /// its flow is open).
+    fn syn_from(&self, port: u16) -> (Ipv4Addr, u16) {
+        let f = Tcp::new((CLIENT, port), (VIP, 80), SYN)
+            .macs(CLIENT_MAC, [0xaa; 6])
+            .build();
+        let (verdict, out, _) = self.xdp.test_run(&f, self.client_if, 1).unwrap();
+        assert_eq!(verdict, XDP_REDIRECT, "the SYN is forwarded");
+        let p = packet::parse(&out).expect("forwarded SYN");
+        assert_eq!(p.src.0, LB_BACKEND_SIDE);
+        (p.dst.0, p.src.1)
+    }
+
+    /// The backend's answer (`flags`) to the SYN sent on `snat_port`: forwarded to the client.
+    fn answer(&self, backend: Ipv4Addr, snat_port: u16, flags: u8) {
+        let f = Tcp::new((backend, 8080), (LB_BACKEND_SIDE, snat_port), flags)
+            .macs([0xbb; 6], [0xcc; 6])
+            .build();
+        let (verdict, out, _) = self.xdp.test_run(&f, self.backend_if, 1).unwrap();
+        assert_eq!(verdict, XDP_REDIRECT, "the answer goes back to the client");
+        let p = packet::parse(&out).expect("forwarded answer");
+        assert_eq!((p.src, p.dst.0), ((VIP, 80), CLIENT));
+    }
+
+    /// Kernel handshake counters and refusing marks by backend address.
+    fn passive(&self) -> HashMap<Ipv4Addr, (PassiveCounters, bool)> {
+        let svc = self.state.service("web").unwrap();
+        self.xdp
+            .passive_counters("web")
+            .into_iter()
+            .map(|(id, v)| {
+                let b = svc.backend_by_id(id).unwrap();
+                let IpAddr::V4(ip) = b.config.address.ip() else {
+                    unreachable!()
+                };
+                (ip, v)
+            })
+            .collect()
+    }
+
+    /// Where `lb which` says the client's next connection goes (the kernel's maps), and why.
+    fn which(&self) -> (Ipv4Addr, String) {
+        let k = self.xdp.kernel_which("web", CLIENT, None).expect("which");
+        let svc = self.state.service("web").unwrap();
+        let b = svc.backend_by_id(k.backend_id.expect("a backend")).unwrap();
+        let IpAddr::V4(ip) = b.config.address.ip() else {
+            unreachable!()
+        };
+        (ip, k.detail)
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        self.xdp
+            .kernel_counters()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+            .unwrap()
+    }
+}
+
+fn in_fixture_netns<T: Send>(f: impl FnOnce(u32, u32) -> T + Send) -> T {
+    let spec = FixtureSpec {
+        vip: Some(VIP),
+        clients: vec![(CLIENT, CLIENT_MAC)],
+        backends: (1..=3u8).map(|i| (backend_ip(i), backend_mac(i))).collect(),
+    };
+    lb_tests::fixture::in_fixture_netns(&spec, |links| f(links.client_if, links.backend_if))
+        .expect("fixture namespace")
+}
+
+#[test]
+fn a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup() {
+    if !common::ready("a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup") {
+        return;
+    }
+    in_fixture_netns(|client_if, backend_if| {
+        let mut fx = Fixture::new(client_if, backend_if);
+        if let Some(n) = fx.xdp.verified_instructions() {
+            eprintln!("MEASURED xdp program: {n} instructions verified (limit 1000000)");
+        }
+        let home = {
+            let b = Balancer::new(fx.state.clone());
+            match b
+                .choose("web", IpAddr::V4(CLIENT), Instant::now(), &[])
+                .unwrap()
+                .address
+                .ip()
+            {
+                IpAddr::V4(v4) => v4,
+                IpAddr::V6(_) => unreachable!(),
+            }
+        };
+        assert_ne!(home, backend_ip(3), "the ring holds the primaries");
+        let other = if home == backend_ip(1) {
+            backend_ip(2)
+        } else {
+            backend_ip(1)
+        };
+
+        // A SYN left unanswered, retransmitted: the same flow (SNAT port), not counted again.
+        let slow = 40000;
+        let (b, slow_port) = fx.syn_from(slow);
+        assert_eq!(b, home);
+        assert_eq!(
+            fx.syn_from(slow),
+            (home, slow_port),
+            "a retransmission follows its flow"
+        );
+
+        // A SYN-ACK is an answer, counted once even when the backend retransmits it.
+        let (b, port) = fx.syn();
+        assert_eq!(b, home);
+        fx.answer(home, port, SYN | ACK);
+        fx.answer(home, port, SYN | ACK);
+        let p = fx.passive();
+        assert_eq!(
+            (p[&home].0.syns, p[&home].0.answered, p[&home].0.refused),
+            (2, 1, 0)
+        );
+        assert!(!p[&home].1, "answering marks nothing");
+
+        // The home backend answers the next SYN with an RST: refused, and marked refusing.
+        let (b, port) = fx.syn();
+        assert_eq!(b, home, "affinity keeps the client home");
+        fx.answer(home, port, RST | ACK);
+        let p = fx.passive();
+        assert_eq!((p[&home].0.syns, p[&home].0.refused), (3, 1));
+        assert!(p[&home].1, "{home} is marked refusing");
+        assert_eq!(fx.counter("refusing_avoided"), 0);
+
+        // The next SYN avoids it: the other primary (a later ring slot), counted. `lb which` says so.
+        let (w, detail) = fx.which();
+        assert_eq!(w, other, "{detail}");
+        assert!(detail.contains("refusing"), "{detail}");
+        let (b, port) = fx.syn();
+        assert_eq!(b, other, "the SYN after the RST goes to the other primary");
+        assert_eq!(fx.counter("refusing_avoided"), 1);
+        assert_eq!(fx.passive()[&home].0.avoided, 1);
+        assert_eq!(fx.passive()[&home].0.syns, 3, "no SYN reached {home} again");
+
+        // The unanswered SYN's retransmission no longer follows its flow to the refusing backend:
+        // it is a new flow, chosen again (the client's affinity now names the other primary).
+        let (b, _) = fx.syn_from(slow);
+        assert_eq!(b, other, "a retransmitted SYN leaves a refusing backend");
+        assert_eq!(fx.passive()[&other].0.syns, 2);
+
+        // The other primary refuses too: with both marked, the backup takes the client.
+        fx.answer(other, port, RST | ACK);
+        let p = fx.passive();
+        assert!(p[&home].1 && p[&other].1, "both primaries refusing");
+        let (w, detail) = fx.which();
+        assert_eq!(w, backend_ip(3), "{detail}");
+        assert!(detail.contains("a backup"), "{detail}");
+        let (b, port) = fx.syn();
+        assert_eq!(b, backend_ip(3), "every primary refuses: the backup");
+        fx.answer(b, port, SYN | ACK);
+        let (b, _) = fx.syn();
+        assert_eq!(b, backend_ip(3), "and again");
+        let p = fx.passive();
+        assert_eq!(
+            (p[&home].0.syns, p[&other].0.syns),
+            (3, 2),
+            "no SYN to a refusing primary"
+        );
+        assert_eq!(p[&backend_ip(3)].0.answered, 1);
+        // The client's affinity now names the backup: nothing left to avoid.
+        assert_eq!(fx.counter("refusing_avoided"), 2);
+    });
+}

@@ -1,0 +1,476 @@
+//! Kernel passive health end to end (issue #12, `datapath = "xdp"`): `lb run` in the lb namespace
+//! with the XDP program on its veths, loops of new connections (`Connection: close`) from several
+//! client addresses, and active checks slow on purpose (interval 2 s, fall 3: at least 4 s to
+//! notice anything), so what moves the clients here is the kernel and passive health.
+//!
+//! - A backend process is killed (its port answers SYNs with RSTs): the kernel marks it refusing
+//!   at the first RST and sends later SYNs elsewhere. Client errors are at most the connections
+//!   in flight, and no connection that started more than 50 ms after the kill failed.
+//! - A backend is black-holed (an nft rule in its namespace drops the SYNs): SYNs left without a
+//!   SYN-ACK for `connect_timeout` are connect failures; `error_limit` of them mark it down with
+//!   reason "passive" within `connect_timeout` + one check interval; the checks bring it back.
+//! - Both primaries are killed with a healthy backup: each primary's first refusal marks it, and
+//!   every later new connection reaches the backup (the marks outlive the kernel's one-second
+//!   window: lb keeps them until a check passes).
+//!
+//! Times are printed as `MEASURED …` lines (stderr). Needs root; skips with a `SKIP:` line
+//! otherwise. The XDP tests of this binary run one at a time (`Pins`).
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use lb_tests::client::HttpConn;
+use lb_tests::daemon::backend_of;
+use lb_tests::{Topology, connect_from, require_root};
+
+/// Client loops (one per client address).
+const CLIENTS: usize = 8;
+/// Active checks: slow enough that they cannot be what moved the clients.
+const CHECK_INTERVAL: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
+/// The clients' own connect timeout: a SYN lost in a black hole is given up after this, and the
+/// loop tries again (a new SYN), as impatient clients and web tiers do.
+const CLIENT_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
+/// The compass goal of issue #12: the last connection reaching a killed backend starts at most
+/// this long after the kill.
+const KILL_BOUND: Duration = Duration::from_millis(50);
+
+fn report(line: &str) {
+    eprintln!("{line}");
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// An XDP service `web` on VIP:80 over backends 1..=n (`backups` among them), affinity off (every
+/// new connection asks the kernel's ring), slow TCP checks, passive health on (the default).
+fn config(topo: &Topology, socket: &Path, pins: &Path, n: usize, backups: &[usize]) -> String {
+    let mut interfaces = vec!["\"to-c\"".to_string()];
+    interfaces.extend((1..=n).map(|i| format!("\"to-b{i}\"")));
+    let mut c = format!(
+        "shutdown_timeout = \"1s\"\nring_size = 1009\nlog_level = \"info\"\n\n[control]\nsocket = \"{}\"\n\n[xdp]\ninterfaces = [{}]\npin_path = \"{}\"\n\
+         \n[[service]]\nname = \"web\"\nlisten = \"{}:80\"\ndatapath = \"xdp\"\naffinity_timeout = \"0s\"\nconnect_timeout = \"{}ms\"\n\
+         [service.health]\nkind = \"tcp\"\ninterval = \"{}s\"\ntimeout = \"1s\"\nrise = 2\nfall = 3\nerror_limit = 3\n",
+        socket.display(),
+        interfaces.join(", "),
+        pins.display(),
+        topo.vip(),
+        CONNECT_TIMEOUT.as_millis(),
+        CHECK_INTERVAL.as_secs()
+    );
+    for i in 1..=n {
+        c.push_str(&format!(
+            "\n[[service.backend]]\nname = \"b{i}\"\naddress = \"{}:{HTTP_PORT}\"\nbackup = {}\n",
+            topo.backend_addr(i),
+            backups.contains(&i)
+        ));
+    }
+    c
+}
+
+fn bed(tag: &str, pins: &Path, n: usize, backups: &[usize]) -> Bed {
+    let bed = Bed::new(tag, n, CLIENTS, |topo, socket| {
+        config(topo, socket, pins, n, backups)
+    });
+    prepare_peers(&bed.topo);
+    wait_checked(&bed, "web");
+    bed
+}
+
+/// One request of a client loop: when it started and ended, which backend answered or why not.
+struct Sample {
+    start: Instant,
+    end: Instant,
+    result: Result<String, String>,
+}
+
+/// One GET on a new connection from `src`, giving the connect [`CLIENT_CONNECT_TIMEOUT`].
+fn get(topo: &Topology, src: Ipv4Addr) -> Result<String, String> {
+    let vip = SocketAddr::new(topo.vip().into(), 80);
+    let stream =
+        connect_from(topo.client_ns().name(), src, vip, CLIENT_CONNECT_TIMEOUT).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    let resp = HttpConn::new(stream, &vip.to_string())
+        .get_close("/")
+        .map_err(|e| e.to_string())?;
+    if resp.status != 200 {
+        return Err(format!("status {}", resp.status));
+    }
+    Ok(resp.body.trim().to_string())
+}
+
+/// Runs one loop of new connections per client address until `stop`; returns every sample.
+fn client_loops(topo: &Topology, stop: &AtomicBool) -> Vec<Sample> {
+    thread::scope(|s| {
+        let loops: Vec<_> = topo
+            .client_addrs()
+            .into_iter()
+            .take(CLIENTS)
+            .map(|src| {
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let start = Instant::now();
+                        let result = get(topo, src);
+                        out.push(Sample {
+                            start,
+                            end: Instant::now(),
+                            result,
+                        });
+                        thread::sleep(Duration::from_millis(5));
+                    }
+                    out
+                })
+            })
+            .collect();
+        loops
+            .into_iter()
+            .flat_map(|l| l.join().expect("client loop"))
+            .collect()
+    })
+}
+
+/// The health transitions of `web/backend` from `lb stats`: (unix ms, to, reason).
+fn transitions(bed: &Bed, backend: &str) -> Vec<(u64, String, String)> {
+    let stats = bed.lb.request(b"{\"cmd\":\"stats\"}\n").expect("stats");
+    let be = backend_of(&stats["result"], "web", backend).unwrap_or_else(|| panic!("no {backend}: {stats}"));
+    be["transitions"]
+        .as_array()
+        .expect("transitions")
+        .iter()
+        .filter(|t| t["kind"] == "health")
+        .map(|t| {
+            (
+                t["unix_ms"].as_u64().unwrap(),
+                t["to"].as_str().unwrap().to_string(),
+                t["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The backend client 0 is sent to by the kernel ring: its number.
+fn home_of_first_client(bed: &Bed) -> usize {
+    let (b, _) = bed.lb.which("web", bed.topo.client_addrs()[0]);
+    let name = b.expect("client 0 has a backend");
+    name.trim_start_matches('b').parse().expect("backend name bN")
+}
+
+/// Refused SYNs the kernel counted for `backend` (`connect_failures` in `lb status`).
+fn refused(bed: &Bed, backend: &str) -> u64 {
+    let st = bed.lb.status();
+    backend_of(&st, "web", backend).unwrap()["connect_failures"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no connect_failures for {backend}: {st}"))
+}
+
+/// Runs the client loops, calls `act` 500 ms in, keeps going for `after`; (samples, act time).
+fn under_load(bed: &Bed, after: Duration, act: impl FnOnce() + Send) -> (Vec<Sample>, Instant) {
+    let stop = AtomicBool::new(false);
+    thread::scope(|s| {
+        let loops = s.spawn(|| client_loops(&bed.topo, &stop));
+        thread::sleep(Duration::from_millis(500));
+        let at = Instant::now();
+        act();
+        thread::sleep(after);
+        stop.store(true, Ordering::Relaxed);
+        (loops.join().expect("loops"), at)
+    })
+}
+
+#[test]
+fn xdp_a_killed_backend_costs_only_the_connections_in_flight() {
+    if !require_root("xdp_a_killed_backend_costs_only_the_connections_in_flight") {
+        return;
+    }
+    let pins = Pins::new(pin_dir("xpk"));
+    let mut bed = bed("xpasK", &pins.0, 3, &[]);
+    let home = home_of_first_client(&bed);
+    let name = format!("b{home}");
+    let mut victim = bed.servers.remove(home - 1);
+    let avoided_before = xdp_counter(&bed, "refusing_avoided");
+
+    let (samples, kill_at) = under_load(&bed, Duration::from_millis(1500), || {
+        victim.signal(nix::sys::signal::Signal::SIGKILL).expect("kill");
+    });
+    let _ = victim.stop();
+
+    let before = samples.iter().filter(|s| s.start < kill_at).count();
+    let after: Vec<_> = samples.iter().filter(|s| s.start >= kill_at).collect();
+    let errors: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
+    let last_error = errors
+        .iter()
+        .map(|s| s.start.saturating_duration_since(kill_at))
+        .max()
+        .unwrap_or_default();
+    let served_elsewhere = after
+        .iter()
+        .filter(|s| matches!(&s.result, Ok(b) if *b != name))
+        .count();
+    let from_killed = after
+        .iter()
+        .filter(|s| s.result.as_deref() == Ok(name.as_str()))
+        .count();
+    let refused_syns = refused(&bed, &name);
+    let avoided = xdp_counter(&bed, "refusing_avoided") - avoided_before;
+    report(&format!(
+        "MEASURED xdp passive (killed {name}): {} client errors of {} requests ({before} before the kill); \
+         the last failed connection started {} ms after SIGKILL; {refused_syns} SYNs refused by {name}, \
+         {avoided} SYNs steered away by the kernel",
+        errors.len(),
+        samples.len(),
+        last_error.as_millis()
+    ));
+    assert!(before >= CLIENTS * 5, "only {before} requests before the kill");
+    assert!(
+        served_elsewhere >= CLIENTS * 5,
+        "only {served_elsewhere} answers after the kill"
+    );
+    assert_eq!(from_killed, 0, "answers from the killed backend after the kill");
+    // At most the connections in flight fail: the one of each client loop at the kill, and the
+    // SYNs already on their way when the first RST came back (the kernel counted them refused).
+    assert!(
+        errors.len() <= CLIENTS + refused_syns as usize,
+        "{} requests failed: {:?}",
+        errors.len(),
+        errors.iter().map(|s| &s.result).collect::<Vec<_>>()
+    );
+    assert!(
+        last_error <= KILL_BOUND,
+        "a connection that started {last_error:?} after the kill still failed"
+    );
+    assert!(refused_syns >= 1, "the kernel counted no refused SYN");
+    assert!(
+        avoided >= 1,
+        "the kernel steered no SYN away from {name} (the ring sends client 0 there)"
+    );
+    // The checks (fall 3 × 2 s) have not spoken yet: the kernel alone moved the clients.
+    let down = transitions(&bed, &name);
+    assert!(
+        down.iter().all(|(_, _, r)| !r.starts_with("health check")),
+        "{down:?}"
+    );
+}
+
+#[test]
+fn xdp_a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check_interval() {
+    if !require_root("xdp_a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check_interval")
+    {
+        return;
+    }
+    let pins = Pins::new(pin_dir("xpb"));
+    let bed = bed("xpasB", &pins.0, 3, &[]);
+    let home = home_of_first_client(&bed);
+    let name = format!("b{home}");
+    let ns = bed.topo.backend_ns(home);
+    let rules = format!(
+        "table ip lbxpassive {{\n chain input {{\n  type filter hook input priority 0;\n  tcp dport {HTTP_PORT} tcp flags & (syn|ack) == syn drop\n }}\n}}\n"
+    );
+    let path = std::env::temp_dir().join(format!("{}-nft", lb_tests::unique_prefix("xpasB")));
+    std::fs::write(&path, rules).unwrap();
+
+    let mut drop_ms = 0;
+    let (samples, drop_at) = under_load(
+        &bed,
+        CONNECT_TIMEOUT + CHECK_INTERVAL + Duration::from_millis(500),
+        || {
+            drop_ms = unix_ms();
+            let out = ns.exec(&["nft", "-f", path.to_str().unwrap()]).expect("nft");
+            assert!(
+                out.status.success(),
+                "nft: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        },
+    );
+    let _ = std::fs::remove_file(&path);
+
+    let down = transitions(&bed, &name);
+    let Some((at_ms, to, reason)) = down.first().cloned() else {
+        let _ = ns.exec(&["nft", "delete", "table", "ip", "lbxpassive"]);
+        panic!("{name} never went down\n{}", bed.lb.log_tail(40));
+    };
+    let moved = Duration::from_millis(at_ms.saturating_sub(drop_ms));
+    let errors: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
+    let last_error = errors
+        .iter()
+        .map(|s| s.start.saturating_duration_since(drop_at))
+        .max()
+        .unwrap_or_default();
+    report(&format!(
+        "MEASURED xdp passive (black-holed {name}): marked down {} ms after the drop rule ({reason}); \
+         bound connect_timeout {} ms + interval {} ms; {} client errors (connects given up after {} ms) \
+         of {} requests, the last starting {} ms after the drop",
+        moved.as_millis(),
+        CONNECT_TIMEOUT.as_millis(),
+        CHECK_INTERVAL.as_millis(),
+        errors.len(),
+        CLIENT_CONNECT_TIMEOUT.as_millis(),
+        samples.len(),
+        last_error.as_millis()
+    ));
+    assert_eq!(to, "down");
+    assert!(reason.starts_with("passive: "), "{name} went down by {reason:?}");
+    assert!(reason.contains("timed out"), "{reason}");
+    assert!(
+        moved <= CONNECT_TIMEOUT + CHECK_INTERVAL,
+        "marked down only after {moved:?}"
+    );
+    // The last connection that reached it (a lost SYN, given up by the client) started within
+    // the bound; everything later went elsewhere.
+    assert!(
+        last_error <= CONNECT_TIMEOUT + CHECK_INTERVAL,
+        "a connection starting {last_error:?} after the drop was lost"
+    );
+    assert!(
+        samples
+            .iter()
+            .filter(|s| s.start >= drop_at + moved + Duration::from_millis(100))
+            .all(|s| s.result.is_ok()),
+        "connections failed after {name} was marked down"
+    );
+
+    // Lift the rule: the checks bring it back after `rise` successes.
+    let lifted = Instant::now();
+    let _ = ns.exec(&["nft", "delete", "table", "ip", "lbxpassive"]);
+    let (st, up_at) = bed
+        .lb
+        .wait_status(CHECK_INTERVAL * 5, "back up through the checks", |st| {
+            backend_of(st, "web", &name).is_some_and(|b| b["health"] == "up")
+        });
+    let back = transitions(&bed, &name);
+    let (_, to, reason) = back.last().unwrap();
+    assert_eq!(to, "up");
+    assert!(reason.starts_with("health check"), "{reason}");
+    assert!(backend_of(&st, "web", &name).unwrap()["check"]["consecutive_ok"].as_u64() >= Some(2));
+    report(&format!(
+        "MEASURED xdp passive (black-holed {name}): back up {} ms after the rule went (rise 2, interval {} s)",
+        (up_at - lifted).as_millis(),
+        CHECK_INTERVAL.as_secs()
+    ));
+    // And takes clients again.
+    let (b, _) = bed.lb.which("web", bed.topo.client_addrs()[0]);
+    assert_eq!(b.as_deref(), Some(name.as_str()));
+    assert_eq!(
+        get(&bed.topo, bed.topo.client_addrs()[0]).as_deref(),
+        Ok(name.as_str())
+    );
+}
+
+#[test]
+fn xdp_both_primaries_killed_send_every_later_connection_to_the_backup() {
+    if !require_root("xdp_both_primaries_killed_send_every_later_connection_to_the_backup") {
+        return;
+    }
+    let pins = Pins::new(pin_dir("xpu"));
+    let mut bed = bed("xpasU", &pins.0, 3, &[3]);
+    // Servers: http b1, b2, b3, then echo; take the two primaries' http servers.
+    let mut b2 = bed.servers.remove(1);
+    let mut b1 = bed.servers.remove(0);
+    let (samples, kill_at) = under_load(&bed, Duration::from_millis(1500), || {
+        b1.signal(nix::sys::signal::Signal::SIGKILL).expect("kill b1");
+        b2.signal(nix::sys::signal::Signal::SIGKILL).expect("kill b2");
+    });
+    let _ = (b1.stop(), b2.stop());
+
+    let before: Vec<_> = samples.iter().filter(|s| s.start < kill_at).collect();
+    let after: Vec<_> = samples.iter().filter(|s| s.start >= kill_at).collect();
+    let errors: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
+    let late_errors = errors.iter().filter(|s| s.start > kill_at + KILL_BOUND).count();
+    let on_backup = after.iter().filter(|s| s.result.as_deref() == Ok("b3")).count();
+    let last_error = errors
+        .iter()
+        .map(|s| s.start.saturating_duration_since(kill_at))
+        .max()
+        .unwrap_or_default();
+    report(&format!(
+        "MEASURED xdp passive (b1 and b2 killed, b3 backup): {} client errors of {} requests (the last \
+         starting {} ms after the kill); {on_backup} of {} later requests answered by the backup; \
+         {} SYNs steered away by the kernel",
+        errors.len(),
+        samples.len(),
+        last_error.as_millis(),
+        after.len(),
+        xdp_counter(&bed, "refusing_avoided")
+    ));
+    assert!(
+        before
+            .iter()
+            .filter(|s| s.end < kill_at)
+            .all(|s| matches!(s.result.as_deref(), Ok("b1" | "b2"))),
+        "before the kill only the primaries answer"
+    );
+    // One failed attempt per primary (its first RST marks it) plus the connections in flight.
+    assert!(
+        errors.len() <= CLIENTS + 2,
+        "{} requests failed: {:?}",
+        errors.len(),
+        errors.iter().map(|s| &s.result).collect::<Vec<_>>()
+    );
+    assert_eq!(late_errors, 0, "new connections failed after the first refusals");
+    assert!(
+        on_backup >= CLIENTS * 5,
+        "only {on_backup} answers from the backup"
+    );
+    assert!(
+        after
+            .iter()
+            .filter(|s| s.start > kill_at + KILL_BOUND)
+            .all(|s| s.result.as_deref() == Ok("b3")),
+        "a later connection reached a primary"
+    );
+    // The marks outlived the kernel's one-second window (lb keeps them until a check passes).
+    assert!(
+        after
+            .iter()
+            .filter(|s| s.start > kill_at + Duration::from_millis(1200))
+            .count()
+            >= CLIENTS,
+        "too few requests after the first second to tell"
+    );
+
+    // The primaries listen again: once a check passes (and, if passive health marked them down,
+    // `rise` checks), lb clears the marks and new connections reach the primaries again.
+    let restarted = Instant::now();
+    for i in 1..=2 {
+        let name = format!("b{i}");
+        let args = [
+            "http",
+            "--listen",
+            &format!("0.0.0.0:{HTTP_PORT}"),
+            "--name",
+            &name,
+        ];
+        bed.servers
+            .push(lb_tests::servers::start_testsrv(bed.topo.backend_ns(i), &args).expect("restart"));
+    }
+    let client = bed.topo.client_addrs()[0];
+    let deadline = Instant::now() + CHECK_INTERVAL * 5;
+    loop {
+        let (which, _) = bed.lb.which("web", client);
+        if matches!(which.as_deref(), Some("b1" | "b2"))
+            && matches!(get(&bed.topo, client).as_deref(), Ok("b1" | "b2"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the primaries never took new connections again (which: {which:?})\n{}",
+            bed.lb.log_tail(30)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    report(&format!(
+        "MEASURED xdp passive (b1 and b2 restarted): new connections reach a primary again {} ms later",
+        restarted.elapsed().as_millis()
+    ));
+}
