@@ -78,6 +78,17 @@ pub enum DatapathKind {
     Ajp,
 }
 
+/// How a `proxy` service moves bytes between client and backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpliceMode {
+    /// read(2)/write(2) through a user-space buffer per direction.
+    #[default]
+    Off,
+    /// splice(2) socket → pipe → socket: the bytes stay in the kernel.
+    Pipe,
+}
+
 /// Operator-set state of a backend (orthogonal to health).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -254,6 +265,9 @@ pub struct ServiceConfig {
     pub affinity_timeout: Duration,
     /// Most concurrent client connections (proxy datapath).
     pub max_connections: u32,
+    /// How the proxy datapath relays bytes (`proxy` services only).
+    #[serde(default)]
+    pub splice: SpliceMode,
     #[serde(with = "duration_text")]
     pub connect_timeout: Duration,
     /// Move clients back to their original backend when it recovers.

@@ -553,6 +553,7 @@ pub(crate) mod tests {
             datapath: DatapathKind::Proxy,
             affinity_timeout: Duration::from_secs(600),
             max_connections: 100,
+            splice: Default::default(),
             connect_timeout: Duration::from_secs(1),
             failback: false,
             on_down: OnDown::Keep,

@@ -2053,3 +2053,39 @@ fn passive_health_is_on_where_checks_run_and_off_for_kind_none_unless_asked() {
         (Observe::Layer4, 1)
     );
 }
+
+#[test]
+fn splice_modes_of_proxy_services() {
+    let c = good(svc!(""));
+    assert_eq!(c.services[0].splice, SpliceMode::default());
+    for (text, want) in [("off", SpliceMode::Off), ("pipe", SpliceMode::Pipe)] {
+        let c = good(&format!("{}splice = \"{text}\"\n", svc!("")));
+        assert_eq!(c.services[0].splice, want, "splice = {text:?}");
+    }
+    bad_table(&[
+        (
+            svc!("splice = \"zero-copy\"\n"),
+            4,
+            "service[0].splice",
+            &["\"off\"", "\"pipe\""],
+        ),
+        (
+            "[xdp]\ninterfaces = [\"lo\"]\n[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\ndatapath = \"xdp\"\nsplice = \"pipe\"\n",
+            7,
+            "service[0].splice",
+            &["only to datapath = \"proxy\"", "xdp datapath"],
+        ),
+        (
+            svc!("protocol = \"ajp\"\ndatapath = \"ajp\"\nsplice = \"off\"\n"),
+            6,
+            "service[0].splice",
+            &["only to datapath = \"proxy\"", "ajp datapath"],
+        ),
+    ]);
+    // The control socket's add-service goes through the same check.
+    let e = ServiceConfig::from_fields(serde_json::json!({
+        "name": "a", "listen": "10.0.0.1:80", "datapath": "xdp", "splice": "pipe"
+    }))
+    .unwrap_err();
+    assert!(e.to_string().contains("splice"), "{e}");
+}

@@ -32,6 +32,7 @@ pub fn xdp_service(backends: Vec<BackendConfig>) -> ServiceConfig {
         datapath: DatapathKind::Xdp,
         affinity_timeout: Duration::from_secs(600),
         max_connections: 100,
+        splice: Default::default(),
         connect_timeout: Duration::from_secs(1),
         failback: false,
         on_down: OnDown::Keep,
