@@ -11,6 +11,7 @@
 //!   the per-CPU rate limit).
 //! - [`select`]: backend selection (conntrack, affinity, Maglev ring, failover home), generic over
 //!   small storage traits so the kernel and user space run the same rules.
+//! - [`sockmap`]: map names and the socket key of the proxy's sockmap relay.
 #![no_std]
 
 pub mod counters;
@@ -19,3 +20,4 @@ pub mod hash;
 pub mod maps;
 pub mod rst;
 pub mod select;
+pub mod sockmap;

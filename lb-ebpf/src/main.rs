@@ -28,6 +28,7 @@
 mod logs;
 mod net;
 mod reset;
+mod sockmap;
 
 use aya_ebpf::{
     bindings::{

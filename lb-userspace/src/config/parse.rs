@@ -1307,7 +1307,11 @@ impl<F: Form> Validator<'_, '_, F> {
             &rs.splice,
             &k("splice"),
             SpliceMode::default(),
-            &[("off", SpliceMode::Off), ("pipe", SpliceMode::Pipe)],
+            &[
+                ("off", SpliceMode::Off),
+                ("pipe", SpliceMode::Pipe),
+                ("sockmap", SpliceMode::Sockmap),
+            ],
         )?;
         if let Some(v) = &rs.splice
             && datapath != DatapathKind::Proxy
