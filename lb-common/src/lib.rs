@@ -11,7 +11,6 @@
 //!   the per-CPU rate limit).
 //! - [`select`]: backend selection (conntrack, affinity, Maglev ring, failover home), generic over
 //!   small storage traits so the kernel and user space run the same rules.
-//! - [`sockmap`]: map names and the socket key of the proxy's sockmap relay.
 #![no_std]
 
 pub mod counters;
@@ -20,4 +19,3 @@ pub mod hash;
 pub mod maps;
 pub mod rst;
 pub mod select;
-pub mod sockmap;

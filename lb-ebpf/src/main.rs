@@ -28,7 +28,6 @@
 mod logs;
 mod net;
 mod reset;
-mod sockmap;
 
 use aya_ebpf::{
     bindings::{

@@ -87,8 +87,6 @@ pub enum SpliceMode {
     Off,
     /// splice(2) socket → pipe → socket: the bytes stay in the kernel.
     Pipe,
-    /// A SOCKHASH and a stream verdict program relay socket to socket in the kernel.
-    Sockmap,
 }
 
 /// Operator-set state of a backend (orthogonal to health).

@@ -5,7 +5,6 @@
 //! - [`ajp`]: `datapath = "ajp"`, the AJP 1.3 request router (per-request routing, backend pools).
 //! - [`listener`]: the accepting side both user-space datapaths share.
 //! - [`pipe`]: the proxy's splice(2) relay (`splice = "pipe"`).
-//! - [`sockmap`]: the proxy's in-kernel relay (`splice = "sockmap"`).
 //! - [`fake`]: records what it was asked, for the engine's unit tests.
 //! - [`affinity`]: the affinity tables operators list, flush and pin, and failback.
 
@@ -15,7 +14,6 @@ pub mod fake;
 pub mod listener;
 pub mod pipe;
 pub mod proxy;
-pub mod sockmap;
 pub mod xdp;
 
 use std::collections::HashMap;

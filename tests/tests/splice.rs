@@ -17,7 +17,7 @@ use common::{Bed, ECHO_PORT, config_toml, service_toml};
 use lb_tests::{connect_from, require_root};
 
 /// Every relay mode, with the VIP port offset of its services.
-const MODES: &[&str] = &["sockmap"];
+const MODES: &[&str] = &["off", "pipe"];
 /// Test servers in backend namespace b1 (see [`Servers`]).
 const CLIENT_FIRST_PORT: u16 = 9000;
 const SERVER_FIRST_PORT: u16 = 9001;

@@ -1307,11 +1307,7 @@ impl<F: Form> Validator<'_, '_, F> {
             &rs.splice,
             &k("splice"),
             SpliceMode::default(),
-            &[
-                ("off", SpliceMode::Off),
-                ("pipe", SpliceMode::Pipe),
-                ("sockmap", SpliceMode::Sockmap),
-            ],
+            &[("off", SpliceMode::Off), ("pipe", SpliceMode::Pipe)],
         )?;
         if let Some(v) = &rs.splice
             && datapath != DatapathKind::Proxy

@@ -4,8 +4,7 @@
 //! asks the [`Balancer`] for a backend, connects with a timeout, tries the next candidate on
 //! failure (a healthy backup last, while every primary fails), records affinity, then relays both
 //! directions until both sides have closed (half-close passed on): with a buffer per direction
-//! (`splice = "off"`), with splice(2) through a pipe ([`super::pipe`], `splice = "pipe"`) or in the
-//! kernel by a sockmap verdict program ([`super::sockmap`], `splice = "sockmap"`). Every connect
+//! (`splice = "off"`) or with splice(2) through a pipe ([`super::pipe`], `splice = "pipe"`). Every connect
 //! outcome goes to passive health ([`crate::health::passive`]).
 
 use std::collections::HashMap;
@@ -20,7 +19,6 @@ use tracing::{debug, warn};
 
 use super::listener::Listeners;
 use super::pipe;
-use super::sockmap::{self, Sockmap};
 use crate::balancer::{Balancer, Choice, SelectError};
 use crate::config::{DatapathKind, SpliceMode};
 use crate::datapath::{Datapath, DatapathError, Drained, ServiceTraffic};
@@ -87,7 +85,6 @@ impl Datapath for ProxyDatapath {
                     .state
                     .service(name)
                     .expect("effect names a present service");
-                needs_sockmap(svc)?;
                 let service = Arc::new(ProxyService {
                     name: name.clone(),
                     balancer: self.balancer.clone(),
@@ -109,7 +106,6 @@ impl Datapath for ProxyDatapath {
             // Settings and backends are read from the balancer at each new connection.
             Effect::ServiceChanged(name) => {
                 if let Ok(svc) = snapshot.state.service(name) {
-                    needs_sockmap(svc)?;
                     self.listeners.resize(name, svc.settings.max_connections);
                 }
                 Ok(())
@@ -142,14 +138,6 @@ impl Datapath for ProxyDatapath {
     fn shutdown(&self) -> Drained<'_> {
         self.listeners.shutdown()
     }
-}
-
-/// Loads the sockmap programs for a service asking for them; refuses the service when they cannot be.
-fn needs_sockmap(svc: &Service) -> Result<(), DatapathError> {
-    if svc.settings.splice == SpliceMode::Sockmap {
-        Sockmap::get().map_err(|e| DatapathError::Refused(format!("service `{}`: {e}", svc.settings.name)))?;
-    }
-    Ok(())
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
@@ -234,21 +222,6 @@ async fn relay(client: TcpStream, backend: TcpStream, runtime: &BackendRuntime, 
                 let down = pipe::copy(&backend, &client, &stats.bytes_out);
                 tokio::try_join!(up, down).map(|_| ())
             }
-            SpliceMode::Sockmap => match Sockmap::get().and_then(|s| s.link(&client, &backend)) {
-                Ok(link) => {
-                    let up = sockmap::copy(&client, &backend, &stats.bytes_in);
-                    let down = sockmap::copy(&backend, &client, &stats.bytes_out);
-                    let r = tokio::try_join!(up, down).map(|_| ());
-                    drop(link);
-                    r
-                }
-                Err(e) => {
-                    warn!(error = %e, "sockmap relay unavailable; relaying this connection with splice(2)");
-                    let up = pipe::copy(&client, &backend, &stats.bytes_in);
-                    let down = pipe::copy(&backend, &client, &stats.bytes_out);
-                    tokio::try_join!(up, down).map(|_| ())
-                }
-            },
         }
     };
     let was_reset = tokio::select! {
