@@ -26,8 +26,8 @@ use crate::health::passive::Passive;
 use crate::runtime::{BackendRuntime, BackendStats, Snapshot};
 use crate::state::{Backend, Effect, Service};
 
-/// Relay buffer per direction.
-const BUFFER: usize = 16 * 1024;
+/// Bytes one read moves (`splice = "off"`), from one buffer per thread.
+const BUFFER: usize = 64 * 1024;
 /// Most backends tried for one client connection.
 const MAX_ATTEMPTS: usize = 4;
 
@@ -251,13 +251,40 @@ async fn relay(client: TcpStream, backend: TcpStream, runtime: &BackendRuntime, 
     stats.active_connections.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Relays `src` to `dst` through a buffer until `src` reaches EOF, then half-closes `dst`.
+thread_local! {
+    /// The read buffer of every connection relayed on this thread: a read lands here and is
+    /// written on at once; only what the destination cannot take yet is copied to the connection.
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; BUFFER]);
+}
+
+/// One read from `src` into the thread's buffer, written on to `dst` as far as it takes it now.
+/// Returns the bytes read (0 at EOF); what `dst` did not take is left in `pending`.
+fn read_and_forward(src: &TcpStream, dst: &TcpStream, pending: &mut Vec<u8>) -> std::io::Result<usize> {
+    READ_BUFFER.with_borrow_mut(|buf| {
+        let n = src.try_read(buf)?;
+        let mut sent = 0;
+        while sent < n {
+            match dst.try_write(&buf[sent..n]) {
+                Ok(m) => sent += m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        pending.extend_from_slice(&buf[sent..n]);
+        Ok(n)
+    })
+}
+
+/// Relays `src` to `dst` until `src` reaches EOF, then half-closes `dst`. A connection holds no
+/// buffer of its own while the destination takes every read whole (idle connections cost only
+/// their sockets); otherwise the rest waits in `pending` and nothing more is read until it has
+/// gone out, so a slow reader holds the sender back through TCP.
 async fn copy_counted(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> std::io::Result<()> {
-    let mut buf = vec![0u8; BUFFER];
+    let mut pending = Vec::new();
     loop {
         let n = loop {
             src.readable().await?;
-            match src.try_read(&mut buf) {
+            match read_and_forward(src, dst, &mut pending) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
@@ -276,13 +303,14 @@ async fn copy_counted(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> 
             );
         }
         let mut sent = 0;
-        while sent < n {
-            match dst.try_write(&buf[sent..n]) {
+        while sent < pending.len() {
+            match dst.try_write(&pending[sent..]) {
                 Ok(m) => sent += m,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => dst.writable().await?,
                 Err(e) => return Err(e),
             }
         }
+        pending = Vec::new();
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
