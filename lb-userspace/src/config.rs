@@ -89,6 +89,12 @@ pub enum SpliceMode {
     Pipe,
 }
 
+impl SpliceMode {
+    fn is_default(&self) -> bool {
+        *self == SpliceMode::default()
+    }
+}
+
 /// Operator-set state of a backend (orthogonal to health).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -265,8 +271,9 @@ pub struct ServiceConfig {
     pub affinity_timeout: Duration,
     /// Most concurrent client connections (proxy datapath).
     pub max_connections: u32,
-    /// How the proxy datapath relays bytes (`proxy` services only).
-    #[serde(default)]
+    /// How the proxy datapath relays bytes (`proxy` services only). Written out only when not the
+    /// default, so a serialized `xdp` or `ajp` service parses again.
+    #[serde(default, skip_serializing_if = "SpliceMode::is_default")]
     pub splice: SpliceMode,
     #[serde(with = "duration_text")]
     pub connect_timeout: Duration,

@@ -2089,3 +2089,18 @@ fn splice_modes_of_proxy_services() {
     .unwrap_err();
     assert!(e.to_string().contains("splice"), "{e}");
 }
+
+#[test]
+fn splice_round_trips_through_serialization() {
+    // An xdp service serialized (state file, control requests) parses again: the default is not
+    // written out; a proxy service's mode is.
+    let c = good(
+        "[xdp]\ninterfaces = [\"lo\"]\n[[service]]\nname = \"x\"\nlisten = \"10.0.0.1:80\"\ndatapath = \"xdp\"\n[[service]]\nname = \"p\"\nlisten = \"10.0.0.1:81\"\nsplice = \"pipe\"\n",
+    );
+    for svc in &c.services {
+        let json = serde_json::to_value(svc).unwrap();
+        let back = ServiceConfig::from_fields(json.clone()).unwrap_or_else(|e| panic!("{json}: {e}"));
+        assert_eq!(back.splice, svc.splice, "{json}");
+    }
+    assert_eq!(c.services[1].splice, SpliceMode::Pipe);
+}
