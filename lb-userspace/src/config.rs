@@ -89,10 +89,12 @@ pub enum SpliceMode {
     Pipe,
 }
 
-impl SpliceMode {
-    fn is_default(&self) -> bool {
-        *self == SpliceMode::default()
-    }
+#[allow(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+fn splice_is_default(mode: &SpliceMode) -> bool {
+    *mode == SpliceMode::default()
 }
 
 /// Operator-set state of a backend (orthogonal to health).
@@ -273,7 +275,7 @@ pub struct ServiceConfig {
     pub max_connections: u32,
     /// How the proxy datapath relays bytes (`proxy` services only). Written out only when not the
     /// default, so a serialized `xdp` or `ajp` service parses again.
-    #[serde(default, skip_serializing_if = "SpliceMode::is_default")]
+    #[serde(default, skip_serializing_if = "splice_is_default")]
     pub splice: SpliceMode,
     #[serde(with = "duration_text")]
     pub connect_timeout: Duration,
