@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio::net::TcpStream;
@@ -142,7 +142,7 @@ impl Datapath for ProxyDatapath {
 
 async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
     let (service, balancer) = (svc.name.as_str(), &*svc.balancer);
-    let _ = client.set_nodelay(true);
+    // TCP_NODELAY comes from the listening socket (see `listener::bind`).
     let mut exclude = Vec::new();
     for attempt in 0..MAX_ATTEMPTS {
         let (connect_timeout, splice) = match balancer.snapshot().state.service(service) {
@@ -213,8 +213,9 @@ async fn relay(client: TcpStream, backend: TcpStream, runtime: &BackendRuntime, 
     let both = async {
         match mode {
             SpliceMode::Off => {
-                let up = copy_counted(&client, &backend, &stats.bytes_in);
-                let down = copy_counted(&backend, &client, &stats.bytes_out);
+                let done = AtomicBool::new(false);
+                let up = copy_counted(&client, &backend, &stats.bytes_in, &done);
+                let down = copy_counted(&backend, &client, &stats.bytes_out, &done);
                 tokio::try_join!(up, down).map(|_| ())
             }
             SpliceMode::Pipe => {
@@ -275,11 +276,18 @@ fn read_and_forward(src: &TcpStream, dst: &TcpStream, pending: &mut Vec<u8>) -> 
     })
 }
 
-/// Relays `src` to `dst` until `src` reaches EOF, then half-closes `dst`. A connection holds no
+/// Relays `src` to `dst` until `src` reaches EOF, then half-closes `dst` (unless the other
+/// direction has ended already: then both sockets are closed at once, and the close sends the FIN
+/// the shutdown would have; `done` is shared by the two directions). A connection holds no
 /// buffer of its own while the destination takes every read whole (idle connections cost only
 /// their sockets); otherwise the rest waits in `pending` and nothing more is read until it has
 /// gone out, so a slow reader holds the sender back through TCP.
-async fn copy_counted(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> std::io::Result<()> {
+async fn copy_counted(
+    src: &TcpStream,
+    dst: &TcpStream,
+    counter: &AtomicU64,
+    done: &AtomicBool,
+) -> std::io::Result<()> {
     let mut pending = Vec::new();
     loop {
         let n = loop {
@@ -291,6 +299,9 @@ async fn copy_counted(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> 
             }
         };
         if n == 0 {
+            if done.swap(true, Ordering::AcqRel) {
+                return Ok(());
+            }
             // Pass the half-close on: the peer sees EOF but may still send.
             return nix::sys::socket::shutdown(dst.as_raw_fd(), nix::sys::socket::Shutdown::Write).or_else(
                 |e| {
