@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -260,20 +261,44 @@ thread_local! {
 
 /// One read from `src` into the thread's buffer, written on to `dst` as far as it takes it now.
 /// Returns the bytes read (0 at EOF); what `dst` did not take is left in `pending`.
+///
+/// A read shorter than the buffer emptied the socket's receive queue (TCP's recvmsg copies until
+/// the queue or the buffer runs out), so it also clears `src`'s readiness, as an `EAGAIN` would:
+/// the next read waits for the next readiness event instead of costing a syscall that finds
+/// nothing. tokio clears only the readiness it saw before the read, so data arriving after it
+/// still wakes the task.
 fn read_and_forward(src: &TcpStream, dst: &TcpStream, pending: &mut Vec<u8>) -> std::io::Result<usize> {
-    READ_BUFFER.with_borrow_mut(|buf| {
-        let n = src.try_read(buf)?;
-        let mut sent = 0;
-        while sent < n {
-            match dst.try_write(&buf[sent..n]) {
-                Ok(m) => sent += m,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+    let mut got = None;
+    let r = src.try_io(Interest::READABLE, || {
+        READ_BUFFER.with_borrow_mut(|buf| {
+            // SAFETY: reading into the thread's buffer, at most its length.
+            let n = unsafe { nix::libc::recv(src.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
             }
-        }
-        pending.extend_from_slice(&buf[sent..n]);
-        Ok(n)
-    })
+            let n = n as usize;
+            let mut sent = 0;
+            while sent < n {
+                match dst.try_write(&buf[sent..n]) {
+                    Ok(m) => sent += m,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            pending.extend_from_slice(&buf[sent..n]);
+            got = Some(n);
+            if n > 0 && n < buf.len() {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(n)
+            }
+        })
+    });
+    match (r, got) {
+        (Ok(n), _) => Ok(n),
+        (Err(e), Some(n)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(n),
+        (Err(e), _) => Err(e),
+    }
 }
 
 /// Relays `src` to `dst` until `src` reaches EOF, then half-closes `dst` (unless the other
