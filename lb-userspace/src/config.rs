@@ -93,6 +93,25 @@ pub enum Forwarding {
     Dsr,
 }
 
+/// How a `proxy` service moves bytes between client and backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpliceMode {
+    /// read(2)/write(2) through a user-space buffer per direction.
+    #[default]
+    Off,
+    /// splice(2) socket → pipe → socket: the bytes stay in the kernel.
+    Pipe,
+}
+
+#[allow(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+fn splice_is_default(mode: &SpliceMode) -> bool {
+    *mode == SpliceMode::default()
+}
+
 /// Operator-set state of a backend (orthogonal to health).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -297,6 +316,10 @@ pub struct ServiceConfig {
     pub affinity_timeout: Duration,
     /// Most concurrent client connections (proxy datapath).
     pub max_connections: u32,
+    /// How the proxy datapath relays bytes (`proxy` services only). Written out only when not the
+    /// default, so a serialized `xdp` or `ajp` service parses again.
+    #[serde(default, skip_serializing_if = "splice_is_default")]
+    pub splice: SpliceMode,
     #[serde(with = "duration_text")]
     pub connect_timeout: Duration,
     /// Move clients back to their original backend when it recovers.

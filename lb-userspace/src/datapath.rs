@@ -4,6 +4,7 @@
 //! - [`proxy`]: `datapath = "proxy"`, the tokio full proxy.
 //! - [`ajp`]: `datapath = "ajp"`, the AJP 1.3 request router (per-request routing, backend pools).
 //! - [`listener`]: the accepting side both user-space datapaths share.
+//! - [`pipe`]: the proxy's splice(2) relay (`splice = "pipe"`).
 //! - [`fake`]: records what it was asked, for the engine's unit tests.
 //! - [`affinity`]: the affinity tables operators list, flush and pin, and failback.
 
@@ -11,6 +12,7 @@ pub mod affinity;
 pub mod ajp;
 pub mod fake;
 pub mod listener;
+pub mod pipe;
 pub mod proxy;
 pub mod xdp;
 

@@ -27,8 +27,8 @@ use toml::Spanned;
 use super::{
     AdminState, AjpConfig, AnnounceConfig, BackendConfig, Config, ConfigError, ControlConfig, DatapathKind,
     Forwarding, HealthConfig, HealthKind, MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE,
-    MetricsConfig, Observe, OnDown, Protocol, Secret, ServiceConfig, XdpConfig, XdpMode, enum_text,
-    format_duration, is_valid_name, listens_overlap, parse_duration,
+    MetricsConfig, Observe, OnDown, Protocol, Secret, ServiceConfig, SpliceMode, XdpConfig, XdpMode,
+    enum_text, format_duration, is_valid_name, listens_overlap, parse_duration,
 };
 
 type S<T> = Spanned<T>;
@@ -107,6 +107,7 @@ pub(super) struct RawService<F: Form> {
     forwarding: Option<F::V<String>>,
     affinity_timeout: Option<F::V<RawDuration>>,
     max_connections: Option<F::V<i64>>,
+    splice: Option<F::V<String>>,
     connect_timeout: Option<F::V<RawDuration>>,
     failback: Option<bool>,
     on_down: Option<F::V<String>>,
@@ -1370,6 +1371,26 @@ impl<F: Form> Validator<'_, '_, F> {
             None => 10_000,
             Some(v) => self.int(v, &k("max_connections"), 1..=1_000_000)? as u32,
         };
+        let splice = self.choice(
+            &rs.splice,
+            &k("splice"),
+            SpliceMode::default(),
+            &[("off", SpliceMode::Off), ("pipe", SpliceMode::Pipe)],
+        )?;
+        if let Some(v) = &rs.splice
+            && datapath != DatapathKind::Proxy
+        {
+            let what = if datapath == DatapathKind::Xdp {
+                "the xdp datapath forwards packets in the kernel and relays no byte stream"
+            } else {
+                "the ajp datapath reads every AJP packet it routes"
+            };
+            return Err(self.err(
+                v.at(),
+                &k("splice"),
+                format!("splice applies only to datapath = \"proxy\" ({what}); remove splice or use datapath = \"proxy\""),
+            ));
+        }
         let connect_timeout = self.duration(
             &rs.connect_timeout,
             &k("connect_timeout"),
@@ -1447,6 +1468,7 @@ impl<F: Form> Validator<'_, '_, F> {
             forwarding,
             affinity_timeout,
             max_connections,
+            splice,
             connect_timeout,
             failback: rs.failback.unwrap_or(false),
             on_down,

@@ -2200,3 +2200,54 @@ fn dsr_in_a_request() {
     .to_string();
     assert!(err.contains("must listen on port 80"), "{err}");
 }
+
+#[test]
+fn splice_modes_of_proxy_services() {
+    let c = good(svc!(""));
+    assert_eq!(c.services[0].splice, SpliceMode::default());
+    for (text, want) in [("off", SpliceMode::Off), ("pipe", SpliceMode::Pipe)] {
+        let c = good(&format!("{}splice = \"{text}\"\n", svc!("")));
+        assert_eq!(c.services[0].splice, want, "splice = {text:?}");
+    }
+    bad_table(&[
+        (
+            svc!("splice = \"zero-copy\"\n"),
+            4,
+            "service[0].splice",
+            &["\"off\"", "\"pipe\""],
+        ),
+        (
+            "[xdp]\ninterfaces = [\"lo\"]\n[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\ndatapath = \"xdp\"\nsplice = \"pipe\"\n",
+            7,
+            "service[0].splice",
+            &["only to datapath = \"proxy\"", "xdp datapath"],
+        ),
+        (
+            svc!("protocol = \"ajp\"\ndatapath = \"ajp\"\nsplice = \"off\"\n"),
+            6,
+            "service[0].splice",
+            &["only to datapath = \"proxy\"", "ajp datapath"],
+        ),
+    ]);
+    // The control socket's add-service goes through the same check.
+    let e = ServiceConfig::from_fields(serde_json::json!({
+        "name": "a", "listen": "10.0.0.1:80", "datapath": "xdp", "splice": "pipe"
+    }))
+    .unwrap_err();
+    assert!(e.to_string().contains("splice"), "{e}");
+}
+
+#[test]
+fn splice_round_trips_through_serialization() {
+    // An xdp service serialized (state file, control requests) parses again: the default is not
+    // written out; a proxy service's mode is.
+    let c = good(
+        "[xdp]\ninterfaces = [\"lo\"]\n[[service]]\nname = \"x\"\nlisten = \"10.0.0.1:80\"\ndatapath = \"xdp\"\n[[service]]\nname = \"p\"\nlisten = \"10.0.0.1:81\"\nsplice = \"pipe\"\n",
+    );
+    for svc in &c.services {
+        let json = serde_json::to_value(svc).unwrap();
+        let back = ServiceConfig::from_fields(json.clone()).unwrap_or_else(|e| panic!("{json}: {e}"));
+        assert_eq!(back.splice, svc.splice, "{json}");
+    }
+    assert_eq!(c.services[1].splice, SpliceMode::Pipe);
+}

@@ -3,29 +3,32 @@
 //! One listener per service ([`super::listener`], bounded by `max_connections`). Each connection
 //! asks the [`Balancer`] for a backend, connects with a timeout, tries the next candidate on
 //! failure (a healthy backup last, while every primary fails), records affinity, then relays both
-//! directions with fixed buffers until both sides have closed (half-close passed on). Every connect
+//! directions until both sides have closed (half-close passed on): with a buffer per direction
+//! (`splice = "off"`) or with splice(2) through a pipe ([`super::pipe`], `splice = "pipe"`). Every connect
 //! outcome goes to passive health ([`crate::health::passive`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::listener::Listeners;
+use super::pipe;
 use crate::balancer::{Balancer, Choice, SelectError};
-use crate::config::DatapathKind;
+use crate::config::{DatapathKind, SpliceMode};
 use crate::datapath::{Datapath, DatapathError, Drained, ServiceTraffic};
 use crate::health::passive::Passive;
 use crate::runtime::{BackendRuntime, BackendStats, Snapshot};
 use crate::state::{Backend, Effect, Service};
 
-/// Relay buffer per direction.
-const BUFFER: usize = 16 * 1024;
+/// Bytes one read moves (`splice = "off"`), from one buffer per thread.
+const BUFFER: usize = 64 * 1024;
 /// Most backends tried for one client connection.
 const MAX_ATTEMPTS: usize = 4;
 
@@ -140,11 +143,11 @@ impl Datapath for ProxyDatapath {
 
 async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
     let (service, balancer) = (svc.name.as_str(), &*svc.balancer);
-    let _ = client.set_nodelay(true);
+    // TCP_NODELAY comes from the listening socket (see `listener::bind`).
     let mut exclude = Vec::new();
     for attempt in 0..MAX_ATTEMPTS {
-        let connect_timeout = match balancer.snapshot().state.service(service) {
-            Ok(s) => s.settings.connect_timeout,
+        let (connect_timeout, splice) = match balancer.snapshot().state.service(service) {
+            Ok(s) => (s.settings.connect_timeout, s.settings.splice),
             Err(_) => return, // service removed meanwhile
         };
         // While every primary fails (before the checks mark them down), a healthy backup is the
@@ -172,7 +175,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
                 svc.passive.connected(&choice.runtime);
                 balancer.confirm(service, peer.ip(), choice.backend_id, Instant::now());
                 let _ = backend.set_nodelay(true);
-                relay(client, backend, &choice.runtime).await;
+                relay(client, backend, &choice.runtime, splice).await;
                 return;
             }
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
@@ -203,52 +206,147 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
 }
 
 /// Copies both directions until both have reached EOF; an error in either ends both.
-async fn relay(client: TcpStream, backend: TcpStream, runtime: &BackendRuntime) {
+async fn relay(client: TcpStream, backend: TcpStream, runtime: &BackendRuntime, mode: SpliceMode) {
     let stats = &runtime.stats;
     stats.active_connections.fetch_add(1, Ordering::Relaxed);
     stats.total_connections.fetch_add(1, Ordering::Relaxed);
     let reset = runtime.reset_token();
-    let (mut cr, mut cw) = client.into_split();
-    let (mut br, mut bw) = backend.into_split();
-    let up = copy_counted(&mut cr, &mut bw, &stats.bytes_in);
-    let down = copy_counted(&mut br, &mut cw, &stats.bytes_out);
-    tokio::select! {
-        r = async { tokio::try_join!(up, down) } => {
+    let both = async {
+        match mode {
+            SpliceMode::Off => {
+                let done = AtomicBool::new(false);
+                let up = copy_counted(&client, &backend, &stats.bytes_in, &done);
+                let down = copy_counted(&backend, &client, &stats.bytes_out, &done);
+                tokio::try_join!(up, down).map(|_| ())
+            }
+            SpliceMode::Pipe => {
+                let up = pipe::copy(&client, &backend, &stats.bytes_in);
+                let down = pipe::copy(&backend, &client, &stats.bytes_out);
+                tokio::try_join!(up, down).map(|_| ())
+            }
+        }
+    };
+    let was_reset = tokio::select! {
+        r = both => {
             if let Err(e) = r {
                 debug!(error = %e, "relay ended with an error");
             }
+            false
         }
-        () = reset.cancelled() => {
-            // Linger 0: closing sends an RST to both peers rather than a FIN.
-            for s in [cw.as_ref(), bw.as_ref()] {
-                let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &nix::libc::linger { l_onoff: 1, l_linger: 0 });
-            }
-            // Dropping a write half would send a FIN first; forget them so the close is the RST.
-            cw.forget();
-            bw.forget();
-            debug!("connection reset: backend marked down");
+        () = reset.cancelled() => true,
+    };
+    if was_reset {
+        // Linger 0: closing sends an RST to both peers rather than a FIN.
+        for s in [&client, &backend] {
+            let _ = nix::sys::socket::setsockopt(
+                s,
+                nix::sys::socket::sockopt::Linger,
+                &nix::libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                },
+            );
         }
+        debug!("connection reset: backend marked down");
     }
+    drop((client, backend));
     stats.active_connections.fetch_sub(1, Ordering::Relaxed);
 }
 
-async fn copy_counted<R, W>(
-    r: &mut R,
-    w: &mut W,
-    counter: &std::sync::atomic::AtomicU64,
-) -> std::io::Result<()>
-where
-    R: AsyncReadExt + Unpin,
-    W: AsyncWriteExt + Unpin,
-{
-    let mut buf = vec![0u8; BUFFER];
+thread_local! {
+    /// The read buffer of every connection relayed on this thread: a read lands here and is
+    /// written on at once; only what the destination cannot take yet is copied to the connection.
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; BUFFER]);
+}
+
+/// One read from `src` into the thread's buffer, written on to `dst` as far as it takes it now.
+/// Returns the bytes read (0 at EOF); what `dst` did not take is left in `pending`.
+///
+/// A read shorter than the buffer emptied the socket's receive queue (TCP's recvmsg copies until
+/// the queue or the buffer runs out), so it also clears `src`'s readiness, as an `EAGAIN` would:
+/// the next read waits for the next readiness event instead of costing a syscall that finds
+/// nothing. tokio clears only the readiness it saw before the read, so data arriving after it
+/// still wakes the task.
+fn read_and_forward(src: &TcpStream, dst: &TcpStream, pending: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut got = None;
+    let r = src.try_io(Interest::READABLE, || {
+        READ_BUFFER.with_borrow_mut(|buf| {
+            // SAFETY: reading into the thread's buffer, at most its length.
+            let n = unsafe { nix::libc::recv(src.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = n as usize;
+            let mut sent = 0;
+            while sent < n {
+                match dst.try_write(&buf[sent..n]) {
+                    Ok(m) => sent += m,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            pending.extend_from_slice(&buf[sent..n]);
+            got = Some(n);
+            if n > 0 && n < buf.len() {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(n)
+            }
+        })
+    });
+    match (r, got) {
+        (Ok(n), _) => Ok(n),
+        (Err(e), Some(n)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(n),
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// Relays `src` to `dst` until `src` reaches EOF, then half-closes `dst` (unless the other
+/// direction has ended already: then both sockets are closed at once, and the close sends the FIN
+/// the shutdown would have; `done` is shared by the two directions). A connection holds no
+/// buffer of its own while the destination takes every read whole (idle connections cost only
+/// their sockets); otherwise the rest waits in `pending` and nothing more is read until it has
+/// gone out, so a slow reader holds the sender back through TCP.
+async fn copy_counted(
+    src: &TcpStream,
+    dst: &TcpStream,
+    counter: &AtomicU64,
+    done: &AtomicBool,
+) -> std::io::Result<()> {
+    let mut pending = Vec::new();
     loop {
-        let n = r.read(&mut buf).await?;
+        let n = loop {
+            src.readable().await?;
+            match read_and_forward(src, dst, &mut pending) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        };
         if n == 0 {
+            if done.swap(true, Ordering::AcqRel) {
+                return Ok(());
+            }
             // Pass the half-close on: the peer sees EOF but may still send.
-            return w.shutdown().await;
+            return nix::sys::socket::shutdown(dst.as_raw_fd(), nix::sys::socket::Shutdown::Write).or_else(
+                |e| {
+                    if e == nix::errno::Errno::ENOTCONN {
+                        Ok(())
+                    } else {
+                        Err(e.into())
+                    }
+                },
+            );
         }
-        w.write_all(&buf[..n]).await?;
+        let mut sent = 0;
+        while sent < pending.len() {
+            match dst.try_write(&pending[sent..]) {
+                Ok(m) => sent += m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => dst.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        pending = Vec::new();
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 }

@@ -33,6 +33,7 @@ pub fn xdp_service(backends: Vec<BackendConfig>) -> ServiceConfig {
         forwarding: Default::default(),
         affinity_timeout: Duration::from_secs(600),
         max_connections: 100,
+        splice: Default::default(),
         connect_timeout: Duration::from_secs(1),
         failback: false,
         on_down: OnDown::Keep,

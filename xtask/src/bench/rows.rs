@@ -649,6 +649,11 @@ fn lb_config(
             "interval = \"500ms\"\ntimeout = \"400ms\"\nfall = 2\nobserve = \"layer4\"\nerror_limit = 3"
         }
     };
+    // LB_BENCH_SPLICE picks the proxy's relay mode (`splice`), to compare them; unset, the default.
+    let splice = match std::env::var("LB_BENCH_SPLICE") {
+        Ok(mode) if datapath == "proxy" => format!("splice = \"{mode}\"\n"),
+        _ => String::new(),
+    };
     let mut c = String::new();
     c.push_str("# lb config written by cargo xtask bench\nlog_level = \"warn\"\nseed = 0\nshutdown_timeout = \"1s\"\n\n");
     c.push_str(&extra.replace("{pid}", &std::process::id().to_string()));
@@ -657,7 +662,7 @@ fn lb_config(
         let _ = write!(
             c,
             "\n[[service]]\nname = \"{name}\"\nlisten = \"{vip}:{port}\"\ndatapath = \"{datapath}\"\n\
-             affinity_timeout = \"30m\"\nmax_connections = 8000\n{service_extra}\n[service.health]\nkind = \"tcp\"\n\
+             affinity_timeout = \"30m\"\nmax_connections = 8000\n{service_extra}{splice}\n[service.health]\nkind = \"tcp\"\n\
              {health}\nport = {HTTP_PORT}\n",
             vip = bed.topo.vip()
         );
