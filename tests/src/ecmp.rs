@@ -313,6 +313,28 @@ impl Ecmp {
         Ok((read("rx_bytes")?, read("tx_bytes")?))
     }
 
+    /// Cuts the wire between the router and node `i` at the router's port: nftables `netdev`
+    /// ingress and egress hooks on `to-nI` drop every packet, while the link's carrier stays up (as
+    /// when a switch sits between them). The node looks dead to the router, whose BGP session
+    /// notices only when its hold time runs out; taking a link down instead would end the session
+    /// at once (BIRD sees the carrier go).
+    pub fn cut_node(&self, i: usize) -> io::Result<()> {
+        let table = format!("cut_n{i}");
+        self.router.exec_ok(&["nft", "add", "table", "netdev", &table])?;
+        for (chain, hook) in [("in", "ingress"), ("out", "egress")] {
+            self.router.exec_ok(&[
+                "nft",
+                "add",
+                "chain",
+                "netdev",
+                &table,
+                chain,
+                &format!("{{ type filter hook {hook} device to-n{i} priority 0; policy drop; }}"),
+            ])?;
+        }
+        Ok(())
+    }
+
     /// The XDP interfaces of a node.
     pub fn node_interfaces(&self) -> [&'static str; 2] {
         ["to-r", "to-s"]
