@@ -13,22 +13,29 @@
 //!  eth0 10.32.0.(10+J)/24 ─────────────── veth ─────────────────  (ports n1, n2, b1..bN)
 //! ```
 //!
-//! The VIP is not a local address anywhere: the router sends it to a node, whose XDP program
-//! forwards it (full NAT, the node's `to-s` address as source). The router also has two fixed
-//! paths that bypass ECMP: packets with IP TOS [`TOS_VIA`]`[I-1]` go to node I (ip rules into
-//! tables 11 and 12), so a test can send any client's connection through either node.
+//! With [`Forwarding::Nat`] the VIP is not a local address anywhere: the router sends it to a
+//! node, whose XDP program forwards it (full NAT, the node's `to-s` address as source), and the
+//! backends answer that node. With [`Forwarding::Dsr`] the backends are set up for
+//! `forwarding = "dsr"` as [`crate::dsr_topology`]'s are: the router also has a port on the LAN
+//! (`to-s` [`ROUTER_LAN`]/24, bridge port `r`), and each backend holds the VIP on `lo`, ignores
+//! ARP for it, and answers clients through its default route via the router (`advmss 1440`: room
+//! for the outer header), never through a node; [`Ecmp::attach_decap`] puts `lb_decap` on the
+//! backends. The router also has two fixed paths that bypass ECMP: packets with IP TOS
+//! [`TOS_VIA`]`[I-1]` go to node I (ip rules into tables 11 and 12), so a test can send any
+//! client's connection through either node.
 //! Namespaces go on drop (declare the `Ecmp` before the [`Child`]ren that run in it).
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
 };
 
+use crate::dsr_topology::{Decap, attach_decap};
 use crate::netns::{Netns, in_netns};
 use crate::{Child, TempDir};
 
@@ -43,6 +50,17 @@ pub const KEEPALIVE_SECS: u32 = 1;
 pub const TOS_VIA: [u8; 2] = [0x04, 0x08];
 /// Most client addresses (10.30.0.10 ..= 10.30.0.99).
 pub const MAX_CLIENTS: usize = 90;
+/// The router's address on the backends' LAN ([`Forwarding::Dsr`] only): the backends' gateway.
+pub const ROUTER_LAN: Ipv4Addr = Ipv4Addr::new(10, 32, 0, 254);
+
+/// How the services of the test forward, and so how the backends are set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarding {
+    /// Full NAT: the backends answer the node that forwarded (its LAN address), nothing more.
+    Nat,
+    /// DSR: the backends hold the VIP on `lo` and answer clients through the router.
+    Dsr,
+}
 
 /// The two-node ECMP network.
 #[derive(Debug)]
@@ -73,8 +91,18 @@ fn ethtool(ns: &Netns, dev: &str, args: &[&str]) -> io::Result<()> {
 
 impl Ecmp {
     /// Builds the network with `backends` (1..=50) backends and `clients` (1..=90) client
-    /// addresses from 10.30.0.10.
+    /// addresses from 10.30.0.10, the backends set up for NAT.
     pub fn new(prefix: &str, backends: usize, clients: usize) -> io::Result<Ecmp> {
+        Ecmp::with_forwarding(prefix, backends, clients, Forwarding::Nat)
+    }
+
+    /// [`Ecmp::new`] with the backends set up for `forwarding`.
+    pub fn with_forwarding(
+        prefix: &str,
+        backends: usize,
+        clients: usize,
+        forwarding: Forwarding,
+    ) -> io::Result<Ecmp> {
         if !(1..=50).contains(&backends) || !(1..=MAX_CLIENTS).contains(&clients) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -121,6 +149,14 @@ impl Ecmp {
                 TOS_VIA[k]
             ));
         }
+        if forwarding == Forwarding::Dsr {
+            links.push(format!(
+                "link add to-s type veth peer name r netns {}",
+                switch.name()
+            ));
+            links.push(format!("addr add {ROUTER_LAN}/24 dev to-s"));
+            links.push("link set to-s up".into());
+        }
         router.ip_batch(&links)?;
 
         let mut cmds = vec!["addr add 10.30.0.2/24 dev eth0".to_string()];
@@ -158,6 +194,10 @@ impl Ecmp {
             sw.push(format!("link set b{j} master br0"));
             sw.push(format!("link set b{j} up"));
         }
+        if forwarding == Forwarding::Dsr {
+            sw.push("link set r master br0".into());
+            sw.push("link set r up".into());
+        }
         switch.ip_batch(&sw)?;
         for (k, n) in nodes.iter().enumerate() {
             n.ip_batch(&[
@@ -170,6 +210,17 @@ impl Ecmp {
                 format!("addr add 10.32.0.{}/24 dev eth0", 11 + k),
                 "link set eth0 up".into(),
             ])?;
+            if forwarding == Forwarding::Dsr {
+                // The backend setup `lb check-config` prints, less the tunnel device (see
+                // `lb_decap`).
+                b.ip_batch(&[
+                    "link set lo up".into(),
+                    format!("addr add {VIP}/32 dev lo"),
+                    format!("route add default via {ROUTER_LAN} advmss 1440"),
+                ])?;
+                b.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
+                b.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
+            }
         }
         router.ip_batch(&routes)?;
 
@@ -240,6 +291,48 @@ impl Ecmp {
         (0..self.clients)
             .map(|k| Ipv4Addr::new(10, 30, 0, 10 + k as u8))
             .collect()
+    }
+
+    /// Loads `lb_decap` from the eBPF object at `object` onto every backend's `eth0` (the
+    /// backends' half of [`Forwarding::Dsr`]); detached when the result is dropped.
+    pub fn attach_decap(&self, object: &Path) -> io::Result<Decap> {
+        let backends: Vec<&Netns> = self.backends.iter().collect();
+        attach_decap(object, &backends, "eth0")
+    }
+
+    /// `(rx_bytes, tx_bytes)` of interface `ifname` in node `i`.
+    pub fn node_if_bytes(&self, i: usize, ifname: &str) -> io::Result<(u64, u64)> {
+        let read = |what: &str| -> io::Result<u64> {
+            let text = self
+                .node_ns(i)
+                .exec_ok(&["cat", &format!("/sys/class/net/{ifname}/statistics/{what}")])?;
+            text.trim()
+                .parse()
+                .map_err(|e| io::Error::other(format!("{what} of {ifname}: {e}")))
+        };
+        Ok((read("rx_bytes")?, read("tx_bytes")?))
+    }
+
+    /// Cuts the wire between the router and node `i` at the router's port: nftables `netdev`
+    /// ingress and egress hooks on `to-nI` drop every packet, while the link's carrier stays up (as
+    /// when a switch sits between them). The node looks dead to the router, whose BGP session
+    /// notices only when its hold time runs out; taking a link down instead would end the session
+    /// at once (BIRD sees the carrier go).
+    pub fn cut_node(&self, i: usize) -> io::Result<()> {
+        let table = format!("cut_n{i}");
+        self.router.exec_ok(&["nft", "add", "table", "netdev", &table])?;
+        for (chain, hook) in [("in", "ingress"), ("out", "egress")] {
+            self.router.exec_ok(&[
+                "nft",
+                "add",
+                "chain",
+                "netdev",
+                &table,
+                chain,
+                &format!("{{ type filter hook {hook} device to-n{i} priority 0; policy drop; }}"),
+            ])?;
+        }
+        Ok(())
     }
 
     /// The XDP interfaces of a node.

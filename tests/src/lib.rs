@@ -18,7 +18,8 @@
 //! - [`daemon`]: [`Daemon`], `lb run` with a config and control socket in a [`TempDir`], waited
 //!   for until it answers; requests, status polling, the CLI, log tail, restart and stop.
 //! - [`ecmp`]: [`ecmp::Ecmp`], two lb nodes behind a router doing ECMP over routes learnt with
-//!   BGP, each node and the router running a [`ecmp::Bird`] (BIRD 2); backends on a shared LAN.
+//!   BGP, each node and the router running a [`ecmp::Bird`] (BIRD 2); backends on a shared LAN,
+//!   set up for NAT or, with [`ecmp::Forwarding::Dsr`], for `forwarding = "dsr"`.
 //! - [`tempdir`]: [`TempDir`] (the `tempfile` crate's, mode 0755, named after the test).
 //! - [`packet`]: Ethernet/IPv4/TCP and ARP frame builder and parser (checksums by
 //!   `lb_common::csum`) for the XDP fixtures, the eBPF unit tests and the micro-benchmarks.

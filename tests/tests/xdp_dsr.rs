@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Lb, Pins, pin_dir, random_bytes};
+use common::{Lb, Pins, ebpf_object, pin_dir, random_bytes};
 use lb_tests::dsr_topology::{Decap, DsrTopology, LB_DOWN_IF, LB_UP_IF, attach_decap};
 use lb_tests::servers::start_testsrv;
 use lb_tests::{Child, connect_from, http_get_from, require_root, unique_prefix};
@@ -28,18 +28,6 @@ use lb_tests::{Child, connect_from, http_get_from, require_root, unique_prefix};
 const WEB: u16 = 80;
 const ECHO: u16 = 7;
 const IPERF: u16 = 5201;
-
-/// The eBPF object the test suite runs with (`cargo xtask test` sets `LB_EBPF_OBJECT`).
-fn object() -> Option<PathBuf> {
-    let path = std::env::var_os("LB_EBPF_OBJECT").map(PathBuf::from);
-    if path.is_none() {
-        assert!(
-            !std::env::var_os("LB_REQUIRE_EBPF").is_some_and(|v| v == "1"),
-            "LB_REQUIRE_EBPF=1 but LB_EBPF_OBJECT is unset"
-        );
-    }
-    path
-}
 
 fn config(topo: &DsrTopology, socket: &Path, pins: &Path) -> String {
     let mut c = format!(
@@ -102,7 +90,7 @@ impl Drop for SecondPins {
 
 impl Bed {
     fn new(tag: &str, backends: usize, clients: usize) -> Option<Bed> {
-        let object = object()?;
+        let object = ebpf_object()?;
         let pins = (
             Pins::new(pin_dir(&format!("{tag}1"))),
             SecondPins(pin_dir(&format!("{tag}2"))),

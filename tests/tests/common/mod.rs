@@ -200,6 +200,19 @@ pub fn line_of(text: &str, needle: &str) -> usize {
 
 // ---- XDP datapath test beds ----------------------------------------------------------------
 
+/// The eBPF object the test suite runs with (`cargo xtask test` sets `LB_EBPF_OBJECT`; tests that
+/// load a program of their own, such as `lb_decap`, skip without it unless `LB_REQUIRE_EBPF=1`).
+pub fn ebpf_object() -> Option<PathBuf> {
+    let path = std::env::var_os("LB_EBPF_OBJECT").map(PathBuf::from);
+    if path.is_none() {
+        assert!(
+            !std::env::var_os("LB_REQUIRE_EBPF").is_some_and(|v| v == "1"),
+            "LB_REQUIRE_EBPF=1 but LB_EBPF_OBJECT is unset"
+        );
+    }
+    path
+}
+
 pub fn pin_dir(tag: &str) -> PathBuf {
     PathBuf::from(format!("/sys/fs/bpf/lbt-{tag}-{}", std::process::id()))
 }
