@@ -42,10 +42,11 @@ const CLIENT_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 /// this long after the kill.
 const KILL_BOUND: Duration = Duration::from_millis(50);
 
-/// A SNAT range small enough that every port is reused toward a backend within the half second
-/// before the kill (well within its TIME_WAIT of 60 s), yet large enough for the client loops'
-/// rate once one backend is gone (128 ports ran out: `snat_exhausted`).
-const SMALL_SNAT_RANGE: &str = "snat_ports = \"20000-20191\"\n";
+/// A SNAT range small enough that every port is reused toward a backend within the 1.5 s before
+/// the kill (about 400 new connections a second each; well within its TIME_WAIT of 60 s), yet
+/// with room for the client loops' bursts once one backend is gone (128 and 192 ports ran out
+/// now and then: `snat_exhausted`).
+const SMALL_SNAT_RANGE: &str = "snat_ports = \"20000-20511\"\n";
 
 fn report(line: &str) {
     eprintln!("{line}");
@@ -186,10 +187,20 @@ fn refused(bed: &Bed, backend: &str) -> u64 {
 
 /// Runs the client loops, calls `act` 500 ms in, keeps going for `after`; (samples, act time).
 fn under_load(bed: &Bed, after: Duration, act: impl FnOnce() + Send) -> (Vec<Sample>, Instant) {
+    under_load_from(bed, Duration::from_millis(500), after, act)
+}
+
+/// [`under_load`] calling `act` `before` in.
+fn under_load_from(
+    bed: &Bed,
+    before: Duration,
+    after: Duration,
+    act: impl FnOnce() + Send,
+) -> (Vec<Sample>, Instant) {
     let stop = AtomicBool::new(false);
     thread::scope(|s| {
         let loops = s.spawn(|| client_loops(&bed.topo, &stop));
-        thread::sleep(Duration::from_millis(500));
+        thread::sleep(before);
         let at = Instant::now();
         act();
         thread::sleep(after);
@@ -214,9 +225,15 @@ fn xdp_a_killed_backend_costs_only_the_connections_in_flight() {
     let mut victim = bed.servers.remove(home - 1);
     let avoided_before = xdp_counter(&bed, "refusing_avoided");
 
-    let (samples, kill_at) = under_load(&bed, Duration::from_millis(1500), || {
-        victim.signal(nix::sys::signal::Signal::SIGKILL).expect("kill");
-    });
+    // 1.5 s of loops first: every SNAT port toward the victim has been used by then.
+    let (samples, kill_at) = under_load_from(
+        &bed,
+        Duration::from_millis(1500),
+        Duration::from_millis(1500),
+        || {
+            victim.signal(nix::sys::signal::Signal::SIGKILL).expect("kill");
+        },
+    );
     let _ = victim.stop();
 
     let before = samples.iter().filter(|s| s.start < kill_at).count();
