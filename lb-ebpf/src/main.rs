@@ -218,7 +218,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
     let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4_off) else {
         return pass(Some(gc::TRUNCATED));
     };
-    let mut flags = u16::from_be(unsafe { (*tcp).doff_flags_be });
+    let flags = u16::from_be(unsafe { (*tcp).doff_flags_be });
     let doff = (flags >> 12) as usize;
     if doff < 5 || doff * 4 > ip_len - ihl * 4 {
         return pass(Some(gc::MALFORMED));
@@ -262,15 +262,9 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
                 f.last_seen_ns = now;
             }
             let to_backend = f.flags & FLOW_TO_BACKEND != 0;
-            let mut refused = false;
             if !to_backend && f.flags & (FLOW_HALF_OPEN | FLOW_ANSWERED) == FLOW_HALF_OPEN {
                 // The backend's first answer to a SYN: passive health counts it.
                 let syn_ack = flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
-                if flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK && stale_answer(tcp, f) {
-                    // Refused like an RST: the client learns at once instead of in a second.
-                    flags |= TCP_RST;
-                    refused = true;
-                }
                 passive::answer(f, flags & TCP_RST != 0, syn_ack, now);
             }
             if f.flags & FLOW_HALF_OPEN != 0 && to_backend && flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
@@ -296,7 +290,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
             }
             rewrite(ip, tcp, &key, f);
             if f.flags & FLOW_TS != 0 {
-                translate_timestamps(ctx, tcp, l4_off, doff, to_backend, f.ts_delta, refused);
+                translate_timestamps(ctx, tcp, l4_off, doff, to_backend, f.ts_delta);
             }
             return forward(ctx, ip, f, now, cfg.cpus);
         }
@@ -347,8 +341,6 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         service_slot: service.slot,
         flags: FLOW_HALF_OPEN,
         last_seen_ns: now,
-        // The client's SYN, for an answer that refuses it (see stale_answer).
-        syn_seq_be: seq_be,
         ..FlowValue::default()
     };
     // Toward the backend, timestamps follow the LB's clock (see FlowValue::ts_delta).
@@ -389,7 +381,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
     if let Some(delta) = ts_delta {
         forward_value.flags |= FLOW_TS;
         forward_value.ts_delta = delta;
-        translate_timestamps(ctx, tcp, l4_off, doff, true, delta, false);
+        translate_timestamps(ctx, tcp, l4_off, doff, true, delta);
     }
     // The client reused a port of an earlier connection still on record: that connection is over
     // (its reply entry, if still its own, ages out as closed; its port is free after closed_timeout).
@@ -863,9 +855,7 @@ fn timestamp_option(ctx: &XdpContext, l4_off: usize, doff: usize) -> Option<usiz
     None
 }
 
-/// Toward the backend adds `delta` to TSval; toward the client subtracts it from TSecr, or with
-/// `clear` zeroes it (an RST made of a stale answer: its echo is the old connection's, which the
-/// client would take for a bogus answer and ignore the RST).
+/// Toward the backend adds `delta` to TSval; toward the client subtracts it from TSecr.
 #[inline(always)]
 fn translate_timestamps(
     ctx: &XdpContext,
@@ -874,7 +864,6 @@ fn translate_timestamps(
     doff: usize,
     to_backend: bool,
     delta: u32,
-    clear: bool,
 ) {
     let Some(at) = timestamp_option(ctx, l4_off, doff) else {
         return;
@@ -889,8 +878,6 @@ fn translate_timestamps(
         let value = u32::from_be(old);
         let new = if to_backend {
             value.wrapping_add(delta)
-        } else if clear {
-            0
         } else {
             value.wrapping_sub(delta)
         }
@@ -898,33 +885,6 @@ fn translate_timestamps(
         *p = new;
         (*tcp).check_be = csum::replace4((*tcp).check_be, old, new);
     }
-}
-
-/// The backend answered the client's SYN (reply entry `f`, still half-open) with a bare ACK that
-/// does not acknowledge it: the SYN met an old connection of this SNAT 4-tuple in TIME_WAIT there
-/// and no listener took it (the backend's server died: TIME_WAIT only answers with this ACK then).
-/// The client would drop that ACK and retransmit its SYN a second later; turned into an RST that
-/// acknowledges the SYN (the backend refusing it), the client learns at once and the backend is
-/// marked refusing. `true` when the packet was rewritten so.
-#[inline(always)]
-fn stale_answer(tcp: *mut TcpHdr, f: &FlowValue) -> bool {
-    let want = u32::from_be(f.syn_seq_be).wrapping_add(1).to_be();
-    // SAFETY: ptr_at checked the TCP header in this run and nothing moved the packet.
-    unsafe {
-        let old_ack = (*tcp).ack_seq_be;
-        if f.syn_seq_be == 0 || old_ack == want {
-            return false;
-        }
-        let old_flags = (*tcp).doff_flags_be;
-        let new_flags = (u16::from_be(old_flags) | TCP_RST).to_be();
-        (*tcp).ack_seq_be = want;
-        (*tcp).doff_flags_be = new_flags;
-        let mut check = (*tcp).check_be;
-        check = csum::replace4(check, old_ack, want);
-        check = csum::replace2(check, old_flags, new_flags);
-        (*tcp).check_be = check;
-    }
-    true
 }
 
 /// Rewrites addresses and ports to `value`'s and fixes the checksums incrementally.

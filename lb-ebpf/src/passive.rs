@@ -4,8 +4,7 @@
 //! - [`syn_sent`]: a new connection's SYN went to a backend.
 //! - [`answer`]: the backend's first answer to it (the reply entry still half-open and not yet
 //!   [`FLOW_ANSWERED`]): a SYN-ACK is counted as answered; an RST as refused, and the backend is
-//!   marked refusing ([`MAP_REFUSING`](lb_common::passive::MAP_REFUSING)) at once. A bare ACK of an
-//!   old connection in TIME_WAIT (nothing listening) is made an RST first (`stale_answer` in main).
+//!   marked refusing ([`MAP_REFUSING`](lb_common::passive::MAP_REFUSING)) at once.
 //! - [`given_up`]: a client's retransmitted SYN whose backend went down or refuses meanwhile
 //!   starts a new flow (chosen again) instead of following the old one.
 //! - [`elsewhere`]: a SYN whose choice is refusing takes the first backend that is not among the
