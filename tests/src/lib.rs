@@ -70,7 +70,7 @@ pub use client::{
 };
 pub use daemon::{Daemon, Enter};
 pub use netns::{Netns, in_netns};
-pub use pins::Pins;
+pub use pins::{PinDir, Pins};
 pub use servers::{AjpMode, start_ajp_backend, start_echo_backends, start_http_backends};
 pub use tempdir::TempDir;
 pub use topology::Topology;

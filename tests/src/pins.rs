@@ -1,6 +1,7 @@
 //! [`Pins`]: a test's XDP pin directory, removed on drop with the sysctl record lb keeps for it.
+//! [`PinDir`]: the same clean-up without the lock, for a second daemon of a test holding [`Pins`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 /// Held by every live [`Pins`]: the XDP tests of one binary run one at a time, because they
@@ -25,22 +26,33 @@ impl Pins {
 
 impl Drop for Pins {
     fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(&self.0) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.0);
-        // The sysctl record lb keeps for `lb cleanup` beside the pins, named as
-        // lb::datapath::xdp::host::record_path names it (lb-tests cannot depend on lb).
-        let record = format!(
-            "/run/lb/sysctl/{}.json",
-            self.0
-                .display()
-                .to_string()
-                .replace('%', "%25")
-                .replace('/', "%2F")
-        );
-        let _ = std::fs::remove_file(record);
+        remove(&self.0);
     }
+}
+
+/// A pin directory removed on drop like a [`Pins`], but without its lock: for a second `lb` in a
+/// test that already holds the binary's [`Pins`] (two-node tests).
+pub struct PinDir(pub PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        remove(&self.0);
+    }
+}
+
+/// Removes the pins in `dir`, `dir` itself and lb's sysctl record for it.
+fn remove(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    // The sysctl record lb keeps for `lb cleanup` beside the pins, named as
+    // lb::datapath::xdp::host::record_path names it (lb-tests cannot depend on lb).
+    let record = format!(
+        "/run/lb/sysctl/{}.json",
+        dir.display().to_string().replace('%', "%25").replace('/', "%2F")
+    );
+    let _ = std::fs::remove_file(record);
 }

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,30 +40,6 @@ const CLIENTS: usize = 30;
 const BACKENDS: usize = 3;
 /// Clients compared through `which` only (ring slots, not connections).
 const MANY: usize = 3000;
-
-/// The second node's pin directory (the first is a [`Pins`], which holds the binary's XDP lock),
-/// removed on drop like a [`Pins`].
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(&self.0) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.0);
-        let record = format!(
-            "/run/lb/sysctl/{}.json",
-            self.0
-                .display()
-                .to_string()
-                .replace('%', "%25")
-                .replace('/', "%2F")
-        );
-        let _ = std::fs::remove_file(record);
-    }
-}
 
 /// The services of the test: (name, VIP port, backend port). Full NAT: `web` to the backends'
 /// :8080; dsr (the backend's port must be the VIP's): `web` to :80 and `echo` to :7.

@@ -15,12 +15,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Lb, Pins, ebpf_object, pin_dir, random_bytes};
+use common::{Lb, PinDir, Pins, ebpf_object, pin_dir, random_bytes};
 use lb_tests::dsr_topology::{Decap, DsrTopology, LB_DOWN_IF, LB_UP_IF, attach_decap};
 use lb_tests::servers::start_testsrv;
 use lb_tests::{Child, connect_from, http_get_from, require_root, unique_prefix};
@@ -61,31 +61,7 @@ struct Bed {
     _servers: Vec<Child>,
     _decap: Decap,
     topo: DsrTopology,
-    _pins: (Pins, SecondPins),
-}
-
-/// Node 2's pin directory, cleaned up as [`Pins`] cleans node 1's (one `Pins` per thread: it
-/// holds the binary's XDP lock).
-struct SecondPins(PathBuf);
-
-impl Drop for SecondPins {
-    fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(&self.0) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&self.0);
-        let record = format!(
-            "/run/lb/sysctl/{}.json",
-            self.0
-                .display()
-                .to_string()
-                .replace('%', "%25")
-                .replace('/', "%2F")
-        );
-        let _ = std::fs::remove_file(record);
-    }
+    _pins: (Pins, PinDir),
 }
 
 impl Bed {
@@ -93,7 +69,7 @@ impl Bed {
         let object = ebpf_object()?;
         let pins = (
             Pins::new(pin_dir(&format!("{tag}1"))),
-            SecondPins(pin_dir(&format!("{tag}2"))),
+            PinDir(pin_dir(&format!("{tag}2"))),
         );
         let dirs = [pins.0.0.clone(), pins.1.0.clone()];
         let topo = DsrTopology::new(&unique_prefix(tag), backends, clients).expect("dsr topology");

@@ -14,14 +14,14 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use lb_tests::{
+    Child, Topology, connect_from, http_get_from, start_echo_backends, start_http_backends, unique_prefix,
+};
 #[allow(
     unused_imports,
     reason = "used by the XDP test binaries; every binary includes common"
 )]
-pub use lb_tests::Pins;
-use lb_tests::{
-    Child, Topology, connect_from, http_get_from, start_echo_backends, start_http_backends, unique_prefix,
-};
+pub use lb_tests::{PinDir, Pins};
 
 pub const HTTP_PORT: u16 = 8080;
 pub const ECHO_PORT: u16 = 7;
