@@ -264,6 +264,26 @@ impl Daemon {
             .collect()
     }
 
+    /// The health transitions of `service/backend` from `lb stats`: (unix ms, to, reason).
+    pub fn health_transitions(&self, service: &str, backend: &str) -> Vec<(u64, String, String)> {
+        let stats = self.request(b"{\"cmd\":\"stats\"}\n").expect("stats");
+        let be = backend_of(&stats["result"], service, backend)
+            .unwrap_or_else(|| panic!("no {service}/{backend}: {stats}"));
+        be["transitions"]
+            .as_array()
+            .expect("transitions")
+            .iter()
+            .filter(|t| t["kind"] == "health")
+            .map(|t| {
+                (
+                    t["unix_ms"].as_u64().unwrap(),
+                    t["to"].as_str().unwrap().to_string(),
+                    t["reason"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
     /// `lb which SERVICE IP --json`: (backend or None, reason).
     pub fn which(&self, service: &str, ip: Ipv4Addr) -> (Option<String>, String) {
         let r = self.json(&["which", service, &ip.to_string()]);

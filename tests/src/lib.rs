@@ -51,6 +51,7 @@ pub mod dsr_topology;
 pub mod ecmp;
 pub mod fixture;
 pub mod kernel_maps;
+pub mod loops;
 pub mod netns;
 pub mod packet;
 pub mod pins;

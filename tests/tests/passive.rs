@@ -14,12 +14,13 @@
 //! bounded generously, never asserted tightly. Needs root; skips with a `SKIP:` line otherwise.
 
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use lb_tests::daemon::backend_of;
+use lb_tests::loops::{client_loops, unix_ms};
 use lb_tests::{
     Child, Daemon, Enter, Topology, http_get_from, require_root, start_http_backends, unique_prefix,
 };
@@ -32,10 +33,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
 
 fn report(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
 /// A proxy service `web` on the VIP over every backend, passive health on (the default).
@@ -65,59 +62,12 @@ fn start_lb(topo: &Topology) -> Daemon {
     })
 }
 
-/// One request of a client loop.
-struct Sample {
-    start: Instant,
-    result: Result<String, String>,
-}
-
-/// Runs one loop of new connections per client address until `stop`; returns every sample.
-fn client_loops(topo: &Topology, stop: &AtomicBool) -> Vec<Sample> {
+/// One GET on a new connection from `src`: the answering backend's name.
+fn get(topo: &Topology, src: Ipv4Addr) -> Result<String, String> {
     let vip = SocketAddr::new(topo.vip().into(), 80);
-    thread::scope(|s| {
-        let loops: Vec<_> = topo
-            .client_addrs()
-            .into_iter()
-            .take(CLIENTS)
-            .map(|src| {
-                s.spawn(move || {
-                    let mut out = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        let start = Instant::now();
-                        let result = http_get_from(topo.client_ns().name(), src, vip, "/")
-                            .map(|b| b.trim().to_string())
-                            .map_err(|e| e.to_string());
-                        out.push(Sample { start, result });
-                        thread::sleep(Duration::from_millis(5));
-                    }
-                    out
-                })
-            })
-            .collect();
-        loops
-            .into_iter()
-            .flat_map(|l| l.join().expect("client loop"))
-            .collect()
-    })
-}
-
-/// The health transitions of `web/backend` from `lb stats`: (unix ms, to, reason).
-fn transitions(lb: &Daemon, backend: &str) -> Vec<(u64, String, String)> {
-    let stats = lb.request(b"{\"cmd\":\"stats\"}\n").expect("stats");
-    let be = backend_of(&stats["result"], "web", backend).unwrap_or_else(|| panic!("no {backend}: {stats}"));
-    be["transitions"]
-        .as_array()
-        .expect("transitions")
-        .iter()
-        .filter(|t| t["kind"] == "health")
-        .map(|t| {
-            (
-                t["unix_ms"].as_u64().unwrap(),
-                t["to"].as_str().unwrap().to_string(),
-                t["reason"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+    http_get_from(topo.client_ns().name(), src, vip, "/")
+        .map(|b| b.trim().to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// The backend client 0 is sent to (by the ring, before any connection).
@@ -154,7 +104,7 @@ fn a_killed_backend_is_marked_down_by_its_refused_connects_long_before_the_check
 
     let stop = AtomicBool::new(false);
     let (samples, kill_at, kill_ms) = thread::scope(|s| {
-        let loops = s.spawn(|| client_loops(&topo, &stop));
+        let loops = s.spawn(|| client_loops(&topo, CLIENTS, &stop, |src| get(&topo, src)));
         thread::sleep(Duration::from_millis(500));
         let kill_at = Instant::now();
         let kill_ms = unix_ms();
@@ -167,7 +117,7 @@ fn a_killed_backend_is_marked_down_by_its_refused_connects_long_before_the_check
         (loops.join().expect("loops"), kill_at, kill_ms)
     });
 
-    let down = transitions(&lb, &name);
+    let down = lb.health_transitions("web", &name);
     let (at_ms, to, reason) = down
         .first()
         .unwrap_or_else(|| panic!("{name} never went down\n{}", lb.log_tail(40)));
@@ -238,7 +188,7 @@ fn a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check_int
 
     let stop = AtomicBool::new(false);
     let (samples, drop_at, drop_ms) = thread::scope(|s| {
-        let loops = s.spawn(|| client_loops(&topo, &stop));
+        let loops = s.spawn(|| client_loops(&topo, CLIENTS, &stop, |src| get(&topo, src)));
         thread::sleep(Duration::from_millis(500));
         let drop_ms = unix_ms();
         let out = ns.exec(&["nft", "-f", path.to_str().unwrap()]).expect("nft");
@@ -256,7 +206,7 @@ fn a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check_int
     });
     let _ = std::fs::remove_file(&path);
 
-    let down = transitions(&lb, &name);
+    let down = lb.health_transitions("web", &name);
     let Some((at_ms, to, reason)) = down.first().cloned() else {
         let _ = ns.exec(&["nft", "delete", "table", "ip", "lbpassive"]);
         panic!("{name} never went down\n{}", lb.log_tail(40));
@@ -296,7 +246,7 @@ fn a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check_int
     let (st, up_at) = lb.wait_status(CHECK_INTERVAL * 5, "back up through the checks", |st| {
         backend_of(st, "web", &name).is_some_and(|b| b["health"] == "up")
     });
-    let back = transitions(&lb, &name);
+    let back = lb.health_transitions("web", &name);
     let (_, to, reason) = back.last().unwrap();
     assert_eq!(to, "up");
     assert!(reason.starts_with("health check"), "{reason}");

@@ -22,11 +22,12 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::*;
 use lb_tests::client::HttpConn;
 use lb_tests::daemon::backend_of;
+use lb_tests::loops::{Sample, client_loops, unix_ms};
 use lb_tests::{Topology, connect_from, require_root};
 
 /// Client loops (one per client address).
@@ -43,10 +44,6 @@ const KILL_BOUND: Duration = Duration::from_millis(50);
 
 fn report(line: &str) {
     eprintln!("{line}");
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
 /// An XDP service `web` on VIP:80 over backends 1..=n (`backups` among them), affinity off (every
@@ -84,13 +81,6 @@ fn bed(tag: &str, pins: &Path, n: usize, backups: &[usize]) -> Bed {
     bed
 }
 
-/// One request of a client loop: when it started and ended, which backend answered or why not.
-struct Sample {
-    start: Instant,
-    end: Instant,
-    result: Result<String, String>,
-}
-
 /// One GET on a new connection from `src`, giving the connect [`CLIENT_CONNECT_TIMEOUT`].
 fn get(topo: &Topology, src: Ipv4Addr) -> Result<String, String> {
     let vip = SocketAddr::new(topo.vip().into(), 80);
@@ -106,56 +96,6 @@ fn get(topo: &Topology, src: Ipv4Addr) -> Result<String, String> {
         return Err(format!("status {}", resp.status));
     }
     Ok(resp.body.trim().to_string())
-}
-
-/// Runs one loop of new connections per client address until `stop`; returns every sample.
-fn client_loops(topo: &Topology, stop: &AtomicBool) -> Vec<Sample> {
-    thread::scope(|s| {
-        let loops: Vec<_> = topo
-            .client_addrs()
-            .into_iter()
-            .take(CLIENTS)
-            .map(|src| {
-                s.spawn(move || {
-                    let mut out = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        let start = Instant::now();
-                        let result = get(topo, src);
-                        out.push(Sample {
-                            start,
-                            end: Instant::now(),
-                            result,
-                        });
-                        thread::sleep(Duration::from_millis(5));
-                    }
-                    out
-                })
-            })
-            .collect();
-        loops
-            .into_iter()
-            .flat_map(|l| l.join().expect("client loop"))
-            .collect()
-    })
-}
-
-/// The health transitions of `web/backend` from `lb stats`: (unix ms, to, reason).
-fn transitions(bed: &Bed, backend: &str) -> Vec<(u64, String, String)> {
-    let stats = bed.lb.request(b"{\"cmd\":\"stats\"}\n").expect("stats");
-    let be = backend_of(&stats["result"], "web", backend).unwrap_or_else(|| panic!("no {backend}: {stats}"));
-    be["transitions"]
-        .as_array()
-        .expect("transitions")
-        .iter()
-        .filter(|t| t["kind"] == "health")
-        .map(|t| {
-            (
-                t["unix_ms"].as_u64().unwrap(),
-                t["to"].as_str().unwrap().to_string(),
-                t["reason"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
 }
 
 /// The backend client 0 is sent to by the kernel ring: its number.
@@ -177,7 +117,7 @@ fn refused(bed: &Bed, backend: &str) -> u64 {
 fn under_load(bed: &Bed, after: Duration, act: impl FnOnce() + Send) -> (Vec<Sample>, Instant) {
     let stop = AtomicBool::new(false);
     thread::scope(|s| {
-        let loops = s.spawn(|| client_loops(&bed.topo, &stop));
+        let loops = s.spawn(|| client_loops(&bed.topo, CLIENTS, &stop, |src| get(&bed.topo, src)));
         thread::sleep(Duration::from_millis(500));
         let at = Instant::now();
         act();
@@ -254,7 +194,7 @@ fn xdp_a_killed_backend_costs_only_the_connections_in_flight() {
         "the kernel steered no SYN away from {name} (the ring sends client 0 there)"
     );
     // The checks (fall 3 × 2 s) have not spoken yet: the kernel alone moved the clients.
-    let down = transitions(&bed, &name);
+    let down = bed.lb.health_transitions("web", &name);
     assert!(
         down.iter().all(|(_, _, r)| !r.starts_with("health check")),
         "{down:?}"
@@ -294,7 +234,7 @@ fn xdp_a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check
     );
     let _ = std::fs::remove_file(&path);
 
-    let down = transitions(&bed, &name);
+    let down = bed.lb.health_transitions("web", &name);
     let Some((at_ms, to, reason)) = down.first().cloned() else {
         let _ = ns.exec(&["nft", "delete", "table", "ip", "lbxpassive"]);
         panic!("{name} never went down\n{}", bed.lb.log_tail(40));
@@ -347,7 +287,7 @@ fn xdp_a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check
         .wait_status(CHECK_INTERVAL * 5, "back up through the checks", |st| {
             backend_of(st, "web", &name).is_some_and(|b| b["health"] == "up")
         });
-    let back = transitions(&bed, &name);
+    let back = bed.lb.health_transitions("web", &name);
     let (_, to, reason) = back.last().unwrap();
     assert_eq!(to, "up");
     assert!(reason.starts_with("health check"), "{reason}");
