@@ -367,8 +367,14 @@ impl Balancer {
         })
     }
 
-    /// Records that `client` reached `backend_id` (new or refreshed affinity entry).
-    pub fn confirm(&self, service: &str, client: IpAddr, backend_id: u32, now: Instant) {
+    /// Records that `client` reached `backend_id`, chosen for `reason` (new or refreshed affinity
+    /// entry).
+    ///
+    /// A change may commit between the choice and the confirmation. When it forgot the entry the
+    /// choice followed, or (with `failback = true`) the entry would now be one a failback sends
+    /// back to the ring, nothing is recorded: the client's next connection follows the ring, as
+    /// it would have had the connection come a moment later.
+    pub fn confirm(&self, service: &str, client: IpAddr, backend_id: u32, reason: Reason, now: Instant) {
         let snapshot = self.current.load();
         let Some(svc) = snapshot.state.services.get(service) else {
             return;
@@ -380,7 +386,15 @@ impl Balancer {
         let now = self.clock(now);
         let key = (svc.id, client);
         let mut shard = self.shard(client).lock().unwrap();
-        let value = select::next_entry(shard.live(&key, timeout, now), backend_id, now);
+        let live = shard.live(&key, timeout, now);
+        if reason == Reason::Affinity && live.is_none() {
+            return;
+        }
+        let value = select::next_entry(live, backend_id, now);
+        if Failback::now(svc).is_some_and(|f| f.picks_value(&value)) {
+            shard.entries.remove(&key);
+            return;
+        }
         if shard.entries.len() >= AFFINITY_CAPACITY / SHARDS {
             shard.insert(key, value, &self.timeouts());
         } else {
@@ -481,7 +495,7 @@ mod tests {
 
     fn connect(b: &Balancer, client: IpAddr, now: Instant) -> Choice {
         let c = b.choose("web", client, now, &[]).unwrap();
-        b.confirm("web", client, c.backend_id, now);
+        b.confirm("web", client, c.backend_id, c.reason, now);
         c
     }
 
@@ -681,6 +695,53 @@ mod tests {
                 "failback = {failback}"
             );
         }
+    }
+
+    #[test]
+    fn a_connection_confirmed_across_a_failback_does_not_pin_its_client() {
+        let mut s = three();
+        let mut svc = s.service("web").unwrap().settings.clone();
+        svc.failback = true;
+        s.apply(Command::UpdateService { service: svc }).unwrap();
+        let b = Balancer::new(s);
+        let now = Instant::now();
+        let client = (0..100)
+            .map(ip)
+            .find(|c| b.choose("web", *c, now, &[]).unwrap().backend_name == "b1")
+            .unwrap();
+        connect(&b, client, now);
+        let health = |health| Command::SetHealth {
+            service: "web".into(),
+            backend: "b1".into(),
+            health,
+        };
+        b.apply(health(Health::Down)).unwrap();
+        let moved = connect(&b, client, now);
+        assert_ne!(moved.backend_name, "b1");
+        // A connection chosen by the failed-over entry, confirmed after b1 came back (the
+        // failback forgot that entry in between).
+        let in_flight = b.choose("web", client, now, &[]).unwrap();
+        assert_eq!(in_flight.reason, Reason::Affinity);
+        b.apply(health(Health::Up)).unwrap();
+        b.confirm("web", client, in_flight.backend_id, in_flight.reason, now);
+        assert_eq!(
+            connect(&b, client, now).backend_name,
+            "b1",
+            "the client fails back"
+        );
+
+        // The first connection after b1 went down, confirmed after it came back: the entry it
+        // would make (on another backend, home b1) is one the failback sends back.
+        b.apply(health(Health::Down)).unwrap();
+        let first_away = b.choose("web", client, now, &[]).unwrap();
+        assert_eq!(first_away.reason, Reason::Ring);
+        b.apply(health(Health::Up)).unwrap();
+        b.confirm("web", client, first_away.backend_id, first_away.reason, now);
+        assert_eq!(
+            connect(&b, client, now).backend_name,
+            "b1",
+            "the client fails back"
+        );
     }
 
     #[test]

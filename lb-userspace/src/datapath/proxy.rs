@@ -173,7 +173,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
         match tokio::time::timeout(connect_timeout, TcpStream::connect(choice.address)).await {
             Ok(Ok(backend)) => {
                 svc.passive.connected(&choice.runtime);
-                balancer.confirm(service, peer.ip(), choice.backend_id, Instant::now());
+                balancer.confirm(
+                    service,
+                    peer.ip(),
+                    choice.backend_id,
+                    choice.reason,
+                    Instant::now(),
+                );
                 let _ = backend.set_nodelay(true);
                 relay(client, backend, &choice.runtime, splice).await;
                 return;

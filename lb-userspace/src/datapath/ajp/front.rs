@@ -20,6 +20,7 @@ use crate::ajp::codec::{
     self, CodecError, ContainerMessage, Direction, ForwardRequest, FrameDecoder, ServerMessage, attr, kind,
 };
 use crate::ajp::route::session_route;
+use crate::balancer::Reason;
 
 /// What became of the front connection after a packet.
 enum Next {
@@ -132,6 +133,8 @@ struct Target {
     id: u32,
     pool: Arc<Pool>,
     pick: Pick,
+    /// Why the balancer chose it (for the affinity entry a completed request confirms).
+    reason: Reason,
     /// Cancelled when the backend is marked down with `on_down = "reset"`.
     reset: CancellationToken,
 }
@@ -279,6 +282,7 @@ impl<'a> Request<'a> {
                 id,
                 pool,
                 pick,
+                reason,
                 reset,
             }) = self.pick(route.as_deref(), client, &exclude, primaries_only)
             else {
@@ -306,7 +310,7 @@ impl<'a> Request<'a> {
                     if pick != Pick::Route {
                         self.svc
                             .balancer
-                            .confirm(&self.svc.name, client, id, Instant::now());
+                            .confirm(&self.svc.name, client, id, reason, Instant::now());
                     }
                     return Next::Continue;
                 }
@@ -371,12 +375,13 @@ impl<'a> Request<'a> {
     fn pick(&self, route: Option<&[u8]>, client: IpAddr, exclude: &[u32], primaries: bool) -> Option<Target> {
         let snap = self.svc.balancer.snapshot();
         let state = snap.state.service(&self.svc.name).ok()?;
-        let target = |id: u32, pick| {
+        let target = |id: u32, pick, reason| {
             let be = state.backend_by_id(id)?;
             Some(Target {
                 id,
                 pool: self.svc.pool(id)?,
                 pick,
+                reason,
                 reset: snap.runtime(state, be).reset_token(),
             })
         };
@@ -385,7 +390,7 @@ impl<'a> Request<'a> {
             && let Some(be) = state.backends.iter().find(|be| super::route_of(&be.config) == r)
         {
             if be.admits_known() && !exclude.contains(&be.id) {
-                return target(be.id, Pick::Route);
+                return target(be.id, Pick::Route, Reason::Affinity);
             }
             failover = true;
         }
@@ -400,9 +405,13 @@ impl<'a> Request<'a> {
                 .balancer
                 .choose(&self.svc.name, client, Instant::now(), exclude)
         {
-            return target(c.backend_id, pick);
+            return target(c.backend_id, pick, c.reason);
         }
-        target(self.svc.balancer.choose_backup(&self.svc.name, exclude)?, pick)
+        target(
+            self.svc.balancer.choose_backup(&self.svc.name, exclude)?,
+            pick,
+            Reason::Backup,
+        )
     }
 
     /// One try on one backend; a pooled connection that turns out dead is replaced by a fresh one
