@@ -16,7 +16,7 @@
 //! With [`Forwarding::Nat`] the VIP is not a local address anywhere: the router sends it to a
 //! node, whose XDP program forwards it (full NAT, the node's `to-s` address as source), and the
 //! backends answer that node. With [`Forwarding::Dsr`] the backends are set up for
-//! `forwarding = "dsr"` as [`crate::dsr_topology`]'s are: the router also has a port on the LAN
+//! `forwarding = "dsr"`: the router also has a port on the LAN
 //! (`to-s` [`ROUTER_LAN`]/24, bridge port `r`), and each backend holds the VIP on `lo`, ignores
 //! ARP for it, and answers clients through its default route via the router (`advmss 1440`: room
 //! for the outer header), never through a node; [`Ecmp::attach_decap`] puts `lb_decap` on the
@@ -35,7 +35,7 @@ use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
 };
 
-use crate::dsr_topology::{Decap, attach_decap};
+use crate::decap::{Decap, attach_decap};
 use crate::netns::{Netns, in_netns};
 use crate::{Child, TempDir};
 
@@ -333,6 +333,14 @@ impl Ecmp {
             ])?;
         }
         Ok(())
+    }
+
+    /// Routes the VIP via node `i` in the router's main table (replacing the route), for tests
+    /// without BGP.
+    pub fn route_vip_via(&self, i: usize) -> io::Result<()> {
+        let via = self.node_uplink(i);
+        self.router
+            .ip_batch(&[format!("route replace {VIP}/32 via {via}")])
     }
 
     /// The XDP interfaces of a node.

@@ -9,8 +9,6 @@
 //!   grace period) on drop, with its stdout/stderr captured and a wait for a `ready` line.
 //! - [`topology`]: [`Topology`], the standard client / load balancer / backends layout
 //!   (`<prefix>-c`, `<prefix>-lb`, `<prefix>-b1..bN`) wired with veth pairs.
-//! - [`dsr_topology`]: [`dsr_topology::DsrTopology`], client / router / two LB nodes / backends
-//!   on a shared segment, for `forwarding = "dsr"` (replies bypass the LB nodes).
 //! - [`client`]: client-side helpers: [`connect_from`] (bind a source IP in a namespace),
 //!   [`http_get_from`], [`HttpConn`] (keep-alive requests), [`ajp_cping`].
 //! - [`servers`]: starting `lb-testsrv` backends ([`start_http_backends`], [`start_echo_backends`],
@@ -19,7 +17,8 @@
 //!   for until it answers; requests, status polling, the CLI, log tail, restart and stop.
 //! - [`ecmp`]: [`ecmp::Ecmp`], two lb nodes behind a router doing ECMP over routes learnt with
 //!   BGP, each node and the router running a [`ecmp::Bird`] (BIRD 2); backends on a shared LAN,
-//!   set up for NAT or, with [`ecmp::Forwarding::Dsr`], for `forwarding = "dsr"`.
+//!   set up for NAT or, with [`ecmp::Forwarding::Dsr`], for `forwarding = "dsr"` (replies bypass
+//!   the nodes; [`decap::attach_decap`] decapsulates on the backends).
 //! - [`tempdir`]: [`TempDir`] (the `tempfile` crate's, mode 0755, named after the test).
 //! - [`packet`]: Ethernet/IPv4/TCP and ARP frame builder and parser (checksums by
 //!   `lb_common::csum`) for the XDP fixtures, the eBPF unit tests and the micro-benchmarks.
@@ -47,7 +46,7 @@ pub mod apache;
 pub mod child;
 pub mod client;
 pub mod daemon;
-pub mod dsr_topology;
+pub mod decap;
 pub mod ecmp;
 pub mod fixture;
 pub mod kernel_maps;

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use lb_tests::dsr_topology::Decap;
+use lb_tests::decap::Decap;
 use lb_tests::ecmp::{Bird, Ecmp, Forwarding, HOLD_SECS, TOS_VIA, http_get_tos, vip, vip_addr};
 use lb_tests::servers::start_testsrv;
 use lb_tests::{Child, connect_from, lb_bin, require_root, run_with_timeout, unique_prefix};

@@ -1,27 +1,26 @@
 //! `forwarding = "dsr"` end to end: client → router → one of two LB nodes (XDP, IPIP toward the
 //! backend) → backend, and the backend's replies straight to the client through the router, never
-//! through an LB node ([`lb_tests::dsr_topology`]). Both nodes run `lb` with the same config and
-//! seed. Backends decapsulate with `lb_decap` (this kernel has no ipip module; real backends use
+//! through an LB node ([`lb_tests::ecmp::Ecmp`] set up for dsr, the VIP routed statically, no BGP).
+//! Both nodes run `lb` with the same config and seed. Backends decapsulate with `lb_decap` (this kernel has no ipip module; real backends use
 //! tunl0, see the README's DSR section).
 //!
 //! - HTTP and iperf3 (both directions) through dsr services, byte-exact, with the LB's interface
 //!   and kernel counters showing that no reply crossed it;
 //! - mid-flow packets: a connection opened through node 1 continues through node 2, which never
-//!   saw its SYN (counted as `dsr_mid_flow`, same backend);
-//! - a long transfer through node 1 survives node 1's death (daemon killed, links down, the
-//!   router's route moved to node 2).
+//!   saw its SYN (counted as `dsr_mid_flow`, same backend).
+//!
+//! A transfer surviving its node's death under ECMP and BGP is in `tests/ecmp.rs`.
 
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Lb, PinDir, Pins, ebpf_object, pin_dir, random_bytes};
-use lb_tests::dsr_topology::{Decap, DsrTopology, LB_DOWN_IF, LB_UP_IF, attach_decap};
+use lb_tests::decap::Decap;
+use lb_tests::ecmp::{Ecmp, Forwarding, VIP, vip_addr};
 use lb_tests::servers::start_testsrv;
 use lb_tests::{Child, connect_from, http_get_from, require_root, unique_prefix};
 
@@ -29,9 +28,10 @@ const WEB: u16 = 80;
 const ECHO: u16 = 7;
 const IPERF: u16 = 5201;
 
-fn config(topo: &DsrTopology, socket: &Path, pins: &Path) -> String {
+fn config(topo: &Ecmp, socket: &Path, pins: &Path) -> String {
+    let up = topo.node_interfaces()[0];
     let mut c = format!(
-        "shutdown_timeout = \"1s\"\nseed = 4242\nring_size = 1009\n[control]\nsocket = \"{}\"\n\n[xdp]\ninterfaces = [\"{LB_UP_IF}\"]\npin_path = \"{}\"\n",
+        "shutdown_timeout = \"1s\"\nseed = 4242\nring_size = 1009\n[control]\nsocket = \"{}\"\n\n[xdp]\ninterfaces = [\"{up}\"]\npin_path = \"{}\"\n",
         socket.display(),
         pins.display()
     );
@@ -42,8 +42,7 @@ fn config(topo: &DsrTopology, socket: &Path, pins: &Path) -> String {
         ("iperf", IPERF, "none"),
     ] {
         c.push_str(&format!(
-            "\n[[service]]\nname = \"{name}\"\nlisten = \"{}:{port}\"\ndatapath = \"xdp\"\nforwarding = \"dsr\"\n[service.health]\nkind = \"{check}\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 1\nfall = 2\n",
-            topo.vip()
+            "\n[[service]]\nname = \"{name}\"\nlisten = \"{VIP}:{port}\"\ndatapath = \"xdp\"\nforwarding = \"dsr\"\n[service.health]\nkind = \"{check}\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 1\nfall = 2\n"
         ));
         for i in 1..=topo.backend_count() {
             c.push_str(&format!(
@@ -60,7 +59,7 @@ struct Bed {
     lbs: Vec<Lb>,
     _servers: Vec<Child>,
     _decap: Decap,
-    topo: DsrTopology,
+    topo: Ecmp,
     _pins: (Pins, PinDir),
 }
 
@@ -72,9 +71,10 @@ impl Bed {
             PinDir(pin_dir(&format!("{tag}2"))),
         );
         let dirs = [pins.0.0.clone(), pins.1.0.clone()];
-        let topo = DsrTopology::new(&unique_prefix(tag), backends, clients).expect("dsr topology");
-        let backends_ns: Vec<&lb_tests::Netns> = (1..=backends).map(|i| topo.backend_ns(i)).collect();
-        let decap = attach_decap(&object, &backends_ns, "eth0").expect("lb_decap on the backends");
+        let topo = Ecmp::with_forwarding(&unique_prefix(tag), backends, clients, Forwarding::Dsr)
+            .expect("dsr topology");
+        topo.route_vip_via(1).expect("VIP route via node 1");
+        let decap = topo.attach_decap(&object).expect("lb_decap on the backends");
         let mut servers = Vec::new();
         for i in 1..=backends {
             let ns = topo.backend_ns(i);
@@ -131,10 +131,6 @@ impl Bed {
         &self.lbs[k - 1]
     }
 
-    fn addr(&self, port: u16) -> SocketAddr {
-        SocketAddr::new(self.topo.vip().into(), port)
-    }
-
     fn counter(&self, k: usize, name: &str) -> u64 {
         self.lb(k).status()["xdp"][name]
             .as_u64()
@@ -161,7 +157,7 @@ fn echo_conn(bed: &Bed, src: Ipv4Addr) -> TcpStream {
     let s = connect_from(
         bed.topo.client_ns().name(),
         src,
-        bed.addr(ECHO),
+        vip_addr(ECHO),
         Duration::from_secs(3),
     )
     .expect("connect to the echo service");
@@ -177,7 +173,7 @@ fn round_trip(s: &mut TcpStream, payload: &[u8]) {
 }
 
 fn iperf3(bed: &Bed, reverse: bool) -> (u64, u64) {
-    let vip = bed.topo.vip().to_string();
+    let vip = VIP.to_string();
     let port = IPERF.to_string();
     let mut args = vec!["iperf3", "-c", &vip, "-p", &port, "-t", "2", "-J"];
     if reverse {
@@ -215,13 +211,14 @@ fn dsr_http_and_iperf3_replies_bypass_the_lb() {
         "dsr",
         "{st}"
     );
-    let (down_rx0, _) = bed.topo.node_if_bytes(1, LB_DOWN_IF).unwrap();
-    let (_, up_tx0) = bed.topo.node_if_bytes(1, LB_UP_IF).unwrap();
+    let [up, down] = bed.topo.node_interfaces();
+    let (down_rx0, _) = bed.topo.node_if_bytes(1, down).unwrap();
+    let (_, up_tx0) = bed.topo.node_if_bytes(1, up).unwrap();
 
     // HTTP: every client gets its backend's exact answer, the backend both nodes name.
     let mut seen = std::collections::BTreeSet::new();
     for c in bed.topo.client_addrs() {
-        let body = http_get_from(bed.topo.client_ns().name(), c, bed.addr(WEB), "/").expect("GET via dsr");
+        let body = http_get_from(bed.topo.client_ns().name(), c, vip_addr(WEB), "/").expect("GET via dsr");
         let (b1, _) = bed.lb(1).which("web", c);
         let (b2, _) = bed.lb(2).which("web", c);
         assert_eq!(b1, b2, "{c}: the two nodes disagree");
@@ -253,8 +250,8 @@ fn dsr_http_and_iperf3_replies_bypass_the_lb() {
 
     // Replies never crossed node 1: what it sent toward the router and got from the backends
     // (health checks, ARP) is a small fraction of the download.
-    let (down_rx1, _) = bed.topo.node_if_bytes(1, LB_DOWN_IF).unwrap();
-    let (_, up_tx1) = bed.topo.node_if_bytes(1, LB_UP_IF).unwrap();
+    let (down_rx1, _) = bed.topo.node_if_bytes(1, down).unwrap();
+    let (_, up_tx1) = bed.topo.node_if_bytes(1, up).unwrap();
     assert!(
         down_rx1 - down_rx0 < received_r / 20,
         "node 1 received {} bytes from the backends during a {received_r}-byte download",
@@ -335,71 +332,4 @@ fn dsr_mid_flow_packets_go_to_the_same_backend_through_the_other_node() {
     for (n, s) in conns.iter_mut().enumerate() {
         round_trip(s, &random_bytes(1000, n as u64 + 200));
     }
-}
-
-#[test]
-fn dsr_long_transfer_survives_the_death_of_its_lb_node() {
-    if !ready("dsr_long_transfer_survives_the_death_of_its_lb_node") {
-        return;
-    }
-    let Some(mut bed) = Bed::new("dsrk", 2, 0) else {
-        eprintln!("SKIP: dsr node death: LB_EBPF_OBJECT unset");
-        return;
-    };
-    let client = bed.topo.client_addrs()[0];
-    let mut s = echo_conn(&bed, client);
-    let backend = bed.lb(1).which("echo", client).0.expect("a backend");
-    let stop = Arc::new(AtomicBool::new(false));
-    let moved = Arc::new(AtomicU64::new(0));
-    // The transfer: chunks echoed back and checked, until told to stop.
-    let transfer = {
-        let (stop, moved) = (Arc::clone(&stop), Arc::clone(&moved));
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                round_trip(&mut s, &random_bytes(16 * 1024, n + 1));
-                n += 1;
-                moved.fetch_add(16 * 1024, Ordering::Relaxed);
-            }
-            s
-        })
-    };
-    let wait_moved = |at_least: u64| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while moved.load(Ordering::Relaxed) < at_least {
-            assert!(
-                Instant::now() < deadline,
-                "the transfer stalled at {} bytes",
-                moved.load(Ordering::Relaxed)
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
-    wait_moved(4 << 20);
-    // Node 1 dies: its lb is killed (its XDP program stays pinned, so its links go down too) and
-    // the router moves the VIP's route to node 2, as BGP would after the hold time.
-    bed.lbs[0].stop().expect("stop lb on node 1");
-    bed.topo.node_down(1).unwrap();
-    bed.topo.route_vip_via(2).unwrap();
-    let before = moved.load(Ordering::Relaxed);
-    wait_moved(before + (8 << 20));
-    stop.store(true, Ordering::Relaxed);
-    let mut s = transfer.join().expect("the transfer failed");
-    round_trip(&mut s, b"still the same connection");
-    assert!(
-        bed.counter(2, "dsr_mid_flow") > 0,
-        "node 2 took the flow over mid-flow"
-    );
-    assert_eq!(bed.counter(2, "rst_sent"), 0);
-    assert_eq!(
-        bed.lb(2).which("echo", client).0.as_deref(),
-        Some(backend.as_str())
-    );
-    let bytes = lb_tests::daemon::backend_of(&bed.lb(2).status(), "echo", &backend).unwrap()["bytes_in"]
-        .as_u64()
-        .unwrap();
-    assert!(
-        bytes >= 8 << 20,
-        "node 2 forwarded only {bytes} bytes to {backend}"
-    );
 }

@@ -138,7 +138,7 @@ pub struct Bed {
     servers: Vec<Child>,
     _reaper: Reaper,
     /// `lb_decap` on the backends (a dsr bed).
-    decap: Option<lb_tests::dsr_topology::Decap>,
+    decap: Option<lb_tests::decap::Decap>,
     pub topo: Topology,
     pub dir: TempDir,
     /// A bed for `forwarding = "dsr"`: see [`Bed::new_dsr`].
@@ -245,7 +245,7 @@ impl Bed {
             }
             let namespaces: Vec<&Netns> = (1..=backends).map(|i| bed.topo.backend_ns(i)).collect();
             bed.decap = Some(
-                lb_tests::dsr_topology::attach_decap(object, &namespaces, bed.topo.peer_if())
+                lb_tests::decap::attach_decap(object, &namespaces, bed.topo.peer_if())
                     .context("lb_decap on the backends")?,
             );
         }
