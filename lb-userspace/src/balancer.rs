@@ -240,16 +240,31 @@ impl Balancer {
             Effect::ServiceRemoved { id, .. } => Some(*id),
             _ => None,
         };
-        self.current.store(Arc::new(snapshot));
+        match (&effect, failback) {
+            (Effect::ServiceChanged(name), Some((service, failback))) => {
+                // Published and forgotten under every shard's lock: a selection (which reads the
+                // snapshot under its shard's lock) sees the old snapshot with the old entries or
+                // the new one without them, never the new state with a failed-over entry.
+                let mut shards: Vec<_> = self.shards.iter().map(|s| s.lock().unwrap()).collect();
+                self.current.store(Arc::new(snapshot));
+                let mut moved = 0;
+                for shard in &mut shards {
+                    let before = shard.entries.len();
+                    shard
+                        .entries
+                        .retain(|(s, _), e| !(*s == service && failback.picks_value(e)));
+                    moved += before - shard.entries.len();
+                }
+                drop(shards);
+                if moved > 0 {
+                    tracing::info!(service = %name, clients = moved, "failback: clients return to the ring");
+                }
+            }
+            _ => self.current.store(Arc::new(snapshot)),
+        }
         if let Some(id) = removed {
             for shard in &self.shards {
                 shard.lock().unwrap().entries.retain(|(s, _), _| *s != id);
-            }
-        }
-        if let (Effect::ServiceChanged(name), Some((service, failback))) = (&effect, failback) {
-            let moved = self.forget(|(s, _), e| *s == service && failback.picks_value(e));
-            if moved > 0 {
-                tracing::info!(service = %name, clients = moved, "failback: clients return to the ring");
             }
         }
         effect
@@ -280,6 +295,8 @@ impl Balancer {
         now: Instant,
         exclude: &[u32],
     ) -> Result<Choice, SelectError> {
+        // The snapshot is read under the shard's lock (see `commit`).
+        let shard = self.shard(client).lock().unwrap();
         let snapshot = self.current.load();
         let svc = snapshot.state.service(service)?;
         let timeout = svc.settings.affinity_timeout;
@@ -288,11 +305,8 @@ impl Balancer {
             seed: snapshot.state.seed,
             affinity_timeout_ns: timeout.as_nanos() as u64,
         };
-        let live = self
-            .shard(client)
-            .lock()
-            .unwrap()
-            .live(&(svc.id, client), timeout, now);
+        let live = shard.live(&(svc.id, client), timeout, now);
+        drop(shard);
         let choice = select::select(
             &policy,
             None,
@@ -370,10 +384,9 @@ impl Balancer {
     /// Records that `client` reached `backend_id`, chosen for `reason` (new or refreshed affinity
     /// entry).
     ///
-    /// A change may commit between the choice and the confirmation. When it forgot the entry the
-    /// choice followed, or (with `failback = true`) the entry would now be one a failback sends
-    /// back to the ring, nothing is recorded: the client's next connection follows the ring, as
-    /// it would have had the connection come a moment later.
+    /// A change may commit between the choice and the confirmation: when it forgot the entry the
+    /// choice followed (a failback, a flush), nothing is recorded, and the client's next
+    /// connection follows the ring, as it would have had the connection come a moment later.
     pub fn confirm(&self, service: &str, client: IpAddr, backend_id: u32, reason: Reason, now: Instant) {
         let snapshot = self.current.load();
         let Some(svc) = snapshot.state.services.get(service) else {
@@ -391,10 +404,6 @@ impl Balancer {
             return;
         }
         let value = select::next_entry(live, backend_id, now);
-        if Failback::now(svc).is_some_and(|f| f.picks_value(&value)) {
-            shard.entries.remove(&key);
-            return;
-        }
         if shard.entries.len() >= AFFINITY_CAPACITY / SHARDS {
             shard.insert(key, value, &self.timeouts());
         } else {
@@ -724,19 +733,6 @@ mod tests {
         assert_eq!(in_flight.reason, Reason::Affinity);
         b.apply(health(Health::Up)).unwrap();
         b.confirm("web", client, in_flight.backend_id, in_flight.reason, now);
-        assert_eq!(
-            connect(&b, client, now).backend_name,
-            "b1",
-            "the client fails back"
-        );
-
-        // The first connection after b1 went down, confirmed after it came back: the entry it
-        // would make (on another backend, home b1) is one the failback sends back.
-        b.apply(health(Health::Down)).unwrap();
-        let first_away = b.choose("web", client, now, &[]).unwrap();
-        assert_eq!(first_away.reason, Reason::Ring);
-        b.apply(health(Health::Up)).unwrap();
-        b.confirm("web", client, first_away.backend_id, first_away.reason, now);
         assert_eq!(
             connect(&b, client, now).backend_name,
             "b1",

@@ -87,31 +87,6 @@ impl Failback {
         (!homes.is_empty() || !backups.is_empty()).then_some(Failback { homes, backups })
     }
 
-    /// What a failback would send back to the ring from `service` as it is now: clients whose home
-    /// takes new clients, and clients on a backup while the ring is on the primaries.
-    pub fn now(service: &Service) -> Option<Failback> {
-        if !service.settings.failback {
-            return None;
-        }
-        let homes = service
-            .backends
-            .iter()
-            .filter(|b| b.admits_new())
-            .map(|b| b.id)
-            .collect();
-        let backups = if service.ring_uses_backups || service.ring.is_empty() {
-            Vec::new()
-        } else {
-            service
-                .backends
-                .iter()
-                .filter(|b| b.config.backup)
-                .map(|b| b.id)
-                .collect()
-        };
-        Some(Failback { homes, backups })
-    }
-
     /// Whether the entry goes back to the ring.
     pub fn picks(&self, entry: &AffinityEntry) -> bool {
         entry.home.is_some_and(|h| self.homes.contains(&h)) || self.backups.contains(&entry.backend_id)
