@@ -23,11 +23,14 @@ pub const SYNPROXY_PROGRAM: &str = "lb_synproxy";
 
 /// Flow flag (both entries): a connection set up by the SYN proxy. While [`crate::maps::FLOW_HALF_OPEN`]
 /// the backend has not answered the SYN made from the client's ACK; the client → backend entry keeps
-/// the client's initial sequence number in `syn_seq_be` and its window in `ts_delta`, the reply entry
-/// the cookie in `syn_seq_be`. Once the backend's SYN-ACK came, `ts_delta` of both entries holds
-/// the backend's initial sequence number minus the cookie: subtracted from the sequence number
-/// toward the client, added to the acknowledgment toward the backend (never with `FLOW_TS`:
-/// cookies carry no timestamps). Byte 0 (bit 7).
+/// the initial sequence number toward the backend in `syn_seq_be` (network order) and the client's
+/// window in `ts_delta`, the reply entry the cookie in `syn_seq_be` (network order) and the client
+/// delta in `ts_delta`. Once the backend's SYN-ACK came, both entries hold (host order) the backend
+/// delta (the backend's initial sequence number minus the cookie) in `ts_delta` and the client
+/// delta (the initial sequence number toward the backend minus the client's) in `syn_seq_be`:
+/// added toward the backend (client delta to the sequence number, backend delta to the
+/// acknowledgment), subtracted toward the client. Never with `FLOW_TS`: cookies carry no
+/// timestamps. Byte 0 (bit 7).
 pub const FLOW_COOKIE: u32 = 1 << 7;
 
 /// The client MSS values a cookie can carry (2 bits); a SYN's MSS is rounded down to one of them.

@@ -305,7 +305,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
                 translate_timestamps(ctx, tcp, l4_off, doff, to_backend, f.ts_delta);
             }
             if f.flags & FLOW_COOKIE != 0 {
-                synproxy::translate(tcp, to_backend, f.ts_delta);
+                synproxy::translate(tcp, to_backend, f);
             }
             return forward(ctx, ip, f, now, cfg.cpus);
         }

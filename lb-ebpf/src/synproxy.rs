@@ -12,13 +12,19 @@
 //! - A client packet while the backend has not answered: sent as that SYN again (the client
 //!   retransmits its data).
 //! - The backend's SYN-ACK: becomes the ACK toward the backend (sent back out where it came from);
-//!   the difference of the two initial sequence numbers is stored in both entries, the flow is
-//!   established and `lb_xdp` translates every later packet ([`translate`]). A backend's RST is
-//!   passed on to the client in the client's sequence space.
+//!   the flow is established and `lb_xdp` translates every later packet ([`translate`]). A
+//!   backend's RST is passed on to the client in the client's sequence space.
+//!
+//! Both directions' sequence numbers are translated. The backend's: the SYN-ACK the client saw
+//! carried the cookie, the backend picks its own. The client's: the SYN toward the backend does
+//! not carry the client's initial sequence number but one from the LB's clock ([`isn_toward`]),
+//! because it carries no timestamps: a backend still holding an earlier connection on the same
+//! SNAT port in TIME_WAIT accepts a SYN without timestamps only when its sequence number is
+//! beyond that connection's, which a clock guarantees and a client's random ISN does not.
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_tail},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_tail},
     macros::{map, xdp},
     maps::{Array, ProgramArray},
     programs::XdpContext,
@@ -75,24 +81,35 @@ pub(crate) fn hand_over(ctx: &XdpContext) {
     unsafe { PROGS.tail_call(ctx, PROG_SYNPROXY) };
 }
 
-/// An established cookie flow's sequence translation: toward the backend the acknowledgment
-/// gains `delta`, toward the client the sequence number loses it (checksum updated).
+/// An established cookie flow's sequence translation (`f`: its entry for this direction).
+/// Toward the backend the sequence number gains the client delta and the acknowledgment the
+/// backend delta; toward the client both lose them. Checksum updated incrementally.
 #[inline(always)]
-pub(crate) fn translate(tcp: *mut TcpHdr, to_backend: bool, delta: u32) {
+pub(crate) fn translate(tcp: *mut TcpHdr, to_backend: bool, f: &FlowValue) {
+    let (backend_delta, client_delta) = (f.ts_delta, f.syn_seq_be);
+    let (seq_delta, ack_delta) = if to_backend {
+        (client_delta, backend_delta)
+    } else {
+        (backend_delta.wrapping_neg(), client_delta.wrapping_neg())
+    };
     // SAFETY: the caller bounds-checked the TCP header in this run.
     unsafe {
-        if to_backend {
-            let old = (*tcp).ack_seq_be;
-            let new = u32::from_be(old).wrapping_add(delta).to_be();
-            (*tcp).ack_seq_be = new;
-            (*tcp).check_be = csum::replace4((*tcp).check_be, old, new);
-        } else {
-            let old = (*tcp).seq_be;
-            let new = u32::from_be(old).wrapping_sub(delta).to_be();
-            (*tcp).seq_be = new;
-            (*tcp).check_be = csum::replace4((*tcp).check_be, old, new);
-        }
+        let (old_seq, old_ack) = ((*tcp).seq_be, (*tcp).ack_seq_be);
+        let new_seq = u32::from_be(old_seq).wrapping_add(seq_delta).to_be();
+        let new_ack = u32::from_be(old_ack).wrapping_add(ack_delta).to_be();
+        (*tcp).seq_be = new_seq;
+        (*tcp).ack_seq_be = new_ack;
+        let check = csum::replace4((*tcp).check_be, old_seq, new_seq);
+        (*tcp).check_be = csum::replace4(check, old_ack, new_ack);
     }
+}
+
+/// The initial sequence number of a SYN toward a backend: the LB's clock in 64 ns ticks (15.6
+/// million a second: a later connection on the same SNAT port always starts beyond an earlier
+/// one's, for the 137 s after which sequence numbers wrap; TIME_WAIT lasts 60) plus 16 random bits.
+#[inline(always)]
+fn isn_toward(now: u64) -> u32 {
+    ((now >> 6) as u32).wrapping_add(unsafe { bpf_get_prandom_u32() } & 0xffff)
 }
 
 /// XDP program reached from `lb_xdp` by a tail call (which counted the packet): decide, count
@@ -357,6 +374,7 @@ fn new_flow(
     let Some((backend_index, backend)) = select_backend(service, key.src_be, cfg, now, len) else {
         return drop(gc::NO_BACKEND);
     };
+    let isn = isn_toward(now);
     let reply_value = FlowValue {
         new_src_be: key.dst_be,
         new_dst_be: key.src_be,
@@ -367,6 +385,8 @@ fn new_flow(
         flags: FLOW_HALF_OPEN | FLOW_COOKIE,
         last_seen_ns: now,
         syn_seq_be: cookie.to_be(),
+        // The client delta, until the flow is established.
+        ts_delta: isn.wrapping_sub(client_isn),
         ..FlowValue::default()
     };
     let Some(snat_port_be) = claim_snat(backend, cfg, now, &reply_value, len) else {
@@ -382,7 +402,7 @@ fn new_flow(
         service_slot: service.slot,
         flags: FLOW_TO_BACKEND | FLOW_HALF_OPEN | FLOW_COOKIE,
         last_seen_ns: now,
-        syn_seq_be: client_isn.to_be(),
+        syn_seq_be: isn.to_be(),
         ts_delta: u32::from(window),
         ..FlowValue::default()
     };
@@ -401,7 +421,7 @@ fn new_flow(
 }
 
 /// Turns the client's packet into the SYN of the half-open cookie flow `f` (client → backend
-/// entry: the client's ISN, its window) toward the backend, with the MSS option `mss` (none when
+/// entry: the ISN toward the backend, the client's window) toward the backend, with the MSS option `mss` (none when
 /// the frame cannot grow), and sends it to the backend.
 #[inline(always)]
 fn send_syn(ctx: &XdpContext, f: &mut FlowValue, mss: u16, now: u64, cpus: u32) -> Verdict {
@@ -450,16 +470,18 @@ fn backend_answer(
     };
     let (seq, ack) = unsafe { (u32::from_be((*tcp).seq_be), u32::from_be((*tcp).ack_seq_be)) };
     let cookie = u32::from_be(r.syn_seq_be);
+    let client_delta = r.ts_delta;
     if flags & TCP_RST != 0 {
         // The backend refused: the client hears it in its own sequence space (its next expected
         // sequence number is the cookie's plus one).
+        r.syn_seq_be = client_delta;
         r.ts_delta = seq.wrapping_sub(cookie.wrapping_add(1));
         set_flags_both(r, FLOW_RST);
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
             return drop(gc::TRUNCATED);
         };
         rewrite(ip, tcp, key, r);
-        translate(tcp, false, r.ts_delta);
+        translate(tcp, false, r);
         count_traffic(r, false, len, false);
         return forward(ctx, ip, r, now, cpus);
     }
@@ -471,15 +493,17 @@ fn backend_answer(
     };
     // SAFETY: map value pointer valid for this run.
     let f = unsafe { &mut *fwd };
-    let client_isn = u32::from_be(f.syn_seq_be);
-    if !same_flow(&FlowKey::reverse_of(f), key) || ack != client_isn.wrapping_add(1) {
+    let isn = u32::from_be(f.syn_seq_be);
+    if !same_flow(&FlowKey::reverse_of(f), key) || ack != isn.wrapping_add(1) {
         return silent_drop();
     }
     let window = f.ts_delta as u16;
-    // The delta first, then established: another CPU translates only established flows.
-    let delta = seq.wrapping_sub(cookie);
-    f.ts_delta = delta;
-    r.ts_delta = delta;
+    // The deltas first, then established: another CPU translates only established flows.
+    let backend_delta = seq.wrapping_sub(cookie);
+    f.ts_delta = backend_delta;
+    r.ts_delta = backend_delta;
+    f.syn_seq_be = client_delta;
+    r.syn_seq_be = client_delta;
     clear_low_flag(&mut f.flags, FLOW_HALF_OPEN);
     clear_low_flag(&mut r.flags, FLOW_HALF_OPEN);
     count_traffic(r, false, len, false);
@@ -488,7 +512,7 @@ fn backend_answer(
         daddr_be: key.src_be,
         sport_be: key.dport_be,
         dport_be: key.sport_be,
-        seq: client_isn.wrapping_add(1),
+        seq: isn.wrapping_add(1),
         ack: seq.wrapping_add(1),
         flags: TCP_ACK as u8,
         window,

@@ -225,7 +225,8 @@ fn xdp_cookie_handshake_and_translated_data_both_ways() {
         let cookie = cookie_syn_ack(&fx, client_if, c, 40000, isn);
 
         // The client's ACK (54 bytes: the frame grows by the MSS option) becomes the SYN toward
-        // the backend with the client's ISN.
+        // the backend, with an initial sequence number from the LB's clock (TIME_WAIT on the
+        // backend accepts it) instead of the client's.
         let ack = from_client(c, 40000, ACK, isn.wrapping_add(1), cookie.wrapping_add(1)).build();
         let (p, len) = fx.run(&ack, client_if, "cookie ACK");
         assert_eq!(len, 14 + 20 + 24);
@@ -233,11 +234,9 @@ fn xdp_cookie_handshake_and_translated_data_both_ways() {
         assert_eq!(p.src.0, LB_BACKEND_SIDE);
         assert!((10000..=29999).contains(&p.src.1));
         assert_eq!(p.dst_mac, want_mac);
-        assert_eq!(
-            (p.flags, p.seq, p.ack),
-            (SYN, isn, 0),
-            "SYN with the client's ISN"
-        );
+        assert_eq!((p.flags, p.ack), (SYN, 0), "a SYN");
+        let isn_b = p.seq;
+        assert_ne!(isn_b, isn, "the LB's ISN toward the backend, not the client's");
         assert_eq!(
             p.tcp_options,
             [2, 4, 0x05, 0xb4],
@@ -259,7 +258,7 @@ fn xdp_cookie_handshake_and_translated_data_both_ways() {
             .payload(b"early")
             .build();
         let (p, _) = fx.run(&early, client_if, "early data");
-        assert_eq!((p.dst, p.src, p.flags, p.seq), ((want, 8080), snat, SYN, isn));
+        assert_eq!((p.dst, p.src, p.flags, p.seq), ((want, 8080), snat, SYN, isn_b));
         assert!(p.payload.is_empty());
         assert_eq!(fx.counter("cookie_syn_resent"), 1);
 
@@ -268,7 +267,7 @@ fn xdp_cookie_handshake_and_translated_data_both_ways() {
         let syn_ack = Tcp::new((want, 8080), snat, SYN | ACK)
             .macs(want_mac, LB_MAC)
             .seq(backend_isn)
-            .ack(isn.wrapping_add(1))
+            .ack(isn_b.wrapping_add(1))
             .tcp_options(&syn_options(5, 77))
             .build();
         let (p, len) = fx.run(&syn_ack, backend_if, "backend SYN-ACK");
@@ -276,26 +275,32 @@ fn xdp_cookie_handshake_and_translated_data_both_ways() {
         assert_eq!((p.src, p.dst), (snat, (want, 8080)));
         assert_eq!((p.dst_mac, p.src_mac), (want_mac, LB_MAC));
         assert_eq!(p.flags, ACK);
-        assert_eq!((p.seq, p.ack), (isn.wrapping_add(1), backend_isn.wrapping_add(1)));
+        assert_eq!(
+            (p.seq, p.ack),
+            (isn_b.wrapping_add(1), backend_isn.wrapping_add(1))
+        );
         assert_eq!(p.window, 502);
         assert!(p.tcp_options.is_empty() && p.payload.is_empty());
 
-        // Client → backend: the acknowledgment moves into the backend's sequence space.
+        // Client → backend: both numbers move into the backend side's sequence spaces.
         let request = b"GET / HTTP/1.1\r\n\r\n";
         let data = from_client(c, 40000, ACK | PSH, isn.wrapping_add(1), cookie.wrapping_add(1))
             .payload(request)
             .build();
         let (p, _) = fx.run(&data, client_if, "client data");
         assert_eq!((p.src, p.dst), (snat, (want, 8080)));
-        assert_eq!((p.seq, p.ack), (isn.wrapping_add(1), backend_isn.wrapping_add(1)));
+        assert_eq!(
+            (p.seq, p.ack),
+            (isn_b.wrapping_add(1), backend_isn.wrapping_add(1))
+        );
         assert_eq!(p.payload, request);
 
-        // Backend → client: the sequence number moves into the cookie's.
+        // Backend → client: back into the cookie's and the client's.
         let answer = b"HTTP/1.1 200 OK\r\n\r\n";
         let reply = Tcp::new((want, 8080), snat, ACK | PSH)
             .macs(want_mac, LB_MAC)
             .seq(backend_isn.wrapping_add(1))
-            .ack(isn.wrapping_add(1 + request.len() as u32))
+            .ack(isn_b.wrapping_add(1 + request.len() as u32))
             .payload(answer)
             .build();
         let (p, _) = fx.run(&reply, backend_if, "backend data");

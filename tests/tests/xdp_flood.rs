@@ -115,7 +115,7 @@ fn xdp_syn_flood_spares_legitimate_and_established_connections() {
                 i += 1;
                 match one_get(&bed, src) {
                     Ok(_) => ok += 1,
-                    Err(e) => failed.push(format!("{src}: {e}")),
+                    Err(e) => failed.push(format!("{src} at {:.1}s: {e}", started.elapsed().as_secs_f64())),
                 }
             }
             done.store(true, Ordering::Relaxed);
@@ -155,7 +155,7 @@ fn xdp_syn_flood_spares_legitimate_and_established_connections() {
         xdp_counter(&bed, "cookie_valid"),
         xdp_counter(&bed, "cookie_invalid"),
         xdp_counter(&bed, "cookie_syn_resent"),
-        failed.iter().take(5).collect::<Vec<_>>(),
+        failed.iter().take(10).collect::<Vec<_>>(),
     );
     let cookies = xdp_counter(&bed, "cookies_sent");
     assert!(
