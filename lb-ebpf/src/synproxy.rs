@@ -23,7 +23,7 @@
 //! beyond that connection's, which a clock guarantees and a client's random ISN does not.
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_NOEXIST, xdp_action},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_tail},
     macros::{map, xdp},
     maps::{Array, ProgramArray},
@@ -218,6 +218,13 @@ fn syn_ack(ctx: &XdpContext, key: &FlowKey, doff: usize, cookies: &SynCookieConf
         client_isn,
     };
     let cookie = sp::make(&cookies.secret, &tuple, now, client_mss);
+    // A SYN on the 4-tuple of a connection on record that `lb_xdp` did not take for its
+    // retransmission: the client reused its port, that connection is over (as without cookies,
+    // where the new flow replaces it). Left in place, it would carry the client's ACK.
+    if let Some(old) = unsafe { CONNTRACK.get(*key) } {
+        retire(key, old);
+        let _ = CONNTRACK.remove(key);
+    }
     let segment = Segment {
         saddr_be: key.dst_be,
         daddr_be: key.src_be,
@@ -392,8 +399,7 @@ fn new_flow(
     let Some(snat_port_be) = claim_snat(backend, cfg, now, &reply_value, len) else {
         return drop(gc::SNAT_EXHAUSTED);
     };
-    count(gc::COOKIE_VALID, len);
-    let mut forward_value = FlowValue {
+    let forward_value = FlowValue {
         new_src_be: backend.snat_be,
         new_dst_be: backend.addr_be,
         new_sport_be: snat_port_be,
@@ -406,18 +412,29 @@ fn new_flow(
         ts_delta: u32::from(window),
         ..FlowValue::default()
     };
-    if let Some(old) = unsafe { CONNTRACK.get(*key) } {
-        retire(key, old);
-    }
-    let verdict = send_syn(ctx, &mut forward_value, mss, now, cfg.cpus);
-    if CONNTRACK.insert(key, forward_value, 0).is_err() {
+    // The client's ACK and its first data can reach two CPUs at once, each with a valid cookie:
+    // one flow only. Without an entry on record the insert must be the first (the loser's SNAT
+    // port is given back and its packet dropped: the client retransmits into the winner's flow).
+    let flags = match unsafe { CONNTRACK.get(*key) } {
+        Some(old) => {
+            retire(key, old);
+            0
+        }
+        None => u64::from(BPF_NOEXIST),
+    };
+    if CONNTRACK.insert(key, &forward_value, flags).is_err() {
         let _ = CONNTRACK.remove(FlowKey::reverse_of(&forward_value));
-        return drop(gc::SNAT_EXHAUSTED);
+        return silent_drop();
     }
+    let Some(entry) = CONNTRACK.get_ptr_mut(key) else {
+        return silent_drop();
+    };
+    count(gc::COOKIE_VALID, len);
     count(gc::NEW_FLOWS, len);
     passive::syn_sent(backend_index);
     count_traffic(&forward_value, true, len, true);
-    verdict
+    // SAFETY: map value pointer valid for this run (the next hop is cached in it).
+    send_syn(ctx, unsafe { &mut *entry }, mss, now, cfg.cpus)
 }
 
 /// Turns the client's packet into the SYN of the half-open cookie flow `f` (client → backend

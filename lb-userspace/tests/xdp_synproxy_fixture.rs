@@ -311,6 +311,20 @@ fn xdp_cookie_handshake_and_translated_data_both_ways() {
         );
         assert_eq!(p.payload, answer);
         assert_eq!(fx.counter("new_flows"), 1, "one connection");
+
+        // The client reuses its port for a new connection (a new ISN): its cookie ACK sets up a
+        // new flow (a SYN toward a backend) instead of riding the old one.
+        let isn2 = 0x4444_0000;
+        let cookie2 = cookie_syn_ack(&fx, client_if, c, 40000, isn2);
+        let ack2 = from_client(c, 40000, ACK, isn2 + 1, cookie2.wrapping_add(1)).build();
+        let (p, _) = fx.run(&ack2, client_if, "cookie ACK on a reused 4-tuple");
+        assert_eq!(
+            (p.dst, p.flags, p.ack),
+            ((want, 8080), SYN, 0),
+            "a new SYN to the backend"
+        );
+        assert_ne!(p.src, snat, "on a new SNAT port");
+        assert_eq!(fx.counter("new_flows"), 2);
     });
 }
 
