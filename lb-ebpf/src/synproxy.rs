@@ -378,8 +378,10 @@ fn new_flow(
     if service.flags & SERVICE_DSR != 0 {
         return drop(gc::NO_CONNTRACK);
     }
+    // The client holds an open connection already: it learns by an RST when none can be made
+    // (a SYN would be dropped and retried instead).
     let Some((backend_index, backend)) = select_backend(service, key.src_be, cfg, now, len) else {
-        return drop(gc::NO_BACKEND);
+        return refuse(ctx, now, gc::NO_BACKEND);
     };
     let isn = isn_toward(now);
     let reply_value = FlowValue {
@@ -397,7 +399,7 @@ fn new_flow(
         ..FlowValue::default()
     };
     let Some(snat_port_be) = claim_snat(backend, cfg, now, &reply_value, len) else {
-        return drop(gc::SNAT_EXHAUSTED);
+        return refuse(ctx, now, gc::SNAT_EXHAUSTED);
     };
     let forward_value = FlowValue {
         new_src_be: backend.snat_be,
@@ -422,7 +424,7 @@ fn new_flow(
         }
         None => u64::from(BPF_NOEXIST),
     };
-    if CONNTRACK.insert(key, &forward_value, flags).is_err() {
+    if CONNTRACK.insert(key, forward_value, flags).is_err() {
         let _ = CONNTRACK.remove(FlowKey::reverse_of(&forward_value));
         return silent_drop();
     }
@@ -435,6 +437,17 @@ fn new_flow(
     count_traffic(&forward_value, true, len, true);
     // SAFETY: map value pointer valid for this run (the next hop is cached in it).
     send_syn(ctx, unsafe { &mut *entry }, mss, now, cfg.cpus)
+}
+
+/// Answers the client's packet with an RST (`reason` counted), as for a packet without a
+/// connection.
+#[inline(always)]
+fn refuse(ctx: &XdpContext, now: u64, reason: u32) -> Verdict {
+    let (Some(ip), Some(tcp)) = (ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN), ptr_at::<TcpHdr>(ctx, L4)) else {
+        return drop(reason);
+    };
+    let doff = (u16::from_be(unsafe { (*tcp).doff_flags_be }) >> 12) as usize;
+    reset::answer(ctx, ip, tcp, 5, doff, now, reason)
 }
 
 /// Turns the client's packet into the SYN of the half-open cookie flow `f` (client → backend

@@ -105,8 +105,7 @@ impl Fixture {
             .kernel_counters()
             .into_iter()
             .find(|(n, _)| *n == name)
-            .map(|(_, v)| v)
-            .unwrap_or_else(|| panic!("no counter {name}"))
+            .map_or_else(|| panic!("no counter {name}"), |(_, v)| v)
     }
 
     /// Runs `frame` arriving on `ifindex`: the verdict must be a redirect; the output parsed
@@ -325,6 +324,55 @@ fn xdp_cookie_handshake_and_translated_data_both_ways() {
         );
         assert_ne!(p.src, snat, "on a new SNAT port");
         assert_eq!(fx.counter("new_flows"), 2);
+    });
+}
+
+#[test]
+fn xdp_cookie_ack_without_a_snat_port_is_reset() {
+    if !common::ready("xdp_cookie_ack_without_a_snat_port_is_reset") {
+        return;
+    }
+    in_fixture_netns(|client_if, _| {
+        let sizes = XdpConfig {
+            syn_cookies: SynCookies::On,
+            snat_ports: (20000, 20000),
+            ..XdpConfig::default()
+        };
+        let xdp = XdpDatapath::start_unattached(&sizes, 0, RING).expect("load XDP program");
+        let mut state = State::new(0, RING);
+        let service = common::xdp_service(vec![BackendConfig {
+            name: "b1".into(),
+            address: format!("{}:8080", backend_ip(1)).parse().unwrap(),
+            weight: 1,
+            backup: false,
+            state: AdminState::Active,
+            route: "b1".into(),
+        }]);
+        let effect = state.apply(Command::AddService { service }).unwrap();
+        xdp.apply(&effect, &lb::runtime::Snapshot::new(state.clone()))
+            .unwrap();
+        let fx = Fixture { state, xdp };
+        // The one SNAT port goes to the first client's connection.
+        let first = cookie_syn_ack(&fx, client_if, client(0), 40000, 1000);
+        let ack = from_client(client(0), 40000, ACK, 1001, first.wrapping_add(1)).build();
+        let (p, _) = fx.run(&ack, client_if, "first cookie ACK");
+        assert_eq!((p.flags, p.src.1), (SYN, 20000));
+        let before = fx.xdp.kernel_state();
+        // The second client's handshake completed on its side: with no port it learns by an RST
+        // at once instead of a connection that never answers.
+        let second = cookie_syn_ack(&fx, client_if, client(1), 40000, 2000);
+        let ack = from_client(client(1), 40000, ACK, 2001, second.wrapping_add(1)).build();
+        let (p, _) = fx.run(&ack, client_if, "second cookie ACK");
+        assert_eq!(
+            (p.flags, p.dst, p.seq),
+            (RST, (client(1), 40000), second.wrapping_add(1))
+        );
+        assert_eq!(fx.counter("snat_exhausted"), 1);
+        assert_eq!(
+            fx.xdp.kernel_state().conntrack,
+            before.conntrack,
+            "no entry for it"
+        );
     });
 }
 

@@ -3,9 +3,11 @@
 //! "auto" switches cookies on when SYN pressure shows and off after a quiet spell.
 //!
 //! Pressure, read from the kernel's counters every [`AUTO_POLL`]: a half-open flow gave its SNAT
-//! port up to a new SYN (`half_open_reclaimed`), a SYN found no port (`snat_exhausted`), or, while
-//! cookies are on, more than [`UNANSWERED_PER_SEC`] cookies a second were not answered by a valid
-//! cookie ACK (spoofed SYNs never are). Cookies go off after [`QUIET`] without pressure.
+//! port up to a new SYN (`half_open_reclaimed`), a SYN found no port (`snat_exhausted`) while new
+//! flows come at [`FLOOD_SYN_RATE`] a second or more (ports held by established connections are
+//! no flood: cookies would not free them), or, while cookies are on, more than
+//! [`UNANSWERED_PER_SEC`] cookies a second were not answered by a valid cookie ACK (spoofed SYNs
+//! never are). Cookies go off after [`QUIET`] without pressure.
 
 use std::io::Read;
 use std::sync::{Arc, Mutex, Weak};
@@ -28,6 +30,8 @@ use super::{Inner, XdpDatapath, XdpError, map_err, take};
 pub const AUTO_POLL: Duration = Duration::from_millis(100);
 /// Cookies sent and not answered per second, while on, that still count as a flood.
 pub const UNANSWERED_PER_SEC: u64 = 200;
+/// New flows a second that make SNAT exhaustion count as a flood.
+pub const FLOOD_SYN_RATE: u64 = 1000;
 /// Time without pressure after which "auto" switches cookies off.
 pub const QUIET: Duration = Duration::from_secs(10);
 
@@ -103,6 +107,7 @@ pub struct Pressure {
     pub snat_exhausted: u64,
     pub cookies_sent: u64,
     pub cookie_valid: u64,
+    pub new_flows: u64,
 }
 
 /// Why "auto" switched.
@@ -138,15 +143,18 @@ impl Auto {
         let (prev, at) = self.last.replace((c, now))?;
         let elapsed = now.saturating_duration_since(at);
         let grew = |a: u64, b: u64| a.saturating_sub(b);
+        let per_tick = |rate: u64| (rate as f64 * elapsed.as_secs_f64()).max(1.0) as u64;
         let reason = if grew(c.half_open_reclaimed, prev.half_open_reclaimed) > 0 {
             Some("half-open flows are giving their SNAT ports up to new SYNs")
-        } else if grew(c.snat_exhausted, prev.snat_exhausted) > 0 {
+        } else if grew(c.snat_exhausted, prev.snat_exhausted) > 0
+            && grew(c.new_flows, prev.new_flows) >= per_tick(FLOOD_SYN_RATE)
+        {
             Some("SYNs found no free SNAT port")
         } else {
             let unanswered = grew(c.cookies_sent, prev.cookies_sent)
                 .saturating_sub(grew(c.cookie_valid, prev.cookie_valid));
-            let allowed = (UNANSWERED_PER_SEC as f64 * elapsed.as_secs_f64()).max(1.0) as u64;
-            (unanswered > allowed).then_some("SYN cookies are not answered (spoofed SYNs)")
+            (unanswered > per_tick(UNANSWERED_PER_SEC))
+                .then_some("SYN cookies are not answered (spoofed SYNs)")
         };
         if let Some(reason) = reason {
             self.last_pressure = Some(now);
@@ -172,6 +180,7 @@ fn pressure(inner: &Inner) -> Pressure {
         snat_exhausted: read(XdpCounter::SnatExhausted),
         cookies_sent: read(XdpCounter::CookiesSent),
         cookie_valid: read(XdpCounter::CookieValid),
+        new_flows: read(XdpCounter::NewFlows),
     }
 }
 
@@ -233,6 +242,7 @@ mod tests {
             snat_exhausted: exhausted,
             cookies_sent: sent,
             cookie_valid: valid,
+            new_flows: 0,
         }
     }
 
@@ -270,17 +280,30 @@ mod tests {
     }
 
     #[test]
-    fn snat_exhaustion_switches_on_and_nothing_else_does() {
+    fn snat_exhaustion_under_a_syn_rush_switches_on_and_nothing_else_does() {
         let mut a = Auto::new();
         let t0 = Instant::now();
+        let flows = |n: u64, c: Pressure| Pressure { new_flows: n, ..c };
         assert_eq!(a.decide(false, p(0, 0, 0, 0), t0), None);
-        // Busy but healthy: many new flows, nothing reclaimed.
-        assert_eq!(a.decide(false, p(0, 0, 0, 0), t0 + AUTO_POLL), None);
+        // Busy but healthy: many new flows, nothing reclaimed or exhausted.
+        assert_eq!(
+            a.decide(false, flows(50_000, p(0, 0, 0, 0)), t0 + AUTO_POLL),
+            None
+        );
+        // Ports exhausted by a few long connections: no flood, cookies would not help.
+        assert_eq!(
+            a.decide(false, flows(50_010, p(0, 3, 0, 0)), t0 + AUTO_POLL * 2),
+            None
+        );
+        // Exhausted while SYNs pour in: on.
         assert!(matches!(
-            a.decide(false, p(0, 3, 0, 0), t0 + AUTO_POLL * 2),
+            a.decide(false, flows(60_000, p(0, 4, 0, 0)), t0 + AUTO_POLL * 3),
             Some(Switch::On(_))
         ));
         // Already on: no second switch.
-        assert_eq!(a.decide(true, p(0, 9, 0, 0), t0 + AUTO_POLL * 3), None);
+        assert_eq!(
+            a.decide(true, flows(70_000, p(0, 9, 0, 0)), t0 + AUTO_POLL * 4),
+            None
+        );
     }
 }
