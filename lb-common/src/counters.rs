@@ -15,6 +15,9 @@ pub enum CounterKind {
     Flows,
     /// Why a packet got its verdict; counted on top of the verdict.
     Reason,
+    /// A state user space reports in the counter's place (0 or 1), not a packet count: the
+    /// kernel never counts it.
+    State,
 }
 
 /// The table: `Variant, CONST = index, "name", Kind, "meaning";`, one line a counter, listed in the
@@ -97,6 +100,11 @@ xdp_counters! {
     DsrMidFlow, DSR_MID_FLOW = 21, "dsr_mid_flow", Reason, "Non-SYN packet to a dsr service without a connection on this node (another node's flow, or one forgotten): forwarded to the backend its client maps to now (affinity, else the ring), never reset";
     TooBig, TOO_BIG = 22, "too_big", Reason, "Rewritten or encapsulated packet larger than the MTU toward its next hop (dropped; checked when the next hop is looked up, which a dsr flow does again for a packet larger than any before); for dsr (20 bytes of IPIP more) lower the MSS the backends advertise, see the README's DSR section";
     RefusingAvoided, REFUSING_AVOIDED = 23, "refusing_avoided", Reason, "A new connection's SYN went to another backend (next ring slots, else a backup) because its choice had answered a SYN with an RST within the last second and no check has passed since";
+    CookiesSent, COOKIES_SENT = 24, "cookies_sent", Reason, "SYN to a NAT service answered from XDP with a SYN-ACK carrying a SYN cookie (syn_cookies on, or auto under a flood): no state kept";
+    CookieValid, COOKIE_VALID = 25, "cookie_valid", Reason, "Client ACK without a connection whose acknowledgment is a valid SYN cookie: the connection was set up and turned into the SYN toward the backend";
+    CookieInvalid, COOKIE_INVALID = 26, "cookie_invalid", Reason, "Client ACK without a connection whose acknowledgment is no valid SYN cookie: answered with an RST (no_conntrack), no state";
+    CookieSynResent, COOKIE_SYN_RESENT = 27, "cookie_syn_resent", Reason, "Client packet of a SYN-cookie connection whose backend has not answered yet: sent to the backend as its SYN again instead (the client retransmits its data)";
+    SynCookies, SYN_COOKIES = 28, "syn_cookies", State, "1 while SYNs to NAT services are answered with SYN cookies ([xdp] syn_cookies = \"on\", or \"auto\" during a SYN flood), else 0";
 }
 
 /// [`global_counter::NAMES`]; fails the build unless the indices are `0..COUNT`, each once.

@@ -12,6 +12,8 @@
 //!   backups a SYN falls back to.
 //! - [`rst`]: the TCP resets the XDP program answers with (RFC 793 sequence numbers, checksums,
 //!   the per-CPU rate limit).
+//! - [`synproxy`]: SYN cookies for the XDP SYN proxy (make, check) and the checksums of the
+//!   headers it writes.
 //! - [`select`]: backend selection (conntrack, affinity, Maglev ring, failover home), generic over
 //!   small storage traits so the kernel and user space run the same rules.
 #![no_std]
@@ -24,3 +26,4 @@ pub mod maps;
 pub mod passive;
 pub mod rst;
 pub mod select;
+pub mod synproxy;

@@ -19,6 +19,8 @@
 //! - [`passive`]: per-backend handshake counters (SYNs forwarded, the backend's SYN-ACK or RST to
 //!   each) for passive health in user space; a backend that answered a SYN with an RST is marked
 //!   refusing, and [`select_backend`] sends a new SYN whose choice it is elsewhere.
+//! - [`synproxy`]: `lb_synproxy`, reached by a tail call: SYN cookies (`[xdp] syn_cookies`), the
+//!   flows they set up and the sequence translation of those flows ([`synproxy::translate`]).
 //! - [`rewrite`] / [`forward`]: full-NAT rewrite with incremental checksums, next hop by
 //!   `bpf_fib_lookup` (cached per flow for a second), out by `XDP_TX` or redirect; unknown neighbour → `XDP_PASS` so the kernel
 //!   resolves it.
@@ -38,6 +40,7 @@ mod logs;
 mod net;
 mod passive;
 mod reset;
+mod synproxy;
 
 use aya_ebpf::{
     bindings::{
@@ -63,6 +66,7 @@ use lb_common::{
     },
     passive::FLOW_ANSWERED,
     select::{AffinitySlot, BackendTable, Policy, Ring, next_entry, select},
+    synproxy::FLOW_COOKIE,
 };
 
 use crate::logs::{LOG_NO_ROUTE, LOG_SNAT_EXHAUSTED, may_log};
@@ -267,6 +271,14 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
                 let syn_ack = flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
                 passive::answer(f, flags & TCP_RST != 0, syn_ack, now);
             }
+            if f.flags & FLOW_COOKIE != 0 && f.half_open() {
+                // A SYN-cookie flow whose backend has not answered: the SYN proxy's.
+                synproxy::hand_over(ctx);
+                return Verdict {
+                    action: xdp_action::XDP_DROP,
+                    reason: None,
+                };
+            }
             if f.flags & FLOW_HALF_OPEN != 0 && to_backend && flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
             {
                 // The client's ACK completes its handshake: the flow is established.
@@ -292,6 +304,9 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
             if f.flags & FLOW_TS != 0 {
                 translate_timestamps(ctx, tcp, l4_off, doff, to_backend, f.ts_delta);
             }
+            if f.flags & FLOW_COOKIE != 0 {
+                synproxy::translate(tcp, to_backend, f);
+            }
             return forward(ctx, ip, f, now, cfg.cpus);
         }
     }
@@ -309,6 +324,18 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         return pass(None);
     };
     let dsr = service.flags & SERVICE_DSR != 0;
+    // SYN cookies (NAT services, IPv4 headers without options): a SYN while they are on, and any
+    // ACK without a connection (it may carry a cookie), go to the SYN proxy.
+    if !dsr
+        && ihl == 5
+        && (if syn {
+            synproxy::cookies_on()
+        } else {
+            flags & (TCP_ACK | TCP_RST) == TCP_ACK
+        })
+    {
+        synproxy::hand_over(ctx);
+    }
     if !syn && !dsr {
         // A connection the LB does not know (idle timeout, LRU eviction, a restart after `lb
         // cleanup`): the client learns by an RST and reconnects instead of retransmitting for minutes.

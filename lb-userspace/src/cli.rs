@@ -71,10 +71,19 @@ pub fn label(counter: XdpCounter) -> String {
 fn xdp_counters(x: &XdpCounters) -> String {
     let totals: Vec<String> = x
         .iter()
-        .filter(|(c, _)| c.kind() != CounterKind::Reason)
+        .filter(|(c, _)| !matches!(c.kind(), CounterKind::Reason | CounterKind::State))
         .map(|(c, n)| format!("{} {n}", label(c)))
         .collect();
     let mut out = format!("xdp: {}\n", totals.join("  "));
+    // States (SYN cookies) when they are on.
+    let states: Vec<String> = x
+        .of_kind(CounterKind::State)
+        .filter(|(_, n)| *n > 0)
+        .map(|(c, _)| format!("{} on", label(c)))
+        .collect();
+    if !states.is_empty() {
+        out.push_str(&format!("xdp state: {}\n", states.join("  ")));
+    }
     let reasons: Vec<String> = x
         .of_kind(CounterKind::Reason)
         .filter(|(_, n)| *n > 0)
@@ -465,6 +474,19 @@ mod tests {
         assert!(
             out.contains("xdp reasons: no_backend 4  no_conntrack 1\n"),
             "{out}"
+        );
+        assert!(
+            !out.contains("xdp state"),
+            "SYN cookies off: no state line\n{out}"
+        );
+        let mut on = crate::observe::tests::sample();
+        if let Some(x) = on.xdp.as_mut() {
+            x.set(lb_common::counters::XdpCounter::SynCookies, 1);
+        }
+        assert!(
+            stats(&on).contains("xdp state: syn cookies on\n"),
+            "{}",
+            stats(&on)
         );
         assert!(
             out.contains("service web  listen 10.0.0.1:80  tcp/proxy  affinity 4 clients  failed clients 2")

@@ -231,6 +231,18 @@ pub enum XdpMode {
     Skb,
 }
 
+/// `[xdp] syn_cookies`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SynCookies {
+    /// On while SYN pressure is seen (half-open flows giving their ports up, SNAT ports
+    /// exhausted, or cookies answered but not returned), off after a quiet spell.
+    Auto,
+    On,
+    /// Never: the SYN proxy program is not even installed.
+    Off,
+}
+
 impl Default for XdpConfig {
     /// The defaults of every key of the `[xdp]` table (with no interfaces).
     fn default() -> Self {
@@ -245,6 +257,7 @@ impl Default for XdpConfig {
             idle_timeout: Duration::from_secs(15 * 60),
             closed_timeout: Duration::from_secs(1),
             syn_timeout: Duration::from_secs(5),
+            syn_cookies: SynCookies::Auto,
             max_services: DEFAULT_MAX_SERVICES,
             max_backends: DEFAULT_MAX_BACKENDS,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
@@ -270,6 +283,9 @@ pub struct XdpConfig {
     /// Idle time after which a half-open connection (SYN forwarded, the client's handshake not
     /// completed) is forgotten; half-open flows also give their SNAT port up first.
     pub syn_timeout: Duration,
+    /// SYN cookies for NAT services (the XDP SYN proxy): always, never, or while a SYN flood
+    /// lasts.
+    pub syn_cookies: SynCookies,
     pub max_services: u32,
     pub max_backends: u32,
     pub conntrack_entries: u32,

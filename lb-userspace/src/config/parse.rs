@@ -27,8 +27,8 @@ use toml::Spanned;
 use super::{
     AdminState, AjpConfig, AnnounceConfig, BackendConfig, Config, ConfigError, ControlConfig, DatapathKind,
     Forwarding, HealthConfig, HealthKind, MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE,
-    MetricsConfig, Observe, OnDown, Protocol, Secret, ServiceConfig, SpliceMode, XdpConfig, XdpMode,
-    enum_text, format_duration, is_valid_name, listens_overlap, parse_duration,
+    MetricsConfig, Observe, OnDown, Protocol, Secret, ServiceConfig, SpliceMode, SynCookies, XdpConfig,
+    XdpMode, enum_text, format_duration, is_valid_name, listens_overlap, parse_duration,
 };
 
 type S<T> = Spanned<T>;
@@ -75,6 +75,7 @@ struct RawXdp {
     idle_timeout: Option<S<RawDuration>>,
     closed_timeout: Option<S<RawDuration>>,
     syn_timeout: Option<S<RawDuration>>,
+    syn_cookies: Option<S<String>>,
     max_services: Option<S<i64>>,
     max_backends: Option<S<i64>>,
     conntrack_entries: Option<S<i64>>,
@@ -1104,6 +1105,17 @@ impl Validator<'_, '_, File> {
             ));
         }
 
+        let syn_cookies = self.choice(
+            &raw.syn_cookies,
+            "xdp.syn_cookies",
+            SynCookies::Auto,
+            &[
+                ("auto", SynCookies::Auto),
+                ("on", SynCookies::On),
+                ("off", SynCookies::Off),
+            ],
+        )?;
+
         let int = |v: &Option<S<i64>>, key: &str, default: u32, range: RangeInclusive<i64>| match v {
             None => Ok(default),
             Some(v) => self.int(v, key, range).map(|n| n as u32),
@@ -1158,6 +1170,7 @@ impl Validator<'_, '_, File> {
             idle_timeout,
             closed_timeout,
             syn_timeout,
+            syn_cookies,
             max_services,
             max_backends,
             conntrack_entries,

@@ -185,6 +185,7 @@ fn xdp_table_gets_defaults() {
             idle_timeout: Duration::from_secs(15 * 60),
             closed_timeout: Duration::from_secs(1),
             syn_timeout: Duration::from_secs(5),
+            syn_cookies: crate::config::SynCookies::Auto,
             max_services: 16,
             max_backends: 1024,
             conntrack_entries: 262_144,
@@ -366,6 +367,7 @@ fn every_key_is_honoured() {
             idle_timeout: Duration::from_secs(3600),
             closed_timeout: Duration::from_secs(3600),
             syn_timeout: Duration::from_secs(5),
+            syn_cookies: crate::config::SynCookies::Auto,
             max_services: 1024,
             max_backends: 65536,
             conntrack_entries: 16_777_216,
@@ -787,7 +789,7 @@ fn unknown_keys() {
             3,
             "xdp.attach",
             &[
-                "unknown key `attach`; allowed keys: interfaces, mode, pin_path, snat_ports, idle_timeout, closed_timeout, syn_timeout, max_services, max_backends, conntrack_entries, affinity_entries",
+                "unknown key `attach`; allowed keys: interfaces, mode, pin_path, snat_ports, idle_timeout, closed_timeout, syn_timeout, syn_cookies, max_services, max_backends, conntrack_entries, affinity_entries",
             ],
         ),
     ]);

@@ -435,6 +435,7 @@ struct XdpFamilies {
     verdicts: Family<Labels, Counter>,
     reasons: Family<Labels, Counter>,
     single: Vec<(XdpCounter, Counter)>,
+    states: Vec<(XdpCounter, Gauge)>,
 }
 
 impl XdpFamilies {
@@ -469,17 +470,27 @@ impl XdpFamilies {
                 (c, b.single_counter(&name, &help))
             })
             .collect();
+        let states = XdpCounter::ALL
+            .into_iter()
+            .filter(|c| c.kind() == CounterKind::State)
+            .map(|c| {
+                let name = format!("lb_xdp_{}", c.name());
+                let help = format!("XDP: {}{}", c.help()[..1].to_lowercase(), &c.help()[1..]);
+                (c, b.single_gauge(&name, &help))
+            })
+            .collect();
         XdpFamilies {
             verdicts,
             reasons,
             single,
+            states,
         }
     }
 
     fn record(&self, x: &XdpCounters) {
         for (c, n) in x.iter() {
             let series = match c.kind() {
-                CounterKind::All | CounterKind::Flows => continue,
+                CounterKind::All | CounterKind::Flows | CounterKind::State => continue,
                 CounterKind::Verdict => self.verdicts.get_or_create(&vec![("verdict", c.name().into())]),
                 CounterKind::Reason => self.reasons.get_or_create(&vec![("reason", c.name().into())]),
             };
@@ -487,6 +498,9 @@ impl XdpFamilies {
         }
         for (c, counter) in &self.single {
             counter.inc_by(x.get(*c));
+        }
+        for (c, gauge) in &self.states {
+            gauge.set(gauge_i64(x.get(*c)));
         }
     }
 }

@@ -527,6 +527,7 @@ fn every_xdp_counter_but_all_packets_is_exported_under_its_name() {
                 format!("lb_xdp_packets_total{{reason=\"{}\"}} {n}", c.name())
             }
             lb_common::counters::CounterKind::Flows => format!("lb_xdp_{}_total {n}", c.name()),
+            lb_common::counters::CounterKind::State => format!("lb_xdp_{} {n}", c.name()),
         };
         has(&t, &line);
     }

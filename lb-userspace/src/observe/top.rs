@@ -152,9 +152,13 @@ fn xdp_rates(x: &XdpCounters, prev: Option<&XdpCounters>, secs: f64) -> String {
     let r = |c| rate(prev.map(|p| p.get(c)), x.get(c), secs);
     let totals: Vec<String> = XdpCounter::ALL
         .into_iter()
-        .filter(|c| c.kind() != CounterKind::Reason)
+        .filter(|c| !matches!(c.kind(), CounterKind::Reason | CounterKind::State))
         .map(|c| format!("{} {}/s", label(c), per_sec(r(c))))
         .collect();
+    let states: String = x
+        .of_kind(CounterKind::State)
+        .filter(|(_, n)| *n > 0)
+        .fold(String::new(), |acc, (c, _)| acc + "  " + &label(c) + " on");
     let mut reasons: Vec<String> = x
         .of_kind(CounterKind::Reason)
         .filter_map(|(c, _)| {
@@ -165,7 +169,11 @@ fn xdp_rates(x: &XdpCounters, prev: Option<&XdpCounters>, secs: f64) -> String {
     if reasons.is_empty() {
         reasons.push("none".into());
     }
-    format!("xdp  {}  reasons: {}", totals.join("  "), reasons.join(", "))
+    format!(
+        "xdp  {}{states}  reasons: {}",
+        totals.join("  "),
+        reasons.join(", ")
+    )
 }
 
 /// The screen for the latest sample `cur` (rates against `prev`), with `error` when the last

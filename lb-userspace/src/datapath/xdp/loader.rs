@@ -327,6 +327,7 @@ impl XdpDatapath {
         let taken_slots: Vec<u32> = adopt_services.values().copied().collect();
         let taken_backends: Vec<u32> = adopt_backends.values().copied().collect();
 
+        let synproxy = super::synproxy::SynProxy::load(&mut ebpf, cfg.syn_cookies)?;
         let program: &mut Xdp = ebpf
             .program_mut(XDP_PROGRAM)
             .ok_or_else(|| XdpError::System(format!("program {XDP_PROGRAM} missing from the object")))?
@@ -342,21 +343,26 @@ impl XdpDatapath {
             }
             forward_program_logs(&mut ebpf);
         }
+        let inner = std::sync::Arc::new(Mutex::new(Inner {
+            ebpf,
+            maps,
+            ring_size,
+            max_services,
+            services: StdHashMap::new(),
+            free_slots: (0..max_services).filter(|s| !taken_slots.contains(s)).collect(),
+            free_backends: (0..max_backends)
+                .filter(|b| !taken_backends.contains(b))
+                .collect(),
+            adopt_services,
+            adopt_backends,
+            passive,
+            synproxy,
+        }));
+        if config.is_some() {
+            XdpDatapath::watch_syn_pressure(&inner);
+        }
         Ok(XdpDatapath {
-            inner: std::sync::Arc::new(Mutex::new(Inner {
-                ebpf,
-                maps,
-                ring_size,
-                max_services,
-                services: StdHashMap::new(),
-                free_slots: (0..max_services).filter(|s| !taken_slots.contains(s)).collect(),
-                free_backends: (0..max_backends)
-                    .filter(|b| !taken_backends.contains(b))
-                    .collect(),
-                adopt_services,
-                adopt_backends,
-                passive,
-            })),
+            inner,
             pin_path,
             pins,
         })

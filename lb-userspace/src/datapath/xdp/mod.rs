@@ -9,7 +9,8 @@
 //! - `loader`: load, pin or adopt, attach, log bridge; `pins`: the pin directory's lock, half-made
 //!   directories, undoing a failed start; `sync`: state → maps; `query`: maps → counters,
 //!   `lb which`, marking flows for reset; `host`: sysctls and `lb cleanup`; `passive`: the
-//!   kernel's handshake counters polled into passive health, refusing marks, fallback lists.
+//!   kernel's handshake counters polled into passive health, refusing marks, fallback lists;
+//!   `synproxy`: SYN cookies (the SYN-proxy program, its secret, "auto" switching).
 
 pub mod host;
 mod loader;
@@ -17,6 +18,7 @@ mod passive;
 mod pins;
 mod query;
 mod sync;
+mod synproxy;
 
 pub use host::{Cleanup, cleanup};
 pub use query::{KernelChoice, KernelState, KernelTraffic};
@@ -163,6 +165,8 @@ struct Inner {
     adopt_backends: StdHashMap<(u32, u32, u16), u32>,
     /// Passive health: handshake counters, refusing marks, fallback lists.
     passive: passive::PassiveMaps,
+    /// SYN cookies: the SYN proxy's maps and mode.
+    synproxy: synproxy::SynProxy,
 }
 
 pub struct XdpDatapath {

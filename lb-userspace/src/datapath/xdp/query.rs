@@ -87,6 +87,9 @@ impl XdpDatapath {
             .iter()
             .enumerate()
             .map(|(i, name)| {
+                if i as u32 == global_counter::SYN_COOKIES {
+                    return (*name, u64::from(inner.synproxy.on));
+                }
                 let packets = inner
                     .maps
                     .global

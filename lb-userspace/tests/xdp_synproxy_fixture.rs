@@ -1,0 +1,417 @@
+//! Packet fixtures for the XDP SYN proxy (`[xdp] syn_cookies = "on"`): the cookie SYN-ACK, a bad
+//! cookie ACK (no state), a good one (the SYN toward the backend with the client's ISN), the
+//! backend's SYN-ACK turned into its ACK, and data both ways translated. BPF_PROG_TEST_RUN inside a
+//! private namespace (lb_tests::fixture) whose neighbours give `bpf_fib_lookup` real answers; state
+//! seeded through the datapath's public API. Needs root and the embedded eBPF object.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use lb::balancer::Balancer;
+use lb::config::{AdminState, BackendConfig, SynCookies, XdpConfig};
+use lb::datapath::Datapath;
+use lb::datapath::xdp::{KernelState, XdpDatapath};
+use lb::state::{Command, State};
+use lb_tests::fixture::FixtureSpec;
+use lb_tests::packet::flags::{ACK, PSH, RST, SYN};
+use lb_tests::packet::{self, Parsed, Tcp, syn_options};
+
+const XDP_REDIRECT: u32 = 4;
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+const LB_MAC: [u8; 6] = [0xaa; 6];
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+const LB_BACKEND_SIDE: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
+const RING: u32 = 101;
+
+fn backend_ip(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 1, 1, 1 + i)
+}
+fn backend_mac(i: u8) -> [u8; 6] {
+    [0x02, 0, 0, 0, 1, 1 + i]
+}
+fn client(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 0, 10 + i)
+}
+
+fn in_fixture_netns<T: Send>(f: impl FnOnce(u32, u32) -> T + Send) -> T {
+    let spec = FixtureSpec {
+        vip: Some(VIP),
+        clients: (0..3u8)
+            .map(|i| {
+                let mut mac = CLIENT_MAC;
+                mac[5] += i;
+                (client(i), mac)
+            })
+            .collect(),
+        backends: (1..=3u8).map(|i| (backend_ip(i), backend_mac(i))).collect(),
+    };
+    lb_tests::fixture::in_fixture_netns(&spec, |links| f(links.client_if, links.backend_if))
+        .expect("fixture namespace")
+}
+
+struct Fixture {
+    state: State,
+    xdp: XdpDatapath,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let sizes = XdpConfig {
+            syn_cookies: SynCookies::On,
+            ..XdpConfig::default()
+        };
+        let xdp = XdpDatapath::start_unattached(&sizes, 0, RING).expect("load XDP program");
+        assert!(
+            xdp.syn_cookies_on(),
+            "syn_cookies = \"on\" switches cookies on at start"
+        );
+        let mut state = State::new(0, RING);
+        let service = common::xdp_service(
+            (1..=3)
+                .map(|i| BackendConfig {
+                    name: format!("b{i}"),
+                    address: format!("{}:8080", backend_ip(i)).parse().unwrap(),
+                    weight: 1,
+                    backup: false,
+                    state: AdminState::Active,
+                    route: format!("b{i}"),
+                })
+                .collect(),
+        );
+        let effect = state.apply(Command::AddService { service }).expect("add service");
+        let snapshot = lb::runtime::Snapshot::new(state.clone());
+        xdp.apply(&effect, &snapshot).expect("datapath applies");
+        Fixture { state, xdp }
+    }
+
+    fn ring_choice(&self, client: Ipv4Addr) -> Ipv4Addr {
+        let b = Balancer::new(self.state.clone());
+        match b
+            .choose("web", IpAddr::V4(client), Instant::now(), &[])
+            .unwrap()
+            .address
+            .ip()
+        {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(_) => unreachable!(),
+        }
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        self.xdp
+            .kernel_counters()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map_or_else(|| panic!("no counter {name}"), |(_, v)| v)
+    }
+
+    /// Runs `frame` arriving on `ifindex`: the verdict must be a redirect; the output parsed
+    /// (both checksums verified).
+    fn run(&self, frame: &[u8], ifindex: u32, what: &str) -> (Parsed, usize) {
+        let (verdict, out, _) = self.xdp.test_run(frame, ifindex, 1).unwrap();
+        assert_eq!(verdict, XDP_REDIRECT, "{what}: verdict");
+        let p = packet::parse(&out).unwrap_or_else(|e| panic!("{what}: output frame: {e}"));
+        (p, out.len())
+    }
+}
+
+fn from_client(c: Ipv4Addr, port: u16, flags: u8, seq: u32, ack: u32) -> Tcp {
+    let mut t = Tcp::new((c, port), (VIP, 80), flags)
+        .macs(CLIENT_MAC, LB_MAC)
+        .seq(seq)
+        .ack(ack);
+    t.window = 502;
+    t
+}
+
+/// The cookie SYN-ACK answering a SYN from `c`:`port` with initial sequence number `isn`.
+fn cookie_syn_ack(fx: &Fixture, client_if: u32, c: Ipv4Addr, port: u16, isn: u32) -> u32 {
+    let syn = from_client(c, port, SYN, isn, 0)
+        .tcp_options(&syn_options(77, 0))
+        .build();
+    let (p, len) = fx.run(&syn, client_if, "cookie SYN-ACK");
+    assert_eq!(len, 14 + 20 + 24, "Ethernet, IPv4, TCP with the MSS option");
+    assert_eq!(
+        (p.src, p.dst),
+        ((VIP, 80), (c, port)),
+        "back to the client from the VIP"
+    );
+    assert_eq!((p.dst_mac, p.src_mac), (CLIENT_MAC, LB_MAC), "MACs swapped");
+    assert_eq!(p.flags, SYN | ACK);
+    assert_eq!(p.ack, isn.wrapping_add(1));
+    assert_eq!(
+        p.tcp_options,
+        [2, 4, 0x05, 0xb4],
+        "MSS 1460 only: no SACK, timestamps, window scale"
+    );
+    assert_eq!(p.window, 65535);
+    assert!(p.payload.is_empty());
+    p.seq
+}
+
+#[test]
+fn xdp_cookie_syn_ack_and_bad_cookie_acks_keep_no_state() {
+    if !common::ready("xdp_cookie_syn_ack_and_bad_cookie_acks_keep_no_state") {
+        return;
+    }
+    in_fixture_netns(|client_if, _| {
+        let fx = Fixture::new();
+        let c = client(0);
+        let empty = KernelState::default();
+        let isn = 0x1111_2222;
+        let cookie = cookie_syn_ack(&fx, client_if, c, 40000, isn);
+        assert_eq!(fx.counter("cookies_sent"), 1);
+        assert_eq!(fx.xdp.kernel_state(), empty, "a cookie SYN-ACK keeps no state");
+        // The same SYN again (its SYN-ACK was lost): the same cookie.
+        assert_eq!(cookie_syn_ack(&fx, client_if, c, 40000, isn), cookie);
+        // Another ISN or port: another cookie.
+        assert_ne!(cookie_syn_ack(&fx, client_if, c, 40000, isn + 1), cookie);
+        assert_ne!(cookie_syn_ack(&fx, client_if, c, 40001, isn), cookie);
+
+        // ACKs whose cookie does not check: an RST each, and still no state.
+        let bad = [
+            (
+                "wrong acknowledgment",
+                from_client(c, 40000, ACK, isn + 1, cookie.wrapping_add(2)),
+            ),
+            (
+                "wrong sequence number",
+                from_client(c, 40000, ACK, isn + 2, cookie.wrapping_add(1)),
+            ),
+            (
+                "another port",
+                from_client(c, 40002, ACK, isn + 1, cookie.wrapping_add(1)),
+            ),
+            (
+                "another client",
+                from_client(client(1), 40000, ACK, isn + 1, cookie.wrapping_add(1)),
+            ),
+        ];
+        for (i, (what, t)) in bad.into_iter().enumerate() {
+            let ack = t.ack;
+            let (p, _) = fx.run(&t.payload(b"GET / HTTP/1.1\r\n\r\n").build(), client_if, what);
+            assert_eq!(p.flags, RST, "{what}: answered with an RST");
+            assert_eq!(
+                p.seq, ack,
+                "{what}: the RST's sequence number is the ACK's acknowledgment"
+            );
+            assert_eq!(fx.counter("cookie_invalid"), i as u64 + 1, "{what}");
+            assert_eq!(
+                fx.xdp.kernel_state(),
+                empty,
+                "{what}: no conntrack, affinity or SNAT port"
+            );
+        }
+        assert_eq!(fx.counter("cookie_valid"), 0);
+        assert_eq!(fx.counter("new_flows"), 0);
+    });
+}
+
+#[test]
+fn xdp_cookie_handshake_and_translated_data_both_ways() {
+    if !common::ready("xdp_cookie_handshake_and_translated_data_both_ways") {
+        return;
+    }
+    in_fixture_netns(|client_if, backend_if| {
+        let fx = Fixture::new();
+        let c = client(0);
+        let want = fx.ring_choice(c);
+        let want_mac = backend_mac(want.octets()[3] - 1);
+        let isn = 0xffff_fff0; // wraps within the test
+        let cookie = cookie_syn_ack(&fx, client_if, c, 40000, isn);
+
+        // The client's ACK (54 bytes: the frame grows by the MSS option) becomes the SYN toward
+        // the backend, with an initial sequence number from the LB's clock (TIME_WAIT on the
+        // backend accepts it) instead of the client's.
+        let ack = from_client(c, 40000, ACK, isn.wrapping_add(1), cookie.wrapping_add(1)).build();
+        let (p, len) = fx.run(&ack, client_if, "cookie ACK");
+        assert_eq!(len, 14 + 20 + 24);
+        assert_eq!(p.dst, (want, 8080), "the ring's backend");
+        assert_eq!(p.src.0, LB_BACKEND_SIDE);
+        assert!((10000..=29999).contains(&p.src.1));
+        assert_eq!(p.dst_mac, want_mac);
+        assert_eq!((p.flags, p.ack), (SYN, 0), "a SYN");
+        let isn_b = p.seq;
+        assert_ne!(isn_b, isn, "the LB's ISN toward the backend, not the client's");
+        assert_eq!(
+            p.tcp_options,
+            [2, 4, 0x05, 0xb4],
+            "the client's MSS from the cookie"
+        );
+        assert_eq!(p.window, 502, "the client's window");
+        let snat = p.src;
+        assert_eq!(fx.counter("cookie_valid"), 1);
+        assert_eq!(fx.counter("new_flows"), 1);
+        let st = fx.xdp.kernel_state();
+        assert_eq!(
+            (st.conntrack, st.affinity),
+            (2, 1),
+            "both entries and the affinity"
+        );
+
+        // Client data before the backend answered: the SYN once more, data dropped.
+        let early = from_client(c, 40000, ACK | PSH, isn.wrapping_add(1), cookie.wrapping_add(1))
+            .payload(b"early")
+            .build();
+        let (p, _) = fx.run(&early, client_if, "early data");
+        assert_eq!((p.dst, p.src, p.flags, p.seq), ((want, 8080), snat, SYN, isn_b));
+        assert!(p.payload.is_empty());
+        assert_eq!(fx.counter("cookie_syn_resent"), 1);
+
+        // The backend's SYN-ACK becomes its ACK, sent back where it came from.
+        let backend_isn = 0x0000_0100u32;
+        let syn_ack = Tcp::new((want, 8080), snat, SYN | ACK)
+            .macs(want_mac, LB_MAC)
+            .seq(backend_isn)
+            .ack(isn_b.wrapping_add(1))
+            .tcp_options(&syn_options(5, 77))
+            .build();
+        let (p, len) = fx.run(&syn_ack, backend_if, "backend SYN-ACK");
+        assert_eq!(len, 14 + 20 + 20, "no options");
+        assert_eq!((p.src, p.dst), (snat, (want, 8080)));
+        assert_eq!((p.dst_mac, p.src_mac), (want_mac, LB_MAC));
+        assert_eq!(p.flags, ACK);
+        assert_eq!(
+            (p.seq, p.ack),
+            (isn_b.wrapping_add(1), backend_isn.wrapping_add(1))
+        );
+        assert_eq!(p.window, 502);
+        assert!(p.tcp_options.is_empty() && p.payload.is_empty());
+
+        // Client → backend: both numbers move into the backend side's sequence spaces.
+        let request = b"GET / HTTP/1.1\r\n\r\n";
+        let data = from_client(c, 40000, ACK | PSH, isn.wrapping_add(1), cookie.wrapping_add(1))
+            .payload(request)
+            .build();
+        let (p, _) = fx.run(&data, client_if, "client data");
+        assert_eq!((p.src, p.dst), (snat, (want, 8080)));
+        assert_eq!(
+            (p.seq, p.ack),
+            (isn_b.wrapping_add(1), backend_isn.wrapping_add(1))
+        );
+        assert_eq!(p.payload, request);
+
+        // Backend → client: back into the cookie's and the client's.
+        let answer = b"HTTP/1.1 200 OK\r\n\r\n";
+        let reply = Tcp::new((want, 8080), snat, ACK | PSH)
+            .macs(want_mac, LB_MAC)
+            .seq(backend_isn.wrapping_add(1))
+            .ack(isn_b.wrapping_add(1 + request.len() as u32))
+            .payload(answer)
+            .build();
+        let (p, _) = fx.run(&reply, backend_if, "backend data");
+        assert_eq!((p.src, p.dst), ((VIP, 80), (c, 40000)));
+        assert_eq!(
+            (p.seq, p.ack),
+            (cookie.wrapping_add(1), isn.wrapping_add(1 + request.len() as u32))
+        );
+        assert_eq!(p.payload, answer);
+        assert_eq!(fx.counter("new_flows"), 1, "one connection");
+
+        // The client reuses its port for a new connection (a new ISN): its cookie ACK sets up a
+        // new flow (a SYN toward a backend) instead of riding the old one.
+        let isn2 = 0x4444_0000;
+        let cookie2 = cookie_syn_ack(&fx, client_if, c, 40000, isn2);
+        let ack2 = from_client(c, 40000, ACK, isn2 + 1, cookie2.wrapping_add(1)).build();
+        let (p, _) = fx.run(&ack2, client_if, "cookie ACK on a reused 4-tuple");
+        assert_eq!(
+            (p.dst, p.flags, p.ack),
+            ((want, 8080), SYN, 0),
+            "a new SYN to the backend"
+        );
+        assert_ne!(p.src, snat, "on a new SNAT port");
+        assert_eq!(fx.counter("new_flows"), 2);
+    });
+}
+
+#[test]
+fn xdp_cookie_ack_without_a_snat_port_is_reset() {
+    if !common::ready("xdp_cookie_ack_without_a_snat_port_is_reset") {
+        return;
+    }
+    in_fixture_netns(|client_if, _| {
+        let sizes = XdpConfig {
+            syn_cookies: SynCookies::On,
+            snat_ports: (20000, 20000),
+            ..XdpConfig::default()
+        };
+        let xdp = XdpDatapath::start_unattached(&sizes, 0, RING).expect("load XDP program");
+        let mut state = State::new(0, RING);
+        let service = common::xdp_service(vec![BackendConfig {
+            name: "b1".into(),
+            address: format!("{}:8080", backend_ip(1)).parse().unwrap(),
+            weight: 1,
+            backup: false,
+            state: AdminState::Active,
+            route: "b1".into(),
+        }]);
+        let effect = state.apply(Command::AddService { service }).unwrap();
+        xdp.apply(&effect, &lb::runtime::Snapshot::new(state.clone()))
+            .unwrap();
+        let fx = Fixture { state, xdp };
+        // The one SNAT port goes to the first client's connection.
+        let first = cookie_syn_ack(&fx, client_if, client(0), 40000, 1000);
+        let ack = from_client(client(0), 40000, ACK, 1001, first.wrapping_add(1)).build();
+        let (p, _) = fx.run(&ack, client_if, "first cookie ACK");
+        assert_eq!((p.flags, p.src.1), (SYN, 20000));
+        let before = fx.xdp.kernel_state();
+        // The second client's handshake completed on its side: with no port it learns by an RST
+        // at once instead of a connection that never answers.
+        let second = cookie_syn_ack(&fx, client_if, client(1), 40000, 2000);
+        let ack = from_client(client(1), 40000, ACK, 2001, second.wrapping_add(1)).build();
+        let (p, _) = fx.run(&ack, client_if, "second cookie ACK");
+        assert_eq!(
+            (p.flags, p.dst, p.seq),
+            (RST, (client(1), 40000), second.wrapping_add(1))
+        );
+        assert_eq!(fx.counter("snat_exhausted"), 1);
+        assert_eq!(
+            fx.xdp.kernel_state().conntrack,
+            before.conntrack,
+            "no entry for it"
+        );
+    });
+}
+
+#[test]
+fn xdp_cookies_off_answers_nothing_from_xdp() {
+    if !common::ready("xdp_cookies_off_answers_nothing_from_xdp") {
+        return;
+    }
+    in_fixture_netns(|client_if, _| {
+        let sizes = XdpConfig {
+            syn_cookies: SynCookies::Auto,
+            ..XdpConfig::default()
+        };
+        // "auto" starts off: a SYN is forwarded to a backend as without cookies.
+        let xdp = XdpDatapath::start_unattached(&sizes, 0, RING).expect("load XDP program");
+        assert!(!xdp.syn_cookies_on());
+        let mut state = State::new(0, RING);
+        let service = common::xdp_service(vec![BackendConfig {
+            name: "b1".into(),
+            address: format!("{}:8080", backend_ip(1)).parse().unwrap(),
+            weight: 1,
+            backup: false,
+            state: AdminState::Active,
+            route: "b1".into(),
+        }]);
+        let effect = state.apply(Command::AddService { service }).unwrap();
+        xdp.apply(&effect, &lb::runtime::Snapshot::new(state.clone()))
+            .unwrap();
+        let syn = from_client(client(0), 40000, SYN, 9, 0)
+            .tcp_options(&syn_options(1, 0))
+            .build();
+        let (verdict, out, _) = xdp.test_run(&syn, client_if, 1).unwrap();
+        assert_eq!(verdict, XDP_REDIRECT);
+        let p = packet::parse(&out).unwrap();
+        assert_eq!((p.dst, p.flags, p.seq), ((backend_ip(1), 8080), SYN, 9));
+        assert_eq!(
+            p.tcp_options,
+            syn_options(p.timestamps().unwrap().0, 0),
+            "options kept"
+        );
+    });
+}
