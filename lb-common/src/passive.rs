@@ -12,6 +12,17 @@
 //!   after it, and clears it then.
 //! - [`MAP_FALLBACK`]: per service slot, the backups that take new clients while the ring is made
 //!   of primaries: where a client goes when every primary it probes refuses.
+//! - [`MAP_ALIVE`]: per backend, when the kernel last saw it answer a SYN with a SYN-ACK (precise
+//!   monotonic ns): the liveness that tells a stale answer's two causes apart ([`stale_refusal`]).
+//!
+//! A SYN whose SNAT 4-tuple the backend still holds is not answered by a SYN-ACK. A live backend
+//! takes a SYN on a TIME_WAIT 4-tuple whose timestamp is newer (the LB puts the backend-facing
+//! timestamps on its own clock, and a port is reused only after 100 ms of quiet), so with no
+//! listener left TIME_WAIT answers it with a bare ACK of the old connection: a refusal, which the
+//! client would only learn from its SYN retransmission a second later. But a live backend answers
+//! a bare ACK too where it still holds the 4-tuple half-open (a port taken from a half-open flow
+//! under a SYN flood: [`FLOW_RECLAIMED`]) or established (an entry forgotten after idle_timeout):
+//! a collision, not a refusal. [`stale_refusal`] is the rule.
 
 /// `PERCPU_ARRAY<u32, PassiveCounters>`, indexed by backend index (as `lb_backends`).
 pub const MAP_PASSIVE: &str = "lb_be_passive";
@@ -20,6 +31,9 @@ pub const MAP_PASSIVE: &str = "lb_be_passive";
 pub const MAP_REFUSING: &str = "lb_refusing";
 /// `ARRAY<u32, Fallback>`, indexed by service slot.
 pub const MAP_FALLBACK: &str = "lb_fallback";
+/// `ARRAY<u32, u64>`, indexed by backend index: precise monotonic ns (`bpf_ktime_get_ns`) of the
+/// backend's last SYN-ACK to a SYN, 0 = none seen. Plain stores from any CPU (the latest wins).
+pub const MAP_ALIVE: &str = "lb_be_alive";
 
 /// How long a refused SYN keeps new connections away from its backend on the kernel's own word
 /// (user space, while it runs and the service has checks, extends this until a check passes).
@@ -34,6 +48,28 @@ pub const POLL_MS: u64 = 10;
 /// Flow flag (reply entry): the backend's first answer to the SYN (SYN-ACK or RST) was counted.
 /// Byte 0, beside `FLOW_TO_BACKEND`, `FLOW_HALF_OPEN`, `FLOW_TS` and `FLOW_RESET`.
 pub const FLOW_ANSWERED: u32 = 1 << 2;
+/// Flow flag (reply entry): the SNAT port was taken from a half-open flow (the SNAT ports were all
+/// held, as under a SYN flood), which the backend may still hold half-open: its bare ACK to this
+/// flow's SYN is a collision, never a refusal. Byte 0, set at creation.
+pub const FLOW_RECLAIMED: u32 = 1 << 3;
+
+/// Whether the backend's first answer to a SYN, a bare ACK (no SYN, RST or FIN) that does not
+/// acknowledge the SYN, is a refusal (its listener is gone: TIME_WAIT answering), given the reply
+/// entry's `flags`, when the SYN was forwarded (`sent_ns`) and the backend's last SYN-ACK
+/// (`alive_ns`, [`MAP_ALIVE`]), both precise monotonic ns. It is, unless:
+/// - the SYN carried no timestamp ([`FLOW_TS`](crate::maps::FLOW_TS) unset): without one a live
+///   TIME_WAIT accepts the SYN only if its sequence number is higher, else answers this ACK;
+/// - the port was taken from a half-open flow ([`FLOW_RECLAIMED`]): the backend's half-open
+///   connection answers so;
+/// - the backend answered another SYN with a SYN-ACK after this SYN left: it is alive, the ACK
+///   comes from a connection it still holds on the 4-tuple (established, or half-open).
+///
+/// After a kill no SYN-ACK comes any more, so every SYN that meets TIME_WAIT is refused; under a
+/// flood live backends answer SYN-ACKs all the time.
+#[inline(always)]
+pub const fn stale_refusal(flags: u32, sent_ns: u64, alive_ns: u64) -> bool {
+    flags & crate::maps::FLOW_TS != 0 && flags & FLOW_RECLAIMED == 0 && alive_ns <= sent_ns
+}
 
 /// One backend's handshake counters on one CPU (user space sums the CPUs).
 #[repr(C)]
@@ -47,8 +83,14 @@ pub struct PassiveCounters {
     pub refused: u64,
     /// SYNs whose choice was this backend, sent elsewhere because it was refusing.
     pub avoided: u64,
+    /// Of `refused`: SYNs answered by a bare ACK of an old connection in TIME_WAIT while the
+    /// backend answered no SYN-ACK ([`stale_refusal`]): refused too.
+    pub stale: u64,
+    /// Bare ACKs to SYNs from a connection the backend still holds on the 4-tuple while alive (or
+    /// the SYN had no timestamp): forwarded to the client, not counted as refusals.
+    pub collided: u64,
 }
-const _: () = assert!(core::mem::size_of::<PassiveCounters>() == 32);
+const _: () = assert!(core::mem::size_of::<PassiveCounters>() == 48);
 
 impl PassiveCounters {
     /// Field-wise sum (of two CPUs' cells).
@@ -58,6 +100,8 @@ impl PassiveCounters {
             answered: self.answered + o.answered,
             refused: self.refused + o.refused,
             avoided: self.avoided + o.avoided,
+            stale: self.stale + o.stale,
+            collided: self.collided + o.collided,
         }
     }
 }
@@ -135,6 +179,8 @@ mod tests {
             answered: 2,
             refused: 3,
             avoided: 4,
+            stale: 5,
+            collided: 6,
         };
         assert_eq!(
             a.add(&a),
@@ -142,8 +188,26 @@ mod tests {
                 syns: 2,
                 answered: 4,
                 refused: 6,
-                avoided: 8
+                avoided: 8,
+                stale: 10,
+                collided: 12,
             }
         );
+    }
+
+    #[test]
+    fn a_bare_ack_refuses_only_from_a_backend_silent_since_the_syn() {
+        use crate::maps::{FLOW_HALF_OPEN, FLOW_TS};
+        let flags = FLOW_HALF_OPEN | FLOW_TS;
+        // Killed: its last SYN-ACK came before this SYN left (or never).
+        assert!(stale_refusal(flags, 1_000, 999));
+        assert!(stale_refusal(flags, 1_000, 1_000));
+        assert!(stale_refusal(flags, 1_000, 0));
+        // Alive: it answered another SYN after this one left.
+        assert!(!stale_refusal(flags, 1_000, 1_001));
+        // The port came from a half-open flow the backend may still hold.
+        assert!(!stale_refusal(flags | FLOW_RECLAIMED, 1_000, 0));
+        // No timestamp: a live TIME_WAIT may answer so.
+        assert!(!stale_refusal(FLOW_HALF_OPEN, 1_000, 0));
     }
 }

@@ -61,7 +61,7 @@ use lb_common::{
         GlobalConfig, NEXT_HOP_CACHE_NS, SERVICE_DSR, ServiceKey, ServiceValue, TrafficCounters,
         global_counter as gc,
     },
-    passive::FLOW_ANSWERED,
+    passive::{FLOW_ANSWERED, FLOW_RECLAIMED},
     select::{AffinitySlot, BackendTable, Policy, Ring, next_entry, select},
 };
 
@@ -218,7 +218,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
     let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4_off) else {
         return pass(Some(gc::TRUNCATED));
     };
-    let flags = u16::from_be(unsafe { (*tcp).doff_flags_be });
+    let mut flags = u16::from_be(unsafe { (*tcp).doff_flags_be });
     let doff = (flags >> 12) as usize;
     if doff < 5 || doff * 4 > ip_len - ihl * 4 {
         return pass(Some(gc::MALFORMED));
@@ -256,15 +256,25 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
                 set_flags_both(f, FLOW_RST);
                 return reset::answer(ctx, ip, tcp, ihl, doff, now, gc::RESET_FLOW);
             }
+            // A reply entry's first packet: when its SYN was forwarded (precise, see below).
+            let sent_ns = f.last_seen_ns;
             // The coarse clock ticks every few ms: skip the write (and the cache-line bounce
             // between CPUs) while it has not moved.
             if f.last_seen_ns != now {
                 f.last_seen_ns = now;
             }
             let to_backend = f.flags & FLOW_TO_BACKEND != 0;
+            let mut refused = false;
             if !to_backend && f.flags & (FLOW_HALF_OPEN | FLOW_ANSWERED) == FLOW_HALF_OPEN {
                 // The backend's first answer to a SYN: passive health counts it.
                 let syn_ack = flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+                if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_ACK
+                    && passive::stale_answer(tcp, f, sent_ns)
+                {
+                    // TIME_WAIT with no listener: refused like an RST, the client learns at once.
+                    flags |= TCP_RST;
+                    refused = true;
+                }
                 passive::answer(f, flags & TCP_RST != 0, syn_ack, now);
             }
             if f.flags & FLOW_HALF_OPEN != 0 && to_backend && flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
@@ -290,7 +300,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
             }
             rewrite(ip, tcp, &key, f);
             if f.flags & FLOW_TS != 0 {
-                translate_timestamps(ctx, tcp, l4_off, doff, to_backend, f.ts_delta);
+                translate_timestamps(ctx, tcp, l4_off, doff, to_backend, f.ts_delta, refused);
             }
             return forward(ctx, ip, f, now, cfg.cpus);
         }
@@ -340,7 +350,10 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         backend: backend_index,
         service_slot: service.slot,
         flags: FLOW_HALF_OPEN,
-        last_seen_ns: now,
+        // Precise: a stale answer compares it with the backend's last SYN-ACK (passive).
+        last_seen_ns: passive::precise_now(),
+        // The client's SYN, for an answer that refuses it (passive::stale_answer).
+        syn_seq_be: seq_be,
         ..FlowValue::default()
     };
     // Toward the backend, timestamps follow the LB's clock (see FlowValue::ts_delta).
@@ -352,7 +365,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         reply_value.flags |= FLOW_TS;
         reply_value.ts_delta = delta;
     }
-    let Some(snat_port_be) = claim_snat(backend, cfg, now, &reply_value, len) else {
+    let Some(snat_port_be) = claim_snat(backend, cfg, now, &mut reply_value, len) else {
         // Actionable (widen [xdp] snat_ports): worth a log line, unlike per-packet events; under a
         // flood it repeats per packet, hence the rate limit.
         if let Some(suppressed) = may_log(LOG_SNAT_EXHAUSTED, now, cfg.cpus) {
@@ -381,7 +394,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
     if let Some(delta) = ts_delta {
         forward_value.flags |= FLOW_TS;
         forward_value.ts_delta = delta;
-        translate_timestamps(ctx, tcp, l4_off, doff, true, delta);
+        translate_timestamps(ctx, tcp, l4_off, doff, true, delta, false);
     }
     // The client reused a port of an earlier connection still on record: that connection is over
     // (its reply entry, if still its own, ages out as closed; its port is free after closed_timeout).
@@ -713,7 +726,7 @@ fn take_port(
     key: &FlowKey,
     cfg: &GlobalConfig,
     now: u64,
-    reply: &FlowValue,
+    reply: &mut FlowValue,
     reclaim: bool,
 ) -> Option<PortUse> {
     if SNAT_LOCKS.insert(key, 1, u64::from(BPF_NOEXIST)).is_err() {
@@ -740,7 +753,12 @@ fn take_port(
             }
             let _ = CONNTRACK.remove(key);
         }
-        taken = CONNTRACK.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok();
+        if matches!(was, PortUse::HalfOpen) {
+            // The backend may still hold that flow half-open (passive::stale_answer).
+            reply.flags |= FLOW_RECLAIMED;
+        }
+        let entry: &FlowValue = reply;
+        taken = CONNTRACK.insert(key, entry, u64::from(BPF_NOEXIST)).is_ok();
     }
     let _ = SNAT_LOCKS.remove(key);
     taken.then_some(was)
@@ -760,7 +778,7 @@ fn claim_snat(
     backend: &BackendValue,
     cfg: &GlobalConfig,
     now: u64,
-    reply: &FlowValue,
+    reply: &mut FlowValue,
     len: u64,
 ) -> Option<u16> {
     let cursor = SNAT.get_ptr_mut(0)?;
@@ -855,7 +873,9 @@ fn timestamp_option(ctx: &XdpContext, l4_off: usize, doff: usize) -> Option<usiz
     None
 }
 
-/// Toward the backend adds `delta` to TSval; toward the client subtracts it from TSecr.
+/// Toward the backend adds `delta` to TSval; toward the client subtracts it from TSecr, or with
+/// `clear` zeroes it (an RST made of a stale answer: its echo is the old connection's, which the
+/// client would take for a bogus answer and ignore the RST).
 #[inline(always)]
 fn translate_timestamps(
     ctx: &XdpContext,
@@ -864,6 +884,7 @@ fn translate_timestamps(
     doff: usize,
     to_backend: bool,
     delta: u32,
+    clear: bool,
 ) {
     let Some(at) = timestamp_option(ctx, l4_off, doff) else {
         return;
@@ -878,6 +899,8 @@ fn translate_timestamps(
         let value = u32::from_be(old);
         let new = if to_backend {
             value.wrapping_add(delta)
+        } else if clear {
+            0
         } else {
             value.wrapping_sub(delta)
         }

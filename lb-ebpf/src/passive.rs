@@ -5,6 +5,11 @@
 //! - [`answer`]: the backend's first answer to it (the reply entry still half-open and not yet
 //!   [`FLOW_ANSWERED`]): a SYN-ACK is counted as answered; an RST as refused, and the backend is
 //!   marked refusing ([`MAP_REFUSING`](lb_common::passive::MAP_REFUSING)) at once.
+//! - [`stale_answer`]: the backend's first answer is a bare ACK of an old connection on the SNAT
+//!   4-tuple: a refusal by [`stale_refusal`] (TIME_WAIT with no listener, the backend silent since
+//!   the SYN left) is made an RST acknowledging the SYN, so the client learns at once and the
+//!   backend is marked refusing; anything else (a connection a live backend still holds) is
+//!   forwarded as it is and counted as a collision.
 //! - [`given_up`]: a client's retransmitted SYN whose backend went down or refuses meanwhile
 //!   starts a new flow (chosen again) instead of following the old one.
 //! - [`elsewhere`]: a SYN whose choice is refusing takes the first backend that is not among the
@@ -12,19 +17,24 @@
 //!   fallback list; with none, the choice stands (its RST tells the client at once).
 
 use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{Array, PerCpuArray},
 };
 use lb_common::{
+    csum,
     hash::{client_hash, ring_slot},
     maps::{
         BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FlowValue,
         GlobalConfig, NO_BACKEND,
     },
-    passive::{FALLBACK_SLOTS, FLOW_ANSWERED, Fallback, PassiveCounters, RING_PROBES, refusing},
+    passive::{
+        FALLBACK_SLOTS, FLOW_ANSWERED, Fallback, PassiveCounters, RING_PROBES, refusing, stale_refusal,
+    },
 };
 
-use crate::{BACKENDS, RING};
+use crate::net::TcpHdr;
+use crate::{BACKENDS, RING, TCP_RST};
 
 #[map(name = "lb_be_passive")]
 static PASSIVE: PerCpuArray<PassiveCounters> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
@@ -32,9 +42,12 @@ static PASSIVE: PerCpuArray<PassiveCounters> = PerCpuArray::with_max_entries(DEF
 static REFUSING: Array<u64> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 #[map(name = "lb_fallback")]
 static FALLBACK: Array<Fallback> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+#[map(name = "lb_be_alive")]
+static ALIVE: Array<u64> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 const _: () = {
-    use lb_common::passive::{MAP_FALLBACK, MAP_PASSIVE, MAP_REFUSING};
+    use lb_common::passive::{MAP_ALIVE, MAP_FALLBACK, MAP_PASSIVE, MAP_REFUSING};
+    assert!(crate::str_eq(MAP_ALIVE, "lb_be_alive"));
     assert!(crate::str_eq(MAP_PASSIVE, "lb_be_passive"));
     assert!(crate::str_eq(MAP_REFUSING, "lb_refusing"));
     assert!(crate::str_eq(MAP_FALLBACK, "lb_fallback"));
@@ -77,10 +90,62 @@ pub(crate) fn answer(f: &mut FlowValue, rst: bool, syn_ack: bool, now: u64) {
             c.answered += 1;
         }
     }
+    if syn_ack && let Some(alive) = ALIVE.get_ptr_mut(index) {
+        // SAFETY: valid map value pointer; a plain 8-byte store (any CPU may write the latest).
+        unsafe { *alive = precise_now() };
+    }
     if rst && let Some(mark) = REFUSING.get_ptr_mut(index) {
         // SAFETY: valid map value pointer; a plain 8-byte store (any CPU may write the latest).
         unsafe { *mark = now };
     }
+}
+
+/// Precise monotonic ns: when a SYN leaves and a SYN-ACK comes are compared at the scale of a
+/// round trip (the coarse clock's ticks are milliseconds).
+#[inline(always)]
+pub(crate) fn precise_now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The backend's first answer to the SYN of the flow whose reply entry is `f` (forwarded at
+/// `sent_ns`, precise) is the bare ACK at `tcp`. A refusal by [`stale_refusal`] is rewritten into
+/// an RST acknowledging the client's SYN (`f.syn_seq_be`) and `true` is returned: the caller counts
+/// it as a refusal ([`answer`]) and clears its timestamp echo (the old connection's, for which
+/// the client would drop the RST). Anything else is counted as a collision and left alone. An
+/// ACK that does acknowledge the SYN is no stale answer.
+#[inline(always)]
+pub(crate) fn stale_answer(tcp: *mut TcpHdr, f: &FlowValue, sent_ns: u64) -> bool {
+    let want = u32::from_be(f.syn_seq_be).wrapping_add(1).to_be();
+    // SAFETY: ptr_at checked the TCP header in this run and nothing moved the packet.
+    let old_ack = unsafe { (*tcp).ack_seq_be };
+    if f.syn_seq_be == 0 || old_ack == want {
+        return false;
+    }
+    let alive_ns = ALIVE.get(f.backend).copied().unwrap_or(0);
+    let refuse = stale_refusal(f.flags, sent_ns, alive_ns);
+    if let Some(c) = cell(f.backend) {
+        if refuse {
+            c.stale += 1;
+        } else {
+            c.collided += 1;
+        }
+    }
+    if !refuse {
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe {
+        let old_flags = (*tcp).doff_flags_be;
+        let new_flags = (u16::from_be(old_flags) | TCP_RST).to_be();
+        (*tcp).ack_seq_be = want;
+        (*tcp).doff_flags_be = new_flags;
+        let mut check = (*tcp).check_be;
+        check = csum::replace4(check, old_ack, want);
+        check = csum::replace2(check, old_flags, new_flags);
+        (*tcp).check_be = check;
+    }
+    true
 }
 
 /// Whether backend `index` refused a SYN within the window (or user space keeps it marked).

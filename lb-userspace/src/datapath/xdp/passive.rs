@@ -3,7 +3,8 @@
 //! check passes, and each service's fallback list of backups written with its ring.
 //!
 //! Per backend of an XDP service with `observe = "layer4"`, each poll turns the counters' growth
-//! into connect outcomes: SYNs answered by an RST are refused connects; SYNs forwarded before
+//! into connect outcomes: SYNs answered by an RST (or by a stale answer the kernel turned into one)
+//! are refused connects; SYNs forwarded before
 //! `now − connect_timeout` that no answer (SYN-ACK or RST) has met yet, and were not counted yet,
 //! timed out (the history of the SYN counter gives what was forwarded by then); SYN-ACKs with no
 //! failure in the same poll are successes. `error_limit` failures in a row mark the backend down
@@ -23,8 +24,8 @@ use aya::maps::{Array, MapData, PerCpuArray};
 use lb_common::hash::{client_hash, ring_slot};
 use lb_common::maps::NO_BACKEND;
 use lb_common::passive::{
-    FALLBACK_SLOTS, Fallback, MAP_FALLBACK, MAP_PASSIVE, MAP_REFUSING, POLL_MS, PassiveCounters, REFUSING_NS,
-    RING_PROBES, refusing,
+    FALLBACK_SLOTS, Fallback, MAP_ALIVE, MAP_FALLBACK, MAP_PASSIVE, MAP_REFUSING, POLL_MS, PassiveCounters,
+    REFUSING_NS, RING_PROBES, refusing,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -40,6 +41,8 @@ use crate::state::Service;
 pub(super) struct PassiveMaps {
     counters: PerCpuArray<MapData, PassiveCounters>,
     refusing: Array<MapData, u64>,
+    /// The kernel's last SYN-ACK time per backend (cleared when an index changes hands).
+    alive: Array<MapData, u64>,
     fallback: Array<MapData, Fallback>,
     /// Fallback lists as written, by service slot.
     written: StdHashMap<u32, Fallback>,
@@ -50,6 +53,7 @@ impl PassiveMaps {
         Ok(PassiveMaps {
             counters: take(ebpf, MAP_PASSIVE)?,
             refusing: take(ebpf, MAP_REFUSING)?,
+            alive: take(ebpf, MAP_ALIVE)?,
             fallback: take(ebpf, MAP_FALLBACK)?,
             written: StdHashMap::new(),
         })
@@ -64,9 +68,10 @@ impl PassiveMaps {
         Ok(())
     }
 
-    /// Backend `index` was given to a new backend: no refusing mark carries over.
+    /// Backend `index` was given to a new backend: no refusing mark or liveness carries over.
     pub(super) fn forget(&mut self, index: u32) -> Result<(), XdpError> {
-        self.refusing.set(index, 0, 0).map_err(map_err(MAP_REFUSING))
+        self.refusing.set(index, 0, 0).map_err(map_err(MAP_REFUSING))?;
+        self.alive.set(index, 0, 0).map_err(map_err(MAP_ALIVE))
     }
 
     /// Writes service `slot`'s fallback list: its backups that take new clients (by kernel index,
@@ -185,7 +190,10 @@ impl Watch {
             }
         });
         let sent = sent_by.saturating_sub(self.start.syns);
-        let answers = (c.answered + c.refused).saturating_sub(self.start.answered + self.start.refused);
+        // A collision (a bare ACK from a connection the live backend still holds on the 4-tuple)
+        // answered its SYN too: the client retries it, it never timed out here.
+        let answers = (c.answered + c.refused + c.collided)
+            .saturating_sub(self.start.answered + self.start.refused + self.start.collided);
         let missing = sent.saturating_sub(answers);
         let timed_out = missing.saturating_sub(self.missing);
         self.missing = missing;
@@ -342,7 +350,7 @@ mod tests {
             syns,
             answered,
             refused,
-            avoided: 0,
+            ..PassiveCounters::default()
         }
     }
 
