@@ -61,7 +61,7 @@ use lb_common::{
         GlobalConfig, NEXT_HOP_CACHE_NS, SERVICE_DSR, ServiceKey, ServiceValue, TrafficCounters,
         global_counter as gc,
     },
-    passive::{FLOW_ANSWERED, FLOW_RECLAIMED},
+    passive::{FLOW_ANSWERED, FLOW_HELD, Stale},
     select::{AffinitySlot, BackendTable, Policy, Ring, next_entry, select},
 };
 
@@ -264,18 +264,22 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
                 f.last_seen_ns = now;
             }
             let to_backend = f.flags & FLOW_TO_BACKEND != 0;
-            let mut refused = false;
+            let mut stale_rst = false;
             if !to_backend && f.flags & (FLOW_HALF_OPEN | FLOW_ANSWERED) == FLOW_HALF_OPEN {
                 // The backend's first answer to a SYN: passive health counts it.
                 let syn_ack = flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
-                if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_ACK
-                    && passive::stale_answer(tcp, f, sent_ns)
-                {
-                    // TIME_WAIT with no listener: refused like an RST, the client learns at once.
-                    flags |= TCP_RST;
-                    refused = true;
+                let mut rst = flags & TCP_RST != 0;
+                if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_ACK {
+                    // A bare ACK of an old connection: TIME_WAIT with no listener becomes an RST,
+                    // so the client learns at once (see passive::stale_answer).
+                    let stale = passive::stale_answer(tcp, f, sent_ns);
+                    stale_rst = stale != Stale::Collision;
+                    rst = stale == Stale::Refused;
+                    if stale_rst {
+                        flags |= TCP_RST;
+                    }
                 }
-                passive::answer(f, flags & TCP_RST != 0, syn_ack, now);
+                passive::answer(f, rst, syn_ack, now);
             }
             if f.flags & FLOW_HALF_OPEN != 0 && to_backend && flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
             {
@@ -300,7 +304,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
             }
             rewrite(ip, tcp, &key, f);
             if f.flags & FLOW_TS != 0 {
-                translate_timestamps(ctx, tcp, l4_off, doff, to_backend, f.ts_delta, refused);
+                translate_timestamps(ctx, tcp, l4_off, doff, to_backend, f.ts_delta, stale_rst);
             }
             return forward(ctx, ip, f, now, cfg.cpus);
         }
@@ -751,11 +755,12 @@ fn take_port(
             {
                 let _ = CONNTRACK.remove(fwd_key);
             }
+            // The backend may still hold the 4-tuple (passive::stale_answer): the old flow was
+            // half-open (reclaimed, or expired), or held it.
+            if old.flags & (FLOW_HALF_OPEN | FLOW_HELD) != 0 {
+                reply.flags |= FLOW_HELD;
+            }
             let _ = CONNTRACK.remove(key);
-        }
-        if matches!(was, PortUse::HalfOpen) {
-            // The backend may still hold that flow half-open (passive::stale_answer).
-            reply.flags |= FLOW_RECLAIMED;
         }
         let entry: &FlowValue = reply;
         taken = CONNTRACK.insert(key, entry, u64::from(BPF_NOEXIST)).is_ok();

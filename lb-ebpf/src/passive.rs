@@ -6,10 +6,10 @@
 //!   [`FLOW_ANSWERED`]): a SYN-ACK is counted as answered; an RST as refused, and the backend is
 //!   marked refusing ([`MAP_REFUSING`](lb_common::passive::MAP_REFUSING)) at once.
 //! - [`stale_answer`]: the backend's first answer is a bare ACK of an old connection on the SNAT
-//!   4-tuple: a refusal by [`stale_refusal`] (TIME_WAIT with no listener, the backend silent since
-//!   the SYN left) is made an RST acknowledging the SYN, so the client learns at once and the
-//!   backend is marked refusing; anything else (a connection a live backend still holds) is
-//!   forwarded as it is and counted as a collision.
+//!   4-tuple, judged by [`lb_common::passive::stale_answer`]: TIME_WAIT with no listener (the
+//!   backend silent since the SYN left) is made an RST acknowledging the SYN, so the client learns
+//!   at once, and from the second in a row the backend is marked refusing; a connection a live
+//!   backend still holds is forwarded as it is and counted as a collision.
 //! - [`given_up`]: a client's retransmitted SYN whose backend went down or refuses meanwhile
 //!   starts a new flow (chosen again) instead of following the old one.
 //! - [`elsewhere`]: a SYN whose choice is refusing takes the first backend that is not among the
@@ -29,7 +29,8 @@ use lb_common::{
         GlobalConfig, NO_BACKEND,
     },
     passive::{
-        FALLBACK_SLOTS, FLOW_ANSWERED, Fallback, PassiveCounters, RING_PROBES, refusing, stale_refusal,
+        FALLBACK_SLOTS, FLOW_ANSWERED, FLOW_HELD, Fallback, Liveness, PassiveCounters, RING_PROBES, Stale,
+        refusing,
     },
 };
 
@@ -43,7 +44,7 @@ static REFUSING: Array<u64> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 #[map(name = "lb_fallback")]
 static FALLBACK: Array<Fallback> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 #[map(name = "lb_be_alive")]
-static ALIVE: Array<u64> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+static ALIVE: Array<Liveness> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 const _: () = {
     use lb_common::passive::{MAP_ALIVE, MAP_FALLBACK, MAP_PASSIVE, MAP_REFUSING};
@@ -75,13 +76,8 @@ pub(crate) fn answer(f: &mut FlowValue, rst: bool, syn_ack: bool, now: u64) {
     if !rst && !syn_ack {
         return;
     }
-    // Byte 0 of the flags stored whole: its other bits are set at creation (the client's ACK,
-    // which clears FLOW_HALF_OPEN, can only follow this SYN-ACK).
-    // SAFETY: byte 0 of the u32 (little-endian target).
-    unsafe {
-        let p = core::ptr::from_mut::<u32>(&mut f.flags).cast::<u8>();
-        core::ptr::write_volatile(p, core::ptr::read_volatile(p) | FLOW_ANSWERED as u8);
-    }
+    // A SYN-ACK shows the backend holds nothing else on the 4-tuple any more.
+    set_low_flag(f, FLOW_ANSWERED, if syn_ack { FLOW_HELD } else { 0 });
     let index = f.backend;
     if let Some(c) = cell(index) {
         if rst {
@@ -92,7 +88,7 @@ pub(crate) fn answer(f: &mut FlowValue, rst: bool, syn_ack: bool, now: u64) {
     }
     if syn_ack && let Some(alive) = ALIVE.get_ptr_mut(index) {
         // SAFETY: valid map value pointer; a plain 8-byte store (any CPU may write the latest).
-        unsafe { *alive = precise_now() };
+        unsafe { (*alive).synack_ns = precise_now() };
     }
     if rst && let Some(mark) = REFUSING.get_ptr_mut(index) {
         // SAFETY: valid map value pointer; a plain 8-byte store (any CPU may write the latest).
@@ -109,33 +105,45 @@ pub(crate) fn precise_now() -> u64 {
 }
 
 /// The backend's first answer to the SYN of the flow whose reply entry is `f` (forwarded at
-/// `sent_ns`, precise) is the bare ACK at `tcp`. A refusal by [`stale_refusal`] is rewritten into
-/// an RST acknowledging the client's SYN (`f.syn_seq_be`) and `true` is returned: the caller counts
-/// it as a refusal ([`answer`]) and clears its timestamp echo (the old connection's, for which
-/// the client would drop the RST). Anything else is counted as a collision and left alone. An
-/// ACK that does acknowledge the SYN is no stale answer.
+/// `sent_ns`, precise) is the bare ACK at `tcp`: what it is, by
+/// [`lb_common::passive::stale_answer`], counted ([`Stale::Refused`] is counted by the caller, with
+/// [`answer`], as a refusal). [`Stale::First`] and [`Stale::Refused`] answers are rewritten into
+/// an RST acknowledging the client's SYN (`f.syn_seq_be`); the caller clears its timestamp echo
+/// (the old connection's, for which the client would drop the RST). An ACK that does acknowledge
+/// the SYN is no stale answer (a collision, left alone).
 #[inline(always)]
-pub(crate) fn stale_answer(tcp: *mut TcpHdr, f: &FlowValue, sent_ns: u64) -> bool {
+pub(crate) fn stale_answer(tcp: *mut TcpHdr, f: &mut FlowValue, sent_ns: u64) -> Stale {
     let want = u32::from_be(f.syn_seq_be).wrapping_add(1).to_be();
     // SAFETY: ptr_at checked the TCP header in this run and nothing moved the packet.
     let old_ack = unsafe { (*tcp).ack_seq_be };
     if f.syn_seq_be == 0 || old_ack == want {
-        return false;
+        return Stale::Collision;
     }
-    let alive_ns = ALIVE.get(f.backend).copied().unwrap_or(0);
-    let refuse = stale_refusal(f.flags, sent_ns, alive_ns);
-    if let Some(c) = cell(f.backend) {
-        if refuse {
-            c.stale += 1;
-        } else {
-            c.collided += 1;
+    let Some(live) = ALIVE.get_ptr_mut(f.backend) else {
+        return Stale::Collision;
+    };
+    let now = precise_now();
+    // SAFETY: valid map value pointer; its 8-byte fields are read and stored plainly.
+    let stale = lb_common::passive::stale_answer(f.flags, sent_ns, unsafe { &*live }, now);
+    match stale {
+        Stale::Collision => {
+            if let Some(c) = cell(f.backend) {
+                c.collided += 1;
+            }
+            return Stale::Collision;
         }
+        Stale::First => {
+            if let Some(c) = cell(f.backend) {
+                c.stale += 1;
+            }
+        }
+        Stale::Refused => {}
     }
-    if !refuse {
-        return false;
-    }
+    // The backend keeps its connection on the 4-tuple: the port's next flow inherits this.
+    set_low_flag(f, FLOW_HELD, 0);
     // SAFETY: as above.
     unsafe {
+        (*live).stale_ns = now;
         let old_flags = (*tcp).doff_flags_be;
         let new_flags = (u16::from_be(old_flags) | TCP_RST).to_be();
         (*tcp).ack_seq_be = want;
@@ -145,7 +153,19 @@ pub(crate) fn stale_answer(tcp: *mut TcpHdr, f: &FlowValue, sent_ns: u64) -> boo
         check = csum::replace2(check, old_flags, new_flags);
         (*tcp).check_be = check;
     }
-    true
+    stale
+}
+
+/// Sets `set` and clears `clear` (bits of byte 0) in a reply entry's flags, byte 0 stored whole: its other bits are set at creation
+/// (the client's ACK, which clears FLOW_HALF_OPEN, can only follow the backend's answer to its SYN)
+/// and the FIN/RST bits other CPUs may set live in other bytes.
+#[inline(always)]
+fn set_low_flag(f: &mut FlowValue, set: u32, clear: u32) {
+    // SAFETY: byte 0 of the u32 (little-endian target).
+    unsafe {
+        let p = core::ptr::from_mut::<u32>(&mut f.flags).cast::<u8>();
+        core::ptr::write_volatile(p, (core::ptr::read_volatile(p) & !(clear as u8)) | set as u8);
+    }
 }
 
 /// Whether backend `index` refused a SYN within the window (or user space keeps it marked).

@@ -24,8 +24,8 @@ use aya::maps::{Array, MapData, PerCpuArray};
 use lb_common::hash::{client_hash, ring_slot};
 use lb_common::maps::NO_BACKEND;
 use lb_common::passive::{
-    FALLBACK_SLOTS, Fallback, MAP_ALIVE, MAP_FALLBACK, MAP_PASSIVE, MAP_REFUSING, POLL_MS, PassiveCounters,
-    REFUSING_NS, RING_PROBES, refusing,
+    FALLBACK_SLOTS, Fallback, Liveness, MAP_ALIVE, MAP_FALLBACK, MAP_PASSIVE, MAP_REFUSING, POLL_MS,
+    PassiveCounters, REFUSING_NS, RING_PROBES, refusing,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -41,8 +41,8 @@ use crate::state::Service;
 pub(super) struct PassiveMaps {
     counters: PerCpuArray<MapData, PassiveCounters>,
     refusing: Array<MapData, u64>,
-    /// The kernel's last SYN-ACK time per backend (cleared when an index changes hands).
-    alive: Array<MapData, u64>,
+    /// The kernel's liveness per backend (cleared when an index changes hands).
+    alive: Array<MapData, Liveness>,
     fallback: Array<MapData, Fallback>,
     /// Fallback lists as written, by service slot.
     written: StdHashMap<u32, Fallback>,
@@ -71,7 +71,9 @@ impl PassiveMaps {
     /// Backend `index` was given to a new backend: no refusing mark or liveness carries over.
     pub(super) fn forget(&mut self, index: u32) -> Result<(), XdpError> {
         self.refusing.set(index, 0, 0).map_err(map_err(MAP_REFUSING))?;
-        self.alive.set(index, 0, 0).map_err(map_err(MAP_ALIVE))
+        self.alive
+            .set(index, Liveness::default(), 0)
+            .map_err(map_err(MAP_ALIVE))
     }
 
     /// Writes service `slot`'s fallback list: its backups that take new clients (by kernel index,
@@ -190,10 +192,11 @@ impl Watch {
             }
         });
         let sent = sent_by.saturating_sub(self.start.syns);
-        // A collision (a bare ACK from a connection the live backend still holds on the 4-tuple)
-        // answered its SYN too: the client retries it, it never timed out here.
-        let answers = (c.answered + c.refused + c.collided)
-            .saturating_sub(self.start.answered + self.start.refused + self.start.collided);
+        // A stale answer (a bare ACK of an old connection) answered its SYN too: the client was
+        // reset or retries it, it never timed out here.
+        let answers = (c.answered + c.refused + c.stale + c.collided).saturating_sub(
+            self.start.answered + self.start.refused + self.start.stale + self.start.collided,
+        );
         let missing = sent.saturating_sub(answers);
         let timed_out = missing.saturating_sub(self.missing);
         self.missing = missing;
