@@ -97,6 +97,8 @@ xdp_counters! {
     DsrMidFlow, DSR_MID_FLOW = 21, "dsr_mid_flow", Reason, "Non-SYN packet to a dsr service without a connection on this node (another node's flow, or one forgotten): forwarded to the backend its client maps to now (affinity, else the ring), never reset";
     TooBig, TOO_BIG = 22, "too_big", Reason, "Rewritten or encapsulated packet larger than the MTU toward its next hop (dropped; checked when the next hop is looked up, which a dsr flow does again for a packet larger than any before); for dsr (20 bytes of IPIP more) lower the MSS the backends advertise, see the README's DSR section";
     RefusingAvoided, REFUSING_AVOIDED = 23, "refusing_avoided", Reason, "A new connection's SYN went to another backend (next ring slots, else a backup) because its choice had answered a SYN with an RST within the last second and no check has passed since";
+    StaleAnswer, STALE_ANSWER = 24, "stale_answer", Reason, "A backend answered a new connection's SYN with a bare ACK of an old connection (TIME_WAIT on the SNAT 4-tuple) and no SYN-ACK to any SYN since it left: its listener is gone. Made an RST to the client, which fails at once; from the second in a row the backend is marked refusing";
+    StaleCollision, STALE_COLLISION = 25, "stale_collision", Reason, "A backend answered a new connection's SYN with a bare ACK of a connection it still holds on the SNAT 4-tuple (it answered other SYNs since, the port's last flow was half-open, or the SYN had no timestamp): forwarded to the client, which resets it and retransmits its SYN";
 }
 
 /// [`global_counter::NAMES`]; fails the build unless the indices are `0..COUNT`, each once.

@@ -26,7 +26,7 @@ use lb_common::{
     hash::{client_hash, ring_slot},
     maps::{
         BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FlowValue,
-        GlobalConfig, NO_BACKEND,
+        GlobalConfig, NO_BACKEND, global_counter as gc,
     },
     passive::{
         FALLBACK_SLOTS, FLOW_ANSWERED, FLOW_HELD, Fallback, Liveness, PassiveCounters, RING_PROBES, Stale,
@@ -130,6 +130,7 @@ pub(crate) fn stale_answer(tcp: *mut TcpHdr, f: &mut FlowValue, sent_ns: u64) ->
             if let Some(c) = cell(f.backend) {
                 c.collided += 1;
             }
+            crate::count(gc::STALE_COLLISION, 0);
             return Stale::Collision;
         }
         Stale::First => {
@@ -139,6 +140,7 @@ pub(crate) fn stale_answer(tcp: *mut TcpHdr, f: &mut FlowValue, sent_ns: u64) ->
         }
         Stale::Refused => {}
     }
+    crate::count(gc::STALE_ANSWER, 0);
     // The backend keeps its connection on the 4-tuple: the port's next flow inherits this.
     set_low_flag(f, FLOW_HELD, 0);
     // SAFETY: as above.
