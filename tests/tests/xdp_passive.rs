@@ -270,8 +270,27 @@ fn xdp_a_killed_backend_holding_time_wait_leaves_no_client_waiting_for_a_syn_ret
     ) {
         return;
     }
-    let pins = Pins::new(pin_dir("xpt"));
-    let mut bed = bed_with("xpasT", &pins.0, 3, &[], SMALL_SNAT_RANGE);
+    // Which answer the first SYN after the kill meets is a race: a port whose last connection
+    // was in flight at the kill holds no TIME_WAIT, and its RST marks the backend at once (the
+    // case of the test above). Each round checks the same bounds; the TIME_WAIT case must turn up
+    // within three (it does in most rounds).
+    let mut stale = 0;
+    for round in 1..=3 {
+        stale = time_wait_round(round);
+        if stale >= 1 {
+            break;
+        }
+    }
+    assert!(
+        stale >= 1,
+        "no SYN met TIME_WAIT at the killed backend in three rounds: the test did not test the design"
+    );
+}
+
+/// One round of the test above on a fresh bed: its bounds asserted; the stale answers counted.
+fn time_wait_round(round: usize) -> u64 {
+    let pins = Pins::new(pin_dir(&format!("xpt{round}")));
+    let mut bed = bed_with(&format!("xpasT{round}"), &pins.0, 3, &[], SMALL_SNAT_RANGE);
     let home = home_of_first_client(&bed);
     let name = format!("b{home}");
     let mut victim = bed.servers.remove(home - 1);
@@ -330,7 +349,7 @@ fn xdp_a_killed_backend_holding_time_wait_leaves_no_client_waiting_for_a_syn_ret
         .filter(|s| s.result.as_deref() == Ok(name.as_str()))
         .count();
     report(&format!(
-        "MEASURED xdp passive (killed {name}, one client address, its ports in TIME_WAIT): {} client \
+        "MEASURED xdp passive (round {round}: killed {name}, one client address, its ports in TIME_WAIT): {} client \
          errors of {} requests ({before} before the kill); the last failed connection started {} ms \
          after SIGKILL; {stale} stale answers made RSTs, {collided} collisions, {refused_syns} SYNs \
          refused; client SYN retransmissions {syn_retrans}; slowest request {} ms; slow requests \
@@ -349,11 +368,6 @@ fn xdp_a_killed_backend_holding_time_wait_leaves_no_client_waiting_for_a_syn_ret
         "only {served_elsewhere} answers after the kill"
     );
     assert_eq!(from_killed, 0, "answers from the killed backend after the kill");
-    // The case under test happened: the killed backend answered SYNs from TIME_WAIT.
-    assert!(
-        stale >= 1,
-        "no SYN met TIME_WAIT at {name} ({refused_syns} RSTs): the test did not test the design"
-    );
     // Nobody waited a second for a SYN retransmission: every SYN was answered at once, by
     // another backend or by the kernel's RST.
     assert_eq!(
@@ -380,6 +394,7 @@ fn xdp_a_killed_backend_holding_time_wait_leaves_no_client_waiting_for_a_syn_ret
         down.iter().all(|(_, _, r)| !r.starts_with("health check")),
         "{down:?}"
     );
+    stale
 }
 
 #[test]
