@@ -5,8 +5,8 @@
 //!   the backend's first answer to each (SYN-ACK, or RST: refused), and SYNs steered away from it.
 //!   User space polls them (every [`POLL_MS`] ms) into passive health: refused SYNs and SYNs left
 //!   unanswered after `connect_timeout` are connect failures, SYN-ACKs successes.
-//! - [`MAP_REFUSING`]: per backend, when the kernel last saw it answer a SYN with an RST (coarse
-//!   monotonic ns, 0 = never). A new connection whose choice (affinity or ring) refused within
+//! - [`MAP_REFUSING`]: per backend, when the kernel last saw it answer a SYN with an RST, or with
+//!   a second stale answer in a row ([`stale_answer`]) (coarse monotonic ns, 0 = never). A new connection whose choice (affinity or ring) refused within
 //!   [`REFUSING_NS`] goes elsewhere: the next [`RING_PROBES`] ring slots, else a backup of
 //!   [`MAP_FALLBACK`]. While checks run, user space keeps the mark fresh until a check succeeds
 //!   after it, and clears it then.

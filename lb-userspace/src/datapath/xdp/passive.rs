@@ -10,10 +10,10 @@
 //! failure in the same poll are successes. `error_limit` failures in a row mark the backend down
 //! (reason "passive"), and the active checks bring it back with `rise`.
 //!
-//! The kernel marks a backend refusing at its first RST to a SYN (new connections go elsewhere
-//! for [`REFUSING_NS`]). Where checks run, the poller keeps the mark fresh until a check passes
-//! after it, then clears it: a backend that refuses gets no new clients while a healthy one exists,
-//! until it is shown to listen again.
+//! The kernel marks a backend refusing at its first RST to a SYN, or its second stale answer in a
+//! row (a bare ACK from TIME_WAIT; new connections go elsewhere for [`REFUSING_NS`]). Where checks
+//! run, the poller keeps the mark fresh until a check passes after it, then clears it: a backend
+//! that refuses gets no new clients while a healthy one exists, until it is shown to listen again.
 
 use std::collections::{HashMap as StdHashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
