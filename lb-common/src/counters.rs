@@ -105,6 +105,8 @@ xdp_counters! {
     CookieInvalid, COOKIE_INVALID = 26, "cookie_invalid", Reason, "Client ACK without a connection whose acknowledgment is no valid SYN cookie: answered with an RST (no_conntrack), no state";
     CookieSynResent, COOKIE_SYN_RESENT = 27, "cookie_syn_resent", Reason, "Client packet of a SYN-cookie connection whose backend has not answered yet: sent to the backend as its SYN again instead (the client retransmits its data)";
     SynCookies, SYN_COOKIES = 28, "syn_cookies", State, "1 while SYNs to NAT services are answered with SYN cookies ([xdp] syn_cookies = \"on\", or \"auto\" during a SYN flood), else 0";
+    StaleAnswer, STALE_ANSWER = 29, "stale_answer", Reason, "A backend answered a new connection's SYN with a bare ACK of an old connection (TIME_WAIT on the SNAT 4-tuple) and no SYN-ACK to any SYN since it left: its listener is gone. Made an RST to the client, which fails at once; from the second in a row the backend is marked refusing";
+    StaleCollision, STALE_COLLISION = 30, "stale_collision", Reason, "A backend answered a new connection's SYN with a bare ACK of a connection it still holds on the SNAT 4-tuple (it answered other SYNs since, the port's last flow was half-open, or the SYN had no timestamp): forwarded to the client, which resets it and retransmits its SYN";
 }
 
 /// [`global_counter::NAMES`]; fails the build unless the indices are `0..COUNT`, each once.

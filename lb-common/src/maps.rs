@@ -3,7 +3,7 @@
 //! `_be` hold network byte order exactly as in the packet.
 
 /// Bumped whenever a map's layout changes; `lb run` adopts pinned maps only of the same version.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Per-CPU global counters (`PERCPU_ARRAY<u32, Counter>`), indexed by the [`global_counter`] values.
 /// User space sums each index over all CPUs.
@@ -223,9 +223,10 @@ pub struct FlowValue {
     /// [`FLOW_DSR`] flows (no timestamp translation) keep here the largest encapsulated packet the
     /// path to the backend has taken: a larger one asks the FIB again, which checks the MTU.
     pub ts_delta: u32,
-    /// Client → backend entries: the sequence number of the client's SYN (network order). A SYN
-    /// with another sequence number on the same 4-tuple is a new connection (the client reused its
-    /// port), never a retransmission of this one.
+    /// Both entries: the sequence number of the client's SYN (network order). A SYN with another
+    /// sequence number on the same 4-tuple is a new connection (the client reused its port), never
+    /// a retransmission of this one; on the reply entry, what an RST made of a stale answer
+    /// acknowledges (`lb_common::passive::stale_answer`).
     pub syn_seq_be: u32,
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);

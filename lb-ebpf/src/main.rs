@@ -64,7 +64,7 @@ use lb_common::{
         GlobalConfig, NEXT_HOP_CACHE_NS, SERVICE_DSR, ServiceKey, ServiceValue, TrafficCounters,
         global_counter as gc,
     },
-    passive::FLOW_ANSWERED,
+    passive::{FLOW_ANSWERED, FLOW_HELD, Stale},
     select::{AffinitySlot, BackendTable, Policy, Ring, next_entry, select},
     synproxy::FLOW_COOKIE,
 };
@@ -222,7 +222,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
     let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4_off) else {
         return pass(Some(gc::TRUNCATED));
     };
-    let flags = u16::from_be(unsafe { (*tcp).doff_flags_be });
+    let mut flags = u16::from_be(unsafe { (*tcp).doff_flags_be });
     let doff = (flags >> 12) as usize;
     if doff < 5 || doff * 4 > ip_len - ihl * 4 {
         return pass(Some(gc::MALFORMED));
@@ -260,16 +260,30 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
                 set_flags_both(f, FLOW_RST);
                 return reset::answer(ctx, ip, tcp, ihl, doff, now, gc::RESET_FLOW);
             }
+            // A reply entry's first packet: when its SYN was forwarded (precise, see below).
+            let sent_ns = f.last_seen_ns;
             // The coarse clock ticks every few ms: skip the write (and the cache-line bounce
             // between CPUs) while it has not moved.
             if f.last_seen_ns != now {
                 f.last_seen_ns = now;
             }
             let to_backend = f.flags & FLOW_TO_BACKEND != 0;
+            let mut stale_rst = false;
             if !to_backend && f.flags & (FLOW_HALF_OPEN | FLOW_ANSWERED) == FLOW_HALF_OPEN {
                 // The backend's first answer to a SYN: passive health counts it.
                 let syn_ack = flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
-                passive::answer(f, flags & TCP_RST != 0, syn_ack, now);
+                let mut rst = flags & TCP_RST != 0;
+                if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_ACK {
+                    // A bare ACK of an old connection: TIME_WAIT with no listener becomes an RST,
+                    // so the client learns at once (see passive::stale_answer).
+                    let stale = passive::stale_answer(tcp, f, sent_ns);
+                    stale_rst = stale != Stale::Collision;
+                    rst = stale == Stale::Refused;
+                    if stale_rst {
+                        flags |= TCP_RST;
+                    }
+                }
+                passive::answer(f, rst, syn_ack, now);
             }
             if f.flags & FLOW_COOKIE != 0 && f.half_open() {
                 // A SYN-cookie flow whose backend has not answered: the SYN proxy's.
@@ -302,7 +316,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
             }
             rewrite(ip, tcp, &key, f);
             if f.flags & FLOW_TS != 0 {
-                translate_timestamps(ctx, tcp, l4_off, doff, to_backend, f.ts_delta);
+                translate_timestamps(ctx, tcp, l4_off, doff, to_backend, f.ts_delta, stale_rst);
             }
             if f.flags & FLOW_COOKIE != 0 {
                 synproxy::translate(tcp, to_backend, f);
@@ -367,7 +381,10 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         backend: backend_index,
         service_slot: service.slot,
         flags: FLOW_HALF_OPEN,
-        last_seen_ns: now,
+        // Precise: a stale answer compares it with the backend's last SYN-ACK (passive).
+        last_seen_ns: passive::precise_now(),
+        // The client's SYN, for an answer that refuses it (passive::stale_answer).
+        syn_seq_be: seq_be,
         ..FlowValue::default()
     };
     // Toward the backend, timestamps follow the LB's clock (see FlowValue::ts_delta).
@@ -379,7 +396,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         reply_value.flags |= FLOW_TS;
         reply_value.ts_delta = delta;
     }
-    let Some(snat_port_be) = claim_snat(backend, cfg, now, &reply_value, len) else {
+    let Some(snat_port_be) = claim_snat(backend, cfg, now, &mut reply_value, len) else {
         // Actionable (widen [xdp] snat_ports): worth a log line, unlike per-packet events; under a
         // flood it repeats per packet, hence the rate limit.
         if let Some(suppressed) = may_log(LOG_SNAT_EXHAUSTED, now, cfg.cpus) {
@@ -408,7 +425,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
     if let Some(delta) = ts_delta {
         forward_value.flags |= FLOW_TS;
         forward_value.ts_delta = delta;
-        translate_timestamps(ctx, tcp, l4_off, doff, true, delta);
+        translate_timestamps(ctx, tcp, l4_off, doff, true, delta, false);
     }
     // The client reused a port of an earlier connection still on record: that connection is over
     // (its reply entry, if still its own, ages out as closed; its port is free after closed_timeout).
@@ -740,7 +757,7 @@ fn take_port(
     key: &FlowKey,
     cfg: &GlobalConfig,
     now: u64,
-    reply: &FlowValue,
+    reply: &mut FlowValue,
     reclaim: bool,
 ) -> Option<PortUse> {
     if SNAT_LOCKS.insert(key, 1, u64::from(BPF_NOEXIST)).is_err() {
@@ -765,9 +782,15 @@ fn take_port(
             {
                 let _ = CONNTRACK.remove(fwd_key);
             }
+            // The backend may still hold the 4-tuple (passive::stale_answer): the old flow was
+            // half-open (reclaimed, or expired), or held it.
+            if old.flags & (FLOW_HALF_OPEN | FLOW_HELD) != 0 {
+                reply.flags |= FLOW_HELD;
+            }
             let _ = CONNTRACK.remove(key);
         }
-        taken = CONNTRACK.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok();
+        let entry: &FlowValue = reply;
+        taken = CONNTRACK.insert(key, entry, u64::from(BPF_NOEXIST)).is_ok();
     }
     let _ = SNAT_LOCKS.remove(key);
     taken.then_some(was)
@@ -787,7 +810,7 @@ fn claim_snat(
     backend: &BackendValue,
     cfg: &GlobalConfig,
     now: u64,
-    reply: &FlowValue,
+    reply: &mut FlowValue,
     len: u64,
 ) -> Option<u16> {
     let cursor = SNAT.get_ptr_mut(0)?;
@@ -882,7 +905,9 @@ fn timestamp_option(ctx: &XdpContext, l4_off: usize, doff: usize) -> Option<usiz
     None
 }
 
-/// Toward the backend adds `delta` to TSval; toward the client subtracts it from TSecr.
+/// Toward the backend adds `delta` to TSval; toward the client subtracts it from TSecr, or with
+/// `clear` zeroes it (an RST made of a stale answer: its echo is the old connection's, which the
+/// client would take for a bogus answer and ignore the RST).
 #[inline(always)]
 fn translate_timestamps(
     ctx: &XdpContext,
@@ -891,6 +916,7 @@ fn translate_timestamps(
     doff: usize,
     to_backend: bool,
     delta: u32,
+    clear: bool,
 ) {
     let Some(at) = timestamp_option(ctx, l4_off, doff) else {
         return;
@@ -905,6 +931,8 @@ fn translate_timestamps(
         let value = u32::from_be(old);
         let new = if to_backend {
             value.wrapping_add(delta)
+        } else if clear {
+            0
         } else {
             value.wrapping_sub(delta)
         }

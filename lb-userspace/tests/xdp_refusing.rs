@@ -1,8 +1,12 @@
 //! Kernel passive health under BPF_PROG_TEST_RUN (issue #12): a backend's RST answering a
 //! forwarded SYN is counted as refused and marks the backend refusing; the next SYN whose choice
 //! it is goes to another primary (the next ring slots), and once every primary refuses, to the
-//! healthy backup. SYN-ACKs are counted as answers, once per connection. Needs root and the
-//! embedded eBPF object (`cargo xtask test` provides both).
+//! healthy backup. SYN-ACKs are counted as answers, once per connection. A bare ACK of an old
+//! connection answering a SYN (TIME_WAIT with no listener) from a backend that answered no SYN-ACK
+//! since the SYN left becomes an RST to the client, and the second in a row marks the backend;
+//! from a backend that did answer a SYN-ACK since, or to a SYN without timestamps, it is a
+//! collision, forwarded as it is. Needs root and the embedded eBPF object (`cargo xtask test`
+//! provides both).
 
 mod common;
 
@@ -104,6 +108,36 @@ impl Fixture {
         assert_eq!(verdict, XDP_REDIRECT, "the answer goes back to the client");
         let p = packet::parse(&out).expect("forwarded answer");
         assert_eq!((p.src, p.dst.0), ((VIP, 80), CLIENT));
+    }
+
+    /// A new connection's SYN from `port` with sequence number `seq` and a timestamp option, as
+    /// Linux sends it: (backend address it went to, SNAT port).
+    fn syn_ts(&self, port: u16, seq: u32) -> (Ipv4Addr, u16) {
+        let f = Tcp::new((CLIENT, port), (VIP, 80), SYN)
+            .macs(CLIENT_MAC, [0xaa; 6])
+            .seq(seq)
+            .tcp_options(&packet::syn_options(5_000, 0))
+            .build();
+        let (verdict, out, _) = self.xdp.test_run(&f, self.client_if, 1).unwrap();
+        assert_eq!(verdict, XDP_REDIRECT, "the SYN is forwarded");
+        let p = packet::parse(&out).expect("forwarded SYN");
+        (p.dst.0, p.src.1)
+    }
+
+    /// The backend's bare ACK (of an old connection: `ack` not the SYN's) answering the SYN sent
+    /// on `snat_port`, with a timestamp echoing the old connection: what reaches the client.
+    fn stale_ack(&self, backend: Ipv4Addr, snat_port: u16, ack: u32) -> packet::Parsed {
+        let f = Tcp::new((backend, 8080), (LB_BACKEND_SIDE, snat_port), ACK)
+            .macs([0xbb; 6], [0xcc; 6])
+            .seq(777_777)
+            .ack(ack)
+            .tcp_options(&packet::ack_options(9_999, 4_321))
+            .build();
+        let (verdict, out, _) = self.xdp.test_run(&f, self.backend_if, 1).unwrap();
+        assert_eq!(verdict, XDP_REDIRECT, "the answer goes back to the client");
+        let p = packet::parse(&out).expect("forwarded answer");
+        assert_eq!((p.src, p.dst.0), ((VIP, 80), CLIENT));
+        p
     }
 
     /// Kernel handshake counters and refusing marks by backend address.
@@ -250,5 +284,79 @@ fn a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup
         assert_eq!(p[&backend_ip(3)].0.answered, 1);
         // The client's affinity now names the backup: nothing left to avoid.
         assert_eq!(fx.counter("refusing_avoided"), 2);
+    });
+}
+
+#[test]
+fn a_bare_ack_from_time_wait_fails_its_client_at_once_and_the_second_marks_the_backend() {
+    if !common::ready("a_bare_ack_from_time_wait_fails_its_client_at_once_and_the_second_marks_the_backend") {
+        return;
+    }
+    in_fixture_netns(|client_if, backend_if| {
+        let fx = Fixture::new(client_if, backend_if);
+        let (home, _) = fx.which();
+        let other = if home == backend_ip(1) {
+            backend_ip(2)
+        } else {
+            backend_ip(1)
+        };
+
+        // The home backend answers a SYN with a SYN-ACK: alive until then.
+        let (b, port) = fx.syn_ts(42001, 1_000);
+        assert_eq!(b, home);
+        fx.answer(home, port, SYN | ACK);
+
+        // Killed: the next SYN meets TIME_WAIT there, answered by a bare ACK of the old
+        // connection. No SYN-ACK since the SYN left: the client gets an RST acknowledging its
+        // SYN, its timestamp echo cleared (the old connection's would make it drop the RST).
+        let (b, port) = fx.syn_ts(42002, 2_000);
+        assert_eq!(b, home);
+        let p = fx.stale_ack(home, port, 55_555);
+        assert_eq!(p.flags & (RST | ACK), RST | ACK, "the client gets an RST");
+        assert_eq!(p.ack, 2_001, "acknowledging its SYN");
+        assert_eq!(p.timestamps(), Some((9_999, 0)), "echo cleared");
+        let pc = fx.passive();
+        assert_eq!((pc[&home].0.stale, pc[&home].0.refused), (1, 0));
+        assert!(!pc[&home].1, "one stale answer marks nothing");
+        assert_eq!(fx.counter("stale_answer"), 1);
+
+        // The second in a row, still no SYN-ACK: refused, and the backend marked refusing.
+        let (b, port) = fx.syn_ts(42003, 3_000);
+        assert_eq!(b, home, "not marked yet");
+        let p = fx.stale_ack(home, port, 55_556);
+        assert_eq!((p.flags & RST, p.ack), (RST, 3_001));
+        let pc = fx.passive();
+        assert_eq!((pc[&home].0.stale, pc[&home].0.refused), (1, 1));
+        assert!(pc[&home].1, "{home} is marked refusing");
+        assert_eq!(fx.counter("stale_answer"), 2);
+        let (b, _) = fx.syn_ts(42004, 4_000);
+        assert_eq!(b, other, "the next SYN avoids it");
+        assert_eq!(fx.counter("refusing_avoided"), 1);
+
+        // A live backend: it answers another SYN with a SYN-ACK after this SYN left, so its bare
+        // ACK comes from a connection it still holds on the 4-tuple: forwarded as it is.
+        let (b, first) = fx.syn_ts(42005, 5_000);
+        assert_eq!(b, other);
+        let (b, second) = fx.syn_ts(42006, 6_000);
+        assert_eq!(b, other);
+        fx.answer(other, first, SYN | ACK);
+        let p = fx.stale_ack(other, second, 66_666);
+        assert_eq!(
+            (p.flags & (RST | ACK), p.ack),
+            (ACK, 66_666),
+            "forwarded unchanged"
+        );
+        assert_eq!(fx.counter("stale_collision"), 1);
+
+        // A SYN without timestamps: a live TIME_WAIT may answer it so; a collision too.
+        let (b, port) = fx.syn_from(42007);
+        assert_eq!(b, other);
+        let p = fx.stale_ack(other, port, 77_777);
+        assert_eq!(p.flags & RST, 0, "forwarded unchanged");
+        assert_eq!(fx.counter("stale_collision"), 2);
+        let pc = fx.passive();
+        assert_eq!((pc[&other].0.collided, pc[&other].0.refused), (2, 0));
+        assert!(!pc[&other].1, "collisions mark nothing");
+        assert_eq!(fx.counter("stale_answer"), 2);
     });
 }

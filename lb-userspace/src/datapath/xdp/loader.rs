@@ -15,7 +15,7 @@ use lb_common::maps::{
     MAP_AFFINITY, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_GLOBAL_STATS, MAP_RING,
     MAP_SERVICE_STATS, MAP_SERVICES, MAP_SNAT, MAP_SNAT_ADDRS, MAP_SNAT_LOCKS,
 };
-use lb_common::passive::{MAP_FALLBACK, MAP_PASSIVE, MAP_REFUSING};
+use lb_common::passive::{MAP_ALIVE, MAP_FALLBACK, MAP_PASSIVE, MAP_REFUSING};
 
 use tracing::{info, warn};
 
@@ -216,6 +216,7 @@ impl XdpDatapath {
             .map_max_entries(MAP_AFFINITY, cfg.affinity_entries)
             .map_max_entries(MAP_PASSIVE, cfg.max_backends)
             .map_max_entries(MAP_REFUSING, cfg.max_backends)
+            .map_max_entries(MAP_ALIVE, cfg.max_backends)
             .map_max_entries(MAP_FALLBACK, cfg.max_services);
         let names = [
             MAP_GLOBAL_STATS,
@@ -233,6 +234,7 @@ impl XdpDatapath {
             MAP_PASSIVE,
             MAP_REFUSING,
             MAP_FALLBACK,
+            MAP_ALIVE,
         ];
         if let Some(config) = config {
             // First, before anything is made: a typo here must not leave pins or sysctls behind.

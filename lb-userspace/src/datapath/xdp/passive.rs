@@ -3,16 +3,17 @@
 //! check passes, and each service's fallback list of backups written with its ring.
 //!
 //! Per backend of an XDP service with `observe = "layer4"`, each poll turns the counters' growth
-//! into connect outcomes: SYNs answered by an RST are refused connects; SYNs forwarded before
+//! into connect outcomes: SYNs answered by an RST (or by a stale answer the kernel turned into one)
+//! are refused connects; SYNs forwarded before
 //! `now − connect_timeout` that no answer (SYN-ACK or RST) has met yet, and were not counted yet,
 //! timed out (the history of the SYN counter gives what was forwarded by then); SYN-ACKs with no
 //! failure in the same poll are successes. `error_limit` failures in a row mark the backend down
 //! (reason "passive"), and the active checks bring it back with `rise`.
 //!
-//! The kernel marks a backend refusing at its first RST to a SYN (new connections go elsewhere
-//! for [`REFUSING_NS`]). Where checks run, the poller keeps the mark fresh until a check passes
-//! after it, then clears it: a backend that refuses gets no new clients while a healthy one exists,
-//! until it is shown to listen again.
+//! The kernel marks a backend refusing at its first RST to a SYN, or its second stale answer in a
+//! row (a bare ACK from TIME_WAIT; new connections go elsewhere for [`REFUSING_NS`]). Where checks
+//! run, the poller keeps the mark fresh until a check passes after it, then clears it: a backend
+//! that refuses gets no new clients while a healthy one exists, until it is shown to listen again.
 
 use std::collections::{HashMap as StdHashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
@@ -23,8 +24,8 @@ use aya::maps::{Array, MapData, PerCpuArray};
 use lb_common::hash::{client_hash, ring_slot};
 use lb_common::maps::NO_BACKEND;
 use lb_common::passive::{
-    FALLBACK_SLOTS, Fallback, MAP_FALLBACK, MAP_PASSIVE, MAP_REFUSING, POLL_MS, PassiveCounters, REFUSING_NS,
-    RING_PROBES, refusing,
+    FALLBACK_SLOTS, Fallback, Liveness, MAP_ALIVE, MAP_FALLBACK, MAP_PASSIVE, MAP_REFUSING, POLL_MS,
+    PassiveCounters, REFUSING_NS, RING_PROBES, refusing,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -40,6 +41,8 @@ use crate::state::Service;
 pub(super) struct PassiveMaps {
     counters: PerCpuArray<MapData, PassiveCounters>,
     refusing: Array<MapData, u64>,
+    /// The kernel's liveness per backend (cleared when an index changes hands).
+    alive: Array<MapData, Liveness>,
     fallback: Array<MapData, Fallback>,
     /// Fallback lists as written, by service slot.
     written: StdHashMap<u32, Fallback>,
@@ -50,6 +53,7 @@ impl PassiveMaps {
         Ok(PassiveMaps {
             counters: take(ebpf, MAP_PASSIVE)?,
             refusing: take(ebpf, MAP_REFUSING)?,
+            alive: take(ebpf, MAP_ALIVE)?,
             fallback: take(ebpf, MAP_FALLBACK)?,
             written: StdHashMap::new(),
         })
@@ -64,9 +68,12 @@ impl PassiveMaps {
         Ok(())
     }
 
-    /// Backend `index` was given to a new backend: no refusing mark carries over.
+    /// Backend `index` was given to a new backend: no refusing mark or liveness carries over.
     pub(super) fn forget(&mut self, index: u32) -> Result<(), XdpError> {
-        self.refusing.set(index, 0, 0).map_err(map_err(MAP_REFUSING))
+        self.refusing.set(index, 0, 0).map_err(map_err(MAP_REFUSING))?;
+        self.alive
+            .set(index, Liveness::default(), 0)
+            .map_err(map_err(MAP_ALIVE))
     }
 
     /// Writes service `slot`'s fallback list: its backups that take new clients (by kernel index,
@@ -185,7 +192,11 @@ impl Watch {
             }
         });
         let sent = sent_by.saturating_sub(self.start.syns);
-        let answers = (c.answered + c.refused).saturating_sub(self.start.answered + self.start.refused);
+        // A stale answer (a bare ACK of an old connection) answered its SYN too: the client was
+        // reset or retries it, it never timed out here.
+        let answers = (c.answered + c.refused + c.stale + c.collided).saturating_sub(
+            self.start.answered + self.start.refused + self.start.stale + self.start.collided,
+        );
         let missing = sent.saturating_sub(answers);
         let timed_out = missing.saturating_sub(self.missing);
         self.missing = missing;
@@ -342,7 +353,7 @@ mod tests {
             syns,
             answered,
             refused,
-            avoided: 0,
+            ..PassiveCounters::default()
         }
     }
 
