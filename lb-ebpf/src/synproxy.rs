@@ -384,7 +384,7 @@ fn new_flow(
         return refuse(ctx, now, gc::NO_BACKEND);
     };
     let isn = isn_toward(now);
-    let reply_value = FlowValue {
+    let mut reply_value = FlowValue {
         new_src_be: key.dst_be,
         new_dst_be: key.src_be,
         new_sport_be: key.dport_be,
@@ -398,7 +398,7 @@ fn new_flow(
         ts_delta: isn.wrapping_sub(client_isn),
         ..FlowValue::default()
     };
-    let Some(snat_port_be) = claim_snat(backend, cfg, now, &reply_value, len) else {
+    let Some(snat_port_be) = claim_snat(backend, cfg, now, &mut reply_value, len) else {
         return refuse(ctx, now, gc::SNAT_EXHAUSTED);
     };
     let forward_value = FlowValue {
