@@ -211,13 +211,15 @@ impl Balancer {
     /// nothing changed.
     pub fn stage(&self, command: Command) -> Result<Pending, StateError> {
         let current = self.current.load();
-        let before = current.state.services.get(command.service()).cloned();
+        // Read in place (the loaded snapshot stays alive): a copy of a service with 1,000
+        // backends is a copy of 2,000 strings.
+        let before = current.state.services.get(command.service());
         let mut state = current.state.clone();
         let effect = state.apply(command)?;
         let failback = before.and_then(|before| {
             let after = state.services.get(&before.settings.name)?;
             (after.id == before.id)
-                .then(|| Failback::between(&before, after).map(|f| (after.id, f)))
+                .then(|| Failback::between(before, after).map(|f| (after.id, f)))
                 .flatten()
         });
         let runtime = current.runtime.follow(&state);

@@ -281,6 +281,11 @@ impl Engine {
             Some((be.config.state, be.health))
         });
         let transition_only = matches!(command, Command::SetState { .. } | Command::SetHealth { .. });
+        // The checkers depend on the services' backend addresses and check settings only.
+        let same_checkers = matches!(
+            command,
+            Command::SetState { .. } | Command::SetHealth { .. } | Command::SetWeight { .. }
+        );
         let started = Instant::now();
         let pending = self.balancer.stage(command)?;
         let staged = started.elapsed();
@@ -323,7 +328,9 @@ impl Engine {
             if let (Some((service, backend)), Some(before)) = (&target, before) {
                 record_transitions(&now, service, backend, before, origin);
             }
-            self.health.reconcile(&now);
+            if !same_checkers {
+                self.health.reconcile(&now);
+            }
             if let Some(a) = &self.announce {
                 a.follow(&now);
             }

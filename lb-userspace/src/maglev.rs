@@ -21,6 +21,13 @@ pub struct Member<'a> {
 /// whose services got the same backends in a different order (added at run time on one, read
 /// from the file at a restart on the other) build the same table, so they send every client to
 /// the same backend.
+///
+/// The table is the one of the paper's formula (see the `the_table_is_the_formulas` test); only the
+/// way to it is quicker. Which slots are taken is kept in a bitmap (a few KiB, in the L1 cache,
+/// where the table itself is not). The last slots to be filled cost the most probes, so once only
+/// [`DIRECT_BELOW`] slots are free, a member's next slot is computed instead of walked to: of the
+/// free slots, the one its permutation reaches first (the step count `j` with
+/// `position + j × skip ≡ slot (mod M)` is `(slot − position) × skip⁻¹ mod M`).
 pub fn build(members: &[Member<'_>], size: u32, seed: u32) -> Vec<u32> {
     let mut members: Vec<&Member<'_>> = members.iter().filter(|m| m.weight > 0).collect();
     members.sort_by(|a, b| a.key.cmp(b.key));
@@ -29,45 +36,163 @@ pub fn build(members: &[Member<'_>], size: u32, seed: u32) -> Vec<u32> {
     }
     let m = u64::from(size);
     let max_weight = u64::from(members.iter().map(|b| b.weight).max().unwrap_or(1));
-    // (next slot of the permutation, skip, accumulated weight credit). The permutation is
-    // `(offset + j × skip) mod M`; walking it by adding `skip` (and subtracting M on overflow)
-    // gives the same slots without a division per probe.
-    let mut walkers: Vec<(u64, u64, u64)> = members
+    let mut walkers: Vec<Walker> = members
         .iter()
         .map(|b| {
             let h = bytes_hash(seed, b.key);
             let offset = (h >> 32) % m;
             let skip = if m > 1 { (h & 0xffff_ffff) % (m - 1) + 1 } else { 1 };
-            (offset, skip, 0)
+            Walker {
+                next: offset,
+                skip,
+                inverse: 0,
+                credit: 0,
+                weight: u64::from(b.weight),
+                id: b.id,
+            }
         })
         .collect();
-    const EMPTY: u32 = u32::MAX;
-    let mut table = vec![EMPTY; size as usize];
-    let mut filled = 0u64;
-    while filled < m {
-        for (i, w) in walkers.iter_mut().enumerate() {
-            w.2 += u64::from(members[i].weight);
-            while w.2 >= max_weight && filled < m {
-                w.2 -= max_weight;
-                loop {
-                    let slot = w.0 as usize;
-                    w.0 += w.1;
-                    if w.0 >= m {
-                        w.0 -= m;
-                    }
-                    if table[slot] == EMPTY {
-                        table[slot] = members[i].id;
-                        filled += 1;
-                        break;
-                    }
+    let mut fill = Fill {
+        table: vec![u32::MAX; size as usize],
+        taken: vec![0; (size as usize).div_ceil(64)],
+        m,
+        filled: 0,
+        walk_until: m.saturating_sub(DIRECT_BELOW),
+    };
+    // A member claims a slot on each turn that brings its credit to the largest weight (every
+    // turn when all weights are equal).
+    'turns: loop {
+        for w in &mut walkers {
+            w.credit += w.weight;
+            while w.credit >= max_weight {
+                w.credit -= max_weight;
+                if fill.filled < fill.walk_until {
+                    fill.walk(w);
+                } else {
+                    fill.compute(w);
                 }
-            }
-            if filled == m {
-                break;
+                if fill.filled == m {
+                    break 'turns;
+                }
             }
         }
     }
-    table
+    fill.table
+}
+
+/// Free slots below which [`build`] computes each member's next slot instead of walking to it.
+const DIRECT_BELOW: u64 = 64;
+
+/// One member's walk along its permutation.
+struct Walker {
+    /// The slot its permutation names next: `(offset + j × skip) mod M` for its next `j`.
+    next: u64,
+    skip: u64,
+    /// `skip⁻¹ mod M`, once needed (0 until then).
+    inverse: u64,
+    credit: u64,
+    weight: u64,
+    id: u32,
+}
+
+/// The table being filled.
+struct Fill {
+    table: Vec<u32>,
+    /// Bit `s` set when slot `s` is taken.
+    taken: Vec<u64>,
+    m: u64,
+    filled: u64,
+    /// Slots filled by walking; the rest are computed.
+    walk_until: u64,
+}
+
+impl Fill {
+    /// Gives `w` the first free slot its permutation names from where it stands, by walking.
+    fn walk(&mut self, w: &mut Walker) {
+        loop {
+            let slot = w.next;
+            w.next += w.skip;
+            if w.next >= self.m {
+                w.next -= self.m;
+            }
+            let (word, bit) = ((slot >> 6) as usize, 1u64 << (slot & 63));
+            if self.taken[word] & bit == 0 {
+                self.take(slot, bit, w.id);
+                return;
+            }
+        }
+    }
+
+    /// The same as [`Fill::walk`], by computing: of the free slots, the one the fewest steps
+    /// ahead (distinct per slot: a permutation names every slot once).
+    fn compute(&mut self, w: &mut Walker) {
+        if w.inverse == 0 {
+            w.inverse = inverse_mod(w.skip, self.m);
+        }
+        let (m, reciprocal) = (self.m, 1.0 / self.m as f64);
+        let mut best = (u64::MAX, 0);
+        for (i, &word) in self.taken.iter().enumerate() {
+            let mut open = !word;
+            while open != 0 {
+                let slot = i as u64 * 64 + u64::from(open.trailing_zeros());
+                open &= open - 1;
+                if slot >= m {
+                    break;
+                }
+                let ahead = if slot >= w.next {
+                    slot - w.next
+                } else {
+                    slot + m - w.next
+                };
+                let steps = mul_mod(ahead, w.inverse, m, reciprocal);
+                if steps < best.0 {
+                    best = (steps, slot);
+                }
+            }
+        }
+        let slot = best.1;
+        w.next = slot + w.skip;
+        if w.next >= m {
+            w.next -= m;
+        }
+        self.take(slot, 1u64 << (slot & 63), w.id);
+    }
+
+    fn take(&mut self, slot: u64, bit: u64, id: u32) {
+        self.taken[(slot >> 6) as usize] |= bit;
+        self.table[slot as usize] = id;
+        self.filled += 1;
+    }
+}
+
+/// `a × b mod m` for `a, b < m`, without a 64-bit division when the product is exact in an
+/// `f64` (below 2⁵²: M up to 2²⁶): the quotient from `reciprocal = 1 / m` is off by at most one.
+fn mul_mod(a: u64, b: u64, m: u64, reciprocal: f64) -> u64 {
+    let product = a * b;
+    if product >= 1 << 52 {
+        return product % m;
+    }
+    let q = (product as f64 * reciprocal) as u64;
+    let r = product as i64 - (q * m) as i64;
+    if r < 0 {
+        (r + m as i64) as u64
+    } else if r as u64 >= m {
+        r as u64 - m
+    } else {
+        r as u64
+    }
+}
+
+/// `a⁻¹ mod m` for `m` prime and `0 < a < m` (extended Euclid; 0 when `m` is 1).
+fn inverse_mod(a: u64, m: u64) -> u64 {
+    let (mut old_r, mut r) = (a as i64, m as i64);
+    let (mut old_s, mut s) = (1i64, 0i64);
+    while r != 0 {
+        let q = old_r / r;
+        (old_r, r) = (r, old_r - q * r);
+        (old_s, s) = (s, old_s - q * s);
+    }
+    old_s.rem_euclid(m as i64) as u64
 }
 
 /// Whether `n` is prime (for validating table sizes).
@@ -276,6 +401,68 @@ mod tests {
                 by_the_formula(&m, size, 42),
                 "{n} backends, M = {size}"
             );
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(48))]
+
+        /// The walk with the bitmap and the computed tail gives the formula's table, whatever
+        /// the members, weights, seed and size (sizes around the point where the tail starts
+        /// being computed included).
+        #[test]
+        fn any_table_is_the_formulas(
+            n in 1usize..60,
+            weights in proptest::collection::vec(1u32..6, 60),
+            zeros in proptest::collection::vec(proptest::bool::weighted(0.1), 60),
+            size in proptest::sample::select(vec![2u32, 3, 5, 101, 251, 257, 263, 509, 1009, 4099, 65537]),
+            seed in proptest::prelude::any::<u32>(),
+        ) {
+            let k = keys(n);
+            let weights: Vec<u32> = (0..n).map(|i| if zeros[i] { 0 } else { weights[i] }).collect();
+            let m = members(&k, &weights);
+            let live: Vec<Member<'_>> = m.iter().filter(|b| b.weight > 0).cloned().collect();
+            let want = if live.is_empty() { Vec::new() } else { by_the_formula(&live, size, seed) };
+            proptest::prop_assert_eq!(build(&m, size, seed), want);
+        }
+    }
+
+    #[test]
+    fn products_mod_m() {
+        for m in [
+            2u64,
+            101,
+            100_003,
+            u64::from(crate::config::MAX_RING_SIZE),
+            4_294_967_291,
+        ] {
+            let reciprocal = 1.0 / m as f64;
+            for (a, b) in [
+                (0, 5 % m),
+                (1, m - 1),
+                (m - 1, m - 1),
+                (m / 2, m / 3),
+                (m / 7, m - 2),
+            ] {
+                let want = (u128::from(a) * u128::from(b) % u128::from(m)) as u64;
+                assert_eq!(mul_mod(a, b, m, reciprocal), want, "{a} × {b} mod {m}");
+            }
+        }
+    }
+
+    #[test]
+    fn inverses() {
+        for m in [
+            2u64,
+            3,
+            101,
+            65537,
+            100_003,
+            u64::from(crate::config::MAX_RING_SIZE),
+        ] {
+            for a in [1, 2, m / 2, m - 1].into_iter().filter(|a| (1..m).contains(a)) {
+                assert_eq!(a * inverse_mod(a, m) % m, 1, "{a} mod {m}");
+            }
         }
     }
 

@@ -59,6 +59,7 @@ pub struct Transition {
 #[derive(Clone, Debug)]
 pub struct Backend {
     /// Stable within its service for the backend's lifetime (index into kernel arrays later).
+    /// A service's backends are in the order of their ids.
     pub id: u32,
     pub config: BackendConfig,
     pub health: Health,
@@ -86,11 +87,16 @@ pub struct Service {
     pub id: u32,
     /// Settings; `settings.backends` is kept empty (the live list is `backends`).
     pub settings: ServiceConfig,
+    /// In the order of their ids (the order they were added in).
     pub backends: Vec<Backend>,
     /// Maglev table of backend ids; empty when no backend takes new clients.
     pub ring: Arc<Vec<u32>>,
     /// Whether the ring is made of backups (no primary takes new clients).
     pub ring_uses_backups: bool,
+    /// What `ring` was built from.
+    ring_inputs: Arc<RingInputs>,
+    /// The ring before the last build, and what it was built from (kept to be taken back).
+    previous_ring: Option<(Arc<RingInputs>, Arc<Vec<u32>>)>,
     next_backend_id: u32,
 }
 
@@ -100,7 +106,11 @@ impl Service {
     }
 
     pub fn backend_by_id(&self, id: u32) -> Option<&Backend> {
-        self.backends.iter().find(|b| b.id == id)
+        // `backends` is in id order: ids are handed out in increasing order and only appended.
+        self.backends
+            .binary_search_by_key(&id, |b| b.id)
+            .ok()
+            .map(|at| &self.backends[at])
     }
 
     fn backend_mut(&mut self, reference: &str) -> Result<&mut Backend, StateError> {
@@ -114,32 +124,79 @@ impl Service {
             })
     }
 
+    /// Brings the ring in line with the backends. The table is a function of its members (id,
+    /// key, weight), the size and the seed alone, so it is built only when they differ from those
+    /// of the current ring and of the one before it (a drain undone, a backend down and up again,
+    /// a change to a backup while the primaries serve: no build).
     fn rebuild_ring(&mut self, ring_size: u32, seed: u32) {
-        let keys: Vec<(u32, String, u32, bool)> = self
-            .backends
+        let inputs = RingInputs::of(&self.backends, ring_size, seed);
+        if inputs == *self.ring_inputs {
+            return;
+        }
+        // Taken either way: the ring replaced below becomes the previous one.
+        if let Some(previous) = self.previous_ring.take()
+            && *previous.0 == inputs
+        {
+            let current = (self.ring_inputs.clone(), self.ring.clone());
+            (self.ring_inputs, self.ring) = previous;
+            self.ring_uses_backups = inputs.backups;
+            self.previous_ring = Some(current);
+            return;
+        }
+        let members: Vec<maglev::Member<'_>> = inputs
+            .members
             .iter()
-            .filter(|b| b.admits_new())
-            .map(|b| {
-                (
-                    b.id,
-                    b.config.address.to_string(),
-                    b.config.weight,
-                    b.config.backup,
-                )
-            })
-            .collect();
-        let primaries = keys.iter().any(|k| !k.3);
-        let members: Vec<maglev::Member<'_>> = keys
-            .iter()
-            .filter(|k| k.3 != primaries)
-            .map(|(id, key, weight, _)| maglev::Member {
+            .map(|(id, weight, span)| maglev::Member {
                 id: *id,
-                key: key.as_bytes(),
+                key: &inputs.text.as_bytes()[span.clone()],
                 weight: *weight,
             })
             .collect();
-        self.ring_uses_backups = !primaries && !members.is_empty();
-        self.ring = Arc::new(maglev::build(&members, ring_size, seed));
+        let ring = Arc::new(maglev::build(&members, ring_size, seed));
+        self.ring_uses_backups = inputs.backups;
+        let current = (
+            std::mem::replace(&mut self.ring_inputs, Arc::new(inputs)),
+            std::mem::replace(&mut self.ring, ring),
+        );
+        self.previous_ring = Some(current);
+    }
+}
+
+/// What a Maglev table is built from: its members (id, weight, key) in id order, whether they
+/// are the backups, the table size and the seed. Two equal inputs give the same table.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct RingInputs {
+    /// The members' keys (their addresses as text) one after the other: one allocation, not
+    /// one per backend.
+    text: String,
+    /// Id, weight and span of the key in `text` of each member.
+    members: Vec<(u32, u32, std::ops::Range<usize>)>,
+    backups: bool,
+    size: u32,
+    seed: u32,
+}
+
+impl RingInputs {
+    /// The ring members of `backends`: the active, healthy primaries with weight, or the
+    /// backups when no primary takes new clients.
+    fn of(backends: &[Backend], size: u32, seed: u32) -> RingInputs {
+        use std::fmt::Write as _;
+        let takers = || backends.iter().filter(|b| b.admits_new());
+        let primaries = takers().any(|b| !b.config.backup);
+        let mut text = String::with_capacity(backends.len() * 24);
+        let mut members = Vec::with_capacity(backends.len());
+        for b in takers().filter(|b| b.config.backup != primaries) {
+            let start = text.len();
+            let _ = write!(text, "{}", b.config.address);
+            members.push((b.id, b.config.weight, start..text.len()));
+        }
+        RingInputs {
+            text,
+            backups: !primaries && !members.is_empty(),
+            members,
+            size,
+            seed,
+        }
     }
 }
 
@@ -312,6 +369,8 @@ impl State {
                     backends: Vec::new(),
                     ring: Arc::new(Vec::new()),
                     ring_uses_backups: false,
+                    ring_inputs: Arc::new(RingInputs::of(&[], ring_size, seed)),
+                    previous_ring: None,
                     next_backend_id: 0,
                 };
                 for backend in backends {
@@ -747,6 +806,73 @@ pub(crate) mod tests {
         assert_eq!(svc.backend("b4").unwrap().id, 3);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(32))]
+
+        /// After any sequence of changes, the service's ring is the one a node builds from
+        /// scratch for the same backends (given in another order, health set afterwards), its
+        /// backends stay in id order and each is found by its id.
+        #[test]
+        fn the_ring_after_any_changes_is_the_ring_built_afresh(
+            changes in proptest::collection::vec((0u8..6, 0usize..10, 0u32..4), 1..40),
+        ) {
+            let address = |i: usize| format!("10.2.0.{}:80", i + 1);
+            let mut running = State::new(9, 1009);
+            let start: Vec<BackendConfig> =
+                (0..4).map(|i| backend(&format!("b{i}"), &address(i))).collect();
+            running.apply(Command::AddService { service: service("web", "10.0.0.100:80", start) }).unwrap();
+            for (op, i, n) in changes {
+                let (web, name) = ("web".to_string(), format!("b{i}"));
+                let command = match op {
+                    0 => Command::AddBackend { service: web, backend: backend(&name, &address(i)) },
+                    1 => Command::RemoveBackend { service: web, backend: name },
+                    2 => Command::SetState { service: web,
+                        backend: name,
+                        state: [AdminState::Active, AdminState::Drain, AdminState::Maintenance][n as usize % 3],
+                    },
+                    3 => Command::SetWeight { service: web, backend: name, weight: n },
+                    4 => Command::SetHealth { service: web,
+                        backend: name,
+                        health: if n % 2 == 0 { Health::Up } else { Health::Down },
+                    },
+                    _ => {
+                        let mut b = backend(&name, &address(i));
+                        b.backup = n % 2 == 0;
+                        b.weight = n + 1;
+                        Command::UpdateBackend { service: web, backend: b }
+                    }
+                };
+                // Refused changes (unknown backend, name in use) are part of the sequence too.
+                let _ = running.apply(command);
+                let svc = running.service("web").unwrap();
+                proptest::prop_assert!(svc.backends.windows(2).all(|w| w[0].id < w[1].id));
+                for b in &svc.backends {
+                    proptest::prop_assert_eq!(svc.backend_by_id(b.id).map(|f| f.id), Some(b.id));
+                }
+                let mut configs: Vec<BackendConfig> = svc.backends.iter().map(|b| b.config.clone()).collect();
+                configs.reverse();
+                let mut fresh = State::new(9, 1009);
+                fresh.apply(Command::AddService { service: service("web", "10.0.0.100:80", configs) }).unwrap();
+                for b in svc.backends.iter().filter(|b| b.health == Health::Down) {
+                    fresh.apply(Command::SetHealth {
+                        service: "web".into(),
+                        backend: b.config.name.clone(),
+                        health: Health::Down,
+                    }).unwrap();
+                }
+                let by_address = |s: &State| -> Vec<std::net::SocketAddr> {
+                    let svc = s.service("web").unwrap();
+                    svc.ring.iter().map(|id| svc.backend_by_id(*id).unwrap().config.address).collect()
+                };
+                proptest::prop_assert_eq!(by_address(&running), by_address(&fresh));
+                proptest::prop_assert_eq!(
+                    running.service("web").unwrap().ring_uses_backups,
+                    fresh.service("web").unwrap().ring_uses_backups
+                );
+            }
+        }
+    }
+
     #[test]
     fn diff_applies_only_changes() {
         let base = |backends| Config {
@@ -806,6 +932,47 @@ pub(crate) mod tests {
             .map(|b| b.config.name.clone())
             .collect();
         assert_eq!(names, ["b2", "b3"]);
+    }
+
+    /// A change that leaves the ring's members as they are builds nothing; one that brings back
+    /// the members of the ring before takes that ring back; either way the ring is the one a
+    /// build gives.
+    #[test]
+    fn rings_are_built_only_for_new_members() {
+        let mut s = three();
+        let ring = |s: &State| s.service("web").unwrap().ring.clone();
+        let set = |s: &mut State, backend: &str, state: AdminState| {
+            s.apply(Command::SetState {
+                service: "web".into(),
+                backend: backend.into(),
+                state,
+            })
+            .unwrap();
+        };
+        let mut spare = backend("spare", "10.1.4.2:80");
+        spare.backup = true;
+        let before = ring(&s);
+        s.apply(Command::AddBackend {
+            service: "web".into(),
+            backend: spare,
+        })
+        .unwrap();
+        assert!(Arc::ptr_eq(&ring(&s), &before), "a backup while primaries serve");
+        set(&mut s, "b2", AdminState::Drain);
+        let drained = ring(&s);
+        assert!(!drained.contains(&1));
+        set(&mut s, "b2", AdminState::Maintenance);
+        assert!(Arc::ptr_eq(&ring(&s), &drained), "out of the ring either way");
+        set(&mut s, "b2", AdminState::Active);
+        assert!(Arc::ptr_eq(&ring(&s), &before), "the drain undone");
+        set(&mut s, "b2", AdminState::Drain);
+        assert!(Arc::ptr_eq(&ring(&s), &drained), "and done again");
+        let fresh = {
+            let mut f = three();
+            set(&mut f, "b2", AdminState::Drain);
+            ring(&f)
+        };
+        assert_eq!(*ring(&s), *fresh);
     }
 
     /// A node that removed and added a backend again at run time (so it comes last in its list)

@@ -8,6 +8,7 @@
 //! sudo -E cargo xtask bench --ajp            # only the AJP chain (Apache → lb → Tomcats)
 //! sudo -E cargo xtask bench --cost           # only the kernel figures and cost growth
 //! sudo -E cargo xtask bench --cost --quick   # the same in seconds (smoke mode)
+//! sudo -E cargo xtask bench --churn --no-build --lb-bin /tmp/lb-a --out /tmp/a   # runtime changes only
 //! sudo -E cargo xtask bench --ajp-rows ajp-balancer,ajp-haproxy --quick --no-build --lb-bin target/debug/lb
 //! ```
 //!
@@ -129,6 +130,10 @@ pub struct BenchArgs {
     /// cost.svg and cost.json. With --quick: the smoke mode (seconds).
     #[arg(long)]
     cost: bool,
+    /// Run only the runtime-change measurement (add-backend, add-backends and drain/enable at
+    /// 1,000 backends, with and without a state file); writes churn.md.
+    #[arg(long)]
+    churn: bool,
     /// The lb-microbench binary to run (default: the one built, or target/release/lb-microbench
     /// with --no-build).
     #[arg(long)]
@@ -203,6 +208,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.cost {
         return run_cost_only(&args);
+    }
+    if args.churn {
+        return run_churn_only(&args);
     }
     let rows = if args.rows.is_empty() {
         RowKind::ALL.to_vec()
@@ -327,6 +335,36 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if plan.quick {
         eprintln!("bench: --quick results are for smoke checks; run without --quick for numbers to cite");
     }
+    Ok(())
+}
+
+/// `--churn`: only the runtime changes at 1,000 backends; writes `churn.md` into the output
+/// directory.
+fn run_churn_only(args: &BenchArgs) -> Result<()> {
+    let bins = binaries(&BenchArgs {
+        no_micro: true,
+        ..args.clone()
+    })?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let bench = bins.root.join("bench");
+        if args.quick { bench.join("quick") } else { bench }
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    install_signal_handlers();
+    let started = Instant::now();
+    let m = micro::Micro {
+        entries: churn::run(&bins.lb, args.quick),
+        skipped: None,
+    };
+    let md = m.markdown();
+    println!("{md}");
+    let path = out.join("churn.md");
+    std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "bench: runtime changes done in {:.0} s; wrote {}",
+        started.elapsed().as_secs_f64(),
+        path.display()
+    );
     Ok(())
 }
 
