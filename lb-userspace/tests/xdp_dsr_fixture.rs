@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::{CLIENT_MAC, LB_BACKEND_SIDE, RING, VIP, XDP_DROP, XDP_REDIRECT, XDP_TX};
+
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
@@ -15,21 +17,12 @@ use lb::datapath::Datapath;
 use lb::datapath::xdp::XdpDatapath;
 use lb::state::{Command, State};
 use lb_common::csum::checksum;
-use lb_tests::fixture::FixtureSpec;
 use lb_tests::packet::Tcp;
 use lb_tests::packet::flags::{ACK, FIN, SYN};
 
-const XDP_DROP: u32 = 1;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 2);
 const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 2];
-const LB_BACKEND_SIDE: Ipv4Addr = lb_tests::fixture::LB_BACKEND_SIDE;
-const RING: u32 = 101;
 
 struct Fixture {
     xdp: Option<XdpDatapath>,
@@ -66,13 +59,7 @@ impl Fixture {
     }
 
     fn counter(&self, name: &str) -> u64 {
-        self.xdp
-            .as_ref()
-            .unwrap()
-            .kernel_counters()
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .map_or_else(|| panic!("no counter {name}"), |(_, v)| v)
+        common::counter(self.xdp.as_ref().unwrap(), name)
     }
 }
 
@@ -108,12 +95,7 @@ fn in_fixture<T: Send>(f: impl FnOnce(u32) -> T + Send) -> T {
 }
 
 fn in_fixture_links<T: Send>(f: impl FnOnce(lb_tests::fixture::FixtureLinks) -> T + Send) -> T {
-    let spec = FixtureSpec {
-        vip: Some(VIP),
-        clients: vec![(CLIENT, CLIENT_MAC)],
-        backends: vec![(BACKEND, BACKEND_MAC)],
-    };
-    lb_tests::fixture::in_fixture_netns(&spec, f).expect("fixture namespace")
+    lb_tests::fixture::in_fixture_netns(&common::spec(1, 1), f).expect("fixture namespace")
 }
 
 /// Checks that `out` is `input` wrapped in the outer header toward the backend.

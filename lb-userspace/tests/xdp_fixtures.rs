@@ -6,6 +6,11 @@
 
 mod common;
 
+use common::{
+    CLIENT_MAC, LB_BACKEND_SIDE, RING, VIP, XDP_DROP, XDP_PASS, XDP_REDIRECT, backend_ip, backend_mac,
+    client, in_fixture_netns,
+};
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
@@ -14,46 +19,8 @@ use lb::config::{AdminState, BackendConfig, ServiceConfig};
 use lb::datapath::Datapath;
 use lb::datapath::xdp::XdpDatapath;
 use lb::state::{Command, Health, State};
-use lb_tests::fixture::FixtureSpec;
 use lb_tests::packet::flags::{ACK, FIN, PSH, RST, SYN};
 use lb_tests::packet::{self, IPPROTO_ICMP, Parsed, Tcp, ack_options, arp_request, syn_options};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_REDIRECT: u32 = 4;
-
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
-const LB_BACKEND_SIDE: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
-const RING: u32 = 101;
-
-fn backend_ip(i: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 1, 1, 1 + i)
-}
-fn backend_mac(i: u8) -> [u8; 6] {
-    [0x02, 0, 0, 0, 1, 1 + i]
-}
-fn client(i: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 0, 0, 10 + i)
-}
-
-/// Runs `f(client ifindex, backend ifindex)` in a thread inside a fresh fixture namespace
-/// (lb_tests::fixture) with the clients' and backends' permanent neighbours.
-fn in_fixture_netns<T: Send>(f: impl FnOnce(u32, u32) -> T + Send) -> T {
-    let spec = FixtureSpec {
-        vip: Some(VIP),
-        clients: (0..3u8)
-            .map(|i| {
-                let mut mac = CLIENT_MAC;
-                mac[5] += i;
-                (client(i), mac)
-            })
-            .collect(),
-        backends: (1..=3u8).map(|i| (backend_ip(i), backend_mac(i))).collect(),
-    };
-    lb_tests::fixture::in_fixture_netns(&spec, |links| f(links.client_if, links.backend_if))
-        .expect("fixture namespace")
-}
 
 /// State and kernel, changed together the way the engine does it.
 struct Fixture {
@@ -93,12 +60,7 @@ impl Fixture {
     }
 
     fn counter(&self, name: &str) -> u64 {
-        self.xdp
-            .kernel_counters()
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v)
-            .unwrap()
+        common::counter(&self.xdp, name)
     }
 }
 
@@ -147,7 +109,7 @@ fn xdp_nat_forward_reply_and_affinity() {
     if !common::ready("xdp_nat_forward_reply_and_affinity") {
         return;
     }
-    in_fixture_netns(|client_if, backend_if| {
+    in_fixture_netns(3, 3, |client_if, backend_if| {
         let mut fx = Fixture::new();
         let c = client(0);
         let want = fx.ring_choice(c);
@@ -237,7 +199,7 @@ fn xdp_drain_keeps_known_clients_down_refuses() {
     if !common::ready("xdp_drain_keeps_known_clients_down_refuses") {
         return;
     }
-    in_fixture_netns(|client_if, _| {
+    in_fixture_netns(3, 3, |client_if, _| {
         let mut fx = Fixture::new();
         let dst_of = |fx: &Fixture, c: Ipv4Addr, port: u16| {
             let (verdict, out, _) = fx
@@ -331,7 +293,7 @@ fn xdp_passes_or_drops_what_is_not_forwardable() {
     if !common::ready("xdp_passes_or_drops_what_is_not_forwardable") {
         return;
     }
-    in_fixture_netns(|client_if, _| {
+    in_fixture_netns(3, 3, |client_if, _| {
         let fx = Fixture::new();
         let c = client(1);
         let to = |port: u16, dst: Ipv4Addr, dport: u16, flags: u8| {
@@ -431,7 +393,7 @@ fn xdp_no_backend_drops_syn() {
     if !common::ready("xdp_no_backend_drops_syn") {
         return;
     }
-    in_fixture_netns(|client_if, _| {
+    in_fixture_netns(3, 3, |client_if, _| {
         let mut fx = Fixture::new();
         for i in 1..=3 {
             fx.apply(Command::SetState {
@@ -464,7 +426,7 @@ fn xdp_translates_tcp_timestamps_toward_the_backend() {
     if !common::ready("xdp_translates_tcp_timestamps_toward_the_backend") {
         return;
     }
-    in_fixture_netns(|client_if, backend_if| {
+    in_fixture_netns(3, 3, |client_if, backend_if| {
         let fx = Fixture::new();
         let c = client(2);
         // A client timestamp far from the LB's clock, as Linux's per-connection random offsets give.
@@ -546,7 +508,7 @@ fn xdp_syn_on_a_reused_tuple_starts_a_new_flow() {
     if !common::ready("xdp_syn_on_a_reused_tuple_starts_a_new_flow") {
         return;
     }
-    in_fixture_netns(|client_if, backend_if| {
+    in_fixture_netns(3, 3, |client_if, backend_if| {
         let fx = Fixture::new();
         let c = client(1);
         let client_side = (c, 41000);
@@ -628,7 +590,7 @@ fn xdp_answers_a_packet_without_connection_with_rst() {
     if !common::ready("xdp_answers_a_packet_without_connection_with_rst") {
         return;
     }
-    in_fixture_netns(|client_if, _| {
+    in_fixture_netns(3, 3, |client_if, _| {
         let fx = Fixture::new();
         let c = client(1);
         let lb_mac = [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x01];
@@ -682,7 +644,7 @@ fn xdp_resets_are_rate_limited() {
     if !common::ready("xdp_resets_are_rate_limited") {
         return;
     }
-    in_fixture_netns(|client_if, _| {
+    in_fixture_netns(3, 3, |client_if, _| {
         let fx = Fixture::new();
         // Far more than the burst, sent much faster than the rate refills it.
         let n = 2000u64;
@@ -717,7 +679,7 @@ fn xdp_reset_backend_answers_both_ends_with_rst() {
     if !common::ready("xdp_reset_backend_answers_both_ends_with_rst") {
         return;
     }
-    in_fixture_netns(|client_if, backend_if| {
+    in_fixture_netns(3, 3, |client_if, backend_if| {
         let fx = Fixture::new();
         let c = client(0);
         let client_side = (c, 43000);
@@ -823,7 +785,7 @@ fn xdp_invalid_packets_create_no_state() {
     if !common::ready("xdp_invalid_packets_create_no_state") {
         return;
     }
-    in_fixture_netns(|client_if, _| {
+    in_fixture_netns(3, 3, |client_if, _| {
         let fx = Fixture::new();
         let c = client(0);
         let from = |src: Ipv4Addr, flags: u8| {
@@ -984,7 +946,7 @@ fn xdp_kernel_log_lines_are_rate_limited() {
     if !common::ready("xdp_kernel_log_lines_are_rate_limited") {
         return;
     }
-    in_fixture_netns(|client_if, _| {
+    in_fixture_netns(3, 3, |client_if, _| {
         let mut cpu = nix::sched::CpuSet::new();
         cpu.set(0).unwrap();
         nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).expect("pin to CPU 0");

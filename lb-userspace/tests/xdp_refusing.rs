@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::{CLIENT_MAC, LB_BACKEND_SIDE, RING, VIP, XDP_REDIRECT, backend_ip, in_fixture_netns};
+
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
@@ -20,23 +22,10 @@ use lb::datapath::Datapath;
 use lb::datapath::xdp::XdpDatapath;
 use lb::state::{Command, State};
 use lb_common::passive::PassiveCounters;
-use lb_tests::fixture::FixtureSpec;
 use lb_tests::packet::flags::{ACK, RST, SYN};
 use lb_tests::packet::{self, Tcp};
 
-const XDP_REDIRECT: u32 = 4;
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
-const LB_BACKEND_SIDE: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
-const RING: u32 = 101;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
-
-fn backend_ip(i: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 1, 1, 1 + i)
-}
-fn backend_mac(i: u8) -> [u8; 6] {
-    [0x02, 0, 0, 0, 1, 1 + i]
-}
 
 /// b1 and b2 primaries, b3 a backup.
 fn service() -> lb::config::ServiceConfig {
@@ -168,23 +157,8 @@ impl Fixture {
     }
 
     fn counter(&self, name: &str) -> u64 {
-        self.xdp
-            .kernel_counters()
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v)
-            .unwrap()
+        common::counter(&self.xdp, name)
     }
-}
-
-fn in_fixture_netns<T: Send>(f: impl FnOnce(u32, u32) -> T + Send) -> T {
-    let spec = FixtureSpec {
-        vip: Some(VIP),
-        clients: vec![(CLIENT, CLIENT_MAC)],
-        backends: (1..=3u8).map(|i| (backend_ip(i), backend_mac(i))).collect(),
-    };
-    lb_tests::fixture::in_fixture_netns(&spec, |links| f(links.client_if, links.backend_if))
-        .expect("fixture namespace")
 }
 
 #[test]
@@ -192,7 +166,7 @@ fn a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup
     if !common::ready("a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup") {
         return;
     }
-    in_fixture_netns(|client_if, backend_if| {
+    in_fixture_netns(1, 3, |client_if, backend_if| {
         let mut fx = Fixture::new(client_if, backend_if);
         if let Some(n) = fx.xdp.verified_instructions() {
             eprintln!("MEASURED xdp program: {n} instructions verified (limit 1000000)");
@@ -292,7 +266,7 @@ fn a_bare_ack_from_time_wait_fails_its_client_at_once_and_the_second_marks_the_b
     if !common::ready("a_bare_ack_from_time_wait_fails_its_client_at_once_and_the_second_marks_the_backend") {
         return;
     }
-    in_fixture_netns(|client_if, backend_if| {
+    in_fixture_netns(1, 3, |client_if, backend_if| {
         let fx = Fixture::new(client_if, backend_if);
         let (home, _) = fx.which();
         let other = if home == backend_ip(1) {

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::{CLIENT_MAC, LB_BACKEND_SIDE, RING, VIP, XDP_DROP, XDP_REDIRECT};
+
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,20 +15,12 @@ use lb::config::{AdminState, BackendConfig, ServiceConfig, XdpConfig};
 use lb::datapath::Datapath;
 use lb::datapath::xdp::XdpDatapath;
 use lb::state::{Command, State};
-use lb_tests::fixture::FixtureSpec;
 use lb_tests::packet::flags::{ACK, FIN, RST, SYN};
 use lb_tests::packet::{self, Tcp};
 
-const XDP_DROP: u32 = 1;
-const XDP_REDIRECT: u32 = 4;
-
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 2);
 const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 2];
-const LB_BACKEND_SIDE: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
-const RING: u32 = 101;
 /// 64 SNAT ports: on a machine with 2 or more CPUs, a CPU's share is at most 32.
 const SNAT_LO: u16 = 20000;
 const SNAT_PORTS: u16 = 64;
@@ -70,12 +64,7 @@ impl Fixture {
     }
 
     fn counter(&self, name: &str) -> u64 {
-        self.xdp()
-            .kernel_counters()
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v)
-            .unwrap()
+        common::counter(self.xdp(), name)
     }
 }
 
@@ -94,12 +83,7 @@ impl Drop for Fixture {
 /// Runs `f(client ifindex, backend ifindex)` on a thread pinned to CPU 0 inside a fresh fixture
 /// namespace: every BPF_PROG_TEST_RUN then runs on that one CPU, as when one RX queue takes every SYN.
 fn on_one_cpu<T: Send>(f: impl FnOnce(u32, u32) -> T + Send) -> T {
-    let spec = FixtureSpec {
-        vip: Some(VIP),
-        clients: vec![(CLIENT, CLIENT_MAC)],
-        backends: vec![(BACKEND, BACKEND_MAC)],
-    };
-    lb_tests::fixture::in_fixture_netns(&spec, |links| {
+    lb_tests::fixture::in_fixture_netns(&common::spec(1, 1), |links| {
         let mut cpus = nix::sched::CpuSet::new();
         cpus.set(0).unwrap();
         nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("pin to CPU 0");

@@ -6,6 +6,10 @@
 
 mod common;
 
+use common::{
+    CLIENT_MAC, LB_BACKEND_SIDE, RING, VIP, XDP_REDIRECT, backend_ip, backend_mac, client, in_fixture_netns,
+};
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
@@ -14,43 +18,10 @@ use lb::config::{AdminState, BackendConfig, SynCookies, XdpConfig};
 use lb::datapath::Datapath;
 use lb::datapath::xdp::{KernelState, XdpDatapath};
 use lb::state::{Command, State};
-use lb_tests::fixture::FixtureSpec;
 use lb_tests::packet::flags::{ACK, PSH, RST, SYN};
 use lb_tests::packet::{self, Parsed, Tcp, syn_options};
 
-const XDP_REDIRECT: u32 = 4;
-
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
 const LB_MAC: [u8; 6] = [0xaa; 6];
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
-const LB_BACKEND_SIDE: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
-const RING: u32 = 101;
-
-fn backend_ip(i: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 1, 1, 1 + i)
-}
-fn backend_mac(i: u8) -> [u8; 6] {
-    [0x02, 0, 0, 0, 1, 1 + i]
-}
-fn client(i: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 0, 0, 10 + i)
-}
-
-fn in_fixture_netns<T: Send>(f: impl FnOnce(u32, u32) -> T + Send) -> T {
-    let spec = FixtureSpec {
-        vip: Some(VIP),
-        clients: (0..3u8)
-            .map(|i| {
-                let mut mac = CLIENT_MAC;
-                mac[5] += i;
-                (client(i), mac)
-            })
-            .collect(),
-        backends: (1..=3u8).map(|i| (backend_ip(i), backend_mac(i))).collect(),
-    };
-    lb_tests::fixture::in_fixture_netns(&spec, |links| f(links.client_if, links.backend_if))
-        .expect("fixture namespace")
-}
 
 struct Fixture {
     state: State,
@@ -101,11 +72,7 @@ impl Fixture {
     }
 
     fn counter(&self, name: &str) -> u64 {
-        self.xdp
-            .kernel_counters()
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .map_or_else(|| panic!("no counter {name}"), |(_, v)| v)
+        common::counter(&self.xdp, name)
     }
 
     /// Runs `frame` arriving on `ifindex`: the verdict must be a redirect; the output parsed
@@ -157,7 +124,7 @@ fn xdp_cookie_syn_ack_and_bad_cookie_acks_keep_no_state() {
     if !common::ready("xdp_cookie_syn_ack_and_bad_cookie_acks_keep_no_state") {
         return;
     }
-    in_fixture_netns(|client_if, _| {
+    in_fixture_netns(3, 3, |client_if, _| {
         let fx = Fixture::new();
         let c = client(0);
         let empty = KernelState::default();
@@ -215,7 +182,7 @@ fn xdp_cookie_handshake_and_translated_data_both_ways() {
     if !common::ready("xdp_cookie_handshake_and_translated_data_both_ways") {
         return;
     }
-    in_fixture_netns(|client_if, backend_if| {
+    in_fixture_netns(3, 3, |client_if, backend_if| {
         let fx = Fixture::new();
         let c = client(0);
         let want = fx.ring_choice(c);
@@ -332,7 +299,7 @@ fn xdp_cookie_ack_without_a_snat_port_is_reset() {
     if !common::ready("xdp_cookie_ack_without_a_snat_port_is_reset") {
         return;
     }
-    in_fixture_netns(|client_if, _| {
+    in_fixture_netns(3, 3, |client_if, _| {
         let sizes = XdpConfig {
             syn_cookies: SynCookies::On,
             snat_ports: (20000, 20000),
@@ -381,7 +348,7 @@ fn xdp_cookies_off_answers_nothing_from_xdp() {
     if !common::ready("xdp_cookies_off_answers_nothing_from_xdp") {
         return;
     }
-    in_fixture_netns(|client_if, _| {
+    in_fixture_netns(3, 3, |client_if, _| {
         let sizes = XdpConfig {
             syn_cookies: SynCookies::Auto,
             ..XdpConfig::default()

@@ -1,9 +1,69 @@
-//! Shared by the XDP fixture test binaries: whether they can run here, and the `web` service they
-//! load into the program.
+//! Shared by the XDP fixture test binaries: whether they can run here, the fixture namespace's
+//! addresses and neighbours, the `web` service they load into the program, and its counters.
 
+// Each binary uses its own part.
+#![allow(dead_code)]
+
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use lb::config::{BackendConfig, DatapathKind, HealthConfig, HealthKind, OnDown, Protocol, ServiceConfig};
+use lb::datapath::xdp::XdpDatapath;
+use lb_tests::fixture::FixtureSpec;
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+pub const LB_BACKEND_SIDE: Ipv4Addr = lb_tests::fixture::LB_BACKEND_SIDE;
+pub const RING: u32 = 101;
+
+/// Backend `i` (1-based): 10.1.1.(1+i).
+pub fn backend_ip(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 1, 1, 1 + i)
+}
+pub fn backend_mac(i: u8) -> [u8; 6] {
+    [0x02, 0, 0, 0, 1, 1 + i]
+}
+/// Client `i` (0-based): 10.0.0.(10+i), MAC [`CLIENT_MAC`] + i.
+pub fn client(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 0, 10 + i)
+}
+
+/// The fixture namespace with the VIP, `clients` clients and `backends` backends as neighbours.
+pub fn spec(clients: u8, backends: u8) -> FixtureSpec {
+    FixtureSpec {
+        vip: Some(VIP),
+        clients: (0..clients)
+            .map(|i| {
+                let mut mac = CLIENT_MAC;
+                mac[5] += i;
+                (client(i), mac)
+            })
+            .collect(),
+        backends: (1..=backends).map(|i| (backend_ip(i), backend_mac(i))).collect(),
+    }
+}
+
+/// Runs `f(client ifindex, backend ifindex)` in a thread inside a fresh fixture namespace
+/// ([`spec`]`(clients, backends)`).
+pub fn in_fixture_netns<T: Send>(clients: u8, backends: u8, f: impl FnOnce(u32, u32) -> T + Send) -> T {
+    lb_tests::fixture::in_fixture_netns(&spec(clients, backends), |links| {
+        f(links.client_if, links.backend_if)
+    })
+    .expect("fixture namespace")
+}
+
+/// The kernel counter `name`.
+pub fn counter(xdp: &XdpDatapath, name: &str) -> u64 {
+    xdp.kernel_counters()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map_or_else(|| panic!("no counter {name}"), |(_, v)| v)
+}
 
 /// Whether the test can run: lb carries its eBPF object (required with `LB_REQUIRE_EBPF=1`) and
 /// we are root. Says why not.
