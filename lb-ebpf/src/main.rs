@@ -169,7 +169,12 @@ const fn drop(reason: u32) -> Verdict {
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     count(gc::PACKETS, len);
-    let verdict = try_lb_xdp(&ctx, len);
+    conclude(try_lb_xdp(&ctx, len), len)
+}
+
+/// Counts `verdict`'s reason (if any) and its action; returns the action.
+#[inline(always)]
+pub(crate) fn conclude(verdict: Verdict, len: u64) -> u32 {
     if let Some(reason) = verdict.reason {
         count(reason, len);
     }

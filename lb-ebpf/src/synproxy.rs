@@ -117,19 +117,7 @@ fn isn_toward(now: u64) -> u32 {
 #[xdp]
 pub fn lb_synproxy(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let verdict = try_synproxy(&ctx, len);
-    if let Some(reason) = verdict.reason {
-        count(reason, len);
-    }
-    count(
-        match verdict.action {
-            xdp_action::XDP_PASS => gc::PASSED,
-            xdp_action::XDP_DROP | xdp_action::XDP_ABORTED => gc::DROPPED,
-            _ => gc::FORWARDED,
-        },
-        len,
-    );
-    verdict.action
+    crate::conclude(try_synproxy(&ctx, len), len)
 }
 
 const fn silent_drop() -> Verdict {
