@@ -11,10 +11,9 @@ use common::{
     client, in_fixture_netns,
 };
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::time::Instant;
 
-use lb::balancer::Balancer;
 use lb::config::{AdminState, BackendConfig, ServiceConfig};
 use lb::datapath::Datapath;
 use lb::datapath::xdp::XdpDatapath;
@@ -45,18 +44,8 @@ impl Fixture {
         self.xdp.apply(&effect, &snapshot).expect("datapath applies");
     }
 
-    /// The backend the user-space selection picks for a new client (no affinity).
     fn ring_choice(&self, client: Ipv4Addr) -> Ipv4Addr {
-        let b = Balancer::new(self.state.clone());
-        match b
-            .choose("web", IpAddr::V4(client), Instant::now(), &[])
-            .unwrap()
-            .address
-            .ip()
-        {
-            IpAddr::V4(v4) => v4,
-            IpAddr::V6(_) => unreachable!(),
-        }
+        common::ring_choice(&self.state, client)
     }
 
     fn counter(&self, name: &str) -> u64 {

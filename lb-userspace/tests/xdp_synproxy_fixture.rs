@@ -10,10 +10,8 @@ use common::{
     CLIENT_MAC, LB_BACKEND_SIDE, RING, VIP, XDP_REDIRECT, backend_ip, backend_mac, client, in_fixture_netns,
 };
 
-use std::net::{IpAddr, Ipv4Addr};
-use std::time::Instant;
+use std::net::Ipv4Addr;
 
-use lb::balancer::Balancer;
 use lb::config::{AdminState, BackendConfig, SynCookies, XdpConfig};
 use lb::datapath::Datapath;
 use lb::datapath::xdp::{KernelState, XdpDatapath};
@@ -59,16 +57,7 @@ impl Fixture {
     }
 
     fn ring_choice(&self, client: Ipv4Addr) -> Ipv4Addr {
-        let b = Balancer::new(self.state.clone());
-        match b
-            .choose("web", IpAddr::V4(client), Instant::now(), &[])
-            .unwrap()
-            .address
-            .ip()
-        {
-            IpAddr::V4(v4) => v4,
-            IpAddr::V6(_) => unreachable!(),
-        }
+        common::ring_choice(&self.state, client)
     }
 
     fn counter(&self, name: &str) -> u64 {

@@ -4,11 +4,13 @@
 // Each binary uses its own part.
 #![allow(dead_code)]
 
-use std::net::Ipv4Addr;
-use std::time::Duration;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
 
+use lb::balancer::Balancer;
 use lb::config::{BackendConfig, DatapathKind, HealthConfig, HealthKind, OnDown, Protocol, ServiceConfig};
 use lb::datapath::xdp::XdpDatapath;
+use lb::state::State;
 use lb_tests::fixture::FixtureSpec;
 
 pub const XDP_DROP: u32 = 1;
@@ -55,6 +57,20 @@ pub fn in_fixture_netns<T: Send>(clients: u8, backends: u8, f: impl FnOnce(u32, 
         f(links.client_if, links.backend_if)
     })
     .expect("fixture namespace")
+}
+
+/// The backend the user-space selection picks for a new `client` of `web` in `state` (no
+/// affinity): what the kernel's ring must pick too.
+pub fn ring_choice(state: &State, client: Ipv4Addr) -> Ipv4Addr {
+    match Balancer::new(state.clone())
+        .choose("web", IpAddr::V4(client), Instant::now(), &[])
+        .unwrap()
+        .address
+        .ip()
+    {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(_) => unreachable!(),
+    }
 }
 
 /// The kernel counter `name`.
