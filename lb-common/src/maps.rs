@@ -120,6 +120,21 @@ pub struct ServiceKey {
 }
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 
+/// IP protocol number of TCP, the only protocol services have.
+pub const IPPROTO_TCP: u8 = 6;
+
+impl ServiceKey {
+    /// The key of the TCP service on `vip_be`:`port_be` (both in network byte order).
+    pub const fn tcp(vip_be: u32, port_be: u16) -> ServiceKey {
+        ServiceKey {
+            vip_be,
+            port_be,
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        }
+    }
+}
+
 /// Service flag: `forwarding = "dsr"`: packets are IPIP-encapsulated toward the backend, untouched
 /// inside (no SNAT); the backend answers the client directly.
 pub const SERVICE_DSR: u32 = 1;

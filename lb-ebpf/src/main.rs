@@ -330,12 +330,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         }
     }
 
-    let service_key = ServiceKey {
-        vip_be: key.dst_be,
-        port_be: key.dport_be,
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
+    let service_key = ServiceKey::tcp(key.dst_be, key.dport_be);
     let Some(service) = (unsafe { SERVICES.get(service_key) }) else {
         if stray_reply(&key, cfg) {
             return reset::answer(ctx, ip, tcp, ihl, doff, now, gc::NO_REPLY_FLOW);

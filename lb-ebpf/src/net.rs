@@ -4,7 +4,7 @@
 /// EtherType of IPv4, host order.
 pub const ETH_P_IPV4: u16 = 0x0800;
 /// IP protocol numbers.
-pub const IPPROTO_TCP: u8 = 6;
+pub use lb_common::maps::IPPROTO_TCP;
 
 /// Ethernet II header.
 #[repr(C)]

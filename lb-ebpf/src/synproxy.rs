@@ -354,12 +354,7 @@ fn new_flow(
     cfg: &lb_common::maps::GlobalConfig,
     len: u64,
 ) -> Verdict {
-    let service_key = ServiceKey {
-        vip_be: key.dst_be,
-        port_be: key.dport_be,
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
+    let service_key = ServiceKey::tcp(key.dst_be, key.dport_be);
     let Some(service) = (unsafe { SERVICES.get(service_key) }) else {
         return drop(gc::NO_CONNTRACK);
     };

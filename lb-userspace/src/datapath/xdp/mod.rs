@@ -32,8 +32,8 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::ProgramError;
 use lb_common::maps::{
-    AffinityKey, AffinityValue, BackendValue, Counter, FlowKey, FlowValue, GlobalConfig, NO_BACKEND,
-    ServiceKey, ServiceValue, TrafficCounters,
+    AffinityKey, AffinityValue, BackendValue, Counter, FlowKey, FlowValue, GlobalConfig, IPPROTO_TCP,
+    NO_BACKEND, ServiceKey, ServiceValue, TrafficCounters,
 };
 
 use crate::config::DatapathKind;
@@ -42,8 +42,6 @@ use crate::datapath::{BackendTraffic, Datapath, DatapathError, Drained, ServiceT
 use crate::ebpf;
 use crate::runtime::Snapshot;
 use crate::state::{Backend, Effect, Service};
-
-const IPPROTO_TCP: u8 = 6;
 
 /// Ring content not yet written by this process (never a backend index).
 const UNKNOWN: u32 = NO_BACKEND - 1;

@@ -14,7 +14,7 @@ use crate::config::Forwarding;
 use crate::datapath::affinity::Filter;
 use crate::state::Service;
 
-use super::{IPPROTO_TCP, Inner, KernelService, UNKNOWN, XdpError, map_err, monotonic_ns};
+use super::{Inner, KernelService, UNKNOWN, XdpError, map_err, monotonic_ns};
 
 fn ipv4(addr: SocketAddr) -> Result<SocketAddrV4, XdpError> {
     match addr {
@@ -69,12 +69,7 @@ impl Inner {
     /// Writes a service, its backends and the changed ring slots.
     pub(super) fn sync(&mut self, svc: &Service) -> Result<(), XdpError> {
         let listen = ipv4(svc.settings.listen)?;
-        let key = ServiceKey {
-            vip_be: u32::from(*listen.ip()).to_be(),
-            port_be: listen.port().to_be(),
-            proto: IPPROTO_TCP,
-            _pad: 0,
-        };
+        let key = ServiceKey::tcp(u32::from(*listen.ip()).to_be(), listen.port().to_be());
         let name = svc.settings.name.clone();
         if !self.services.contains_key(&name) {
             let slot = match self.adopt_services.remove(&key) {
