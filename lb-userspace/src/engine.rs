@@ -7,7 +7,7 @@ use crate::config::enum_text;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -286,7 +286,7 @@ impl Engine {
             command,
             Command::SetState { .. } | Command::SetHealth { .. } | Command::SetWeight { .. }
         );
-        let started = Instant::now();
+        let (started, cpu_started) = (Instant::now(), thread_cpu());
         let pending = self.balancer.stage(command)?;
         let staged = started.elapsed();
         let applied = datapath.apply(pending.effect(), pending.snapshot());
@@ -338,13 +338,15 @@ impl Engine {
                 p.save(now.clone());
             }
             // Where the time went: the new state (Maglev rebuild included), the datapath, the rest
-            // (publish, health checkers, handing the state file its snapshot).
+            // (publish, health checkers, handing the state file its snapshot); and the CPU time
+            // the change took on this thread (the wall time also holds waiting for a CPU).
             let (stage_us, datapath_us) = (staged.as_micros() as u64, in_datapath.as_micros() as u64);
             let total_us = started.elapsed().as_micros() as u64;
+            let cpu_us = thread_cpu().saturating_sub(cpu_started).as_micros() as u64;
             if transition_only {
-                tracing::debug!(change = %description, stage_us, datapath_us, total_us, "applied");
+                tracing::debug!(change = %description, stage_us, datapath_us, total_us, cpu_us, "applied");
             } else {
-                info!(change = %description, by = %origin, stage_us, datapath_us, total_us, "applied");
+                info!(change = %description, by = %origin, stage_us, datapath_us, total_us, cpu_us, "applied");
             }
         }
         Ok(effect)
@@ -1055,6 +1057,12 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// CPU time this thread has used (zero where the clock cannot be read).
+fn thread_cpu() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map_or(Duration::ZERO, Duration::from)
 }
 
 /// Ring slots per backend id.

@@ -155,8 +155,8 @@ impl Bed {
         Control::connect(&self.dir.path().join("lb.sock"))
     }
 
-    /// The daemon's (stage, datapath, total) µs of its `applied` log lines, the first `from` left out.
-    fn applied(&self, from: usize) -> Vec<(f64, f64, f64)> {
+    /// The daemon's [`Applied`] µs of its `applied` log lines, the first `from` left out.
+    fn applied(&self, from: usize) -> Vec<Applied> {
         let field = |line: &str, key: &str| -> Option<f64> {
             let at = line.find(&format!("{key}="))? + key.len() + 1;
             line[at..]
@@ -171,11 +171,12 @@ impl Bed {
             .chain(self.daemon.stdout_lines().iter())
             .filter(|l| l.contains(" applied"))
             .filter_map(|l| {
-                Some((
-                    field(l, "stage_us")?,
-                    field(l, "datapath_us")?,
-                    field(l, "total_us")?,
-                ))
+                Some(Applied {
+                    stage: field(l, "stage_us")?,
+                    datapath: field(l, "datapath_us")?,
+                    total: field(l, "total_us")?,
+                    cpu: field(l, "cpu_us")?,
+                })
             })
             .skip(from)
             .collect()
@@ -314,18 +315,28 @@ fn latency_entries(what: &str, lat: &Latencies) -> Vec<Entry> {
         .collect()
 }
 
+/// One `applied` line of the daemon, µs: the new state (Maglev rebuild included), the datapath,
+/// the whole change (wall time), and the CPU time the change took on its thread.
+struct Applied {
+    stage: f64,
+    datapath: f64,
+    total: f64,
+    cpu: f64,
+}
+
 /// The daemon's split of its `applied` lines, for the detail column.
-fn split(applied: &[(f64, f64, f64)]) -> String {
-    let q = |f: fn(&(f64, f64, f64)) -> f64| {
+fn split(applied: &[Applied]) -> String {
+    let q = |f: fn(&Applied) -> f64| {
         quantiles(applied.iter().map(|a| f(a) / 1e3).collect()).map_or("?".into(), |(m, p99, _, _)| {
             format!("{} (p99 {})", ms(m), ms(p99))
         })
     };
     format!(
-        "daemon's own ms, median: state incl. Maglev rebuild {}, datapath {}, whole change {}",
-        q(|a| a.0),
-        q(|a| a.1),
-        q(|a| a.2)
+        "daemon's own ms, median: state incl. Maglev rebuild {}, datapath {}, whole change {}, CPU time of the change {}",
+        q(|a| a.stage),
+        q(|a| a.datapath),
+        q(|a| a.total),
+        q(|a| a.cpu)
     )
 }
 
