@@ -236,11 +236,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     check_tools(&plan)?;
     let bins = binaries(&args)?;
-    let out = args.out.clone().unwrap_or_else(|| {
-        let bench = bins.root.join("bench");
-        if plan.quick { bench.join("quick") } else { bench }
-    });
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let out = output_dir(args.out.as_deref(), &bins.root, plan.quick)?;
     install_signal_handlers();
 
     let started = Instant::now();
@@ -338,6 +334,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Where a run writes: `--out`, else `bench/` (`bench/quick/` for `--quick`) in the workspace;
+/// created if missing.
+fn output_dir(out: Option<&Path>, root: &Path, quick: bool) -> Result<PathBuf> {
+    let out = out.map_or_else(
+        || {
+            let bench = root.join("bench");
+            if quick { bench.join("quick") } else { bench }
+        },
+        Path::to_path_buf,
+    );
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    Ok(out)
+}
+
 /// `--churn`: only the runtime changes at 1,000 backends; writes `churn.md` into the output
 /// directory.
 fn run_churn_only(args: &BenchArgs) -> Result<()> {
@@ -345,11 +355,7 @@ fn run_churn_only(args: &BenchArgs) -> Result<()> {
         no_micro: true,
         ..args.clone()
     })?;
-    let out = args.out.clone().unwrap_or_else(|| {
-        let bench = bins.root.join("bench");
-        if args.quick { bench.join("quick") } else { bench }
-    });
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let out = output_dir(args.out.as_deref(), &bins.root, args.quick)?;
     install_signal_handlers();
     let started = Instant::now();
     let m = micro::Micro {
@@ -372,11 +378,7 @@ fn run_churn_only(args: &BenchArgs) -> Result<()> {
 /// `cost.svg` and `cost.json` into the output directory.
 fn run_cost_only(args: &BenchArgs) -> Result<()> {
     let bins = binaries(args)?;
-    let out = args.out.clone().unwrap_or_else(|| {
-        let bench = bins.root.join("bench");
-        if args.quick { bench.join("quick") } else { bench }
-    });
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let out = output_dir(args.out.as_deref(), &bins.root, args.quick)?;
     install_signal_handlers();
     let started = Instant::now();
     let m = micro::run(bins.microbench.as_deref(), &bins.lb, args.quick, true);
@@ -450,11 +452,7 @@ fn run_ajp_only(args: &BenchArgs) -> Result<()> {
                 .to_path_buf(),
         }
     };
-    let out = args.out.clone().unwrap_or_else(|| {
-        let bench = bins.root.join("bench");
-        if plan.quick { bench.join("quick") } else { bench }
-    });
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let out = output_dir(args.out.as_deref(), &bins.root, plan.quick)?;
     install_signal_handlers();
     let started = Instant::now();
     eprintln!(
@@ -517,11 +515,7 @@ fn run_failover_only(args: &BenchArgs) -> Result<()> {
         no_micro: true,
         ..args.clone()
     })?;
-    let out = args.out.clone().unwrap_or_else(|| {
-        let bench = bins.root.join("bench");
-        if plan.quick { bench.join("quick") } else { bench }
-    });
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let out = output_dir(args.out.as_deref(), &bins.root, plan.quick)?;
     install_signal_handlers();
     let started = Instant::now();
     let results = failover::run(&plan, &bins.lb, &rows)?;
