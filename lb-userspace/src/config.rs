@@ -601,6 +601,20 @@ pub fn listens_overlap(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
+/// Whether a backend at `backend` is lb's own `listen`, so that a connection to it would come
+/// back to lb (an unspecified listen address takes in the loopback addresses).
+pub fn loops_back(listen: SocketAddr, backend: SocketAddr) -> bool {
+    let (l, b) = (listen.ip().to_canonical(), backend.ip().to_canonical());
+    listen.port() == backend.port() && (l == b || (l.is_unspecified() && b.is_loopback()))
+}
+
+/// Why a backend at `backend` is refused: it is service `service`'s listen address.
+pub fn loop_message(backend: SocketAddr, service: &str, listen: SocketAddr) -> String {
+    format!(
+        "backend {backend} is lb's own listen address (service \"{service}\" listens on {listen}): connections to it would come back to lb; use the backend server's own ip:port"
+    )
+}
+
 impl ServiceConfig {
     /// A service from the keys of a `[[service]]` table given as JSON (an `add-service` request):
     /// the file's defaults and checks, with errors naming the field ([`ConfigError::Field`]).

@@ -28,7 +28,8 @@ use super::{
     AdminState, AjpConfig, AnnounceConfig, BackendConfig, Config, ConfigError, ControlConfig, DatapathKind,
     Forwarding, HealthConfig, HealthKind, MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE,
     MetricsConfig, Observe, OnDown, Protocol, Secret, ServiceConfig, SpliceMode, SynCookies, XdpConfig,
-    XdpMode, enum_text, format_duration, is_valid_name, listens_overlap, parse_duration,
+    XdpMode, enum_text, format_duration, is_valid_name, listens_overlap, loop_message, loops_back,
+    parse_duration,
 };
 
 type S<T> = Spanned<T>;
@@ -828,6 +829,38 @@ impl Validator<'_, '_, File> {
                 ));
             }
 
+            // A backend that is another service's listen address (this one's was checked with
+            // its backends): in either order in the file.
+            for other in &services {
+                let looping = svc
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .find_map(|(b, be)| {
+                        loops_back(other.listen, be.address).then(|| {
+                            (
+                                format!("{key}.backend[{b}].address"),
+                                loop_message(be.address, &other.name, other.listen),
+                            )
+                        })
+                    })
+                    .or_else(|| {
+                        other
+                            .backends
+                            .iter()
+                            .find(|be| loops_back(svc.listen, be.address))
+                            .map(|be| {
+                                (
+                                    format!("{key}.listen"),
+                                    loop_message(be.address, &svc.name, svc.listen)
+                                        + &format!(" (a backend of service \"{}\")", other.name),
+                                )
+                            })
+                    });
+                if let Some((at, message)) = looping {
+                    return Err(self.err(header.clone(), &at, message));
+                }
+            }
             for (j, other) in services.iter().enumerate() {
                 if other.name == svc.name {
                     return Err(self.err(
@@ -1428,6 +1461,13 @@ impl<F: Form> Validator<'_, '_, F> {
             let name_span = rb.name.as_ref().map_or(addr_span.clone(), Held::at);
             let route_span = rb.route.as_ref().map_or(name_span.clone(), Held::at);
             let b = self.backend(&bkey, Some(datapath), rb)?;
+            if loops_back(listen, b.address) {
+                return Err(self.err(
+                    addr_span,
+                    &format!("{bkey}.address"),
+                    loop_message(b.address, &name, listen),
+                ));
+            }
             if forwarding == Forwarding::Dsr
                 && let Some(message) = dsr_port_mismatch(listen, b.address)
             {
@@ -1696,7 +1736,9 @@ impl<F: Form> Validator<'_, '_, F> {
         rb: RawBackend<F>,
     ) -> Result<BackendConfig, ConfigError> {
         let k = |field: &str| Self::key(key, field);
+        // `[::ffff:10.0.1.2]:8080` is 10.0.1.2:8080: one endpoint, one spelling.
         let address = self.address(&rb.address, &k("address"))?;
+        let address = SocketAddr::new(address.ip().to_canonical(), address.port());
         if address.ip().is_unspecified() {
             return Err(self.err(
                 rb.address.at(),
@@ -1755,7 +1797,6 @@ impl<F: Form> Validator<'_, '_, F> {
     }
 }
 
-/// The last segment of a key path, without an index: `service[0].backend[1].weight` → `weight`.
 /// Why backend `address` cannot serve a `forwarding = "dsr"` service listening on `listen`: the
 /// backend gets the client's packet unchanged, addressed to the VIP and its port.
 pub(crate) fn dsr_port_mismatch(listen: SocketAddr, address: SocketAddr) -> Option<String> {
@@ -1769,6 +1810,7 @@ pub(crate) fn dsr_port_mismatch(listen: SocketAddr, address: SocketAddr) -> Opti
     })
 }
 
+/// The last segment of a key path, without an index: `service[0].backend[1].weight` → `weight`.
 fn leaf(key: &str) -> &str {
     let last = key.rsplit('.').next().unwrap_or(key);
     last.split('[').next().unwrap_or(last)

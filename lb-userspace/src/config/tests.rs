@@ -1010,6 +1010,59 @@ fn duplicate_listen() {
 }
 
 #[test]
+fn a_backend_must_not_be_lbs_own_listen_address() {
+    // Its own service's listen, and the IPv4-mapped spelling of an address already listed.
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "127.0.0.1:7000"
+        [[service.backend]]
+        address = "127.0.0.1:7000"
+        "#,
+        5,
+        "service[0].backend[0].address",
+        &["backend 127.0.0.1:7000 is lb's own listen address (service \"web\" listens on 127.0.0.1:7000)"],
+    );
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        [[service.backend]]
+        address = "10.0.1.1:8080"
+        [[service.backend]]
+        address = "[::ffff:10.0.1.1]:8080"
+        "#,
+        7,
+        "service[0].backend[1].address",
+        &["10.0.1.1:8080 is already used by service[0].backend[0] (line 5)"],
+    );
+    // Another service's listen, before or after it in the file; 0.0.0.0 takes in 127.0.0.1.
+    for (first, second, key) in [
+        ("0.0.0.0:7000", "10.0.0.1:80", "service[1].backend[0].address"),
+        ("10.0.0.1:80", "0.0.0.0:7000", "service[1].listen"),
+    ] {
+        let (a, b) = if first.starts_with("0.0.0.0") {
+            ("10.0.1.1:8080", "127.0.0.1:7000")
+        } else {
+            ("127.0.0.1:7000", "10.0.1.1:8080")
+        };
+        let text = format!(
+            "[[service]]\nname = \"one\"\nlisten = \"{first}\"\n[[service.backend]]\naddress = \"{a}\"\n\
+             [[service]]\nname = \"two\"\nlisten = \"{second}\"\n[[service.backend]]\naddress = \"{b}\"\n"
+        );
+        let e = Config::parse(&text, "lb.toml").unwrap_err().to_string();
+        assert!(
+            e.contains(key)
+                && e.contains("is lb's own listen address (service")
+                && e.contains("0.0.0.0:7000"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn duplicate_backend_address() {
     bad(
         r#"

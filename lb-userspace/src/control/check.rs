@@ -5,7 +5,7 @@
 
 use crate::config::{
     BackendConfig, Config, ConfigError, DatapathKind, Forwarding, ServiceConfig, XdpConfig,
-    dsr_port_mismatch, listens_overlap,
+    dsr_port_mismatch, listens_overlap, loop_message, loops_back,
 };
 use crate::state::{Command, State};
 
@@ -64,6 +64,21 @@ fn service_fits(config: &Config, state: &State, new: &ServiceConfig) -> Result<(
             ),
         ));
     }
+    no_loop(state, &new.backends)?;
+    if let Some((service, backend)) = state.services.values().find_map(|s| {
+        s.backends
+            .iter()
+            .find(|b| loops_back(new.listen, b.config.address))
+            .map(|b| (&s.settings.name, b.config.address))
+    }) {
+        return Err(field(
+            "listen",
+            format!(
+                "{} is the address of backend {backend} of service \"{service}\": connections to that backend would come to this service; use another ip:port",
+                new.listen
+            ),
+        ));
+    }
     ring_fits(state, &new.name, new.backends.len())?;
     if new.datapath != DatapathKind::Xdp {
         return Ok(());
@@ -102,6 +117,7 @@ fn backends_fit_service(
     count: usize,
     new: &[BackendConfig],
 ) -> Result<(), ConfigError> {
+    no_loop(state, new)?;
     ring_fits(state, &service.name, count + new.len())?;
     if service.datapath != DatapathKind::Xdp {
         return Ok(());
@@ -123,6 +139,23 @@ fn backends_fit_service(
         return Err(field("address", message));
     }
     backends_fit(xdp_table(config)?, state, new.len())
+}
+
+/// Refuses a backend that is the listen address of a service of this daemon.
+fn no_loop(state: &State, new: &[BackendConfig]) -> Result<(), ConfigError> {
+    for b in new {
+        if let Some(s) = state
+            .services
+            .values()
+            .find(|s| loops_back(s.settings.listen, b.address))
+        {
+            return Err(field(
+                "address",
+                loop_message(b.address, &s.settings.name, s.settings.listen),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The daemon's `[xdp]` table, which every `xdp` service needs.
@@ -300,6 +333,45 @@ mod tests {
             "",
         );
         accepted(&d, r#"{"cmd":"add-service","name":"x","listen":"10.0.0.9:8081"}"#);
+    }
+
+    #[test]
+    fn a_backend_must_not_be_lbs_own_listen_address() {
+        let d = daemon("", Some(""), &format!("{WEB}{PROXY}"));
+        // px listens on 0.0.0.0:8080, which takes in 127.0.0.1:8080 (and its IPv4-mapped spelling).
+        for address in ["127.0.0.1:8080", "[::ffff:127.0.0.1]:8080", "10.0.0.1:80"] {
+            refused(
+                &d,
+                &format!(r#"{{"cmd":"add-backend","service":"px","address":"{address}"}}"#),
+                "address: backend ",
+                "is lb's own listen address",
+            );
+        }
+        refused(
+            &d,
+            r#"{"cmd":"add-backends","service":"web","backends":[{"address":"10.0.1.7:80"},{"address":"127.0.0.1:8080"}]}"#,
+            "address: backend 127.0.0.1:8080 is lb's own listen address (service \"px\"",
+            "",
+        );
+        // A service whose backend is its own listen address is refused as the request is read.
+        let own = Request::parse(
+            r#"{"cmd":"add-service","name":"x","listen":"127.0.0.1:7000","backend":[{"address":"127.0.0.1:7000"}]}"#,
+        );
+        assert!(
+            matches!(&own, Err(e) if e.to_string().contains("backend 127.0.0.1:7000 is lb's own listen address (service \"x\"")),
+            "{own:?}"
+        );
+        // A new service on an existing backend's address would take that backend's connections.
+        refused(
+            &d,
+            r#"{"cmd":"add-service","name":"x","listen":"10.0.1.1:80"}"#,
+            "listen: 10.0.1.1:80 is the address of backend 10.0.1.1:80 of service",
+            "",
+        );
+        accepted(
+            &d,
+            r#"{"cmd":"add-backend","service":"px","address":"127.0.0.1:8081"}"#,
+        );
     }
 
     #[test]
