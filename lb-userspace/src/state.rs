@@ -526,23 +526,27 @@ fn push_backend(service: &mut Service, backend: BackendConfig) {
 /// The commands that turn the services of `old` into those of `new` (reload). Services whose listen
 /// address, protocol or datapath changed are removed and added again; everything else changes in place.
 pub fn diff(old: &Config, new: &Config) -> Vec<Command> {
-    let mut commands = Vec::new();
-    for o in &old.services {
-        if !new.services.iter().any(|n| n.name == o.name) {
-            commands.push(Command::RemoveService {
-                service: o.name.clone(),
-            });
-        }
-    }
+    // Every service that goes (or is made anew) goes first, so one that takes over another's
+    // listen address finds it free.
+    let mut commands: Vec<Command> = old
+        .services
+        .iter()
+        .filter(|o| {
+            new.services
+                .iter()
+                .find(|n| n.name == o.name)
+                .is_none_or(|n| (o.listen, o.datapath) != (n.listen, n.datapath))
+        })
+        .map(|o| Command::RemoveService {
+            service: o.name.clone(),
+        })
+        .collect();
     for n in &new.services {
         let Some(o) = old.services.iter().find(|o| o.name == n.name) else {
             commands.push(Command::AddService { service: n.clone() });
             continue;
         };
         if (o.listen, o.datapath) != (n.listen, n.datapath) {
-            commands.push(Command::RemoveService {
-                service: o.name.clone(),
-            });
             commands.push(Command::AddService { service: n.clone() });
             continue;
         }
@@ -919,6 +923,26 @@ pub(crate) mod tests {
         let mut moved = new.clone();
         moved.services[0].listen = "10.0.0.101:80".parse().unwrap();
         assert_eq!(diff(&new, &moved).len(), 2);
+        // Two services swap their listen addresses: both go before either comes back, so
+        // applying the diff in order never finds an address taken.
+        let mut two = new.clone();
+        two.services.push(service(
+            "api",
+            "10.0.0.101:80",
+            vec![backend("a1", "10.1.4.2:80")],
+        ));
+        let mut swapped = two.clone();
+        swapped.services[0].listen = "10.0.0.101:80".parse().unwrap();
+        swapped.services[1].listen = "10.0.0.100:80".parse().unwrap();
+        let kinds: Vec<_> = diff(&two, &swapped)
+            .iter()
+            .map(|c| match c {
+                Command::RemoveService { service } => format!("remove {service}"),
+                Command::AddService { service } => format!("add {}", service.name),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["remove web", "remove api", "add web", "add api"]);
         // Applying the diff to the old state gives the new state's backends.
         let mut s = State::from_config(&old).unwrap();
         for c in commands {
