@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::mpsc::{Receiver, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -22,6 +22,11 @@ use super::{DatapathError, Drained};
 const REBIND_WAIT: Duration = Duration::from_secs(2);
 /// Pause after a failed accept (EMFILE and the like) instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Removed services whose accept loop may still hold the socket, by address. One for the process,
+/// not one per datapath: a service that moves to another datapath (ajp → proxy) binds again
+/// through the other datapath's [`Listeners`].
+static CLOSING: LazyLock<Mutex<HashMap<SocketAddr, Receiver<()>>>> = LazyLock::new(Mutex::default);
 
 struct Listener<S> {
     listen: SocketAddr,
@@ -41,8 +46,6 @@ pub struct Listeners<S> {
     /// Which datapath, for log lines.
     what: &'static str,
     map: Mutex<HashMap<String, Listener<S>>>,
-    /// Removed services whose accept loop may still hold the socket, by address.
-    closing: Mutex<HashMap<SocketAddr, Receiver<()>>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -52,7 +55,6 @@ impl<S: Send + Sync + 'static> Listeners<S> {
         Listeners {
             what,
             map: Mutex::new(HashMap::new()),
-            closing: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }
@@ -77,7 +79,8 @@ impl<S: Send + Sync + 'static> Listeners<S> {
             listen,
             source,
         };
-        if let Some(closed) = self.closing.lock().unwrap().remove(&listen) {
+        let closing = CLOSING.lock().unwrap().remove(&listen);
+        if let Some(closed) = closing {
             let _ = closed.recv_timeout(REBIND_WAIT);
         }
         let listener = bind(listen).and_then(TcpListener::from_std).map_err(bind_error)?;
@@ -118,7 +121,10 @@ impl<S: Send + Sync + 'static> Listeners<S> {
     pub fn stop(&self, name: &str) -> Option<Arc<S>> {
         let l = self.map.lock().unwrap().remove(name)?;
         l.stop.cancel();
-        self.closing.lock().unwrap().insert(l.listen, l.closed);
+        // Port 0 (tests) binds anew each time: nothing to wait for.
+        if l.listen.port() != 0 {
+            CLOSING.lock().unwrap().insert(l.listen, l.closed);
+        }
         info!(service = %name, "{} stopped listening; open connections continue", self.what);
         Some(l.service)
     }
@@ -244,5 +250,32 @@ async fn accept_loop<S, F, Fut>(
             served.await;
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_service_moving_to_another_datapath_binds_its_address_again() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        let datapaths = [Listeners::<()>::new("ajp"), Listeners::<()>::new("proxy")];
+        let serve = |_: TcpStream, _: SocketAddr, _: Arc<()>, _: CancellationToken| async {};
+        tokio::task::spawn_blocking(move || {
+            datapaths[0].start("svc", addr, 4, Arc::new(()), serve).unwrap();
+            // Back and forth: each move stops one datapath's listener and binds the other's at once.
+            for round in 0..50 {
+                let (from, to) = (&datapaths[round % 2], &datapaths[(round + 1) % 2]);
+                assert!(from.stop("svc").is_some());
+                if let Err(e) = to.start("svc", addr, 4, Arc::new(()), serve) {
+                    panic!("round {round}: {e}");
+                }
+            }
+        })
+        .await
+        .unwrap();
     }
 }
