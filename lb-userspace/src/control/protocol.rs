@@ -561,14 +561,29 @@ impl Response {
         }
     }
 
+    /// An error; a message longer than [`MAX_ERROR`] bytes (one echoing a huge refused value) is
+    /// cut there, saying how much was left out.
     pub fn error(message: impl std::fmt::Display) -> Self {
+        let mut message = message.to_string();
+        if message.len() > MAX_ERROR {
+            let mut cut = MAX_ERROR;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let left = message.len() - cut;
+            message.truncate(cut);
+            message.push_str(&format!("… ({left} more bytes)"));
+        }
         Response {
             ok: false,
             result: None,
-            error: Some(message.to_string()),
+            error: Some(message),
         }
     }
 }
+
+/// Longest error message sent back, in bytes.
+pub const MAX_ERROR: usize = 1024;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatusView {
@@ -825,6 +840,20 @@ mod tests {
         .unwrap()
         .services
         .remove(0)
+    }
+
+    #[test]
+    fn an_error_echoing_a_huge_value_is_cut() {
+        let name = "é".repeat(30_000);
+        let line = format!(r#"{{"cmd":"add-service","name":"{name}","listen":"10.0.0.1:80"}}"#);
+        let error = match Request::parse(&line) {
+            Err(e) => Response::error(e).error.unwrap(),
+            Ok(r) => panic!("accepted: {r:?}"),
+        };
+        assert!(error.len() < MAX_ERROR + 40, "{} bytes", error.len());
+        assert!(error.ends_with(" more bytes)"), "{error}");
+        let short = Response::error("no service `web`").error.unwrap();
+        assert_eq!(short, "no service `web`");
     }
 
     #[test]
