@@ -85,7 +85,7 @@ xdp_counters! {
     NoConntrack, NO_CONNTRACK = 6, "no_conntrack", Reason, "Non-SYN packet to a VIP without a connection: answered with an RST (never sent to a random backend)";
     SnatExhausted, SNAT_EXHAUSTED = 8, "snat_exhausted", Reason, "No free SNAT port after several tries (dropped)";
     FibFailed, FIB_FAILED = 10, "fib_failed", Reason, "No route for the rewritten packet (dropped)";
-    Fragment, FRAGMENT = 5, "fragment", Reason, "IPv4 fragment (passed)";
+    Fragment, FRAGMENT = 5, "fragment", Reason, "IPv4 fragment: passed, except a first fragment to a VIP's port, dropped (reassembled by the host's kernel it would meet no socket there and reset the client's connection; the fragments left time out in reassembly)";
     NoNeigh, NO_NEIGH = 9, "no_neigh", Reason, "Next hop's MAC unknown; the rewritten packet is passed so the kernel resolves it";
     Malformed, MALFORMED = 11, "malformed", Reason, "IPv4 header length, total length and TCP data offset disagree (passed untouched, before any state; the kernel drops it)";
     Truncated, TRUNCATED = 2, "truncated", Reason, "Frame shorter than its IPv4 total length or the headers it claims (passed untouched, before any state)";
@@ -107,6 +107,7 @@ xdp_counters! {
     SynCookies, SYN_COOKIES = 28, "syn_cookies", State, "1 while SYNs to NAT services are answered with SYN cookies ([xdp] syn_cookies = \"on\", or \"auto\" during a SYN flood), else 0";
     StaleAnswer, STALE_ANSWER = 29, "stale_answer", Reason, "A backend answered a new connection's SYN with a bare ACK of an old connection (TIME_WAIT on the SNAT 4-tuple) and no SYN-ACK to any SYN since it left: its listener is gone. Made an RST to the client, which fails at once; from the second in a row the backend is marked refusing";
     StaleCollision, STALE_COLLISION = 30, "stale_collision", Reason, "A backend answered a new connection's SYN with a bare ACK of a connection it still holds on the SNAT 4-tuple (it answered other SYNs since, the port's last flow was half-open, or the SYN had no timestamp): forwarded to the client, which resets it and retransmits its SYN";
+    SynIpOptions, SYN_IP_OPTIONS = 31, "syn_ip_options", Reason, "SYN to a NAT service whose IPv4 header carries options while SYN cookies are on: dropped (the SYN proxy answers headers without options, and a real client's SYN has none; such SYNs would otherwise open flows past the cookies)";
 }
 
 /// [`global_counter::NAMES`]; fails the build unless the indices are `0..COUNT`, each once.

@@ -218,7 +218,17 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         return drop(gc::BAD_SOURCE);
     }
     let l4_off = EthHdr::LEN + ihl * 4;
-    if u16::from_be(unsafe { (*ip).frag_off_be }) & (IP_MF | IP_OFFSET) != 0 {
+    let frag = u16::from_be(unsafe { (*ip).frag_off_be });
+    if frag & (IP_MF | IP_OFFSET) != 0 {
+        // The first fragment of a segment to a service: dropped, since the host's kernel would
+        // reassemble it, find no socket on the VIP's port and reset the client's connection.
+        // Later fragments go up to wait in reassembly until they time out.
+        if frag & IP_OFFSET == 0
+            && let Some(ports) = ptr_at::<[u16; 2]>(ctx, l4_off)
+            && unsafe { SERVICES.get(ServiceKey::tcp(daddr_be, (*ports)[1])) }.is_some()
+        {
+            return drop(gc::FRAGMENT);
+        }
         return pass(Some(gc::FRAGMENT));
     }
     if ip_len < ihl * 4 + TcpHdr::LEN {
@@ -338,6 +348,11 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         return pass(None);
     };
     let dsr = service.flags & SERVICE_DSR != 0;
+    // The SYN proxy answers IPv4 headers without options (real clients send none): with cookies
+    // on, a SYN with options would open a flow past them.
+    if !dsr && syn && ihl != 5 && synproxy::cookies_on() {
+        return drop(gc::SYN_IP_OPTIONS);
+    }
     // SYN cookies (NAT services, IPv4 headers without options): a SYN while they are on, and any
     // ACK without a connection (it may carry a cookie), go to the SYN proxy.
     if !dsr

@@ -319,8 +319,26 @@ fn xdp_passes_or_drops_what_is_not_forwardable() {
                 counts: Some("passed"),
             },
             Case {
-                name: "a fragment (MF set) to the VIP is passed to the kernel and counted",
+                name: "a first fragment (MF set) to a VIP's port is dropped and counted (the host would reset the client)",
                 input: to(50001, VIP, 80, SYN).more_fragments().build(),
+                verdict: XDP_DROP,
+                out: Out::Any,
+                counts: Some("fragment"),
+            },
+            Case {
+                name: "a first fragment to the VIP on a port with no service is passed and counted",
+                input: to(50001, VIP, 443, ACK).more_fragments().build(),
+                verdict: XDP_PASS,
+                out: Out::Any,
+                counts: Some("fragment"),
+            },
+            Case {
+                name: "a later fragment (offset set) to the VIP is passed to wait in reassembly",
+                input: {
+                    let mut later = to(50001, VIP, 80, ACK);
+                    later.frag = 100;
+                    later.build()
+                },
                 verdict: XDP_PASS,
                 out: Out::Any,
                 counts: Some("fragment"),

@@ -7,7 +7,8 @@
 mod common;
 
 use common::{
-    CLIENT_MAC, LB_BACKEND_SIDE, RING, VIP, XDP_REDIRECT, backend_ip, backend_mac, client, in_fixture_netns,
+    CLIENT_MAC, LB_BACKEND_SIDE, RING, VIP, XDP_DROP, XDP_REDIRECT, backend_ip, backend_mac, client,
+    in_fixture_netns,
 };
 
 use std::net::Ipv4Addr;
@@ -162,6 +163,22 @@ fn xdp_cookie_syn_ack_and_bad_cookie_acks_keep_no_state() {
             );
         }
         assert_eq!(fx.counter("cookie_valid"), 0);
+        assert_eq!(fx.counter("new_flows"), 0);
+
+        // A SYN whose IPv4 header carries options (a NOP word): dropped, no state (it used to
+        // take the path without cookies and open a flow).
+        let with_options = from_client(c, 40003, SYN, isn, 0)
+            .ip_options(&[1, 1, 1, 1])
+            .tcp_options(&syn_options(77, 0))
+            .build();
+        let (verdict, _, _) = fx.xdp.test_run(&with_options, client_if, 1).unwrap();
+        assert_eq!(verdict, XDP_DROP, "a SYN with IP options while cookies are on");
+        assert_eq!(fx.counter("syn_ip_options"), 1);
+        assert_eq!(
+            fx.xdp.kernel_state(),
+            empty,
+            "no conntrack, affinity or SNAT port"
+        );
         assert_eq!(fx.counter("new_flows"), 0);
     });
 }
