@@ -129,6 +129,9 @@ fn invalid(e: CodecError) -> std::io::Error {
 /// Serves one web-tier connection until it closes, fails, or lb shuts down while it is idle.
 pub async fn serve(mut front: TcpStream, peer: SocketAddr, svc: Arc<Service>, stop: CancellationToken) {
     let _ = front.set_nodelay(true);
+    if let Err(e) = super::keepalive::enable(&front) {
+        debug!(service = %svc.name, %peer, error = %e, "TCP keepalive not set on a web-tier connection");
+    }
     let mut buf = BytesMut::with_capacity(8192);
     loop {
         let settings = svc.settings();
