@@ -384,6 +384,18 @@ pub struct AjpConfig {
     /// A pooled connection idle longer than this gets a CPing before it is reused.
     #[serde(with = "duration_text")]
     pub ping_after_idle: Duration,
+    /// A backend that sends nothing for this long while a request waits for its reply is given
+    /// up (mod_jk `reply_timeout`); zero: wait forever.
+    #[serde(with = "duration_text", default = "default_reply_timeout")]
+    pub reply_timeout: Duration,
+    /// A web-tier packet that has started must be complete within this long, and a request body
+    /// packet lb asked for must arrive within it; zero: wait forever.
+    #[serde(with = "duration_text", default = "default_request_timeout")]
+    pub request_timeout: Duration,
+    /// A web-tier connection with no request under way and nothing sent is closed after this
+    /// long; zero: kept open however long it is idle.
+    #[serde(with = "duration_text", default = "default_idle_timeout")]
+    pub idle_timeout: Duration,
     /// Further backends tried when one fails before answering.
     pub retries: u32,
     /// Request body bytes held so the request can be retried on another backend.
@@ -415,6 +427,9 @@ impl Default for AjpConfig {
             pool_size: 64,
             pool_idle_timeout: Duration::from_secs(60),
             ping_after_idle: Duration::from_secs(10),
+            reply_timeout: default_reply_timeout(),
+            request_timeout: default_request_timeout(),
+            idle_timeout: default_idle_timeout(),
             retries: 1,
             retry_buffer: 65536,
             session_cookies: vec!["JSESSIONID".into()],
@@ -425,6 +440,18 @@ impl Default for AjpConfig {
                 .collect(),
         }
     }
+}
+
+fn default_reply_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(600)
 }
 
 impl AjpConfig {

@@ -534,6 +534,9 @@ fn examples_all_parse() {
         "pool_size",
         "pool_idle_timeout",
         "ping_after_idle",
+        "reply_timeout",
+        "request_timeout",
+        "idle_timeout",
         "retries",
         "retry_buffer",
         "session_cookies",
@@ -1854,6 +1857,9 @@ fn ajp_datapath_defaults() {
     assert_eq!(d.pool_size, 64);
     assert_eq!(d.pool_idle_timeout, Duration::from_secs(60));
     assert_eq!(d.ping_after_idle, Duration::from_secs(10));
+    assert_eq!(d.reply_timeout, Duration::from_secs(60));
+    assert_eq!(d.request_timeout, Duration::from_secs(60));
+    assert_eq!(d.idle_timeout, Duration::from_secs(600));
     assert_eq!((d.retries, d.retry_buffer), (1, 65536));
     assert_eq!(d.session_cookies, vec!["JSESSIONID"]);
     assert_eq!(d.session_path_params, vec!["jsessionid"]);
@@ -1877,6 +1883,9 @@ fn ajp_table_every_key() {
         pool_size = 8
         pool_idle_timeout = "5m"
         ping_after_idle = "0s"
+        reply_timeout = "0s"
+        request_timeout = "250ms"
+        idle_timeout = "2h"
         retries = 3
         retry_buffer = 0
         session_cookies = ["SESSION", "JSESSIONID"]
@@ -1890,6 +1899,9 @@ fn ajp_table_every_key() {
     assert_eq!((a.max_packet_size, a.pool_size), (65536, 8));
     assert_eq!(a.pool_idle_timeout, Duration::from_secs(300));
     assert_eq!(a.ping_after_idle, Duration::ZERO);
+    assert_eq!(a.reply_timeout, Duration::ZERO, "0s: no reply timeout");
+    assert_eq!(a.request_timeout, Duration::from_millis(250));
+    assert_eq!(a.idle_timeout, Duration::from_secs(7200));
     assert_eq!((a.retries, a.retry_buffer), (3, 0));
     assert_eq!(a.session_cookies, vec!["SESSION", "JSESSIONID"]);
     assert!(a.session_path_params.is_empty());
@@ -1983,6 +1995,21 @@ fn bad_ajp_settings() {
             "ping_after_idle = \"soon\"",
             "service[0].ajp.ping_after_idle",
             &["not a valid duration"],
+        ),
+        (
+            "reply_timeout = \"-1s\"",
+            "service[0].ajp.reply_timeout",
+            &["not a valid duration"],
+        ),
+        (
+            "request_timeout = 30",
+            "service[0].ajp.request_timeout",
+            &["expected a duration string"],
+        ),
+        (
+            "idle_timeout = \"1000h\"",
+            "service[0].ajp.idle_timeout",
+            &["too long"],
         ),
         (
             "secret = \"\"",

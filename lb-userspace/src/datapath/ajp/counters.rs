@@ -77,6 +77,8 @@ pub struct BackendCounters {
     /// Requests that failed here before any answer with their body held: each moved on to the
     /// next backend (or got a 503 when none was left).
     pub retries: AtomicU64,
+    /// Requests given up because the backend sent nothing for `reply_timeout`.
+    pub reply_timeouts: AtomicU64,
     pub latency: Latency,
 }
 
@@ -103,6 +105,13 @@ pub struct ServiceCounters {
     pub unavailable: AtomicU64,
     /// Front connections closed for an AJP protocol error.
     pub protocol_errors: AtomicU64,
+    /// Requests abandoned because the web tier closed its connection while they waited for
+    /// their backend.
+    pub abandoned: AtomicU64,
+    /// Front connections closed because a packet was not complete within `request_timeout`.
+    pub request_timeouts: AtomicU64,
+    /// Front connections closed after `idle_timeout` without a packet.
+    pub idle_closed: AtomicU64,
 }
 
 /// Snapshot of one backend's counters.
@@ -123,6 +132,8 @@ pub struct AjpBackendCounters {
     pub address_hits: u64,
     pub route_failovers: u64,
     pub retries: u64,
+    #[serde(default)]
+    pub reply_timeouts: u64,
     pub latency: LatencySnapshot,
 }
 
@@ -135,6 +146,12 @@ pub struct AjpServiceCounters {
     pub cpings_answered: u64,
     pub unavailable_503: u64,
     pub protocol_errors: u64,
+    #[serde(default)]
+    pub abandoned: u64,
+    #[serde(default)]
+    pub request_timeouts: u64,
+    #[serde(default)]
+    pub idle_closed: u64,
     pub backends: BTreeMap<u32, AjpBackendCounters>,
 }
 
@@ -147,6 +164,9 @@ impl ServiceCounters {
             cpings_answered: self.cpings_answered.load(Relaxed),
             unavailable_503: self.unavailable.load(Relaxed),
             protocol_errors: self.protocol_errors.load(Relaxed),
+            abandoned: self.abandoned.load(Relaxed),
+            request_timeouts: self.request_timeouts.load(Relaxed),
+            idle_closed: self.idle_closed.load(Relaxed),
             backends,
         }
     }
@@ -171,6 +191,7 @@ impl BackendCounters {
             address_hits: self.address_hits.load(Relaxed),
             route_failovers: self.route_failovers.load(Relaxed),
             retries: self.retries.load(Relaxed),
+            reply_timeouts: self.reply_timeouts.load(Relaxed),
             latency: self.latency.snapshot(),
         }
     }

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -51,6 +51,77 @@ async fn read_frame(
     }
 }
 
+/// Reads one whole web-tier packet as [`read_frame`] does, waiting at most `idle` for its first
+/// byte and `packet` from its first byte to its last (zero: no limit). A timeout is an error of
+/// kind `TimedOut`.
+async fn read_front_frame(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    decoder: &FrameDecoder,
+    idle: Duration,
+    packet: Duration,
+) -> std::io::Result<Option<codec::Frame>> {
+    let now = tokio::time::Instant::now();
+    let idle_until = (!idle.is_zero()).then(|| now + idle);
+    // A packet already begun (bytes kept from earlier reads) is timed from now.
+    let mut packet_until = (!buf.is_empty() && !packet.is_zero()).then(|| now + packet);
+    loop {
+        if let Some(f) = decoder.decode(buf).map_err(invalid)? {
+            return Ok(Some(f));
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(8192);
+        }
+        let (until, why) = if buf.is_empty() {
+            (idle_until, "idle_timeout")
+        } else {
+            if packet_until.is_none() && !packet.is_zero() {
+                packet_until = Some(tokio::time::Instant::now() + packet);
+            }
+            (packet_until, "request_timeout")
+        };
+        let read = match until {
+            Some(t) => match tokio::time::timeout_at(t, stream.read_buf(buf)).await {
+                Ok(r) => r,
+                Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why)),
+            },
+            None => stream.read_buf(buf).await,
+        };
+        if read? == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(std::io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+    }
+}
+
+/// Resolves when the web tier closes its connection (or it fails) while a request waits for its
+/// backend: the reason. Bytes the web tier sends meanwhile are kept in `buf` for later; past
+/// `limit` of them the connection is no longer watched.
+async fn front_closed(stream: &mut TcpStream, buf: &mut BytesMut, limit: usize) -> String {
+    loop {
+        if buf.len() >= limit {
+            return std::future::pending().await;
+        }
+        buf.reserve(4096.min(limit - buf.len()));
+        match stream.read_buf(buf).await {
+            Ok(0) => return "closed by the web tier".into(),
+            Ok(_) => {}
+            Err(e) => return e.to_string(),
+        }
+    }
+}
+
+/// Waits `d`, or forever when `d` is zero.
+async fn sleep_unless_zero(d: Duration) {
+    if d.is_zero() {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(d).await;
+}
+
 fn invalid(e: CodecError) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, e)
 }
@@ -58,6 +129,9 @@ fn invalid(e: CodecError) -> std::io::Error {
 /// Serves one web-tier connection until it closes, fails, or lb shuts down while it is idle.
 pub async fn serve(mut front: TcpStream, peer: SocketAddr, svc: Arc<Service>, stop: CancellationToken) {
     let _ = front.set_nodelay(true);
+    if let Err(e) = super::keepalive::enable(&front) {
+        debug!(service = %svc.name, %peer, error = %e, "TCP keepalive not set on a web-tier connection");
+    }
     let mut buf = BytesMut::with_capacity(8192);
     loop {
         let settings = svc.settings();
@@ -65,7 +139,13 @@ pub async fn serve(mut front: TcpStream, peer: SocketAddr, svc: Arc<Service>, st
         let frame = tokio::select! {
             // Only between requests: a request under way finishes first.
             () = stop.cancelled(), if buf.is_empty() => return,
-            r = read_frame(&mut front, &mut buf, &decoder) => r,
+            r = read_front_frame(
+                &mut front,
+                &mut buf,
+                &decoder,
+                settings.ajp.idle_timeout,
+                settings.ajp.request_timeout,
+            ) => r,
         };
         let frame = match frame {
             Ok(Some(f)) => f,
@@ -74,6 +154,8 @@ pub async fn serve(mut front: TcpStream, peer: SocketAddr, svc: Arc<Service>, st
                 if e.kind() == std::io::ErrorKind::InvalidData {
                     svc.counters.protocol_errors.fetch_add(1, Relaxed);
                     warn!(service = %svc.name, %peer, error = %e, "AJP protocol error from the web tier; connection closed");
+                } else if e.kind() == std::io::ErrorKind::TimedOut {
+                    timed_out(&svc, peer, &e);
                 } else {
                     debug!(service = %svc.name, %peer, error = %e, "web-tier connection ended");
                 }
@@ -120,6 +202,17 @@ pub async fn serve(mut front: TcpStream, peer: SocketAddr, svc: Arc<Service>, st
     }
 }
 
+/// Counts and logs a web-tier connection closed by `idle_timeout` or `request_timeout`.
+fn timed_out(svc: &Service, peer: SocketAddr, e: &std::io::Error) {
+    if e.to_string() == "idle_timeout" {
+        svc.counters.idle_closed.fetch_add(1, Relaxed);
+        debug!(service = %svc.name, %peer, "idle web-tier connection closed (idle_timeout)");
+    } else {
+        svc.counters.request_timeouts.fetch_add(1, Relaxed);
+        info!(service = %svc.name, %peer, "web-tier packet not complete within request_timeout; connection closed");
+    }
+}
+
 /// How the backend for an attempt was found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Pick {
@@ -147,6 +240,11 @@ enum Outcome {
     BackendBeforeResponse(String),
     /// The backend failed after part of the response was relayed: the front must close.
     BackendAfterResponse(String),
+    /// The backend sent nothing for `reply_timeout` (`responded`: after part of the response
+    /// was relayed). The request reached it: never retried elsewhere.
+    ReplyTimeout { responded: bool },
+    /// The web tier closed its connection while the request waited for its backend.
+    Abandoned(String),
     /// The web tier's connection failed or misbehaved.
     Front(String),
 }
@@ -328,6 +426,21 @@ impl<'a> Request<'a> {
                     info!(service = %self.svc.name, backend = %pool.address, reason = %why, "backend failed during its response; web-tier connection closed");
                     return Next::Close;
                 }
+                Outcome::ReplyTimeout { responded } => {
+                    c.reply_timeouts.fetch_add(1, Relaxed);
+                    let after = settings.ajp.reply_timeout;
+                    if responded {
+                        warn!(service = %self.svc.name, backend = %pool.address, ?after, "backend silent during its response (reply_timeout); both connections closed");
+                        return Next::Close;
+                    }
+                    warn!(service = %self.svc.name, backend = %pool.address, ?after, "backend did not answer (reply_timeout); its connection closed, request answered 503 (not retried: it reached the backend)");
+                    break;
+                }
+                Outcome::Abandoned(why) => {
+                    self.svc.counters.abandoned.fetch_add(1, Relaxed);
+                    info!(service = %self.svc.name, peer = %self.peer, backend = %pool.address, reason = %why, "web tier gave up on a request under way; backend connection closed, request not retried");
+                    return Next::Close;
+                }
                 Outcome::Front(why) => {
                     debug!(service = %self.svc.name, peer = %self.peer, reason = %why, "web-tier connection failed during a request");
                     return Next::Close;
@@ -492,6 +605,8 @@ impl<'a> Request<'a> {
         // Response packets not yet written to the web tier: packets that arrived together leave
         // together, in one write.
         let mut out = BytesMut::new();
+        // Web-tier bytes kept while the backend is awaited (an unasked body packet).
+        let watch_limit = 2 * max + codec::HEADER_LEN;
         loop {
             let failed = |why: String, responded: bool| {
                 if responded {
@@ -503,6 +618,12 @@ impl<'a> Request<'a> {
             let read = tokio::select! {
                 r = read_frame(&mut conn.stream, &mut conn.buf, &decoder) => r,
                 () = reset.cancelled() => Err(std::io::Error::other("backend marked down (on_down = reset)")),
+                () = sleep_unless_zero(settings.ajp.reply_timeout) => {
+                    return Err(Outcome::ReplyTimeout { responded });
+                }
+                why = front_closed(self.front, self.fbuf, watch_limit) => {
+                    return Err(Outcome::Abandoned(why));
+                }
             };
             let frame = match read {
                 Ok(Some(f)) => {
@@ -601,8 +722,14 @@ impl<'a> Request<'a> {
 
     /// Reads one request body packet from the web tier: (the packet as read, its data).
     async fn read_body_packet(&mut self, decoder: &FrameDecoder) -> std::io::Result<(Bytes, Bytes)> {
-        let frame = read_frame(self.front, self.fbuf, decoder)
-            .await?
+        let wait = self.svc.settings().ajp.request_timeout;
+        // Waiting for a body packet lb asked for is never idleness.
+        let frame = read_front_frame(self.front, self.fbuf, decoder, wait, wait)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::TimedOut => std::io::Error::new(e.kind(), "request_timeout"),
+                _ => e,
+            })?
             .ok_or(std::io::ErrorKind::UnexpectedEof)?;
         let data = codec::decode_body(frame.payload()).map_err(invalid)?;
         Ok((frame.into_bytes(), data))
@@ -613,7 +740,9 @@ impl<'a> Request<'a> {
     }
 
     fn front_failed(&self, e: &std::io::Error) -> Next {
-        if e.kind() == std::io::ErrorKind::InvalidData {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            timed_out(self.svc, self.peer, e);
+        } else if e.kind() == std::io::ErrorKind::InvalidData {
             self.svc.counters.protocol_errors.fetch_add(1, Relaxed);
             warn!(service = %self.svc.name, peer = %self.peer, error = %e, "AJP protocol error in a request body; connection closed");
         }

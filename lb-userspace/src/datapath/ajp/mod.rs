@@ -5,6 +5,7 @@
 //!   routing, body relay, retries, lb's own 403/503).
 //! - [`pool`]: the connections to one backend.
 //! - [`counters`]: live counters and their serializable snapshots.
+//! - [`keepalive`]: TCP keepalive on both sides' sockets.
 //!
 //! Listeners, `max_connections` and shutdown follow the proxy datapath. Settings and backend
 //! states are read at every request, so `drain`, `disable`, `enable` and `weight` act on the next
@@ -12,6 +13,7 @@
 
 pub mod counters;
 mod front;
+pub mod keepalive;
 pub mod pool;
 #[cfg(test)]
 mod tests;

@@ -171,6 +171,9 @@ impl Pool {
             }
         };
         let _ = stream.set_nodelay(true);
+        if let Err(e) = super::keepalive::enable(&stream) {
+            debug!(backend = %self.address, error = %e, "TCP keepalive not set on a backend connection");
+        }
         // A new connection answers a CPing before its first request (mod_jk's ping_mode C), so a
         // backend that accepts connections but serves nothing is left for the next one.
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());

@@ -30,7 +30,8 @@ enum Mode {
     AnswerNoReuse,
     /// Reads the whole body, then closes without a word.
     CloseBeforeAnswer,
-    /// Reads the whole body, then says nothing (a hung application).
+    /// Reads the whole body, then says nothing (a hung application) until lb closes the
+    /// connection.
     Stall,
     /// Sends the response headers, then says nothing more.
     StallAfterHeaders,
@@ -50,6 +51,8 @@ struct FakeBackend {
     mode: Arc<Mutex<Mode>>,
     seen: Arc<Mutex<Vec<Seen>>>,
     connections: Arc<AtomicUsize>,
+    /// Connections lb closed while a request stalled on them.
+    stalls_closed: Arc<AtomicUsize>,
 }
 
 impl FakeBackend {
@@ -61,12 +64,14 @@ impl FakeBackend {
             mode: Arc::new(Mutex::new(mode)),
             seen: Arc::default(),
             connections: Arc::default(),
+            stalls_closed: Arc::default(),
         };
-        let (name, mode, seen, connections) = (
+        let (name, mode, seen, connections, closed) = (
             b.name.clone(),
             b.mode.clone(),
             b.seen.clone(),
             b.connections.clone(),
+            b.stalls_closed.clone(),
         );
         tokio::spawn(async move {
             loop {
@@ -75,9 +80,9 @@ impl FakeBackend {
                 };
                 let n = connections.fetch_add(1, SeqCst);
                 let _ = s.set_nodelay(true);
-                let (name, mode, seen) = (name.clone(), mode.clone(), seen.clone());
+                let (name, mode, seen, closed) = (name.clone(), mode.clone(), seen.clone(), closed.clone());
                 tokio::spawn(async move {
-                    let _ = backend_conn(s, n, &name, &mode, &seen).await;
+                    let _ = backend_conn(s, n, &name, &mode, &seen, &closed).await;
                 });
             }
         });
@@ -117,6 +122,7 @@ async fn backend_conn(
     name: &str,
     mode: &Mutex<Mode>,
     seen: &Mutex<Vec<Seen>>,
+    stalls_closed: &AtomicUsize,
 ) -> std::io::Result<()> {
     let mut buf = BytesMut::new();
     while let Some(f) = read_frame(&mut s, &mut buf, Direction::ToContainer).await {
@@ -157,7 +163,10 @@ async fn backend_conn(
             return Ok(());
         }
         if mode == Mode::Stall {
-            std::future::pending::<()>().await;
+            let mut rest = [0u8; 256];
+            while s.read(&mut rest).await.is_ok_and(|n| n > 0) {}
+            stalls_closed.fetch_add(1, SeqCst);
+            return Ok(());
         }
         send(
             &mut s,
@@ -1032,4 +1041,179 @@ async fn refused_pool_connects_mark_the_backend_down_through_passive_health() {
     );
     // One transition, however many failures followed.
     assert!(events.try_recv().is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timeouts: reply_timeout, a web tier that gives up, request_timeout and idle_timeout.
+
+/// Polls `cond` every 10 ms for up to 5 s; whether it became true.
+async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
+
+/// Whether the peer closed `s` within 5 s (bytes before the end are skipped).
+async fn closed_by_lb(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 64];
+    let wait = async {
+        loop {
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), wait).await.is_ok()
+}
+
+/// t1 stalls, t2 answers; one pool slot per backend, so a slot not given back shows.
+async fn stalled_pair(ajp: AjpConfig) -> (FakeBackend, FakeBackend, Lb) {
+    let t1 = FakeBackend::start("t1", Mode::Stall).await;
+    let t2 = FakeBackend::start("t2", Mode::Answer).await;
+    let lb = Lb::start(
+        &[("t1", t1.addr, false), ("t2", t2.addr, false)],
+        AjpConfig { pool_size: 1, ..ajp },
+    );
+    (t1, t2, lb)
+}
+
+#[tokio::test]
+async fn backend_silent_past_reply_timeout_gets_503_and_frees_its_slot() {
+    let (t1, t2, lb) = stalled_pair(AjpConfig {
+        reply_timeout: Duration::from_millis(200),
+        ..AjpConfig::default()
+    })
+    .await;
+    let user = (0..200).map(ip).find(|i| lb.by_address(i) == "t1").unwrap();
+    let mut web = Web::connect(lb.addr).await;
+    let a = tokio::time::timeout(
+        Duration::from_secs(5),
+        web.request(&Req::from(&user).body(b"k=v")),
+    )
+    .await
+    .expect("answered within reply_timeout and a margin")
+    .expect("web-tier connection kept");
+    assert_eq!(a.status, 503);
+    // The request reached t1: it is not replayed on t2 even with its body held.
+    assert_eq!((t1.requests(), t2.requests()), (1, 0));
+    assert!(
+        eventually(|| t1.stalls_closed.load(SeqCst) == 1).await,
+        "lb closed the silent connection"
+    );
+    let c = lb.backend_counters("t1");
+    assert_eq!((c.reply_timeouts, c.retries, c.in_flight), (1, 0, 0));
+    assert_eq!((c.pool_idle, c.pool_busy), (0, 0), "the connection is not pooled");
+    assert_eq!(lb.counters().unavailable_503, 1);
+    // t1's only slot is free again: a session routed to it gets there, on a new connection.
+    t1.set_mode(Mode::Answer);
+    let a = web
+        .request(&Req::from(&user).cookie("JSESSIONID=s.t1"))
+        .await
+        .unwrap();
+    assert_eq!((a.status, a.backend()), (200, "t1"));
+    assert_eq!(t1.connections.load(SeqCst), 2);
+    // And another backend serves on the same web-tier connection.
+    let other = (0..200).map(ip).find(|i| lb.by_address(i) == "t2").unwrap();
+    let a = web.request(&Req::from(&other)).await.unwrap();
+    assert_eq!((a.status, a.backend()), (200, "t2"));
+}
+
+#[tokio::test]
+async fn web_tier_closing_mid_request_abandons_it_without_replay() {
+    // No reply_timeout: only the web tier's close ends the wait.
+    let (t1, t2, lb) = stalled_pair(AjpConfig {
+        reply_timeout: Duration::ZERO,
+        ..AjpConfig::default()
+    })
+    .await;
+    let user = (0..200).map(ip).find(|i| lb.by_address(i) == "t1").unwrap();
+    let mut web = Web::connect(lb.addr).await;
+    let req = Req::from(&user).body(b"order=1");
+    let pending = tokio::spawn(async move {
+        let _ = web.request(&req).await;
+    });
+    assert!(eventually(|| t1.requests() == 1).await);
+    assert_eq!(lb.backend_counters("t1").in_flight, 1);
+    // The web tier gives up: its connection closes.
+    pending.abort();
+    let _ = pending.await;
+    assert!(
+        eventually(|| t1.stalls_closed.load(SeqCst) == 1).await,
+        "lb closed the backend connection of the abandoned request"
+    );
+    assert!(eventually(|| lb.backend_counters("t1").in_flight == 0).await);
+    let c = lb.backend_counters("t1");
+    assert_eq!((c.pool_idle, c.pool_busy, c.retries), (0, 0, 0));
+    assert_eq!(lb.counters().abandoned, 1);
+    // Never replayed: t2 got nothing, and t1 only the one request.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!((t1.requests(), t2.requests()), (1, 0));
+    // The slot is free: the next request routed to t1 gets there, on a new connection.
+    t1.set_mode(Mode::Answer);
+    let mut web = Web::connect(lb.addr).await;
+    let a = web
+        .request(&Req::from(&user).cookie("JSESSIONID=s.t1"))
+        .await
+        .unwrap();
+    assert_eq!((a.status, a.backend()), (200, "t1"));
+    assert_eq!(t1.connections.load(SeqCst), 2);
+}
+
+#[tokio::test]
+async fn partial_packets_and_idle_connections_are_closed_while_others_are_served() {
+    let fakes = [
+        FakeBackend::start("t1", Mode::Answer).await,
+        FakeBackend::start("t2", Mode::Answer).await,
+    ];
+    let lb = Lb::start(
+        &[("t1", fakes[0].addr, false), ("t2", fakes[1].addr, false)],
+        AjpConfig {
+            request_timeout: Duration::from_millis(200),
+            idle_timeout: Duration::from_millis(1500),
+            ..AjpConfig::default()
+        },
+    );
+    // Half a packet header, and a whole header whose payload never comes.
+    let mut half = TcpStream::connect(lb.addr).await.unwrap();
+    half.write_all(&[0x12, 0x34]).await.unwrap();
+    let mut short = TcpStream::connect(lb.addr).await.unwrap();
+    short.write_all(&[0x12, 0x34, 0x00, 0x40, 0x02]).await.unwrap();
+    // A connection that sends nothing, and a web tier that keeps working meanwhile.
+    let mut silent = TcpStream::connect(lb.addr).await.unwrap();
+    let mut web = Web::connect(lb.addr).await;
+    let a = web.request(&Req::from(&ip(1))).await.unwrap();
+    assert_eq!(a.status, 200);
+    assert!(closed_by_lb(&mut half).await, "half a header: closed");
+    assert!(
+        closed_by_lb(&mut short).await,
+        "header without its payload: closed"
+    );
+    assert_eq!(lb.counters().request_timeouts, 2);
+    // A request body lb waits for counts as a packet too: a Forward Request announcing a body
+    // that never comes is closed, before any backend is involved.
+    let mut no_body = TcpStream::connect(lb.addr).await.unwrap();
+    no_body
+        .write_all(&Req::from(&ip(2)).body(b"never sent").encode())
+        .await
+        .unwrap();
+    assert!(
+        closed_by_lb(&mut no_body).await,
+        "announced body never sent: closed"
+    );
+    assert_eq!(lb.counters().request_timeouts, 3);
+    assert_eq!(fakes[0].requests() + fakes[1].requests(), 1);
+    // The working connection is not idle-closed while it keeps sending requests.
+    for i in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let a = web.request(&Req::from(&ip(3 + i))).await.unwrap();
+        assert_eq!(a.status, 200);
+    }
+    assert!(closed_by_lb(&mut silent).await, "idle past idle_timeout: closed");
+    assert_eq!(lb.counters().idle_closed, 1);
 }
