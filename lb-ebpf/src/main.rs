@@ -135,6 +135,8 @@ const SNAT_TRIES: u32 = 16;
 const SNAT_WALK: u32 = 4;
 /// Random tries after which a half-open flow's port is taken when no free port turned up.
 const SNAT_RANDOM_BEFORE_RECLAIM: u32 = 4;
+/// Marks a free port the claim loop found without any reply entry (see [`claim_snat`]).
+const EMPTY_PORT: u32 = 1 << 31;
 /// A half-open flow gives its port up only once it has waited this long for the client's ACK (a
 /// real client's ACK follows its SYN-ACK within a round trip, even on a machine a flood saturates;
 /// a spoofed SYN's never comes).
@@ -492,10 +494,13 @@ fn select_backend(
         seed: cfg.seed,
         affinity_timeout_ns: service.affinity_timeout_ns,
     };
-    let mut affinity = KernelAffinity(AffinityKey {
-        service_slot: service.slot,
-        client_be,
-    });
+    let mut affinity = KernelAffinity::new(
+        AffinityKey {
+            service_slot: service.slot,
+            client_be,
+        },
+        policy.affinity_timeout_ns,
+    );
     let view = KernelService {
         slot: service.slot,
         ring_size: cfg.ring_size,
@@ -526,18 +531,73 @@ fn select_backend(
     (backend.flags & BACKEND_PRESENT != 0).then_some((index, backend))
 }
 
-/// A client's affinity entry in the `AFFINITY` map.
-struct KernelAffinity(AffinityKey);
+/// A hit refreshes its affinity entry's `last_seen_ns` at most this often (and at most every
+/// sixteenth of the service's `affinity_timeout`), by a store into the entry rather than an LRU
+/// insert per SYN. An entry can thus expire up to that step before `affinity_timeout` has passed
+/// since the client's last SYN: at most 1 s, and never more than 1/16 of the timeout.
+const AFFINITY_REFRESH_NS: u64 = 1_000_000_000;
+
+/// A client's affinity entry in the `AFFINITY` map, looked up once per SYN.
+struct KernelAffinity {
+    key: AffinityKey,
+    /// Where the entry found lives (until an insert replaces it) and what it held (or what was
+    /// last stored).
+    slot: Option<*mut AffinityValue>,
+    value: Option<AffinityValue>,
+    /// Refresh step: a hit younger than this leaves the entry alone.
+    step_ns: u64,
+}
+
+impl KernelAffinity {
+    #[inline(always)]
+    fn new(key: AffinityKey, timeout_ns: u64) -> KernelAffinity {
+        // Affinity off: the selection never asks.
+        let slot = if timeout_ns == 0 {
+            None
+        } else {
+            AFFINITY.get_ptr_mut(key)
+        };
+        KernelAffinity {
+            key,
+            slot,
+            // SAFETY: map value pointer valid for this run (racing CPUs replace the entry by an
+            // insert, which links a new element, or store its last_seen: one word).
+            value: slot.map(|p| unsafe { *p }),
+            step_ns: if timeout_ns / 16 < AFFINITY_REFRESH_NS {
+                timeout_ns / 16
+            } else {
+                AFFINITY_REFRESH_NS
+            },
+        }
+    }
+}
 
 impl AffinitySlot for KernelAffinity {
     #[inline(always)]
     fn get(&self) -> Option<AffinityValue> {
-        // SAFETY: a map value read for this run.
-        unsafe { AFFINITY.get(self.0) }.copied()
+        self.value
     }
+    /// The same backend and home (a hit): `last_seen_ns` is written in place, and only once the
+    /// entry is a step old. Safe between CPUs: it is one aligned 8-byte store of the only field
+    /// that changes, so a reader sees the old or the new time, never a mix; two CPUs refreshing at
+    /// once both store a current time. Anything else (a miss, another backend or home) is an
+    /// insert, which replaces the whole entry at once.
     #[inline(always)]
     fn put(&mut self, value: &AffinityValue) {
-        let _ = AFFINITY.insert(self.0, value, 0);
+        if let (Some(p), Some(old)) = (self.slot, self.value)
+            && old.backend == value.backend
+            && old.home == value.home
+        {
+            if value.last_seen_ns.saturating_sub(old.last_seen_ns) >= self.step_ns {
+                // SAFETY: map value pointer valid for this run (see above).
+                unsafe { (*p).last_seen_ns = value.last_seen_ns };
+                self.value = Some(*value);
+            }
+            return;
+        }
+        let _ = AFFINITY.insert(self.key, value, 0);
+        self.slot = None;
+        self.value = Some(*value);
     }
 }
 
@@ -683,8 +743,10 @@ fn clear_low_flag(flags: &mut u32, bit: u32) {
 /// What a SNAT port toward one backend holds.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum PortUse {
-    /// No live flow: no reply entry, or one expired whose client → backend entry (if it still
-    /// points at the port) expired too.
+    /// No reply entry at all: taken without the port's lock (see [`take_port`]).
+    Empty,
+    /// No live flow: a reply entry expired whose client → backend entry (if it still points at the
+    /// port) expired too. Taken under the port's lock (its old entry is removed first).
     Free,
     /// A half-open flow within its `syn_timeout`, quiet for [`HALF_OPEN_RECLAIM_NS`]: taken only
     /// when no port is free.
@@ -725,7 +787,7 @@ fn forward_of(key: &FlowKey, reply: &FlowValue) -> Option<(FlowKey, &'static Flo
 fn port_use(key: &FlowKey, cfg: &GlobalConfig, now: u64) -> PortUse {
     // SAFETY: read-only use of a map value for this run.
     let Some(old) = (unsafe { CONNTRACK.get(*key) }) else {
-        return PortUse::Free;
+        return PortUse::Empty;
     };
     let fwd = forward_of(key, old);
     let live = !old.expired(now, cfg) || fwd.is_some_and(|(_, f)| !f.expired(now, cfg));
@@ -749,9 +811,19 @@ fn port_use(key: &FlowKey, cfg: &GlobalConfig, now: u64) -> PortUse {
     }
 }
 
-/// Under the port's lock: if the port is (still) `Free`, or `HalfOpen` when `reclaim`, removes the
-/// old flow's reply entry (and a half-open flow's client → backend entry, while it points at this
-/// port) and inserts `reply` with BPF_NOEXIST.
+/// A port the claim loop found `Empty` (no reply entry): inserting `reply` with BPF_NOEXIST is
+/// itself the atomic claim, no lock needed. Locks only keep a CPU that removes an old entry from
+/// removing another CPU's fresh one; a CPU holding this port's lock (it saw an old entry, since
+/// removed) finds its own BPF_NOEXIST insert refused when this one won, and the reverse, so one
+/// port never goes to two flows either way.
+#[inline(always)]
+fn take_empty_port(key: &FlowKey, reply: &FlowValue) -> bool {
+    CONNTRACK.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok()
+}
+
+/// Under the port's lock: if the port is (still) `Empty` or `Free`, or `HalfOpen` or `Closed` when
+/// `reclaim`, removes the old flow's reply entry (and a half-open flow's client → backend entry,
+/// while it points at this port) and inserts `reply` with BPF_NOEXIST.
 #[inline(always)]
 fn take_port(
     key: &FlowKey,
@@ -765,7 +837,7 @@ fn take_port(
     }
     let was = port_use(key, cfg, now);
     let usable = match was {
-        PortUse::Free => true,
+        PortUse::Empty | PortUse::Free => true,
         PortUse::HalfOpen | PortUse::Closed => reclaim,
         PortUse::Busy => false,
     };
@@ -802,7 +874,8 @@ fn take_port(
 /// starting k/cpus of the way in), then tries random ports. A port is taken only under its lock
 /// ([`SNAT_LOCKS`], inserted with BPF_NOEXIST and removed in the same run), re-checked under it, so
 /// two CPUs never remove each other's fresh entries or hand one port to two flows. A free port
-/// (no live flow) is preferred; when none turns up, the oldest half-open flow seen (the first in
+/// (no live flow) is preferred, one without any reply entry taken without the lock
+/// ([`take_empty_port`]); when none turns up, the oldest half-open flow seen (the first in
 /// the walk) gives its port up, with both its entries, else a closed connection quiet for
 /// [`CLOSED_REUSE_NS`] does; a live established flow never does.
 #[inline(always)]
@@ -820,6 +893,7 @@ fn claim_snat(
     let offset = (unsafe { bpf_get_smp_processor_id() } % cpus) * (range / cpus);
     // The loop only looks (read-only lookups: a small body keeps the verifier's work bounded);
     // the port is taken after it.
+    // Bit 31 set: the free port has no reply entry at all (`PortUse::Empty`); indexes are < 2^16.
     let mut free = u32::MAX;
     // The port to reclaim when none is free: the first quiet half-open or closed one.
     let mut reclaim = u32::MAX;
@@ -843,14 +917,20 @@ fn claim_snat(
             }
         };
         match port_use(&port_key(backend, ((lo + index) as u16).to_be()), cfg, now) {
+            PortUse::Empty => free = index | EMPTY_PORT,
             PortUse::Free => free = index,
             PortUse::HalfOpen | PortUse::Closed if reclaim == u32::MAX => reclaim = index,
             _ => {}
         }
     }
     if free != u32::MAX {
-        let key = port_key(backend, ((lo + free) as u16).to_be());
-        if take_port(&key, cfg, now, reply, false).is_some() {
+        let key = port_key(backend, ((lo + (free & !EMPTY_PORT)) as u16).to_be());
+        let taken = if free & EMPTY_PORT != 0 {
+            take_empty_port(&key, reply)
+        } else {
+            take_port(&key, cfg, now, reply, false).is_some()
+        };
+        if taken {
             return Some(key.dport_be);
         }
     }
