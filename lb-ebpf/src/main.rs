@@ -411,38 +411,59 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         }
         return drop(gc::SNAT_EXHAUSTED);
     };
-    let mut forward_value = FlowValue {
-        new_src_be: backend.snat_be,
-        new_dst_be: backend.addr_be,
-        new_sport_be: snat_port_be,
-        new_dport_be: backend.port_be,
-        backend: backend_index,
-        service_slot: service.slot,
-        flags: FLOW_TO_BACKEND | FLOW_HALF_OPEN,
-        last_seen_ns: now,
-        syn_seq_be: seq_be,
-        ..FlowValue::default()
+    // Built in this CPU's scratch entry, not on the stack (the program's stack is nearly full).
+    let Some(scratch) = dsr::SCRATCH.get_ptr_mut(0) else {
+        let _ = CONNTRACK.remove(port_key(backend, snat_port_be));
+        return drop(gc::SNAT_EXHAUSTED);
     };
-    rewrite(ip, tcp, &key, &forward_value);
+    // SAFETY: this CPU's slot, used only within this run.
+    let forward_value = unsafe { &mut *scratch };
+    forward_value.new_src_be = backend.snat_be;
+    forward_value.new_dst_be = backend.addr_be;
+    forward_value.new_sport_be = snat_port_be;
+    forward_value.new_dport_be = backend.port_be;
+    forward_value.backend = backend_index;
+    forward_value.service_slot = service.slot;
+    forward_value.flags = FLOW_TO_BACKEND | FLOW_HALF_OPEN;
+    forward_value.next_hop_ifindex = 0;
+    forward_value.next_hop_macs = [0; 12];
+    forward_value.last_seen_ns = now;
+    forward_value.next_hop_ns = 0;
+    forward_value.ts_delta = 0;
+    forward_value.syn_seq_be = seq_be;
+    rewrite(ip, tcp, &key, forward_value);
     if let Some(delta) = ts_delta {
         forward_value.flags |= FLOW_TS;
         forward_value.ts_delta = delta;
         translate_timestamps(ctx, tcp, l4_off, doff, true, delta, false);
     }
-    // The client reused a port of an earlier connection still on record: that connection is over
-    // (its reply entry, if still its own, ages out as closed; its port is free after closed_timeout).
-    if let Some(old) = unsafe { CONNTRACK.get(key) } {
-        retire(&key, old);
-    }
     // The next hop is found before the entry is stored, so it is stored with it.
-    let verdict = forward(ctx, ip, &mut forward_value, now, cfg.cpus);
-    if CONNTRACK.insert(key, forward_value, 0).is_err() {
-        let _ = CONNTRACK.remove(FlowKey::reverse_of(&forward_value));
+    let verdict = forward(ctx, ip, forward_value, now, cfg.cpus);
+    // The client reused a port of an earlier connection still on record: that connection is over
+    // (its reply entry, if still its own, ages out as closed; its port is free after closed_timeout),
+    // and the new flow's entry is stored over its entry (`store_forward`). Looked up again, not
+    // the top lookup's pointer: claim_snat may have removed that entry (a half-open flow whose
+    // port it reclaimed), and an element removed from an LRU map is reused at once, so only a
+    // lookup now says the element is this 4-tuple's.
+    let mut stored = false;
+    if let Some(p) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: map value pointer valid for this run.
+        let old = unsafe { &*p };
+        retire_for(&key, old, forward_value);
+        stored = old.flags & FLOW_TO_BACKEND != 0 && store_forward(p, forward_value);
+    }
+    #[allow(
+        clippy::needless_borrows_for_generic_args,
+        reason = "a reference into the scratch map: `*forward_value` would copy the entry onto the stack"
+    )]
+    let stored = stored || CONNTRACK.insert(&key, &*forward_value, 0).is_ok();
+    if !stored {
+        let _ = CONNTRACK.remove(FlowKey::reverse_of(forward_value));
         return drop(gc::SNAT_EXHAUSTED);
     }
     count(gc::NEW_FLOWS, len);
     passive::syn_sent(backend_index);
-    count_traffic(&forward_value, true, len, true);
+    count_traffic(forward_value, true, len, true);
     verdict
 }
 
@@ -661,6 +682,20 @@ fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
     a.src_be == b.src_be && a.dst_be == b.dst_be && a.sport_be == b.sport_be && a.dport_be == b.dport_be
 }
 
+/// [`retire`] for the earlier connection `old` replaced by the new flow whose client → backend
+/// entry is `new`. When the new flow got the earlier one's very SNAT port back (its closed or
+/// half-open flow's port reclaimed), the reply entry there is the new flow's: left alone.
+#[inline(always)]
+pub(crate) fn retire_for(key: &FlowKey, old: &FlowValue, new: &FlowValue) {
+    if old.new_sport_be != new.new_sport_be
+        || old.new_src_be != new.new_src_be
+        || old.new_dst_be != new.new_dst_be
+        || old.new_dport_be != new.new_dport_be
+    {
+        retire(key, old);
+    }
+}
+
 /// Ends the earlier connection recorded under `key` (replaced by a new flow): its reply entry, if it
 /// is still that connection's, is marked reset so it ages out after closed_timeout.
 #[inline(always)]
@@ -674,6 +709,38 @@ fn retire(key: &FlowKey, old: &FlowValue) {
         if same_flow(&FlowKey::reverse_of(r), key) {
             set_flags(&mut r.flags, FLOW_RST);
         }
+    }
+}
+
+/// Stores the new flow's client → backend entry `value` over the earlier flow's entry `p` (just
+/// looked up under the same 4-tuple) instead of an LRU insert (which takes a free element, links
+/// it and frees the old one: the SYN path's dearest map operation when clients reuse 4-tuples);
+/// false when another CPU's store got mixed in (the caller then inserts). Why this is safe
+/// between CPUs, writer by writer:
+/// - Packets of the earlier connection (late, on another CPU) may read the entry while it is
+///   written and see a mix of both translations. That connection is over (its client opened a
+///   new one on the same 4-tuple, so it holds no socket for it any more): such a packet would be
+///   forwarded on the new flow's entry after an insert as well, and a mix reaches at worst a port
+///   the backend answers with an RST, which finds no flow (`no_reply_flow`). Their own stores
+///   (flag bytes, last_seen, next hop) land before or after this store, as after an insert.
+/// - Two SYNs of this 4-tuple on two CPUs at the same instant (a duplicate; RSS keeps a
+///   4-tuple's packets on one queue) may both store here, each with its own SNAT port. The
+///   fields of the two values differ only in port, times and `ts_delta`; the port and
+///   `ts_delta` must be one flow's (its reply entry translates timestamps back by the same
+///   delta). Each CPU reads them back after its store: one that finds another CPU's there
+///   (false) replaces the entry by an insert (atomic). The last CPU to store a field reads the
+///   final state, so a mix left behind is always replaced; the other's reply entry ages out unused.
+/// - Removal or LRU eviction of the element between the lookup and this store (a few
+///   instructions) is the hazard every store into a map value in this program has; an insert
+///   instead would free the old element under the pointers other CPUs hold to it.
+#[inline(always)]
+fn store_forward(p: *mut FlowValue, value: &FlowValue) -> bool {
+    // SAFETY: map value pointer valid for this run; volatile reads so the check reads memory
+    // (other CPUs' stores), not the values just written.
+    unsafe {
+        core::ptr::copy_nonoverlapping(value, p, 1);
+        core::ptr::read_volatile(&raw const (*p).new_sport_be) == value.new_sport_be
+            && core::ptr::read_volatile(&raw const (*p).ts_delta) == value.ts_delta
     }
 }
 
