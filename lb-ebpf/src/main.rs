@@ -135,6 +135,8 @@ const SNAT_TRIES: u32 = 16;
 const SNAT_WALK: u32 = 4;
 /// Random tries after which a half-open flow's port is taken when no free port turned up.
 const SNAT_RANDOM_BEFORE_RECLAIM: u32 = 4;
+/// Marks a free port the claim loop found without any reply entry (see [`claim_snat`]).
+const EMPTY_PORT: u32 = 1 << 31;
 /// A half-open flow gives its port up only once it has waited this long for the client's ACK (a
 /// real client's ACK follows its SYN-ACK within a round trip, even on a machine a flood saturates;
 /// a spoofed SYN's never comes).
@@ -424,38 +426,59 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
         }
         return drop(gc::SNAT_EXHAUSTED);
     };
-    let mut forward_value = FlowValue {
-        new_src_be: backend.snat_be,
-        new_dst_be: backend.addr_be,
-        new_sport_be: snat_port_be,
-        new_dport_be: backend.port_be,
-        backend: backend_index,
-        service_slot: service.slot,
-        flags: FLOW_TO_BACKEND | FLOW_HALF_OPEN,
-        last_seen_ns: now,
-        syn_seq_be: seq_be,
-        ..FlowValue::default()
+    // Built in this CPU's scratch entry, not on the stack (the program's stack is nearly full).
+    let Some(scratch) = dsr::SCRATCH.get_ptr_mut(0) else {
+        let _ = CONNTRACK.remove(port_key(backend, snat_port_be));
+        return drop(gc::SNAT_EXHAUSTED);
     };
-    rewrite(ip, tcp, &key, &forward_value);
+    // SAFETY: this CPU's slot, used only within this run.
+    let forward_value = unsafe { &mut *scratch };
+    forward_value.new_src_be = backend.snat_be;
+    forward_value.new_dst_be = backend.addr_be;
+    forward_value.new_sport_be = snat_port_be;
+    forward_value.new_dport_be = backend.port_be;
+    forward_value.backend = backend_index;
+    forward_value.service_slot = service.slot;
+    forward_value.flags = FLOW_TO_BACKEND | FLOW_HALF_OPEN;
+    forward_value.next_hop_ifindex = 0;
+    forward_value.next_hop_macs = [0; 12];
+    forward_value.last_seen_ns = now;
+    forward_value.next_hop_ns = 0;
+    forward_value.ts_delta = 0;
+    forward_value.syn_seq_be = seq_be;
+    rewrite(ip, tcp, &key, forward_value);
     if let Some(delta) = ts_delta {
         forward_value.flags |= FLOW_TS;
         forward_value.ts_delta = delta;
         translate_timestamps(ctx, tcp, l4_off, doff, true, delta, false);
     }
-    // The client reused a port of an earlier connection still on record: that connection is over
-    // (its reply entry, if still its own, ages out as closed; its port is free after closed_timeout).
-    if let Some(old) = unsafe { CONNTRACK.get(key) } {
-        retire(&key, old);
-    }
     // The next hop is found before the entry is stored, so it is stored with it.
-    let verdict = forward(ctx, ip, &mut forward_value, now, cfg.cpus);
-    if CONNTRACK.insert(key, forward_value, 0).is_err() {
-        let _ = CONNTRACK.remove(FlowKey::reverse_of(&forward_value));
+    let verdict = forward(ctx, ip, forward_value, now, cfg.cpus);
+    // The client reused a port of an earlier connection still on record: that connection is over
+    // (its reply entry, if still its own, ages out as closed; its port is free after closed_timeout),
+    // and the new flow's entry is stored over its entry (`store_forward`). Looked up again, not
+    // the top lookup's pointer: claim_snat may have removed that entry (a half-open flow whose
+    // port it reclaimed), and an element removed from an LRU map is reused at once, so only a
+    // lookup now says the element is this 4-tuple's.
+    let mut stored = false;
+    if let Some(p) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: map value pointer valid for this run.
+        let old = unsafe { &*p };
+        retire_for(&key, old, forward_value);
+        stored = old.flags & FLOW_TO_BACKEND != 0 && store_forward(p, forward_value);
+    }
+    #[allow(
+        clippy::needless_borrows_for_generic_args,
+        reason = "a reference into the scratch map: `*forward_value` would copy the entry onto the stack"
+    )]
+    let stored = stored || CONNTRACK.insert(&key, &*forward_value, 0).is_ok();
+    if !stored {
+        let _ = CONNTRACK.remove(FlowKey::reverse_of(forward_value));
         return drop(gc::SNAT_EXHAUSTED);
     }
     count(gc::NEW_FLOWS, len);
     passive::syn_sent(backend_index);
-    count_traffic(&forward_value, true, len, true);
+    count_traffic(forward_value, true, len, true);
     verdict
 }
 
@@ -507,10 +530,13 @@ fn select_backend(
         seed: cfg.seed,
         affinity_timeout_ns: service.affinity_timeout_ns,
     };
-    let mut affinity = KernelAffinity(AffinityKey {
-        service_slot: service.slot,
-        client_be,
-    });
+    let mut affinity = KernelAffinity::new(
+        AffinityKey {
+            service_slot: service.slot,
+            client_be,
+        },
+        policy.affinity_timeout_ns,
+    );
     let view = KernelService {
         slot: service.slot,
         ring_size: cfg.ring_size,
@@ -541,18 +567,73 @@ fn select_backend(
     (backend.flags & BACKEND_PRESENT != 0).then_some((index, backend))
 }
 
-/// A client's affinity entry in the `AFFINITY` map.
-struct KernelAffinity(AffinityKey);
+/// A hit refreshes its affinity entry's `last_seen_ns` at most this often (and at most every
+/// sixteenth of the service's `affinity_timeout`), by a store into the entry rather than an LRU
+/// insert per SYN. An entry can thus expire up to that step before `affinity_timeout` has passed
+/// since the client's last SYN: at most 1 s, and never more than 1/16 of the timeout.
+const AFFINITY_REFRESH_NS: u64 = 1_000_000_000;
+
+/// A client's affinity entry in the `AFFINITY` map, looked up once per SYN.
+struct KernelAffinity {
+    key: AffinityKey,
+    /// Where the entry found lives (until an insert replaces it) and what it held (or what was
+    /// last stored).
+    slot: Option<*mut AffinityValue>,
+    value: Option<AffinityValue>,
+    /// Refresh step: a hit younger than this leaves the entry alone.
+    step_ns: u64,
+}
+
+impl KernelAffinity {
+    #[inline(always)]
+    fn new(key: AffinityKey, timeout_ns: u64) -> KernelAffinity {
+        // Affinity off: the selection never asks.
+        let slot = if timeout_ns == 0 {
+            None
+        } else {
+            AFFINITY.get_ptr_mut(key)
+        };
+        KernelAffinity {
+            key,
+            slot,
+            // SAFETY: map value pointer valid for this run (racing CPUs replace the entry by an
+            // insert, which links a new element, or store its last_seen: one word).
+            value: slot.map(|p| unsafe { *p }),
+            step_ns: if timeout_ns / 16 < AFFINITY_REFRESH_NS {
+                timeout_ns / 16
+            } else {
+                AFFINITY_REFRESH_NS
+            },
+        }
+    }
+}
 
 impl AffinitySlot for KernelAffinity {
     #[inline(always)]
     fn get(&self) -> Option<AffinityValue> {
-        // SAFETY: a map value read for this run.
-        unsafe { AFFINITY.get(self.0) }.copied()
+        self.value
     }
+    /// The same backend and home (a hit): `last_seen_ns` is written in place, and only once the
+    /// entry is a step old. Safe between CPUs: it is one aligned 8-byte store of the only field
+    /// that changes, so a reader sees the old or the new time, never a mix; two CPUs refreshing at
+    /// once both store a current time. Anything else (a miss, another backend or home) is an
+    /// insert, which replaces the whole entry at once.
     #[inline(always)]
     fn put(&mut self, value: &AffinityValue) {
-        let _ = AFFINITY.insert(self.0, value, 0);
+        if let (Some(p), Some(old)) = (self.slot, self.value)
+            && old.backend == value.backend
+            && old.home == value.home
+        {
+            if value.last_seen_ns.saturating_sub(old.last_seen_ns) >= self.step_ns {
+                // SAFETY: map value pointer valid for this run (see above).
+                unsafe { (*p).last_seen_ns = value.last_seen_ns };
+                self.value = Some(*value);
+            }
+            return;
+        }
+        let _ = AFFINITY.insert(self.key, value, 0);
+        self.slot = None;
+        self.value = Some(*value);
     }
 }
 
@@ -616,6 +697,20 @@ fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
     a.src_be == b.src_be && a.dst_be == b.dst_be && a.sport_be == b.sport_be && a.dport_be == b.dport_be
 }
 
+/// [`retire`] for the earlier connection `old` replaced by the new flow whose client → backend
+/// entry is `new`. When the new flow got the earlier one's very SNAT port back (its closed or
+/// half-open flow's port reclaimed), the reply entry there is the new flow's: left alone.
+#[inline(always)]
+pub(crate) fn retire_for(key: &FlowKey, old: &FlowValue, new: &FlowValue) {
+    if old.new_sport_be != new.new_sport_be
+        || old.new_src_be != new.new_src_be
+        || old.new_dst_be != new.new_dst_be
+        || old.new_dport_be != new.new_dport_be
+    {
+        retire(key, old);
+    }
+}
+
 /// Ends the earlier connection recorded under `key` (replaced by a new flow): its reply entry, if it
 /// is still that connection's, is marked reset so it ages out after closed_timeout.
 #[inline(always)]
@@ -629,6 +724,38 @@ fn retire(key: &FlowKey, old: &FlowValue) {
         if same_flow(&FlowKey::reverse_of(r), key) {
             set_flags(&mut r.flags, FLOW_RST);
         }
+    }
+}
+
+/// Stores the new flow's client → backend entry `value` over the earlier flow's entry `p` (just
+/// looked up under the same 4-tuple) instead of an LRU insert (which takes a free element, links
+/// it and frees the old one: the SYN path's dearest map operation when clients reuse 4-tuples);
+/// false when another CPU's store got mixed in (the caller then inserts). Why this is safe
+/// between CPUs, writer by writer:
+/// - Packets of the earlier connection (late, on another CPU) may read the entry while it is
+///   written and see a mix of both translations. That connection is over (its client opened a
+///   new one on the same 4-tuple, so it holds no socket for it any more): such a packet would be
+///   forwarded on the new flow's entry after an insert as well, and a mix reaches at worst a port
+///   the backend answers with an RST, which finds no flow (`no_reply_flow`). Their own stores
+///   (flag bytes, last_seen, next hop) land before or after this store, as after an insert.
+/// - Two SYNs of this 4-tuple on two CPUs at the same instant (a duplicate; RSS keeps a
+///   4-tuple's packets on one queue) may both store here, each with its own SNAT port. The
+///   fields of the two values differ only in port, times and `ts_delta`; the port and
+///   `ts_delta` must be one flow's (its reply entry translates timestamps back by the same
+///   delta). Each CPU reads them back after its store: one that finds another CPU's there
+///   (false) replaces the entry by an insert (atomic). The last CPU to store a field reads the
+///   final state, so a mix left behind is always replaced; the other's reply entry ages out unused.
+/// - Removal or LRU eviction of the element between the lookup and this store (a few
+///   instructions) is the hazard every store into a map value in this program has; an insert
+///   instead would free the old element under the pointers other CPUs hold to it.
+#[inline(always)]
+fn store_forward(p: *mut FlowValue, value: &FlowValue) -> bool {
+    // SAFETY: map value pointer valid for this run; volatile reads so the check reads memory
+    // (other CPUs' stores), not the values just written.
+    unsafe {
+        core::ptr::copy_nonoverlapping(value, p, 1);
+        core::ptr::read_volatile(&raw const (*p).new_sport_be) == value.new_sport_be
+            && core::ptr::read_volatile(&raw const (*p).ts_delta) == value.ts_delta
     }
 }
 
@@ -698,8 +825,10 @@ fn clear_low_flag(flags: &mut u32, bit: u32) {
 /// What a SNAT port toward one backend holds.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum PortUse {
-    /// No live flow: no reply entry, or one expired whose client → backend entry (if it still
-    /// points at the port) expired too.
+    /// No reply entry at all: taken without the port's lock (see [`take_port`]).
+    Empty,
+    /// No live flow: a reply entry expired whose client → backend entry (if it still points at the
+    /// port) expired too. Taken under the port's lock (its old entry is removed first).
     Free,
     /// A half-open flow within its `syn_timeout`, quiet for [`HALF_OPEN_RECLAIM_NS`]: taken only
     /// when no port is free.
@@ -740,7 +869,7 @@ fn forward_of(key: &FlowKey, reply: &FlowValue) -> Option<(FlowKey, &'static Flo
 fn port_use(key: &FlowKey, cfg: &GlobalConfig, now: u64) -> PortUse {
     // SAFETY: read-only use of a map value for this run.
     let Some(old) = (unsafe { CONNTRACK.get(*key) }) else {
-        return PortUse::Free;
+        return PortUse::Empty;
     };
     let fwd = forward_of(key, old);
     let live = !old.expired(now, cfg) || fwd.is_some_and(|(_, f)| !f.expired(now, cfg));
@@ -764,9 +893,19 @@ fn port_use(key: &FlowKey, cfg: &GlobalConfig, now: u64) -> PortUse {
     }
 }
 
-/// Under the port's lock: if the port is (still) `Free`, or `HalfOpen` when `reclaim`, removes the
-/// old flow's reply entry (and a half-open flow's client → backend entry, while it points at this
-/// port) and inserts `reply` with BPF_NOEXIST.
+/// A port the claim loop found `Empty` (no reply entry): inserting `reply` with BPF_NOEXIST is
+/// itself the atomic claim, no lock needed. Locks only keep a CPU that removes an old entry from
+/// removing another CPU's fresh one; a CPU holding this port's lock (it saw an old entry, since
+/// removed) finds its own BPF_NOEXIST insert refused when this one won, and the reverse, so one
+/// port never goes to two flows either way.
+#[inline(always)]
+fn take_empty_port(key: &FlowKey, reply: &FlowValue) -> bool {
+    CONNTRACK.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok()
+}
+
+/// Under the port's lock: if the port is (still) `Empty` or `Free`, or `HalfOpen` or `Closed` when
+/// `reclaim`, removes the old flow's reply entry (and a half-open flow's client → backend entry,
+/// while it points at this port) and inserts `reply` with BPF_NOEXIST.
 #[inline(always)]
 fn take_port(
     key: &FlowKey,
@@ -780,7 +919,7 @@ fn take_port(
     }
     let was = port_use(key, cfg, now);
     let usable = match was {
-        PortUse::Free => true,
+        PortUse::Empty | PortUse::Free => true,
         PortUse::HalfOpen | PortUse::Closed => reclaim,
         PortUse::Busy => false,
     };
@@ -817,7 +956,8 @@ fn take_port(
 /// starting k/cpus of the way in), then tries random ports. A port is taken only under its lock
 /// ([`SNAT_LOCKS`], inserted with BPF_NOEXIST and removed in the same run), re-checked under it, so
 /// two CPUs never remove each other's fresh entries or hand one port to two flows. A free port
-/// (no live flow) is preferred; when none turns up, the oldest half-open flow seen (the first in
+/// (no live flow) is preferred, one without any reply entry taken without the lock
+/// ([`take_empty_port`]); when none turns up, the oldest half-open flow seen (the first in
 /// the walk) gives its port up, with both its entries, else a closed connection quiet for
 /// [`CLOSED_REUSE_NS`] does; a live established flow never does.
 #[inline(always)]
@@ -835,6 +975,7 @@ fn claim_snat(
     let offset = (unsafe { bpf_get_smp_processor_id() } % cpus) * (range / cpus);
     // The loop only looks (read-only lookups: a small body keeps the verifier's work bounded);
     // the port is taken after it.
+    // Bit 31 set: the free port has no reply entry at all (`PortUse::Empty`); indexes are < 2^16.
     let mut free = u32::MAX;
     // The port to reclaim when none is free: the first quiet half-open or closed one.
     let mut reclaim = u32::MAX;
@@ -858,14 +999,20 @@ fn claim_snat(
             }
         };
         match port_use(&port_key(backend, ((lo + index) as u16).to_be()), cfg, now) {
+            PortUse::Empty => free = index | EMPTY_PORT,
             PortUse::Free => free = index,
             PortUse::HalfOpen | PortUse::Closed if reclaim == u32::MAX => reclaim = index,
             _ => {}
         }
     }
     if free != u32::MAX {
-        let key = port_key(backend, ((lo + free) as u16).to_be());
-        if take_port(&key, cfg, now, reply, false).is_some() {
+        let key = port_key(backend, ((lo + (free & !EMPTY_PORT)) as u16).to_be());
+        let taken = if free & EMPTY_PORT != 0 {
+            take_empty_port(&key, reply)
+        } else {
+            take_port(&key, cfg, now, reply, false).is_some()
+        };
+        if taken {
             return Some(key.dport_be);
         }
     }

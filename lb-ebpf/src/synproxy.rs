@@ -44,8 +44,8 @@ use lb_common::{
 use crate::net::{ETH_P_IPV4, EthHdr, IPPROTO_TCP, Ipv4Hdr, TcpHdr};
 use crate::{
     CONFIG, CONNTRACK, SERVICES, TCP_ACK, TCP_RST, TCP_SYN, Verdict, claim_snat, clear_low_flag, count,
-    count_traffic, drop, forward, pass, passive, ptr_at, reset, retire, rewrite, same_flow, select_backend,
-    set_flags_both,
+    count_traffic, drop, forward, pass, passive, ptr_at, reset, retire, retire_for, rewrite, same_flow,
+    select_backend, set_flags_both,
 };
 
 #[map(name = "lb_syncookie")]
@@ -402,7 +402,7 @@ fn new_flow(
     // port is given back and its packet dropped: the client retransmits into the winner's flow).
     let flags = match unsafe { CONNTRACK.get(*key) } {
         Some(old) => {
-            retire(key, old);
+            retire_for(key, old, &forward_value);
             0
         }
         None => u64::from(BPF_NOEXIST),

@@ -12,10 +12,11 @@ use common::{
 };
 
 use std::net::Ipv4Addr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use lb::config::{AdminState, BackendConfig, ServiceConfig};
 use lb::datapath::Datapath;
+use lb::datapath::affinity::AffinityTable;
 use lb::datapath::xdp::XdpDatapath;
 use lb::state::{Command, Health, State};
 use lb_tests::packet::flags::{ACK, FIN, PSH, RST, SYN};
@@ -586,6 +587,182 @@ fn xdp_syn_on_a_reused_tuple_starts_a_new_flow() {
         // The same port outside the SNAT range is the host's business: passed.
         let own = frame(backend, (LB_BACKEND_SIDE, 40000), SYN | ACK, b"", &[], [0xbb; 6]);
         assert_eq!(fx.xdp.test_run(&own, backend_if, 1).unwrap().0, XDP_PASS);
+    });
+}
+
+/// A client that reuses the 4-tuple of a connection closed both ways: its new SYN's flow replaces
+/// the old client → backend entry (no entry added). The entry then carries the new SNAT port (the
+/// client's next packets leave on it), the next hop is right (same backend), the old port's reply
+/// entry is left to age out, not reused, and the new flow runs both ways.
+#[test]
+fn xdp_syn_on_a_closed_reused_tuple_replaces_its_entry() {
+    if !common::ready("xdp_syn_on_a_closed_reused_tuple_replaces_its_entry") {
+        return;
+    }
+    in_fixture_netns(3, 3, |client_if, backend_if| {
+        let fx = Fixture::new();
+        let c = client(1);
+        let client_side = (c, 41500);
+        let backend_packet = |backend: (Ipv4Addr, u16), port: u16, flags: u8, seq: u32, ack: u32| {
+            Tcp::new(backend, (LB_BACKEND_SIDE, port), flags)
+                .macs([0xbb; 6], [0xaa; 6])
+                .seq(seq)
+                .ack(ack)
+                .build()
+        };
+        let client_packet = |flags: u8, seq: u32, ack: u32| {
+            Tcp::new(client_side, (VIP, 80), flags)
+                .macs(CLIENT_MAC, [0xaa; 6])
+                .seq(seq)
+                .ack(ack)
+                .build()
+        };
+        // First connection: handshake, then FIN both ways.
+        let (verdict, out, _) = fx
+            .xdp
+            .test_run(&frame_seq(client_side, (VIP, 80), SYN, 1000), client_if, 1)
+            .unwrap();
+        assert_eq!(verdict, XDP_REDIRECT);
+        let first = parse(&out);
+        let (backend, old_port) = (first.dst, first.src.1);
+        let index = (1..=3)
+            .find(|i| backend_ip(*i) == backend.0)
+            .expect("a fixture backend");
+        assert_eq!(first.dst_mac, backend_mac(index));
+        let steps = [
+            (
+                backend_packet(backend, old_port, SYN | ACK, 7000, 1001),
+                backend_if,
+            ),
+            (client_packet(ACK, 1001, 7001), client_if),
+            (client_packet(FIN | ACK, 1001, 7001), client_if),
+            (
+                backend_packet(backend, old_port, FIN | ACK, 7001, 1002),
+                backend_if,
+            ),
+            (client_packet(ACK, 1002, 7002), client_if),
+        ];
+        for (frame, ifindex) in &steps {
+            assert_eq!(fx.xdp.test_run(frame, *ifindex, 1).unwrap().0, XDP_REDIRECT);
+        }
+        let entries = fx.xdp.kernel_state().conntrack;
+        assert_eq!(entries, 2, "one closed connection: two entries");
+
+        // The client reuses its port at once (the backend closed first: its TIME_WAIT is on the
+        // old SNAT port, so the new flow needs a new one).
+        let (verdict, out, _) = fx
+            .xdp
+            .test_run(&frame_seq(client_side, (VIP, 80), SYN, 900_000), client_if, 1)
+            .unwrap();
+        assert_eq!(verdict, XDP_REDIRECT);
+        let second = parse(&out);
+        assert_eq!(second.dst, backend, "same backend (affinity)");
+        assert_eq!(second.dst_mac, backend_mac(index), "the next hop of that backend");
+        let new_port = second.src.1;
+        assert_ne!(new_port, old_port, "a new SNAT port");
+        assert_eq!(fx.counter("new_flows"), 2);
+        assert_eq!(
+            fx.xdp.kernel_state().conntrack,
+            3,
+            "the client → backend entry was replaced, not added: the old reply entry and the new flow's two"
+        );
+        let which = fx
+            .xdp
+            .kernel_which("web", c, Some(client_side.1))
+            .expect("kernel choice");
+        assert_eq!(which.reason, "conntrack", "{which:?}");
+
+        // The new flow both ways: SYN-ACK on the new port to the client, then the client's ACK and
+        // data leave on the new port.
+        let (verdict, out, _) = fx
+            .xdp
+            .test_run(
+                &backend_packet(backend, new_port, SYN | ACK, 50_000, 900_001),
+                backend_if,
+                1,
+            )
+            .unwrap();
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(parse(&out).dst, client_side);
+        for flags in [ACK, PSH | ACK] {
+            let (verdict, out, _) = fx
+                .xdp
+                .test_run(&client_packet(flags, 900_001, 50_001), client_if, 1)
+                .unwrap();
+            assert_eq!(verdict, XDP_REDIRECT);
+            let p = parse(&out);
+            assert_eq!(
+                (p.dst, p.src.1),
+                (backend, new_port),
+                "the client's packets leave on the new port"
+            );
+        }
+        // A retransmission of the new SYN is not a new flow, and stays on the new port.
+        let (verdict, out, _) = fx
+            .xdp
+            .test_run(&frame_seq(client_side, (VIP, 80), SYN, 900_000), client_if, 1)
+            .unwrap();
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(parse(&out).src.1, new_port);
+        assert_eq!(fx.counter("new_flows"), 2);
+        // A late packet of the old connection to its old port is still translated toward the
+        // client (its entry ages out as closed), never onto the new flow's port.
+        let (verdict, out, _) = fx
+            .xdp
+            .test_run(&backend_packet(backend, old_port, ACK, 7002, 1002), backend_if, 1)
+            .unwrap();
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(parse(&out).dst, client_side);
+    });
+}
+
+/// A SYN that hits its client's affinity entry refreshes the entry's last_seen in place, and only
+/// once the entry is a step old (1 s with this service's 600 s affinity_timeout): a hit within the
+/// step leaves the entry as it was; the client keeps its backend either way.
+#[test]
+fn xdp_affinity_hit_refreshes_last_seen_after_a_step() {
+    if !common::ready("xdp_affinity_hit_refreshes_last_seen_after_a_step") {
+        return;
+    }
+    in_fixture_netns(3, 3, |client_if, _| {
+        let fx = Fixture::new();
+        let c = client(2);
+        let svc = fx.state.service("web").expect("service");
+        let entry = || {
+            let e = fx.xdp.entries(svc);
+            assert_eq!(e.len(), 1, "{e:?}");
+            e[0].clone()
+        };
+        let syn = |port: u16| {
+            let (verdict, out, _) = fx
+                .xdp
+                .test_run(&frame_seq((c, port), (VIP, 80), SYN, 1000), client_if, 1)
+                .unwrap();
+            assert_eq!(verdict, XDP_REDIRECT);
+            parse(&out).dst.0
+        };
+        let backend = syn(42000);
+        let first = entry();
+        assert!(first.idle < Duration::from_millis(500), "{first:?}");
+        std::thread::sleep(Duration::from_millis(400));
+        // Within the step: a hit, the entry untouched (idle keeps growing from the first SYN).
+        assert_eq!(syn(42001), backend);
+        let within = entry();
+        assert!(
+            within.idle >= Duration::from_millis(400),
+            "not refreshed within the step: {within:?}"
+        );
+        assert_eq!(within.backend_id, first.backend_id);
+        std::thread::sleep(Duration::from_millis(800));
+        // Past the step: refreshed.
+        assert_eq!(syn(42002), backend);
+        let after = entry();
+        assert!(
+            after.idle < Duration::from_millis(400),
+            "refreshed after the step: {after:?}"
+        );
+        assert_eq!(after.backend_id, first.backend_id);
+        assert_eq!(after.home, None);
     });
 }
 
