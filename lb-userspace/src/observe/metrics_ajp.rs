@@ -61,6 +61,8 @@ pub(super) struct AjpFamilies {
     routed: Family<Labels, Counter>,
     failovers: Family<Labels, Counter>,
     retries: Family<Labels, Counter>,
+    reply_timeouts: Family<Labels, Counter>,
+    web_closed: Family<Labels, Counter>,
     latency: Family<Labels, SnapshotHistogram>,
 }
 
@@ -111,6 +113,14 @@ impl AjpFamilies {
                 "lb_ajp_backend_retries",
                 "AJP: requests that failed on the backend before any answer and were retried on another",
             ),
+            reply_timeouts: b.counter(
+                "lb_ajp_backend_reply_timeouts",
+                "AJP: requests given up because the backend sent nothing for reply_timeout (503 to the web tier when nothing was sent yet; never retried)",
+            ),
+            web_closed: b.counter(
+                "lb_ajp_web_connections_closed",
+                "AJP: web-tier connections ended by lb or by the web tier, by reason (abandoned: the web tier closed while its request waited, the request dropped; request_timeout: a packet not completed within request_timeout; idle: no request for idle_timeout)",
+            ),
             latency: b.register_family(
                 "lb_ajp_backend_request_duration_seconds",
                 "AJP: time from the Forward Request to the End Response, per backend that answered",
@@ -134,6 +144,15 @@ impl AjpFamilies {
         self.protocol_errors
             .get_or_create(&svc())
             .inc_by(a.protocol_errors);
+        for (reason, n) in [
+            ("abandoned", a.abandoned),
+            ("request_timeout", a.request_timeouts),
+            ("idle", a.idle_closed),
+        ] {
+            self.web_closed
+                .get_or_create(&with(svc(), "reason", reason))
+                .inc_by(n);
+        }
         for be in a.backends.values() {
             let labels = || vec![("service", service.to_string()), ("backend", be.name.clone())];
             self.requests.get_or_create(&labels()).inc_by(be.requests);
@@ -165,6 +184,9 @@ impl AjpFamilies {
                 .inc_by(be.address_hits);
             self.failovers.get_or_create(&labels()).inc_by(be.route_failovers);
             self.retries.get_or_create(&labels()).inc_by(be.retries);
+            self.reply_timeouts
+                .get_or_create(&labels())
+                .inc_by(be.reply_timeouts);
             self.latency.get_or_create(&labels()).set(&be.latency);
         }
     }

@@ -129,6 +129,9 @@ fn ajp_counters() -> crate::datapath::ajp::AjpServiceCounters {
         cpings_answered: 4,
         unavailable_503: 5,
         protocol_errors: 6,
+        abandoned: 7,
+        request_timeouts: 8,
+        idle_closed: 9,
         ..Default::default()
     };
     a.backends.insert(
@@ -146,6 +149,7 @@ fn ajp_counters() -> crate::datapath::ajp::AjpServiceCounters {
             address_hits: 3,
             route_failovers: 1,
             retries: 2,
+            reply_timeouts: 11,
             latency: latency.snapshot(),
             ..Default::default()
         },
@@ -172,6 +176,10 @@ fn ajp_counters_and_latency_histogram() {
         "lb_ajp_backend_routed_total{service=\"tomcat\",backend=\"t1\",by=\"address\"} 3",
         "lb_ajp_backend_route_failovers_total{service=\"tomcat\",backend=\"t1\"} 1",
         "lb_ajp_backend_retries_total{service=\"tomcat\",backend=\"t1\"} 2",
+        "lb_ajp_backend_reply_timeouts_total{service=\"tomcat\",backend=\"t1\"} 11",
+        "lb_ajp_web_connections_closed_total{service=\"tomcat\",reason=\"abandoned\"} 7",
+        "lb_ajp_web_connections_closed_total{service=\"tomcat\",reason=\"request_timeout\"} 8",
+        "lb_ajp_web_connections_closed_total{service=\"tomcat\",reason=\"idle\"} 9",
         "# TYPE lb_ajp_backend_request_duration_seconds histogram",
         "lb_ajp_backend_request_duration_seconds_bucket{le=\"0.0025\",service=\"tomcat\",backend=\"t1\"} 0",
         "lb_ajp_backend_request_duration_seconds_bucket{le=\"0.005\",service=\"tomcat\",backend=\"t1\"} 1",
