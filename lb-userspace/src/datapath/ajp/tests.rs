@@ -1111,17 +1111,23 @@ async fn backend_silent_past_reply_timeout_gets_503_and_frees_its_slot() {
     assert_eq!((c.pool_idle, c.pool_busy), (0, 0), "the connection is not pooled");
     assert_eq!(lb.counters().unavailable_503, 1);
     // t1's only slot is free again: a session routed to it gets there, on a new connection.
-    t1.set_mode(Mode::Answer);
-    let a = web
-        .request(&Req::from(&user).cookie("JSESSIONID=s.t1"))
-        .await
-        .unwrap();
-    assert_eq!((a.status, a.backend()), (200, "t1"));
-    assert_eq!(t1.connections.load(SeqCst), 2);
+    slot_is_free_again(&t1, &mut web, &user).await;
     // And another backend serves on the same web-tier connection.
     let other = (0..200).map(ip).find(|i| lb.by_address(i) == "t2").unwrap();
     let a = web.request(&Req::from(&other)).await.unwrap();
     assert_eq!((a.status, a.backend()), (200, "t2"));
+}
+
+/// A stalled t1 answers again: a session routed to it from `user` reaches it on its second
+/// connection (the first, given up, left its pool slot free).
+async fn slot_is_free_again(t1: &FakeBackend, web: &mut Web, user: &str) {
+    t1.set_mode(Mode::Answer);
+    let a = web
+        .request(&Req::from(user).cookie("JSESSIONID=s.t1"))
+        .await
+        .unwrap();
+    assert_eq!((a.status, a.backend()), (200, "t1"));
+    assert_eq!(t1.connections.load(SeqCst), 2);
 }
 
 #[tokio::test]
@@ -1155,14 +1161,7 @@ async fn web_tier_closing_mid_request_abandons_it_without_replay() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!((t1.requests(), t2.requests()), (1, 0));
     // The slot is free: the next request routed to t1 gets there, on a new connection.
-    t1.set_mode(Mode::Answer);
-    let mut web = Web::connect(lb.addr).await;
-    let a = web
-        .request(&Req::from(&user).cookie("JSESSIONID=s.t1"))
-        .await
-        .unwrap();
-    assert_eq!((a.status, a.backend()), (200, "t1"));
-    assert_eq!(t1.connections.load(SeqCst), 2);
+    slot_is_free_again(&t1, &mut Web::connect(lb.addr).await, &user).await;
 }
 
 #[tokio::test]
