@@ -274,7 +274,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
             // (both entries age out after closed_timeout) but stays marked, so the other end's
             // next packet gets its RST as well.
             if f.flags & FLOW_RESET != 0 && flags & TCP_RST == 0 {
-                set_flags_both(f, FLOW_RST);
+                set_flags_both(&key, f, FLOW_RST);
                 return reset::answer(ctx, ip, tcp, ihl, doff, now, gc::RESET_FLOW);
             }
             // A reply entry's first packet: when its SYN was forwarded (precise, see below).
@@ -325,7 +325,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
                 };
                 // Atomic: the client's and the backend's FIN often cross on two CPUs, and a
                 // lost bit leaves one direction open for idle_timeout.
-                set_flags_both(f, bit);
+                set_flags_both(&key, f, bit);
             }
             count_traffic(f, to_backend, len, false);
             if f.flags & FLOW_DSR != 0 {
@@ -769,13 +769,18 @@ fn stray_reply(key: &FlowKey, cfg: &GlobalConfig) -> bool {
     port >= cfg.snat_port_lo && port <= cfg.snat_port_hi && unsafe { SNAT_ADDRS.get(key.dst_be) }.is_some()
 }
 
-/// [`set_flags`] on the entry `f` and on its other direction's entry.
+/// [`set_flags`] on the entry `f` (found by `key`) and on its other direction's entry, while that
+/// is still this flow's: a client that reused its 4-tuple for a newer flow (on another SNAT port)
+/// has that flow's entry there, which a late FIN or RST of the old flow must not mark.
 #[inline(always)]
-fn set_flags_both(f: &mut FlowValue, bit: u32) {
+pub(crate) fn set_flags_both(key: &FlowKey, f: &mut FlowValue, bit: u32) {
     set_flags(&mut f.flags, bit);
     if let Some(other) = CONNTRACK.get_ptr_mut(FlowKey::reverse_of(f)) {
         // SAFETY: valid map value pointer for this run.
-        set_flags(unsafe { &mut (*other).flags }, bit);
+        let other = unsafe { &mut *other };
+        if same_flow(&FlowKey::reverse_of(other), key) {
+            set_flags(&mut other.flags, bit);
+        }
     }
 }
 

@@ -713,6 +713,27 @@ fn xdp_syn_on_a_closed_reused_tuple_replaces_its_entry() {
             .unwrap();
         assert_eq!(verdict, XDP_REDIRECT);
         assert_eq!(parse(&out).dst, client_side);
+        // A late RST of the old connection closes the old flow only: the new flow, which holds the
+        // client's 4-tuple now, is not marked (a closed flow is gone after closed_timeout, 1 s).
+        let _ = fx
+            .xdp
+            .test_run(
+                &backend_packet(backend, old_port, RST | ACK, 7002, 1002),
+                backend_if,
+                1,
+            )
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let (verdict, _, _) = fx
+            .xdp
+            .test_run(&client_packet(PSH | ACK, 900_001, 50_001), client_if, 1)
+            .unwrap();
+        assert_eq!(verdict, XDP_REDIRECT);
+        let which = fx
+            .xdp
+            .kernel_which("web", c, Some(client_side.1))
+            .expect("kernel choice");
+        assert_eq!(which.reason, "conntrack", "the new flow is still open: {which:?}");
     });
 }
 
