@@ -28,43 +28,42 @@ enum Next {
     Close,
 }
 
-/// Reads one whole packet; `Ok(None)` on a clean end of stream between packets.
+/// Time limits of [`read_frame`] (zero: none).
+#[derive(Clone, Copy)]
+struct Limits {
+    /// For the first byte of a packet.
+    idle: Duration,
+    /// From a packet's first byte to its last.
+    packet: Duration,
+}
+
+impl Limits {
+    const NONE: Limits = Limits {
+        idle: Duration::ZERO,
+        packet: Duration::ZERO,
+    };
+}
+
+/// Which of [`Limits`] ran out: the payload of the `TimedOut` error [`read_frame`] returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+enum Timeout {
+    #[error("idle_timeout")]
+    Idle,
+    #[error("request_timeout")]
+    Packet,
+}
+
+/// Reads one whole packet within `limits`; `Ok(None)` on a clean end of stream between packets.
+/// A packet already begun (bytes kept from earlier reads) is timed from now.
 async fn read_frame(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     decoder: &FrameDecoder,
+    limits: Limits,
 ) -> std::io::Result<Option<codec::Frame>> {
-    loop {
-        if let Some(f) = decoder.decode(buf).map_err(invalid)? {
-            return Ok(Some(f));
-        }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(8192);
-        }
-        if stream.read_buf(buf).await? == 0 {
-            return if buf.is_empty() {
-                Ok(None)
-            } else {
-                Err(std::io::ErrorKind::UnexpectedEof.into())
-            };
-        }
-    }
-}
-
-/// Reads one whole web-tier packet as [`read_frame`] does, waiting at most `idle` for its first
-/// byte and `packet` from its first byte to its last (zero: no limit). A timeout is an error of
-/// kind `TimedOut`.
-async fn read_front_frame(
-    stream: &mut TcpStream,
-    buf: &mut BytesMut,
-    decoder: &FrameDecoder,
-    idle: Duration,
-    packet: Duration,
-) -> std::io::Result<Option<codec::Frame>> {
-    let now = tokio::time::Instant::now();
-    let idle_until = (!idle.is_zero()).then(|| now + idle);
-    // A packet already begun (bytes kept from earlier reads) is timed from now.
-    let mut packet_until = (!buf.is_empty() && !packet.is_zero()).then(|| now + packet);
+    let deadline = |d: Duration| (!d.is_zero()).then(|| tokio::time::Instant::now() + d);
+    let idle_until = deadline(limits.idle);
+    let mut packet_until = None;
     loop {
         if let Some(f) = decoder.decode(buf).map_err(invalid)? {
             return Ok(Some(f));
@@ -73,18 +72,17 @@ async fn read_front_frame(
             buf.reserve(8192);
         }
         let (until, why) = if buf.is_empty() {
-            (idle_until, "idle_timeout")
+            (idle_until, Timeout::Idle)
         } else {
-            if packet_until.is_none() && !packet.is_zero() {
-                packet_until = Some(tokio::time::Instant::now() + packet);
-            }
-            (packet_until, "request_timeout")
+            (
+                *packet_until.get_or_insert_with(|| deadline(limits.packet)),
+                Timeout::Packet,
+            )
         };
         let read = match until {
-            Some(t) => match tokio::time::timeout_at(t, stream.read_buf(buf)).await {
-                Ok(r) => r,
-                Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why)),
-            },
+            Some(t) => tokio::time::timeout_at(t, stream.read_buf(buf))
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, why))?,
             None => stream.read_buf(buf).await,
         };
         if read? == 0 {
@@ -139,12 +137,14 @@ pub async fn serve(mut front: TcpStream, peer: SocketAddr, svc: Arc<Service>, st
         let frame = tokio::select! {
             // Only between requests: a request under way finishes first.
             () = stop.cancelled(), if buf.is_empty() => return,
-            r = read_front_frame(
+            r = read_frame(
                 &mut front,
                 &mut buf,
                 &decoder,
-                settings.ajp.idle_timeout,
-                settings.ajp.request_timeout,
+                Limits {
+                    idle: settings.ajp.idle_timeout,
+                    packet: settings.ajp.request_timeout,
+                },
             ) => r,
         };
         let frame = match frame {
@@ -204,7 +204,7 @@ pub async fn serve(mut front: TcpStream, peer: SocketAddr, svc: Arc<Service>, st
 
 /// Counts and logs a web-tier connection closed by `idle_timeout` or `request_timeout`.
 fn timed_out(svc: &Service, peer: SocketAddr, e: &std::io::Error) {
-    if e.to_string() == "idle_timeout" {
+    if e.get_ref().and_then(|e| e.downcast_ref::<Timeout>()) == Some(&Timeout::Idle) {
         svc.counters.idle_closed.fetch_add(1, Relaxed);
         debug!(service = %svc.name, %peer, "idle web-tier connection closed (idle_timeout)");
     } else {
@@ -616,7 +616,7 @@ impl<'a> Request<'a> {
                 }
             };
             let read = tokio::select! {
-                r = read_frame(&mut conn.stream, &mut conn.buf, &decoder) => r,
+                r = read_frame(&mut conn.stream, &mut conn.buf, &decoder, Limits::NONE) => r,
                 () = reset.cancelled() => Err(std::io::Error::other("backend marked down (on_down = reset)")),
                 () = sleep_unless_zero(settings.ajp.reply_timeout) => {
                     return Err(Outcome::ReplyTimeout { responded });
@@ -724,10 +724,14 @@ impl<'a> Request<'a> {
     async fn read_body_packet(&mut self, decoder: &FrameDecoder) -> std::io::Result<(Bytes, Bytes)> {
         let wait = self.svc.settings().ajp.request_timeout;
         // Waiting for a body packet lb asked for is never idleness.
-        let frame = read_front_frame(self.front, self.fbuf, decoder, wait, wait)
+        let limits = Limits {
+            idle: wait,
+            packet: wait,
+        };
+        let frame = read_frame(self.front, self.fbuf, decoder, limits)
             .await
             .map_err(|e| match e.kind() {
-                std::io::ErrorKind::TimedOut => std::io::Error::new(e.kind(), "request_timeout"),
+                std::io::ErrorKind::TimedOut => std::io::Error::new(e.kind(), Timeout::Packet),
                 _ => e,
             })?
             .ok_or(std::io::ErrorKind::UnexpectedEof)?;
