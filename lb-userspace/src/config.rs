@@ -642,6 +642,13 @@ pub fn loop_message(backend: SocketAddr, service: &str, listen: SocketAddr) -> S
     )
 }
 
+/// Why a service cannot listen on `listen`: it is the address of backend `backend` of `service`.
+pub fn listen_is_backend(listen: SocketAddr, backend: SocketAddr, service: &str) -> String {
+    format!(
+        "{listen} is the address of backend {backend} of service \"{service}\": connections to that backend would come to this service; use another ip:port"
+    )
+}
+
 impl ServiceConfig {
     /// A service from the keys of a `[[service]]` table given as JSON (an `add-service` request):
     /// the file's defaults and checks, with errors naming the field ([`ConfigError::Field`]).

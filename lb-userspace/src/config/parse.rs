@@ -28,8 +28,8 @@ use super::{
     AdminState, AjpConfig, AnnounceConfig, BackendConfig, Config, ConfigError, ControlConfig, DatapathKind,
     Forwarding, HealthConfig, HealthKind, MAX_DURATION, MAX_RING_SIZE, MAX_WEIGHT, MIN_RING_SIZE,
     MetricsConfig, Observe, OnDown, Protocol, Secret, ServiceConfig, SpliceMode, SynCookies, XdpConfig,
-    XdpMode, enum_text, format_duration, is_valid_name, listens_overlap, loop_message, loops_back,
-    parse_duration,
+    XdpMode, enum_text, format_duration, is_valid_name, listen_is_backend, listens_overlap, loop_message,
+    loops_back, parse_duration,
 };
 
 type S<T> = Spanned<T>;
@@ -855,8 +855,7 @@ impl Validator<'_, '_, File> {
                             .map(|be| {
                                 (
                                     format!("{key}.listen"),
-                                    loop_message(be.address, &svc.name, svc.listen)
-                                        + &format!(" (a backend of service \"{}\")", other.name),
+                                    listen_is_backend(svc.listen, be.address, &other.name),
                                 )
                             })
                     });

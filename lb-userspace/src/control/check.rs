@@ -5,7 +5,7 @@
 
 use crate::config::{
     BackendConfig, Config, ConfigError, DatapathKind, Forwarding, ServiceConfig, XdpConfig,
-    dsr_port_mismatch, listens_overlap, loop_message, loops_back,
+    dsr_port_mismatch, listen_is_backend, listens_overlap, loop_message, loops_back,
 };
 use crate::state::{Command, State};
 
@@ -71,13 +71,7 @@ fn service_fits(config: &Config, state: &State, new: &ServiceConfig) -> Result<(
             .find(|b| loops_back(new.listen, b.config.address))
             .map(|b| (&s.settings.name, b.config.address))
     }) {
-        return Err(field(
-            "listen",
-            format!(
-                "{} is the address of backend {backend} of service \"{service}\": connections to that backend would come to this service; use another ip:port",
-                new.listen
-            ),
-        ));
+        return Err(field("listen", listen_is_backend(new.listen, backend, service)));
     }
     ring_fits(state, &new.name, new.backends.len())?;
     if new.datapath != DatapathKind::Xdp {

@@ -566,10 +566,7 @@ impl Response {
     pub fn error(message: impl std::fmt::Display) -> Self {
         let mut message = message.to_string();
         if message.len() > MAX_ERROR {
-            let mut cut = MAX_ERROR;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
+            let cut = message.floor_char_boundary(MAX_ERROR);
             let left = message.len() - cut;
             message.truncate(cut);
             message.push_str(&format!("… ({left} more bytes)"));
