@@ -229,6 +229,38 @@ pub enum XdpMode {
     Auto,
     Driver,
     Skb,
+    /// The same datapath at the TC (clsact) ingress hook (`lb_tc`, a TCX link): it sees the
+    /// kernel's skb (GRO-merged, checksum offload intact) and redirects it without a copy.
+    Tc,
+}
+
+impl XdpMode {
+    /// The hook the program runs at in this mode.
+    pub fn hook(self) -> Hook {
+        match self {
+            XdpMode::Tc => Hook::Tc,
+            XdpMode::Auto | XdpMode::Driver | XdpMode::Skb => Hook::Xdp,
+        }
+    }
+}
+
+/// Where the datapath's program runs: the XDP hook (`lb_xdp`) or TC ingress (`lb_tc`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
+impl Hook {
+    /// Both hooks, XDP first (tests that run the same fixture at each).
+    pub const ALL: [Hook; 2] = [Hook::Xdp, Hook::Tc];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Xdp => "xdp",
+            Hook::Tc => "tc",
+        }
+    }
 }
 
 /// `[xdp] syn_cookies`.

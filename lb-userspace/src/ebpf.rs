@@ -8,6 +8,8 @@ use thiserror::Error;
 
 /// Name of the XDP entry point in the object (`#[xdp] fn lb_xdp` in lb-ebpf).
 pub const XDP_PROGRAM: &str = "lb_xdp";
+/// Name of the TC ingress entry point (`[xdp] mode = "tc"`; a SCHED_CLS program in lb-ebpf).
+pub use lb_common::synproxy::TC_PROGRAM;
 
 #[cfg(lb_ebpf_object)]
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));

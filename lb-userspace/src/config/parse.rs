@@ -1068,6 +1068,7 @@ impl Validator<'_, '_, File> {
                 ("auto", XdpMode::Auto),
                 ("driver", XdpMode::Driver),
                 ("skb", XdpMode::Skb),
+                ("tc", XdpMode::Tc),
             ],
         )?;
 

@@ -559,6 +559,23 @@ fn examples_all_parse() {
 }
 
 #[test]
+fn xdp_mode_tc_runs_the_program_at_tc_ingress() {
+    let c = good("[xdp]\ninterfaces = [\"eth0\"]\nmode = \"tc\"\n");
+    let x = c.xdp.unwrap();
+    assert_eq!(x.mode, XdpMode::Tc);
+    assert_eq!(x.mode.hook(), crate::config::Hook::Tc);
+    for (text, mode) in [
+        ("auto", XdpMode::Auto),
+        ("driver", XdpMode::Driver),
+        ("skb", XdpMode::Skb),
+    ] {
+        let c = good(&format!("[xdp]\ninterfaces = [\"eth0\"]\nmode = \"{text}\"\n"));
+        assert_eq!(c.xdp.unwrap().mode, mode);
+        assert_eq!(mode.hook(), crate::config::Hook::Xdp, "{text}");
+    }
+}
+
+#[test]
 fn xdp_inline_table_and_pin_path_normalised() {
     let c = good(
         r#"
@@ -1247,7 +1264,7 @@ fn bad_enum_values() {
             "[xdp]\ninterfaces = [\"eth0\"]\nmode = \"native\"\n",
             3,
             "xdp.mode",
-            &["mode \"native\" is not allowed; use \"auto\", \"driver\" or \"skb\""],
+            &["mode \"native\" is not allowed; use \"auto\", \"driver\", \"skb\" or \"tc\""],
         ),
     ]);
 }

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::xdp::XdpLink;
-use aya::programs::{Xdp, XdpMode as AyaXdpMode};
+use aya::programs::{SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode};
 use aya::{Ebpf, EbpfLoader, TestRun, TestRunOptions};
 use lb_common::maps::{BACKEND_PRESENT, BackendValue, GlobalConfig, LAYOUT_VERSION, ServiceKey};
 use lb_common::maps::{
@@ -19,9 +20,9 @@ use lb_common::passive::{MAP_ALIVE, MAP_FALLBACK, MAP_PASSIVE, MAP_REFUSING};
 
 use tracing::{info, warn};
 
-use crate::config::{XdpConfig, XdpMode};
+use crate::config::{Hook, XdpConfig, XdpMode};
 
-use crate::ebpf::{self, XDP_PROGRAM};
+use crate::ebpf::{self, TC_PROGRAM, XDP_PROGRAM};
 
 use super::pins::{self, PinDir};
 use super::{BPF_FS_MAGIC, Inner, Maps, XdpDatapath, XdpError, map_err, take};
@@ -123,22 +124,41 @@ fn check_interfaces(interfaces: &[String]) -> Result<(), XdpError> {
     Ok(())
 }
 
-fn link_pin(pin_path: &Path, interface: &str) -> PathBuf {
-    pin_path.join(format!("link_{interface}"))
+/// Where the link of `hook` on `interface` is pinned: `link_IFACE` (XDP), `tclink_IFACE` (TC).
+fn link_pin(pin_path: &Path, interface: &str, hook: Hook) -> PathBuf {
+    match hook {
+        Hook::Xdp => pin_path.join(format!("link_{interface}")),
+        Hook::Tc => pin_path.join(format!("tclink_{interface}")),
+    }
 }
 
-/// Attaches (or, when a pinned link exists, swaps the program inside it) and pins the link.
-fn attach(program: &mut Xdp, interface: &str, mode: XdpMode, pin_path: &Path) -> Result<(), XdpError> {
-    let pin = link_pin(pin_path, interface);
+/// The name of the entry point run at `hook`.
+pub(super) fn entry_point(hook: Hook) -> &'static str {
+    match hook {
+        Hook::Xdp => XDP_PROGRAM,
+        Hook::Tc => TC_PROGRAM,
+    }
+}
+
+fn pin_err(path: &Path) -> impl Fn(String) -> XdpError + '_ {
+    move |message| XdpError::Pin {
+        path: path.into(),
+        message,
+    }
+}
+
+/// Pins the link `link` (just attached) at `pin`.
+fn pin_link(link: FdLink, pin: &Path) -> Result<(), XdpError> {
+    link.pin(pin).map(|_| ()).map_err(|e| pin_err(pin)(e.to_string()))
+}
+
+/// Attaches the XDP program (or, when a pinned link exists, swaps the program inside it) and pins
+/// the link.
+fn attach_xdp(program: &mut Xdp, interface: &str, mode: XdpMode, pin_path: &Path) -> Result<(), XdpError> {
+    let pin = link_pin(pin_path, interface, Hook::Xdp);
     if pin.exists() {
-        let pinned = PinnedLink::from_pin(&pin).map_err(|e| XdpError::Pin {
-            path: pin.clone(),
-            message: e.to_string(),
-        })?;
-        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| XdpError::Pin {
-            path: pin.clone(),
-            message: e.to_string(),
-        })?;
+        let pinned = PinnedLink::from_pin(&pin).map_err(|e| pin_err(&pin)(e.to_string()))?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_err(&pin)(e.to_string()))?;
         program.attach_to_link(link)?;
         info!(
             interface,
@@ -150,19 +170,15 @@ fn attach(program: &mut Xdp, interface: &str, mode: XdpMode, pin_path: &Path) ->
         XdpMode::Driver => &[(AyaXdpMode::Driver, "driver")],
         XdpMode::Skb => &[(AyaXdpMode::Skb, "skb")],
         XdpMode::Auto => &[(AyaXdpMode::Driver, "driver"), (AyaXdpMode::Skb, "skb")],
+        XdpMode::Tc => unreachable!("mode tc attaches at TC ingress"),
     };
     let mut last = None;
     for (aya_mode, name) in tries {
         match program.attach(interface, *aya_mode) {
             Ok(id) => {
-                let link = FdLink::try_from(program.take_link(id)?).map_err(|e| XdpError::Pin {
-                    path: pin.clone(),
-                    message: e.to_string(),
-                })?;
-                link.pin(&pin).map_err(|e| XdpError::Pin {
-                    path: pin.clone(),
-                    message: e.to_string(),
-                })?;
+                let link =
+                    FdLink::try_from(program.take_link(id)?).map_err(|e| pin_err(&pin)(e.to_string()))?;
+                pin_link(link, &pin)?;
                 info!(interface, mode = name, "XDP program attached");
                 return Ok(());
             }
@@ -181,6 +197,100 @@ fn attach(program: &mut Xdp, interface: &str, mode: XdpMode, pin_path: &Path) ->
     Err(last.expect("at least one mode tried"))
 }
 
+/// Attaches the TC program at `interface`'s ingress by a TCX link (or, when a pinned link exists,
+/// swaps the program inside it) and pins the link.
+fn attach_tc(program: &mut SchedClassifier, interface: &str, pin_path: &Path) -> Result<(), XdpError> {
+    let pin = link_pin(pin_path, interface, Hook::Tc);
+    if pin.exists() {
+        let pinned = PinnedLink::from_pin(&pin).map_err(|e| pin_err(&pin)(e.to_string()))?;
+        let link =
+            SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| pin_err(&pin)(e.to_string()))?;
+        program.attach_to_link(link)?;
+        info!(
+            interface,
+            "TC program replaced inside the pinned TCX link; forwarding never stopped"
+        );
+        return Ok(());
+    }
+    let id = program
+        .attach_with_options(
+            interface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|source| XdpError::Attach {
+            interface: interface.to_string(),
+            mode: "tc",
+            source,
+        })?;
+    let link = FdLink::try_from(program.take_link(id)?).map_err(|e| pin_err(&pin)(e.to_string()))?;
+    pin_link(link, &pin)?;
+    info!(
+        interface,
+        mode = "tc",
+        "TC program attached at ingress (TCX link)"
+    );
+    Ok(())
+}
+
+/// The pinned links of the hook other than `hook` on `interfaces` (left by a run in the other
+/// mode): to remove once this start is committed.
+fn other_hook_links(pin_path: &Path, interfaces: &[String], hook: Hook) -> Vec<PathBuf> {
+    let other = match hook {
+        Hook::Xdp => Hook::Tc,
+        Hook::Tc => Hook::Xdp,
+    };
+    interfaces
+        .iter()
+        .map(|i| link_pin(pin_path, i, other))
+        .filter(|p| p.exists())
+        .collect()
+}
+
+/// The loaded entry point, typed.
+enum Entry<'a> {
+    Xdp(&'a Xdp),
+    Tc(&'a SchedClassifier),
+}
+
+fn entry(ebpf: &Ebpf, hook: Hook) -> Result<Entry<'_>, XdpError> {
+    let name = entry_point(hook);
+    let program = ebpf
+        .program(name)
+        .ok_or_else(|| XdpError::System(format!("program {name} missing from the object")))?;
+    Ok(match hook {
+        Hook::Xdp => Entry::Xdp(program.try_into()?),
+        Hook::Tc => Entry::Tc(program.try_into()?),
+    })
+}
+
+/// struct __sk_buff (uapi/linux/bpf.h): its size, and the offsets of the two fields set for a test
+/// run (everything else must be zero for BPF_PROG_TEST_RUN).
+const SK_BUFF_SIZE: usize = 192;
+const SK_BUFF_INGRESS_IFINDEX: usize = 36;
+const SK_BUFF_IFINDEX: usize = 40;
+
+/// TC action codes (uapi/linux/pkt_cls.h) and the XDP verdicts they are reported as.
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const XDP_ABORTED: u32 = 0;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+/// A TC program's return code in the XDP verdict vocabulary: OK → PASS, SHOT → DROP,
+/// REDIRECT → REDIRECT (a TC program sends a frame back out its interface by redirecting, where
+/// XDP returns TX); any other code → ABORTED.
+pub fn tc_verdict(code: u32) -> u32 {
+    match code {
+        TC_ACT_OK => XDP_PASS,
+        TC_ACT_SHOT => XDP_DROP,
+        TC_ACT_REDIRECT => XDP_REDIRECT,
+        _ => XDP_ABORTED,
+    }
+}
+
 impl XdpDatapath {
     /// Loads the program and its maps. With `config`, maps and links are pinned (adopting pinned
     /// ones) and the program is attached to the configured interfaces; without, nothing is pinned
@@ -190,7 +300,8 @@ impl XdpDatapath {
     }
 
     /// [`XdpDatapath::start`] without a config (nothing pinned or attached) but with the map
-    /// sizes of `sizes`: benchmarks that need a bigger conntrack table.
+    /// sizes of `sizes` (benchmarks that need a bigger conntrack table) and its mode's hook: with
+    /// `mode = "tc"` the TC entry point is loaded and [`XdpDatapath::test_run`] runs it.
     pub fn start_unattached(sizes: &XdpConfig, seed: u32, ring_size: u32) -> Result<XdpDatapath, XdpError> {
         XdpDatapath::start_sized(None, Some(sizes), seed, ring_size)
     }
@@ -329,20 +440,39 @@ impl XdpDatapath {
         let taken_slots: Vec<u32> = adopt_services.values().copied().collect();
         let taken_backends: Vec<u32> = adopt_backends.values().copied().collect();
 
-        let synproxy = super::synproxy::SynProxy::load(&mut ebpf, cfg.syn_cookies)?;
-        let program: &mut Xdp = ebpf
-            .program_mut(XDP_PROGRAM)
-            .ok_or_else(|| XdpError::System(format!("program {XDP_PROGRAM} missing from the object")))?
-            .try_into()?;
-        program.load()?;
+        let hook = cfg.mode.hook();
+        let synproxy = super::synproxy::SynProxy::load(&mut ebpf, cfg.syn_cookies, hook)?;
+        let name = entry_point(hook);
+        let program = ebpf
+            .program_mut(name)
+            .ok_or_else(|| XdpError::System(format!("program {name} missing from the object")))?;
+        // Only the entry point in use is loaded (the verifier's time is not spent on the other).
+        let mut stale_links = Vec::new();
+        match hook {
+            Hook::Xdp => <&mut Xdp>::try_from(program)?.load()?,
+            Hook::Tc => <&mut SchedClassifier>::try_from(program)?.load()?,
+        }
         if let Some(config) = config {
             if let (Some(pins), false) = (&pins, adopting) {
                 pins.sysctls_changed();
             }
             super::host::prepare(&config.pin_path, &config.interfaces, config.snat_ports, adopting)?;
-            for interface in &config.interfaces {
-                attach(program, interface, config.mode, &config.pin_path)?;
+            let program = ebpf.program_mut(name).expect("loaded above");
+            match hook {
+                Hook::Xdp => {
+                    let program: &mut Xdp = program.try_into()?;
+                    for interface in &config.interfaces {
+                        attach_xdp(program, interface, config.mode, &config.pin_path)?;
+                    }
+                }
+                Hook::Tc => {
+                    let program: &mut SchedClassifier = program.try_into()?;
+                    for interface in &config.interfaces {
+                        attach_tc(program, interface, &config.pin_path)?;
+                    }
+                }
             }
+            stale_links = other_hook_links(&config.pin_path, &config.interfaces, hook);
             forward_program_logs(&mut ebpf);
         }
         let inner = std::sync::Arc::new(Mutex::new(Inner {
@@ -359,6 +489,7 @@ impl XdpDatapath {
             adopt_backends,
             passive,
             synproxy,
+            hook,
         }));
         if config.is_some() {
             XdpDatapath::watch_syn_pressure(&inner);
@@ -367,11 +498,39 @@ impl XdpDatapath {
             inner,
             pin_path,
             pins,
+            stale_links,
         })
     }
 
+    /// After a committed start: removes the pinned links of the hook not in use (the mode changed
+    /// across the restart), which detaches them; the new hook's links forward already.
+    pub(super) fn remove_stale_links(&self) {
+        for pin in &self.stale_links {
+            match std::fs::remove_file(pin) {
+                Ok(()) => info!(
+                    link = %pin.display(),
+                    "[xdp] mode changed: the other hook's pinned link removed (detached); the new one forwards"
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => warn!(
+                    link = %pin.display(),
+                    error = %e,
+                    "[xdp] mode changed but the other hook's pinned link cannot be removed; it still runs before \
+                     or after the new one (`lb cleanup` removes it)"
+                ),
+            }
+        }
+    }
+
+    /// Where the program runs.
+    pub fn hook(&self) -> Hook {
+        self.inner.lock().unwrap().hook
+    }
+
     /// Runs the program once (or `repeat` times) on `frame` as if it arrived on `ingress_ifindex`:
-    /// (verdict, output frame, average time per run).
+    /// (verdict, output frame, average time per run). The TC program runs on an skb whose device
+    /// is `ingress_ifindex` (it must exist in this network namespace); its return code is reported
+    /// as an XDP verdict ([`tc_verdict`]).
     pub fn test_run(
         &self,
         frame: &[u8],
@@ -379,23 +538,37 @@ impl XdpDatapath {
         repeat: u32,
     ) -> Result<(u32, Vec<u8>, Duration), XdpError> {
         let inner = self.inner.lock().unwrap();
-        let program: &Xdp = inner
-            .ebpf
-            .program(XDP_PROGRAM)
-            .ok_or_else(|| XdpError::System("program missing".into()))?
-            .try_into()?;
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
         let mut out = vec![0u8; frame.len() + 256];
-        let result = program.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            repeat,
-            ..TestRunOptions::default()
-        })?;
+        let result = match entry(&inner.ebpf, inner.hook)? {
+            Entry::Xdp(program) => {
+                // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+                let mut ctx = [0u8; 24];
+                ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+                ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+                program.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    repeat,
+                    ..TestRunOptions::default()
+                })?
+            }
+            Entry::Tc(program) => {
+                let mut ctx = [0u8; SK_BUFF_SIZE];
+                let index = ingress_ifindex.to_ne_bytes();
+                ctx[SK_BUFF_INGRESS_IFINDEX..SK_BUFF_INGRESS_IFINDEX + 4].copy_from_slice(&index);
+                ctx[SK_BUFF_IFINDEX..SK_BUFF_IFINDEX + 4].copy_from_slice(&index);
+                let mut r = program.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    repeat,
+                    ..TestRunOptions::default()
+                })?;
+                r.return_value = tc_verdict(r.return_value);
+                r
+            }
+        };
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, out, result.duration))
     }
@@ -404,12 +577,10 @@ impl XdpDatapath {
     /// with a tail call, and find its maps through it).
     pub fn program_fd(&self) -> Result<std::os::fd::OwnedFd, XdpError> {
         let inner = self.inner.lock().unwrap();
-        let program: &Xdp = inner
-            .ebpf
-            .program(XDP_PROGRAM)
-            .ok_or_else(|| XdpError::System("program missing".into()))?
-            .try_into()?;
-        let fd = program.fd()?;
+        let fd = match entry(&inner.ebpf, inner.hook)? {
+            Entry::Xdp(p) => p.fd()?,
+            Entry::Tc(p) => p.fd()?,
+        };
         std::os::fd::AsFd::as_fd(fd)
             .try_clone_to_owned()
             .map_err(|e| XdpError::System(format!("duplicating the program's descriptor: {e}")))
@@ -419,16 +590,14 @@ impl XdpDatapath {
     /// config (packet fixtures), whose lines are not forwarded into tracing.
     pub fn read_program_logs(&self) -> Result<Vec<String>, XdpError> {
         let inner = self.inner.lock().unwrap();
-        let program: &Xdp = inner
-            .ebpf
-            .program(XDP_PROGRAM)
-            .ok_or_else(|| XdpError::System("program missing".into()))?
-            .try_into()?;
-        let id = program.info()?.id();
+        let id = match entry(&inner.ebpf, inner.hook)? {
+            Entry::Xdp(p) => p.info()?.id(),
+            Entry::Tc(p) => p.info()?.id(),
+        };
         let collect = Collect::default();
         // A fresh reader per call: the ring buffer's read position lives in the kernel.
         let mut logger = aya_log::EbpfLogger::init_from_id_with_logger(id, &collect)
-            .map_err(|e| XdpError::System(format!("reading the XDP program's log: {e}")))?;
+            .map_err(|e| XdpError::System(format!("reading the datapath program's log: {e}")))?;
         logger.flush();
         drop(logger);
         Ok(collect.0.into_inner().unwrap())

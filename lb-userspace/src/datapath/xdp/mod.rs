@@ -6,7 +6,11 @@
 //! The next `lb run` adopts them (same layout version and ring size), finds every service's slot
 //! and backend's index again by address, and swaps the program in place. `lb cleanup` removes it all.
 //!
-//! - `loader`: load, pin or adopt, attach, log bridge; `pins`: the pin directory's lock, half-made
+//! With `[xdp] mode = "tc"` the same datapath runs at TC ingress instead (`lb_tc`, attached by a
+//! TCX link pinned as `tclink_IFACE` beside the XDP link's `link_IFACE`); only the entry point in use
+//! is loaded.
+//!
+//! - `loader`: load, pin or adopt, attach (XDP or TC), log bridge; `pins`: the pin directory's lock, half-made
 //!   directories, undoing a failed start; `sync`: state → maps; `query`: maps → counters,
 //!   `lb which`, marking flows for reset; `host`: sysctls and `lb cleanup`; `passive`: the
 //!   kernel's handshake counters polled into passive health, refusing marks, fallback lists;
@@ -36,7 +40,7 @@ use lb_common::maps::{
     NO_BACKEND, ServiceKey, ServiceValue, TrafficCounters,
 };
 
-use crate::config::DatapathKind;
+use crate::config::{DatapathKind, Hook};
 use crate::datapath::affinity::AffinityTable;
 use crate::datapath::{BackendTraffic, Datapath, DatapathError, Drained, ServiceTraffic, Which};
 use crate::ebpf;
@@ -62,9 +66,14 @@ pub enum XdpError {
     },
     #[error("XDP program: {0}")]
     Program(#[from] ProgramError),
-    #[error("cannot attach XDP to interface `{interface}` in {mode} mode: {source}")]
+    #[error(
+        "cannot attach the {} program to interface `{interface}` in {mode} mode: {source}; {}",
+        attach_hook(mode),
+        attach_hint(mode)
+    )]
     Attach {
         interface: String,
+        /// The attach mode tried: `driver`, `skb` or `tc`.
         mode: &'static str,
         source: ProgramError,
     },
@@ -102,6 +111,20 @@ pub enum XdpError {
     NoInterface(String),
     #[error("{0}")]
     System(String),
+}
+
+/// The hook an attach mode attaches at.
+fn attach_hook(mode: &str) -> &'static str {
+    if mode == "tc" { "TC ingress" } else { "XDP" }
+}
+
+/// What to try when attaching in `mode` fails.
+fn attach_hint(mode: &str) -> &'static str {
+    if mode == "tc" {
+        "TCX links need Linux 6.6 or later ([xdp] mode = \"auto\" attaches at XDP instead)"
+    } else {
+        "[xdp] mode = \"tc\" runs the same datapath at TC ingress instead"
+    }
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> XdpError {
@@ -165,6 +188,8 @@ struct Inner {
     passive: passive::PassiveMaps,
     /// SYN cookies: the SYN proxy's maps and mode.
     synproxy: synproxy::SynProxy,
+    /// Where the program runs (which entry point is loaded).
+    hook: Hook,
 }
 
 pub struct XdpDatapath {
@@ -174,6 +199,9 @@ pub struct XdpDatapath {
     /// The locked pin directory (with a pin path): dropped uncommitted, it removes what the start
     /// made. Declared after `inner`, so the program and maps are closed first.
     pins: Option<pins::PinDir>,
+    /// Links of the other hook found pinned for the configured interfaces (the mode changed
+    /// across a restart): removed once the start is committed, so a failed start keeps them.
+    stale_links: Vec<PathBuf>,
 }
 
 /// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`.
@@ -208,6 +236,7 @@ impl Datapath for XdpDatapath {
         if let Some(pins) = &self.pins {
             pins.commit();
         }
+        self.remove_stale_links();
         Ok(())
     }
 

@@ -339,7 +339,7 @@ impl XdpDatapath {
     /// 1,000,000), when the kernel reports it.
     pub fn verified_instructions(&self) -> Option<u32> {
         let inner = self.inner.lock().unwrap();
-        let program: &aya::programs::Xdp = inner.ebpf.program(crate::ebpf::XDP_PROGRAM)?.try_into().ok()?;
+        let program = inner.ebpf.program(super::loader::entry_point(inner.hook))?;
         program.info().ok()?.verified_instruction_count()
     }
 }

@@ -1,5 +1,5 @@
 //! SYN cookies (`[xdp] syn_cookies`): installs the `lb_synproxy` program in `lb_progs` (where
-//! `lb_xdp` tail-calls it), fills `lb_syncookie` with a random secret and the mode, and with
+//! `lb_xdp` tail-calls it; at TC, `lb_synproxy_tc` in `lb_tc_progs` for `lb_tc`), fills `lb_syncookie` with a random secret and the mode, and with
 //! "auto" switches cookies on when SYN pressure shows and off after a quiet spell.
 //!
 //! Pressure, read from the kernel's counters every [`AUTO_POLL`]: a half-open flow gave its SNAT
@@ -15,14 +15,15 @@ use std::time::{Duration, Instant};
 
 use aya::Ebpf;
 use aya::maps::{Array, MapData, ProgramArray};
-use aya::programs::Xdp;
+use aya::programs::{SchedClassifier, Xdp};
 use lb_common::counters::XdpCounter;
 use lb_common::synproxy::{
-    COOKIES_ON, MAP_PROGS, MAP_SYNCOOKIE, PROG_SYNPROXY, SYNPROXY_PROGRAM, SynCookieConfig,
+    COOKIES_ON, MAP_PROGS, MAP_SYNCOOKIE, MAP_TC_PROGS, PROG_SYNPROXY, SYNPROXY_PROGRAM, SynCookieConfig,
+    TC_SYNPROXY_PROGRAM,
 };
 use tracing::{info, warn};
 
-use crate::config::SynCookies;
+use crate::config::{Hook, SynCookies};
 
 use super::{Inner, XdpDatapath, XdpError, map_err, take};
 
@@ -59,22 +60,33 @@ fn random_secret() -> Result<[u32; 4], XdpError> {
 }
 
 impl SynProxy {
-    /// Takes the maps out of `ebpf`, draws the secret and, unless `mode` is off, loads
-    /// `lb_synproxy` and puts it in `lb_progs`.
-    pub(super) fn load(ebpf: &mut Ebpf, mode: SynCookies) -> Result<SynProxy, XdpError> {
+    /// Takes the maps out of `ebpf`, draws the secret and, unless `mode` is off, loads the SYN
+    /// proxy of `hook` (`lb_synproxy`, or `lb_synproxy_tc`) and puts it in the program array its
+    /// entry point tail-calls through (`lb_progs`, or `lb_tc_progs`).
+    pub(super) fn load(ebpf: &mut Ebpf, mode: SynCookies, hook: Hook) -> Result<SynProxy, XdpError> {
         let config: Array<MapData, SynCookieConfig> = take(ebpf, MAP_SYNCOOKIE)?;
-        let mut progs: ProgramArray<MapData> = take(ebpf, MAP_PROGS)?;
+        let (name, array) = match hook {
+            Hook::Xdp => (SYNPROXY_PROGRAM, MAP_PROGS),
+            Hook::Tc => (TC_SYNPROXY_PROGRAM, MAP_TC_PROGS),
+        };
+        let mut progs: ProgramArray<MapData> = take(ebpf, array)?;
         if mode != SynCookies::Off {
-            let program: &mut Xdp = ebpf
-                .program_mut(SYNPROXY_PROGRAM)
-                .ok_or_else(|| {
-                    XdpError::System(format!("program {SYNPROXY_PROGRAM} missing from the object"))
-                })?
-                .try_into()?;
-            program.load()?;
-            progs
-                .set(PROG_SYNPROXY, program.fd()?, 0)
-                .map_err(map_err(MAP_PROGS))?;
+            let program = ebpf
+                .program_mut(name)
+                .ok_or_else(|| XdpError::System(format!("program {name} missing from the object")))?;
+            let fd = match hook {
+                Hook::Xdp => {
+                    let program: &mut Xdp = program.try_into()?;
+                    program.load()?;
+                    program.fd()?
+                }
+                Hook::Tc => {
+                    let program: &mut SchedClassifier = program.try_into()?;
+                    program.load()?;
+                    program.fd()?
+                }
+            };
+            progs.set(PROG_SYNPROXY, fd, 0).map_err(map_err(array))?;
         }
         let mut proxy = SynProxy {
             config,
