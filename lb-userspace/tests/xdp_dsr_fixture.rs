@@ -7,7 +7,9 @@
 
 mod common;
 
-use common::{CLIENT_MAC, LB_BACKEND_SIDE, RING, VIP, XDP_DROP, XDP_REDIRECT, XDP_TX};
+use common::Hook;
+
+use common::{CLIENT_MAC, LB_BACKEND_SIDE, RING, VIP, XDP_DROP, XDP_REDIRECT};
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -30,9 +32,10 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new(tag: &str) -> Fixture {
+    fn new(hook: Hook, tag: &str) -> Fixture {
         let pins = PathBuf::from(format!("/sys/fs/bpf/lbt-{tag}-{}", std::process::id()));
         let config = XdpConfig {
+            mode: common::mode(hook),
             pin_path: pins.clone(),
             ..XdpConfig::default()
         };
@@ -128,14 +131,13 @@ fn assert_encapsulated(input: &[u8], out: &[u8]) {
     assert!(out[34..] == input[14..], "the inner packet is byte-identical");
 }
 
-#[test]
-fn xdp_dsr_encapsulates_the_untouched_packet_toward_its_backend() {
+fn xdp_dsr_encapsulates_the_untouched_packet_toward_its_backend(hook: Hook) {
     if !common::ready("xdp_dsr_encapsulates_the_untouched_packet_toward_its_backend") {
         return;
     }
     in_fixture(|client_if| {
         // Built inside the namespace: the LB's address toward the backend comes from its routes.
-        let fx = Fixture::new("dsrfx");
+        let fx = Fixture::new(hook, "dsrfx");
         let syn = Tcp::new((CLIENT, 40000), (VIP, 80), SYN)
             .macs(CLIENT_MAC, [0xaa; 6])
             .seq(1000)
@@ -163,13 +165,12 @@ fn xdp_dsr_encapsulates_the_untouched_packet_toward_its_backend() {
     });
 }
 
-#[test]
-fn xdp_dsr_forwards_mid_flow_packets_without_an_entry() {
+fn xdp_dsr_forwards_mid_flow_packets_without_an_entry(hook: Hook) {
     if !common::ready("xdp_dsr_forwards_mid_flow_packets_without_an_entry") {
         return;
     }
     in_fixture(|client_if| {
-        let fx = Fixture::new("dsrmid");
+        let fx = Fixture::new(hook, "dsrmid");
         // A connection another LB node opened: this node never saw its SYN.
         let frame = |seq: u32| {
             Tcp::new((CLIENT, 41000), (VIP, 80), ACK)
@@ -196,13 +197,12 @@ fn xdp_dsr_forwards_mid_flow_packets_without_an_entry() {
     });
 }
 
-#[test]
-fn xdp_dsr_one_armed_sends_the_packet_back_out_its_interface() {
+fn xdp_dsr_one_armed_sends_the_packet_back_out_its_interface(hook: Hook) {
     if !common::ready("xdp_dsr_one_armed_sends_the_packet_back_out_its_interface") {
         return;
     }
     in_fixture_links(|links| {
-        let fx = Fixture::new("dsrone");
+        let fx = Fixture::new(hook, "dsrone");
         // A client whose packets arrive on the backends' link (one NIC toward router and
         // backends, the usual DSR deployment): out the same interface, by XDP_TX.
         let syn = Tcp::new((CLIENT, 42000), (VIP, 80), SYN)
@@ -210,18 +210,17 @@ fn xdp_dsr_one_armed_sends_the_packet_back_out_its_interface() {
             .seq(77)
             .build();
         let (verdict, out) = fx.run(&syn, links.backend_if);
-        assert_eq!(verdict, XDP_TX);
+        assert_eq!(verdict, common::tx(hook));
         assert_encapsulated(&syn, &out);
     });
 }
 
-#[test]
-fn xdp_dsr_counts_packets_too_big_once_encapsulated() {
+fn xdp_dsr_counts_packets_too_big_once_encapsulated(hook: Hook) {
     if !common::ready("xdp_dsr_counts_packets_too_big_once_encapsulated") {
         return;
     }
     in_fixture(|client_if| {
-        let fx = Fixture::new("dsrbig");
+        let fx = Fixture::new(hook, "dsrbig");
         let frame = |flags: u8, payload: usize| {
             Tcp::new((CLIENT, 43000), (VIP, 80), flags)
                 .macs(CLIENT_MAC, [0xaa; 6])
@@ -246,3 +245,10 @@ fn xdp_dsr_counts_packets_too_big_once_encapsulated() {
         assert_eq!(fx.counter("too_big"), 1);
     });
 }
+
+per_hook!(
+    xdp_dsr_encapsulates_the_untouched_packet_toward_its_backend,
+    xdp_dsr_forwards_mid_flow_packets_without_an_entry,
+    xdp_dsr_one_armed_sends_the_packet_back_out_its_interface,
+    xdp_dsr_counts_packets_too_big_once_encapsulated,
+);

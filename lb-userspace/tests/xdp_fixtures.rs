@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::Hook;
+
 use common::{
     CLIENT_MAC, LB_BACKEND_SIDE, RING, VIP, XDP_DROP, XDP_PASS, XDP_REDIRECT, backend_ip, backend_mac,
     client, in_fixture_netns,
@@ -29,8 +31,8 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new() -> Fixture {
-        let xdp = XdpDatapath::start(None, 0, RING).expect("load XDP program");
+    fn new(hook: Hook) -> Fixture {
+        let xdp = common::start(hook);
         let mut f = Fixture {
             state: State::new(0, RING),
             xdp,
@@ -94,13 +96,12 @@ fn parse(f: &[u8]) -> Parsed {
     packet::parse(f).unwrap_or_else(|e| panic!("output frame: {e}"))
 }
 
-#[test]
-fn xdp_nat_forward_reply_and_affinity() {
+fn xdp_nat_forward_reply_and_affinity(hook: Hook) {
     if !common::ready("xdp_nat_forward_reply_and_affinity") {
         return;
     }
     in_fixture_netns(3, 3, |client_if, backend_if| {
-        let mut fx = Fixture::new();
+        let mut fx = Fixture::new(hook);
         let c = client(0);
         let want = fx.ring_choice(c);
         let want_mac = backend_mac(want.octets()[3] - 1);
@@ -184,13 +185,12 @@ fn xdp_nat_forward_reply_and_affinity() {
     });
 }
 
-#[test]
-fn xdp_drain_keeps_known_clients_down_refuses() {
+fn xdp_drain_keeps_known_clients_down_refuses(hook: Hook) {
     if !common::ready("xdp_drain_keeps_known_clients_down_refuses") {
         return;
     }
     in_fixture_netns(3, 3, |client_if, _| {
-        let mut fx = Fixture::new();
+        let mut fx = Fixture::new(hook);
         let dst_of = |fx: &Fixture, c: Ipv4Addr, port: u16| {
             let (verdict, out, _) = fx
                 .xdp
@@ -278,13 +278,12 @@ fn run_cases(fx: &Fixture, ifindex: u32, cases: &[Case]) {
     }
 }
 
-#[test]
-fn xdp_passes_or_drops_what_is_not_forwardable() {
+fn xdp_passes_or_drops_what_is_not_forwardable(hook: Hook) {
     if !common::ready("xdp_passes_or_drops_what_is_not_forwardable") {
         return;
     }
     in_fixture_netns(3, 3, |client_if, _| {
-        let fx = Fixture::new();
+        let fx = Fixture::new(hook);
         let c = client(1);
         let to = |port: u16, dst: Ipv4Addr, dport: u16, flags: u8| {
             Tcp::new((c, port), (dst, dport), flags).macs(CLIENT_MAC, [0xaa; 6])
@@ -396,13 +395,12 @@ fn xdp_passes_or_drops_what_is_not_forwardable() {
     });
 }
 
-#[test]
-fn xdp_no_backend_drops_syn() {
+fn xdp_no_backend_drops_syn(hook: Hook) {
     if !common::ready("xdp_no_backend_drops_syn") {
         return;
     }
     in_fixture_netns(3, 3, |client_if, _| {
-        let mut fx = Fixture::new();
+        let mut fx = Fixture::new(hook);
         for i in 1..=3 {
             fx.apply(Command::SetState {
                 service: "web".into(),
@@ -429,13 +427,12 @@ fn xdp_no_backend_drops_syn() {
     });
 }
 
-#[test]
-fn xdp_translates_tcp_timestamps_toward_the_backend() {
+fn xdp_translates_tcp_timestamps_toward_the_backend(hook: Hook) {
     if !common::ready("xdp_translates_tcp_timestamps_toward_the_backend") {
         return;
     }
     in_fixture_netns(3, 3, |client_if, backend_if| {
-        let fx = Fixture::new();
+        let fx = Fixture::new(hook);
         let c = client(2);
         // A client timestamp far from the LB's clock, as Linux's per-connection random offsets give.
         let client_ts = 0xf000_0000u32;
@@ -511,13 +508,12 @@ fn frame_seq(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, seq: u32) ->
 /// sequence number) must get a new flow and SNAT port, not go out on the old port, whose reply entry
 /// may already belong to nobody; a retransmission of that SYN stays on the new flow; and a backend
 /// packet to a SNAT port without a flow is answered with an RST and counted, never passed to the LB's stack.
-#[test]
-fn xdp_syn_on_a_reused_tuple_starts_a_new_flow() {
+fn xdp_syn_on_a_reused_tuple_starts_a_new_flow(hook: Hook) {
     if !common::ready("xdp_syn_on_a_reused_tuple_starts_a_new_flow") {
         return;
     }
     in_fixture_netns(3, 3, |client_if, backend_if| {
-        let fx = Fixture::new();
+        let fx = Fixture::new(hook);
         let c = client(1);
         let client_side = (c, 41000);
         let syn = frame_seq(client_side, (VIP, 80), SYN, 1000);
@@ -594,13 +590,12 @@ fn xdp_syn_on_a_reused_tuple_starts_a_new_flow() {
 /// the old client → backend entry (no entry added). The entry then carries the new SNAT port (the
 /// client's next packets leave on it), the next hop is right (same backend), the old port's reply
 /// entry is left to age out, not reused, and the new flow runs both ways.
-#[test]
-fn xdp_syn_on_a_closed_reused_tuple_replaces_its_entry() {
+fn xdp_syn_on_a_closed_reused_tuple_replaces_its_entry(hook: Hook) {
     if !common::ready("xdp_syn_on_a_closed_reused_tuple_replaces_its_entry") {
         return;
     }
     in_fixture_netns(3, 3, |client_if, backend_if| {
-        let fx = Fixture::new();
+        let fx = Fixture::new(hook);
         let c = client(1);
         let client_side = (c, 41500);
         let backend_packet = |backend: (Ipv4Addr, u16), port: u16, flags: u8, seq: u32, ack: u32| {
@@ -740,13 +735,12 @@ fn xdp_syn_on_a_closed_reused_tuple_replaces_its_entry() {
 /// A SYN that hits its client's affinity entry refreshes the entry's last_seen in place, and only
 /// once the entry is a step old (1 s with this service's 600 s affinity_timeout): a hit within the
 /// step leaves the entry as it was; the client keeps its backend either way.
-#[test]
-fn xdp_affinity_hit_refreshes_last_seen_after_a_step() {
+fn xdp_affinity_hit_refreshes_last_seen_after_a_step(hook: Hook) {
     if !common::ready("xdp_affinity_hit_refreshes_last_seen_after_a_step") {
         return;
     }
     in_fixture_netns(3, 3, |client_if, _| {
-        let fx = Fixture::new();
+        let fx = Fixture::new(hook);
         let c = client(2);
         let svc = fx.state.service("web").expect("service");
         let entry = || {
@@ -790,13 +784,12 @@ fn xdp_affinity_hit_refreshes_last_seen_after_a_step() {
 /// A non-SYN packet to the VIP without a connection comes back as an RST (RFC 793 numbers): every
 /// field of the output frame is read back and both checksums verified. IPv4 and TCP options and
 /// the payload are trimmed away; the frame goes back out toward the sender's MAC.
-#[test]
-fn xdp_answers_a_packet_without_connection_with_rst() {
+fn xdp_answers_a_packet_without_connection_with_rst(hook: Hook) {
     if !common::ready("xdp_answers_a_packet_without_connection_with_rst") {
         return;
     }
     in_fixture_netns(3, 3, |client_if, _| {
-        let fx = Fixture::new();
+        let fx = Fixture::new(hook);
         let c = client(1);
         let lb_mac = [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x01];
         // An established connection's data segment (ACK set): the RST's sequence number is the
@@ -844,13 +837,12 @@ fn xdp_answers_a_packet_without_connection_with_rst() {
 }
 
 /// Resets are rate-limited per CPU: a burst goes out, the rest is dropped and counted.
-#[test]
-fn xdp_resets_are_rate_limited() {
+fn xdp_resets_are_rate_limited(hook: Hook) {
     if !common::ready("xdp_resets_are_rate_limited") {
         return;
     }
     in_fixture_netns(3, 3, |client_if, _| {
-        let fx = Fixture::new();
+        let fx = Fixture::new(hook);
         // Far more than the burst, sent much faster than the rate refills it.
         let n = 2000u64;
         for i in 0..n {
@@ -879,13 +871,12 @@ fn xdp_resets_are_rate_limited() {
 /// `on_down = "reset"` / `disable --reset` in the kernel: the backend's open connections are
 /// marked, and the next packet of either end is answered with an RST toward that end (sequence
 /// number from the packet). Connections opened afterwards are forwarded as usual.
-#[test]
-fn xdp_reset_backend_answers_both_ends_with_rst() {
+fn xdp_reset_backend_answers_both_ends_with_rst(hook: Hook) {
     if !common::ready("xdp_reset_backend_answers_both_ends_with_rst") {
         return;
     }
     in_fixture_netns(3, 3, |client_if, backend_if| {
-        let fx = Fixture::new();
+        let fx = Fixture::new(hook);
         let c = client(0);
         let client_side = (c, 43000);
         let (verdict, out, _) = fx
@@ -985,13 +976,12 @@ fn set_total_length(f: &mut [u8], len: u16) {
 /// `bad_tcp_flags` / `bad_source`), its counter moves by one, and the conntrack and affinity maps
 /// stay empty and no SNAT port is claimed. A valid SYN at the end does create all three (so the
 /// emptiness checks can fail).
-#[test]
-fn xdp_invalid_packets_create_no_state() {
+fn xdp_invalid_packets_create_no_state(hook: Hook) {
     if !common::ready("xdp_invalid_packets_create_no_state") {
         return;
     }
     in_fixture_netns(3, 3, |client_if, _| {
-        let fx = Fixture::new();
+        let fx = Fixture::new(hook);
         let c = client(0);
         let from = |src: Ipv4Addr, flags: u8| {
             Tcp::new((src, 40000), (VIP, 80), flags)
@@ -1146,8 +1136,7 @@ fn suppressed_in(line: &str) -> u64 {
 /// toward the backend) writes a few lines a second, not one per packet; the next line written
 /// reports how many were held back. Every packet is accounted for: lines written + the counts they
 /// report = packets. The test's thread stays on one CPU (the limit's state is per CPU).
-#[test]
-fn xdp_kernel_log_lines_are_rate_limited() {
+fn xdp_kernel_log_lines_are_rate_limited(hook: Hook) {
     if !common::ready("xdp_kernel_log_lines_are_rate_limited") {
         return;
     }
@@ -1155,7 +1144,7 @@ fn xdp_kernel_log_lines_are_rate_limited() {
         let mut cpu = nix::sched::CpuSet::new();
         cpu.set(0).unwrap();
         nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu).expect("pin to CPU 0");
-        let fx = Fixture::new();
+        let fx = Fixture::new(hook);
         // The backends become unreachable: every SYN's FIB lookup fails.
         let out = std::process::Command::new("ip")
             .args(["route", "add", "unreachable", "10.1.1.0/28"])
@@ -1226,3 +1215,19 @@ fn service() -> ServiceConfig {
             .collect(),
     )
 }
+
+per_hook!(
+    xdp_nat_forward_reply_and_affinity,
+    xdp_drain_keeps_known_clients_down_refuses,
+    xdp_passes_or_drops_what_is_not_forwardable,
+    xdp_no_backend_drops_syn,
+    xdp_translates_tcp_timestamps_toward_the_backend,
+    xdp_syn_on_a_reused_tuple_starts_a_new_flow,
+    xdp_syn_on_a_closed_reused_tuple_replaces_its_entry,
+    xdp_affinity_hit_refreshes_last_seen_after_a_step,
+    xdp_answers_a_packet_without_connection_with_rst,
+    xdp_resets_are_rate_limited,
+    xdp_reset_backend_answers_both_ends_with_rst,
+    xdp_invalid_packets_create_no_state,
+    xdp_kernel_log_lines_are_rate_limited,
+);

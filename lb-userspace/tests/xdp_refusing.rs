@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::Hook;
+
 use common::{CLIENT_MAC, LB_BACKEND_SIDE, RING, VIP, XDP_REDIRECT, backend_ip, in_fixture_netns};
 
 use std::collections::HashMap;
@@ -52,8 +54,8 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new(client_if: u32, backend_if: u32) -> Fixture {
-        let xdp = XdpDatapath::start(None, 0, RING).expect("load XDP program");
+    fn new(hook: Hook, client_if: u32, backend_if: u32) -> Fixture {
+        let xdp = common::start(hook);
         let mut state = State::new(0, RING);
         let effect = state
             .apply(Command::AddService { service: service() })
@@ -161,13 +163,12 @@ impl Fixture {
     }
 }
 
-#[test]
-fn a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup() {
+fn a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup(hook: Hook) {
     if !common::ready("a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup") {
         return;
     }
     in_fixture_netns(1, 3, |client_if, backend_if| {
-        let mut fx = Fixture::new(client_if, backend_if);
+        let mut fx = Fixture::new(hook, client_if, backend_if);
         if let Some(n) = fx.xdp.verified_instructions() {
             eprintln!("MEASURED xdp program: {n} instructions verified (limit 1000000)");
         }
@@ -261,13 +262,12 @@ fn a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup
     });
 }
 
-#[test]
-fn a_bare_ack_from_time_wait_fails_its_client_at_once_and_the_second_marks_the_backend() {
+fn a_bare_ack_from_time_wait_fails_its_client_at_once_and_the_second_marks_the_backend(hook: Hook) {
     if !common::ready("a_bare_ack_from_time_wait_fails_its_client_at_once_and_the_second_marks_the_backend") {
         return;
     }
     in_fixture_netns(1, 3, |client_if, backend_if| {
-        let fx = Fixture::new(client_if, backend_if);
+        let fx = Fixture::new(hook, client_if, backend_if);
         let (home, _) = fx.which();
         let other = if home == backend_ip(1) {
             backend_ip(2)
@@ -334,3 +334,8 @@ fn a_bare_ack_from_time_wait_fails_its_client_at_once_and_the_second_marks_the_b
         assert_eq!(fx.counter("stale_answer"), 2);
     });
 }
+
+per_hook!(
+    a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup,
+    a_bare_ack_from_time_wait_fails_its_client_at_once_and_the_second_marks_the_backend,
+);

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::Hook;
+
 use common::{CLIENT_MAC, LB_BACKEND_SIDE, RING, VIP, XDP_DROP, XDP_REDIRECT};
 
 use std::net::Ipv4Addr;
@@ -33,9 +35,10 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new(tag: &str, syn_timeout: Duration) -> Fixture {
+    fn new(hook: Hook, tag: &str, syn_timeout: Duration) -> Fixture {
         let pins = PathBuf::from(format!("/sys/fs/bpf/lbt-{tag}-{}", std::process::id()));
         let config = XdpConfig {
+            mode: common::mode(hook),
             pin_path: pins.clone(),
             snat_ports: (SNAT_LO, SNAT_LO + SNAT_PORTS - 1),
             syn_timeout,
@@ -112,13 +115,12 @@ fn snat_port(out: &[u8]) -> u16 {
     p.src.1
 }
 
-#[test]
-fn xdp_one_cpu_uses_the_whole_snat_range_and_half_open_flows_give_way() {
+fn xdp_one_cpu_uses_the_whole_snat_range_and_half_open_flows_give_way(hook: Hook) {
     if !common::ready("xdp_one_cpu_uses_the_whole_snat_range_and_half_open_flows_give_way") {
         return;
     }
     on_one_cpu(|client_if, backend_if| {
-        let fx = Fixture::new("snatfx", Duration::from_secs(5));
+        let fx = Fixture::new(hook, "snatfx", Duration::from_secs(5));
         // 64 new connections from one CPU: every port of the range, each once.
         let mut ports = Vec::new();
         for i in 0..SNAT_PORTS {
@@ -199,13 +201,12 @@ fn xdp_one_cpu_uses_the_whole_snat_range_and_half_open_flows_give_way() {
     });
 }
 
-#[test]
-fn xdp_half_open_flows_live_at_most_syn_timeout() {
+fn xdp_half_open_flows_live_at_most_syn_timeout(hook: Hook) {
     if !common::ready("xdp_half_open_flows_live_at_most_syn_timeout") {
         return;
     }
     on_one_cpu(|client_if, backend_if| {
-        let fx = Fixture::new("synto", Duration::from_millis(300));
+        let fx = Fixture::new(hook, "synto", Duration::from_millis(300));
         // A: SYN only. B: SYN and the client's ACK (established).
         let (verdict, out) = fx.run(&client_frame(41000, SYN, 1000), client_if);
         assert_eq!(verdict, XDP_REDIRECT);
@@ -227,13 +228,12 @@ fn xdp_half_open_flows_live_at_most_syn_timeout() {
 /// Issue 16 item 2: no SYN is dropped for lack of a port while one can be had. With every port
 /// held by a closed connection (FIN both ways, still within `closed_timeout`), a SYN is refused only
 /// while those connections are fresh; once they have been quiet for 100 ms, it reuses one.
-#[test]
-fn xdp_closed_connections_lend_their_ports_once_quiet() {
+fn xdp_closed_connections_lend_their_ports_once_quiet(hook: Hook) {
     if !common::ready("xdp_closed_connections_lend_their_ports_once_quiet") {
         return;
     }
     on_one_cpu(|client_if, backend_if| {
-        let fx = Fixture::new("snatcl", Duration::from_secs(5));
+        let fx = Fixture::new(hook, "snatcl", Duration::from_secs(5));
         let mut ports = Vec::new();
         for i in 0..SNAT_PORTS {
             let (verdict, out) = fx.run(&client_frame(40000 + i, SYN, 1000), client_if);
@@ -291,3 +291,9 @@ fn service() -> ServiceConfig {
         route: "b1".into(),
     }])
 }
+
+per_hook!(
+    xdp_one_cpu_uses_the_whole_snat_range_and_half_open_flows_give_way,
+    xdp_half_open_flows_live_at_most_syn_timeout,
+    xdp_closed_connections_lend_their_ports_once_quiet,
+);

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::Hook;
+
 use common::{
     CLIENT_MAC, LB_BACKEND_SIDE, RING, VIP, XDP_DROP, XDP_REDIRECT, backend_ip, backend_mac, client,
     in_fixture_netns,
@@ -28,8 +30,9 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new() -> Fixture {
+    fn new(hook: Hook) -> Fixture {
         let sizes = XdpConfig {
+            mode: common::mode(hook),
             syn_cookies: SynCookies::On,
             ..XdpConfig::default()
         };
@@ -109,13 +112,12 @@ fn cookie_syn_ack(fx: &Fixture, client_if: u32, c: Ipv4Addr, port: u16, isn: u32
     p.seq
 }
 
-#[test]
-fn xdp_cookie_syn_ack_and_bad_cookie_acks_keep_no_state() {
+fn xdp_cookie_syn_ack_and_bad_cookie_acks_keep_no_state(hook: Hook) {
     if !common::ready("xdp_cookie_syn_ack_and_bad_cookie_acks_keep_no_state") {
         return;
     }
     in_fixture_netns(3, 3, |client_if, _| {
-        let fx = Fixture::new();
+        let fx = Fixture::new(hook);
         let c = client(0);
         let empty = KernelState::default();
         let isn = 0x1111_2222;
@@ -183,13 +185,12 @@ fn xdp_cookie_syn_ack_and_bad_cookie_acks_keep_no_state() {
     });
 }
 
-#[test]
-fn xdp_cookie_handshake_and_translated_data_both_ways() {
+fn xdp_cookie_handshake_and_translated_data_both_ways(hook: Hook) {
     if !common::ready("xdp_cookie_handshake_and_translated_data_both_ways") {
         return;
     }
     in_fixture_netns(3, 3, |client_if, backend_if| {
-        let fx = Fixture::new();
+        let fx = Fixture::new(hook);
         let c = client(0);
         let want = fx.ring_choice(c);
         let want_mac = backend_mac(want.octets()[3] - 1);
@@ -300,13 +301,13 @@ fn xdp_cookie_handshake_and_translated_data_both_ways() {
     });
 }
 
-#[test]
-fn xdp_cookie_ack_without_a_snat_port_is_reset() {
+fn xdp_cookie_ack_without_a_snat_port_is_reset(hook: Hook) {
     if !common::ready("xdp_cookie_ack_without_a_snat_port_is_reset") {
         return;
     }
     in_fixture_netns(3, 3, |client_if, _| {
         let sizes = XdpConfig {
+            mode: common::mode(hook),
             syn_cookies: SynCookies::On,
             snat_ports: (20000, 20000),
             ..XdpConfig::default()
@@ -349,13 +350,13 @@ fn xdp_cookie_ack_without_a_snat_port_is_reset() {
     });
 }
 
-#[test]
-fn xdp_cookies_off_answers_nothing_from_xdp() {
+fn xdp_cookies_off_answers_nothing_from_xdp(hook: Hook) {
     if !common::ready("xdp_cookies_off_answers_nothing_from_xdp") {
         return;
     }
     in_fixture_netns(3, 3, |client_if, _| {
         let sizes = XdpConfig {
+            mode: common::mode(hook),
             syn_cookies: SynCookies::Auto,
             ..XdpConfig::default()
         };
@@ -388,3 +389,10 @@ fn xdp_cookies_off_answers_nothing_from_xdp() {
         );
     });
 }
+
+per_hook!(
+    xdp_cookie_syn_ack_and_bad_cookie_acks_keep_no_state,
+    xdp_cookie_handshake_and_translated_data_both_ways,
+    xdp_cookie_ack_without_a_snat_port_is_reset,
+    xdp_cookies_off_answers_nothing_from_xdp,
+);

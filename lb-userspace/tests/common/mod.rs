@@ -1,5 +1,7 @@
 //! Shared by the XDP fixture test binaries: whether they can run here, the fixture namespace's
-//! addresses and neighbours, the `web` service they load into the program, and its counters.
+//! addresses and neighbours, the `web` service they load into the program, and its counters; and
+//! [`per_hook!`], which runs each fixture at both hooks (`lb_xdp`, and `lb_tc` as `mode = "tc"`
+//! loads it).
 
 // Each binary uses its own part.
 #![allow(dead_code)]
@@ -8,7 +10,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use lb::balancer::Balancer;
-use lb::config::{BackendConfig, DatapathKind, HealthConfig, HealthKind, OnDown, Protocol, ServiceConfig};
+pub use lb::config::Hook;
+use lb::config::{
+    BackendConfig, DatapathKind, HealthConfig, HealthKind, OnDown, Protocol, ServiceConfig, XdpConfig,
+    XdpMode,
+};
 use lb::datapath::xdp::XdpDatapath;
 use lb::state::State;
 use lb_tests::fixture::FixtureSpec;
@@ -17,6 +23,56 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
+
+/// The `[xdp] mode` that runs the datapath at `hook`.
+pub fn mode(hook: Hook) -> XdpMode {
+    match hook {
+        Hook::Xdp => XdpMode::Auto,
+        Hook::Tc => XdpMode::Tc,
+    }
+}
+
+/// The default `[xdp]` table with the mode of `hook`.
+pub fn sizes(hook: Hook) -> XdpConfig {
+    XdpConfig {
+        mode: mode(hook),
+        ..XdpConfig::default()
+    }
+}
+
+/// The program of `hook` loaded with default sizes, nothing pinned or attached.
+pub fn start(hook: Hook) -> XdpDatapath {
+    XdpDatapath::start_unattached(&sizes(hook), 0, RING).expect("load the datapath program")
+}
+
+/// The verdict of a frame sent back out the interface it came in on: XDP_TX, or at TC a redirect
+/// to the ingress interface.
+pub fn tx(hook: Hook) -> u32 {
+    match hook {
+        Hook::Xdp => XDP_TX,
+        Hook::Tc => XDP_REDIRECT,
+    }
+}
+
+/// For each `fn name(hook: Hook)`, the tests `name::xdp` and `name::tc`: the same fixture run
+/// against `lb_xdp` and against `lb_tc`.
+#[macro_export]
+macro_rules! per_hook {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn xdp() {
+                    super::$name($crate::common::Hook::Xdp)
+                }
+                #[test]
+                fn tc() {
+                    super::$name($crate::common::Hook::Tc)
+                }
+            }
+        )+
+    };
+}
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
@@ -84,6 +140,9 @@ pub fn counter(xdp: &XdpDatapath, name: &str) -> u64 {
 /// Whether the test can run: lb carries its eBPF object (required with `LB_REQUIRE_EBPF=1`) and
 /// we are root. Says why not.
 pub fn ready(test: &str) -> bool {
+    let thread = std::thread::current();
+    // per_hook! names the thread `test::xdp` / `test::tc`.
+    let test = thread.name().filter(|n| n.starts_with(test)).unwrap_or(test);
     if lb::ebpf::object().is_none() {
         assert!(
             std::env::var_os("LB_REQUIRE_EBPF").is_none_or(|v| v != "1"),
