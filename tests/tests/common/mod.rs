@@ -326,3 +326,55 @@ pub fn wait_for_log(bed: &Bed, needle: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Where the XDP datapath's program runs in a test: the XDP hook (`[xdp] mode` left at `auto`) or
+/// TC ingress (`mode = "tc"`). Tests that matter at both run once per hook ([`both_hooks!`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
+impl Hook {
+    /// `config` (with an `[xdp]` table) set to run at this hook.
+    pub fn config(self, config: String) -> String {
+        match self {
+            Hook::Xdp => config,
+            Hook::Tc => config.replacen("[xdp]\n", "[xdp]\nmode = \"tc\"\n", 1),
+        }
+    }
+
+    /// `tag` made distinct per hook (namespace names, pin directories), so the twins run side by side.
+    pub fn tag(self, tag: &str) -> String {
+        match self {
+            Hook::Xdp => tag.to_string(),
+            Hook::Tc => format!("{tag}t"),
+        }
+    }
+}
+
+/// For each `fn name(hook: Hook)`, the tests `name::xdp` and `name::tc`.
+#[macro_export]
+macro_rules! both_hooks {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn xdp() {
+                    super::$name($crate::common::Hook::Xdp)
+                }
+                #[test]
+                fn tc() {
+                    super::$name($crate::common::Hook::Tc)
+                }
+            }
+        )+
+    };
+}
+
+/// The BPF programs attached in `ns` by kind, as `bpftool net show` lists them (`xdp`, `tc`):
+/// which hook a running `lb` uses.
+pub fn attached_hooks(ns: &lb_tests::Netns) -> String {
+    ns.exec_ok(&["bpftool", "net", "show"])
+        .expect("bpftool net show")
+}

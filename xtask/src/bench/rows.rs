@@ -30,6 +30,9 @@ pin_path = "/sys/fs/bpf/lbbench-{pid}"
 "#;
 // =================================================================================================
 
+/// What the `lb-xdp-tc` row adds to [`XDP_EXTRA_TOML`] (which ends inside the `[xdp]` table).
+const XDP_TC_TOML: &str = "mode = \"tc\"\n";
+
 /// The stream module of Debian's nginx (package libnginx-mod-stream).
 pub const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
@@ -48,6 +51,8 @@ pub enum RowKind {
     /// No load balancer: the client talks to backend 1 directly, routed through the lb namespace.
     None,
     LbXdp,
+    /// [`RowKind::LbXdp`] with `[xdp] mode = "tc"`: the same datapath at TC ingress.
+    LbXdpTc,
     /// `forwarding = "dsr"` on a dsr bed ([`super::bed::Bed::new_dsr`]).
     LbXdpDsr,
     LbProxy,
@@ -57,9 +62,10 @@ pub enum RowKind {
 }
 
 impl RowKind {
-    pub const ALL: [RowKind; 7] = [
+    pub const ALL: [RowKind; 8] = [
         RowKind::None,
         RowKind::LbXdp,
+        RowKind::LbXdpTc,
         RowKind::LbXdpDsr,
         RowKind::LbProxy,
         RowKind::Haproxy,
@@ -71,6 +77,7 @@ impl RowKind {
         match self {
             RowKind::None => "none",
             RowKind::LbXdp => "lb-xdp",
+            RowKind::LbXdpTc => "lb-xdp-tc",
             RowKind::LbXdpDsr => "lb-xdp-dsr",
             RowKind::LbProxy => "lb-proxy",
             RowKind::Haproxy => "haproxy",
@@ -86,6 +93,9 @@ impl RowKind {
                 "no load balancer: client → backend b1 directly, routed by the lb namespace (the limit)"
             }
             RowKind::LbXdp => "lb, datapath = \"xdp\" (eBPF full NAT), health tcp, affinity 30m",
+            RowKind::LbXdpTc => {
+                "lb-xdp with [xdp] mode = \"tc\": the same program logic at TC ingress (TCX link, bpf_redirect of the skb, no copy)"
+            }
             RowKind::LbXdpDsr => {
                 "lb, datapath = \"xdp\", forwarding = \"dsr\" (IPIP to the backends, which decapsulate with lb_decap and answer through their own route, advmss 1440), health tcp, affinity 30m"
             }
@@ -104,7 +114,7 @@ impl RowKind {
     pub fn kernel(self) -> bool {
         matches!(
             self,
-            RowKind::None | RowKind::NftDnat | RowKind::LbXdp | RowKind::LbXdpDsr
+            RowKind::None | RowKind::NftDnat | RowKind::LbXdp | RowKind::LbXdpTc | RowKind::LbXdpDsr
         )
     }
 
@@ -589,6 +599,10 @@ fn start_row<'a>(
         }),
         RowKind::LbProxy => start_lb(bed, plan, lb, "proxy", "", "", checks),
         RowKind::LbXdpDsr => start_lb(bed, plan, lb, "xdp", XDP_EXTRA_TOML, DSR_SERVICE_TOML, checks),
+        RowKind::LbXdpTc => {
+            let extra = format!("{XDP_EXTRA_TOML}{XDP_TC_TOML}");
+            start_lb(bed, plan, lb, "xdp", &extra, "", checks)
+        }
         RowKind::LbXdp => match start_lb(bed, plan, lb, "xdp", XDP_EXTRA_TOML, "", checks) {
             Err(StartError::Unavailable(why)) if why.contains("unknown key `xdp`") => {
                 match start_lb(bed, plan, lb, "xdp", "", "", checks) {
