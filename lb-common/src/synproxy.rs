@@ -20,6 +20,11 @@ pub const MAP_PROGS: &str = "lb_progs";
 pub const PROG_SYNPROXY: u32 = 0;
 /// Name of the SYN-proxy program in the object.
 pub const SYNPROXY_PROGRAM: &str = "lb_synproxy";
+/// `PROG_ARRAY<u32, u32>`: [`MAP_PROGS`] for `lb_tc` (a tail call stays within its program
+/// type), holding [`TC_SYNPROXY_PROGRAM`] at [`PROG_SYNPROXY`].
+pub const MAP_TC_PROGS: &str = "lb_tc_progs";
+/// Name of the SYN-proxy program for the TC hook.
+pub const TC_SYNPROXY_PROGRAM: &str = "lb_synproxy_tc";
 
 /// Flow flag (both entries): a connection set up by the SYN proxy. While [`crate::maps::FLOW_HALF_OPEN`]
 /// the backend has not answered the SYN made from the client's ACK; the client → backend entry keeps
