@@ -23,11 +23,11 @@ pub const SYNPROXY_PROGRAM: &str = "lb_synproxy";
 /// Name of the datapath's TC ingress entry point (`[xdp] mode = "tc"`): the same logic and maps as
 /// `lb_xdp`, as a SCHED_CLS program.
 pub const TC_PROGRAM: &str = "lb_tc";
-/// Name of the SYN-proxy program for the TC entry point (SCHED_CLS).
-pub const TC_SYNPROXY_PROGRAM: &str = "lb_synproxy_tc";
-/// `PROG_ARRAY<u32, u32>`: the programs `lb_tc` tail-calls ([`PROG_SYNPROXY`] is
-/// [`TC_SYNPROXY_PROGRAM`]). Not pinned, like [`MAP_PROGS`].
+/// `PROG_ARRAY<u32, u32>`: [`MAP_PROGS`] for `lb_tc` (a tail call stays within its program
+/// type), holding [`TC_SYNPROXY_PROGRAM`] at [`PROG_SYNPROXY`]. Not pinned, like [`MAP_PROGS`].
 pub const MAP_TC_PROGS: &str = "lb_tc_progs";
+/// Name of the SYN-proxy program for the TC hook.
+pub const TC_SYNPROXY_PROGRAM: &str = "lb_synproxy_tc";
 
 /// Flow flag (both entries): a connection set up by the SYN proxy. While [`crate::maps::FLOW_HALF_OPEN`]
 /// the backend has not answered the SYN made from the client's ACK; the client → backend entry keeps

@@ -10,7 +10,7 @@
 //! else the ring, which every node with the same config and seed computes alike (Katran's
 //! behaviour). It gets an entry and is counted (`dsr_mid_flow`), never reset or dropped.
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_head, macros::map, maps::PerCpuArray, programs::XdpContext};
+use aya_ebpf::{macros::map, maps::PerCpuArray};
 use lb_common::{
     ipip,
     maps::{
@@ -19,6 +19,7 @@ use lb_common::{
     },
 };
 
+use crate::frame::Frame;
 use crate::net::{ETH_P_IPV4, EthHdr, Ipv4Hdr};
 use crate::{CONNTRACK, Verdict, count, count_traffic, drop, forward, ptr_at, set_flags};
 
@@ -35,7 +36,7 @@ const _: () = assert!(crate::str_eq(lb_common::maps::MAP_DSR_SCRATCH, "lb_dsr_sc
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn new_flow(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     key: &FlowKey,
     service: &ServiceValue,
     backend_index: u32,
@@ -83,7 +84,7 @@ pub(crate) fn new_flow(
 /// client's FIN closes the flow (it ages out after `closed_timeout`; a half-closed connection's
 /// later packets are still forwarded, by the mid-flow rule).
 #[inline(always)]
-pub(crate) fn known_flow(ctx: &XdpContext, f: &mut FlowValue, now: u64, cfg: &GlobalConfig) -> Verdict {
+pub(crate) fn known_flow(ctx: &impl Frame, f: &mut FlowValue, now: u64, cfg: &GlobalConfig) -> Verdict {
     if f.flags & FLOW_FIN_CLIENT != 0 {
         set_flags(&mut f.flags, FLOW_FIN_BACKEND);
     }
@@ -93,7 +94,7 @@ pub(crate) fn known_flow(ctx: &XdpContext, f: &mut FlowValue, now: u64, cfg: &Gl
 /// Wraps the packet in the outer header of flow `f` (`new_src_be` → `new_dst_be`) and forwards
 /// it to the next hop. The inner packet is not touched.
 #[inline(always)]
-fn encapsulate(ctx: &XdpContext, f: &mut FlowValue, now: u64, cpus: u32) -> Verdict {
+fn encapsulate(ctx: &impl Frame, f: &mut FlowValue, now: u64, cpus: u32) -> Verdict {
     let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
         return drop(gc::TRUNCATED);
     };
@@ -108,8 +109,8 @@ fn encapsulate(ctx: &XdpContext, f: &mut FlowValue, now: u64, cpus: u32) -> Verd
     let Some(outer_len) = inner_len.checked_add(ipip::OUTER_LEN) else {
         return drop(gc::TOO_BIG);
     };
-    // SAFETY: growing the frame at its head; every packet pointer is taken again below.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -i32::from(ipip::OUTER_LEN)) } != 0 {
+    // Every packet pointer is taken again below.
+    if !ctx.push_ipip(ipip::OUTER_LEN) {
         return drop(gc::TOO_BIG);
     }
     let (Some(eth), Some(outer)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)) else {
@@ -136,7 +137,7 @@ fn encapsulate(ctx: &XdpContext, f: &mut FlowValue, now: u64, cpus: u32) -> Verd
     if u32::from(outer_len) > f.ts_delta {
         f.next_hop_ifindex = 0;
     }
-    let verdict = forward(ctx, outer, f, now, cpus);
+    let verdict = forward(ctx, f, now, cpus);
     if verdict.reason.is_none() && u32::from(outer_len) > f.ts_delta {
         f.ts_delta = u32::from(outer_len);
     }

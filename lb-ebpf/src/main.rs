@@ -36,6 +36,7 @@
 
 mod decap;
 mod dsr;
+mod frame;
 mod logs;
 mod net;
 mod passive;
@@ -47,15 +48,13 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
         bpf_fib_lookup as FibParams, xdp_action,
     },
-    helpers::{
-        bpf_fib_lookup, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns, bpf_redirect,
-    },
-    macros::{map, xdp},
+    helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
+    macros::{classifier, map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    csum,
+    csum::{self, Delta},
     maps::{
         AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, Counter,
         DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
@@ -69,6 +68,7 @@ use lb_common::{
     synproxy::FLOW_COOKIE,
 };
 
+use crate::frame::{Frame, pull_headers, tc_action};
 use crate::logs::{LOG_NO_ROUTE, LOG_SNAT_EXHAUSTED, may_log};
 use crate::net::{ETH_P_IPV4, EthHdr, IPPROTO_TCP, Ipv4Hdr, TcpHdr};
 
@@ -169,10 +169,22 @@ const fn drop(reason: u32) -> Verdict {
 /// XDP entry point: parse, decide, count.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let len = (ctx.data_end() - ctx.data()) as u64;
+    let len = Frame::len(&ctx);
     count(gc::PACKETS, len);
-    conclude(try_lb_xdp(&ctx, len), len)
+    conclude(try_lb(&ctx, len), len)
 }
+
+/// TC ingress entry point (`[xdp] mode = "tc"`): the same decisions on the skb (see [`frame`]).
+#[classifier]
+pub fn lb_tc(ctx: TcContext) -> i32 {
+    let len = Frame::len(&ctx);
+    count(gc::PACKETS, len);
+    pull_headers(&ctx, HEADERS_MAX);
+    tc_action(conclude(try_lb(&ctx, len), len))
+}
+
+/// The most header bytes the program reads: Ethernet, IPv4 and TCP with all their options.
+const HEADERS_MAX: u32 = (EthHdr::LEN + 60 + 60) as u32;
 
 /// Counts `verdict`'s reason (if any) and its action; returns the action.
 #[inline(always)]
@@ -193,7 +205,7 @@ pub(crate) fn conclude(verdict: Verdict, len: u64) -> u32 {
 
 /// Parses one frame and decides its verdict.
 #[inline(always)]
-fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
+fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return pass(Some(gc::TRUNCATED));
     };
@@ -286,6 +298,8 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
             }
             let to_backend = f.flags & FLOW_TO_BACKEND != 0;
             let mut stale_rst = false;
+            // Checksum changes, applied once before the packet leaves (see `frame`).
+            let mut rest = Delta::default();
             if !to_backend && f.flags & (FLOW_HALF_OPEN | FLOW_ANSWERED) == FLOW_HALF_OPEN {
                 // The backend's first answer to a SYN: passive health counts it.
                 let syn_ack = flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
@@ -293,7 +307,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
                 if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_ACK {
                     // A bare ACK of an old connection: TIME_WAIT with no listener becomes an RST,
                     // so the client learns at once (see passive::stale_answer).
-                    let stale = passive::stale_answer(tcp, f, sent_ns);
+                    let stale = passive::stale_answer(tcp, f, sent_ns, &mut rest);
                     stale_rst = stale != Stale::Collision;
                     rst = stale == Stale::Refused;
                     if stale_rst {
@@ -304,7 +318,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
             }
             if f.flags & FLOW_COOKIE != 0 && f.half_open() {
                 // A SYN-cookie flow whose backend has not answered: the SYN proxy's.
-                synproxy::hand_over(ctx);
+                ctx.hand_over();
                 return Verdict {
                     action: xdp_action::XDP_DROP,
                     reason: None,
@@ -331,14 +345,15 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
             if f.flags & FLOW_DSR != 0 {
                 return dsr::known_flow(ctx, f, now, cfg);
             }
-            rewrite(ip, tcp, &key, f);
+            let pseudo = rewrite(ip, tcp, &key, f, &mut rest);
             if f.flags & FLOW_TS != 0 {
-                translate_timestamps(ctx, tcp, l4_off, doff, to_backend, f.ts_delta, stale_rst);
+                rest = translate_timestamps(ctx, l4_off, doff, to_backend, f.ts_delta, stale_rst, rest);
             }
             if f.flags & FLOW_COOKIE != 0 {
-                synproxy::translate(tcp, to_backend, f);
+                rest = synproxy::translate(tcp, to_backend, f, rest);
             }
-            return forward(ctx, ip, f, now, cfg.cpus);
+            ctx.fix_l4(l4_off, pseudo, rest);
+            return forward(ctx, f, now, cfg.cpus);
         }
     }
 
@@ -365,7 +380,7 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
             flags & (TCP_ACK | TCP_RST) == TCP_ACK
         })
     {
-        synproxy::hand_over(ctx);
+        ctx.hand_over();
     }
     if !syn && !dsr {
         // A connection the LB does not know (idle timeout, LRU eviction, a restart after `lb
@@ -446,14 +461,16 @@ fn try_lb_xdp(ctx: &XdpContext, len: u64) -> Verdict {
     forward_value.next_hop_ns = 0;
     forward_value.ts_delta = 0;
     forward_value.syn_seq_be = seq_be;
-    rewrite(ip, tcp, &key, forward_value);
+    let mut rest = Delta::default();
+    let pseudo = rewrite(ip, tcp, &key, forward_value, &mut rest);
     if let Some(delta) = ts_delta {
         forward_value.flags |= FLOW_TS;
         forward_value.ts_delta = delta;
-        translate_timestamps(ctx, tcp, l4_off, doff, true, delta, false);
+        rest = translate_timestamps(ctx, l4_off, doff, true, delta, false, rest);
     }
+    ctx.fix_l4(l4_off, pseudo, rest);
     // The next hop is found before the entry is stored, so it is stored with it.
-    let verdict = forward(ctx, ip, forward_value, now, cfg.cpus);
+    let verdict = forward(ctx, forward_value, now, cfg.cpus);
     // The client reused a port of an earlier connection still on record: that connection is over
     // (its reply entry, if still its own, ages out as closed; its port is free after closed_timeout),
     // and the new flow's entry is stored over its entry (`store_forward`). Looked up again, not
@@ -1043,7 +1060,7 @@ const TCPOPT_TIMESTAMP: u8 = 8;
 /// Packet offset of the TSval of the TCP timestamp option, if the header has one at an even
 /// offset (so the 32-bit checksum updates stay word-aligned; Linux, BSD and Windows always place it so).
 #[inline(always)]
-fn timestamp_option(ctx: &XdpContext, l4_off: usize, doff: usize) -> Option<usize> {
+fn timestamp_option(ctx: &impl Frame, l4_off: usize, doff: usize) -> Option<usize> {
     let end = l4_off + doff * 4;
     let mut at = l4_off + 20;
     for _ in 0..MAX_OPTION_STEPS {
@@ -1074,25 +1091,26 @@ fn timestamp_option(ctx: &XdpContext, l4_off: usize, doff: usize) -> Option<usiz
 
 /// Toward the backend adds `delta` to TSval; toward the client subtracts it from TSecr, or with
 /// `clear` zeroes it (an RST made of a stale answer: its echo is the old connection's, which the
-/// client would take for a bogus answer and ignore the RST).
+/// client would take for a bogus answer and ignore the RST). Returns `rest` with the checksum
+/// change added.
 #[inline(always)]
 fn translate_timestamps(
-    ctx: &XdpContext,
-    tcp: *mut TcpHdr,
+    ctx: &impl Frame,
     l4_off: usize,
     doff: usize,
     to_backend: bool,
     delta: u32,
     clear: bool,
-) {
+    rest: Delta,
+) -> Delta {
     let Some(at) = timestamp_option(ctx, l4_off, doff) else {
-        return;
+        return rest;
     };
     let field = if to_backend { at } else { at + 4 };
     let Some(p) = ptr_at::<u32>(ctx, field) else {
-        return;
+        return rest;
     };
-    // SAFETY: ptr_at checked the field and the TCP header lie in the packet.
+    // SAFETY: ptr_at checked the field lies in the packet.
     unsafe {
         let old = *p;
         let value = u32::from_be(old);
@@ -1105,13 +1123,15 @@ fn translate_timestamps(
         }
         .to_be();
         *p = new;
-        (*tcp).check_be = csum::replace4((*tcp).check_be, old, new);
+        rest.word4(old, new)
     }
 }
 
-/// Rewrites addresses and ports to `value`'s and fixes the checksums incrementally.
+/// Rewrites addresses and ports to `value`'s and fixes the IPv4 checksum incrementally; the TCP
+/// checksum's changes are returned (addresses: pseudo header) and added to `rest` (ports), for
+/// [`Frame::fix_l4`].
 #[inline(always)]
-fn rewrite(ip: *mut Ipv4Hdr, tcp: *mut TcpHdr, key: &FlowKey, value: &FlowValue) {
+fn rewrite(ip: *mut Ipv4Hdr, tcp: *mut TcpHdr, key: &FlowKey, value: &FlowValue, rest: &mut Delta) -> Delta {
     // SAFETY: both headers were bounds-checked by ptr_at in this run and nothing moved the packet.
     unsafe {
         let mut ip_check = (*ip).check_be;
@@ -1120,32 +1140,32 @@ fn rewrite(ip: *mut Ipv4Hdr, tcp: *mut TcpHdr, key: &FlowKey, value: &FlowValue)
         (*ip).check_be = ip_check;
         (*ip).saddr_be = value.new_src_be;
         (*ip).daddr_be = value.new_dst_be;
-        let mut tcp_check = (*tcp).check_be;
-        tcp_check = csum::replace4(tcp_check, key.src_be, value.new_src_be);
-        tcp_check = csum::replace4(tcp_check, key.dst_be, value.new_dst_be);
-        tcp_check = csum::replace2(tcp_check, key.sport_be, value.new_sport_be);
-        tcp_check = csum::replace2(tcp_check, key.dport_be, value.new_dport_be);
-        (*tcp).check_be = tcp_check;
+        *rest = rest
+            .word2(key.sport_be, value.new_sport_be)
+            .word2(key.dport_be, value.new_dport_be);
         (*tcp).source_be = value.new_sport_be;
         (*tcp).dest_be = value.new_dport_be;
     }
+    Delta::default()
+        .word4(key.src_be, value.new_src_be)
+        .word4(key.dst_be, value.new_dst_be)
 }
 
 /// Sends the rewritten packet to its next hop: the flow's cached one while fresh, else the
 /// kernel's FIB (and the answer is cached in the flow). Transmit or redirect.
 #[inline(always)]
-fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr, hop: &mut FlowValue, now: u64, cpus: u32) -> Verdict {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+fn forward<C: Frame>(ctx: &C, hop: &mut FlowValue, now: u64, cpus: u32) -> Verdict {
+    let (Some(eth), Some(ip)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)) else {
         return drop(gc::TRUNCATED);
     };
-    let ingress = ctx.ingress_ifindex() as u32;
+    let ingress = ctx.ingress();
     if hop.next_hop_ifindex == 0 || now.saturating_sub(hop.next_hop_ns) > NEXT_HOP_CACHE_NS {
         // SAFETY: zeroed bytes are a valid bpf_fib_lookup.
         let mut params: FibParams = unsafe { core::mem::zeroed() };
         unsafe {
             params.family = AF_INET;
             params.l4_protocol = IPPROTO_TCP;
-            params.__bindgen_anon_1.tot_len = u16::from_be((*ip).tot_len_be);
+            params.__bindgen_anon_1.tot_len = ctx.fib_tot_len(u16::from_be((*ip).tot_len_be));
             params.ifindex = ingress;
             params.__bindgen_anon_2.tos = (*ip).tos;
             params.__bindgen_anon_3.ipv4_src = (*ip).saddr_be;
@@ -1153,7 +1173,7 @@ fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr, hop: &mut FlowValue, now: u64, cp
         }
         let ret = unsafe {
             bpf_fib_lookup(
-                ctx.ctx.cast(),
+                ctx.as_ptr(),
                 &raw mut params,
                 core::mem::size_of::<FibParams>() as i32,
                 0,
@@ -1188,21 +1208,17 @@ fn forward(ctx: &XdpContext, ip: *mut Ipv4Hdr, hop: &mut FlowValue, now: u64, cp
         (*eth).dst.copy_from_slice(&hop.next_hop_macs[..6]);
         (*eth).src.copy_from_slice(&hop.next_hop_macs[6..]);
     }
-    if hop.next_hop_ifindex == ingress {
-        return Verdict {
-            action: xdp_action::XDP_TX,
-            reason: None,
-        };
-    }
-    Verdict {
-        action: unsafe { bpf_redirect(hop.next_hop_ifindex, 0) } as u32,
-        reason: None,
-    }
+    let action = if hop.next_hop_ifindex == ingress {
+        ctx.transmit()
+    } else {
+        ctx.redirect(hop.next_hop_ifindex)
+    };
+    Verdict { action, reason: None }
 }
 
 /// A pointer to a `T` at `offset` bytes into the packet, or None if it would reach past `data_end`.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
         return None;

@@ -22,7 +22,7 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray},
 };
 use lb_common::{
-    csum,
+    csum::Delta,
     hash::{client_hash, ring_slot},
     maps::{
         BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FlowValue,
@@ -110,9 +110,9 @@ pub(crate) fn precise_now() -> u64 {
 /// [`answer`], as a refusal). [`Stale::First`] and [`Stale::Refused`] answers are rewritten into
 /// an RST acknowledging the client's SYN (`f.syn_seq_be`); the caller clears its timestamp echo
 /// (the old connection's, for which the client would drop the RST). An ACK that does acknowledge
-/// the SYN is no stale answer (a collision, left alone).
+/// the SYN is no stale answer (a collision, left alone). The checksum changes go to `rest`.
 #[inline(always)]
-pub(crate) fn stale_answer(tcp: *mut TcpHdr, f: &mut FlowValue, sent_ns: u64) -> Stale {
+pub(crate) fn stale_answer(tcp: *mut TcpHdr, f: &mut FlowValue, sent_ns: u64, rest: &mut Delta) -> Stale {
     let want = u32::from_be(f.syn_seq_be).wrapping_add(1).to_be();
     // SAFETY: ptr_at checked the TCP header in this run and nothing moved the packet.
     let old_ack = unsafe { (*tcp).ack_seq_be };
@@ -150,10 +150,7 @@ pub(crate) fn stale_answer(tcp: *mut TcpHdr, f: &mut FlowValue, sent_ns: u64) ->
         let new_flags = (u16::from_be(old_flags) | TCP_RST).to_be();
         (*tcp).ack_seq_be = want;
         (*tcp).doff_flags_be = new_flags;
-        let mut check = (*tcp).check_be;
-        check = csum::replace4(check, old_ack, want);
-        check = csum::replace2(check, old_flags, new_flags);
-        (*tcp).check_be = check;
+        *rest = rest.word4(old_ack, want).word2(old_flags, new_flags);
     }
     stale
 }

@@ -1,18 +1,14 @@
 //! Answering a packet with a TCP RST from XDP instead of a silent drop, so the sender learns at
 //! once that the connection is gone (RFC 793 "Reset Generation", numbers from
 //! [`lb_common::rst::answer`]). The packet itself becomes the reset: addresses, ports and MACs
-//! swapped, trimmed to its 54 bytes (`bpf_xdp_adjust_tail`), both checksums computed, and sent back
+//! swapped, trimmed to its 54 bytes ([`Frame::resize`]), both checksums computed, and sent back
 //! out the interface it came in on (a redirect to the ingress interface, see [`answer`]). Resets are rate-limited per CPU (a token bucket in
 //! `lb_rst_bucket`): over the limit the packet is dropped and counted as `rst_limited`.
 
-use aya_ebpf::{
-    helpers::{bpf_redirect, bpf_xdp_adjust_tail},
-    macros::map,
-    maps::PerCpuArray,
-    programs::XdpContext,
-};
-use lb_common::{maps::global_counter as gc, rst};
+use aya_ebpf::{macros::map, maps::PerCpuArray};
+use lb_common::{csum, maps::global_counter as gc, rst};
 
+use crate::frame::Frame;
 use crate::net::{ETH_P_IPV4, EthHdr, IPPROTO_TCP, Ipv4Hdr, TcpHdr};
 use crate::{Verdict, count, drop, ptr_at};
 
@@ -29,7 +25,7 @@ const RST_FRAME: usize = EthHdr::LEN + 40;
 /// answered, and over the rate limit nothing is sent: both are dropped.
 #[inline(always)]
 pub(crate) fn answer(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     ip: *const Ipv4Hdr,
     tcp: *const TcpHdr,
     ihl: usize,
@@ -65,9 +61,8 @@ pub(crate) fn answer(
         count(gc::RST_LIMITED, 0);
         return drop(reason);
     }
-    let len = ctx.data_end() - ctx.data();
-    // SAFETY: shrinking an XDP frame the program owns; every pointer is taken again below.
-    if len > RST_FRAME && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - RST_FRAME) as i32)) } != 0 {
+    // Every pointer is taken again below.
+    if !ctx.resize(RST_FRAME) {
         return drop(reason);
     }
     let (Some(eth), Some(ip), Some(tcp)) = (
@@ -101,13 +96,14 @@ pub(crate) fn answer(
         (*tcp).urg_ptr_be = 0;
         (*tcp).check_be = rst::tcp_check(daddr, saddr, dport, sport, &reset);
     }
+    ctx.finish_segment(EthHdr::LEN + 20, csum::pseudo_v4(daddr, saddr, 20));
     count(gc::RST_SENT, RST_FRAME as u64);
     // Out the interface it came in on. A redirect to it rather than XDP_TX: on a veth, XDP_TX
     // frames reach the peer only when the peer runs an XDP program of its own (the kernel wakes
     // the peer's NAPI for them only then), while a redirect is flushed to the peer like the
     // forwarded packets are. On a NIC both end in the same transmit queue.
     Verdict {
-        action: unsafe { bpf_redirect(ctx.ingress_ifindex() as u32, 0) } as u32,
+        action: ctx.redirect(ctx.ingress()),
         reason: Some(reason),
     }
 }

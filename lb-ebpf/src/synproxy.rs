@@ -24,13 +24,13 @@
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_tail},
-    macros::{map, xdp},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    macros::{classifier, map, xdp},
     maps::{Array, ProgramArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    csum,
+    csum::{self, Delta},
     maps::{
         FLOW_HALF_OPEN, FLOW_RST, FLOW_TO_BACKEND, FlowKey, FlowValue, SERVICE_DSR, ServiceKey,
         global_counter as gc,
@@ -41,6 +41,7 @@ use lb_common::{
     },
 };
 
+use crate::frame::Frame;
 use crate::net::{ETH_P_IPV4, EthHdr, IPPROTO_TCP, Ipv4Hdr, TcpHdr};
 use crate::{
     CONFIG, CONNTRACK, SERVICES, TCP_ACK, TCP_RST, TCP_SYN, Verdict, claim_snat, clear_low_flag, count,
@@ -52,10 +53,13 @@ use crate::{
 static SYNCOOKIE: Array<SynCookieConfig> = Array::with_max_entries(1, 0);
 #[map(name = "lb_progs")]
 static PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+#[map(name = "lb_tc_progs")]
+static TC_PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 const _: () = {
     assert!(crate::str_eq(sp::MAP_SYNCOOKIE, "lb_syncookie"));
     assert!(crate::str_eq(sp::MAP_PROGS, "lb_progs"));
+    assert!(crate::str_eq(sp::MAP_TC_PROGS, "lb_tc_progs"));
 };
 
 /// Offset of the TCP header: the proxy only takes frames whose IPv4 header has no options.
@@ -76,16 +80,23 @@ pub(crate) fn cookies_on() -> bool {
 /// `lb_progs`: `syn_cookies = "off"`, or user space is not running), and the caller goes on as
 /// without cookies.
 #[inline(always)]
-pub(crate) fn hand_over(ctx: &XdpContext) {
+pub(crate) fn hand_over_xdp(ctx: &impl Frame) {
     // SAFETY: a tail call into an XDP program of the same object; on failure control comes back.
     unsafe { PROGS.tail_call(ctx, PROG_SYNPROXY) };
 }
 
+/// [`hand_over_xdp`] at TC: `lb_synproxy_tc` in `lb_tc_progs`.
+#[inline(always)]
+pub(crate) fn hand_over_tc(ctx: &TcContext) {
+    // SAFETY: a tail call into a TC program of the same object; on failure control comes back.
+    unsafe { TC_PROGS.tail_call(ctx, PROG_SYNPROXY) };
+}
+
 /// An established cookie flow's sequence translation (`f`: its entry for this direction).
 /// Toward the backend the sequence number gains the client delta and the acknowledgment the
-/// backend delta; toward the client both lose them. Checksum updated incrementally.
+/// backend delta; toward the client both lose them. Returns `rest` with the checksum changes added.
 #[inline(always)]
-pub(crate) fn translate(tcp: *mut TcpHdr, to_backend: bool, f: &FlowValue) {
+pub(crate) fn translate(tcp: *mut TcpHdr, to_backend: bool, f: &FlowValue, rest: Delta) -> Delta {
     let (backend_delta, client_delta) = (f.ts_delta, f.syn_seq_be);
     let (seq_delta, ack_delta) = if to_backend {
         (client_delta, backend_delta)
@@ -99,8 +110,7 @@ pub(crate) fn translate(tcp: *mut TcpHdr, to_backend: bool, f: &FlowValue) {
         let new_ack = u32::from_be(old_ack).wrapping_add(ack_delta).to_be();
         (*tcp).seq_be = new_seq;
         (*tcp).ack_seq_be = new_ack;
-        let check = csum::replace4((*tcp).check_be, old_seq, new_seq);
-        (*tcp).check_be = csum::replace4(check, old_ack, new_ack);
+        rest.word4(old_seq, new_seq).word4(old_ack, new_ack)
     }
 }
 
@@ -116,8 +126,15 @@ fn isn_toward(now: u64) -> u32 {
 /// the verdict.
 #[xdp]
 pub fn lb_synproxy(ctx: XdpContext) -> u32 {
-    let len = (ctx.data_end() - ctx.data()) as u64;
+    let len = Frame::len(&ctx);
     crate::conclude(try_synproxy(&ctx, len), len)
+}
+
+/// [`lb_synproxy`] at TC, reached from `lb_tc` (which pulled the headers in).
+#[classifier]
+pub fn lb_synproxy_tc(ctx: TcContext) -> i32 {
+    let len = Frame::len(&ctx);
+    crate::frame::tc_action(crate::conclude(try_synproxy(&ctx, len), len))
 }
 
 const fn silent_drop() -> Verdict {
@@ -128,7 +145,7 @@ const fn silent_drop() -> Verdict {
 }
 
 #[inline(always)]
-fn try_synproxy(ctx: &XdpContext, len: u64) -> Verdict {
+fn try_synproxy(ctx: &impl Frame, len: u64) -> Verdict {
     let (Some(ip), Some(tcp)) = (ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN), ptr_at::<TcpHdr>(ctx, L4)) else {
         return drop(gc::TRUNCATED);
     };
@@ -192,7 +209,7 @@ fn try_synproxy(ctx: &XdpContext, len: u64) -> Verdict {
 
 /// Answers the SYN `key` with the cookie SYN-ACK, back out the interface it came in on.
 #[inline(always)]
-fn syn_ack(ctx: &XdpContext, key: &FlowKey, doff: usize, cookies: &SynCookieConfig, now: u64) -> Verdict {
+fn syn_ack(ctx: &impl Frame, key: &FlowKey, doff: usize, cookies: &SynCookieConfig, now: u64) -> Verdict {
     let Some(tcp) = ptr_at::<TcpHdr>(ctx, L4) else {
         return drop(gc::TRUNCATED);
     };
@@ -233,7 +250,7 @@ fn syn_ack(ctx: &XdpContext, key: &FlowKey, doff: usize, cookies: &SynCookieConf
 
 /// The value of the SYN's MSS option, or 536 (RFC 9293's default) without one.
 #[inline(always)]
-fn mss_option(ctx: &XdpContext, doff: usize) -> u16 {
+fn mss_option(ctx: &impl Frame, doff: usize) -> u16 {
     let end = L4 + doff * 4;
     let mut at = L4 + 20;
     for _ in 0..MAX_OPTION_STEPS {
@@ -264,12 +281,12 @@ fn mss_option(ctx: &XdpContext, doff: usize) -> u16 {
 /// addresses (back where it came from), and writes the headers. False when the frame cannot be
 /// resized.
 #[inline(always)]
-fn write_back(ctx: &XdpContext, segment: &Segment) -> bool {
+fn write_back(ctx: &impl Frame, segment: &Segment) -> bool {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return false;
     };
     let (src, dst) = unsafe { ((*eth).src, (*eth).dst) };
-    if !resize(ctx, L4 + segment.tcp_len() as usize) {
+    if !ctx.resize(L4 + segment.tcp_len() as usize) {
         return false;
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
@@ -283,17 +300,9 @@ fn write_back(ctx: &XdpContext, segment: &Segment) -> bool {
     write_headers(ctx, segment)
 }
 
-/// Grows or trims the frame to `want` bytes.
-#[inline(always)]
-fn resize(ctx: &XdpContext, want: usize) -> bool {
-    let have = ctx.data_end() - ctx.data();
-    // SAFETY: resizing an XDP frame the program owns; callers take every pointer again.
-    have == want || unsafe { bpf_xdp_adjust_tail(ctx.ctx, want as i32 - have as i32) } == 0
-}
-
 /// Writes the IPv4 and TCP headers of `segment` (the frame has its length already).
 #[inline(always)]
-fn write_headers(ctx: &XdpContext, s: &Segment) -> bool {
+fn write_headers(ctx: &impl Frame, s: &Segment) -> bool {
     let (Some(ip), Some(tcp)) = (ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN), ptr_at::<TcpHdr>(ctx, L4)) else {
         return false;
     };
@@ -327,14 +336,15 @@ fn write_headers(ctx: &XdpContext, s: &Segment) -> bool {
         // SAFETY: ptr_at checked the option lies in the packet.
         unsafe { *opt = [sp::TCPOPT_MSS, sp::TCPOLEN_MSS, hi, lo] };
     }
+    ctx.finish_segment(L4, csum::pseudo_v4(s.saddr_be, s.daddr_be, s.tcp_len()));
     true
 }
 
 /// Out the interface the packet came in on (a redirect, not XDP_TX: see `reset::answer`).
 #[inline(always)]
-fn back_out(ctx: &XdpContext, reason: Option<u32>) -> Verdict {
+fn back_out(ctx: &impl Frame, reason: Option<u32>) -> Verdict {
     Verdict {
-        action: unsafe { bpf_redirect(ctx.ingress_ifindex() as u32, 0) } as u32,
+        action: ctx.redirect(ctx.ingress()),
         reason,
     }
 }
@@ -344,7 +354,7 @@ fn back_out(ctx: &XdpContext, reason: Option<u32>) -> Verdict {
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn new_flow(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     key: &FlowKey,
     client_isn: u32,
     cookie: u32,
@@ -425,7 +435,7 @@ fn new_flow(
 /// Answers the client's packet with an RST (`reason` counted), as for a packet without a
 /// connection.
 #[inline(always)]
-fn refuse(ctx: &XdpContext, now: u64, reason: u32) -> Verdict {
+fn refuse(ctx: &impl Frame, now: u64, reason: u32) -> Verdict {
     let (Some(ip), Some(tcp)) = (ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN), ptr_at::<TcpHdr>(ctx, L4)) else {
         return drop(reason);
     };
@@ -437,7 +447,7 @@ fn refuse(ctx: &XdpContext, now: u64, reason: u32) -> Verdict {
 /// entry: the ISN toward the backend, the client's window) toward the backend, with the MSS option `mss` (none when
 /// the frame cannot grow), and sends it to the backend.
 #[inline(always)]
-fn send_syn(ctx: &XdpContext, f: &mut FlowValue, mss: u16, now: u64, cpus: u32) -> Verdict {
+fn send_syn(ctx: &impl Frame, f: &mut FlowValue, mss: u16, now: u64, cpus: u32) -> Verdict {
     let mut segment = Segment {
         saddr_be: f.new_src_be,
         daddr_be: f.new_dst_be,
@@ -449,20 +459,17 @@ fn send_syn(ctx: &XdpContext, f: &mut FlowValue, mss: u16, now: u64, cpus: u32) 
         window: f.ts_delta as u16,
         mss,
     };
-    if !resize(ctx, SYN_FRAME) {
+    if !ctx.resize(SYN_FRAME) {
         // No tailroom (a 54-byte ACK): the SYN goes without the option (536 toward the client).
         segment.mss = 0;
-        if !resize(ctx, ACK_FRAME) {
+        if !ctx.resize(ACK_FRAME) {
             return silent_drop();
         }
     }
     if !write_headers(ctx, &segment) {
         return silent_drop();
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
-        return silent_drop();
-    };
-    forward(ctx, ip, f, now, cpus)
+    forward(ctx, f, now, cpus)
 }
 
 /// A packet of the backend (`key`, reply entry `r`) of a half-open cookie flow: its SYN-ACK
@@ -470,7 +477,7 @@ fn send_syn(ctx: &XdpContext, f: &mut FlowValue, mss: u16, now: u64, cpus: u32) 
 /// is dropped.
 #[inline(always)]
 fn backend_answer(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     key: &FlowKey,
     r: &mut FlowValue,
     flags: u16,
@@ -493,10 +500,12 @@ fn backend_answer(
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
             return drop(gc::TRUNCATED);
         };
-        rewrite(ip, tcp, key, r);
-        translate(tcp, false, r);
+        let mut rest = Delta::default();
+        let pseudo = rewrite(ip, tcp, key, r, &mut rest);
+        rest = translate(tcp, false, r, rest);
+        ctx.fix_l4(L4, pseudo, rest);
         count_traffic(r, false, len, false);
-        return forward(ctx, ip, r, now, cpus);
+        return forward(ctx, r, now, cpus);
     }
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN | TCP_ACK {
         return silent_drop();

@@ -152,6 +152,30 @@ mod tests {
         assert_eq!(&obj[..4], b"\x7fELF");
     }
 
+    /// The TC twins of `lb_xdp` and `lb_synproxy` (`[xdp] mode = "tc"`) pass the verifier.
+    #[test]
+    fn ebpf_tc_programs_pass_the_verifier() {
+        let Some(mut ebpf) = loaded("ebpf_tc_programs_pass_the_verifier") else {
+            return;
+        };
+        for name in ["lb_tc", "lb_synproxy_tc"] {
+            let prog: &mut aya::programs::SchedClassifier = ebpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("{name} in the object"))
+                .try_into()
+                .unwrap_or_else(|e| panic!("{name} is a TC classifier: {e}"));
+            if let Err(e) = prog.load() {
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg.push_str(&format!("\n{s}"));
+                    src = s.source();
+                }
+                panic!("verifier rejected {name}: {msg}");
+            }
+        }
+    }
+
     #[test]
     fn ebpf_tcp_frame_passes_unchanged() {
         let Some(ebpf) = loaded("ebpf_tcp_frame_passes_unchanged") else {
