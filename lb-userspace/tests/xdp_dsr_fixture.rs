@@ -33,7 +33,11 @@ struct Fixture {
 
 impl Fixture {
     fn new(hook: Hook, tag: &str) -> Fixture {
-        let pins = PathBuf::from(format!("/sys/fs/bpf/lbt-{tag}-{}-{}", hook.name(), std::process::id()));
+        let pins = PathBuf::from(format!(
+            "/sys/fs/bpf/lbt-{tag}-{}-{}",
+            hook.name(),
+            std::process::id()
+        ));
         let config = XdpConfig {
             mode: common::mode(hook),
             pin_path: pins.clone(),

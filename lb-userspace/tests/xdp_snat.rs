@@ -36,7 +36,11 @@ struct Fixture {
 
 impl Fixture {
     fn new(hook: Hook, tag: &str, syn_timeout: Duration) -> Fixture {
-        let pins = PathBuf::from(format!("/sys/fs/bpf/lbt-{tag}-{}-{}", hook.name(), std::process::id()));
+        let pins = PathBuf::from(format!(
+            "/sys/fs/bpf/lbt-{tag}-{}-{}",
+            hook.name(),
+            std::process::id()
+        ));
         let config = XdpConfig {
             mode: common::mode(hook),
             pin_path: pins.clone(),

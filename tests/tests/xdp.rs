@@ -15,21 +15,32 @@ use common::*;
 use lb_tests::{connect_from, require_root};
 
 fn xdp_bed(tag: &str, backends: usize, clients: usize, pins: &Path, services: &[(&str, u16, u16)]) -> Bed {
-    let bed = Bed::new(tag, backends, clients, |topo, socket| {
-        xdp_config(topo, socket, pins, backends, services, "")
+    hook_bed(Hook::Xdp, tag, backends, clients, pins, services)
+}
+
+/// [`xdp_bed`] with the program at `hook` (`tag` made distinct per hook).
+fn hook_bed(
+    hook: Hook,
+    tag: &str,
+    backends: usize,
+    clients: usize,
+    pins: &Path,
+    services: &[(&str, u16, u16)],
+) -> Bed {
+    let bed = Bed::new(&hook.tag(tag), backends, clients, |topo, socket| {
+        hook.config(xdp_config(topo, socket, pins, backends, services, ""))
     });
     prepare_peers(&bed.topo);
     wait_checked(&bed, "web");
     bed
 }
 
-#[test]
-fn xdp_forwards_http_and_bulk_with_affinity_matching_which() {
+fn xdp_forwards_http_and_bulk_with_affinity_matching_which(hook: Hook) {
     if !require_root("xdp_forwards_http_and_bulk_with_affinity_matching_which") {
         return;
     }
-    let pins = Pins::new(pin_dir("fwd"));
-    let bed = xdp_bed("xfwd", 3, 30, &pins.0, XDP_STD);
+    let pins = Pins::new(pin_dir(&hook.tag("fwd")));
+    let bed = hook_bed(hook, "xfwd", 3, 30, &pins.0, XDP_STD);
     let clients = bed.topo.client_addrs();
     // Each client's first connection lands where `lb which` (answered from the kernel maps) said.
     let mut first = BTreeMap::new();
@@ -107,13 +118,13 @@ fn xdp_forwards_http_and_bulk_with_affinity_matching_which() {
     );
 }
 
-#[test]
-fn xdp_iperf3_through_the_kernel_path() {
+fn xdp_iperf3_through_the_kernel_path(hook: Hook) {
     if !require_root("xdp_iperf3_through_the_kernel_path") {
         return;
     }
-    let pins = Pins::new(pin_dir("iperf"));
-    let bed = xdp_bed(
+    let pins = Pins::new(pin_dir(&hook.tag("iperf")));
+    let bed = hook_bed(
+        hook,
         "xiperf",
         1,
         2,
@@ -348,5 +359,168 @@ fn xdp_restart_forgets_services_removed_from_the_config() {
         refused.map(|_| ()).map_err(|e| e.kind()),
         Err(std::io::ErrorKind::ConnectionRefused),
         "a removed XDP service must not be forwarded any more"
+    );
+}
+
+both_hooks!(
+    xdp_forwards_http_and_bulk_with_affinity_matching_which,
+    xdp_iperf3_through_the_kernel_path,
+);
+
+/// Which hooks carry a program on `to-c` in the lb namespace: (XDP attached, TC ingress attached
+/// with `lb_tc`), as the kernel reports them.
+fn hooks_on_to_c(bed: &Bed) -> (bool, bool) {
+    let link = bed
+        .topo
+        .lb_ns()
+        .exec_ok(&["ip", "-d", "link", "show", "to-c"])
+        .expect("ip link show to-c");
+    let net = attached_hooks(bed.topo.lb_ns());
+    let tc = net
+        .lines()
+        .any(|l| l.starts_with("to-c(") && l.contains("tcx/ingress") && l.contains("lb_tc"));
+    (link.contains("prog/xdp"), tc)
+}
+
+/// `[xdp] mode` changed across restarts, xdp → tc → xdp, while a transfer runs: the pinned maps
+/// are adopted, the new hook's link attached and the old one removed (logged), and the
+/// connection, counters and affinity carry on.
+#[test]
+fn xdp_restart_switches_between_xdp_and_tc_under_a_transfer() {
+    if !require_root("xdp_restart_switches_between_xdp_and_tc_under_a_transfer") {
+        return;
+    }
+    let pins = Pins::new(pin_dir("sw"));
+    let mut bed = xdp_bed("xsw", 3, 10, &pins.0, XDP_STD);
+    let clients = bed.topo.client_addrs();
+    let before = bed.wave(&clients[..8]);
+    assert_eq!(hooks_on_to_c(&bed), (true, false), "mode auto runs at XDP");
+    let s = connect_from(
+        bed.topo.client_ns().name(),
+        clients[9],
+        bed.echo(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    // The transfer: echo round trips without pause until told to stop; any loss panics it.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let transfer = {
+        let stop = stop.clone();
+        let mut s = s;
+        std::thread::spawn(move || {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut rounds = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                echo_roundtrip(&mut s, &random_bytes(64 << 10, rounds + 1));
+                rounds += 1;
+            }
+            (s, rounds)
+        })
+    };
+    let auto = std::fs::read_to_string(&bed.lb.config).unwrap();
+    for (hook, config) in [
+        (Hook::Tc, Hook::Tc.config(auto.clone())),
+        (Hook::Xdp, auto.clone()),
+    ] {
+        bed.lb.child.stop().expect("stop lb");
+        std::fs::write(&bed.lb.config, &config).unwrap();
+        bed.lb.run_again(bed.topo.lb_ns());
+        wait_for_log(&bed, "adopting pinned XDP maps");
+        wait_for_log(&bed, "mode changed: the other hook's pinned link removed");
+        let (xdp, tc) = hooks_on_to_c(&bed);
+        assert_eq!(
+            (xdp, tc),
+            (hook == Hook::Xdp, hook == Hook::Tc),
+            "{hook:?}: one hook only"
+        );
+        let pinned: Vec<String> = std::fs::read_dir(&pins.0)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let (kept, gone) = match hook {
+            Hook::Xdp => ("link_to-c", "tclink_to-c"),
+            Hook::Tc => ("tclink_to-c", "link_to-c"),
+        };
+        assert!(
+            pinned.iter().any(|p| p == kept) && !pinned.iter().any(|p| p == gone),
+            "{hook:?}: pins {pinned:?}"
+        );
+        for (c, b) in &before {
+            assert_eq!(&bed.get(*c), b, "{hook:?}: {c}: affinity survives the switch");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (s, rounds) = transfer.join().expect("the transfer ran through both switches");
+    assert!(rounds > 0, "the transfer moved data");
+    close_echo(s);
+}
+
+/// TX checksum offload left on at the peers (the veth default: a locally sent segment carries
+/// only a partial TCP checksum), which XDP cannot forward: at TC the program sees the skb and
+/// keeps the checksum valid, so HTTP and bulk echo arrive byte-exact.
+#[test]
+fn tc_forwards_byte_exact_with_tx_checksum_offload_on() {
+    if !require_root("tc_forwards_byte_exact_with_tx_checksum_offload_on") {
+        return;
+    }
+    let pins = Pins::new(pin_dir("csum"));
+    let bed = Bed::new("xcsum", 3, 12, |topo, socket| {
+        Hook::Tc.config(xdp_config(topo, socket, &pins.0, 3, XDP_STD, ""))
+    });
+    // No prepare_peers: offload stays as veth has it.
+    let features = bed
+        .topo
+        .exec_in(bed.topo.client_ns().name(), &["ethtool", "-k", "eth0"])
+        .expect("ethtool -k");
+    let features = String::from_utf8_lossy(&features.stdout);
+    assert!(
+        features.contains("tx-checksumming: on"),
+        "TX checksum offload is on at the client:\n{features}"
+    );
+    wait_checked(&bed, "web");
+    let clients = bed.topo.client_addrs();
+    let first = bed.wave(&clients);
+    assert_eq!(
+        counts(&first).len(),
+        3,
+        "12 clients reach all 3 backends: {first:?}"
+    );
+    for (c, b) in bed.wave(&clients) {
+        assert_eq!(b, first[&c], "{c}: affinity");
+    }
+    // Bulk echo both ways from two clients at once, byte-exact, with half-close.
+    let transfers: Vec<_> = clients[..2]
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            let data = random_bytes(8 << 20, 11 + i as u64);
+            let s = bed.open_echo(c);
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let sent = data.clone();
+                let writer = std::thread::spawn(move || {
+                    w.write_all(&sent).unwrap();
+                    w.shutdown(Shutdown::Write).unwrap();
+                });
+                let mut back = Vec::new();
+                let mut s = s;
+                s.read_to_end(&mut back).unwrap();
+                writer.join().unwrap();
+                (back == data, back.len())
+            })
+        })
+        .collect();
+    for t in transfers {
+        let (same, len) = t.join().unwrap();
+        assert!(
+            same,
+            "echo through TC with offload on is byte-exact ({len} of {} bytes)",
+            8 << 20
+        );
+    }
+    assert!(
+        xdp_counter(&bed, "forwarded") > 1000,
+        "the program forwarded them"
     );
 }

@@ -18,7 +18,7 @@ use std::net::{Ipv4Addr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Lb, PinDir, Pins, ebpf_object, pin_dir, random_bytes};
+use common::{Hook, Lb, PinDir, Pins, ebpf_object, pin_dir, random_bytes};
 use lb_tests::decap::Decap;
 use lb_tests::ecmp::{Ecmp, Forwarding, VIP, vip_addr};
 use lb_tests::servers::start_testsrv;
@@ -64,7 +64,8 @@ struct Bed {
 }
 
 impl Bed {
-    fn new(tag: &str, backends: usize, clients: usize) -> Option<Bed> {
+    fn new(hook: Hook, tag: &str, backends: usize, clients: usize) -> Option<Bed> {
+        let tag = &hook.tag(tag);
         let object = ebpf_object()?;
         let pins = (
             Pins::new(pin_dir(&format!("{tag}1"))),
@@ -102,7 +103,7 @@ impl Bed {
             .map(|k| {
                 let pin = dirs[k - 1].clone();
                 Lb::start(topo.node_ns(k), &format!("{tag}{k}"), |socket| {
-                    config(&topo, socket, &pin)
+                    hook.config(config(&topo, socket, &pin))
                 })
             })
             .collect();
@@ -193,12 +194,11 @@ fn iperf3(bed: &Bed, reverse: bool) -> (u64, u64) {
     )
 }
 
-#[test]
-fn dsr_http_and_iperf3_replies_bypass_the_lb() {
+fn dsr_http_and_iperf3_replies_bypass_the_lb(hook: Hook) {
     if !ready("dsr_http_and_iperf3_replies_bypass_the_lb") {
         return;
     }
-    let Some(bed) = Bed::new("dsrh", 3, 20) else {
+    let Some(bed) = Bed::new(hook, "dsrh", 3, 20) else {
         eprintln!("SKIP: dsr_http_and_iperf3_replies_bypass_the_lb: LB_EBPF_OBJECT unset");
         return;
     };
@@ -290,12 +290,11 @@ fn dsr_http_and_iperf3_replies_bypass_the_lb() {
     );
 }
 
-#[test]
-fn dsr_mid_flow_packets_go_to_the_same_backend_through_the_other_node() {
+fn dsr_mid_flow_packets_go_to_the_same_backend_through_the_other_node(hook: Hook) {
     if !ready("dsr_mid_flow_packets_go_to_the_same_backend_through_the_other_node") {
         return;
     }
-    let Some(bed) = Bed::new("dsrm", 3, 8) else {
+    let Some(bed) = Bed::new(hook, "dsrm", 3, 8) else {
         eprintln!("SKIP: dsr mid-flow: LB_EBPF_OBJECT unset");
         return;
     };
@@ -333,3 +332,8 @@ fn dsr_mid_flow_packets_go_to_the_same_backend_through_the_other_node() {
         round_trip(s, &random_bytes(1000, n as u64 + 200));
     }
 }
+
+both_hooks!(
+    dsr_http_and_iperf3_replies_bypass_the_lb,
+    dsr_mid_flow_packets_go_to_the_same_backend_through_the_other_node,
+);

@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
+
+/// The two hooks' runs one after the other: each loads the machine's two cores on its own.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 use lb_tests::synflood::{FloodSpec, SynFlood};
 use lb_tests::{connect_from, http_get_from, require_root};
 
@@ -41,19 +44,20 @@ fn one_get(bed: &Bed, src: Ipv4Addr) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-#[test]
-fn xdp_syn_flood_spares_legitimate_and_established_connections() {
+fn xdp_syn_flood_spares_legitimate_and_established_connections(hook: Hook) {
     if !require_root("xdp_syn_flood_spares_legitimate_and_established_connections") {
         return;
     }
-    let pins = Pins::new(pin_dir("flood"));
-    let bed = Bed::new("xfl", 3, 8, |topo, socket| {
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let pins = Pins::new(pin_dir(&hook.tag("flood")));
+    let bed = Bed::new(&hook.tag("xfl"), 3, 8, |topo, socket| {
         // Sized for a flood, as the README advises: SNAT ports × backends ≥ the flood's SYN rate
         // × 1 s (a half-open flow keeps its port that long), conntrack for two entries each.
-        xdp_config(topo, socket, &pins.0, 3, XDP_STD, "").replace(
-            "[xdp]\n",
-            "[xdp]\nsnat_ports = \"10000-59999\"\nconntrack_entries = 1048576\n",
-        )
+        hook.config(xdp_config(topo, socket, &pins.0, 3, XDP_STD, ""))
+            .replace(
+                "[xdp]\n",
+                "[xdp]\nsnat_ports = \"10000-59999\"\nconntrack_entries = 1048576\n",
+            )
     });
     prepare_peers(&bed.topo);
     let clients = bed.topo.client_addrs();
@@ -178,3 +182,5 @@ fn xdp_syn_flood_spares_legitimate_and_established_connections() {
     echo_roundtrip(&mut established, &random_bytes(64 << 10, 11));
     close_echo(established);
 }
+
+both_hooks!(xdp_syn_flood_spares_legitimate_and_established_connections);

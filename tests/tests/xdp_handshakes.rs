@@ -11,6 +11,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::*;
+
+/// The two hooks' runs one after the other: each loads the machine's two cores on its own.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 use lb_tests::{require_root, run_with_timeout};
 
 /// Connections per close-loop run (one request each).
@@ -126,17 +129,17 @@ fn close_loop(bed: &Bed, scripts: &Scripts, concurrency: u32, keepalive: bool) {
     );
 }
 
-#[test]
-fn xdp_close_loops_complete_every_handshake_on_the_first_syn() {
+fn xdp_close_loops_complete_every_handshake_on_the_first_syn(hook: Hook) {
     if !require_root("xdp_close_loops_complete_every_handshake_on_the_first_syn") {
         return;
     }
-    let pins = Pins::new(pin_dir("hs"));
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let pins = Pins::new(pin_dir(&hook.tag("hs")));
     // The default timeouts: the loops reach ~10k connections/s, often from one CPU, and every CPU
     // may use the whole SNAT range, so closed flows holding their port for closed_timeout (1 s)
     // leave plenty free.
-    let bed = Bed::new("xhs", 3, 0, |topo, socket| {
-        xdp_config(topo, socket, &pins.0, 3, XDP_STD, "")
+    let bed = Bed::new(&hook.tag("xhs"), 3, 0, |topo, socket| {
+        hook.config(xdp_config(topo, socket, &pins.0, 3, XDP_STD, ""))
     });
     prepare_peers(&bed.topo);
     // As the bench's client: many ports, TIME_WAIT ports reused (tcp_tw_reuse) as real clients do.
@@ -160,3 +163,5 @@ fn xdp_close_loops_complete_every_handshake_on_the_first_syn() {
         }
     }
 }
+
+both_hooks!(xdp_close_loops_complete_every_handshake_on_the_first_syn);

@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 use common::*;
 use lb_tests::{connect_from, http_get_from, require_root};
 
-#[test]
-fn xdp_syn_cookies_on_carry_real_connections_byte_exact() {
+fn xdp_syn_cookies_on_carry_real_connections_byte_exact(hook: Hook) {
     if !require_root("xdp_syn_cookies_on_carry_real_connections_byte_exact") {
         return;
     }
-    let pins = Pins::new(pin_dir("sp"));
-    let bed = Bed::new("xsp", 2, 6, |topo, socket| {
-        xdp_config(topo, socket, &pins.0, 2, XDP_STD, "").replace("[xdp]\n", "[xdp]\nsyn_cookies = \"on\"\n")
+    let pins = Pins::new(pin_dir(&hook.tag("sp")));
+    let bed = Bed::new(&hook.tag("xsp"), 2, 6, |topo, socket| {
+        hook.config(xdp_config(topo, socket, &pins.0, 2, XDP_STD, ""))
+            .replace("[xdp]\n", "[xdp]\nsyn_cookies = \"on\"\n")
     });
     prepare_peers(&bed.topo);
     wait_checked(&bed, "web");
@@ -83,3 +83,5 @@ fn xdp_syn_cookies_on_carry_real_connections_byte_exact() {
         xdp_counter(&bed, "cookie_syn_resent")
     );
 }
+
+both_hooks!(xdp_syn_cookies_on_carry_real_connections_byte_exact);

@@ -375,6 +375,5 @@ macro_rules! both_hooks {
 /// The BPF programs attached in `ns` by kind, as `bpftool net show` lists them (`xdp`, `tc`):
 /// which hook a running `lb` uses.
 pub fn attached_hooks(ns: &lb_tests::Netns) -> String {
-    ns.exec_ok(&["bpftool", "net", "show"])
-        .expect("bpftool net show")
+    ns.exec_ok(&["bpftool", "net", "show"]).expect("bpftool net show")
 }
