@@ -367,19 +367,20 @@ both_hooks!(
     xdp_iperf3_through_the_kernel_path,
 );
 
-/// Which hooks carry a program on `to-c` in the lb namespace: (XDP attached, TC ingress attached
-/// with `lb_tc`), as the kernel reports them.
-fn hooks_on_to_c(bed: &Bed) -> (bool, bool) {
+/// Which hooks carry a program on `to-c` in the lb namespace: (XDP attached, `lb_tc` attached at
+/// TC ingress), as the kernel reports them, and the report.
+fn hooks_on_to_c(bed: &Bed) -> (bool, bool, String) {
     let link = bed
         .topo
         .lb_ns()
         .exec_ok(&["ip", "-d", "link", "show", "to-c"])
         .expect("ip link show to-c");
-    let net = attached_hooks(bed.topo.lb_ns());
-    let tc = net
-        .lines()
-        .any(|l| l.starts_with("to-c(") && l.contains("tcx/ingress") && l.contains("lb_tc"));
-    (link.contains("prog/xdp"), tc)
+    let tcx = tcx_ingress_programs(bed.topo.lb_ns(), "to-c");
+    (
+        link.contains("prog/xdp"),
+        tcx.iter().any(|p| p == "lb_tc"),
+        format!("{link}\nTCX ingress: {tcx:?}"),
+    )
 }
 
 /// `[xdp] mode` changed across restarts, xdp → tc → xdp, while a transfer runs: the pinned maps
@@ -394,7 +395,8 @@ fn xdp_restart_switches_between_xdp_and_tc_under_a_transfer() {
     let mut bed = xdp_bed("xsw", 3, 10, &pins.0, XDP_STD);
     let clients = bed.topo.client_addrs();
     let before = bed.wave(&clients[..8]);
-    assert_eq!(hooks_on_to_c(&bed), (true, false), "mode auto runs at XDP");
+    let (xdp, tc, report) = hooks_on_to_c(&bed);
+    assert_eq!((xdp, tc), (true, false), "mode auto runs at XDP:\n{report}");
     let s = connect_from(
         bed.topo.client_ns().name(),
         clients[9],
@@ -427,11 +429,11 @@ fn xdp_restart_switches_between_xdp_and_tc_under_a_transfer() {
         bed.lb.run_again(bed.topo.lb_ns());
         wait_for_log(&bed, "adopting pinned XDP maps");
         wait_for_log(&bed, "mode changed: the other hook's pinned link removed");
-        let (xdp, tc) = hooks_on_to_c(&bed);
+        let (xdp, tc, report) = hooks_on_to_c(&bed);
         assert_eq!(
             (xdp, tc),
             (hook == Hook::Xdp, hook == Hook::Tc),
-            "{hook:?}: one hook only"
+            "{hook:?}: one hook only:\n{report}"
         );
         let pinned: Vec<String> = std::fs::read_dir(&pins.0)
             .unwrap()

@@ -372,8 +372,19 @@ macro_rules! both_hooks {
     };
 }
 
-/// The BPF programs attached in `ns` by kind, as `bpftool net show` lists them (`xdp`, `tc`):
-/// which hook a running `lb` uses.
-pub fn attached_hooks(ns: &lb_tests::Netns) -> String {
-    ns.exec_ok(&["bpftool", "net", "show"]).expect("bpftool net show")
+/// The names of the programs attached at `interface`'s TC ingress by TCX links in `ns` (what a
+/// running `lb` with `mode = "tc"` attached).
+pub fn tcx_ingress_programs(ns: &lb_tests::Netns, interface: &str) -> Vec<String> {
+    ns.run(|| {
+        aya::programs::SchedClassifier::query_tcx(interface, aya::programs::TcAttachType::Ingress).map(
+            |(_, programs)| {
+                programs
+                    .iter()
+                    .map(|p| p.name_as_str().unwrap_or("?").to_string())
+                    .collect()
+            },
+        )
+    })
+    .expect("enter the namespace")
+    .expect("query the TCX programs")
 }
