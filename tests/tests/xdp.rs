@@ -525,4 +525,32 @@ fn tc_forwards_byte_exact_with_tx_checksum_offload_on() {
         xdp_counter(&bed, "forwarded") > 1000,
         "the program forwarded them"
     );
+    // The pinned TCX link outlives lb; `lb cleanup` detaches it.
+    let mut bed = bed;
+    bed.lb.child.stop().expect("stop lb");
+    let ns = bed.topo.lb_ns();
+    assert_eq!(
+        tcx_ingress_programs(ns, "to-c"),
+        ["lb_tc"],
+        "still attached while lb is down"
+    );
+    let out = ns
+        .command_net_only(
+            lb_tests::lb_bin(),
+            &["cleanup", "-c", bed.lb.config.to_str().unwrap()],
+        )
+        .output()
+        .expect("lb cleanup");
+    assert!(
+        out.status.success(),
+        "lb cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for interface in ["to-c", "to-b1", "to-b2", "to-b3"] {
+        assert!(
+            tcx_ingress_programs(ns, interface).is_empty(),
+            "lb cleanup left a TC program on {interface}"
+        );
+    }
+    assert!(!pins.0.exists(), "lb cleanup removed the pins");
 }

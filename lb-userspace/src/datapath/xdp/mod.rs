@@ -67,7 +67,7 @@ pub enum XdpError {
     #[error("XDP program: {0}")]
     Program(#[from] ProgramError),
     #[error(
-        "cannot attach the {} program to interface `{interface}` in {mode} mode: {source}; {}",
+        "cannot attach {} to interface `{interface}` in {mode} mode: {source}; {}",
         attach_hook(mode),
         attach_hint(mode)
     )]
@@ -115,7 +115,11 @@ pub enum XdpError {
 
 /// The hook an attach mode attaches at.
 fn attach_hook(mode: &str) -> &'static str {
-    if mode == "tc" { "TC ingress" } else { "XDP" }
+    if mode == "tc" {
+        "the TC ingress program"
+    } else {
+        "XDP"
+    }
 }
 
 /// What to try when attaching in `mode` fails.
@@ -293,5 +297,31 @@ impl Datapath for XdpDatapath {
     fn shutdown(&self) -> Drained<'_> {
         // The kernel keeps forwarding through the pinned link and maps; nothing to wait for.
         Box::pin(std::future::ready(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attach_errors_name_the_interface_the_mode_and_the_way_out() {
+        let err = |mode| XdpError::Attach {
+            interface: "eth0".into(),
+            mode,
+            source: ProgramError::NotLoaded,
+        };
+        let xdp = err("driver").to_string();
+        assert!(
+            xdp.starts_with("cannot attach XDP to interface `eth0` in driver mode: ")
+                && xdp.ends_with("[xdp] mode = \"tc\" runs the same datapath at TC ingress instead"),
+            "{xdp}"
+        );
+        let tc = err("tc").to_string();
+        assert!(
+            tc.starts_with("cannot attach the TC ingress program to interface `eth0` in tc mode: ")
+                && tc.contains("TCX links need Linux 6.6 or later"),
+            "{tc}"
+        );
     }
 }
