@@ -29,7 +29,7 @@ use aya_ebpf::{
 };
 use lb_common::csum::{self, Delta};
 
-use crate::net::TcpHdr;
+use crate::net::{EthHdr, TcpHdr};
 use crate::ptr_at;
 
 /// Offset of the checksum field in the TCP header.
@@ -212,16 +212,33 @@ impl Frame for TcContext {
     }
 }
 
-/// Brings the headers of a nonlinear skb into its linear part (at most `want` bytes, never more
-/// than the packet has), so that direct access reaches them.
+/// Brings the headers of a nonlinear skb into its linear part (Ethernet, IPv4 and TCP with their
+/// options, as far as the packet has them), so that direct access reaches them. Nearly always
+/// they are there already (the stack and GRO keep them linear) and nothing is pulled: a pull
+/// beyond them would copy payload, and may reallocate the skb's head, for every packet.
 #[inline(always)]
-pub(crate) fn pull_headers(ctx: &TcContext, want: u32) {
-    let want = want.min(TcContext::len(ctx));
-    if ((TcContext::data_end(ctx) - TcContext::data(ctx)) as u32) < want {
+pub(crate) fn pull_headers(ctx: &TcContext) {
+    let (data, end) = (TcContext::data(ctx), TcContext::data_end(ctx));
+    let mut want = HEADERS_MAX;
+    if data + EthHdr::LEN + 20 <= end {
+        // SAFETY: checked just above.
+        let ihl = unsafe { *((data + EthHdr::LEN) as *const u8) } & 0x0f;
+        let l4 = EthHdr::LEN + usize::from(ihl) * 4;
+        if data + l4 + 13 <= end {
+            // SAFETY: checked just above; byte 12 of the TCP header holds the data offset.
+            let doff = unsafe { *((data + l4 + 12) as *const u8) } >> 4;
+            want = l4 + usize::from(doff) * 4;
+        }
+    }
+    let want = (want as u32).min(TcContext::len(ctx));
+    if ((end - data) as u32) < want {
         // SAFETY: a helper call on the program's own skb, before any pointer is taken.
         unsafe { bpf_skb_pull_data(ctx.skb.skb, want) };
     }
 }
+
+/// The most header bytes the program reads: Ethernet, IPv4 and TCP with all their options.
+const HEADERS_MAX: usize = EthHdr::LEN + 60 + 60;
 
 /// This crate's verdict (XDP's vocabulary) as TC's.
 #[inline(always)]

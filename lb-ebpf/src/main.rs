@@ -179,12 +179,9 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 pub fn lb_tc(ctx: TcContext) -> i32 {
     let len = Frame::len(&ctx);
     count(gc::PACKETS, len);
-    pull_headers(&ctx, HEADERS_MAX);
+    pull_headers(&ctx);
     tc_action(conclude(try_lb(&ctx, len), len))
 }
-
-/// The most header bytes the program reads: Ethernet, IPv4 and TCP with all their options.
-const HEADERS_MAX: u32 = (EthHdr::LEN + 60 + 60) as u32;
 
 /// Counts `verdict`'s reason (if any) and its action; returns the action.
 #[inline(always)]
