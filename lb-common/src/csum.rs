@@ -163,9 +163,9 @@ mod tests {
     /// The kernel's `inet_proto_csum_replace_by_diff` (net/core/utils.c), for the two states.
     fn kernel_by_diff(field: u16, diff: u32, pseudo: bool, partial: bool) -> u16 {
         if !partial {
-            !fold(diff.wrapping_add((!field) as u32))
+            !fold(diff.wrapping_add(u32::from(!field)))
         } else if pseudo {
-            fold((field as u32).wrapping_add(diff))
+            fold(u32::from(field).wrapping_add(diff))
         } else {
             field
         }
@@ -183,7 +183,7 @@ mod tests {
         for _ in 0..10_000 {
             // Pseudo header (addresses, proto, length) then a 20-byte TCP header, as summed.
             let mut seg = [0u8; 32];
-            for b in seg.iter_mut() {
+            for b in &mut seg {
                 *b = next() as u8;
             }
             seg[8] = 0;
@@ -229,7 +229,7 @@ mod tests {
         for _ in 0..10_000 {
             let (saddr, daddr) = (next(), next());
             let mut tcp = [0u8; 20];
-            for b in tcp.iter_mut() {
+            for b in &mut tcp {
                 *b = next() as u8;
             }
             tcp[16..18].copy_from_slice(&[0, 0]);
