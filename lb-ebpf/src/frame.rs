@@ -243,9 +243,9 @@ const HEADERS_MAX: usize = EthHdr::LEN + 60 + 60;
 /// This crate's verdict (XDP's vocabulary) as TC's.
 #[inline(always)]
 pub(crate) const fn tc_action(action: u32) -> i32 {
-    (match action {
+    match action {
         xdp_action::XDP_PASS => TC_ACT_OK,
         xdp_action::XDP_REDIRECT => TC_ACT_REDIRECT,
         _ => TC_ACT_SHOT,
-    }) as i32
+    }
 }

@@ -2,8 +2,10 @@
 //! (nightly, `-Z build-std=core`, linked by `bpf-linker`) and embedded into the `lb` binary.
 //!
 //! Tour:
-//! - [`lb_xdp`]: the entry point; maps the result of [`try_lb_xdp`] to a verdict and counts it.
-//! - [`try_lb_xdp`]: parses Ethernet, IPv4 (honouring IHL) and TCP; a packet of a known connection
+//! - [`lb_xdp`] / [`lb_tc`]: the entry points at the XDP hook and at TC ingress (`[xdp] mode =
+//!   "tc"`); both map the result of [`try_lb`] to a verdict and count it. Everything below is
+//!   written once against [`frame::Frame`], which holds what differs between the two hooks.
+//! - [`try_lb`]: parses Ethernet, IPv4 (honouring IHL) and TCP; a packet of a known connection
 //!   (conntrack, either direction) is rewritten and forwarded; a SYN to a service picks a backend
 //!   ([`select_backend`]: affinity, else the Maglev ring), claims a SNAT port ([`claim_snat`]) and both
 //!   directions recorded. A SYN on a known 4-tuple is a retransmission only with the same sequence
