@@ -30,6 +30,8 @@ pub struct RowResult {
     pub close4_rps: Vec<f64>,
     /// The same close loop while a keep-alive load (`-t1 -c8`) runs from the same client address.
     pub mixed_rps: Vec<f64>,
+    /// That keep-alive load's requests per second (the two share the CPUs: read them together).
+    pub mixed_ka_rps: Vec<f64>,
     pub cpu_ka: Vec<f64>,
     pub cpu_close: Vec<f64>,
     pub soft_ka: Vec<f64>,
@@ -185,7 +187,7 @@ pub struct Report {
 }
 
 /// Column headers of the main table, in order.
-pub const COLUMNS: [&str; 15] = [
+pub const COLUMNS: [&str; 16] = [
     "row",
     "iperf3 1 stream, Gbit/s",
     "iperf3 4 streams, Gbit/s",
@@ -195,6 +197,7 @@ pub const COLUMNS: [&str; 15] = [
     "close p99, ms",
     "new conn/s, 4 connections",
     "new conn/s, 4 connections beside 8 keep-alive",
+    "keep-alive req/s of those 8 (beside the 4)",
     "LB CPU, % of a core (keep-alive / close)",
     "softirq, % of a core (keep-alive / close)",
     "LB RSS, MiB",
@@ -225,6 +228,10 @@ impl Report {
         cells.push(stat_cell(&r.close_p99));
         cells.push(ratio_cell(&r.close4_rps, base.map(|b| b.close4_rps.as_slice())));
         cells.push(ratio_cell(&r.mixed_rps, base.map(|b| b.mixed_rps.as_slice())));
+        cells.push(ratio_cell(
+            &r.mixed_ka_rps,
+            base.map(|b| b.mixed_ka_rps.as_slice()),
+        ));
         cells.push(if r.kernel {
             "kernel (see softirq)".to_string()
         } else {
@@ -327,7 +334,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "- iperf3: `iperf3 -c VIP -p 5201 -J` (`-P 4` for 4 streams), receiver-side throughput. wrk: `GET /` from the client's primary address to VIP:80 (one source address, so one backend), keep-alive, and with `Connection: close` on every request (each request is a new TCP connection: new connections per second)."
+            "- iperf3: `iperf3 -c VIP -p 5201 -J` (`-P 4` for 4 streams), receiver-side throughput. wrk: `GET /` from the client's primary address to VIP:80 (one source address, so one backend), keep-alive, and with `Connection: close` on every request (each request is a new TCP connection: new connections per second). \"4 connections\": one wrk thread with 4 connections (`-t1 -c4`), alone and beside a keep-alive load of 8 connections (`-t1 -c8`) from the same address; the two loads share the CPUs, so read the close loop's rate beside it together with the keep-alive load's own (a datapath that serves keep-alive faster takes a larger share)."
         );
         let _ = writeln!(
             s,
@@ -398,6 +405,7 @@ impl Report {
                     "close_p99_ms": r.close_p99,
                     "close4_rps": r.close4_rps,
                     "mixed_close4_rps": r.mixed_rps,
+                    "mixed_keepalive_rps": r.mixed_ka_rps,
                     "cpu_keepalive_pct": r.cpu_ka,
                     "cpu_close_pct": r.cpu_close,
                     "softirq_keepalive_pct": r.soft_ka,

@@ -417,8 +417,9 @@ pub fn run_once(bed: &Bed, row: RowKind, plan: &Plan, lb: &Path, res: &mut RowRe
 
 /// Connection-per-request loops of 4 connections (one wrk thread, as one client would open them):
 /// alone, then beside a keep-alive load of 8 connections from the same client address (mixed
-/// traffic, where a datapath that mishandles reused client ports stalls handshakes). SYN
-/// retransmits in the client and lb namespaces are reported as errors.
+/// traffic, where a datapath that mishandles reused client ports stalls handshakes), whose own
+/// rate is recorded too: the two loads share the CPUs, so the close loop's rate alone swings with
+/// how they split them. SYN retransmits in the client and lb namespaces are reported as errors.
 fn close_loops(
     bed: &Bed,
     plan: &Plan,
@@ -426,6 +427,11 @@ fn close_loops(
     res: &mut RowResult,
     syn_side: &[&lb_tests::Netns],
 ) -> Result<()> {
+    // The keep-alive load starts half a second before the close loop and ends half a second after.
+    let around = Plan {
+        wrk_secs: plan.wrk_secs + 1,
+        ..plan.clone()
+    };
     for mixed in [false, true] {
         check_interrupted()?;
         let what = if mixed {
@@ -433,29 +439,24 @@ fn close_loops(
         } else {
             "close x4"
         };
-        let keepalive = if mixed {
-            let args = [
-                "-t1".to_string(),
-                "-c8".to_string(),
-                format!("-d{}s", plan.wrk_secs + 2),
-                format!("http://{web}/"),
-            ];
-            match Child::spawn(bed.client_command(plan.pin, "wrk", &args)) {
-                Ok(c) => {
-                    thread::sleep(Duration::from_millis(500));
-                    Some(c)
-                }
-                Err(e) => {
-                    res.failures.push(format!("wrk {what}: keep-alive load: {e:#}"));
-                    continue;
-                }
-            }
-        } else {
-            None
-        };
         let syn_before = measure::tcp_ext(syn_side);
-        let result = measure::wrk_with(bed, plan, web, 1, 4, true);
-        drop(keepalive);
+        let (result, keepalive) = thread::scope(|scope| {
+            let keepalive = mixed.then(|| {
+                let load = scope.spawn(|| measure::wrk_with(bed, &around, web, 1, 8, false));
+                thread::sleep(Duration::from_millis(500));
+                load
+            });
+            let result = measure::wrk_with(bed, plan, web, 1, 4, true);
+            (result, keepalive.map(thread::ScopedJoinHandle::join))
+        });
+        match keepalive {
+            Some(Ok(Ok(w))) => res.mixed_ka_rps.push(w.requests_per_sec),
+            Some(Ok(Err(e))) => res.failures.push(format!("wrk {what}: keep-alive load: {e:#}")),
+            Some(Err(_)) => res
+                .failures
+                .push(format!("wrk {what}: keep-alive load: its thread panicked")),
+            None => {}
+        }
         match result {
             Ok(w) => {
                 if mixed {
