@@ -119,19 +119,23 @@ mod tests {
         h
     }
 
+    /// A deterministic stream of test values (xorshift32) from `seed`.
+    fn xorshift(mut seed: u32) -> impl FnMut() -> u32 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        }
+    }
+
     fn word(h: &[u8], at: usize) -> u32 {
         u32::from_ne_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]])
     }
 
     #[test]
     fn incremental_matches_full_recomputation() {
-        let mut seed = 0x1234_5678u32;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            seed
-        };
+        let mut next = xorshift(0x1234_5678u32);
         for _ in 0..10_000 {
             let h = header(next().to_ne_bytes(), next().to_ne_bytes());
             assert_eq!(checksum(&h, 0), 0, "valid header sums to zero");
@@ -173,13 +177,7 @@ mod tests {
 
     #[test]
     fn delta_collected_then_applied_matches_a_recomputation() {
-        let mut seed = 0x9e37_79b9u32;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            seed
-        };
+        let mut next = xorshift(0x9e37_79b9u32);
         for _ in 0..10_000 {
             // Pseudo header (addresses, proto, length) then a 20-byte TCP header, as summed.
             let mut seg = [0u8; 32];
@@ -219,13 +217,7 @@ mod tests {
 
     #[test]
     fn segment_diffs_leave_a_complete_or_a_partial_checksum() {
-        let mut seed = 0x1357_9bdfu32;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            seed
-        };
+        let mut next = xorshift(0x1357_9bdfu32);
         for _ in 0..10_000 {
             let (saddr, daddr) = (next(), next());
             let mut tcp = [0u8; 20];

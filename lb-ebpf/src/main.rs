@@ -303,9 +303,10 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
                 // The backend's first answer to a SYN: passive health counts it.
                 let syn_ack = flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
                 let mut rst = flags & TCP_RST != 0;
-                if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_ACK {
+                if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_ACK && f.flags & FLOW_COOKIE == 0 {
                     // A bare ACK of an old connection: TIME_WAIT with no listener becomes an RST,
-                    // so the client learns at once (see passive::stale_answer).
+                    // so the client learns at once (see passive::stale_answer). A SYN-cookie
+                    // flow's client is connected already: the SYN proxy answers it instead.
                     let stale = passive::stale_answer(tcp, f, sent_ns, &mut rest);
                     stale_rst = stale != Stale::Collision;
                     rst = stale == Stale::Refused;

@@ -44,9 +44,9 @@ use lb_common::{
 use crate::frame::Frame;
 use crate::net::{ETH_P_IPV4, EthHdr, IPPROTO_TCP, Ipv4Hdr, TcpHdr};
 use crate::{
-    CONFIG, CONNTRACK, SERVICES, TCP_ACK, TCP_RST, TCP_SYN, Verdict, claim_snat, clear_low_flag, count,
-    count_traffic, drop, forward, pass, passive, ptr_at, reset, retire, retire_for, rewrite, same_flow,
-    select_backend, set_flags_both,
+    CONFIG, CONNTRACK, SERVICES, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Verdict, claim_snat, clear_low_flag,
+    count, count_traffic, drop, forward, pass, passive, ptr_at, reset, retire, retire_for, rewrite,
+    same_flow, select_backend, set_flags_both,
 };
 
 #[map(name = "lb_syncookie")]
@@ -506,6 +506,16 @@ fn backend_answer(
         ctx.fix_l4(L4, pseudo, rest);
         count_traffic(r, false, len, false);
         return forward(ctx, r, now, cpus);
+    }
+    if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_ACK {
+        // A bare ACK: the backend still holds an earlier connection on this SNAT 4-tuple (in
+        // TIME_WAIT, or half-open from before a flood turned cookies on: the LB forgets those
+        // sooner than the backend does) and took the SYN for out of window. The RST made of its
+        // own numbers clears that connection; the client's next packet sends the SYN again.
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+            return drop(gc::TRUNCATED);
+        };
+        return reset::answer(ctx, ip, tcp, 5, (flags >> 12) as usize, now, gc::STALE_COLLISION);
     }
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN | TCP_ACK {
         return silent_drop();

@@ -85,16 +85,20 @@ mod tests {
             .try_into()
             .expect("lb_xdp is an XDP program");
         if let Err(e) = prog.load() {
-            // The verifier log is in the error chain; show all of it.
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!("\n{s}"));
-                src = s.source();
-            }
-            panic!("verifier rejected {XDP_PROGRAM}: {msg}");
+            panic!("verifier rejected {XDP_PROGRAM}: {}", whole_chain(&e));
         }
         Some(ebpf)
+    }
+
+    /// An error with its whole source chain, a line each (the verifier log is in the chain).
+    fn whole_chain(e: &dyn std::error::Error) -> String {
+        let mut msg = e.to_string();
+        let mut src = e.source();
+        while let Some(s) = src {
+            msg.push_str(&format!("\n{s}"));
+            src = s.source();
+        }
+        msg
     }
 
     fn program(ebpf: &Ebpf) -> &Xdp {
@@ -165,13 +169,7 @@ mod tests {
                 .try_into()
                 .unwrap_or_else(|e| panic!("{name} is a TC classifier: {e}"));
             if let Err(e) = prog.load() {
-                let mut msg = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    msg.push_str(&format!("\n{s}"));
-                    src = s.source();
-                }
-                panic!("verifier rejected {name}: {msg}");
+                panic!("verifier rejected {name}: {}", whole_chain(&e));
             }
         }
     }

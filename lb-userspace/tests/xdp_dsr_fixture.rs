@@ -250,7 +250,7 @@ fn xdp_dsr_counts_packets_too_big_once_encapsulated(hook: Hook) {
     });
 }
 
-per_hook!(
+lb_tests::per_hook!(
     xdp_dsr_encapsulates_the_untouched_packet_toward_its_backend,
     xdp_dsr_forwards_mid_flow_packets_without_an_entry,
     xdp_dsr_one_armed_sends_the_packet_back_out_its_interface,

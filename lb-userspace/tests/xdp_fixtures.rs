@@ -1216,7 +1216,7 @@ fn service() -> ServiceConfig {
     )
 }
 
-per_hook!(
+lb_tests::per_hook!(
     xdp_nat_forward_reply_and_affinity,
     xdp_drain_keeps_known_clients_down_refuses,
     xdp_passes_or_drops_what_is_not_forwardable,

@@ -335,7 +335,7 @@ fn a_bare_ack_from_time_wait_fails_its_client_at_once_and_the_second_marks_the_b
     });
 }
 
-per_hook!(
+lb_tests::per_hook!(
     a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup,
     a_bare_ack_from_time_wait_fails_its_client_at_once_and_the_second_marks_the_backend,
 );

@@ -296,7 +296,7 @@ fn service() -> ServiceConfig {
     }])
 }
 
-per_hook!(
+lb_tests::per_hook!(
     xdp_one_cpu_uses_the_whole_snat_range_and_half_open_flows_give_way,
     xdp_half_open_flows_live_at_most_syn_timeout,
     xdp_closed_connections_lend_their_ports_once_quiet,

@@ -235,6 +235,28 @@ fn xdp_cookie_handshake_and_translated_data_both_ways(hook: Hook) {
         assert!(p.payload.is_empty());
         assert_eq!(fx.counter("cookie_syn_resent"), 1);
 
+        // The backend still holds an earlier connection on this SNAT 4-tuple and answers the SYN
+        // with a bare ACK: the LB resets that connection (an RST from the ACK's own numbers, back
+        // to the backend) and the flow stays half-open for the SYN's next try.
+        let stale_ack = 0x7777_0000u32;
+        let bare = Tcp::new((want, 8080), snat, ACK)
+            .macs(want_mac, LB_MAC)
+            .seq(0x0123_4567)
+            .ack(stale_ack)
+            .build();
+        let (p, len) = fx.run(&bare, backend_if, "backend's bare ACK to the SYN");
+        assert_eq!(len, 14 + 20 + 20);
+        assert_eq!((p.src, p.dst, p.dst_mac), (snat, (want, 8080), want_mac));
+        assert_eq!(
+            (p.flags, p.seq),
+            (RST, stale_ack),
+            "an RST with the ACK's own number"
+        );
+        assert_eq!(fx.counter("stale_collision"), 1);
+        let (p, _) = fx.run(&early, client_if, "early data once more");
+        assert_eq!((p.dst, p.src, p.flags, p.seq), ((want, 8080), snat, SYN, isn_b));
+        assert_eq!(fx.counter("cookie_syn_resent"), 2);
+
         // The backend's SYN-ACK becomes its ACK, sent back where it came from.
         let backend_isn = 0x0000_0100u32;
         let syn_ack = Tcp::new((want, 8080), snat, SYN | ACK)
@@ -390,7 +412,7 @@ fn xdp_cookies_off_answers_nothing_from_xdp(hook: Hook) {
     });
 }
 
-per_hook!(
+lb_tests::per_hook!(
     xdp_cookie_syn_ack_and_bad_cookie_acks_keep_no_state,
     xdp_cookie_handshake_and_translated_data_both_ways,
     xdp_cookie_ack_without_a_snat_port_is_reset,

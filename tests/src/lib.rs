@@ -141,3 +141,24 @@ pub fn lb_bin() -> PathBuf {
 pub fn testsrv_bin() -> PathBuf {
     locate("LB_TESTSRV", "lb-testsrv")
 }
+
+/// For each `fn name(hook: Hook)` of the calling module, the tests `name::xdp` and `name::tc`: the
+/// same test run with the XDP datapath's program at the XDP hook and at TC ingress. `Hook` is the
+/// caller's own (an enum with `Xdp` and `Tc`, in scope where the macro is used).
+#[macro_export]
+macro_rules! per_hook {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn xdp() {
+                    super::$name(super::Hook::Xdp)
+                }
+                #[test]
+                fn tc() {
+                    super::$name(super::Hook::Tc)
+                }
+            }
+        )+
+    };
+}

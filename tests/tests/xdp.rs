@@ -362,7 +362,7 @@ fn xdp_restart_forgets_services_removed_from_the_config() {
     );
 }
 
-both_hooks!(
+lb_tests::per_hook!(
     xdp_forwards_http_and_bulk_with_affinity_matching_which,
     xdp_iperf3_through_the_kernel_path,
 );

@@ -333,7 +333,7 @@ fn dsr_mid_flow_packets_go_to_the_same_backend_through_the_other_node(hook: Hook
     }
 }
 
-both_hooks!(
+lb_tests::per_hook!(
     dsr_http_and_iperf3_replies_bypass_the_lb,
     dsr_mid_flow_packets_go_to_the_same_backend_through_the_other_node,
 );

@@ -183,4 +183,4 @@ fn xdp_syn_flood_spares_legitimate_and_established_connections(hook: Hook) {
     close_echo(established);
 }
 
-both_hooks!(xdp_syn_flood_spares_legitimate_and_established_connections);
+lb_tests::per_hook!(xdp_syn_flood_spares_legitimate_and_established_connections);

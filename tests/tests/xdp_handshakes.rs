@@ -164,4 +164,4 @@ fn xdp_close_loops_complete_every_handshake_on_the_first_syn(hook: Hook) {
     }
 }
 
-both_hooks!(xdp_close_loops_complete_every_handshake_on_the_first_syn);
+lb_tests::per_hook!(xdp_close_loops_complete_every_handshake_on_the_first_syn);

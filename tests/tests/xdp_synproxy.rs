@@ -84,4 +84,4 @@ fn xdp_syn_cookies_on_carry_real_connections_byte_exact(hook: Hook) {
     );
 }
 
-both_hooks!(xdp_syn_cookies_on_carry_real_connections_byte_exact);
+lb_tests::per_hook!(xdp_syn_cookies_on_carry_real_connections_byte_exact);

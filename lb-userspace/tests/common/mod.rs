@@ -1,6 +1,6 @@
 //! Shared by the XDP fixture test binaries: whether they can run here, the fixture namespace's
 //! addresses and neighbours, the `web` service they load into the program, and its counters; and
-//! [`per_hook!`], which runs each fixture at both hooks (`lb_xdp`, and `lb_tc` as `mode = "tc"`
+//! [`lb_tests::per_hook!`], which runs each fixture at both hooks (`lb_xdp`, and `lb_tc` as `mode = "tc"`
 //! loads it).
 
 // Each binary uses its own part.
@@ -52,26 +52,6 @@ pub fn tx(hook: Hook) -> u32 {
         Hook::Xdp => XDP_TX,
         Hook::Tc => XDP_REDIRECT,
     }
-}
-
-/// For each `fn name(hook: Hook)`, the tests `name::xdp` and `name::tc`: the same fixture run
-/// against `lb_xdp` and against `lb_tc`.
-#[macro_export]
-macro_rules! per_hook {
-    ($($name:ident),+ $(,)?) => {
-        $(
-            mod $name {
-                #[test]
-                fn xdp() {
-                    super::$name($crate::common::Hook::Xdp)
-                }
-                #[test]
-                fn tc() {
-                    super::$name($crate::common::Hook::Tc)
-                }
-            }
-        )+
-    };
 }
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];

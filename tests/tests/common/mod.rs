@@ -328,7 +328,7 @@ pub fn wait_for_log(bed: &Bed, needle: &str) {
 }
 
 /// Where the XDP datapath's program runs in a test: the XDP hook (`[xdp] mode` left at `auto`) or
-/// TC ingress (`mode = "tc"`). Tests that matter at both run once per hook ([`both_hooks!`]).
+/// TC ingress (`mode = "tc"`). Tests that matter at both run once per hook ([`lb_tests::per_hook!`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     Xdp,
@@ -351,25 +351,6 @@ impl Hook {
             Hook::Tc => format!("{tag}t"),
         }
     }
-}
-
-/// For each `fn name(hook: Hook)`, the tests `name::xdp` and `name::tc`.
-#[macro_export]
-macro_rules! both_hooks {
-    ($($name:ident),+ $(,)?) => {
-        $(
-            mod $name {
-                #[test]
-                fn xdp() {
-                    super::$name($crate::common::Hook::Xdp)
-                }
-                #[test]
-                fn tc() {
-                    super::$name($crate::common::Hook::Tc)
-                }
-            }
-        )+
-    };
 }
 
 /// The names of the programs attached at `interface`'s TC ingress by TCX links in `ns` (what a
