@@ -56,7 +56,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    csum::{self, Delta},
+    csum::Delta,
     maps::{
         AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, Counter,
         DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
@@ -1127,17 +1127,17 @@ fn translate_timestamps(
     }
 }
 
-/// Rewrites addresses and ports to `value`'s and fixes the IPv4 checksum incrementally; the TCP
-/// checksum's changes are returned (addresses: pseudo header) and added to `rest` (ports), for
-/// [`Frame::fix_l4`].
+/// Rewrites addresses and ports to `value`'s. The address change is collected once: it fixes the
+/// IPv4 header checksum here and is returned as the TCP checksum's pseudo-header change; the ports'
+/// is added to `rest` (both for [`Frame::fix_l4`]).
 #[inline(always)]
 fn rewrite(ip: *mut Ipv4Hdr, tcp: *mut TcpHdr, key: &FlowKey, value: &FlowValue, rest: &mut Delta) -> Delta {
+    let addresses = Delta::default()
+        .word4(key.src_be, value.new_src_be)
+        .word4(key.dst_be, value.new_dst_be);
     // SAFETY: both headers were bounds-checked by ptr_at in this run and nothing moved the packet.
     unsafe {
-        let mut ip_check = (*ip).check_be;
-        ip_check = csum::replace4(ip_check, key.src_be, value.new_src_be);
-        ip_check = csum::replace4(ip_check, key.dst_be, value.new_dst_be);
-        (*ip).check_be = ip_check;
+        (*ip).check_be = addresses.apply((*ip).check_be);
         (*ip).saddr_be = value.new_src_be;
         (*ip).daddr_be = value.new_dst_be;
         *rest = rest
@@ -1146,9 +1146,7 @@ fn rewrite(ip: *mut Ipv4Hdr, tcp: *mut TcpHdr, key: &FlowKey, value: &FlowValue,
         (*tcp).source_be = value.new_sport_be;
         (*tcp).dest_be = value.new_dport_be;
     }
-    Delta::default()
-        .word4(key.src_be, value.new_src_be)
-        .word4(key.dst_be, value.new_dst_be)
+    addresses
 }
 
 /// Sends the rewritten packet to its next hop: the flow's cached one while fresh, else the
