@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use super::XdpError;
 
-use tracing::info;
+use tracing::{info, warn};
 
 /// Where the records live, one file per pin directory.
 pub const RECORD_DIR: &str = "/run/lb/sysctl";
@@ -214,6 +214,9 @@ pub fn cleanup(pin_path: &Path) -> Result<Cleanup, XdpError> {
             path: path.clone(),
             message: e.to_string(),
         })?;
+        if let Some(interface) = path.file_name().and_then(|n| n.to_str()?.strip_prefix("tclink_")) {
+            wait_tc_detached(interface);
+        }
         removed.push(path);
     }
     std::fs::remove_dir(pin_path).map_err(|e| XdpError::Pin {
@@ -221,4 +224,30 @@ pub fn cleanup(pin_path: &Path) -> Result<Cleanup, XdpError> {
         message: e.to_string(),
     })?;
     Ok(report)
+}
+
+/// The kernel releases a TCX link in deferred work after its last pin is removed, not at the
+/// unlink itself: waits (up to 2 s) until `lb_tc` is off `interface`'s ingress, so that nothing
+/// is left attached when `lb cleanup` returns.
+fn wait_tc_detached(interface: &str) {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let attached =
+            SchedClassifier::query_tcx(interface, TcAttachType::Ingress).is_ok_and(|(_, programs)| {
+                programs
+                    .iter()
+                    .any(|p| p.name_as_str() == Some(crate::ebpf::TC_PROGRAM))
+            });
+        if !attached {
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            return warn!(
+                interface,
+                "lb cleanup: the TC program is still attached 2 s after its link was removed"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
