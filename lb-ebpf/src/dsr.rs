@@ -23,11 +23,11 @@ use crate::frame::Frame;
 use crate::net::{ETH_P_IPV4, EthHdr, Ipv4Hdr};
 use crate::{CONNTRACK, Verdict, count, count_traffic, drop, forward, ptr_at, set_flags};
 
-/// Each CPU's scratch entry for a new flow (a dsr flow's, and a NAT flow's client → backend entry):
-/// built in map memory, not on the stack, which the NAT path already nearly fills (the verifier
-/// allows 512 bytes). Not pinned.
+/// Each CPU's scratch entries for a new flow (slot 0: a dsr flow's, and a NAT flow's client →
+/// backend entry; slot 1: a NAT flow's reply entry): built in map memory, not on the stack, which
+/// the NAT path already nearly fills (the verifier allows 512 bytes). Not pinned.
 #[map(name = "lb_dsr_scratch")]
-pub(crate) static SCRATCH: PerCpuArray<FlowValue> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static SCRATCH: PerCpuArray<FlowValue> = PerCpuArray::with_max_entries(2, 0);
 
 const _: () = assert!(crate::str_eq(lb_common::maps::MAP_DSR_SCRATCH, "lb_dsr_scratch"));
 

@@ -144,9 +144,9 @@ const EMPTY_PORT: u32 = 1 << 31;
 /// a spoofed SYN's never comes).
 const HALF_OPEN_RECLAIM_NS: u64 = 1_000_000_000;
 /// A closed connection (RST, or FIN both ways) keeps its SNAT port for `closed_timeout` so late
-/// packets still find it; when no port is free and no half-open flow can give one up, a port whose
-/// closed connection has been quiet this long is reused (the backend's TIME_WAIT accepts the new
-/// SYN: timestamps toward backends follow the LB's clock).
+/// packets still find it, unless a new flow needs the port once the connection has been quiet
+/// this long (its last ACK has long arrived; the backend's TIME_WAIT accepts the new SYN:
+/// timestamps toward backends follow the LB's clock).
 const CLOSED_REUSE_NS: u64 = 100_000_000;
 
 /// A verdict with the reason counter that explains it (or none).
@@ -405,7 +405,15 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
             len,
         );
     }
-    let mut reply_value = FlowValue {
+    // Both entries are built in this CPU's scratch slots, not on the stack (the program's stack is
+    // nearly full): the client → backend one in slot 0, the reply entry in slot 1.
+    let (Some(forward_slot), Some(reply_slot)) = (dsr::SCRATCH.get_ptr_mut(0), dsr::SCRATCH.get_ptr_mut(1))
+    else {
+        return drop(gc::SNAT_EXHAUSTED);
+    };
+    // SAFETY: this CPU's slots, used only within this run.
+    let (forward_value, reply_value) = unsafe { (&mut *forward_slot, &mut *reply_slot) };
+    *reply_value = FlowValue {
         new_src_be: key.dst_be,
         new_dst_be: key.src_be,
         new_sport_be: key.dport_be,
@@ -428,7 +436,7 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
         reply_value.flags |= FLOW_TS;
         reply_value.ts_delta = delta;
     }
-    let Some(snat_port_be) = claim_snat(backend, cfg, now, &mut reply_value, len) else {
+    let Some(snat_port_be) = claim_snat(backend, cfg, now, reply_value, len) else {
         // Actionable (widen [xdp] snat_ports): worth a log line, unlike per-packet events; under a
         // flood it repeats per packet, hence the rate limit.
         if let Some(suppressed) = may_log(LOG_SNAT_EXHAUSTED, now, cfg.cpus) {
@@ -441,13 +449,6 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
         }
         return drop(gc::SNAT_EXHAUSTED);
     };
-    // Built in this CPU's scratch entry, not on the stack (the program's stack is nearly full).
-    let Some(scratch) = dsr::SCRATCH.get_ptr_mut(0) else {
-        let _ = CONNTRACK.remove(port_key(backend, snat_port_be));
-        return drop(gc::SNAT_EXHAUSTED);
-    };
-    // SAFETY: this CPU's slot, used only within this run.
-    let forward_value = unsafe { &mut *scratch };
     forward_value.new_src_be = backend.snat_be;
     forward_value.new_dst_be = backend.addr_be;
     forward_value.new_sport_be = snat_port_be;
@@ -850,13 +851,13 @@ enum PortUse {
     /// No reply entry at all: taken without the port's lock (see [`take_port`]).
     Empty,
     /// No live flow: a reply entry expired whose client → backend entry (if it still points at the
-    /// port) expired too. Taken under the port's lock (its old entry is removed first).
+    /// port) expired too. Taken under the port's lock (see [`take_port`]).
     Free,
     /// A half-open flow within its `syn_timeout`, quiet for [`HALF_OPEN_RECLAIM_NS`]: taken only
     /// when no port is free.
     HalfOpen,
-    /// A closed connection quiet for [`CLOSED_REUSE_NS`], within its `closed_timeout`: taken only
-    /// when no port is free and no half-open flow turned up.
+    /// A closed connection quiet for [`CLOSED_REUSE_NS`], within its `closed_timeout`: taken like a
+    /// free port (counted `closed_reused`).
     Closed,
     /// A live established (or closing) flow: never taken.
     Busy,
@@ -890,9 +891,29 @@ fn forward_of(key: &FlowKey, reply: &FlowValue) -> Option<(FlowKey, &'static Flo
 #[inline(always)]
 fn port_use(key: &FlowKey, cfg: &GlobalConfig, now: u64) -> PortUse {
     // SAFETY: read-only use of a map value for this run.
-    let Some(old) = (unsafe { CONNTRACK.get(*key) }) else {
-        return PortUse::Empty;
-    };
+    match unsafe { CONNTRACK.get(*key) } {
+        Some(old) => classify(key, old, cfg, now),
+        None => PortUse::Empty,
+    }
+}
+
+/// Classifies the port whose reply key is `key` and whose reply entry is `old`.
+#[inline(always)]
+fn classify(key: &FlowKey, old: &FlowValue, cfg: &GlobalConfig, now: u64) -> PortUse {
+    if old.closed() {
+        // Closed both ways (a FIN or RST marks both entries): the reply entry alone decides, and
+        // the client → backend entry is not looked up (in a connection-per-request load nearly
+        // every port holds one). Its last packet (the client's last ACK) follows the reply
+        // entry's last within a round trip.
+        let quiet = now.saturating_sub(old.last_seen_ns);
+        return if old.expired(now, cfg) {
+            PortUse::Free
+        } else if quiet > CLOSED_REUSE_NS {
+            PortUse::Closed
+        } else {
+            PortUse::Busy
+        };
+    }
     let fwd = forward_of(key, old);
     let live = !old.expired(now, cfg) || fwd.is_some_and(|(_, f)| !f.expired(now, cfg));
     if !live {
@@ -908,26 +929,26 @@ fn port_use(key: &FlowKey, cfg: &GlobalConfig, now: u64) -> PortUse {
     // A young half-open flow may be a real client whose ACK is on the way: it keeps its port.
     if half_open && quiet > HALF_OPEN_RECLAIM_NS {
         PortUse::HalfOpen
-    } else if !half_open && old.closed() && quiet > CLOSED_REUSE_NS {
-        PortUse::Closed
     } else {
         PortUse::Busy
     }
 }
 
 /// A port the claim loop found `Empty` (no reply entry): inserting `reply` with BPF_NOEXIST is
-/// itself the atomic claim, no lock needed. Locks only keep a CPU that removes an old entry from
-/// removing another CPU's fresh one; a CPU holding this port's lock (it saw an old entry, since
-/// removed) finds its own BPF_NOEXIST insert refused when this one won, and the reverse, so one
-/// port never goes to two flows either way.
+/// itself the atomic claim, no lock needed. Locks only keep two CPUs from both writing over one
+/// old entry; a CPU holding this port's lock writes in place only over an entry it finds under the
+/// lock (this insert, if it won, is one: it then finds the port busy), else it inserts with
+/// BPF_NOEXIST too, so one port never goes to two flows either way.
 #[inline(always)]
 fn take_empty_port(key: &FlowKey, reply: &FlowValue) -> bool {
     CONNTRACK.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok()
 }
 
-/// Under the port's lock: if the port is (still) `Empty` or `Free`, or `HalfOpen` or `Closed` when
-/// `reclaim`, removes the old flow's reply entry (and a half-open flow's client → backend entry,
-/// while it points at this port) and inserts `reply` with BPF_NOEXIST.
+/// Under the port's lock: if the port is (still) `Empty`, `Free` or `Closed`, or `HalfOpen` when
+/// `reclaim`, stores `reply` as its reply entry: over the old flow's entry, in place (an LRU delete
+/// and insert cost more than the rest of the claim; packets of the old flow, quiet for a while, meet
+/// the new entry either way), else by an insert with BPF_NOEXIST. A half-open flow goes whole: its
+/// client → backend entry is removed too, while it points at this port.
 #[inline(always)]
 fn take_port(
     key: &FlowKey,
@@ -935,24 +956,32 @@ fn take_port(
     now: u64,
     reply: &mut FlowValue,
     reclaim: bool,
-) -> Option<PortUse> {
+    len: u64,
+) -> bool {
     if SNAT_LOCKS.insert(key, 1, u64::from(BPF_NOEXIST)).is_err() {
-        return None; // another CPU is claiming this port at this instant
+        return false; // another CPU is claiming this port at this instant
     }
-    let was = port_use(key, cfg, now);
+    let entry = CONNTRACK.get_ptr_mut(*key);
+    let was = match entry {
+        // SAFETY: map value pointer valid for this run.
+        Some(p) => classify(key, unsafe { &*p }, cfg, now),
+        None => PortUse::Empty,
+    };
     let usable = match was {
-        PortUse::Empty | PortUse::Free => true,
-        PortUse::HalfOpen | PortUse::Closed => reclaim,
+        PortUse::Empty | PortUse::Free | PortUse::Closed => true,
+        PortUse::HalfOpen => reclaim,
         PortUse::Busy => false,
     };
     let mut taken = false;
     if usable {
-        // SAFETY: read-only use of a map value for this run.
-        if let Some(old) = unsafe { CONNTRACK.get(*key) } {
-            // A half-open flow goes whole, so a flood's entries never pile up in the LRU map and
-            // push established ones out. A closed or idle flow's client → backend entry stays (a
-            // new SYN on that 4-tuple replaces it): removing it could race with that very SYN
-            // inserting its own entry on another CPU.
+        if let Some(p) = entry {
+            // SAFETY: map value pointer valid for this run; no other CPU claims the port while
+            // its lock is held, and a lockless claim (`take_empty_port`) finds the key present.
+            let old = unsafe { &*p };
+            // So a flood's entries never pile up in the LRU map and push established ones out. A
+            // closed or idle flow's client → backend entry stays (a new SYN on that 4-tuple
+            // replaces it): removing it could race with that very SYN inserting its own entry on
+            // another CPU.
             if old.half_open()
                 && let Some((fwd_key, _)) = forward_of(key, old)
             {
@@ -963,13 +992,23 @@ fn take_port(
             if old.flags & (FLOW_HALF_OPEN | FLOW_HELD) != 0 {
                 reply.flags |= FLOW_HELD;
             }
-            let _ = CONNTRACK.remove(key);
+            // SAFETY: as above.
+            unsafe { core::ptr::copy_nonoverlapping(reply, p, 1) };
+            taken = true;
+        } else {
+            let entry: &FlowValue = reply;
+            taken = CONNTRACK.insert(key, entry, u64::from(BPF_NOEXIST)).is_ok();
         }
-        let entry: &FlowValue = reply;
-        taken = CONNTRACK.insert(key, entry, u64::from(BPF_NOEXIST)).is_ok();
     }
     let _ = SNAT_LOCKS.remove(key);
-    taken.then_some(was)
+    if taken {
+        match was {
+            PortUse::Closed => count(gc::CLOSED_REUSED, len),
+            PortUse::HalfOpen => count(gc::HALF_OPEN_RECLAIMED, len),
+            _ => {}
+        }
+    }
+    taken
 }
 
 /// Claims a SNAT source port toward `backend` by inserting the connection's reply entry `reply`.
@@ -977,11 +1016,12 @@ fn take_port(
 /// Every CPU may use the whole `snat_ports` range: it walks it with a cursor of its own (CPU k
 /// starting k/cpus of the way in), then tries random ports. A port is taken only under its lock
 /// ([`SNAT_LOCKS`], inserted with BPF_NOEXIST and removed in the same run), re-checked under it, so
-/// two CPUs never remove each other's fresh entries or hand one port to two flows. A free port
-/// (no live flow) is preferred, one without any reply entry taken without the lock
-/// ([`take_empty_port`]); when none turns up, the oldest half-open flow seen (the first in
-/// the walk) gives its port up, with both its entries, else a closed connection quiet for
-/// [`CLOSED_REUSE_NS`] does; a live established flow never does.
+/// two CPUs never write each other's fresh entries or hand one port to two flows. The first port
+/// with no live flow is taken: no reply entry (taken without the lock, [`take_empty_port`]), an
+/// expired one, or a closed connection quiet for [`CLOSED_REUSE_NS`] (the ports ahead of the
+/// cursor are the ones claimed longest ago, so when they hold closed connections, every port
+/// does: more tries would only cost lookups). When none turns up, the first half-open flow seen
+/// gives its port up, with both its entries; a live established flow never does.
 #[inline(always)]
 fn claim_snat(
     backend: &BackendValue,
@@ -1022,8 +1062,8 @@ fn claim_snat(
         };
         match port_use(&port_key(backend, ((lo + index) as u16).to_be()), cfg, now) {
             PortUse::Empty => free = index | EMPTY_PORT,
-            PortUse::Free => free = index,
-            PortUse::HalfOpen | PortUse::Closed if reclaim == u32::MAX => reclaim = index,
+            PortUse::Free | PortUse::Closed => free = index,
+            PortUse::HalfOpen if reclaim == u32::MAX => reclaim = index,
             _ => {}
         }
     }
@@ -1032,7 +1072,7 @@ fn claim_snat(
         let taken = if free & EMPTY_PORT != 0 {
             take_empty_port(&key, reply)
         } else {
-            take_port(&key, cfg, now, reply, false).is_some()
+            take_port(&key, cfg, now, reply, false, len)
         };
         if taken {
             return Some(key.dport_be);
@@ -1040,13 +1080,7 @@ fn claim_snat(
     }
     if reclaim != u32::MAX {
         let key = port_key(backend, ((lo + reclaim) as u16).to_be());
-        match take_port(&key, cfg, now, reply, true) {
-            Some(PortUse::HalfOpen) => count(gc::HALF_OPEN_RECLAIMED, len),
-            Some(PortUse::Closed) => count(gc::CLOSED_REUSED, len),
-            Some(_) => {}
-            None => return None,
-        }
-        return Some(key.dport_be);
+        return take_port(&key, cfg, now, reply, true, len).then_some(key.dport_be);
     }
     None
 }
