@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -91,10 +92,18 @@ impl Wrk {
 /// `wrk --latency` against `target` from the client namespace (its primary address), keep-alive
 /// or with `Connection: close` on every request.
 pub fn wrk(bed: &Bed, plan: &Plan, target: SocketAddrV4, close: bool) -> Result<Wrk> {
-    wrk_with(bed, plan, target, plan.wrk_threads, plan.wrk_connections, close)
+    wrk_with(
+        bed,
+        plan,
+        target,
+        plan.wrk_threads,
+        plan.wrk_connections,
+        close,
+        None,
+    )
 }
 
-/// Like [`wrk`] with `threads` threads and `connections` connections.
+/// Like [`wrk`] with `threads` threads and `connections` connections, and wrk's Lua `script`.
 pub fn wrk_with(
     bed: &Bed,
     plan: &Plan,
@@ -102,6 +111,7 @@ pub fn wrk_with(
     threads: u32,
     connections: u32,
     close: bool,
+    script: Option<&Path>,
 ) -> Result<Wrk> {
     let mut args = vec![
         format!("-t{threads}"),
@@ -114,6 +124,10 @@ pub fn wrk_with(
     if close {
         args.push("-H".to_string());
         args.push("Connection: close".to_string());
+    }
+    if let Some(script) = script {
+        args.push("-s".to_string());
+        args.push(script.display().to_string());
     }
     args.push(format!("http://{target}/"));
     let cmd = bed.client_command(plan.pin, "wrk", &args);

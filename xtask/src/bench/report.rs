@@ -28,9 +28,10 @@ pub struct RowResult {
     pub close_p99: Vec<f64>,
     /// New connections per second of a close loop of 4 connections (`wrk -t1 -c4`).
     pub close4_rps: Vec<f64>,
-    /// The same close loop while a keep-alive load (`-t1 -c8`) runs from the same client address.
+    /// The same close loop while a paced keep-alive background (`-t1 -c16`, 1 ms between a
+    /// response and the next request) runs from the same client address.
     pub mixed_rps: Vec<f64>,
-    /// That keep-alive load's requests per second (the two share the CPUs: read them together).
+    /// That background's requests per second (about equal across rows when nothing starves it).
     pub mixed_ka_rps: Vec<f64>,
     pub cpu_ka: Vec<f64>,
     pub cpu_close: Vec<f64>,
@@ -196,8 +197,8 @@ pub const COLUMNS: [&str; 16] = [
     "new conn/s (Connection: close)",
     "close p99, ms",
     "new conn/s, 4 connections",
-    "new conn/s, 4 connections beside 8 keep-alive",
-    "keep-alive req/s of those 8 (beside the 4)",
+    "new conn/s, 4 connections beside paced keep-alive",
+    "req/s of the paced keep-alive (beside the 4)",
     "LB CPU, % of a core (keep-alive / close)",
     "softirq, % of a core (keep-alive / close)",
     "LB RSS, MiB",
@@ -334,7 +335,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "- iperf3: `iperf3 -c VIP -p 5201 -J` (`-P 4` for 4 streams), receiver-side throughput. wrk: `GET /` from the client's primary address to VIP:80 (one source address, so one backend), keep-alive, and with `Connection: close` on every request (each request is a new TCP connection: new connections per second). \"4 connections\": one wrk thread with 4 connections (`-t1 -c4`), alone and beside a keep-alive load of 8 connections (`-t1 -c8`) from the same address; the two loads share the CPUs, so read the close loop's rate beside it together with the keep-alive load's own (a datapath that serves keep-alive faster takes a larger share)."
+            "- iperf3: `iperf3 -c VIP -p 5201 -J` (`-P 4` for 4 streams), receiver-side throughput. wrk: `GET /` from the client's primary address to VIP:80 (one source address, so one backend), keep-alive, and with `Connection: close` on every request (each request is a new TCP connection: new connections per second). \"4 connections\": one wrk thread with 4 connections (`-t1 -c4`), alone and beside a steady keep-alive background from the same address: 16 connections (`-t1 -c16`), each pausing 1 ms between a response and its next request (wrk's Lua `delay`), so every row carries the same background and the close loop's rate compares datapaths (unpaced, the background took whatever CPU the close loop left). The background's own rate is the next column; it is about equal across rows when nothing starves it."
         );
         let _ = writeln!(
             s,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
 use lb_tests::{Child, run_with_timeout};
 
 use super::bed::{Bed, HTTP_PORT, IPERF_PORT, TempDir};
@@ -415,11 +415,19 @@ pub fn run_once(bed: &Bed, row: RowKind, plan: &Plan, lb: &Path, res: &mut RowRe
     Ok(())
 }
 
+/// Keep-alive connections of the steady background load beside the close loop, and the pause
+/// (ms) each takes between a response and its next request (wrk's Lua `delay`).
+const BACKGROUND_CONNECTIONS: u32 = 16;
+const BACKGROUND_DELAY_MS: u32 = 1;
+
 /// Connection-per-request loops of 4 connections (one wrk thread, as one client would open them):
-/// alone, then beside a keep-alive load of 8 connections from the same client address (mixed
-/// traffic, where a datapath that mishandles reused client ports stalls handshakes), whose own
-/// rate is recorded too: the two loads share the CPUs, so the close loop's rate alone swings with
-/// how they split them. SYN retransmits in the client and lb namespaces are reported as errors.
+/// alone, then beside a steady keep-alive background from the same client address (mixed traffic,
+/// where a datapath that mishandles reused client ports stalls handshakes). The background is
+/// paced (each of its connections pauses [`BACKGROUND_DELAY_MS`] between requests), so every row
+/// carries the same amount of it and the close loop's rate compares datapaths: an unpaced one
+/// took whatever CPU the close loop left, and the close loop's rate swung with how the two split
+/// the CPUs. Its own rate is recorded too (equal across rows when nothing starves it). SYN
+/// retransmits in the client and lb namespaces are reported as errors.
 fn close_loops(
     bed: &Bed,
     plan: &Plan,
@@ -432,21 +440,29 @@ fn close_loops(
         wrk_secs: plan.wrk_secs + 1,
         ..plan.clone()
     };
+    let paced = bed.dir.path().join("paced.lua");
+    fs::write(
+        &paced,
+        format!("function delay()\n  return {BACKGROUND_DELAY_MS}\nend\n"),
+    )
+    .with_context(|| format!("writing {}", paced.display()))?;
     for mixed in [false, true] {
         check_interrupted()?;
         let what = if mixed {
-            "close x4 + keep-alive x8"
+            "close x4 + paced keep-alive"
         } else {
             "close x4"
         };
         let syn_before = measure::tcp_ext(syn_side);
         let (result, keepalive) = thread::scope(|scope| {
             let keepalive = mixed.then(|| {
-                let load = scope.spawn(|| measure::wrk_with(bed, &around, web, 1, 8, false));
+                let load = scope.spawn(|| {
+                    measure::wrk_with(bed, &around, web, 1, BACKGROUND_CONNECTIONS, false, Some(&paced))
+                });
                 thread::sleep(Duration::from_millis(500));
                 load
             });
-            let result = measure::wrk_with(bed, plan, web, 1, 4, true);
+            let result = measure::wrk_with(bed, plan, web, 1, 4, true, None);
             (result, keepalive.map(thread::ScopedJoinHandle::join))
         });
         match keepalive {
