@@ -35,9 +35,12 @@ pub const MAP_SNAT_ADDRS: &str = "lb_snat_addrs";
 /// `PERCPU_ARRAY<u32, u64>` with one entry: each CPU's reset rate limit (the theoretical arrival
 /// time of its next RST, [`crate::rst::admit`]). Not pinned: a restart starts a fresh bucket.
 pub const MAP_RST_BUCKET: &str = "lb_rst_bucket";
-/// `PERCPU_ARRAY<u32, FlowValue>` with one entry: each CPU's scratch space for a new dsr flow's
-/// entry (kept off the program's stack). Not pinned.
+/// `PERCPU_ARRAY<u32, FlowValue>` with two entries: each CPU's scratch space for a new flow's
+/// entries (kept off the program's stack). Not pinned.
 pub const MAP_DSR_SCRATCH: &str = "lb_dsr_scratch";
+/// `PERCPU_ARRAY<u32, NextHop>`: each CPU's recent FIB answers, shared by new flows (`lb-ebpf`'s
+/// `hop` module). Not pinned.
+pub const MAP_NEXT_HOPS: &str = "lb_next_hops";
 /// `PERCPU_ARRAY<u32, TrafficCounters>`, indexed by service slot.
 pub const MAP_SERVICE_STATS: &str = "lb_svc_stats";
 /// `PERCPU_ARRAY<u32, TrafficCounters>`, indexed by backend index.

@@ -24,7 +24,8 @@
 //! - [`synproxy`]: `lb_synproxy`, reached by a tail call: SYN cookies (`[xdp] syn_cookies`), the
 //!   flows they set up and the sequence translation of those flows ([`synproxy::translate`]).
 //! - [`rewrite`] / [`forward`]: full-NAT rewrite with incremental checksums, next hop by
-//!   `bpf_fib_lookup` (cached per flow for a second), out by `XDP_TX` or redirect; unknown neighbour → `XDP_PASS` so the kernel
+//!   `bpf_fib_lookup` (cached per flow for a second, and per CPU for the new flows asking the same
+//!   question: [`hop`]), out by `XDP_TX` or redirect; unknown neighbour → `XDP_PASS` so the kernel
 //!   resolves it.
 //! - [`ptr_at`]: the only way to touch packet bytes: a bounds check the verifier can follow.
 //! - Validation first ([`check_ip`], [`impossible_source`], the TCP data offset and SYN flags):
@@ -39,6 +40,7 @@
 mod decap;
 mod dsr;
 mod frame;
+mod hop;
 mod logs;
 mod net;
 mod passive;
@@ -353,7 +355,16 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
                 rest = synproxy::translate(tcp, to_backend, f, rest);
             }
             ctx.fix_l4(l4_off, pseudo, rest);
-            return forward(ctx, f, now, cfg.cpus);
+            // A reply entry's first packet (and a flow whose copy aged): see `hop`.
+            let fresh = f.next_hop_ifindex == 0;
+            if fresh {
+                hop::fill(f, ctx.ingress(), now);
+            }
+            let verdict = forward(ctx, f, now, cfg.cpus);
+            if fresh {
+                hop::remember(f, ctx.ingress(), now);
+            }
+            return verdict;
         }
     }
 
@@ -471,7 +482,9 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
     }
     ctx.fix_l4(l4_off, pseudo, rest);
     // The next hop is found before the entry is stored, so it is stored with it.
+    hop::fill(forward_value, ctx.ingress(), now);
     let verdict = forward(ctx, forward_value, now, cfg.cpus);
+    hop::remember(forward_value, ctx.ingress(), now);
     // The client reused a port of an earlier connection still on record: that connection is over
     // (its reply entry, if still its own, ages out as closed; its port is free after closed_timeout),
     // and the new flow's entry is stored over its entry (`store_forward`). Looked up again, not

@@ -1201,6 +1201,53 @@ fn xdp_kernel_log_lines_are_rate_limited(hook: Hook) {
     });
 }
 
+/// New flows share their CPU's recent FIB answers (lb-ebpf's `hop`): a neighbour that changed is
+/// still reached at its old address by a new flow within the second an answer is trusted (the same
+/// second a flow trusts its own copy), and at its new one by new and established flows after it.
+fn xdp_new_flows_follow_a_changed_neighbour_after_the_cache_time(hook: Hook) {
+    if !common::ready("xdp_new_flows_follow_a_changed_neighbour_after_the_cache_time") {
+        return;
+    }
+    in_fixture_netns(1, 3, |client_if, _| {
+        // The test runs share one CPU's answers.
+        common::pin_to_one_cpu();
+        let fx = Fixture::new(hook);
+        let c = client(0);
+        let backend = fx.ring_choice(c);
+        let old_mac = backend_mac(backend.octets()[3] - 1);
+        let new_mac = [0x02, 0, 0, 0, 9, 9];
+        let syn = |port: u16| frame((c, port), (VIP, 80), SYN, b"", &[], [0xaa; 6]);
+        let to_backend = |f: &[u8]| {
+            let (verdict, out, _) = fx.xdp.test_run(f, client_if, 1).unwrap();
+            assert_eq!(verdict, XDP_REDIRECT);
+            let p = parse(&out);
+            assert_eq!(p.dst.0, backend, "the ring's backend");
+            p.dst_mac
+        };
+        assert_eq!(to_backend(&syn(41000)), old_mac, "the neighbour table's answer");
+        let replaced = std::process::Command::new("ip")
+            .args(["neigh", "replace", &backend.to_string(), "lladdr"])
+            .arg(lb_tests::fixture::mac_text(new_mac))
+            .args(["dev", lb_tests::fixture::BACKEND_LINK, "nud", "permanent"])
+            .status()
+            .expect("ip neigh replace");
+        assert!(replaced.success(), "ip neigh replace: {replaced}");
+        assert_eq!(
+            to_backend(&syn(41001)),
+            old_mac,
+            "a new flow takes the CPU's answer of a moment ago"
+        );
+        std::thread::sleep(Duration::from_millis(1200));
+        assert_eq!(
+            to_backend(&syn(41002)),
+            new_mac,
+            "a new flow asks again after a second"
+        );
+        let ack = frame((c, 41000), (VIP, 80), ACK, b"", &[], [0xaa; 6]);
+        assert_eq!(to_backend(&ack), new_mac, "an established flow too");
+    });
+}
+
 fn service() -> ServiceConfig {
     common::xdp_service(
         (1..=3)
@@ -1230,4 +1277,5 @@ lb_tests::per_hook!(
     xdp_reset_backend_answers_both_ends_with_rst,
     xdp_invalid_packets_create_no_state,
     xdp_kernel_log_lines_are_rate_limited,
+    xdp_new_flows_follow_a_changed_neighbour_after_the_cache_time,
 );

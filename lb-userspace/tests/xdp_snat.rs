@@ -91,9 +91,7 @@ impl Drop for Fixture {
 /// namespace: every BPF_PROG_TEST_RUN then runs on that one CPU, as when one RX queue takes every SYN.
 fn on_one_cpu<T: Send>(f: impl FnOnce(u32, u32) -> T + Send) -> T {
     lb_tests::fixture::in_fixture_netns(&common::spec(1, 1), |links| {
-        let mut cpus = nix::sched::CpuSet::new();
-        cpus.set(0).unwrap();
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("pin to CPU 0");
+        common::pin_to_one_cpu();
         f(links.client_if, links.backend_if)
     })
     .expect("fixture namespace")

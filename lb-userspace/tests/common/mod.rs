@@ -109,6 +109,14 @@ pub fn ring_choice(state: &State, client: Ipv4Addr) -> Ipv4Addr {
     }
 }
 
+/// Pins the calling thread to CPU 0, so its test runs share one CPU's per-CPU state (SNAT
+/// cursor, next hops).
+pub fn pin_to_one_cpu() {
+    let mut cpus = nix::sched::CpuSet::new();
+    cpus.set(0).expect("CPU 0 in a CpuSet");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).expect("pin to CPU 0");
+}
+
 /// The kernel counter `name`.
 pub fn counter(xdp: &XdpDatapath, name: &str) -> u64 {
     xdp.kernel_counters()
