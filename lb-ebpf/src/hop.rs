@@ -1,5 +1,5 @@
 //! Next hops shared by new flows. Each CPU keeps its last FIB answers in a small direct-mapped
-//! table keyed by the question (destination, source, ingress interface), and a flow entry without
+//! table keyed by the question (destination, source, TOS, ingress interface), and a flow entry without
 //! a next hop yet copies one from there instead of asking the FIB: in a connection-per-request
 //! load, every connection to one backend (and every reply to one client) asks the same question,
 //! twice per connection. An answer is trusted as long as a flow's own copy ([`NEXT_HOP_CACHE_NS`]
@@ -12,8 +12,8 @@ use lb_common::maps::{FlowValue, NEXT_HOP_CACHE_NS};
 /// Slots per CPU; the slot of a question is a hash of it (a collision costs a FIB lookup).
 const SLOTS: u32 = 256;
 
-/// One FIB answer: the question (`dst_be`, `src_be`, `ingress`), and the egress interface and
-/// MACs (destination, source) it gave at `at_ns`. `ifindex` 0: an empty slot.
+/// One FIB answer: the question (`dst_be`, `src_be`, `tos`, `ingress`), and the egress interface
+/// and MACs (destination, source) it gave at `at_ns`. `ifindex` 0: an empty slot.
 #[repr(C)]
 pub struct NextHop {
     dst_be: u32,
@@ -21,7 +21,7 @@ pub struct NextHop {
     ingress: u32,
     ifindex: u32,
     macs: [u8; 12],
-    _pad: u32,
+    tos: u32,
     at_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<NextHop>() == 40);
@@ -38,9 +38,10 @@ fn slot(dst_be: u32, src_be: u32, ingress: u32) -> Option<*mut NextHop> {
 }
 
 /// Gives `flow` (which has no next hop yet) the answer this CPU has to its question, if fresh at
-/// `now`. The flow's rewritten packet asks: to `new_dst_be` from `new_src_be`, come in on `ingress`.
+/// `now`. The flow's rewritten packet asks: to `new_dst_be` from `new_src_be` with `tos`, come in
+/// on `ingress`.
 #[inline(always)]
-pub fn fill(flow: &mut FlowValue, ingress: u32, now: u64) {
+pub fn fill(flow: &mut FlowValue, ingress: u32, tos: u8, now: u64) {
     let Some(slot) = slot(flow.new_dst_be, flow.new_src_be, ingress) else {
         return;
     };
@@ -50,6 +51,7 @@ pub fn fill(flow: &mut FlowValue, ingress: u32, now: u64) {
         && h.dst_be == flow.new_dst_be
         && h.src_be == flow.new_src_be
         && h.ingress == ingress
+        && h.tos == u32::from(tos)
         && now.saturating_sub(h.at_ns) <= NEXT_HOP_CACHE_NS
     {
         flow.next_hop_ifindex = h.ifindex;
@@ -61,7 +63,7 @@ pub fn fill(flow: &mut FlowValue, ingress: u32, now: u64) {
 /// Records the next hop `flow` got from the FIB at `now` (a flow whose copy is older got it from
 /// here, or earlier).
 #[inline(always)]
-pub fn remember(flow: &FlowValue, ingress: u32, now: u64) {
+pub fn remember(flow: &FlowValue, ingress: u32, tos: u8, now: u64) {
     if flow.next_hop_ns != now || flow.next_hop_ifindex == 0 {
         return;
     }
@@ -73,6 +75,7 @@ pub fn remember(flow: &FlowValue, ingress: u32, now: u64) {
     h.dst_be = flow.new_dst_be;
     h.src_be = flow.new_src_be;
     h.ingress = ingress;
+    h.tos = u32::from(tos);
     h.ifindex = flow.next_hop_ifindex;
     h.macs = flow.next_hop_macs;
     h.at_ns = now;

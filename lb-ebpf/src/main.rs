@@ -287,7 +287,7 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
             // (both entries age out after closed_timeout) but stays marked, so the other end's
             // next packet gets its RST as well.
             if f.flags & FLOW_RESET != 0 && flags & TCP_RST == 0 {
-                set_flags_both(&key, f, FLOW_RST);
+                set_flags_both(&key, f, FLOW_RST, now);
                 return reset::answer(ctx, ip, tcp, ihl, doff, now, gc::RESET_FLOW);
             }
             // A reply entry's first packet: when its SYN was forwarded (precise, see below).
@@ -341,7 +341,7 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
                 };
                 // Atomic: the client's and the backend's FIN often cross on two CPUs, and a
                 // lost bit leaves one direction open for idle_timeout.
-                set_flags_both(&key, f, bit);
+                set_flags_both(&key, f, bit, now);
             }
             count_traffic(f, to_backend, len, false);
             if f.flags & FLOW_DSR != 0 {
@@ -354,15 +354,18 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
             if f.flags & FLOW_COOKIE != 0 {
                 rest = synproxy::translate(tcp, to_backend, f, rest);
             }
+            // SAFETY: the IPv4 header was bounds-checked above (and is read before the checksum
+            // helpers, after which the TC hook's packet pointers are no longer valid).
+            let tos = unsafe { (*ip).tos };
             ctx.fix_l4(l4_off, pseudo, rest);
-            // A reply entry's first packet (and a flow whose copy aged): see `hop`.
+            // A reply entry's first packet: see `hop`.
             let fresh = f.next_hop_ifindex == 0;
             if fresh {
-                hop::fill(f, ctx.ingress(), now);
+                hop::fill(f, ctx.ingress(), tos, now);
             }
             let verdict = forward(ctx, f, now, cfg.cpus);
             if fresh {
-                hop::remember(f, ctx.ingress(), now);
+                hop::remember(f, ctx.ingress(), tos, now);
             }
             return verdict;
         }
@@ -480,11 +483,13 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
         forward_value.ts_delta = delta;
         rest = translate_timestamps(ctx, l4_off, doff, true, delta, false, rest);
     }
+    // SAFETY: as above (read before the checksum helpers).
+    let tos = unsafe { (*ip).tos };
     ctx.fix_l4(l4_off, pseudo, rest);
     // The next hop is found before the entry is stored, so it is stored with it.
-    hop::fill(forward_value, ctx.ingress(), now);
+    hop::fill(forward_value, ctx.ingress(), tos, now);
     let verdict = forward(ctx, forward_value, now, cfg.cpus);
-    hop::remember(forward_value, ctx.ingress(), now);
+    hop::remember(forward_value, ctx.ingress(), tos, now);
     // The client reused a port of an earlier connection still on record: that connection is over
     // (its reply entry, if still its own, ages out as closed; its port is free after closed_timeout),
     // and the new flow's entry is stored over its entry (`store_forward`). Looked up again, not
@@ -802,15 +807,18 @@ fn stray_reply(key: &FlowKey, cfg: &GlobalConfig) -> bool {
 
 /// [`set_flags`] on the entry `f` (found by `key`) and on its other direction's entry, while that
 /// is still this flow's: a client that reused its 4-tuple for a newer flow (on another SNAT port)
-/// has that flow's entry there, which a late FIN or RST of the old flow must not mark.
+/// has that flow's entry there, which a late FIN or RST of the old flow must not mark. The other
+/// entry's `last_seen_ns` moves up to `now` too, so either entry alone tells when the connection
+/// last closed a direction (a reply entry decides when its port may be reused: [`classify`]).
 #[inline(always)]
-pub(crate) fn set_flags_both(key: &FlowKey, f: &mut FlowValue, bit: u32) {
+pub(crate) fn set_flags_both(key: &FlowKey, f: &mut FlowValue, bit: u32, now: u64) {
     set_flags(&mut f.flags, bit);
     if let Some(other) = CONNTRACK.get_ptr_mut(FlowKey::reverse_of(f)) {
         // SAFETY: valid map value pointer for this run.
         let other = unsafe { &mut *other };
         if same_flow(&FlowKey::reverse_of(other), key) {
             set_flags(&mut other.flags, bit);
+            other.last_seen_ns = now;
         }
     }
 }
@@ -914,14 +922,18 @@ fn port_use(key: &FlowKey, cfg: &GlobalConfig, now: u64) -> PortUse {
 #[inline(always)]
 fn classify(key: &FlowKey, old: &FlowValue, cfg: &GlobalConfig, now: u64) -> PortUse {
     if old.closed() {
-        // Closed both ways (a FIN or RST marks both entries): the reply entry alone decides, and
-        // the client → backend entry is not looked up (in a connection-per-request load nearly
-        // every port holds one). Its last packet (the client's last ACK) follows the reply
-        // entry's last within a round trip.
+        // Closed (a FIN or RST marks both entries and moves both their last_seen up): the reply
+        // entry alone decides, and the client → backend entry is not looked up (in a
+        // connection-per-request load nearly every port holds one). The only packet that may
+        // follow is a last ACK, a round trip after the last FIN. A handshake ended by an RST
+        // (still half-open) waits as long as a half-open flow does: computed without a branch,
+        // which would double the verifier's states here.
         let quiet = now.saturating_sub(old.last_seen_ns);
+        let half_open = u64::from((old.flags & FLOW_HALF_OPEN) >> FLOW_HALF_OPEN.trailing_zeros());
+        let wait = CLOSED_REUSE_NS + half_open * (HALF_OPEN_RECLAIM_NS - CLOSED_REUSE_NS);
         return if old.expired(now, cfg) {
             PortUse::Free
-        } else if quiet > CLOSED_REUSE_NS {
+        } else if quiet > wait {
             PortUse::Closed
         } else {
             PortUse::Busy
@@ -1052,7 +1064,7 @@ fn claim_snat(
     // the port is taken after it.
     // Bit 31 set: the free port has no reply entry at all (`PortUse::Empty`); indexes are < 2^16.
     let mut free = u32::MAX;
-    // The port to reclaim when none is free: the first quiet half-open or closed one.
+    // The port to reclaim when none is free: the first quiet half-open one.
     let mut reclaim = u32::MAX;
     for i in 0..SNAT_TRIES {
         // No `break`: every path leaves the loop at the same point with the same few states, so the

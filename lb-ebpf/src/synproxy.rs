@@ -496,7 +496,7 @@ fn backend_answer(
         // sequence number is the cookie's plus one).
         r.syn_seq_be = client_delta;
         r.ts_delta = seq.wrapping_sub(cookie.wrapping_add(1));
-        set_flags_both(key, r, FLOW_RST);
+        set_flags_both(key, r, FLOW_RST, now);
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
             return drop(gc::TRUNCATED);
         };

@@ -276,6 +276,45 @@ fn xdp_closed_connections_lend_their_ports_once_quiet(hook: Hook) {
     });
 }
 
+/// A connection reset after a quiet spell is quiet from its RST on, not from the spell: its port
+/// is not lent within 100 ms of the RST (the backend may not have seen it yet), whichever entry
+/// carried it. Here the client resets connections the backend has been silent on.
+fn xdp_a_reset_connection_lends_its_port_only_100_ms_after_the_reset(hook: Hook) {
+    if !common::ready("xdp_a_reset_connection_lends_its_port_only_100_ms_after_the_reset") {
+        return;
+    }
+    on_one_cpu(|client_if, _| {
+        let fx = Fixture::new(hook, "snatrst", Duration::from_secs(5));
+        for i in 0..SNAT_PORTS {
+            let (verdict, _) = fx.run(&client_frame(40000 + i, SYN, 1000), client_if);
+            assert_eq!(verdict, XDP_REDIRECT, "SYN {i} forwarded");
+            assert_eq!(
+                fx.run(&client_frame(40000 + i, ACK, 1001), client_if).0,
+                XDP_REDIRECT
+            );
+        }
+        // The backend says nothing for longer than the reuse delay; then every client resets.
+        std::thread::sleep(Duration::from_millis(200));
+        for i in 0..SNAT_PORTS {
+            assert_eq!(
+                fx.run(&client_frame(40000 + i, RST | ACK, 1001), client_if).0,
+                XDP_REDIRECT,
+                "RST {i} forwarded"
+            );
+        }
+        let (verdict, _) = fx.run(&client_frame(50000, SYN, 7000), client_if);
+        assert_eq!(
+            verdict, XDP_DROP,
+            "connections reset just now keep their ports, however long the backend was quiet"
+        );
+        assert_eq!(fx.counter("closed_reused"), 0);
+        std::thread::sleep(Duration::from_millis(200));
+        let (verdict, _) = fx.run(&client_frame(50001, SYN, 8000), client_if);
+        assert_eq!(verdict, XDP_REDIRECT, "100 ms after the resets, a port is lent");
+        assert_eq!(fx.counter("closed_reused"), 1);
+    });
+}
+
 /// The packet came back as an RST toward its sender (a flow the program no longer knows).
 fn assert_rst(verdict: u32, out: &[u8], what: &str) {
     assert_eq!(verdict, XDP_REDIRECT, "{what}: answered");
@@ -298,4 +337,5 @@ lb_tests::per_hook!(
     xdp_one_cpu_uses_the_whole_snat_range_and_half_open_flows_give_way,
     xdp_half_open_flows_live_at_most_syn_timeout,
     xdp_closed_connections_lend_their_ports_once_quiet,
+    xdp_a_reset_connection_lends_its_port_only_100_ms_after_the_reset,
 );
