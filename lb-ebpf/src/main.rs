@@ -411,7 +411,7 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
             &key,
             service,
             backend_index,
-            backend,
+            &backend,
             syn,
             seq_be,
             now,
@@ -450,7 +450,7 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
         reply_value.flags |= FLOW_TS;
         reply_value.ts_delta = delta;
     }
-    let Some(snat_port_be) = claim_snat(backend, cfg, now, reply_value, len) else {
+    let Some(snat_port_be) = claim_snat(&backend, cfg, now, reply_value, len) else {
         // Actionable (widen [xdp] snat_ports): worth a log line, unlike per-packet events; under a
         // flood it repeats per packet, hence the rate limit.
         if let Some(suppressed) = may_log(LOG_SNAT_EXHAUSTED, now, cfg.cpus) {
@@ -561,7 +561,7 @@ fn select_backend(
     cfg: &GlobalConfig,
     now: u64,
     len: u64,
-) -> Option<(u32, &'static BackendValue)> {
+) -> Option<(u32, BackendValue)> {
     let policy = Policy {
         seed: cfg.seed,
         affinity_timeout_ns: service.affinity_timeout_ns,
@@ -599,7 +599,9 @@ fn select_backend(
         count(gc::REFUSING_AVOIDED, len);
         index = other;
     }
-    let backend = BACKENDS.get(index)?;
+    // A copy, read once: user space may clear the entry at any moment (a backend removed), and
+    // the fields read later must be the ones checked here.
+    let backend = *BACKENDS.get(index)?;
     (backend.flags & BACKEND_PRESENT != 0).then_some((index, backend))
 }
 

@@ -391,7 +391,7 @@ fn new_flow(
         ts_delta: isn.wrapping_sub(client_isn),
         ..FlowValue::default()
     };
-    let Some(snat_port_be) = claim_snat(backend, cfg, now, &mut reply_value, len) else {
+    let Some(snat_port_be) = claim_snat(&backend, cfg, now, &mut reply_value, len) else {
         return refuse(ctx, now, gc::SNAT_EXHAUSTED);
     };
     let forward_value = FlowValue {
