@@ -147,8 +147,10 @@ const EMPTY_PORT: u32 = 1 << 31;
 const HALF_OPEN_RECLAIM_NS: u64 = 1_000_000_000;
 /// A closed connection (RST, or FIN both ways) keeps its SNAT port for `closed_timeout` so late
 /// packets still find it, unless a new flow needs the port once the connection has been quiet
-/// this long (its last ACK has long arrived; the backend's TIME_WAIT accepts the new SYN:
-/// timestamps toward backends follow the LB's clock).
+/// this long since its last FIN or RST (its last ACK follows within a round trip; the backend's
+/// TIME_WAIT accepts the new SYN: timestamps toward backends follow the LB's clock). A client
+/// further away than this, on a backend whose ports all turn over within its round trip, could see
+/// its last ACK meet the port's next flow.
 const CLOSED_REUSE_NS: u64 = 100_000_000;
 
 /// A verdict with the reason counter that explains it (or none).
