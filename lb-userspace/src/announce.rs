@@ -18,7 +18,7 @@ use crate::config::{AnnounceConfig, HealthKind};
 use crate::runtime::Snapshot;
 use crate::state::{Backend, Service};
 
-mod netlink;
+use crate::netlink;
 
 pub use netlink::{NetlinkError, RouteTable};
 
@@ -88,7 +88,7 @@ pub struct Announcer {
 
 struct Inner {
     /// Opened on first use and again after an error.
-    routes: Option<netlink::Routes>,
+    routes: Option<netlink::Rtnetlink>,
     /// What the table held after the last successful pass.
     announced: BTreeSet<IpAddr>,
     /// Set by [`Announcer::withdraw_all`]: nothing is announced any more.
@@ -157,7 +157,7 @@ impl Announcer {
 
     fn reconcile(&self, inner: &mut Inner, want: &BTreeSet<IpAddr>) -> Result<(), NetlinkError> {
         if inner.routes.is_none() {
-            inner.routes = Some(netlink::Routes::open()?);
+            inner.routes = Some(netlink::Rtnetlink::open()?);
         }
         let routes = inner.routes.as_mut().expect("opened above");
         let have: BTreeSet<IpAddr> = routes.list(self.at)?.into_iter().collect();
@@ -181,7 +181,7 @@ pub fn withdraw(config: &AnnounceConfig) -> Result<Vec<IpAddr>, AnnounceError> {
         table: config.table,
         protocol: config.protocol,
     };
-    let mut routes = netlink::Routes::open()?;
+    let mut routes = netlink::Rtnetlink::open()?;
     let have = routes.list(at)?;
     for ip in &have {
         routes.delete(at, *ip)?;

@@ -225,7 +225,11 @@ impl Default for AnnounceConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
-    /// Driver (native) mode, falling back to skb (generic) mode with a warning.
+    /// TC ingress (as [`XdpMode::Tc`]) when any of the interfaces is a veth end, else driver
+    /// (native) mode, falling back to skb (generic) mode with a warning. On veth, native XDP
+    /// copies every frame a local socket sent into a page of its own before the program runs, turns
+    /// off GSO on the peer, and cannot forward a frame whose checksum is left to offload (veth's
+    /// default); at TC the same program sees the GRO-merged skb and redirects it without a copy.
     Auto,
     Driver,
     Skb,
@@ -235,10 +239,12 @@ pub enum XdpMode {
 }
 
 impl XdpMode {
-    /// The hook the program runs at in this mode.
-    pub fn hook(self) -> Hook {
+    /// The hook the program runs at in this mode, `on_veth`: whether any of its interfaces is a
+    /// veth end.
+    pub fn hook(self, on_veth: bool) -> Hook {
         match self {
             XdpMode::Tc => Hook::Tc,
+            XdpMode::Auto if on_veth => Hook::Tc,
             XdpMode::Auto | XdpMode::Driver | XdpMode::Skb => Hook::Xdp,
         }
     }

@@ -38,6 +38,7 @@ pub mod ebpf;
 pub mod engine;
 pub mod health;
 pub mod maglev;
+pub mod netlink;
 pub mod observe;
 pub mod persist;
 pub mod report;

@@ -1,5 +1,5 @@
 //! Smoke test of `cargo xtask bench`: one quick round of the `none`, `lb-proxy`, `lb-xdp`,
-//! `lb-xdp-tc` and `lb-xdp-dsr` rows (the XDP rows only checked when the bench could run them), written to a temp directory so the committed
+//! `lb-xdp-native` and `lb-xdp-dsr` rows (the XDP rows only checked when the bench could run them), written to a temp directory so the committed
 //! results stay as they are. Checks that every cell of those rows was produced and that source-IP
 //! affinity holds (one client address → one backend; the client addresses together reach all three
 //! backends). No timing assertions.
@@ -98,7 +98,7 @@ fn bench_quick_smoke() {
         "--no-build",
         "--no-micro",
         "--rows",
-        "none,lb-proxy,lb-xdp,lb-xdp-tc,lb-xdp-dsr",
+        "none,lb-proxy,lb-xdp,lb-xdp-native,lb-xdp-dsr",
         "--lb-bin",
     ])
     .arg(&lb)
@@ -131,7 +131,7 @@ fn bench_quick_smoke() {
     let stdout = child.stdout_lines().join("\n");
     for text in [&md, &stdout] {
         assert!(text.contains("| row |"), "no table:\n{text}");
-        for name in ["none", "lb-proxy", "lb-xdp", "lb-xdp-tc"] {
+        for name in ["none", "lb-proxy", "lb-xdp", "lb-xdp-native"] {
             assert!(
                 text.contains(&format!("| `{name}` |")),
                 "row {name} missing:\n{text}"
@@ -158,7 +158,7 @@ fn bench_quick_smoke() {
     assert_cells(proxy, "lb-proxy", columns);
     assert_affinity(proxy, "lb-proxy", 3);
 
-    for name in ["lb-xdp", "lb-xdp-tc", "lb-xdp-dsr"] {
+    for name in ["lb-xdp", "lb-xdp-native", "lb-xdp-dsr"] {
         let xdp = row(&results, name);
         match xdp["unavailable"].as_str() {
             Some(why) => eprintln!("note: bench_quick_smoke: {name} unavailable in this build: {why}"),

@@ -54,7 +54,7 @@ fn services(forwarding: Forwarding) -> &'static [(&'static str, u16, u16)] {
 fn node_config(net: &Ecmp, socket: &Path, pins: &Path, forwarding: Forwarding) -> String {
     let [up, lan] = net.node_interfaces();
     let mut c = format!(
-        "shutdown_timeout = \"1s\"\nseed = 7\nring_size = 1009\n\n[control]\nsocket = \"{}\"\n\n[announce]\ntable = {TABLE}\n\n[xdp]\ninterfaces = [\"{up}\", \"{lan}\"]\npin_path = \"{}\"\n",
+        "shutdown_timeout = \"1s\"\nseed = 7\nring_size = 1009\n\n[control]\nsocket = \"{}\"\n\n[announce]\ntable = {TABLE}\n\n[xdp]\nmode = \"driver\"\ninterfaces = [\"{up}\", \"{lan}\"]\npin_path = \"{}\"\n",
         socket.display(),
         pins.display(),
     );

@@ -383,9 +383,10 @@ fn hooks_on_to_c(bed: &Bed) -> (bool, bool, String) {
     )
 }
 
-/// `[xdp] mode` changed across restarts, xdp → tc → xdp, while a transfer runs: the pinned maps
-/// are adopted, the new hook's link attached and the old one removed (logged), and the
-/// connection, counters and affinity carry on.
+/// `[xdp] mode` changed across restarts, driver → auto → driver, while a transfer runs: `auto` on
+/// these veths takes the TC hook (logged with the reason); the pinned maps are adopted, the new
+/// hook's link attached and the old one removed (logged), and the connection, counters and
+/// affinity carry on.
 #[test]
 fn xdp_restart_switches_between_xdp_and_tc_under_a_transfer() {
     if !require_root("xdp_restart_switches_between_xdp_and_tc_under_a_transfer") {
@@ -396,7 +397,7 @@ fn xdp_restart_switches_between_xdp_and_tc_under_a_transfer() {
     let clients = bed.topo.client_addrs();
     let before = bed.wave(&clients[..8]);
     let (xdp, tc, report) = hooks_on_to_c(&bed);
-    assert_eq!((xdp, tc), (true, false), "mode auto runs at XDP:\n{report}");
+    assert_eq!((xdp, tc), (true, false), "mode driver runs at XDP:\n{report}");
     let s = connect_from(
         bed.topo.client_ns().name(),
         clients[9],
@@ -419,15 +420,17 @@ fn xdp_restart_switches_between_xdp_and_tc_under_a_transfer() {
             (s, rounds)
         })
     };
-    let auto = std::fs::read_to_string(&bed.lb.config).unwrap();
-    for (hook, config) in [
-        (Hook::Tc, Hook::Tc.config(auto.clone())),
-        (Hook::Xdp, auto.clone()),
-    ] {
+    let driver = std::fs::read_to_string(&bed.lb.config).unwrap();
+    let auto = driver.replacen("[xdp]\nmode = \"driver\"\n", "[xdp]\n", 1);
+    assert_ne!(auto, driver);
+    for (hook, config) in [(Hook::Tc, auto), (Hook::Xdp, driver)] {
         bed.lb.child.stop().expect("stop lb");
         std::fs::write(&bed.lb.config, &config).unwrap();
         bed.lb.run_again(bed.topo.lb_ns());
         wait_for_log(&bed, "adopting pinned XDP maps");
+        if hook == Hook::Tc {
+            wait_for_log(&bed, "[xdp] mode auto: the TC hook");
+        }
         wait_for_log(&bed, "mode changed: the other hook's pinned link removed");
         let (xdp, tc, report) = hooks_on_to_c(&bed);
         assert_eq!(

@@ -31,7 +31,7 @@ const IPERF: u16 = 5201;
 fn config(topo: &Ecmp, socket: &Path, pins: &Path) -> String {
     let up = topo.node_interfaces()[0];
     let mut c = format!(
-        "shutdown_timeout = \"1s\"\nseed = 4242\nring_size = 1009\n[control]\nsocket = \"{}\"\n\n[xdp]\ninterfaces = [\"{up}\"]\npin_path = \"{}\"\n",
+        "shutdown_timeout = \"1s\"\nseed = 4242\nring_size = 1009\n[control]\nsocket = \"{}\"\n\n[xdp]\nmode = \"driver\"\ninterfaces = [\"{up}\"]\npin_path = \"{}\"\n",
         socket.display(),
         pins.display()
     );

@@ -71,7 +71,7 @@ fn config(topo: &Topology, socket: &Path, pins: &Path, n: usize, backups: &[usiz
     let mut interfaces = vec!["\"to-c\"".to_string()];
     interfaces.extend((1..=n).map(|i| format!("\"to-b{i}\"")));
     let mut c = format!(
-        "shutdown_timeout = \"1s\"\nring_size = 1009\nlog_level = \"info\"\n\n[control]\nsocket = \"{}\"\n\n[xdp]\ninterfaces = [{}]\npin_path = \"{}\"\n\
+        "shutdown_timeout = \"1s\"\nring_size = 1009\nlog_level = \"info\"\n\n[control]\nsocket = \"{}\"\n\n[xdp]\nmode = \"driver\"\ninterfaces = [{}]\npin_path = \"{}\"\n\
          \n[[service]]\nname = \"web\"\nlisten = \"{}:80\"\ndatapath = \"xdp\"\naffinity_timeout = \"0s\"\nconnect_timeout = \"{}ms\"\n\
          [service.health]\nkind = \"tcp\"\ninterval = \"{}s\"\ntimeout = \"1s\"\nrise = 2\nfall = 3\nerror_limit = 3\n",
         socket.display(),

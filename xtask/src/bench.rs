@@ -19,7 +19,7 @@
 //!   each backend an `iperf3 -s` and an nginx answering `bI\n`. Every veth end gets TX checksum
 //!   offload off and GRO on (see `bed::nic_like`). Everything goes away on drop, including any
 //!   process left in the namespaces. Each row of each round gets a fresh bed.
-//! - [`rows`]: the contenders (`none`, `lb-xdp`, `lb-xdp-tc`, `lb-proxy`, `haproxy`, `nginx-stream`,
+//! - [`rows`]: the contenders (`none`, `lb-xdp`, `lb-xdp-native`, `lb-proxy`, `haproxy`, `nginx-stream`,
 //!   `nft-dnat`), each started and configured by the bench in the lb namespace and stopped on drop.
 //!   The one place to adjust the XDP config is [`rows::XDP_EXTRA_TOML`].
 //! - [`measure`]: iperf3 (`-J`), wrk (`--latency`, text), CPU from `/proc/PID/stat` and
@@ -83,7 +83,7 @@ pub struct BenchArgs {
     /// Rounds (default 3; 1 with --quick). Every round runs every row once.
     #[arg(long)]
     rounds: Option<usize>,
-    /// Rows to run, comma-separated: none, lb-xdp, lb-xdp-tc, lb-xdp-dsr, lb-proxy, haproxy, nginx-stream, nft-dnat
+    /// Rows to run, comma-separated: none, lb-xdp, lb-xdp-native, lb-xdp-dsr, lb-proxy, haproxy, nginx-stream, nft-dnat
     /// (default: all).
     #[arg(long, value_delimiter = ',', value_parser = RowKind::parse)]
     rows: Vec<RowKind>,

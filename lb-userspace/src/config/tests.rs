@@ -559,19 +559,22 @@ fn examples_all_parse() {
 }
 
 #[test]
-fn xdp_mode_tc_runs_the_program_at_tc_ingress() {
+fn xdp_mode_tc_and_auto_on_veth_run_the_program_at_tc_ingress() {
     let c = good("[xdp]\ninterfaces = [\"eth0\"]\nmode = \"tc\"\n");
     let x = c.xdp.unwrap();
     assert_eq!(x.mode, XdpMode::Tc);
-    assert_eq!(x.mode.hook(), crate::config::Hook::Tc);
-    for (text, mode) in [
-        ("auto", XdpMode::Auto),
-        ("driver", XdpMode::Driver),
-        ("skb", XdpMode::Skb),
+    for on_veth in [false, true] {
+        assert_eq!(x.mode.hook(on_veth), crate::config::Hook::Tc);
+    }
+    for (text, mode, on_veth) in [
+        ("auto", XdpMode::Auto, Hook::Tc),
+        ("driver", XdpMode::Driver, Hook::Xdp),
+        ("skb", XdpMode::Skb, Hook::Xdp),
     ] {
         let c = good(&format!("[xdp]\ninterfaces = [\"eth0\"]\nmode = \"{text}\"\n"));
         assert_eq!(c.xdp.unwrap().mode, mode);
-        assert_eq!(mode.hook(), crate::config::Hook::Xdp, "{text}");
+        assert_eq!(mode.hook(false), Hook::Xdp, "{text}");
+        assert_eq!(mode.hook(true), on_veth, "{text} on veth");
     }
 }
 

@@ -233,7 +233,7 @@ pub fn xdp_config(
     let mut interfaces = vec!["\"to-c\"".to_string()];
     interfaces.extend((1..=n).map(|i| format!("\"to-b{i}\"")));
     let mut c = format!(
-        "shutdown_timeout = \"1s\"\nring_size = 1009\n{tables}\n[control]\nsocket = \"{}\"\n\n[xdp]\ninterfaces = [{}]\npin_path = \"{}\"\n",
+        "shutdown_timeout = \"1s\"\nring_size = 1009\n{tables}\n[control]\nsocket = \"{}\"\n\n[xdp]\nmode = \"driver\"\ninterfaces = [{}]\npin_path = \"{}\"\n",
         socket.display(),
         interfaces.join(", "),
         pins.display()
@@ -327,8 +327,9 @@ pub fn wait_for_log(bed: &Bed, needle: &str) {
     }
 }
 
-/// Where the XDP datapath's program runs in a test: the XDP hook (`[xdp] mode` left at `auto`) or
-/// TC ingress (`mode = "tc"`). Tests that matter at both run once per hook ([`lb_tests::per_hook!`]).
+/// Where the XDP datapath's program runs in a test: the XDP hook (`[xdp] mode = "driver"`: the
+/// beds are veths, where `auto` would take TC) or TC ingress (`mode = "tc"`). Tests that matter at
+/// both run once per hook ([`lb_tests::per_hook!`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     Xdp,
@@ -336,12 +337,16 @@ pub enum Hook {
 }
 
 impl Hook {
-    /// `config` (with an `[xdp]` table) set to run at this hook.
+    /// `config` (with an `[xdp]` table, its `mode` left out or `"driver"` as its first key) set to
+    /// run at this hook.
     pub fn config(self, config: String) -> String {
-        match self {
-            Hook::Xdp => config,
-            Hook::Tc => config.replacen("[xdp]\n", "[xdp]\nmode = \"tc\"\n", 1),
-        }
+        let mode = match self {
+            Hook::Xdp => "driver",
+            Hook::Tc => "tc",
+        };
+        config
+            .replacen("[xdp]\nmode = \"driver\"\n", "[xdp]\n", 1)
+            .replacen("[xdp]\n", &format!("[xdp]\nmode = \"{mode}\"\n"), 1)
     }
 
     /// `tag` made distinct per hook (namespace names, pin directories), so the twins run side by side.

@@ -339,7 +339,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "- LB CPU: utime+stime of the load balancer's process and its children (/proc/PID/stat) during each wrk run, in % of one core (100 = one core busy). Kernel rows (`none`, `nft-dnat`, `lb-xdp`, `lb-xdp-tc`, `lb-xdp-dsr`) have no such process: their forwarding runs in softirq context."
+            "- LB CPU: utime+stime of the load balancer's process and its children (/proc/PID/stat) during each wrk run, in % of one core (100 = one core busy). Kernel rows (`none`, `nft-dnat`, `lb-xdp`, `lb-xdp-native`, `lb-xdp-dsr`) have no such process: their forwarding runs in softirq context."
         );
         let _ = writeln!(
             s,

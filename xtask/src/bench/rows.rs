@@ -30,8 +30,9 @@ pin_path = "/sys/fs/bpf/lbbench-{pid}"
 "#;
 // =================================================================================================
 
-/// What the `lb-xdp-tc` row adds to [`XDP_EXTRA_TOML`] (which ends inside the `[xdp]` table).
-const XDP_TC_TOML: &str = "mode = \"tc\"\n";
+/// What the `lb-xdp-native` row adds to [`XDP_EXTRA_TOML`] (which ends inside the `[xdp]` table):
+/// the XDP hook, which `mode = "auto"` does not take on the bed's veths.
+const XDP_NATIVE_TOML: &str = "mode = \"driver\"\n";
 
 /// The stream module of Debian's nginx (package libnginx-mod-stream).
 pub const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
@@ -50,9 +51,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum RowKind {
     /// No load balancer: the client talks to backend 1 directly, routed through the lb namespace.
     None,
+    /// `[xdp] mode` left at `auto`: on the bed's veths, the TC hook.
     LbXdp,
-    /// [`RowKind::LbXdp`] with `[xdp] mode = "tc"`: the same datapath at TC ingress.
-    LbXdpTc,
+    /// [`RowKind::LbXdp`] with `[xdp] mode = "driver"`: the same datapath at the XDP hook.
+    LbXdpNative,
     /// `forwarding = "dsr"` on a dsr bed ([`super::bed::Bed::new_dsr`]).
     LbXdpDsr,
     LbProxy,
@@ -65,7 +67,7 @@ impl RowKind {
     pub const ALL: [RowKind; 8] = [
         RowKind::None,
         RowKind::LbXdp,
-        RowKind::LbXdpTc,
+        RowKind::LbXdpNative,
         RowKind::LbXdpDsr,
         RowKind::LbProxy,
         RowKind::Haproxy,
@@ -77,7 +79,7 @@ impl RowKind {
         match self {
             RowKind::None => "none",
             RowKind::LbXdp => "lb-xdp",
-            RowKind::LbXdpTc => "lb-xdp-tc",
+            RowKind::LbXdpNative => "lb-xdp-native",
             RowKind::LbXdpDsr => "lb-xdp-dsr",
             RowKind::LbProxy => "lb-proxy",
             RowKind::Haproxy => "haproxy",
@@ -92,12 +94,14 @@ impl RowKind {
             RowKind::None => {
                 "no load balancer: client → backend b1 directly, routed by the lb namespace (the limit)"
             }
-            RowKind::LbXdp => "lb, datapath = \"xdp\" (eBPF full NAT), health tcp, affinity 30m",
-            RowKind::LbXdpTc => {
-                "lb-xdp with [xdp] mode = \"tc\": the same program logic at TC ingress (TCX link, bpf_redirect of the skb, no copy)"
+            RowKind::LbXdp => {
+                "lb, datapath = \"xdp\" (eBPF full NAT), [xdp] mode = \"auto\" (on these veths: the program at TC ingress, a TCX link, bpf_redirect of the skb, no copy), health tcp, affinity 30m"
+            }
+            RowKind::LbXdpNative => {
+                "lb-xdp with [xdp] mode = \"driver\": the same program at the XDP hook (veth's native XDP: every frame copied into a page before the program, GSO off on the peer)"
             }
             RowKind::LbXdpDsr => {
-                "lb, datapath = \"xdp\", forwarding = \"dsr\" (IPIP to the backends, which decapsulate with lb_decap and answer through their own route, advmss 1440), health tcp, affinity 30m"
+                "lb, datapath = \"xdp\", forwarding = \"dsr\", mode auto as lb-xdp (IPIP to the backends, which decapsulate with lb_decap and answer through their own route, advmss 1440), health tcp, affinity 30m"
             }
             RowKind::LbProxy => "lb, datapath = \"proxy\" (tokio user-space proxy), health tcp, affinity 30m",
             RowKind::Haproxy => "HAProxy mode tcp, balance source, hash-type consistent, check inter 1s",
@@ -114,7 +118,7 @@ impl RowKind {
     pub fn kernel(self) -> bool {
         matches!(
             self,
-            RowKind::None | RowKind::NftDnat | RowKind::LbXdp | RowKind::LbXdpTc | RowKind::LbXdpDsr
+            RowKind::None | RowKind::NftDnat | RowKind::LbXdp | RowKind::LbXdpNative | RowKind::LbXdpDsr
         )
     }
 
@@ -616,8 +620,8 @@ fn start_row<'a>(
         }),
         RowKind::LbProxy => start_lb(bed, plan, lb, "proxy", "", "", checks),
         RowKind::LbXdpDsr => start_lb(bed, plan, lb, "xdp", XDP_EXTRA_TOML, DSR_SERVICE_TOML, checks),
-        RowKind::LbXdpTc => {
-            let extra = format!("{XDP_EXTRA_TOML}{XDP_TC_TOML}");
+        RowKind::LbXdpNative => {
+            let extra = format!("{XDP_EXTRA_TOML}{XDP_NATIVE_TOML}");
             start_lb(bed, plan, lb, "xdp", &extra, "", checks)
         }
         RowKind::LbXdp => match start_lb(bed, plan, lb, "xdp", XDP_EXTRA_TOML, "", checks) {

@@ -132,6 +132,33 @@ fn link_pin(pin_path: &Path, interface: &str, hook: Hook) -> PathBuf {
     }
 }
 
+/// The hook `config`'s mode runs at on its interfaces: with `auto`, TC ingress when any of them is
+/// a veth end (said in the log, with the veths named), else XDP.
+fn hook_on(config: &XdpConfig) -> Result<Hook, XdpError> {
+    if config.mode != XdpMode::Auto {
+        return Ok(config.mode.hook(false));
+    }
+    let veths: Vec<&String> = {
+        let all = crate::netlink::Rtnetlink::open()
+            .and_then(|mut rtnl| rtnl.veths())
+            .map_err(|e| {
+                XdpError::System(format!(
+                    "[xdp] mode = \"auto\": listing the interfaces' kinds: {e}"
+                ))
+            })?;
+        config.interfaces.iter().filter(|i| all.contains(i)).collect()
+    };
+    let hook = config.mode.hook(!veths.is_empty());
+    if hook == Hook::Tc {
+        info!(
+            veths = ?veths,
+            "[xdp] mode auto: the TC hook, since veth's native XDP copies every frame and cannot forward \
+             one whose checksum is left to offload (mode = \"driver\" forces XDP)"
+        );
+    }
+    Ok(hook)
+}
+
 /// The name of the entry point run at `hook`.
 pub(super) fn entry_point(hook: Hook) -> &'static str {
     match hook {
@@ -440,7 +467,10 @@ impl XdpDatapath {
         let taken_slots: Vec<u32> = adopt_services.values().copied().collect();
         let taken_backends: Vec<u32> = adopt_backends.values().copied().collect();
 
-        let hook = cfg.mode.hook();
+        let hook = match config {
+            Some(config) => hook_on(config)?,
+            None => cfg.mode.hook(false),
+        };
         let synproxy = super::synproxy::SynProxy::load(&mut ebpf, cfg.syn_cookies, hook)?;
         let name = entry_point(hook);
         let program = ebpf

@@ -1,5 +1,6 @@
-//! The VIP routes themselves: host routes (`/32`, `/128`) of type blackhole in one kernel routing
-//! table, marked with lb's route protocol, added, listed and deleted over rtnetlink.
+//! rtnetlink, as lb uses it: the VIP routes [`crate::announce`] keeps (host routes, `/32` and
+//! `/128`, of type blackhole in one kernel routing table, marked with lb's route protocol, added,
+//! listed and deleted), and the kind of the interfaces the XDP datapath attaches to.
 //!
 //! A blackhole route is the usual "announce this prefix" marker (BIRD's own `route … blackhole`):
 //! it needs no interface, and in a table of its own that no `ip rule` consults it forwards nothing.
@@ -10,6 +11,7 @@ use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
     NetlinkPayload,
 };
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -42,13 +44,13 @@ pub struct RouteTable {
 }
 
 /// A route netlink socket (blocking; each call is one request and its answer).
-pub struct Routes {
+pub struct Rtnetlink {
     socket: Socket,
     sequence: u32,
 }
 
-impl Routes {
-    pub fn open() -> Result<Routes, NetlinkError> {
+impl Rtnetlink {
+    pub fn open() -> Result<Rtnetlink, NetlinkError> {
         let mut socket = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket)?;
         socket.bind_auto().map_err(NetlinkError::Socket)?;
         socket
@@ -57,7 +59,7 @@ impl Routes {
         // Lets the kernel filter a dump by table, protocol and type (older kernels ignore it and
         // the answer is filtered here as well).
         let _ = socket.set_netlink_get_strict_chk(true);
-        Ok(Routes { socket, sequence: 0 })
+        Ok(Rtnetlink { socket, sequence: 0 })
     }
 
     /// lb's host routes in `at`: the addresses they are for.
@@ -70,7 +72,9 @@ impl Routes {
             msg.header.kind = RouteType::BlackHole;
             set_table(&mut msg, at.table);
             for m in self.request(RouteNetlinkMessage::GetRoute(msg), NLM_F_REQUEST | NLM_F_DUMP)? {
-                if let Some(ip) = ours(&m, at) {
+                if let RouteNetlinkMessage::NewRoute(m) = m
+                    && let Some(ip) = ours(&m, at)
+                {
                     found.push(ip);
                 }
             }
@@ -101,13 +105,28 @@ impl Routes {
         }
     }
 
+    /// The names of the interfaces (of this network namespace) whose link kind is veth.
+    pub fn veths(&mut self) -> Result<Vec<String>, NetlinkError> {
+        let dump = self.request(
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_REQUEST | NLM_F_DUMP,
+        )?;
+        Ok(dump
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(link) => is_veth(&link).then(|| link_name(&link)).flatten(),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Sends one request and collects the messages of its answer, up to the ACK or the end of
     /// the dump. A NACK is returned as [`NetlinkError::Io`] with its errno.
     fn request(
         &mut self,
         message: RouteNetlinkMessage,
         flags: u16,
-    ) -> Result<Vec<RouteMessage>, NetlinkError> {
+    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
         self.sequence = self.sequence.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = flags;
@@ -136,7 +155,7 @@ impl Routes {
                                 }
                             };
                         }
-                        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(m)) => out.push(m),
+                        NetlinkPayload::InnerMessage(m) => out.push(m),
                         _ => {}
                     }
                 }
@@ -147,6 +166,20 @@ impl Routes {
             }
         }
     }
+}
+
+fn is_veth(link: &LinkMessage) -> bool {
+    link.attributes.iter().any(|a| {
+        matches!(a, LinkAttribute::LinkInfo(infos)
+            if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+    })
+}
+
+fn link_name(link: &LinkMessage) -> Option<String> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name.clone()),
+        _ => None,
+    })
 }
 
 fn libc_esrch() -> i32 {
