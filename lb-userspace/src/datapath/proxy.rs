@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
@@ -170,7 +170,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
             Ok(c) => c,
             Err(SelectError::NoBackend(_) | SelectError::State(_)) => break,
         };
-        match tokio::time::timeout(connect_timeout, TcpStream::connect(choice.address)).await {
+        match tokio::time::timeout(connect_timeout, connect(choice.address)).await {
             Ok(Ok(backend)) => {
                 svc.passive.connected(&choice.runtime);
                 balancer.confirm(
@@ -180,7 +180,6 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
                     choice.reason,
                     Instant::now(),
                 );
-                let _ = backend.set_nodelay(true);
                 relay(client, backend, &choice.runtime, splice).await;
                 return;
             }
@@ -209,6 +208,34 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
     }
     svc.failed.fetch_add(1, Ordering::Relaxed);
     debug!(%peer, "no backend reachable; closing client");
+}
+
+/// Connects to `address` with TCP_NODELAY set. Asks the socket for its error (SO_ERROR) only when
+/// epoll reported an error or a hang-up: tokio's own connect always asks, one syscall per
+/// connection more.
+async fn connect(address: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_nodelay(true)?;
+    match nix::sys::socket::connect(
+        socket.as_raw_fd(),
+        &nix::sys::socket::SockaddrStorage::from(address),
+    ) {
+        Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    // SAFETY: the socket's descriptor, owned from here on by the stream made of it.
+    let stream = TcpStream::from_std(unsafe { std::net::TcpStream::from_raw_fd(socket.into_raw_fd()) })?;
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(stream
+            .take_error()?
+            .unwrap_or_else(|| std::io::ErrorKind::ConnectionRefused.into()));
+    }
+    Ok(stream)
 }
 
 /// Copies both directions until both have reached EOF; an error in either ends both.
@@ -321,15 +348,37 @@ async fn copy_counted(
 ) -> std::io::Result<()> {
     let mut pending = Vec::new();
     loop {
-        let n = loop {
-            src.readable().await?;
+        let (n, last) = loop {
+            let ready = src.ready(Interest::READABLE | Interest::ERROR).await?;
+            if !ready.is_readable() && !ready.is_read_closed() {
+                // An error alone (the read below would not even be tried, and this would spin).
+                return Err(src
+                    .take_error()?
+                    .unwrap_or_else(|| std::io::ErrorKind::ConnectionReset.into()));
+            }
+            // The peer's FIN came in before this read, and no reset or error (which set EPOLLERR):
+            // TCP queues the FIN behind all the data, so a read that empties the queue has reached
+            // the end, and the read that would return 0 is not needed.
+            let fin = ready.is_read_closed() && !ready.is_error();
             match read_and_forward(src, dst, &mut pending) {
-                Ok(n) => break n,
+                Ok(n) => break (n, fin && n < BUFFER),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
         };
-        if n == 0 {
+        if n > 0 {
+            let mut sent = 0;
+            while sent < pending.len() {
+                match dst.try_write(&pending[sent..]) {
+                    Ok(m) => sent += m,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => dst.writable().await?,
+                    Err(e) => return Err(e),
+                }
+            }
+            pending = Vec::new();
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if n == 0 || last {
             if done.swap(true, Ordering::AcqRel) {
                 return Ok(());
             }
@@ -344,15 +393,60 @@ async fn copy_counted(
                 },
             );
         }
-        let mut sent = 0;
-        while sent < pending.len() {
-            match dst.try_write(&pending[sent..]) {
-                Ok(m) => sent += m,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => dst.writable().await?,
-                Err(e) => return Err(e),
-            }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A connected pair of loopback sockets.
+    async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let (a, b) = tokio::join!(
+            TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    /// A sender that writes everything and half-closes at once (its FIN queued behind the data
+    /// before the relay reads: the read that empties the queue ends the direction), with sizes
+    /// around the read size: every byte arrives, then EOF, and the counter says how many.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fin_queued_with_the_data_ends_the_direction_after_every_byte() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        for (i, len) in [1, 1000, BUFFER - 1, BUFFER, BUFFER + 1, 3 * BUFFER + 7]
+            .into_iter()
+            .enumerate()
+        {
+            let (mut sender, src) = pair(&listener).await;
+            let (dst, mut reader) = pair(&listener).await;
+            let data: Vec<u8> = (0..len).map(|b| (b * 7 + i) as u8).collect();
+            sender.write_all(&data).await.unwrap();
+            sender.shutdown().await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let (counter, done) = (AtomicU64::new(0), AtomicBool::new(false));
+            let read = tokio::spawn(async move {
+                let mut got = Vec::new();
+                reader.read_to_end(&mut got).await.map(|_| got)
+            });
+            copy_counted(&src, &dst, &counter, &done).await.unwrap();
+            assert_eq!(counter.load(Ordering::Relaxed), len as u64, "{len} bytes");
+            assert!(done.load(Ordering::Relaxed), "{len} bytes: the direction is over");
+            let got = tokio::time::timeout(std::time::Duration::from_secs(5), read)
+                .await
+                .expect("the reader sees EOF: the half-close was passed on")
+                .unwrap()
+                .unwrap();
+            assert!(got == data, "{len} bytes arrive exactly ({} arrived)", got.len());
+            // The other direction stays open: the sender still reads what comes back.
+            let mut src = src;
+            src.write_all(b"after").await.unwrap();
+            let mut back = [0u8; 5];
+            sender.read_exact(&mut back).await.unwrap();
+            assert_eq!(&back, b"after");
         }
-        pending = Vec::new();
-        counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 }

@@ -125,7 +125,7 @@ fn attach_hook(mode: &str) -> &'static str {
 /// What to try when attaching in `mode` fails.
 fn attach_hint(mode: &str) -> &'static str {
     if mode == "tc" {
-        "TCX links need Linux 6.6 or later ([xdp] mode = \"auto\" attaches at XDP instead)"
+        "TCX links need Linux 6.6 or later ([xdp] mode = \"driver\" attaches at XDP instead; \"auto\" takes TC on veth)"
     } else {
         "[xdp] mode = \"tc\" runs the same datapath at TC ingress instead"
     }
