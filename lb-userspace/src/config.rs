@@ -225,7 +225,8 @@ impl Default for AnnounceConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
-    /// TC ingress (as [`XdpMode::Tc`]) when any of the interfaces is a veth end, else driver
+    /// TC ingress (as [`XdpMode::Tc`]) when any of the interfaces is a veth end (and the kernel
+    /// has TCX links, Linux 6.6), else driver
     /// (native) mode, falling back to skb (generic) mode with a warning. On veth, native XDP
     /// copies every frame a local socket sent into a page of its own before the program runs, turns
     /// off GSO on the peer, and cannot forward a frame whose checksum is left to offload (veth's

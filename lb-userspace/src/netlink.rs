@@ -8,8 +8,8 @@
 use std::net::IpAddr;
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{
@@ -105,8 +105,8 @@ impl Rtnetlink {
         }
     }
 
-    /// The names of the interfaces (of this network namespace) whose link kind is veth.
-    pub fn veths(&mut self) -> Result<Vec<String>, NetlinkError> {
+    /// The indexes of the interfaces (of this network namespace) whose link kind is veth.
+    pub fn veths(&mut self) -> Result<Vec<u32>, NetlinkError> {
         let dump = self.request(
             RouteNetlinkMessage::GetLink(LinkMessage::default()),
             NLM_F_REQUEST | NLM_F_DUMP,
@@ -114,14 +114,16 @@ impl Rtnetlink {
         Ok(dump
             .into_iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(link) => is_veth(&link).then(|| link_name(&link)).flatten(),
+                RouteNetlinkMessage::NewLink(link) => is_veth(&link).then_some(link.header.index),
                 _ => None,
             })
             .collect())
     }
 
     /// Sends one request and collects the messages of its answer, up to the ACK or the end of
-    /// the dump. A NACK is returned as [`NetlinkError::Io`] with its errno.
+    /// the dump. A NACK (or a dump ended with an error) is returned as [`NetlinkError::Io`] with
+    /// its errno; a dump the kernel marks as interrupted (the table changed meanwhile) as
+    /// [`NetlinkError::Decode`].
     fn request(
         &mut self,
         message: RouteNetlinkMessage,
@@ -137,6 +139,7 @@ impl Rtnetlink {
         packet.serialize(&mut buf);
         self.socket.send(&buf, 0).map_err(NetlinkError::Io)?;
         let mut out = Vec::new();
+        let mut interrupted = false;
         loop {
             let (bytes, _) = self.socket.recv_from_full().map_err(NetlinkError::Io)?;
             let mut offset = 0;
@@ -145,7 +148,14 @@ impl Rtnetlink {
                     .map_err(|e| NetlinkError::Decode(e.to_string()))?;
                 let len = reply.header.length as usize;
                 if reply.header.sequence_number == self.sequence {
+                    interrupted |= reply.header.flags & NLM_F_DUMP_INTR != 0;
                     match reply.payload {
+                        NetlinkPayload::Done(done) if done.code != 0 => {
+                            return Err(NetlinkError::Io(std::io::Error::from_raw_os_error(-done.code)));
+                        }
+                        NetlinkPayload::Done(_) if interrupted => {
+                            return Err(NetlinkError::Decode("the dump was interrupted; try again".into()));
+                        }
                         NetlinkPayload::Done(_) => return Ok(out),
                         NetlinkPayload::Error(e) => {
                             return match e.code {
@@ -172,13 +182,6 @@ fn is_veth(link: &LinkMessage) -> bool {
     link.attributes.iter().any(|a| {
         matches!(a, LinkAttribute::LinkInfo(infos)
             if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
-    })
-}
-
-fn link_name(link: &LinkMessage) -> Option<String> {
-    link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::IfName(name) => Some(name.clone()),
-        _ => None,
     })
 }
 

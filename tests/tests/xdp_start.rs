@@ -244,3 +244,62 @@ fn xdp_killed_start_is_rebuilt_and_conflicting_starts_leave_no_pins() {
     let mut bed = bed;
     bed.lb.assert_running();
 }
+
+/// `[xdp] mode` left at `auto`: on loopback (not a veth, no native XDP) the program
+/// attaches at XDP (skb mode, after driver mode was refused); once a veth end is among the
+/// interfaces, the whole datapath runs at TC ingress (TCX links on both), and the log names the
+/// veth.
+#[test]
+fn xdp_auto_takes_xdp_on_other_interfaces_and_tc_once_a_veth_is_among_them() {
+    if !require_root("xdp_auto_takes_xdp_on_other_interfaces_and_tc_once_a_veth_is_among_them") {
+        return;
+    }
+    let ns = Netns::new(&unique_prefix("xauto")).expect("namespace");
+    for cmd in [
+        &[
+            "ip", "link", "add", "vauto0", "type", "veth", "peer", "name", "vauto1",
+        ][..],
+        &["ip", "link", "set", "lo", "up"],
+        &["ip", "addr", "add", "10.99.1.1/24", "dev", "vauto0"],
+        &["ip", "link", "set", "vauto0", "up"],
+        &["ip", "link", "set", "vauto1", "up"],
+    ] {
+        ns.exec_ok(cmd).expect("set up the interfaces");
+    }
+    for (interfaces, tc) in [(&["lo"][..], false), (&["lo", "vauto0"], true)] {
+        let pins = Pins::new(pin_dir(if tc { "autotc" } else { "autox" }));
+        let list: Vec<String> = interfaces.iter().map(|i| format!("\"{i}\"")).collect();
+        let mut lb = Daemon::start(&ns, "xauto", |socket| {
+            format!(
+                "shutdown_timeout = \"1s\"\n[control]\nsocket = \"{}\"\n\n[xdp]\ninterfaces = [{}]\npin_path = \"{}\"\n\
+                 \n[[service]]\nname = \"web\"\nlisten = \"10.99.0.1:80\"\ndatapath = \"xdp\"\n[service.health]\nkind = \"none\"\n\
+                 \n[[service.backend]]\nname = \"b1\"\naddress = \"10.99.1.2:8080\"\n",
+                socket.display(),
+                list.join(", "),
+                pins.0.display()
+            )
+        });
+        let log = lb.log();
+        let lo = ns.exec_ok(&["ip", "link", "show", "lo"]).unwrap();
+        let tcx = tcx_ingress_programs(&ns, "lo");
+        if tc {
+            assert!(
+                log.contains("[xdp] mode auto: the TC hook") && log.contains("vauto0"),
+                "TC, and the veth named:\n{log}"
+            );
+            for interface in interfaces {
+                assert_eq!(
+                    tcx_ingress_programs(&ns, interface),
+                    ["lb_tc"],
+                    "{interface}: lb_tc at TC ingress"
+                );
+            }
+            assert!(!lo.contains("xdp"), "no XDP program beside it:\n{lo}");
+        } else {
+            assert!(!log.contains("the TC hook"), "XDP on loopback:\n{log}");
+            assert!(lo.contains("xdpgeneric"), "XDP in skb mode on lo:\n{lo}");
+            assert!(tcx.is_empty(), "nothing at TC ingress: {tcx:?}");
+        }
+        lb.stop().expect("stop lb");
+    }
+}

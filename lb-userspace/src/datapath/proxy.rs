@@ -348,37 +348,15 @@ async fn copy_counted(
 ) -> std::io::Result<()> {
     let mut pending = Vec::new();
     loop {
-        let (n, last) = loop {
-            let ready = src.ready(Interest::READABLE | Interest::ERROR).await?;
-            if !ready.is_readable() && !ready.is_read_closed() {
-                // An error alone (the read below would not even be tried, and this would spin).
-                return Err(src
-                    .take_error()?
-                    .unwrap_or_else(|| std::io::ErrorKind::ConnectionReset.into()));
-            }
-            // The peer's FIN came in before this read, and no reset or error (which set EPOLLERR):
-            // TCP queues the FIN behind all the data, so a read that empties the queue has reached
-            // the end, and the read that would return 0 is not needed.
-            let fin = ready.is_read_closed() && !ready.is_error();
+        let n = loop {
+            src.readable().await?;
             match read_and_forward(src, dst, &mut pending) {
-                Ok(n) => break (n, fin && n < BUFFER),
+                Ok(n) => break n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
         };
-        if n > 0 {
-            let mut sent = 0;
-            while sent < pending.len() {
-                match dst.try_write(&pending[sent..]) {
-                    Ok(m) => sent += m,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => dst.writable().await?,
-                    Err(e) => return Err(e),
-                }
-            }
-            pending = Vec::new();
-            counter.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        if n == 0 || last {
+        if n == 0 {
             if done.swap(true, Ordering::AcqRel) {
                 return Ok(());
             }
@@ -393,6 +371,16 @@ async fn copy_counted(
                 },
             );
         }
+        let mut sent = 0;
+        while sent < pending.len() {
+            match dst.try_write(&pending[sent..]) {
+                Ok(m) => sent += m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => dst.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        pending = Vec::new();
+        counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -412,10 +400,10 @@ mod tests {
     }
 
     /// A sender that writes everything and half-closes at once (its FIN queued behind the data
-    /// before the relay reads: the read that empties the queue ends the direction), with sizes
-    /// around the read size: every byte arrives, then EOF, and the counter says how many.
+    /// before the relay reads), with sizes around the read size: every byte arrives, then EOF,
+    /// the counter says how many, and the other direction stays open.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_fin_queued_with_the_data_ends_the_direction_after_every_byte() {
+    async fn a_fin_right_behind_the_data_is_passed_on_after_every_byte() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         for (i, len) in [1, 1000, BUFFER - 1, BUFFER, BUFFER + 1, 3 * BUFFER + 7]
             .into_iter()
@@ -448,5 +436,24 @@ mod tests {
             sender.read_exact(&mut back).await.unwrap();
             assert_eq!(&back, b"after");
         }
+    }
+
+    /// `connect`: a listening backend is connected (with TCP_NODELAY), a closed port is refused
+    /// with the kernel's reason (read from the socket only then).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connect_succeeds_or_says_why() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = listener.local_addr().unwrap();
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let stream = connect(open).await.expect("a listening port");
+        assert!(stream.nodelay().unwrap(), "TCP_NODELAY set before the connect");
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert_eq!(accepted.peer_addr().unwrap(), stream.local_addr().unwrap());
+        drop((stream, accepted));
+        let refused = connect(closed).await.map(drop).map_err(|e| e.kind());
+        assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused));
     }
 }

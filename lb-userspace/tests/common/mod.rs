@@ -27,7 +27,7 @@ pub const XDP_REDIRECT: u32 = 4;
 /// The `[xdp] mode` that runs the datapath at `hook`.
 pub fn mode(hook: Hook) -> XdpMode {
     match hook {
-        Hook::Xdp => XdpMode::Auto,
+        Hook::Xdp => XdpMode::Driver,
         Hook::Tc => XdpMode::Tc,
     }
 }

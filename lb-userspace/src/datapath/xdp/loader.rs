@@ -132,31 +132,37 @@ fn link_pin(pin_path: &Path, interface: &str, hook: Hook) -> PathBuf {
     }
 }
 
-/// The hook `config`'s mode runs at on its interfaces: with `auto`, TC ingress when any of them is
-/// a veth end (said in the log, with the veths named), else XDP.
-fn hook_on(config: &XdpConfig) -> Result<Hook, XdpError> {
+/// The hook `config`'s mode runs at on its interfaces. With `auto`: TC ingress when any of them is
+/// a veth end and the kernel has TCX links (Linux 6.6), said in the log with the veths named; else
+/// XDP, also when the interfaces' kinds cannot be read (a warning says why).
+fn hook_on(config: &XdpConfig) -> Hook {
     if config.mode != XdpMode::Auto {
-        return Ok(config.mode.hook(false));
+        return config.mode.hook(false);
     }
-    let veths: Vec<&String> = {
-        let all = crate::netlink::Rtnetlink::open()
-            .and_then(|mut rtnl| rtnl.veths())
-            .map_err(|e| {
-                XdpError::System(format!(
-                    "[xdp] mode = \"auto\": listing the interfaces' kinds: {e}"
-                ))
-            })?;
-        config.interfaces.iter().filter(|i| all.contains(i)).collect()
+    if !aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)) {
+        return Hook::Xdp;
+    }
+    let veths = match crate::netlink::Rtnetlink::open().and_then(|mut rtnl| rtnl.veths()) {
+        Ok(veths) => veths,
+        Err(e) => {
+            warn!(error = %e, "[xdp] mode auto: cannot read the interfaces' kinds; attaching at XDP");
+            return Hook::Xdp;
+        }
     };
-    let hook = config.mode.hook(!veths.is_empty());
+    let on_veth: Vec<&String> = config
+        .interfaces
+        .iter()
+        .filter(|i| nix::net::if_::if_nametoindex(i.as_str()).is_ok_and(|index| veths.contains(&index)))
+        .collect();
+    let hook = config.mode.hook(!on_veth.is_empty());
     if hook == Hook::Tc {
         info!(
-            veths = ?veths,
+            veths = ?on_veth,
             "[xdp] mode auto: the TC hook, since veth's native XDP copies every frame and cannot forward \
              one whose checksum is left to offload (mode = \"driver\" forces XDP)"
         );
     }
-    Ok(hook)
+    hook
 }
 
 /// The name of the entry point run at `hook`.
@@ -468,7 +474,7 @@ impl XdpDatapath {
         let taken_backends: Vec<u32> = adopt_backends.values().copied().collect();
 
         let hook = match config {
-            Some(config) => hook_on(config)?,
+            Some(config) => hook_on(config),
             None => cfg.mode.hook(false),
         };
         let synproxy = super::synproxy::SynProxy::load(&mut ebpf, cfg.syn_cookies, hook)?;
