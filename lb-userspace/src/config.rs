@@ -225,12 +225,12 @@ impl Default for AnnounceConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
-    /// TC ingress (as [`XdpMode::Tc`]) when any of the interfaces is a veth end (and the kernel
-    /// has TCX links, Linux 6.6), else driver
-    /// (native) mode, falling back to skb (generic) mode with a warning. On veth, native XDP
-    /// copies every frame a local socket sent into a page of its own before the program runs, turns
-    /// off GSO on the peer, and cannot forward a frame whose checksum is left to offload (veth's
-    /// default); at TC the same program sees the GRO-merged skb and redirects it without a copy.
+    /// TC ingress (as [`XdpMode::Tc`]) when any of the interfaces is a veth end and the kernel
+    /// has TCX links (Linux 6.6), else driver (native) mode, falling back to skb (generic) mode
+    /// with a warning. On veth, native XDP copies every frame a local socket sent into a page of
+    /// its own before the program runs, turns off GSO on the peer, and cannot forward a frame
+    /// whose checksum is left to offload (veth's default); at TC the same program sees the
+    /// GRO-merged skb and redirects it without a copy.
     Auto,
     Driver,
     Skb,

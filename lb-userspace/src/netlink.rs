@@ -71,7 +71,14 @@ impl Rtnetlink {
             msg.header.protocol = RouteProtocol::from(at.protocol);
             msg.header.kind = RouteType::BlackHole;
             set_table(&mut msg, at.table);
-            for m in self.request(RouteNetlinkMessage::GetRoute(msg), NLM_F_REQUEST | NLM_F_DUMP)? {
+            let dump = match self.request(RouteNetlinkMessage::GetRoute(msg), NLM_F_REQUEST | NLM_F_DUMP) {
+                // A table nothing was ever added to does not exist yet: it holds no routes.
+                Err(NetlinkError::Io(e)) if e.raw_os_error() == Some(nix::errno::Errno::ENOENT as i32) => {
+                    Vec::new()
+                }
+                dump => dump?,
+            };
+            for m in dump {
                 if let RouteNetlinkMessage::NewRoute(m) = m
                     && let Some(ip) = ours(&m, at)
                 {
