@@ -9,6 +9,9 @@
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use lb_common::maps::{FlowValue, NEXT_HOP_CACHE_NS};
 
+use crate::Verdict;
+use crate::frame::Frame;
+
 /// Slots per CPU; the slot of a question is a hash of it (a collision costs a FIB lookup).
 const SLOTS: u32 = 256;
 
@@ -37,11 +40,27 @@ fn slot(dst_be: u32, src_be: u32, ingress: u32) -> Option<*mut NextHop> {
     NEXT_HOPS.get_ptr_mut(h >> 24)
 }
 
+/// [`crate::forward`] for `flow`'s packet (its IPv4 header's `tos`), sharing next hops: a flow
+/// without one yet takes this CPU's fresh answer to its question, and the answer the FIB gives it
+/// is kept for the flows asking next.
+#[inline(always)]
+pub fn forward<C: Frame>(ctx: &C, flow: &mut FlowValue, tos: u8, now: u64, cpus: u32) -> Verdict {
+    let fresh = flow.next_hop_ifindex == 0;
+    if fresh {
+        fill(flow, ctx.ingress(), tos, now);
+    }
+    let verdict = crate::forward(ctx, flow, now, cpus);
+    if fresh {
+        remember(flow, ctx.ingress(), tos, now);
+    }
+    verdict
+}
+
 /// Gives `flow` (which has no next hop yet) the answer this CPU has to its question, if fresh at
 /// `now`. The flow's rewritten packet asks: to `new_dst_be` from `new_src_be` with `tos`, come in
 /// on `ingress`.
 #[inline(always)]
-pub fn fill(flow: &mut FlowValue, ingress: u32, tos: u8, now: u64) {
+fn fill(flow: &mut FlowValue, ingress: u32, tos: u8, now: u64) {
     let Some(slot) = slot(flow.new_dst_be, flow.new_src_be, ingress) else {
         return;
     };
@@ -63,7 +82,7 @@ pub fn fill(flow: &mut FlowValue, ingress: u32, tos: u8, now: u64) {
 /// Records the next hop `flow` got from the FIB at `now` (a flow whose copy is older got it from
 /// here, or earlier).
 #[inline(always)]
-pub fn remember(flow: &FlowValue, ingress: u32, tos: u8, now: u64) {
+fn remember(flow: &FlowValue, ingress: u32, tos: u8, now: u64) {
     if flow.next_hop_ns != now || flow.next_hop_ifindex == 0 {
         return;
     }

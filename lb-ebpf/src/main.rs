@@ -360,16 +360,8 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
             // helpers, after which the TC hook's packet pointers are no longer valid).
             let tos = unsafe { (*ip).tos };
             ctx.fix_l4(l4_off, pseudo, rest);
-            // A reply entry's first packet: see `hop`.
-            let fresh = f.next_hop_ifindex == 0;
-            if fresh {
-                hop::fill(f, ctx.ingress(), tos, now);
-            }
-            let verdict = forward(ctx, f, now, cfg.cpus);
-            if fresh {
-                hop::remember(f, ctx.ingress(), tos, now);
-            }
-            return verdict;
+            // A reply entry's first packet has no next hop yet: see `hop`.
+            return hop::forward(ctx, f, tos, now, cfg.cpus);
         }
     }
 
@@ -489,9 +481,7 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
     let tos = unsafe { (*ip).tos };
     ctx.fix_l4(l4_off, pseudo, rest);
     // The next hop is found before the entry is stored, so it is stored with it.
-    hop::fill(forward_value, ctx.ingress(), tos, now);
-    let verdict = forward(ctx, forward_value, now, cfg.cpus);
-    hop::remember(forward_value, ctx.ingress(), tos, now);
+    let verdict = hop::forward(ctx, forward_value, tos, now, cfg.cpus);
     // The client reused a port of an earlier connection still on record: that connection is over
     // (its reply entry, if still its own, ages out as closed; its port is free after closed_timeout),
     // and the new flow's entry is stored over its entry (`store_forward`). Looked up again, not
