@@ -70,6 +70,20 @@ impl Fixture {
         (verdict, out)
     }
 
+    /// Opens a connection from the client's `port` (SYN with sequence number 1000, then its ACK,
+    /// both forwarded); returns the SNAT port it got.
+    fn open(&self, port: u16, client_if: u32) -> u16 {
+        let (verdict, out) = self.run(&client_frame(port, SYN, 1000), client_if);
+        assert_eq!(verdict, XDP_REDIRECT, "SYN from port {port} forwarded");
+        let snat = snat_port(&out);
+        assert_eq!(
+            self.run(&client_frame(port, ACK, 1001), client_if).0,
+            XDP_REDIRECT,
+            "ACK from port {port} forwarded"
+        );
+        snat
+    }
+
     fn counter(&self, name: &str) -> u64 {
         common::counter(self.xdp(), name)
     }
@@ -238,13 +252,7 @@ fn xdp_closed_connections_lend_their_ports_once_quiet(hook: Hook) {
         let fx = Fixture::new(hook, "snatcl", Duration::from_secs(5));
         let mut ports = Vec::new();
         for i in 0..SNAT_PORTS {
-            let (verdict, out) = fx.run(&client_frame(40000 + i, SYN, 1000), client_if);
-            assert_eq!(verdict, XDP_REDIRECT, "SYN {i} forwarded");
-            let port = snat_port(&out);
-            assert_eq!(
-                fx.run(&client_frame(40000 + i, ACK, 1001), client_if).0,
-                XDP_REDIRECT
-            );
+            let port = fx.open(40000 + i, client_if);
             assert_eq!(
                 fx.run(&client_frame(40000 + i, FIN | ACK, 1001), client_if).0,
                 XDP_REDIRECT
@@ -286,12 +294,7 @@ fn xdp_a_reset_connection_lends_its_port_only_100_ms_after_the_reset(hook: Hook)
     on_one_cpu(|client_if, _| {
         let fx = Fixture::new(hook, "snatrst", Duration::from_secs(5));
         for i in 0..SNAT_PORTS {
-            let (verdict, _) = fx.run(&client_frame(40000 + i, SYN, 1000), client_if);
-            assert_eq!(verdict, XDP_REDIRECT, "SYN {i} forwarded");
-            assert_eq!(
-                fx.run(&client_frame(40000 + i, ACK, 1001), client_if).0,
-                XDP_REDIRECT
-            );
+            fx.open(40000 + i, client_if);
         }
         // The backend says nothing for longer than the reuse delay; then every client resets.
         std::thread::sleep(Duration::from_millis(200));
