@@ -2,16 +2,18 @@
 //! existing connection (the datapath's own business) > affinity entry > Maglev ring, by
 //! [`lb_common::select`].
 //!
-//! [`Balancer`] publishes the state with its runtime as an immutable [`Snapshot`] (arc-swap: a new
-//! connection reads it without a lock) and keeps source-IP affinity in sharded tables, so
-//! connections of different clients rarely meet on a lock.
+//! [`Balancer`] publishes the state with its runtime as an immutable [`Snapshot`] (arc-swap) and
+//! keeps source-IP affinity in a lock-free hash map (papaya), so a new connection takes no lock:
+//! it reads the snapshot and its client's entry, and writes the entry back atomically.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use papaya::{Compute, Operation};
 use serde::Serialize;
 
 use lb_common::maps::AffinityValue;
@@ -22,11 +24,9 @@ use crate::datapath::affinity::{AffinityEntry, AffinityTable, Failback, Filter};
 use crate::runtime::{BackendRuntime, Snapshot};
 use crate::state::{Command, Effect, Service, State, StateError};
 
-/// Most affinity entries kept per shard (all services together); beyond it expired entries are
-/// swept, then the oldest go.
+/// Most affinity entries kept (all services together); beyond it expired entries are swept, then
+/// the oldest go.
 pub const AFFINITY_CAPACITY: usize = 1 << 20;
-/// Affinity shards: a client's entry lives in one, picked by its address.
-const SHARDS: usize = 32;
 
 /// Folds a client address into the 32 bits the shared hash takes (IPv4 as is).
 pub fn client_key(ip: IpAddr) -> u32 {
@@ -41,45 +41,11 @@ pub fn client_key(ip: IpAddr) -> u32 {
     }
 }
 
-/// Source-IP affinity entries of one shard: (service id, client) → [`AffinityValue`] (backend,
-/// failover home, last seen in nanoseconds of the balancer's clock).
-#[derive(Debug, Default)]
-struct Shard {
-    entries: HashMap<(u32, IpAddr), AffinityValue>,
-}
-
-impl Shard {
-    fn live(&self, key: &(u32, IpAddr), timeout: Duration, now: u64) -> Option<AffinityValue> {
-        self.entries
-            .get(key)
-            .copied()
-            .filter(|e| now.saturating_sub(e.last_seen_ns) < timeout.as_nanos() as u64)
-    }
-
-    fn insert(&mut self, key: (u32, IpAddr), value: AffinityValue, timeouts: &HashMap<u32, Duration>) {
-        if self.entries.len() >= AFFINITY_CAPACITY / SHARDS && !self.entries.contains_key(&key) {
-            self.sweep(value.last_seen_ns, timeouts);
-            if self.entries.len() >= AFFINITY_CAPACITY / SHARDS
-                && let Some(oldest) = self
-                    .entries
-                    .iter()
-                    .min_by_key(|(_, e)| e.last_seen_ns)
-                    .map(|(k, _)| *k)
-            {
-                self.entries.remove(&oldest);
-            }
-        }
-        self.entries.insert(key, value);
-    }
-
-    /// Drops entries older than their service's timeout (all of a service that is gone).
-    fn sweep(&mut self, now: u64, timeouts: &HashMap<u32, Duration>) {
-        self.entries.retain(|(service, _), e| {
-            timeouts
-                .get(service)
-                .is_some_and(|t| now.saturating_sub(e.last_seen_ns) < t.as_nanos() as u64)
-        });
-    }
+/// An affinity entry's value if it is younger than `timeout` at `now`.
+fn live(entry: Option<&AffinityValue>, timeout: Duration, now: u64) -> Option<AffinityValue> {
+    entry
+        .copied()
+        .filter(|e| now.saturating_sub(e.last_seen_ns) < timeout.as_nanos() as u64)
 }
 
 /// The selection's view of a service's backends and ring.
@@ -175,23 +141,55 @@ impl Pending {
 /// Readers ([`Balancer::choose`], [`Balancer::snapshot`]) never wait for writers. Writers
 /// ([`Balancer::stage`] then [`Balancer::commit`]) must be serialized by the caller: the engine
 /// holds its command lock across both.
-#[derive(Debug)]
 pub struct Balancer {
     current: ArcSwap<Snapshot>,
-    shards: Vec<Mutex<Shard>>,
+    /// Source-IP affinity: (service id, client) → [`AffinityValue`] (backend, failover home, last
+    /// seen in nanoseconds of the balancer's clock).
+    affinity: papaya::HashMap<(u32, IpAddr), AffinityValue>,
+    /// Most entries `affinity` keeps ([`AFFINITY_CAPACITY`]).
+    capacity: usize,
+    /// Set while one caller makes room in a full table; the others go on.
+    making_room: AtomicBool,
+    /// Odd while a failback commit publishes its snapshot and forgets the entries it sends back:
+    /// a selection that saw it change reads again.
+    failback_seq: AtomicU64,
+    /// Held by a failback commit; a selection that met one waits here rather than spin.
+    failback: Mutex<()>,
     /// Zero of the clock affinity entries are kept in.
     epoch: Instant,
+}
+
+impl std::fmt::Debug for Balancer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balancer")
+            .field("services", &self.current.load().state.services.len())
+            .field("affinity", &self.affinity.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Balancer {
     pub fn new(state: State) -> Self {
         Balancer {
             current: ArcSwap::from_pointee(Snapshot::new(state)),
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            affinity: papaya::HashMap::new(),
+            capacity: AFFINITY_CAPACITY,
+            making_room: AtomicBool::new(false),
+            failback_seq: AtomicU64::new(0),
+            failback: Mutex::new(()),
             // Far enough back that instants taken just before the balancer was made still count.
             epoch: Instant::now()
                 .checked_sub(Duration::from_secs(3600))
                 .unwrap_or_else(Instant::now),
+        }
+    }
+
+    /// A balancer whose affinity table keeps at most `capacity` entries.
+    #[cfg(test)]
+    fn with_capacity(state: State, capacity: usize) -> Self {
+        Balancer {
+            capacity,
+            ..Balancer::new(state)
         }
     }
 
@@ -244,20 +242,17 @@ impl Balancer {
         };
         match (&effect, failback) {
             (Effect::ServiceChanged(name), Some((service, failback))) => {
-                // Published and forgotten under every shard's lock: a selection (which reads the
-                // snapshot under its shard's lock) sees the old snapshot with the old entries or
+                // Published and forgotten inside a failback section: a selection that overlapped
+                // it reads again (see `read`), so it sees the old snapshot with the old entries or
                 // the new one without them, never the new state with a failed-over entry.
-                let mut shards: Vec<_> = self.shards.iter().map(|s| s.lock().unwrap()).collect();
+                let _section = self
+                    .failback
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                self.failback_seq.fetch_add(1, Ordering::AcqRel);
                 self.current.store(Arc::new(snapshot));
-                let mut moved = 0;
-                for shard in &mut shards {
-                    let before = shard.entries.len();
-                    shard
-                        .entries
-                        .retain(|(s, _), e| !(*s == service && failback.picks_value(e)));
-                    moved += before - shard.entries.len();
-                }
-                drop(shards);
+                let moved = self.forget(|(s, _), e| *s == service && failback.picks_value(e));
+                self.failback_seq.fetch_add(1, Ordering::Release);
                 if moved > 0 {
                     tracing::info!(service = %name, clients = moved, "failback: clients return to the ring");
                 }
@@ -265,9 +260,7 @@ impl Balancer {
             _ => self.current.store(Arc::new(snapshot)),
         }
         if let Some(id) = removed {
-            for shard in &self.shards {
-                shard.lock().unwrap().entries.retain(|(s, _), _| *s != id);
-            }
+            self.forget(|(s, _), _| *s == id);
         }
         effect
     }
@@ -275,17 +268,39 @@ impl Balancer {
     /// Forgets the entries `pick` chooses; returns how many.
     fn forget(&self, pick: impl Fn(&(u32, IpAddr), &AffinityValue) -> bool) -> usize {
         let mut forgotten = 0;
-        for shard in &self.shards {
-            let mut shard = shard.lock().unwrap();
-            let before = shard.entries.len();
-            shard.entries.retain(|k, e| !pick(k, e));
-            forgotten += before - shard.entries.len();
-        }
+        self.affinity.pin().retain(|k, e| {
+            let go = pick(k, e);
+            forgotten += usize::from(go);
+            !go
+        });
         forgotten
     }
 
-    fn shard(&self, client: IpAddr) -> &Mutex<Shard> {
-        &self.shards[client_key(client) as usize % SHARDS]
+    /// The published snapshot and `client`'s affinity entry in `service`, read together: never the
+    /// snapshot of a failback with an entry that failback forgets (see `commit`). Takes no lock
+    /// unless a failback commit is under way.
+    fn read(
+        &self,
+        service: &str,
+        client: IpAddr,
+    ) -> Result<(arc_swap::Guard<Arc<Snapshot>>, Option<AffinityValue>), StateError> {
+        let map = self.affinity.pin();
+        loop {
+            let seq = self.failback_seq.load(Ordering::Acquire);
+            if seq.is_multiple_of(2) {
+                let snapshot = self.current.load();
+                let id = snapshot.state.service(service)?.id;
+                let entry = map.get(&(id, client)).copied();
+                if self.failback_seq.load(Ordering::Acquire) == seq {
+                    return Ok((snapshot, entry));
+                }
+            }
+            drop(
+                self.failback
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+        }
     }
 
     /// Picks a backend for a new connection from `client`, skipping `exclude` (backends whose connect
@@ -297,9 +312,7 @@ impl Balancer {
         now: Instant,
         exclude: &[u32],
     ) -> Result<Choice, SelectError> {
-        // The snapshot is read under the shard's lock (see `commit`).
-        let shard = self.shard(client).lock().unwrap();
-        let snapshot = self.current.load();
+        let (snapshot, entry) = self.read(service, client)?;
         let svc = snapshot.state.service(service)?;
         let timeout = svc.settings.affinity_timeout;
         let now = self.clock(now);
@@ -307,8 +320,7 @@ impl Balancer {
             seed: snapshot.state.seed,
             affinity_timeout_ns: timeout.as_nanos() as u64,
         };
-        let live = shard.live(&(svc.id, client), timeout, now);
-        drop(shard);
+        let live = live(entry.as_ref(), timeout, now);
         let choice = select::select(
             &policy,
             None,
@@ -399,18 +411,43 @@ impl Balancer {
             return;
         }
         let now = self.clock(now);
-        let key = (svc.id, client);
-        let mut shard = self.shard(client).lock().unwrap();
-        let live = shard.live(&key, timeout, now);
-        if reason == Reason::Affinity && live.is_none() {
+        // Read and written in one step: a failback or flush forgets the entry before or after,
+        // never in between.
+        let inserted = matches!(
+            self.affinity.pin().compute((svc.id, client), |entry| {
+                let live = live(entry.map(|(_, e)| e), timeout, now);
+                if reason == Reason::Affinity && live.is_none() {
+                    Operation::Abort(())
+                } else {
+                    Operation::Insert(select::next_entry(live, backend_id, now))
+                }
+            }),
+            Compute::Inserted(..)
+        );
+        if inserted {
+            self.make_room(now);
+        }
+    }
+
+    /// Keeps the affinity table within its capacity once an insert went past it: drops expired
+    /// entries, then the oldest, down to a sixteenth below the capacity so that the next inserts
+    /// do not each scan the table. One caller at a time; the others go on.
+    fn make_room(&self, now: u64) {
+        if self.affinity.len() <= self.capacity || self.making_room.swap(true, Ordering::Acquire) {
             return;
         }
-        let value = select::next_entry(live, backend_id, now);
-        if shard.entries.len() >= AFFINITY_CAPACITY / SHARDS {
-            shard.insert(key, value, &self.timeouts());
-        } else {
-            shard.entries.insert(key, value);
+        self.sweep_at(now);
+        let over = self.affinity.len().saturating_sub(self.capacity);
+        if over > 0 {
+            let map = self.affinity.pin();
+            let mut seen: Vec<u64> = map.values().map(|e| e.last_seen_ns).collect();
+            let n = (over + self.capacity / 16).min(seen.len());
+            if n > 0 {
+                let cutoff = *seen.select_nth_unstable(n - 1).1;
+                map.retain(|_, e| e.last_seen_ns > cutoff);
+            }
         }
+        self.making_room.store(false, Ordering::Release);
     }
 
     /// Time since `client` was last seen, if its affinity entry is live.
@@ -418,11 +455,8 @@ impl Balancer {
         let snapshot = self.current.load();
         let svc = snapshot.state.services.get(service)?;
         let now = self.clock(now);
-        let entry =
-            self.shard(client)
-                .lock()
-                .unwrap()
-                .live(&(svc.id, client), svc.settings.affinity_timeout, now)?;
+        let map = self.affinity.pin();
+        let entry = live(map.get(&(svc.id, client)), svc.settings.affinity_timeout, now)?;
         Some(Duration::from_nanos(now.saturating_sub(entry.last_seen_ns)))
     }
 
@@ -432,19 +466,23 @@ impl Balancer {
         let Some(id) = self.current.load().state.services.get(service).map(|s| s.id) else {
             return 0;
         };
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap().entries.keys().filter(|(s, _)| *s == id).count())
-            .sum()
+        self.affinity.pin().keys().filter(|(s, _)| *s == id).count()
     }
 
     /// Drops expired affinity entries of every service.
     pub fn sweep(&self, now: Instant) {
-        let now = self.clock(now);
+        self.sweep_at(self.clock(now));
+    }
+
+    /// [`Balancer::sweep`] at `now` on the balancer's clock: drops entries older than their
+    /// service's timeout (all of a service that is gone).
+    fn sweep_at(&self, now: u64) {
         let timeouts = self.timeouts();
-        for shard in &self.shards {
-            shard.lock().unwrap().sweep(now, &timeouts);
-        }
+        self.affinity.pin().retain(|(service, _), e| {
+            timeouts
+                .get(service)
+                .is_some_and(|t| now.saturating_sub(e.last_seen_ns) < t.as_nanos() as u64)
+        });
     }
 }
 
@@ -452,16 +490,15 @@ impl AffinityTable for Balancer {
     fn entries(&self, service: &Service) -> Vec<AffinityEntry> {
         let timeout = service.settings.affinity_timeout.as_nanos() as u64;
         let now = self.clock(Instant::now());
-        let mut out = Vec::new();
-        for shard in &self.shards {
-            let shard = shard.lock().unwrap();
-            out.extend(shard.entries.iter().filter_map(|((s, client), e)| {
+        self.affinity
+            .pin()
+            .iter()
+            .filter_map(|((s, client), e)| {
                 let idle = now.saturating_sub(e.last_seen_ns);
                 (*s == service.id && idle < timeout)
                     .then(|| AffinityEntry::new(*client, e.backend, e.home, Duration::from_nanos(idle)))
-            }));
-        }
-        out
+            })
+            .collect()
     }
 
     fn flush(&self, service: &Service, filter: Filter<'_>) -> Result<usize, DatapathError> {
@@ -483,11 +520,8 @@ impl AffinityTable for Balancer {
             home: lb_common::maps::NO_BACKEND,
             last_seen_ns: self.clock(Instant::now()),
         };
-        let timeouts = self.timeouts();
-        self.shard(client)
-            .lock()
-            .unwrap()
-            .insert((service.id, client), value, &timeouts);
+        self.affinity.pin().insert((service.id, client), value);
+        self.make_room(value.last_seen_ns);
         Ok(())
     }
 }
@@ -740,6 +774,126 @@ mod tests {
             "b1",
             "the client fails back"
         );
+    }
+
+    fn failing_back() -> Balancer {
+        let mut s = three();
+        let mut svc = s.service("web").unwrap().settings.clone();
+        svc.failback = true;
+        s.apply(Command::UpdateService { service: svc }).unwrap();
+        Balancer::new(s)
+    }
+
+    fn health(backend: &str, health: Health) -> Command {
+        Command::SetHealth {
+            service: "web".into(),
+            backend: backend.into(),
+            health,
+        }
+    }
+
+    #[test]
+    fn a_full_table_drops_expired_entries_then_the_oldest() {
+        let b = Balancer::with_capacity(three(), 64);
+        let t0 = Instant::now();
+        // 40 clients that will have expired (the timeout is 600 s), then 40 live ones.
+        for i in 0..40 {
+            connect(&b, ip(i), t0);
+        }
+        let t1 = t0 + Duration::from_secs(1000);
+        for i in 40..80 {
+            connect(&b, ip(i), t1 + Duration::from_millis(u64::from(i)));
+        }
+        let left: Vec<u32> = (0..80)
+            .filter(|i| {
+                b.affinity_age("web", ip(*i), t1 + Duration::from_secs(1))
+                    .is_some()
+            })
+            .collect();
+        assert_eq!(left, (40..80).collect::<Vec<_>>(), "the expired went first");
+        assert!(b.affinity.len() <= 64);
+        // 60 more live clients: the table stays within its capacity by dropping the oldest.
+        let t2 = t1 + Duration::from_secs(1);
+        for i in 80..140 {
+            connect(&b, ip(i), t2 + Duration::from_millis(u64::from(i)));
+        }
+        assert!(b.affinity.len() <= 64, "{} entries", b.affinity.len());
+        let newest = b.affinity_age("web", ip(139), t2 + Duration::from_secs(1));
+        assert!(newest.is_some(), "the newest client keeps its entry");
+        assert!(
+            b.affinity_age("web", ip(40), t2 + Duration::from_secs(1))
+                .is_none(),
+            "the oldest live client lost its entry"
+        );
+    }
+
+    /// Selections from several threads, refreshing the entries they follow, while b1 goes down
+    /// (its clients fail over) and comes back (`failback = true` sends them home): a selection
+    /// never reads the state after a failback together with an entry that failback forgot.
+    #[test]
+    fn selections_racing_failbacks_never_see_an_entry_the_failback_forgot() {
+        use std::sync::atomic::AtomicUsize;
+        let b = failing_back();
+        let b1 = b
+            .snapshot()
+            .state
+            .service("web")
+            .unwrap()
+            .backend_by_id(0)
+            .unwrap()
+            .id;
+        let clients: Vec<IpAddr> = (0..64).map(ip).collect();
+        let (stop, seen) = (AtomicBool::new(false), AtomicUsize::new(0));
+        std::thread::scope(|scope| {
+            for part in clients.chunks(32) {
+                let (b, stop, seen) = (&b, &stop, &seen);
+                scope.spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        for c in part {
+                            let (snapshot, entry) = b.read("web", *c).unwrap();
+                            let home_is_back = snapshot
+                                .state
+                                .service("web")
+                                .unwrap()
+                                .backend_by_id(b1)
+                                .unwrap()
+                                .admits_new();
+                            if let Some(e) = entry.filter(|e| e.home == b1) {
+                                assert!(!home_is_back, "{e:?} read with b1 back");
+                                seen.fetch_add(1, Ordering::Relaxed);
+                            }
+                            drop(snapshot);
+                            let now = Instant::now();
+                            let choice = b.choose("web", *c, now, &[]).unwrap();
+                            if choice.reason == Reason::Affinity {
+                                b.confirm("web", *c, choice.backend_id, choice.reason, now);
+                            }
+                        }
+                    }
+                });
+            }
+            let web = b.snapshot().state.service("web").unwrap().clone();
+            for _ in 0..200 {
+                // Every client on b1, then failed over from it, then sent home.
+                for c in &clients {
+                    b.pin(&web, *c, b1).unwrap();
+                }
+                b.apply(health("b1", Health::Down)).unwrap();
+                for c in &clients {
+                    connect(&b, *c, Instant::now());
+                }
+                b.apply(health("b1", Health::Up)).unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert!(seen.into_inner() > 0, "no failed-over entry was ever read");
+        for c in &clients {
+            let (_, entry) = b.read("web", *c).unwrap();
+            assert!(
+                entry.is_none_or(|e| e.home != b1),
+                "{c} still failed over from b1"
+            );
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! - [`runtime`]: live data per backend (counters, reset token, transitions, check status) kept
 //!   apart from the state, published with it as a [`runtime::Snapshot`].
 //! - [`maglev`]: the weighted Maglev table builder.
-//! - [`balancer`]: the published snapshot (read without a lock) and sharded affinity; backend
+//! - [`balancer`]: the published snapshot and affinity, both read without a lock; backend
 //!   selection by `lb_common::select`, the one implementation of the DESIGN.md rules.
 //! - [`engine`]: applies commands to the balancer and the datapaths as transactions; answers
 //!   control requests.
