@@ -439,6 +439,7 @@ impl Engine {
             announce: old.announce.clone(),
             ..new.clone()
         };
+        let before = self.snapshot();
         for command in state::diff(&old, &new) {
             let description = describe(&command);
             match self.execute_by(command.clone(), &origin) {
@@ -448,6 +449,11 @@ impl Engine {
                     view.problems.push(format!("{description}: {e}"));
                     // Remember what did not come up, so the next reload tries again.
                     forget_failed(&mut applied_config, &command);
+                    if let Command::AddService { service } = &command
+                        && let Some(was) = before.state.services.get(&service.name)
+                    {
+                        self.put_back(was, &origin, &old, &mut applied_config, &mut view);
+                    }
                 }
             }
         }
@@ -465,6 +471,45 @@ impl Engine {
             path.display()
         );
         Ok(view)
+    }
+
+    /// A reload removed `was` to make it anew (its listen address or datapath changed) and the new
+    /// form did not come up: the service goes back as it ran before the reload (runtime changes
+    /// included; affinity and open connections are gone with the removal), so a refused change
+    /// does not cost it its traffic. The file's old entry stays the applied one, so the next
+    /// reload tries the change again.
+    fn put_back(
+        &self,
+        was: &state::Service,
+        origin: &Origin,
+        old: &Config,
+        applied: &mut Config,
+        view: &mut ReloadView,
+    ) {
+        let name = &was.settings.name;
+        match self.execute_by(
+            Command::AddService {
+                service: was.config(),
+            },
+            origin,
+        ) {
+            Ok(_) => {
+                warn!(service = %name, listen = %was.settings.listen, "reload: service kept as it was");
+                view.problems.push(format!(
+                    "service {name} kept as it was, on {}",
+                    was.settings.listen
+                ));
+                applied
+                    .services
+                    .extend(old.services.iter().find(|s| &s.name == name).cloned());
+            }
+            Err(e) => {
+                warn!(service = %name, error = %e, "reload: the service could not be put back either");
+                view.problems.push(format!(
+                    "service {name} could not be put back as it was either: {e}"
+                ));
+            }
+        }
     }
 
     /// Which backend `client` would reach now, and why (no side effects). A datapath with tables

@@ -4,13 +4,14 @@
 //! health checker) and is applied by [`State::apply`], which rebuilds the ring of the touched service
 //! and returns an [`Effect`] for the datapaths.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AdminState, BackendConfig, Config, ServiceConfig};
+use crate::config::{AdminState, BackendConfig, Config, DatapathKind, ServiceConfig};
+use crate::datapath::ajp::route_of;
 use crate::maglev;
 
 /// Health as decided by the checker (or `Up` when a service has no checks).
@@ -101,6 +102,15 @@ pub struct Service {
 }
 
 impl Service {
+    /// The service as it runs now, as a config: its settings with the live backends (runtime
+    /// changes included).
+    pub fn config(&self) -> ServiceConfig {
+        ServiceConfig {
+            backends: self.backends.iter().map(|b| b.config.clone()).collect(),
+            ..self.settings.clone()
+        }
+    }
+
     pub fn backend(&self, reference: &str) -> Option<&Backend> {
         self.backends.iter().find(|b| b.matches(reference))
     }
@@ -299,6 +309,14 @@ pub enum StateError {
     },
     #[error("weight {0} is out of range; allowed 0..=256")]
     Weight(u32),
+    #[error(
+        "service `{service}`: route `{route}` is already the route of backend `{backend}`; each backend needs its own route (Tomcat jvmRoute), give this one --route"
+    )]
+    RouteInUse {
+        service: String,
+        route: String,
+        backend: String,
+    },
 }
 
 /// Services keyed by name, and the hashing parameters shared by all rings.
@@ -418,6 +436,16 @@ impl State {
                     staged.backends.iter().map(|b| b.config.name.clone()).collect();
                 let mut addresses: std::collections::HashSet<SocketAddr> =
                     staged.backends.iter().map(|b| b.config.address).collect();
+                let ajp = staged.settings.datapath == DatapathKind::Ajp;
+                let mut routes: HashMap<Vec<u8>, String> = if ajp {
+                    staged
+                        .backends
+                        .iter()
+                        .map(|b| (route_of(&b.config).to_vec(), b.config.name.clone()))
+                        .collect()
+                } else {
+                    HashMap::new()
+                };
                 for backend in backends {
                     check_weight(backend.weight)?;
                     if names.contains(&backend.name) || addresses.contains(&backend.address) {
@@ -426,6 +454,13 @@ impl State {
                             name: backend.name,
                             address: backend.address,
                         });
+                    }
+                    if ajp {
+                        let route = route_of(&backend).to_vec();
+                        if let Some(other) = routes.get(&route) {
+                            return Err(route_in_use(&name, &backend, other));
+                        }
+                        routes.insert(route, backend.name.clone());
                     }
                     names.insert(backend.name.clone());
                     addresses.insert(backend.address);
@@ -509,8 +544,26 @@ fn add_backend(service: &mut Service, backend: BackendConfig) -> Result<(), Stat
             address: backend.address,
         });
     }
+    if service.settings.datapath == DatapathKind::Ajp
+        && let Some(other) = service
+            .backends
+            .iter()
+            .find(|b| route_of(&b.config) == route_of(&backend))
+    {
+        return Err(route_in_use(&service.settings.name, &backend, &other.config.name));
+    }
     push_backend(service, backend);
     Ok(())
+}
+
+/// An AJP backend whose route (`route`, else its name) another backend of the service has: the
+/// web tier's session routes could reach only one of them.
+fn route_in_use(service: &str, backend: &BackendConfig, other: &str) -> StateError {
+    StateError::RouteInUse {
+        service: service.to_string(),
+        route: String::from_utf8_lossy(route_of(backend)).into_owned(),
+        backend: other.to_string(),
+    }
 }
 
 /// Appends a backend already checked, with the service's next id.
@@ -650,6 +703,59 @@ pub(crate) mod tests {
         );
         s.apply(Command::AddService { service: svc }).unwrap();
         s
+    }
+
+    /// AJP backends need routes of their own, whichever way they arrive (one backend, a batch,
+    /// a route equal to another's name); other datapaths do not route by session.
+    #[test]
+    fn an_ajp_backend_with_a_route_already_in_use_is_refused_and_changes_nothing() {
+        for datapath in [DatapathKind::Ajp, DatapathKind::Proxy] {
+            let mut s = State::new(0, 101);
+            let mut svc = service("app", "10.0.0.100:8009", vec![backend("t1", "10.1.1.2:8009")]);
+            svc.datapath = datapath;
+            s.apply(Command::AddService { service: svc }).unwrap();
+            let routed = |name: &str, address: &str, route: &str| BackendConfig {
+                route: route.into(),
+                ..backend(name, address)
+            };
+            let attempts = [
+                Command::AddBackend {
+                    service: "app".into(),
+                    backend: routed("t2", "10.1.2.2:8009", "t1"),
+                },
+                Command::AddBackend {
+                    service: "app".into(),
+                    backend: routed("t2", "10.1.2.2:8009", ""),
+                },
+                Command::AddBackends {
+                    service: "app".into(),
+                    backends: vec![
+                        routed("t3", "10.1.3.2:8009", "r"),
+                        routed("t4", "10.1.4.2:8009", "r"),
+                    ],
+                },
+            ];
+            for (i, attempt) in attempts.into_iter().enumerate() {
+                let mut copy = s.clone();
+                if i == 1 {
+                    // A route given as another backend's name: `t1x` routed `t1x` exists first.
+                    copy.apply(Command::AddBackend {
+                        service: "app".into(),
+                        backend: routed("t1x", "10.1.9.2:8009", "t2"),
+                    })
+                    .unwrap();
+                }
+                let before = copy.service("app").unwrap().backends.len();
+                let r = copy.apply(attempt);
+                let after = copy.service("app").unwrap().backends.len();
+                if datapath == DatapathKind::Ajp {
+                    assert!(matches!(r, Err(StateError::RouteInUse { .. })), "{i}: {r:?}");
+                    assert_eq!(after, before, "{i}: a refused add leaves no backend behind");
+                } else {
+                    assert!(r.is_ok(), "{i}: {r:?}");
+                }
+            }
+        }
     }
 
     fn ring_ids(s: &State) -> std::collections::BTreeSet<u32> {

@@ -347,6 +347,58 @@ fn reload_reports_a_service_that_cannot_start_and_retries_it() {
     assert_eq!(bed.get(src), home);
 }
 
+/// A reload that moves a service to an address it cannot bind reports it and leaves the service
+/// running where it was (runtime changes included); the next reload makes the move once it can.
+#[test]
+fn reload_moving_a_service_to_an_address_it_cannot_bind_keeps_it_where_it_was() {
+    if !require_root("reload_moving_a_service_to_an_address_it_cannot_bind_keeps_it_where_it_was") {
+        return;
+    }
+    let bed = Bed::new("rmove", 2, 2, |topo, sock| {
+        config_toml(sock, "", "", &std_services(topo, 2, false))
+    });
+    let src = bed.topo.client_addrs()[0];
+    let home = bed.get(src);
+    let other = if home == "b1" { "b2" } else { "b1" };
+    bed.lb.cli_ok(&["backend", "drain", "web", other]);
+    let text = fs::read_to_string(&bed.lb.config).unwrap();
+    // 10.0.0.201 is not an address of the lb namespace (yet).
+    fs::write(&bed.lb.config, text.replace("10.0.0.100:80", "10.0.0.201:80")).unwrap();
+    let r = bed.lb.json(&["reload"]);
+    let problems = r["problems"].as_array().unwrap();
+    assert!(
+        problems.iter().any(|p| p
+            .as_str()
+            .unwrap()
+            .contains("web kept as it was, on 10.0.0.100:80")),
+        "{r}\n{}",
+        bed.lb.log()
+    );
+    let st = bed.lb.status();
+    let web = st["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web");
+    assert_eq!(web.expect("web gone")["listen"], "10.0.0.100:80", "{st}");
+    assert_eq!(
+        backends(&bed.lb, "web")[other].1,
+        "drain",
+        "the runtime drain survives"
+    );
+    assert_eq!(bed.get(src), home, "web still answers where it was");
+
+    bed.topo
+        .lb_ns()
+        .ip(&["addr", "add", "10.0.0.201/32", "dev", bed.topo.lb_client_if()])
+        .unwrap();
+    let r = bed.lb.json(&["reload"]);
+    assert!(r["problems"].as_array().unwrap().is_empty(), "{r}");
+    let addr: std::net::SocketAddr = "10.0.0.201:80".parse().unwrap();
+    let body = lb_tests::http_get_from(bed.topo.client_ns().name(), src, addr, "/").unwrap();
+    assert!(body.starts_with('b'), "{body}");
+}
+
 /// `status` (balancer lock, then config lock) and `reload` (config lock, then balancer lock for
 /// each change) running at the same time must not deadlock the daemon.
 #[test]

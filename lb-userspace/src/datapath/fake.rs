@@ -39,6 +39,8 @@ pub struct Journal {
     pub calls: Vec<Call>,
     /// Refuse every `apply` whose effect names this service.
     pub refuse: Option<String>,
+    /// Refuse to add a service on this listen address (as a datapath that cannot bind it).
+    pub refuse_listen: Option<std::net::SocketAddr>,
     /// Backend names per service as the datapath last saw them: what it would forward to.
     pub forwarding: std::collections::BTreeMap<String, Vec<String>>,
 }
@@ -81,6 +83,14 @@ impl Datapath for FakeDatapath {
         };
         if j.refuse.as_deref() == Some(name.as_str()) {
             return Err(DatapathError::Refused(format!("service `{name}`")));
+        }
+        if let (Effect::ServiceAdded(_), Ok(s)) = (effect, state.service(name))
+            && j.refuse_listen == Some(s.settings.listen)
+        {
+            return Err(DatapathError::Refused(format!(
+                "listen address {}",
+                s.settings.listen
+            )));
         }
         match state.service(name) {
             Ok(s) => {

@@ -709,6 +709,49 @@ fn a_failed_reload_item_is_reported_and_retried_next_time() {
 }
 
 #[test]
+fn a_service_whose_move_fails_in_a_reload_keeps_running_as_it_was_and_the_move_is_retried() {
+    let bed = Bed::new(BASE);
+    // A runtime change the file knows nothing about, and a backend added on the control socket.
+    bed.set_state("b1", AdminState::Drain);
+    bed.run(Command::AddBackend {
+        service: "web".into(),
+        backend: crate::state::tests::backend("b9", "10.1.9.2:80"),
+    })
+    .unwrap();
+    let moved = BASE.replace("10.0.0.100:80", "10.0.0.100:8080");
+    bed.journal.lock().unwrap().refuse_listen = Some("10.0.0.100:8080".parse().unwrap());
+    let view = bed.reload(&moved);
+    assert!(
+        view.problems
+            .iter()
+            .any(|p| p.contains("kept as it was, on 10.0.0.100:80")),
+        "{:?}",
+        view.problems
+    );
+    let status = bed.engine.status(None).unwrap();
+    assert_eq!(status.services.len(), 1);
+    assert_eq!(status.services[0].listen, "10.0.0.100:80");
+    assert_eq!(
+        bed.forwarding("web").unwrap(),
+        ["b1", "b2", "b3", "b9"],
+        "the datapath forwards to the service as it ran"
+    );
+    assert_eq!(bed.backend("b1").config.state, AdminState::Drain);
+    // Once the address can be bound, the next reload makes the move.
+    bed.journal.lock().unwrap().refuse_listen = None;
+    let view = bed.reload(&moved);
+    assert!(view.problems.is_empty(), "{:?}", view.problems);
+    assert_eq!(
+        view.applied,
+        ["remove service web", "add service web on 10.0.0.100:8080"]
+    );
+    assert_eq!(
+        bed.engine.status(None).unwrap().services[0].listen,
+        "10.0.0.100:8080"
+    );
+}
+
+#[test]
 fn which_answers_from_the_balancer_for_user_space_datapaths() {
     let bed = Bed::new(BASE);
     let w = bed.engine.which("web", "192.0.2.9").unwrap();
