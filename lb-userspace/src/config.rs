@@ -388,21 +388,60 @@ pub struct ServiceConfig {
     pub backends: Vec<BackendConfig>,
 }
 
+/// What `Debug`, `Serialize` and the logs show in place of a secret.
+pub const HIDDEN: &str = "(hidden)";
+
 /// A secret from the config file: compared, written on the wire, never shown (`Debug` and
-/// `Serialize` print `(hidden)`).
+/// `Serialize` print [`HIDDEN`]). Only the state file keeps it, through
+/// [`ServiceConfig::to_fields_in_clear`].
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 pub struct Secret(pub String);
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("(hidden)")
+        f.write_str(HIDDEN)
     }
 }
 
 impl Serialize for Secret {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("(hidden)")
+        s.serialize_str(HIDDEN)
     }
+}
+
+impl ServiceConfig {
+    /// The [`Serialize`] form (the keys of an `add-service` request) with the AJP secrets in clear
+    /// instead of [`HIDDEN`]. For the state file only (mode 0600): never for logs or operators.
+    pub fn to_fields_in_clear(&self) -> Result<serde_json::Value, serde_json::Error> {
+        let mut fields = serde_json::to_value(self)?;
+        if let Some(ajp) = &self.ajp {
+            for (key, secret) in ajp.secrets() {
+                if let Some(Secret(text)) = secret {
+                    fields["ajp"][key] = serde_json::Value::from(text.as_str());
+                }
+            }
+        }
+        Ok(fields)
+    }
+
+    /// The AJP secret field (`secret`, `backend_secret`) whose value is the literal [`HIDDEN`],
+    /// as an older `lb` wrote them into the state file in place of the secret.
+    pub fn hidden_secret(&self) -> Option<&'static str> {
+        let ajp = self.ajp.as_ref()?;
+        ajp.secrets()
+            .into_iter()
+            .find(|(_, s)| s.is_some_and(|s| s.0 == HIDDEN))
+            .map(|(key, _)| key)
+    }
+}
+
+/// `serialize_with` for lists of services kept with their secrets (the state file only).
+pub fn services_in_clear<S: serde::Serializer>(services: &[ServiceConfig], s: S) -> Result<S::Ok, S::Error> {
+    let mut seq = Vec::with_capacity(services.len());
+    for service in services {
+        seq.push(service.to_fields_in_clear().map_err(serde::ser::Error::custom)?);
+    }
+    seq.serialize(s)
 }
 
 /// The `[service.ajp]` table: settings of `datapath = "ajp"`.
@@ -456,6 +495,16 @@ pub const DEFAULT_ALLOWED_ATTRIBUTES: &[&str] = &["AJP_*", "JK_*", "SSL_*", "CER
 
 /// Attribute prefixes refused whatever `allowed_attributes` says (CVE-2020-1938, Ghostcat).
 pub const FORBIDDEN_ATTRIBUTES: &[&str] = &["javax.servlet.include.", "jakarta.servlet.include."];
+
+impl AjpConfig {
+    /// Every secret field with its key.
+    fn secrets(&self) -> [(&'static str, Option<&Secret>); 2] {
+        [
+            ("secret", self.secret.as_ref()),
+            ("backend_secret", self.backend_secret.as_ref()),
+        ]
+    }
+}
 
 impl Default for AjpConfig {
     fn default() -> Self {

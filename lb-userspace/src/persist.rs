@@ -10,6 +10,11 @@
 //! directory, `fsync`, `rename`, `fsync` of the directory. A file that cannot be read, is not JSON
 //! of this shape, or carries another [`FORMAT_VERSION`] is renamed to `<file>.corrupt-<unix time>`
 //! and the daemon starts from the config alone.
+//!
+//! The file keeps the AJP secrets in clear (it is mode 0600, like the config file that holds them):
+//! its services are written with [`crate::config::services_in_clear`], not the `Serialize` form
+//! operators see, which shows `(hidden)`. A service whose secret in the file is that literal
+//! `(hidden)` (what an older `lb` wrote) is not restored: the change is logged and skipped.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -40,6 +45,11 @@ pub enum PersistError {
     Version { path: String, found: u64 },
     #[error("cannot write {path}: {source}")]
     Write { path: String, source: std::io::Error },
+    #[error(
+        "service {service}: its AJP {field} was saved as \"(hidden)\" by an older lb, which did not keep \
+         secrets in the state file; add the service again with its secrets"
+    )]
+    HiddenSecret { service: String, field: &'static str },
 }
 
 /// What the file holds.
@@ -54,8 +64,10 @@ pub struct StateFile {
     /// Unix time (ms) of the write.
     pub written_unix_ms: u64,
     /// The services of the config file the daemon started from or last reloaded.
+    #[serde(serialize_with = "crate::config::services_in_clear")]
     pub base: Vec<ServiceConfig>,
     /// The services as they ran.
+    #[serde(serialize_with = "crate::config::services_in_clear")]
     pub services: Vec<ServiceConfig>,
     /// Transition history: service name → backend name → log.
     pub transitions: BTreeMap<String, BTreeMap<String, SavedLog>>,
@@ -114,13 +126,7 @@ impl StateFile {
             lb_version: env!("CARGO_PKG_VERSION").to_string(),
             written_unix_ms: unix_ms(),
             base: base.to_vec(),
-            services: services
-                .iter()
-                .map(|s| ServiceConfig {
-                    backends: s.backends.iter().map(|b| b.config.clone()).collect(),
-                    ..s.settings.clone()
-                })
-                .collect(),
+            services: services.iter().map(|s| s.config()).collect(),
             transitions,
         }
     }
@@ -159,7 +165,7 @@ impl StateFile {
         for (list, key) in [(&mut file.base, "base"), (&mut file.services, "services")] {
             let mut names = std::collections::BTreeSet::new();
             for (i, service) in list.iter_mut().enumerate() {
-                let fields = serde_json::to_value(&*service).map_err(|e| corrupt(e.to_string()))?;
+                let fields = service.to_fields_in_clear().map_err(|e| corrupt(e.to_string()))?;
                 *service = ServiceConfig::from_fields(fields)
                     .map_err(|e| corrupt(format!("{key}[{i}] ({}): {e}", service.name)))?;
                 if !names.insert(service.name.clone()) {
@@ -198,7 +204,7 @@ pub fn set_aside(path: &Path) -> std::io::Result<PathBuf> {
 /// Writes `bytes` to `path` so that a reader sees the old file or the new one, never a part:
 /// a temporary file beside it, `fsync`, `rename`, then `fsync` of the directory. Mode 0600.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -215,6 +221,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
+        // 0600 even over a leftover temporary file of another mode: the file holds the AJP secrets.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -298,7 +306,11 @@ fn apply(engine: &Engine, file: &StateFile, shown: &str) {
     let mut skipped = 0usize;
     for command in file.commands() {
         let description = crate::engine::describe(&command);
-        match engine.execute_restored(command) {
+        let outcome = match hidden_secret(&command) {
+            Some(e) => Err(e.to_string()),
+            None => engine.execute_restored(command).map_err(|e| e.to_string()),
+        };
+        match outcome {
             Ok(_) => restored.push(description),
             Err(e) => {
                 skipped += 1;
@@ -335,6 +347,18 @@ fn apply(engine: &Engine, file: &StateFile, shown: &str) {
             restored.join("; ")
         }
     );
+}
+
+/// Why `command` must not be restored: it would give a service the literal secret `(hidden)`.
+fn hidden_secret(command: &Command) -> Option<PersistError> {
+    let (Command::AddService { service } | Command::UpdateService { service }) = command else {
+        return None;
+    };
+    let field = service.hidden_secret()?;
+    Some(PersistError::HiddenSecret {
+        service: service.name.clone(),
+        field,
+    })
 }
 
 fn unix_ms() -> u64 {

@@ -767,6 +767,52 @@ fn ajp_behind_apache_end_to_end() {
         },
     );
 
+    cases.run(
+        "a Tomcat whose route is taken is refused on the control socket",
+        || {
+            let names = |lb: &Lb| -> Vec<String> {
+                let st = lb.status();
+                let app = st["services"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|s| s["name"] == "app")
+                    .cloned();
+                app.expect("app in status")["backends"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b["name"].as_str().unwrap().to_string())
+                    .collect()
+            };
+            let before = names(bed.lb());
+            // The route of a primary, and of the spare.
+            for route in ["t1", SPARE] {
+                let args = [
+                    "backend",
+                    "add",
+                    "app",
+                    "10.9.9.9:8009",
+                    "--name",
+                    "t9",
+                    "--route",
+                    route,
+                ];
+                let out = bed.lb().cli(&args);
+                if out.status.success() {
+                    bed.lb().cli_ok(&["backend", "remove", "app", "10.9.9.9:8009"]);
+                }
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(!out.status.success(), "lb {args:?} was accepted");
+                assert!(
+                    err.contains("is already the route of backend"),
+                    "lb {args:?}: {err}"
+                );
+                assert_eq!(names(bed.lb()), before, "a refused add leaves no trace");
+            }
+        },
+    );
+
     let mut next_fresh = USERS;
     cases.run("drain: sessions stay, new users avoid the drained Tomcat", || {
         let x = "t1";

@@ -298,7 +298,7 @@ fn answer(line: &[u8], uid: u32, engine: &Engine) -> Response {
     };
     let changes = request.changes();
     if changes {
-        info!(uid, request = %text, "operator command");
+        info!(uid, request = %masked(text), "operator command");
     }
     match engine.handle_from(request, Some(uid)) {
         Ok(v) => Response {
@@ -313,6 +313,34 @@ fn answer(line: &[u8], uid: u32, engine: &Engine) -> Response {
             }
             Response::error(text)
         }
+    }
+}
+
+/// A request line as the log shows it: the value of every key naming a secret (`secret`,
+/// `backend_secret`, at any depth) replaced by `(hidden)`. Text that is not JSON is not shown at
+/// all, only its length, since where a secret sits in it cannot be told.
+fn masked(text: &str) -> String {
+    fn hide(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(fields) => {
+                for (key, v) in fields.iter_mut() {
+                    if key.to_ascii_lowercase().contains("secret") {
+                        *v = serde_json::Value::from(crate::config::HIDDEN);
+                    } else {
+                        hide(v);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(hide),
+            _ => {}
+        }
+    }
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(mut value) => {
+            hide(&mut value);
+            value.to_string()
+        }
+        Err(_) => format!("({} bytes, not JSON)", text.len()),
     }
 }
 

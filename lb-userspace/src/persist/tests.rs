@@ -224,7 +224,14 @@ fn engine(dir: &Path, config: &str) -> Engine {
     let path = dir.join("lb.toml");
     std::fs::write(&path, config).unwrap();
     let config = Config::load(&path).unwrap();
-    crate::datapath::fake::engine(config, &[crate::config::DatapathKind::Proxy]).unwrap()
+    crate::datapath::fake::engine(
+        config,
+        &[
+            crate::config::DatapathKind::Proxy,
+            crate::config::DatapathKind::Ajp,
+        ],
+    )
+    .unwrap()
 }
 
 fn config_text(state_file: &Path) -> String {
@@ -339,5 +346,170 @@ fn an_engine_restarted_with_a_state_file_keeps_its_runtime_changes() {
             .commands()
             .is_empty()
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An AJP service with both secrets, as an `add-service` request makes it.
+fn ajp_service() -> ServiceConfig {
+    ServiceConfig::from_fields(serde_json::json!({
+        "name": "sx",
+        "listen": "10.0.0.100:8009",
+        "protocol": "ajp",
+        "datapath": "ajp",
+        "health": {"kind": "none"},
+        "ajp": {"secret": "TOPSECRET123", "backend_secret": "BACKSECRET456"},
+        "backend": [{"address": "10.1.1.2:8009"}],
+    }))
+    .unwrap()
+}
+
+fn has_secrets(text: &str) -> bool {
+    text.contains("TOPSECRET123") || text.contains("BACKSECRET456")
+}
+
+/// The log written while `f` runs, as text.
+fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Log(std::sync::Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Log {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let log = Log::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    (out, text)
+}
+
+#[test]
+fn the_file_keeps_the_ajp_secrets_operators_never_see() {
+    let dir = temp_dir("secrets");
+    let path = dir.join("state.json");
+    let mut services = base();
+    services.push(ajp_service());
+    Persist::new(path.clone(), base())
+        .save(&Snapshot::new(state_of(&services)))
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(has_secrets(&std::fs::read_to_string(&path).unwrap()));
+    // Read back: the same secrets, and the change that restores the service carries them.
+    let loaded = StateFile::load(&path).unwrap().unwrap();
+    let sx = loaded.services.iter().find(|s| s.name == "sx").unwrap();
+    assert_eq!(sx, &ajp_service());
+    let ajp = sx.ajp.as_ref().unwrap();
+    assert_eq!(
+        (
+            ajp.secret.as_ref().unwrap().0.as_str(),
+            ajp.backend_secret.as_ref().unwrap().0.as_str()
+        ),
+        ("TOPSECRET123", "BACKSECRET456")
+    );
+    assert_eq!(
+        loaded.commands(),
+        [Command::AddService {
+            service: ajp_service()
+        }]
+    );
+    // What operators see (JSON output, a request's JSON form, Debug) still says "(hidden)".
+    let shown = serde_json::to_string(sx).unwrap();
+    assert!(!has_secrets(&shown), "{shown}");
+    assert!(shown.contains(r#""secret":"(hidden)""#) && shown.contains(r#""backend_secret":"(hidden)""#));
+    let request = crate::control::protocol::Request::Change(Command::AddService { service: sx.clone() });
+    assert!(!has_secrets(&request.to_value().unwrap().to_string()));
+    assert!(!has_secrets(&format!("{loaded:?}")));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn an_ajp_service_added_at_runtime_keeps_its_secrets_across_a_restart() {
+    let dir = temp_dir("secrets-engine");
+    let state_file = dir.join("state.json");
+    let first = engine(&dir, &config_text(&state_file));
+    let operator = Origin::Operator { uid: Some(0) };
+    first
+        .execute_by(
+            Command::AddService {
+                service: ajp_service(),
+            },
+            &operator,
+        )
+        .unwrap();
+    drop(first);
+    let second = engine(&dir, &config_text(&state_file));
+    let snap = second.balancer().snapshot();
+    let sx = &snap.state.service("sx").unwrap().settings;
+    assert_eq!(sx.ajp, ajp_service().ajp);
+    let status = serde_json::to_string(&second.status(None).unwrap()).unwrap();
+    assert!(status.contains("\"sx\"") && !has_secrets(&status), "{status}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_secret_an_older_lb_saved_as_hidden_is_not_restored() {
+    use crate::config::AdminState::{Active, Drain};
+    let dir = temp_dir("secrets-old");
+    let state_file = dir.join("state.json");
+    let first = engine(&dir, &config_text(&state_file));
+    let operator = Origin::Operator { uid: Some(0) };
+    for command in [
+        Command::AddService {
+            service: ajp_service(),
+        },
+        Command::SetState {
+            service: "web".into(),
+            backend: "b1".into(),
+            state: Drain,
+        },
+    ] {
+        first.execute_by(command, &operator).unwrap();
+    }
+    drop(first);
+    // The file as an older lb wrote it: every secret replaced by "(hidden)".
+    let text = std::fs::read_to_string(&state_file).unwrap();
+    std::fs::write(
+        &state_file,
+        text.replace("TOPSECRET123", "(hidden)")
+            .replace("BACKSECRET456", "(hidden)"),
+    )
+    .unwrap();
+
+    let (second, log) = logged(|| engine(&dir, &config_text(&state_file)));
+    // The service is not restored with "(hidden)" as its secret, and the log says why and what to do.
+    assert!(second.balancer().snapshot().state.service("sx").is_err());
+    assert!(
+        log.contains("state file: change not restored")
+            && log.contains(
+                "service sx: its AJP secret was saved as \"(hidden)\" by an older lb, which did not keep \
+                 secrets in the state file; add the service again with its secrets"
+            ),
+        "{log}"
+    );
+    // The rest of the file is restored, and the file is kept (not set aside), now without sx.
+    assert_eq!(
+        backends(&second),
+        vec![("b1".into(), Drain, 1), ("b2".into(), Active, 1)]
+    );
+    assert!(
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .all(|e| { !e.unwrap().file_name().to_string_lossy().contains("corrupt") })
+    );
+    drop(second);
+    let file = StateFile::load(&state_file).unwrap().unwrap();
+    assert!(file.services.iter().all(|s| s.name != "sx"));
     std::fs::remove_dir_all(&dir).unwrap();
 }

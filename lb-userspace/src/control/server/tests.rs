@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
-use super::{Limits, MAX_CONNECTIONS, ROOT_SLOTS, Slots, bind, run_limited};
+use super::{Limits, MAX_CONNECTIONS, ROOT_SLOTS, Slots, answer, bind, run_limited};
 use crate::config::{Config, ControlConfig, DatapathKind};
 use crate::datapath::fake;
 
@@ -238,4 +238,69 @@ async fn a_full_socket_keeps_roots_slots_and_times_idle_connections_out() {
     }
     assert!(full.elapsed() >= limits.first_request, "{:?}", full.elapsed());
     drop(held);
+}
+
+/// The log written while a test runs `f`, as text.
+fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Log {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let log = Log::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    (out, text)
+}
+
+#[test]
+fn operator_commands_are_logged_without_their_secrets() {
+    let engine = fake::engine(
+        Config::parse(CONFIG, "test").unwrap(),
+        &[DatapathKind::Proxy, DatapathKind::Ajp],
+    )
+    .unwrap();
+    let add = r#"{"cmd":"add-service","name":"sx","listen":"127.0.0.41:18010","protocol":"ajp","datapath":"ajp","health":{"kind":"none"},"ajp":{"secret":"TOPSECRET123","backend_secret":"BACKSECRET456"},"backend":[{"address":"127.0.0.32:19001"}]}"#;
+    // The second one is refused (sx exists): logged all the same, and without the secrets.
+    let (answers, log) = logged(|| {
+        [
+            answer(add.as_bytes(), 0, &engine),
+            answer(add.as_bytes(), 0, &engine),
+        ]
+    });
+    assert!(answers[0].ok && !answers[1].ok, "{answers:?}");
+    assert_eq!(log.matches("operator command uid=0").count(), 2, "{log}");
+    assert!(log.contains("operator command failed"), "{log}");
+    assert!(
+        !log.contains("TOPSECRET123") && !log.contains("BACKSECRET456"),
+        "{log}"
+    );
+    assert!(
+        log.contains(r#""ajp":{"backend_secret":"(hidden)","secret":"(hidden)"}"#),
+        "{log}"
+    );
+    // The rest of the request is shown as it came.
+    assert!(log.contains(r#""listen":"127.0.0.41:18010""#), "{log}");
+
+    // The masked form hides a secret at any depth, and shows nothing of text that is not JSON.
+    let masked = super::masked(r#"{"cmd":"x","list":[{"ajp":{"secret":{"a":"S1"}}}],"backend_secret":"S2"}"#);
+    assert_eq!(
+        masked,
+        r#"{"backend_secret":"(hidden)","cmd":"x","list":[{"ajp":{"secret":"(hidden)"}}]}"#
+    );
+    assert_eq!(
+        super::masked(r#"{"ajp":{"secret":"TOPSECRET123""#),
+        "(31 bytes, not JSON)"
+    );
 }

@@ -644,6 +644,14 @@ impl<'a> Request<'a> {
                         .await?;
                 }
                 Some(kind::SEND_BODY_CHUNK) => {
+                    // Checked, not only passed on: a chunk longer than its packet would throw the
+                    // web tier's reading of the stream off.
+                    if !matches!(
+                        ContainerMessage::decode(frame.payload()),
+                        Ok(ContainerMessage::SendBodyChunk(_))
+                    ) {
+                        return Err(failed("malformed Send Body Chunk".into(), responded));
+                    }
                     responded = true;
                     self.relay(&mut out, frame.into_bytes(), has_frame(&conn.buf))
                         .await?;

@@ -35,6 +35,8 @@ enum Mode {
     Stall,
     /// Sends the response headers, then says nothing more.
     StallAfterHeaders,
+    /// Reads the whole body, then sends a Send Body Chunk that declares more data than it holds.
+    BadChunk,
 }
 
 #[derive(Clone, Debug)]
@@ -161,6 +163,11 @@ async fn backend_conn(
         let mode = *mode.lock().unwrap();
         if mode == Mode::CloseBeforeAnswer {
             return Ok(());
+        }
+        if mode == Mode::BadChunk {
+            // 65,535 bytes announced, one there.
+            s.write_all(&[b'A', b'B', 0, 4, 3, 0xff, 0xff, b'x']).await?;
+            std::future::pending::<()>().await;
         }
         if mode == Mode::Stall {
             let mut rest = [0u8; 256];
@@ -612,6 +619,21 @@ async fn post_body_is_retried_on_the_next_backend() {
     assert_eq!(fakes[0].seen.lock().unwrap()[0].body, body);
     assert_eq!(lb.backend_counters("t1").retries, 1);
     // The web tier's connection carries on.
+    fakes[0].set_mode(Mode::Answer);
+    assert_eq!(web.request(&Req::from(&user)).await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn a_malformed_body_chunk_from_a_backend_is_not_relayed_and_the_request_moves_on() {
+    let (fakes, lb) = three(Mode::Answer).await;
+    let user = (0..200).map(ip).find(|i| lb.by_address(i) == "t1").unwrap();
+    fakes[0].set_mode(Mode::BadChunk);
+    let mut web = Web::connect(lb.addr).await;
+    let a = web.request(&Req::from(&user).body(b"a=1")).await.unwrap();
+    assert_eq!(a.status, 200);
+    assert_ne!(a.backend(), "t1", "t1's chunk was not passed on");
+    assert_eq!(fakes[0].requests(), 1);
+    assert_eq!(lb.backend_counters("t1").retries, 1);
     fakes[0].set_mode(Mode::Answer);
     assert_eq!(web.request(&Req::from(&user)).await.unwrap().status, 200);
 }
