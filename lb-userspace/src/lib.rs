@@ -44,3 +44,5 @@ pub mod persist;
 pub mod report;
 pub mod runtime;
 pub mod state;
+#[cfg(test)]
+mod testlog;

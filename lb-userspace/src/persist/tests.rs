@@ -5,6 +5,7 @@ use super::*;
 use crate::engine::Origin;
 use crate::state::tests::{backend, service};
 use crate::state::{State, TransitionKind};
+use crate::testlog::logged;
 
 fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("lb-persist-{tag}-{}", std::process::id()));
@@ -365,30 +366,6 @@ fn ajp_service() -> ServiceConfig {
 
 fn has_secrets(text: &str) -> bool {
     text.contains("TOPSECRET123") || text.contains("BACKSECRET456")
-}
-
-/// The log written while `f` runs, as text.
-fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
-    #[derive(Clone, Default)]
-    struct Log(std::sync::Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Log {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let log = Log::default();
-    let writer = log.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let out = tracing::subscriber::with_default(subscriber, f);
-    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
-    (out, text)
 }
 
 #[test]

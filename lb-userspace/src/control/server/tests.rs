@@ -2,6 +2,7 @@
 //! own slots through the real SO_PEERCRED path (other uids are perl clients run as `nobody`), and
 //! idle connections timed out.
 
+use crate::testlog::logged;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -238,30 +239,6 @@ async fn a_full_socket_keeps_roots_slots_and_times_idle_connections_out() {
     }
     assert!(full.elapsed() >= limits.first_request, "{:?}", full.elapsed());
     drop(held);
-}
-
-/// The log written while a test runs `f`, as text.
-fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
-    #[derive(Clone, Default)]
-    struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Log {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let log = Log::default();
-    let writer = log.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let out = tracing::subscriber::with_default(subscriber, f);
-    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
-    (out, text)
 }
 
 #[test]
