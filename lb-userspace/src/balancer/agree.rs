@@ -154,7 +154,7 @@ fn run(events: &[Event], failback: bool) -> Result<(), TestCaseError> {
                 let now = start + Duration::from_nanos(t);
                 let by_user = user.choose("web", IpAddr::V4(client), now, &[]).ok();
                 if let Some(choice) = &by_user {
-                    user.confirm("web", IpAddr::V4(client), choice.backend_id, choice.reason, now);
+                    user.confirm("web", IpAddr::V4(client), choice.chosen(), now);
                 }
                 let policy = Policy {
                     seed: user.snapshot().state.seed,

@@ -92,6 +92,21 @@ impl Failback {
         entry.home.is_some_and(|h| self.homes.contains(&h)) || self.backups.contains(&entry.backend_id)
     }
 
+    /// Whether `service`, as it stands, would send an entry with `value` back to the ring (with
+    /// `failback = true`): its failed-over home takes new clients, or it sits on a backup while the
+    /// ring has primaries. For a choice a failback overtook.
+    pub fn sends_back(service: &Service, value: &AffinityValue) -> bool {
+        service.settings.failback
+            && (service
+                .backend_by_id(value.home)
+                .is_some_and(crate::state::Backend::admits_new)
+                || (!service.ring_uses_backups
+                    && !service.ring.is_empty()
+                    && service
+                        .backend_by_id(value.backend)
+                        .is_some_and(|b| b.config.backup)))
+    }
+
     /// [`Failback::picks`] on a raw table value whose backends are state ids.
     pub fn picks_value(&self, value: &AffinityValue) -> bool {
         (value.home != NO_BACKEND && self.homes.contains(&value.home))

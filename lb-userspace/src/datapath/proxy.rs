@@ -173,13 +173,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
         match tokio::time::timeout(connect_timeout, connect(choice.address)).await {
             Ok(Ok(backend)) => {
                 svc.passive.connected(&choice.runtime);
-                balancer.confirm(
-                    service,
-                    peer.ip(),
-                    choice.backend_id,
-                    choice.reason,
-                    Instant::now(),
-                );
+                balancer.confirm(service, peer.ip(), choice.chosen(), Instant::now());
                 relay(client, backend, &choice.runtime, splice).await;
                 return;
             }

@@ -122,7 +122,7 @@ impl Bed {
         let ip = client.parse().unwrap();
         let now = std::time::Instant::now();
         let c = b.choose("web", ip, now, &[]).unwrap();
-        b.confirm("web", ip, c.backend_id, c.reason, now);
+        b.confirm("web", ip, c.chosen(), now);
         c.backend_name
     }
 

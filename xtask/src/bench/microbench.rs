@@ -560,7 +560,7 @@ fn selection(quick: bool) {
         let ring = time(&bal, Reason::Ring)?;
         for &c in &clients {
             let choice = bal.choose("web", c, now, &[]).map_err(|e| e.to_string())?;
-            bal.confirm("web", c, choice.backend_id, choice.reason, now);
+            bal.confirm("web", c, choice.chosen(), now);
         }
         let affinity = time(&bal, Reason::Affinity)?;
         Ok((affinity, ring))

@@ -20,7 +20,7 @@ use crate::ajp::codec::{
     self, CodecError, ContainerMessage, Direction, ForwardRequest, FrameDecoder, ServerMessage, attr, kind,
 };
 use crate::ajp::route::session_route;
-use crate::balancer::Reason;
+use crate::balancer::{Chosen, Reason};
 
 /// What became of the front connection after a packet.
 enum Next {
@@ -226,8 +226,8 @@ struct Target {
     id: u32,
     pool: Arc<Pool>,
     pick: Pick,
-    /// Why the balancer chose it (for the affinity entry a completed request confirms).
-    reason: Reason,
+    /// What the balancer chose (for the affinity entry a completed request confirms).
+    chosen: Chosen,
     /// Cancelled when the backend is marked down with `on_down = "reset"`.
     reset: CancellationToken,
 }
@@ -380,7 +380,7 @@ impl<'a> Request<'a> {
                 id,
                 pool,
                 pick,
-                reason,
+                chosen,
                 reset,
             }) = self.pick(route.as_deref(), client, &exclude, primaries_only)
             else {
@@ -408,7 +408,7 @@ impl<'a> Request<'a> {
                     if pick != Pick::Route {
                         self.svc
                             .balancer
-                            .confirm(&self.svc.name, client, id, reason, Instant::now());
+                            .confirm(&self.svc.name, client, chosen, Instant::now());
                     }
                     return Next::Continue;
                 }
@@ -488,13 +488,14 @@ impl<'a> Request<'a> {
     fn pick(&self, route: Option<&[u8]>, client: IpAddr, exclude: &[u32], primaries: bool) -> Option<Target> {
         let snap = self.svc.balancer.snapshot();
         let state = snap.state.service(&self.svc.name).ok()?;
-        let target = |id: u32, pick, reason| {
+        let target = |chosen: Chosen, pick| {
+            let id = chosen.backend_id;
             let be = state.backend_by_id(id)?;
             Some(Target {
                 id,
                 pool: self.svc.pool(id)?,
                 pick,
-                reason,
+                chosen,
                 reset: snap.runtime(state, be).reset_token(),
             })
         };
@@ -503,7 +504,7 @@ impl<'a> Request<'a> {
             && let Some(be) = state.backends.iter().find(|be| super::route_of(&be.config) == r)
         {
             if be.admits_known() && !exclude.contains(&be.id) {
-                return target(be.id, Pick::Route, Reason::Affinity);
+                return target(Chosen::new(be.id, Reason::Affinity), Pick::Route);
             }
             failover = true;
         }
@@ -518,12 +519,14 @@ impl<'a> Request<'a> {
                 .balancer
                 .choose(&self.svc.name, client, Instant::now(), exclude)
         {
-            return target(c.backend_id, pick, c.reason);
+            return target(c.chosen(), pick);
         }
         target(
-            self.svc.balancer.choose_backup(&self.svc.name, exclude)?,
+            Chosen::new(
+                self.svc.balancer.choose_backup(&self.svc.name, exclude)?,
+                Reason::Backup,
+            ),
             pick,
-            Reason::Backup,
         )
     }
 
