@@ -32,8 +32,36 @@ pub enum DaemonError {
     Signals(std::io::Error),
 }
 
+/// Raises the soft limit on open files to the hard one, as HAProxy and nginx do for themselves: a
+/// proxied connection holds two descriptors (six with `splice = "pipe"`), and a shell's usual soft
+/// limit of 1,024 is far below `max_connections`. Running out costs new connections only (see
+/// [`crate::health::lb_short_of_resources`]), but it should not come before the hard limit.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    // An unlimited hard limit is not a value the kernel takes for open files: its own ceiling.
+    let target = if hard == nix::libc::RLIM_INFINITY {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(soft)
+    } else {
+        hard
+    };
+    if soft >= target {
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+        Ok(()) => info!(from = soft, to = target, "open-file limit raised"),
+        Err(e) => warn!(limit = soft, error = %e, "cannot raise the open-file limit"),
+    }
+}
+
 /// Runs until SIGTERM/SIGINT or `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    raise_open_file_limit();
     let (listener, access) = server::bind(&config.control)?;
     let socket = config.control.socket.clone();
     let grace = config.shutdown_timeout;

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tracing::warn;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -44,6 +45,40 @@ pub enum ProbeError {
     Ajp(#[from] ajp::AjpError),
     #[error("peer closed the connection right after the CPong")]
     ClosedAfterCpong,
+    #[error("not run: lb itself is short of resources ({0}); the backend's health is left as it was")]
+    Local(String),
+}
+
+/// Logs that a connection could not be made because lb itself is short of resources: at most once
+/// a second (the shortage comes with a flood of such connections), with how many since.
+pub fn warn_short_of_resources(service: &str, e: &std::io::Error) {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
+    static SINCE: AtomicU64 = AtomicU64::new(0);
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let since = SINCE.fetch_add(1, Relaxed) + 1;
+    if LAST_SECOND.swap(second, Relaxed) != second {
+        SINCE.store(0, Relaxed);
+        warn!(
+            %service,
+            error = %e,
+            connections = since,
+            "lb is short of resources: connection closed, backend health not counted (raise the open-file limit or lower max_connections)"
+        );
+    }
+}
+
+/// Whether a failed connect says that lb itself ran short (open files, memory, socket buffers,
+/// local ports), not that the backend failed. Such a failure tells nothing of the backend's health,
+/// so neither the checks nor passive health count it.
+pub fn lb_short_of_resources(e: &std::io::Error) -> bool {
+    use nix::libc;
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// An I/O error of a probe as `otherwise`, unless it is a reset: a reset means the backend had
@@ -52,6 +87,7 @@ pub enum ProbeError {
 fn failed(e: std::io::Error, otherwise: fn(String) -> ProbeError) -> ProbeError {
     match e.kind() {
         std::io::ErrorKind::ConnectionReset => ProbeError::Reset(e.to_string()),
+        _ if lb_short_of_resources(&e) => ProbeError::Local(e.to_string()),
         _ => otherwise(e.to_string()),
     }
 }
@@ -212,6 +248,11 @@ async fn run_checker(
             () = tokio::time::sleep(wait) => {}
         }
         let result = probe(settings.kind, target, settings.timeout).await;
+        if let Err(e @ ProbeError::Local(_)) = &result {
+            warn!(reason = %e, "health check not counted");
+            wait = settings.interval;
+            continue;
+        }
         let (changed, failing) = {
             let mut s = status.lock().unwrap();
             let changed = s.record(&result, settings.rise, settings.fall);

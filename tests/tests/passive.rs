@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use lb_tests::daemon::backend_of;
 use lb_tests::loops::{client_loops, unix_ms};
 use lb_tests::{
-    Child, Daemon, Enter, Topology, http_get_from, require_root, start_http_backends, unique_prefix,
+    Child, Daemon, Enter, HttpConn, Topology, connect_from, http_get_from, require_root, start_http_backends,
+    unique_prefix,
 };
 
 const HTTP_PORT: u16 = 8080;
@@ -256,4 +257,96 @@ fn a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check_int
         (up_at - lifted).as_millis(),
         CHECK_INTERVAL.as_secs()
     ));
+}
+
+/// Sets `pid`'s soft and hard limits on open files; returns the old (soft, hard). (Lowering the
+/// hard limit could not be undone here: raising it takes CAP_SYS_RESOURCE.)
+fn set_open_file_limit(pid: u32, soft: u64, hard: u64) -> (u64, u64) {
+    use nix::libc;
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: both pointers are to live rlimit values.
+    let r = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, &raw const new, &raw mut old) };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    (old.rlim_cur, old.rlim_max)
+}
+
+fn open_fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count) as u64
+}
+
+/// lb out of file descriptors (a flood of idle clients under a low limit) fails the new
+/// connections it cannot serve, and blames nobody else: with passive health on, no backend is
+/// marked down (with `on_down = "reset"` that would have reset every connection), the open
+/// connection goes on, and once descriptors are free again new connections are served. At start,
+/// lb raised its soft limit to the hard one.
+#[test]
+fn running_out_of_file_descriptors_is_not_blamed_on_the_backends() {
+    if !require_root("running_out_of_file_descriptors_is_not_blamed_on_the_backends") {
+        return;
+    }
+    let topo = Topology::new(&unique_prefix("pasF"), 2, CLIENTS).expect("topology");
+    let _backends = start_http_backends(&topo, HTTP_PORT).expect("http backends");
+    let lb = start_lb(&topo);
+    wait_checked(&lb, 2);
+    let pid = lb.child.pid();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(files[3], files[4], "soft limit raised to the hard one: {limits}");
+
+    let src = topo.client_addrs()[0];
+    let vip = SocketAddr::new(topo.vip().into(), 80);
+    let mut open = HttpConn::connect_from(topo.client_ns().name(), src, vip).expect("keep-alive connection");
+    assert_eq!(open.get("/").expect("GET").status, 200);
+
+    // Room for a few more descriptors only.
+    let room = open_fds(pid) + 4;
+    let hard = files[4].parse().expect("a number");
+    let old = set_open_file_limit(pid, room, hard);
+    let idle: Vec<_> = (0..40)
+        .filter_map(|i| {
+            connect_from(
+                topo.client_ns().name(),
+                topo.client_addrs()[i % CLIENTS],
+                vip,
+                Duration::from_secs(2),
+            )
+            .ok()
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(1500));
+    let st = lb.status();
+    for b in ["b1", "b2"] {
+        let be = backend_of(&st, "web", b).unwrap();
+        assert_eq!(
+            be["health"],
+            "up",
+            "{b} blamed for lb's shortage: {st}\n{}",
+            lb.log_tail(30)
+        );
+    }
+    assert!(lb.health_transitions("web", "b1").is_empty() && lb.health_transitions("web", "b2").is_empty());
+    assert!(
+        lb.log().contains("lb is short of resources"),
+        "the shortage is not logged\n{}",
+        lb.log_tail(30)
+    );
+    assert_eq!(open.get("/").expect("GET on the open connection").status, 200);
+
+    drop(idle);
+    set_open_file_limit(pid, old.0, old.1);
+    thread::sleep(Duration::from_millis(300));
+    let body = get(&topo, src).unwrap_or_else(|e| panic!("after the shortage: {e}\n{}", lb.log_tail(30)));
+    assert!(body.starts_with('b'), "{body}");
 }

@@ -177,6 +177,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
                 relay(client, backend, &choice.runtime, splice).await;
                 return;
             }
+            Ok(Err(e)) if crate::health::lb_short_of_resources(&e) => {
+                // Not the backend's fault, and every other backend would fail the same way.
+                crate::health::warn_short_of_resources(service, &e);
+                break;
+            }
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
                 debug!(%peer, backend = %choice.address, error = %e, "backend reset the connection it had just accepted; trying next");
                 svc.connect_failed(&choice, &e.to_string());

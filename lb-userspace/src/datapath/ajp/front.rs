@@ -549,11 +549,14 @@ impl<'a> Request<'a> {
             {
                 Ok(c) => c,
                 Err(e) => {
-                    if matches!(
-                        e,
-                        PoolError::Connect(..) | PoolError::Timeout(_) | PoolError::NoPong(_)
-                    ) {
-                        self.svc.connect_outcome(id, &pool.runtime, Some(&e.to_string()));
+                    match &e {
+                        PoolError::Connect(_, io) if crate::health::lb_short_of_resources(io) => {
+                            crate::health::warn_short_of_resources(&self.svc.name, io);
+                        }
+                        PoolError::Connect(..) | PoolError::Timeout(_) | PoolError::NoPong(_) => {
+                            self.svc.connect_outcome(id, &pool.runtime, Some(&e.to_string()));
+                        }
+                        _ => {}
                     }
                     return Outcome::BackendBeforeResponse(e.to_string());
                 }
