@@ -128,6 +128,38 @@ impl Drop for SynFlood {
     }
 }
 
+/// Sends `n` SYNs toward `spec.target`, one every `gap`, from `spec.base` + 0 .. `n` (each its own
+/// source), each with its TCP checksum off by one bit: frames a backend's kernel drops as
+/// invalid. Returns once all are sent.
+pub fn send_bad_checksum_syns(spec: &FloodSpec, n: u32, gap: Duration) -> io::Result<()> {
+    let ns = File::open(netns_path(&spec.netns))?;
+    let spec = spec.clone();
+    std::thread::spawn(move || -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| io::Error::other(format!("setns into {}: {e}", spec.netns)))?;
+        let socket = PacketSocket::open(&spec.interface)?;
+        for i in 0..n {
+            let src = Ipv4Addr::from(u32::from(spec.base) + i);
+            let mut frame = Tcp::new((src, 40000), (*spec.target.ip(), spec.target.port()), flags::SYN)
+                .macs(spec.src_mac, spec.dst_mac)
+                .tcp_options(&syn_options(1, 0))
+                .seq(i)
+                .build();
+            frame[TCP_CHECK] ^= 0x01;
+            // SAFETY: a plain send of a buffer we own.
+            let sent = unsafe { libc::send(socket.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+            if sent < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            std::thread::sleep(gap);
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| io::Error::other("the sending thread panicked"))?
+}
+
 /// An `AF_PACKET` raw socket bound to one interface, sending only.
 struct PacketSocket(std::os::fd::OwnedFd);
 

@@ -272,7 +272,14 @@ fn set_open_file_limit(pid: u32, soft: u64, hard: u64) -> (u64, u64) {
         rlim_max: 0,
     };
     // SAFETY: both pointers are to live rlimit values.
-    let r = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, &raw const new, &raw mut old) };
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &raw const new,
+            &raw mut old,
+        )
+    };
     assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
     (old.rlim_cur, old.rlim_max)
 }

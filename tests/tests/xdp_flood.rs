@@ -25,18 +25,6 @@ const FLOOD: Duration = Duration::from_secs(30);
 const SPOOFED: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 0);
 const SPOOFED_COUNT: u32 = 1 << 16;
 
-fn mac(ns: &lb_tests::Netns, interface: &str) -> [u8; 6] {
-    let text = ns
-        .exec_ok(&["cat", &format!("/sys/class/net/{interface}/address")])
-        .expect("read MAC");
-    let bytes: Vec<u8> = text
-        .trim()
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).expect("MAC byte"))
-        .collect();
-    bytes.try_into().expect("6 bytes")
-}
-
 /// One new connection with one request: Ok(backend) or the error text.
 fn one_get(bed: &Bed, src: Ipv4Addr) -> Result<String, String> {
     http_get_from(bed.topo.client_ns().name(), src, bed.web(), "/")

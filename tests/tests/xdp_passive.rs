@@ -36,6 +36,7 @@ use common::*;
 use lb_tests::client::HttpConn;
 use lb_tests::daemon::backend_of;
 use lb_tests::loops::{Sample, client_loops, unix_ms};
+use lb_tests::synflood::{FloodSpec, send_bad_checksum_syns};
 use lb_tests::{Topology, connect_from, require_root};
 
 /// Client loops (one per client address).
@@ -614,4 +615,45 @@ fn xdp_both_primaries_killed_send_every_later_connection_to_the_backup() {
         "MEASURED xdp passive (b1 and b2 restarted): new connections reach a primary again {} ms later",
         restarted.elapsed().as_millis()
     ));
+}
+
+/// SYNs the backend's kernel drops (a bad TCP checksum, from spoofed sources), forwarded by XDP,
+/// go unanswered past `connect_timeout` like SYNs to a black-holed backend. A client's junk must not
+/// take a healthy backend down: a probe confirms first, it answers, and nobody is marked down.
+#[test]
+fn xdp_syns_a_backend_drops_as_invalid_do_not_mark_it_down() {
+    if !require_root("xdp_syns_a_backend_drops_as_invalid_do_not_mark_it_down") {
+        return;
+    }
+    let pins = Pins::new(pin_dir("xpc"));
+    let bed = bed("xpasC", &pins.0, 2, &[]);
+    let (client, lb) = (bed.topo.client_ns(), bed.topo.lb_ns());
+    let spec = FloodSpec {
+        netns: client.name().to_string(),
+        interface: bed.topo.peer_if().to_string(),
+        src_mac: mac(client, bed.topo.peer_if()),
+        dst_mac: mac(lb, bed.topo.lb_client_if()),
+        base: Ipv4Addr::new(10, 99, 0, 0),
+        count: 1 << 16,
+        target: std::net::SocketAddrV4::new(bed.topo.vip(), 80),
+    };
+    send_bad_checksum_syns(&spec, 40, Duration::from_millis(20)).expect("send the SYNs");
+    // Past connect_timeout every one of them is a timed-out connect; the confirming probes take
+    // at most the check's timeout (1 s).
+    thread::sleep(CONNECT_TIMEOUT + Duration::from_millis(1500));
+    for b in ["b1", "b2"] {
+        let moves = bed.lb.health_transitions("web", b);
+        assert!(
+            moves.is_empty(),
+            "{b} moved by invalid SYNs: {moves:?}\n{}",
+            bed.lb.log_tail(30)
+        );
+    }
+    assert!(
+        bed.lb.log().contains("answers a check: not marked down"),
+        "no confirming probe ran\n{}",
+        bed.lb.log_tail(30)
+    );
+    let body = get(&bed.topo, bed.topo.client_addrs()[0]).expect("GET after the invalid SYNs");
+    assert!(body.starts_with('b'), "{body}");
 }

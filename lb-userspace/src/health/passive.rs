@@ -7,21 +7,26 @@
 //! checks need `rise` successes to bring it back) and a [`HealthEvent`] with
 //! [`HealthSource::Passive`] goes into the same pipeline as the checkers' transitions. A success
 //! resets the count. A datapath that only sees counts (the kernel's per-backend counters, polled)
-//! reports them with [`Passive::counted`].
+//! reports them with [`Passive::counted`], and failures a client can cause itself (SYNs the
+//! backend's kernel dropped as invalid) with [`Passive::counted_unconfirmed`]: a probe must fail
+//! too before those mark the backend down.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::{HealthEvent, HealthSource};
 use crate::config::HealthKind;
 use crate::runtime::BackendRuntime;
 use crate::state::{Backend, Health, Service};
 
-/// Consecutive connect failures of one backend since its last success (kept in its runtime).
+/// Consecutive connect failures of one backend since its last success (kept in its runtime), and
+/// whether a probe confirming unanswered SYNs is under way.
 #[derive(Debug, Default)]
-pub struct FailureCount(AtomicU32);
+pub struct FailureCount(AtomicU32, AtomicBool);
 
 impl FailureCount {
     pub fn get(&self) -> u32 {
@@ -79,12 +84,86 @@ impl Passive {
         if seen < health.error_limit {
             return false;
         }
+        count.store(0, Ordering::Relaxed);
+        if backend.health == Health::Down {
+            return false;
+        }
         let reason = format!("{seen} connect failures in a row (last: {why})");
+        self.mark_down(&service.settings.name, backend.config.address, runtime, reason)
+    }
+
+    /// [`Passive::counted`] for SYNs the kernel forwarded that no answer met within
+    /// `connect_timeout`. A client can send SYNs the backend's kernel drops (a bad checksum, say),
+    /// so these alone do not mark the backend down: once they reach `error_limit`, a probe as the
+    /// checks make one decides. It runs in the background; the backend goes down only if it fails
+    /// too (a black-holed backend: within `connect_timeout` and the check's `timeout`).
+    pub fn counted_unconfirmed(
+        &self,
+        service: &Service,
+        backend: &Backend,
+        runtime: &Arc<BackendRuntime>,
+        failures: u32,
+        why: &str,
+    ) {
+        let health = &service.settings.health;
+        if !health.passive() || health.kind == HealthKind::None || failures == 0 {
+            return;
+        }
+        let count = &runtime.passive.0;
+        let seen = count
+            .fetch_add(failures, Ordering::Relaxed)
+            .saturating_add(failures);
+        if seen < health.error_limit || backend.health == Health::Down {
+            return;
+        }
+        count.store(0, Ordering::Relaxed);
+        if runtime.passive.1.swap(true, Ordering::AcqRel) {
+            return; // a probe is under way
+        }
+        let passive = self.clone();
+        let (name, address, health, runtime) = (
+            service.settings.name.clone(),
+            backend.config.address,
+            health.clone(),
+            runtime.clone(),
+        );
+        let reason = format!("{seen} connect failures in a row (last: {why})");
+        tokio::spawn(async move {
+            let target = SocketAddr::new(address.ip(), health.port.unwrap_or(address.port()));
+            let result = super::probe(health.kind, target, health.timeout).await;
+            runtime.passive.1.store(false, Ordering::Release);
+            match result {
+                Ok(_) => info!(service = %name, backend = %address, %reason,
+                    "passive health: SYNs went unanswered, but the backend answers a check: not marked down (were they invalid?)"),
+                Err(super::ProbeError::Local(_)) => {}
+                Err(e) => {
+                    if passive.mark_down(
+                        &name,
+                        address,
+                        &runtime,
+                        format!("{reason}; a check failed too: {e}"),
+                    ) {
+                        warn!(service = %name, backend = %address,
+                            "passive health: backend marked down after unanswered SYNs and a failed check");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Marks the backend down for passive health (`reason`), unless its checks already have.
+    /// Returns whether this call did.
+    fn mark_down(
+        &self,
+        service: &str,
+        address: SocketAddr,
+        runtime: &BackendRuntime,
+        reason: String,
+    ) -> bool {
         let before = {
             // The check status decides who reports the transition: only the first to see it up.
             let mut check = runtime.check.lock().unwrap();
-            count.store(0, Ordering::Relaxed);
-            if check.health == Health::Down || backend.health == Health::Down {
+            if check.health == Health::Down {
                 return false;
             }
             let before = check.clone();
@@ -92,8 +171,8 @@ impl Passive {
             before
         };
         let event = HealthEvent {
-            service: service.settings.name.clone(),
-            backend: backend.config.address,
+            service: service.to_string(),
+            backend: address,
             health: Health::Down,
             reason,
             source: HealthSource::Passive,
@@ -101,7 +180,7 @@ impl Passive {
         if let Err(e) = self.events.try_send(event) {
             // Not applied: the checks keep the say they had.
             *runtime.check.lock().unwrap() = before;
-            warn!(service = %service.settings.name, backend = %backend.config.address, error = %e,
+            warn!(%service, backend = %address, error = %e,
                 "passive health: transition not delivered; the active checks will decide");
             return false;
         }

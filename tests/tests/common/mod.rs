@@ -374,3 +374,16 @@ pub fn tcx_ingress_programs(ns: &lb_tests::Netns, interface: &str) -> Vec<String
     .expect("enter the namespace")
     .expect("query the TCX programs")
 }
+
+/// The MAC address of `interface` in `ns`.
+pub fn mac(ns: &lb_tests::Netns, interface: &str) -> [u8; 6] {
+    let text = ns
+        .exec_ok(&["cat", &format!("/sys/class/net/{interface}/address")])
+        .expect("read MAC");
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("MAC byte"))
+        .collect();
+    bytes.try_into().expect("6 bytes")
+}

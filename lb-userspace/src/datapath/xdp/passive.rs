@@ -239,22 +239,24 @@ impl Poller {
                 let runtime = snapshot.runtime(svc, b);
                 let (refused, timed_out, answered) = w.outcomes(c, at, svc.settings.connect_timeout);
                 if health.passive() {
-                    let failures = refused + timed_out;
-                    if failures > 0 {
-                        let why = if timed_out == 0 {
-                            "refused: the backend answered the SYN with an RST".to_string()
-                        } else {
-                            format!(
-                                "timed out: no SYN-ACK within connect_timeout {} ms",
-                                svc.settings.connect_timeout.as_millis()
-                            )
-                        };
-                        let n = u32::try_from(failures).unwrap_or(u32::MAX);
-                        if passive.counted(svc, b, &runtime, n, false, &why) {
+                    let n = |c: u64| u32::try_from(c).unwrap_or(u32::MAX);
+                    // An RST is the backend's own answer; a SYN left unanswered may be one its
+                    // kernel dropped as invalid (a client's doing), so a probe confirms those.
+                    if refused > 0 {
+                        let why = "refused: the backend answered the SYN with an RST";
+                        if passive.counted(svc, b, &runtime, n(refused), false, why) {
                             warn!(service = %svc.settings.name, backend = %b.config.address, %why,
                                 "passive health: backend marked down after connect failures seen by XDP");
                         }
-                    } else if answered > 0 {
+                    }
+                    if timed_out > 0 {
+                        let why = format!(
+                            "timed out: no SYN-ACK within connect_timeout {} ms",
+                            svc.settings.connect_timeout.as_millis()
+                        );
+                        passive.counted_unconfirmed(svc, b, &runtime, n(timed_out), &why);
+                    }
+                    if refused + timed_out == 0 && answered > 0 {
                         passive.connected(&runtime);
                     }
                 }
