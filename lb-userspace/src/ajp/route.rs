@@ -23,9 +23,11 @@ impl Default for RouteKeys {
     }
 }
 
-/// The route of a session id: after the last `.`, if non-empty.
+/// The route of a session id: after the first `.`, if non-empty. Tomcat writes `<id>.<jvmRoute>`
+/// and its ids hold no dot, while a jvmRoute may (`app01.prod`); mod_jk and mod_proxy_balancer
+/// read it the same way.
 fn route_of(session_id: &[u8]) -> Option<&[u8]> {
-    let dot = session_id.iter().rposition(|&b| b == b'.')?;
+    let dot = session_id.iter().position(|&b| b == b'.')?;
     let route = &session_id[dot + 1..];
     (!route.is_empty()).then_some(route)
 }
@@ -128,12 +130,13 @@ mod tests {
         );
         // Several cookies, the session one in the middle, in the second header.
         assert_eq!(
-            route(
-                "/",
-                &["theme=dark; lang=en", "a=b.c; JSESSIONID=\"X.Y.t3\" ; z=1"]
-            )
-            .as_deref(),
+            route("/", &["theme=dark; lang=en", "a=b.c; JSESSIONID=\"X.t3\" ; z=1"]).as_deref(),
             Some("t3")
+        );
+        // A jvmRoute with a dot in it: everything after the id's first dot.
+        assert_eq!(
+            route("/", &["JSESSIONID=8A3F.app01.prod"]).as_deref(),
+            Some("app01.prod")
         );
         // Similar names do not count.
         assert_eq!(

@@ -485,6 +485,10 @@ impl<'a> Request<'a> {
 
     /// The backend for the next attempt: the session route's, else by the browser's address,
     /// else (when retries are used up, or no primary is left) a healthy backup.
+    ///
+    /// A backend the published state still lists may have lost its pool already (a removal the
+    /// datapath applies just before the state is published): it is passed over like an excluded
+    /// one, so its requests move on instead of getting a 503.
     fn pick(&self, route: Option<&[u8]>, client: IpAddr, exclude: &[u32], primaries: bool) -> Option<Target> {
         let snap = self.svc.balancer.snapshot();
         let state = snap.state.service(&self.svc.name).ok()?;
@@ -503,8 +507,11 @@ impl<'a> Request<'a> {
         if let Some(r) = route
             && let Some(be) = state.backends.iter().find(|be| super::route_of(&be.config) == r)
         {
-            if be.admits_known() && !exclude.contains(&be.id) {
-                return target(Chosen::new(be.id, Reason::Affinity), Pick::Route);
+            if be.admits_known()
+                && !exclude.contains(&be.id)
+                && let Some(t) = target(Chosen::new(be.id, Reason::Affinity), Pick::Route)
+            {
+                return Some(t);
             }
             failover = true;
         }
@@ -513,21 +520,25 @@ impl<'a> Request<'a> {
         } else {
             Pick::Address
         };
-        if primaries
+        let mut passed = exclude.to_vec();
+        while primaries
             && let Ok(c) = self
                 .svc
                 .balancer
-                .choose(&self.svc.name, client, Instant::now(), exclude)
+                .choose(&self.svc.name, client, Instant::now(), &passed)
         {
-            return target(c.chosen(), pick);
+            match target(c.chosen(), pick) {
+                Some(t) => return Some(t),
+                None => passed.push(c.backend_id),
+            }
         }
-        target(
-            Chosen::new(
-                self.svc.balancer.choose_backup(&self.svc.name, exclude)?,
-                Reason::Backup,
-            ),
-            pick,
-        )
+        while let Some(id) = self.svc.balancer.choose_backup(&self.svc.name, &passed) {
+            match target(Chosen::new(id, Reason::Backup), pick) {
+                Some(t) => return Some(t),
+                None => passed.push(id),
+            }
+        }
+        None
     }
 
     /// One try on one backend; a pooled connection that turns out dead is replaced by a fresh one

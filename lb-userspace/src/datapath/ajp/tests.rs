@@ -639,6 +639,29 @@ async fn a_malformed_body_chunk_from_a_backend_is_not_relayed_and_the_request_mo
 }
 
 #[tokio::test]
+async fn a_request_in_the_moment_a_backend_is_removed_moves_on_instead_of_a_503() {
+    let (_fakes, lb) = three(Mode::Answer).await;
+    let user = (0..200).map(ip).find(|i| lb.by_address(i) == "t2").unwrap();
+    // The datapath has dropped t2's pool; the published state still lists t2 (the engine
+    // publishes right after).
+    let pending = lb
+        .balancer
+        .stage(Command::RemoveBackend {
+            service: "ajp".into(),
+            backend: "t2".into(),
+        })
+        .unwrap();
+    lb.dp.apply(pending.effect(), pending.snapshot()).unwrap();
+    let mut web = Web::connect(lb.addr).await;
+    for req in [Req::from(&user).cookie("JSESSIONID=x.t2"), Req::from(&user)] {
+        let a = web.request(&req).await.unwrap();
+        assert_eq!(a.status, 200);
+        assert_ne!(a.backend(), "t2");
+    }
+    lb.balancer.commit(pending);
+}
+
+#[tokio::test]
 async fn body_larger_than_the_retry_buffer_gets_503_not_a_retry() {
     let mut fakes = Vec::new();
     for n in ["t1", "t2"] {
