@@ -221,6 +221,13 @@ enum Pick {
     RouteFailover,
 }
 
+/// Whether a request with AJP method code `method` may run twice with the effect of once (RFC 9110
+/// 9.2.2): OPTIONS, GET, HEAD, PUT, DELETE, TRACE. Only those go to another backend after one
+/// failed with the request in hand, as nginx and mod_jk do; a POST gets a 502 instead.
+fn idempotent(method: u8) -> bool {
+    matches!(method, 1..=3 | 5..=7)
+}
+
 /// The backend of one attempt.
 struct Target {
     id: u32,
@@ -236,8 +243,14 @@ struct Target {
 enum Outcome {
     /// End Response relayed; the backend's status.
     Done(u16),
-    /// The backend failed before any response packet reached the web tier.
+    /// The request did not reach the backend (no connection, or sending it failed).
     BackendBeforeResponse(String),
+    /// The request reached the backend, which failed before any response packet reached the web
+    /// tier: it may have run the request.
+    NoAnswer(String),
+    /// The backend was reset (`on_down = "reset"`, `disable --reset`) before it answered: its
+    /// connection is closed; like `NoAnswer`, but never tried again on the same backend.
+    Reset,
     /// The backend failed after part of the response was relayed: the front must close.
     BackendAfterResponse(String),
     /// The backend sent nothing for `reply_timeout` (`responded`: after part of the response
@@ -412,7 +425,26 @@ impl<'a> Request<'a> {
                     }
                     return Next::Continue;
                 }
-                Outcome::BackendBeforeResponse(why) => {
+                Outcome::NoAnswer(_) | Outcome::Reset if !idempotent(self.req.method) => {
+                    let why = match outcome {
+                        Outcome::NoAnswer(why) => why,
+                        _ => "backend reset (on_down = \"reset\" or disable --reset)".into(),
+                    };
+                    c.response(502);
+                    warn!(service = %self.svc.name, backend = %pool.address, reason = %why, method = self.req.method,
+                        "backend failed after the request reached it; not idempotent, so not run again elsewhere: 502");
+                    return self.respond(502, "Bad Gateway").await;
+                }
+                Outcome::Reset => {
+                    debug!(service = %self.svc.name, backend = %pool.address, "backend reset before it answered; request moves on");
+                    if !body.held {
+                        break;
+                    }
+                    c.retries.fetch_add(1, Relaxed);
+                    exclude.push(id);
+                    failures += 1;
+                }
+                Outcome::BackendBeforeResponse(why) | Outcome::NoAnswer(why) => {
                     debug!(service = %self.svc.name, backend = %pool.address, reason = %why, "backend failed before answering");
                     if !body.held {
                         info!(service = %self.svc.name, backend = %pool.address, reason = %why, "backend failed before answering; body too large to retry: 503");
@@ -553,6 +585,8 @@ impl<'a> Request<'a> {
         settings: &super::Settings,
     ) -> Outcome {
         let mut fresh = false;
+        // A pooled connection that failed after the request reached it: why (see `NoAnswer`).
+        let mut reached: Option<String> = None;
         loop {
             let mut conn = match pool
                 .acquire(settings.connect_timeout, settings.ajp.ping_after_idle, fresh)
@@ -569,7 +603,10 @@ impl<'a> Request<'a> {
                         }
                         _ => {}
                     }
-                    return Outcome::BackendBeforeResponse(e.to_string());
+                    return match reached {
+                        Some(why) => Outcome::NoAnswer(format!("{why}; then {e}")),
+                        None => Outcome::BackendBeforeResponse(e.to_string()),
+                    };
                 }
             };
             let reused = conn.reused;
@@ -584,9 +621,19 @@ impl<'a> Request<'a> {
                     }
                     return Outcome::Done(status);
                 }
+                // A pooled connection the backend had closed: one more try on a new connection to
+                // the same backend (a request that reached it and failed stays marked as such).
                 Err(Outcome::BackendBeforeResponse(why)) if reused && !fresh && body.held => {
                     debug!(backend = %pool.address, reason = %why, "pooled connection failed; trying a new one");
                     fresh = true;
+                }
+                Err(Outcome::NoAnswer(why)) if reused && !fresh && body.held => {
+                    debug!(backend = %pool.address, reason = %why, "pooled connection failed; trying a new one");
+                    reached = Some(why);
+                    fresh = true;
+                }
+                Err(Outcome::BackendBeforeResponse(why)) if reached.is_some() => {
+                    return Outcome::NoAnswer(format!("{}; then {why}", reached.unwrap_or_default()));
                 }
                 Err(o) => return o,
             }
@@ -629,12 +676,18 @@ impl<'a> Request<'a> {
                 if responded {
                     Outcome::BackendAfterResponse(why)
                 } else {
-                    Outcome::BackendBeforeResponse(why)
+                    Outcome::NoAnswer(why)
                 }
             };
             let read = tokio::select! {
                 r = read_frame(&mut conn.stream, &mut conn.buf, &decoder, Limits::NONE) => r,
-                () = reset.cancelled() => Err(std::io::Error::other("backend marked down (on_down = reset)")),
+                () = reset.cancelled() => {
+                    return Err(if responded {
+                        Outcome::BackendAfterResponse("backend reset (on_down = \"reset\" or disable --reset)".into())
+                    } else {
+                        Outcome::Reset
+                    });
+                }
                 () = sleep_unless_zero(settings.ajp.reply_timeout) => {
                     return Err(Outcome::ReplyTimeout { responded });
                 }

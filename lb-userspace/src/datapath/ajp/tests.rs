@@ -228,6 +228,8 @@ struct Req {
     body: Vec<u8>,
     secret: Option<String>,
     attributes: Vec<(String, String)>,
+    /// AJP method code; GET without a body, POST with one, unless set.
+    method: Option<u8>,
 }
 
 impl Req {
@@ -244,6 +246,11 @@ impl Req {
     }
     fn body(mut self, b: &[u8]) -> Req {
         self.body = b.to_vec();
+        self
+    }
+    /// As a PUT (AJP method 5): idempotent, with a body.
+    fn put(mut self) -> Req {
+        self.method = Some(5);
         self
     }
     fn secret(mut self, s: &str) -> Req {
@@ -282,7 +289,7 @@ impl Req {
             });
         }
         let r = ForwardRequest {
-            method: if self.body.is_empty() { 2 } else { 4 },
+            method: self.method.unwrap_or(if self.body.is_empty() { 2 } else { 4 }),
             protocol: b("HTTP/1.1"),
             req_uri: b(&self.uri),
             remote_addr: b(&self.remote_addr),
@@ -600,14 +607,14 @@ async fn route_failover_drain_and_maintenance() {
 }
 
 #[tokio::test]
-async fn post_body_is_retried_on_the_next_backend() {
+async fn an_idempotent_request_with_a_body_is_retried_on_the_next_backend() {
     let (fakes, lb) = three(Mode::Answer).await;
     // A browser whose address leads to t1, which takes the whole body and then dies.
     let user = (0..200).map(ip).find(|i| lb.by_address(i) == "t1").unwrap();
     fakes[0].set_mode(Mode::CloseBeforeAnswer);
     let body: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
     let mut web = Web::connect(lb.addr).await;
-    let a = web.request(&Req::from(&user).body(&body)).await.unwrap();
+    let a = web.request(&Req::from(&user).body(&body).put()).await.unwrap();
     assert_eq!(a.status, 200);
     assert_ne!(a.backend(), "t1");
     let other = fakes.iter().find(|f| f.name == a.backend()).unwrap();
@@ -623,13 +630,37 @@ async fn post_body_is_retried_on_the_next_backend() {
     assert_eq!(web.request(&Req::from(&user)).await.unwrap().status, 200);
 }
 
+/// A POST that reached its backend may have run there: when the backend fails before answering,
+/// the web tier gets a 502 and no other backend runs it again (mod_jk and nginx do the same).
+#[tokio::test]
+async fn a_post_that_reached_a_failing_backend_gets_502_and_runs_nowhere_else() {
+    let (fakes, lb) = three(Mode::Answer).await;
+    let user = (0..200).map(ip).find(|i| lb.by_address(i) == "t1").unwrap();
+    fakes[0].set_mode(Mode::CloseBeforeAnswer);
+    let mut web = Web::connect(lb.addr).await;
+    // Twice: the second one goes out on a pooled connection (the stale-connection retry to the
+    // same backend must not carry it elsewhere either).
+    for round in 1..=2 {
+        let a = web.request(&Req::from(&user).body(b"order=1")).await.unwrap();
+        assert_eq!(a.status, 502, "round {round}");
+        assert_eq!(fakes[0].requests(), round, "round {round}");
+        assert_eq!(
+            fakes[1].requests() + fakes[2].requests(),
+            0,
+            "round {round}: run again elsewhere"
+        );
+    }
+    fakes[0].set_mode(Mode::Answer);
+    assert_eq!(web.request(&Req::from(&user)).await.unwrap().status, 200);
+}
+
 #[tokio::test]
 async fn a_malformed_body_chunk_from_a_backend_is_not_relayed_and_the_request_moves_on() {
     let (fakes, lb) = three(Mode::Answer).await;
     let user = (0..200).map(ip).find(|i| lb.by_address(i) == "t1").unwrap();
     fakes[0].set_mode(Mode::BadChunk);
     let mut web = Web::connect(lb.addr).await;
-    let a = web.request(&Req::from(&user).body(b"a=1")).await.unwrap();
+    let a = web.request(&Req::from(&user)).await.unwrap();
     assert_eq!(a.status, 200);
     assert_ne!(a.backend(), "t1", "t1's chunk was not passed on");
     assert_eq!(fakes[0].requests(), 1);
@@ -677,7 +708,7 @@ async fn body_larger_than_the_retry_buffer_gets_503_not_a_retry() {
     );
     let mut web = Web::connect(lb.addr).await;
     let body = vec![b'x'; 30_000];
-    let a = web.request(&Req::from(&ip(1)).body(&body)).await.unwrap();
+    let a = web.request(&Req::from(&ip(1)).body(&body).put()).await.unwrap();
     assert_eq!(a.status, 503);
     assert_eq!(
         fakes.iter().map(FakeBackend::requests).sum::<usize>(),
@@ -1012,9 +1043,9 @@ async fn on_down_reset_aborts_requests_on_a_backend_marked_down() {
         let svc = snap.state.service("ajp").unwrap();
         snap.runtime(svc, svc.backend("t1").unwrap()).reset_connections();
     };
-    // Nothing answered yet: the request moves on to t2.
+    // Nothing answered yet: a GET moves on to t2.
     let mut web = Web::connect(lb.addr).await;
-    let first = Req::from(&user).body(b"a=1");
+    let first = Req::from(&user);
     let pending = tokio::spawn(async move { web.request(&first).await });
     while stalls.requests() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1022,13 +1053,24 @@ async fn on_down_reset_aborts_requests_on_a_backend_marked_down() {
     reset_t1(&lb);
     let a = pending.await.unwrap().unwrap();
     assert_eq!((a.status, a.backend()), (200, "t2"));
+    // A POST that reached t1 may have run there: 502, not run again on t2.
+    lb.set_health("t1", Health::Up);
+    let mut web = Web::connect(lb.addr).await;
+    let post = Req::from(&user).cookie("JSESSIONID=x.t1").body(b"order=1");
+    let pending = tokio::spawn(async move { web.request(&post).await });
+    while stalls.requests() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    reset_t1(&lb);
+    assert_eq!(pending.await.unwrap().unwrap().status, 502);
+    assert_eq!(good.requests(), 1, "the POST ran again on t2");
     // Part of the answer sent already: the web tier's connection is closed instead.
     lb.set_health("t1", Health::Up);
     stalls.set_mode(Mode::StallAfterHeaders);
     let session = Req::from(&user).cookie("JSESSIONID=x.t1");
     let mut web = Web::connect(lb.addr).await;
     let pending = tokio::spawn(async move { web.request(&session).await });
-    while stalls.requests() < 2 {
+    while stalls.requests() < 3 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
