@@ -452,7 +452,7 @@ impl Engine {
                     if let Command::AddService { service } = &command
                         && let Some(was) = before.state.services.get(&service.name)
                     {
-                        self.put_back(was, &origin, &old, &mut applied_config, &mut view);
+                        self.reload_put_back(was, &origin, &old, &mut applied_config, &mut view);
                     }
                 }
             }
@@ -473,12 +473,22 @@ impl Engine {
         Ok(view)
     }
 
-    /// A reload removed `was` to make it anew (its listen address or datapath changed) and the new
-    /// form did not come up: the service goes back as it ran before the reload (runtime changes
-    /// included; affinity and open connections are gone with the removal), so a refused change
-    /// does not cost it its traffic. The file's old entry stays the applied one, so the next
-    /// reload tries the change again.
-    fn put_back(
+    /// A change removed `was` to make it anew (its listen address or datapath changed) and the
+    /// new form did not come up: the service goes back as it ran before that change (runtime
+    /// changes included; affinity and open connections are gone with the removal), so a refused
+    /// change does not cost it its traffic. Used by a reload and by the state file's restore.
+    pub(crate) fn put_back(&self, was: &state::Service, origin: &Origin) -> Result<Effect, EngineError> {
+        self.execute_by(
+            Command::AddService {
+                service: was.config(),
+            },
+            origin,
+        )
+    }
+
+    /// [`Engine::put_back`] in a reload: reported in its view, and the file's old entry stays the
+    /// applied one, so the next reload tries the change again.
+    fn reload_put_back(
         &self,
         was: &state::Service,
         origin: &Origin,
@@ -487,12 +497,7 @@ impl Engine {
         view: &mut ReloadView,
     ) {
         let name = &was.settings.name;
-        match self.execute_by(
-            Command::AddService {
-                service: was.config(),
-            },
-            origin,
-        ) {
+        match self.put_back(was, origin) {
             Ok(_) => {
                 warn!(service = %name, listen = %was.settings.listen, "reload: service kept as it was");
                 view.problems.push(format!(

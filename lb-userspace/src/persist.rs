@@ -7,9 +7,12 @@
 //! file now says. It is written after every change, off the change's path ([`Writer`]: a change
 //! does not wait for the disk; changes in quick succession make one write; the last one is written
 //! before the daemon exits), atomically: a temporary file in the same
-//! directory, `fsync`, `rename`, `fsync` of the directory. A file that cannot be read, is not JSON
-//! of this shape, or carries another [`FORMAT_VERSION`] is renamed to `<file>.corrupt-<unix time>`
-//! and the daemon starts from the config alone.
+//! directory, `fsync`, `rename`, `fsync` of the directory. A file that cannot be read, is not a
+//! regular file (a FIFO, a device, a directory: refused without a read, which could block or never
+//! end), is larger than [`MAX_FILE_SIZE`], is not JSON of this shape, or carries another
+//! [`FORMAT_VERSION`] is renamed to `<file>.corrupt-<unix time>` and the daemon starts from the
+//! config alone. A change of the file that no longer fits is skipped and logged; a service the file
+//! moved (new listen address or datapath) whose new form cannot come up stays as the config has it.
 //!
 //! The file keeps the AJP secrets in clear (it is mode 0600, like the config file that holds them):
 //! its services are written with [`crate::config::services_in_clear`], not the `Serialize` form
@@ -26,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ServiceConfig};
-use crate::engine::Engine;
+use crate::engine::{Engine, Origin};
 use crate::runtime::{Snapshot, TransitionLog};
 use crate::state::{Command, Transition};
 
@@ -34,6 +37,8 @@ use crate::state::{Command, Transition};
 pub const FORMAT_VERSION: u32 = 1;
 /// The `format` field: tells an `lb` state file from any other JSON.
 pub const FORMAT_NAME: &str = "lb-state";
+/// The largest state file read (64 MiB, some 300,000 backends); a bigger one is set aside.
+pub const MAX_FILE_SIZE: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
@@ -41,6 +46,12 @@ pub enum PersistError {
     Read { path: String, source: std::io::Error },
     #[error("{path} is not an lb state file: {message}")]
     Corrupt { path: String, message: String },
+    #[error(
+        "{path} is {what}, not a regular file; the state file must be a regular file (or a symlink to one)"
+    )]
+    NotRegular { path: String, what: &'static str },
+    #[error("{path} is {size} bytes, more than the {MAX_FILE_SIZE} bytes a state file may have")]
+    TooLarge { path: String, size: u64 },
     #[error("{path} has format version {found}, this lb reads version {FORMAT_VERSION}")]
     Version { path: String, found: u64 },
     #[error("cannot write {path}: {source}")]
@@ -179,16 +190,79 @@ impl StateFile {
         Ok(file)
     }
 
-    /// Reads the file: `Ok(None)` when it does not exist.
+    /// Reads the file: `Ok(None)` when it does not exist. Only a regular file (or a symlink to one)
+    /// of at most [`MAX_FILE_SIZE`] bytes is read: a FIFO, a device, a directory or a bigger file
+    /// is refused without reading it (never blocking, never reading it whole into memory).
     pub fn load(path: &Path) -> Result<Option<StateFile>, PersistError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Self::parse(&text, path).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(PersistError::Read {
-                path: path.display().to_string(),
-                source,
-            }),
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let read = |source| PersistError::Read {
+            path: path.display().to_string(),
+            source,
+        };
+        // Looked at before it is opened (opening a device can have effects of its own), and
+        // opened without waiting (a FIFO with no writer would block the start forever), then
+        // checked again on what was opened, in case the path changed in between.
+        match std::fs::metadata(path) {
+            Ok(meta) => Self::regular(&meta, path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(read(source)),
         }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+            .open(path)
+            .map_err(read)?;
+        Self::regular(&file.metadata().map_err(read)?, path)?;
+        let mut bytes = Vec::new();
+        file.take(MAX_FILE_SIZE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read)?;
+        if bytes.len() as u64 > MAX_FILE_SIZE {
+            return Err(PersistError::TooLarge {
+                path: path.display().to_string(),
+                size: bytes.len() as u64,
+            });
+        }
+        let text = String::from_utf8(bytes).map_err(|e| PersistError::Corrupt {
+            path: path.display().to_string(),
+            message: format!("not UTF-8 text: {e}"),
+        })?;
+        Self::parse(&text, path).map(Some)
+    }
+
+    /// `Ok` when `meta` is that of a regular file the size a state file may have.
+    fn regular(meta: &std::fs::Metadata, path: &Path) -> Result<(), PersistError> {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = meta.file_type();
+        let what = if kind.is_file() {
+            None
+        } else if kind.is_dir() {
+            Some("a directory")
+        } else if kind.is_fifo() {
+            Some("a FIFO")
+        } else if kind.is_socket() {
+            Some("a socket")
+        } else if kind.is_char_device() {
+            Some("a character device")
+        } else if kind.is_block_device() {
+            Some("a block device")
+        } else {
+            Some("an unknown kind of file")
+        };
+        if let Some(what) = what {
+            return Err(PersistError::NotRegular {
+                path: path.display().to_string(),
+                what,
+            });
+        }
+        if meta.len() > MAX_FILE_SIZE {
+            return Err(PersistError::TooLarge {
+                path: path.display().to_string(),
+                size: meta.len(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -301,20 +375,35 @@ pub fn restore(engine: &Engine, path: &Path, base: &[ServiceConfig]) -> Persist 
 }
 
 /// Applies the runtime changes of `file`, then puts back the transition history.
+///
+/// A service the file moved (a new listen address or datapath: removed, then added anew) whose
+/// new form does not come up is put back as it ran before the restore ([`Engine::put_back`]), so
+/// the refused move leaves no trace: the service keeps its traffic, and the file written next
+/// holds it as the config has it.
 fn apply(engine: &Engine, file: &StateFile, shown: &str) {
+    let before = engine.balancer().snapshot();
     let mut restored = Vec::new();
     let mut skipped = 0usize;
     for command in file.commands() {
         let description = crate::engine::describe(&command);
         let outcome = match hidden_secret(&command) {
             Some(e) => Err(e.to_string()),
-            None => engine.execute_restored(command).map_err(|e| e.to_string()),
+            None => engine
+                .execute_restored(command.clone())
+                .map_err(|e| e.to_string()),
         };
         match outcome {
             Ok(_) => restored.push(description),
             Err(e) => {
                 skipped += 1;
                 warn!(state_file = %shown, change = %description, error = %e, "state file: change not restored");
+                // A move whose removal went through: the service is put back as it ran.
+                if let Command::AddService { service } = &command
+                    && let Some(was) = before.state.services.get(&service.name)
+                    && engine.balancer().snapshot().state.service(&service.name).is_err()
+                {
+                    undo_move(engine, was, shown, &mut restored);
+                }
             }
         }
     }
@@ -347,6 +436,33 @@ fn apply(engine: &Engine, file: &StateFile, shown: &str) {
             restored.join("; ")
         }
     );
+}
+
+/// The file's move of `was` did not come up: `was` goes back as it ran before the restore, and its
+/// removal, undone, is no longer counted as restored.
+fn undo_move(engine: &Engine, was: &crate::state::Service, shown: &str, restored: &mut Vec<String>) {
+    let name = &was.settings.name;
+    match engine.put_back(was, &Origin::Restore) {
+        Ok(_) => {
+            let removal = crate::engine::describe(&Command::RemoveService {
+                service: name.clone(),
+            });
+            restored.retain(|d| *d != removal);
+            warn!(
+                state_file = %shown,
+                service = %name,
+                listen = %was.settings.listen,
+                "state file: service {name} kept as the config file has it, on {}",
+                was.settings.listen
+            );
+        }
+        Err(e) => error!(
+            state_file = %shown,
+            service = %name,
+            error = %e,
+            "state file: service {name} could not be put back as the config file has it either: {e}"
+        ),
+    }
 }
 
 /// Why `command` must not be restored: it would give a service the literal secret `(hidden)`.

@@ -391,9 +391,7 @@ impl State {
                     previous_ring: None,
                     next_backend_id: 0,
                 };
-                for backend in backends {
-                    add_backend(&mut new, backend)?;
-                }
+                add_backends(&mut new, backends)?;
                 new.rebuild_ring(ring_size, seed);
                 self.next_service_id += 1;
                 self.services.insert(name.clone(), new);
@@ -429,43 +427,9 @@ impl State {
                 if backends.is_empty() {
                     return Ok(Effect::Nothing);
                 }
-                // Staged on a copy of the list: one refused backend refuses the batch. Names and
-                // addresses in use are looked up in sets (a batch of n is not n × n compares).
+                // Staged on a copy of the list: one refused backend refuses the batch.
                 let mut staged = service.clone();
-                let mut names: std::collections::HashSet<String> =
-                    staged.backends.iter().map(|b| b.config.name.clone()).collect();
-                let mut addresses: std::collections::HashSet<SocketAddr> =
-                    staged.backends.iter().map(|b| b.config.address).collect();
-                let ajp = staged.settings.datapath == DatapathKind::Ajp;
-                let mut routes: HashMap<Vec<u8>, String> = if ajp {
-                    staged
-                        .backends
-                        .iter()
-                        .map(|b| (route_of(&b.config).to_vec(), b.config.name.clone()))
-                        .collect()
-                } else {
-                    HashMap::new()
-                };
-                for backend in backends {
-                    check_weight(backend.weight)?;
-                    if names.contains(&backend.name) || addresses.contains(&backend.address) {
-                        return Err(StateError::BackendExists {
-                            service: name,
-                            name: backend.name,
-                            address: backend.address,
-                        });
-                    }
-                    if ajp {
-                        let route = route_of(&backend).to_vec();
-                        if let Some(other) = routes.get(&route) {
-                            return Err(route_in_use(&name, &backend, other));
-                        }
-                        routes.insert(route, backend.name.clone());
-                    }
-                    names.insert(backend.name.clone());
-                    addresses.insert(backend.address);
-                    push_backend(&mut staged, backend);
-                }
+                add_backends(&mut staged, backends)?;
                 staged.rebuild_ring(ring_size, seed);
                 *service = staged;
                 Ok(Effect::ServiceChanged(name))
@@ -556,6 +520,47 @@ fn add_backend(service: &mut Service, backend: BackendConfig) -> Result<(), Stat
     Ok(())
 }
 
+/// Adds `backends` to `service` after the same checks as [`add_backend`], with names, addresses
+/// and (AJP) routes in use looked up in sets: a batch of n is not n × n compares. On an error some
+/// may have been added: callers stage on a copy, or drop the service.
+fn add_backends(service: &mut Service, backends: Vec<BackendConfig>) -> Result<(), StateError> {
+    let mut names: std::collections::HashSet<String> =
+        service.backends.iter().map(|b| b.config.name.clone()).collect();
+    let mut addresses: std::collections::HashSet<SocketAddr> =
+        service.backends.iter().map(|b| b.config.address).collect();
+    let ajp = service.settings.datapath == DatapathKind::Ajp;
+    let mut routes: HashMap<Vec<u8>, String> = if ajp {
+        service
+            .backends
+            .iter()
+            .map(|b| (route_of(&b.config).to_vec(), b.config.name.clone()))
+            .collect()
+    } else {
+        HashMap::new()
+    };
+    for backend in backends {
+        check_weight(backend.weight)?;
+        if names.contains(&backend.name) || addresses.contains(&backend.address) {
+            return Err(StateError::BackendExists {
+                service: service.settings.name.clone(),
+                name: backend.name,
+                address: backend.address,
+            });
+        }
+        if ajp {
+            let route = route_of(&backend).to_vec();
+            if let Some(other) = routes.get(&route) {
+                return Err(route_in_use(&service.settings.name, &backend, other));
+            }
+            routes.insert(route, backend.name.clone());
+        }
+        names.insert(backend.name.clone());
+        addresses.insert(backend.address);
+        push_backend(service, backend);
+    }
+    Ok(())
+}
+
 /// An AJP backend whose route (`route`, else its name) another backend of the service has: the
 /// web tier's session routes could reach only one of them.
 fn route_in_use(service: &str, backend: &BackendConfig, other: &str) -> StateError {
@@ -578,16 +583,20 @@ fn push_backend(service: &mut Service, backend: BackendConfig) {
 
 /// The commands that turn the services of `old` into those of `new` (reload). Services whose listen
 /// address, protocol or datapath changed are removed and added again; everything else changes in place.
+///
+/// Services and backends are matched through maps (by name; by address and name), so a service of
+/// n backends costs n lookups, not n × n compares.
 pub fn diff(old: &Config, new: &Config) -> Vec<Command> {
+    let old_services = first_by(&old.services, |s| s.name.as_str());
+    let new_services = first_by(&new.services, |s| s.name.as_str());
     // Every service that goes (or is made anew) goes first, so one that takes over another's
     // listen address finds it free.
     let mut commands: Vec<Command> = old
         .services
         .iter()
         .filter(|o| {
-            new.services
-                .iter()
-                .find(|n| n.name == o.name)
+            new_services
+                .get(o.name.as_str())
                 .is_none_or(|n| (o.listen, o.datapath) != (n.listen, n.datapath))
         })
         .map(|o| Command::RemoveService {
@@ -595,7 +604,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Command> {
         })
         .collect();
     for n in &new.services {
-        let Some(o) = old.services.iter().find(|o| o.name == n.name) else {
+        let Some(o) = old_services.get(n.name.as_str()) else {
             commands.push(Command::AddService { service: n.clone() });
             continue;
         };
@@ -611,12 +620,13 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Command> {
             commands.push(Command::UpdateService { service: settings(n) });
         }
         let service = n.name.clone();
+        fn identity(b: &BackendConfig) -> (SocketAddr, &str) {
+            (b.address, b.name.as_str())
+        }
+        let old_backends = first_by(&o.backends, identity);
+        let new_backends = first_by(&n.backends, identity);
         for ob in &o.backends {
-            if !n
-                .backends
-                .iter()
-                .any(|nb| nb.address == ob.address && nb.name == ob.name)
-            {
+            if !new_backends.contains_key(&identity(ob)) {
                 commands.push(Command::RemoveBackend {
                     service: service.clone(),
                     backend: ob.address.to_string(),
@@ -624,16 +634,12 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Command> {
             }
         }
         for nb in &n.backends {
-            match o
-                .backends
-                .iter()
-                .find(|ob| ob.address == nb.address && ob.name == nb.name)
-            {
+            match old_backends.get(&identity(nb)) {
                 None => commands.push(Command::AddBackend {
                     service: service.clone(),
                     backend: nb.clone(),
                 }),
-                Some(ob) if ob != nb => commands.push(Command::UpdateBackend {
+                Some(ob) if *ob != nb => commands.push(Command::UpdateBackend {
                     service: service.clone(),
                     backend: nb.clone(),
                 }),
@@ -642,6 +648,15 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Command> {
         }
     }
     commands
+}
+
+/// `items` by `key`; the first one wins a key that several have (as a `find` would).
+fn first_by<'a, T, K: std::hash::Hash + Eq>(items: &'a [T], key: impl Fn(&'a T) -> K) -> HashMap<K, &'a T> {
+    let mut map = HashMap::with_capacity(items.len());
+    for item in items {
+        map.entry(key(item)).or_insert(item);
+    }
+    map
 }
 
 #[cfg(test)]
@@ -1062,6 +1077,66 @@ pub(crate) mod tests {
             .map(|b| b.config.name.clone())
             .collect();
         assert_eq!(names, ["b2", "b3"]);
+    }
+
+    #[test]
+    fn diff_of_two_services_of_twenty_thousand_backends() {
+        const N: usize = 20_000;
+        let address = |i: usize| format!("10.{}.{}.{}:80", 1 + i / 62_500, (i / 250) % 250, 1 + i % 250);
+        let config = |backends: Vec<BackendConfig>| Config {
+            services: vec![service("web", "10.0.0.100:80", backends)],
+            ..Config::parse("", "(test)").unwrap()
+        };
+        let old: Vec<_> = (0..N).map(|i| backend(&format!("b{i}"), &address(i))).collect();
+        // b5 goes, b7 gets weight 3, b12 moves to a new address, b20000 comes.
+        let mut new = old.clone();
+        new.remove(5);
+        new[6].weight = 3;
+        new[11].address = address(N + 1).parse().unwrap();
+        new.push(backend("b20000", &address(N)));
+        let (old, new) = (config(old), config(new));
+        let commands = diff(&old, &new);
+        let remove = |i: usize| Command::RemoveBackend {
+            service: "web".into(),
+            backend: address(i),
+        };
+        assert_eq!(
+            commands,
+            vec![
+                remove(5),
+                remove(12),
+                Command::UpdateBackend {
+                    service: "web".into(),
+                    backend: new.services[0].backends[6].clone(),
+                },
+                Command::AddBackend {
+                    service: "web".into(),
+                    backend: new.services[0].backends[11].clone(),
+                },
+                Command::AddBackend {
+                    service: "web".into(),
+                    backend: backend("b20000", &address(N)),
+                },
+            ]
+        );
+        assert!(diff(&new, &new).is_empty());
+        // Every backend of a service that appears, none of one that goes.
+        let empty = Config {
+            services: Vec::new(),
+            ..old.clone()
+        };
+        assert_eq!(
+            diff(&empty, &new),
+            [Command::AddService {
+                service: new.services[0].clone()
+            }]
+        );
+        assert_eq!(
+            diff(&new, &empty),
+            [Command::RemoveService {
+                service: "web".into()
+            }]
+        );
     }
 
     /// A change that leaves the ring's members as they are builds nothing; one that brings back

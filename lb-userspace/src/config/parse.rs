@@ -11,6 +11,7 @@
 //! setting is declared once (its `Raw*` field and its check here, its type in `config.rs`) and is
 //! read and checked the same way from both.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::ops::{Range, RangeInclusive};
@@ -1457,6 +1458,11 @@ impl<F: Form> Validator<'_, '_, F> {
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(rs.backend.len());
         // (name span or address span, address span) of each accepted backend.
         let mut seen: Vec<(Range<usize>, Range<usize>)> = Vec::new();
+        // The accepted backend (its index) that has each address, name and route: a service of n
+        // backends is checked with n lookups, not n × n compares.
+        let mut by_address: HashMap<SocketAddr, usize> = HashMap::with_capacity(rs.backend.len());
+        let mut by_name: HashMap<String, usize> = HashMap::with_capacity(rs.backend.len());
+        let mut by_route: HashMap<String, usize> = HashMap::new();
         for (j, rb) in rs.backend.into_iter().enumerate() {
             let bkey = k(&format!("backend[{j}]"));
             let rb = rb.take();
@@ -1476,10 +1482,21 @@ impl<F: Form> Validator<'_, '_, F> {
             {
                 return Err(self.err(addr_span, &format!("{bkey}.address"), message));
             }
-            for (o, other) in backends.iter().enumerate() {
+            // The earliest backend this one clashes with; with that one, a shared route is told
+            // first, then the address, then the name (routes are kept for AJP services only).
+            let ajp = datapath == DatapathKind::Ajp;
+            let clash = [
+                by_route.get(&b.route).map(|&o| (o, Clash::Route)),
+                by_address.get(&b.address).map(|&o| (o, Clash::Address)),
+                by_name.get(&b.name).map(|&o| (o, Clash::Name)),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            if let Some((o, clash)) = clash {
                 let earlier = k(&format!("backend[{o}]"));
-                if datapath == DatapathKind::Ajp && other.route == b.route {
-                    return Err(self.err(
+                return Err(match clash {
+                    Clash::Route => self.err(
                         route_span,
                         &format!("{bkey}.route"),
                         format!(
@@ -1487,10 +1504,8 @@ impl<F: Form> Validator<'_, '_, F> {
                             b.route,
                             self.line(&seen[o].0)
                         ),
-                    ));
-                }
-                if other.address == b.address {
-                    return Err(self.err(
+                    ),
+                    Clash::Address => self.err(
                         addr_span,
                         &format!("{bkey}.address"),
                         format!(
@@ -1498,10 +1513,8 @@ impl<F: Form> Validator<'_, '_, F> {
                             b.address,
                             self.line(&seen[o].1)
                         ),
-                    ));
-                }
-                if other.name == b.name {
-                    return Err(self.err(
+                    ),
+                    Clash::Name => self.err(
                         name_span,
                         &format!("{bkey}.name"),
                         format!(
@@ -1509,8 +1522,14 @@ impl<F: Form> Validator<'_, '_, F> {
                             b.name,
                             self.line(&seen[o].0)
                         ),
-                    ));
-                }
+                    ),
+                });
+            }
+            let index = backends.len();
+            by_address.insert(b.address, index);
+            by_name.insert(b.name.clone(), index);
+            if ajp {
+                by_route.insert(b.route.clone(), index);
             }
             seen.push((name_span, addr_span));
             backends.push(b);
@@ -1806,6 +1825,14 @@ impl<F: Form> Validator<'_, '_, F> {
             state,
         })
     }
+}
+
+/// What a backend shares with an earlier one of its service, in the order the errors tell it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Clash {
+    Route,
+    Address,
+    Name,
 }
 
 /// Why backend `address` cannot serve a `forwarding = "dsr"` service listening on `listen`: the

@@ -2358,3 +2358,118 @@ fn splice_round_trips_through_serialization() {
     }
     assert_eq!(c.services[1].splice, SpliceMode::Pipe);
 }
+
+/// A service of `n` backends, `b0`… on distinct addresses (`ring_size` large enough for them): the
+/// backend table of backend `i` starts on line `5 + 3 * i`.
+fn many_backends(n: usize) -> String {
+    use std::fmt::Write as _;
+    let mut text =
+        format!("ring_size = {MAX_RING_SIZE}\n[[service]]\nname = \"web\"\nlisten = \"10.0.0.1:80\"\n");
+    for i in 0..n {
+        writeln!(
+            text,
+            "[[service.backend]]\naddress = \"{}\"\nname = \"b{i}\"",
+            many_address(i)
+        )
+        .unwrap();
+    }
+    text
+}
+
+fn many_address(i: usize) -> String {
+    format!("10.{}.{}.{}:8080", 1 + i / 62_500, (i / 250) % 250, 1 + i % 250)
+}
+
+#[test]
+fn a_service_of_twenty_thousand_backends_is_checked_whole() {
+    const N: usize = 20_000;
+    let text = many_backends(N);
+    let c = Config::parse(&text, "many.toml").unwrap();
+    let backends = &c.services[0].backends;
+    assert_eq!(backends.len(), N);
+    assert_eq!(
+        (backends[N - 1].name.as_str(), backends[N - 1].address.to_string()),
+        ("b19999", many_address(N - 1))
+    );
+    // A request (or a state file) with the same backends passes the same checks.
+    let fields = serde_json::to_value(&c.services[0]).unwrap();
+    assert_eq!(&ServiceConfig::from_fields(fields).unwrap(), &c.services[0]);
+    // A clash near the end is found, and named with the earlier backend's line.
+    let last = 5 + 3 * (N - 1);
+    let address = text.replace(
+        &format!("address = \"{}\"\nname = \"b{}\"", many_address(N - 1), N - 1),
+        &format!("address = \"{}\"\nname = \"b{}\"", many_address(12_345), N - 1),
+    );
+    let e = Config::parse(&address, "many.toml").unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "many.toml:{}: service[0].backend[19999].address: backend address {} is already used by service[0].backend[12345] (line {}); each backend of a service needs its own ip:port",
+            last + 1,
+            many_address(12_345),
+            5 + 3 * 12_345 + 1
+        )
+    );
+    let name = text.replace(&format!("name = \"b{}\"\n", N - 1), "name = \"b777\"\n");
+    let e = Config::parse(&name, "many.toml").unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "many.toml:{}: service[0].backend[19999].name: backend name \"b777\" is already used by service[0].backend[777] (line {}); backend names must be unique within a service",
+            last + 2,
+            5 + 3 * 777 + 2
+        )
+    );
+}
+
+#[test]
+fn a_backend_that_clashes_with_several_earlier_ones_is_told_about_the_first() {
+    // backend[2] has backend[1]'s address and backend[0]'s name: backend[0] is named.
+    bad(
+        r#"
+        [[service]]
+        name = "web"
+        listen = "10.0.0.1:80"
+        [[service.backend]]
+        address = "10.0.1.1:8080"
+        name = "a"
+        [[service.backend]]
+        address = "10.0.1.2:8080"
+        name = "b"
+        [[service.backend]]
+        address = "10.0.1.2:8080"
+        name = "a"
+        "#,
+        12,
+        "service[0].backend[2].name",
+        &["backend name \"a\" is already used by service[0].backend[0] (line 6)"],
+    );
+    // backend[2] has backend[0]'s address and backend[1]'s route: backend[0] is named.
+    let head =
+        "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:8009\"\nprotocol = \"ajp\"\ndatapath = \"ajp\"\n";
+    let two = |third: &str| {
+        format!(
+            "{head}[[service.backend]]\nname = \"t1\"\naddress = \"10.0.1.1:8009\"\n\
+             [[service.backend]]\nname = \"t2\"\naddress = \"10.0.1.2:8009\"\n\
+             [[service.backend]]\nname = \"t3\"\n{third}"
+        )
+    };
+    let e = Config::parse(&two("address = \"10.0.1.1:8009\"\nroute = \"t2\"\n"), "x.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("service[0].backend[2].address: backend address 10.0.1.1:8009 is already used by service[0].backend[0] (line 8)"),
+        "{e}"
+    );
+    // With one backend both its route and its address: the route is told.
+    let e = Config::parse(&two("address = \"10.0.1.2:8009\"\nroute = \"t2\"\n"), "x.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("service[0].backend[2].route: route \"t2\" is already the route of service[0].backend[1] (line 10)"),
+        "{e}"
+    );
+    // Routes of services that are not AJP are not compared.
+    let tcp = "[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\n[[service.backend]]\nname = \"x\"\naddress = \"10.0.1.1:80\"\nroute = \"r\"\n[[service.backend]]\nname = \"y\"\naddress = \"10.0.1.2:80\"\nroute = \"r\"\n";
+    Config::parse(tcp, "x.toml").unwrap();
+}

@@ -490,3 +490,217 @@ fn a_secret_an_older_lb_saved_as_hidden_is_not_restored() {
     assert!(file.services.iter().all(|s| s.name != "sx"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// [`engine`], with the fake datapath refusing to add a service on `refuse_listen` (as a datapath
+/// that cannot bind it); the datapath's journal too.
+fn engine_refusing(
+    dir: &Path,
+    config: &str,
+    refuse_listen: &str,
+) -> (
+    Engine,
+    std::sync::Arc<std::sync::Mutex<crate::datapath::fake::Journal>>,
+) {
+    use crate::datapath::Datapath;
+    use crate::datapath::fake::FakeDatapath;
+    let path = dir.join("lb.toml");
+    std::fs::write(&path, config).unwrap();
+    let config = Config::load(&path).unwrap();
+    let (fake, journal) = FakeDatapath::new(crate::config::DatapathKind::Proxy);
+    journal.lock().unwrap().refuse_listen = Some(refuse_listen.parse().unwrap());
+    let (events, _) = tokio::sync::mpsc::channel(16);
+    let engine = Engine::assemble(config, events, tokio_util::sync::CancellationToken::new(), |_| {
+        Ok(vec![Box::new(fake) as Box<dyn Datapath>])
+    })
+    .unwrap();
+    (engine, journal)
+}
+
+fn listen_of(e: &Engine, service: &str) -> Option<String> {
+    let snap = e.balancer().snapshot();
+    snap.state
+        .service(service)
+        .ok()
+        .map(|s| s.settings.listen.to_string())
+}
+
+#[test]
+fn a_move_in_the_file_that_cannot_come_up_leaves_the_service_as_the_config_has_it() {
+    use crate::config::AdminState::{Active, Drain};
+    let dir = temp_dir("move");
+    let state_file = dir.join("state.json");
+    let first = engine(&dir, &config_text(&state_file));
+    let operator = Origin::Operator { uid: Some(0) };
+    // Moved on the control socket (removed, then added on another address), and a change of
+    // another kind that does fit.
+    let mut moved = first.balancer().snapshot().state.service("web").unwrap().config();
+    moved.listen = "192.0.2.55:80".parse().unwrap();
+    moved.backends[1].state = Drain;
+    for command in [
+        Command::RemoveService {
+            service: "web".into(),
+        },
+        Command::AddService { service: moved },
+        Command::AddService {
+            service: service("api", "10.0.0.101:80", vec![backend("a1", "10.1.4.2:80")]),
+        },
+    ] {
+        first.execute_by(command, &operator).unwrap();
+    }
+    drop(first);
+
+    // The address cannot be bound at the next start: the move is skipped and logged like any
+    // change that no longer fits, and web runs as the config file has it.
+    let ((second, journal), log) =
+        logged(|| engine_refusing(&dir, &config_text(&state_file), "192.0.2.55:80"));
+    assert_eq!(
+        listen_of(&second, "web").as_deref(),
+        Some("10.0.0.100:80"),
+        "{log}"
+    );
+    assert_eq!(
+        backends(&second),
+        vec![("b1".into(), Active, 1), ("b2".into(), Active, 1)]
+    );
+    assert_eq!(
+        journal.lock().unwrap().forwarding.get("web").cloned(),
+        Some(vec!["b1".to_string(), "b2".to_string()]),
+        "the datapath forwards web again"
+    );
+    assert_eq!(listen_of(&second, "api").as_deref(), Some("10.0.0.101:80"));
+    for expected in [
+        "state file: change not restored",
+        "add service web on 192.0.2.55:80",
+        "state file: service web kept as the config file has it, on 10.0.0.100:80",
+        "changes=1 not_restored=1",
+        "restored from the state file: add service api on 10.0.0.101:80",
+    ] {
+        assert!(log.contains(expected), "{expected:?} not in:\n{log}");
+    }
+    drop(second);
+
+    // The file written since holds web as the config has it: later starts keep it too.
+    let file = StateFile::load(&state_file).unwrap().unwrap();
+    let described: Vec<String> = file.commands().iter().map(crate::engine::describe).collect();
+    assert_eq!(described, ["add service api on 10.0.0.101:80"]);
+    let third = engine(&dir, &config_text(&state_file));
+    assert_eq!(listen_of(&third, "web").as_deref(), Some("10.0.0.100:80"));
+    assert_eq!(listen_of(&third, "api").as_deref(), Some("10.0.0.101:80"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// [`StateFile::load`] of `path` on a thread; panics if it blocks, after unblocking it with
+/// `unblock`.
+fn load_unblocked(path: &Path, unblock: impl FnOnce()) -> Result<Option<StateFile>, PersistError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.to_path_buf();
+    std::thread::spawn(move || tx.send(StateFile::load(&p)).unwrap());
+    match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+        Ok(loaded) => loaded,
+        Err(_) => {
+            unblock();
+            panic!("loading {} blocked: {:?}", path.display(), rx.recv());
+        }
+    }
+}
+
+#[test]
+fn only_a_regular_file_is_read_and_anything_else_is_set_aside_without_blocking() {
+    let dir = temp_dir("fifo");
+    let path = dir.join("state.json");
+    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // No writer: reading it would wait forever.
+    let loaded = load_unblocked(&path, || {
+        let _writer = std::fs::OpenOptions::new().write(true).open(&path);
+    });
+    let e = loaded.unwrap_err();
+    assert!(
+        matches!(e, PersistError::NotRegular { what: "a FIFO", .. }),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("state.json is a FIFO, not a regular file"),
+        "{e}"
+    );
+    // Set aside (renamed, still a FIFO) and the engine starts from the config, writing a fresh file.
+    let (started, log) = logged(|| engine(&dir, &config_text(&path)));
+    assert!(
+        log.contains("state file not used") && log.contains("is a FIFO") && log.contains("set aside as"),
+        "{log}"
+    );
+    assert_eq!(backends(&started).len(), 2);
+    drop(started);
+    let aside: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("state.json.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1);
+    use std::os::unix::fs::FileTypeExt;
+    assert!(aside[0].file_type().unwrap().is_fifo());
+    assert!(std::fs::metadata(&path).unwrap().is_file());
+    assert!(StateFile::load(&path).unwrap().unwrap().commands().is_empty());
+
+    // A symlink to a device (never read whole) and a directory are refused the same way.
+    let zero = dir.join("zero.json");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    let e = load_unblocked(&zero, || {}).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PersistError::NotRegular {
+                what: "a character device",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = StateFile::load(&dir).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PersistError::NotRegular {
+                what: "a directory",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // A symlink to a regular file is read.
+    let link = dir.join("link.json");
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    assert!(StateFile::load(&link).unwrap().is_some());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_file_larger_than_a_state_file_may_be_is_not_read() {
+    let dir = temp_dir("huge");
+    let path = dir.join("state.json");
+    // Sparse: 65 MiB that take no disk.
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(MAX_FILE_SIZE + (1 << 20)).unwrap();
+    drop(f);
+    let e = StateFile::load(&path).unwrap_err();
+    assert!(
+        matches!(e, PersistError::TooLarge { size, .. } if size == MAX_FILE_SIZE + (1 << 20)),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{} is 68157440 bytes, more than the 67108864 bytes a state file may have",
+            path.display()
+        )
+    );
+    // Set aside like any bad file; the engine starts from the config.
+    let (started, log) = logged(|| engine(&dir, &config_text(&path)));
+    assert!(
+        log.contains("more than the 67108864 bytes") && log.contains("set aside as"),
+        "{log}"
+    );
+    assert_eq!(backends(&started).len(), 2);
+    drop(started);
+    assert!(StateFile::load(&path).unwrap().unwrap().commands().is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
