@@ -294,12 +294,21 @@ impl Balancer {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 self.failback_seq.fetch_add(1, Ordering::SeqCst);
+                // Even again when this section ends, however it ends: an odd sequence left behind
+                // would hold every selection.
+                struct Done<'a>(&'a AtomicU64);
+                impl Drop for Done<'_> {
+                    fn drop(&mut self) {
+                        self.0.fetch_add(1, Ordering::Release);
+                    }
+                }
+                let done = Done(&self.failback_seq);
                 // Pairs with the fence in `confirm`: an entry a confirmation wrote before it read
                 // the sequence unchanged is seen by the forgetting below.
                 std::sync::atomic::fence(Ordering::SeqCst);
                 self.current.store(Arc::new(snapshot));
                 let moved = self.forget(|(s, _), e| *s == service && failback.picks_value(e));
-                self.failback_seq.fetch_add(1, Ordering::Release);
+                drop(done);
                 if moved > 0 {
                     tracing::info!(service = %name, clients = moved, "failback: clients return to the ring");
                 }
@@ -503,11 +512,16 @@ impl Balancer {
             return;
         }
         self.sweep_at(now);
-        let over = self.affinity.len().saturating_sub(self.capacity);
+        // Down to the headroom mark even when the sweep freed a few: else the next insert scans
+        // the whole table again.
+        let over = self
+            .affinity
+            .len()
+            .saturating_sub(self.capacity - self.capacity / 16);
         if over > 0 {
             let map = self.affinity.pin();
             let mut seen: Vec<u64> = map.values().map(|e| e.last_seen_ns).collect();
-            let n = (over + self.capacity / 16).min(seen.len());
+            let n = over.min(seen.len());
             if n > 0 {
                 let cutoff = *seen.select_nth_unstable(n - 1).1;
                 map.retain(|_, e| e.last_seen_ns > cutoff);

@@ -41,20 +41,12 @@ fn raise_open_file_limit() {
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;
     };
-    // An unlimited hard limit is not a value the kernel takes for open files: its own ceiling.
-    let target = if hard == nix::libc::RLIM_INFINITY {
-        std::fs::read_to_string("/proc/sys/fs/nr_open")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(soft)
-    } else {
-        hard
-    };
-    if soft >= target {
+    // Linux caps the hard limit at fs.nr_open: it is never unlimited for open files.
+    if soft >= hard {
         return;
     }
-    match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
-        Ok(()) => info!(from = soft, to = target, "open-file limit raised"),
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => info!(from = soft, to = hard, "open-file limit raised"),
         Err(e) => warn!(limit = soft, error = %e, "cannot raise the open-file limit"),
     }
 }

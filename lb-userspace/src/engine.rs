@@ -451,6 +451,7 @@ impl Engine {
                     forget_failed(&mut applied_config, &command);
                     if let Command::AddService { service } = &command
                         && let Some(was) = before.state.services.get(&service.name)
+                        && self.snapshot().state.service(&service.name).is_err()
                     {
                         self.reload_put_back(was, &origin, &old, &mut applied_config, &mut view);
                     }

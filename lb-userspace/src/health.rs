@@ -70,14 +70,14 @@ pub fn warn_short_of_resources(service: &str, e: &std::io::Error) {
     }
 }
 
-/// Whether a failed connect says that lb itself ran short (open files, memory, socket buffers,
-/// local ports), not that the backend failed. Such a failure tells nothing of the backend's health,
+/// Whether a failed connect says that lb itself ran short (open files, memory, socket buffers),
+/// not that the backend failed. Such a failure tells nothing of the backend's health,
 /// so neither the checks nor passive health count it.
 pub fn lb_short_of_resources(e: &std::io::Error) -> bool {
     use nix::libc;
     matches!(
         e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
 }
 

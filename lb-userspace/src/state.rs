@@ -444,6 +444,15 @@ impl State {
             Command::UpdateBackend { backend: new, .. } => {
                 check_weight(new.weight)?;
                 let service = self.service_mut(&name)?;
+                let id = service.backend_mut(&new.address.to_string())?.id;
+                if service.settings.datapath == DatapathKind::Ajp
+                    && let Some(other) = service
+                        .backends
+                        .iter()
+                        .find(|b| b.id != id && route_of(&b.config) == route_of(&new))
+                {
+                    return Err(route_in_use(&name, &new, &other.config.name));
+                }
                 let backend = service.backend_mut(&new.address.to_string())?;
                 if backend.config == new {
                     return Ok(Effect::Nothing);
@@ -750,6 +759,24 @@ pub(crate) mod tests {
                     ],
                 },
             ];
+            // A reload changing a backend's route to one another backend has.
+            let mut t1 = backend("t1", "10.1.1.2:8009");
+            t1.route = "t7".into();
+            let mut copy = s.clone();
+            copy.apply(Command::AddBackend {
+                service: "app".into(),
+                backend: routed("t7x", "10.1.7.2:8009", "t7"),
+            })
+            .unwrap();
+            let r = copy.apply(Command::UpdateBackend {
+                service: "app".into(),
+                backend: t1,
+            });
+            assert_eq!(
+                matches!(r, Err(StateError::RouteInUse { .. })),
+                datapath == DatapathKind::Ajp,
+                "update: {r:?}"
+            );
             for (i, attempt) in attempts.into_iter().enumerate() {
                 let mut copy = s.clone();
                 if i == 1 {

@@ -13,7 +13,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -23,10 +23,11 @@ use crate::config::HealthKind;
 use crate::runtime::BackendRuntime;
 use crate::state::{Backend, Health, Service};
 
-/// Consecutive connect failures of one backend since its last success (kept in its runtime), and
-/// whether a probe confirming unanswered SYNs is under way.
+/// Consecutive connect failures of one backend since its last success (kept in its runtime); apart
+/// from them, unanswered SYNs not yet confirmed, whether a probe confirming them is under way, and
+/// when the last one started (ms, Unix time).
 #[derive(Debug, Default)]
-pub struct FailureCount(AtomicU32, AtomicBool);
+pub struct FailureCount(AtomicU32, AtomicBool, AtomicU32, AtomicU64);
 
 impl FailureCount {
     pub fn get(&self) -> u32 {
@@ -49,6 +50,7 @@ impl Passive {
     /// A connect to `backend` succeeded: the count starts again.
     pub fn connected(&self, runtime: &BackendRuntime) {
         runtime.passive.0.store(0, Ordering::Relaxed);
+        runtime.passive.2.store(0, Ordering::Relaxed);
     }
 
     /// A connect to `backend` of `service` failed (`why`: refused, timed out …). Returns whether
@@ -109,17 +111,31 @@ impl Passive {
         if !health.passive() || health.kind == HealthKind::None || failures == 0 {
             return;
         }
-        let count = &runtime.passive.0;
+        // Counted apart from refusals: junk SYNs must not bring a real refusal's mark-down closer.
+        let count = &runtime.passive.2;
         let seen = count
             .fetch_add(failures, Ordering::Relaxed)
             .saturating_add(failures);
-        if seen < health.error_limit || backend.health == Health::Down {
+        if seen < health.error_limit {
             return;
         }
         count.store(0, Ordering::Relaxed);
+        if backend.health == Health::Down {
+            return;
+        }
+        // At most one probe per `fast_interval`: spoofed SYNs cannot make lb probe the backend
+        // (and log) at their own rate.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let last = runtime.passive.3.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(last) < health.fast_interval.as_millis() as u64 {
+            return;
+        }
         if runtime.passive.1.swap(true, Ordering::AcqRel) {
             return; // a probe is under way
         }
+        runtime.passive.3.store(now_ms, Ordering::Relaxed);
         let passive = self.clone();
         let (name, address, health, runtime) = (
             service.settings.name.clone(),

@@ -622,12 +622,15 @@ impl<'a> Request<'a> {
                     return Outcome::Done(status);
                 }
                 // A pooled connection the backend had closed: one more try on a new connection to
-                // the same backend (a request that reached it and failed stays marked as such).
+                // the same backend (only for an idempotent request if it had reached the backend,
+                // which stays marked as such).
                 Err(Outcome::BackendBeforeResponse(why)) if reused && !fresh && body.held => {
                     debug!(backend = %pool.address, reason = %why, "pooled connection failed; trying a new one");
                     fresh = true;
                 }
-                Err(Outcome::NoAnswer(why)) if reused && !fresh && body.held => {
+                Err(Outcome::NoAnswer(why))
+                    if reused && !fresh && body.held && idempotent(self.req.method) =>
+                {
                     debug!(backend = %pool.address, reason = %why, "pooled connection failed; trying a new one");
                     reached = Some(why);
                     fresh = true;
