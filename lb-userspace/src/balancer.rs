@@ -759,9 +759,8 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn backups_take_over_and_keep_their_clients() {
-        let b = Balancer::new(three());
+    /// Adds a backup `spare` and puts every primary in maintenance.
+    fn only_the_spare_left(b: &Balancer) {
         let mut spare = backend("spare", "10.1.4.2:80");
         spare.backup = true;
         b.apply(Command::AddBackend {
@@ -769,10 +768,16 @@ mod tests {
             backend: spare,
         })
         .unwrap();
-        let now = Instant::now();
         for n in ["b1", "b2", "b3"] {
-            set(&b, n, AdminState::Maintenance);
+            set(b, n, AdminState::Maintenance);
         }
+    }
+
+    #[test]
+    fn backups_take_over_and_keep_their_clients() {
+        let b = Balancer::new(three());
+        only_the_spare_left(&b);
+        let now = Instant::now();
         assert_eq!(connect(&b, ip(1), now).backend_name, "spare");
         set(&b, "b2", AdminState::Active);
         assert_eq!(
@@ -903,17 +908,8 @@ mod tests {
     #[test]
     fn a_backup_choice_overtaken_by_a_failback_does_not_pin_its_client_to_the_backup() {
         let b = failing_back();
-        let mut spare = backend("spare", "10.1.4.2:80");
-        spare.backup = true;
-        b.apply(Command::AddBackend {
-            service: "web".into(),
-            backend: spare,
-        })
-        .unwrap();
+        only_the_spare_left(&b);
         let now = Instant::now();
-        for n in ["b1", "b2", "b3"] {
-            set(&b, n, AdminState::Maintenance);
-        }
         let in_flight = b.choose("web", ip(1), now, &[]).unwrap();
         assert_eq!(in_flight.backend_name, "spare");
         set(&b, "b2", AdminState::Active);
