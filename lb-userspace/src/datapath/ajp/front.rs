@@ -221,6 +221,9 @@ enum Pick {
     RouteFailover,
 }
 
+/// Why a request met [`Outcome::Reset`].
+const RESET: &str = "backend reset (on_down = \"reset\" or disable --reset)";
+
 /// Whether a request with AJP method code `method` may run twice with the effect of once (RFC 9110
 /// 9.2.2): OPTIONS, GET, HEAD, PUT, DELETE, TRACE. Only those go to another backend after one
 /// failed with the request in hand, as nginx and mod_jk do; a POST gets a 502 instead.
@@ -428,7 +431,7 @@ impl<'a> Request<'a> {
                 Outcome::NoAnswer(_) | Outcome::Reset if !idempotent(self.req.method) => {
                     let why = match outcome {
                         Outcome::NoAnswer(why) => why,
-                        _ => "backend reset (on_down = \"reset\" or disable --reset)".into(),
+                        _ => RESET.into(),
                     };
                     c.response(502);
                     warn!(service = %self.svc.name, backend = %pool.address, reason = %why, method = self.req.method,
@@ -585,8 +588,6 @@ impl<'a> Request<'a> {
         settings: &super::Settings,
     ) -> Outcome {
         let mut fresh = false;
-        // A pooled connection that failed after the request reached it: why (see `NoAnswer`).
-        let mut reached: Option<String> = None;
         loop {
             let mut conn = match pool
                 .acquire(settings.connect_timeout, settings.ajp.ping_after_idle, fresh)
@@ -603,10 +604,7 @@ impl<'a> Request<'a> {
                         }
                         _ => {}
                     }
-                    return match reached {
-                        Some(why) => Outcome::NoAnswer(format!("{why}; then {e}")),
-                        None => Outcome::BackendBeforeResponse(e.to_string()),
-                    };
+                    return Outcome::BackendBeforeResponse(e.to_string());
                 }
             };
             let reused = conn.reused;
@@ -614,6 +612,17 @@ impl<'a> Request<'a> {
                 self.svc.connect_outcome(id, &pool.runtime, None);
             }
             let outcome = self.exchange(&mut conn, reset, forward, body, settings).await;
+            // A pooled connection the backend had closed: one more try on a new connection to the
+            // same backend; for a request that reached it, only if it is idempotent (it may have
+            // run).
+            let stale = reused
+                && !fresh
+                && body.held
+                && match &outcome {
+                    Err(Outcome::BackendBeforeResponse(_)) => true,
+                    Err(Outcome::NoAnswer(_)) => idempotent(self.req.method),
+                    _ => false,
+                };
             match outcome {
                 Ok((status, reuse)) => {
                     if reuse {
@@ -621,22 +630,9 @@ impl<'a> Request<'a> {
                     }
                     return Outcome::Done(status);
                 }
-                // A pooled connection the backend had closed: one more try on a new connection to
-                // the same backend (only for an idempotent request if it had reached the backend,
-                // which stays marked as such).
-                Err(Outcome::BackendBeforeResponse(why)) if reused && !fresh && body.held => {
+                Err(Outcome::BackendBeforeResponse(why) | Outcome::NoAnswer(why)) if stale => {
                     debug!(backend = %pool.address, reason = %why, "pooled connection failed; trying a new one");
                     fresh = true;
-                }
-                Err(Outcome::NoAnswer(why))
-                    if reused && !fresh && body.held && idempotent(self.req.method) =>
-                {
-                    debug!(backend = %pool.address, reason = %why, "pooled connection failed; trying a new one");
-                    reached = Some(why);
-                    fresh = true;
-                }
-                Err(Outcome::BackendBeforeResponse(why)) if reached.is_some() => {
-                    return Outcome::NoAnswer(format!("{}; then {why}", reached.unwrap_or_default()));
                 }
                 Err(o) => return o,
             }
@@ -686,7 +682,7 @@ impl<'a> Request<'a> {
                 r = read_frame(&mut conn.stream, &mut conn.buf, &decoder, Limits::NONE) => r,
                 () = reset.cancelled() => {
                     return Err(if responded {
-                        Outcome::BackendAfterResponse("backend reset (on_down = \"reset\" or disable --reset)".into())
+                        Outcome::BackendAfterResponse(RESET.into())
                     } else {
                         Outcome::Reset
                     });
