@@ -162,7 +162,10 @@ impl Pool {
         let mut stream = match tokio::time::timeout_at(deadline, TcpStream::connect(self.address)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                self.runtime.stats.connect_failures.fetch_add(1, Relaxed);
+                // lb's own shortage (out of descriptors, say) is not the backend's failure.
+                if !crate::health::lb_short_of_resources(&e) {
+                    self.runtime.stats.connect_failures.fetch_add(1, Relaxed);
+                }
                 return Err(PoolError::Connect(self.address, e));
             }
             Err(_) => {
