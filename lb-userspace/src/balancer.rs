@@ -689,30 +689,17 @@ mod tests {
         for down in [true, false] {
             let b = Balancer::new(three());
             let now = Instant::now();
-            let client = (0..100)
-                .map(ip)
-                .find(|c| b.choose("web", *c, now, &[]).unwrap().backend_name == "b1")
-                .unwrap();
+            let client = first_client_on(&b, "b1", now);
             connect(&b, client, now);
             if down {
-                b.apply(Command::SetHealth {
-                    service: "web".into(),
-                    backend: "b1".into(),
-                    health: Health::Down,
-                })
-                .unwrap();
+                b.apply(health("b1", Health::Down)).unwrap();
             } else {
                 set(&b, "b1", AdminState::Maintenance);
             }
             let moved = connect(&b, client, now);
             assert_ne!(moved.backend_name, "b1");
             // b1 returns: the client does not fail back.
-            b.apply(Command::SetHealth {
-                service: "web".into(),
-                backend: "b1".into(),
-                health: Health::Up,
-            })
-            .unwrap();
+            b.apply(health("b1", Health::Up)).unwrap();
             set(&b, "b1", AdminState::Active);
             let later = connect(&b, client, now);
             assert_eq!(later.backend_id, moved.backend_id);
@@ -795,26 +782,17 @@ mod tests {
     #[test]
     fn failback_returns_failed_over_clients_only_when_enabled() {
         for failback in [false, true] {
-            let mut s = three();
-            let mut svc = s.service("web").unwrap().settings.clone();
-            svc.failback = failback;
-            s.apply(Command::UpdateService { service: svc }).unwrap();
-            let b = Balancer::new(s);
+            let b = with_failback(failback);
             let now = Instant::now();
             let on_b1: Vec<_> = (0..300)
                 .map(ip)
                 .filter(|c| connect(&b, *c, now).backend_name == "b1")
                 .collect();
-            let health = |health| Command::SetHealth {
-                service: "web".into(),
-                backend: "b1".into(),
-                health,
-            };
-            b.apply(health(Health::Down)).unwrap();
+            b.apply(health("b1", Health::Down)).unwrap();
             for c in &on_b1 {
                 assert_ne!(connect(&b, *c, now).backend_name, "b1");
             }
-            b.apply(health(Health::Up)).unwrap();
+            b.apply(health("b1", Health::Up)).unwrap();
             let back = on_b1
                 .iter()
                 .filter(|c| connect(&b, **c, now).backend_name == "b1")
@@ -829,30 +807,18 @@ mod tests {
 
     #[test]
     fn a_connection_confirmed_across_a_failback_does_not_pin_its_client() {
-        let mut s = three();
-        let mut svc = s.service("web").unwrap().settings.clone();
-        svc.failback = true;
-        s.apply(Command::UpdateService { service: svc }).unwrap();
-        let b = Balancer::new(s);
+        let b = failing_back();
         let now = Instant::now();
-        let client = (0..100)
-            .map(ip)
-            .find(|c| b.choose("web", *c, now, &[]).unwrap().backend_name == "b1")
-            .unwrap();
+        let client = first_client_on(&b, "b1", now);
         connect(&b, client, now);
-        let health = |health| Command::SetHealth {
-            service: "web".into(),
-            backend: "b1".into(),
-            health,
-        };
-        b.apply(health(Health::Down)).unwrap();
+        b.apply(health("b1", Health::Down)).unwrap();
         let moved = connect(&b, client, now);
         assert_ne!(moved.backend_name, "b1");
         // A connection chosen by the failed-over entry, confirmed after b1 came back (the
         // failback forgot that entry in between).
         let in_flight = b.choose("web", client, now, &[]).unwrap();
         assert_eq!(in_flight.reason, Reason::Affinity);
-        b.apply(health(Health::Up)).unwrap();
+        b.apply(health("b1", Health::Up)).unwrap();
         b.confirm("web", client, in_flight.chosen(), now);
         assert_eq!(
             connect(&b, client, now).backend_name,
@@ -862,11 +828,24 @@ mod tests {
     }
 
     fn failing_back() -> Balancer {
+        with_failback(true)
+    }
+
+    /// The three-backend service with `failback` set as given.
+    fn with_failback(failback: bool) -> Balancer {
         let mut s = three();
         let mut svc = s.service("web").unwrap().settings.clone();
-        svc.failback = true;
+        svc.failback = failback;
         s.apply(Command::UpdateService { service: svc }).unwrap();
         Balancer::new(s)
+    }
+
+    /// The first test client the ring sends to `backend`.
+    fn first_client_on(b: &Balancer, backend: &str, now: Instant) -> IpAddr {
+        (0..100)
+            .map(ip)
+            .find(|c| b.choose("web", *c, now, &[]).unwrap().backend_name == backend)
+            .unwrap()
     }
 
     fn health(backend: &str, health: Health) -> Command {
@@ -881,10 +860,7 @@ mod tests {
     fn a_ring_choice_overtaken_by_a_failback_does_not_pin_its_client_away_from_home() {
         let b = failing_back();
         let now = Instant::now();
-        let client = (0..100)
-            .map(ip)
-            .find(|c| b.choose("web", *c, now, &[]).unwrap().backend_name == "b1")
-            .unwrap();
+        let client = first_client_on(&b, "b1", now);
         connect(&b, client, now);
         b.apply(health("b1", Health::Down)).unwrap();
         // Chosen from the ring while b1 is down, confirmed once it is back: the entry would say
