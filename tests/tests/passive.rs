@@ -333,6 +333,7 @@ fn running_out_of_file_descriptors_is_not_blamed_on_the_backends() {
         })
         .collect();
     thread::sleep(Duration::from_millis(1500));
+    // The control socket still answers: it has a descriptor in reserve.
     let st = lb.status();
     for b in ["b1", "b2"] {
         let be = backend_of(&st, "web", b).unwrap();
@@ -347,6 +348,12 @@ fn running_out_of_file_descriptors_is_not_blamed_on_the_backends() {
     assert!(
         lb.log().contains("lb is short of resources"),
         "the shortage is not logged\n{}",
+        lb.log_tail(30)
+    );
+    assert!(
+        lb.log()
+            .contains("control connection accepted on the reserved descriptor"),
+        "the status was not served on the reserve\n{}",
         lb.log_tail(30)
     );
     assert_eq!(open.get("/").expect("GET on the open connection").status, 200);
