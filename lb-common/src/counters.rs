@@ -108,6 +108,7 @@ xdp_counters! {
     StaleAnswer, STALE_ANSWER = 29, "stale_answer", Reason, "A backend answered a new connection's SYN with a bare ACK of an old connection (TIME_WAIT on the SNAT 4-tuple) and no SYN-ACK to any SYN since it left: its listener is gone. Made an RST to the client, which fails at once; from the second in a row the backend is marked refusing";
     StaleCollision, STALE_COLLISION = 30, "stale_collision", Reason, "A backend answered a new connection's SYN with a bare ACK of a connection it still holds on the SNAT 4-tuple (it answered other SYNs since, the port's last flow was half-open, or the SYN had no timestamp): forwarded to the client, which resets it and retransmits its SYN; for a SYN-cookie flow (whose client is connected already) the LB resets that connection itself, an RST to the backend, and its SYN goes again with the client's next packet";
     SynIpOptions, SYN_IP_OPTIONS = 31, "syn_ip_options", Reason, "SYN to a NAT service whose IPv4 header carries options while SYN cookies are on: dropped (the SYN proxy answers headers without options, and a real client's SYN has none; such SYNs would otherwise open flows past the cookies)";
+    RstOutOfWindow, RST_OUT_OF_WINDOW = 32, "rst_out_of_window", Reason, "RST of an established connection whose sequence number is not near the next one its sender's side has sent (up to 8 MiB behind, 64 KiB ahead): dropped, the flow kept (a blind attacker's RST; the endpoint would ignore it too)";
 }
 
 /// [`global_counter::NAMES`]; fails the build unless the indices are `0..COUNT`, each once.
@@ -144,9 +145,15 @@ impl XdpCounter {
 }
 
 /// A value for each XDP counter (packets, summed over CPUs).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct XdpCounters {
     values: [u64; COUNT],
+}
+
+impl Default for XdpCounters {
+    fn default() -> Self {
+        XdpCounters { values: [0; COUNT] }
+    }
 }
 
 impl XdpCounters {

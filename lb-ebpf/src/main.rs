@@ -328,10 +328,42 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
                     reason: None,
                 };
             }
+            // The sequence number that follows this segment: its payload, and one for a FIN.
+            let seq = u32::from_be(seq_be);
+            let seq_end = seq
+                .wrapping_add((ip_len - ihl * 4 - doff * 4) as u32)
+                .wrapping_add(u32::from(flags & TCP_FIN != 0));
             if f.flags & FLOW_HALF_OPEN != 0 && to_backend && flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
             {
                 // The client's ACK completes its handshake: the flow is established.
-                established(&key, f);
+                // SAFETY: ptr_at checked the TCP header.
+                established(&key, f, seq_end, u32::from_be(unsafe { (*tcp).ack_seq_be }));
+            }
+            if f.flags & (FLOW_HALF_OPEN | FLOW_COOKIE | FLOW_DSR) == 0 {
+                // Established NAT flow: `syn_seq_be` follows this direction's next sequence number.
+                let next = u32::from_be(f.syn_seq_be);
+                if flags & TCP_RST != 0 {
+                    if !rst_in_window(seq, next) {
+                        return drop(gc::RST_OUT_OF_WINDOW);
+                    }
+                } else {
+                    if f.flags & FLOW_RST != 0 && f.flags & FLOW_RESET == 0 {
+                        // Traffic after an RST: an endpoint did not take it (answered it with a
+                        // challenge ACK, RFC 5961), so the connection lives on. After a real
+                        // reset the last word is an RST again (a closed socket answers each
+                        // segment still in flight with one), which marks the flow once more.
+                        clear_rst_both(&key, f);
+                    }
+                    // Only a segment that starts near what was seen moves it: a blind
+                    // attacker's far-off sequence number (or a SYN on the flow) would otherwise
+                    // make the real RST look out of window.
+                    if flags & TCP_SYN == 0
+                        && within(seq, next, RST_BEHIND, SEQ_AHEAD)
+                        && (seq_end.wrapping_sub(next) as i32) > 0
+                    {
+                        f.syn_seq_be = seq_end.to_be();
+                    }
+                }
             }
             if flags & (TCP_FIN | TCP_RST) != 0 {
                 let bit = if flags & TCP_RST != 0 {
@@ -703,12 +735,21 @@ impl Ring for KernelService {
 /// then miss the program and the LB's own stack would reset it.
 #[inline(always)]
 fn retransmitted_syn(key: &FlowKey, f: &FlowValue, seq_be: u32, now: u64, cfg: &GlobalConfig) -> bool {
-    if f.flags & FLOW_TO_BACKEND == 0 || f.closed() || f.syn_seq_be != seq_be {
-        return false;
-    }
     // Its backend went down (or was disabled) or refused a SYN meanwhile: the client's retry
     // chooses again instead of waiting on it.
-    if passive::given_up(f.backend, now) {
+    if f.flags & FLOW_TO_BACKEND == 0 || f.closed() || passive::given_up(f.backend, now) {
+        return false;
+    }
+    // An established connection that neither side has begun to close keeps its 4-tuple: a SYN on
+    // it, whatever its sequence number, goes to its backend, whose stack answers with a challenge
+    // ACK (RFC 5961 4.2). A blind attacker's SYN so replaces nothing; a client that lost its side
+    // of the connection answers the challenge with an RST, which closes the flow, and its next
+    // SYN opens a new one. After a FIN (the other one may have been missed) the client may
+    // rightly reuse the 4-tuple: a new flow, as for a SYN with a new sequence number below.
+    if f.flags & (FLOW_HALF_OPEN | FLOW_DSR | FLOW_FIN_CLIENT | FLOW_FIN_BACKEND) == 0 {
+        return true;
+    }
+    if f.syn_seq_be != seq_be {
         return false;
     }
     if f.flags & FLOW_DSR != 0 {
@@ -834,16 +875,73 @@ fn set_flags(flags: &mut u32, bit: u32) {
 
 /// Clears [`FLOW_HALF_OPEN`] on the client → backend entry `f` (at `key`) and on its reply entry
 /// while that is still this flow's. Byte 0 of the flags is stored whole with its other bits kept
-/// (they are set at creation; FIN/RST bits live in bytes of their own).
+/// (they are set at creation; FIN/RST bits live in bytes of their own). From here on each entry's
+/// `syn_seq_be` holds the next sequence number its direction's sender has sent (see
+/// [`rst_in_window`]): the client's after this ACK (`client_next`), the backend's as the client
+/// acknowledges it (`backend_next`).
 #[inline(always)]
-fn established(key: &FlowKey, f: &mut FlowValue) {
+fn established(key: &FlowKey, f: &mut FlowValue, client_next: u32, backend_next: u32) {
+    f.syn_seq_be = client_next.to_be();
     clear_low_flag(&mut f.flags, FLOW_HALF_OPEN);
     if let Some(reply) = CONNTRACK.get_ptr_mut(FlowKey::reverse_of(f)) {
         // SAFETY: valid map value pointer for this run.
         let r = unsafe { &mut *reply };
         if same_flow(&FlowKey::reverse_of(r), key) {
+            r.syn_seq_be = backend_next.to_be();
             clear_low_flag(&mut r.flags, FLOW_HALF_OPEN);
         }
+    }
+}
+
+/// How far behind its sender's next sequence number an RST may be: an RST answering a segment
+/// that reached a closed socket carries that segment's acknowledgment, which lags by what was in
+/// flight (Linux's largest default receive window is 6 MiB).
+const RST_BEHIND: i32 = 8 << 20;
+/// How far ahead: segments this LB has not seen (reordering).
+const RST_AHEAD: i32 = 64 << 10;
+/// How far ahead of the next sequence number a segment may start and still move it (a GRO
+/// aggregate at the TC hook is at most 64 KiB; reordering adds little).
+const SEQ_AHEAD: i32 = 1 << 20;
+
+/// Whether an RST with sequence number `seq` may close an established flow whose sender has sent
+/// up to `next`. Without this check one blind RST per SNAT port, with any sequence number, ended
+/// every connection through the LB; now it takes hundreds per connection, and an RST that the
+/// endpoint itself rejects ends nothing (see the traffic-after-RST rule in `try_lb`).
+#[inline(always)]
+fn rst_in_window(seq: u32, next: u32) -> bool {
+    within(seq, next, RST_BEHIND, RST_AHEAD)
+}
+
+/// Whether `seq` lies from `behind` before `next` to `ahead` after it (sequence space wraps).
+#[inline(always)]
+fn within(seq: u32, next: u32, behind: i32, ahead: i32) -> bool {
+    (-behind..=ahead).contains(&(seq.wrapping_sub(next) as i32))
+}
+
+/// Clears [`FLOW_RST`] on `f` (at `key`) and on its other entry while that is this flow's: one
+/// byte each, the RST bit's own.
+#[inline(always)]
+fn clear_rst_both(key: &FlowKey, f: &mut FlowValue) {
+    clear_rst(&mut f.flags);
+    if let Some(other) = CONNTRACK.get_ptr_mut(FlowKey::reverse_of(f)) {
+        // SAFETY: valid map value pointer for this run.
+        let other = unsafe { &mut *other };
+        if same_flow(&FlowKey::reverse_of(other), key) {
+            clear_rst(&mut other.flags);
+        }
+    }
+}
+
+/// Zeroes the byte that holds [`FLOW_RST`] alone.
+#[inline(always)]
+fn clear_rst(flags: &mut u32) {
+    let byte = FLOW_RST.trailing_zeros() / 8;
+    // SAFETY: `byte` < 4 indexes into the u32.
+    unsafe {
+        core::ptr::write_volatile(
+            core::ptr::from_mut::<u32>(flags).cast::<u8>().add(byte as usize),
+            0,
+        );
     }
 }
 

@@ -53,6 +53,12 @@ fn raise_open_file_limit() {
 
 /// Runs until SIGTERM/SIGINT or `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    // First of all: a SIGTERM that comes as soon as the control socket answers (a service manager
+    // stopping lb right after it started) must find the handler, not the default action, which
+    // ends the process without its shutdown (the VIPs withdrawn, the state file flushed).
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     raise_open_file_limit();
     let (listener, access) = server::bind(&config.control)?;
     let socket = config.control.socket.clone();
@@ -81,9 +87,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         tokio::spawn(http::run(l, engine.clone(), shutdown.clone()));
     }
 
-    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
-    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     let mut announce = tokio::time::interval(ANNOUNCE_EVERY);
     loop {

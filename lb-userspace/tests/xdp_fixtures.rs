@@ -503,6 +503,127 @@ fn frame_seq(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, seq: u32) ->
         .build()
 }
 
+/// A blind attacker knows an established connection's 4-tuple, not its sequence numbers. Its
+/// SYN goes to the backend on the flow (whose stack answers with a challenge ACK) instead of
+/// replacing it; its RSTs far from the sender's next sequence number are dropped, from either side
+/// and whichever interface they arrive on; an RST near it is forwarded and marks the flow closed,
+/// but traffic after it (the endpoint's challenge ACK) shows the connection lives on. A real RST
+/// still closes the flow: the client's next SYN then gets a new one.
+fn xdp_blind_syn_and_rst_do_not_end_an_established_flow(hook: Hook) {
+    if !common::ready("xdp_blind_syn_and_rst_do_not_end_an_established_flow") {
+        return;
+    }
+    in_fixture_netns(3, 3, |client_if, backend_if| {
+        let fx = Fixture::new(hook);
+        let client_side = (client(1), 41000);
+        let to_vip = |flags, seq: u32, ack: u32, payload: &[u8]| {
+            Tcp::new(client_side, (VIP, 80), flags)
+                .macs(CLIENT_MAC, [0xaa; 6])
+                .seq(seq)
+                .ack(ack)
+                .payload(payload)
+                .build()
+        };
+        let forwarded = |frame: &[u8], ifindex: u32, what: &str| {
+            let (verdict, out, _) = fx.xdp.test_run(frame, ifindex, 1).unwrap();
+            assert_eq!(verdict, XDP_REDIRECT, "{what}");
+            parse(&out)
+        };
+        let (c_isn, b_isn) = (1000u32, 0xffff_f000u32); // the backend's numbers wrap
+        let first = forwarded(&to_vip(SYN, c_isn, 0, b""), client_if, "SYN");
+        let (backend, snat) = (first.dst, first.src);
+        let from_backend = |flags, seq: u32, ack: u32, payload: &[u8]| {
+            Tcp::new(backend, snat, flags)
+                .macs(backend_mac(backend.0.octets()[3] - 1), [0xbb; 6])
+                .seq(seq)
+                .ack(ack)
+                .payload(payload)
+                .build()
+        };
+        forwarded(
+            &from_backend(SYN | ACK, b_isn, c_isn + 1, b""),
+            backend_if,
+            "SYN-ACK",
+        );
+        forwarded(
+            &to_vip(ACK, c_isn + 1, b_isn + 1, b""),
+            client_if,
+            "handshake ACK",
+        );
+        let (c_next, b_next) = (c_isn + 1 + 5, b_isn.wrapping_add(1 + 7));
+        forwarded(
+            &to_vip(ACK | PSH, c_isn + 1, b_isn + 1, b"hello"),
+            client_if,
+            "request",
+        );
+        forwarded(
+            &from_backend(ACK | PSH, b_isn.wrapping_add(1), c_next, b"welcome"),
+            backend_if,
+            "answer",
+        );
+        // Whether the flow is still open: a SYN with a new sequence number stays on it.
+        let stays_open = |what: &str| {
+            let p = forwarded(&to_vip(SYN, 900_000, 0, b""), client_if, what);
+            assert_eq!(
+                (p.dst, p.src, p.flags),
+                (backend, snat, SYN),
+                "{what}: on the flow"
+            );
+            assert_eq!(fx.counter("new_flows"), 1, "{what}: no new flow");
+        };
+        stays_open("a blind SYN");
+
+        let dropped = |frame: &[u8], ifindex: u32, what: &str| {
+            assert_eq!(fx.xdp.test_run(frame, ifindex, 1).unwrap().0, XDP_DROP, "{what}");
+        };
+        dropped(
+            &to_vip(RST, c_next.wrapping_add(1 << 30), 0, b""),
+            client_if,
+            "client RST far off",
+        );
+        dropped(
+            &to_vip(RST, c_next.wrapping_add(100_000), 0, b""),
+            client_if,
+            "client RST ahead",
+        );
+        dropped(
+            &from_backend(RST, b_next.wrapping_sub(1 << 28), 0, b""),
+            backend_if,
+            "backend RST far off",
+        );
+        // The backend's reply spoofed from the client's side.
+        dropped(
+            &from_backend(RST, b_next ^ 0x8000_0000, 0, b""),
+            client_if,
+            "spoofed RST",
+        );
+        assert_eq!(fx.counter("rst_out_of_window"), 4);
+        // The far-off SYN before moved nothing: the right number is still in window.
+        stays_open("after the blind RSTs");
+
+        // An RST in window is forwarded; the backend rejects it with a challenge ACK.
+        let p = forwarded(
+            &to_vip(RST, c_next + 3, 0, b""),
+            client_if,
+            "client RST in window",
+        );
+        assert_eq!((p.dst, p.flags), (backend, RST));
+        forwarded(
+            &from_backend(ACK, b_next, c_next, b""),
+            backend_if,
+            "challenge ACK",
+        );
+        stays_open("after the challenge ACK");
+
+        // The backend's real RST ends the connection; the client's next SYN opens a new flow.
+        let p = forwarded(&from_backend(RST, b_next, 0, b""), backend_if, "backend RST");
+        assert_eq!((p.dst, p.flags), (client_side, RST));
+        let p = forwarded(&to_vip(SYN, 5_000_000, 0, b""), client_if, "SYN after the reset");
+        assert_ne!(p.src, snat, "a new SNAT port");
+        assert_eq!(fx.counter("new_flows"), 2);
+    });
+}
+
 /// Issue 16: the client reuses the 4-tuple of a connection the LB still holds as open (here
 /// half-closed: FIN from the client only, as when the backend's FIN bit was lost). The new SYN (new
 /// sequence number) must get a new flow and SNAT port, not go out on the old port, whose reply entry
@@ -1270,6 +1391,7 @@ lb_tests::per_hook!(
     xdp_no_backend_drops_syn,
     xdp_translates_tcp_timestamps_toward_the_backend,
     xdp_syn_on_a_reused_tuple_starts_a_new_flow,
+    xdp_blind_syn_and_rst_do_not_end_an_established_flow,
     xdp_syn_on_a_closed_reused_tuple_replaces_its_entry,
     xdp_affinity_hit_refreshes_last_seen_after_a_step,
     xdp_answers_a_packet_without_connection_with_rst,

@@ -307,9 +307,22 @@ fn xdp_cookie_handshake_and_translated_data_both_ways(hook: Hook) {
         assert_eq!(p.payload, answer);
         assert_eq!(fx.counter("new_flows"), 1, "one connection");
 
+        // A SYN with another ISN on the open connection (a blind attacker's, or a client that
+        // lost its side): it goes to the backend on the flow, whose stack answers with a
+        // challenge ACK; no cookie, no new flow.
+        let isn2 = 0x4444_0000;
+        let syn2 = from_client(c, 40000, SYN, isn2, 0)
+            .tcp_options(&syn_options(77, 0))
+            .build();
+        let (p, _) = fx.run(&syn2, client_if, "SYN on the open connection");
+        assert_eq!((p.src, p.dst, p.flags), (snat, (want, 8080), SYN));
+        assert_eq!(fx.counter("cookies_sent"), 1, "no cookie for it");
+        // The client answers the challenge with an RST: the connection is over.
+        let rst = from_client(c, 40000, RST, isn.wrapping_add(1 + request.len() as u32), 0).build();
+        fx.run(&rst, client_if, "the client's RST");
+
         // The client reuses its port for a new connection (a new ISN): its cookie ACK sets up a
         // new flow (a SYN toward a backend) instead of riding the old one.
-        let isn2 = 0x4444_0000;
         let cookie2 = cookie_syn_ack(&fx, client_if, c, 40000, isn2);
         let ack2 = from_client(c, 40000, ACK, isn2 + 1, cookie2.wrapping_add(1)).build();
         let (p, _) = fx.run(&ack2, client_if, "cookie ACK on a reused 4-tuple");
