@@ -1787,6 +1787,15 @@ impl<F: Form> Validator<'_, '_, F> {
                 ),
             ));
         }
+        if datapath == Some(DatapathKind::Xdp) && address.ip().is_loopback() {
+            return Err(self.err(
+                rb.address.at(),
+                &k("address"),
+                format!(
+                    "address {address} is a loopback address: the xdp datapath sends the client's packets out toward the backend, and no interface leads to a loopback address (its clients would hang although a local health check passes); use an address the backend has on an interface, or datapath = \"proxy\" for a backend on this host"
+                ),
+            ));
+        }
         let name = match &rb.name {
             None => address.to_string(),
             // The default written out (as a request built from a config carries it).

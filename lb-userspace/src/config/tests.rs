@@ -949,6 +949,23 @@ fn xdp_needs_ipv4() {
         "service[0].backend[0].address",
         &["IPv4 backends only"],
     );
+    // A loopback backend takes its share of clients and black-holes them under xdp, although its
+    // health check (a local connect) passes; proxy services connect to it as to any address.
+    for datapath in ["xdp", "proxy"] {
+        let text = format!(
+            "[[service]]\nname = \"web\"\ndatapath = \"{datapath}\"\nlisten = \"10.0.0.1:80\"\n[[service.backend]]\naddress = \"127.0.0.1:9106\"\n"
+        );
+        if datapath == "xdp" {
+            bad(
+                &text,
+                6,
+                "service[0].backend[0].address",
+                &["loopback", "datapath = \"proxy\""],
+            );
+        } else {
+            good(&text);
+        }
+    }
 }
 
 #[test]

@@ -125,6 +125,15 @@ fn backends_fit_service(
             ),
         ));
     }
+    if let Some(b) = new.iter().find(|b| b.address.ip().is_loopback()) {
+        return Err(field(
+            "address",
+            format!(
+                "{}: service \"{}\" uses the xdp datapath, and no interface leads to a loopback address (its clients would hang although a local health check passes); use an address the backend has on an interface",
+                b.address, service.name
+            ),
+        ));
+    }
     if service.forwarding == Forwarding::Dsr
         && let Some(message) = new
             .iter()

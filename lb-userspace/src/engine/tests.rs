@@ -595,13 +595,20 @@ fn an_xdp_batch_with_one_ipv6_address_is_refused_whole() {
     );
     let (bed, journals) = Bed::with_kinds(&text, &[DatapathKind::Proxy, DatapathKind::Xdp]);
     journals[1].lock().unwrap().calls.clear();
-    let line = r#"{"cmd":"add-backends","service":"x","backends":[{"address":"10.1.2.2:80"},{"address":"[2001:db8::1]:80"}]}"#;
-    let request = crate::control::protocol::Request::parse(line).unwrap();
-    let err = bed.engine.handle(request).unwrap_err();
-    assert!(err.to_string().contains("IPv4 backends only"), "{err}");
-    let snap = bed.engine.balancer.snapshot();
-    assert_eq!(snap.state.service("x").unwrap().backends.len(), 1);
-    assert!(journals[1].lock().unwrap().calls.is_empty());
+    for (bad, why) in [
+        ("[2001:db8::1]:80", "IPv4 backends only"),
+        ("127.0.0.1:9106", "loopback"),
+    ] {
+        let line = format!(
+            r#"{{"cmd":"add-backends","service":"x","backends":[{{"address":"10.1.2.2:80"}},{{"address":"{bad}"}}]}}"#
+        );
+        let request = crate::control::protocol::Request::parse(&line).unwrap();
+        let err = bed.engine.handle(request).unwrap_err();
+        assert!(err.to_string().contains(why), "{err}");
+        let snap = bed.engine.balancer.snapshot();
+        assert_eq!(snap.state.service("x").unwrap().backends.len(), 1);
+        assert!(journals[1].lock().unwrap().calls.is_empty());
+    }
 }
 
 #[test]
