@@ -204,6 +204,10 @@ pub const FLOW_HALF_OPEN: u32 = 1 << 1;
 /// the next packet in either direction is answered with an RST toward its sender instead of
 /// being forwarded. Byte 0, beside [`FLOW_TO_BACKEND`] and [`FLOW_TS`].
 pub const FLOW_RESET: u32 = 1 << 5;
+/// Flow flag (client → backend entry): the client had no affinity entry when its SYN came; the
+/// entry is written when its handshake completes, so SYNs from addresses that never complete one
+/// (spoofed) push no real client's entry out of the LRU map. Byte 0.
+pub const FLOW_AFFINITY_PENDING: u32 = 1 << 3;
 /// Flow flag: a flow of a dsr service (only the client → backend entry exists): its packets are
 /// IPIP-encapsulated from `new_src_be` (the LB's address toward the backend) to `new_dst_be` (the
 /// backend), unchanged inside; the ports are 0 (no reply entry). Byte 0.

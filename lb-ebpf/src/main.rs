@@ -62,7 +62,7 @@ use lb_common::{
     maps::{
         AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, Counter,
         DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
-        DEFAULT_SNAT_ADDRS, DEFAULT_SNAT_LOCKS, FLOW_DSR, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_HALF_OPEN,
+        DEFAULT_SNAT_ADDRS, DEFAULT_SNAT_LOCKS, FLOW_AFFINITY_PENDING, FLOW_DSR, FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_HALF_OPEN,
         FLOW_RESET, FLOW_RST, FLOW_TO_BACKEND, FLOW_TS, FlowKey, FlowValue, GLOBAL_STATS_ENTRIES,
         GlobalConfig, NEXT_HOP_CACHE_NS, SERVICE_DSR, ServiceKey, ServiceValue, TrafficCounters,
         global_counter as gc,
@@ -337,7 +337,7 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
             {
                 // The client's ACK completes its handshake: the flow is established.
                 // SAFETY: ptr_at checked the TCP header.
-                established(&key, f, seq_end, u32::from_be(unsafe { (*tcp).ack_seq_be }));
+                established(&key, f, seq_end, u32::from_be(unsafe { (*tcp).ack_seq_be }), now);
             }
             if f.flags & (FLOW_HALF_OPEN | FLOW_COOKIE | FLOW_DSR) == 0 {
                 // Established NAT flow: `syn_seq_be` follows this direction's next sequence number.
@@ -427,10 +427,15 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
         // cleanup`): the client learns by an RST and reconnects instead of retransmitting for minutes.
         return reset::answer(ctx, ip, tcp, ihl, doff, now, gc::NO_CONNTRACK);
     }
+    clear_affinity_pending();
     let Some((backend_index, backend)) = select_backend(service, key.src_be, cfg, now, len) else {
         return drop(gc::NO_BACKEND);
     };
     if dsr {
+        // No handshake to wait for (the backend answers the client directly).
+        if affinity_pending() {
+            write_affinity(service.slot, key.src_be, backend_index, now);
+        }
         // Mid-flow packets too: see the `dsr` module.
         return dsr::new_flow(
             ctx,
@@ -495,7 +500,9 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
     forward_value.new_dport_be = backend.port_be;
     forward_value.backend = backend_index;
     forward_value.service_slot = service.slot;
-    forward_value.flags = FLOW_TO_BACKEND | FLOW_HALF_OPEN;
+    // Read from memory, not carried in a register from the selection: the verifier would
+    // otherwise walk the rest of the path twice.
+    forward_value.flags = FLOW_TO_BACKEND | FLOW_HALF_OPEN | (forward_value.flags & FLOW_AFFINITY_PENDING);
     forward_value.next_hop_ifindex = 0;
     forward_value.next_hop_macs = [0; 12];
     forward_value.last_seen_ns = now;
@@ -693,10 +700,62 @@ impl AffinitySlot for KernelAffinity {
             }
             return;
         }
+        if self.slot.is_none() && self.value.is_none() {
+            // A client the map does not hold: its entry waits (see `affinity_pending`). A second
+            // put in this run (the choice refusing, so a failover home to remember) inserts.
+            self.value = Some(*value);
+            mark_affinity_pending();
+            return;
+        }
         let _ = AFFINITY.insert(self.key, value, 0);
         self.slot = None;
         self.value = Some(*value);
     }
+}
+
+/// A new client's affinity entry is written when its handshake completes ([`established`], with
+/// [`FLOW_AFFINITY_PENDING`] on its flow), not on its SYN: SYNs from spoofed addresses, which never
+/// complete one, would otherwise push real clients' entries out of the LRU map (and so their
+/// sessions off their backends) without ever showing a SYN flood. The mark is kept in the flags of
+/// this CPU's scratch flow entry, which the new flow's entry is then built in.
+#[inline(always)]
+fn mark_affinity_pending() {
+    if let Some(p) = dsr::SCRATCH.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, used only within this run.
+        unsafe { (*p).flags = FLOW_AFFINITY_PENDING };
+    }
+}
+
+#[inline(always)]
+pub(crate) fn clear_affinity_pending() {
+    if let Some(p) = dsr::SCRATCH.get_ptr_mut(0) {
+        // SAFETY: as above.
+        unsafe { (*p).flags = 0 };
+    }
+}
+
+#[inline(always)]
+pub(crate) fn affinity_pending() -> bool {
+    // SAFETY: as above.
+    dsr::SCRATCH
+        .get_ptr_mut(0)
+        .is_some_and(|p| unsafe { (*p).flags } & FLOW_AFFINITY_PENDING != 0)
+}
+
+/// A client's first affinity entry (no failover home), unless one of its other connections has
+/// written one meanwhile.
+#[inline(always)]
+pub(crate) fn write_affinity(service_slot: u32, client_be: u32, backend: u32, now: u64) {
+    let entry = AffinityValue {
+        backend,
+        home: lb_common::maps::NO_BACKEND,
+        last_seen_ns: now,
+    };
+    let owner = AffinityKey {
+        service_slot,
+        client_be,
+    };
+    let _ = AFFINITY.insert(owner, &entry, u64::from(BPF_NOEXIST));
 }
 
 /// One service's backends (by its slot) and its slice of the `RING` array.
@@ -880,7 +939,11 @@ fn set_flags(flags: &mut u32, bit: u32) {
 /// [`rst_in_window`]): the client's after this ACK (`client_next`), the backend's as the client
 /// acknowledges it (`backend_next`).
 #[inline(always)]
-fn established(key: &FlowKey, f: &mut FlowValue, client_next: u32, backend_next: u32) {
+fn established(key: &FlowKey, f: &mut FlowValue, client_next: u32, backend_next: u32, now: u64) {
+    if f.flags & FLOW_AFFINITY_PENDING != 0 {
+        // The client's first completed handshake: its affinity entry.
+        write_affinity(f.service_slot, key.src_be, f.backend, now);
+    }
     f.syn_seq_be = client_next.to_be();
     clear_low_flag(&mut f.flags, FLOW_HALF_OPEN);
     if let Some(reply) = CONNTRACK.get_ptr_mut(FlowKey::reverse_of(f)) {

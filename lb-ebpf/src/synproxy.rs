@@ -46,7 +46,7 @@ use crate::net::{ETH_P_IPV4, EthHdr, IPPROTO_TCP, Ipv4Hdr, TcpHdr};
 use crate::{
     CONFIG, CONNTRACK, SERVICES, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Verdict, claim_snat, clear_low_flag,
     count, count_traffic, drop, forward, pass, passive, ptr_at, reset, retire, retire_for, rewrite,
-    same_flow, select_backend, set_flags_both,
+    same_flow, select_backend, set_flags_both, affinity_pending, clear_affinity_pending, write_affinity,
 };
 
 #[map(name = "lb_syncookie")]
@@ -373,9 +373,14 @@ fn new_flow(
     }
     // The client holds an open connection already: it learns by an RST when none can be made
     // (a SYN would be dropped and retried instead).
+    clear_affinity_pending();
     let Some((backend_index, backend)) = select_backend(service, key.src_be, cfg, now, len) else {
         return refuse(ctx, now, gc::NO_BACKEND);
     };
+    // The cookie proved the client's address: its affinity entry is written at once.
+    if affinity_pending() {
+        write_affinity(service.slot, key.src_be, backend_index, now);
+    }
     let isn = isn_toward(now);
     let mut reply_value = FlowValue {
         new_src_be: key.dst_be,

@@ -191,6 +191,7 @@ fn xdp_drain_keeps_known_clients_down_refuses(hook: Hook) {
     }
     in_fixture_netns(3, 3, |client_if, _| {
         let mut fx = Fixture::new(hook);
+        // A connection (its handshake completed: affinity is written then); where it went.
         let dst_of = |fx: &Fixture, c: Ipv4Addr, port: u16| {
             let (verdict, out, _) = fx
                 .xdp
@@ -201,6 +202,8 @@ fn xdp_drain_keeps_known_clients_down_refuses(hook: Hook) {
                 )
                 .unwrap();
             assert_eq!(verdict, XDP_REDIRECT);
+            let ack = frame((c, port), (VIP, 80), ACK, b"", &[], [0xaa; 6]);
+            assert_eq!(fx.xdp.test_run(&ack, client_if, 1).unwrap().0, XDP_REDIRECT);
             parse(&out).dst.0
         };
         let known = client(0);
@@ -869,12 +872,15 @@ fn xdp_affinity_hit_refreshes_last_seen_after_a_step(hook: Hook) {
             assert_eq!(e.len(), 1, "{e:?}");
             e[0].clone()
         };
+        // A SYN and its handshake's ACK (a new client's entry is written at the ACK).
         let syn = |port: u16| {
             let (verdict, out, _) = fx
                 .xdp
                 .test_run(&frame_seq((c, port), (VIP, 80), SYN, 1000), client_if, 1)
                 .unwrap();
             assert_eq!(verdict, XDP_REDIRECT);
+            let ack = frame_seq((c, port), (VIP, 80), ACK, 1001);
+            assert_eq!(fx.xdp.test_run(&ack, client_if, 1).unwrap().0, XDP_REDIRECT);
             parse(&out).dst.0
         };
         let backend = syn(42000);
@@ -1230,8 +1236,26 @@ fn xdp_invalid_packets_create_no_state(hook: Hook) {
         assert_eq!(verdict, XDP_REDIRECT, "a valid padded SYN is forwarded");
         let state = fx.xdp.kernel_state();
         assert_eq!(state.conntrack, 2, "both directions recorded: {state:?}");
-        assert_eq!(state.affinity, 1, "{state:?}");
+        assert_eq!(
+            state.affinity, 0,
+            "no affinity before the handshake completes: {state:?}"
+        );
         assert!(state.snat_cursors >= 1, "a SNAT port claimed: {state:?}");
+        // The client's ACK completes the handshake: now its affinity entry is written.
+        assert_eq!(
+            fx.xdp.test_run(&from(c, ACK), client_if, 1).unwrap().0,
+            XDP_REDIRECT
+        );
+        let state = fx.xdp.kernel_state();
+        assert_eq!(state.affinity, 1, "{state:?}");
+        // SYNs from addresses that never complete a handshake (spoofed) add no affinity entry, so
+        // they cannot push real clients' entries out of the LRU map.
+        for i in 0..50u32 {
+            let spoofed = from(Ipv4Addr::from(0x0b63_0000 + i), SYN);
+            assert_eq!(fx.xdp.test_run(&spoofed, client_if, 1).unwrap().0, XDP_REDIRECT);
+        }
+        assert_eq!(fx.xdp.kernel_state().affinity, 1);
+        let state = fx.xdp.kernel_state();
         // An invalid packet of that same connection still changes nothing: SYN+FIN on its tuple
         // is dropped before the conntrack lookup.
         let (verdict, _, _) = fx.xdp.test_run(&from(c, SYN | FIN), client_if, 1).unwrap();
