@@ -44,9 +44,9 @@ use lb_common::{
 use crate::frame::Frame;
 use crate::net::{ETH_P_IPV4, EthHdr, IPPROTO_TCP, Ipv4Hdr, TcpHdr};
 use crate::{
-    CONFIG, CONNTRACK, SERVICES, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Verdict, claim_snat, clear_low_flag,
-    count, count_traffic, drop, forward, pass, passive, ptr_at, reset, retire, retire_for, rewrite,
-    same_flow, select_backend, set_flags_both, affinity_pending, clear_affinity_pending, write_affinity,
+    CONFIG, CONNTRACK, SERVICES, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Verdict, affinity_pending, claim_snat,
+    clear_affinity_pending, clear_low_flag, count, count_traffic, drop, forward, pass, passive, ptr_at,
+    reset, retire, retire_for, rewrite, same_flow, select_backend, set_flags_both, write_affinity,
 };
 
 #[map(name = "lb_syncookie")]
