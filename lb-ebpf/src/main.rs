@@ -755,7 +755,7 @@ pub(crate) fn write_affinity(service_slot: u32, client_be: u32, backend: u32, no
         service_slot,
         client_be,
     };
-    let _ = AFFINITY.insert(owner, &entry, u64::from(BPF_NOEXIST));
+    let _ = AFFINITY.insert(owner, entry, u64::from(BPF_NOEXIST));
 }
 
 /// One service's backends (by its slot) and its slice of the `RING` array.
