@@ -535,7 +535,9 @@ impl Engine {
         let ip = ip.to_canonical();
         let snapshot = self.snapshot();
         let svc = snapshot.state.service(service)?;
-        if !reaches(ip, svc.settings.listen) {
+        // An AJP service's clients are the web tier's browsers, whose addresses come in its
+        // requests: any family, whatever the listener's.
+        if svc.settings.datapath != DatapathKind::Ajp && !reaches(ip, svc.settings.listen) {
             return Err(EngineError::WrongFamily {
                 service: service.to_string(),
                 listen: svc.settings.listen,
@@ -846,7 +848,11 @@ impl Engine {
                             affinity_clients,
                             drained: be.config.state == crate::config::AdminState::Drain
                                 && t.active == 0
-                                && affinity_clients == 0,
+                                && affinity_clients == 0
+                                && runtime
+                                    .stats
+                                    .since_session()
+                                    .is_none_or(|d| d >= s.settings.affinity_timeout),
                         }
                     })
                     .collect();

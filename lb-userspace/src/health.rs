@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ajp;
 use crate::config::{HealthConfig, HealthKind};
 pub use crate::runtime::CheckStatus;
-use crate::runtime::Snapshot;
+use crate::runtime::{BackendRuntime, BackendStats, Snapshot};
 use crate::state::Health;
 
 /// How long the AJP probe waits after the CPong to see whether the peer closes or sends more.
@@ -139,6 +139,29 @@ pub async fn probe(kind: HealthKind, addr: SocketAddr, timeout: Duration) -> Res
     }
 }
 
+/// Why a probe's failure says nothing about the backend, if it does not:
+/// - lb itself was short of resources ([`ProbeError::Local`]);
+/// - it timed out while the backend was answering requests (within `window`, the check's
+///   interval and timeout): a Tomcat whose threads are all serving requests reads no CPing until
+///   one is free. Busy is not down: marking it down would move its sessions off a backend that
+///   works. A backend that stops answering requests is counted again after `window`.
+pub fn not_counted(
+    result: &Result<Duration, ProbeError>,
+    stats: &BackendStats,
+    window: Duration,
+) -> Option<String> {
+    match result {
+        Err(e @ ProbeError::Local(_)) => Some(e.to_string()),
+        Err(e @ (ProbeError::Timeout(_) | ProbeError::Stalled { .. })) if stats.busy_within(window) => {
+            Some(format!(
+                "{e}, but the backend answered a request {} ms ago: busy, not down",
+                stats.since_answer().unwrap_or_default().as_millis()
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// A health transition on its way into the command pipeline.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HealthEvent {
@@ -208,12 +231,11 @@ impl Supervisor {
                 continue;
             }
             let stop = self.shutdown.child_token();
-            let check = backend.check.clone();
             tokio::spawn(run_checker(
                 key.0.clone(),
                 key.1,
                 settings.clone(),
-                check,
+                backend,
                 self.events.clone(),
                 stop.clone(),
             ));
@@ -233,10 +255,11 @@ async fn run_checker(
     service: String,
     address: SocketAddr,
     settings: HealthConfig,
-    status: Arc<Mutex<CheckStatus>>,
+    backend: Arc<BackendRuntime>,
     events: mpsc::Sender<HealthEvent>,
     stop: CancellationToken,
 ) {
+    let status = &backend.check;
     let target = SocketAddr::new(address.ip(), settings.port.unwrap_or(address.port()));
     // Spread first checks over the interval so many backends do not fire together.
     let spread = lb_common::hash::bytes_hash(0, address.to_string().as_bytes())
@@ -248,8 +271,8 @@ async fn run_checker(
             () = tokio::time::sleep(wait) => {}
         }
         let result = probe(settings.kind, target, settings.timeout).await;
-        if let Err(e @ ProbeError::Local(_)) = &result {
-            warn!(reason = %e, "health check not counted");
+        if let Some(why) = not_counted(&result, &backend.stats, settings.interval + settings.timeout) {
+            warn!(reason = %why, "health check not counted");
             wait = settings.interval;
             continue;
         }
@@ -339,6 +362,29 @@ mod tests {
             }
         });
         addr
+    }
+
+    #[test]
+    fn a_timeout_while_the_backend_answers_requests_is_not_counted() {
+        let stats = BackendStats::default();
+        let window = Duration::from_millis(300);
+        let timeout = Err(ProbeError::Timeout(1000));
+        let stalled = Err(ProbeError::Stalled { ms: 1000, got: 0 });
+        // Never answered a request: a timeout counts.
+        assert_eq!(not_counted(&timeout, &stats, window), None);
+        stats.answered();
+        for r in [&timeout, &stalled] {
+            let why = not_counted(r, &stats, window).expect("busy");
+            assert!(why.contains("busy, not down"), "{why}");
+        }
+        // Other failures count whatever the traffic.
+        let refused = Err(ProbeError::Connect("refused".into()));
+        assert_eq!(not_counted(&refused, &stats, window), None);
+        assert_eq!(not_counted(&ok(), &stats, window), None);
+        // Once it has not answered for the window, timeouts count again.
+        std::thread::sleep(window + Duration::from_millis(50));
+        assert_eq!(not_counted(&timeout, &stats, window), None);
+        assert!(not_counted(&Err(ProbeError::Local("EMFILE".into())), &stats, window).is_some());
     }
 
     #[tokio::test]

@@ -24,11 +24,64 @@ pub struct BackendStats {
     pub bytes_in: AtomicU64,
     /// Bytes from backend to client.
     pub bytes_out: AtomicU64,
+    /// When the backend last sent a response packet (AJP datapath), in ms after [`EPOCH`] plus
+    /// one; 0: never.
+    last_answer_ms: AtomicU64,
+    /// When a request last came to it by its session route (AJP datapath), likewise.
+    last_session_ms: AtomicU64,
+}
+
+/// The clock origin of [`BackendStats`]' times.
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+/// Stores now (ms after [`EPOCH`], plus one) unless it is there already.
+fn stamp(at: &AtomicU64) {
+    let ms = EPOCH.elapsed().as_millis() as u64 + 1;
+    if at.load(Ordering::Relaxed) != ms {
+        at.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// How long ago [`stamp`] stored `at`, if it has.
+fn since(at: &AtomicU64) -> Option<Duration> {
+    match at.load(Ordering::Relaxed) {
+        0 => None,
+        ms => Some(EPOCH.elapsed().saturating_sub(Duration::from_millis(ms - 1))),
+    }
 }
 
 impl BackendStats {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+
+    /// The backend sent part of a response just now.
+    pub fn answered(&self) {
+        stamp(&self.last_answer_ms);
+    }
+
+    /// How long ago the backend last sent part of a response, if it has.
+    pub fn since_answer(&self) -> Option<Duration> {
+        since(&self.last_answer_ms)
+    }
+
+    /// A request just came to the backend by its session route.
+    pub fn session_seen(&self) {
+        stamp(&self.last_session_ms);
+    }
+
+    /// How long ago a request last came to the backend by its session route, if one has. A
+    /// browser whose requests all follow its session refreshes no address affinity entry, so a
+    /// draining backend with such a user is not drained.
+    pub fn since_session(&self) -> Option<Duration> {
+        since(&self.last_session_ms)
+    }
+
+    /// Whether the backend is busy rather than down: it sent part of a response within `window`.
+    /// A check or a new connection's CPing that times out then (every thread of a Tomcat serving
+    /// requests, none free to read it) is not the backend's failure.
+    pub fn busy_within(&self, window: Duration) -> bool {
+        self.since_answer().is_some_and(|d| d <= window)
     }
 }
 

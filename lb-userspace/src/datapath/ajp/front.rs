@@ -263,6 +263,25 @@ enum Outcome {
     Abandoned(String),
     /// The web tier's connection failed or misbehaved.
     Front(String),
+    /// Every connection of the backend's pool stayed busy with other requests: the request did
+    /// not reach it.
+    Full(String),
+}
+
+/// How long a request bound to its backend by its session waits for a connection when that
+/// backend is busy (its pool full, or slow to answer a new connection's CPing) and
+/// `reply_timeout` is 0; otherwise it waits `reply_timeout`, as long as for an answer.
+const ROUTE_PATIENCE: Duration = Duration::from_secs(60);
+
+/// How long a request picked by `pick` waits for a connection to its backend: a session stays on
+/// its backend while that one is only busy, waiting as long as for an answer instead of moving
+/// (and losing the session); any other request `connect_timeout`.
+fn patience(pick: Pick, settings: &super::Settings) -> Duration {
+    match (pick, settings.ajp.reply_timeout) {
+        (Pick::Route, t) if t.is_zero() => ROUTE_PATIENCE,
+        (Pick::Route, t) => t,
+        _ => settings.connect_timeout,
+    }
 }
 
 /// The request body as it passes: what has been read from the web tier, kept while it fits the
@@ -392,19 +411,12 @@ impl<'a> Request<'a> {
         let mut failures = 0u32;
         loop {
             let primaries_only = failures <= settings.retries;
-            let Some(Target {
-                id,
-                pool,
-                pick,
-                chosen,
-                reset,
-            }) = self.pick(route.as_deref(), client, &exclude, primaries_only)
-            else {
+            let Some(target) = self.pick(route.as_deref(), client, &exclude, primaries_only) else {
                 break;
             };
-            let c = &pool.counters;
+            let c = &target.pool.counters;
             c.requests.fetch_add(1, Relaxed);
-            match pick {
+            match target.pick {
                 Pick::Route => c.route_hits.fetch_add(1, Relaxed),
                 Pick::Address => c.address_hits.fetch_add(1, Relaxed),
                 Pick::RouteFailover => {
@@ -413,15 +425,23 @@ impl<'a> Request<'a> {
                 }
             };
             c.in_flight.fetch_add(1, Relaxed);
-            let outcome = self
-                .attempt(id, &pool, &reset, &forward, &mut body, &settings)
-                .await;
+            let outcome = self.attempt(&target, &forward, &mut body, &settings).await;
             c.in_flight.fetch_sub(1, Relaxed);
+            let Target {
+                id,
+                pool,
+                pick,
+                chosen,
+                ..
+            } = target;
+            let c = &pool.counters;
             match outcome {
                 Outcome::Done(status) => {
                     c.response(status);
                     c.latency.observe(self.started.elapsed());
-                    if pick != Pick::Route {
+                    if pick == Pick::Route {
+                        pool.runtime.stats.session_seen();
+                    } else {
                         self.svc
                             .balancer
                             .confirm(&self.svc.name, client, chosen, Instant::now());
@@ -447,7 +467,13 @@ impl<'a> Request<'a> {
                     exclude.push(id);
                     failures += 1;
                 }
-                Outcome::BackendBeforeResponse(why) | Outcome::NoAnswer(why) => {
+                Outcome::Full(why) if pick == Pick::Route => {
+                    let patience = patience(pick, &settings);
+                    warn!(service = %self.svc.name, backend = %pool.address, reason = %why, ?patience,
+                        "session's backend busy: no connection free in time; the session stays there, request answered 503");
+                    break;
+                }
+                Outcome::BackendBeforeResponse(why) | Outcome::NoAnswer(why) | Outcome::Full(why) => {
                     debug!(service = %self.svc.name, backend = %pool.address, reason = %why, "backend failed before answering");
                     if !body.held {
                         info!(service = %self.svc.name, backend = %pool.address, reason = %why, "backend failed before answering; body too large to retry: 503");
@@ -580,17 +606,22 @@ impl<'a> Request<'a> {
     /// once (not counted as a retry).
     async fn attempt(
         &mut self,
-        id: u32,
-        pool: &Arc<Pool>,
-        reset: &CancellationToken,
+        target: &Target,
         forward: &Bytes,
         body: &mut Body,
         settings: &super::Settings,
     ) -> Outcome {
+        let (id, pool, reset) = (target.id, &target.pool, &target.reset);
+        let patience = patience(target.pick, settings);
         let mut fresh = false;
         loop {
             let mut conn = match pool
-                .acquire(settings.connect_timeout, settings.ajp.ping_after_idle, fresh)
+                .acquire(
+                    settings.connect_timeout,
+                    patience,
+                    settings.ajp.ping_after_idle,
+                    fresh,
+                )
                 .await
             {
                 Ok(c) => c,
@@ -599,10 +630,16 @@ impl<'a> Request<'a> {
                         PoolError::Connect(_, io) if crate::health::lb_short_of_resources(io) => {
                             crate::health::warn_short_of_resources(&self.svc.name, io);
                         }
+                        // A backend answering other requests is busy, not down: its silence to
+                        // a new connection's CPing is not held against it.
+                        PoolError::NoPong(_) if pool.runtime.stats.busy_within(patience) => {
+                            debug!(backend = %pool.address, "CPing unanswered by a backend busy with other requests; not counted against it");
+                        }
                         PoolError::Connect(..) | PoolError::Timeout(_) | PoolError::NoPong(_) => {
                             self.svc.connect_outcome(id, &pool.runtime, Some(&e.to_string()));
                         }
-                        _ => {}
+                        PoolError::Full(_) => return Outcome::Full(e.to_string()),
+                        PoolError::Closed => {}
                     }
                     return Outcome::BackendBeforeResponse(e.to_string());
                 }
@@ -697,6 +734,7 @@ impl<'a> Request<'a> {
             let frame = match read {
                 Ok(Some(f)) => {
                     stats.bytes_out.fetch_add(f.len() as u64, Relaxed);
+                    stats.answered();
                     f
                 }
                 Ok(None) => return Err(failed("connection closed".into(), responded)),

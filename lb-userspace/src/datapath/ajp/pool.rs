@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
 use super::counters::BackendCounters;
@@ -73,6 +73,8 @@ pub struct Pool {
     /// False while the backend is down or in maintenance, and after shutdown: returned
     /// connections are closed instead of kept.
     usable: AtomicBool,
+    /// Woken when a connection comes back to `idle`, for a request waiting on a full pool.
+    released: Notify,
 }
 
 impl Pool {
@@ -86,6 +88,7 @@ impl Pool {
             size: Mutex::new(size),
             open: AtomicU64::new(0),
             usable: AtomicBool::new(true),
+            released: Notify::new(),
         })
     }
 
@@ -126,40 +129,57 @@ impl Pool {
     }
 
     /// A connection for one request: a pooled one if a good one is idle, else a new one, waiting
-    /// at most `timeout` for a free slot and the connect. `fresh` skips the idle ones.
+    /// at most `timeout` for the connect, and at most `patience` (at least `timeout`) in all for
+    /// a free slot, the connect and the CPong (a busy backend is slow to read a CPing). `fresh`
+    /// skips the idle ones.
     pub async fn acquire(
         self: &Arc<Self>,
         timeout: Duration,
+        patience: Duration,
         ping_after_idle: Duration,
         fresh: bool,
     ) -> Result<Conn, PoolError> {
-        if !fresh {
-            while let Some(mut c) = self.pop_idle() {
-                if !alive(&c.stream) {
-                    continue;
-                }
-                if c.last_used.elapsed() > ping_after_idle {
-                    match cping(&mut c.stream, timeout).await {
-                        Ping::Pong => {}
-                        Ping::Closed => {
-                            debug!(backend = %self.address, "pooled connection closed; trying another");
-                            continue;
-                        }
-                        // A backend that takes no CPing takes no request either: try another.
-                        Ping::Silent => return Err(PoolError::NoPong(self.address)),
+        let patience = patience.max(timeout);
+        let deadline = tokio::time::Instant::now() + patience;
+        // A pooled connection that comes back, or a free slot, whichever comes first.
+        let slot = loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if !fresh {
+                while let Some(mut c) = self.pop_idle() {
+                    if !alive(&c.stream) {
+                        continue;
                     }
+                    if c.last_used.elapsed() > ping_after_idle {
+                        let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+                        match cping(&mut c.stream, wait.max(timeout)).await {
+                            Ping::Pong => {}
+                            Ping::Closed => {
+                                debug!(backend = %self.address, "pooled connection closed; trying another");
+                                continue;
+                            }
+                            // A backend that takes no CPing takes no request either.
+                            Ping::Silent => return Err(PoolError::NoPong(self.address)),
+                        }
+                    }
+                    c.reused = true;
+                    return Ok(c);
                 }
-                c.reused = true;
-                return Ok(c);
             }
-        }
-        let deadline = tokio::time::Instant::now() + timeout;
-        let slot = match tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned()).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(PoolError::Closed),
-            Err(_) => return Err(PoolError::Full(*self.size.lock().unwrap())),
+            tokio::select! {
+                p = self.slots.clone().acquire_owned() => match p {
+                    Ok(p) => break p,
+                    Err(_) => return Err(PoolError::Closed),
+                },
+                () = &mut released => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(PoolError::Full(*self.size.lock().unwrap()));
+                }
+            }
         };
-        let mut stream = match tokio::time::timeout_at(deadline, TcpStream::connect(self.address)).await {
+        let connect_by = deadline.min(tokio::time::Instant::now() + timeout);
+        let mut stream = match tokio::time::timeout_at(connect_by, TcpStream::connect(self.address)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 // lb's own shortage (out of descriptors, say) is not the backend's failure.
@@ -208,6 +228,7 @@ impl Pool {
         }
         conn.last_used = Instant::now();
         self.idle.lock().unwrap().push(conn);
+        self.released.notify_one();
     }
 }
 

@@ -37,7 +37,12 @@ enum Mode {
     StallAfterHeaders,
     /// Reads the whole body, then sends a Send Body Chunk that declares more data than it holds.
     BadChunk,
+    /// As `Answer`, after working on the request for [`SLOW`].
+    Slow,
 }
+
+/// How long a `Mode::Slow` backend works on a request.
+const SLOW: Duration = Duration::from_millis(600);
 
 #[derive(Clone, Debug)]
 struct Seen {
@@ -169,6 +174,9 @@ async fn backend_conn(
             s.write_all(&[b'A', b'B', 0, 4, 3, 0xff, 0xff, b'x']).await?;
             std::future::pending::<()>().await;
         }
+        if mode == Mode::Slow {
+            tokio::time::sleep(SLOW).await;
+        }
         if mode == Mode::Stall {
             let mut rest = [0u8; 256];
             while s.read(&mut rest).await.is_ok_and(|n| n > 0) {}
@@ -200,7 +208,7 @@ async fn backend_conn(
         send(
             &mut s,
             ContainerMessage::EndResponse {
-                reuse: mode == Mode::Answer,
+                reuse: matches!(mode, Mode::Answer | Mode::Slow),
             },
         )
         .await?;
@@ -986,9 +994,94 @@ async fn engine_runs_ajp_services_and_reports_their_counters() {
         text.contains("lb_ajp_backend_requests_total{service=\"tomcat\",backend=\"t1\"} 1"),
         "{text}"
     );
+    // A browser on IPv6 through the web tier: `lb which` answers for it too (the listener's
+    // family is the web tier's, not the browser's).
+    let which = engine.which("tomcat", "2001:db8::7").unwrap();
+    assert_eq!(which.backend.as_deref(), Some("t1"));
+    // t1 drains; its only user goes on by its session route, which refreshes no address entry:
+    // t1 is not drained while that session is in use (within affinity_timeout).
+    let run = |line: &str| {
+        engine
+            .handle(crate::control::protocol::Request::parse(line).unwrap())
+            .unwrap()
+    };
+    run(r#"{"cmd":"set-state","service":"tomcat","backend":"t1","state":"drain"}"#);
+    // No connection left open to t1 after the request (none pooled).
+    fake.set_mode(Mode::AnswerNoReuse);
+    let session = Req::from(&ip(1)).secret("s3cret-value").cookie("JSESSIONID=x.t1");
+    assert_eq!(web.request(&session).await.unwrap().backend(), "t1");
+    run(r#"{"cmd":"affinity-flush","service":"tomcat"}"#);
+    let t1_view = || {
+        let st = engine.status(None).unwrap();
+        let svc = st.services.into_iter().find(|s| s.name == "tomcat").unwrap();
+        svc.backends.into_iter().find(|b| b.name == "t1").unwrap()
+    };
+    assert!(eventually(|| t1_view().active_connections == 0).await);
+    let v = t1_view();
+    assert_eq!(v.affinity_clients, 0);
+    assert!(!v.drained, "a session was routed to t1 just now: {v:?}");
     tokio::time::timeout(Duration::from_secs(2), engine.shutdown())
         .await
         .expect("idle connections do not hold up shutdown");
+}
+
+/// A backend whose every pooled connection is busy is busy, not failing: a request bound to it by
+/// its session waits there for a free connection (beyond connect_timeout) and keeps its session;
+/// one bound by the browser's address alone moves on, as before.
+#[tokio::test]
+async fn a_session_waits_for_its_busy_backend_instead_of_moving() {
+    let t1 = FakeBackend::start("t1", Mode::Slow).await;
+    let t2 = FakeBackend::start("t2", Mode::Answer).await;
+    let lb = Lb::start(
+        &[("t1", t1.addr, false), ("t2", t2.addr, false)],
+        AjpConfig {
+            pool_size: 1,
+            ..AjpConfig::default()
+        },
+    );
+    lb.run(Command::UpdateService {
+        service: {
+            let mut s = lb
+                .balancer
+                .snapshot()
+                .state
+                .service("ajp")
+                .unwrap()
+                .settings
+                .clone();
+            s.connect_timeout = Duration::from_millis(150);
+            s
+        },
+    });
+    let user = (0..200).map(ip).find(|i| lb.by_address(i) == "t1").unwrap();
+    let other = (0..200).map(ip).find(|i| lb.by_address(i) == "t2").unwrap();
+    let session = |from: &str| Req::from(from).cookie("JSESSIONID=abc.t1");
+    // The first request holds t1's only connection for SLOW.
+    let mut first = Web::connect(lb.addr).await;
+    let busy = tokio::spawn({
+        let r = session(&user);
+        async move { first.request(&r).await }
+    });
+    assert!(eventually(|| t1.requests() == 1).await);
+    // A browser with a session on t1 (from another address) waits for that connection.
+    let mut web = Web::connect(lb.addr).await;
+    let a = web.request(&session(&other)).await.unwrap();
+    assert_eq!((a.status, a.backend()), (200, "t1"), "the session stays on t1");
+    let a = busy.await.unwrap().unwrap();
+    assert_eq!((a.status, a.backend()), (200, "t1"));
+    assert_eq!(t2.requests(), 0);
+    let c = lb.backend_counters("t1");
+    assert_eq!((c.route_failovers, c.retries), (0, 0));
+    // Without a session, a request on a busy t1 moves on once connect_timeout has passed.
+    let mut first = Web::connect(lb.addr).await;
+    let busy = tokio::spawn({
+        let r = Req::from(&user);
+        async move { first.request(&r).await }
+    });
+    assert!(eventually(|| t1.requests() == 3).await);
+    let a = web.request(&Req::from(&user)).await.unwrap();
+    assert_eq!((a.status, a.backend()), (200, "t2"), "moved by address");
+    assert_eq!(busy.await.unwrap().unwrap().backend(), "t1");
 }
 
 #[tokio::test]
