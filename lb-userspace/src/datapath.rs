@@ -14,6 +14,7 @@ pub mod fake;
 pub mod listener;
 pub mod pipe;
 pub mod proxy;
+pub mod workers;
 pub mod xdp;
 
 use std::collections::HashMap;

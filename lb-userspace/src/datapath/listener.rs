@@ -11,12 +11,13 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::{DatapathError, Drained};
+use super::{DatapathError, Drained, workers};
 
 /// How long adding a service waits for a removed one's socket on the same address to close.
 const REBIND_WAIT: Duration = Duration::from_secs(2);
@@ -48,15 +49,28 @@ pub struct Listeners<S> {
     map: Mutex<HashMap<String, Listener<S>>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Accept and serve on the [`workers`] (one runtime per CPU) instead of the caller's runtime.
+    on_workers: bool,
 }
 
 impl<S: Send + Sync + 'static> Listeners<S> {
+    /// Listeners accepting and serving on the caller's runtime.
     pub fn new(what: &'static str) -> Self {
         Listeners {
             what,
             map: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            on_workers: false,
+        }
+    }
+
+    /// Listeners whose services each accept on every [`workers`] runtime, a connection served on
+    /// the worker that accepted it.
+    pub fn on_workers(what: &'static str) -> Self {
+        Listeners {
+            on_workers: true,
+            ..Listeners::new(what)
         }
     }
 
@@ -83,25 +97,37 @@ impl<S: Send + Sync + 'static> Listeners<S> {
         if let Some(closed) = closing {
             let _ = closed.recv_timeout(REBIND_WAIT);
         }
-        let listener = bind(listen).and_then(TcpListener::from_std).map_err(bind_error)?;
+        let listener = bind(listen).map_err(bind_error)?;
         let local = listener.local_addr().map_err(bind_error)?;
         let stop = self.shutdown.child_token();
         let limit = Arc::new(Semaphore::new(max_connections as usize));
         let (closed_tx, closed) = sync_channel(0);
         info!(service = name, %listen, max_connections, "{} listening", self.what);
-        let accept = accept_loop(
-            name.to_string(),
-            listener,
-            limit.clone(),
-            service.clone(),
-            stop.clone(),
-            self.tasks.clone(),
-            serve,
-        );
-        self.tasks.spawn(async move {
-            accept.await;
-            drop(closed_tx);
-        });
+        let serve = Arc::new(serve);
+        let workers = if self.on_workers { workers::handles() } else { &[] };
+        let runtimes = if workers.is_empty() {
+            vec![Handle::current()]
+        } else {
+            workers.to_vec()
+        };
+        for runtime in runtimes {
+            // One socket, one descriptor per runtime: each registers it with its own reactor.
+            let listener = listener.try_clone().map_err(bind_error)?;
+            let accept = accept_loop(
+                name.to_string(),
+                listener,
+                limit.clone(),
+                service.clone(),
+                stop.clone(),
+                self.tasks.clone(),
+                serve.clone(),
+            );
+            let closed_tx = closed_tx.clone();
+            runtime.spawn(self.tasks.track_future(async move {
+                accept.await;
+                drop(closed_tx);
+            }));
+        }
         self.map.lock().unwrap().insert(
             name.to_string(),
             Listener {
@@ -218,17 +244,24 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 #[tracing::instrument(skip_all, fields(service = %name))]
 async fn accept_loop<S, F, Fut>(
     name: String,
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     limit: Arc<Semaphore>,
     service: Arc<S>,
     stop: CancellationToken,
     tasks: TaskTracker,
-    serve: F,
+    serve: Arc<F>,
 ) where
     S: Send + Sync + 'static,
     F: Fn(TcpStream, SocketAddr, Arc<S>, CancellationToken) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "cannot register the listening socket; this runtime does not accept");
+            return;
+        }
+    };
     loop {
         let permit = tokio::select! {
             () = stop.cancelled() => return,

@@ -68,7 +68,7 @@ impl ProxyDatapath {
     pub fn new(balancer: Arc<Balancer>, passive: Passive) -> Self {
         ProxyDatapath {
             balancer,
-            listeners: Listeners::new("proxy"),
+            listeners: Listeners::on_workers("proxy"),
             passive,
         }
     }
