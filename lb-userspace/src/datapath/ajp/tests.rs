@@ -455,6 +455,19 @@ impl Lb {
         });
     }
 
+    fn set_connect_timeout(&self, timeout: Duration) {
+        let mut settings = self
+            .balancer
+            .snapshot()
+            .state
+            .service("ajp")
+            .unwrap()
+            .settings
+            .clone();
+        settings.connect_timeout = timeout;
+        self.run(Command::UpdateService { service: settings });
+    }
+
     fn set_health(&self, backend: &str, health: Health) {
         self.run(Command::SetHealth {
             service: "ajp".into(),
@@ -1039,20 +1052,7 @@ async fn a_session_waits_for_its_busy_backend_instead_of_moving() {
             ..AjpConfig::default()
         },
     );
-    lb.run(Command::UpdateService {
-        service: {
-            let mut s = lb
-                .balancer
-                .snapshot()
-                .state
-                .service("ajp")
-                .unwrap()
-                .settings
-                .clone();
-            s.connect_timeout = Duration::from_millis(150);
-            s
-        },
-    });
+    lb.set_connect_timeout(Duration::from_millis(150));
     let user = (0..200).map(ip).find(|i| lb.by_address(i) == "t1").unwrap();
     let other = (0..200).map(ip).find(|i| lb.by_address(i) == "t2").unwrap();
     let session = |from: &str| Req::from(from).cookie("JSESSIONID=abc.t1");
@@ -1100,20 +1100,7 @@ async fn backend_that_accepts_but_never_answers_is_skipped() {
         &[("hung", silent_addr, false), ("good", good.addr, false)],
         AjpConfig::default(),
     );
-    lb.run(Command::UpdateService {
-        service: {
-            let mut s = lb
-                .balancer
-                .snapshot()
-                .state
-                .service("ajp")
-                .unwrap()
-                .settings
-                .clone();
-            s.connect_timeout = Duration::from_millis(300);
-            s
-        },
-    });
+    lb.set_connect_timeout(Duration::from_millis(300));
     let user = (0..200).map(ip).find(|i| lb.by_address(i) == "hung").unwrap();
     let mut web = Web::connect(lb.addr).await;
     let a = web.request(&Req::from(&user).body(b"x=1")).await.unwrap();
