@@ -20,7 +20,7 @@ pub fn handles() -> &'static [Handle] {
 }
 
 fn start() -> Vec<Handle> {
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     (0..n)
         .map_while(|i| {
             let started = Builder::new_current_thread()
