@@ -273,6 +273,9 @@ enum Outcome {
 /// `reply_timeout` is 0; otherwise it waits `reply_timeout`, as long as for an answer.
 const ROUTE_PATIENCE: Duration = Duration::from_secs(60);
 
+/// How often a request waiting on its busy backend looks whether that one is still in service.
+const SERVICE_POLL: Duration = Duration::from_millis(100);
+
 /// How long a request picked by `pick` waits for a connection to its backend: a session stays on
 /// its backend while that one is only busy, waiting as long as for an answer instead of moving
 /// (and losing the session); any other request `connect_timeout`.
@@ -615,15 +618,15 @@ impl<'a> Request<'a> {
         let patience = patience(target.pick, settings);
         let mut fresh = false;
         loop {
-            let mut conn = match pool
-                .acquire(
-                    settings.connect_timeout,
-                    patience,
-                    settings.ajp.ping_after_idle,
-                    fresh,
-                )
-                .await
-            {
+            let acquired = tokio::select! {
+                r = pool.acquire(settings.connect_timeout, patience, settings.ajp.ping_after_idle, fresh) => r,
+                // A session waiting on its busy backend stops waiting once that one is down or
+                // out of service: it fails over as any request whose route is down.
+                () = self.out_of_service(id), if patience > settings.connect_timeout => {
+                    return Outcome::BackendBeforeResponse("backend left service while the request waited for it".into());
+                }
+            };
+            let mut conn = match acquired {
                 Ok(c) => c,
                 Err(e) => {
                     match &e {
@@ -672,6 +675,24 @@ impl<'a> Request<'a> {
                     fresh = true;
                 }
                 Err(o) => return o,
+            }
+        }
+    }
+
+    /// Returns once backend `id` no longer takes its known clients (down, maintenance, removed),
+    /// looking every [`SERVICE_POLL`].
+    async fn out_of_service(&self, id: u32) {
+        loop {
+            tokio::time::sleep(SERVICE_POLL).await;
+            let snap = self.svc.balancer.snapshot();
+            let takes = snap
+                .state
+                .service(&self.svc.name)
+                .ok()
+                .and_then(|s| s.backend_by_id(id))
+                .is_some_and(crate::state::Backend::admits_known);
+            if !takes {
+                return;
             }
         }
     }

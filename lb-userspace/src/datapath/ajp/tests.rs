@@ -1082,6 +1082,25 @@ async fn a_session_waits_for_its_busy_backend_instead_of_moving() {
     let a = web.request(&Req::from(&user)).await.unwrap();
     assert_eq!((a.status, a.backend()), (200, "t2"), "moved by address");
     assert_eq!(busy.await.unwrap().unwrap().backend(), "t1");
+    // A session waiting on t1 stops waiting once t1 is marked down: it fails over at once
+    // instead of holding on until t1's connection is free (or reply_timeout).
+    let mut first = Web::connect(lb.addr).await;
+    let busy = tokio::spawn({
+        let r = session(&user);
+        async move { first.request(&r).await }
+    });
+    assert!(eventually(|| t1.requests() == 4).await);
+    let waiting = tokio::spawn(async move { web.request(&session(&other)).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    lb.set_health("t1", Health::Down);
+    let a = waiting.await.unwrap().unwrap();
+    assert_eq!(
+        (a.status, a.backend()),
+        (200, "t2"),
+        "failed over when t1 went down"
+    );
+    assert_eq!(lb.backend_counters("t2").route_failovers, 1);
+    assert_eq!(busy.await.unwrap().unwrap().backend(), "t1");
 }
 
 #[tokio::test]
