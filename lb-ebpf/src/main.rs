@@ -981,16 +981,17 @@ fn within(seq: u32, next: u32, behind: i32, ahead: i32) -> bool {
     (-behind..=ahead).contains(&(seq.wrapping_sub(next) as i32))
 }
 
-/// Clears [`FLOW_RST`] on `f` (at `key`) and on its other entry while that is this flow's: one
-/// byte each, the RST bit's own.
+/// Clears [`FLOW_RST`] on `f` (at `key`) and on its other entry, only while that is still this
+/// flow's: once a new flow has taken the SNAT port of the reset one, the reset stands (reviving
+/// the old entry would send its packets into the new connection).
 #[inline(always)]
 fn clear_rst_both(key: &FlowKey, f: &mut FlowValue) {
-    clear_rst(&mut f.flags);
     if let Some(other) = CONNTRACK.get_ptr_mut(FlowKey::reverse_of(f)) {
         // SAFETY: valid map value pointer for this run.
         let other = unsafe { &mut *other };
         if same_flow(&FlowKey::reverse_of(other), key) {
             clear_rst(&mut other.flags);
+            clear_rst(&mut f.flags);
         }
     }
 }
