@@ -73,7 +73,8 @@ pub struct Pool {
     /// False while the backend is down or in maintenance, and after shutdown: returned
     /// connections are closed instead of kept.
     usable: AtomicBool,
-    /// Woken when a connection comes back to `idle`, for a request waiting on a full pool.
+    /// Wakes every request waiting on a full pool when a connection comes back to `idle` (each
+    /// looks again; one that skips idle connections must not take the wakeup from the others).
     released: Notify,
 }
 
@@ -228,7 +229,7 @@ impl Pool {
         }
         conn.last_used = Instant::now();
         self.idle.lock().unwrap().push(conn);
-        self.released.notify_one();
+        self.released.notify_waiters();
     }
 }
 
