@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod dsr;
 mod parse;
-pub(crate) use parse::dsr_port_mismatch;
+pub(crate) use parse::{dsr_port_mismatch, xdp_backend_refusal};
 #[cfg(test)]
 mod tests;
 

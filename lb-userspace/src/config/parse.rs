@@ -1778,22 +1778,13 @@ impl<F: Form> Validator<'_, '_, F> {
                 ),
             ));
         }
-        if datapath == Some(DatapathKind::Xdp) && !address.is_ipv4() {
+        if datapath == Some(DatapathKind::Xdp)
+            && let Some(why) = xdp_backend_refusal(address)
+        {
             return Err(self.err(
                 rb.address.at(),
                 &k("address"),
-                format!(
-                    "address {address}: the xdp datapath forwards to IPv4 backends only; use datapath = \"proxy\" for IPv6 backends"
-                ),
-            ));
-        }
-        if datapath == Some(DatapathKind::Xdp) && address.ip().is_loopback() {
-            return Err(self.err(
-                rb.address.at(),
-                &k("address"),
-                format!(
-                    "address {address} is a loopback address: the xdp datapath sends the client's packets out toward the backend, and no interface leads to a loopback address (its clients would hang although a local health check passes); use an address the backend has on an interface, or datapath = \"proxy\" for a backend on this host"
-                ),
+                format!("address {address}: {why}"),
             ));
         }
         let name = match &rb.name {
@@ -1846,6 +1837,20 @@ enum Clash {
 
 /// Why backend `address` cannot serve a `forwarding = "dsr"` service listening on `listen`: the
 /// backend gets the client's packet unchanged, addressed to the VIP and its port.
+/// Why an xdp service cannot forward to `address`, if it cannot (config file, `add-service` and
+/// `add-backend(s)` alike).
+pub(crate) fn xdp_backend_refusal(address: SocketAddr) -> Option<&'static str> {
+    if !address.is_ipv4() {
+        Some("the xdp datapath forwards to IPv4 backends only; use datapath = \"proxy\" for IPv6 backends")
+    } else if address.ip().is_loopback() {
+        Some(
+            "a loopback address: the xdp datapath sends the client's packets out toward the backend, and no interface leads to a loopback address (its clients would hang although a local health check passes); use an address the backend has on an interface, or datapath = \"proxy\" for a backend on this host",
+        )
+    } else {
+        None
+    }
+}
+
 pub(crate) fn dsr_port_mismatch(listen: SocketAddr, address: SocketAddr) -> Option<String> {
     (address.port() != listen.port()).then(|| {
         format!(

@@ -1,11 +1,11 @@
 //! The config file's rules that depend on the running daemon, checked for a change from the
 //! control socket: `[xdp]` present for an `xdp` service, its SNAT ports, `max_services` and
-//! `max_backends`, IPv4 backends for `xdp` (on the VIP's port for `dsr`), listen overlap (with the other services and
+//! `max_backends`, IPv4 non-loopback backends for `xdp` (on the VIP's port for `dsr`), listen overlap (with the other services and
 //! `[metrics]`) and the `ring_size` rule. Per-field rules were checked when the request was parsed.
 
 use crate::config::{
     BackendConfig, Config, ConfigError, DatapathKind, Forwarding, ServiceConfig, XdpConfig,
-    dsr_port_mismatch, listen_is_backend, listens_overlap, loop_message, loops_back,
+    dsr_port_mismatch, listen_is_backend, listens_overlap, loop_message, loops_back, xdp_backend_refusal,
 };
 use crate::state::{Command, State};
 
@@ -116,20 +116,14 @@ fn backends_fit_service(
     if service.datapath != DatapathKind::Xdp {
         return Ok(());
     }
-    if let Some(b) = new.iter().find(|b| !b.address.is_ipv4()) {
+    if let Some((b, why)) = new
+        .iter()
+        .find_map(|b| xdp_backend_refusal(b.address).map(|why| (b, why)))
+    {
         return Err(field(
             "address",
             format!(
-                "{}: service \"{}\" uses the xdp datapath, which forwards to IPv4 backends only",
-                b.address, service.name
-            ),
-        ));
-    }
-    if let Some(b) = new.iter().find(|b| b.address.ip().is_loopback()) {
-        return Err(field(
-            "address",
-            format!(
-                "{}: service \"{}\" uses the xdp datapath, and no interface leads to a loopback address (its clients would hang although a local health check passes); use an address the backend has on an interface",
+                "{}: service \"{}\" uses the xdp datapath: {why}",
                 b.address, service.name
             ),
         ));
