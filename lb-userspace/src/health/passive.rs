@@ -23,15 +23,22 @@ use crate::config::HealthKind;
 use crate::runtime::BackendRuntime;
 use crate::state::{Backend, Health, Service};
 
-/// Consecutive connect failures of one backend since its last success (kept in its runtime); apart
-/// from them, unanswered SYNs not yet confirmed, whether a probe confirming them is under way, and
-/// when the last one started (ms, Unix time).
+/// One backend's connect failures since its last success (kept in its runtime).
 #[derive(Debug, Default)]
-pub struct FailureCount(AtomicU32, AtomicBool, AtomicU32, AtomicU64);
+pub struct FailureCount {
+    /// Consecutive failed connects.
+    failed: AtomicU32,
+    /// Apart from them: unanswered SYNs not yet confirmed by a probe.
+    unconfirmed: AtomicU32,
+    /// Whether a probe confirming them is under way.
+    probing: AtomicBool,
+    /// When the last such probe started (ms, Unix time).
+    probed_ms: AtomicU64,
+}
 
 impl FailureCount {
     pub fn get(&self) -> u32 {
-        self.0.load(Ordering::Relaxed)
+        self.failed.load(Ordering::Relaxed)
     }
 }
 
@@ -49,8 +56,8 @@ impl Passive {
 
     /// A connect to `backend` succeeded: the count starts again.
     pub fn connected(&self, runtime: &BackendRuntime) {
-        runtime.passive.0.store(0, Ordering::Relaxed);
-        runtime.passive.2.store(0, Ordering::Relaxed);
+        runtime.passive.failed.store(0, Ordering::Relaxed);
+        runtime.passive.unconfirmed.store(0, Ordering::Relaxed);
     }
 
     /// A connect to `backend` of `service` failed (`why`: refused, timed out …). Returns whether
@@ -76,7 +83,7 @@ impl Passive {
         if !health.passive() || health.kind == HealthKind::None || failures == 0 {
             return false;
         }
-        let count = &runtime.passive.0;
+        let count = &runtime.passive.failed;
         let seen = count
             .fetch_add(failures, Ordering::Relaxed)
             .saturating_add(failures);
@@ -112,7 +119,7 @@ impl Passive {
             return;
         }
         // Counted apart from refusals: junk SYNs must not bring a real refusal's mark-down closer.
-        let count = &runtime.passive.2;
+        let count = &runtime.passive.unconfirmed;
         let seen = count
             .fetch_add(failures, Ordering::Relaxed)
             .saturating_add(failures);
@@ -128,14 +135,14 @@ impl Passive {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let last = runtime.passive.3.load(Ordering::Relaxed);
+        let last = runtime.passive.probed_ms.load(Ordering::Relaxed);
         if now_ms.saturating_sub(last) < health.fast_interval.as_millis() as u64 {
             return;
         }
-        if runtime.passive.1.swap(true, Ordering::AcqRel) {
+        if runtime.passive.probing.swap(true, Ordering::AcqRel) {
             return; // a probe is under way
         }
-        runtime.passive.3.store(now_ms, Ordering::Relaxed);
+        runtime.passive.probed_ms.store(now_ms, Ordering::Relaxed);
         let passive = self.clone();
         let (name, address, health, runtime) = (
             service.settings.name.clone(),
@@ -147,7 +154,7 @@ impl Passive {
         tokio::spawn(async move {
             let target = SocketAddr::new(address.ip(), health.port.unwrap_or(address.port()));
             let result = super::probe(health.kind, target, health.timeout).await;
-            runtime.passive.1.store(false, Ordering::Release);
+            runtime.passive.probing.store(false, Ordering::Release);
             match result {
                 Ok(_) => info!(service = %name, backend = %address, %reason,
                     "passive health: SYNs went unanswered, but the backend answers a check: not marked down (were they invalid?)"),
