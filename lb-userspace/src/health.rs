@@ -49,9 +49,9 @@ pub enum ProbeError {
     Local(String),
 }
 
-/// Logs that a connection could not be made because lb itself is short of resources: at most once
-/// a second (the shortage comes with a flood of such connections), with how many since.
-pub fn warn_short_of_resources(service: &str, e: &std::io::Error) {
+/// Logs that lb itself is short of resources (`e`), and what that cost (`consequence`): at most
+/// once a second (the shortage comes with a flood of connections), with how many since.
+pub fn warn_short_of_resources(service: &str, e: &std::io::Error, consequence: &str) {
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
     static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
     static SINCE: AtomicU64 = AtomicU64::new(0);
@@ -64,11 +64,14 @@ pub fn warn_short_of_resources(service: &str, e: &std::io::Error) {
         warn!(
             %service,
             error = %e,
-            connections = since,
-            "lb is short of resources: connection closed, backend health not counted (raise the open-file limit or lower max_connections)"
+            times = since,
+            "lb is short of resources: {consequence} (raise the open-file limit or lower max_connections)"
         );
     }
 }
+
+/// What a connection to a backend that lb could not open costs.
+pub const BACKEND_CONNECTION_CLOSED: &str = "connection closed, backend health not counted";
 
 /// Whether a failed connect says that lb itself ran short (open files, memory, socket buffers),
 /// not that the backend failed. Such a failure tells nothing of the backend's health,

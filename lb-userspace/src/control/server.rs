@@ -16,7 +16,6 @@ use tracing::{info, warn};
 use super::protocol::{MAX_REQUEST, Request, Response};
 use crate::config::ControlConfig;
 use crate::engine::Engine;
-use crate::health::lb_short_of_resources;
 
 /// Most control connections served at once (any allowed uid); more are told so and closed.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -164,28 +163,11 @@ pub async fn run_limited(
 ) {
     let slots = Slots::new(&limits);
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
-    let spare = Arc::new(Spare::new());
     loop {
-        let mut on_spare = None;
         let stream = tokio::select! {
             () = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
-                Err(e) if lb_short_of_resources(&e) && spare.release() => {
-                    warn!(error = %e, "control connection accepted on the reserved descriptor");
-                    let reserve = OnSpare(spare.clone());
-                    match tokio::time::timeout(Duration::from_secs(1), listener.accept()).await {
-                        Ok(Ok((s, _))) => {
-                            on_spare = Some(reserve);
-                            s
-                        }
-                        Ok(Err(e)) => {
-                            warn!(error = %e, "control accept failed");
-                            continue;
-                        }
-                        Err(_) => continue,
-                    }
-                }
                 Err(e) => {
                     warn!(error = %e, "control accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -193,21 +175,19 @@ pub async fn run_limited(
                 }
             },
         };
-        let refuse_with = |stream, message: String, on_spare: Option<OnSpare>| {
+        let refuse_with = |stream, message: String| {
             // Refusals are bounded too: beyond MAX_REFUSING the connection is closed unanswered.
             if let Ok(p) = refusing.clone().try_acquire_owned() {
                 tokio::spawn(async move {
                     refuse(stream, message).await;
-                    drop((p, on_spare));
+                    drop(p);
                 });
-            } else {
-                drop((stream, on_spare));
             }
         };
         let (uid, gid) = match stream.peer_cred() {
             Ok(c) => (c.uid(), c.gid()),
             Err(e) => {
-                refuse_with(stream, format!("cannot read peer credentials: {e}"), on_spare);
+                refuse_with(stream, format!("cannot read peer credentials: {e}"));
                 continue;
             }
         };
@@ -216,7 +196,6 @@ pub async fn run_limited(
             refuse_with(
                 stream,
                 format!("uid {uid} is not allowed to use this control socket"),
-                on_spare,
             );
             continue;
         }
@@ -231,50 +210,14 @@ pub async fn run_limited(
                     limits.idle.as_secs(),
                     limits.root_slots
                 ),
-                on_spare,
             );
             continue;
         };
         let (engine, shutdown) = (engine.clone(), shutdown.clone());
         tokio::spawn(async move {
             serve(stream, uid, &engine, &shutdown, &limits).await;
-            drop((permit, on_spare));
+            drop(permit);
         });
-    }
-}
-
-/// One descriptor held in reserve, so the operator can still reach the control socket when the
-/// datapath has used up the process's descriptors: that is when `lb status` is needed most.
-/// An accept that fails for lack of descriptors closes the reserve and accepts again; the reserve
-/// is opened again when that connection ends.
-struct Spare(std::sync::Mutex<Option<std::fs::File>>);
-
-impl Spare {
-    fn new() -> Self {
-        Spare(std::sync::Mutex::new(std::fs::File::open("/dev/null").ok()))
-    }
-
-    /// Closes the reserve; false if there was none to close.
-    fn release(&self) -> bool {
-        self.0.lock().expect("spare lock").take().is_some()
-    }
-
-    /// Opens the reserve again, if a descriptor is free.
-    fn restore(&self) {
-        let mut held = self.0.lock().expect("spare lock");
-        if held.is_none() {
-            *held = std::fs::File::open("/dev/null").ok();
-        }
-    }
-}
-
-/// Held with a connection accepted on the reserved descriptor: opens the reserve again when
-/// dropped, after the connection.
-struct OnSpare(Arc<Spare>);
-
-impl Drop for OnSpare {
-    fn drop(&mut self) {
-        self.0.restore();
     }
 }
 

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
@@ -23,6 +24,9 @@ use super::{DatapathError, Drained, workers};
 const REBIND_WAIT: Duration = Duration::from_secs(2);
 /// Pause after a failed accept (EMFILE and the like) instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Descriptors the datapaths leave free below the open-file limit, for what must go on while
+/// clients hold all the others: health checks, AJP pool connections, the control socket.
+pub const DESCRIPTOR_HEADROOM: u64 = 64;
 
 /// Removed services whose accept loop may still hold the socket, by address. One for the process,
 /// not one per datapath: a service that moves to another datapath (ajp → proxy) binds again
@@ -270,7 +274,19 @@ async fn accept_loop<S, F, Fut>(
         let (connection, peer) = tokio::select! {
             () = stop.cancelled() => return,
             r = listener.accept() => match r {
+                Ok((c, _)) if !leaves_headroom(c.as_raw_fd()) => {
+                    drop(c);
+                    let e = std::io::Error::from_raw_os_error(nix::libc::EMFILE);
+                    crate::health::warn_short_of_resources(&name, &e, HEADROOM_REACHED);
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
                 Ok(c) => c,
+                Err(e) if crate::health::lb_short_of_resources(&e) => {
+                    crate::health::warn_short_of_resources(&name, &e, "new connections wait in the listen backlog");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
                 Err(e) => {
                     warn!(error = %e, "accept failed");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -286,9 +302,33 @@ async fn accept_loop<S, F, Fut>(
     }
 }
 
+const HEADROOM_REACHED: &str =
+    "connection closed, the last descriptors are kept for health checks and the control socket";
+
+/// Whether an accepted connection's descriptor `fd` leaves [`DESCRIPTOR_HEADROOM`] free below the
+/// soft limit on open files. Descriptors are handed out lowest first, so a number this high means
+/// those below it are all in use. (Read at each accept: an operator may change the limit of the
+/// running process with prlimit.)
+fn leaves_headroom(fd: std::os::fd::RawFd) -> bool {
+    use nix::sys::resource::{Resource, getrlimit};
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(true, |(soft, _)| {
+        u64::try_from(fd).map_or(true, |fd| fd.saturating_add(DESCRIPTOR_HEADROOM) < soft)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_descriptors_below_the_limit_are_headroom() {
+        let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        let at = |n: u64| i32::try_from(n).unwrap();
+        assert!(leaves_headroom(3));
+        assert!(leaves_headroom(at(soft - DESCRIPTOR_HEADROOM - 1)));
+        assert!(!leaves_headroom(at(soft - DESCRIPTOR_HEADROOM)));
+        assert!(!leaves_headroom(at(soft - 1)));
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_service_moving_to_another_datapath_binds_its_address_again() {

@@ -179,7 +179,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
             }
             Ok(Err(e)) if crate::health::lb_short_of_resources(&e) => {
                 // Not the backend's fault, and every other backend would fail the same way.
-                crate::health::warn_short_of_resources(service, &e);
+                crate::health::warn_short_of_resources(service, &e, crate::health::BACKEND_CONNECTION_CLOSED);
                 break;
             }
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {

@@ -631,7 +631,11 @@ impl<'a> Request<'a> {
                 Err(e) => {
                     match &e {
                         PoolError::Connect(_, io) if crate::health::lb_short_of_resources(io) => {
-                            crate::health::warn_short_of_resources(&self.svc.name, io);
+                            crate::health::warn_short_of_resources(
+                                &self.svc.name,
+                                io,
+                                crate::health::BACKEND_CONNECTION_CLOSED,
+                            );
                         }
                         // A backend answering other requests is busy, not down: its silence to
                         // a new connection's CPing is not held against it.
