@@ -217,6 +217,12 @@ pub const FLOW_DSR: u32 = 1 << 6;
 /// asked again.
 pub const NEXT_HOP_CACHE_NS: u64 = 1_000_000_000;
 
+/// A time in nanoseconds as the flow keeps its next hop's age: units of 2^20 ns (about a
+/// millisecond), wrapping after 52 days, so it fits 4 bytes of the 64-byte [`FlowValue`].
+pub const fn hop_stamp(ns: u64) -> u32 {
+    (ns >> 20) as u32
+}
+
 /// How to rewrite a packet of the flow: the new addresses and ports, all network order, and the
 /// next hop found for them (so established packets need no FIB lookup).
 #[repr(C)]
@@ -235,8 +241,11 @@ pub struct FlowValue {
     /// Destination then source MAC, as in the Ethernet header.
     pub next_hop_macs: [u8; 12],
     pub last_seen_ns: u64,
-    /// When the next hop was looked up.
-    pub next_hop_ns: u64,
+    /// When the next hop was looked up, as a [`hop_stamp`].
+    pub next_hop_at: u32,
+    /// Established flows that are not [`FLOW_DSR`] (network order): the next sequence number this
+    /// entry's sender has sent, in its own sequence space. An RST far from it is dropped.
+    pub next_seq_be: u32,
     /// TCP timestamp translation (with [`FLOW_TS`]): added to the client's TSval toward the
     /// backend, subtracted from the backend's TSecr toward the client. It puts the backend-facing
     /// timestamps on the LB's clock, so a SNAT port reused toward a backend that still holds the
@@ -248,7 +257,9 @@ pub struct FlowValue {
     /// Both entries: the sequence number of the client's SYN (network order). A SYN with another
     /// sequence number on the same 4-tuple is a new connection (the client reused its port), never
     /// a retransmission of this one; on the reply entry, what an RST made of a stale answer
-    /// acknowledges (`lb_common::passive::stale_answer`).
+    /// acknowledges (`lb_common::passive::stale_answer`). Once a NAT flow is established: the last
+    /// acknowledgment number its sender sent (an RST below it is dropped); [`crate::synproxy::FLOW_COOKIE`] flows
+    /// keep the client's sequence delta here instead.
     pub syn_seq_be: u32,
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);

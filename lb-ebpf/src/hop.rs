@@ -7,7 +7,7 @@
 //! within that time. Per CPU: no locks, no cache lines bouncing. Not pinned: a restart starts empty.
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
-use lb_common::maps::{FlowValue, NEXT_HOP_CACHE_NS};
+use lb_common::maps::{FlowValue, NEXT_HOP_CACHE_NS, hop_stamp};
 
 use crate::Verdict;
 use crate::frame::Frame;
@@ -75,7 +75,7 @@ fn fill(flow: &mut FlowValue, ingress: u32, tos: u8, now: u64) {
     {
         flow.next_hop_ifindex = h.ifindex;
         flow.next_hop_macs = h.macs;
-        flow.next_hop_ns = h.at_ns;
+        flow.next_hop_at = hop_stamp(h.at_ns);
     }
 }
 
@@ -83,7 +83,7 @@ fn fill(flow: &mut FlowValue, ingress: u32, tos: u8, now: u64) {
 /// here, or earlier).
 #[inline(always)]
 fn remember(flow: &FlowValue, ingress: u32, tos: u8, now: u64) {
-    if flow.next_hop_ns != now || flow.next_hop_ifindex == 0 {
+    if flow.next_hop_at != hop_stamp(now) || flow.next_hop_ifindex == 0 {
         return;
     }
     let Some(slot) = slot(flow.new_dst_be, flow.new_src_be, ingress) else {

@@ -65,7 +65,7 @@ use lb_common::{
         DEFAULT_SNAT_ADDRS, DEFAULT_SNAT_LOCKS, FLOW_AFFINITY_PENDING, FLOW_DSR, FLOW_FIN_BACKEND,
         FLOW_FIN_CLIENT, FLOW_HALF_OPEN, FLOW_RESET, FLOW_RST, FLOW_TO_BACKEND, FLOW_TS, FlowKey, FlowValue,
         GLOBAL_STATS_ENTRIES, GlobalConfig, NEXT_HOP_CACHE_NS, SERVICE_DSR, ServiceKey, ServiceValue,
-        TrafficCounters, global_counter as gc,
+        TrafficCounters, global_counter as gc, hop_stamp,
     },
     passive::{FLOW_ANSWERED, FLOW_HELD, Stale},
     select::{AffinitySlot, BackendTable, Policy, Ring, next_entry, select},
@@ -337,13 +337,20 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
             {
                 // The client's ACK completes its handshake: the flow is established.
                 // SAFETY: ptr_at checked the TCP header.
-                established(&key, f, seq_end, u32::from_be(unsafe { (*tcp).ack_seq_be }), now);
+                established(
+                    &key,
+                    f,
+                    seq,
+                    seq_end,
+                    u32::from_be(unsafe { (*tcp).ack_seq_be }),
+                    now,
+                );
             }
-            if f.flags & (FLOW_HALF_OPEN | FLOW_COOKIE | FLOW_DSR) == 0 {
-                // Established NAT flow: `syn_seq_be` follows this direction's next sequence number.
-                let next = u32::from_be(f.syn_seq_be);
+            if f.flags & (FLOW_HALF_OPEN | FLOW_DSR) == 0 {
+                // Established NAT flow: `next_seq_be` follows this direction's next sequence number.
+                let next = u32::from_be(f.next_seq_be);
                 if flags & TCP_RST != 0 {
-                    if !rst_in_window(seq, next) {
+                    if !rst_in_window(seq, next) || below_acknowledged(&key, f, seq, next) {
                         return drop(gc::RST_OUT_OF_WINDOW);
                     }
                 } else {
@@ -357,11 +364,19 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
                     // Only a segment that starts near what was seen moves it: a blind
                     // attacker's far-off sequence number (or a SYN on the flow) would otherwise
                     // make the real RST look out of window.
-                    if flags & TCP_SYN == 0
-                        && within(seq, next, RST_BEHIND, SEQ_AHEAD)
-                        && (seq_end.wrapping_sub(next) as i32) > 0
-                    {
-                        f.syn_seq_be = seq_end.to_be();
+                    if flags & TCP_SYN == 0 && within(seq, next, RST_BEHIND, SEQ_AHEAD) {
+                        if (seq_end.wrapping_sub(next) as i32) > 0 {
+                            f.next_seq_be = seq_end.to_be();
+                        }
+                        // What the sender has received of the other direction (see
+                        // `below_acknowledged`); a NAT flow's `syn_seq_be` is free once established.
+                        if f.flags & FLOW_COOKIE == 0 && flags & TCP_ACK != 0 {
+                            // SAFETY: ptr_at checked the TCP header.
+                            let ack = u32::from_be(unsafe { (*tcp).ack_seq_be });
+                            if within(ack, u32::from_be(f.syn_seq_be), -1, RST_BEHIND) {
+                                f.syn_seq_be = ack.to_be();
+                            }
+                        }
                     }
                 }
             }
@@ -506,7 +521,8 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
     forward_value.next_hop_ifindex = 0;
     forward_value.next_hop_macs = [0; 12];
     forward_value.last_seen_ns = now;
-    forward_value.next_hop_ns = 0;
+    forward_value.next_hop_at = 0;
+    forward_value.next_seq_be = 0;
     forward_value.ts_delta = 0;
     forward_value.syn_seq_be = seq_be;
     let mut rest = Delta::default();
@@ -808,7 +824,8 @@ fn retransmitted_syn(key: &FlowKey, f: &FlowValue, seq_be: u32, now: u64, cfg: &
     if f.flags & (FLOW_HALF_OPEN | FLOW_DSR | FLOW_FIN_CLIENT | FLOW_FIN_BACKEND) == 0 {
         return true;
     }
-    if f.syn_seq_be != seq_be {
+    // An established NAT flow's `syn_seq_be` is an acknowledgment number by now.
+    if f.syn_seq_be != seq_be || f.flags & (FLOW_HALF_OPEN | FLOW_DSR) == 0 {
         return false;
     }
     if f.flags & FLOW_DSR != 0 {
@@ -935,22 +952,33 @@ fn set_flags(flags: &mut u32, bit: u32) {
 /// Clears [`FLOW_HALF_OPEN`] on the client → backend entry `f` (at `key`) and on its reply entry
 /// while that is still this flow's. Byte 0 of the flags is stored whole with its other bits kept
 /// (they are set at creation; FIN/RST bits live in bytes of their own). From here on each entry's
-/// `syn_seq_be` holds the next sequence number its direction's sender has sent (see
+/// `next_seq_be` holds the next sequence number its direction's sender has sent (see
 /// [`rst_in_window`]): the client's after this ACK (`client_next`), the backend's as the client
-/// acknowledges it (`backend_next`).
+/// acknowledges it (`backend_next`); and `syn_seq_be` what that sender has acknowledged of the
+/// other direction (see [`below_acknowledged`]): the backend, with its SYN-ACK, the ACK's own
+/// sequence number (`client_seq`).
 #[inline(always)]
-fn established(key: &FlowKey, f: &mut FlowValue, client_next: u32, backend_next: u32, now: u64) {
+fn established(
+    key: &FlowKey,
+    f: &mut FlowValue,
+    client_seq: u32,
+    client_next: u32,
+    backend_next: u32,
+    now: u64,
+) {
     if f.flags & FLOW_AFFINITY_PENDING != 0 {
         // The client's first completed handshake: its affinity entry.
         write_affinity(f.service_slot, key.src_be, f.backend, now);
     }
-    f.syn_seq_be = client_next.to_be();
+    f.next_seq_be = client_next.to_be();
+    f.syn_seq_be = backend_next.to_be();
     clear_low_flag(&mut f.flags, FLOW_HALF_OPEN);
     if let Some(reply) = CONNTRACK.get_ptr_mut(FlowKey::reverse_of(f)) {
         // SAFETY: valid map value pointer for this run.
         let r = unsafe { &mut *reply };
         if same_flow(&FlowKey::reverse_of(r), key) {
-            r.syn_seq_be = backend_next.to_be();
+            r.next_seq_be = backend_next.to_be();
+            r.syn_seq_be = client_seq.to_be();
             clear_low_flag(&mut r.flags, FLOW_HALF_OPEN);
         }
     }
@@ -979,6 +1007,27 @@ fn rst_in_window(seq: u32, next: u32) -> bool {
 #[inline(always)]
 fn within(seq: u32, next: u32, behind: i32, ahead: i32) -> bool {
     (-behind..=ahead).contains(&(seq.wrapping_sub(next) as i32))
+}
+
+/// Whether an RST with sequence number `seq` on the established NAT flow `f` (at `key`, sender's
+/// next sequence number `next`) starts below what the receiver has already acknowledged: its
+/// stack drops such an RST without a word (RFC 5961), so nothing would ever clear the mark it
+/// left here, and an idle connection would be forgotten after `closed_timeout`. An acknowledgment
+/// more than [`RST_BEHIND`] behind `next` (the receiver's entry missed a big one) is not used.
+/// SYN-cookie flows keep a sequence delta where the acknowledgment would be: not checked.
+#[inline(always)]
+fn below_acknowledged(key: &FlowKey, f: &FlowValue, seq: u32, next: u32) -> bool {
+    if f.flags & FLOW_COOKIE != 0 {
+        return false;
+    }
+    // SAFETY: read-only use of a map value for this run.
+    match unsafe { CONNTRACK.get(FlowKey::reverse_of(f)) } {
+        Some(r) if same_flow(&FlowKey::reverse_of(r), key) => {
+            let acked = u32::from_be(r.syn_seq_be);
+            within(acked, next, RST_BEHIND, 0) && (seq.wrapping_sub(acked) as i32) < 0
+        }
+        _ => false,
+    }
 }
 
 /// Clears [`FLOW_RST`] on `f` (at `key`) and on its other entry, only while that is still this
@@ -1372,7 +1421,9 @@ fn forward<C: Frame>(ctx: &C, hop: &mut FlowValue, now: u64, cpus: u32) -> Verdi
         return drop(gc::TRUNCATED);
     };
     let ingress = ctx.ingress();
-    if hop.next_hop_ifindex == 0 || now.saturating_sub(hop.next_hop_ns) > NEXT_HOP_CACHE_NS {
+    if hop.next_hop_ifindex == 0
+        || hop_stamp(now).wrapping_sub(hop.next_hop_at) > hop_stamp(NEXT_HOP_CACHE_NS)
+    {
         // SAFETY: zeroed bytes are a valid bpf_fib_lookup.
         let mut params: FibParams = unsafe { core::mem::zeroed() };
         unsafe {
@@ -1414,7 +1465,7 @@ fn forward<C: Frame>(ctx: &C, hop: &mut FlowValue, now: u64, cpus: u32) -> Verdi
         hop.next_hop_ifindex = params.ifindex;
         hop.next_hop_macs[..6].copy_from_slice(&params.dmac);
         hop.next_hop_macs[6..].copy_from_slice(&params.smac);
-        hop.next_hop_ns = now;
+        hop.next_hop_at = hop_stamp(now);
     }
     // SAFETY: the Ethernet header was bounds-checked above.
     unsafe {

@@ -541,6 +541,10 @@ fn backend_answer(
     r.ts_delta = backend_delta;
     f.syn_seq_be = client_delta;
     r.syn_seq_be = client_delta;
+    // Each sender's next sequence number, in its own space, for the RST window: the client's
+    // after its cookie ACK, the backend's after this SYN-ACK.
+    f.next_seq_be = isn.wrapping_sub(client_delta).wrapping_add(1).to_be();
+    r.next_seq_be = seq.wrapping_add(1).to_be();
     clear_low_flag(&mut f.flags, FLOW_HALF_OPEN);
     clear_low_flag(&mut r.flags, FLOW_HALF_OPEN);
     count_traffic(r, false, len, false);

@@ -509,7 +509,8 @@ fn frame_seq(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8, seq: u32) ->
 /// A blind attacker knows an established connection's 4-tuple, not its sequence numbers. Its
 /// SYN goes to the backend on the flow (whose stack answers with a challenge ACK) instead of
 /// replacing it; its RSTs far from the sender's next sequence number are dropped, from either side
-/// and whichever interface they arrive on; an RST near it is forwarded and marks the flow closed,
+/// and whichever interface they arrive on, and so are those below what the receiver has
+/// acknowledged (its stack would drop them silently); an RST near it is forwarded and marks the flow closed,
 /// but traffic after it (the endpoint's challenge ACK) shows the connection lives on. A real RST
 /// still closes the flow: the client's next SYN then gets a new one.
 fn xdp_blind_syn_and_rst_do_not_end_an_established_flow(hook: Hook) {
@@ -601,6 +602,24 @@ fn xdp_blind_syn_and_rst_do_not_end_an_established_flow(hook: Hook) {
             "spoofed RST",
         );
         assert_eq!(fx.counter("rst_out_of_window"), 4);
+        // Near the sender's next number, but below what the receiver has acknowledged: the
+        // receiver's stack would drop it without a word, and nothing would clear the flow's mark.
+        dropped(
+            &to_vip(RST, c_next - 3, 0, b""),
+            client_if,
+            "client RST below the backend's acknowledgment",
+        );
+        forwarded(
+            &to_vip(ACK, c_next, b_next, b""),
+            client_if,
+            "the client acknowledges the answer",
+        );
+        dropped(
+            &from_backend(RST, b_next.wrapping_sub(3), 0, b""),
+            backend_if,
+            "backend RST below the client's acknowledgment",
+        );
+        assert_eq!(fx.counter("rst_out_of_window"), 6);
         // The far-off SYN before moved nothing: the right number is still in window.
         stays_open("after the blind RSTs");
 
