@@ -3,7 +3,7 @@
 //! `_be` hold network byte order exactly as in the packet.
 
 /// Bumped whenever a map's layout changes; `lb run` adopts pinned maps only of the same version.
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 
 /// Per-CPU global counters (`PERCPU_ARRAY<u32, Counter>`), indexed by the [`global_counter`] values.
 /// User space sums each index over all CPUs.

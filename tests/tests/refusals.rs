@@ -128,6 +128,8 @@ fn refused_commands_leave_status_which_and_kernel_maps_unchanged() {
     let mut ring_args = vec!["backend", "add", "web"];
     ring_args.extend(eight.iter().map(String::as_str));
     let b2_other_port = format!("{}:9999", bed.topo.backend_addr(2));
+    // lb's own address toward backend 1: its health check would pass, but XDP cannot deliver.
+    let own_address = format!("{}:{HTTP_PORT}", bed.topo.lb_backend_side_addr(1));
     let refusals: Vec<(&str, Send)> = vec![
         (
             "add-service: name taken",
@@ -161,6 +163,10 @@ fn refused_commands_leave_status_which_and_kernel_maps_unchanged() {
         (
             "add-backend: no route (datapath)",
             cli(&["backend", "add", "web", unroutable]),
+        ),
+        (
+            "add-backend: an address of lb's own host (datapath)",
+            cli(&["backend", "add", "web", &own_address]),
         ),
         (
             "add-backend: address taken",
@@ -239,6 +245,9 @@ fn refused_commands_leave_status_which_and_kernel_maps_unchanged() {
             std::fs::write(&bed.lb.config, &config).unwrap();
         }
         assert!(!answer.trim().is_empty(), "{what}: refused without a reason");
+        if what.contains("lb's own host") {
+            assert!(answer.contains("is an address of this host"), "{what}: {answer}");
+        }
         let now = seen(&bed, &pins.0, &probe);
         assert_eq!(
             now.services, baseline.services,

@@ -1835,10 +1835,9 @@ enum Clash {
     Name,
 }
 
-/// Why backend `address` cannot serve a `forwarding = "dsr"` service listening on `listen`: the
-/// backend gets the client's packet unchanged, addressed to the VIP and its port.
 /// Why an xdp service cannot forward to `address`, if it cannot (config file, `add-service` and
-/// `add-backend(s)` alike).
+/// `add-backend(s)` alike). An address of this host is refused by the datapath, which asks the
+/// routing table (see `datapath::xdp::sync`).
 pub(crate) fn xdp_backend_refusal(address: SocketAddr) -> Option<&'static str> {
     if !address.is_ipv4() {
         Some("the xdp datapath forwards to IPv4 backends only; use datapath = \"proxy\" for IPv6 backends")
@@ -1851,6 +1850,8 @@ pub(crate) fn xdp_backend_refusal(address: SocketAddr) -> Option<&'static str> {
     }
 }
 
+/// Why backend `address` cannot serve a `forwarding = "dsr"` service listening on `listen`: the
+/// backend gets the client's packet unchanged, addressed to the VIP and its port.
 pub(crate) fn dsr_port_mismatch(listen: SocketAddr, address: SocketAddr) -> Option<String> {
     (address.port() != listen.port()).then(|| {
         format!(

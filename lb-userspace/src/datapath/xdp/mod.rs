@@ -103,6 +103,10 @@ pub enum XdpError {
         backend: SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "backend {0} is an address of this host: the xdp datapath sends the client's packets out toward the backend, and none comes back in to this host's own stack (its clients would hang although a local health check passes); use datapath = \"proxy\" for a backend on this host"
+    )]
+    LocalBackend(SocketAddr),
     #[error(transparent)]
     Host(#[from] host::HostError),
     #[error(transparent)]

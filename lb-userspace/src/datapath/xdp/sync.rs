@@ -24,6 +24,7 @@ fn ipv4(addr: SocketAddr) -> Result<SocketAddrV4, XdpError> {
 }
 
 /// The address this host would use as source toward `backend` (route lookup without sending).
+/// A backend whose route is local (the source is the backend's own address) is refused.
 fn source_toward(backend: SocketAddrV4) -> Result<Ipv4Addr, XdpError> {
     let route = |source| XdpError::Route {
         backend: SocketAddr::V4(backend),
@@ -32,6 +33,7 @@ fn source_toward(backend: SocketAddrV4) -> Result<Ipv4Addr, XdpError> {
     let socket = UdpSocket::bind("0.0.0.0:0").map_err(route)?;
     socket.connect(backend).map_err(route)?;
     match socket.local_addr().map_err(route)?.ip() {
+        IpAddr::V4(v4) if v4 == *backend.ip() => Err(XdpError::LocalBackend(SocketAddr::V4(backend))),
         IpAddr::V4(v4) => Ok(v4),
         IpAddr::V6(_) => Err(route(std::io::Error::other("IPv6 source"))),
     }
