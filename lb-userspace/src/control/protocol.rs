@@ -180,10 +180,66 @@ struct ServiceRef {
 #[serde(deny_unknown_fields)]
 struct NoFields {}
 
+/// A JSON value read with duplicate keys refused: serde_json would keep the last one silently, so
+/// `{"cmd":"set-state",…,"state":"drain","state":"maintenance"}` would mean whichever came last.
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut fields = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if fields.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate field `{key}`")));
+            }
+            let Strict(v) = map.next_value()?;
+            fields.insert(key, v);
+        }
+        Ok(Value::Object(fields))
+    }
+}
+
 impl Request {
     /// Decodes and validates one request line.
     pub fn parse(line: &str) -> Result<Request, RequestError> {
-        let value: Value = serde_json::from_str(line).map_err(|e| RequestError::Bad(e.to_string()))?;
+        let Strict(value) = serde_json::from_str(line).map_err(|e| RequestError::Bad(e.to_string()))?;
         let Value::Object(mut fields) = value else {
             return Err(RequestError::Bad(
                 "expected a JSON object such as {\"cmd\":\"status\"}".into(),
@@ -1085,6 +1141,13 @@ mod tests {
     }
 
     #[test]
+    fn deep_nesting_is_refused_not_followed() {
+        let line = format!(r#"{{"cmd":{}{}}}"#, "[".repeat(5000), "]".repeat(5000));
+        let e = Request::parse(&line).unwrap_err().to_string();
+        assert!(e.contains("recursion limit"), "{e}");
+    }
+
+    #[test]
     fn bad_requests_name_the_field() {
         // (request, the error starts with, and contains)
         let cases = [
@@ -1099,6 +1162,16 @@ mod tests {
                 "",
             ),
             (r#"{"cmd":"status","extra":1}"#, "", "unknown field `extra`"),
+            (
+                r#"{"cmd":"set-state","service":"web","backend":"b1","state":"drain","state":"maintenance"}"#,
+                "bad request: duplicate field `state`",
+                "",
+            ),
+            (
+                r#"{"cmd":"add-service","name":"a","listen":"127.0.0.1:9000","health":{"kind":"tcp","kind":"none"}}"#,
+                "bad request: duplicate field `kind`",
+                "",
+            ),
             (
                 r#"{"cmd":"stats","service":"web"}"#,
                 "",
