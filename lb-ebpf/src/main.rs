@@ -350,10 +350,21 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
                 // Established NAT flow: `next_seq_be` follows this direction's next sequence number.
                 let next = u32::from_be(f.next_seq_be);
                 if flags & TCP_RST != 0 {
-                    if !rst_in_window(seq, next) || below_acknowledged(&key, f, seq, next) {
-                        return drop(gc::RST_OUT_OF_WINDOW);
+                    if !rst_closes(&key, f, seq, next) {
+                        // Forwarded for the endpoint to judge, without marking the flow.
+                        count(gc::RST_NOT_TAKEN, len);
+                        flags &= !(TCP_RST | TCP_FIN);
                     }
                 } else {
+                    if flags & TCP_FIN != 0
+                        && ((next.wrapping_sub(seq) as i32) < 0 || (seq_end.wrapping_sub(next) as i32) < 0)
+                    {
+                        // Only a FIN whose segment reaches `next` from at or before it (in
+                        // order, or resent) is taken for the end of the sender's side: a blind
+                        // attacker's FIN marks nothing. (One that came past a gap leaves the
+                        // flow to idle_timeout, unless the FIN is resent.)
+                        flags &= !TCP_FIN;
+                    }
                     if f.flags & FLOW_RST != 0 && f.flags & FLOW_RESET == 0 {
                         // Traffic after an RST: an endpoint did not take it (answered it with a
                         // challenge ACK, RFC 5961), so the connection lives on. After a real
@@ -363,17 +374,19 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
                     }
                     // Only a segment that starts near what was seen moves it: a blind
                     // attacker's far-off sequence number (or a SYN on the flow) would otherwise
-                    // make the real RST look out of window.
-                    if flags & TCP_SYN == 0 && within(seq, next, RST_BEHIND, SEQ_AHEAD) {
-                        if (seq_end.wrapping_sub(next) as i32) > 0 {
+                    // move it away from the real one.
+                    if flags & TCP_SYN == 0 && within(seq, next, SEQ_BEHIND, SEQ_AHEAD) {
+                        // A segment without payload or FIN sends nothing: a bare ACK's number is
+                        // `next` already (a spoofed one must not move it).
+                        if seq_end != seq && (seq_end.wrapping_sub(next) as i32) > 0 {
                             f.next_seq_be = seq_end.to_be();
                         }
                         // What the sender has received of the other direction (see
-                        // `below_acknowledged`); a NAT flow's `syn_seq_be` is free once established.
+                        // `rst_closes`); a NAT flow's `syn_seq_be` is free once established.
                         if f.flags & FLOW_COOKIE == 0 && flags & TCP_ACK != 0 {
                             // SAFETY: ptr_at checked the TCP header.
                             let ack = u32::from_be(unsafe { (*tcp).ack_seq_be });
-                            if within(ack, u32::from_be(f.syn_seq_be), -1, RST_BEHIND) {
+                            if within(ack, u32::from_be(f.syn_seq_be), -1, SEQ_BEHIND) {
                                 f.syn_seq_be = ack.to_be();
                             }
                         }
@@ -953,9 +966,9 @@ fn set_flags(flags: &mut u32, bit: u32) {
 /// while that is still this flow's. Byte 0 of the flags is stored whole with its other bits kept
 /// (they are set at creation; FIN/RST bits live in bytes of their own). From here on each entry's
 /// `next_seq_be` holds the next sequence number its direction's sender has sent (see
-/// [`rst_in_window`]): the client's after this ACK (`client_next`), the backend's as the client
+/// [`rst_closes`]): the client's after this ACK (`client_next`), the backend's as the client
 /// acknowledges it (`backend_next`); and `syn_seq_be` what that sender has acknowledged of the
-/// other direction (see [`below_acknowledged`]): the backend, with its SYN-ACK, the ACK's own
+/// other direction (see [`rst_closes`]): the backend, with its SYN-ACK, the ACK's own
 /// sequence number (`client_seq`).
 #[inline(always)]
 fn established(
@@ -984,24 +997,13 @@ fn established(
     }
 }
 
-/// How far behind its sender's next sequence number an RST may be: an RST answering a segment
-/// that reached a closed socket carries that segment's acknowledgment, which lags by what was in
-/// flight (Linux's largest default receive window is 6 MiB).
-const RST_BEHIND: i32 = 8 << 20;
-/// How far ahead: segments this LB has not seen (reordering).
-const RST_AHEAD: i32 = 64 << 10;
+/// How far behind its sender's next sequence number a segment may start, and an acknowledgment
+/// lag, and still be taken for the connection's own: what was in flight (Linux's largest default
+/// receive window is 6 MiB).
+const SEQ_BEHIND: i32 = 8 << 20;
 /// How far ahead of the next sequence number a segment may start and still move it (a GRO
 /// aggregate at the TC hook is at most 64 KiB; reordering adds little).
 const SEQ_AHEAD: i32 = 1 << 20;
-
-/// Whether an RST with sequence number `seq` may close an established flow whose sender has sent
-/// up to `next`. Without this check one blind RST per SNAT port, with any sequence number, ended
-/// every connection through the LB; now it takes hundreds per connection, and an RST that the
-/// endpoint itself rejects ends nothing (see the traffic-after-RST rule in `try_lb`).
-#[inline(always)]
-fn rst_in_window(seq: u32, next: u32) -> bool {
-    within(seq, next, RST_BEHIND, RST_AHEAD)
-}
 
 /// Whether `seq` lies from `behind` before `next` to `ahead` after it (sequence space wraps).
 #[inline(always)]
@@ -1010,13 +1012,22 @@ fn within(seq: u32, next: u32, behind: i32, ahead: i32) -> bool {
 }
 
 /// Whether an RST with sequence number `seq` on the established NAT flow `f` (at `key`, sender's
-/// next sequence number `next`) starts below what the receiver has already acknowledged: its
-/// stack drops such an RST without a word (RFC 5961), so nothing would ever clear the mark it
-/// left here, and an idle connection would be forgotten after `closed_timeout`. An acknowledgment
-/// more than [`RST_BEHIND`] behind `next` (the receiver's entry missed a big one) is not used.
-/// SYN-cookie flows keep a sequence delta where the acknowledgment would be: not checked.
+/// next sequence number `next`) closes the flow: only at a number where the receiving stack takes
+/// an RST (RFC 5961 3.2, and Linux's `tcp_reset_check`): exactly `next` or what the receiver
+/// acknowledged last, or one below either (a receiver that has taken the sender's FIN also takes
+/// the FIN's own number). Any other RST is still forwarded, for the endpoint to judge (it answers
+/// one in its window with a challenge ACK, at most twice a second), but changes nothing here: a
+/// blind attacker's RSTs end a connection through the LB no more often than one sent straight to
+/// the endpoint, and a real RST is never lost, even when a spoofed stream has moved `next`.
+///
+/// The receiver's acknowledgment is its entry's `syn_seq_be`, not used when it is more than
+/// [`SEQ_BEHIND`] behind `next` (that entry missed a big one) nor for SYN-cookie flows (a delta is
+/// kept there).
 #[inline(always)]
-fn below_acknowledged(key: &FlowKey, f: &FlowValue, seq: u32, next: u32) -> bool {
+fn rst_closes(key: &FlowKey, f: &FlowValue, seq: u32, next: u32) -> bool {
+    if within(seq, next, 1, 0) {
+        return true;
+    }
     if f.flags & FLOW_COOKIE != 0 {
         return false;
     }
@@ -1024,7 +1035,7 @@ fn below_acknowledged(key: &FlowKey, f: &FlowValue, seq: u32, next: u32) -> bool
     match unsafe { CONNTRACK.get(FlowKey::reverse_of(f)) } {
         Some(r) if same_flow(&FlowKey::reverse_of(r), key) => {
             let acked = u32::from_be(r.syn_seq_be);
-            within(acked, next, RST_BEHIND, 0) && (seq.wrapping_sub(acked) as i32) < 0
+            within(acked, next, SEQ_BEHIND, 0) && within(seq, acked, 1, 0)
         }
         _ => false,
     }
