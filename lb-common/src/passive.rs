@@ -53,8 +53,10 @@ pub const FLOW_ANSWERED: u32 = 1 << 2;
 /// creation (byte 0) when the port was taken from a half-open flow (reclaimed when the SNAT ports
 /// are all held, as under a SYN flood, or expired: the backend may hold it half-open), or from a
 /// flow that had the flag: it passes on with the port. A stale answer sets it too (the RST goes to the client, the
-/// backend keeps its connection): the port's next flow does not take the same answer for news. A
-/// SYN-ACK to the flow's SYN clears it (the backend holds nothing else on the 4-tuple).
+/// backend keeps its connection): the port's next flow does not take the same answer for news. So
+/// does the backend's FIN after the client's (until the client's last ACK reaches it, the backend
+/// holds the 4-tuple in LAST_ACK). A SYN-ACK to the flow's SYN clears it (the backend holds nothing
+/// else on the 4-tuple).
 pub const FLOW_HELD: u32 = 1 << 3;
 
 /// A backend's liveness as the kernel last saw it (precise monotonic ns, `bpf_ktime_get_ns`; 0 =

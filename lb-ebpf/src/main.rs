@@ -404,6 +404,12 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
                 // Atomic: the client's and the backend's FIN often cross on two CPUs, and a
                 // lost bit leaves one direction open for idle_timeout.
                 set_flags_both(&key, f, bit, now);
+                if bit == FLOW_FIN_BACKEND && f.flags & FLOW_FIN_CLIENT != 0 {
+                    // The backend closes second: until the client's last ACK reaches it, it
+                    // holds the 4-tuple in LAST_ACK and answers a new SYN there with a challenge
+                    // ACK, which must not be taken for a dead listener's TIME_WAIT.
+                    passive::hold(f);
+                }
             }
             count_traffic(f, to_backend, len, false);
             if f.flags & FLOW_DSR != 0 {

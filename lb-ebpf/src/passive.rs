@@ -167,6 +167,13 @@ fn set_low_flag(f: &mut FlowValue, set: u32, clear: u32) {
     }
 }
 
+/// Marks the reply entry `f` [`FLOW_HELD`]: the backend may still hold its 4-tuple after the flow
+/// has closed, and the port's next flow inherits the mark (see `take_port`).
+#[inline(always)]
+pub(crate) fn hold(f: &mut FlowValue) {
+    set_low_flag(f, FLOW_HELD, 0);
+}
+
 /// Whether backend `index` refused a SYN within the window (or user space keeps it marked).
 #[inline(always)]
 pub(crate) fn is_refusing(index: u32, now: u64) -> bool {

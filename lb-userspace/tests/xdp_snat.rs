@@ -18,7 +18,7 @@ use lb::datapath::Datapath;
 use lb::datapath::xdp::XdpDatapath;
 use lb::state::{Command, State};
 use lb_tests::packet::flags::{ACK, FIN, RST, SYN};
-use lb_tests::packet::{self, Tcp};
+use lb_tests::packet::{self, Tcp, syn_options};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 2);
@@ -111,10 +111,14 @@ fn on_one_cpu<T: Send>(f: impl FnOnce(u32, u32) -> T + Send) -> T {
     .expect("fixture namespace")
 }
 
+/// A client frame with sequence number `seq`, acknowledging the backend's first byte: the
+/// backend's frames carry sequence number 1 (the packet builder's default), as after a SYN-ACK
+/// with initial sequence number 0, so its FIN continues what it has sent.
 fn client_frame(port: u16, flags: u8, seq: u32) -> Vec<u8> {
     Tcp::new((CLIENT, port), (VIP, 80), flags)
         .macs(CLIENT_MAC, [0xaa; 6])
         .seq(seq)
+        .ack(1)
         .build()
 }
 
@@ -271,12 +275,39 @@ fn xdp_closed_connections_lend_their_ports_once_quiet(hook: Hook) {
         assert_eq!(fx.counter("snat_exhausted"), 1);
 
         std::thread::sleep(Duration::from_millis(200));
-        let (verdict, out) = fx.run(&client_frame(50001, SYN, 8000), client_if);
+        // With a timestamp: a stale answer is judged by it (lb_common::passive::stale_answer).
+        let syn = Tcp::new((CLIENT, 50001), (VIP, 80), SYN)
+            .macs(CLIENT_MAC, [0xaa; 6])
+            .seq(8000)
+            .tcp_options(&syn_options(77, 0))
+            .build();
+        let (verdict, out) = fx.run(&syn, client_if);
         assert_eq!(verdict, XDP_REDIRECT, "a quiet closed connection lends its port");
         let taken = snat_port(&out);
         assert!(ports.contains(&taken), "port {taken} is one of the range");
         assert_eq!(fx.counter("closed_reused"), 1);
         assert_eq!(fx.counter("half_open_reclaimed"), 0);
+        // The backend closed second (its FIN after the client's), so it may still hold the old
+        // connection (in LAST_ACK when the client's last ACK was lost) and answer the SYN with a
+        // challenge ACK: passed to the client as it is (which resets that connection and sends
+        // its SYN again), not made a refusal of the new connection.
+        let challenge = Tcp::new((BACKEND, 8080), (LB_BACKEND_SIDE, taken), ACK)
+            .macs(BACKEND_MAC, [0xbb; 6])
+            .seq(2)
+            .ack(1002)
+            .build();
+        let (verdict, out) = fx.run(&challenge, backend_if);
+        assert_eq!(verdict, XDP_REDIRECT);
+        let p = packet::parse(&out).unwrap();
+        assert_eq!(
+            (p.dst, p.flags & (RST | ACK)),
+            ((CLIENT, 50001), ACK),
+            "the challenge ACK reaches the client unchanged"
+        );
+        assert_eq!(
+            (fx.counter("stale_collision"), fx.counter("stale_answer")),
+            (1, 0)
+        );
         // The reply entry is the new connection's: the backend's SYN-ACK reaches the new client.
         let (verdict, out) = fx.run(&backend_frame(taken, SYN | ACK), backend_if);
         assert_eq!(verdict, XDP_REDIRECT);
