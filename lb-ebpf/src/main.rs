@@ -365,30 +365,36 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
                         // flow to idle_timeout, unless the FIN is resent.)
                         flags &= !TCP_FIN;
                     }
-                    if f.flags & FLOW_RST != 0 && f.flags & FLOW_RESET == 0 {
+                    // From the sender's own place in its stream (at most `NEAR` behind what it
+                    // has sent, as a challenge ACK or a resent segment is), not a guess at it.
+                    let near = within(seq, next, NEAR, 0);
+                    if near && f.flags & FLOW_RST != 0 && f.flags & FLOW_RESET == 0 {
                         // Traffic after an RST: an endpoint did not take it (answered it with a
                         // challenge ACK, RFC 5961), so the connection lives on. After a real
                         // reset the last word is an RST again (a closed socket answers each
                         // segment still in flight with one), which marks the flow once more.
                         clear_rst_both(&key, f);
                     }
-                    // Only a segment that starts near what was seen moves it: a blind
-                    // attacker's far-off sequence number (or a SYN on the flow) would otherwise
-                    // move it away from the real one.
-                    if flags & TCP_SYN == 0 && within(seq, next, SEQ_BEHIND, SEQ_AHEAD) {
-                        // A segment without payload or FIN sends nothing: a bare ACK's number is
-                        // `next` already (a spoofed one must not move it).
-                        if seq_end != seq && (seq_end.wrapping_sub(next) as i32) > 0 {
-                            f.next_seq_be = seq_end.to_be();
-                        }
-                        // What the sender has received of the other direction (see
-                        // `rst_closes`); a NAT flow's `syn_seq_be` is free once established.
-                        if f.flags & FLOW_COOKIE == 0 && flags & TCP_ACK != 0 {
-                            // SAFETY: ptr_at checked the TCP header.
-                            let ack = u32::from_be(unsafe { (*tcp).ack_seq_be });
-                            if within(ack, u32::from_be(f.syn_seq_be), -1, SEQ_BEHIND) {
-                                f.syn_seq_be = ack.to_be();
-                            }
+                    // `next` moves as the receiving stack's does: by a segment that continues
+                    // what was sent (a blind attacker must hit the very number), or by one past a
+                    // gap (reordered before the LB) once the receiver has acknowledged up to it.
+                    // Segments without payload or FIN send nothing. So a blind stream of
+                    // segments cannot drag `next` to a number it then knows.
+                    if flags & TCP_SYN == 0
+                        && seq_end != seq
+                        && (seq_end.wrapping_sub(next) as i32) > 0
+                        && (within(seq, next, SEQ_BEHIND, 0)
+                            || (within(seq, next, 0, SEQ_AHEAD) && acknowledged(&key, f, seq)))
+                    {
+                        f.next_seq_be = seq_end.to_be();
+                    }
+                    // What the sender has received of the other direction (see `rst_closes`); a
+                    // NAT flow's `syn_seq_be` is free once established.
+                    if near && f.flags & FLOW_COOKIE == 0 && flags & TCP_ACK != 0 {
+                        // SAFETY: ptr_at checked the TCP header.
+                        let ack = u32::from_be(unsafe { (*tcp).ack_seq_be });
+                        if within(ack, u32::from_be(f.syn_seq_be), -1, SEQ_BEHIND) {
+                            f.syn_seq_be = ack.to_be();
                         }
                     }
                 }
@@ -1007,9 +1013,31 @@ fn established(
 /// lag, and still be taken for the connection's own: what was in flight (Linux's largest default
 /// receive window is 6 MiB).
 const SEQ_BEHIND: i32 = 8 << 20;
-/// How far ahead of the next sequence number a segment may start and still move it (a GRO
-/// aggregate at the TC hook is at most 64 KiB; reordering adds little).
+/// How far ahead of the next sequence number a segment may start and still move it, once the
+/// receiver has acknowledged up to it (reordering before the LB).
 const SEQ_AHEAD: i32 = 1 << 20;
+/// How far behind its sender's next sequence number a segment may start and still clear an RST
+/// mark or move its sender's acknowledgment: a challenge ACK or a bare ACK is at `next`, a resent
+/// segment a little behind.
+const NEAR: i32 = 64 << 10;
+
+/// Whether the receiver of the established NAT flow `f` (at `key`) has acknowledged up to `seq`
+/// of `f`'s sender: then a segment starting there, past `f`'s next sequence number, came after a
+/// gap the LB did not see filled (reordering before it), not from a blind attacker. SYN-cookie
+/// flows keep no acknowledgment: their next number waits for the gap to be filled.
+#[inline(always)]
+fn acknowledged(key: &FlowKey, f: &FlowValue, seq: u32) -> bool {
+    if f.flags & FLOW_COOKIE != 0 {
+        return false;
+    }
+    // SAFETY: read-only use of a map value for this run.
+    match unsafe { CONNTRACK.get(FlowKey::reverse_of(f)) } {
+        Some(r) if same_flow(&FlowKey::reverse_of(r), key) => {
+            (u32::from_be(r.syn_seq_be).wrapping_sub(seq) as i32) >= 0
+        }
+        _ => false,
+    }
+}
 
 /// Whether `seq` lies from `behind` before `next` to `ahead` after it (sequence space wraps).
 #[inline(always)]

@@ -647,8 +647,8 @@ fn xdp_blind_syn_and_rst_do_not_end_an_established_flow(hook: Hook) {
             "the client acknowledges the answer",
         );
         // The backend sends more, then resets at what the client acknowledged (where the
-        // client's stack takes an RST): that ends the connection, and the client's next SYN
-        // opens a new flow.
+        // client's stack takes an RST): taken, the flow marked. Its next segment (an endpoint
+        // that rejected the RST goes on) opens it again.
         forwarded(
             &from_backend(ACK | PSH, b_next, c_next, b"more"),
             backend_if,
@@ -656,8 +656,45 @@ fn xdp_blind_syn_and_rst_do_not_end_an_established_flow(hook: Hook) {
         );
         let p = forwarded(&from_backend(RST, b_next, 0, b""), backend_if, "backend RST");
         assert_eq!((p.dst, p.flags), (client_side, RST));
-        let p = forwarded(&to_vip(SYN, 5_000_000, 0, b""), client_if, "SYN after the reset");
-        assert_ne!(p.src, snat, "a new SNAT port");
+        assert_eq!(fx.counter("rst_not_taken"), 7, "taken");
+        forwarded(
+            &from_backend(ACK | PSH, b_next + 4, c_next, b"again"),
+            backend_if,
+            "the backend goes on",
+        );
+        stays_open("after the backend went on");
+        // A segment past a gap (1-byte segments far ahead are how a blind attacker would drag
+        // the number along) does not move it while the client has not acknowledged that far...
+        let after_gap = b_next + 9 + 10;
+        forwarded(
+            &from_backend(ACK | PSH, after_gap, c_next, b"late"),
+            backend_if,
+            "a segment past a gap",
+        );
+        not_taken(
+            &from_backend(RST, after_gap + 4, 0, b""),
+            backend_if,
+            "backend RST where that segment ended",
+        );
+        // ... and does once it has (the gap was reordering before the LB): the backend's FIN
+        // after it continues what was sent, and closes its side.
+        forwarded(
+            &to_vip(ACK, c_next, after_gap + 4, b""),
+            client_if,
+            "the client acknowledges past the gap",
+        );
+        forwarded(
+            &from_backend(ACK | PSH, after_gap + 4, c_next, b"tail"),
+            backend_if,
+            "a segment the client acknowledged the start of",
+        );
+        forwarded(
+            &from_backend(FIN | ACK, after_gap + 8, c_next, b""),
+            backend_if,
+            "the backend's FIN",
+        );
+        let p = forwarded(&to_vip(SYN, 5_000_000, 0, b""), client_if, "SYN after the FIN");
+        assert_ne!(p.src, snat, "a new connection, on a new SNAT port");
         assert_eq!(fx.counter("new_flows"), 2);
     });
 }
