@@ -356,13 +356,16 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
                         flags &= !(TCP_RST | TCP_FIN);
                     }
                 } else {
-                    if flags & TCP_FIN != 0
-                        && ((next.wrapping_sub(seq) as i32) < 0 || (seq_end.wrapping_sub(next) as i32) < 0)
-                    {
-                        // Only a FIN whose segment reaches `next` from at or before it (in
-                        // order, or resent) is taken for the end of the sender's side: a blind
-                        // attacker's FIN marks nothing. (One that came past a gap leaves the
-                        // flow to idle_timeout, unless the FIN is resent.)
+                    // Whether the segment continues what was sent, as the receiving stack would
+                    // take it: it reaches `next` from at or before it (in order, or resent), or
+                    // starts past a gap (reordered before the LB) the receiver has acknowledged
+                    // up to it. A blind attacker must hit the very number.
+                    let continues = ((next.wrapping_sub(seq) as i32) >= 0
+                        && (seq_end.wrapping_sub(next) as i32) >= 0)
+                        || (within(seq, next, -1, SEQ_AHEAD) && acknowledged(&key, f, seq));
+                    if flags & TCP_FIN != 0 && !continues {
+                        // Not this connection's end: marks nothing (a FIN past a gap not yet
+                        // acknowledged leaves the flow to idle_timeout, unless resent).
                         flags &= !TCP_FIN;
                     }
                     // From the sender's own place in its stream (at most `NEAR` behind what it
@@ -375,16 +378,13 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
                         // segment still in flight with one), which marks the flow once more.
                         clear_rst_both(&key, f);
                     }
-                    // `next` moves as the receiving stack's does: by a segment that continues
-                    // what was sent (a blind attacker must hit the very number), or by one past a
-                    // gap (reordered before the LB) once the receiver has acknowledged up to it.
-                    // Segments without payload or FIN send nothing. So a blind stream of
-                    // segments cannot drag `next` to a number it then knows.
+                    // `next` moves as the receiving stack's does, so a blind stream of segments
+                    // cannot drag it to a number it then knows. Segments without payload or FIN
+                    // send nothing.
                     if flags & TCP_SYN == 0
+                        && continues
                         && seq_end != seq
                         && (seq_end.wrapping_sub(next) as i32) > 0
-                        && (within(seq, next, SEQ_BEHIND, 0)
-                            || (within(seq, next, 0, SEQ_AHEAD) && acknowledged(&key, f, seq)))
                     {
                         f.next_seq_be = seq_end.to_be();
                     }
