@@ -362,7 +362,7 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
                     // up to it. A blind attacker must hit the very number.
                     let continues = ((next.wrapping_sub(seq) as i32) >= 0
                         && (seq_end.wrapping_sub(next) as i32) >= 0)
-                        || (within(seq, next, -1, SEQ_AHEAD) && acknowledged(&key, f, seq));
+                        || (within(seq, next, -1, SEQ_BEHIND) && acknowledged(&key, f, seq));
                     if flags & TCP_FIN != 0 && !continues {
                         // Not this connection's end: marks nothing (a FIN past a gap not yet
                         // acknowledged leaves the flow to idle_timeout, unless resent).
@@ -1011,11 +1011,8 @@ fn established(
 
 /// How far behind its sender's next sequence number a segment may start, and an acknowledgment
 /// lag, and still be taken for the connection's own: what was in flight (Linux's largest default
-/// receive window is 6 MiB).
+/// receive window is 6 MiB); also how far past a gap an acknowledged segment may start.
 const SEQ_BEHIND: i32 = 8 << 20;
-/// How far ahead of the next sequence number a segment may start and still move it, once the
-/// receiver has acknowledged up to it (reordering before the LB).
-const SEQ_AHEAD: i32 = 1 << 20;
 /// How far behind its sender's next sequence number a segment may start and still clear an RST
 /// mark or move its sender's acknowledgment: a challenge ACK or a bare ACK is at `next`, a resent
 /// segment a little behind.
