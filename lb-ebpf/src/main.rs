@@ -856,11 +856,25 @@ fn retransmitted_syn(key: &FlowKey, f: &FlowValue, seq_be: u32, now: u64, cfg: &
     if f.flags & FLOW_DSR != 0 {
         return true; // no reply entry to check
     }
+    other_entry(key, f).is_some_and(|reply| !reply.expired(now, cfg))
+}
+
+/// The other entry of the flow whose entry at `key` is `f`, while it is still this flow's (a new
+/// flow may have taken its SNAT port).
+#[inline(always)]
+fn other_entry(key: &FlowKey, f: &FlowValue) -> Option<&'static FlowValue> {
     // SAFETY: read-only use of a map value for this run.
-    match unsafe { CONNTRACK.get(FlowKey::reverse_of(f)) } {
-        Some(reply) => !reply.expired(now, cfg) && same_flow(&FlowKey::reverse_of(reply), key),
-        None => false,
+    unsafe { CONNTRACK.get(FlowKey::reverse_of(f)) }.filter(|o| same_flow(&FlowKey::reverse_of(o), key))
+}
+
+/// The last acknowledgment the receiver of the established NAT flow `f` (at `key`) sent: its
+/// entry's `syn_seq_be`. None for SYN-cookie flows, which keep a sequence delta there.
+#[inline(always)]
+fn receiver_ack(key: &FlowKey, f: &FlowValue) -> Option<u32> {
+    if f.flags & FLOW_COOKIE != 0 {
+        return None;
     }
+    other_entry(key, f).map(|r| u32::from_be(r.syn_seq_be))
 }
 
 /// Field-wise key equality (a derived `==` compiles to a `bcmp` call the verifier rejects).
@@ -1024,16 +1038,7 @@ const NEAR: i32 = 64 << 10;
 /// flows keep no acknowledgment: their next number waits for the gap to be filled.
 #[inline(always)]
 fn acknowledged(key: &FlowKey, f: &FlowValue, seq: u32) -> bool {
-    if f.flags & FLOW_COOKIE != 0 {
-        return false;
-    }
-    // SAFETY: read-only use of a map value for this run.
-    match unsafe { CONNTRACK.get(FlowKey::reverse_of(f)) } {
-        Some(r) if same_flow(&FlowKey::reverse_of(r), key) => {
-            (u32::from_be(r.syn_seq_be).wrapping_sub(seq) as i32) >= 0
-        }
-        _ => false,
-    }
+    receiver_ack(key, f).is_some_and(|acked| (acked.wrapping_sub(seq) as i32) >= 0)
 }
 
 /// Whether `seq` lies from `behind` before `next` to `ahead` after it (sequence space wraps).
@@ -1059,17 +1064,7 @@ fn rst_closes(key: &FlowKey, f: &FlowValue, seq: u32, next: u32) -> bool {
     if within(seq, next, 1, 0) {
         return true;
     }
-    if f.flags & FLOW_COOKIE != 0 {
-        return false;
-    }
-    // SAFETY: read-only use of a map value for this run.
-    match unsafe { CONNTRACK.get(FlowKey::reverse_of(f)) } {
-        Some(r) if same_flow(&FlowKey::reverse_of(r), key) => {
-            let acked = u32::from_be(r.syn_seq_be);
-            within(acked, next, SEQ_BEHIND, 0) && within(seq, acked, 1, 0)
-        }
-        _ => false,
-    }
+    receiver_ack(key, f).is_some_and(|acked| within(acked, next, SEQ_BEHIND, 0) && within(seq, acked, 1, 0))
 }
 
 /// Clears [`FLOW_RST`] on `f` (at `key`) and on its other entry, only while that is still this
