@@ -446,14 +446,19 @@ fn live(
     let rounds = 3;
     chain.frames(std::slice::from_ref(&flow.ack))?;
     let (mut lb, mut chained, mut plain) = (Vec::new(), Vec::new(), Vec::new());
-    let arrived = |sink: &Sink, before: u64, what: &str| -> Result<(), String> {
+    // The far end's ring (veth: 256 frames) drops what its NAPI poll has not taken yet; a frame
+    // dropped there was not forwarded, so a rate counts the frames that arrived. More than 1% lost
+    // means something other than a full ring.
+    let mut fewest = u64::from(frames);
+    let mut arrived = |sink: &Sink, before: u64, ns: f64, what: &str| -> Result<f64, String> {
         let got = sink.count()? - before;
-        if got < u64::from(frames) {
+        if got * 100 < u64::from(frames) * 99 {
             return Err(format!(
                 "{what}: {got} of {frames} frames reached the far end of the veth"
             ));
         }
-        Ok(())
+        fewest = fewest.min(got);
+        Ok(ns * f64::from(frames) / got as f64)
     };
     for _ in 0..rounds {
         chain.target(bed.prog.as_fd())?;
@@ -464,15 +469,13 @@ fn live(
         if fwd != u64::from(frames) {
             return Err(format!("live frames: lb forwarded {fwd} of {frames}"));
         }
-        arrived(&sink_b, s0, "lb")?;
-        lb.push(ns);
+        lb.push(arrived(&sink_b, s0, ns, "lb")?);
 
         chain.target(tx)?;
         chain.rewind(1)?;
         let s0 = sink_c.count()?;
         let (_, ns) = chain.run(bed.client_if, frames, true)?;
-        arrived(&sink_c, s0, "chained XDP_TX")?;
-        chained.push(ns);
+        chained.push(arrived(&sink_c, s0, ns, "chained XDP_TX")?);
 
         let s0 = sink_c.count()?;
         let (_, ns) = crate::bpfsys::test_run(
@@ -483,8 +486,7 @@ fn live(
             crate::bpfsys::F_LIVE_FRAMES,
             64,
         )?;
-        arrived(&sink_c, s0, "plain XDP_TX")?;
-        plain.push(f64::from(ns));
+        plain.push(arrived(&sink_c, s0, f64::from(ns), "plain XDP_TX")?);
     }
     let mpps = |v: &[f64]| -> (f64, String) {
         let m: Vec<f64> = v.iter().map(|ns| 1e3 / ns).collect();
@@ -493,7 +495,7 @@ fn live(
         (
             med,
             format!(
-                "median of {rounds} rounds of {frames} frames, range {lo:.2}–{hi:.2}; {ns:.0} ns/frame; every frame counted at the far end"
+                "median of {rounds} rounds of {frames} frames, range {lo:.2}–{hi:.2}; {ns:.0} ns per frame that reached the far end (at least {fewest} of {frames} did in every run)"
             ),
         )
     };
