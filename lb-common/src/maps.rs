@@ -101,7 +101,12 @@ pub struct GlobalConfig {
     pub snat_port_hi: u16,
     /// Number of possible CPUs (each CPU starts its SNAT port walk at its own offset).
     pub cpus: u32,
-    pub _pad: u32,
+    /// Until this [`second_stamp`] of the monotonic clock, a new flow that takes a SNAT port with
+    /// no entry in conntrack is marked [`crate::passive::FLOW_HELD`] (a bare ACK answering its SYN
+    /// is a collision, never a refusal): lb made its maps at this start (none pinned to adopt),
+    /// so the backends may still hold connections of an earlier instance, or from before a
+    /// reboot, on 4-tuples lb has no record of. 0 = never.
+    pub collisions_until: u32,
     /// Idle time after which an open connection's entry is forgotten.
     pub idle_timeout_ns: u64,
     /// Idle time after which a closed (RST, or FIN both ways) connection's entry is forgotten.
@@ -191,6 +196,15 @@ pub const FLOW_TO_BACKEND: u32 = 1;
 pub const FLOW_FIN_CLIENT: u32 = 1 << 8;
 /// Flow flag: FIN seen from the backend (own byte, see [`FLOW_FIN_CLIENT`]).
 pub const FLOW_FIN_BACKEND: u32 = 1 << 16;
+/// Flow flag (both entries): the client's FIN came past a gap (it overtook a retransmission
+/// before the LB), so it did not mark [`FLOW_FIN_CLIENT`]; the backend's first acknowledgment past
+/// the client's next sequence number marks it (the backend took the retransmission and the FIN
+/// with it, and the client never sends that FIN again). In [`FLOW_FIN_CLIENT`]'s byte, set only
+/// while that is clear (setting either one stores the byte whole, so the FIN supersedes it).
+pub const FLOW_FIN_CLIENT_PAST_GAP: u32 = 1 << 9;
+/// Flow flag: the backend's FIN came past a gap (as [`FLOW_FIN_CLIENT_PAST_GAP`], in
+/// [`FLOW_FIN_BACKEND`]'s byte).
+pub const FLOW_FIN_BACKEND_PAST_GAP: u32 = 1 << 17;
 /// Flow flag: RST seen (own byte, see [`FLOW_FIN_CLIENT`]).
 pub const FLOW_RST: u32 = 1 << 24;
 /// Flow flag: TCP timestamps are translated (`ts_delta` is valid).
@@ -221,6 +235,12 @@ pub const NEXT_HOP_CACHE_NS: u64 = 1_000_000_000;
 /// millisecond), wrapping after 52 days, so it fits 4 bytes of the 64-byte [`FlowValue`].
 pub const fn hop_stamp(ns: u64) -> u32 {
     (ns >> 20) as u32
+}
+
+/// A monotonic time in nanoseconds in units of 2^30 ns (about a second), as
+/// [`GlobalConfig::collisions_until`] keeps it.
+pub const fn second_stamp(ns: u64) -> u32 {
+    (ns >> 30) as u32
 }
 
 /// How to rewrite a packet of the flow: the new addresses and ports, all network order, and the

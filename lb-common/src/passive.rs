@@ -35,6 +35,11 @@ pub const MAP_FALLBACK: &str = "lb_fallback";
 /// `ARRAY<u32, Liveness>`, indexed by backend index. Plain stores from any CPU (the latest wins).
 pub const MAP_ALIVE: &str = "lb_be_alive";
 
+/// How long after a start that made new maps (nothing pinned to adopt) a SNAT port with no entry
+/// is taken as one a backend may hold ([`crate::maps::GlobalConfig::collisions_until`]): Linux
+/// keeps TIME_WAIT for 60 s (`TCP_TIMEWAIT_LEN`), the state a reused port most often meets.
+pub const FRESH_MAPS_HELD_NS: u64 = 60_000_000_000;
+
 /// How long a refused SYN keeps new connections away from its backend on the kernel's own word
 /// (user space, while it runs and the service has checks, extends this until a check passes).
 pub const REFUSING_NS: u64 = 1_000_000_000;
@@ -55,8 +60,9 @@ pub const FLOW_ANSWERED: u32 = 1 << 2;
 /// flow that had the flag: it passes on with the port. A stale answer sets it too (the RST goes to the client, the
 /// backend keeps its connection): the port's next flow does not take the same answer for news. So
 /// does the backend's FIN after the client's (until the client's last ACK reaches it, the backend
-/// holds the 4-tuple in LAST_ACK). A SYN-ACK to the flow's SYN clears it (the backend holds nothing
-/// else on the 4-tuple).
+/// holds the 4-tuple in LAST_ACK), and, for [`FRESH_MAPS_HELD_NS`] after a start that made new
+/// maps, taking a port with no entry (an earlier instance's connection may hold it). A SYN-ACK to
+/// the flow's SYN clears it (the backend holds nothing else on the 4-tuple).
 pub const FLOW_HELD: u32 = 1 << 3;
 
 /// A backend's liveness as the kernel last saw it (precise monotonic ns, `bpf_ktime_get_ns`; 0 =

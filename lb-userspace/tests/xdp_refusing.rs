@@ -5,8 +5,9 @@
 //! connection answering a SYN (TIME_WAIT with no listener) from a backend that answered no SYN-ACK
 //! since the SYN left becomes an RST to the client, and the second in a row marks the backend;
 //! from a backend that did answer a SYN-ACK since, or to a SYN without timestamps, it is a
-//! collision, forwarded as it is. Needs root and the embedded eBPF object (`cargo xtask test`
-//! provides both).
+//! collision, forwarded as it is, and so is one on a SNAT port with no entry for a minute after a
+//! start that made its maps (the backend may hold an earlier instance's connection there). Needs root and the embedded
+//! eBPF object (`cargo xtask test` provides both).
 
 mod common;
 
@@ -16,7 +17,7 @@ use common::{CLIENT_MAC, LB_BACKEND_SIDE, RING, VIP, XDP_REDIRECT, backend_ip, i
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use lb::balancer::Balancer;
 use lb::config::{AdminState, BackendConfig};
@@ -335,7 +336,54 @@ fn a_bare_ack_from_time_wait_fails_its_client_at_once_and_the_second_marks_the_b
     });
 }
 
+fn after_a_start_that_made_its_maps_a_bare_ack_on_an_unknown_port_is_a_collision(hook: Hook) {
+    if !common::ready("after_a_start_that_made_its_maps_a_bare_ack_on_an_unknown_port_is_a_collision") {
+        return;
+    }
+    in_fixture_netns(1, 3, |client_if, backend_if| {
+        let fx = Fixture::new(hook, client_if, backend_if);
+        let (home, _) = fx.which();
+        // As `lb run` does when it made its maps: the backends may hold connections of an earlier
+        // instance on any SNAT 4-tuple lb has no entry for (a TIME_WAIT without timestamps, a
+        // connection lb lost). These SYNs take such ports.
+        fx.xdp
+            .hold_unknown_ports_for(Duration::from_secs(60))
+            .expect("window set");
+        for (i, port) in (43001..43003u16).enumerate() {
+            let (b, snat) = fx.syn_ts(port, 10_000 * (i as u32 + 1));
+            assert_eq!(b, home);
+            let p = fx.stale_ack(home, snat, 88_000 + i as u32);
+            assert_eq!(
+                (p.flags & (RST | ACK), p.ack),
+                (ACK, 88_000 + i as u32),
+                "forwarded unchanged: the client resets it and retransmits its SYN"
+            );
+        }
+        let pc = fx.passive();
+        assert_eq!(
+            (pc[&home].0.collided, pc[&home].0.stale, pc[&home].0.refused),
+            (2, 0, 0)
+        );
+        assert!(!pc[&home].1, "not marked refusing");
+        assert_eq!(
+            (fx.counter("stale_collision"), fx.counter("stale_answer")),
+            (2, 0)
+        );
+
+        // Once the window is over, a port with no entry is not held: an RST to the client.
+        fx.xdp
+            .hold_unknown_ports_for(Duration::ZERO)
+            .expect("window ended");
+        let (b, snat) = fx.syn_ts(43003, 30_000);
+        assert_eq!(b, home);
+        let p = fx.stale_ack(home, snat, 88_100);
+        assert_eq!((p.flags & RST, p.ack), (RST, 30_001));
+        assert_eq!(fx.counter("stale_answer"), 1);
+    });
+}
+
 lb_tests::per_hook!(
     a_refused_syn_marks_the_backend_and_the_next_syns_avoid_it_down_to_the_backup,
     a_bare_ack_from_time_wait_fails_its_client_at_once_and_the_second_marks_the_backend,
+    after_a_start_that_made_its_maps_a_bare_ack_on_an_unknown_port_is_a_collision,
 );

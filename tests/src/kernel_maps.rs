@@ -98,3 +98,13 @@ pub fn dump(dir: &Path) -> Result<BTreeMap<&'static str, Vec<String>>, KernelMap
     );
     Ok(out)
 }
+
+/// The global config pinned under `dir`.
+pub fn global_config(dir: &Path) -> Result<GlobalConfig, KernelMapsError> {
+    let err = |e: aya::maps::MapError| KernelMapsError::Map {
+        path: dir.join(MAP_CONFIG).display().to_string(),
+        message: e.to_string(),
+    };
+    let map: Array<MapData, GlobalConfig> = Array::try_from(open(dir, MAP_CONFIG)?).map_err(err)?;
+    map.get(&0, 0).map_err(err)
+}

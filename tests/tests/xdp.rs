@@ -255,6 +255,15 @@ fn xdp_health_down_leaves_the_kernel_ring_and_restart_keeps_transfers() {
     .unwrap();
     echo_roundtrip(&mut s, b"before restart");
     let before = bed.wave(&clients[..10]);
+    // The start made its maps: SNAT ports with no entry are taken as held for a while (the
+    // backends may hold an earlier instance's connections); a restart that adopts keeps that.
+    let window = lb_tests::kernel_maps::global_config(&pins.0)
+        .expect("pinned config")
+        .collisions_until;
+    assert_ne!(
+        window, 0,
+        "a start that made its maps holds unknown ports for a while"
+    );
 
     // Restart lb: the pinned link and maps keep forwarding while it is gone.
     bed.lb.child.stop().expect("stop lb");
@@ -263,6 +272,13 @@ fn xdp_health_down_leaves_the_kernel_ring_and_restart_keeps_transfers() {
     }
     bed.lb.run_again(bed.topo.lb_ns());
     wait_for_log(&bed, "adopting pinned XDP maps");
+    assert_eq!(
+        lb_tests::kernel_maps::global_config(&pins.0)
+            .expect("pinned config")
+            .collisions_until,
+        window,
+        "the adopting restart keeps the window it found"
+    );
     echo_roundtrip(&mut s, &random_bytes(1 << 20, 3));
     for (c, b) in &before {
         assert_eq!(&bed.get(*c), b, "{c}: affinity survives the restart");

@@ -443,7 +443,15 @@ impl XdpDatapath {
             snat_port_hi: cfg.snat_ports.1,
             cpus: aya::util::nr_cpus().map_err(|(_, e)| XdpError::System(format!("counting CPUs: {e}")))?
                 as u32,
-            _pad: 0,
+            // A real start that made its maps cannot know what earlier connections the backends
+            // still hold (a restart that adopts the pins knows, and keeps any window left).
+            collisions_until: if adopting {
+                old.collisions_until
+            } else if config.is_some() {
+                collisions_until(Duration::from_nanos(lb_common::passive::FRESH_MAPS_HELD_NS))
+            } else {
+                0
+            },
             idle_timeout_ns: cfg.idle_timeout.as_nanos() as u64,
             closed_timeout_ns: cfg.closed_timeout.as_nanos() as u64,
             syn_timeout_ns: cfg.syn_timeout.as_nanos() as u64,
@@ -558,6 +566,16 @@ impl XdpDatapath {
         }
     }
 
+    /// For `d` from now, new flows that take a SNAT port with no entry are marked held (a bare
+    /// ACK answering the SYN is a collision): what a start that made its maps does for
+    /// [`lb_common::passive::FRESH_MAPS_HELD_NS`]. Zero ends the window.
+    pub fn hold_unknown_ports_for(&self, d: Duration) -> Result<(), XdpError> {
+        let mut inner = self.inner.lock().unwrap();
+        let mut global = inner.maps.config.get(&0, 0).map_err(map_err(MAP_CONFIG))?;
+        global.collisions_until = if d.is_zero() { 0 } else { collisions_until(d) };
+        inner.maps.config.set(0, global, 0).map_err(map_err(MAP_CONFIG))
+    }
+
     /// Where the program runs.
     pub fn hook(&self) -> Hook {
         self.inner.lock().unwrap().hook
@@ -664,4 +682,12 @@ impl XdpDatapath {
     pub fn pin_path(&self) -> Option<&Path> {
         self.pin_path.as_deref()
     }
+}
+
+/// [`GlobalConfig::collisions_until`] for a window of `d` from now, rounded up to the next
+/// [`lb_common::maps::second_stamp`].
+fn collisions_until(d: Duration) -> u32 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    let now = t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64;
+    lb_common::maps::second_stamp(now + d.as_nanos() as u64) + 1
 }
