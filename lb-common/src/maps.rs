@@ -196,15 +196,6 @@ pub const FLOW_TO_BACKEND: u32 = 1;
 pub const FLOW_FIN_CLIENT: u32 = 1 << 8;
 /// Flow flag: FIN seen from the backend (own byte, see [`FLOW_FIN_CLIENT`]).
 pub const FLOW_FIN_BACKEND: u32 = 1 << 16;
-/// Flow flag (both entries): the client's FIN came past a gap (it overtook a retransmission
-/// before the LB), so it did not mark [`FLOW_FIN_CLIENT`]; the backend's first acknowledgment past
-/// the client's next sequence number marks it (the backend took the retransmission and the FIN
-/// with it, and the client never sends that FIN again). In [`FLOW_FIN_CLIENT`]'s byte, set only
-/// while that is clear (setting either one stores the byte whole, so the FIN supersedes it).
-pub const FLOW_FIN_CLIENT_PAST_GAP: u32 = 1 << 9;
-/// Flow flag: the backend's FIN came past a gap (as [`FLOW_FIN_CLIENT_PAST_GAP`], in
-/// [`FLOW_FIN_BACKEND`]'s byte).
-pub const FLOW_FIN_BACKEND_PAST_GAP: u32 = 1 << 17;
 /// Flow flag: RST seen (own byte, see [`FLOW_FIN_CLIENT`]).
 pub const FLOW_RST: u32 = 1 << 24;
 /// Flow flag: TCP timestamps are translated (`ts_delta` is valid).

@@ -63,10 +63,9 @@ use lb_common::{
         AffinityKey, AffinityValue, BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, Counter,
         DEFAULT_AFFINITY_ENTRIES, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
         DEFAULT_SNAT_ADDRS, DEFAULT_SNAT_LOCKS, FLOW_AFFINITY_PENDING, FLOW_DSR, FLOW_FIN_BACKEND,
-        FLOW_FIN_BACKEND_PAST_GAP, FLOW_FIN_CLIENT, FLOW_FIN_CLIENT_PAST_GAP, FLOW_HALF_OPEN, FLOW_RESET,
-        FLOW_RST, FLOW_TO_BACKEND, FLOW_TS, FlowKey, FlowValue, GLOBAL_STATS_ENTRIES, GlobalConfig,
-        NEXT_HOP_CACHE_NS, SERVICE_DSR, ServiceKey, ServiceValue, TrafficCounters, global_counter as gc,
-        hop_stamp, second_stamp,
+        FLOW_FIN_CLIENT, FLOW_HALF_OPEN, FLOW_RESET, FLOW_RST, FLOW_TO_BACKEND, FLOW_TS, FlowKey, FlowValue,
+        GLOBAL_STATS_ENTRIES, GlobalConfig, NEXT_HOP_CACHE_NS, SERVICE_DSR, ServiceKey, ServiceValue,
+        TrafficCounters, global_counter as gc, hop_stamp, second_stamp,
     },
     passive::{FLOW_ANSWERED, FLOW_HELD, Stale},
     select::{AffinitySlot, BackendTable, Policy, Ring, next_entry, select},
@@ -365,17 +364,8 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
                         && (seq_end.wrapping_sub(next) as i32) >= 0)
                         || (within(seq, next, -1, SEQ_BEHIND) && acknowledged(&key, f, seq));
                     if flags & TCP_FIN != 0 && !continues {
-                        // Not this connection's end (yet): marks nothing. A FIN past a gap (it
-                        // overtook a retransmission before the LB) is noted, and taken once its
-                        // receiver acknowledges past `next` (below).
-                        let (fin, past_gap) = if to_backend {
-                            (FLOW_FIN_CLIENT, FLOW_FIN_CLIENT_PAST_GAP)
-                        } else {
-                            (FLOW_FIN_BACKEND, FLOW_FIN_BACKEND_PAST_GAP)
-                        };
-                        if within(seq, next, -1, SEQ_BEHIND) && f.flags & (fin | past_gap) == 0 {
-                            set_flags_both(&key, f, past_gap, now);
-                        }
+                        // Not this connection's end: marks nothing (a FIN past a gap not yet
+                        // acknowledged leaves the flow to idle_timeout, unless resent).
                         flags &= !TCP_FIN;
                     }
                     // From the sender's own place in its stream (at most `NEAR` behind what it
@@ -405,20 +395,6 @@ fn try_lb<C: Frame>(ctx: &C, len: u64) -> Verdict {
                         let ack = u32::from_be(unsafe { (*tcp).ack_seq_be });
                         if within(ack, u32::from_be(f.syn_seq_be), -1, SEQ_BEHIND) {
                             f.syn_seq_be = ack.to_be();
-                        }
-                        // The other side's FIN came past a gap. Acknowledging past that sender's
-                        // next number, this receiver took the retransmission and the FIN with it,
-                        // and that FIN is never sent again: it is taken now.
-                        let (other_fin, other_past_gap) = if to_backend {
-                            (FLOW_FIN_BACKEND, FLOW_FIN_BACKEND_PAST_GAP)
-                        } else {
-                            (FLOW_FIN_CLIENT, FLOW_FIN_CLIENT_PAST_GAP)
-                        };
-                        if f.flags & other_past_gap != 0
-                            && other_entry(&key, f)
-                                .is_some_and(|o| within(ack, u32::from_be(o.next_seq_be), -1, SEQ_BEHIND))
-                        {
-                            set_flags_both(&key, f, other_fin, now);
                         }
                     }
                 }

@@ -352,67 +352,6 @@ fn xdp_a_reset_connection_lends_its_port_only_100_ms_after_the_reset(hook: Hook)
     });
 }
 
-/// A client's FIN that overtook the retransmission of its last segment before the LB marks
-/// nothing when it passes (a blind FIN must not close a flow), and the client never sends it
-/// again: the backend takes it with the retransmission. Once the backend has acknowledged past
-/// the client's next number and closed its side too, the flow's port is lent like a closed
-/// connection's, not kept until idle_timeout.
-fn xdp_a_fin_that_overtook_a_retransmission_frees_the_port_once_acknowledged(hook: Hook) {
-    if !common::ready("xdp_a_fin_that_overtook_a_retransmission_frees_the_port_once_acknowledged") {
-        return;
-    }
-    on_one_cpu(|client_if, backend_if| {
-        let fx = Fixture::new(hook, "snatgap", Duration::from_secs(5));
-        // Every port open; client sequence numbers start at 1001, the backend's at 1.
-        let ports: Vec<u16> = (0..SNAT_PORTS).map(|i| fx.open(40000 + i, client_if)).collect();
-        let client = |from: u16, flags: u8, seq: u32, payload: &[u8]| {
-            let f = Tcp::new((CLIENT, from), (VIP, 80), flags)
-                .macs(CLIENT_MAC, [0xaa; 6])
-                .seq(seq)
-                .ack(1)
-                .payload(payload)
-                .build();
-            assert_eq!(fx.run(&f, client_if).0, XDP_REDIRECT, "forwarded");
-        };
-        let backend = |snat: u16, flags: u8, ack: u32| {
-            let f = Tcp::new((BACKEND, 8080), (LB_BACKEND_SIDE, snat), flags)
-                .macs(BACKEND_MAC, [0xbb; 6])
-                .seq(1)
-                .ack(ack)
-                .build();
-            assert_eq!(fx.run(&f, backend_if).0, XDP_REDIRECT, "forwarded");
-        };
-        // Both connections: 100 bytes at 1001 are lost before the LB and the FIN at 1101 comes
-        // first; the backend acknowledges what it has (a duplicate ACK).
-        for (from, snat) in [(40000, ports[0]), (40001, ports[1])] {
-            client(from, FIN | ACK, 1101, &[]);
-            backend(snat, ACK, 1001);
-        }
-        // The first: the retransmission comes, the backend acknowledges the data and the FIN
-        // with it, and closes its side, which the client acknowledges.
-        client(40000, ACK, 1001, &[7; 100]);
-        backend(ports[0], ACK, 1102);
-        backend(ports[0], FIN | ACK, 1102);
-        client(40000, ACK, 1102, &[]);
-        // The second: the backend closes without acknowledging past the client's next number, so
-        // its client's FIN is only one past a gap, as a blind attacker's would be.
-        backend(ports[1], FIN | ACK, 1001);
-        client(40001, ACK, 1001, &[]);
-
-        std::thread::sleep(Duration::from_millis(200));
-        let (verdict, out) = fx.run(&client_frame(50000, SYN, 7000), client_if);
-        assert_eq!(verdict, XDP_REDIRECT, "the ended connection lends its port");
-        assert_eq!(snat_port(&out), ports[0]);
-        assert_eq!(fx.counter("closed_reused"), 1);
-        let (verdict, _) = fx.run(&client_frame(50001, SYN, 8000), client_if);
-        assert_eq!(
-            verdict, XDP_DROP,
-            "the connection whose FIN was not acknowledged keeps its port"
-        );
-        assert_eq!(fx.counter("snat_exhausted"), 1);
-    });
-}
-
 /// The packet came back as an RST toward its sender (a flow the program no longer knows).
 fn assert_rst(verdict: u32, out: &[u8], what: &str) {
     assert_eq!(verdict, XDP_REDIRECT, "{what}: answered");
@@ -436,5 +375,4 @@ lb_tests::per_hook!(
     xdp_half_open_flows_live_at_most_syn_timeout,
     xdp_closed_connections_lend_their_ports_once_quiet,
     xdp_a_reset_connection_lends_its_port_only_100_ms_after_the_reset,
-    xdp_a_fin_that_overtook_a_retransmission_frees_the_port_once_acknowledged,
 );
