@@ -437,6 +437,9 @@ pub fn reload(view: &ReloadView) -> String {
     for p in &view.problems {
         out.push_str(&format!("problem: {p}\n"));
     }
+    for r in &view.restart {
+        out.push_str(&format!("restart needed: {r}\n"));
+    }
     out
 }
 

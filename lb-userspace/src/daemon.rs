@@ -99,6 +99,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
                 match engine.reload() {
                     Ok(view) => {
                         for p in view.problems { warn!(problem = %p, "SIGHUP reload"); }
+                        for r in view.restart { warn!(setting = %r, "SIGHUP reload"); }
                     }
                     Err(e) => warn!(error = %e, "SIGHUP reload failed; the running config stays"),
                 }

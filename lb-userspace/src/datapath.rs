@@ -4,6 +4,7 @@
 //! - [`proxy`]: `datapath = "proxy"`, the tokio full proxy.
 //! - [`ajp`]: `datapath = "ajp"`, the AJP 1.3 request router (per-request routing, backend pools).
 //! - [`listener`]: the accepting side both user-space datapaths share.
+//! - [`limit`]: a limit that can be lowered while in use (`max_connections`, `pool_size`).
 //! - [`pipe`]: the proxy's splice(2) relay (`splice = "pipe"`).
 //! - [`fake`]: records what it was asked, for the engine's unit tests.
 //! - [`affinity`]: the affinity tables operators list, flush and pin, and failback.
@@ -11,6 +12,7 @@
 pub mod affinity;
 pub mod ajp;
 pub mod fake;
+pub mod limit;
 pub mod listener;
 pub mod pipe;
 pub mod proxy;
@@ -18,7 +20,7 @@ pub mod workers;
 pub mod xdp;
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 
 use crate::config::DatapathKind;
@@ -120,6 +122,12 @@ pub trait Datapath: Send + Sync {
     /// (`ServiceRemoved` carries the old service's id). On error, the engine keeps the previous
     /// snapshot and applies it again.
     fn apply(&self, effect: &Effect, snapshot: &Snapshot) -> Result<(), DatapathError>;
+
+    /// Whether service `name` could start on `listen` now: a reload moves a service (removes it,
+    /// then adds it anew) only if it could, so a move that cannot happen leaves it untouched.
+    fn can_listen(&self, _name: &str, _listen: SocketAddr) -> Result<(), DatapathError> {
+        Ok(())
+    }
 
     /// Called once the config's services are all added at start (an XDP datapath drops pinned
     /// entries nobody claimed).

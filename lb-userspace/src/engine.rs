@@ -424,7 +424,7 @@ impl Engine {
         ];
         for (setting, changed) in restart_only {
             if changed {
-                view.problems
+                view.restart
                     .push(format!("{setting} takes effect only after a restart"));
             }
         }
@@ -440,7 +440,9 @@ impl Engine {
             ..new.clone()
         };
         let before = self.snapshot();
-        for command in state::diff(&old, &new) {
+        let mut commands = state::diff(&old, &new);
+        self.keep_moves_that_cannot_listen(&old, &mut commands, &mut applied_config, &mut view);
+        for command in commands {
             let description = describe(&command);
             match self.execute_by(command.clone(), &origin) {
                 Ok(_) => view.applied.push(description),
@@ -472,6 +474,47 @@ impl Engine {
             path.display()
         );
         Ok(view)
+    }
+
+    /// Takes out of a reload's `commands` each move (a service removed and added anew on another
+    /// listen address) whose datapath could not listen where it goes: the service runs on as it
+    /// was (connections, affinity, counters, health), the file's old entry stays the applied one
+    /// so the next reload tries again, and the view reports it.
+    fn keep_moves_that_cannot_listen(
+        &self,
+        old: &Config,
+        commands: &mut Vec<Command>,
+        applied: &mut Config,
+        view: &mut ReloadView,
+    ) {
+        let mut kept = Vec::new();
+        for command in commands.iter() {
+            let Command::AddService { service } = command else {
+                continue;
+            };
+            let Some(was) = old.services.iter().find(|s| s.name == service.name) else {
+                continue;
+            };
+            let refused = self
+                .datapath(service.datapath)
+                .filter(|_| was.listen != service.listen)
+                .and_then(|d| d.can_listen(&service.name, service.listen).err());
+            if let Some(e) = refused {
+                warn!(service = %was.name, listen = %was.listen, error = %e, "reload: service kept as it was");
+                view.problems.push(format!(
+                    "service {} kept as it was, on {}: {e}",
+                    was.name, was.listen
+                ));
+                applied.services.retain(|s| s.name != was.name);
+                applied.services.push(was.clone());
+                kept.push(was.name.clone());
+            }
+        }
+        commands.retain(|c| match c {
+            Command::AddService { service } => !kept.contains(&service.name),
+            Command::RemoveService { service } => !kept.contains(service),
+            _ => true,
+        });
     }
 
     /// A change removed `was` to make it anew (its listen address or datapath changed) and the

@@ -484,7 +484,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         (Request::Query(Query::Which { .. }), _) => {
             lb::cli::which(&serde_json::from_value::<WhichView>(result)?)
         }
-        (Request::Reload, _) => lb::cli::reload(&serde_json::from_value::<ReloadView>(result)?),
+        (Request::Reload, _) => {
+            let view = serde_json::from_value::<ReloadView>(result)?;
+            emit(lb::cli::reload(&view).as_bytes())?;
+            // Some change was not made: a script must not read this as done.
+            if !view.problems.is_empty() {
+                std::process::exit(1);
+            }
+            return Ok(());
+        }
         (Request::Change(_), _) => "ok\n".to_string(),
         (Request::DisableReset { .. }, _) => lb::cli::reset(&serde_json::from_value::<ResetView>(result)?),
         (Request::Query(Query::AffinityList { .. }), _) => {

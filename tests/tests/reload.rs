@@ -347,8 +347,9 @@ fn reload_reports_a_service_that_cannot_start_and_retries_it() {
     assert_eq!(bed.get(src), home);
 }
 
-/// A reload that moves a service to an address it cannot bind reports it and leaves the service
-/// running where it was (runtime changes included); the next reload makes the move once it can.
+/// A reload that moves a service to an address it cannot bind reports it, exits non-zero and
+/// leaves the service untouched where it was: never removed, so runtime changes, affinity and
+/// counters are all as before. The next reload makes the move once it can.
 #[test]
 fn reload_moving_a_service_to_an_address_it_cannot_bind_keeps_it_where_it_was() {
     if !require_root("reload_moving_a_service_to_an_address_it_cannot_bind_keeps_it_where_it_was") {
@@ -360,18 +361,32 @@ fn reload_moving_a_service_to_an_address_it_cannot_bind_keeps_it_where_it_was() 
     let src = bed.topo.client_addrs()[0];
     let home = bed.get(src);
     let other = if home == "b1" { "b2" } else { "b1" };
-    bed.lb.cli_ok(&["backend", "drain", "web", other]);
+    bed.lb.cli_ok(&["backend", "weight", "web", other, "7"]);
+    let total = |lb: &Lb| -> u64 {
+        let be = lb.backend("web", &home).expect("home backend");
+        be["total_connections"].as_u64().unwrap()
+    };
+    let served = total(&bed.lb);
+    assert!(served >= 1, "the first request is counted");
     let text = fs::read_to_string(&bed.lb.config).unwrap();
     // 10.0.0.201 is not an address of the lb namespace (yet).
     fs::write(&bed.lb.config, text.replace("10.0.0.100:80", "10.0.0.201:80")).unwrap();
-    let r = bed.lb.json(&["reload"]);
-    let problems = r["problems"].as_array().unwrap();
+    let out = bed.lb.cli(&["reload"]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a refused change fails the command: {out:?}"
+    );
     assert!(
-        problems.iter().any(|p| p
-            .as_str()
-            .unwrap()
-            .contains("web kept as it was, on 10.0.0.100:80")),
-        "{r}\n{}",
+        printed.contains("problem: service web kept as it was, on 10.0.0.100:80")
+            && printed.contains("10.0.0.201:80"),
+        "{printed}\n{}",
+        bed.lb.log()
+    );
+    assert!(
+        !bed.lb.log().contains("proxy stopped listening"),
+        "the service was never taken down: {}",
         bed.lb.log()
     );
     let st = bed.lb.status();
@@ -382,11 +397,14 @@ fn reload_moving_a_service_to_an_address_it_cannot_bind_keeps_it_where_it_was() 
         .find(|s| s["name"] == "web");
     assert_eq!(web.expect("web gone")["listen"], "10.0.0.100:80", "{st}");
     assert_eq!(
-        backends(&bed.lb, "web")[other].1,
-        "drain",
-        "the runtime drain survives"
+        backends(&bed.lb, "web")[other].0,
+        7,
+        "the runtime weight survives"
     );
-    assert_eq!(bed.get(src), home, "web still answers where it was");
+    assert_eq!(total(&bed.lb), served, "the counters survive");
+    for _ in 0..5 {
+        assert_eq!(bed.get(src), home, "affinity survives");
+    }
 
     bed.topo
         .lb_ns()

@@ -851,8 +851,11 @@ pub struct ResetView {
 pub struct ReloadView {
     /// What changed, one line per applied command.
     pub applied: Vec<String>,
-    /// Commands that failed or settings that need a restart.
+    /// Changes that were not made (the next reload tries them again).
     pub problems: Vec<String>,
+    /// Settings changed in the file that take effect only after a restart.
+    #[serde(default)]
+    pub restart: Vec<String>,
 }
 
 /// [`XdpCounters`] on the wire: an object from counter name to value (`{"packets":100,…}`). Names
@@ -1422,6 +1425,7 @@ mod tests {
         let ok = Response::ok(ReloadView {
             applied: vec!["x".into()],
             problems: vec![],
+            restart: vec!["ring_size takes effect only after a restart".into()],
         });
         let text = serde_json::to_string(&ok).unwrap();
         assert!(text.starts_with(r#"{"ok":true,"result":"#));

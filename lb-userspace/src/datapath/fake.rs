@@ -41,6 +41,8 @@ pub struct Journal {
     pub refuse: Option<String>,
     /// Refuse to add a service on this listen address (as a datapath that cannot bind it).
     pub refuse_listen: Option<std::net::SocketAddr>,
+    /// An address `can_listen` refuses (and `apply` too), as one no interface has.
+    pub unbindable: Option<std::net::SocketAddr>,
     /// Backend names per service as the datapath last saw them: what it would forward to.
     pub forwarding: std::collections::BTreeMap<String, Vec<String>>,
 }
@@ -73,6 +75,17 @@ impl Datapath for FakeDatapath {
         self.kind
     }
 
+    fn can_listen(&self, name: &str, listen: std::net::SocketAddr) -> Result<(), DatapathError> {
+        if self.journal.lock().unwrap().unbindable == Some(listen) {
+            return Err(DatapathError::Bind {
+                service: name.to_string(),
+                listen,
+                source: std::io::Error::from(std::io::ErrorKind::AddrNotAvailable),
+            });
+        }
+        Ok(())
+    }
+
     fn apply(&self, effect: &Effect, snapshot: &Snapshot) -> Result<(), DatapathError> {
         let state = &snapshot.state;
         let mut j = self.journal.lock().unwrap();
@@ -85,7 +98,7 @@ impl Datapath for FakeDatapath {
             return Err(DatapathError::Refused(format!("service `{name}`")));
         }
         if let (Effect::ServiceAdded(_), Ok(s)) = (effect, state.service(name))
-            && j.refuse_listen == Some(s.settings.listen)
+            && [j.refuse_listen, j.unbindable].contains(&Some(s.settings.listen))
         {
             return Err(DatapathError::Refused(format!(
                 "listen address {}",

@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use super::limit::Limit;
 use super::{DatapathError, Drained, workers};
 
 /// How long adding a service waits for a removed one's socket on the same address to close.
@@ -38,8 +38,7 @@ struct Listener<S> {
     /// The address actually bound (differs from `listen` for port 0).
     local: SocketAddr,
     stop: CancellationToken,
-    limit: Arc<Semaphore>,
-    max_connections: u32,
+    limit: Arc<Limit>,
     /// Disconnects once the accept loop has dropped its socket.
     closed: Receiver<()>,
     /// What the datapath keeps per service.
@@ -104,7 +103,7 @@ impl<S: Send + Sync + 'static> Listeners<S> {
         let listener = bind(listen).map_err(bind_error)?;
         let local = listener.local_addr().map_err(bind_error)?;
         let stop = self.shutdown.child_token();
-        let limit = Arc::new(Semaphore::new(max_connections as usize));
+        let limit = Limit::new(max_connections);
         let (closed_tx, closed) = sync_channel(0);
         info!(service = name, %listen, max_connections, "{} listening", self.what);
         let serve = Arc::new(serve);
@@ -139,7 +138,6 @@ impl<S: Send + Sync + 'static> Listeners<S> {
                 local,
                 stop,
                 limit,
-                max_connections,
                 closed,
                 service,
             },
@@ -159,24 +157,11 @@ impl<S: Send + Sync + 'static> Listeners<S> {
         Some(l.service)
     }
 
-    /// Follows a changed `max_connections` by adding or forgetting permits.
+    /// Follows a changed `max_connections` (lowered as far as open connections allow at once, the
+    /// rest as they close).
     pub fn resize(&self, name: &str, want: u32) {
-        let mut map = self.map.lock().unwrap();
-        let Some(l) = map.get_mut(name) else { return };
-        if want > l.max_connections {
-            l.limit.add_permits((want - l.max_connections) as usize);
-            l.max_connections = want;
-        } else if want < l.max_connections {
-            // Only free permits can be taken back; open connections keep theirs.
-            let forgotten = l.limit.forget_permits((l.max_connections - want) as usize) as u32;
-            l.max_connections -= forgotten;
-            if l.max_connections != want {
-                warn!(
-                    service = name,
-                    limit = l.max_connections,
-                    "max_connections lowered only as far as open connections allow; apply again later"
-                );
-            }
+        if let Some(l) = self.map.lock().unwrap().get(name) {
+            l.limit.resize(want);
         }
     }
 
@@ -231,17 +216,37 @@ pub fn bind_hint(e: &std::io::Error) -> &'static str {
     }
 }
 
-/// Binds with SO_REUSEADDR so a restart does not wait for TIME_WAIT, and with TCP_NODELAY, which
-/// every accepted connection inherits (one setsockopt per listener instead of per connection).
-fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// Whether service `name` could listen on `listen` now: binds a socket there without listening
+/// (no client can reach it) and closes it. An address in use passes: the service holding it may be
+/// about to leave it in the same reload.
+pub fn can_listen(name: &str, listen: SocketAddr) -> Result<(), DatapathError> {
+    match bound(listen) {
+        Err(source) if source.kind() != std::io::ErrorKind::AddrInUse => Err(DatapathError::Bind {
+            service: name.to_string(),
+            listen,
+            source,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// A socket bound with SO_REUSEADDR, so a restart does not wait for TIME_WAIT.
+fn bound(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
-    socket.set_nodelay(true)?;
     socket.bind(addr)?;
+    Ok(socket)
+}
+
+/// Listens on `addr` ([`bound`]) with TCP_NODELAY, which every accepted connection inherits (one
+/// setsockopt per listener instead of per connection).
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = bound(addr)?;
+    socket.set_nodelay(true)?;
     socket.listen(1024)?.into_std()
 }
 
@@ -249,7 +254,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 async fn accept_loop<S, F, Fut>(
     name: String,
     listener: std::net::TcpListener,
-    limit: Arc<Semaphore>,
+    limit: Arc<Limit>,
     service: Arc<S>,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -269,7 +274,7 @@ async fn accept_loop<S, F, Fut>(
     loop {
         let permit = tokio::select! {
             () = stop.cancelled() => return,
-            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+            p = limit.acquire() => p,
         };
         let (connection, peer) = tokio::select! {
             () = stop.cancelled() => return,

@@ -79,6 +79,10 @@ impl Datapath for ProxyDatapath {
         DatapathKind::Proxy
     }
 
+    fn can_listen(&self, name: &str, listen: std::net::SocketAddr) -> Result<(), DatapathError> {
+        super::listener::can_listen(name, listen)
+    }
+
     fn apply(&self, effect: &Effect, snapshot: &Snapshot) -> Result<(), DatapathError> {
         match effect {
             Effect::ServiceAdded(name) => {

@@ -687,10 +687,11 @@ fn reload_removes_and_replaces_services_and_reports_restart_only_settings() {
         .replace("10.0.0.100:80", "10.0.0.100:8080")
         .replace("ring_size = 1009", "ring_size = 1013");
     let view = bed.reload(&moved);
+    assert!(view.problems.is_empty(), "{:?}", view.problems);
     assert!(
-        view.problems.iter().any(|p| p.contains("ring_size")),
+        view.restart.iter().any(|p| p.contains("ring_size")),
         "{:?}",
-        view.problems
+        view.restart
     );
     let status = bed.engine.status(None).unwrap();
     assert_eq!(status.services[0].listen, "10.0.0.100:8080");
@@ -713,6 +714,39 @@ fn a_failed_reload_item_is_reported_and_retried_next_time() {
     bed.journal.lock().unwrap().refuse = None;
     let view = bed.reload(&text);
     assert_eq!(view.applied, ["add service api on 10.0.0.101:81"]);
+}
+
+/// A move to an address the datapath cannot listen on is not begun: the service is never removed
+/// (affinity, counters and health stay), and the next reload tries the move again.
+#[test]
+fn a_move_to_an_address_that_cannot_be_bound_leaves_the_service_untouched() {
+    let bed = Bed::new(BASE);
+    bed.set_state("b1", AdminState::Drain);
+    let moved = BASE.replace("10.0.0.100:80", "10.0.0.100:8080");
+    bed.journal.lock().unwrap().unbindable = Some("10.0.0.100:8080".parse().unwrap());
+    bed.calls();
+    let view = bed.reload(&moved);
+    assert!(view.applied.is_empty(), "{:?}", view.applied);
+    assert_eq!(view.problems.len(), 1, "{:?}", view.problems);
+    assert!(
+        view.problems[0].contains("kept as it was, on 10.0.0.100:80")
+            && view.problems[0].contains("10.0.0.100:8080"),
+        "{:?}",
+        view.problems
+    );
+    assert_eq!(bed.calls(), [], "the datapath was asked nothing");
+    assert_eq!(
+        bed.engine.status(None).unwrap().services[0].listen,
+        "10.0.0.100:80"
+    );
+    assert_eq!(bed.backend("b1").config.state, AdminState::Drain);
+    bed.journal.lock().unwrap().unbindable = None;
+    let view = bed.reload(&moved);
+    assert!(view.problems.is_empty(), "{:?}", view.problems);
+    assert_eq!(
+        view.applied,
+        ["remove service web", "add service web on 10.0.0.100:8080"]
+    );
 }
 
 #[test]

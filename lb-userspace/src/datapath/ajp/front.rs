@@ -646,7 +646,6 @@ impl<'a> Request<'a> {
                             self.svc.connect_outcome(id, &pool.runtime, Some(&e.to_string()));
                         }
                         PoolError::Full(_) => return Outcome::Full(e.to_string()),
-                        PoolError::Closed => {}
                     }
                     return Outcome::BackendBeforeResponse(e.to_string());
                 }

@@ -250,6 +250,10 @@ impl Datapath for AjpDatapath {
         DatapathKind::Ajp
     }
 
+    fn can_listen(&self, name: &str, listen: std::net::SocketAddr) -> Result<(), DatapathError> {
+        crate::datapath::listener::can_listen(name, listen)
+    }
+
     fn apply(&self, effect: &Effect, snapshot: &Snapshot) -> Result<(), DatapathError> {
         match effect {
             Effect::ServiceAdded(name) => self.start(name, snapshot),

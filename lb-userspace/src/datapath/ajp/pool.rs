@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tracing::debug;
 
 use super::counters::BackendCounters;
 use crate::ajp::{CPING, CPONG};
+use crate::datapath::limit::{Limit, Slot};
 use crate::runtime::BackendRuntime;
 
 /// Why no connection could be had.
@@ -31,8 +32,6 @@ pub enum PoolError {
     NoPong(SocketAddr),
     #[error("all {0} connections to the backend are busy")]
     Full(u32),
-    #[error("the pool is closed")]
-    Closed,
 }
 
 /// An open connection to the backend, with its read buffer.
@@ -43,7 +42,7 @@ pub struct Conn {
     pub reused: bool,
     last_used: Instant,
     pool: Arc<Pool>,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl Conn {
@@ -67,8 +66,7 @@ pub struct Pool {
     /// The backend's connection and byte counters shared with the other datapaths' views.
     pub runtime: Arc<BackendRuntime>,
     idle: Mutex<Vec<Conn>>,
-    slots: Arc<Semaphore>,
-    size: Mutex<u32>,
+    slots: Arc<Limit>,
     open: AtomicU64,
     /// False while the backend is down or in maintenance, and after shutdown: returned
     /// connections are closed instead of kept.
@@ -85,8 +83,7 @@ impl Pool {
             counters: BackendCounters::default(),
             runtime,
             idle: Mutex::new(Vec::new()),
-            slots: Arc::new(Semaphore::new(size as usize)),
-            size: Mutex::new(size),
+            slots: Limit::new(size),
             open: AtomicU64::new(0),
             usable: AtomicBool::new(true),
             released: Notify::new(),
@@ -98,15 +95,16 @@ impl Pool {
         (self.idle.lock().unwrap().len() as u64, self.open.load(Relaxed))
     }
 
-    /// Follows a changed `pool_size` (shrinking only as far as free slots allow).
+    /// Follows a changed `pool_size`: shrinking closes idle connections above it at once, and
+    /// connections in use as they come back.
     pub fn resize(&self, want: u32) {
-        let mut size = self.size.lock().unwrap();
-        if want > *size {
-            self.slots.add_permits((want - *size) as usize);
-            *size = want;
-        } else if want < *size {
-            *size -= self.slots.forget_permits((*size - want) as usize) as u32;
-        }
+        self.slots.resize(want);
+        let mut idle = self.idle.lock().unwrap();
+        let over = (self.slots.debt() as usize).min(idle.len());
+        // The oldest first (idle is last-in first-out).
+        let closed: Vec<Conn> = idle.drain(..over).collect();
+        drop(idle);
+        drop(closed);
     }
 
     /// Marks the backend usable or not; closes the idle connections when not.
@@ -169,13 +167,10 @@ impl Pool {
                 }
             }
             tokio::select! {
-                p = self.slots.clone().acquire_owned() => match p {
-                    Ok(p) => break p,
-                    Err(_) => return Err(PoolError::Closed),
-                },
+                slot = self.slots.acquire() => break slot,
                 () = &mut released => {}
                 () = tokio::time::sleep_until(deadline) => {
-                    return Err(PoolError::Full(*self.size.lock().unwrap()));
+                    return Err(PoolError::Full(self.slots.size()));
                 }
             }
         };
@@ -224,7 +219,9 @@ impl Pool {
 
     /// Returns a connection after an End Response that allows reuse.
     pub fn release(&self, mut conn: Conn) {
-        if !self.usable.load(Relaxed) || !conn.buf.is_empty() {
+        // Closed when the backend is not to be used, the connection sent something unasked, or
+        // the pool is above a lowered `pool_size`.
+        if !self.usable.load(Relaxed) || !conn.buf.is_empty() || self.slots.debt() > 0 {
             return;
         }
         conn.last_used = Instant::now();
@@ -261,5 +258,84 @@ async fn cping(stream: &mut TcpStream, timeout: Duration) -> Ping {
         Ok(Ok(true)) => Ping::Pong,
         Ok(_) => Ping::Closed,
         Err(_) => Ping::Silent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backend on loopback that answers every CPing with a CPong and keeps its connections open.
+    async fn ponging_backend() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut ping = [0; 5];
+                    while c.read_exact(&mut ping).await.is_ok() && ping == CPING {
+                        if c.write_all(&CPONG).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        address
+    }
+
+    /// `pool_size` lowered by a reload while every connection is busy: the pool holds the new
+    /// size once they come back (returned connections above it are closed, not pooled), and
+    /// gives out no more than it afterwards.
+    #[tokio::test]
+    async fn a_pool_size_lowered_under_load_holds_once_connections_come_back() {
+        let pool = Pool::new(ponging_backend().await, 4, Arc::default());
+        let t = Duration::from_secs(2);
+        let quick = Duration::from_millis(100);
+        let mut busy = Vec::new();
+        for _ in 0..4 {
+            busy.push(pool.acquire(t, t, t, false).await.unwrap());
+        }
+        pool.resize(1);
+        for c in busy.drain(..) {
+            pool.release(c);
+        }
+        assert_eq!(pool.sizes(), (1, 1), "one pooled, three closed");
+        let one = pool.acquire(t, t, t, false).await.unwrap();
+        assert!(one.reused);
+        assert!(
+            matches!(
+                pool.acquire(quick, quick, t, false).await,
+                Err(PoolError::Full(1))
+            ),
+            "a second connection waits for a slot"
+        );
+        drop(one);
+        // Raised again: at once.
+        pool.resize(3);
+        for _ in 0..3 {
+            busy.push(pool.acquire(t, t, t, false).await.unwrap());
+        }
+        assert!(matches!(
+            pool.acquire(quick, quick, t, false).await,
+            Err(PoolError::Full(3))
+        ));
+    }
+
+    /// Lowered with idle connections above the new size: those close at once.
+    #[tokio::test]
+    async fn a_lowered_pool_size_closes_idle_connections_above_it() {
+        let pool = Pool::new(ponging_backend().await, 3, Arc::default());
+        let t = Duration::from_secs(2);
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            conns.push(pool.acquire(t, t, t, false).await.unwrap());
+        }
+        for c in conns {
+            pool.release(c);
+        }
+        assert_eq!(pool.sizes(), (3, 3));
+        pool.resize(1);
+        assert_eq!(pool.sizes(), (1, 1));
     }
 }
