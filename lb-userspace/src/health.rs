@@ -52,19 +52,12 @@ pub enum ProbeError {
 /// Logs that lb itself is short of resources (`e`), and what that cost (`consequence`): at most
 /// once a second (the shortage comes with a flood of connections), with how many since.
 pub fn warn_short_of_resources(service: &str, e: &std::io::Error, consequence: &str) {
-    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-    static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
-    static SINCE: AtomicU64 = AtomicU64::new(0);
-    let second = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let since = SINCE.fetch_add(1, Relaxed) + 1;
-    if LAST_SECOND.swap(second, Relaxed) != second {
-        SINCE.store(0, Relaxed);
+    static THROTTLE: crate::observe::throttle::Throttle = crate::observe::throttle::Throttle::new();
+    if let Some(times) = THROTTLE.due() {
         warn!(
             %service,
             error = %e,
-            times = since,
+            times,
             "lb is short of resources: {consequence} (raise the open-file limit or lower max_connections)"
         );
     }

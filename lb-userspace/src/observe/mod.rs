@@ -7,6 +7,7 @@
 //!   `/status.json`) on hyper.
 //! - [`status`]: the status page, a `stats` snapshot as HTML (and JSON).
 //! - [`top`]: `lb top`, the live terminal view over the control socket.
+//! - [`throttle`]: at most one log line per second for events a client can cause at will.
 //!
 //! All three, and `lb stats`, show the XDP counters by the taxonomy of [`lb_common::counters`].
 
@@ -14,6 +15,7 @@ pub mod http;
 pub mod metrics;
 mod metrics_ajp;
 pub mod status;
+pub mod throttle;
 pub mod top;
 
 #[cfg(test)]

@@ -526,7 +526,12 @@ impl<'a> Request<'a> {
                 .any(|got| got.as_deref().is_some_and(|g| constant_time_eq(g, want)));
             if !ok {
                 self.svc.counters.refused_secret.fetch_add(1, Relaxed);
-                warn!(service = %self.svc.name, peer = %self.peer, "request without the right AJP secret refused (403)");
+                // A client may send these at will: one line a second, with the count.
+                static THROTTLE: crate::observe::throttle::Throttle =
+                    crate::observe::throttle::Throttle::new();
+                if let Some(times) = THROTTLE.due() {
+                    warn!(service = %self.svc.name, peer = %self.peer, times, "requests without the right AJP secret refused (403)");
+                }
                 return Some("secret");
             }
         }
