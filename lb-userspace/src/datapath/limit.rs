@@ -6,21 +6,19 @@
 //! so the limit reaches its new size as soon as enough slots are given back (not only at the next
 //! change).
 
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed, Ordering::SeqCst, fence};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
 
-/// The limit: `size` slots, of which at most `size` are held once the debt is paid.
+/// The limit: `size` slots, of which at most `size` are held once the debt is paid. Taking and
+/// giving back a slot takes no lock of its own (only a resize does).
 pub struct Limit {
     permits: Semaphore,
-    state: Mutex<Sizes>,
-}
-
-struct Sizes {
+    /// Slots to forget as they are given back: held above the size.
+    debt: AtomicU32,
     /// The size asked for.
-    size: u32,
-    /// Slots to forget as they are given back: held above `size`.
-    debt: u32,
+    size: Mutex<u32>,
 }
 
 /// One slot of a [`Limit`], given back when dropped.
@@ -30,13 +28,14 @@ impl Limit {
     pub fn new(size: u32) -> Arc<Limit> {
         Arc::new(Limit {
             permits: Semaphore::new(size as usize),
-            state: Mutex::new(Sizes { size, debt: 0 }),
+            debt: AtomicU32::new(0),
+            size: Mutex::new(size),
         })
     }
 
     /// The size asked for (slots may still be held above it until they are given back).
     pub fn size(&self) -> u32 {
-        self.state.lock().unwrap().size
+        *self.size.lock().unwrap()
     }
 
     /// Waits for a free slot.
@@ -52,34 +51,62 @@ impl Limit {
     /// Changes the size: at once upward and as far as free slots allow downward, the rest as slots
     /// are given back.
     pub fn resize(&self, want: u32) {
-        let mut s = self.state.lock().unwrap();
-        if want > s.size {
-            let grow = want - s.size;
-            let paid = grow.min(s.debt);
-            s.debt -= paid;
+        let mut size = self.size.lock().unwrap();
+        if want > *size {
+            let grow = want - *size;
+            let paid = self.take_debt(grow);
             self.permits.add_permits((grow - paid) as usize);
-        } else {
-            let shrink = s.size - want;
-            let forgotten = self.permits.forget_permits(shrink as usize) as u32;
-            s.debt += shrink - forgotten;
+        } else if want < *size {
+            self.debt.fetch_add(*size - want, Relaxed);
+            self.settle();
         }
-        s.size = want;
+        *size = want;
     }
 
     /// Slots still held above the size (given back without freeing a permit).
     pub fn debt(&self) -> u32 {
-        self.state.lock().unwrap().debt
+        self.debt.load(Relaxed)
+    }
+
+    /// Takes up to `n` off the debt; returns how many.
+    fn take_debt(&self, n: u32) -> u32 {
+        let mut taken = 0;
+        let _ = self.debt.fetch_update(Relaxed, Relaxed, |d| {
+            taken = d.min(n);
+            Some(d - taken)
+        });
+        taken
+    }
+
+    /// Pays the debt with free permits, after anything that added one or raised the debt. The
+    /// fence orders that change before the look at the other: of a slot given back and a resize
+    /// racing, one sees the other's, so no permit stays free while a debt is owed.
+    fn settle(&self) {
+        loop {
+            fence(SeqCst);
+            let owed = self.debt.load(Relaxed);
+            if owed == 0 {
+                return;
+            }
+            let forgotten = self.permits.forget_permits(owed as usize) as u32;
+            let paid = self.take_debt(forgotten);
+            if paid == forgotten {
+                return;
+            }
+            // Paid meanwhile by a slot given back: the permits beyond the debt are free again.
+            self.permits.add_permits((forgotten - paid) as usize);
+        }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut s = self.0.state.lock().unwrap();
-        if s.debt > 0 {
-            s.debt -= 1;
-        } else {
-            self.0.permits.add_permits(1);
+        let limit = &self.0;
+        if limit.debt.load(Relaxed) > 0 && limit.take_debt(1) == 1 {
+            return;
         }
+        limit.permits.add_permits(1);
+        limit.settle();
     }
 }
 
@@ -125,6 +152,34 @@ mod tests {
         assert_eq!((limit.size(), limit.debt(), free(&limit)), (5, 0, 2));
         drop(held);
         assert_eq!(free(&limit), 5);
+    }
+
+    /// Slots taken and given back on four threads while the size goes up and down: once all are
+    /// back, exactly the last size is free and nothing is owed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_slots_and_resizes_end_at_the_last_size() {
+        let limit = Limit::new(8);
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let limit = limit.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..20_000 {
+                    let slot = limit.acquire().await;
+                    tokio::task::yield_now().await;
+                    drop(slot);
+                }
+            }));
+        }
+        let sizes = [2, 12, 1, 8, 3, 16, 5];
+        for i in 0..5_000 {
+            limit.resize(sizes[i % sizes.len()]);
+            tokio::task::yield_now().await;
+        }
+        limit.resize(6);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!((limit.debt(), free(&limit)), (0, 6));
     }
 
     async fn held_slots(limit: &Arc<Limit>, n: usize) -> Vec<Slot> {
