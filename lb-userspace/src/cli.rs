@@ -428,7 +428,7 @@ pub fn which(view: &WhichView) -> String {
 /// `lb reload`.
 pub fn reload(view: &ReloadView) -> String {
     let mut out = String::new();
-    if view.applied.is_empty() {
+    if view.applied.is_empty() && view.problems.is_empty() {
         out.push_str("reloaded: nothing changed\n");
     }
     for a in &view.applied {

@@ -5,7 +5,7 @@
 
 use crate::config::enum_text;
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -441,7 +441,7 @@ impl Engine {
         };
         let before = self.snapshot();
         let mut commands = state::diff(&old, &new);
-        self.keep_moves_that_cannot_listen(&old, &mut commands, &mut applied_config, &mut view);
+        self.keep_moves_that_cannot_listen(&before, &old, &mut commands, &mut applied_config, &mut view);
         for command in commands {
             let description = describe(&command);
             match self.execute_by(command.clone(), &origin) {
@@ -476,45 +476,59 @@ impl Engine {
         Ok(view)
     }
 
-    /// Takes out of a reload's `commands` each move (a service removed and added anew on another
-    /// listen address) whose datapath could not listen where it goes: the service runs on as it
-    /// was (connections, affinity, counters, health), the file's old entry stays the applied one
-    /// so the next reload tries again, and the view reports it.
+    /// Takes out of a reload's `commands` each move (a running service removed and added anew on
+    /// another listen address) whose datapath could not listen where it goes: the service runs on
+    /// as it was (connections, affinity, counters, health), the file's old entry stays the applied
+    /// one so the next reload tries again, and the view reports it. An address in use passes only
+    /// when a service this reload removes holds it (the real bind then decides).
     fn keep_moves_that_cannot_listen(
         &self,
+        before: &Snapshot,
         old: &Config,
         commands: &mut Vec<Command>,
         applied: &mut Config,
         view: &mut ReloadView,
     ) {
-        let mut kept = Vec::new();
-        for command in commands.iter() {
-            let Command::AddService { service } = command else {
-                continue;
-            };
-            let Some(was) = old.services.iter().find(|s| s.name == service.name) else {
-                continue;
-            };
-            let refused = self
-                .datapath(service.datapath)
-                .filter(|_| was.listen != service.listen)
-                .and_then(|d| d.can_listen(&service.name, service.listen).err());
-            if let Some(e) = refused {
-                warn!(service = %was.name, listen = %was.listen, error = %e, "reload: service kept as it was");
-                view.problems.push(format!(
-                    "service {} kept as it was, on {}: {e}",
-                    was.name, was.listen
-                ));
-                applied.services.retain(|s| s.name != was.name);
-                applied.services.push(was.clone());
-                kept.push(was.name.clone());
-            }
+        // Until nothing more is kept: a service kept where it was keeps its address from others.
+        loop {
+            let leaving: Vec<SocketAddr> = commands
+                .iter()
+                .filter_map(|c| match c {
+                    Command::RemoveService { service } => before.state.services.get(service),
+                    _ => None,
+                })
+                .map(|s| s.settings.listen)
+                .collect();
+            let refused = commands.iter().find_map(|c| {
+                let Command::AddService { service } = c else {
+                    return None;
+                };
+                let running = before.state.services.get(&service.name)?;
+                let was = old.services.iter().find(|s| s.name == service.name)?;
+                if running.settings.listen == service.listen {
+                    return None;
+                }
+                let e = self
+                    .datapath(service.datapath)?
+                    .can_listen(&service.name, service.listen)
+                    .err()?;
+                let held_by_leaver = matches!(&e, DatapathError::Bind { source, .. }
+                    if source.kind() == std::io::ErrorKind::AddrInUse)
+                    && leaving.contains(&service.listen);
+                (!held_by_leaver).then(|| (running.settings.listen, was.clone(), e))
+            });
+            let Some((listen, was, e)) = refused else { return };
+            warn!(service = %was.name, %listen, error = %e, "reload: service kept as it was");
+            view.problems
+                .push(format!("service {} kept as it was, on {listen}: {e}", was.name));
+            commands.retain(|c| match c {
+                Command::AddService { service } => service.name != was.name,
+                Command::RemoveService { service } => *service != was.name,
+                _ => true,
+            });
+            applied.services.retain(|s| s.name != was.name);
+            applied.services.push(was);
         }
-        commands.retain(|c| match c {
-            Command::AddService { service } => !kept.contains(&service.name),
-            Command::RemoveService { service } => !kept.contains(service),
-            _ => true,
-        });
     }
 
     /// A change removed `was` to make it anew (its listen address or datapath changed) and the
@@ -543,9 +557,9 @@ impl Engine {
         let name = &was.settings.name;
         match self.put_back(was, origin) {
             Ok(_) => {
-                warn!(service = %name, listen = %was.settings.listen, "reload: service kept as it was");
+                warn!(service = %name, listen = %was.settings.listen, "reload: service put back as it was");
                 view.problems.push(format!(
-                    "service {name} kept as it was, on {}",
+                    "service {name} put back as it was, on {} (its affinity and counters start anew)",
                     was.settings.listen
                 ));
                 applied

@@ -153,7 +153,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AffinityCmd,
     },
-    /// Re-read the config file and apply what changed.
+    /// Re-read the config file and apply what changed (exit 1 if a change was not made).
     Reload {
         #[command(flatten)]
         client: ClientArgs,

@@ -43,6 +43,8 @@ pub struct Journal {
     pub refuse_listen: Option<std::net::SocketAddr>,
     /// An address `can_listen` refuses (and `apply` too), as one no interface has.
     pub unbindable: Option<std::net::SocketAddr>,
+    /// Addresses `can_listen` finds in use (`apply` binds them: their holder has left).
+    pub in_use: Vec<std::net::SocketAddr>,
     /// Backend names per service as the datapath last saw them: what it would forward to.
     pub forwarding: std::collections::BTreeMap<String, Vec<String>>,
 }
@@ -76,14 +78,19 @@ impl Datapath for FakeDatapath {
     }
 
     fn can_listen(&self, name: &str, listen: std::net::SocketAddr) -> Result<(), DatapathError> {
-        if self.journal.lock().unwrap().unbindable == Some(listen) {
-            return Err(DatapathError::Bind {
-                service: name.to_string(),
-                listen,
-                source: std::io::Error::from(std::io::ErrorKind::AddrNotAvailable),
-            });
-        }
-        Ok(())
+        let j = self.journal.lock().unwrap();
+        let kind = if j.unbindable == Some(listen) {
+            std::io::ErrorKind::AddrNotAvailable
+        } else if j.in_use.contains(&listen) {
+            std::io::ErrorKind::AddrInUse
+        } else {
+            return Ok(());
+        };
+        Err(DatapathError::Bind {
+            service: name.to_string(),
+            listen,
+            source: kind.into(),
+        })
     }
 
     fn apply(&self, effect: &Effect, snapshot: &Snapshot) -> Result<(), DatapathError> {

@@ -217,17 +217,13 @@ pub fn bind_hint(e: &std::io::Error) -> &'static str {
 }
 
 /// Whether service `name` could listen on `listen` now: binds a socket there without listening
-/// (no client can reach it) and closes it. An address in use passes: the service holding it may be
-/// about to leave it in the same reload.
+/// (no client can reach it) and closes it.
 pub fn can_listen(name: &str, listen: SocketAddr) -> Result<(), DatapathError> {
-    match bound(listen) {
-        Err(source) if source.kind() != std::io::ErrorKind::AddrInUse => Err(DatapathError::Bind {
-            service: name.to_string(),
-            listen,
-            source,
-        }),
-        _ => Ok(()),
-    }
+    bound(listen).map(drop).map_err(|source| DatapathError::Bind {
+        service: name.to_string(),
+        listen,
+        source,
+    })
 }
 
 /// A socket bound with SO_REUSEADDR, so a restart does not wait for TIME_WAIT.

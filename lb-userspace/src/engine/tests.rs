@@ -749,6 +749,45 @@ fn a_move_to_an_address_that_cannot_be_bound_leaves_the_service_untouched() {
     );
 }
 
+/// An address in use lets a move begin only when a service this reload removes holds it: a
+/// service kept where it was holds its address, so one moving onto it is kept too; one moving
+/// onto the address of a service that leaves moves.
+#[test]
+fn a_move_onto_an_address_in_use_begins_only_if_its_holder_leaves() {
+    let api = "[[service]]\nname = \"api\"\nlisten = \"10.0.0.101:81\"\n[service.health]\nkind = \"none\"\n[[service.backend]]\naddress = \"10.1.9.2:80\"\n";
+    let both = format!("{BASE}{api}");
+    let bed = Bed::new(&both);
+    bed.journal.lock().unwrap().in_use = vec!["10.0.0.101:81".parse().unwrap()];
+    // web onto api's address, api to an address no interface has: both stay.
+    bed.journal.lock().unwrap().unbindable = Some("10.0.0.102:81".parse().unwrap());
+    let chain = format!(
+        "{}{}",
+        BASE.replace("10.0.0.100:80", "10.0.0.101:81"),
+        api.replace("10.0.0.101:81", "10.0.0.102:81")
+    );
+    bed.calls();
+    let view = bed.reload(&chain);
+    assert!(view.applied.is_empty(), "{:?}", view.applied);
+    assert_eq!(view.problems.len(), 2, "{:?}", view.problems);
+    assert!(
+        view.problems[1].contains("service web kept as it was, on 10.0.0.100:80"),
+        "{:?}",
+        view.problems
+    );
+    assert_eq!(bed.calls(), [], "the datapath was asked nothing");
+    // web onto api's address while api leaves the file: web moves.
+    let view = bed.reload(&BASE.replace("10.0.0.100:80", "10.0.0.101:81"));
+    assert!(view.problems.is_empty(), "{:?}", view.problems);
+    assert_eq!(
+        view.applied,
+        [
+            "remove service api",
+            "remove service web",
+            "add service web on 10.0.0.101:81"
+        ]
+    );
+}
+
 #[test]
 fn a_service_whose_move_fails_in_a_reload_keeps_running_as_it_was_and_the_move_is_retried() {
     let bed = Bed::new(BASE);
@@ -765,7 +804,7 @@ fn a_service_whose_move_fails_in_a_reload_keeps_running_as_it_was_and_the_move_i
     assert!(
         view.problems
             .iter()
-            .any(|p| p.contains("kept as it was, on 10.0.0.100:80")),
+            .any(|p| p.contains("put back as it was, on 10.0.0.100:80")),
         "{:?}",
         view.problems
     );

@@ -28,12 +28,12 @@ impl Throttle {
     }
 
     fn due_at(&self, second: u64) -> Option<u64> {
-        let since = self.since.fetch_add(1, Relaxed) + 1;
+        self.since.fetch_add(1, Relaxed);
         if self.last_second.swap(second, Relaxed) == second {
             return None;
         }
-        self.since.fetch_sub(since, Relaxed);
-        Some(since)
+        // Everything counted since the last line (two threads due at once share the count).
+        Some(self.since.swap(0, Relaxed).max(1))
     }
 }
 

@@ -527,9 +527,7 @@ impl<'a> Request<'a> {
             if !ok {
                 self.svc.counters.refused_secret.fetch_add(1, Relaxed);
                 // A client may send these at will: one line a second, with the count.
-                static THROTTLE: crate::observe::throttle::Throttle =
-                    crate::observe::throttle::Throttle::new();
-                if let Some(times) = THROTTLE.due() {
+                if let Some(times) = self.svc.secret_refusals.due() {
                     warn!(service = %self.svc.name, peer = %self.peer, times, "requests without the right AJP secret refused (403)");
                 }
                 return Some("secret");

@@ -90,6 +90,8 @@ pub(crate) struct Service {
     pools: Mutex<HashMap<u32, Arc<Pool>>>,
     /// Where new connections' outcomes go (passive health).
     passive: Passive,
+    /// Logs requests refused for a wrong secret, at most once a second.
+    pub secret_refusals: crate::observe::throttle::Throttle,
 }
 
 impl Service {
@@ -216,6 +218,7 @@ impl AjpDatapath {
             name: name.to_string(),
             balancer: self.balancer.clone(),
             counters: Default::default(),
+            secret_refusals: Default::default(),
             settings: Mutex::new(Arc::new(Settings::new(None, svc.settings.connect_timeout))),
             pools: Mutex::new(HashMap::new()),
             passive: self.passive.clone(),
