@@ -57,7 +57,8 @@ pub const FLOW_ANSWERED: u32 = 1 << 2;
 /// answers a SYN with a bare ACK, so such an answer is a collision, never a refusal. Set at
 /// creation (byte 0) when the port was taken from a half-open flow (reclaimed when the SNAT ports
 /// are all held, as under a SYN flood, or expired: the backend may hold it half-open), or from a
-/// flow that had the flag: it passes on with the port. A stale answer sets it too (the RST goes to the client, the
+/// flow that had the flag, or was a SYN-cookie flow (no timestamps: its TIME_WAIT turns down a
+/// new SYN whose sequence number is not beyond its own): it passes on with the port. A stale answer sets it too (the RST goes to the client, the
 /// backend keeps its connection): the port's next flow does not take the same answer for news. So
 /// does the backend's FIN after the client's (until the client's last ACK reaches it, the backend
 /// holds the 4-tuple in LAST_ACK), and, for [`FRESH_MAPS_HELD_NS`] after a start that made new

@@ -1255,8 +1255,10 @@ fn take_port(
                 let _ = CONNTRACK.remove(fwd_key);
             }
             // The backend may still hold the 4-tuple (passive::stale_answer): the old flow was
-            // half-open (reclaimed, or expired), or held it.
-            if old.flags & (FLOW_HALF_OPEN | FLOW_HELD) != 0 {
+            // half-open (reclaimed, or expired), or held it, or was a SYN-cookie flow (its SYN
+            // carried no timestamps, so the backend's TIME_WAIT judges a new SYN by its sequence
+            // number alone and turns down about half of them with a bare ACK).
+            if old.flags & (FLOW_HALF_OPEN | FLOW_HELD | FLOW_COOKIE) != 0 {
                 reply.flags |= FLOW_HELD;
             }
             // SAFETY: as above.

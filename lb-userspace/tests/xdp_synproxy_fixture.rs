@@ -31,11 +31,14 @@ struct Fixture {
 
 impl Fixture {
     fn new(hook: Hook) -> Fixture {
-        let sizes = XdpConfig {
+        Fixture::with(XdpConfig {
             mode: common::mode(hook),
             syn_cookies: SynCookies::On,
             ..XdpConfig::default()
-        };
+        })
+    }
+
+    fn with(sizes: XdpConfig) -> Fixture {
         let xdp = XdpDatapath::start_unattached(&sizes, 0, RING).expect("load XDP program");
         assert!(
             xdp.syn_cookies_on(),
@@ -409,6 +412,72 @@ fn xdp_cookie_ack_without_a_snat_port_is_reset(hook: Hook) {
     });
 }
 
+/// A SYN-cookie connection's SYN toward the backend carries no timestamps, so the backend's
+/// TIME_WAIT on that SNAT 4-tuple judges the next SYN by its sequence number alone and turns down
+/// about half of them with a bare ACK (seen after SYN floods: a refused connect). The next flow on
+/// the port is held: that bare ACK is a collision, passed to the client (whose RST clears the
+/// TIME_WAIT for its SYN's next try), never an RST that refuses it.
+fn xdp_a_port_a_cookie_connection_used_is_held_for_the_next_flow(hook: Hook) {
+    if !common::ready("xdp_a_port_a_cookie_connection_used_is_held_for_the_next_flow") {
+        return;
+    }
+    in_fixture_netns(3, 3, |client_if, backend_if| {
+        // One SNAT port, so the second connection takes the first one's.
+        let fx = Fixture::with(XdpConfig {
+            mode: common::mode(hook),
+            syn_cookies: SynCookies::On,
+            snat_ports: (10000, 10000),
+            ..XdpConfig::default()
+        });
+        let c = client(0);
+        let want = fx.ring_choice(c);
+        let want_mac = backend_mac(want.octets()[3] - 1);
+        let isn = 5000;
+        let cookie = cookie_syn_ack(&fx, client_if, c, 40000, isn);
+        let ack = from_client(c, 40000, ACK, isn + 1, cookie.wrapping_add(1)).build();
+        let (p, _) = fx.run(&ack, client_if, "cookie ACK");
+        let (snat, isn_b) = (p.src, p.seq);
+        assert_eq!(snat.1, 10000);
+        let syn_ack = Tcp::new((want, 8080), snat, SYN | ACK)
+            .macs(want_mac, LB_MAC)
+            .seq(700)
+            .ack(isn_b.wrapping_add(1))
+            .build();
+        fx.run(&syn_ack, backend_if, "backend SYN-ACK");
+        // The client ends it; its port is lent 100 ms after the reset.
+        fx.run(
+            &from_client(c, 40000, RST, isn + 1, 0).build(),
+            client_if,
+            "client RST",
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+
+        fx.xdp.set_syn_cookies(false).unwrap();
+        let syn = from_client(c, 40001, SYN, 9, 0)
+            .tcp_options(&syn_options(1, 0))
+            .build();
+        let (p, _) = fx.run(&syn, client_if, "SYN without cookies");
+        assert_eq!(
+            (p.src, p.dst, p.flags),
+            (snat, (want, 8080), SYN),
+            "on the same port"
+        );
+        // The backend's TIME_WAIT of the cookie connection turns it down.
+        let bare = Tcp::new((want, 8080), snat, ACK)
+            .macs(want_mac, LB_MAC)
+            .seq(701)
+            .ack(isn_b.wrapping_add(1))
+            .build();
+        let (p, _) = fx.run(&bare, backend_if, "backend's bare ACK");
+        assert_eq!(p.dst, (c, 40001));
+        assert_eq!(
+            p.flags, ACK,
+            "passed on as a collision, not an RST that refuses the client"
+        );
+        assert_eq!(fx.counter("stale_collision"), 1);
+    });
+}
+
 fn xdp_cookies_off_answers_nothing_from_xdp(hook: Hook) {
     if !common::ready("xdp_cookies_off_answers_nothing_from_xdp") {
         return;
@@ -454,4 +523,5 @@ lb_tests::per_hook!(
     xdp_cookie_handshake_and_translated_data_both_ways,
     xdp_cookie_ack_without_a_snat_port_is_reset,
     xdp_cookies_off_answers_nothing_from_xdp,
+    xdp_a_port_a_cookie_connection_used_is_held_for_the_next_flow,
 );

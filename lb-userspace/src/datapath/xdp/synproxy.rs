@@ -242,6 +242,11 @@ impl XdpDatapath {
     pub fn syn_cookies_on(&self) -> bool {
         self.inner.lock().unwrap().synproxy.on
     }
+
+    /// Switches SYN cookies on or off now, as "auto" does (which may switch them back).
+    pub fn set_syn_cookies(&self, on: bool) -> Result<(), XdpError> {
+        self.inner.lock().unwrap().synproxy.set(on)
+    }
 }
 
 #[cfg(test)]
