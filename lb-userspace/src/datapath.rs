@@ -137,8 +137,14 @@ pub trait Datapath: Send + Sync {
 
     /// A backend went down with `on_down = "reset"`, or was disabled with `--reset`: resets its
     /// open connections (both ends see an RST; XDP marks the flows so each end's next packet is
-    /// answered with one) and returns how many it reset.
-    fn reset_backend(&self, service: &Service, backend: &Backend) -> usize;
+    /// answered with one) and returns how many it reset. `runtime` is the backend's, from the same
+    /// snapshot as `service` and `backend`. By default the user-space datapaths' way: their
+    /// connections to the backend watch its reset token.
+    fn reset_backend(&self, _service: &Service, _backend: &Backend, runtime: &BackendRuntime) -> usize {
+        let open = crate::runtime::BackendStats::get(&runtime.stats.active_connections) as usize;
+        runtime.reset_connections();
+        open
+    }
 
     /// The affinity table of the datapath's services when it keeps its own (the kernel's), or
     /// `None` when they use the shared balancer's.

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::balancer::{Balancer, Reason, SelectError};
-use crate::config::{Config, ConfigError, DatapathKind};
+use crate::config::{BackendConfig, Config, ConfigError, DatapathKind, ServiceConfig};
 use crate::control::protocol::{
     AFFINITY_LIST_DEFAULT, AffinityChange, AffinityChangeView, AffinityEntryView, AffinityListView,
     BackendStatsView, BackendView, CheckView, Query, ReloadView, Request, ResetView, ServiceStatsView,
@@ -388,7 +388,7 @@ impl Engine {
         };
         let datapath = self.datapath_of(svc);
         if health == Health::Down && svc.settings.on_down == crate::config::OnDown::Reset {
-            let reset = datapath.reset_backend(svc, be);
+            let reset = datapath.reset_backend(svc, be, &snapshot.runtime(svc, be));
             info!(%service, %backend, connections = reset, "on_down = reset: open connections reset");
         }
     }
@@ -421,6 +421,7 @@ impl Engine {
             ("[xdp]", new.xdp != old.xdp),
             ("[metrics]", new.metrics != old.metrics),
             ("[announce]", new.announce != old.announce),
+            ("state_file", new.state_file != old.state_file),
         ];
         for (setting, changed) in restart_only {
             if changed {
@@ -437,6 +438,7 @@ impl Engine {
             xdp: old.xdp.clone(),
             metrics: old.metrics.clone(),
             announce: old.announce.clone(),
+            state_file: old.state_file.clone(),
             ..new.clone()
         };
         let before = self.snapshot();
@@ -444,13 +446,15 @@ impl Engine {
         self.keep_moves_that_cannot_listen(&before, &old, &mut commands, &mut applied_config, &mut view);
         for command in commands {
             let description = describe(&command);
-            match self.execute_by(command.clone(), &origin) {
+            // Checked as a control-socket change is: against what runs (a service or backend added
+            // at runtime, the settings read at start), not only against the file itself.
+            match self.execute_checked(command.clone(), &origin, Some(&applied_config)) {
                 Ok(_) => view.applied.push(description),
                 Err(e) => {
                     warn!(change = %description, error = %e, "reload: change not applied");
                     view.problems.push(format!("{description}: {e}"));
-                    // Remember what did not come up, so the next reload tries again.
-                    forget_failed(&mut applied_config, &command);
+                    // Remember what was not done, so the next reload tries again.
+                    forget_failed(&mut applied_config, &old, &command);
                     if let Command::AddService { service } = &command
                         && let Some(was) = before.state.services.get(&service.name)
                         && self.snapshot().state.service(&service.name).is_err()
@@ -1069,7 +1073,9 @@ impl Engine {
                 connections: 0,
             });
         };
-        let connections = self.datapath_of(svc).reset_backend(svc, be) as u64;
+        let connections = self
+            .datapath_of(svc)
+            .reset_backend(svc, be, &snapshot.runtime(svc, be)) as u64;
         let name = be.config.name.clone();
         info!(%service, backend = %name, connections, by = %origin, "maintenance with reset: open connections reset");
         Ok(ResetView {
@@ -1237,12 +1243,50 @@ pub(crate) fn describe(command: &Command) -> String {
     }
 }
 
-fn forget_failed(config: &mut Config, command: &Command) {
+/// Keeps in the config a reload records as applied what a failed `command` left as it was (the
+/// entry of the `old` file, or none for an add), so the next reload finds the difference again and
+/// retries it instead of taking it for done.
+fn forget_failed(config: &mut Config, old: &Config, command: &Command) {
+    let old_service = |name: &str| old.services.iter().find(|s| s.name == name);
+    fn service_of<'a>(config: &'a mut Config, name: &str) -> Option<&'a mut ServiceConfig> {
+        config.services.iter_mut().find(|s| s.name == name)
+    }
     match command {
         Command::AddService { service } => config.services.retain(|s| s.name != service.name),
+        Command::RemoveService { service } => {
+            if let Some(was) = old_service(service) {
+                config.services.retain(|s| &s.name != service);
+                config.services.push(was.clone());
+            }
+        }
+        Command::UpdateService { service } => {
+            if let (Some(was), Some(s)) = (old_service(&service.name), service_of(config, &service.name)) {
+                let backends = std::mem::take(&mut s.backends);
+                *s = ServiceConfig {
+                    backends,
+                    ..was.clone()
+                };
+            }
+        }
         Command::AddBackend { service, backend } => {
-            if let Some(s) = config.services.iter_mut().find(|s| &s.name == service) {
+            if let Some(s) = service_of(config, service) {
                 s.backends.retain(|b| b.address != backend.address);
+            }
+        }
+        Command::UpdateBackend { service, backend } => {
+            let same = |b: &&BackendConfig| (b.address, &b.name) == (backend.address, &backend.name);
+            let was = old_service(service).and_then(|o| o.backends.iter().find(same));
+            if let (Some(was), Some(s)) = (was, service_of(config, service))
+                && let Some(b) = s.backends.iter_mut().find(|b| same(&&**b))
+            {
+                *b = was.clone();
+            }
+        }
+        Command::RemoveBackend { service, backend } => {
+            let was = old_service(service)
+                .and_then(|o| o.backends.iter().find(|b| b.address.to_string() == *backend));
+            if let (Some(was), Some(s)) = (was, service_of(config, service)) {
+                s.backends.push(was.clone());
             }
         }
         _ => {}

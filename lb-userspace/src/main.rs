@@ -459,9 +459,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let (socket, how) = find_socket(cli.socket, &target.unwrap_or_default())?;
     let response = client::call_found(&socket, &how, &request)?;
+    let unfinished = matches!(request, Request::Reload) && reload_had_problems(&response.result);
     if json {
         emit(format!("{}\n", serde_json::to_string_pretty(&response)?).as_bytes())?;
-        if !response.ok {
+        if !response.ok || unfinished {
             std::process::exit(1);
         }
         return Ok(());
@@ -487,8 +488,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         (Request::Reload, _) => {
             let view = serde_json::from_value::<ReloadView>(result)?;
             emit(lb::cli::reload(&view).as_bytes())?;
-            // Some change was not made: a script must not read this as done.
-            if !view.problems.is_empty() {
+            if unfinished {
                 std::process::exit(1);
             }
             return Ok(());
@@ -506,6 +506,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     emit(out.as_bytes())
+}
+
+/// Whether a reload's answer lists a change that was not made: `lb reload` then exits 1, with or
+/// without `--json`, so a script cannot read it as done.
+fn reload_had_problems(result: &Option<serde_json::Value>) -> bool {
+    result
+        .as_ref()
+        .and_then(|r| r.get("problems"))
+        .and_then(serde_json::Value::as_array)
+        .is_some_and(|p| !p.is_empty())
 }
 
 /// The request a client subcommand sends: the same [`Request`] values the daemon decodes, built

@@ -125,7 +125,7 @@ impl StateFile {
                     let log = snapshot.runtime(svc, b).transitions.lock().unwrap().clone();
                     (b.config.name.clone(), SavedLog::of(&log))
                 })
-                .filter(|(_, l)| !l.recent.is_empty() || l.health + l.state > 0)
+                .filter(|(_, l)| !l.recent.is_empty() || l.health > 0 || l.state > 0)
                 .collect();
             if !logs.is_empty() {
                 transitions.insert(svc.settings.name.clone(), logs);

@@ -97,8 +97,9 @@ impl TransitionLog {
     /// Counts `t` and keeps it, dropping the oldest beyond [`RECENT_TRANSITIONS`].
     pub fn record(&mut self, t: Transition) {
         match t.kind {
-            TransitionKind::Health => self.health += 1,
-            TransitionKind::State => self.state += 1,
+            // Saturating: a state file may bring back any count.
+            TransitionKind::Health => self.health = self.health.saturating_add(1),
+            TransitionKind::State => self.state = self.state.saturating_add(1),
         }
         if self.recent.len() == RECENT_TRANSITIONS {
             self.recent.pop_front();

@@ -1100,7 +1100,12 @@ fn xdp_reset_backend_answers_both_ends_with_rst(hook: Hook) {
             .iter()
             .find(|b| b.config.address == std::net::SocketAddr::from(backend))
             .unwrap();
-        assert_eq!(fx.xdp.reset_backend(svc, be), 1, "one open connection marked");
+        assert_eq!(
+            fx.xdp
+                .reset_backend(svc, be, &lb::runtime::BackendRuntime::default()),
+            1,
+            "one open connection marked"
+        );
         let active = |fx: &Fixture| fx.xdp.backend_traffic("web")[&be.id].active;
         assert_eq!(active(&fx), 0, "a marked connection is no longer counted open");
         let which = fx.xdp.kernel_which("web", c, Some(43000)).unwrap();
@@ -1140,7 +1145,12 @@ fn xdp_reset_backend_answers_both_ends_with_rst(hook: Hook) {
         assert_eq!((p.src, p.dst), (snat, backend));
         assert_eq!((p.seq, p.flags), (1001, RST));
         assert_eq!(fx.counter("reset_flow"), 2);
-        assert_eq!(fx.xdp.reset_backend(svc, be), 0, "nothing left to reset");
+        assert_eq!(
+            fx.xdp
+                .reset_backend(svc, be, &lb::runtime::BackendRuntime::default()),
+            0,
+            "nothing left to reset"
+        );
 
         // A new connection from the same client is forwarded as usual.
         let (verdict, out, _) = fx
@@ -1467,6 +1477,67 @@ fn xdp_new_flows_follow_a_changed_neighbour_after_the_cache_time(hook: Hook) {
     });
 }
 
+/// A backend added on the kernel index of one removed before it (here the only free one) starts
+/// with its counters at 0, not at the totals of the one that had the index.
+fn xdp_a_backend_on_a_reused_index_starts_with_zero_counters(hook: Hook) {
+    if !common::ready("xdp_a_backend_on_a_reused_index_starts_with_zero_counters") {
+        return;
+    }
+    in_fixture_netns(1, 4, |client_if, _| {
+        let sizes = lb::config::XdpConfig {
+            max_backends: 3,
+            ..common::sizes(hook)
+        };
+        let mut fx = Fixture {
+            state: State::new(0, RING),
+            xdp: XdpDatapath::start_unattached(&sizes, 0, RING).expect("load the datapath program"),
+        };
+        fx.apply(Command::AddService { service: service() });
+        let (verdict, out, _) = fx
+            .xdp
+            .test_run(&frame_seq((client(0), 43000), (VIP, 80), SYN, 1000), client_if, 1)
+            .unwrap();
+        assert_eq!(verdict, XDP_REDIRECT);
+        let used = std::net::SocketAddr::from((parse(&out).dst.0, 8080));
+        let id_of = |fx: &Fixture, address: std::net::SocketAddr| {
+            let svc = fx.state.service("web").unwrap();
+            svc.backends
+                .iter()
+                .find(|b| b.config.address == address)
+                .unwrap()
+                .id
+        };
+        let before = fx.xdp.backend_traffic("web")[&id_of(&fx, used)].traffic;
+        assert_eq!(
+            (before.packets_in, before.new_flows),
+            (1, 1),
+            "the SYN is counted"
+        );
+        fx.apply(Command::RemoveBackend {
+            service: "web".into(),
+            backend: used.to_string(),
+        });
+        let b4: std::net::SocketAddr = format!("{}:8080", backend_ip(4)).parse().unwrap();
+        fx.apply(Command::AddBackend {
+            service: "web".into(),
+            backend: BackendConfig {
+                name: "b4".into(),
+                address: b4,
+                weight: 1,
+                backup: false,
+                state: AdminState::Active,
+                route: "b4".into(),
+            },
+        });
+        let after = fx.xdp.backend_traffic("web")[&id_of(&fx, b4)].traffic;
+        assert_eq!(
+            after,
+            lb_common::maps::TrafficCounters::default(),
+            "b4 starts at 0"
+        );
+    });
+}
+
 fn service() -> ServiceConfig {
     common::xdp_service(
         (1..=3)
@@ -1495,6 +1566,7 @@ lb_tests::per_hook!(
     xdp_answers_a_packet_without_connection_with_rst,
     xdp_resets_are_rate_limited,
     xdp_reset_backend_answers_both_ends_with_rst,
+    xdp_a_backend_on_a_reused_index_starts_with_zero_counters,
     xdp_invalid_packets_create_no_state,
     xdp_kernel_log_lines_are_rate_limited,
     xdp_new_flows_follow_a_changed_neighbour_after_the_cache_time,

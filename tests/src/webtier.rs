@@ -152,15 +152,21 @@ impl Browser {
 
     /// `GET path`, sending and then updating the session cookie.
     pub fn get(&mut self, path: &str) -> io::Result<Page> {
-        self.request("GET", path, None)
+        self.request("GET", path, None, false)
     }
 
     /// `POST path` with `body` (`application/octet-stream`), sending and updating the cookie.
     pub fn post(&mut self, path: &str, body: &[u8]) -> io::Result<Page> {
-        self.request("POST", path, Some(body))
+        self.request("POST", path, Some(body), false)
     }
 
-    fn request(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> io::Result<Page> {
+    /// A POST whose body goes `Transfer-Encoding: chunked` (no length announced), in chunks of
+    /// up to 5,000 bytes.
+    pub fn post_chunked(&mut self, path: &str, body: &[u8]) -> io::Result<Page> {
+        self.request("POST", path, Some(body), true)
+    }
+
+    fn request(&mut self, method: &str, path: &str, body: Option<&[u8]>, chunked: bool) -> io::Result<Page> {
         let mut stream = connect_from(&self.ns, self.src, self.server, self.timeout)?;
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: lb-tests\r\nConnection: close\r\n",
@@ -170,15 +176,26 @@ impl Browser {
             head.push_str(&format!("Cookie: JSESSIONID={s}\r\n"));
         }
         if let Some(b) = body {
-            head.push_str(&format!(
-                "Content-Type: application/octet-stream\r\nContent-Length: {}\r\n",
-                b.len()
-            ));
+            head.push_str("Content-Type: application/octet-stream\r\n");
+            if chunked {
+                head.push_str("Transfer-Encoding: chunked\r\n");
+            } else {
+                head.push_str(&format!("Content-Length: {}\r\n", b.len()));
+            }
         }
         head.push_str("\r\n");
         let mut out = head.into_bytes();
-        if let Some(b) = body {
-            out.extend_from_slice(b);
+        match body {
+            Some(b) if chunked => {
+                for part in b.chunks(5000) {
+                    out.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+                    out.extend_from_slice(part);
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(b"0\r\n\r\n");
+            }
+            Some(b) => out.extend_from_slice(b),
+            None => {}
         }
         stream.write_all(&out)?;
         let page = read_page(&mut BufReader::new(stream))?;

@@ -911,8 +911,8 @@ fn ajp_behind_apache_end_to_end() {
     );
 }
 
-/// POSTs around the AJP packet size (8 KiB) and the retry buffer (64 KiB), and beyond: each body
-/// arrives whole at the browser's own Tomcat.
+/// POSTs around the AJP packet size (8 KiB) and the retry buffer (64 KiB), and beyond, with a
+/// length and chunked: each body arrives whole at the browser's own Tomcat.
 fn post_sizes(bed: &Bed, b: &mut Browser) {
     let home = b.cookie_route().map(String::from);
     for (k, len) in [0usize, 100, 8186, 8187, 65535, 65536, 65537, 200_000]
@@ -925,6 +925,17 @@ fn post_sizes(bed: &Bed, b: &mut Browser) {
             .unwrap_or_else(|e| panic!("POST {len} bytes: {e}\n{}", bed.logs()));
         check_page(&p, b.addr(), len).unwrap_or_else(|e| panic!("POST {len} bytes: {e}\n{}", bed.logs()));
         assert_eq!(Some(p.route()), home.as_deref(), "POST {len} bytes");
+    }
+    // Without a length (`Transfer-Encoding: chunked`): httpd sends nothing of the body until
+    // Tomcat asks for it, then one packet per Get Body Chunk.
+    for (k, len) in [1usize, 8187, 65537, 200_000].into_iter().enumerate() {
+        let body: Vec<u8> = (0..len).map(|i| (i * 5 + k) as u8).collect();
+        let p = b
+            .post_chunked("/index.jsp", &body)
+            .unwrap_or_else(|e| panic!("chunked POST {len} bytes: {e}\n{}", bed.logs()));
+        check_page(&p, b.addr(), len)
+            .unwrap_or_else(|e| panic!("chunked POST {len} bytes: {e}\n{}", bed.logs()));
+        assert_eq!(Some(p.route()), home.as_deref(), "chunked POST {len} bytes");
     }
 }
 

@@ -309,8 +309,12 @@ fn reload_reports_a_service_that_cannot_start_and_retries_it() {
         service_toml(&bed.topo, "extra", 80, 8080, "", &[(1, 1)]).replace("10.0.0.100:80", "10.0.0.200:80");
     let text = fs::read_to_string(&bed.lb.config).unwrap() + &extra;
     fs::write(&bed.lb.config, text).unwrap();
-    let r = bed.lb.json(&["reload"]);
-    let problems = r["problems"].as_array().unwrap();
+    // With --json too, a change not made fails the command (the document still says which).
+    let out = bed.lb.cli(&["--json", "reload"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    let problems = r["result"]["problems"].as_array().unwrap();
     assert!(
         problems.iter().any(|p| p.as_str().unwrap().contains("extra")),
         "reload should report the service that could not start: {r}"

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, DatapathKind};
 use crate::datapath::{Datapath, DatapathError, Drained, ServiceTraffic};
 use crate::engine::{Engine, EngineError};
-use crate::runtime::Snapshot;
+use crate::runtime::{BackendRuntime, Snapshot};
 use crate::state::{Backend, Effect, Service};
 
 /// An engine running `config` over one fake datapath per kind in `kinds` (their journals are not
@@ -129,7 +129,7 @@ impl Datapath for FakeDatapath {
         Ok(())
     }
 
-    fn reset_backend(&self, service: &Service, backend: &Backend) -> usize {
+    fn reset_backend(&self, service: &Service, backend: &Backend, _runtime: &BackendRuntime) -> usize {
         self.record(Call::Reset {
             service: service.settings.name.clone(),
             backend: backend.config.name.clone(),

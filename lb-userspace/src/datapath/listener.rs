@@ -113,9 +113,14 @@ impl<S: Send + Sync + 'static> Listeners<S> {
         } else {
             workers.to_vec()
         };
-        for runtime in runtimes {
-            // One socket, one descriptor per runtime: each registers it with its own reactor.
-            let listener = listener.try_clone().map_err(bind_error)?;
+        // One socket, one descriptor per runtime: each registers it with its own reactor. All are
+        // made before any accept loop starts, so a failure leaves nothing running.
+        let descriptors = runtimes
+            .iter()
+            .map(|_| listener.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bind_error)?;
+        for (runtime, listener) in runtimes.into_iter().zip(descriptors) {
             let accept = accept_loop(
                 name.to_string(),
                 listener,

@@ -24,8 +24,8 @@ use crate::balancer::{Balancer, Choice, SelectError};
 use crate::config::{DatapathKind, SpliceMode};
 use crate::datapath::{Datapath, DatapathError, Drained, ServiceTraffic};
 use crate::health::passive::Passive;
-use crate::runtime::{BackendRuntime, BackendStats, Snapshot};
-use crate::state::{Backend, Effect, Service};
+use crate::runtime::{BackendRuntime, Snapshot};
+use crate::state::{Effect, Service};
 
 /// Bytes one read moves (`splice = "off"`), from one buffer per thread.
 const BUFFER: usize = 64 * 1024;
@@ -117,13 +117,6 @@ impl Datapath for ProxyDatapath {
             }
             Effect::Nothing => Ok(()),
         }
-    }
-
-    fn reset_backend(&self, service: &Service, backend: &Backend) -> usize {
-        let runtime = self.balancer.snapshot().runtime(service, backend);
-        let open = BackendStats::get(&runtime.stats.active_connections) as usize;
-        runtime.reset_connections();
-        open
     }
 
     fn traffic(&self, service: &Service) -> ServiceTraffic {

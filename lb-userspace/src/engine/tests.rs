@@ -683,16 +683,20 @@ fn reload_of_a_bad_file_changes_nothing() {
 #[test]
 fn reload_removes_and_replaces_services_and_reports_restart_only_settings() {
     let bed = Bed::new(BASE);
-    let moved = BASE
-        .replace("10.0.0.100:80", "10.0.0.100:8080")
-        .replace("ring_size = 1009", "ring_size = 1013");
+    let moved = BASE.replace("10.0.0.100:80", "10.0.0.100:8080").replace(
+        "ring_size = 1009",
+        "ring_size = 1013\nstate_file = \"/tmp/lb-engine-test-never-written.json\"",
+    );
     let view = bed.reload(&moved);
     assert!(view.problems.is_empty(), "{:?}", view.problems);
-    assert!(
-        view.restart.iter().any(|p| p.contains("ring_size")),
-        "{:?}",
-        view.restart
-    );
+    for setting in ["ring_size", "state_file"] {
+        assert!(
+            view.restart.iter().any(|p| p.starts_with(setting)),
+            "{setting}: {:?}",
+            view.restart
+        );
+    }
+    assert!(!std::path::Path::new("/tmp/lb-engine-test-never-written.json").exists());
     let status = bed.engine.status(None).unwrap();
     assert_eq!(status.services[0].listen, "10.0.0.100:8080");
     let calls = bed.calls();
@@ -1397,4 +1401,65 @@ fn a_dsr_backend_on_another_port_is_refused_from_the_control_socket() {
         .unwrap();
     let snap = bed.engine.balancer.snapshot();
     assert_eq!(snap.state.service("d").unwrap().backends.len(), 2);
+}
+
+/// A change a reload could not make is not recorded as made: swapping two AJP backends' routes
+/// (each update meets the other's route) fails on every reload, not only the first, and the
+/// state keeps the routes it had; once the file is changed back nothing is left to do.
+#[test]
+fn a_change_a_reload_could_not_make_is_tried_again_by_the_next() {
+    let ajp = |r1: &str, r2: &str| {
+        format!(
+            "ring_size = 1009\n[[service]]\nname = \"web\"\nlisten = \"10.0.0.100:8009\"\nprotocol = \"ajp\"\n\
+             datapath = \"ajp\"\n[service.health]\nkind = \"none\"\n\
+             [[service.backend]]\nname = \"t1\"\naddress = \"10.1.1.2:8009\"\nroute = \"{r1}\"\n\
+             [[service.backend]]\nname = \"t2\"\naddress = \"10.1.2.2:8009\"\nroute = \"{r2}\"\n"
+        )
+    };
+    let (bed, _) = Bed::with_kinds(&ajp("r1", "r2"), &[DatapathKind::Ajp]);
+    for round in 0..2 {
+        let view = bed.reload(&ajp("r2", "r1"));
+        assert_eq!(view.problems.len(), 2, "round {round}: {view:?}");
+        assert!(view.applied.is_empty(), "round {round}: {view:?}");
+        let route = |b: &str| bed.backend(b).config.route.clone();
+        assert_eq!(
+            (route("t1").as_str(), route("t2").as_str()),
+            ("r1", "r2"),
+            "round {round}"
+        );
+    }
+    let view = bed.reload(&ajp("r1", "r2"));
+    assert!(view.problems.is_empty() && view.applied.is_empty(), "{view:?}");
+}
+
+/// A reload is checked against what runs, as a control-socket change is: a service the file adds
+/// on an address that a service added at runtime already covers (a wildcard listen on the same
+/// port) is refused and reported, not started beside it.
+#[test]
+fn a_reload_is_checked_against_services_added_at_runtime() {
+    let bed = Bed::new(BASE);
+    let p = "[[service]]\nname = \"p\"\nlisten = \"0.0.0.0:8081\"\n[service.health]\nkind = \"none\"\n[[service.backend]]\naddress = \"10.1.9.2:80\"\n";
+    let service = Config::parse(&format!("{BASE}{p}"), "test")
+        .unwrap()
+        .services
+        .into_iter()
+        .find(|s| s.name == "p")
+        .unwrap();
+    bed.run(Command::AddService { service }).unwrap();
+    let x = p
+        .replace("\"p\"", "\"x\"")
+        .replace("0.0.0.0:8081", "10.0.0.1:8081");
+    let view = bed.reload(&format!("{BASE}{x}"));
+    assert_eq!(view.problems.len(), 1, "{view:?}");
+    assert!(view.problems[0].contains("overlaps service \"p\""), "{view:?}");
+    let names: Vec<String> = bed
+        .engine
+        .status(None)
+        .unwrap()
+        .services
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(!names.contains(&"x".to_string()), "{names:?}");
 }

@@ -12,6 +12,9 @@ use tracing::warn;
 use super::Persist;
 use crate::runtime::Snapshot;
 
+/// How often a flush looks whether the writing thread is still there.
+const FLUSH_LOOK: Duration = Duration::from_millis(100);
+
 /// The shortest time between the starts of two writes. A write of a service with 1,000 backends
 /// (copy, JSON, `fsync` twice) takes a few ms of CPU: during a burst of changes, writing after
 /// each would take a core from the changes and the traffic. A crash loses at most the changes
@@ -85,13 +88,16 @@ impl Writer {
         self.shared.changed.notify_all();
     }
 
-    /// Waits until every queued snapshot is written (at once, without waiting out the gap).
+    /// Waits until every queued snapshot is written (at once, without waiting out the gap), or
+    /// the writing thread is gone (it would never say so).
     pub fn flush(&self) {
         let mut slot = self.shared.slot.lock().unwrap();
         slot.flushing += 1;
         self.shared.changed.notify_all();
-        while self.thread.is_some() && (slot.latest.is_some() || slot.writing) {
-            slot = self.shared.changed.wait(slot).unwrap();
+        while self.thread.as_ref().is_some_and(|t| !t.is_finished())
+            && (slot.latest.is_some() || slot.writing)
+        {
+            slot = self.shared.changed.wait_timeout(slot, FLUSH_LOOK).unwrap().0;
         }
         slot.flushing -= 1;
     }

@@ -51,6 +51,9 @@ enum Timeout {
     Idle,
     #[error("request_timeout")]
     Packet,
+    /// A write to the web tier made no progress (it stopped reading).
+    #[error("request_timeout (the web tier stopped reading)")]
+    Write,
 }
 
 /// Reads one whole packet within `limits`; `Ok(None)` on a clean end of stream between packets.
@@ -95,21 +98,45 @@ async fn read_frame(
     }
 }
 
-/// Resolves when the web tier closes its connection (or it fails) while a request waits for its
-/// backend: the reason. Bytes the web tier sends meanwhile are kept in `buf` for later; past
-/// `limit` of them the connection is no longer watched.
-async fn front_closed(stream: &mut TcpStream, buf: &mut BytesMut, limit: usize) -> String {
-    loop {
-        if buf.len() >= limit {
-            return std::future::pending().await;
-        }
-        buf.reserve(4096.min(limit - buf.len()));
-        match stream.read_buf(buf).await {
-            Ok(0) => return "closed by the web tier".into(),
-            Ok(_) => {}
-            Err(e) => return e.to_string(),
-        }
+/// Why the web tier's connection ended a request that waited for its backend.
+enum FrontGone {
+    /// Closed or failed: the web tier gave up.
+    Closed(String),
+    /// It sent bytes nobody asked for. In AJP the web tier speaks during a request only to answer
+    /// a Get Body Chunk, so such bytes could only be taken for a body packet or a request that
+    /// were never sent: the stream's framing is lost.
+    Unasked(usize),
+}
+
+/// Resolves when the web tier closes its connection, fails, or sends anything while a request
+/// waits for its backend.
+async fn front_gone(stream: &mut TcpStream) -> FrontGone {
+    let mut probe = [0u8; 64];
+    match stream.read(&mut probe).await {
+        Ok(0) => FrontGone::Closed("closed by the web tier".into()),
+        Ok(n) => FrontGone::Unasked(n),
+        Err(e) => FrontGone::Closed(e.to_string()),
     }
+}
+
+/// Writes all of `bytes` to the web tier, each write making progress within `wait` (zero: no
+/// limit). A web tier that stops reading cannot hold its connection, a `max_connections` slot and
+/// a backend's pool slot for good: after `wait` without progress the write fails (`TimedOut`).
+async fn write_front(stream: &mut TcpStream, mut bytes: &[u8], wait: Duration) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let n = if wait.is_zero() {
+            stream.write(bytes).await?
+        } else {
+            tokio::time::timeout(wait, stream.write(bytes))
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, Timeout::Write))??
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[n..];
+    }
+    Ok(())
 }
 
 /// Waits `d`, or forever when `d` is zero.
@@ -171,9 +198,14 @@ pub async fn serve(mut front: TcpStream, peer: SocketAddr, svc: Arc<Service>, st
             Ok(ServerMessage::CPing) => {
                 if svc.takes_requests() {
                     svc.counters.cpings_answered.fetch_add(1, Relaxed);
-                    match front.write_all(&crate::ajp::CPONG).await {
+                    match write_front(&mut front, &crate::ajp::CPONG, settings.ajp.request_timeout).await {
                         Ok(()) => Next::Continue,
-                        Err(_) => Next::Close,
+                        Err(e) => {
+                            if e.kind() == std::io::ErrorKind::TimedOut {
+                                timed_out(&svc, peer, &e);
+                            }
+                            Next::Close
+                        }
                     }
                 } else {
                     debug!(service = %svc.name, %peer, "CPing not answered: no backend takes requests");
@@ -204,12 +236,19 @@ pub async fn serve(mut front: TcpStream, peer: SocketAddr, svc: Arc<Service>, st
 
 /// Counts and logs a web-tier connection closed by `idle_timeout` or `request_timeout`.
 fn timed_out(svc: &Service, peer: SocketAddr, e: &std::io::Error) {
-    if e.get_ref().and_then(|e| e.downcast_ref::<Timeout>()) == Some(&Timeout::Idle) {
-        svc.counters.idle_closed.fetch_add(1, Relaxed);
-        debug!(service = %svc.name, %peer, "idle web-tier connection closed (idle_timeout)");
-    } else {
-        svc.counters.request_timeouts.fetch_add(1, Relaxed);
-        info!(service = %svc.name, %peer, "web-tier packet not complete within request_timeout; connection closed");
+    match e.get_ref().and_then(|e| e.downcast_ref::<Timeout>()) {
+        Some(Timeout::Idle) => {
+            svc.counters.idle_closed.fetch_add(1, Relaxed);
+            debug!(service = %svc.name, %peer, "idle web-tier connection closed (idle_timeout)");
+        }
+        Some(Timeout::Write) => {
+            svc.counters.request_timeouts.fetch_add(1, Relaxed);
+            info!(service = %svc.name, %peer, "web tier took nothing lb sent for request_timeout; connection closed");
+        }
+        _ => {
+            svc.counters.request_timeouts.fetch_add(1, Relaxed);
+            info!(service = %svc.name, %peer, "web-tier packet not complete within request_timeout; connection closed");
+        }
     }
 }
 
@@ -261,6 +300,8 @@ enum Outcome {
     ReplyTimeout { responded: bool },
     /// The web tier closed its connection while the request waited for its backend.
     Abandoned(String),
+    /// The web tier sent this many bytes nobody asked for (see [`FrontGone::Unasked`]).
+    Unasked(usize),
     /// The web tier's connection failed or misbehaved.
     Front(String),
     /// Every connection of the backend's pool stayed busy with other requests: the request did
@@ -371,6 +412,13 @@ impl<'a> Request<'a> {
             remaining: length,
             first_unasked: length.is_some_and(|n| n > 0),
         };
+        // A peer without the secret is answered at once and let go, as Tomcat does: nothing of it
+        // is waited for or held (not even the body it announced), and it cannot try secret after
+        // secret on one connection.
+        if !self.secret_matches(&settings) {
+            self.respond(403, "Forbidden").await;
+            return Next::Close;
+        }
         // With a content-length the web server sends the first body packet unasked.
         if body.first_unasked {
             match self.read_body(&decoder).await {
@@ -378,8 +426,10 @@ impl<'a> Request<'a> {
                 Err(e) => return self.front_failed(&e),
             }
         }
-        if let Some(refusal) = self.refusal(&settings) {
-            debug!(service = %self.svc.name, peer = %self.peer, refusal, "403");
+        if !self.fbuf.is_empty() {
+            return self.unasked(self.fbuf.len());
+        }
+        if self.attribute_refused(&settings) {
             return self.respond(403, "Forbidden").await;
         }
         let route: Option<Vec<u8>> = session_route(&self.req, &settings.keys).map(<[u8]>::to_vec);
@@ -509,30 +559,37 @@ impl<'a> Request<'a> {
                     debug!(service = %self.svc.name, peer = %self.peer, reason = %why, "web-tier connection failed during a request");
                     return Next::Close;
                 }
+                Outcome::Unasked(bytes) => return self.unasked(bytes),
             }
         }
         self.svc.counters.unavailable.fetch_add(1, Relaxed);
         self.respond(503, "Service Unavailable").await
     }
 
-    /// Why the request must be refused (403), if it must; counted.
-    fn refusal(&self, settings: &super::Settings) -> Option<&'static str> {
-        if let Some(want) = &settings.secret {
-            let ok = self
-                .req
-                .attributes
-                .iter()
-                .filter_map(|a| a.coded_value(attr::SECRET))
-                .any(|got| got.as_deref().is_some_and(|g| constant_time_eq(g, want)));
-            if !ok {
-                self.svc.counters.refused_secret.fetch_add(1, Relaxed);
-                // A client may send these at will: one line a second, with the count.
-                if let Some(times) = self.svc.secret_refusals.due() {
-                    warn!(service = %self.svc.name, peer = %self.peer, times, "requests without the right AJP secret refused (403)");
-                }
-                return Some("secret");
+    /// Whether the request carries the service's `secret` (if it has one); a refusal is counted
+    /// and logged.
+    fn secret_matches(&self, settings: &super::Settings) -> bool {
+        let Some(want) = &settings.secret else {
+            return true;
+        };
+        let ok = self
+            .req
+            .attributes
+            .iter()
+            .filter_map(|a| a.coded_value(attr::SECRET))
+            .any(|got| got.as_deref().is_some_and(|g| constant_time_eq(g, want)));
+        if !ok {
+            self.svc.counters.refused_secret.fetch_add(1, Relaxed);
+            // A client may send these at will: one line a second, with the count.
+            if let Some(times) = self.svc.secret_refusals.due() {
+                warn!(service = %self.svc.name, peer = %self.peer, times, "requests without the right AJP secret refused (403, connection closed)");
             }
         }
+        ok
+    }
+
+    /// Whether the request carries an attribute `attributes` does not allow (counted and logged).
+    fn attribute_refused(&self, settings: &super::Settings) -> bool {
         for a in &self.req.attributes {
             if let codec::Attribute::Request { name, .. } = a {
                 let allowed = name.as_deref().is_some_and(|n| settings.ajp.attribute_allowed(n));
@@ -543,11 +600,11 @@ impl<'a> Request<'a> {
                         .map(|n| String::from_utf8_lossy(&n[..n.len().min(64)]).into_owned())
                         .unwrap_or_default();
                     warn!(service = %self.svc.name, peer = %self.peer, attribute = %shown, "request attribute not allowed; request refused (403)");
-                    return Some("attribute");
+                    return true;
                 }
             }
         }
-        None
+        false
     }
 
     /// The backend for the next attempt: the session route's, else by the browser's address,
@@ -732,9 +789,11 @@ impl<'a> Request<'a> {
         // Response packets not yet written to the web tier: packets that arrived together leave
         // together, in one write.
         let mut out = BytesMut::new();
-        // Web-tier bytes kept while the backend is awaited (an unasked body packet).
-        let watch_limit = 2 * max + codec::HEADER_LEN;
         loop {
+            // Bytes read with the request or a body packet, beyond it: sent unasked.
+            if !self.fbuf.is_empty() {
+                return Err(Outcome::Unasked(self.fbuf.len()));
+            }
             let failed = |why: String, responded: bool| {
                 if responded {
                     Outcome::BackendAfterResponse(why)
@@ -754,8 +813,11 @@ impl<'a> Request<'a> {
                 () = sleep_unless_zero(settings.ajp.reply_timeout) => {
                     return Err(Outcome::ReplyTimeout { responded });
                 }
-                why = front_closed(self.front, self.fbuf, watch_limit) => {
-                    return Err(Outcome::Abandoned(why));
+                gone = front_gone(self.front) => {
+                    return Err(match gone {
+                        FrontGone::Closed(why) => Outcome::Abandoned(why),
+                        FrontGone::Unasked(n) => Outcome::Unasked(n),
+                    });
                 }
             };
             let frame = match read {
@@ -856,10 +918,13 @@ impl<'a> Request<'a> {
     }
 
     async fn send_front(&mut self, bytes: &[u8]) -> Result<(), Outcome> {
-        self.front
-            .write_all(bytes)
-            .await
-            .map_err(|e| Outcome::Front(e.to_string()))
+        let wait = self.svc.settings().ajp.request_timeout;
+        write_front(self.front, bytes, wait).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                timed_out(self.svc, self.peer, &e);
+            }
+            Outcome::Front(e.to_string())
+        })
     }
 
     /// Reads one request body packet from the web tier: (the packet as read, its data).
@@ -885,6 +950,15 @@ impl<'a> Request<'a> {
         self.read_body_packet(decoder).await.map(|(_, d)| d)
     }
 
+    /// The web tier sent `bytes` no one asked for during a request: counted as a protocol error,
+    /// its connection closed (and the backend's, if the request had reached one), nothing retried.
+    fn unasked(&self, bytes: usize) -> Next {
+        self.svc.counters.protocol_errors.fetch_add(1, Relaxed);
+        warn!(service = %self.svc.name, peer = %self.peer, bytes,
+            "AJP protocol error: the web tier sent data no one asked for during a request; connection closed, request not retried");
+        Next::Close
+    }
+
     fn front_failed(&self, e: &std::io::Error) -> Next {
         if e.kind() == std::io::ErrorKind::TimedOut {
             timed_out(self.svc, self.peer, e);
@@ -897,14 +971,16 @@ impl<'a> Request<'a> {
 
     /// Sends lb's own response (403 or 503).
     async fn respond(&mut self, status: u16, reason: &str) -> Next {
-        let max = self.svc.settings().max_packet;
-        match self
-            .front
-            .write_all(&codec::own_response(status, reason, max))
-            .await
-        {
+        let settings = self.svc.settings();
+        let response = codec::own_response(status, reason, settings.max_packet);
+        match write_front(self.front, &response, settings.ajp.request_timeout).await {
             Ok(()) => Next::Continue,
-            Err(_) => Next::Close,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    timed_out(self.svc, self.peer, &e);
+                }
+                Next::Close
+            }
         }
     }
 }

@@ -33,7 +33,7 @@ use crate::datapath::listener::Listeners;
 use crate::datapath::{Datapath, DatapathError, Drained, ServiceTraffic};
 use crate::health::passive::Passive;
 use crate::runtime::{BackendRuntime, Snapshot};
-use crate::state::{Backend, Effect, Health, Service as StateService, State};
+use crate::state::{Effect, Health, Service as StateService, State};
 pub use counters::{AjpBackendCounters, AjpServiceCounters, LatencySnapshot};
 use pool::Pool;
 
@@ -273,13 +273,6 @@ impl Datapath for AjpDatapath {
             }
             Effect::Nothing => Ok(()),
         }
-    }
-
-    fn reset_backend(&self, service: &StateService, backend: &Backend) -> usize {
-        let runtime = self.balancer.snapshot().runtime(service, backend);
-        let open = crate::runtime::BackendStats::get(&runtime.stats.active_connections) as usize;
-        runtime.reset_connections();
-        open
     }
 
     fn traffic(&self, service: &StateService) -> ServiceTraffic {

@@ -39,7 +39,13 @@ enum Mode {
     BadChunk,
     /// As `Answer`, after working on the request for [`SLOW`].
     Slow,
+    /// Answers 200 with [`LARGE`] bytes (whatever the request), End Response reuse.
+    Large,
 }
+
+/// The size of a `Mode::Large` answer: more than the sockets between lb and a web tier that
+/// reads nothing can buffer.
+const LARGE: usize = 32 << 20;
 
 /// How long a `Mode::Slow` backend works on a request.
 const SLOW: Duration = Duration::from_millis(600);
@@ -198,6 +204,9 @@ async fn backend_conn(
         let mut answer = name.as_bytes().to_vec();
         answer.push(b':');
         answer.extend_from_slice(&body);
+        if mode == Mode::Large {
+            answer.resize(LARGE, b'x');
+        }
         for part in answer.chunks(8000) {
             send(
                 &mut s,
@@ -208,7 +217,7 @@ async fn backend_conn(
         send(
             &mut s,
             ContainerMessage::EndResponse {
-                reuse: matches!(mode, Mode::Answer | Mode::Slow),
+                reuse: matches!(mode, Mode::Answer | Mode::Slow | Mode::Large),
             },
         )
         .await?;
@@ -787,25 +796,33 @@ async fn secret_attributes_and_shutdown_are_refused() {
             ..AjpConfig::default()
         },
     );
-    let mut web = Web::connect(lb.addr).await;
     let ok = Req::from(&ip(1)).secret("front");
-    assert_eq!(web.request(&Req::from(&ip(1))).await.unwrap().status, 403);
-    assert_eq!(
-        web.request(&Req::from(&ip(1)).secret("wrong"))
-            .await
-            .unwrap()
-            .status,
-        403
-    );
-    // A refused request with a body: its first body packet is consumed, the connection goes on.
-    assert_eq!(
-        web.request(&Req::from(&ip(1)).secret("frontx").body(b"abc"))
-            .await
-            .unwrap()
-            .status,
-        403
-    );
+    // Without the right secret: 403, and the connection is closed (one guess per connection),
+    // at once even when the request announced a body that never comes.
+    // (`encode` gives the Forward Request alone: its body packet is not sent.)
+    let never_sent = Req::from(&ip(1)).secret("frontx").body(b"abc").encode();
+    for (what, req) in [
+        ("no secret", Req::from(&ip(1)).encode()),
+        ("wrong secret", Req::from(&ip(1)).secret("wrong").encode()),
+        ("a body announced, never sent", never_sent),
+    ] {
+        let mut web = Web::connect(lb.addr).await;
+        web.s.write_all(&req).await.unwrap();
+        let f = tokio::time::timeout(
+            Duration::from_secs(2),
+            read_frame(&mut web.s, &mut web.buf, Direction::ToServer),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{what}: answered at once"))
+        .unwrap_or_else(|| panic!("{what}: answered before the close"));
+        assert!(
+            matches!(ContainerMessage::decode(f.payload()), Ok(ContainerMessage::SendHeaders(h)) if h.status == 403),
+            "{what}"
+        );
+        assert!(closed_by_lb(&mut web.s).await, "{what}: closed after the 403");
+    }
     assert_eq!(lb.counters().refused_secret, 3);
+    let mut web = Web::connect(lb.addr).await;
     // Ghostcat: include attributes are refused; ordinary mod_jk attributes pass.
     let ghost = ok
         .clone()
@@ -980,6 +997,8 @@ async fn engine_runs_ajp_services_and_reports_their_counters() {
         .unwrap();
     assert_eq!((a.status, a.backend()), (200, "t1"));
     assert_eq!(web.request(&Req::from(&ip(1))).await.unwrap().status, 403);
+    // A connection that sent no secret is closed after its 403: the web tier connects anew.
+    let mut web = Web::connect(format!("127.0.0.1:{port}").parse().unwrap()).await;
     let stats = engine.stats();
     let svc = stats.services.iter().find(|s| s.name == "tomcat").unwrap();
     let ajp = svc.ajp.as_ref().expect("ajp counters in stats");
@@ -1402,4 +1421,87 @@ async fn partial_packets_and_idle_connections_are_closed_while_others_are_served
     }
     assert!(closed_by_lb(&mut silent).await, "idle past idle_timeout: closed");
     assert_eq!(lb.counters().idle_closed, 1);
+}
+
+/// A web tier that stops reading in the middle of a response cannot hold its connection, nor the
+/// backend's only pool slot: lb's writes to it give up after `request_timeout` without progress.
+#[tokio::test]
+async fn a_web_tier_that_stops_reading_is_closed_after_request_timeout() {
+    let t1 = FakeBackend::start("t1", Mode::Large).await;
+    let lb = Lb::start(
+        &[("t1", t1.addr, false)],
+        AjpConfig {
+            pool_size: 1,
+            request_timeout: Duration::from_millis(300),
+            ..AjpConfig::default()
+        },
+    );
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = socket.connect(lb.addr).await.unwrap();
+    stuck.write_all(&Req::from(&ip(1)).encode()).await.unwrap();
+    // It reads nothing from here on.
+    assert!(
+        eventually(|| lb.counters().request_timeouts == 1).await,
+        "lb gave up on the web tier that stopped reading"
+    );
+    assert!(eventually(|| lb.backend_counters("t1").in_flight == 0).await);
+    assert_eq!(
+        lb.backend_counters("t1").pool_idle,
+        0,
+        "the backend connection is not pooled"
+    );
+    // The only slot is free: the next request gets t1 on a new connection.
+    slot_is_free_again(&t1, &mut Web::connect(lb.addr).await, &ip(1)).await;
+    drop(stuck);
+}
+
+/// During a request the web tier speaks only to answer a Get Body Chunk. Bytes it sends
+/// otherwise (here a CPing) would be taken for a body packet or the next request that were never
+/// sent, so they close the web-tier connection (and the backend's) as a protocol error: with the
+/// request, or while the request waits for its backend.
+#[tokio::test]
+async fn bytes_the_web_tier_sends_unasked_during_a_request_close_its_connection() {
+    let t1 = FakeBackend::start("t1", Mode::Slow).await;
+    let lb = Lb::start(
+        &[("t1", t1.addr, false)],
+        AjpConfig {
+            pool_size: 1,
+            ..AjpConfig::default()
+        },
+    );
+    // Sent right behind the request, in the same write: refused before any backend sees it.
+    let mut web = Web::connect(lb.addr).await;
+    let mut both = Req::from(&ip(1)).encode();
+    both.extend_from_slice(&crate::ajp::CPING);
+    web.s.write_all(&both).await.unwrap();
+    assert!(closed_by_lb(&mut web.s).await, "with the request: closed");
+    assert_eq!(lb.counters().protocol_errors, 1);
+    assert_eq!(t1.requests(), 0, "the request reached no backend");
+    // Sent while the request waits for its (slow) backend.
+    let mut web = Web::connect(lb.addr).await;
+    web.s.write_all(&Req::from(&ip(1)).encode()).await.unwrap();
+    assert!(eventually(|| t1.requests() == 1).await);
+    web.s.write_all(&crate::ajp::CPING).await.unwrap();
+    assert!(closed_by_lb(&mut web.s).await, "while waiting: closed");
+    assert_eq!(lb.counters().protocol_errors, 2);
+    assert!(eventually(|| lb.backend_counters("t1").in_flight == 0).await);
+    // The backend connection went with it: the next request is served on a new one.
+    slot_is_free_again(&t1, &mut Web::connect(lb.addr).await, &ip(1)).await;
+}
+
+/// A reset (`on_down = "reset"`, `disable --reset`) decided on one snapshot while another change
+/// removes the backend: it resets what that snapshot's runtime holds (nothing here) instead of
+/// looking the backend up in a newer state that no longer has it (which took the daemon down).
+#[tokio::test]
+async fn a_reset_racing_the_backends_removal_resets_from_its_own_snapshot() {
+    let (_fakes, lb) = three(Mode::Answer).await;
+    let before = lb.balancer.snapshot();
+    let svc = before.state.service("ajp").unwrap();
+    let t1 = svc.backend("t1").unwrap();
+    lb.run(Command::RemoveBackend {
+        service: "ajp".into(),
+        backend: "t1".into(),
+    });
+    assert_eq!(lb.dp.reset_backend(svc, t1, &before.runtime(svc, t1)), 0);
 }

@@ -25,7 +25,7 @@ use crate::config::{Hook, XdpConfig, XdpMode};
 use crate::ebpf::{self, TC_PROGRAM, XDP_PROGRAM};
 
 use super::pins::{self, PinDir};
-use super::{BPF_FS_MAGIC, Inner, Maps, XdpDatapath, XdpError, map_err, take};
+use super::{BPF_FS_MAGIC, Inner, Maps, Walkers, XdpDatapath, XdpError, map_err, take};
 
 /// Forwards the program's aya-log records into tracing (target `lb::datapath::xdp::kernel`).
 struct KernelLog;
@@ -519,6 +519,10 @@ impl XdpDatapath {
             stale_links = other_hook_links(&config.pin_path, &config.interfaces, hook);
             forward_program_logs(&mut ebpf);
         }
+        let walkers = Mutex::new(Walkers {
+            conntrack: walker(&maps.conntrack, MAP_CONNTRACK)?,
+            affinity: walker(&maps.affinity, MAP_AFFINITY)?,
+        });
         let inner = std::sync::Arc::new(Mutex::new(Inner {
             ebpf,
             maps,
@@ -540,6 +544,7 @@ impl XdpDatapath {
         }
         Ok(XdpDatapath {
             inner,
+            walkers,
             pin_path,
             pins,
             stale_links,
@@ -690,4 +695,15 @@ fn collisions_until(d: Duration) -> u32 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
     let now = t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64;
     lb_common::maps::second_stamp(now + d.as_nanos() as u64) + 1
+}
+
+/// A second handle on the hash map `of` (see [`Walkers`]).
+fn walker<K: aya::Pod, V: aya::Pod>(
+    of: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+    name: &'static str,
+) -> Result<aya::maps::HashMap<aya::maps::MapData, K, V>, XdpError> {
+    use aya::maps::{IterableMap, Map, MapData};
+    let id = IterableMap::map(of).info().map_err(map_err(name))?.id();
+    let data = MapData::from_id(id).map_err(map_err(name))?;
+    aya::maps::HashMap::try_from(Map::from_map_data(data).map_err(map_err(name))?).map_err(map_err(name))
 }

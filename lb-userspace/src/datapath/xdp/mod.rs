@@ -44,7 +44,7 @@ use crate::config::{DatapathKind, Hook};
 use crate::datapath::affinity::AffinityTable;
 use crate::datapath::{BackendTraffic, Datapath, DatapathError, Drained, ServiceTraffic, Which};
 use crate::ebpf;
-use crate::runtime::Snapshot;
+use crate::runtime::{BackendRuntime, Snapshot};
 use crate::state::{Backend, Effect, Service};
 
 /// Ring content not yet written by this process (never a backend index).
@@ -154,6 +154,15 @@ struct Maps {
     snat_addrs: HashMap<MapData, u32, u32>,
 }
 
+/// Second handles on the maps that status reads entry by entry (conntrack for open connections,
+/// affinity for its entries): walked without holding [`Inner`], so a walk over a full table
+/// (seconds at millions of entries, two syscalls an entry) never holds up a change, a health event
+/// or a reset.
+struct Walkers {
+    conntrack: HashMap<MapData, FlowKey, FlowValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+}
+
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -203,6 +212,8 @@ struct Inner {
 pub struct XdpDatapath {
     /// Shared (weakly) with the passive-health poller.
     inner: Arc<Mutex<Inner>>,
+    /// For status walks over whole maps, apart from `inner`.
+    walkers: Mutex<Walkers>,
     pin_path: Option<PathBuf>,
     /// The locked pin directory (with a pin path): dropped uncommitted, it removes what the start
     /// made. Declared after `inner`, so the program and maps are closed first.
@@ -248,7 +259,7 @@ impl Datapath for XdpDatapath {
         Ok(())
     }
 
-    fn reset_backend(&self, service: &Service, backend: &Backend) -> usize {
+    fn reset_backend(&self, service: &Service, backend: &Backend, _runtime: &BackendRuntime) -> usize {
         self.reset_flows(&service.settings.name, backend.id)
     }
 

@@ -102,25 +102,29 @@ impl XdpDatapath {
 
     /// Kernel counters of each backend of `service`, by state backend id.
     pub fn backend_traffic(&self, service: &str) -> StdHashMap<u32, KernelTraffic> {
-        let inner = self.inner.lock().unwrap();
-        let Some(ks) = inner.services.get(service) else {
-            return StdHashMap::new();
+        let (slot, ids, mut by_index, global) = {
+            let inner = self.inner.lock().unwrap();
+            let Some(ks) = inner.services.get(service) else {
+                return StdHashMap::new();
+            };
+            let mut by_index: StdHashMap<u32, KernelTraffic> = StdHashMap::new();
+            for index in ks.backends.values() {
+                let traffic = inner
+                    .maps
+                    .backend_stats
+                    .get(index, 0)
+                    .map(|v| v.iter().fold(TrafficCounters::default(), |a, c| add(&a, c)))
+                    .unwrap_or_default();
+                by_index.insert(*index, KernelTraffic { traffic, active: 0 });
+            }
+            let global = inner.maps.config.get(&0, 0).unwrap_or_default();
+            (ks.slot, ks.backends.clone(), by_index, global)
         };
-        let mut by_index: StdHashMap<u32, KernelTraffic> = StdHashMap::new();
-        for index in ks.backends.values() {
-            let traffic = inner
-                .maps
-                .backend_stats
-                .get(index, 0)
-                .map(|v| v.iter().fold(TrafficCounters::default(), |a, c| add(&a, c)))
-                .unwrap_or_default();
-            by_index.insert(*index, KernelTraffic { traffic, active: 0 });
-        }
         let now = monotonic_ns();
-        let global = inner.maps.config.get(&0, 0).unwrap_or_default();
-        for (_, v) in inner.maps.conntrack.iter().flatten() {
+        let walkers = self.walkers.lock().unwrap();
+        for (_, v) in walkers.conntrack.iter().flatten() {
             if v.flags & FLOW_TO_BACKEND != 0
-                && v.service_slot == ks.slot
+                && v.service_slot == slot
                 && !v.closed()
                 && v.flags & FLOW_RESET == 0
                 && !v.expired(now, &global)
@@ -129,8 +133,8 @@ impl XdpDatapath {
                 t.active += 1;
             }
         }
-        ks.backends
-            .iter()
+        drop(walkers);
+        ids.iter()
             .filter_map(|(id, index)| by_index.get(index).map(|t| (*id, *t)))
             .collect()
     }
@@ -285,42 +289,69 @@ impl XdpDatapath {
     }
 }
 
+/// What reading a service's affinity entries needs of it, taken under the [`Inner`] lock.
+struct AffinityScope {
+    slot: u32,
+    /// Kernel backend index → state backend id.
+    id_of: StdHashMap<u32, u32>,
+    timeout_ns: u64,
+}
+
 impl Inner {
-    /// Live kernel affinity entries of `service` with their keys, backends as state ids (entries
-    /// on an index no backend of the service holds are left out).
-    pub(super) fn affinity_entries(&self, service: &str) -> Vec<(AffinityKey, AffinityEntry)> {
-        let Some(ks) = self.services.get(service) else {
-            return Vec::new();
-        };
-        let id_of: StdHashMap<u32, u32> = ks.backends.iter().map(|(id, index)| (*index, *id)).collect();
-        let now = monotonic_ns();
-        self.maps
-            .affinity
-            .iter()
-            .flatten()
-            .filter(|(k, _)| k.service_slot == ks.slot)
-            .filter_map(|(k, v)| {
-                let idle = now.saturating_sub(v.last_seen_ns);
-                if idle >= ks.value.affinity_timeout_ns {
-                    return None;
-                }
-                let backend = *id_of.get(&v.backend)?;
-                let home = id_of.get(&v.home).copied().unwrap_or(lb_common::maps::NO_BACKEND);
-                let client = Ipv4Addr::from(u32::from_be(k.client_be)).into();
-                Some((
-                    k,
-                    AffinityEntry::new(client, backend, home, std::time::Duration::from_nanos(idle)),
-                ))
-            })
-            .collect()
+    fn affinity_scope(&self, service: &str) -> Option<AffinityScope> {
+        let ks = self.services.get(service)?;
+        Some(AffinityScope {
+            slot: ks.slot,
+            id_of: ks.backends.iter().map(|(id, index)| (*index, *id)).collect(),
+            timeout_ns: ks.value.affinity_timeout_ns,
+        })
     }
+
+    /// Live kernel affinity entries of `service` with their keys (see [`live_affinity`]).
+    pub(super) fn affinity_entries(&self, service: &str) -> Vec<(AffinityKey, AffinityEntry)> {
+        self.affinity_scope(service)
+            .map(|scope| live_affinity(&self.maps.affinity, &scope))
+            .unwrap_or_default()
+    }
+}
+
+/// The live entries of `map` in `scope`'s service with their keys, backends as state ids (entries
+/// on an index no backend of the service holds are left out).
+fn live_affinity(
+    map: &aya::maps::HashMap<aya::maps::MapData, AffinityKey, AffinityValue>,
+    scope: &AffinityScope,
+) -> Vec<(AffinityKey, AffinityEntry)> {
+    let now = monotonic_ns();
+    map.iter()
+        .flatten()
+        .filter(|(k, _)| k.service_slot == scope.slot)
+        .filter_map(|(k, v)| {
+            let idle = now.saturating_sub(v.last_seen_ns);
+            if idle >= scope.timeout_ns {
+                return None;
+            }
+            let backend = *scope.id_of.get(&v.backend)?;
+            let home = scope
+                .id_of
+                .get(&v.home)
+                .copied()
+                .unwrap_or(lb_common::maps::NO_BACKEND);
+            let client = Ipv4Addr::from(u32::from_be(k.client_be)).into();
+            Some((
+                k,
+                AffinityEntry::new(client, backend, home, std::time::Duration::from_nanos(idle)),
+            ))
+        })
+        .collect()
 }
 
 impl AffinityTable for XdpDatapath {
     fn entries(&self, service: &Service) -> Vec<AffinityEntry> {
-        let inner = self.inner.lock().unwrap();
-        inner
-            .affinity_entries(&service.settings.name)
+        let Some(scope) = self.inner.lock().unwrap().affinity_scope(&service.settings.name) else {
+            return Vec::new();
+        };
+        let walkers = self.walkers.lock().unwrap();
+        live_affinity(&walkers.affinity, &scope)
             .into_iter()
             .map(|(_, e)| e)
             .collect()

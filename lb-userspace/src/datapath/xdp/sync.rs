@@ -8,7 +8,9 @@ use lb_common::maps::{AffinityKey, AffinityValue, MAP_AFFINITY};
 use lb_common::maps::{
     BACKEND_ADMITS_KNOWN, BACKEND_PRESENT, BackendValue, NO_BACKEND, SERVICE_DSR, ServiceKey, ServiceValue,
 };
-use lb_common::maps::{MAP_BACKENDS, MAP_RING, MAP_SERVICES, MAP_SNAT_ADDRS};
+use lb_common::maps::{
+    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_RING, MAP_SERVICES, MAP_SNAT_ADDRS, TrafficCounters,
+};
 
 use crate::config::Forwarding;
 use crate::datapath::affinity::Filter;
@@ -127,11 +129,15 @@ impl Inner {
                     let pinned = (ks.slot, u32::from(*address.ip()).to_be(), address.port().to_be());
                     let i = match self.adopt_backends.remove(&pinned) {
                         Some(i) => i,
-                        None => self.free_backends.pop_front().ok_or(XdpError::Full {
-                            what: "backend",
-                            max: self.maps.backends.len(),
-                            key: "max_backends",
-                        })?,
+                        None => {
+                            let i = self.free_backends.pop_front().ok_or(XdpError::Full {
+                                what: "backend",
+                                max: self.maps.backends.len(),
+                                key: "max_backends",
+                            })?;
+                            zero_backend_stats(&mut self.maps.backend_stats, i)?;
+                            i
+                        }
                     };
                     ks.backends.insert(b.id, i);
                     self.passive.forget(i)?;
@@ -231,6 +237,18 @@ impl Inner {
         self.free_slots.push_back(ks.slot);
         Ok(())
     }
+}
+
+/// Sets the kernel counters of backend index `index` to 0 on every CPU: a new backend on a freed
+/// index starts at 0, not at the totals of the one that had it.
+fn zero_backend_stats(
+    stats: &mut aya::maps::PerCpuArray<aya::maps::MapData, TrafficCounters>,
+    index: u32,
+) -> Result<(), XdpError> {
+    let cpus = stats.get(&index, 0).map_err(map_err(MAP_BACKEND_STATS))?.len();
+    let zeros = aya::maps::PerCpuValues::try_from(vec![TrafficCounters::default(); cpus])
+        .map_err(|e| XdpError::System(format!("counters of backend index {index}: {e}")))?;
+    stats.set(index, zeros, 0).map_err(map_err(MAP_BACKEND_STATS))
 }
 
 impl Inner {
