@@ -520,11 +520,24 @@ impl Balancer {
             .saturating_sub(self.capacity - self.capacity / 16);
         if over > 0 {
             let map = self.affinity.pin();
-            let mut seen: Vec<u64> = map.values().map(|e| e.last_seen_ns).collect();
+            // The service that holds the most entries makes the room when it can: one service's
+            // clients (or addresses a web tier passes on unchecked) cannot push another's out.
+            let mut by_service: HashMap<u32, Vec<u64>> = HashMap::new();
+            for ((service, _), e) in &map {
+                by_service.entry(*service).or_default().push(e.last_seen_ns);
+            }
+            let biggest = by_service
+                .into_iter()
+                .max_by_key(|(_, seen)| seen.len())
+                .filter(|(_, seen)| seen.len() >= over);
+            let (only, mut seen) = match biggest {
+                Some((service, seen)) => (Some(service), seen),
+                None => (None, map.values().map(|e| e.last_seen_ns).collect()),
+            };
             let n = over.min(seen.len());
             if n > 0 {
                 let cutoff = *seen.select_nth_unstable(n - 1).1;
-                map.retain(|_, e| e.last_seen_ns > cutoff);
+                map.retain(|(service, _), e| only.is_some_and(|o| o != *service) || e.last_seen_ns > cutoff);
             }
         }
         self.making_room.store(false, Ordering::Release);
@@ -926,6 +939,42 @@ mod tests {
             b.affinity_age("web", ip(40), t2 + Duration::from_secs(1))
                 .is_none(),
             "the oldest live client lost its entry"
+        );
+    }
+
+    /// A full table makes room in the service that holds the most entries: a flood of new
+    /// addresses on one service does not push the older clients of another out.
+    #[test]
+    fn a_full_table_makes_room_in_the_service_with_the_most_entries() {
+        let mut state = three();
+        let mut api = state.service("web").unwrap().settings.clone();
+        api.name = "api".into();
+        api.listen = "10.0.0.101:80".parse().unwrap();
+        api.backends = vec![backend("a1", "10.1.9.2:80")];
+        state.apply(Command::AddService { service: api }).unwrap();
+        let b = Balancer::with_capacity(state, 64);
+        let t0 = Instant::now();
+        for i in 0..10 {
+            let c = b.choose("api", ip(i), t0, &[]).unwrap();
+            b.confirm("api", ip(i), c.chosen(), t0);
+        }
+        let t1 = t0 + Duration::from_secs(1);
+        for i in 100..300 {
+            connect(&b, ip(i), t1 + Duration::from_millis(u64::from(i)));
+        }
+        assert!(b.affinity.len() <= 64, "{} entries", b.affinity.len());
+        let now = t1 + Duration::from_secs(1);
+        assert!(
+            (0..10).all(|i| b.affinity_age("api", ip(i), now).is_some()),
+            "api's clients keep their entries"
+        );
+        assert!(
+            b.affinity_age("web", ip(299), now).is_some(),
+            "the newest web client too"
+        );
+        assert!(
+            b.affinity_age("web", ip(100), now).is_none(),
+            "web's oldest made the room"
         );
     }
 

@@ -454,7 +454,7 @@ impl Engine {
                     warn!(change = %description, error = %e, "reload: change not applied");
                     view.problems.push(format!("{description}: {e}"));
                     // Remember what was not done, so the next reload tries again.
-                    forget_failed(&mut applied_config, &old, &command);
+                    forget_failed(&mut applied_config, &old, &self.snapshot().state, &command);
                     if let Command::AddService { service } = &command
                         && let Some(was) = before.state.services.get(&service.name)
                         && self.snapshot().state.service(&service.name).is_err()
@@ -1243,24 +1243,39 @@ pub(crate) fn describe(command: &Command) -> String {
     }
 }
 
-/// Keeps in the config a reload records as applied what a failed `command` left as it was (the
-/// entry of the `old` file, or none for an add), so the next reload finds the difference again and
-/// retries it instead of taking it for done.
-fn forget_failed(config: &mut Config, old: &Config, command: &Command) {
-    let old_service = |name: &str| old.services.iter().find(|s| s.name == name);
+/// Keeps in the config a reload records as applied what a failed `command` left as it runs, so the
+/// next reload finds the difference again and retries it instead of taking it for done: an add
+/// that failed is not there; a removal or update whose target still runs keeps the `old` file's
+/// entry. A target already gone (removed at runtime) counts as removed, so no later reload trips
+/// over it again.
+fn forget_failed(config: &mut Config, old: &Config, running: &state::State, command: &Command) {
     fn service_of<'a>(config: &'a mut Config, name: &str) -> Option<&'a mut ServiceConfig> {
         config.services.iter_mut().find(|s| s.name == name)
     }
+    let old_service = |name: &str| old.services.iter().find(|s| s.name == name);
+    let runs = |name: &str| running.service(name).ok();
     match command {
-        Command::AddService { service } => config.services.retain(|s| s.name != service.name),
+        Command::AddService { service } => {
+            config.services.retain(|s| s.name != service.name);
+            // Its removal failed too: it still runs as the old file had it.
+            if runs(&service.name).is_some()
+                && let Some(was) = old_service(&service.name)
+            {
+                config.services.push(was.clone());
+            }
+        }
         Command::RemoveService { service } => {
-            if let Some(was) = old_service(service) {
+            if runs(service).is_some()
+                && let Some(was) = old_service(service)
+            {
                 config.services.retain(|s| &s.name != service);
                 config.services.push(was.clone());
             }
         }
         Command::UpdateService { service } => {
-            if let (Some(was), Some(s)) = (old_service(&service.name), service_of(config, &service.name)) {
+            if runs(&service.name).is_some()
+                && let (Some(was), Some(s)) = (old_service(&service.name), service_of(config, &service.name))
+            {
                 let backends = std::mem::take(&mut s.backends);
                 *s = ServiceConfig {
                     backends,
@@ -1275,17 +1290,20 @@ fn forget_failed(config: &mut Config, old: &Config, command: &Command) {
         }
         Command::UpdateBackend { service, backend } => {
             let same = |b: &&BackendConfig| (b.address, &b.name) == (backend.address, &backend.name);
+            let still = runs(service).is_some_and(|s| s.backends.iter().map(|b| &b.config).any(|b| same(&b)));
             let was = old_service(service).and_then(|o| o.backends.iter().find(same));
-            if let (Some(was), Some(s)) = (was, service_of(config, service))
+            if still
+                && let (Some(was), Some(s)) = (was, service_of(config, service))
                 && let Some(b) = s.backends.iter_mut().find(|b| same(&&**b))
             {
                 *b = was.clone();
             }
         }
         Command::RemoveBackend { service, backend } => {
-            let was = old_service(service)
-                .and_then(|o| o.backends.iter().find(|b| b.address.to_string() == *backend));
-            if let (Some(was), Some(s)) = (was, service_of(config, service)) {
+            let at = |b: &&BackendConfig| b.address.to_string() == *backend;
+            let still = runs(service).is_some_and(|s| s.backends.iter().map(|b| &b.config).any(|b| at(&b)));
+            let was = old_service(service).and_then(|o| o.backends.iter().find(at));
+            if still && let (Some(was), Some(s)) = (was, service_of(config, service)) {
                 s.backends.push(was.clone());
             }
         }

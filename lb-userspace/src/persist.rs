@@ -374,6 +374,50 @@ pub fn restore(engine: &Engine, path: &Path, base: &[ServiceConfig]) -> Persist 
     persist
 }
 
+/// A backend change of the file made only in the fields the runtime changed (where the saved
+/// backend differs from the file's base): a field the config file changed while lb was stopped,
+/// and the runtime did not, keeps the config file's value. `None` when nothing is left to change.
+/// Other commands pass as they are.
+fn runtime_fields_only(file: &StateFile, running: &crate::state::State, command: Command) -> Option<Command> {
+    let Command::UpdateBackend {
+        service,
+        backend: saved,
+    } = &command
+    else {
+        return Some(command);
+    };
+    let same = |b: &&crate::config::BackendConfig| (b.address, &b.name) == (saved.address, &saved.name);
+    let base = file
+        .base
+        .iter()
+        .find(|s| &s.name == service)
+        .and_then(|s| s.backends.iter().find(same));
+    let now = running
+        .service(service)
+        .ok()
+        .and_then(|s| s.backends.iter().map(|b| &b.config).find(same));
+    let (Some(base), Some(now)) = (base, now) else {
+        return Some(command);
+    };
+    let mut merged = now.clone();
+    if saved.weight != base.weight {
+        merged.weight = saved.weight;
+    }
+    if saved.backup != base.backup {
+        merged.backup = saved.backup;
+    }
+    if saved.state != base.state {
+        merged.state = saved.state;
+    }
+    if saved.route != base.route {
+        merged.route.clone_from(&saved.route);
+    }
+    (merged != *now).then(|| Command::UpdateBackend {
+        service: service.clone(),
+        backend: merged,
+    })
+}
+
 /// Applies the runtime changes of `file`, then puts back the transition history.
 ///
 /// A service the file moved (a new listen address or datapath: removed, then added anew) whose
@@ -385,6 +429,9 @@ fn apply(engine: &Engine, file: &StateFile, shown: &str) {
     let mut restored = Vec::new();
     let mut skipped = 0usize;
     for command in file.commands() {
+        let Some(command) = runtime_fields_only(file, &before.state, command) else {
+            continue;
+        };
         let description = crate::engine::describe(&command);
         let outcome = match hidden_secret(&command) {
             Some(e) => Err(e.to_string()),

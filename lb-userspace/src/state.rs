@@ -656,6 +656,13 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Command> {
             }
         }
     }
+    // Every removed backend goes before anything is added or updated, whatever the file's order
+    // of services: what is added is checked against what runs, which no longer has them.
+    commands.sort_by_key(|c| match c {
+        Command::RemoveService { .. } => 0,
+        Command::RemoveBackend { .. } => 1,
+        _ => 2,
+    });
     commands
 }
 

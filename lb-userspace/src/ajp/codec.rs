@@ -710,7 +710,7 @@ impl ContainerMessage {
 
 /// A complete response of lb's own: Send Headers with `status` and a short text body, then End
 /// Response (reuse). Used for 403 and 503.
-pub fn own_response(status: u16, reason: &str, max: usize) -> Bytes {
+pub fn own_response(status: u16, reason: &str, reuse: bool, max: usize) -> Bytes {
     let body = Bytes::from(format!("{status} {reason}\n"));
     let mut out = BytesMut::with_capacity(128);
     let headers = vec![
@@ -730,7 +730,7 @@ pub fn own_response(status: u16, reason: &str, max: usize) -> Bytes {
             headers,
         })),
         ContainerMessage::SendBodyChunk(body),
-        ContainerMessage::EndResponse { reuse: true },
+        ContainerMessage::EndResponse { reuse },
     ];
     for m in &msgs {
         // A few dozen bytes: always fits the smallest maximum.

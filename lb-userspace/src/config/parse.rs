@@ -1613,22 +1613,9 @@ impl<F: Form> Validator<'_, '_, F> {
             }
             Ok(out)
         };
-        let (front_secret, backend_secret) = (
-            secret(&raw.secret, "secret")?,
-            secret(&raw.backend_secret, "backend_secret")?,
-        );
-        if let (None, Some(v)) = (&front_secret, &raw.backend_secret) {
-            return Err(self.err(
-                v.at(),
-                &k("backend_secret"),
-                "backend_secret needs secret: without it lb would write the backends' secret into \
-                 the request of anyone who reaches listen (set secret to what the web tier sends)"
-                    .to_string(),
-            ));
-        }
         Ok(AjpConfig {
-            secret: front_secret,
-            backend_secret,
+            secret: secret(&raw.secret, "secret")?,
+            backend_secret: secret(&raw.backend_secret, "backend_secret")?,
             max_packet_size: int(
                 &raw.max_packet_size,
                 "max_packet_size",

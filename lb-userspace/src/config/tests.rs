@@ -2064,11 +2064,6 @@ fn bad_ajp_settings() {
             &["without control characters"],
         ),
         (
-            "backend_secret = \"to-tomcat\"",
-            "service[0].ajp.backend_secret",
-            &["backend_secret needs secret"],
-        ),
-        (
             "session_cookies = [\"JSESSION ID\"]",
             "service[0].ajp.session_cookies[0]",
             &["is not allowed", "JSESSIONID"],

@@ -1463,3 +1463,23 @@ fn a_reload_is_checked_against_services_added_at_runtime() {
     assert_eq!(names.len(), 2, "{names:?}");
     assert!(!names.contains(&"x".to_string()), "{names:?}");
 }
+
+/// A backend removed at runtime and then from the file: the reload that meets it gone reports it
+/// at most once; the next finds nothing left to do (it is not put back as if still running).
+#[test]
+fn a_removal_the_runtime_made_first_is_not_retried_by_every_reload() {
+    let bed = Bed::new(BASE);
+    bed.run(Command::RemoveBackend {
+        service: "web".into(),
+        backend: "10.1.2.2:80".into(),
+    })
+    .unwrap();
+    let without = BASE.replace(
+        "[[service.backend]]\nname = \"b2\"\naddress = \"10.1.2.2:80\"\n",
+        "",
+    );
+    assert_ne!(without, BASE);
+    bed.reload(&without);
+    let view = bed.reload(&without);
+    assert!(view.problems.is_empty() && view.applied.is_empty(), "{view:?}");
+}

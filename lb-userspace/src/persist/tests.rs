@@ -704,3 +704,37 @@ fn a_file_larger_than_a_state_file_may_be_is_not_read() {
     assert!(StateFile::load(&path).unwrap().unwrap().commands().is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// What the runtime changed comes back; what the config file changed while lb was stopped is
+/// not undone by it: b1 was drained at runtime, and its weight then raised in the file.
+#[test]
+fn a_restore_keeps_what_the_config_file_changed_while_lb_was_stopped() {
+    use crate::config::AdminState::{Active, Drain};
+    let dir = temp_dir("edited");
+    let state_file = dir.join("state.json");
+    let first = engine(&dir, &config_text(&state_file));
+    first
+        .execute_by(
+            Command::SetState {
+                service: "web".into(),
+                backend: "b1".into(),
+                state: Drain,
+            },
+            &Origin::Operator { uid: Some(0) },
+        )
+        .unwrap();
+    first.flush_state_file();
+    drop(first);
+    let edited = config_text(&state_file).replace(
+        "name = \"b1\"\naddress = \"10.1.1.2:80\"\n",
+        "name = \"b1\"\naddress = \"10.1.1.2:80\"\nweight = 3\n",
+    );
+    assert_ne!(edited, config_text(&state_file));
+    let second = engine(&dir, &edited);
+    assert_eq!(
+        backends(&second),
+        vec![("b1".into(), Drain, 3), ("b2".into(), Active, 1)]
+    );
+    drop(second);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -119,10 +119,26 @@ async fn front_gone(stream: &mut TcpStream) -> FrontGone {
     }
 }
 
-/// Writes all of `bytes` to the web tier, each write making progress within `wait` (zero: no
-/// limit). A web tier that stops reading cannot hold its connection, a `max_connections` slot and
-/// a backend's pool slot for good: after `wait` without progress the write fails (`TimedOut`).
-async fn write_front(stream: &mut TcpStream, mut bytes: &[u8], wait: Duration) -> std::io::Result<()> {
+/// Writes all of `bytes` to the web tier, each write making progress within `request_timeout`
+/// (zero: no limit). A web tier that stops reading cannot hold its connection, a `max_connections`
+/// slot and a backend's pool slot for good: after `request_timeout` without progress the write
+/// fails (`TimedOut`, counted in `request_timeouts`).
+async fn write_front(
+    stream: &mut TcpStream,
+    bytes: &[u8],
+    svc: &Service,
+    peer: SocketAddr,
+) -> std::io::Result<()> {
+    let written = write_within(stream, bytes, svc.settings().ajp.request_timeout).await;
+    if let Err(e) = &written
+        && e.kind() == std::io::ErrorKind::TimedOut
+    {
+        timed_out(svc, peer, e);
+    }
+    written
+}
+
+async fn write_within(stream: &mut TcpStream, mut bytes: &[u8], wait: Duration) -> std::io::Result<()> {
     while !bytes.is_empty() {
         let n = if wait.is_zero() {
             stream.write(bytes).await?
@@ -138,6 +154,10 @@ async fn write_front(stream: &mut TcpStream, mut bytes: &[u8], wait: Duration) -
     }
     Ok(())
 }
+
+/// How long, and for how many bytes, a connection lb closes after its own response reads on.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
 
 /// Waits `d`, or forever when `d` is zero.
 async fn sleep_unless_zero(d: Duration) {
@@ -198,14 +218,9 @@ pub async fn serve(mut front: TcpStream, peer: SocketAddr, svc: Arc<Service>, st
             Ok(ServerMessage::CPing) => {
                 if svc.takes_requests() {
                     svc.counters.cpings_answered.fetch_add(1, Relaxed);
-                    match write_front(&mut front, &crate::ajp::CPONG, settings.ajp.request_timeout).await {
+                    match write_front(&mut front, &crate::ajp::CPONG, &svc, peer).await {
                         Ok(()) => Next::Continue,
-                        Err(e) => {
-                            if e.kind() == std::io::ErrorKind::TimedOut {
-                                timed_out(&svc, peer, &e);
-                            }
-                            Next::Close
-                        }
+                        Err(_) => Next::Close,
                     }
                 } else {
                     debug!(service = %svc.name, %peer, "CPing not answered: no backend takes requests");
@@ -328,6 +343,9 @@ fn patience(pick: Pick, settings: &super::Settings) -> Duration {
     }
 }
 
+/// The retry buffer holds at most one body chunk per this many bytes of its size.
+const HELD_CHUNK_MIN: usize = 512;
+
 /// The request body as it passes: what has been read from the web tier, kept while it fits the
 /// retry buffer so another backend can be given the same body.
 struct Body {
@@ -355,13 +373,20 @@ impl Body {
         if data.is_empty() {
             self.done = true;
         }
-        if self.held && self.held_bytes + data.len() <= limit {
+        // Held chunks are copies (a slice of the read buffer would keep the whole buffer alive),
+        // and at most one per HELD_CHUNK_MIN bytes of the limit: a body trickled in tiny packets
+        // costs little more than its data.
+        let room = data.is_empty() || self.chunks.len() < limit / HELD_CHUNK_MIN + 1;
+        if self.held && room && self.held_bytes + data.len() <= limit {
             self.held_bytes += data.len();
-        } else {
-            // Too much to hold: keep only the latest part, which the current backend still needs.
-            self.held = false;
-            self.chunks.clear();
+            if !data.is_empty() {
+                self.chunks.push(Bytes::copy_from_slice(&data));
+            }
+            return;
         }
+        // Too much to hold: keep only the latest part, which the current backend still needs.
+        self.held = false;
+        self.chunks.clear();
         if !data.is_empty() {
             self.chunks.push(data);
         }
@@ -412,12 +437,11 @@ impl<'a> Request<'a> {
             remaining: length,
             first_unasked: length.is_some_and(|n| n > 0),
         };
-        // A peer without the secret is answered at once and let go, as Tomcat does: nothing of it
-        // is waited for or held (not even the body it announced), and it cannot try secret after
-        // secret on one connection.
+        // A peer without the secret is answered at once and let go (Tomcat closes such a
+        // connection too): nothing of it is waited for or held (not even the body it announced),
+        // and it cannot try secret after secret on one connection.
         if !self.secret_matches(&settings) {
-            self.respond(403, "Forbidden").await;
-            return Next::Close;
+            return self.respond_and_close(403, "Forbidden").await;
         }
         // With a content-length the web server sends the first body packet unasked.
         if body.first_unasked {
@@ -918,13 +942,9 @@ impl<'a> Request<'a> {
     }
 
     async fn send_front(&mut self, bytes: &[u8]) -> Result<(), Outcome> {
-        let wait = self.svc.settings().ajp.request_timeout;
-        write_front(self.front, bytes, wait).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::TimedOut {
-                timed_out(self.svc, self.peer, &e);
-            }
-            Outcome::Front(e.to_string())
-        })
+        write_front(self.front, bytes, self.svc, self.peer)
+            .await
+            .map_err(|e| Outcome::Front(e.to_string()))
     }
 
     /// Reads one request body packet from the web tier: (the packet as read, its data).
@@ -969,19 +989,39 @@ impl<'a> Request<'a> {
         Next::Close
     }
 
-    /// Sends lb's own response (403 or 503).
+    /// Sends lb's own response (403 or 503); the connection goes on.
     async fn respond(&mut self, status: u16, reason: &str) -> Next {
-        let settings = self.svc.settings();
-        let response = codec::own_response(status, reason, settings.max_packet);
-        match write_front(self.front, &response, settings.ajp.request_timeout).await {
+        let response = codec::own_response(status, reason, true, self.svc.settings().max_packet);
+        match write_front(self.front, &response, self.svc, self.peer).await {
             Ok(()) => Next::Continue,
-            Err(e) => {
-                if e.kind() == std::io::ErrorKind::TimedOut {
-                    timed_out(self.svc, self.peer, &e);
-                }
-                Next::Close
-            }
+            Err(_) => Next::Close,
         }
+    }
+
+    /// Sends lb's own response saying the connection ends (End Response without reuse), then
+    /// closes it: its side first, then whatever the web tier still sends (a body it announced) is
+    /// read and dropped for a moment, so the close does not reset the connection before the
+    /// response is read.
+    async fn respond_and_close(&mut self, status: u16, reason: &str) -> Next {
+        let response = codec::own_response(status, reason, false, self.svc.settings().max_packet);
+        if write_front(self.front, &response, self.svc, self.peer)
+            .await
+            .is_ok()
+            && self.front.shutdown().await.is_ok()
+        {
+            let mut sink = [0u8; 4096];
+            let mut left = LINGER_BYTES;
+            let drain = async {
+                while left > 0 {
+                    match self.front.read(&mut sink).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => left = left.saturating_sub(n),
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(LINGER, drain).await;
+        }
+        Next::Close
     }
 }
 
@@ -1012,4 +1052,41 @@ fn has_frame(buf: &BytesMut) -> bool {
 /// Compares secrets without stopping at the first difference.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body() -> Body {
+        Body {
+            chunks: Vec::new(),
+            held_bytes: 0,
+            held: true,
+            done: false,
+            remaining: None,
+            first_unasked: false,
+        }
+    }
+
+    /// Packets of the usual size are held up to the limit, with the end packet; a body trickled in
+    /// one-byte packets stops being held at the chunk count, keeping only its latest part.
+    #[test]
+    fn the_retry_buffer_holds_bytes_and_a_bounded_number_of_chunks() {
+        let limit = 64 * 1024;
+        let mut b = body();
+        for _ in 0..8 {
+            b.keep(Bytes::from(vec![7u8; 8186]), limit);
+        }
+        b.keep(Bytes::new(), limit);
+        assert!(b.held && b.done && b.chunks.len() == 8);
+        let mut b = body();
+        for _ in 0..=limit / HELD_CHUNK_MIN {
+            b.keep(Bytes::from_static(b"x"), limit);
+        }
+        assert!(b.held, "as many chunks as the limit allows");
+        b.keep(Bytes::from_static(b"y"), limit);
+        assert!(!b.held);
+        assert_eq!(b.chunks, [Bytes::from_static(b"y")], "only the latest part");
+    }
 }

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::ajp::route::RouteKeys;
 use crate::balancer::Balancer;
@@ -109,7 +110,7 @@ impl Service {
         if let Some(be) = svc.backends.iter().find(|b| b.id == id)
             && self.passive.failed(svc, be, runtime, why)
         {
-            tracing::warn!(service = %self.name, backend = %be.config.address, "passive health: backend marked down after connect failures");
+            warn!(service = %self.name, backend = %be.config.address, "passive health: backend marked down after connect failures");
         }
     }
 
@@ -233,6 +234,13 @@ impl AjpDatapath {
         )?;
         if let Some(stop) = self.listeners.stop_token(name) {
             self.listeners.spawn(reaper(service, stop));
+        }
+        if let Some(ajp) = &svc.settings.ajp
+            && ajp.backend_secret.is_some()
+            && ajp.secret.is_none()
+        {
+            warn!(service = name, listen = %svc.settings.listen,
+                "backend_secret without secret: every request that reaches listen goes to the backends with their secret; let only the web tier reach listen, or set secret");
         }
         Ok(())
     }

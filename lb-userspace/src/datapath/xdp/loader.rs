@@ -703,7 +703,14 @@ fn walker<K: aya::Pod, V: aya::Pod>(
     name: &'static str,
 ) -> Result<aya::maps::HashMap<aya::maps::MapData, K, V>, XdpError> {
     use aya::maps::{IterableMap, Map, MapData};
-    let id = IterableMap::map(of).info().map_err(map_err(name))?.id();
-    let data = MapData::from_id(id).map_err(map_err(name))?;
+    use std::os::fd::AsFd;
+    // A duplicate of the descriptor: the same map, and no privilege beyond what opened it (a map
+    // opened by id would need CAP_SYS_ADMIN).
+    let fd = IterableMap::map(of)
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| XdpError::System(format!("eBPF map {name}: a second descriptor: {e}")))?;
+    let data = MapData::from_fd(fd).map_err(map_err(name))?;
     aya::maps::HashMap::try_from(Map::from_map_data(data).map_err(map_err(name))?).map_err(map_err(name))
 }

@@ -130,12 +130,13 @@ impl Inner {
                     let i = match self.adopt_backends.remove(&pinned) {
                         Some(i) => i,
                         None => {
-                            let i = self.free_backends.pop_front().ok_or(XdpError::Full {
+                            let i = *self.free_backends.front().ok_or(XdpError::Full {
                                 what: "backend",
                                 max: self.maps.backends.len(),
                                 key: "max_backends",
                             })?;
                             zero_backend_stats(&mut self.maps.backend_stats, i)?;
+                            self.free_backends.pop_front();
                             i
                         }
                     };
