@@ -401,15 +401,10 @@ impl Engine {
     /// [`Engine::reload`] on behalf of the control-socket caller `uid`.
     pub fn reload_by(&self, uid: Option<u32>) -> Result<ReloadView, EngineError> {
         let origin = Origin::Reload { uid };
-        let path = self
-            .config
-            .lock()
-            .unwrap()
-            .path
-            .clone()
-            .ok_or(EngineError::NoConfigFile)?;
-        let new = Config::load(&path)?;
+        // The file is read under the lock: of two reloads, the one that read it last applies last.
         let mut old = self.config.lock().unwrap();
+        let path = old.path.clone().ok_or(EngineError::NoConfigFile)?;
+        let new = Config::load(&path)?;
         let mut view = ReloadView::default();
         // Settings read once at start: reported (on every reload) until the daemon restarts.
         let restart_only = [

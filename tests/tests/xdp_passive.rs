@@ -370,10 +370,13 @@ fn time_wait_round(round: usize) -> u64 {
     );
     assert_eq!(from_killed, 0, "answers from the killed backend after the kill");
     // Nobody waited a second for a SYN retransmission: every SYN was answered at once, by
-    // another backend or by the kernel's RST.
-    assert_eq!(
-        syn_retrans, 0,
-        "clients retransmitted SYNs (slowest request {slowest:?})"
+    // another backend or by the kernel's RST. The one exception is by design: a bare ACK on a
+    // port the datapath holds (the minute after a start that made the maps, or a port reclaimed
+    // from a half-open flow) is a collision passed to the client, which resets it and sends its
+    // SYN again (README, kernel passive health); each such SYN is counted as a collision.
+    assert!(
+        syn_retrans <= collided,
+        "clients retransmitted {syn_retrans} SYNs, {collided} of them after a collision (slowest request {slowest:?})"
     );
     // At most the connections in flight fail: the one of each loop at the kill, and the SYNs the
     // kernel answered with an RST before it marked the backend (stale answers and refusals).

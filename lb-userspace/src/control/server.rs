@@ -254,7 +254,8 @@ async fn serve(
     let mut wait = limits.first_request;
     loop {
         line.clear();
-        let mut limited = (&mut reader).take(MAX_REQUEST as u64 + 1);
+        // A request of MAX_REQUEST bytes, its newline, and one byte more to tell a longer one.
+        let mut limited = (&mut reader).take(MAX_REQUEST as u64 + 2);
         let read = tokio::select! {
             () = shutdown.cancelled() => return,
             r = tokio::time::timeout(wait, limited.read_until(b'\n', &mut line)) => r,
@@ -262,7 +263,7 @@ async fn serve(
         wait = limits.idle;
         let response = match read {
             Err(_) | Ok(Err(_) | Ok(0)) => return,
-            Ok(Ok(_)) if line.len() > MAX_REQUEST => {
+            Ok(Ok(_)) if line.strip_suffix(b"\n").unwrap_or(&line).len() > MAX_REQUEST => {
                 let _ = write_response(
                     &mut w,
                     &Response::error(format!("request longer than {MAX_REQUEST} bytes")),
@@ -309,7 +310,8 @@ fn answer(line: &[u8], uid: u32, engine: &Engine) -> Response {
         Err(e) => {
             let text = crate::report::chain(&e);
             if changes {
-                warn!(uid, error = %text, "operator command failed");
+                // Debug-quoted: the text may repeat names from the request, newlines and all.
+                warn!(uid, error = ?text, "operator command failed");
             }
             Response::error(text)
         }

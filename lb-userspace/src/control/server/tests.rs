@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
-use super::{Limits, MAX_CONNECTIONS, ROOT_SLOTS, Slots, answer, bind, run_limited};
+use super::{Limits, MAX_CONNECTIONS, MAX_REQUEST, ROOT_SLOTS, Slots, answer, bind, run_limited};
 use crate::config::{Config, ControlConfig, DatapathKind};
 use crate::datapath::fake;
 
@@ -67,7 +67,9 @@ impl Drop for Server {
 fn server(limits: Limits) -> Server {
     use std::os::unix::fs::PermissionsExt;
     let engine = fake::engine(Config::parse(CONFIG, "test").unwrap(), &[DatapathKind::Proxy]).unwrap();
-    let dir = std::env::temp_dir().join(format!("lb-control-slots-{}", std::process::id()));
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("lb-control-slots-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -280,4 +282,29 @@ fn operator_commands_are_logged_without_their_secrets() {
         super::masked(r#"{"ajp":{"secret":"TOPSECRET123""#),
         "(31 bytes, not JSON)"
     );
+}
+
+/// A request of MAX_REQUEST bytes (the README's "at most 64 KiB") is answered; one byte more is
+/// refused as too long.
+#[tokio::test]
+async fn a_request_of_the_most_bytes_allowed_is_answered_and_one_more_is_refused() {
+    let srv = server(Limits::default());
+    for (len, ok) in [(MAX_REQUEST, true), (MAX_REQUEST + 1, false)] {
+        let stream = tokio::net::UnixStream::connect(&srv.socket).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut request = b"{\"cmd\":\"status\"}".to_vec();
+        request.resize(len, b' ');
+        request.push(b'\n');
+        write.write_all(&request).await.unwrap();
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(10), BufReader::new(read).read_line(&mut line))
+            .await
+            .expect("answered")
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        assert_eq!(v["ok"], ok, "{len} bytes: {v}");
+        if !ok {
+            assert!(v["error"].as_str().unwrap().contains("longer than"), "{v}");
+        }
+    }
 }
