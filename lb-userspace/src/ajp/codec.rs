@@ -115,7 +115,15 @@ pub enum CodecError {
     NullHeaderName,
     #[error("string of {0} bytes is too long to encode")]
     StringTooLong(usize),
+    #[error("more than {MAX_ITEMS} {0} in one message")]
+    TooMany(&'static str),
 }
+
+/// Most headers, and apart most attributes, one message may carry: ten times the limit httpd
+/// (`LimitRequestFields`) and Tomcat (`maxHeaderCount`) keep by default, so nothing they pass is
+/// refused, while a packet of tiny headers (four bytes each) cannot make lb hold a parsed request
+/// many times the packet's size.
+pub const MAX_ITEMS: usize = 1000;
 
 /// One whole packet, header included, sharing memory with the buffer it was read from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -341,6 +349,9 @@ pub type Header = (HeaderName, AjpString);
 
 fn read_headers(r: &mut Reader) -> Result<Vec<Header>, CodecError> {
     let n = r.u16("header count")?;
+    if usize::from(n) > MAX_ITEMS {
+        return Err(CodecError::TooMany("headers"));
+    }
     // Each header takes at least 4 bytes: never reserve more than the payload could hold.
     let mut headers = Vec::with_capacity(usize::from(n).min(r.buf.len() / 4));
     for _ in 0..n {
@@ -437,6 +448,9 @@ impl ForwardRequest {
                 },
                 other => return Err(CodecError::UnknownAttribute(other)),
             };
+            if attributes.len() == MAX_ITEMS {
+                return Err(CodecError::TooMany("attributes"));
+            }
             attributes.push(a);
         }
         r.end()?;

@@ -427,3 +427,27 @@ proptest! {
         container_round_trip(ContainerMessage::EndResponse { reuse });
     }
 }
+
+/// A Forward Request with MAX_ITEMS headers and as many attributes decodes; one more of either is
+/// refused, naming which.
+#[test]
+fn headers_and_attributes_are_counted() {
+    let request = |headers: usize, attributes: usize| {
+        let mut r = sample_request();
+        r.headers = (0..headers)
+            .map(|_| (HeaderName::Coded(req_header::HOST), s("h")))
+            .collect();
+        r.attributes = (0..attributes)
+            .map(|_| Attribute::Coded {
+                code: attr::ROUTE,
+                value: s("r"),
+            })
+            .collect();
+        let mut out = BytesMut::new();
+        r.encode(&mut out, MAX_MAX_PACKET).unwrap();
+        ServerMessage::decode(out.freeze().slice(HEADER_LEN..), false)
+    };
+    assert!(request(MAX_ITEMS, MAX_ITEMS).is_ok());
+    assert_eq!(request(MAX_ITEMS + 1, 0), Err(CodecError::TooMany("headers")));
+    assert_eq!(request(0, MAX_ITEMS + 1), Err(CodecError::TooMany("attributes")));
+}
