@@ -748,6 +748,12 @@ impl ServiceConfig {
 }
 
 impl BackendConfig {
+    /// What makes a backend the same one across two configs (a reload, a state file): its
+    /// address and its name.
+    pub fn identity(&self) -> (SocketAddr, &str) {
+        (self.address, self.name.as_str())
+    }
+
     /// A backend from the keys of a `[[service.backend]]` table given as JSON (an `add-backend`
     /// request): the file's defaults and checks, errors naming the field. The IPv4 rule of `xdp`
     /// services is checked by the engine, which knows the service.

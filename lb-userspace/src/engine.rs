@@ -1284,7 +1284,7 @@ fn forget_failed(config: &mut Config, old: &Config, running: &state::State, comm
             }
         }
         Command::UpdateBackend { service, backend } => {
-            let same = |b: &&BackendConfig| (b.address, &b.name) == (backend.address, &backend.name);
+            let same = |b: &&BackendConfig| b.identity() == backend.identity();
             let still = runs(service).is_some_and(|s| s.backends.iter().map(|b| &b.config).any(|b| same(&b)));
             let was = old_service(service).and_then(|o| o.backends.iter().find(same));
             if still

@@ -386,7 +386,7 @@ fn runtime_fields_only(file: &StateFile, running: &crate::state::State, command:
     else {
         return Some(command);
     };
-    let same = |b: &&crate::config::BackendConfig| (b.address, &b.name) == (saved.address, &saved.name);
+    let same = |b: &&crate::config::BackendConfig| b.identity() == saved.identity();
     let base = file
         .base
         .iter()

@@ -629,13 +629,10 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Command> {
             commands.push(Command::UpdateService { service: settings(n) });
         }
         let service = n.name.clone();
-        fn identity(b: &BackendConfig) -> (SocketAddr, &str) {
-            (b.address, b.name.as_str())
-        }
-        let old_backends = first_by(&o.backends, identity);
-        let new_backends = first_by(&n.backends, identity);
+        let old_backends = first_by(&o.backends, BackendConfig::identity);
+        let new_backends = first_by(&n.backends, BackendConfig::identity);
         for ob in &o.backends {
-            if !new_backends.contains_key(&identity(ob)) {
+            if !new_backends.contains_key(&ob.identity()) {
                 commands.push(Command::RemoveBackend {
                     service: service.clone(),
                     backend: ob.address.to_string(),
@@ -643,7 +640,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Command> {
             }
         }
         for nb in &n.backends {
-            match old_backends.get(&identity(nb)) {
+            match old_backends.get(&nb.identity()) {
                 None => commands.push(Command::AddBackend {
                     service: service.clone(),
                     backend: nb.clone(),
