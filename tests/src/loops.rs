@@ -58,3 +58,22 @@ pub fn client_loops(
 pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
+
+/// When a fault applied by a command that ran from `issued` to `done` began (a `nft` rule, whose
+/// commit waits for the kernel's network-namespace lock and took over a second while other tests
+/// tore their namespaces down): no later than the start of the first sample it `hit`, clamped to
+/// the command's run. What a failover time is measured from.
+pub fn fault_began(
+    samples: &[Sample],
+    issued: Instant,
+    done: Instant,
+    hit: impl Fn(&Sample) -> bool,
+) -> Instant {
+    let first_hit = samples.iter().filter(|s| hit(s)).map(|s| s.start).min();
+    first_hit.unwrap_or(done).clamp(issued, done)
+}
+
+/// [`unix_ms`] at `at` (an instant in the past).
+pub fn unix_ms_at(at: Instant) -> u64 {
+    unix_ms().saturating_sub(at.elapsed().as_millis() as u64)
+}

@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use lb_tests::daemon::backend_of;
-use lb_tests::loops::{client_loops, unix_ms};
+use lb_tests::loops::{Sample, client_loops, fault_began, unix_ms, unix_ms_at};
 use lb_tests::{
     Child, Daemon, Enter, HttpConn, Topology, connect_from, http_get_from, require_root, start_http_backends,
     unique_prefix,
@@ -188,23 +188,26 @@ fn a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check_int
     std::fs::write(&path, rules).unwrap();
 
     let stop = AtomicBool::new(false);
-    let (samples, drop_at, drop_ms) = thread::scope(|s| {
+    let (samples, issued, applied) = thread::scope(|s| {
         let loops = s.spawn(|| client_loops(&topo, CLIENTS, &stop, |src| get(&topo, src)));
         thread::sleep(Duration::from_millis(500));
-        let drop_ms = unix_ms();
+        let issued = Instant::now();
         let out = ns.exec(&["nft", "-f", path.to_str().unwrap()]).expect("nft");
         assert!(
             out.status.success(),
             "nft: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        // The rule is in force once nft returns (it can take tens of milliseconds, during which
-        // new connections still reach the backend); "moved" is still counted from before it.
-        let drop_at = Instant::now();
+        let applied = Instant::now();
         thread::sleep(CONNECT_TIMEOUT + CHECK_INTERVAL + Duration::from_millis(500));
         stop.store(true, Ordering::Relaxed);
-        (loops.join().expect("loops"), drop_at, drop_ms)
+        (loops.join().expect("loops"), issued, applied)
     });
+    // The rule is in force once nft returns, and began no later than the first request it held up
+    // (a swallowed connect retried elsewhere after connect_timeout): "moved" is counted from then.
+    let slowed = |s: &Sample| s.end - s.start >= CONNECT_TIMEOUT;
+    let began = fault_began(&samples, issued, applied, slowed);
+    let drop_ms = unix_ms_at(began);
     let _ = std::fs::remove_file(&path);
 
     let down = lb.health_transitions("web", &name);
@@ -216,13 +219,15 @@ fn a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check_int
     let errors = samples.iter().filter(|s| s.result.is_err()).count();
     let slow_after = samples
         .iter()
-        .filter(|s| s.start >= drop_at)
+        .filter(|s| s.start >= applied)
         .filter(|s| s.result.as_deref() == Ok(name.as_str()))
         .count();
     report(&format!(
-        "MEASURED passive (black-holed {name}): marked down {} ms after the drop rule ({reason}); \
-         bound connect_timeout {} ms + interval {} ms; {errors} client errors of {} requests",
+        "MEASURED passive (black-holed {name}): marked down {} ms after the drop rule took effect \
+         ({reason}; `nft` took {} ms); bound connect_timeout {} ms + interval {} ms; {errors} client \
+         errors of {} requests",
         moved.as_millis(),
+        (applied - issued).as_millis(),
         CONNECT_TIMEOUT.as_millis(),
         CHECK_INTERVAL.as_millis(),
         samples.len()

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use lb_tests::client::HttpConn;
 use lb_tests::daemon::backend_of;
-use lb_tests::loops::{Sample, client_loops, unix_ms};
+use lb_tests::loops::{Sample, client_loops, fault_began, unix_ms_at};
 use lb_tests::synflood::{FloodSpec, send_bad_checksum_syns};
 use lb_tests::{Topology, connect_from, require_root};
 
@@ -61,6 +61,14 @@ const ONE_ADDRESS_LOOPS: usize = 8;
 /// Their connect timeout: longer than a SYN retransmission (1 s), so a SYN left unanswered shows
 /// as a retransmission (and a slow request), not as an error.
 const PATIENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The daemon's passive-health log lines (what a failed timing assertion needs to be read).
+fn passive_lines(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains("passive"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
 
 fn report(line: &str) {
     eprintln!("{line}");
@@ -418,13 +426,13 @@ fn xdp_a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check
     let path = std::env::temp_dir().join(format!("{}-nft", lb_tests::unique_prefix("xpasB")));
     std::fs::write(&path, rules).unwrap();
 
-    let mut drop_ms = 0;
-    let (samples, drop_at) = under_load(
+    let mut applied_at = None;
+    let (samples, exec_at) = under_load(
         &bed,
         CONNECT_TIMEOUT + CHECK_INTERVAL + Duration::from_millis(500),
         || {
-            drop_ms = unix_ms();
             let out = ns.exec(&["nft", "-f", path.to_str().unwrap()]).expect("nft");
+            applied_at = Some(Instant::now());
             assert!(
                 out.status.success(),
                 "nft: {}",
@@ -433,6 +441,11 @@ fn xdp_a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check
         },
     );
     let _ = std::fs::remove_file(&path);
+    let applied_at = applied_at.expect("the rule was applied");
+    let errors: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
+    // The black hole began no later than the first connect it swallowed.
+    let drop_at = fault_began(&samples, exec_at, applied_at, |s| s.result.is_err());
+    let drop_ms = unix_ms_at(drop_at);
 
     let down = bed.lb.health_transitions("web", &name);
     let Some((at_ms, to, reason)) = down.first().cloned() else {
@@ -440,17 +453,17 @@ fn xdp_a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check
         panic!("{name} never went down\n{}", bed.lb.log_tail(40));
     };
     let moved = Duration::from_millis(at_ms.saturating_sub(drop_ms));
-    let errors: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
     let last_error = errors
         .iter()
         .map(|s| s.start.saturating_duration_since(drop_at))
         .max()
         .unwrap_or_default();
     report(&format!(
-        "MEASURED xdp passive (black-holed {name}): marked down {} ms after the drop rule ({reason}); \
-         bound connect_timeout {} ms + interval {} ms; {} client errors (connects given up after {} ms) \
-         of {} requests, the last starting {} ms after the drop",
+        "MEASURED xdp passive (black-holed {name}): marked down {} ms after the drop rule took effect \
+         ({reason}; `nft` took {} ms); bound connect_timeout {} ms + interval {} ms; {} client errors \
+         (connects given up after {} ms) of {} requests, the last starting {} ms after the drop",
         moved.as_millis(),
+        (applied_at - exec_at).as_millis(),
         CONNECT_TIMEOUT.as_millis(),
         CHECK_INTERVAL.as_millis(),
         errors.len(),
@@ -463,7 +476,8 @@ fn xdp_a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check
     assert!(reason.contains("timed out"), "{reason}");
     assert!(
         moved <= CONNECT_TIMEOUT + CHECK_INTERVAL,
-        "marked down only after {moved:?}"
+        "marked down only after {moved:?}\n{}",
+        passive_lines(&bed.lb.log())
     );
     // The last connection that reached it (a lost SYN, given up by the client) started within
     // the bound; everything later went elsewhere.
