@@ -266,20 +266,21 @@ impl Engine {
             .ok_or_else(|| DatapathError::Unavailable(command.service().to_string()))?;
         let description = describe(&command);
         let command_service = command.service().to_string();
-        // Health and state of the backend the command targets, to see afterwards what changed.
-        let target = match &command {
-            Command::SetState { service, backend, .. } | Command::SetHealth { service, backend, .. } => {
-                Some((service.clone(), backend.clone()))
+        // Health and state of the backends the command targets, to see afterwards what changed.
+        let targets: Vec<String> = match &command {
+            Command::SetState { backend, .. } | Command::SetHealth { backend, .. } => vec![backend.clone()],
+            Command::UpdateBackends { backends, .. } => {
+                backends.iter().map(|b| b.address.to_string()).collect()
             }
-            Command::UpdateBackend { service, backend } => {
-                Some((service.clone(), backend.address.to_string()))
-            }
-            _ => None,
+            _ => Vec::new(),
         };
-        let before = target.as_ref().and_then(|(service, backend)| {
-            let be = current.state.service(service).ok()?.backend(backend)?;
-            Some((be.config.state, be.health))
-        });
+        let before: Vec<_> = targets
+            .into_iter()
+            .filter_map(|backend| {
+                let be = current.state.service(&command_service).ok()?.backend(&backend)?;
+                Some((backend, (be.config.state, be.health)))
+            })
+            .collect();
         let transition_only = matches!(command, Command::SetState { .. } | Command::SetHealth { .. });
         // The checkers depend on the services' backend addresses and check settings only.
         let same_checkers = matches!(
@@ -325,8 +326,8 @@ impl Engine {
         }
         if effect != Effect::Nothing {
             let now = self.balancer.snapshot();
-            if let (Some((service, backend)), Some(before)) = (&target, before) {
-                record_transitions(&now, service, backend, before, origin);
+            for (backend, before) in before {
+                record_transitions(&now, &command_service, &backend, before, origin);
             }
             if !same_checkers {
                 self.health.reconcile(&now);
@@ -1216,10 +1217,30 @@ pub(crate) fn describe(command: &Command) -> String {
             ),
         },
         Command::RemoveBackend { service, backend } => format!("remove backend {backend} from {service}"),
-        Command::UpdateBackend { service, backend } => format!(
-            "update backend {} ({}) of {service}: weight {}, backup {}, state {:?}",
-            backend.name, backend.address, backend.weight, backend.backup, backend.state
-        ),
+        Command::UpdateBackends { service, backends } => {
+            let fields = |b: &BackendConfig| {
+                format!(
+                    "weight {}, backup {}, state {:?}, route {:?}",
+                    b.weight, b.backup, b.state, b.route
+                )
+            };
+            match &backends[..] {
+                [b] => format!(
+                    "update backend {} ({}) of {service}: {}",
+                    b.name,
+                    b.address,
+                    fields(b)
+                ),
+                many => format!(
+                    "update {} backends of {service}: {}",
+                    many.len(),
+                    many.iter()
+                        .map(|b| format!("{} ({}): {}", b.name, b.address, fields(b)))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            }
+        }
         Command::SetState {
             service,
             backend,
@@ -1283,15 +1304,18 @@ fn forget_failed(config: &mut Config, old: &Config, running: &state::State, comm
                 s.backends.retain(|b| b.address != backend.address);
             }
         }
-        Command::UpdateBackend { service, backend } => {
-            let same = |b: &&BackendConfig| b.identity() == backend.identity();
-            let still = runs(service).is_some_and(|s| s.backends.iter().map(|b| &b.config).any(|b| same(&b)));
-            let was = old_service(service).and_then(|o| o.backends.iter().find(same));
-            if still
-                && let (Some(was), Some(s)) = (was, service_of(config, service))
-                && let Some(b) = s.backends.iter_mut().find(|b| same(&&**b))
-            {
-                *b = was.clone();
+        Command::UpdateBackends { service, backends } => {
+            for backend in backends {
+                let same = |b: &&BackendConfig| b.identity() == backend.identity();
+                let still =
+                    runs(service).is_some_and(|s| s.backends.iter().map(|b| &b.config).any(|b| same(&b)));
+                let was = old_service(service).and_then(|o| o.backends.iter().find(same));
+                if still
+                    && let (Some(was), Some(s)) = (was, service_of(config, service))
+                    && let Some(b) = s.backends.iter_mut().find(|b| same(&&**b))
+                {
+                    *b = was.clone();
+                }
             }
         }
         Command::RemoveBackend { service, backend } => {

@@ -374,47 +374,44 @@ pub fn restore(engine: &Engine, path: &Path, base: &[ServiceConfig]) -> Persist 
     persist
 }
 
-/// A backend change of the file made only in the fields the runtime changed (where the saved
+/// Backend changes of the file made only in the fields the runtime changed (where the saved
 /// backend differs from the file's base): a field the config file changed while lb was stopped,
 /// and the runtime did not, keeps the config file's value. `None` when nothing is left to change.
 /// Other commands pass as they are.
 fn runtime_fields_only(file: &StateFile, running: &crate::state::State, command: Command) -> Option<Command> {
-    let Command::UpdateBackend {
-        service,
-        backend: saved,
-    } = &command
-    else {
+    let Command::UpdateBackends { service, backends } = &command else {
         return Some(command);
     };
-    let same = |b: &&crate::config::BackendConfig| b.identity() == saved.identity();
-    let base = file
-        .base
+    let base = file.base.iter().find(|s| &s.name == service);
+    let running = running.service(service).ok();
+    let merged: Vec<_> = backends
         .iter()
-        .find(|s| &s.name == service)
-        .and_then(|s| s.backends.iter().find(same));
-    let now = running
-        .service(service)
-        .ok()
-        .and_then(|s| s.backends.iter().map(|b| &b.config).find(same));
-    let (Some(base), Some(now)) = (base, now) else {
-        return Some(command);
-    };
-    let mut merged = now.clone();
-    if saved.weight != base.weight {
-        merged.weight = saved.weight;
-    }
-    if saved.backup != base.backup {
-        merged.backup = saved.backup;
-    }
-    if saved.state != base.state {
-        merged.state = saved.state;
-    }
-    if saved.route != base.route {
-        merged.route.clone_from(&saved.route);
-    }
-    (merged != *now).then(|| Command::UpdateBackend {
+        .filter_map(|saved| {
+            let same = |b: &&crate::config::BackendConfig| b.identity() == saved.identity();
+            let base = base.and_then(|s| s.backends.iter().find(same));
+            let now = running.and_then(|s| s.backends.iter().map(|b| &b.config).find(same));
+            let (Some(base), Some(now)) = (base, now) else {
+                return Some(saved.clone());
+            };
+            let mut merged = now.clone();
+            if saved.weight != base.weight {
+                merged.weight = saved.weight;
+            }
+            if saved.backup != base.backup {
+                merged.backup = saved.backup;
+            }
+            if saved.state != base.state {
+                merged.state = saved.state;
+            }
+            if saved.route != base.route {
+                merged.route.clone_from(&saved.route);
+            }
+            (merged != *now).then_some(merged)
+        })
+        .collect();
+    (!merged.is_empty()).then(|| Command::UpdateBackends {
         service: service.clone(),
-        backend: merged,
+        backends: merged,
     })
 }
 

@@ -238,10 +238,11 @@ pub enum Command {
         service: String,
         backend: String,
     },
-    /// Sets weight, backup flag and state of an existing backend (found by address).
-    UpdateBackend {
+    /// Sets weight, backup flag, state and route of existing backends (found by address), all
+    /// of them or none: checked as a whole, so two AJP backends can swap routes in one change.
+    UpdateBackends {
         service: String,
-        backend: BackendConfig,
+        backends: Vec<BackendConfig>,
     },
     SetState {
         service: String,
@@ -269,7 +270,7 @@ impl Command {
             | Command::AddBackend { service, .. }
             | Command::AddBackends { service, .. }
             | Command::RemoveBackend { service, .. }
-            | Command::UpdateBackend { service, .. }
+            | Command::UpdateBackends { service, .. }
             | Command::SetState { service, .. }
             | Command::SetWeight { service, .. }
             | Command::SetHealth { service, .. } => service,
@@ -441,24 +442,35 @@ impl State {
                 service.rebuild_ring(ring_size, seed);
                 Ok(Effect::ServiceChanged(name))
             }
-            Command::UpdateBackend { backend: new, .. } => {
-                check_weight(new.weight)?;
+            Command::UpdateBackends { backends, .. } => {
+                // Staged on a copy of the list: one refused backend refuses the batch.
                 let service = self.service_mut(&name)?;
-                let id = service.backend_mut(&new.address.to_string())?.id;
-                if service.settings.datapath == DatapathKind::Ajp
-                    && let Some(other) = service
-                        .backends
-                        .iter()
-                        .find(|b| b.id != id && route_of(&b.config) == route_of(&new))
-                {
-                    return Err(route_in_use(&name, &new, &other.config.name));
+                let mut staged = service.clone();
+                let mut updated = std::collections::HashSet::with_capacity(backends.len());
+                for new in backends {
+                    check_weight(new.weight)?;
+                    let backend = staged.backend_mut(&new.address.to_string())?;
+                    if backend.config != new {
+                        updated.insert(backend.id);
+                        backend.config = new;
+                    }
                 }
-                let backend = service.backend_mut(&new.address.to_string())?;
-                if backend.config == new {
+                if updated.is_empty() {
                     return Ok(Effect::Nothing);
                 }
-                backend.config = new;
-                service.rebuild_ring(ring_size, seed);
+                if staged.settings.datapath == DatapathKind::Ajp {
+                    // The routes of the others first: a clash is reported on the updated backend.
+                    let (changed, kept): (Vec<&Backend>, Vec<&Backend>) =
+                        staged.backends.iter().partition(|b| updated.contains(&b.id));
+                    let mut routes: HashMap<&[u8], &str> = HashMap::with_capacity(staged.backends.len());
+                    for b in kept.into_iter().chain(changed) {
+                        if let Some(other) = routes.insert(route_of(&b.config), &b.config.name) {
+                            return Err(route_in_use(&name, &b.config, other));
+                        }
+                    }
+                }
+                staged.rebuild_ring(ring_size, seed);
+                *service = staged;
                 Ok(Effect::ServiceChanged(name))
             }
             Command::SetState { backend, state, .. } => {
@@ -639,19 +651,26 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Command> {
                 });
             }
         }
+        let (mut updates, mut additions) = (Vec::new(), Vec::new());
         for nb in &n.backends {
             match old_backends.get(&nb.identity()) {
-                None => commands.push(Command::AddBackend {
+                None => additions.push(Command::AddBackend {
                     service: service.clone(),
                     backend: nb.clone(),
                 }),
-                Some(ob) if *ob != nb => commands.push(Command::UpdateBackend {
-                    service: service.clone(),
-                    backend: nb.clone(),
-                }),
+                Some(ob) if *ob != nb => updates.push(nb.clone()),
                 Some(_) => {}
             }
         }
+        // One change for all updates (routes that trade places are checked together), before the
+        // additions (which may take a route an update gives up).
+        if !updates.is_empty() {
+            commands.push(Command::UpdateBackends {
+                service,
+                backends: updates,
+            });
+        }
+        commands.extend(additions);
     }
     // Every removed backend goes before anything is added or updated, whatever the file's order
     // of services: what is added is checked against what runs, which no longer has them.
@@ -772,9 +791,9 @@ pub(crate) mod tests {
                 backend: routed("t7x", "10.1.7.2:8009", "t7"),
             })
             .unwrap();
-            let r = copy.apply(Command::UpdateBackend {
+            let r = copy.apply(Command::UpdateBackends {
                 service: "app".into(),
-                backend: t1,
+                backends: vec![t1],
             });
             assert_eq!(
                 matches!(r, Err(StateError::RouteInUse { .. })),
@@ -995,7 +1014,7 @@ pub(crate) mod tests {
                         let mut b = backend(&name, &address(i));
                         b.backup = n % 2 == 0;
                         b.weight = n + 1;
-                        Command::UpdateBackend { service: web, backend: b }
+                        Command::UpdateBackends { service: web, backends: vec![b] }
                     }
                 };
                 // Refused changes (unknown backend, name in use) are part of the sequence too.
@@ -1061,9 +1080,9 @@ pub(crate) mod tests {
                     service: "web".into(),
                     backend: "10.1.1.2:80".into()
                 },
-                Command::UpdateBackend {
+                Command::UpdateBackends {
                     service: "web".into(),
-                    backend: heavier
+                    backends: vec![heavier]
                 },
                 Command::AddBackend {
                     service: "web".into(),
@@ -1136,9 +1155,9 @@ pub(crate) mod tests {
             vec![
                 remove(5),
                 remove(12),
-                Command::UpdateBackend {
+                Command::UpdateBackends {
                     service: "web".into(),
-                    backend: new.services[0].backends[6].clone(),
+                    backends: vec![new.services[0].backends[6].clone()],
                 },
                 Command::AddBackend {
                     service: "web".into(),

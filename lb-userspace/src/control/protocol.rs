@@ -387,7 +387,7 @@ impl Request {
                     serde_json::json!({ "service": service, "backend": backend, "weight": weight }),
                 ),
                 Command::UpdateService { .. } => return Err(RequestError::Internal("update-service")),
-                Command::UpdateBackend { .. } => return Err(RequestError::Internal("update-backend")),
+                Command::UpdateBackends { .. } => return Err(RequestError::Internal("update-backends")),
                 Command::SetHealth { .. } => return Err(RequestError::Internal("set-health")),
             },
         };
