@@ -1370,6 +1370,14 @@ const TCPOPT_TIMESTAMP: u8 = 8;
 #[inline(always)]
 fn timestamp_option(ctx: &impl Frame, l4_off: usize, doff: usize) -> Option<usize> {
     let end = l4_off + doff * 4;
+    // The layout of every segment after the handshake from Linux (and of most from others): two
+    // NOPs, then the option, first. SAFETY: ptr_at bounds-checks the read.
+    if doff >= 8
+        && let Some(p) = ptr_at::<[u8; 4]>(ctx, l4_off + 20)
+        && unsafe { *p } == [TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10]
+    {
+        return Some(l4_off + 24);
+    }
     let mut at = l4_off + 20;
     for _ in 0..MAX_OPTION_STEPS {
         if at + 2 > end {
