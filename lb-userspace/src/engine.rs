@@ -440,7 +440,23 @@ impl Engine {
         let before = self.snapshot();
         let mut commands = state::diff(&old, &new);
         self.keep_moves_that_cannot_listen(&before, &old, &mut commands, &mut applied_config, &mut view);
-        for command in commands {
+        for mut command in commands {
+            // A backend the runtime removed since (or replaced by another of its address) is not
+            // updated: reported once, and its entry counts as applied, as a removal's would.
+            for gone in command.take_gone_backends(&self.snapshot().state) {
+                let what = format!(
+                    "update backend {} ({}) of {}",
+                    gone.name,
+                    gone.address,
+                    command.service()
+                );
+                warn!(change = %what, "reload: backend not running, not updated");
+                view.problems
+                    .push(format!("{what}: the backend does not run (removed at runtime?)"));
+            }
+            if matches!(&command, Command::UpdateBackends { backends, .. } if backends.is_empty()) {
+                continue;
+            }
             let description = describe(&command);
             // Checked as a control-socket change is: against what runs (a service or backend added
             // at runtime, the settings read at start), not only against the file itself.

@@ -425,7 +425,14 @@ fn apply(engine: &Engine, file: &StateFile, shown: &str) {
     let before = engine.balancer().snapshot();
     let mut restored = Vec::new();
     let mut skipped = 0usize;
-    for command in file.commands() {
+    for mut command in file.commands() {
+        // A backend the config file no longer has (or has under another name) is not restored;
+        // the others of its change are.
+        for gone in command.take_gone_backends(&engine.balancer().snapshot().state) {
+            skipped += 1;
+            warn!(state_file = %shown, service = %command.service(), backend = %gone.name, address = %gone.address,
+                "state file: backend change not restored: the backend is not in the config file");
+        }
         let Some(command) = runtime_fields_only(file, &before.state, command) else {
             continue;
         };

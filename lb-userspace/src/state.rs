@@ -262,6 +262,26 @@ pub enum Command {
 }
 
 impl Command {
+    /// Takes out of an [`Command::UpdateBackends`] the backends that no longer run in `state`
+    /// (matched by address and name: removed at runtime, say) and returns them, so that they do
+    /// not hold back the others. Other commands give none.
+    pub fn take_gone_backends(&mut self, state: &State) -> Vec<BackendConfig> {
+        let Command::UpdateBackends { service, backends } = self else {
+            return Vec::new();
+        };
+        let Ok(running) = state.service(service) else {
+            return Vec::new(); // the whole command fails, as it should
+        };
+        let (kept, gone) = std::mem::take(backends).into_iter().partition(|b| {
+            running
+                .backends
+                .iter()
+                .any(|r| r.config.identity() == b.identity())
+        });
+        *backends = kept;
+        gone
+    }
+
     /// The service the command is about.
     pub fn service(&self) -> &str {
         match self {
@@ -449,7 +469,15 @@ impl State {
                 let mut updated = std::collections::HashSet::with_capacity(backends.len());
                 for new in backends {
                     check_weight(new.weight)?;
-                    let backend = staged.backend_mut(&new.address.to_string())?;
+                    // Found by address and name: another backend on the address is not this one.
+                    let backend = staged
+                        .backends
+                        .iter_mut()
+                        .find(|b| b.config.identity() == new.identity())
+                        .ok_or_else(|| StateError::NoBackend {
+                            service: name.clone(),
+                            backend: format!("{} ({})", new.name, new.address),
+                        })?;
                     if backend.config != new {
                         updated.insert(backend.id);
                         backend.config = new;
@@ -651,24 +679,28 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Command> {
                 });
             }
         }
-        let (mut updates, mut additions) = (Vec::new(), Vec::new());
+        // Updates in two changes: those of routes together (routes that trade places are checked
+        // as a whole), the rest apart (a route clash does not hold back a drain); both before the
+        // additions (which may take a route an update gives up).
+        let (mut routes, mut others, mut additions) = (Vec::new(), Vec::new(), Vec::new());
         for nb in &n.backends {
             match old_backends.get(&nb.identity()) {
                 None => additions.push(Command::AddBackend {
                     service: service.clone(),
                     backend: nb.clone(),
                 }),
-                Some(ob) if *ob != nb => updates.push(nb.clone()),
+                Some(ob) if ob.route != nb.route => routes.push(nb.clone()),
+                Some(ob) if *ob != nb => others.push(nb.clone()),
                 Some(_) => {}
             }
         }
-        // One change for all updates (routes that trade places are checked together), before the
-        // additions (which may take a route an update gives up).
-        if !updates.is_empty() {
-            commands.push(Command::UpdateBackends {
-                service,
-                backends: updates,
-            });
+        for backends in [others, routes] {
+            if !backends.is_empty() {
+                commands.push(Command::UpdateBackends {
+                    service: service.clone(),
+                    backends,
+                });
+            }
         }
         commands.extend(additions);
     }
@@ -1127,6 +1159,84 @@ pub(crate) mod tests {
             .map(|b| b.config.name.clone())
             .collect();
         assert_eq!(names, ["b2", "b3"]);
+    }
+
+    /// A service's route changes are one command, its other backend changes another (a route
+    /// clash does not hold back a drain), both before its additions; a batch is all or none.
+    #[test]
+    fn diff_batches_route_changes_apart_from_other_updates() {
+        let config = |backends: Vec<BackendConfig>| {
+            let mut s = service("app", "10.0.0.100:8009", backends);
+            s.datapath = DatapathKind::Ajp;
+            s.protocol = crate::config::Protocol::Ajp;
+            Config {
+                services: vec![s],
+                ..Config::parse("", "(test)").unwrap()
+            }
+        };
+        let [t1, t2, t3] = ["t1", "t2", "t3"].map(|n| backend(n, &format!("10.1.{}.2:8009", &n[1..])));
+        let old = config(vec![t1.clone(), t2.clone(), t3.clone()]);
+        let (mut s1, mut s2, mut d3) = (t1.clone(), t2.clone(), t3.clone());
+        (s1.route, s2.route) = ("t2".into(), "t1".into());
+        d3.state = AdminState::Drain;
+        let t4 = backend("t4", "10.1.4.2:8009");
+        let new = config(vec![s1.clone(), s2.clone(), d3.clone(), t4.clone()]);
+        let commands = diff(&old, &new);
+        let app = || "app".to_string();
+        assert_eq!(
+            commands,
+            [
+                Command::UpdateBackends {
+                    service: app(),
+                    backends: vec![d3]
+                },
+                Command::UpdateBackends {
+                    service: app(),
+                    backends: vec![s1, s2]
+                },
+                Command::AddBackend {
+                    service: app(),
+                    backend: t4
+                },
+            ]
+        );
+        let mut state = State::from_config(&old).unwrap();
+        for c in commands {
+            state.apply(c).unwrap();
+        }
+        let routes: Vec<_> = state
+            .service("app")
+            .unwrap()
+            .backends
+            .iter()
+            .map(|b| b.config.route.clone())
+            .collect();
+        assert_eq!(routes, ["t2", "t1", "t3", "t4"]);
+        // A batch with a clash changes nothing; one naming a backend not running neither.
+        let before = state.clone();
+        let mut clash = t3.clone();
+        clash.route = "t4".into();
+        let mut fine = t1.clone();
+        fine.weight = 9;
+        for batch in [
+            vec![fine.clone(), clash],
+            vec![fine, backend("t1", "10.1.9.2:8009")],
+        ] {
+            let r = state.apply(Command::UpdateBackends {
+                service: app(),
+                backends: batch,
+            });
+            assert!(r.is_err(), "{r:?}");
+            let configs = |s: &State| -> Vec<BackendConfig> {
+                s.service("app")
+                    .unwrap()
+                    .backends
+                    .iter()
+                    .map(|b| b.config.clone())
+                    .collect()
+            };
+            assert_eq!(configs(&state), configs(&before));
+        }
     }
 
     #[test]

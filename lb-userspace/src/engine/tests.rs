@@ -1499,3 +1499,53 @@ fn a_removal_the_runtime_made_first_is_not_retried_by_every_reload() {
     let view = bed.reload(&without);
     assert!(view.problems.is_empty() && view.applied.is_empty(), "{view:?}");
 }
+
+/// A reload's backend updates are not held back by a backend the runtime removed (or replaced by
+/// another of its address): that one is reported once and not renamed into; the others apply.
+#[test]
+fn an_update_of_a_backend_the_runtime_removed_does_not_hold_back_the_others() {
+    let bed = Bed::new(BASE);
+    bed.run(Command::RemoveBackend {
+        service: "web".into(),
+        backend: "b2".into(),
+    })
+    .unwrap();
+    // b3's address now holds b9, added at runtime.
+    bed.run(Command::RemoveBackend {
+        service: "web".into(),
+        backend: "b3".into(),
+    })
+    .unwrap();
+    bed.run(Command::AddBackend {
+        service: "web".into(),
+        backend: crate::state::tests::backend("b9", "10.1.3.2:80"),
+    })
+    .unwrap();
+    let weights = BASE
+        .replace("name = \"b1\"\n", "name = \"b1\"\nweight = 4\n")
+        .replace(
+            "address = \"10.1.2.2:80\"\n",
+            "address = \"10.1.2.2:80\"\nweight = 5\n",
+        );
+    let weights = weights.replace(
+        "address = \"10.1.3.2:80\"\n",
+        "address = \"10.1.3.2:80\"\nweight = 6\n",
+    );
+    let view = bed.reload(&weights);
+    assert_eq!(view.applied.len(), 1, "{view:?}");
+    assert_eq!(view.problems.len(), 2, "{view:?}");
+    assert!(
+        view.problems.iter().any(|p| p.contains("b2")) && view.problems.iter().any(|p| p.contains("b3")),
+        "{view:?}"
+    );
+    assert_eq!(bed.backend("b1").config.weight, 4);
+    let b9 = bed.backend("b9");
+    assert_eq!(
+        (b9.config.name.as_str(), b9.config.weight),
+        ("b9", 1),
+        "b9 is not b3"
+    );
+    // Reported once: the next reload of the same file has nothing left to do.
+    let view = bed.reload(&weights);
+    assert!(view.problems.is_empty() && view.applied.is_empty(), "{view:?}");
+}

@@ -738,3 +738,46 @@ fn a_restore_keeps_what_the_config_file_changed_while_lb_was_stopped() {
     drop(second);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A backend the config file dropped while lb was stopped does not hold back the runtime changes
+/// of the others: b1's drain and b2's weight were saved as one change; b2 is gone, b1 is drained.
+#[test]
+fn a_restore_without_a_backend_the_file_dropped_restores_the_others() {
+    use crate::config::AdminState::Drain;
+    let dir = temp_dir("dropped");
+    let state_file = dir.join("state.json");
+    let first = engine(&dir, &config_text(&state_file));
+    let operator = Origin::Operator { uid: Some(0) };
+    first
+        .execute_by(
+            Command::SetState {
+                service: "web".into(),
+                backend: "b1".into(),
+                state: Drain,
+            },
+            &operator,
+        )
+        .unwrap();
+    first
+        .execute_by(
+            Command::SetWeight {
+                service: "web".into(),
+                backend: "b2".into(),
+                weight: 7,
+            },
+            &operator,
+        )
+        .unwrap();
+    first.flush_state_file();
+    drop(first);
+    let without_b2 = config_text(&state_file).replace(
+        "[[service.backend]]\nname = \"b2\"\naddress = \"10.1.2.2:80\"\n",
+        "",
+    );
+    assert_ne!(without_b2, config_text(&state_file));
+    let (second, log) = logged(|| engine(&dir, &without_b2));
+    assert_eq!(backends(&second), vec![("b1".into(), Drain, 1)], "{log}");
+    assert!(log.contains("backend change not restored"), "{log}");
+    drop(second);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
