@@ -1453,6 +1453,7 @@ fn xdp_new_flows_follow_a_changed_neighbour_after_the_cache_time(hook: Hook) {
             assert_eq!(p.dst.0, backend, "the ring's backend");
             p.dst_mac
         };
+        let asked = std::time::Instant::now();
         assert_eq!(to_backend(&syn(41000)), old_mac, "the neighbour table's answer");
         let replaced = std::process::Command::new("ip")
             .args(["neigh", "replace", &backend.to_string(), "lladdr"])
@@ -1461,11 +1462,20 @@ fn xdp_new_flows_follow_a_changed_neighbour_after_the_cache_time(hook: Hook) {
             .status()
             .expect("ip neigh replace");
         assert!(replaced.success(), "ip neigh replace: {replaced}");
-        assert_eq!(
-            to_backend(&syn(41001)),
-            old_mac,
-            "a new flow takes the CPU's answer of a moment ago"
-        );
+        let second = to_backend(&syn(41001));
+        // `ip` waits for the kernel's rtnl lock, which a namespace torn down by another test can
+        // hold for over a second: past the answer's second the check cannot be judged.
+        if asked.elapsed() < Duration::from_millis(800) {
+            assert_eq!(
+                second, old_mac,
+                "a new flow takes the CPU's answer of a moment ago"
+            );
+        } else {
+            eprintln!(
+                "NOTE: `ip neigh replace` took {:?}; the cached answer may have expired, not judged",
+                asked.elapsed()
+            );
+        }
         std::thread::sleep(Duration::from_millis(1200));
         assert_eq!(
             to_backend(&syn(41002)),

@@ -248,6 +248,24 @@ fn xdp_half_open_flows_live_at_most_syn_timeout(hook: Hook) {
     });
 }
 
+/// Tries of a round whose timing a loaded machine can spoil (see [`fresh`]).
+const ATTEMPTS: usize = 3;
+
+/// Whether the connections closed since `since` are all still within the 100 ms a closed port is
+/// held (with room for the run that judges it): on a loaded machine the frames that close them can
+/// take longer than that, and then "held just now" cannot be judged (said on stderr; the round is
+/// tried again).
+fn fresh(since: std::time::Instant) -> bool {
+    let took = since.elapsed();
+    let fresh = took < Duration::from_millis(80);
+    if !fresh {
+        eprintln!(
+            "NOTE: closing the connections took {took:?}: whether they hold their ports just now is not judged"
+        );
+    }
+    fresh
+}
+
 /// Issue 16 item 2: no SYN is dropped for lack of a port while one can be had. With every port
 /// held by a closed connection (FIN both ways, still within `closed_timeout`), a SYN is refused only
 /// while those connections are fresh; once they have been quiet for 100 ms, it reuses one.
@@ -256,65 +274,73 @@ fn xdp_closed_connections_lend_their_ports_once_quiet(hook: Hook) {
         return;
     }
     on_one_cpu(|client_if, backend_if| {
-        let fx = Fixture::new(hook, "snatcl", Duration::from_secs(5));
-        let mut ports = Vec::new();
-        for i in 0..SNAT_PORTS {
-            let port = fx.open(40000 + i, client_if);
+        for _ in 0..ATTEMPTS {
+            let fx = Fixture::new(hook, "snatcl", Duration::from_secs(5));
+            let mut ports = Vec::new();
+            let closing = std::time::Instant::now();
+            for i in 0..SNAT_PORTS {
+                let port = fx.open(40000 + i, client_if);
+                assert_eq!(
+                    fx.run(&client_frame(40000 + i, FIN | ACK, 1001), client_if).0,
+                    XDP_REDIRECT
+                );
+                assert_eq!(
+                    fx.run(&backend_frame(port, FIN | ACK), backend_if).0,
+                    XDP_REDIRECT
+                );
+                ports.push(port);
+            }
+            let (verdict, _) = fx.run(&client_frame(50000, SYN, 7000), client_if);
+            if !fresh(closing) {
+                continue;
+            }
             assert_eq!(
-                fx.run(&client_frame(40000 + i, FIN | ACK, 1001), client_if).0,
-                XDP_REDIRECT
+                verdict, XDP_DROP,
+                "connections that closed just now keep their ports"
             );
-            assert_eq!(
-                fx.run(&backend_frame(port, FIN | ACK), backend_if).0,
-                XDP_REDIRECT
-            );
-            ports.push(port);
-        }
-        let (verdict, _) = fx.run(&client_frame(50000, SYN, 7000), client_if);
-        assert_eq!(
-            verdict, XDP_DROP,
-            "connections that closed just now keep their ports"
-        );
-        assert_eq!(fx.counter("snat_exhausted"), 1);
+            assert_eq!(fx.counter("snat_exhausted"), 1);
 
-        std::thread::sleep(Duration::from_millis(200));
-        // With a timestamp: a stale answer is judged by it (lb_common::passive::stale_answer).
-        let syn = Tcp::new((CLIENT, 50001), (VIP, 80), SYN)
-            .macs(CLIENT_MAC, [0xaa; 6])
-            .seq(8000)
-            .tcp_options(&syn_options(77, 0))
-            .build();
-        let (verdict, out) = fx.run(&syn, client_if);
-        assert_eq!(verdict, XDP_REDIRECT, "a quiet closed connection lends its port");
-        let taken = snat_port(&out);
-        assert!(ports.contains(&taken), "port {taken} is one of the range");
-        assert_eq!(fx.counter("closed_reused"), 1);
-        assert_eq!(fx.counter("half_open_reclaimed"), 0);
-        // The backend closed second (its FIN after the client's), so it may still hold the old
-        // connection (in LAST_ACK when the client's last ACK was lost) and answer the SYN with a
-        // challenge ACK: passed to the client as it is (which resets that connection and sends
-        // its SYN again), not made a refusal of the new connection.
-        let challenge = Tcp::new((BACKEND, 8080), (LB_BACKEND_SIDE, taken), ACK)
-            .macs(BACKEND_MAC, [0xbb; 6])
-            .seq(2)
-            .ack(1002)
-            .build();
-        let (verdict, out) = fx.run(&challenge, backend_if);
-        assert_eq!(verdict, XDP_REDIRECT);
-        let p = packet::parse(&out).unwrap();
-        assert_eq!(
-            (p.dst, p.flags & (RST | ACK)),
-            ((CLIENT, 50001), ACK),
-            "the challenge ACK reaches the client unchanged"
-        );
-        assert_eq!(
-            (fx.counter("stale_collision"), fx.counter("stale_answer")),
-            (1, 0)
-        );
-        // The reply entry is the new connection's: the backend's SYN-ACK reaches the new client.
-        let (verdict, out) = fx.run(&backend_frame(taken, SYN | ACK), backend_if);
-        assert_eq!(verdict, XDP_REDIRECT);
-        assert_eq!(packet::parse(&out).unwrap().dst, (CLIENT, 50001));
+            std::thread::sleep(Duration::from_millis(200));
+            // With a timestamp: a stale answer is judged by it (lb_common::passive::stale_answer).
+            let syn = Tcp::new((CLIENT, 50001), (VIP, 80), SYN)
+                .macs(CLIENT_MAC, [0xaa; 6])
+                .seq(8000)
+                .tcp_options(&syn_options(77, 0))
+                .build();
+            let (verdict, out) = fx.run(&syn, client_if);
+            assert_eq!(verdict, XDP_REDIRECT, "a quiet closed connection lends its port");
+            let taken = snat_port(&out);
+            assert!(ports.contains(&taken), "port {taken} is one of the range");
+            assert_eq!(fx.counter("closed_reused"), 1);
+            assert_eq!(fx.counter("half_open_reclaimed"), 0);
+            // The backend closed second (its FIN after the client's), so it may still hold the old
+            // connection (in LAST_ACK when the client's last ACK was lost) and answer the SYN with a
+            // challenge ACK: passed to the client as it is (which resets that connection and sends
+            // its SYN again), not made a refusal of the new connection.
+            let challenge = Tcp::new((BACKEND, 8080), (LB_BACKEND_SIDE, taken), ACK)
+                .macs(BACKEND_MAC, [0xbb; 6])
+                .seq(2)
+                .ack(1002)
+                .build();
+            let (verdict, out) = fx.run(&challenge, backend_if);
+            assert_eq!(verdict, XDP_REDIRECT);
+            let p = packet::parse(&out).unwrap();
+            assert_eq!(
+                (p.dst, p.flags & (RST | ACK)),
+                ((CLIENT, 50001), ACK),
+                "the challenge ACK reaches the client unchanged"
+            );
+            assert_eq!(
+                (fx.counter("stale_collision"), fx.counter("stale_answer")),
+                (1, 0)
+            );
+            // The reply entry is the new connection's: the backend's SYN-ACK reaches the new client.
+            let (verdict, out) = fx.run(&backend_frame(taken, SYN | ACK), backend_if);
+            assert_eq!(verdict, XDP_REDIRECT);
+            assert_eq!(packet::parse(&out).unwrap().dst, (CLIENT, 50001));
+            return;
+        }
+        panic!("never judged in {ATTEMPTS} attempts");
     });
 }
 
@@ -326,29 +352,37 @@ fn xdp_a_reset_connection_lends_its_port_only_100_ms_after_the_reset(hook: Hook)
         return;
     }
     on_one_cpu(|client_if, _| {
-        let fx = Fixture::new(hook, "snatrst", Duration::from_secs(5));
-        for i in 0..SNAT_PORTS {
-            fx.open(40000 + i, client_if);
-        }
-        // The backend says nothing for longer than the reuse delay; then every client resets.
-        std::thread::sleep(Duration::from_millis(200));
-        for i in 0..SNAT_PORTS {
+        for _ in 0..ATTEMPTS {
+            let fx = Fixture::new(hook, "snatrst", Duration::from_secs(5));
+            for i in 0..SNAT_PORTS {
+                fx.open(40000 + i, client_if);
+            }
+            // The backend says nothing for longer than the reuse delay; then every client resets.
+            std::thread::sleep(Duration::from_millis(200));
+            let resetting = std::time::Instant::now();
+            for i in 0..SNAT_PORTS {
+                assert_eq!(
+                    fx.run(&client_frame(40000 + i, RST | ACK, 1001), client_if).0,
+                    XDP_REDIRECT,
+                    "RST {i} forwarded"
+                );
+            }
+            let (verdict, _) = fx.run(&client_frame(50000, SYN, 7000), client_if);
+            if !fresh(resetting) {
+                continue;
+            }
             assert_eq!(
-                fx.run(&client_frame(40000 + i, RST | ACK, 1001), client_if).0,
-                XDP_REDIRECT,
-                "RST {i} forwarded"
+                verdict, XDP_DROP,
+                "connections reset just now keep their ports, however long the backend was quiet"
             );
+            assert_eq!(fx.counter("closed_reused"), 0);
+            std::thread::sleep(Duration::from_millis(200));
+            let (verdict, _) = fx.run(&client_frame(50001, SYN, 8000), client_if);
+            assert_eq!(verdict, XDP_REDIRECT, "100 ms after the resets, a port is lent");
+            assert_eq!(fx.counter("closed_reused"), 1);
+            return;
         }
-        let (verdict, _) = fx.run(&client_frame(50000, SYN, 7000), client_if);
-        assert_eq!(
-            verdict, XDP_DROP,
-            "connections reset just now keep their ports, however long the backend was quiet"
-        );
-        assert_eq!(fx.counter("closed_reused"), 0);
-        std::thread::sleep(Duration::from_millis(200));
-        let (verdict, _) = fx.run(&client_frame(50001, SYN, 8000), client_if);
-        assert_eq!(verdict, XDP_REDIRECT, "100 ms after the resets, a port is lent");
-        assert_eq!(fx.counter("closed_reused"), 1);
+        panic!("never judged in {ATTEMPTS} attempts");
     });
 }
 

@@ -396,7 +396,8 @@ fn proxy_counters_agree_in_stats_and_on_the_metrics_endpoint() {
         "no packet counters for the proxy:\n{text}"
     );
     let latency = must_f64(&scrape, "lb_backend_check_latency_seconds", "echo", "b1");
-    assert!(latency > 0.0 && latency < 0.15, "check latency {latency}");
+    // In seconds, and a check's: not more than a loaded machine can take to wake the checker.
+    assert!(latency > 0.0 && latency < 1.0, "check latency {latency}");
     assert_eq!(
         value(
             &scrape,
@@ -782,7 +783,9 @@ fn json_logs_are_json_lines_with_transitions_and_operator_commands_but_no_connec
     let mut services = std_services(&topo, 2, false);
     services[0] = services[0].replace(
         "kind = \"none\"",
-        "kind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nfall = 1",
+        // A refused connect fails at once; b2's checks get a timeout no stall on a loaded machine
+        // reaches (one failed check would take it down too, and log it).
+        "kind = \"tcp\"\ninterval = \"1s\"\ntimeout = \"900ms\"\nfall = 1",
     );
     services[0] = services[0].replacen(
         &format!("address = \"{}:{HTTP_PORT}\"", topo.backend_addr(1)),

@@ -23,6 +23,9 @@ const AJP_PORT: u16 = 8009;
 /// Tomcat's own startup on a busy 2-core machine.
 const TOMCAT_START: Duration = Duration::from_secs(60);
 const INTERVAL: Duration = Duration::from_millis(500);
+/// The checks' timeout: a Tomcat that pauses its connector while it stops accepts the connect
+/// and leaves the CPing unanswered, so each failing check lasts this long before the next wait.
+const TIMEOUT: Duration = Duration::from_millis(400);
 const RISE: u32 = 2;
 const FALL: u32 = 3;
 /// On top of interval × fall (or rise) + interval: scheduling and status polling.
@@ -105,7 +108,7 @@ protocol = "ajp"
 [service.health]
 kind = "ajp"
 interval = "{}ms"
-timeout = "400ms"
+timeout = "{}ms"
 rise = {RISE}
 fall = {FALL}
 
@@ -114,6 +117,7 @@ name = "tomcat"
 address = "{}"
 "#,
             INTERVAL.as_millis(),
+            TIMEOUT.as_millis(),
             base.ajp_addr()
         ),
     );
@@ -126,7 +130,10 @@ address = "{}"
     assert_eq!(b["check"]["last_result"], "ok", "{b}");
     assert_eq!(check_field(&b, "consecutive_failed"), 0, "{b}");
     let latency = b["check"]["last_latency_ms"].as_f64().expect("latency");
-    assert!(latency > 0.0 && latency < 400.0, "CPong latency {latency} ms");
+    assert!(
+        latency > 0.0 && latency < TIMEOUT.as_millis() as f64,
+        "CPong latency {latency} ms"
+    );
     assert!(slots(&b) > 0);
     let (cns, src) = (topo.client_ns().name(), topo.client_addrs()[0]);
     let reply = ajp_cping_from(cns, src, vip, Duration::from_secs(3)).expect("CPing through lb");
@@ -135,7 +142,8 @@ address = "{}"
     // Stop Tomcat: SIGTERM to the JVM; detection counted from the signal.
     tomcat.terminate().expect("SIGTERM Tomcat");
     let signalled = Instant::now();
-    let bound = INTERVAL * FALL + INTERVAL + SLACK;
+    // Checks are `interval` apart, from the end of one to the start of the next.
+    let bound = (INTERVAL + TIMEOUT) * FALL + INTERVAL + SLACK;
     let (b, at) = wait_backend(
         &lb,
         bound + Duration::from_secs(10),
@@ -157,7 +165,7 @@ address = "{}"
     ));
     assert!(
         detection <= bound,
-        "Tomcat stop detected after {detection:?}, more than interval × fall + interval + slack = {bound:?}"
+        "Tomcat stop detected after {detection:?}, more than (interval + timeout) × fall + interval + slack = {bound:?}"
     );
     let reply = ajp_cping_from(cns, src, vip, Duration::from_secs(3));
     assert!(

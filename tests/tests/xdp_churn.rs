@@ -212,7 +212,9 @@ fn xdp_connections_survive_add_drain_remove_churn() {
             stop.store(true, Ordering::Relaxed);
         });
         let url = format!("http://{}/", bed.web());
-        let args = ["-t1", "-c4", "-d2s", "-H", "Connection: close", &url];
+        // Long enough that the window (opened by five `lb` commands, each a process start) falls
+        // inside wrk's run on a loaded machine too.
+        let args = ["-t1", "-c4", "-d4s", "-H", "Connection: close", &url];
         run_with_timeout(client.command("wrk", &args), Duration::from_secs(30))
     });
     assert!(stop.load(Ordering::Relaxed));

@@ -37,7 +37,7 @@ use lb_tests::client::HttpConn;
 use lb_tests::daemon::backend_of;
 use lb_tests::loops::{Sample, client_loops, fault_began, unix_ms_at};
 use lb_tests::synflood::{FloodSpec, send_bad_checksum_syns};
-use lb_tests::{Topology, connect_from, require_root};
+use lb_tests::{Child, Topology, connect_from, require_root};
 
 /// Client loops (one per client address).
 const CLIENTS: usize = 8;
@@ -150,17 +150,32 @@ fn refused(bed: &Bed, backend: &str) -> u64 {
         .unwrap_or_else(|| panic!("no connect_failures for {backend}: {st}"))
 }
 
-/// Runs the client loops, calls `act` 500 ms in, keeps going for `after`; (samples, act time).
-fn under_load(bed: &Bed, after: Duration, act: impl FnOnce() + Send) -> (Vec<Sample>, Instant) {
+/// SIGKILLs `victims` and waits until each has exited (its sockets closed by the kernel): the
+/// failover bounds count from then, not from the signal (an exit can take a while on a loaded
+/// machine, and until it ends the listener still accepts).
+fn kill(victims: &mut [&mut Child]) {
+    for v in victims.iter_mut() {
+        v.signal(nix::sys::signal::Signal::SIGKILL).expect("kill");
+    }
+    for v in victims {
+        let exited = v.wait_timeout(Duration::from_secs(5)).expect("wait");
+        assert!(exited.is_some(), "a backend still runs 5 s after SIGKILL");
+    }
+}
+
+/// Runs the client loops, calls `act` 500 ms in, keeps going for `after`; (samples, when `act`
+/// began, when it returned).
+fn under_load(bed: &Bed, after: Duration, act: impl FnOnce() + Send) -> (Vec<Sample>, Instant, Instant) {
     let stop = AtomicBool::new(false);
     thread::scope(|s| {
         let loops = s.spawn(|| client_loops(&bed.topo, CLIENTS, &stop, |src| get(&bed.topo, src)));
         thread::sleep(Duration::from_millis(500));
         let at = Instant::now();
         act();
+        let done = Instant::now();
         thread::sleep(after);
         stop.store(true, Ordering::Relaxed);
-        (loops.join().expect("loops"), at)
+        (loops.join().expect("loops"), at, done)
     })
 }
 
@@ -176,17 +191,15 @@ fn xdp_a_killed_backend_costs_only_the_connections_in_flight() {
     let mut victim = bed.servers.remove(home - 1);
     let avoided_before = xdp_counter(&bed, "refusing_avoided");
 
-    let (samples, kill_at) = under_load(&bed, Duration::from_millis(1500), || {
-        victim.signal(nix::sys::signal::Signal::SIGKILL).expect("kill");
-    });
-    let _ = victim.stop();
+    let (samples, kill_at, dead_at) =
+        under_load(&bed, Duration::from_millis(1500), || kill(&mut [&mut victim]));
 
     let before = samples.iter().filter(|s| s.start < kill_at).count();
-    let after: Vec<_> = samples.iter().filter(|s| s.start >= kill_at).collect();
+    let after: Vec<_> = samples.iter().filter(|s| s.start >= dead_at).collect();
     let errors: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
     let last_error = errors
         .iter()
-        .map(|s| s.start.saturating_duration_since(kill_at))
+        .map(|s| s.start.saturating_duration_since(dead_at))
         .max()
         .unwrap_or_default();
     let served_elsewhere = after
@@ -200,9 +213,10 @@ fn xdp_a_killed_backend_costs_only_the_connections_in_flight() {
     let refused_syns = refused(&bed, &name);
     let avoided = xdp_counter(&bed, "refusing_avoided") - avoided_before;
     report(&format!(
-        "MEASURED xdp passive (killed {name}): {} client errors of {} requests ({before} before the kill); \
-         the last failed connection started {} ms after SIGKILL; {refused_syns} SYNs refused by {name}, \
-         {avoided} SYNs steered away by the kernel",
+        "MEASURED xdp passive (killed {name}, exited {} ms after SIGKILL): {} client errors of {} requests \
+         ({before} before the kill); the last failed connection started {} ms after the exit; \
+         {refused_syns} SYNs refused by {name}, {avoided} SYNs steered away by the kernel",
+        (dead_at - kill_at).as_millis(),
         errors.len(),
         samples.len(),
         last_error.as_millis()
@@ -239,8 +253,8 @@ fn xdp_a_killed_backend_costs_only_the_connections_in_flight() {
 }
 
 /// `ONE_ADDRESS_LOOPS` loops of new connections from client 0 alone for 1.5 s, `act`, then 1.5 s
-/// more: (samples, act time).
-fn one_address_under_load(bed: &Bed, act: impl FnOnce() + Send) -> (Vec<Sample>, Instant) {
+/// more: (samples, when `act` began, when it returned).
+fn one_address_under_load(bed: &Bed, act: impl FnOnce() + Send) -> (Vec<Sample>, Instant, Instant) {
     let src = bed.topo.client_addrs()[0];
     let stop = AtomicBool::new(false);
     thread::scope(|s| {
@@ -265,10 +279,11 @@ fn one_address_under_load(bed: &Bed, act: impl FnOnce() + Send) -> (Vec<Sample>,
         thread::sleep(Duration::from_millis(1500));
         let at = Instant::now();
         act();
+        let done = Instant::now();
         thread::sleep(Duration::from_millis(1500));
         stop.store(true, Ordering::Relaxed);
         let samples = loops.into_iter().flat_map(|l| l.join().expect("loop")).collect();
-        (samples, at)
+        (samples, at, done)
     })
 }
 
@@ -313,10 +328,7 @@ fn time_wait_round(round: usize) -> u64 {
         .copied()
         .unwrap_or(0);
 
-    let (samples, kill_at) = one_address_under_load(&bed, || {
-        victim.signal(nix::sys::signal::Signal::SIGKILL).expect("kill");
-    });
-    let _ = victim.stop();
+    let (samples, kill_at, dead_at) = one_address_under_load(&bed, || kill(&mut [&mut victim]));
 
     let syn_retrans = tcp_counters(client_ns)
         .get("TcpExtTCPSynRetrans")
@@ -327,12 +339,12 @@ fn time_wait_round(round: usize) -> u64 {
     let collided = xdp_counter(&bed, "stale_collision") - collided_before;
     let refused_syns = refused(&bed, &name);
     let before = samples.iter().filter(|s| s.start < kill_at).count();
-    let after: Vec<_> = samples.iter().filter(|s| s.start >= kill_at).collect();
+    let after: Vec<_> = samples.iter().filter(|s| s.start >= dead_at).collect();
     let errors: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
     // The last connection that reached the killed backend: it failed (nothing answers there).
     let last_error = errors
         .iter()
-        .map(|s| s.start.saturating_duration_since(kill_at))
+        .map(|s| s.start.saturating_duration_since(dead_at))
         .max()
         .unwrap_or_default();
     let slowest = samples.iter().map(|s| s.end - s.start).max().unwrap_or_default();
@@ -358,11 +370,12 @@ fn time_wait_round(round: usize) -> u64 {
         .filter(|s| s.result.as_deref() == Ok(name.as_str()))
         .count();
     report(&format!(
-        "MEASURED xdp passive (round {round}: killed {name}, one client address, its ports in TIME_WAIT): {} client \
-         errors of {} requests ({before} before the kill); the last failed connection started {} ms \
-         after SIGKILL; {stale} stale answers made RSTs, {collided} collisions, {refused_syns} SYNs \
+        "MEASURED xdp passive (round {round}: killed {name}, exited {} ms after SIGKILL, one client address, \
+         its ports in TIME_WAIT): {} client errors of {} requests ({before} before the kill); the last \
+         failed connection started {} ms after the exit; {stale} stale answers made RSTs, {collided} collisions, {refused_syns} SYNs \
          refused; client SYN retransmissions {syn_retrans}; slowest request {} ms; slow requests \
          (start after the kill in ms, result) {slow:?}",
+        (dead_at - kill_at).as_millis(),
         errors.len(),
         samples.len(),
         last_error.as_millis(),
@@ -426,13 +439,11 @@ fn xdp_a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check
     let path = std::env::temp_dir().join(format!("{}-nft", lb_tests::unique_prefix("xpasB")));
     std::fs::write(&path, rules).unwrap();
 
-    let mut applied_at = None;
-    let (samples, exec_at) = under_load(
+    let (samples, exec_at, applied_at) = under_load(
         &bed,
         CONNECT_TIMEOUT + CHECK_INTERVAL + Duration::from_millis(500),
         || {
             let out = ns.exec(&["nft", "-f", path.to_str().unwrap()]).expect("nft");
-            applied_at = Some(Instant::now());
             assert!(
                 out.status.success(),
                 "nft: {}",
@@ -441,7 +452,6 @@ fn xdp_a_black_holed_backend_is_marked_down_within_connect_timeout_and_one_check
         },
     );
     let _ = std::fs::remove_file(&path);
-    let applied_at = applied_at.expect("the rule was applied");
     let errors: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
     // The black hole began no later than the first connect it swallowed.
     let drop_at = fault_began(&samples, exec_at, applied_at, |s| s.result.is_err());
@@ -531,28 +541,27 @@ fn xdp_both_primaries_killed_send_every_later_connection_to_the_backup() {
     let mut b2 = bed.servers.remove(1);
     let mut b1 = bed.servers.remove(0);
     let stale_before = xdp_counter(&bed, "stale_answer");
-    let (samples, kill_at) = under_load(&bed, Duration::from_millis(1500), || {
-        b1.signal(nix::sys::signal::Signal::SIGKILL).expect("kill b1");
-        b2.signal(nix::sys::signal::Signal::SIGKILL).expect("kill b2");
+    let (samples, kill_at, dead_at) = under_load(&bed, Duration::from_millis(1500), || {
+        kill(&mut [&mut b1, &mut b2]);
     });
-    let _ = (b1.stop(), b2.stop());
     // SYNs that met TIME_WAIT at a primary before it was marked: each got an RST at once.
     let stale = xdp_counter(&bed, "stale_answer") - stale_before;
 
     let before: Vec<_> = samples.iter().filter(|s| s.start < kill_at).collect();
-    let after: Vec<_> = samples.iter().filter(|s| s.start >= kill_at).collect();
+    let after: Vec<_> = samples.iter().filter(|s| s.start >= dead_at).collect();
     let errors: Vec<_> = samples.iter().filter(|s| s.result.is_err()).collect();
-    let late_errors = errors.iter().filter(|s| s.start > kill_at + KILL_BOUND).count();
+    let late_errors = errors.iter().filter(|s| s.start > dead_at + KILL_BOUND).count();
     let on_backup = after.iter().filter(|s| s.result.as_deref() == Ok("b3")).count();
     let last_error = errors
         .iter()
-        .map(|s| s.start.saturating_duration_since(kill_at))
+        .map(|s| s.start.saturating_duration_since(dead_at))
         .max()
         .unwrap_or_default();
     report(&format!(
-        "MEASURED xdp passive (b1 and b2 killed, b3 backup): {} client errors of {} requests (the last \
-         starting {} ms after the kill); {on_backup} of {} later requests answered by the backup; \
+        "MEASURED xdp passive (b1 and b2 killed, exited {} ms after SIGKILL, b3 backup): {} client errors \
+         of {} requests (the last starting {} ms after the exits); {on_backup} of {} later requests answered by the backup; \
          {} SYNs steered away by the kernel; {stale} stale answers made RSTs",
+        (dead_at - kill_at).as_millis(),
         errors.len(),
         samples.len(),
         last_error.as_millis(),
@@ -583,7 +592,7 @@ fn xdp_both_primaries_killed_send_every_later_connection_to_the_backup() {
     assert!(
         after
             .iter()
-            .filter(|s| s.start > kill_at + KILL_BOUND)
+            .filter(|s| s.start > dead_at + KILL_BOUND)
             .all(|s| s.result.as_deref() == Ok("b3")),
         "a later connection reached a primary"
     );
@@ -591,7 +600,7 @@ fn xdp_both_primaries_killed_send_every_later_connection_to_the_backup() {
     assert!(
         after
             .iter()
-            .filter(|s| s.start > kill_at + Duration::from_millis(1200))
+            .filter(|s| s.start > dead_at + Duration::from_millis(1200))
             .count()
             >= CLIENTS,
         "too few requests after the first second to tell"
