@@ -1,6 +1,6 @@
 //! `lb-demo` (what `cargo xtask demo` runs) as a test: the whole walkthrough on the XDP datapath
-//! (with `LB_REQUIRE_EBPF=1`, as `cargo xtask test` sets, it must not fall back to `proxy`), and it
-//! exits 0.
+//! (with `LB_REQUIRE_EBPF=1`, as `cargo xtask test` sets, it must not fall back to `proxy`), then
+//! behind Apache with two Tomcats on the AJP datapath, and it exits 0.
 
 use std::process::Command;
 
@@ -30,6 +30,11 @@ fn demo_walkthrough_passes_on_the_xdp_datapath() {
         "no new client reached",
         "clients of",
         "namespaces deleted",
+        // The deployment behind Apache (browsers → Apache → AJP → lb → Tomcats).
+        "every browser stayed on its Tomcat",
+        "still reach t1",
+        "new browsers were placed on t2",
+        "Tomcats stopped, namespaces deleted",
     ];
     if !fell_back {
         steps.extend([
@@ -44,7 +49,7 @@ fn demo_walkthrough_passes_on_the_xdp_datapath() {
     }
     if require_xdp {
         assert!(
-            stdout.contains("all expectations met on the xdp datapath"),
+            stdout.contains("all expectations met on the xdp datapath, and behind Apache"),
             "{stdout}"
         );
     }

@@ -1,6 +1,8 @@
 //! `lb-demo`: the XDP datapath end to end, in network namespaces: sticky clients, drain, `lb which`
 //! answering from the kernel's maps, `lb stats` with the kernel's counters, then a restart of `lb`
 //! during an open transfer that the transfer survives (the pinned maps and link keep forwarding).
+//! Then the deployment lb's users run (module `ajp`): browsers → Apache httpd → AJP → lb → two
+//! Tomcat 10, each session on its Tomcat, new browsers spread by address, a drain.
 //!
 //! Builds the standard topology (prefix `lbdemo`: 3 backends running HTTP on :8080 and echo on :7,
 //! 24 client addresses), starts `lb run` in the lb namespace with `datapath = "xdp"` services `web`
@@ -20,6 +22,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+
+#[path = "demo/ajp.rs"]
+mod ajp;
 use lb_tests::netns::netns_exists;
 use lb_tests::{
     Daemon, Enter, Pins, Topology, connect_from, http_get_from, lb_bin, run_with_timeout,
@@ -238,7 +243,7 @@ fn main() -> ExitCode {
     match run(require_xdp) {
         Ok(datapath) => {
             println!(
-                "\nlb-demo: all expectations met on the {} datapath ({:.1}s).",
+                "\nlb-demo: all expectations met on the {} datapath, and behind Apache on the ajp datapath ({:.1}s).",
                 datapath.name(),
                 started.elapsed().as_secs_f64()
             );
@@ -341,6 +346,8 @@ fn run(require_xdp: bool) -> Result<Datapath> {
     let left: Vec<_> = names.iter().filter(|n| netns_exists(n)).collect();
     ensure!(left.is_empty(), "namespaces left behind: {left:?}");
     println!("  namespaces deleted");
+
+    ajp::run(&format!("{prefix}a"))?;
     Ok(datapath)
 }
 
