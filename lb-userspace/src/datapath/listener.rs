@@ -8,6 +8,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{Receiver, sync_channel};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -311,15 +312,33 @@ async fn accept_loop<S, F, Fut>(
 const HEADROOM_REACHED: &str =
     "connection closed, the last descriptors are kept for health checks and the control socket";
 
+/// The soft limit on open files as last read (0: not yet), and the accepts since.
+static NOFILE: AtomicU64 = AtomicU64::new(0);
+static ACCEPTS: AtomicU64 = AtomicU64::new(0);
+/// Accepts between two reads of the limit while descriptors are far below it.
+const NOFILE_REREAD: u64 = 1024;
+
 /// Whether an accepted connection's descriptor `fd` leaves [`DESCRIPTOR_HEADROOM`] free below the
 /// soft limit on open files. Descriptors are handed out lowest first, so a number this high means
-/// those below it are all in use. (Read at each accept: an operator may change the limit of the
-/// running process with prlimit.)
+/// those below it are all in use. The limit is read again near it (an operator may have raised it
+/// with prlimit) and every [`NOFILE_REREAD`] accepts (or lowered it), not at each accept.
 fn leaves_headroom(fd: std::os::fd::RawFd) -> bool {
-    use nix::sys::resource::{Resource, getrlimit};
-    getrlimit(Resource::RLIMIT_NOFILE).map_or(true, |(soft, _)| {
-        u64::try_from(fd).map_or(true, |fd| fd.saturating_add(DESCRIPTOR_HEADROOM) < soft)
-    })
+    let Ok(fd) = u64::try_from(fd) else {
+        return true;
+    };
+    let cached = NOFILE.load(Ordering::Relaxed);
+    let near = fd.saturating_add(DESCRIPTOR_HEADROOM) >= cached;
+    let soft = if near || ACCEPTS.fetch_add(1, Ordering::Relaxed) % NOFILE_REREAD == 0 {
+        use nix::sys::resource::{Resource, getrlimit};
+        let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+            return true;
+        };
+        NOFILE.store(soft, Ordering::Relaxed);
+        soft
+    } else {
+        cached
+    };
+    fd.saturating_add(DESCRIPTOR_HEADROOM) < soft
 }
 
 #[cfg(test)]

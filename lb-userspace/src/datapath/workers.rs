@@ -5,10 +5,21 @@
 //! worker accepts only when it is free to, so connections spread by load, not by a hash as with
 //! SO_REUSEPORT (where a few connections can land on one worker while the other idles).
 
+//!
+//! Each worker also keeps one timer armed at most [`TIMER_STEP`] ahead. tokio wakes its driver
+//! (an eventfd write, then an extra `epoll_wait`) whenever a timer is set to expire before every
+//! other one pending: with none pending, that was every proxied connection's connect timeout and
+//! every AJP request's timeouts, two syscalls each. Behind the armed timer, any timeout of more
+//! than a second is set without waking anything.
+
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use tokio::runtime::{Builder, Handle};
 use tracing::warn;
+
+/// How far ahead each worker keeps a timer armed.
+const TIMER_STEP: Duration = Duration::from_secs(1);
 
 /// The workers' runtimes, started on first use and kept for the life of the process.
 static WORKERS: LazyLock<Vec<Handle>> = LazyLock::new(start);
@@ -28,6 +39,7 @@ fn start() -> Vec<Handle> {
                 .build()
                 .and_then(|runtime| {
                     let handle = runtime.handle().clone();
+                    handle.spawn(keep_a_timer_armed());
                     std::thread::Builder::new()
                         .name(format!("lb-worker-{i}"))
                         .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
@@ -38,4 +50,13 @@ fn start() -> Vec<Handle> {
                 .ok()
         })
         .collect()
+}
+
+/// Fires every [`TIMER_STEP`] for the life of the worker (see the module's notes).
+async fn keep_a_timer_armed() {
+    let mut tick = tokio::time::interval(TIMER_STEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
 }
