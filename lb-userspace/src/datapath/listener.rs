@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::{Receiver, sync_channel};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, sync_channel};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -328,7 +328,11 @@ fn leaves_headroom(fd: std::os::fd::RawFd) -> bool {
     };
     let cached = NOFILE.load(Ordering::Relaxed);
     let near = fd.saturating_add(DESCRIPTOR_HEADROOM) >= cached;
-    let soft = if near || ACCEPTS.fetch_add(1, Ordering::Relaxed) % NOFILE_REREAD == 0 {
+    let soft = if near
+        || ACCEPTS
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(NOFILE_REREAD)
+    {
         use nix::sys::resource::{Resource, getrlimit};
         let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
             return true;
