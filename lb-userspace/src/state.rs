@@ -238,8 +238,9 @@ pub enum Command {
         service: String,
         backend: String,
     },
-    /// Sets weight, backup flag, state and route of existing backends (found by address), all
-    /// of them or none: checked as a whole, so two AJP backends can swap routes in one change.
+    /// Sets weight, backup flag, state and route of existing backends (found by address and
+    /// name), all of them or none: checked as a whole, so two AJP backends can swap routes in one
+    /// change.
     UpdateBackends {
         service: String,
         backends: Vec<BackendConfig>,
