@@ -60,8 +60,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     raise_open_file_limit();
-    // The AJP datapath's request timeouts run on this runtime (see `workers::keep_a_timer_armed`).
-    let armed = tokio::spawn(crate::datapath::workers::keep_a_timer_armed());
     let (listener, access) = server::bind(&config.control)?;
     let socket = config.control.socket.clone();
     let grace = config.shutdown_timeout;
@@ -129,7 +127,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Daem
         warn!("connections still open after the shutdown timeout; closing them");
     }
     engine.flush_state_file();
-    armed.abort();
     info!("lb stopped");
     Ok(())
 }

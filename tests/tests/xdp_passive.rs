@@ -154,12 +154,33 @@ fn refused(bed: &Bed, backend: &str) -> u64 {
 /// failover bounds count from then, not from the signal (an exit can take a while on a loaded
 /// machine, and until it ends the listener still accepts).
 fn kill(victims: &mut [&mut Child]) {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
     for v in victims.iter_mut() {
         v.signal(nix::sys::signal::Signal::SIGKILL).expect("kill");
     }
-    for v in victims {
-        let exited = v.wait_timeout(Duration::from_secs(5)).expect("wait");
-        assert!(exited.is_some(), "a backend still runs 5 s after SIGKILL");
+    // Until each has exited, seen without reaping it (WNOWAIT): the moment `kill` returns, not
+    // when its output pipes are drained too (what reaping by `wait_timeout` waits for).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for v in victims.iter() {
+        let pid = nix::unistd::Pid::from_raw(v.pid() as i32);
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG;
+        while matches!(waitid(Id::Pid(pid), flags), Ok(WaitStatus::StillAlive)) {
+            assert!(
+                Instant::now() < deadline,
+                "a backend still runs 5 s after SIGKILL"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Stops the client loops when dropped: also when `act` panics, which would otherwise leave the
+/// scope waiting for loops that never end.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -169,6 +190,7 @@ fn under_load(bed: &Bed, after: Duration, act: impl FnOnce() + Send) -> (Vec<Sam
     let stop = AtomicBool::new(false);
     thread::scope(|s| {
         let loops = s.spawn(|| client_loops(&bed.topo, CLIENTS, &stop, |src| get(&bed.topo, src)));
+        let _stops = StopOnDrop(&stop);
         thread::sleep(Duration::from_millis(500));
         let at = Instant::now();
         act();
@@ -276,6 +298,7 @@ fn one_address_under_load(bed: &Bed, act: impl FnOnce() + Send) -> (Vec<Sample>,
                 })
             })
             .collect();
+        let _stops = StopOnDrop(&stop);
         thread::sleep(Duration::from_millis(1500));
         let at = Instant::now();
         act();

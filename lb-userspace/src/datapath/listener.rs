@@ -323,24 +323,37 @@ const NOFILE_REREAD: u64 = 1024;
 /// those below it are all in use. The limit is read again near it (an operator may have raised it
 /// with prlimit) and every [`NOFILE_REREAD`] accepts (or lowered it), not at each accept.
 fn leaves_headroom(fd: std::os::fd::RawFd) -> bool {
+    headroom_by(fd, &NOFILE, &ACCEPTS, || {
+        use nix::sys::resource::{Resource, getrlimit};
+        getrlimit(Resource::RLIMIT_NOFILE).ok().map(|(soft, _)| soft)
+    })
+}
+
+/// [`leaves_headroom`] with the limit as last read in `cached`, the accepts counted in `accepts`,
+/// and `read` reading it anew (`None`: cannot tell, so the connection is kept).
+fn headroom_by(
+    fd: std::os::fd::RawFd,
+    cached: &AtomicU64,
+    accepts: &AtomicU64,
+    read: impl FnOnce() -> Option<u64>,
+) -> bool {
     let Ok(fd) = u64::try_from(fd) else {
         return true;
     };
-    let cached = NOFILE.load(Ordering::Relaxed);
-    let near = fd.saturating_add(DESCRIPTOR_HEADROOM) >= cached;
+    let known = cached.load(Ordering::Relaxed);
+    let near = fd.saturating_add(DESCRIPTOR_HEADROOM) >= known;
     let soft = if near
-        || ACCEPTS
+        || accepts
             .fetch_add(1, Ordering::Relaxed)
             .is_multiple_of(NOFILE_REREAD)
     {
-        use nix::sys::resource::{Resource, getrlimit};
-        let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        let Some(soft) = read() else {
             return true;
         };
-        NOFILE.store(soft, Ordering::Relaxed);
+        cached.store(soft, Ordering::Relaxed);
         soft
     } else {
-        cached
+        known
     };
     fd.saturating_add(DESCRIPTOR_HEADROOM) < soft
 }
@@ -348,6 +361,39 @@ fn leaves_headroom(fd: std::os::fd::RawFd) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The limit is not read at every accept, but a raised one is seen as soon as a descriptor
+    /// comes near the old one, and a lowered one within `NOFILE_REREAD` accepts.
+    #[test]
+    fn the_limit_is_read_near_it_and_every_so_many_accepts() {
+        // One accept counted already: the next read falls due NOFILE_REREAD - 1 accepts on.
+        let (cached, accepts) = (AtomicU64::new(0), AtomicU64::new(1));
+        let reads = std::cell::Cell::new(0);
+        let limit = std::cell::Cell::new(1000u64);
+        let judge = |fd: i32| {
+            headroom_by(fd, &cached, &accepts, || {
+                reads.set(reads.get() + 1);
+                Some(limit.get())
+            })
+        };
+        assert!(judge(10), "first accept: read");
+        assert_eq!(reads.get(), 1);
+        for _ in 0..100 {
+            assert!(judge(10));
+        }
+        assert_eq!(reads.get(), 1, "far below the limit: not read again");
+        // Raised to 5000: 990 is near the old 1000, so it is read and let in.
+        limit.set(5000);
+        assert!(judge(990));
+        assert_eq!(reads.get(), 2);
+        // Lowered to 50 while descriptors stay low: seen within NOFILE_REREAD accepts.
+        limit.set(50);
+        let refused_after = (0..=NOFILE_REREAD).position(|_| !judge(10));
+        assert!(refused_after.is_some(), "a lowered limit was never read");
+        assert_eq!(reads.get(), 3);
+        // Unreadable: the connection is kept.
+        assert!(headroom_by(4990, &cached, &accepts, || None));
+    }
 
     #[test]
     fn the_last_descriptors_below_the_limit_are_headroom() {

@@ -4,14 +4,13 @@
 //! another core, which the shared multi-threaded runtime paid on every readiness event. Each
 //! worker accepts only when it is free to, so connections spread by load, not by a hash as with
 //! SO_REUSEPORT (where a few connections can land on one worker while the other idles).
-
 //!
-//! Each worker also keeps one timer armed at most [`TIMER_STEP`] ahead (and so does the daemon's
-//! own runtime, where the AJP datapath runs). tokio wakes its driver (an eventfd write, then an
-//! extra `epoll_wait`) whenever a timer is set to expire before every other one pending: with none
-//! pending, that was every proxied connection's connect timeout and every AJP request's timeouts,
-//! two syscalls each. Behind the armed timer, any timeout of more than a second is set without
-//! waking anything.
+//! Each worker also keeps one timer armed at most [`TIMER_STEP`] ahead. tokio wakes its driver (an
+//! eventfd write, then an extra `epoll_wait`) whenever a timer is set to expire before every other
+//! one pending: with none pending, that was every proxied connection's connect timeout, two
+//! syscalls each. Behind the armed timer, any timeout of more than a second is set without waking
+//! anything. (The daemon's own runtime, where the AJP datapath runs, always has its 1 s
+//! announcement tick pending.)
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -53,8 +52,8 @@ fn start() -> Vec<Handle> {
         .collect()
 }
 
-/// Fires every [`TIMER_STEP`] for the life of the runtime it runs on (see the module's notes).
-pub(crate) async fn keep_a_timer_armed() {
+/// Fires every [`TIMER_STEP`] for the life of the worker (see the module's notes).
+async fn keep_a_timer_armed() {
     let mut tick = tokio::time::interval(TIMER_STEP);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

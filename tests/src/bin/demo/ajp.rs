@@ -174,7 +174,10 @@ fn browse(topo: &Topology, daemon: &Daemon, web_url: SocketAddr) -> Result<()> {
     );
     println!("  all {LATER} new browsers were placed on t2");
     let status = lb_cli(&cfg, &["status"])?;
-    ensure!(status.contains("ajp"), "lb status shows no AJP counters");
+    ensure!(
+        status.contains("ajp: refused secret"),
+        "lb status shows no AJP counters"
+    );
     Ok(())
 }
 
