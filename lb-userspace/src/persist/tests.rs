@@ -253,6 +253,21 @@ fn backends(e: &Engine) -> Vec<(String, crate::config::AdminState, u32)> {
         .collect()
 }
 
+/// Runs `commands` on `e` as the operator (uid 0) would.
+fn by_operator(e: &Engine, commands: impl IntoIterator<Item = Command>) {
+    for c in commands {
+        e.execute_by(c, &Origin::Operator { uid: Some(0) }).unwrap();
+    }
+}
+
+fn drain_b1() -> Command {
+    Command::SetState {
+        service: "web".into(),
+        backend: "b1".into(),
+        state: crate::config::AdminState::Drain,
+    }
+}
+
 #[test]
 fn an_engine_restarted_with_a_state_file_keeps_its_runtime_changes() {
     use crate::config::AdminState::{Active, Drain};
@@ -260,26 +275,16 @@ fn an_engine_restarted_with_a_state_file_keeps_its_runtime_changes() {
     let state_file = dir.join("state.json");
     let first = engine(&dir, &config_text(&state_file));
     assert!(state_file.exists(), "written at start");
-    let operator = Origin::Operator { uid: Some(0) };
-    first
-        .execute_by(
-            Command::SetState {
-                service: "web".into(),
-                backend: "b1".into(),
-                state: Drain,
-            },
-            &operator,
-        )
-        .unwrap();
-    first
-        .execute_by(
+    by_operator(
+        &first,
+        [
+            drain_b1(),
             Command::AddBackend {
                 service: "web".into(),
                 backend: backend("b3", "10.1.3.2:80"),
             },
-            &operator,
-        )
-        .unwrap();
+        ],
+    );
     first
         .execute_by(
             Command::SetHealth {
@@ -713,16 +718,7 @@ fn a_restore_keeps_what_the_config_file_changed_while_lb_was_stopped() {
     let dir = temp_dir("edited");
     let state_file = dir.join("state.json");
     let first = engine(&dir, &config_text(&state_file));
-    first
-        .execute_by(
-            Command::SetState {
-                service: "web".into(),
-                backend: "b1".into(),
-                state: Drain,
-            },
-            &Origin::Operator { uid: Some(0) },
-        )
-        .unwrap();
+    by_operator(&first, [drain_b1()]);
     first.flush_state_file();
     drop(first);
     let edited = config_text(&state_file).replace(
@@ -747,27 +743,17 @@ fn a_restore_without_a_backend_the_file_dropped_restores_the_others() {
     let dir = temp_dir("dropped");
     let state_file = dir.join("state.json");
     let first = engine(&dir, &config_text(&state_file));
-    let operator = Origin::Operator { uid: Some(0) };
-    first
-        .execute_by(
-            Command::SetState {
-                service: "web".into(),
-                backend: "b1".into(),
-                state: Drain,
-            },
-            &operator,
-        )
-        .unwrap();
-    first
-        .execute_by(
+    by_operator(
+        &first,
+        [
+            drain_b1(),
             Command::SetWeight {
                 service: "web".into(),
                 backend: "b2".into(),
                 weight: 7,
             },
-            &operator,
-        )
-        .unwrap();
+        ],
+    );
     first.flush_state_file();
     drop(first);
     let without_b2 = config_text(&state_file).replace(

@@ -351,10 +351,12 @@ fn run(require_xdp: bool) -> Result<Datapath> {
     Ok(datapath)
 }
 
-fn start(topo: &Topology, datapath: Datapath, pins: &Path) -> Result<Daemon> {
+/// `lb run` in the lb namespace with the config `config` writes for its socket, shown up to the
+/// first backend (`elided` says what follows).
+fn spawn_shown(topo: &Topology, tag: &str, config: impl FnOnce(&Path) -> String, elided: &str) -> Daemon {
     let mut shown = String::new();
-    let daemon = Daemon::spawn(topo.lb_ns(), Enter::NetOnly, "demo", &[], |socket| {
-        shown = config_toml(topo, socket, datapath, pins);
+    let daemon = Daemon::spawn(topo.lb_ns(), Enter::NetOnly, tag, &[], |socket| {
+        shown = config(socket);
         shown.clone()
     });
     println!("  {}:", daemon.config.display());
@@ -364,7 +366,17 @@ fn start(topo: &Topology, datapath: Datapath, pins: &Path) -> Result<Daemon> {
     {
         println!("    {l}");
     }
-    println!("    … (b1..b{BACKENDS} for both services)");
+    println!("    … ({elided})");
+    daemon
+}
+
+fn start(topo: &Topology, datapath: Datapath, pins: &Path) -> Result<Daemon> {
+    let daemon = spawn_shown(
+        topo,
+        "demo",
+        |socket| config_toml(topo, socket, datapath, pins),
+        &format!("b1..b{BACKENDS} for both services"),
+    );
     println!(
         "  (in {}, network namespace only) lb run -c {}",
         topo.lb_ns().name(),

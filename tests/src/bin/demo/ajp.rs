@@ -16,9 +16,9 @@ use lb_tests::daemon::backend_of;
 use lb_tests::netns::netns_exists;
 use lb_tests::tomcat::{self, CatalinaBase, Tomcat, TomcatOptions};
 use lb_tests::webtier::{Browser, WebTier};
-use lb_tests::{Daemon, Enter, Topology};
+use lb_tests::{Daemon, Topology};
 
-use super::{lb_cli, step, wait_ready};
+use super::{lb_cli, spawn_shown, step, wait_ready};
 
 const ROUTES: [&str; 2] = ["t1", "t2"];
 const AJP_PORT: u16 = 8009;
@@ -64,19 +64,12 @@ pub fn run(prefix: &str) -> Result<()> {
     );
 
     let vip = SocketAddr::new(topo.vip().into(), AJP_PORT);
-    let mut shown = String::new();
-    let mut daemon = Daemon::spawn(topo.lb_ns(), Enter::NetOnly, "demoajp", &[], |socket| {
-        shown = config(&topo, socket, vip);
-        shown.clone()
-    });
-    println!("  {}:", daemon.config.display());
-    for l in shown
-        .lines()
-        .take_while(|l| !l.starts_with("[[service.backend]]"))
-    {
-        println!("    {l}");
-    }
-    println!("    … (t1 and t2: name = route = the Tomcat's jvmRoute)");
+    let mut daemon = spawn_shown(
+        &topo,
+        "demoajp",
+        |socket| config(&topo, socket, vip),
+        "t1 and t2: name = route = the Tomcat's jvmRoute",
+    );
     wait_ready(&mut daemon)?;
     let result = scenario(&topo, &web, &daemon, vip);
     if result.is_err() {
