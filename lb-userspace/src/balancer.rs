@@ -527,12 +527,14 @@ impl Balancer {
                 by_service.entry(*service).or_default().push(e.last_seen_ns);
             }
             let biggest = by_service
-                .into_iter()
+                .iter()
                 .max_by_key(|(_, seen)| seen.len())
-                .filter(|(_, seen)| seen.len() >= over);
-            let (only, mut seen) = match biggest {
+                .filter(|(_, seen)| seen.len() >= over)
+                .map(|(service, _)| *service);
+            // Else the oldest of all (from the same walk, not a second one).
+            let (only, mut seen) = match biggest.and_then(|s| by_service.remove(&s).map(|seen| (s, seen))) {
                 Some((service, seen)) => (Some(service), seen),
-                None => (None, map.values().map(|e| e.last_seen_ns).collect()),
+                None => (None, by_service.into_values().flatten().collect()),
             };
             let n = over.min(seen.len());
             if n > 0 {

@@ -1286,6 +1286,10 @@ fn forget_failed(config: &mut Config, old: &Config, running: &state::State, comm
     }
     let old_service = |name: &str| old.services.iter().find(|s| s.name == name);
     let runs = |name: &str| running.service(name).ok();
+    // Whether service `name` runs a backend `matching`.
+    let runs_backend = |name: &str, matching: &dyn Fn(&BackendConfig) -> bool| {
+        runs(name).is_some_and(|s| s.backends.iter().any(|b| matching(&b.config)))
+    };
     match command {
         Command::AddService { service } => {
             config.services.retain(|s| s.name != service.name);
@@ -1323,8 +1327,7 @@ fn forget_failed(config: &mut Config, old: &Config, running: &state::State, comm
         Command::UpdateBackends { service, backends } => {
             for backend in backends {
                 let same = |b: &&BackendConfig| b.identity() == backend.identity();
-                let still =
-                    runs(service).is_some_and(|s| s.backends.iter().map(|b| &b.config).any(|b| same(&b)));
+                let still = runs_backend(service, &|b| same(&b));
                 let was = old_service(service).and_then(|o| o.backends.iter().find(same));
                 if still
                     && let (Some(was), Some(s)) = (was, service_of(config, service))
@@ -1336,7 +1339,7 @@ fn forget_failed(config: &mut Config, old: &Config, running: &state::State, comm
         }
         Command::RemoveBackend { service, backend } => {
             let at = |b: &&BackendConfig| b.address.to_string() == *backend;
-            let still = runs(service).is_some_and(|s| s.backends.iter().map(|b| &b.config).any(|b| at(&b)));
+            let still = runs_backend(service, &|b| at(&b));
             let was = old_service(service).and_then(|o| o.backends.iter().find(at));
             if still && let (Some(was), Some(s)) = (was, service_of(config, service)) {
                 s.backends.push(was.clone());
