@@ -112,6 +112,21 @@ fn splice_is_default(mode: &SpliceMode) -> bool {
     *mode == SpliceMode::default()
 }
 
+/// How long a relayed `proxy` connection may move no byte either way before lb closes it.
+pub const DEFAULT_PROXY_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+fn default_proxy_idle_timeout() -> Duration {
+    DEFAULT_PROXY_IDLE_TIMEOUT
+}
+
+#[allow(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+fn proxy_idle_timeout_is_default(d: &Duration) -> bool {
+    *d == DEFAULT_PROXY_IDLE_TIMEOUT
+}
+
 /// Operator-set state of a backend (orthogonal to health).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -377,6 +392,14 @@ pub struct ServiceConfig {
     pub splice: SpliceMode,
     #[serde(with = "duration_text")]
     pub connect_timeout: Duration,
+    /// A relayed connection that moves no byte either way for this long is closed (`proxy`
+    /// services only; zero: never). Written out only when not the default, as `splice`.
+    #[serde(
+        with = "duration_text",
+        default = "default_proxy_idle_timeout",
+        skip_serializing_if = "proxy_idle_timeout_is_default"
+    )]
+    pub idle_timeout: Duration,
     /// Move clients back to their original backend when it recovers.
     pub failback: bool,
     pub on_down: OnDown,

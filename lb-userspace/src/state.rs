@@ -751,6 +751,7 @@ pub(crate) mod tests {
             affinity_timeout: Duration::from_secs(600),
             max_connections: 100,
             splice: Default::default(),
+            idle_timeout: crate::config::DEFAULT_PROXY_IDLE_TIMEOUT,
             connect_timeout: Duration::from_secs(1),
             failback: false,
             on_down: OnDown::Keep,

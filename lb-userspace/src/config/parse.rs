@@ -112,6 +112,7 @@ pub(super) struct RawService<F: Form> {
     max_connections: Option<F::V<i64>>,
     splice: Option<F::V<String>>,
     connect_timeout: Option<F::V<RawDuration>>,
+    idle_timeout: Option<F::V<RawDuration>>,
     failback: Option<bool>,
     on_down: Option<F::V<String>>,
     health: Option<RawHealth<F>>,
@@ -1447,6 +1448,26 @@ impl<F: Form> Validator<'_, '_, F> {
             Duration::from_secs(3),
             false,
         )?;
+        let idle_timeout = self.duration(
+            &rs.idle_timeout,
+            &k("idle_timeout"),
+            crate::config::DEFAULT_PROXY_IDLE_TIMEOUT,
+            true,
+        )?;
+        if let Some(v) = &rs.idle_timeout
+            && datapath != DatapathKind::Proxy
+        {
+            let instead = if datapath == DatapathKind::Xdp {
+                "xdp connections are forgotten after [xdp] idle_timeout"
+            } else {
+                "an ajp service's web-tier connections close after [service.ajp] idle_timeout"
+            };
+            return Err(self.err(
+                v.at(),
+                &k("idle_timeout"),
+                format!("idle_timeout applies only to datapath = \"proxy\" ({instead}); remove it here"),
+            ));
+        }
         let on_down = self.choice(
             &rs.on_down,
             &k("on_down"),
@@ -1545,6 +1566,7 @@ impl<F: Form> Validator<'_, '_, F> {
             max_connections,
             splice,
             connect_timeout,
+            idle_timeout,
             failback: rs.failback.unwrap_or(false),
             on_down,
             health,

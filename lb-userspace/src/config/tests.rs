@@ -2362,6 +2362,48 @@ fn splice_modes_of_proxy_services() {
 }
 
 #[test]
+fn idle_timeout_of_proxy_services() {
+    let c = good(svc!(""));
+    assert_eq!(c.services[0].idle_timeout, Duration::from_secs(15 * 60));
+    for (text, want) in [("90s", Duration::from_secs(90)), ("0s", Duration::ZERO)] {
+        let c = good(&format!("{}idle_timeout = \"{text}\"\n", svc!("")));
+        assert_eq!(c.services[0].idle_timeout, want, "idle_timeout = {text:?}");
+    }
+    bad_table(&[
+        (
+            svc!("idle_timeout = \"soon\"\n"),
+            4,
+            "service[0].idle_timeout",
+            &["not a valid duration"],
+        ),
+        (
+            "[xdp]\ninterfaces = [\"lo\"]\n[[service]]\nname = \"a\"\nlisten = \"10.0.0.1:80\"\ndatapath = \"xdp\"\nidle_timeout = \"1m\"\n",
+            7,
+            "service[0].idle_timeout",
+            &["only to datapath = \"proxy\"", "[xdp] idle_timeout"],
+        ),
+        (
+            svc!("protocol = \"ajp\"\ndatapath = \"ajp\"\nidle_timeout = \"1m\"\n"),
+            6,
+            "service[0].idle_timeout",
+            &["only to datapath = \"proxy\"", "[service.ajp] idle_timeout"],
+        ),
+    ]);
+    // Serialized (state file, control requests) it parses again; the default is not written out,
+    // so an xdp or ajp service's serialized form stays valid.
+    for text in [svc!(""), &format!("{}idle_timeout = \"0s\"\n", svc!(""))] {
+        let svc = &good(text).services[0];
+        let json = serde_json::to_value(svc).unwrap();
+        assert_eq!(
+            json.get("idle_timeout").is_some(),
+            !svc.idle_timeout.eq(&Duration::from_secs(900))
+        );
+        let back = ServiceConfig::from_fields(json.clone()).unwrap_or_else(|e| panic!("{json}: {e}"));
+        assert_eq!(back.idle_timeout, svc.idle_timeout, "{json}");
+    }
+}
+
+#[test]
 fn splice_round_trips_through_serialization() {
     // An xdp service serialized (state file, control requests) parses again: the default is not
     // written out; a proxy service's mode is.

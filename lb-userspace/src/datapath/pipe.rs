@@ -65,7 +65,12 @@ fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
 }
 
 /// Relays `src` to `dst` until `src` reaches EOF, then half-closes `dst`. Counts bytes moved.
-pub async fn copy(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
+pub async fn copy(
+    src: &TcpStream,
+    dst: &TcpStream,
+    counter: &AtomicU64,
+    activity: &super::proxy::Activity,
+) -> io::Result<()> {
     let pipe = Pipe::new()?;
     loop {
         let n = loop {
@@ -76,6 +81,7 @@ pub async fn copy(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::
                 Err(e) => return Err(e),
             }
         };
+        activity.moved();
         if n == 0 {
             // Pass the half-close on: the peer sees EOF but may still send.
             return nix::sys::socket::shutdown(dst.as_raw_fd(), nix::sys::socket::Shutdown::Write).or_else(
@@ -92,7 +98,10 @@ pub async fn copy(src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::
         while left > 0 {
             dst.writable().await?;
             match dst.try_io(Interest::WRITABLE, || splice(&pipe.read, dst, left)) {
-                Ok(m) => left -= m,
+                Ok(m) => {
+                    left -= m;
+                    activity.moved();
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -143,8 +143,12 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
     // TCP_NODELAY comes from the listening socket (see `listener::bind`).
     let mut exclude = Vec::new();
     for attempt in 0..MAX_ATTEMPTS {
-        let (connect_timeout, splice) = match balancer.snapshot().state.service(service) {
-            Ok(s) => (s.settings.connect_timeout, s.settings.splice),
+        let (connect_timeout, splice, idle_timeout) = match balancer.snapshot().state.service(service) {
+            Ok(s) => (
+                s.settings.connect_timeout,
+                s.settings.splice,
+                s.settings.idle_timeout,
+            ),
             Err(_) => return, // service removed meanwhile
         };
         // While every primary fails (before the checks mark them down), a healthy backup is the
@@ -171,7 +175,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &ProxyService) {
             Ok(Ok(backend)) => {
                 svc.passive.connected(&choice.runtime);
                 balancer.confirm(service, peer.ip(), choice.chosen(), Instant::now());
-                relay(client, backend, &choice.runtime, splice).await;
+                relay(client, backend, &choice.runtime, splice, idle_timeout).await;
                 return;
             }
             Ok(Err(e)) if crate::health::lb_short_of_resources(&e) => {
@@ -234,23 +238,68 @@ async fn connect(address: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Copies both directions until both have reached EOF; an error in either ends both.
-async fn relay(client: TcpStream, backend: TcpStream, runtime: &BackendRuntime, mode: SpliceMode) {
+/// When a relayed connection last moved bytes, either way: kept by the copies (a clock read per
+/// read or write, no timer), looked at by one timer per connection that sleeps until the
+/// connection could have been idle for the limit.
+pub struct Activity {
+    start: tokio::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes moved now.
+    pub fn moved(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Returns once no bytes moved for `limit`; never for a zero limit.
+    async fn idle_for(&self, limit: Duration) {
+        if limit.is_zero() {
+            return std::future::pending().await;
+        }
+        loop {
+            let until = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + limit;
+            if tokio::time::Instant::now() >= until {
+                return;
+            }
+            tokio::time::sleep_until(until).await;
+        }
+    }
+}
+
+/// Copies both directions until both have reached EOF; an error in either ends both, and so does
+/// `idle_timeout` without a byte moving either way.
+async fn relay(
+    client: TcpStream,
+    backend: TcpStream,
+    runtime: &BackendRuntime,
+    mode: SpliceMode,
+    idle_timeout: Duration,
+) {
     let stats = &runtime.stats;
     stats.active_connections.fetch_add(1, Ordering::Relaxed);
     stats.total_connections.fetch_add(1, Ordering::Relaxed);
     let reset = runtime.reset_token();
+    let activity = Activity::new();
     let both = async {
         match mode {
             SpliceMode::Off => {
                 let done = AtomicBool::new(false);
-                let up = copy_counted(&client, &backend, &stats.bytes_in, &done);
-                let down = copy_counted(&backend, &client, &stats.bytes_out, &done);
+                let up = copy_counted(&client, &backend, &stats.bytes_in, &done, &activity);
+                let down = copy_counted(&backend, &client, &stats.bytes_out, &done, &activity);
                 tokio::try_join!(up, down).map(|_| ())
             }
             SpliceMode::Pipe => {
-                let up = pipe::copy(&client, &backend, &stats.bytes_in);
-                let down = pipe::copy(&backend, &client, &stats.bytes_out);
+                let up = pipe::copy(&client, &backend, &stats.bytes_in, &activity);
+                let down = pipe::copy(&backend, &client, &stats.bytes_out, &activity);
                 tokio::try_join!(up, down).map(|_| ())
             }
         }
@@ -263,6 +312,10 @@ async fn relay(client: TcpStream, backend: TcpStream, runtime: &BackendRuntime, 
             false
         }
         () = reset.cancelled() => true,
+        () = activity.idle_for(idle_timeout) => {
+            debug!(?idle_timeout, "no bytes moved for idle_timeout; connection closed");
+            false
+        }
     };
     if was_reset {
         // Linger 0: closing sends an RST to both peers rather than a FIN.
@@ -341,6 +394,7 @@ async fn copy_counted(
     dst: &TcpStream,
     counter: &AtomicU64,
     done: &AtomicBool,
+    activity: &Activity,
 ) -> std::io::Result<()> {
     let mut pending = Vec::new();
     loop {
@@ -352,6 +406,7 @@ async fn copy_counted(
                 Err(e) => return Err(e),
             }
         };
+        activity.moved();
         if n == 0 {
             if done.swap(true, Ordering::AcqRel) {
                 return Ok(());
@@ -370,7 +425,10 @@ async fn copy_counted(
         let mut sent = 0;
         while sent < pending.len() {
             match dst.try_write(&pending[sent..]) {
-                Ok(m) => sent += m,
+                Ok(m) => {
+                    sent += m;
+                    activity.moved();
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => dst.writable().await?,
                 Err(e) => return Err(e),
             }
@@ -416,7 +474,9 @@ mod tests {
                 let mut got = Vec::new();
                 reader.read_to_end(&mut got).await.map(|_| got)
             });
-            copy_counted(&src, &dst, &counter, &done).await.unwrap();
+            copy_counted(&src, &dst, &counter, &done, &Activity::new())
+                .await
+                .unwrap();
             assert_eq!(counter.load(Ordering::Relaxed), len as u64, "{len} bytes");
             assert!(done.load(Ordering::Relaxed), "{len} bytes: the direction is over");
             let got = tokio::time::timeout(std::time::Duration::from_secs(5), read)
@@ -431,6 +491,84 @@ mod tests {
             let mut back = [0u8; 5];
             sender.read_exact(&mut back).await.unwrap();
             assert_eq!(&back, b"after");
+        }
+    }
+
+    /// Whether `s` reaches EOF (or an error) within `wait`, skipping what arrives before.
+    async fn ends_within(s: &mut TcpStream, wait: Duration) -> bool {
+        let mut b = [0u8; 256];
+        let end = async { while s.read(&mut b).await.is_ok_and(|n| n > 0) {} };
+        tokio::time::timeout(wait, end).await.is_ok()
+    }
+
+    /// `idle_timeout`, for each splice mode: a connection that moves bytes either way now and
+    /// then stays open past it; one that moves nothing is closed on both sides, also when one
+    /// side has half-closed already (its peer could otherwise hold it forever); zero never closes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_close_after_idle_timeout_and_busy_ones_stay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let idle = Duration::from_millis(400);
+        for mode in [SpliceMode::Off, SpliceMode::Pipe] {
+            let runtime = Arc::new(BackendRuntime::default());
+            let start = |limit: Duration| {
+                let (listener, runtime) = (&listener, runtime.clone());
+                async move {
+                    let (client, relay_client) = pair(listener).await;
+                    let (relay_backend, backend) = pair(listener).await;
+                    let task = tokio::spawn(async move {
+                        relay(relay_client, relay_backend, &runtime, mode, limit).await;
+                    });
+                    (client, backend, task)
+                }
+            };
+            // Busy: a byte each way every 150 ms for three times the limit.
+            let (mut client, mut backend, busy) = start(idle).await;
+            for i in 0..8u8 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                let (from, to) = if i % 2 == 0 {
+                    (&mut client, &mut backend)
+                } else {
+                    (&mut backend, &mut client)
+                };
+                from.write_all(&[i]).await.unwrap();
+                let mut b = [0u8; 1];
+                to.read_exact(&mut b).await.unwrap();
+                assert_eq!(b[0], i, "{mode:?}: relayed while busy");
+            }
+            assert!(!busy.is_finished(), "{mode:?}: a busy connection stays open");
+            // Quiet from here on: both sides see the end within the limit and a margin.
+            let t = std::time::Instant::now();
+            assert!(
+                ends_within(&mut client, Duration::from_secs(3)).await,
+                "{mode:?}: client closed"
+            );
+            assert!(
+                ends_within(&mut backend, Duration::from_secs(3)).await,
+                "{mode:?}: backend closed"
+            );
+            assert!(
+                t.elapsed() >= Duration::from_millis(350),
+                "{mode:?}: not before the limit"
+            );
+            busy.await.unwrap();
+            // The backend half-closes, the client never answers: closed all the same.
+            let (mut client, backend, half) = start(idle).await;
+            let backend = backend.into_std().unwrap();
+            backend.shutdown(std::net::Shutdown::Write).unwrap();
+            assert!(
+                ends_within(&mut client, Duration::from_secs(3)).await,
+                "{mode:?}: half-closed one"
+            );
+            tokio::time::timeout(Duration::from_secs(3), half)
+                .await
+                .expect("relay over after a half-close and idle_timeout")
+                .unwrap();
+            assert_eq!(runtime.stats.active_connections.load(Ordering::Relaxed), 0);
+            // Zero: no limit.
+            let (_client, _backend, forever) = start(Duration::ZERO).await;
+            tokio::time::sleep(idle * 2).await;
+            assert!(!forever.is_finished(), "{mode:?}: idle_timeout = 0 never closes");
+            forever.abort();
         }
     }
 

@@ -157,6 +157,7 @@ pub fn xdp_service(backends: Vec<BackendConfig>) -> ServiceConfig {
         affinity_timeout: Duration::from_secs(600),
         max_connections: 100,
         splice: Default::default(),
+        idle_timeout: lb::config::DEFAULT_PROXY_IDLE_TIMEOUT,
         connect_timeout: Duration::from_secs(1),
         failback: false,
         on_down: OnDown::Keep,

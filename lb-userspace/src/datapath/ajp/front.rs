@@ -56,13 +56,15 @@ enum Timeout {
     Write,
 }
 
-/// Reads one whole packet within `limits`; `Ok(None)` on a clean end of stream between packets.
-/// A packet already begun (bytes kept from earlier reads) is timed from now.
+/// Reads one whole packet within `limits`; `Ok(None)` on a clean end of stream between packets,
+/// or when `stop` is cancelled between packets (a packet already begun is read to its end). A
+/// packet already begun (bytes kept from earlier reads) is timed from now.
 async fn read_frame(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     decoder: &FrameDecoder,
     limits: Limits,
+    stop: Option<&CancellationToken>,
 ) -> std::io::Result<Option<codec::Frame>> {
     let deadline = |d: Duration| (!d.is_zero()).then(|| tokio::time::Instant::now() + d);
     let idle_until = deadline(limits.idle);
@@ -74,7 +76,8 @@ async fn read_frame(
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(8192);
         }
-        let (until, why) = if buf.is_empty() {
+        let between = buf.is_empty();
+        let (until, why) = if between {
             (idle_until, Timeout::Idle)
         } else {
             (
@@ -82,11 +85,20 @@ async fn read_frame(
                 Timeout::Packet,
             )
         };
-        let read = match until {
-            Some(t) => tokio::time::timeout_at(t, stream.read_buf(buf))
-                .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, why))?,
-            None => stream.read_buf(buf).await,
+        let read = async {
+            match until {
+                Some(t) => tokio::time::timeout_at(t, stream.read_buf(buf))
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why))),
+                None => stream.read_buf(buf).await,
+            }
+        };
+        let read = match stop {
+            Some(stop) if between => tokio::select! {
+                () = stop.cancelled() => return Ok(None),
+                r = read => r,
+            },
+            _ => read.await,
         };
         if read? == 0 {
             return if buf.is_empty() {
@@ -167,6 +179,28 @@ async fn sleep_unless_zero(d: Duration) {
     tokio::time::sleep(d).await;
 }
 
+/// Writes `bytes` to a backend as the reads from it are bounded: a reset of the backend, or
+/// `reply_timeout` without it taking them all (a backend that stops reading, or asks for body
+/// packets without reading them, cannot hold the request). `failed` names a write error.
+async fn write_backend(
+    stream: &mut TcpStream,
+    bytes: &[u8],
+    reset: &CancellationToken,
+    reply_timeout: Duration,
+    responded: bool,
+    failed: impl FnOnce(String) -> Outcome,
+) -> Result<(), Outcome> {
+    tokio::select! {
+        r = stream.write_all(bytes) => r.map_err(|e| failed(e.to_string())),
+        () = reset.cancelled() => Err(if responded {
+            Outcome::BackendAfterResponse(RESET.into())
+        } else {
+            Outcome::Reset
+        }),
+        () = sleep_unless_zero(reply_timeout) => Err(Outcome::ReplyTimeout { responded }),
+    }
+}
+
 fn invalid(e: CodecError) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, e)
 }
@@ -181,19 +215,18 @@ pub async fn serve(mut front: TcpStream, peer: SocketAddr, svc: Arc<Service>, st
     loop {
         let settings = svc.settings();
         let decoder = FrameDecoder::new(Direction::ToContainer, settings.max_packet);
-        let frame = tokio::select! {
-            // Only between requests: a request under way finishes first.
-            () = stop.cancelled(), if buf.is_empty() => return,
-            r = read_frame(
-                &mut front,
-                &mut buf,
-                &decoder,
-                Limits {
-                    idle: settings.ajp.idle_timeout,
-                    packet: settings.ajp.request_timeout,
-                },
-            ) => r,
-        };
+        // A stop ends the connection only between requests: one under way finishes first.
+        let frame = read_frame(
+            &mut front,
+            &mut buf,
+            &decoder,
+            Limits {
+                idle: settings.ajp.idle_timeout,
+                packet: settings.ajp.request_timeout,
+            },
+            Some(&stop),
+        )
+        .await;
         let frame = match frame {
             Ok(Some(f)) => f,
             Ok(None) => return,
@@ -623,7 +656,9 @@ impl<'a> Request<'a> {
                         .as_deref()
                         .map(|n| String::from_utf8_lossy(&n[..n.len().min(64)]).into_owned())
                         .unwrap_or_default();
-                    warn!(service = %self.svc.name, peer = %self.peer, attribute = %shown, "request attribute not allowed; request refused (403)");
+                    // Debug-quoted: the name comes off the wire, and a line break in it must not
+                    // start a forged log line.
+                    warn!(service = %self.svc.name, peer = %self.peer, attribute = ?shown, "request attribute not allowed; request refused (403)");
                     return true;
                 }
             }
@@ -794,16 +829,32 @@ impl<'a> Request<'a> {
         settings: &super::Settings,
     ) -> Result<(u16, bool), Outcome> {
         let max = settings.max_packet;
-        let before = |e: std::io::Error| Outcome::BackendBeforeResponse(e.to_string());
+        let wait = settings.ajp.reply_timeout;
         let runtime = conn.stats();
         let stats = &runtime.stats;
-        conn.stream.write_all(forward).await.map_err(before)?;
+        write_backend(
+            &mut conn.stream,
+            forward,
+            reset,
+            wait,
+            false,
+            Outcome::BackendBeforeResponse,
+        )
+        .await?;
         stats.bytes_in.fetch_add(forward.len() as u64, Relaxed);
         // Replay position in the held body.
         let mut cursor = (0usize, 0usize);
         if body.first_unasked {
             let packet = next_held(body, &mut cursor, codec::max_body_data(max));
-            conn.stream.write_all(&packet).await.map_err(before)?;
+            write_backend(
+                &mut conn.stream,
+                &packet,
+                reset,
+                wait,
+                false,
+                Outcome::BackendBeforeResponse,
+            )
+            .await?;
             stats.bytes_in.fetch_add(packet.len() as u64, Relaxed);
         }
         let decoder = FrameDecoder::new(Direction::ToServer, max);
@@ -826,7 +877,7 @@ impl<'a> Request<'a> {
                 }
             };
             let read = tokio::select! {
-                r = read_frame(&mut conn.stream, &mut conn.buf, &decoder, Limits::NONE) => r,
+                r = read_frame(&mut conn.stream, &mut conn.buf, &decoder, Limits::NONE, None) => r,
                 () = reset.cancelled() => {
                     return Err(if responded {
                         Outcome::BackendAfterResponse(RESET.into())
@@ -834,7 +885,7 @@ impl<'a> Request<'a> {
                         Outcome::Reset
                     });
                 }
-                () = sleep_unless_zero(settings.ajp.reply_timeout) => {
+                () = sleep_unless_zero(wait) => {
                     return Err(Outcome::ReplyTimeout { responded });
                 }
                 gone = front_gone(self.front) => {
@@ -900,9 +951,10 @@ impl<'a> Request<'a> {
                         cursor = (body.chunks.len(), 0);
                         packet
                     };
-                    if let Err(e) = conn.stream.write_all(&packet).await {
-                        return Err(failed(e.to_string(), responded));
-                    }
+                    write_backend(&mut conn.stream, &packet, reset, wait, responded, |why| {
+                        failed(why, responded)
+                    })
+                    .await?;
                     stats.bytes_in.fetch_add(packet.len() as u64, Relaxed);
                 }
                 Some(kind::END_RESPONSE) => {
@@ -955,7 +1007,7 @@ impl<'a> Request<'a> {
             idle: wait,
             packet: wait,
         };
-        let frame = read_frame(self.front, self.fbuf, decoder, limits)
+        let frame = read_frame(self.front, self.fbuf, decoder, limits, None)
             .await
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::TimedOut => std::io::Error::new(e.kind(), Timeout::Packet),

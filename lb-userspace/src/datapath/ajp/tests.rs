@@ -41,6 +41,9 @@ enum Mode {
     Slow,
     /// Answers 200 with [`LARGE`] bytes (whatever the request), End Response reuse.
     Large,
+    /// Takes the Forward Request, then asks for body packets without end and reads none of them
+    /// (its receive buffer is small): until lb closes the connection.
+    AskWithoutReading,
 }
 
 /// The size of a `Mode::Large` answer: more than the sockets between lb and a web tier that
@@ -71,6 +74,10 @@ struct FakeBackend {
 impl FakeBackend {
     async fn start(name: &str, mode: Mode) -> FakeBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        if mode == Mode::AskWithoutReading {
+            // Inherited by accepted sockets: a few KiB fill it.
+            nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
+        }
         let b = FakeBackend {
             name: name.to_string(),
             addr: listener.local_addr().unwrap(),
@@ -147,6 +154,11 @@ async fn backend_conn(
             ServerMessage::ForwardRequest(r) => r,
             other => panic!("backend got {other:?}"),
         };
+        if *mode.lock().unwrap() == Mode::AskWithoutReading {
+            while send(&mut s, ContainerMessage::GetBodyChunk(8186)).await.is_ok() {}
+            stalls_closed.fetch_add(1, SeqCst);
+            return Ok(());
+        }
         // Read the body as Tomcat does: the first packet comes unasked, then ask for the rest.
         let mut body = Vec::new();
         let mut left = req.content_length().unwrap_or(0) as usize;
@@ -175,6 +187,7 @@ async fn backend_conn(
         if mode == Mode::CloseBeforeAnswer {
             return Ok(());
         }
+
         if mode == Mode::BadChunk {
             // 65,535 bytes announced, one there.
             s.write_all(&[b'A', b'B', 0, 4, 3, 0xff, 0xff, b'x']).await?;
@@ -363,6 +376,13 @@ impl Web {
             sent = n;
         }
         self.s.write_all(&out).await.ok()?;
+        self.answer(r, sent).await
+    }
+
+    /// Reads the answer to `r`, whose first `sent` body bytes went with it, feeding the rest of
+    /// its body on demand; None if lb closed the connection.
+    async fn answer(&mut self, r: &Req, mut sent: usize) -> Option<Answer> {
+        let chunk = 8186;
         let mut status = 0;
         let mut body = Vec::new();
         loop {
@@ -1335,6 +1355,62 @@ async fn backend_silent_past_reply_timeout_gets_503_and_frees_its_slot() {
     let other = (0..200).map(ip).find(|i| lb.by_address(i) == "t2").unwrap();
     let a = web.request(&Req::from(&other)).await.unwrap();
     assert_eq!((a.status, a.backend()), (200, "t2"));
+}
+
+/// A backend that keeps asking for an upload's body packets and reads none of them (a hung
+/// application) cannot hold the request past `reply_timeout`: lb's writes to a backend are bounded
+/// as its reads are.
+#[tokio::test]
+async fn a_backend_that_stops_reading_gets_no_longer_than_reply_timeout() {
+    let t1 = FakeBackend::start("t1", Mode::AskWithoutReading).await;
+    let lb = Lb::start(
+        &[("t1", t1.addr, false)],
+        AjpConfig {
+            reply_timeout: Duration::from_millis(300),
+            ..AjpConfig::default()
+        },
+    );
+    let mut web = Web::connect(lb.addr).await;
+    let upload = Req::from(&ip(1)).body(&[b'u'; 16 << 20]);
+    let a = tokio::time::timeout(Duration::from_secs(5), web.request(&upload))
+        .await
+        .expect("answered within reply_timeout and a margin, not held by the backend");
+    // The web tier is told (a 503), unless lb closed its connection with the body unfinished.
+    assert!(a.as_ref().is_none_or(|a| a.status == 503), "{a:?}");
+    assert!(
+        eventually(|| t1.stalls_closed.load(SeqCst) == 1).await,
+        "lb closed the backend's connection"
+    );
+    let c = lb.backend_counters("t1");
+    assert_eq!((c.reply_timeouts, c.in_flight, c.pool_busy), (1, 0, 0));
+}
+
+/// Shutting down (or removing the service) while a request is still arriving lets it finish: only
+/// a connection between requests is closed at once.
+#[tokio::test]
+async fn a_stop_while_a_request_arrives_lets_it_finish() {
+    let fake = FakeBackend::start("t1", Mode::Answer).await;
+    let lb = Lb::start(&[("t1", fake.addr, false)], AjpConfig::default());
+    let mut web = Web::connect(lb.addr).await;
+    let r = Req::from(&ip(1));
+    let bytes = r.encode();
+    web.s.write_all(&bytes[..bytes.len() / 2]).await.unwrap();
+    // lb has read the first half when the stop comes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rest = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        web.s.write_all(&bytes[bytes.len() / 2..]).await.unwrap();
+        let a = web.answer(&r, 0).await;
+        (a, web.closed().await)
+    };
+    let ((a, closed), ()) = tokio::time::timeout(Duration::from_secs(5), async {
+        tokio::join!(rest, lb.dp.shutdown())
+    })
+    .await
+    .expect("request finished and shutdown completed");
+    assert_eq!(a.expect("answered, not cut off").status, 200);
+    assert!(closed, "closed after its answer");
+    assert_eq!(fake.requests(), 1);
 }
 
 /// A stalled t1 answers again: a session routed to it from `user` reaches it on its second
