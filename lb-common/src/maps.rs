@@ -41,6 +41,13 @@ pub const MAP_DSR_SCRATCH: &str = "lb_dsr_scratch";
 /// `PERCPU_ARRAY<u32, NextHop>`: each CPU's recent FIB answers, shared by new flows (`lb-ebpf`'s
 /// `hop` module). Not pinned.
 pub const MAP_NEXT_HOPS: &str = "lb_next_hops";
+/// `HASH<u32, u8>`: the veth ends (interface indexes) of the load balancer's network namespace
+/// whose other end lives in another namespace, while `[xdp] redirect_peer` is on: at the TC hook a
+/// NAT flow's packet for one of them goes straight into that namespace (`bpf_redirect_peer`). Kept
+/// by user space; not pinned.
+pub const MAP_PEER_IFACES: &str = "lb_peer_ifaces";
+/// Most entries of [`MAP_PEER_IFACES`] (more veth ends forward without the shortcut).
+pub const MAX_PEER_IFACES: u32 = 4096;
 /// `PERCPU_ARRAY<u32, TrafficCounters>`, indexed by service slot.
 pub const MAP_SERVICE_STATS: &str = "lb_svc_stats";
 /// `PERCPU_ARRAY<u32, TrafficCounters>`, indexed by backend index.

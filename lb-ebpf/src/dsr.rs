@@ -137,7 +137,8 @@ fn encapsulate(ctx: &impl Frame, f: &mut FlowValue, now: u64, cpus: u32) -> Verd
     if u32::from(outer_len) > f.ts_delta {
         f.next_hop_ifindex = 0;
     }
-    let verdict = forward(ctx, f, now, cpus);
+    // Not into a peer: the backend may decapsulate with lb_decap at its XDP hook.
+    let verdict = forward(ctx, f, now, cpus, false);
     if verdict.reason.is_none() && u32::from(outer_len) > f.ts_delta {
         f.ts_delta = u32::from(outer_len);
     }

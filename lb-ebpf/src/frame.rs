@@ -22,15 +22,23 @@ use aya_ebpf::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
     },
     helpers::{
-        bpf_l4_csum_replace, bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_tail, bpf_skb_pull_data,
-        bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_l4_csum_replace, bpf_redirect, bpf_redirect_peer, bpf_skb_adjust_room, bpf_skb_change_tail,
+        bpf_skb_pull_data, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
     },
+    macros::map,
+    maps::HashMap,
     programs::{TcContext, XdpContext},
 };
 use lb_common::csum::{self, Delta};
+use lb_common::maps::{MAP_PEER_IFACES, MAX_PEER_IFACES};
 
 use crate::net::{EthHdr, TcpHdr};
 use crate::ptr_at;
+
+/// See [`lb_common::maps::MAP_PEER_IFACES`].
+#[map(name = "lb_peer_ifaces")]
+static PEER_IFACES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_PEER_IFACES, 0);
+const _: () = assert!(crate::str_eq(MAP_PEER_IFACES, "lb_peer_ifaces"));
 
 /// Offset of the checksum field in the TCP header.
 const TCP_CHECK: usize = 16;
@@ -60,6 +68,12 @@ pub(crate) trait Frame: EbpfContext {
     fn push_ipip(&self, bytes: u16) -> bool;
     /// Out `ifindex` (XDP_REDIRECT in this crate's vocabulary, or XDP_DROP when refused).
     fn redirect(&self, ifindex: u32) -> u32;
+    /// Out `ifindex` as [`Frame::redirect`]; at TC, when `ifindex` is a veth end whose other end
+    /// lives in another network namespace ([`PEER_IFACES`]), straight into that namespace's stack
+    /// (`bpf_redirect_peer`): the packet skips the veth's transmit and the backlog queue it would
+    /// wait in before the other end's stack takes it. Only for packets the other end's stack takes
+    /// as they are: an XDP program there (`lb_decap`) would not see them.
+    fn redirect_into(&self, ifindex: u32) -> u32;
     /// Out the interface the packet came in on, toward where it came from.
     fn transmit(&self) -> u32;
     /// Hands the packet to the hook's SYN proxy program (returns only when there is none).
@@ -112,6 +126,10 @@ impl Frame for XdpContext {
     fn redirect(&self, ifindex: u32) -> u32 {
         // SAFETY: a plain helper call.
         unsafe { bpf_redirect(ifindex, 0) as u32 }
+    }
+    #[inline(always)]
+    fn redirect_into(&self, ifindex: u32) -> u32 {
+        self.redirect(ifindex)
     }
     #[inline(always)]
     fn transmit(&self) -> u32 {
@@ -197,6 +215,18 @@ impl Frame for TcContext {
     fn redirect(&self, ifindex: u32) -> u32 {
         // SAFETY: a plain helper call.
         if unsafe { bpf_redirect(ifindex, 0) } == i64::from(TC_ACT_REDIRECT) {
+            xdp_action::XDP_REDIRECT
+        } else {
+            xdp_action::XDP_DROP
+        }
+    }
+    #[inline(always)]
+    fn redirect_into(&self, ifindex: u32) -> u32 {
+        // SAFETY: a lookup in a map of plain integers, and a plain helper call.
+        if unsafe { PEER_IFACES.get(ifindex) }.is_none() {
+            return self.redirect(ifindex);
+        }
+        if unsafe { bpf_redirect_peer(ifindex, 0) } == i64::from(TC_ACT_REDIRECT) {
             xdp_action::XDP_REDIRECT
         } else {
             xdp_action::XDP_DROP

@@ -49,7 +49,7 @@ pub fn forward<C: Frame>(ctx: &C, flow: &mut FlowValue, tos: u8, now: u64, cpus:
     if fresh {
         fill(flow, ctx.ingress(), tos, now);
     }
-    let verdict = crate::forward(ctx, flow, now, cpus);
+    let verdict = crate::forward(ctx, flow, now, cpus, true);
     if fresh {
         remember(flow, ctx.ingress(), tos, now);
     }

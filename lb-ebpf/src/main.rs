@@ -1466,9 +1466,10 @@ fn rewrite(ip: *mut Ipv4Hdr, tcp: *mut TcpHdr, key: &FlowKey, value: &FlowValue,
 }
 
 /// Sends the rewritten packet to its next hop: the flow's cached one while fresh, else the
-/// kernel's FIB (and the answer is cached in the flow). Transmit or redirect.
+/// kernel's FIB (and the answer is cached in the flow). Transmit or redirect; `into_peer`: the
+/// packet may go straight into a veth peer's namespace ([`Frame::redirect_into`]).
 #[inline(always)]
-fn forward<C: Frame>(ctx: &C, hop: &mut FlowValue, now: u64, cpus: u32) -> Verdict {
+fn forward<C: Frame>(ctx: &C, hop: &mut FlowValue, now: u64, cpus: u32, into_peer: bool) -> Verdict {
     let (Some(eth), Some(ip)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)) else {
         return drop(gc::TRUNCATED);
     };
@@ -1526,6 +1527,8 @@ fn forward<C: Frame>(ctx: &C, hop: &mut FlowValue, now: u64, cpus: u32) -> Verdi
     }
     let action = if hop.next_hop_ifindex == ingress {
         ctx.transmit()
+    } else if into_peer {
+        ctx.redirect_into(hop.next_hop_ifindex)
     } else {
         ctx.redirect(hop.next_hop_ifindex)
     };

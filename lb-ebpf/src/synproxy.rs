@@ -474,7 +474,7 @@ fn send_syn(ctx: &impl Frame, f: &mut FlowValue, mss: u16, now: u64, cpus: u32) 
     if !write_headers(ctx, &segment) {
         return silent_drop();
     }
-    forward(ctx, f, now, cpus)
+    forward(ctx, f, now, cpus, true)
 }
 
 /// A packet of the backend (`key`, reply entry `r`) of a half-open cookie flow: its SYN-ACK
@@ -510,7 +510,7 @@ fn backend_answer(
         rest = translate(tcp, false, r, rest);
         ctx.fix_l4(L4, pseudo, rest);
         count_traffic(r, false, len, false);
-        return forward(ctx, r, now, cpus);
+        return forward(ctx, r, now, cpus, true);
     }
     if flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_ACK {
         // A bare ACK: the backend still holds an earlier connection on this SNAT 4-tuple (in

@@ -312,6 +312,7 @@ impl Default for XdpConfig {
             closed_timeout: Duration::from_secs(1),
             syn_timeout: Duration::from_secs(5),
             syn_cookies: SynCookies::Auto,
+            redirect_peer: true,
             max_services: DEFAULT_MAX_SERVICES,
             max_backends: DEFAULT_MAX_BACKENDS,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
@@ -340,6 +341,9 @@ pub struct XdpConfig {
     /// SYN cookies for NAT services (the XDP SYN proxy): always, never, or while a SYN flood
     /// lasts.
     pub syn_cookies: SynCookies,
+    /// At the TC hook, NAT flows' packets for a veth end whose other end lives in another network
+    /// namespace go straight into that namespace (`bpf_redirect_peer`).
+    pub redirect_peer: bool,
     pub max_services: u32,
     pub max_backends: u32,
     pub conntrack_entries: u32,

@@ -114,6 +114,23 @@ impl Rtnetlink {
 
     /// The indexes of the interfaces (of this network namespace) whose link kind is veth.
     pub fn veths(&mut self) -> Result<Vec<u32>, NetlinkError> {
+        self.links_where(is_veth)
+    }
+
+    /// The indexes of the veth ends (of this network namespace) whose other end lives in another
+    /// namespace (the kernel names that namespace's id in the link's attributes).
+    pub fn veths_to_other_namespaces(&mut self) -> Result<Vec<u32>, NetlinkError> {
+        self.links_where(|link| {
+            is_veth(link)
+                && link
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)))
+        })
+    }
+
+    /// The indexes of the interfaces (of this network namespace) that satisfy `pick`.
+    fn links_where(&mut self, pick: impl Fn(&LinkMessage) -> bool) -> Result<Vec<u32>, NetlinkError> {
         let dump = self.request(
             RouteNetlinkMessage::GetLink(LinkMessage::default()),
             NLM_F_REQUEST | NLM_F_DUMP,
@@ -121,7 +138,7 @@ impl Rtnetlink {
         Ok(dump
             .into_iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(link) => is_veth(&link).then_some(link.header.index),
+                RouteNetlinkMessage::NewLink(link) => pick(&link).then_some(link.header.index),
                 _ => None,
             })
             .collect())

@@ -157,6 +157,10 @@ fn xdp_iperf3_through_the_kernel_path(hook: Hook) {
             )
             .expect("iperf3 client")
     };
+    let before = [
+        link_packets(&bed, "to-b1", "tx"),
+        link_packets(&bed, "to-c", "rx"),
+    ];
     let mut out = run();
     // Now and then (under a loaded suite) iperf3 through XDP ends with an error in its report
     // ("unknown control message", or a report without totals); not yet explained, so it is
@@ -192,6 +196,33 @@ fn xdp_iperf3_through_the_kernel_path(hook: Hook) {
         b["bytes_in"].as_u64().unwrap() >= received,
         "kernel counters saw the transfer: {b}"
     );
+    // At TC (`redirect_peer` on by default), what came in on to-c went straight into b1's
+    // namespace: to-b1 transmitted next to none of it (the daemon's own health checks only).
+    let sent_on = link_packets(&bed, "to-b1", "tx") - before[0];
+    let came_in = link_packets(&bed, "to-c", "rx") - before[1];
+    assert!(came_in > 1000, "{came_in} packets came in on to-c");
+    match hook {
+        Hook::Tc => assert!(
+            sent_on * 20 < came_in,
+            "to-b1 transmitted {sent_on} packets of {came_in}: not redirected into b1's namespace\n{}",
+            bed.lb.log()
+        ),
+        Hook::Xdp => assert!(sent_on * 2 > came_in, "to-b1 transmitted {sent_on} of {came_in}"),
+    }
+}
+
+/// Packets (skbs) the lb namespace's interface `dev` has counted so far in direction `dir`
+/// (`"tx"` or `"rx"`).
+fn link_packets(bed: &Bed, dev: &str, dir: &str) -> u64 {
+    let out = bed
+        .topo
+        .lb_ns()
+        .exec_ok(&["ip", "-s", "-j", "link", "show", dev])
+        .expect("ip -s link");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j output");
+    v[0]["stats64"][dir]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {dir} packets for {dev}: {out}"))
 }
 
 #[test]

@@ -186,6 +186,7 @@ fn xdp_table_gets_defaults() {
             closed_timeout: Duration::from_secs(1),
             syn_timeout: Duration::from_secs(5),
             syn_cookies: crate::config::SynCookies::Auto,
+            redirect_peer: true,
             max_services: 16,
             max_backends: 1024,
             conntrack_entries: 262_144,
@@ -301,6 +302,7 @@ fn every_key_is_honoured() {
         max_backends = 65536
         conntrack_entries = 16777216
         affinity_entries = 1024
+        redirect_peer = false
 
         [[service]]
         name = "Tom_cat.1-a"
@@ -368,6 +370,7 @@ fn every_key_is_honoured() {
             closed_timeout: Duration::from_secs(3600),
             syn_timeout: Duration::from_secs(5),
             syn_cookies: crate::config::SynCookies::Auto,
+            redirect_peer: false,
             max_services: 1024,
             max_backends: 65536,
             conntrack_entries: 16_777_216,

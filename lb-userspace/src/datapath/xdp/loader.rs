@@ -514,6 +514,9 @@ impl XdpDatapath {
                     for interface in &config.interfaces {
                         attach_tc(program, interface, &config.pin_path)?;
                     }
+                    if config.redirect_peer {
+                        super::peers::PeerIfaces::take(&mut ebpf)?.keep();
+                    }
                 }
             }
             stale_links = other_hook_links(&config.pin_path, &config.interfaces, hook);

@@ -19,6 +19,7 @@
 pub mod host;
 mod loader;
 mod passive;
+mod peers;
 mod pins;
 mod query;
 mod sync;
