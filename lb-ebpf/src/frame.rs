@@ -23,7 +23,7 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_l4_csum_replace, bpf_redirect, bpf_redirect_peer, bpf_skb_adjust_room, bpf_skb_change_tail,
-        bpf_skb_pull_data, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_skb_change_type, bpf_skb_pull_data, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
     },
     macros::map,
     maps::HashMap,
@@ -39,6 +39,9 @@ use crate::ptr_at;
 #[map(name = "lb_peer_ifaces")]
 static PEER_IFACES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_PEER_IFACES, 0);
 const _: () = assert!(crate::str_eq(MAP_PEER_IFACES, "lb_peer_ifaces"));
+
+/// `skb->pkt_type` of a frame addressed to the interface it arrived on (linux/if_packet.h).
+const PACKET_HOST: u32 = 0;
 
 /// Offset of the checksum field in the TCP header.
 const TCP_CHECK: usize = 16;
@@ -226,6 +229,11 @@ impl Frame for TcContext {
         if unsafe { PEER_IFACES.get(ifindex) }.is_none() {
             return self.redirect(ifindex);
         }
+        // The other end's stack does not classify the frame again (a veth's transmit would, by
+        // its new destination MAC): one that reached lb not addressed to its interface (promiscuous
+        // mode, a bridge port) is the other end's own now. Kernels before 6.8 keep the type.
+        // SAFETY: helper calls on the program's own skb.
+        unsafe { bpf_skb_change_type(self.skb.skb, PACKET_HOST) };
         if unsafe { bpf_redirect_peer(ifindex, 0) } == i64::from(TC_ACT_REDIRECT) {
             xdp_action::XDP_REDIRECT
         } else {

@@ -815,7 +815,7 @@ fn unknown_keys() {
             3,
             "xdp.attach",
             &[
-                "unknown key `attach`; allowed keys: interfaces, mode, pin_path, snat_ports, idle_timeout, closed_timeout, syn_timeout, syn_cookies, max_services, max_backends, conntrack_entries, affinity_entries",
+                "unknown key `attach`; allowed keys: interfaces, mode, pin_path, snat_ports, idle_timeout, closed_timeout, syn_timeout, syn_cookies, redirect_peer, max_services, max_backends, conntrack_entries, affinity_entries",
             ],
         ),
     ]);

@@ -95,7 +95,7 @@ impl RowKind {
                 "no load balancer: client → backend b1 directly, routed by the lb namespace (the limit)"
             }
             RowKind::LbXdp => {
-                "lb, datapath = \"xdp\" (eBPF full NAT), [xdp] mode = \"auto\" (on these veths: the program at TC ingress, a TCX link, bpf_redirect of the skb, no copy), health tcp, affinity 30m"
+                "lb, datapath = \"xdp\" (eBPF full NAT), [xdp] mode = \"auto\" (on these veths: the program at TC ingress, a TCX link, the skb redirected without a copy, straight into the backend's or client's namespace: redirect_peer), health tcp, affinity 30m"
             }
             RowKind::LbXdpNative => {
                 "lb-xdp with [xdp] mode = \"driver\": the same program at the XDP hook (veth's native XDP: every frame copied into a page before the program, GSO off on the peer)"

@@ -2,7 +2,9 @@
 //! namespace, kept in the program's [`MAP_PEER_IFACES`] (at the TC hook, a NAT flow's packet for
 //! one goes straight into the other namespace's stack; see `lb-ebpf`'s `Frame::redirect_into`).
 //! Read from the kernel at start and every [`REFRESH`] after: a veth made later (a container
-//! started) joins, a removed one leaves; until then it forwards the ordinary way.
+//! started) joins, a removed one leaves; until then it forwards the ordinary way. Emptied when
+//! the daemon stops (its pinned links keep forwarding, without the shortcut, since nobody keeps
+//! the list current then).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -45,6 +47,8 @@ impl PeerIfaces {
              straight into it (redirect_peer = false turns this off)"
         );
         if tokio::runtime::Handle::try_current().is_err() {
+            // No task to keep the list current: it stays as read (dropping it would empty it).
+            std::mem::forget(self);
             return;
         }
         tokio::spawn(async move {
@@ -91,5 +95,11 @@ impl PeerIfaces {
             debug!(ifindex = new, "[xdp] redirect_peer: veth end added");
         }
         Ok(())
+    }
+}
+
+impl Drop for PeerIfaces {
+    fn drop(&mut self) {
+        let _ = self.set(HashSet::new());
     }
 }
