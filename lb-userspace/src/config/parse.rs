@@ -1430,20 +1430,16 @@ impl<F: Form> Validator<'_, '_, F> {
             SpliceMode::default(),
             &[("off", SpliceMode::Off), ("pipe", SpliceMode::Pipe)],
         )?;
-        if let Some(v) = &rs.splice
-            && datapath != DatapathKind::Proxy
-        {
-            let what = if datapath == DatapathKind::Xdp {
-                "the xdp datapath forwards packets in the kernel and relays no byte stream"
-            } else {
-                "the ajp datapath reads every AJP packet it routes"
-            };
-            return Err(self.err(
-                v.at(),
-                &k("splice"),
-                format!("splice applies only to datapath = \"proxy\" ({what}); remove splice or use datapath = \"proxy\""),
-            ));
-        }
+        self.proxy_only(
+            rs.splice.as_ref().map(Held::at),
+            &k("splice"),
+            datapath,
+            [
+                "the xdp datapath forwards packets in the kernel and relays no byte stream",
+                "the ajp datapath reads every AJP packet it routes",
+            ],
+            "remove splice or use datapath = \"proxy\"",
+        )?;
         let connect_timeout = self.duration(
             &rs.connect_timeout,
             &k("connect_timeout"),
@@ -1456,20 +1452,16 @@ impl<F: Form> Validator<'_, '_, F> {
             crate::config::DEFAULT_PROXY_IDLE_TIMEOUT,
             true,
         )?;
-        if let Some(v) = &rs.idle_timeout
-            && datapath != DatapathKind::Proxy
-        {
-            let instead = if datapath == DatapathKind::Xdp {
-                "xdp connections are forgotten after [xdp] idle_timeout"
-            } else {
-                "an ajp service's web-tier connections close after [service.ajp] idle_timeout"
-            };
-            return Err(self.err(
-                v.at(),
-                &k("idle_timeout"),
-                format!("idle_timeout applies only to datapath = \"proxy\" ({instead}); remove it here"),
-            ));
-        }
+        self.proxy_only(
+            rs.idle_timeout.as_ref().map(Held::at),
+            &k("idle_timeout"),
+            datapath,
+            [
+                "xdp connections are forgotten after [xdp] idle_timeout",
+                "an ajp service's web-tier connections close after [service.ajp] idle_timeout",
+            ],
+            "remove it here",
+        )?;
         let on_down = self.choice(
             &rs.on_down,
             &k("on_down"),
@@ -1575,6 +1567,34 @@ impl<F: Form> Validator<'_, '_, F> {
             ajp,
             backends,
         })
+    }
+
+    /// Refuses `key`, set at `at`, on a service whose datapath is not `proxy`: `why` says what
+    /// stands in its place for `xdp` and for `ajp`, `fix` what to do.
+    fn proxy_only(
+        &self,
+        at: Option<Range<usize>>,
+        key: &str,
+        datapath: DatapathKind,
+        why: [&str; 2],
+        fix: &str,
+    ) -> Result<(), ConfigError> {
+        let (Some(at), false) = (at, datapath == DatapathKind::Proxy) else {
+            return Ok(());
+        };
+        let why = if datapath == DatapathKind::Xdp {
+            why[0]
+        } else {
+            why[1]
+        };
+        Err(self.err(
+            at,
+            key,
+            format!(
+                "{} applies only to datapath = \"proxy\" ({why}); {fix}",
+                leaf(key)
+            ),
+        ))
     }
 
     fn ajp(&self, key: &str, raw: &RawAjp<F>) -> Result<AjpConfig, ConfigError> {
