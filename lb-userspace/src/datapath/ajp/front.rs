@@ -56,9 +56,9 @@ enum Timeout {
     Write,
 }
 
-/// Reads one whole packet within `limits`; `Ok(None)` on a clean end of stream between packets,
-/// or when `stop` is cancelled between packets (a packet already begun is read to its end). A
-/// packet already begun (bytes kept from earlier reads) is timed from now.
+/// Reads one whole packet within `limits` (a packet already begun, bytes kept from earlier reads,
+/// is timed from now). `Ok(None)`: a clean end of stream, or `stop` cancelled, both only between
+/// packets: a packet already begun is read to its end.
 async fn read_frame(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
@@ -179,8 +179,8 @@ async fn sleep_unless_zero(d: Duration) {
     tokio::time::sleep(d).await;
 }
 
-/// Writes `bytes` to a backend as the reads from it are bounded: a reset of the backend, or
-/// `reply_timeout` without it taking them all (a backend that stops reading, or asks for body
+/// Writes `bytes` to a backend, bounded as the reads from it are: by a reset of the backend, and
+/// by `reply_timeout` without it taking them all (a backend that stops reading, or asks for body
 /// packets without reading them, cannot hold the request). `failed` names a write error.
 async fn write_backend(
     stream: &mut TcpStream,
