@@ -92,7 +92,7 @@ impl RowKind {
     pub fn description(self) -> &'static str {
         match self {
             RowKind::None => {
-                "no load balancer: client → backend b1 directly, routed by the lb namespace (the limit)"
+                "no load balancer: client → backend b1 directly, routed by the lb namespace's own kernel forwarding (the reference for the ratios)"
             }
             RowKind::LbXdp => {
                 "lb, datapath = \"xdp\" (eBPF full NAT), [xdp] mode = \"auto\" (on these veths: the program at TC ingress, a TCX link, the skb redirected without a copy, straight into the backend's or client's namespace: redirect_peer), health tcp, affinity 30m"
