@@ -144,6 +144,16 @@ impl Frame for XdpContext {
     }
 }
 
+/// A TC redirect helper's return in this crate's vocabulary: XDP_REDIRECT, or XDP_DROP when refused.
+#[inline(always)]
+fn redirected(ret: i64) -> u32 {
+    if ret == i64::from(TC_ACT_REDIRECT) {
+        xdp_action::XDP_REDIRECT
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
 impl Frame for TcContext {
     #[inline(always)]
     fn data(&self) -> usize {
@@ -217,11 +227,7 @@ impl Frame for TcContext {
     #[inline(always)]
     fn redirect(&self, ifindex: u32) -> u32 {
         // SAFETY: a plain helper call.
-        if unsafe { bpf_redirect(ifindex, 0) } == i64::from(TC_ACT_REDIRECT) {
-            xdp_action::XDP_REDIRECT
-        } else {
-            xdp_action::XDP_DROP
-        }
+        redirected(unsafe { bpf_redirect(ifindex, 0) })
     }
     #[inline(always)]
     fn redirect_into(&self, ifindex: u32) -> u32 {
@@ -234,11 +240,7 @@ impl Frame for TcContext {
         // mode, a bridge port) is the other end's own now. Kernels before 6.8 keep the type.
         // SAFETY: helper calls on the program's own skb.
         unsafe { bpf_skb_change_type(self.skb.skb, PACKET_HOST) };
-        if unsafe { bpf_redirect_peer(ifindex, 0) } == i64::from(TC_ACT_REDIRECT) {
-            xdp_action::XDP_REDIRECT
-        } else {
-            xdp_action::XDP_DROP
-        }
+        redirected(unsafe { bpf_redirect_peer(ifindex, 0) })
     }
     #[inline(always)]
     fn transmit(&self) -> u32 {

@@ -192,11 +192,7 @@ async fn write_backend(
 ) -> Result<(), Outcome> {
     tokio::select! {
         r = stream.write_all(bytes) => r.map_err(|e| failed(e.to_string())),
-        () = reset.cancelled() => Err(if responded {
-            Outcome::BackendAfterResponse(RESET.into())
-        } else {
-            Outcome::Reset
-        }),
+        () = reset.cancelled() => Err(Outcome::reset(responded)),
         () = sleep_unless_zero(reply_timeout) => Err(Outcome::ReplyTimeout { responded }),
     }
 }
@@ -355,6 +351,18 @@ enum Outcome {
     /// Every connection of the backend's pool stayed busy with other requests: the request did
     /// not reach it.
     Full(String),
+}
+
+impl Outcome {
+    /// The backend was reset during the request: `Reset` before any response packet reached the
+    /// web tier (`responded` false), else a failure after the response began.
+    fn reset(responded: bool) -> Outcome {
+        if responded {
+            Outcome::BackendAfterResponse(RESET.into())
+        } else {
+            Outcome::Reset
+        }
+    }
 }
 
 /// How long a request bound to its backend by its session waits for a connection when that
@@ -879,11 +887,7 @@ impl<'a> Request<'a> {
             let read = tokio::select! {
                 r = read_frame(&mut conn.stream, &mut conn.buf, &decoder, Limits::NONE, None) => r,
                 () = reset.cancelled() => {
-                    return Err(if responded {
-                        Outcome::BackendAfterResponse(RESET.into())
-                    } else {
-                        Outcome::Reset
-                    });
+                    return Err(Outcome::reset(responded));
                 }
                 () = sleep_unless_zero(wait) => {
                     return Err(Outcome::ReplyTimeout { responded });
