@@ -1017,6 +1017,7 @@ impl Engine {
             start_time_unix: taken_unix_ms.saturating_sub(uptime.as_millis() as u64) / 1000,
             taken_unix_ms,
             xdp: self.global_counters(),
+            proxy_workers: crate::datapath::workers::connections(),
             services,
         }
     }

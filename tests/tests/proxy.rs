@@ -1,6 +1,6 @@
 //! The proxy datapath end to end: HTTP from several client addresses through the VIP, bulk TCP
-//! byte-exact with half-close, source-IP affinity, spread over backends, and `lb which` agreeing
-//! with where clients actually went.
+//! byte-exact with half-close, source-IP affinity, spread over backends, `lb which` agreeing
+//! with where clients actually went, and connections spread evenly over the worker threads.
 
 mod common;
 
@@ -10,7 +10,7 @@ use std::net::Shutdown;
 use std::thread;
 use std::time::Duration;
 
-use common::{Bed, config_toml, counts, random_bytes, std_services};
+use common::{Bed, close_echo, config_toml, counts, echo_roundtrip, random_bytes, std_services};
 use lb_tests::{HttpConn, connect_from, require_root};
 
 #[test]
@@ -51,6 +51,68 @@ fn http_via_vip_from_several_clients() {
         .map(|b| b["total_connections"].as_u64().unwrap())
         .sum();
     assert_eq!(total, connections, "total_connections in status: {st}");
+}
+
+/// Connections opened in a burst (as `iperf3 -P 4` opens its streams) are served evenly by the
+/// worker threads, not all by whichever worker was awake to accept them, and each is counted
+/// off its worker when it closes.
+#[test]
+fn a_burst_of_connections_spreads_evenly_over_the_workers() {
+    if !require_root("a_burst_of_connections_spreads_evenly_over_the_workers") {
+        return;
+    }
+    let bed = Bed::new("pwork", 2, 1, |topo, sock| {
+        config_toml(sock, "", "", &std_services(topo, 2, true))
+    });
+    let src = bed.topo.client_addrs()[0];
+    let workers = |bed: &Bed| -> Vec<u64> {
+        let stats = bed.lb.json(&["stats"]);
+        let w = stats["proxy_workers"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{stats}"));
+        w.iter().map(|n| n.as_u64().unwrap()).collect()
+    };
+    for round in 0..3 {
+        let mut streams: Vec<_> = (0..8)
+            .map(|_| {
+                connect_from(
+                    bed.topo.client_ns().name(),
+                    src,
+                    bed.echo(),
+                    Duration::from_secs(5),
+                )
+                .expect("connect echo via VIP")
+            })
+            .collect();
+        for s in &mut streams {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            echo_roundtrip(s, b"served");
+        }
+        let loads = workers(&bed);
+        assert_eq!(
+            loads.iter().sum::<u64>(),
+            8,
+            "round {round}: every connection counted: {loads:?}"
+        );
+        let (least, most) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+        assert!(
+            most - least <= 1,
+            "round {round}: uneven over the workers: {loads:?}"
+        );
+        if loads.len() == 1 {
+            eprintln!("one CPU, one worker: nothing to spread");
+        }
+        streams.into_iter().for_each(close_echo);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while workers(&bed).iter().sum::<u64>() != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "closed connections still counted: {:?}",
+                workers(&bed)
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 #[test]

@@ -712,6 +712,10 @@ pub struct StatsView {
     /// reasons (`no_backend`, `no_conntrack`, `fragment`, …) that come on top of the verdicts.
     #[serde(default, with = "xdp_by_name")]
     pub xdp: Option<XdpCounters>,
+    /// The connections each proxy worker thread serves (one worker per CPU), by worker; empty
+    /// until the first `proxy` service starts them.
+    #[serde(default)]
+    pub proxy_workers: Vec<u64>,
     pub services: Vec<ServiceStatsView>,
 }
 

@@ -6,13 +6,15 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -266,7 +268,10 @@ async fn accept_loop<S, F, Fut>(
     F: Fn(TcpStream, SocketAddr, Arc<S>, CancellationToken) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let listener = match TcpListener::from_std(listener) {
+    let worker = workers::current();
+    // SAFETY: the AsyncFd owns the std listener, whose descriptor stays open and the same until
+    // both are dropped together.
+    let listener = match unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) } {
         Ok(l) => l,
         Err(e) => {
             warn!(error = %e, "cannot register the listening socket; this runtime does not accept");
@@ -280,7 +285,7 @@ async fn accept_loop<S, F, Fut>(
         };
         let (connection, peer) = tokio::select! {
             () = stop.cancelled() => return,
-            r = listener.accept() => match r {
+            r = accept(&listener) => match r {
                 Ok((c, _)) if !leaves_headroom(c.as_raw_fd()) => {
                     drop(c);
                     let e = std::io::Error::from_raw_os_error(nix::libc::EMFILE);
@@ -301,12 +306,70 @@ async fn accept_loop<S, F, Fut>(
                 }
             },
         };
-        let served = serve(connection, peer, service.clone(), stop.clone());
-        tasks.spawn(async move {
-            served.await;
-            drop(permit);
-        });
+        // A worker serving more connections than another hands the new one to the least loaded:
+        // not yet registered with any reactor, it costs that worker only a wakeup.
+        let to = worker.map(workers::least_loaded_unless);
+        let load = to.map(workers::Served::new);
+        let (service, stop, serve) = (service.clone(), stop.clone(), serve.clone());
+        let task = async move {
+            match TcpStream::from_std(connection) {
+                Ok(connection) => serve(connection, peer, service, stop).await,
+                Err(e) => warn!(error = %e, "cannot register an accepted connection; closed"),
+            }
+            drop((permit, load));
+        };
+        match to.filter(|&to| Some(to) != worker) {
+            Some(to) => tasks.spawn_on(task, &workers::handles()[to]),
+            None => tasks.spawn(task),
+        };
     }
+}
+
+/// The next connection on `listener`, non-blocking and not yet registered with a reactor, with its
+/// peer's address.
+async fn accept(
+    listener: &AsyncFd<std::net::TcpListener>,
+) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = listener.readable().await?;
+        if let Ok(accepted) = ready.try_io(|l| accept4(l.get_ref())) {
+            return accepted;
+        }
+    }
+}
+
+/// accept4(2) with the new socket non-blocking and close-on-exec (no fcntl after it).
+fn accept4(listener: &std::net::TcpListener) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    use nix::sys::socket::{SockaddrLike, SockaddrStorage};
+    // SAFETY: sockaddr_storage is plain bytes; all zeroes is a valid (empty) value.
+    let mut addr: nix::libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of_val(&addr) as nix::libc::socklen_t;
+    // SAFETY: `addr` has room for `len` bytes, which accept4 writes and shortens.
+    let fd = unsafe {
+        nix::libc::accept4(
+            listener.as_raw_fd(),
+            (&raw mut addr).cast(),
+            &raw mut len,
+            nix::libc::SOCK_NONBLOCK | nix::libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    // SAFETY: accept4 filled `len` bytes of `addr`.
+    let peer = unsafe { SockaddrStorage::from_raw((&raw const addr).cast(), Some(len)) }
+        .and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                .or_else(|| {
+                    a.as_sockaddr_in6()
+                        .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+                })
+        })
+        .ok_or_else(|| std::io::Error::other("accept4 returned no IP peer address"))?;
+    Ok((stream, peer))
 }
 
 const HEADROOM_REACHED: &str =

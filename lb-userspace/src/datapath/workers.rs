@@ -1,9 +1,15 @@
 //! The proxy's worker threads: one single-threaded tokio runtime per CPU, each accepting from the
-//! service's listening socket itself and relaying the connections it accepted. A connection's
-//! readiness events, its task and its relay buffer stay on one thread: no wakeup crosses to
-//! another core, which the shared multi-threaded runtime paid on every readiness event. Each
-//! worker accepts only when it is free to, so connections spread by load, not by a hash as with
-//! SO_REUSEPORT (where a few connections can land on one worker while the other idles).
+//! service's listening socket itself. A connection's readiness events, its task and its relay
+//! buffer stay on the one thread that serves it: no wakeup crosses to another core, which the
+//! shared multi-threaded runtime paid on every readiness event.
+//!
+//! Every worker is woken for every new connection (each has the listening socket in its own
+//! epoll), and the first to call accept(2) gets it. Left at that, the worker that happens to be
+//! awake takes a burst of connections: the four streams of one `iperf3 -P 4` could all land on
+//! one worker, one core relaying while the other idled (SO_REUSEPORT's hash has the same flaw).
+//! So a worker serving more connections than another hands the new one to the least loaded
+//! ([`least_loaded_unless`]), as HAProxy spreads accepted connections over its threads: the
+//! connection is not registered with a reactor yet, so moving it costs one cross-thread wakeup.
 //!
 //! Each worker also keeps one timer armed at most [`TIMER_STEP`] ahead. tokio wakes its driver (an
 //! eventfd write, then an extra `epoll_wait`) whenever a timer is set to expire before every other
@@ -12,7 +18,8 @@
 //! anything. (The daemon's own runtime, where the AJP datapath runs, always has its 1 s
 //! announcement tick pending.)
 
-use std::sync::LazyLock;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::runtime::{Builder, Handle};
@@ -21,13 +28,81 @@ use tracing::warn;
 /// How far ahead each worker keeps a timer armed.
 const TIMER_STEP: Duration = Duration::from_secs(1);
 
-/// The workers' runtimes, started on first use and kept for the life of the process.
-static WORKERS: LazyLock<Vec<Handle>> = LazyLock::new(start);
+/// The workers, started on first use and kept for the life of the process.
+static WORKERS: OnceLock<Workers> = OnceLock::new();
+
+struct Workers {
+    /// Each worker's runtime.
+    handles: Vec<Handle>,
+    /// The connections each worker serves (of every service), by worker index.
+    loads: Vec<AtomicUsize>,
+}
+
+fn workers() -> &'static Workers {
+    WORKERS.get_or_init(|| {
+        let handles = start();
+        let loads = handles.iter().map(|_| AtomicUsize::new(0)).collect();
+        Workers { handles, loads }
+    })
+}
+
+thread_local! {
+    /// The index of the worker running on this thread (`None` off the workers).
+    static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The index of the worker whose thread this is, if it is one.
+pub fn current() -> Option<usize> {
+    WORKER.get()
+}
+
+/// A connection served by worker `i`: counted in its load while this lives.
+pub struct Served(usize);
+
+impl Served {
+    pub fn new(i: usize) -> Served {
+        workers().loads[i].fetch_add(1, Ordering::Relaxed);
+        Served(i)
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        workers().loads[self.0].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The worker that is to serve a connection worker `i` accepted: `i` itself unless another
+/// serves fewer connections, then the one that serves fewest.
+pub fn least_loaded_unless(i: usize) -> usize {
+    let loads: Vec<usize> = workers()
+        .loads
+        .iter()
+        .map(|l| l.load(Ordering::Relaxed))
+        .collect();
+    least_of(&loads, i)
+}
+
+/// [`least_loaded_unless`] over the loads `loads`.
+fn least_of(loads: &[usize], i: usize) -> usize {
+    match loads.iter().enumerate().min_by_key(|&(_, l)| l) {
+        Some((least, l)) if *l < loads[i] => least,
+        _ => i,
+    }
+}
 
 /// A handle to each worker's runtime; empty if none could be started (the caller then serves on
 /// its own runtime).
 pub fn handles() -> &'static [Handle] {
-    &WORKERS
+    &workers().handles
+}
+
+/// The connections each worker serves, by worker index; empty while no worker has started (no
+/// proxy service yet), and this does not start them.
+pub fn connections() -> Vec<u64> {
+    WORKERS.get().map_or_else(Vec::new, |w| {
+        w.loads.iter().map(|l| l.load(Ordering::Relaxed) as u64).collect()
+    })
 }
 
 fn start() -> Vec<Handle> {
@@ -42,7 +117,10 @@ fn start() -> Vec<Handle> {
                     handle.spawn(keep_a_timer_armed());
                     std::thread::Builder::new()
                         .name(format!("lb-worker-{i}"))
-                        .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+                        .spawn(move || {
+                            WORKER.set(Some(i));
+                            runtime.block_on(std::future::pending::<()>());
+                        })?;
                     Ok(handle)
                 });
             started
@@ -58,5 +136,26 @@ async fn keep_a_timer_armed() {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connections go to the least loaded worker, and stay where they were accepted on a tie, so
+    /// four accepted one after another on one worker end up two and two.
+    #[test]
+    fn a_connection_goes_to_the_least_loaded_worker() {
+        assert_eq!(least_of(&[3, 1, 2], 0), 1);
+        assert_eq!(least_of(&[1, 1, 2], 1), 1, "a tie stays");
+        assert_eq!(least_of(&[1, 1, 2], 2), 0);
+        assert_eq!(least_of(&[0], 0), 0);
+        let mut loads = [0, 0];
+        for _ in 0..4 {
+            let to = least_of(&loads, 0);
+            loads[to] += 1;
+        }
+        assert_eq!(loads, [2, 2]);
     }
 }

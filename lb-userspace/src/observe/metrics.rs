@@ -192,6 +192,7 @@ struct DaemonFamilies {
     up: Gauge,
     build: Family<Labels, Gauge>,
     start: Gauge,
+    workers: Family<Labels, Gauge>,
 }
 
 impl DaemonFamilies {
@@ -200,6 +201,10 @@ impl DaemonFamilies {
             up: b.single_gauge("lb_up", "1 while the lb daemon answers scrapes"),
             build: b.gauge("lb_build_info", "Version of the lb daemon, as a label; always 1"),
             start: b.single_gauge("lb_start_time_seconds", "Unix time the lb daemon started"),
+            workers: b.gauge(
+                "lb_proxy_worker_connections",
+                "Proxy: connections each worker thread (one per CPU) serves, of every proxy service",
+            ),
         }
     }
 
@@ -209,6 +214,11 @@ impl DaemonFamilies {
             .get_or_create(&vec![("version", stats.version.clone())])
             .set(1);
         self.start.set(gauge_i64(stats.start_time_unix));
+        for (i, &n) in stats.proxy_workers.iter().enumerate() {
+            self.workers
+                .get_or_create(&vec![("worker", i.to_string())])
+                .set(gauge_i64(n));
+        }
     }
 }
 

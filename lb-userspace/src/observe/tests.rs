@@ -79,6 +79,7 @@ pub(crate) fn sample() -> StatsView {
             ("no_conntrack", 1),
             ("new_flows", 6),
         ])),
+        proxy_workers: vec![3, 2],
         services: vec![
             ServiceStatsView {
                 name: "web".into(),
@@ -226,6 +227,8 @@ fn text_format_names_labels_help_and_type() {
     has(&t, "lb_up 1");
     has(&t, "lb_build_info{version=\"9.9.9\"} 1");
     has(&t, "lb_start_time_seconds 1700000000");
+    has(&t, "lb_proxy_worker_connections{worker=\"0\"} 3");
+    has(&t, "lb_proxy_worker_connections{worker=\"1\"} 2");
     has(
         &t,
         "lb_backend_connections_total{service=\"web\",backend=\"b1\"} 7",
@@ -495,6 +498,7 @@ fn exemplar() -> StatsView {
         start_time_unix: 0,
         taken_unix_ms: 0,
         xdp: Some(XdpCounters::default()),
+        proxy_workers: vec![],
         services: vec![
             service("p", DatapathKind::Proxy, backend("a", false)),
             service("x", DatapathKind::Xdp, backend("b", true)),
