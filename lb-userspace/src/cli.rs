@@ -104,6 +104,10 @@ pub fn stats(view: &StatsView) -> String {
     if let Some(x) = &view.xdp {
         out.push_str(&xdp_counters(x));
     }
+    if !view.proxy_workers.is_empty() {
+        let each: Vec<String> = view.proxy_workers.iter().map(u64::to_string).collect();
+        out.push_str(&format!("proxy connections per worker: {}\n", each.join(" ")));
+    }
     if view.services.is_empty() {
         out.push_str("no services\n");
     }
@@ -478,6 +482,7 @@ mod tests {
             out.contains("xdp reasons: no_backend 4  no_conntrack 1\n"),
             "{out}"
         );
+        assert!(out.contains("proxy connections per worker: 3 2\n"), "{out}");
         assert!(
             !out.contains("xdp state"),
             "SYN cookies off: no state line\n{out}"

@@ -72,7 +72,7 @@ impl<S: Send + Sync + 'static> Listeners<S> {
     }
 
     /// Listeners whose services each accept on every [`workers`] runtime, a connection served on
-    /// the worker that accepted it.
+    /// the worker that accepted it or, when that one serves more than another, on the least loaded.
     pub fn on_workers(what: &'static str) -> Self {
         Listeners {
             on_workers: true,
@@ -308,10 +308,11 @@ async fn accept_loop<S, F, Fut>(
         };
         // A worker serving more connections than another hands the new one to the least loaded:
         // not yet registered with any reactor, it costs that worker only a wakeup.
-        let to = worker.map(workers::least_loaded_unless);
-        let load = to.map(workers::Served::new);
+        let load = worker.map(workers::Served::least_loaded_unless);
+        let to = load.as_ref().map(workers::Served::worker);
         let (service, stop, serve) = (service.clone(), stop.clone(), serve.clone());
         let task = async move {
+            debug_assert_eq!(workers::current(), to, "served where it is counted");
             match TcpStream::from_std(connection) {
                 Ok(connection) => serve(connection, peer, service, stop).await,
                 Err(e) => warn!(error = %e, "cannot register an accepted connection; closed"),
@@ -332,10 +333,36 @@ async fn accept(
 ) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
     loop {
         let mut ready = listener.readable().await?;
-        if let Ok(accepted) = ready.try_io(|l| accept4(l.get_ref())) {
-            return accepted;
+        match ready.try_io(|l| accept4(l.get_ref())) {
+            Err(_would_block) => {}
+            // A connection that failed before it was accepted, or a signal: the next one is
+            // taken at once (accept(2), "Error handling").
+            Ok(Err(e)) if e.raw_os_error().is_some_and(gone_before_accept) => {}
+            Ok(accepted) => return accepted,
         }
     }
+}
+
+/// Errors accept(2) reports for the pending connection it tried to take (Linux passes its network
+/// errors on), or for an interrupting signal: not the listener's.
+fn gone_before_accept(errno: i32) -> bool {
+    use nix::libc::{
+        ECONNABORTED, EHOSTDOWN, EHOSTUNREACH, EINTR, ENETDOWN, ENETUNREACH, ENONET, ENOPROTOOPT, EOPNOTSUPP,
+        EPROTO,
+    };
+    [
+        ECONNABORTED,
+        EINTR,
+        EPROTO,
+        ENOPROTOOPT,
+        ENETDOWN,
+        ENETUNREACH,
+        EHOSTDOWN,
+        EHOSTUNREACH,
+        ENONET,
+        EOPNOTSUPP,
+    ]
+    .contains(&errno)
 }
 
 /// accept4(2) with the new socket non-blocking and close-on-exec (no fcntl after it).

@@ -8,7 +8,7 @@
 //! awake takes a burst of connections: the four streams of one `iperf3 -P 4` could all land on
 //! one worker, one core relaying while the other idled (SO_REUSEPORT's hash has the same flaw).
 //! So a worker serving more connections than another hands the new one to the least loaded
-//! ([`least_loaded_unless`]), as HAProxy spreads accepted connections over its threads: the
+//! ([`Served::least_loaded_unless`]), as HAProxy spreads accepted connections over its threads: the
 //! connection is not registered with a reactor yet, so moving it costs one cross-thread wakeup.
 //!
 //! Each worker also keeps one timer armed at most [`TIMER_STEP`] ahead. tokio wakes its driver (an
@@ -56,13 +56,31 @@ pub fn current() -> Option<usize> {
     WORKER.get()
 }
 
-/// A connection served by worker `i`: counted in its load while this lives.
+/// A connection counted in the load of the worker that serves it, while this lives.
 pub struct Served(usize);
 
 impl Served {
-    pub fn new(i: usize) -> Served {
-        workers().loads[i].fetch_add(1, Ordering::Relaxed);
-        Served(i)
+    /// Counts a connection worker `i` accepted on the worker that is to serve it: `i` itself
+    /// unless another serves fewer connections, then the one that serves fewest. The count is
+    /// claimed with a compare-and-swap, so workers accepting at once do not all pick the same one.
+    pub fn least_loaded_unless(i: usize) -> Served {
+        let loads = &workers().loads;
+        loop {
+            let load = |w: usize| loads[w].load(Ordering::Relaxed);
+            let to = least_of(loads.len(), load, i);
+            let seen = load(to);
+            if loads[to]
+                .compare_exchange(seen, seen + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Served(to);
+            }
+        }
+    }
+
+    /// The worker that serves the connection.
+    pub fn worker(&self) -> usize {
+        self.0
     }
 }
 
@@ -72,21 +90,10 @@ impl Drop for Served {
     }
 }
 
-/// The worker that is to serve a connection worker `i` accepted: `i` itself unless another
-/// serves fewer connections, then the one that serves fewest.
-pub fn least_loaded_unless(i: usize) -> usize {
-    let loads: Vec<usize> = workers()
-        .loads
-        .iter()
-        .map(|l| l.load(Ordering::Relaxed))
-        .collect();
-    least_of(&loads, i)
-}
-
-/// [`least_loaded_unless`] over the loads `loads`.
-fn least_of(loads: &[usize], i: usize) -> usize {
-    match loads.iter().enumerate().min_by_key(|&(_, l)| l) {
-        Some((least, l)) if *l < loads[i] => least,
+/// Of workers `0..n` with loads `load`: `i` unless another has less load, then the least loaded.
+fn least_of(n: usize, load: impl Fn(usize) -> usize, i: usize) -> usize {
+    match (0..n).min_by_key(|&w| load(w)) {
+        Some(least) if load(least) < load(i) => least,
         _ => i,
     }
 }
@@ -147,13 +154,14 @@ mod tests {
     /// four accepted one after another on one worker end up two and two.
     #[test]
     fn a_connection_goes_to_the_least_loaded_worker() {
-        assert_eq!(least_of(&[3, 1, 2], 0), 1);
-        assert_eq!(least_of(&[1, 1, 2], 1), 1, "a tie stays");
-        assert_eq!(least_of(&[1, 1, 2], 2), 0);
-        assert_eq!(least_of(&[0], 0), 0);
+        let pick = |loads: &[usize], i| least_of(loads.len(), |w| loads[w], i);
+        assert_eq!(pick(&[3, 1, 2], 0), 1);
+        assert_eq!(pick(&[1, 1, 2], 1), 1, "a tie stays");
+        assert_eq!(pick(&[1, 1, 2], 2), 0);
+        assert_eq!(pick(&[0], 0), 0);
         let mut loads = [0, 0];
         for _ in 0..4 {
-            let to = least_of(&loads, 0);
+            let to = pick(&loads, 0);
             loads[to] += 1;
         }
         assert_eq!(loads, [2, 2]);
