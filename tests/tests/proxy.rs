@@ -10,7 +10,10 @@ use std::net::Shutdown;
 use std::thread;
 use std::time::Duration;
 
-use common::{Bed, close_echo, config_toml, counts, echo_roundtrip, random_bytes, std_services};
+use common::{
+    Bed, ECHO_PORT, ECHO_VIP_PORT, close_echo, config_toml, counts, echo_roundtrip, random_bytes,
+    service_toml, std_services,
+};
 use lb_tests::{HttpConn, connect_from, require_root};
 
 #[test]
@@ -114,6 +117,53 @@ fn a_burst_of_connections_spreads_evenly_over_the_workers() {
             thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// `idle_timeout` through the daemon: a connection that moves nothing for the service's limit is
+/// closed, one that echoes a byte now and then stays open well past it.
+#[test]
+fn a_quiet_connection_is_closed_after_idle_timeout() {
+    if !require_root("a_quiet_connection_is_closed_after_idle_timeout") {
+        return;
+    }
+    let bed = Bed::new("pidle", 1, 1, |topo, sock| {
+        let echo = service_toml(
+            topo,
+            "echo",
+            ECHO_VIP_PORT,
+            ECHO_PORT,
+            "idle_timeout = \"1s\"",
+            &[(1, 1)],
+        );
+        config_toml(sock, "", "", &[echo])
+    });
+    let src = bed.topo.client_addrs()[0];
+    let open = || {
+        let s = connect_from(
+            bed.topo.client_ns().name(),
+            src,
+            bed.echo(),
+            Duration::from_secs(5),
+        )
+        .expect("connect echo via VIP");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    };
+    let (mut busy, mut quiet) = (open(), open());
+    echo_roundtrip(&mut busy, b"first");
+    echo_roundtrip(&mut quiet, b"first");
+    // Three times the limit, a byte each way every 300 ms on the busy one only.
+    for _ in 0..10 {
+        thread::sleep(Duration::from_millis(300));
+        echo_roundtrip(&mut busy, b"b");
+    }
+    let mut byte = [0u8; 1];
+    match quiet.read(&mut byte) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the quiet connection is still open after 3 s of a 1 s idle_timeout: {other:?}"),
+    }
+    echo_roundtrip(&mut busy, b"still open");
 }
 
 #[test]
