@@ -16,6 +16,19 @@ use common::{
 };
 use lb_tests::{HttpConn, connect_from, require_root};
 
+/// A connection from `src` to the echo service through the VIP, reads timing out after `secs`.
+fn echo_from(bed: &Bed, src: std::net::Ipv4Addr, secs: u64) -> std::net::TcpStream {
+    let s = connect_from(
+        bed.topo.client_ns().name(),
+        src,
+        bed.echo(),
+        Duration::from_secs(5),
+    )
+    .expect("connect echo via VIP");
+    s.set_read_timeout(Some(Duration::from_secs(secs))).unwrap();
+    s
+}
+
 #[test]
 fn http_via_vip_from_several_clients() {
     if !require_root("http_via_vip_from_several_clients") {
@@ -77,19 +90,8 @@ fn a_burst_of_connections_spreads_evenly_over_the_workers() {
         w.iter().map(|n| n.as_u64().unwrap()).collect()
     };
     for round in 0..3 {
-        let mut streams: Vec<_> = (0..8)
-            .map(|_| {
-                connect_from(
-                    bed.topo.client_ns().name(),
-                    src,
-                    bed.echo(),
-                    Duration::from_secs(5),
-                )
-                .expect("connect echo via VIP")
-            })
-            .collect();
+        let mut streams: Vec<_> = (0..8).map(|_| echo_from(&bed, src, 5)).collect();
         for s in &mut streams {
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             echo_roundtrip(s, b"served");
         }
         let loads = workers(&bed);
@@ -138,18 +140,7 @@ fn a_quiet_connection_is_closed_after_idle_timeout() {
         config_toml(sock, "", "", &[echo])
     });
     let src = bed.topo.client_addrs()[0];
-    let open = || {
-        let s = connect_from(
-            bed.topo.client_ns().name(),
-            src,
-            bed.echo(),
-            Duration::from_secs(5),
-        )
-        .expect("connect echo via VIP");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s
-    };
-    let (mut busy, mut quiet) = (open(), open());
+    let (mut busy, mut quiet) = (echo_from(&bed, src, 5), echo_from(&bed, src, 5));
     echo_roundtrip(&mut busy, b"first");
     echo_roundtrip(&mut quiet, b"first");
     // Three times the limit, a byte each way every 300 ms on the busy one only.
@@ -176,14 +167,7 @@ fn bulk_echo_8mib_byte_exact_with_half_close() {
     });
     let data = random_bytes(8 << 20, 0x5eed_1234);
     let src = bed.topo.client_addrs()[1];
-    let mut stream = connect_from(
-        bed.topo.client_ns().name(),
-        src,
-        bed.echo(),
-        Duration::from_secs(5),
-    )
-    .expect("connect echo via VIP");
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut stream = echo_from(&bed, src, 30);
     let mut writer = stream.try_clone().unwrap();
     writer.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
     let echoed = thread::scope(|s| {
